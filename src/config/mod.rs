@@ -1,0 +1,3 @@
+//! Command-line and control-plane configuration parsing shared by all devices.
+
+pub mod options;

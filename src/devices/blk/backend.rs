@@ -1,0 +1,222 @@
+//! The vhost-user face of a block device: features, config space, and event dispatch to the
+//! queue workers. Deliberately thin; everything that knows virtio-blk lives in `request`,
+//! `worker` and `spec`.
+//!
+//! One backend object exists per front-end connection. Each queue gets its own epoll thread
+//! (from `vhost-user-backend`), its own [`QueueWorker`] and its own engine; the worker's
+//! mutex is only ever contended by queue-stop requests from the front-end.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::VhostUserBackend;
+use vm_memory::GuestMemoryAtomic;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use super::device::DeviceShared;
+use super::spec;
+use super::worker::QueueWorker;
+use crate::vring::{AtomicGuestMemory, CheckedVring};
+
+/// Errors setting up a connection's backend.
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    /// An engine could not be created.
+    #[error("cannot create the I/O engine for queue {queue}")]
+    Engine {
+        /// The queue.
+        queue: u16,
+        /// The cause.
+        #[source]
+        source: crate::storage::EngineError,
+    },
+    /// An exit eventfd could not be created.
+    #[error("cannot create an exit event")]
+    ExitEvent(#[source] std::io::Error),
+}
+
+/// The vhost-user backend of one block device connection.
+pub struct BlkBackend {
+    shared: Arc<DeviceShared>,
+    workers: Vec<Mutex<QueueWorker>>,
+    exit_events: Vec<(EventConsumer, EventNotifier)>,
+    event_idx: AtomicBool,
+}
+
+/// Event id of the engine's completion eventfd in each worker thread's epoll set. Ids
+/// `0..num_queues` are the queues, `num_queues` is the exit event.
+pub fn completion_event_id(num_queues: u16) -> u64 {
+    u64::from(num_queues) + 1
+}
+
+impl BlkBackend {
+    /// Builds the workers (one engine each) for a new connection.
+    pub fn new(shared: Arc<DeviceShared>, memory: AtomicGuestMemory) -> Result<Self, BackendError> {
+        let mut workers = Vec::with_capacity(usize::from(shared.queues));
+        let mut exit_events = Vec::with_capacity(usize::from(shared.queues));
+        for queue in 0..shared.queues {
+            let engine = shared
+                .new_engine()
+                .map_err(|source| BackendError::Engine { queue, source })?;
+            workers.push(Mutex::new(QueueWorker::new(
+                queue,
+                Arc::clone(&shared),
+                engine,
+                memory.clone(),
+            )));
+            exit_events.push(
+                new_event_consumer_and_notifier(EventFlag::NONBLOCK)
+                    .map_err(BackendError::ExitEvent)?,
+            );
+        }
+        Ok(Self {
+            shared,
+            workers,
+            exit_events,
+            event_idx: AtomicBool::new(false),
+        })
+    }
+
+    /// The completion eventfd of each queue's worker.
+    pub fn completion_fds(&self) -> Vec<Option<std::os::fd::RawFd>> {
+        (0..self.workers.len())
+            .map(|i| self.worker(i).completion_fd())
+            .collect()
+    }
+
+    /// Tells every worker thread to leave its event loop.
+    pub fn signal_exit(&self) {
+        for (_, notifier) in &self.exit_events {
+            if let Err(e) = notifier.notify() {
+                log::warn!("{}: cannot signal worker exit: {e}", self.shared.id);
+            }
+        }
+    }
+
+    fn worker(&self, index: usize) -> MutexGuard<'_, QueueWorker> {
+        // A poisoned worker means a panic in a worker thread; its state is still consistent
+        // enough to drain, which is all anyone does after that.
+        match self.workers[index].lock() {
+            Ok(guard) => guard,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = ();
+    type Vring = CheckedVring;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.shared.queues)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.shared.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        spec::device_features(self.shared.limits.readonly)
+    }
+
+    fn acked_features(&self, features: u64) {
+        log::info!("{}: front-end acked features {features:#x}", self.shared.id);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Release);
+        for index in 0..self.workers.len() {
+            self.worker(index).set_event_idx(enabled);
+        }
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        self.shared.config_space().read(offset, size)
+    }
+
+    fn set_config(&self, _offset: u32, _buf: &[u8]) -> std::io::Result<()> {
+        // No writable config fields (no CONFIG_WCE): refuse rather than pretend.
+        Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            "virtio-blk config space is read-only",
+        ))
+    }
+
+    fn update_memory(
+        &self,
+        memory: GuestMemoryAtomic<vm_memory::GuestMemoryMmap<()>>,
+    ) -> std::io::Result<()> {
+        // The handler swaps the mapping inside the atomic it was created with, which is the
+        // one the workers hold (`self.memory`); nothing to copy here.
+        let _ = memory;
+        log::debug!("{}: guest memory table updated", self.shared.id);
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.workers.len()).map(|queue| 1u64 << queue).collect()
+    }
+
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let (consumer, notifier) = self.exit_events.get(thread_index)?;
+        Some((consumer.try_clone().ok()?, notifier.try_clone().ok()?))
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> std::io::Result<()> {
+        // GET_VRING_BASE: the front-end is about to read our last_avail_idx and may reuse the
+        // ring; finish everything in flight first so no completion lands in a stopped ring.
+        let Some(index) = usize::try_from(queue_index)
+            .ok()
+            .filter(|i| *i < self.workers.len())
+        else {
+            return Ok(());
+        };
+        let mut worker = self.worker(index);
+        worker.drain_detached();
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[CheckedVring],
+        thread_id: usize,
+    ) -> std::io::Result<()> {
+        let Some(vring) = vrings.first() else {
+            return Ok(());
+        };
+        if thread_id >= self.workers.len() {
+            return Ok(());
+        }
+        let mut worker = self.worker(thread_id);
+        worker.remember_vring(vring);
+        let result = match u64::from(device_event) {
+            0 => worker.process_queue(vring),
+            id if id == completion_event_id(self.shared.queues) => {
+                worker.process_completions(vring)
+            }
+            other => {
+                log::warn!("{}: unexpected event id {other}", self.shared.id);
+                Ok(())
+            }
+        };
+        // A broken ring is the guest's (or front-end's) doing: log it and keep the thread,
+        // since an error here would end the queue's event loop for good.
+        if let Err(e) = result {
+            log::error!("{}: queue {thread_id}: {e}", self.shared.id);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,245 @@
+//! The configuration of one virtio-blk device, parsed from a `--blk key=value,...` list.
+//!
+//! Every option is validated here, before any file or socket is touched, so a bad value is a
+//! clear error that changes nothing. Defaults: one queue of 256 descriptors, the io_uring
+//! engine, 512-byte logical blocks, buffered I/O, writable.
+
+use std::path::{Path, PathBuf};
+
+use crate::config::options::{OptionError, OptionList};
+
+/// Largest queue size a front-end may pick (the virtio split-ring limit).
+pub const MAX_QUEUE_SIZE: u16 = 32768;
+/// Most queues one device offers; each gets its own worker thread and io_uring.
+pub const MAX_QUEUES: u16 = 64;
+/// `VIRTIO_BLK_ID_BYTES`: the serial number field is at most this long.
+pub const SERIAL_MAX_BYTES: usize = 20;
+
+/// Errors in a device specification.
+#[derive(Debug, thiserror::Error)]
+pub enum BlkConfigError {
+    /// The `key=value` list itself was wrong.
+    #[error(transparent)]
+    Options(#[from] OptionError),
+    /// A value parsed but is out of range or inconsistent with another.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Which I/O engine serves the device's queues.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineKind {
+    /// One io_uring per queue worker (falls back to `sync` when io_uring is unavailable).
+    Uring,
+    /// Blocking `preadv`/`pwritev` on the worker thread.
+    Sync,
+}
+
+/// Where the device's blocks live.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackingSpec {
+    /// A regular file or a block device.
+    File(PathBuf),
+    /// Reads return zeros, writes are dropped: measures the data path alone.
+    Null,
+}
+
+/// A validated virtio-blk device configuration.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct BlkConfig {
+    /// Name used in logs, stats and the control plane.
+    pub id: String,
+    /// The vhost-user socket the daemon listens on.
+    pub socket: PathBuf,
+    /// The backing store.
+    pub backing: BackingSpec,
+    /// Size for a new sparse image (or the null device); `None` uses the existing file's size.
+    pub size: Option<u64>,
+    /// Refuse writes, discards and write-zeroes; offer `VIRTIO_BLK_F_RO`.
+    pub readonly: bool,
+    /// Open the backing with `O_DIRECT` (bypass the host page cache).
+    pub direct: bool,
+    /// Number of virtqueues offered (`VIRTIO_BLK_F_MQ`).
+    pub queues: u16,
+    /// Largest queue size the front-end may configure.
+    pub queue_size: u16,
+    /// Serial number returned by `VIRTIO_BLK_T_GET_ID`.
+    pub serial: String,
+    /// I/O engine.
+    pub engine: EngineKind,
+    /// Logical block size reported to the guest (512 or 4096).
+    pub logical_block_size: u32,
+}
+
+impl BlkConfig {
+    /// Parses a `--blk` specification.
+    pub fn parse(spec: &str) -> Result<Self, BlkConfigError> {
+        Self::from_options(OptionList::parse(spec)?)
+    }
+
+    /// Builds a configuration from an option list, consuming every key.
+    pub fn from_options(mut options: OptionList) -> Result<Self, BlkConfigError> {
+        let socket = PathBuf::from(
+            options
+                .take_str("socket")
+                .ok_or(OptionError::Missing("socket"))?,
+        );
+        let path = options
+            .take_str("path")
+            .ok_or(OptionError::Missing("path"))?;
+        let backing = match path.as_str() {
+            "null" => BackingSpec::Null,
+            "" => return Err(invalid("path must not be empty")),
+            other => BackingSpec::File(PathBuf::from(other)),
+        };
+        let id = match options.take_str("id") {
+            Some(id) => id,
+            None => default_id(&socket)?,
+        };
+        validate_id(&id)?;
+        let size = options.take_size("size")?;
+        let readonly = options.take_bool("readonly")?.unwrap_or(false);
+        let direct = options.take_bool("direct")?.unwrap_or(false);
+        let queues = options.take::<u16>("queues")?.unwrap_or(1);
+        let queue_size = options.take::<u16>("queue-size")?.unwrap_or(256);
+        let serial = options.take_str("serial").unwrap_or_else(|| id.clone());
+        let engine = match options.take_str("engine").as_deref() {
+            None | Some("uring") => EngineKind::Uring,
+            Some("sync") => EngineKind::Sync,
+            Some(other) => {
+                return Err(invalid(format!(
+                    "engine `{other}` unknown: expected uring or sync"
+                )))
+            }
+        };
+        let logical_block_size = options.take::<u32>("logical-block-size")?.unwrap_or(512);
+        options.finish()?;
+
+        if queues == 0 || queues > MAX_QUEUES {
+            return Err(invalid(format!("queues must be 1..={MAX_QUEUES}")));
+        }
+        if queue_size < 2 || !queue_size.is_power_of_two() || queue_size > MAX_QUEUE_SIZE {
+            return Err(invalid(format!(
+                "queue-size must be a power of two in 2..={MAX_QUEUE_SIZE}"
+            )));
+        }
+        if serial.len() > SERIAL_MAX_BYTES {
+            return Err(invalid(format!(
+                "serial is {} bytes; at most {SERIAL_MAX_BYTES}",
+                serial.len()
+            )));
+        }
+        if logical_block_size != 512 && logical_block_size != 4096 {
+            return Err(invalid("logical-block-size must be 512 or 4096"));
+        }
+        if let Some(size) = size {
+            if size == 0 || size % u64::from(logical_block_size) != 0 {
+                return Err(invalid(format!(
+                    "size must be a non-zero multiple of {logical_block_size}"
+                )));
+            }
+        }
+        if backing == BackingSpec::Null && size.is_none() {
+            return Err(invalid("path=null needs size="));
+        }
+        Ok(Self {
+            id,
+            socket,
+            backing,
+            size,
+            readonly,
+            direct,
+            queues,
+            queue_size,
+            serial,
+            engine,
+            logical_block_size,
+        })
+    }
+}
+
+fn invalid(message: impl Into<String>) -> BlkConfigError {
+    BlkConfigError::Invalid(message.into())
+}
+
+/// `vm1-disk0.sock` → `vm1-disk0`.
+fn default_id(socket: &Path) -> Result<String, BlkConfigError> {
+    socket
+        .file_stem()
+        .and_then(|stem| stem.to_str())
+        .filter(|stem| !stem.is_empty())
+        .map(str::to_string)
+        .ok_or_else(|| invalid("cannot derive an id from the socket path; give id="))
+}
+
+/// Ids appear in logs, metrics labels and file names: keep them to a safe alphabet.
+fn validate_id(id: &str) -> Result<(), BlkConfigError> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(format!(
+            "id `{id}` must be 1..=64 characters of [A-Za-z0-9._-]"
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_from_a_minimal_spec() {
+        let config = BlkConfig::parse("socket=/run/nc/vm1-disk0.sock,path=/img").unwrap();
+        assert_eq!(config.id, "vm1-disk0");
+        assert_eq!(config.serial, "vm1-disk0");
+        assert_eq!(config.queues, 1);
+        assert_eq!(config.queue_size, 256);
+        assert_eq!(config.engine, EngineKind::Uring);
+        assert_eq!(config.logical_block_size, 512);
+        assert_eq!(config.backing, BackingSpec::File("/img".into()));
+        assert!(!config.readonly && !config.direct);
+    }
+
+    #[test]
+    fn every_option_parses() {
+        let config = BlkConfig::parse(
+            "socket=/s.sock,path=null,size=1G,id=d0,readonly,direct=on,queues=4,\
+             queue-size=1024,serial=SN1,engine=sync,logical-block-size=4096",
+        )
+        .unwrap();
+        assert_eq!(config.backing, BackingSpec::Null);
+        assert_eq!(config.size, Some(1 << 30));
+        assert_eq!(config.queues, 4);
+        assert_eq!(config.queue_size, 1024);
+        assert_eq!(config.engine, EngineKind::Sync);
+        assert!(config.readonly && config.direct);
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        for spec in [
+            "path=/img",
+            "socket=/s.sock",
+            "socket=/s.sock,path=/img,queues=0",
+            "socket=/s.sock,path=/img,queues=65",
+            "socket=/s.sock,path=/img,queue-size=100",
+            "socket=/s.sock,path=/img,queue-size=65536",
+            "socket=/s.sock,path=/img,serial=123456789012345678901",
+            "socket=/s.sock,path=/img,engine=aio",
+            "socket=/s.sock,path=/img,logical-block-size=1024",
+            "socket=/s.sock,path=/img,size=1000",
+            "socket=/s.sock,path=null",
+            "socket=/s.sock,path=/img,id=a/b",
+            "socket=/s.sock,path=/img,colour=blue",
+        ] {
+            assert!(BlkConfig::parse(spec).is_err(), "accepted {spec}");
+        }
+    }
+}

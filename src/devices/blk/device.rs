@@ -1,0 +1,335 @@
+//! A block device's lifetime: its backing, its socket, and the thread that accepts one
+//! front-end at a time.
+//!
+//! The device listens on its socket (server mode). Each accepted connection gets a fresh
+//! [`BlkBackend`] (fresh workers and engines) over the device's shared state; when the
+//! front-end goes away (guest reboot, QEMU restart) the workers finish what is in flight and
+//! the device waits for the next front-end, without restarting the daemon. Counters and the
+//! sticky flush-failure flag belong to the device and survive reconnects.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use vhost::vhost_user::Listener;
+use vhost_user_backend::VhostUserDaemon;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use super::backend::{completion_event_id, BlkBackend};
+use super::config::{BackingSpec, BlkConfig, EngineKind};
+use super::request::Limits;
+use super::spec::{ConfigSpace, MAX_IOVECS, SECTOR_SHIFT};
+use super::stats::{QueueSnapshot, QueueStats};
+use crate::storage::backing::{open_backing, BackingError, OpenRequest};
+use crate::storage::null::NullEngine;
+use crate::storage::sync::SyncEngine;
+use crate::storage::uring::UringEngine;
+use crate::storage::{uring_available, Engine, EngineError};
+use crate::sys::poll::{wait_readable, Readable};
+
+/// Errors starting a device.
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    /// The backing could not be opened.
+    #[error(transparent)]
+    Backing(#[from] BackingError),
+    /// The socket could not be created.
+    #[error("cannot listen on {path}")]
+    Listen {
+        /// The socket path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The device thread could not be started.
+    #[error("cannot start the device thread")]
+    Thread(#[source] std::io::Error),
+}
+
+/// State shared by a device's connections and workers.
+pub struct DeviceShared {
+    /// Device id, for logs and stats.
+    pub id: String,
+    /// GET_ID serial.
+    pub serial: String,
+    /// Number of queues.
+    pub queues: u16,
+    /// Largest queue size.
+    pub queue_size: u16,
+    /// What validation checks against.
+    pub limits: Limits,
+    /// Logical block size.
+    pub logical_block_size: u32,
+    /// Set by the first failed flush; every later flush fails.
+    pub flush_failed: AtomicBool,
+    file: Option<Arc<File>>,
+    engine: EngineKind,
+    stats: Vec<Arc<QueueStats>>,
+}
+
+impl DeviceShared {
+    /// A new engine for one queue worker.
+    pub fn new_engine(&self) -> Result<Box<dyn Engine>, EngineError> {
+        let Some(file) = &self.file else {
+            return Ok(Box::new(NullEngine::default()));
+        };
+        Ok(match self.engine {
+            EngineKind::Uring => {
+                let entries = u32::from(self.queue_size).saturating_mul(2);
+                Box::new(UringEngine::new(Arc::clone(file), entries)?)
+            }
+            EngineKind::Sync => Box::new(SyncEngine::new(Arc::clone(file))),
+        })
+    }
+
+    /// The counters of queue `queue`.
+    pub fn queue_stats(&self, queue: u16) -> Arc<QueueStats> {
+        Arc::clone(&self.stats[usize::from(queue)])
+    }
+
+    /// Snapshots of every queue's counters.
+    pub fn stats(&self) -> Vec<QueueSnapshot> {
+        self.stats.iter().map(|s| s.snapshot()).collect()
+    }
+
+    /// The engine actually in use ("null" for the null device).
+    pub fn engine_name(&self) -> &'static str {
+        match (&self.file, self.engine) {
+            (None, _) => "null",
+            (Some(_), EngineKind::Uring) => "uring",
+            (Some(_), EngineKind::Sync) => "sync",
+        }
+    }
+
+    /// The virtio-blk config space.
+    pub fn config_space(&self) -> ConfigSpace {
+        // Linux sizes scatter lists from seg_max; leave room for header and status and stay
+        // within what one preadv/pwritev accepts.
+        let seg_max = u32::from(self.queue_size)
+            .saturating_sub(2)
+            .clamp(1, MAX_IOVECS as u32 - 2);
+        ConfigSpace {
+            capacity_sectors: self.limits.capacity >> SECTOR_SHIFT,
+            seg_max,
+            logical_block_size: self.logical_block_size,
+            num_queues: self.queues,
+        }
+    }
+}
+
+/// Wakes the device thread and the connected front-end's handler for shutdown.
+struct StopSignal {
+    requested: AtomicBool,
+    eventfd: EventFd,
+    connection: Mutex<Option<vhost_user_backend::ShutdownHandle>>,
+}
+
+/// A running block device.
+pub struct BlkDevice {
+    config: BlkConfig,
+    shared: Arc<DeviceShared>,
+    stop: Arc<StopSignal>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl BlkDevice {
+    /// Opens the backing, listens on the socket and starts accepting front-ends.
+    pub fn start(config: BlkConfig) -> Result<Self, DeviceError> {
+        let (file, capacity) = match &config.backing {
+            BackingSpec::Null => (None, config.size.unwrap_or(0)),
+            BackingSpec::File(path) => {
+                let backing = open_backing(&OpenRequest {
+                    path,
+                    size: config.size,
+                    readonly: config.readonly,
+                    direct: config.direct,
+                })?;
+                (Some(Arc::new(backing.file)), backing.size)
+            }
+        };
+        let mut engine = config.engine;
+        if engine == EngineKind::Uring && file.is_some() && !uring_available() {
+            log::warn!(
+                "{}: io_uring unavailable, falling back to the sync engine",
+                config.id
+            );
+            engine = EngineKind::Sync;
+        }
+        let shared = Arc::new(DeviceShared {
+            id: config.id.clone(),
+            serial: config.serial.clone(),
+            queues: config.queues,
+            queue_size: config.queue_size,
+            limits: Limits {
+                capacity: capacity & !511,
+                readonly: config.readonly,
+            },
+            logical_block_size: config.logical_block_size,
+            flush_failed: AtomicBool::new(false),
+            file,
+            engine,
+            stats: (0..config.queues).map(|_| Arc::default()).collect(),
+        });
+        let listen_error = |source| DeviceError::Listen {
+            path: config.socket.clone(),
+            source,
+        };
+        if let Some(parent) = config.socket.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(listen_error)?;
+        }
+        let listener = Listener::new(&config.socket, true)
+            .map_err(|e| listen_error(std::io::Error::other(e)))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| listen_error(std::io::Error::other(e)))?;
+        let stop = Arc::new(StopSignal {
+            requested: AtomicBool::new(false),
+            eventfd: EventFd::new(EFD_NONBLOCK).map_err(DeviceError::Thread)?,
+            connection: Mutex::new(None),
+        });
+        let thread = {
+            let shared = Arc::clone(&shared);
+            let stop = Arc::clone(&stop);
+            std::thread::Builder::new()
+                .name(format!("blk-{}", config.id))
+                .spawn(move || serve(shared, listener, stop))
+                .map_err(DeviceError::Thread)?
+        };
+        log::info!(
+            "{}: serving {} ({} bytes, {} queue(s), engine {}) on {}",
+            config.id,
+            match &config.backing {
+                BackingSpec::Null => "null".to_string(),
+                BackingSpec::File(p) => p.display().to_string(),
+            },
+            capacity,
+            config.queues,
+            shared.engine_name(),
+            config.socket.display()
+        );
+        Ok(Self {
+            config,
+            shared,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// The device's configuration.
+    pub fn config(&self) -> &BlkConfig {
+        &self.config
+    }
+
+    /// The device's shared state (stats, engine).
+    pub fn shared(&self) -> &Arc<DeviceShared> {
+        &self.shared
+    }
+
+    /// Disconnects the front-end (in-flight I/O completes first), stops listening and removes
+    /// the socket.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        self.stop.requested.store(true, Ordering::Release);
+        if let Err(e) = self.stop.eventfd.write(1) {
+            log::warn!("{}: cannot wake device thread: {e}", self.config.id);
+        }
+        if let Ok(connection) = self.stop.connection.lock() {
+            if let Some(handle) = connection.as_ref() {
+                handle.shutdown();
+            }
+        }
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                log::error!("{}: device thread panicked", self.config.id);
+            }
+        }
+        let _ = std::fs::remove_file(&self.config.socket);
+    }
+}
+
+impl Drop for BlkDevice {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.shutdown();
+        }
+    }
+}
+
+/// The device thread: accept a front-end, serve it until it leaves, repeat until stopped.
+fn serve(shared: Arc<DeviceShared>, mut listener: Listener, stop: Arc<StopSignal>) {
+    let id = shared.id.clone();
+    loop {
+        match wait_readable(listener.as_raw_fd(), stop.eventfd.as_raw_fd()) {
+            Ok(Readable::First) => {}
+            Ok(Readable::Second) => break,
+            Err(e) => {
+                log::error!("{id}: waiting for a front-end failed: {e}");
+                break;
+            }
+        }
+        if stop.requested.load(Ordering::Acquire) {
+            break;
+        }
+        if let Err(e) = serve_connection(&shared, &mut listener, &stop) {
+            log::error!("{id}: connection ended with an error: {e}");
+        }
+    }
+    log::info!("{id}: stopped");
+}
+
+fn serve_connection(
+    shared: &Arc<DeviceShared>,
+    listener: &mut Listener,
+    stop: &StopSignal,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let memory = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());
+    let backend = Arc::new(BlkBackend::new(Arc::clone(shared), memory.clone())?);
+    let mut daemon = VhostUserDaemon::new(shared.id.clone(), Arc::clone(&backend), memory)
+        .map_err(|e| format!("{e}"))?;
+    let event_id = completion_event_id(shared.queues);
+    for (handler, fd) in daemon
+        .get_epoll_handlers()
+        .iter()
+        .zip(backend.completion_fds())
+    {
+        if let Some(fd) = fd {
+            register(handler, fd, event_id)?;
+        }
+    }
+    daemon.start(listener).map_err(|e| format!("{e}"))?;
+    if let Ok(mut connection) = stop.connection.lock() {
+        *connection = daemon.shutdown_handle();
+    }
+    if stop.requested.load(Ordering::Acquire) {
+        daemon.request_shutdown();
+    }
+    log::info!("{}: front-end connected", shared.id);
+    let result = daemon.wait();
+    if let Ok(mut connection) = stop.connection.lock() {
+        *connection = None;
+    }
+    backend.signal_exit();
+    // Dropping the daemon joins its worker threads; dropping the last backend reference then
+    // drains every engine, so no kernel I/O outlives the guest memory mapping.
+    drop(daemon);
+    drop(backend);
+    log::info!("{}: front-end disconnected", shared.id);
+    result.map_err(|e| format!("{e}").into())
+}
+
+fn register(
+    handler: &vhost_user_backend::VringEpollHandler<Arc<BlkBackend>>,
+    fd: RawFd,
+    event_id: u64,
+) -> Result<(), std::io::Error> {
+    handler.register_listener(fd, EventSet::IN, event_id)
+}

@@ -1,0 +1,478 @@
+//! Turning a guest's descriptor chain into a validated virtio-blk request.
+//!
+//! Everything here is guest-controlled, so nothing is trusted: the chain is read as a stream
+//! of device-readable bytes followed by device-writable bytes (VIRTIO_F_ANY_LAYOUT; no framing
+//! assumed), the header is the first 16 readable bytes, the status is the last writable byte.
+//! Each check failure becomes a [`Rejection`] that says whether a status byte can be written
+//! (then the guest gets IOERR/UNSUPP) or not (then the head is returned with length 0), and
+//! which [`Reason`] to count. Data buffers become iovecs into mapped guest memory, split where
+//! a buffer crosses memory regions, and checked against the memory map.
+
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+
+use super::spec::{
+    HEADER_LEN, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, MAX_IOVECS, SECTOR_SHIFT, SECTOR_SIZE,
+    SEGMENT_LEN,
+};
+use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
+    VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+};
+
+/// Why a request was refused; each has its own counter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Reason {
+    /// The chain was cut short: a loop, too long, a bad or nested indirect table.
+    BrokenChain,
+    /// A device-readable descriptor after a device-writable one.
+    BadLayout,
+    /// No device-writable byte for the status.
+    NoStatus,
+    /// Fewer than 16 readable bytes.
+    ShortHeader,
+    /// A buffer outside guest memory, or wrapping around.
+    BadAddress,
+    /// Data length not a multiple of 512, or too many buffers.
+    BadLength,
+    /// Sector range beyond capacity or overflowing.
+    OutOfRange,
+    /// A write, discard or write-zeroes on a read-only device.
+    ReadOnly,
+    /// GET_ID with a buffer shorter than 20 bytes.
+    IdBufferTooSmall,
+    /// A discard/write-zeroes segment list that is empty, ragged, or too long.
+    BadSegments,
+    /// A request type or flag we do not implement.
+    Unsupported,
+}
+
+impl Reason {
+    /// Every reason, for stats.
+    pub const ALL: [Reason; 11] = [
+        Reason::BrokenChain,
+        Reason::BadLayout,
+        Reason::NoStatus,
+        Reason::ShortHeader,
+        Reason::BadAddress,
+        Reason::BadLength,
+        Reason::OutOfRange,
+        Reason::ReadOnly,
+        Reason::IdBufferTooSmall,
+        Reason::BadSegments,
+        Reason::Unsupported,
+    ];
+
+    /// Stable index into counter arrays.
+    pub fn index(self) -> usize {
+        self as usize
+    }
+
+    /// Stable kebab-case name for stats and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Reason::BrokenChain => "broken-chain",
+            Reason::BadLayout => "bad-layout",
+            Reason::NoStatus => "no-status",
+            Reason::ShortHeader => "short-header",
+            Reason::BadAddress => "bad-address",
+            Reason::BadLength => "bad-length",
+            Reason::OutOfRange => "out-of-range",
+            Reason::ReadOnly => "read-only",
+            Reason::IdBufferTooSmall => "id-buffer-too-small",
+            Reason::BadSegments => "bad-segments",
+            Reason::Unsupported => "unsupported",
+        }
+    }
+}
+
+/// A refused request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rejection {
+    /// Where to write the status, if the chain has a usable status byte.
+    pub status: Option<GuestAddress>,
+    /// `VIRTIO_BLK_S_IOERR` or `VIRTIO_BLK_S_UNSUPP`.
+    pub code: u8,
+    /// What was wrong.
+    pub reason: Reason,
+}
+
+/// One byte range of a discard or write-zeroes request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ByteRange {
+    /// Byte offset.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u64,
+    /// Whether the range may be deallocated.
+    pub unmap: bool,
+}
+
+/// What a valid request asks for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RequestKind {
+    /// Read `len` bytes at `offset` into the data iovecs.
+    Read {
+        /// Byte offset.
+        offset: u64,
+    },
+    /// Write the data iovecs at `offset`.
+    Write {
+        /// Byte offset.
+        offset: u64,
+    },
+    /// Make completed writes durable.
+    Flush,
+    /// Write the serial number into the data buffer.
+    GetId {
+        /// Where the 20 serial bytes go.
+        buffer: GuestAddress,
+    },
+    /// Deallocate ranges.
+    Discard(Vec<ByteRange>),
+    /// Zero ranges.
+    WriteZeroes(Vec<ByteRange>),
+}
+
+/// A validated request.
+#[derive(Debug)]
+pub struct Request {
+    /// What to do.
+    pub kind: RequestKind,
+    /// Data buffers, pointing into guest memory (reads and writes only).
+    pub iovecs: Vec<libc::iovec>,
+    /// Total data bytes.
+    pub data_len: u32,
+    /// Where the status byte goes.
+    pub status: GuestAddress,
+    /// Bytes the device writes into the chain (the used-ring length).
+    pub used_len: u32,
+}
+
+/// The device facts that validation needs.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Capacity in bytes (a multiple of 512).
+    pub capacity: u64,
+    /// Writes, discards and write-zeroes are refused.
+    pub readonly: bool,
+}
+
+/// A descriptor reduced to what parsing needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Buffer {
+    /// Guest physical address.
+    pub addr: GuestAddress,
+    /// Length in bytes.
+    pub len: u32,
+    /// Device-writable.
+    pub writable: bool,
+}
+
+/// Collects a chain's buffers; `Err(BrokenChain)` if the walk stopped while the last descriptor
+/// still pointed to a next one (loop, over-long chain, broken or nested indirect table).
+pub fn collect_buffers(
+    chain: impl Iterator<Item = virtio_queue::desc::split::Descriptor>,
+) -> Result<Vec<Buffer>, Reason> {
+    let mut buffers = Vec::with_capacity(4);
+    let mut truncated = false;
+    for desc in chain {
+        truncated = desc.has_next();
+        buffers.push(Buffer {
+            addr: desc.addr(),
+            len: desc.len(),
+            writable: desc.is_write_only(),
+        });
+    }
+    if truncated || buffers.is_empty() {
+        Err(Reason::BrokenChain)
+    } else {
+        Ok(buffers)
+    }
+}
+
+/// A contiguous piece of the readable or writable byte stream.
+#[derive(Debug, Clone, Copy)]
+struct Span {
+    addr: GuestAddress,
+    len: u64,
+}
+
+/// Validates a request. `serial_len`-independent: GET_ID only checks the buffer size here.
+pub fn parse(
+    mem: &GuestMemoryMmap<()>,
+    buffers: &[Buffer],
+    limits: Limits,
+) -> Result<Request, Rejection> {
+    let mut readable = Vec::with_capacity(buffers.len());
+    let mut writable = Vec::with_capacity(2);
+    for buffer in buffers {
+        let span = Span {
+            addr: buffer.addr,
+            len: u64::from(buffer.len),
+        };
+        if buffer.len == 0 {
+            continue;
+        }
+        if buffer.writable {
+            writable.push(span);
+        } else if !writable.is_empty() {
+            return Err(reject(status_of(mem, &writable), Reason::BadLayout));
+        } else {
+            readable.push(span);
+        }
+    }
+    let status = status_of(mem, &writable).ok_or(Rejection {
+        status: None,
+        code: VIRTIO_BLK_S_IOERR as u8,
+        reason: Reason::NoStatus,
+    })?;
+    let fail = |reason| reject(Some(status), reason);
+
+    let mut header = [0u8; HEADER_LEN];
+    let header_len =
+        copy_from_spans(mem, &readable, 0, &mut header).map_err(|_| fail(Reason::BadAddress))?;
+    if header_len < HEADER_LEN {
+        return Err(fail(Reason::ShortHeader));
+    }
+    let request_type = u32::from_le_bytes([header[0], header[1], header[2], header[3]]);
+    let sector = u64::from_le_bytes([
+        header[8], header[9], header[10], header[11], header[12], header[13], header[14],
+        header[15],
+    ]);
+    let readable_data = skip(&readable, HEADER_LEN as u64);
+    let writable_data = take(&writable, span_total(&writable).saturating_sub(1));
+
+    let (kind, data, used_data) = match request_type {
+        VIRTIO_BLK_T_IN => {
+            let offset = data_range(sector, span_total(&writable_data), limits).map_err(fail)?;
+            (RequestKind::Read { offset }, writable_data, true)
+        }
+        VIRTIO_BLK_T_OUT => {
+            if limits.readonly {
+                return Err(fail(Reason::ReadOnly));
+            }
+            let offset = data_range(sector, span_total(&readable_data), limits).map_err(fail)?;
+            (RequestKind::Write { offset }, readable_data, false)
+        }
+        VIRTIO_BLK_T_FLUSH => (RequestKind::Flush, Vec::new(), false),
+        VIRTIO_BLK_T_GET_ID => {
+            if span_total(&writable_data) < u64::from(VIRTIO_BLK_ID_BYTES) {
+                return Err(fail(Reason::IdBufferTooSmall));
+            }
+            let buffer = writable_data[0].addr;
+            if writable_data[0].len < u64::from(VIRTIO_BLK_ID_BYTES) {
+                // The serial is written with one copy; demand it fits one buffer.
+                return Err(fail(Reason::IdBufferTooSmall));
+            }
+            let request = Request {
+                kind: RequestKind::GetId { buffer },
+                iovecs: Vec::new(),
+                data_len: VIRTIO_BLK_ID_BYTES,
+                status,
+                used_len: VIRTIO_BLK_ID_BYTES + 1,
+            };
+            return Ok(request);
+        }
+        VIRTIO_BLK_T_DISCARD | VIRTIO_BLK_T_WRITE_ZEROES => {
+            if limits.readonly {
+                return Err(fail(Reason::ReadOnly));
+            }
+            let discard = request_type == VIRTIO_BLK_T_DISCARD;
+            let ranges = parse_segments(mem, &readable_data, discard, limits).map_err(
+                |(code, reason)| Rejection {
+                    status: Some(status),
+                    code,
+                    reason,
+                },
+            )?;
+            let kind = if discard {
+                RequestKind::Discard(ranges)
+            } else {
+                RequestKind::WriteZeroes(ranges)
+            };
+            (kind, Vec::new(), false)
+        }
+        _ => {
+            return Err(Rejection {
+                status: Some(status),
+                code: VIRTIO_BLK_S_UNSUPP as u8,
+                reason: Reason::Unsupported,
+            })
+        }
+    };
+    let data_len = span_total(&data);
+    let data_len = u32::try_from(data_len).map_err(|_| fail(Reason::BadLength))?;
+    let iovecs = to_iovecs(mem, &data).map_err(fail)?;
+    let used_len = if used_data {
+        data_len.saturating_add(1)
+    } else {
+        1
+    };
+    Ok(Request {
+        kind,
+        iovecs,
+        data_len,
+        status,
+        used_len,
+    })
+}
+
+fn reject(status: Option<GuestAddress>, reason: Reason) -> Rejection {
+    Rejection {
+        status,
+        code: VIRTIO_BLK_S_IOERR as u8,
+        reason,
+    }
+}
+
+/// The address of the last writable byte, if it lies in guest memory.
+fn status_of(mem: &GuestMemoryMmap<()>, writable: &[Span]) -> Option<GuestAddress> {
+    let last = writable.last()?;
+    let addr = last.addr.checked_add(last.len.checked_sub(1)?)?;
+    GuestMemoryBackend::address_in_range(mem, addr).then_some(addr)
+}
+
+fn span_total(spans: &[Span]) -> u64 {
+    spans.iter().map(|s| s.len).sum()
+}
+
+/// The spans after the first `n` bytes.
+fn skip(spans: &[Span], mut n: u64) -> Vec<Span> {
+    let mut out = Vec::with_capacity(spans.len());
+    for span in spans {
+        if n >= span.len {
+            n -= span.len;
+            continue;
+        }
+        match span.addr.checked_add(n) {
+            Some(addr) => out.push(Span {
+                addr,
+                len: span.len - n,
+            }),
+            // Unreachable in practice (addr+len was representable when n < len); drop it and
+            // let the address check refuse the request.
+            None => out.push(Span {
+                addr: GuestAddress(u64::MAX),
+                len: span.len - n,
+            }),
+        }
+        n = 0;
+    }
+    out
+}
+
+/// The first `n` bytes of the spans.
+fn take(spans: &[Span], mut n: u64) -> Vec<Span> {
+    let mut out = Vec::with_capacity(spans.len());
+    for span in spans {
+        if n == 0 {
+            break;
+        }
+        let len = span.len.min(n);
+        out.push(Span {
+            addr: span.addr,
+            len,
+        });
+        n -= len;
+    }
+    out
+}
+
+/// Copies bytes `offset..` of the span stream into `dst`; returns how many were available.
+fn copy_from_spans(
+    mem: &GuestMemoryMmap<()>,
+    spans: &[Span],
+    offset: u64,
+    dst: &mut [u8],
+) -> Result<usize, vm_memory::GuestMemoryError> {
+    let mut copied = 0;
+    for span in skip(spans, offset) {
+        if copied == dst.len() {
+            break;
+        }
+        let want = (dst.len() - copied).min(usize::try_from(span.len).unwrap_or(usize::MAX));
+        mem.read_slice(&mut dst[copied..copied + want], span.addr)?;
+        copied += want;
+    }
+    Ok(copied)
+}
+
+/// Checks sector and length of a read or write; returns the byte offset.
+fn data_range(sector: u64, len: u64, limits: Limits) -> Result<u64, Reason> {
+    if len % SECTOR_SIZE != 0 {
+        return Err(Reason::BadLength);
+    }
+    let offset = sector.checked_mul(SECTOR_SIZE).ok_or(Reason::OutOfRange)?;
+    let end = offset.checked_add(len).ok_or(Reason::OutOfRange)?;
+    if end > limits.capacity {
+        return Err(Reason::OutOfRange);
+    }
+    Ok(offset)
+}
+
+fn parse_segments(
+    mem: &GuestMemoryMmap<()>,
+    spans: &[Span],
+    discard: bool,
+    limits: Limits,
+) -> Result<Vec<ByteRange>, (u8, Reason)> {
+    let ioerr = |reason| (VIRTIO_BLK_S_IOERR as u8, reason);
+    let total = span_total(spans);
+    let count = total / SEGMENT_LEN as u64;
+    if total == 0 || total % SEGMENT_LEN as u64 != 0 || count > u64::from(MAX_DISCARD_SEGMENTS) {
+        return Err(ioerr(Reason::BadSegments));
+    }
+    let mut ranges = Vec::with_capacity(count as usize);
+    for i in 0..count {
+        let mut raw = [0u8; SEGMENT_LEN];
+        let got = copy_from_spans(mem, spans, i * SEGMENT_LEN as u64, &mut raw)
+            .map_err(|_| ioerr(Reason::BadAddress))?;
+        if got != SEGMENT_LEN {
+            return Err(ioerr(Reason::BadSegments));
+        }
+        let sector = u64::from_le_bytes([
+            raw[0], raw[1], raw[2], raw[3], raw[4], raw[5], raw[6], raw[7],
+        ]);
+        let num_sectors = u32::from_le_bytes([raw[8], raw[9], raw[10], raw[11]]);
+        let flags = u32::from_le_bytes([raw[12], raw[13], raw[14], raw[15]]);
+        let unmap = flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0;
+        let reserved = flags & !VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP != 0;
+        // virtio 1.2 §5.2.6.2: unmap on a discard, or any reserved flag, is UNSUPP.
+        if reserved || (discard && unmap) {
+            return Err((VIRTIO_BLK_S_UNSUPP as u8, Reason::Unsupported));
+        }
+        if num_sectors == 0 || num_sectors > MAX_DISCARD_SECTORS {
+            return Err(ioerr(Reason::BadSegments));
+        }
+        let len = u64::from(num_sectors) << SECTOR_SHIFT;
+        let offset = data_range(sector, len, limits).map_err(ioerr)?;
+        ranges.push(ByteRange { offset, len, unmap });
+    }
+    Ok(ranges)
+}
+
+/// Host iovecs for the spans, split at memory-region boundaries, every byte checked mapped.
+fn to_iovecs(mem: &GuestMemoryMmap<()>, spans: &[Span]) -> Result<Vec<libc::iovec>, Reason> {
+    let mut iovecs = Vec::with_capacity(spans.len());
+    for span in spans {
+        let len = usize::try_from(span.len).map_err(|_| Reason::BadLength)?;
+        span.addr.checked_add(span.len).ok_or(Reason::BadAddress)?;
+        for slice in GuestMemoryBackend::get_slices(mem, span.addr, len) {
+            let slice = slice.map_err(|_| Reason::BadAddress)?;
+            iovecs.push(libc::iovec {
+                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                iov_len: slice.len(),
+            });
+        }
+        if iovecs.len() > MAX_IOVECS {
+            return Err(Reason::BadLength);
+        }
+    }
+    Ok(iovecs)
+}
+
+#[cfg(test)]
+#[path = "request_tests.rs"]
+mod tests;

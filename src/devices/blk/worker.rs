@@ -1,0 +1,398 @@
+//! The per-queue worker: takes requests off one virtqueue, runs them on its own engine, and
+//! returns them to the guest.
+//!
+//! ```text
+//!  kick ─▶ drain avail ring ─▶ parse/validate ─▶ engine.push ─┐   (batch)
+//!                                      │ refused               ├─▶ engine.submit
+//!                                      ▼                       │
+//!                               status + used ring      ◀── completions (eventfd)
+//! ```
+//!
+//! Every accepted request has an explicit [`InFlight`] record (head, queue, start time,
+//! outstanding engine ops) until its completion, which is what restart-without-loss will build
+//! on. A request's guest memory snapshot (`Arc<GuestMemory>`) lives in that record, so the
+//! mappings its iovecs point into stay valid even if the front-end replaces the memory table
+//! while the kernel is still transferring.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use vhost_user_backend::VringT;
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
+use virtio_queue::QueueT;
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
+
+use super::device::DeviceShared;
+use super::request::{self, Rejection, Request, RequestKind};
+use super::stats::{OpClass, QueueStats};
+use crate::storage::{Completion, Engine, IoOp, OpKind};
+use crate::vring::{drain_available, AtomicGuestMemory, CheckedVring, GuestMemory};
+
+/// Errors that stop a worker from serving its queue (guest mistakes never do).
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The queue's rings could not be read or written.
+    #[error("virtqueue access failed")]
+    Queue(#[from] virtio_queue::Error),
+    /// Signalling the guest failed.
+    #[error("cannot signal the used ring")]
+    Signal(#[source] std::io::Error),
+    /// The engine could not submit.
+    #[error(transparent)]
+    Engine(#[from] crate::storage::EngineError),
+}
+
+/// A request handed to the engine and not yet returned to the guest.
+#[derive(Debug)]
+struct InFlight {
+    head: u16,
+    status: GuestAddress,
+    used_len: u32,
+    /// Engine ops still outstanding (discard/write-zeroes may have several).
+    pending: u32,
+    code: u8,
+    class: OpClass,
+    bytes: u64,
+    started: Instant,
+    /// Keeps the guest mappings alive while the kernel may access them.
+    memory: Arc<GuestMemory>,
+}
+
+/// A request ready to be returned to the guest.
+#[derive(Debug, Clone, Copy)]
+struct Finished {
+    head: u16,
+    status: Option<GuestAddress>,
+    code: u8,
+    used_len: u32,
+}
+
+/// Serves one virtqueue.
+pub struct QueueWorker {
+    queue_index: u16,
+    shared: Arc<DeviceShared>,
+    stats: Arc<QueueStats>,
+    engine: Box<dyn Engine>,
+    memory: AtomicGuestMemory,
+    in_flight: Vec<Option<InFlight>>,
+    free_slots: Vec<usize>,
+    completions: Vec<Completion>,
+    finished: Vec<Finished>,
+    event_idx: bool,
+    /// The vring this worker serves, learnt at the first event, for queue-stop draining.
+    vring: Option<CheckedVring>,
+}
+
+impl QueueWorker {
+    /// A worker for queue `queue_index`, serving with `engine`.
+    pub fn new(
+        queue_index: u16,
+        shared: Arc<DeviceShared>,
+        engine: Box<dyn Engine>,
+        memory: AtomicGuestMemory,
+    ) -> Self {
+        let stats = shared.queue_stats(queue_index);
+        Self {
+            queue_index,
+            shared,
+            stats,
+            engine,
+            memory,
+            in_flight: Vec::new(),
+            free_slots: Vec::new(),
+            completions: Vec::new(),
+            finished: Vec::new(),
+            event_idx: false,
+            vring: None,
+        }
+    }
+
+    /// The engine's completion eventfd, to be added to the worker thread's epoll set.
+    pub fn completion_fd(&self) -> Option<std::os::fd::RawFd> {
+        self.engine.completion_fd()
+    }
+
+    /// Turns VIRTIO_RING_F_EVENT_IDX handling on or off.
+    pub fn set_event_idx(&mut self, enabled: bool) {
+        self.event_idx = enabled;
+    }
+
+    /// Requests accepted and not yet completed.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.len() - self.free_slots.len()
+    }
+
+    /// Handles a kick: drains the available ring, submits the batch, returns what is done.
+    pub fn process_queue(&mut self, vring: &CheckedVring) -> Result<(), WorkerError> {
+        if vring.size_rejected() {
+            self.stats.misconfigured();
+            return Ok(());
+        }
+        let memory = self.memory.memory().into_inner();
+        drain_available(vring, self.event_idx, |vring| -> Result<(), WorkerError> {
+            loop {
+                let chain = vring
+                    .get_mut()
+                    .get_queue_mut()
+                    .pop_descriptor_chain(&*memory);
+                let Some(chain) = chain else { return Ok(()) };
+                let head = chain.head_index();
+                self.start(head, chain, &memory);
+            }
+        })?;
+        self.engine.submit()?;
+        self.reap_and_complete(vring)
+    }
+
+    /// Handles the engine's completion event.
+    pub fn process_completions(&mut self, vring: &CheckedVring) -> Result<(), WorkerError> {
+        self.reap_and_complete(vring)
+    }
+
+    /// Records the vring this worker serves.
+    pub fn remember_vring(&mut self, vring: &CheckedVring) {
+        if self.vring.is_none() {
+            self.vring = Some(vring.clone());
+        }
+    }
+
+    /// Waits for every in-flight request and returns them to the guest (queue stop). Called
+    /// from the front-end's thread, which has no vring at hand: uses the remembered one.
+    pub fn drain_detached(&mut self) {
+        if let Err(e) = self.engine.submit() {
+            log::error!("{}: queue {}: {e}", self.shared.id, self.queue_index);
+        }
+        self.engine.drain(&mut self.completions);
+        self.complete_engine_ops();
+        match self.vring.clone() {
+            Some(vring) => {
+                if let Err(e) = self.return_finished(&vring) {
+                    log::warn!("{}: queue {}: {e}", self.shared.id, self.queue_index);
+                }
+            }
+            None => self.finished.clear(),
+        }
+    }
+
+    fn start<C>(&mut self, head: u16, chain: C, memory: &Arc<GuestMemory>)
+    where
+        C: Iterator<Item = virtio_queue::desc::split::Descriptor>,
+    {
+        let parsed = request::collect_buffers(chain)
+            .map_err(|reason| Rejection {
+                status: None,
+                code: VIRTIO_BLK_S_IOERR as u8,
+                reason,
+            })
+            .and_then(|buffers| request::parse(memory, &buffers, self.shared.limits));
+        match parsed {
+            Ok(request) => self.execute(head, request, memory),
+            Err(rejection) => {
+                self.stats.rejected(rejection.reason);
+                log::debug!(
+                    "{}: queue {}: request {head} refused: {}",
+                    self.shared.id,
+                    self.queue_index,
+                    rejection.reason.name()
+                );
+                self.finished.push(Finished {
+                    head,
+                    status: rejection.status,
+                    code: rejection.code,
+                    used_len: u32::from(rejection.status.is_some()),
+                });
+            }
+        }
+    }
+
+    fn execute(&mut self, head: u16, request: Request, memory: &Arc<GuestMemory>) {
+        let (class, ops): (OpClass, Vec<(OpKind, Vec<libc::iovec>)>) = match request.kind {
+            RequestKind::Read { offset } => (
+                OpClass::Read,
+                vec![(OpKind::Read { offset }, request.iovecs)],
+            ),
+            RequestKind::Write { offset } => (
+                OpClass::Write,
+                vec![(OpKind::Write { offset }, request.iovecs)],
+            ),
+            RequestKind::Flush => {
+                if self.shared.flush_failed.load(Ordering::Acquire) {
+                    // fsyncgate: after one failed flush, data may already be gone; never
+                    // report a later flush as success.
+                    self.stats.started();
+                    self.stats
+                        .completed(OpClass::Flush, 0, false, std::time::Duration::ZERO);
+                    self.finished.push(Finished {
+                        head,
+                        status: Some(request.status),
+                        code: VIRTIO_BLK_S_IOERR as u8,
+                        used_len: 1,
+                    });
+                    return;
+                }
+                (OpClass::Flush, vec![(OpKind::Flush, Vec::new())])
+            }
+            RequestKind::Discard(ranges) => (
+                OpClass::Discard,
+                ranges
+                    .iter()
+                    .map(|r| {
+                        (
+                            OpKind::Discard {
+                                offset: r.offset,
+                                len: r.len,
+                            },
+                            Vec::new(),
+                        )
+                    })
+                    .collect(),
+            ),
+            RequestKind::WriteZeroes(ranges) => (
+                OpClass::WriteZeroes,
+                ranges
+                    .iter()
+                    .map(|r| {
+                        let kind = OpKind::WriteZeroes {
+                            offset: r.offset,
+                            len: r.len,
+                            unmap: r.unmap,
+                        };
+                        (kind, Vec::new())
+                    })
+                    .collect(),
+            ),
+            RequestKind::GetId { buffer } => {
+                let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
+                let serial = self.shared.serial.as_bytes();
+                let n = serial.len().min(id.len());
+                id[..n].copy_from_slice(&serial[..n]);
+                let code = match memory.write_slice(&id, buffer) {
+                    Ok(()) => VIRTIO_BLK_S_OK as u8,
+                    Err(_) => VIRTIO_BLK_S_IOERR as u8,
+                };
+                self.stats.started();
+                self.stats.completed(
+                    OpClass::GetId,
+                    0,
+                    code == VIRTIO_BLK_S_OK as u8,
+                    std::time::Duration::ZERO,
+                );
+                self.finished.push(Finished {
+                    head,
+                    status: Some(request.status),
+                    code,
+                    used_len: request.used_len,
+                });
+                return;
+            }
+        };
+        let slot = InFlight {
+            head,
+            status: request.status,
+            used_len: request.used_len,
+            pending: u32::try_from(ops.len()).unwrap_or(u32::MAX),
+            code: VIRTIO_BLK_S_OK as u8,
+            class,
+            bytes: u64::from(request.data_len),
+            started: Instant::now(),
+            memory: Arc::clone(memory),
+        };
+        let index = match self.free_slots.pop() {
+            Some(index) => {
+                self.in_flight[index] = Some(slot);
+                index
+            }
+            None => {
+                self.in_flight.push(Some(slot));
+                self.in_flight.len() - 1
+            }
+        };
+        self.stats.started();
+        for (kind, iovecs) in ops {
+            let op = IoOp {
+                kind,
+                iovecs,
+                tag: index as u64,
+            };
+            // SAFETY: the iovecs were built by `request::parse` from guest memory regions of
+            // `memory`; the slot at `index` holds an `Arc` of that memory until every op of
+            // the request has completed, so the mappings outlive the kernel's access. The
+            // guest owns the buffers' contents; the device only accesses them as the
+            // descriptor directions (checked by the parser) allow.
+            unsafe { self.engine.push(op) };
+        }
+    }
+
+    fn reap_and_complete(&mut self, vring: &CheckedVring) -> Result<(), WorkerError> {
+        self.engine.reap(&mut self.completions);
+        self.complete_engine_ops();
+        self.return_finished(vring)
+    }
+
+    fn complete_engine_ops(&mut self) {
+        for completion in std::mem::take(&mut self.completions) {
+            let index = usize::try_from(completion.tag).unwrap_or(usize::MAX);
+            let Some(Some(slot)) = self.in_flight.get_mut(index) else {
+                log::error!(
+                    "{}: completion for unknown request slot {index}",
+                    self.shared.id
+                );
+                continue;
+            };
+            if let Err(errno) = completion.result {
+                slot.code = VIRTIO_BLK_S_IOERR as u8;
+                if slot.class == OpClass::Flush {
+                    self.shared.flush_failed.store(true, Ordering::Release);
+                    log::error!(
+                        "{}: flush failed ({}); every later flush will fail",
+                        self.shared.id,
+                        std::io::Error::from_raw_os_error(errno)
+                    );
+                } else {
+                    log::warn!(
+                        "{}: {} failed: {}",
+                        self.shared.id,
+                        slot.class.name(),
+                        std::io::Error::from_raw_os_error(errno)
+                    );
+                }
+            }
+            slot.pending = slot.pending.saturating_sub(1);
+            if slot.pending > 0 {
+                continue;
+            }
+            if let Some(done) = self.in_flight[index].take() {
+                self.free_slots.push(index);
+                let ok = done.code == VIRTIO_BLK_S_OK as u8;
+                self.stats
+                    .completed(done.class, done.bytes, ok, done.started.elapsed());
+                self.finished.push(Finished {
+                    head: done.head,
+                    status: Some(done.status),
+                    code: done.code,
+                    used_len: if ok { done.used_len } else { 1 },
+                });
+                drop(done.memory);
+            }
+        }
+    }
+
+    fn return_finished(&mut self, vring: &CheckedVring) -> Result<(), WorkerError> {
+        if self.finished.is_empty() {
+            return Ok(());
+        }
+        let memory = self.memory.memory();
+        for done in self.finished.drain(..) {
+            let used_len = match done.status {
+                Some(addr) if memory.write_obj(done.code, addr).is_ok() => done.used_len,
+                _ => 0,
+            };
+            vring.add_used(done.head, used_len)?;
+        }
+        if vring.needs_notification()? {
+            vring.signal_used_queue().map_err(WorkerError::Signal)?;
+        }
+        Ok(())
+    }
+}

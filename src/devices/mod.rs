@@ -1,0 +1,3 @@
+//! The virtio devices the daemon serves.
+
+pub mod blk;

@@ -1,0 +1,13 @@
+//! NovaCron data plane: `novacrond`, a vhost-user backend daemon that serves virtio devices to
+//! VMs from shared guest memory.
+//!
+//! Layout: [`devices`] (one directory per device type), [`storage`] (I/O engines and backing
+//! files, unaware of vhost-user), [`vring`] (our extensions to `vhost-user-backend`'s rings),
+//! [`daemon`] (device lifecycles), [`sys`] (the few raw syscalls).
+
+pub mod config;
+pub mod daemon;
+pub mod devices;
+pub mod storage;
+pub mod sys;
+pub mod vring;

@@ -1,0 +1,207 @@
+//! Opening a device's backing file or block device.
+//!
+//! A missing file is created sparse when a size is given; an existing file keeps its size (a
+//! different `size=` is refused rather than silently growing or truncating a disk). The file is
+//! locked with `flock` (shared when read-only, exclusive otherwise) so two devices, or two
+//! daemons, never write one image. The final path component is opened with `O_NOFOLLOW`.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+/// Errors opening a backing.
+#[derive(Debug, thiserror::Error)]
+pub enum BackingError {
+    /// open/create failed.
+    #[error("cannot open {path}")]
+    Open {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Another device or process holds the lock.
+    #[error("{0} is already in use by another device or process")]
+    Locked(PathBuf),
+    /// The file is neither regular nor a block device.
+    #[error("{0} is not a regular file or block device")]
+    NotAFileOrBlockDevice(PathBuf),
+    /// The existing size differs from `size=`.
+    #[error("{path} is {actual} bytes but size={requested} was given")]
+    SizeMismatch {
+        /// The path.
+        path: PathBuf,
+        /// Size on disk.
+        actual: u64,
+        /// Size asked for.
+        requested: u64,
+    },
+    /// The size is zero or not a multiple of 512.
+    #[error("{path} has size {size}, not a non-zero multiple of 512")]
+    BadSize {
+        /// The path.
+        path: PathBuf,
+        /// Its size.
+        size: u64,
+    },
+    /// A metadata syscall failed.
+    #[error("cannot set up {path}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// How to open a backing file.
+#[derive(Debug, Clone)]
+pub struct OpenRequest<'a> {
+    /// The path.
+    pub path: &'a Path,
+    /// Size for a new file, or the size the existing one must have.
+    pub size: Option<u64>,
+    /// Open read-only.
+    pub readonly: bool,
+    /// Open with `O_DIRECT`.
+    pub direct: bool,
+}
+
+/// An opened, locked backing file.
+#[derive(Debug)]
+pub struct BackingFile {
+    /// The open file; the lock lives as long as it does.
+    pub file: File,
+    /// Size in bytes.
+    pub size: u64,
+    /// Whether it is a block device (affects nothing in the data path; reported in info).
+    pub is_block_device: bool,
+}
+
+/// Opens (or creates) and locks a backing file.
+pub fn open_backing(request: &OpenRequest<'_>) -> Result<BackingFile, BackingError> {
+    let path = request.path;
+    let with_path = |source| BackingError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut flags = libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    if request.direct {
+        flags |= libc::O_DIRECT;
+    }
+    let mut options = OpenOptions::new();
+    options
+        .read(true)
+        .write(!request.readonly)
+        .custom_flags(flags);
+    let created = !path.exists() && request.size.is_some() && !request.readonly;
+    if created {
+        options.create_new(true).mode(0o600);
+    }
+    let mut file = options.open(path).map_err(|source| BackingError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    lock(&file, request.readonly).map_err(|e| match e.raw_os_error() {
+        Some(libc::EWOULDBLOCK) => BackingError::Locked(path.to_path_buf()),
+        _ => with_path(e),
+    })?;
+    let file_type = file.metadata().map_err(with_path)?.file_type();
+    let is_block_device = file_type.is_block_device();
+    if !file_type.is_file() && !is_block_device {
+        return Err(BackingError::NotAFileOrBlockDevice(path.to_path_buf()));
+    }
+    if created {
+        if let Some(size) = request.size {
+            file.set_len(size).map_err(with_path)?;
+        }
+    }
+    // Seeking to the end works for both regular files and block devices.
+    let size = file.seek(SeekFrom::End(0)).map_err(with_path)?;
+    if let Some(requested) = request.size {
+        if requested != size {
+            return Err(BackingError::SizeMismatch {
+                path: path.to_path_buf(),
+                actual: size,
+                requested,
+            });
+        }
+    }
+    if size == 0 || size % 512 != 0 {
+        return Err(BackingError::BadSize {
+            path: path.to_path_buf(),
+            size,
+        });
+    }
+    Ok(BackingFile {
+        file,
+        size,
+        is_block_device,
+    })
+}
+
+fn lock(file: &File, shared: bool) -> std::io::Result<()> {
+    let operation = if shared { libc::LOCK_SH } else { libc::LOCK_EX } | libc::LOCK_NB;
+    // SAFETY: flock only reads the fd number, which `file` keeps open for the call.
+    let rc = unsafe { libc::flock(file.as_raw_fd(), operation) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(path: &Path, size: Option<u64>) -> OpenRequest<'_> {
+        OpenRequest {
+            path,
+            size,
+            readonly: false,
+            direct: false,
+        }
+    }
+
+    #[test]
+    fn creates_sparse_and_reopens_with_same_size() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img");
+        let backing = open_backing(&request(&path, Some(1 << 20))).unwrap();
+        assert_eq!(backing.size, 1 << 20);
+        drop(backing);
+        let backing = open_backing(&request(&path, None)).unwrap();
+        assert_eq!(backing.size, 1 << 20);
+    }
+
+    #[test]
+    fn second_writer_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img");
+        let _first = open_backing(&request(&path, Some(4096))).unwrap();
+        assert!(matches!(
+            open_backing(&request(&path, None)),
+            Err(BackingError::Locked(_))
+        ));
+    }
+
+    #[test]
+    fn size_mismatch_missing_file_and_symlink_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img");
+        drop(open_backing(&request(&path, Some(4096))).unwrap());
+        assert!(matches!(
+            open_backing(&request(&path, Some(8192))),
+            Err(BackingError::SizeMismatch { .. })
+        ));
+        assert!(open_backing(&request(&dir.path().join("missing"), None)).is_err());
+        let link = dir.path().join("link.img");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        assert!(open_backing(&request(&link, None)).is_err());
+    }
+}

@@ -1,0 +1,128 @@
+//! A cursor over an iovec list, for continuing short reads and writes.
+//!
+//! The cursor never dereferences the iovecs except in [`IovCursor::zero_remaining`], whose
+//! caller promises the memory is writable.
+
+/// Tracks how much of an iovec list has been transferred.
+#[derive(Debug)]
+pub struct IovCursor {
+    remaining: Vec<libc::iovec>,
+    done: u64,
+    total: u64,
+}
+
+// SAFETY: the cursor only carries pointers into buffers whose owner (the engine's caller)
+// guarantees them valid and exclusive until the op completes, whichever thread finishes it; the
+// cursor itself dereferences them only in `zero_remaining`, under that same promise.
+unsafe impl Send for IovCursor {}
+
+impl IovCursor {
+    /// Starts at the first byte of `iovecs`.
+    pub fn new(iovecs: Vec<libc::iovec>) -> Self {
+        let total = iovecs.iter().map(|iov| iov.iov_len as u64).sum();
+        let mut cursor = Self {
+            remaining: iovecs,
+            done: 0,
+            total,
+        };
+        cursor.remaining.retain(|iov| iov.iov_len > 0);
+        cursor
+    }
+
+    /// Bytes transferred so far.
+    pub fn done(&self) -> u64 {
+        self.done
+    }
+
+    /// Whether every byte has been transferred.
+    pub fn is_complete(&self) -> bool {
+        self.remaining.is_empty()
+    }
+
+    /// The iovecs still to transfer.
+    pub fn remaining(&self) -> &[libc::iovec] {
+        &self.remaining
+    }
+
+    /// Marks `n` more bytes transferred; `n` larger than what remains is clamped.
+    pub fn advance(&mut self, mut n: usize) {
+        let mut consumed = 0;
+        for iov in &mut self.remaining {
+            if n == 0 {
+                break;
+            }
+            if n >= iov.iov_len {
+                n -= iov.iov_len;
+                self.done += iov.iov_len as u64;
+                consumed += 1;
+            } else {
+                // SAFETY: n < iov_len, so the new base stays inside the same buffer; it is only
+                // pointer arithmetic, nothing is dereferenced.
+                iov.iov_base = unsafe { iov.iov_base.cast::<u8>().add(n) }.cast();
+                iov.iov_len -= n;
+                self.done += n as u64;
+                n = 0;
+            }
+        }
+        self.remaining.drain(..consumed);
+        debug_assert!(self.done <= self.total);
+    }
+
+    /// Fills every remaining byte with zeros (a read that hit end of file) and completes.
+    ///
+    /// # Safety
+    /// The remaining iovecs must be valid for writes and not accessed by anyone else.
+    pub unsafe fn zero_remaining(&mut self) {
+        for iov in self.remaining.drain(..) {
+            // SAFETY: the caller guarantees the buffer is writable for iov_len bytes.
+            unsafe { std::ptr::write_bytes(iov.iov_base.cast::<u8>(), 0, iov.iov_len) };
+            self.done += iov.iov_len as u64;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn iov(buf: &mut [u8]) -> libc::iovec {
+        libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        }
+    }
+
+    #[test]
+    fn advance_across_and_within_iovecs() {
+        let mut a = [1u8; 4];
+        let mut b = [2u8; 8];
+        let mut cursor = IovCursor::new(vec![iov(&mut a), iov(&mut b)]);
+        cursor.advance(6);
+        assert_eq!(cursor.done(), 6);
+        assert_eq!(cursor.remaining().len(), 1);
+        assert_eq!(cursor.remaining()[0].iov_len, 6);
+        cursor.advance(100);
+        assert!(cursor.is_complete());
+        assert_eq!(cursor.done(), 12);
+    }
+
+    #[test]
+    fn zero_fill_after_short_read() {
+        let mut a = [7u8; 8];
+        let mut cursor = IovCursor::new(vec![iov(&mut a)]);
+        cursor.advance(3);
+        // SAFETY: `a` is a live local buffer nobody else touches.
+        unsafe { cursor.zero_remaining() };
+        assert!(cursor.is_complete());
+        assert_eq!(a, [7, 7, 7, 0, 0, 0, 0, 0]);
+    }
+
+    #[test]
+    fn empty_iovecs_are_complete() {
+        let cursor = IovCursor::new(vec![libc::iovec {
+            iov_base: std::ptr::null_mut(),
+            iov_len: 0,
+        }]);
+        assert!(cursor.is_complete());
+    }
+}

@@ -1,0 +1,126 @@
+//! Block storage engines: how a request's bytes move between guest memory and the backing.
+//!
+//! An [`Engine`] takes [`IoOp`]s whose iovecs point straight into mapped guest memory (no
+//! bounce buffers) and reports one [`Completion`] per op. Engines finish an op completely or
+//! fail it: a short read or write is continued from where it stopped, a read past the end of
+//! the file fills the rest with zeros, and a write that makes no progress fails with `EIO`.
+//!
+//! ```text
+//!   worker ──push(op)──▶ engine ──submit()──▶ kernel (io_uring SQ, or inline syscalls)
+//!   worker ◀──reap()──── engine ◀──────────── kernel (CQ; eventfd wakes the worker's epoll)
+//! ```
+//!
+//! Engines: [`uring::UringEngine`] (one ring per queue worker, batched submission, many ops in
+//! flight), [`sync::SyncEngine`] (blocking syscalls on the worker thread, for hosts without
+//! io_uring) and [`null::NullEngine`] (no storage at all).
+
+pub mod backing;
+pub mod iov;
+pub mod null;
+pub mod sync;
+pub mod uring;
+
+use std::os::fd::RawFd;
+
+/// Errors from an engine itself (not from one op: those are [`Completion`] errnos).
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// Creating or registering the io_uring failed.
+    #[error("cannot set up io_uring")]
+    Setup(#[source] std::io::Error),
+    /// `io_uring_enter` failed.
+    #[error("io_uring submission failed")]
+    Submit(#[source] std::io::Error),
+}
+
+/// What an op does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpKind {
+    /// Read into the iovecs from `offset`.
+    Read {
+        /// Byte offset in the backing.
+        offset: u64,
+    },
+    /// Write the iovecs at `offset`.
+    Write {
+        /// Byte offset in the backing.
+        offset: u64,
+    },
+    /// `fdatasync`: make every write completed before this op durable.
+    Flush,
+    /// Deallocate a range (punch a hole); reads of it return zeros afterwards.
+    Discard {
+        /// Byte offset in the backing.
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+    },
+    /// Make a range read as zeros; `unmap` allows freeing the space (punch a hole).
+    WriteZeroes {
+        /// Byte offset in the backing.
+        offset: u64,
+        /// Length in bytes.
+        len: u64,
+        /// Whether the range may be deallocated.
+        unmap: bool,
+    },
+}
+
+/// One operation handed to an engine.
+#[derive(Debug)]
+pub struct IoOp {
+    /// What to do.
+    pub kind: OpKind,
+    /// Guest buffers for reads and writes; empty otherwise.
+    pub iovecs: Vec<libc::iovec>,
+    /// Returned unchanged in the op's completion.
+    pub tag: u64,
+}
+
+// SAFETY: an IoOp's iovecs are plain pointers into guest memory that the pushing worker keeps
+// mapped until the op completes (see `Engine::push`); moving the op to the engine's thread
+// does not change who may access that memory.
+unsafe impl Send for IoOp {}
+
+/// The outcome of one op.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Completion {
+    /// The op's tag.
+    pub tag: u64,
+    /// `Ok` when every byte was transferred, else the errno.
+    pub result: Result<(), i32>,
+}
+
+/// An I/O engine bound to one backing and used by one queue worker.
+pub trait Engine: Send {
+    /// Short name for logs and `daemon.info`.
+    fn name(&self) -> &'static str;
+
+    /// Queues `op`. It may run at once (sync engines) or at the next [`Engine::submit`].
+    ///
+    /// # Safety
+    /// Every iovec must point to memory that is valid for reads (writes) or writes (reads),
+    /// not accessed by the caller, and stays mapped until the op's completion is reaped.
+    unsafe fn push(&mut self, op: IoOp);
+
+    /// Hands queued ops to the kernel in one batch.
+    fn submit(&mut self) -> Result<(), EngineError>;
+
+    /// An eventfd that becomes readable when completions are ready; `None` when completions
+    /// are always ready right after `submit` (sync engines).
+    fn completion_fd(&self) -> Option<RawFd>;
+
+    /// Moves finished ops' completions into `out`.
+    fn reap(&mut self, out: &mut Vec<Completion>);
+
+    /// Ops pushed and not yet reaped.
+    fn in_flight(&self) -> usize;
+
+    /// Blocks until every op pushed so far has completed, moving completions into `out`.
+    fn drain(&mut self, out: &mut Vec<Completion>);
+}
+
+/// Reports whether io_uring can be used on this host (kernel support, seccomp, limits).
+pub fn uring_available() -> bool {
+    io_uring::IoUring::new(2).is_ok()
+}

@@ -1,0 +1,4 @@
+//! Thin wrappers over the few raw syscalls the daemon needs. Unsafe code for them lives here.
+
+pub mod poll;
+pub mod signals;

@@ -1,0 +1,161 @@
+//! A vring that refuses queue sizes the virtio spec forbids.
+//!
+//! Why this exists: `vhost-user-backend` checks SET_VRING_NUM only for `0 < num <= max`, and
+//! `virtio_queue::Queue::set_size` merely logs a size that is not a power of two and keeps the
+//! old one. The backend would then walk rings of a size the front-end never allocated. This
+//! wrapper records the bad size instead; the worker sees [`CheckedVring::size_rejected`] and
+//! refuses to touch the queue (and counts it) until the front-end sets a valid size.
+
+use std::fs::File;
+use std::io;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, MutexGuard};
+
+use vhost_user_backend::{VringMutex, VringState, VringStateGuard, VringStateMutGuard, VringT};
+use virtio_queue::Error as QueueError;
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+
+/// The guest memory type every device uses.
+pub type GuestMemory = GuestMemoryMmap<()>;
+/// The atomically replaceable guest memory handed to backends.
+pub type AtomicGuestMemory = GuestMemoryAtomic<GuestMemory>;
+
+/// A [`VringMutex`] whose queue size is validated.
+#[derive(Clone)]
+pub struct CheckedVring {
+    inner: VringMutex<AtomicGuestMemory>,
+    size_rejected: Arc<AtomicBool>,
+}
+
+impl CheckedVring {
+    /// Whether the front-end's last SET_VRING_NUM was refused.
+    pub fn size_rejected(&self) -> bool {
+        self.size_rejected.load(Ordering::Acquire)
+    }
+}
+
+impl<'a> VringStateGuard<'a, AtomicGuestMemory> for CheckedVring {
+    type G = MutexGuard<'a, VringState<AtomicGuestMemory>>;
+}
+
+impl<'a> VringStateMutGuard<'a, AtomicGuestMemory> for CheckedVring {
+    type G = MutexGuard<'a, VringState<AtomicGuestMemory>>;
+}
+
+impl VringT<AtomicGuestMemory> for CheckedVring {
+    fn new(mem: AtomicGuestMemory, max_queue_size: u16) -> Result<Self, QueueError> {
+        Ok(Self {
+            inner: VringMutex::new(mem, max_queue_size)?,
+            size_rejected: Arc::new(AtomicBool::new(false)),
+        })
+    }
+
+    fn get_ref(&self) -> <Self as VringStateGuard<'_, AtomicGuestMemory>>::G {
+        self.inner.get_ref()
+    }
+
+    fn get_mut(&self) -> <Self as VringStateMutGuard<'_, AtomicGuestMemory>>::G {
+        self.inner.get_mut()
+    }
+
+    fn add_used(&self, desc_index: u16, len: u32) -> Result<(), QueueError> {
+        self.inner.add_used(desc_index, len)
+    }
+
+    fn signal_used_queue(&self) -> io::Result<()> {
+        self.inner.signal_used_queue()
+    }
+
+    fn enable_notification(&self) -> Result<bool, QueueError> {
+        self.inner.enable_notification()
+    }
+
+    fn disable_notification(&self) -> Result<(), QueueError> {
+        self.inner.disable_notification()
+    }
+
+    fn needs_notification(&self) -> Result<bool, QueueError> {
+        self.inner.needs_notification()
+    }
+
+    fn set_enabled(&self, enabled: bool) {
+        self.inner.set_enabled(enabled)
+    }
+
+    fn set_queue_info(&self, desc: u64, avail: u64, used: u64) -> Result<(), QueueError> {
+        self.inner.set_queue_info(desc, avail, used)
+    }
+
+    fn queue_next_avail(&self) -> u16 {
+        self.inner.queue_next_avail()
+    }
+
+    fn set_queue_next_avail(&self, base: u16) {
+        self.inner.set_queue_next_avail(base)
+    }
+
+    fn set_queue_next_used(&self, idx: u16) {
+        self.inner.set_queue_next_used(idx)
+    }
+
+    fn queue_used_idx(&self) -> Result<u16, QueueError> {
+        self.inner.queue_used_idx()
+    }
+
+    fn set_queue_size(&self, num: u16) {
+        if num.is_power_of_two() {
+            self.size_rejected.store(false, Ordering::Release);
+            self.inner.set_queue_size(num);
+        } else {
+            log::error!("front-end set queue size {num}, not a power of two: queue disabled");
+            self.size_rejected.store(true, Ordering::Release);
+        }
+    }
+
+    fn set_queue_event_idx(&self, enabled: bool) {
+        self.inner.set_queue_event_idx(enabled)
+    }
+
+    fn set_queue_ready(&self, ready: bool) {
+        self.inner.set_queue_ready(ready)
+    }
+
+    fn set_kick(&self, file: Option<File>) {
+        self.inner.set_kick(file)
+    }
+
+    fn read_kick(&self) -> io::Result<bool> {
+        self.inner.read_kick()
+    }
+
+    fn set_call(&self, file: Option<File>) {
+        self.inner.set_call(file)
+    }
+
+    fn set_err(&self, file: Option<File>) {
+        self.inner.set_err(file)
+    }
+}
+
+/// Runs `process` over the available ring until it is empty, the EVENT_IDX way: with
+/// notifications suppressed while draining, then re-enabled and re-checked so a buffer made
+/// available in between is never left behind. Without EVENT_IDX one pass suffices because the
+/// driver kicks for every buffer.
+pub fn drain_available<E>(
+    vring: &CheckedVring,
+    event_idx: bool,
+    mut process: impl FnMut(&CheckedVring) -> Result<(), E>,
+) -> Result<(), E>
+where
+    E: From<QueueError>,
+{
+    loop {
+        if event_idx {
+            vring.disable_notification()?;
+        }
+        process(vring)?;
+        if !event_idx || !vring.enable_notification()? {
+            return Ok(());
+        }
+    }
+}
