@@ -323,7 +323,14 @@ fn serve_connection(
     drop(daemon);
     drop(backend);
     log::info!("{}: front-end disconnected", shared.id);
-    result.map_err(|e| format!("{e}").into())
+    match result {
+        // A front-end going away (guest shutdown, QEMU killed) is the normal end of a session.
+        Ok(())
+        | Err(vhost_user_backend::Error::HandleRequest(
+            vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+        )) => Ok(()),
+        Err(e) => Err(format!("{e}").into()),
+    }
 }
 
 fn register(

@@ -1,0 +1,135 @@
+//! Starting and stopping the daemon binary under test.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
+use std::time::{Duration, Instant};
+
+/// A running `novacrond` whose log lines the test can wait for.
+pub struct Daemon {
+    child: Option<Child>,
+    lines: Receiver<String>,
+    seen: Vec<String>,
+    pub dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    /// Starts the daemon with `args`; `{dir}` in an argument is replaced with a fresh temp dir.
+    /// Returns once it logged that it is ready.
+    pub fn start(args: &[&str]) -> Daemon {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Self::start_in(dir, args)
+    }
+
+    /// Like [`Daemon::start`] in a given directory (to restart over the same files).
+    pub fn start_in(dir: tempfile::TempDir, args: &[&str]) -> Daemon {
+        let args: Vec<String> = args
+            .iter()
+            .map(|a| a.replace("{dir}", &dir.path().display().to_string()))
+            .collect();
+        let mut child = Command::new(env!("CARGO_BIN_EXE_novacrond"))
+            .args(&args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn novacrond");
+        let stderr = child.stderr.take().expect("stderr");
+        let (tx, lines) = channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                eprintln!("[novacrond] {line}");
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut daemon = Daemon {
+            child: Some(child),
+            lines,
+            seen: Vec::new(),
+            dir,
+        };
+        daemon.wait_for_log("novacrond ready");
+        daemon
+    }
+
+    /// Path inside the daemon's temp dir.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// Blocks until a log line containing `needle` appears (10 s at most).
+    pub fn wait_for_log(&mut self, needle: &str) -> String {
+        if let Some(line) = self.seen.iter().find(|l| l.contains(needle)) {
+            return line.clone();
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => panic!("no log line with `{needle}` in 10 s"),
+                Err(RecvTimeoutError::Disconnected) => {
+                    panic!("daemon exited before logging `{needle}`")
+                }
+            }
+        }
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(mut self) -> (ExitStatus, tempfile::TempDir) {
+        let mut child = self.child.take().expect("child");
+        signal(&child, libc::SIGTERM);
+        let status = child.wait().expect("wait");
+        let dir = tempfile::tempdir().expect("tempdir");
+        (status, std::mem::replace(&mut self.dir, dir))
+    }
+
+    /// Sends SIGKILL (a crash) and reaps the process.
+    pub fn kill(mut self) -> tempfile::TempDir {
+        let mut child = self.child.take().expect("child");
+        let _ = child.kill();
+        let _ = child.wait();
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::mem::replace(&mut self.dir, dir)
+    }
+}
+
+fn signal(child: &Child, sig: libc::c_int) {
+    let pid = libc::pid_t::try_from(child.id()).expect("pid");
+    // SAFETY: kill only sends a signal to our own child process.
+    unsafe { libc::kill(pid, sig) };
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Runs the daemon with `args` expecting it to fail at start; returns its stderr.
+pub fn start_failure(args: &[&str]) -> String {
+    let output = Command::new(env!("CARGO_BIN_EXE_novacrond"))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run novacrond");
+    assert!(!output.status.success(), "daemon accepted {args:?}");
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+/// Whether a path exists (for socket checks).
+pub fn exists(path: &Path) -> bool {
+    path.exists()
+}

@@ -1,0 +1,63 @@
+//! Guest memory for tests: memfd-backed regions the daemon maps through SET_MEM_TABLE.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+
+use vhost::VhostUserMemoryRegionInfo;
+use vm_memory::{FileOffset, GuestAddress, GuestMemoryMmap, GuestRegionMmap, MmapRegion};
+
+/// Guest memory made of memfd regions at the given guest-physical ranges.
+pub struct TestMemory {
+    pub mem: GuestMemoryMmap<()>,
+    files: Vec<File>,
+}
+
+impl TestMemory {
+    /// Regions `(gpa, size)`; sizes must be page multiples.
+    pub fn new(ranges: &[(u64, usize)]) -> TestMemory {
+        let mut regions = Vec::new();
+        let mut files = Vec::new();
+        for &(gpa, size) in ranges {
+            // SAFETY: memfd_create takes a NUL-terminated name and flags; it returns a new fd
+            // that we own immediately below.
+            let fd = unsafe { libc::memfd_create(c"novacron-test".as_ptr(), libc::MFD_CLOEXEC) };
+            assert!(fd >= 0, "memfd_create failed");
+            // SAFETY: `fd` is a fresh descriptor nobody else owns.
+            let file = unsafe { File::from_raw_fd(fd) };
+            file.set_len(size as u64).expect("memfd size");
+            let mapping =
+                MmapRegion::from_file(FileOffset::new(file.try_clone().unwrap(), 0), size)
+                    .expect("mmap memfd");
+            regions.push(GuestRegionMmap::new(mapping, GuestAddress(gpa)).expect("region"));
+            files.push(file);
+        }
+        TestMemory {
+            mem: GuestMemoryMmap::from_regions(regions).expect("guest memory"),
+            files,
+        }
+    }
+
+    /// The region table for SET_MEM_TABLE.
+    pub fn regions(&self) -> Vec<VhostUserMemoryRegionInfo> {
+        use vm_memory::GuestMemoryBackend;
+        self.mem
+            .iter()
+            .zip(&self.files)
+            .map(|(region, file)| VhostUserMemoryRegionInfo {
+                guest_phys_addr: vm_memory::GuestMemoryRegion::start_addr(region).0,
+                memory_size: vm_memory::GuestMemoryRegion::len(region),
+                userspace_addr: region.as_ptr() as u64,
+                mmap_offset: 0,
+                mmap_handle: file.as_raw_fd(),
+            })
+            .collect()
+    }
+
+    /// Translates a guest address to the front-end's virtual address (for SET_VRING_ADDR).
+    pub fn host_address(&self, gpa: u64) -> u64 {
+        use vm_memory::GuestMemoryBackend;
+        self.mem
+            .get_host_address(GuestAddress(gpa))
+            .expect("gpa mapped") as u64
+    }
+}

@@ -1,0 +1,8 @@
+//! Shared test harness: run the real `novacrond` binary and drive it as a vhost-user
+//! front-end would (memfd guest memory, split virtqueues, the `vhost` crate's `Frontend`).
+#![allow(dead_code)]
+
+pub mod blk;
+pub mod daemon;
+pub mod memory;
+pub mod virtq;
