@@ -159,3 +159,20 @@ where
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use virtio_queue::QueueT;
+
+    #[test]
+    fn sizes_that_are_not_powers_of_two_are_flagged_and_not_applied() {
+        let vring = CheckedVring::new(GuestMemoryAtomic::new(GuestMemory::new()), 256).unwrap();
+        vring.set_queue_size(100);
+        assert!(vring.size_rejected());
+        assert_eq!(vring.get_ref().get_queue().size(), 256);
+        vring.set_queue_size(64);
+        assert!(!vring.size_rejected());
+        assert_eq!(vring.get_ref().get_queue().size(), 64);
+    }
+}

@@ -207,6 +207,7 @@ pub fn parse(
 ) -> Result<Request, Rejection> {
     let mut readable = Vec::with_capacity(buffers.len());
     let mut writable = Vec::with_capacity(2);
+    let mut misordered = false;
     for buffer in buffers {
         let span = Span {
             addr: buffer.addr,
@@ -217,9 +218,8 @@ pub fn parse(
         }
         if buffer.writable {
             writable.push(span);
-        } else if !writable.is_empty() {
-            return Err(reject(status_of(mem, &writable), Reason::BadLayout));
         } else {
+            misordered |= !writable.is_empty();
             readable.push(span);
         }
     }
@@ -229,6 +229,9 @@ pub fn parse(
         reason: Reason::NoStatus,
     })?;
     let fail = |reason| reject(Some(status), reason);
+    if misordered {
+        return Err(fail(Reason::BadLayout));
+    }
 
     let mut header = [0u8; HEADER_LEN];
     let header_len =

@@ -1,0 +1,95 @@
+//! Durability: what the guest was told is stable survives the daemon, and a failed flush is
+//! never followed by a successful one (the "fsyncgate" trap).
+//!
+//! The flush-failure test reproduces the trap for real: a loop device over a sparse file on a
+//! 1 MiB tmpfs accepts writes into its page cache, then writeback fails with ENOSPC and
+//! `fdatasync` returns EIO once; Linux then reports the next `fdatasync` as success although
+//! the data is gone. Needs root, tmpfs and a loop device (CI has all three); without them the
+//! test fails loudly rather than skipping.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::blk::*;
+use common::daemon::Daemon;
+
+#[test]
+fn flushed_writes_survive_a_daemon_crash() {
+    let daemon = Daemon::start(&["--blk", "socket={dir}/d.sock,path={dir}/d.img,size=16M"]);
+    let socket = daemon.path("d.sock");
+    let data = pattern(11, 256 << 10);
+    {
+        let mut c = BlkClient::connect(&socket);
+        c.write(0, 4096, &data);
+        assert_eq!(c.flush(0), S_OK);
+    }
+    let dir = daemon.kill();
+    let image = dir.path().join("d.img");
+    let on_disk = std::fs::read(&image).unwrap();
+    assert_eq!(&on_disk[4096 * 512..4096 * 512 + data.len()], &data[..]);
+    // A restarted daemon serves the same bytes.
+    let daemon = Daemon::start_in(dir, &["--blk", "socket={dir}/d.sock,path={dir}/d.img"]);
+    let mut c = BlkClient::connect(&daemon.path("d.sock"));
+    assert_eq!(c.read(0, 4096, data.len() as u32), data);
+}
+
+/// A loop device over a sparse file on a tiny tmpfs, torn down on drop.
+struct FailingDisk {
+    mount: tempfile::TempDir,
+    loop_device: PathBuf,
+}
+
+impl FailingDisk {
+    fn new() -> FailingDisk {
+        let mount = tempfile::tempdir().unwrap();
+        run("mount", &["-t", "tmpfs", "-o", "size=1M", "tmpfs", path(mount.path())]);
+        let backing = mount.path().join("backing.img");
+        std::fs::File::create(&backing).unwrap().set_len(64 << 20).unwrap();
+        let out = Command::new("losetup")
+            .args(["-f", "--show", path(&backing)])
+            .output()
+            .expect("losetup is required (util-linux)");
+        assert!(out.status.success(), "losetup failed: {}", String::from_utf8_lossy(&out.stderr));
+        let loop_device = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
+        FailingDisk { mount, loop_device }
+    }
+}
+
+impl Drop for FailingDisk {
+    fn drop(&mut self) {
+        let _ = Command::new("losetup").arg("-d").arg(&self.loop_device).status();
+        let _ = Command::new("umount").arg(self.mount.path()).status();
+    }
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn run(program: &str, args: &[&str]) {
+    let status = Command::new(program).args(args).status().unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(status.success(), "{program} {args:?} failed (this test needs root)");
+}
+
+#[test]
+fn a_failed_flush_fails_every_later_flush() {
+    let disk = FailingDisk::new();
+    let spec = format!("socket={{dir}}/d.sock,path={},queues=2", disk.loop_device.display());
+    let daemon = Daemon::start(&["--blk", &spec]);
+    let options = ConnectOptions { queues: 2, ..Default::default() };
+    let mut c = BlkClient::connect_with(&daemon.path("d.sock"), options);
+    // 4 MiB into a device whose backing can hold 1 MiB: writeback must fail.
+    for i in 0..64u64 {
+        c.write(0, i * 128, &pattern(i, 64 << 10));
+    }
+    assert_eq!(c.flush(0), S_IOERR, "flush over lost writeback reported success");
+    // The kernel would now report success; we must not, on any queue.
+    assert_eq!(c.flush(0), S_IOERR, "second flush after a failure succeeded");
+    assert_eq!(c.flush(1), S_IOERR, "flush on another queue succeeded");
+    drop(c);
+    // Still failing after the front-end reconnects: the device, not the session, lost data.
+    let mut c = BlkClient::connect(&daemon.path("d.sock"));
+    assert_eq!(c.flush(0), S_IOERR);
+}
