@@ -10,6 +10,9 @@ here="$(cd "$(dirname "$0")/.." && pwd)"
 out="${1:-$here/target/guest}"
 mkdir -p "$out"
 out="$(cd "$out" && pwd)"
+# Several test binaries may build at once: one builder at a time, atomic results.
+exec 9>"$out/.lock"
+flock 9
 
 for tool in busybox cpio gzip apt-get dpkg; do
     command -v "$tool" >/dev/null || { echo "build-guest: missing $tool (run scripts/install-deps.sh)" >&2; exit 1; }
@@ -77,5 +80,6 @@ sync
 poweroff -f
 INIT
 chmod +x "$root/init" "$root/bin/busybox"
-(cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) > "$out/initramfs.gz"
+(cd "$root" && find . | cpio -o -H newc --quiet | gzip -1) > "$out/initramfs.gz.tmp"
+mv "$out/initramfs.gz.tmp" "$out/initramfs.gz"
 echo "$out"

@@ -4,5 +4,6 @@
 
 pub mod blk;
 pub mod daemon;
+pub mod guest;
 pub mod memory;
 pub mod virtq;

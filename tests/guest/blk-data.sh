@@ -41,3 +41,10 @@ mount -t ext4 $dev /mnt
 [ "$(md5sum < /mnt/file | cut -d' ' -f1)" = "$want" ]
 umount /mnt
 echo "filesystem ok"
+
+# Leave a checked file for the next boot (reconnect test).
+mount -t ext4 $dev /mnt
+echo "$want" > /mnt/file.md5
+umount /mnt
+sync
+echo "guest-data ok"

@@ -1,0 +1,87 @@
+//! Booting a real Linux guest under QEMU (TCG) against the daemon.
+//!
+//! The guest image (kernel + busybox initramfs with tests/guest/*.sh) comes from
+//! `scripts/build-guest.sh`, which this module runs when the image is missing or older than
+//! the guest scripts. A missing QEMU or busybox is a test failure, never a skip.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+/// Where the guest image lives.
+fn guest_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("target/guest")
+}
+
+/// Builds the guest image once per test process.
+pub fn guest_image() -> PathBuf {
+    static BUILT: OnceLock<PathBuf> = OnceLock::new();
+    BUILT
+        .get_or_init(|| {
+            let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+            let status = Command::new("bash")
+                .arg(root.join("scripts/build-guest.sh"))
+                .arg(guest_dir())
+                .stdout(Stdio::null())
+                .status()
+                .expect("run scripts/build-guest.sh");
+            assert!(status.success(), "scripts/build-guest.sh failed");
+            guest_dir()
+        })
+        .clone()
+}
+
+/// What a guest run printed.
+pub struct GuestRun {
+    pub console: String,
+    pub elapsed: Duration,
+}
+
+impl GuestRun {
+    /// Panics with the console unless the guest test exited 0.
+    pub fn assert_passed(&self) {
+        assert!(
+            self.console.contains("NOVATEST-EXIT=0"),
+            "guest test failed; console:\n{}",
+            self.console
+        );
+    }
+}
+
+/// Boots the guest with `devices` (QEMU `-chardev/-device` arguments) running test `name`.
+pub fn boot(name: &str, devices: &[String]) -> GuestRun {
+    let image = guest_image();
+    let qemu = "qemu-system-x86_64";
+    let mut cmd = Command::new("timeout");
+    cmd.args(["--kill-after=5", "180", qemu])
+        .args(["-accel", "tcg", "-machine", "q35", "-cpu", "max", "-smp", "2", "-m", "512M"])
+        .args(["-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio"])
+        .args(["-object", "memory-backend-memfd,id=mem,size=512M,share=on", "-numa", "node,memdev=mem"])
+        .arg("-kernel")
+        .arg(image.join("vmlinuz"))
+        .arg("-initrd")
+        .arg(image.join("initramfs.gz"))
+        .args(["-append", &format!("console=ttyS0 quiet panic=-1 novatest={name}")])
+        .args(devices)
+        .stdin(Stdio::null());
+    let start = Instant::now();
+    let output = cmd.output().unwrap_or_else(|e| panic!("cannot run {qemu}: {e} (install qemu-system-x86)"));
+    let console = String::from_utf8_lossy(&output.stdout).into_owned()
+        + &String::from_utf8_lossy(&output.stderr);
+    eprintln!("--- guest console ({name}) ---\n{console}\n--- end ---");
+    GuestRun {
+        console,
+        elapsed: start.elapsed(),
+    }
+}
+
+/// QEMU arguments attaching a vhost-user-blk device on `socket`.
+pub fn vhost_user_blk(id: &str, socket: &Path, queues: u16) -> Vec<String> {
+    vec![
+        "-chardev".into(),
+        format!("socket,id={id},path={}", socket.display()),
+        "-device".into(),
+        format!("vhost-user-blk-pci,chardev={id},num-queues={queues}"),
+    ]
+}
