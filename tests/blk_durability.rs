@@ -6,6 +6,7 @@
 //! `fdatasync` returns EIO once; Linux then reports the next `fdatasync` as success although
 //! the data is gone. Needs root, tmpfs and a loop device (CI has all three); without them the
 //! test fails loudly rather than skipping.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 mod common;
 
@@ -44,14 +45,24 @@ struct FailingDisk {
 impl FailingDisk {
     fn new() -> FailingDisk {
         let mount = tempfile::tempdir().unwrap();
-        run("mount", &["-t", "tmpfs", "-o", "size=1M", "tmpfs", path(mount.path())]);
+        run(
+            "mount",
+            &["-t", "tmpfs", "-o", "size=1M", "tmpfs", path(mount.path())],
+        );
         let backing = mount.path().join("backing.img");
-        std::fs::File::create(&backing).unwrap().set_len(64 << 20).unwrap();
+        std::fs::File::create(&backing)
+            .unwrap()
+            .set_len(64 << 20)
+            .unwrap();
         let out = Command::new("losetup")
             .args(["-f", "--show", path(&backing)])
             .output()
             .expect("losetup is required (util-linux)");
-        assert!(out.status.success(), "losetup failed: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "losetup failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         let loop_device = PathBuf::from(String::from_utf8(out.stdout).unwrap().trim());
         FailingDisk { mount, loop_device }
     }
@@ -59,7 +70,10 @@ impl FailingDisk {
 
 impl Drop for FailingDisk {
     fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.loop_device).status();
+        let _ = Command::new("losetup")
+            .arg("-d")
+            .arg(&self.loop_device)
+            .status();
         let _ = Command::new("umount").arg(self.mount.path()).status();
     }
 }
@@ -69,24 +83,44 @@ fn path(p: &Path) -> &str {
 }
 
 fn run(program: &str, args: &[&str]) {
-    let status = Command::new(program).args(args).status().unwrap_or_else(|e| panic!("{program}: {e}"));
-    assert!(status.success(), "{program} {args:?} failed (this test needs root)");
+    let status = Command::new(program)
+        .args(args)
+        .status()
+        .unwrap_or_else(|e| panic!("{program}: {e}"));
+    assert!(
+        status.success(),
+        "{program} {args:?} failed (this test needs root)"
+    );
 }
 
 #[test]
 fn a_failed_flush_fails_every_later_flush() {
     let disk = FailingDisk::new();
-    let spec = format!("socket={{dir}}/d.sock,path={},queues=2", disk.loop_device.display());
+    let spec = format!(
+        "socket={{dir}}/d.sock,path={},queues=2",
+        disk.loop_device.display()
+    );
     let daemon = Daemon::start(&["--blk", &spec]);
-    let options = ConnectOptions { queues: 2, ..Default::default() };
+    let options = ConnectOptions {
+        queues: 2,
+        ..Default::default()
+    };
     let mut c = BlkClient::connect_with(&daemon.path("d.sock"), options);
     // 4 MiB into a device whose backing can hold 1 MiB: writeback must fail.
     for i in 0..64u64 {
         c.write(0, i * 128, &pattern(i, 64 << 10));
     }
-    assert_eq!(c.flush(0), S_IOERR, "flush over lost writeback reported success");
+    assert_eq!(
+        c.flush(0),
+        S_IOERR,
+        "flush over lost writeback reported success"
+    );
     // The kernel would now report success; we must not, on any queue.
-    assert_eq!(c.flush(0), S_IOERR, "second flush after a failure succeeded");
+    assert_eq!(
+        c.flush(0),
+        S_IOERR,
+        "second flush after a failure succeeded"
+    );
     assert_eq!(c.flush(1), S_IOERR, "flush on another queue succeeded");
     drop(c);
     // Still failing after the front-end reconnects: the device, not the session, lost data.

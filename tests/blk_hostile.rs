@@ -1,6 +1,7 @@
 //! A hostile guest: every malformed request of the blk issue's list, sent through the real
 //! vhost-user protocol. Each must get IOERR/UNSUPP when a status byte is writable (else the
 //! head comes back with length 0), and the queue must go on serving good requests.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 mod common;
 
@@ -13,14 +14,21 @@ use vhost::VhostBackend;
 const CAPACITY_SECTORS: u64 = 16 << 11;
 
 fn daemon(extra: &str) -> Daemon {
-    Daemon::start(&["--blk", &format!("socket={{dir}}/d.sock,path={{dir}}/d.img,size=16M{extra}")])
+    Daemon::start(&[
+        "--blk",
+        &format!("socket={{dir}}/d.sock,path={{dir}}/d.img,size=16M{extra}"),
+    ])
 }
 
 /// After a bad request, a good write + read on the same queue still works.
 fn still_serving(c: &mut BlkClient, seed: u64) {
     let data = pattern(seed, 4096);
     c.write(0, 800, &data);
-    assert_eq!(c.read(0, 800, 4096), data, "queue stopped serving after a bad request");
+    assert_eq!(
+        c.read(0, 800, 4096),
+        data,
+        "queue stopped serving after a bad request"
+    );
 }
 
 /// Posts raw descriptors (already linked) with the first as head; returns used length.
@@ -53,39 +61,118 @@ fn bad_requests_get_ioerr_or_unsupp_and_the_queue_goes_on() {
     };
 
     let h = c.header(T_IN, 0);
-    case(&mut c, "data not a multiple of 512", vec![(h, 16, false), (data, 100, true), (status, 1, true)], S_IOERR);
+    case(
+        &mut c,
+        "data not a multiple of 512",
+        vec![(h, 16, false), (data, 100, true), (status, 1, true)],
+        S_IOERR,
+    );
     let h = c.header(T_IN, CAPACITY_SECTORS);
-    case(&mut c, "read past capacity", vec![(h, 16, false), (data, 512, true), (status, 1, true)], S_IOERR);
+    case(
+        &mut c,
+        "read past capacity",
+        vec![(h, 16, false), (data, 512, true), (status, 1, true)],
+        S_IOERR,
+    );
     let h = c.header(T_OUT, CAPACITY_SECTORS - 1);
-    case(&mut c, "write straddling capacity", vec![(h, 16, false), (data, 1024, false), (status, 1, true)], S_IOERR);
+    case(
+        &mut c,
+        "write straddling capacity",
+        vec![(h, 16, false), (data, 1024, false), (status, 1, true)],
+        S_IOERR,
+    );
     let h = c.header(T_IN, u64::MAX / 256);
-    case(&mut c, "sector overflow", vec![(h, 16, false), (data, 512, true), (status, 1, true)], S_IOERR);
+    case(
+        &mut c,
+        "sector overflow",
+        vec![(h, 16, false), (data, 512, true), (status, 1, true)],
+        S_IOERR,
+    );
     let h = c.header(T_IN, 0);
-    case(&mut c, "data outside guest memory", vec![(h, 16, false), (1 << 40, 4096, true), (status, 1, true)], S_IOERR);
+    case(
+        &mut c,
+        "data outside guest memory",
+        vec![(h, 16, false), (1 << 40, 4096, true), (status, 1, true)],
+        S_IOERR,
+    );
     let h = c.header(T_IN, 0);
-    case(&mut c, "data address wraps", vec![(h, 16, false), (u64::MAX - 511, 4096, true), (status, 1, true)], S_IOERR);
+    case(
+        &mut c,
+        "data address wraps",
+        vec![
+            (h, 16, false),
+            (u64::MAX - 511, 4096, true),
+            (status, 1, true),
+        ],
+        S_IOERR,
+    );
     let h = c.header(T_IN, 0);
-    case(&mut c, "header in a writable buffer", vec![(h, 16, true), (data, 512, true), (status, 1, true)], S_IOERR);
+    case(
+        &mut c,
+        "header in a writable buffer",
+        vec![(h, 16, true), (data, 512, true), (status, 1, true)],
+        S_IOERR,
+    );
     let h = c.header(T_IN, 0);
-    case(&mut c, "short header", vec![(h, 8, false), (data, 512, true), (status, 1, true)], S_IOERR);
+    case(
+        &mut c,
+        "short header",
+        vec![(h, 8, false), (data, 512, true), (status, 1, true)],
+        S_IOERR,
+    );
     let h = c.header(T_IN, 0);
-    case(&mut c, "readable after writable", vec![(h, 16, false), (data, 512, true), (data + 4096, 512, false), (status, 1, true)], S_IOERR);
+    case(
+        &mut c,
+        "readable after writable",
+        vec![
+            (h, 16, false),
+            (data, 512, true),
+            (data + 4096, 512, false),
+            (status, 1, true),
+        ],
+        S_IOERR,
+    );
     let h = c.header(T_GET_ID, 0);
-    case(&mut c, "GET_ID buffer too small", vec![(h, 16, false), (data, 19, true), (status, 1, true)], S_IOERR);
+    case(
+        &mut c,
+        "GET_ID buffer too small",
+        vec![(h, 16, false), (data, 19, true), (status, 1, true)],
+        S_IOERR,
+    );
     let h = c.header(0x7777, 0);
-    case(&mut c, "unknown request type", vec![(h, 16, false), (status, 1, true)], S_UNSUPP);
+    case(
+        &mut c,
+        "unknown request type",
+        vec![(h, 16, false), (status, 1, true)],
+        S_UNSUPP,
+    );
     let h = c.header(T_DISCARD, 0);
     c.poke(data, &[0u8; 33 * 16]);
-    case(&mut c, "too many discard segments", vec![(h, 16, false), (data, 33 * 16, false), (status, 1, true)], S_IOERR);
+    case(
+        &mut c,
+        "too many discard segments",
+        vec![(h, 16, false), (data, 33 * 16, false), (status, 1, true)],
+        S_IOERR,
+    );
     let h = c.header(T_WRITE_ZEROES, 0);
-    case(&mut c, "ragged segment list", vec![(h, 16, false), (data, 20, false), (status, 1, true)], S_IOERR);
+    case(
+        &mut c,
+        "ragged segment list",
+        vec![(h, 16, false), (data, 20, false), (status, 1, true)],
+        S_IOERR,
+    );
     let h = c.header(T_DISCARD, 0);
     let mut seg = Vec::new();
     seg.extend_from_slice(&0u64.to_le_bytes());
     seg.extend_from_slice(&8u32.to_le_bytes());
     seg.extend_from_slice(&0x8000_0000u32.to_le_bytes());
     c.poke(data, &seg);
-    case(&mut c, "reserved segment flag", vec![(h, 16, false), (data, 16, false), (status, 1, true)], S_UNSUPP);
+    case(
+        &mut c,
+        "reserved segment flag",
+        vec![(h, 16, false), (data, 16, false), (status, 1, true)],
+        S_UNSUPP,
+    );
 }
 
 #[test]
@@ -101,22 +188,43 @@ fn chains_without_a_usable_status_come_back_empty() {
 
     // Status byte outside guest memory.
     let h = c.header(T_IN, 0);
-    assert_eq!(c.roundtrip(0, &[(h, 16, false), (data, 512, true), (1 << 40, 1, true)]), 0);
+    assert_eq!(
+        c.roundtrip(0, &[(h, 16, false), (data, 512, true), (1 << 40, 1, true)]),
+        0
+    );
     still_serving(&mut c, 2);
 
     // A chain that loops back on itself (longer than the queue).
     let h = c.header(T_IN, 0);
     let start = 100u16;
     let descs = [
-        Desc { addr: h, len: 16, flags: F_NEXT, next: start + 1 },
-        Desc { addr: data, len: 512, flags: F_NEXT | F_WRITE, next: start },
+        Desc {
+            addr: h,
+            len: 16,
+            flags: F_NEXT,
+            next: start + 1,
+        },
+        Desc {
+            addr: data,
+            len: 512,
+            flags: F_NEXT | F_WRITE,
+            next: start,
+        },
     ];
     {
         let q = &mut c.queues[0];
         // Place the loop at fixed slots 100/101.
         let mem = &c.mem.mem;
         while q.write_descs(mem, &[]) != start {
-            q.write_descs(mem, &[Desc { addr: 0, len: 0, flags: 0, next: 0 }]);
+            q.write_descs(
+                mem,
+                &[Desc {
+                    addr: 0,
+                    len: 0,
+                    flags: 0,
+                    next: 0,
+                }],
+            );
         }
     }
     assert_eq!(post_raw(&mut c, &descs), 0);
@@ -144,38 +252,115 @@ fn indirect_tables_valid_nested_and_malformed() {
     // A valid request through an indirect table.
     c.poke(data, &pattern(7, 4096));
     let h = c.header(T_OUT, 40);
-    write_table(&c, &[
-        Desc { addr: h, len: 16, flags: F_NEXT, next: 1 },
-        Desc { addr: data, len: 4096, flags: F_NEXT, next: 2 },
-        Desc { addr: status, len: 1, flags: F_WRITE, next: 0 },
-    ]);
+    write_table(
+        &c,
+        &[
+            Desc {
+                addr: h,
+                len: 16,
+                flags: F_NEXT,
+                next: 1,
+            },
+            Desc {
+                addr: data,
+                len: 4096,
+                flags: F_NEXT,
+                next: 2,
+            },
+            Desc {
+                addr: status,
+                len: 1,
+                flags: F_WRITE,
+                next: 0,
+            },
+        ],
+    );
     c.poke(status, &[0xff]);
-    assert_eq!(post_raw(&mut c, &[Desc { addr: table, len: 48, flags: F_INDIRECT, next: 0 }]), 1);
+    assert_eq!(
+        post_raw(
+            &mut c,
+            &[Desc {
+                addr: table,
+                len: 48,
+                flags: F_INDIRECT,
+                next: 0
+            }]
+        ),
+        1
+    );
     assert_eq!(status_of(&c, status), S_OK);
     assert_eq!(c.read(0, 40, 4096), pattern(7, 4096));
 
     // An indirect descriptor inside an indirect table.
-    write_table(&c, &[
-        Desc { addr: h, len: 16, flags: F_NEXT, next: 1 },
-        Desc { addr: table, len: 48, flags: F_INDIRECT, next: 0 },
-    ]);
-    assert_eq!(post_raw(&mut c, &[Desc { addr: table, len: 32, flags: F_INDIRECT, next: 0 }]), 0);
+    write_table(
+        &c,
+        &[
+            Desc {
+                addr: h,
+                len: 16,
+                flags: F_NEXT,
+                next: 1,
+            },
+            Desc {
+                addr: table,
+                len: 48,
+                flags: F_INDIRECT,
+                next: 0,
+            },
+        ],
+    );
+    assert_eq!(
+        post_raw(
+            &mut c,
+            &[Desc {
+                addr: table,
+                len: 32,
+                flags: F_INDIRECT,
+                next: 0
+            }]
+        ),
+        0
+    );
     still_serving(&mut c, 4);
 
     // A table whose length is not a multiple of 16.
-    assert_eq!(post_raw(&mut c, &[Desc { addr: table, len: 40, flags: F_INDIRECT, next: 0 }]), 0);
+    assert_eq!(
+        post_raw(
+            &mut c,
+            &[Desc {
+                addr: table,
+                len: 40,
+                flags: F_INDIRECT,
+                next: 0
+            }]
+        ),
+        0
+    );
     still_serving(&mut c, 5);
 
     // A table outside guest memory.
-    assert_eq!(post_raw(&mut c, &[Desc { addr: 1 << 40, len: 48, flags: F_INDIRECT, next: 0 }]), 0);
+    assert_eq!(
+        post_raw(
+            &mut c,
+            &[Desc {
+                addr: 1 << 40,
+                len: 48,
+                flags: F_INDIRECT,
+                next: 0
+            }]
+        ),
+        0
+    );
     still_serving(&mut c, 6);
 }
 
 #[test]
 fn other_devices_are_unaffected_by_a_hostile_one() {
     let d = Daemon::start(&[
-        "--blk", "socket={dir}/bad.sock,path={dir}/bad.img,size=4M",
-        "--blk", "socket={dir}/good.sock,path={dir}/good.img,size=4M",
+        "--blk",
+        "socket={dir}/bad.sock,path={dir}/bad.img,size=4M",
+        "--blk",
+        "socket={dir}/good.sock,path={dir}/good.img,size=4M",
     ]);
     let mut bad = BlkClient::connect(&d.path("bad.sock"));
     let mut good = BlkClient::connect(&d.path("good.sock"));
@@ -194,12 +379,18 @@ fn other_devices_are_unaffected_by_a_hostile_one() {
 fn bad_vhost_user_setup_is_refused() {
     let d = daemon(",queue-size=128");
     let socket = d.path("d.sock");
-    let options = ConnectOptions { queue_size: 128, ..Default::default() };
+    let options = ConnectOptions {
+        queue_size: 128,
+        ..Default::default()
+    };
 
     // Each bad value is NACKed (REPLY_ACK) and the daemon drops that front-end.
     for (queue, size) in [(0usize, 0u16), (0, 256), (5, 128)] {
         let c = BlkClient::negotiate(&socket, &options);
-        assert!(c.frontend.set_vring_num(queue, size).is_err(), "queue {queue} size {size} accepted");
+        assert!(
+            c.frontend.set_vring_num(queue, size).is_err(),
+            "queue {queue} size {size} accepted"
+        );
     }
     // A size that is not a power of two: the queue is never touched.
     let mut c = BlkClient::negotiate(&socket, &options);
@@ -210,7 +401,11 @@ fn bad_vhost_user_setup_is_refused() {
     c.post(0, &[(h, 16, false), (data, 512, true), (s, 1, true)]);
     // Negative check: give the daemon time to (wrongly) answer, then look at the used ring.
     let call = c.queues[0].call.as_raw_fd();
-    let mut pfd = libc::pollfd { fd: call, events: libc::POLLIN, revents: 0 };
+    let mut pfd = libc::pollfd {
+        fd: call,
+        events: libc::POLLIN,
+        revents: 0,
+    };
     // SAFETY: one valid pollfd.
     let ready = unsafe { libc::poll(&mut pfd, 1, 300) };
     assert_eq!(ready, 0, "device signalled a queue it should have refused");

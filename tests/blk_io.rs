@@ -1,6 +1,7 @@
 //! virtio-blk I/O through the real vhost-user protocol against the real daemon binary, on both
 //! engines: read/write/flush/discard/write-zeroes/get-id, read-only, multiqueue, deep queues,
 //! buffers crossing memory regions, reconnects, two devices at once.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 mod common;
 

@@ -1,6 +1,7 @@
 //! A real Linux guest (Debian kernel, virtio_blk driver, QEMU under TCG) uses novacrond:
 //! patterned writes checked after dropping caches, discard, a filesystem, and a second boot
 //! (new front-end on the same daemon) that finds the filesystem intact. Once per engine.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 mod common;
 
@@ -14,10 +15,24 @@ fn guest_round_trip(engine: &str) {
 
     let first = boot("blk-data", &devices);
     first.assert_passed();
-    assert!(first.console.contains(&format!("serial=NOVA-{engine}")), "serial not seen by the guest");
-    assert!(first.console.contains("queues=2"), "guest did not get 2 queues");
-    assert!(first.console.contains("size-sectors=131072"), "wrong capacity");
-    for marker in ["small-writes ok", "discard ok", "filesystem ok", "guest-data ok"] {
+    assert!(
+        first.console.contains(&format!("serial=NOVA-{engine}")),
+        "serial not seen by the guest"
+    );
+    assert!(
+        first.console.contains("queues=2"),
+        "guest did not get 2 queues"
+    );
+    assert!(
+        first.console.contains("size-sectors=131072"),
+        "wrong capacity"
+    );
+    for marker in [
+        "small-writes ok",
+        "discard ok",
+        "filesystem ok",
+        "guest-data ok",
+    ] {
         assert!(first.console.contains(marker), "missing `{marker}`");
     }
     daemon.wait_for_log("front-end disconnected");
@@ -25,7 +40,10 @@ fn guest_round_trip(engine: &str) {
     let second = boot("blk-remount", &devices);
     second.assert_passed();
     assert!(second.console.contains("guest-remount ok"));
-    eprintln!("guest boots took {:?} and {:?}", first.elapsed, second.elapsed);
+    eprintln!(
+        "guest boots took {:?} and {:?}",
+        first.elapsed, second.elapsed
+    );
 }
 
 #[test]

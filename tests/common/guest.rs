@@ -55,18 +55,36 @@ pub fn boot(name: &str, devices: &[String]) -> GuestRun {
     let qemu = "qemu-system-x86_64";
     let mut cmd = Command::new("timeout");
     cmd.args(["--kill-after=5", "180", qemu])
-        .args(["-accel", "tcg", "-machine", "q35", "-cpu", "max", "-smp", "2", "-m", "512M"])
-        .args(["-nographic", "-no-reboot", "-nodefaults", "-serial", "stdio"])
-        .args(["-object", "memory-backend-memfd,id=mem,size=512M,share=on", "-numa", "node,memdev=mem"])
+        .args([
+            "-accel", "tcg", "-machine", "q35", "-cpu", "max", "-smp", "2", "-m", "512M",
+        ])
+        .args([
+            "-nographic",
+            "-no-reboot",
+            "-nodefaults",
+            "-serial",
+            "stdio",
+        ])
+        .args([
+            "-object",
+            "memory-backend-memfd,id=mem,size=512M,share=on",
+            "-numa",
+            "node,memdev=mem",
+        ])
         .arg("-kernel")
         .arg(image.join("vmlinuz"))
         .arg("-initrd")
         .arg(image.join("initramfs.gz"))
-        .args(["-append", &format!("console=ttyS0 quiet panic=-1 novatest={name}")])
+        .args([
+            "-append",
+            &format!("console=ttyS0 quiet panic=-1 novatest={name}"),
+        ])
         .args(devices)
         .stdin(Stdio::null());
     let start = Instant::now();
-    let output = cmd.output().unwrap_or_else(|e| panic!("cannot run {qemu}: {e} (install qemu-system-x86)"));
+    let output = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {qemu}: {e} (install qemu-system-x86)"));
     let console = String::from_utf8_lossy(&output.stdout).into_owned()
         + &String::from_utf8_lossy(&output.stderr);
     eprintln!("--- guest console ({name}) ---\n{console}\n--- end ---");

@@ -124,7 +124,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn acked_features(&self, features: u64) {
-        log::info!("{}: front-end acked features {features:#x}", self.shared.id);
+        log::debug!("{}: front-end acked features {features:#x}", self.shared.id);
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
