@@ -8,6 +8,8 @@
 pub mod config;
 pub mod daemon;
 pub mod devices;
+#[doc(hidden)]
+pub mod fuzz_support;
 pub mod storage;
 pub mod sys;
 pub mod vring;
