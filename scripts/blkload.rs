@@ -102,7 +102,8 @@ fn main() {
             assert_eq!(c.ret, 0, "I/O error");
             let slot = c.user_data;
             if measure_start.is_some() {
-                latencies.push(u32::try_from((now - started_at[slot]).as_nanos()).unwrap_or(u32::MAX));
+                latencies
+                    .push(u32::try_from((now - started_at[slot]).as_nanos()).unwrap_or(u32::MAX));
                 counted += 1;
             }
             if elapsed < warmup + run {

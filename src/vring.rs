@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, MutexGuard};
 
 use vhost_user_backend::{VringMutex, VringState, VringStateGuard, VringStateMutGuard, VringT};
-use virtio_queue::Error as QueueError;
+use virtio_queue::{Error as QueueError, QueueT};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 /// The guest memory type every device uses.
@@ -137,33 +137,19 @@ impl VringT<AtomicGuestMemory> for CheckedVring {
     }
 }
 
-/// Runs `process` over the available ring until it is empty, the EVENT_IDX way: with
-/// notifications suppressed while draining, then re-enabled and re-checked so a buffer made
-/// available in between is never left behind. Without EVENT_IDX one pass suffices because the
-/// driver kicks for every buffer.
-pub fn drain_available<E>(
-    vring: &CheckedVring,
-    event_idx: bool,
-    mut process: impl FnMut(&CheckedVring) -> Result<(), E>,
-) -> Result<(), E>
-where
-    E: From<QueueError>,
-{
-    loop {
-        if event_idx {
-            vring.disable_notification()?;
-        }
-        process(vring)?;
-        if !event_idx || !vring.enable_notification()? {
-            return Ok(());
-        }
-    }
+/// Whether the driver has made buffers available that the device has not taken yet.
+pub fn has_available(vring: &CheckedVring, memory: &GuestMemory) -> bool {
+    let state = vring.get_ref();
+    let queue = state.get_queue();
+    queue
+        .avail_idx(memory, std::sync::atomic::Ordering::Acquire)
+        .map(|idx| idx.0 != queue.next_avail())
+        .unwrap_or(false)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use virtio_queue::QueueT;
 
     #[test]
     fn sizes_that_are_not_powers_of_two_are_flagged_and_not_applied() {

@@ -110,6 +110,11 @@ pub trait Engine: Send {
     /// are always ready right after `submit` (sync engines).
     fn completion_fd(&self) -> Option<RawFd>;
 
+    /// Whether completions are waiting to be reaped (checked while polling; cheap).
+    fn completions_pending(&mut self) -> bool {
+        false
+    }
+
     /// Moves finished ops' completions into `out`.
     fn reap(&mut self, out: &mut Vec<Completion>);
 

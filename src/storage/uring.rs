@@ -241,6 +241,10 @@ impl Engine for UringEngine {
         Some(self.eventfd.as_raw_fd())
     }
 
+    fn completions_pending(&mut self) -> bool {
+        !self.ring.completion().is_empty()
+    }
+
     fn reap(&mut self, out: &mut Vec<Completion>) {
         self.collect();
         out.append(&mut self.ready);

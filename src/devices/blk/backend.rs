@@ -6,7 +6,6 @@
 //! (from `vhost-user-backend`), its own [`QueueWorker`] and its own engine; the worker's
 //! mutex is only ever contended by queue-stop requests from the front-end.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
@@ -44,7 +43,6 @@ pub struct BlkBackend {
     shared: Arc<DeviceShared>,
     workers: Vec<Mutex<QueueWorker>>,
     exit_events: Vec<(EventConsumer, EventNotifier)>,
-    event_idx: AtomicBool,
 }
 
 /// Event id of the engine's completion eventfd in each worker thread's epoll set. Ids
@@ -77,7 +75,6 @@ impl BlkBackend {
             shared,
             workers,
             exit_events,
-            event_idx: AtomicBool::new(false),
         })
     }
 
@@ -135,10 +132,13 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn set_event_idx(&self, enabled: bool) {
-        self.event_idx.store(enabled, Ordering::Release);
-        for index in 0..self.workers.len() {
-            self.worker(index).set_event_idx(enabled);
-        }
+        // virtio-queue applies EVENT_IDX inside the rings; workers use the same
+        // disable/enable-notification calls either way.
+        log::debug!(
+            "{}: EVENT_IDX {}",
+            self.shared.id,
+            if enabled { "on" } else { "off" }
+        );
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {

@@ -71,7 +71,15 @@ pub struct BlkConfig {
     pub engine: EngineKind,
     /// Logical block size reported to the guest (512 or 4096).
     pub logical_block_size: u32,
+    /// Microseconds a queue worker keeps polling for new requests and completions after the
+    /// ring runs dry, before sleeping (0 disables polling). Costs CPU only while busy.
+    pub poll_us: u32,
 }
+
+/// Default poll window, as QEMU's iothread `poll-max-ns` (32 µs).
+pub const DEFAULT_POLL_US: u32 = 32;
+/// Largest poll window accepted.
+pub const MAX_POLL_US: u32 = 1000;
 
 impl BlkConfig {
     /// Parses a `--blk` specification.
@@ -115,7 +123,11 @@ impl BlkConfig {
             }
         };
         let logical_block_size = options.take::<u32>("logical-block-size")?.unwrap_or(512);
+        let poll_us = options.take::<u32>("poll-us")?.unwrap_or(DEFAULT_POLL_US);
         options.finish()?;
+        if poll_us > MAX_POLL_US {
+            return Err(invalid(format!("poll-us must be 0..={MAX_POLL_US}")));
+        }
 
         if queues == 0 || queues > MAX_QUEUES {
             return Err(invalid(format!("queues must be 1..={MAX_QUEUES}")));
@@ -156,6 +168,7 @@ impl BlkConfig {
             serial,
             engine,
             logical_block_size,
+            poll_us,
         })
     }
 }
@@ -238,6 +251,7 @@ mod tests {
             "socket=/s.sock,path=null",
             "socket=/s.sock,path=/img,id=a/b",
             "socket=/s.sock,path=/img,colour=blue",
+            "socket=/s.sock,path=/img,poll-us=1001",
         ] {
             assert!(BlkConfig::parse(spec).is_err(), "accepted {spec}");
         }

@@ -68,6 +68,8 @@ pub struct DeviceShared {
     pub logical_block_size: u32,
     /// Set by the first failed flush; every later flush fails.
     pub flush_failed: AtomicBool,
+    /// How long workers poll for more work after the ring runs dry.
+    pub poll: std::time::Duration,
     file: Option<Arc<File>>,
     engine: EngineKind,
     stats: Vec<Arc<QueueStats>>,
@@ -172,6 +174,7 @@ impl BlkDevice {
             },
             logical_block_size: config.logical_block_size,
             flush_failed: AtomicBool::new(false),
+            poll: std::time::Duration::from_micros(u64::from(config.poll_us)),
             file,
             engine,
             stats: (0..config.queues).map(|_| Arc::default()).collect(),

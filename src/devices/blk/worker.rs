@@ -16,7 +16,7 @@
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use vhost_user_backend::VringT;
 use virtio_bindings::virtio_blk::{VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK};
@@ -27,7 +27,7 @@ use super::device::DeviceShared;
 use super::request::{self, Rejection, Request, RequestKind};
 use super::stats::{OpClass, QueueStats};
 use crate::storage::{Completion, Engine, IoOp, OpKind};
-use crate::vring::{drain_available, AtomicGuestMemory, CheckedVring, GuestMemory};
+use crate::vring::{has_available, AtomicGuestMemory, CheckedVring, GuestMemory};
 
 /// Errors that stop a worker from serving its queue (guest mistakes never do).
 #[derive(Debug, thiserror::Error)]
@@ -79,10 +79,14 @@ pub struct QueueWorker {
     free_slots: Vec<usize>,
     completions: Vec<Completion>,
     finished: Vec<Finished>,
-    event_idx: bool,
     /// The vring this worker serves, learnt at the first event, for queue-stop draining.
     vring: Option<CheckedVring>,
+    /// How long to keep polling after the ring runs dry (0: never poll).
+    poll: Duration,
 }
+
+/// Longest a single kick may keep the worker polling before it goes back to its event loop.
+pub const MAX_POLL_SPELL: Duration = Duration::from_millis(2);
 
 impl QueueWorker {
     /// A worker for queue `queue_index`, serving with `engine`.
@@ -93,6 +97,7 @@ impl QueueWorker {
         memory: AtomicGuestMemory,
     ) -> Self {
         let stats = shared.queue_stats(queue_index);
+        let poll = shared.poll;
         Self {
             queue_index,
             shared,
@@ -103,8 +108,8 @@ impl QueueWorker {
             free_slots: Vec::new(),
             completions: Vec::new(),
             finished: Vec::new(),
-            event_idx: false,
             vring: None,
+            poll,
         }
     }
 
@@ -113,36 +118,73 @@ impl QueueWorker {
         self.engine.completion_fd()
     }
 
-    /// Turns VIRTIO_RING_F_EVENT_IDX handling on or off.
-    pub fn set_event_idx(&mut self, enabled: bool) {
-        self.event_idx = enabled;
-    }
-
     /// Requests accepted and not yet completed.
     pub fn in_flight(&self) -> usize {
         self.in_flight.len() - self.free_slots.len()
     }
 
     /// Handles a kick: drains the available ring, submits the batch, returns what is done.
+    ///
+    /// With a poll window (`poll-us`), the worker then keeps watching the ring and the
+    /// engine's completions, with guest notifications still suppressed, until nothing new
+    /// has arrived for that long (QEMU's adaptive `poll-max-ns` idea): under load the guest
+    /// stops kicking and the worker stops sleeping; when idle it costs nothing. Polling in one
+    /// call is capped at [`MAX_POLL_SPELL`] so queue-stop requests are never starved.
     pub fn process_queue(&mut self, vring: &CheckedVring) -> Result<(), WorkerError> {
         if vring.size_rejected() {
             self.stats.misconfigured();
             return Ok(());
         }
         let memory = self.memory.memory().into_inner();
-        drain_available(vring, self.event_idx, |vring| -> Result<(), WorkerError> {
-            loop {
-                let chain = vring
-                    .get_mut()
-                    .get_queue_mut()
-                    .pop_descriptor_chain(&*memory);
-                let Some(chain) = chain else { return Ok(()) };
-                let head = chain.head_index();
-                self.start(head, chain, &memory);
+        let started = Instant::now();
+        loop {
+            vring.disable_notification()?;
+            self.pop_available(vring, &memory);
+            self.engine.submit()?;
+            self.reap_and_complete(vring)?;
+            if !self.poll.is_zero()
+                && started.elapsed() < MAX_POLL_SPELL
+                && self.poll_for_work(vring, &memory)?
+            {
+                continue;
             }
-        })?;
-        self.engine.submit()?;
-        self.reap_and_complete(vring)
+            if !vring.enable_notification()? {
+                return Ok(());
+            }
+        }
+    }
+
+    fn pop_available(&mut self, vring: &CheckedVring, memory: &Arc<GuestMemory>) {
+        loop {
+            let chain = vring
+                .get_mut()
+                .get_queue_mut()
+                .pop_descriptor_chain(&**memory);
+            let Some(chain) = chain else { return };
+            let head = chain.head_index();
+            self.start(head, chain, memory);
+        }
+    }
+
+    /// Spins until new buffers are available (true) or nothing happened for `self.poll`.
+    /// Completions found meanwhile are returned to the guest and restart the idle clock.
+    fn poll_for_work(
+        &mut self,
+        vring: &CheckedVring,
+        memory: &Arc<GuestMemory>,
+    ) -> Result<bool, WorkerError> {
+        let mut idle_since = Instant::now();
+        while idle_since.elapsed() < self.poll {
+            if has_available(vring, memory) {
+                return Ok(true);
+            }
+            if self.engine.completions_pending() {
+                self.reap_and_complete(vring)?;
+                idle_since = Instant::now();
+            }
+            std::hint::spin_loop();
+        }
+        Ok(false)
     }
 
     /// Handles the engine's completion event.
