@@ -1,7 +1,8 @@
 //! `blkload`: a vhost-user-blk load generator built on libblkio (the `blkio` crate), used by
 //! `scripts/compare-qsd.sh` to drive novacrond and qemu-storage-daemon with the very same
 //! client. Keeps `--qd` requests in flight on one queue for `--seconds`, random offsets,
-//! and prints one JSON line: IOPS and latency percentiles.
+//! and prints one JSON line: IOPS and latency percentiles. `--poll on` makes the client
+//! busy-poll completions (no interrupts), so the backend's own cost decides the result.
 //!
 //! `cargo run --release --example blkload -- --socket S --rw randread --bs 4096 --qd 32 --seconds 5`
 #![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark tool: fail loudly
@@ -17,6 +18,8 @@ struct Args {
     bs: usize,
     qd: usize,
     seconds: f64,
+    /// Busy-poll the used ring instead of sleeping on interrupts (libblkio poll queue).
+    poll: bool,
 }
 
 fn parse_args() -> Args {
@@ -26,6 +29,7 @@ fn parse_args() -> Args {
         bs: 4096,
         qd: 1,
         seconds: 5.0,
+        poll: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -36,6 +40,7 @@ fn parse_args() -> Args {
             "--bs" => args.bs = value.parse().unwrap(),
             "--qd" => args.qd = value.parse().unwrap(),
             "--seconds" => args.seconds = value.parse().unwrap(),
+            "--poll" => args.poll = value == "on",
             other => panic!("unknown flag {other}"),
         }
     }
@@ -49,14 +54,23 @@ fn main() {
     blkio.set_str("path", &args.socket).unwrap();
     blkio.connect().unwrap();
     let capacity = blkio.get_u64("capacity").unwrap();
-    blkio.set_i32("num-queues", 1).unwrap();
+    if args.poll {
+        blkio.set_i32("num-queues", 0).unwrap();
+        blkio.set_i32("num-poll-queues", 1).unwrap();
+    } else {
+        blkio.set_i32("num-queues", 1).unwrap();
+    }
     let mut started = blkio.start().unwrap();
     let region = blkio.alloc_mem_region(args.qd * args.bs).unwrap();
     blkio.map_mem_region(&region).unwrap();
     let base = region.addr as *mut u8;
     // SAFETY: the region is qd*bs bytes, mapped, and only used as I/O buffers here.
     unsafe { std::ptr::write_bytes(base, 0xA5, args.qd * args.bs) };
-    let q = &mut started.queues[0];
+    let q = if args.poll {
+        &mut started.poll_queues[0]
+    } else {
+        &mut started.queues[0]
+    };
 
     let blocks = capacity / args.bs as u64;
     let mut rng: u64 = 0x9E37_79B9_7F4A_7C15;
@@ -81,8 +95,8 @@ fn main() {
     let warmup = Duration::from_millis(500);
     let run = Duration::from_secs_f64(args.seconds);
     let begin = Instant::now();
-    for slot in 0..args.qd {
-        started_at[slot] = Instant::now();
+    for (slot, started) in started_at.iter_mut().enumerate() {
+        *started = Instant::now();
         submit(q, slot, next_offset());
     }
     let mut completions: Vec<MaybeUninit<Completion>> =

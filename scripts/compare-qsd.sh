@@ -36,7 +36,7 @@ start_daemon() { # which backing
     rm -f "$sock"
     if [ "$which" = novacrond ]; then
         if [ "$backing" = null ]; then spec="path=null,size=8G"; else spec="path=$img"; fi
-        taskset -c 1 ./target/release/novacrond --log-level warn --blk "socket=$sock,$spec,queues=1" &
+        taskset -c 1 ./target/release/novacrond --log-level warn --blk "socket=$sock,$spec,queues=1" 2>>"$work/novacrond.log" &
     else
         if [ "$backing" = null ]; then
             dev="driver=null-co,node-name=n0,size=8589934592,read-zeroes=on"
@@ -44,7 +44,7 @@ start_daemon() { # which backing
             dev="driver=file,node-name=n0,filename=$img,aio=io_uring,cache.direct=off"
         fi
         taskset -c 1 qemu-storage-daemon --blockdev "$dev" --object iothread,id=io0 \
-            --export "type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path=$sock,writable=on,num-queues=1,iothread=io0" &
+            --export "type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path=$sock,writable=on,num-queues=1,iothread=io0" 2>>"$work/qsd.log" &
     fi
     daemon_pid=$!
     for _ in $(seq 100); do [ -S "$sock" ] && return 0; sleep 0.05; done

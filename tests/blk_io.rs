@@ -277,3 +277,36 @@ fn print_capabilities_is_json() {
     let value: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(value["type"], "block");
 }
+
+#[test]
+fn memory_added_while_the_queue_is_busy_is_used_at_once() {
+    // Regression: a worker polling with a stale memory map refused buffers in a region the
+    // front-end had just added with ADD_MEM_REG (seen as IOERR with libblkio).
+    let daemon = Daemon::start(&[
+        "--blk",
+        "socket={dir}/d.sock,path={dir}/d.img,size=16M,poll-us=1000",
+    ]);
+    let mut c = BlkClient::connect(&daemon.path("d.sock"));
+    use vhost::vhost_user::VhostUserFrontend;
+    for i in 0..8u64 {
+        // The long poll window keeps the worker in one polling spell across the region
+        // update; the new region must be usable at once.
+        c.write(0, i * 8, &pattern(i, 4096));
+        let gpa = (64 << 20) + i * (1 << 20);
+        let info = c.mem.add_region(gpa, 1 << 20);
+        c.frontend.add_mem_region(&info).expect("add_mem_region");
+        c.poke(gpa, &pattern(100 + i, 4096));
+        let header = c.header(T_OUT, 1000 + i * 8);
+        let status = c.alloc(1);
+        c.roundtrip(
+            0,
+            &[(header, 16, false), (gpa, 4096, false), (status, 1, true)],
+        );
+        assert_eq!(
+            c.peek(status, 1)[0],
+            S_OK,
+            "buffer in region added #{i} refused"
+        );
+        assert_eq!(c.read(0, 1000 + i * 8, 4096), pattern(100 + i, 4096));
+    }
+}

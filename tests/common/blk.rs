@@ -107,6 +107,7 @@ impl BlkClient {
             VhostUserProtocolFeatures::MQ,
             VhostUserProtocolFeatures::CONFIG,
             VhostUserProtocolFeatures::REPLY_ACK,
+            VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS,
         ] {
             assert!(protocol.contains(needed), "{needed:?} not offered");
         }
@@ -114,7 +115,8 @@ impl BlkClient {
             .set_protocol_features(
                 VhostUserProtocolFeatures::MQ
                     | VhostUserProtocolFeatures::CONFIG
-                    | VhostUserProtocolFeatures::REPLY_ACK,
+                    | VhostUserProtocolFeatures::REPLY_ACK
+                    | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS,
             )
             .expect("set_protocol_features");
         frontend.set_hdr_flags(vhost::vhost_user::message::VhostUserHeaderFlag::NEED_REPLY);

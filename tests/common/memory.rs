@@ -37,18 +37,51 @@ impl TestMemory {
         }
     }
 
+    /// Adds a memfd region at `gpa` (for ADD_MEM_REG); returns its descriptor for the message.
+    pub fn add_region(&mut self, gpa: u64, size: usize) -> VhostUserMemoryRegionInfo {
+        let extra = TestMemory::new(&[(gpa, size)]);
+        use vm_memory::GuestMemoryBackend;
+        let mut regions: Vec<GuestRegionMmap> = Vec::new();
+        for r in self.mem.iter().chain(extra.mem.iter()) {
+            use vm_memory::GuestMemoryRegion;
+            let file = r
+                .file_offset()
+                .expect("file-backed")
+                .file()
+                .try_clone()
+                .unwrap();
+            let mapping =
+                MmapRegion::from_file(FileOffset::new(file, 0), r.len() as usize).unwrap();
+            regions.push(GuestRegionMmap::new(mapping, r.start_addr()).unwrap());
+        }
+        self.mem = GuestMemoryMmap::from_regions(regions).expect("guest memory");
+        self.files.extend(extra.files);
+        self.regions()
+            .into_iter()
+            .find(|r| r.guest_phys_addr == gpa)
+            .expect("new region")
+    }
+
     /// The region table for SET_MEM_TABLE.
     pub fn regions(&self) -> Vec<VhostUserMemoryRegionInfo> {
         use vm_memory::GuestMemoryBackend;
+        use vm_memory::GuestMemoryRegion;
         self.mem
             .iter()
-            .zip(&self.files)
-            .map(|(region, file)| VhostUserMemoryRegionInfo {
+            .map(|region| {
+                let fd = region
+                    .file_offset()
+                    .expect("file-backed")
+                    .file()
+                    .as_raw_fd();
+                (region, fd)
+            })
+            .map(|(region, fd)| VhostUserMemoryRegionInfo {
                 guest_phys_addr: vm_memory::GuestMemoryRegion::start_addr(region).0,
                 memory_size: vm_memory::GuestMemoryRegion::len(region),
                 userspace_addr: region.as_ptr() as u64,
                 mmap_offset: 0,
-                mmap_handle: file.as_raw_fd(),
+                mmap_handle: fd,
             })
             .collect()
     }

@@ -83,6 +83,34 @@ pub struct QueueWorker {
     vring: Option<CheckedVring>,
     /// How long to keep polling after the ring runs dry (0: never poll).
     poll: Duration,
+    /// Keeps a guest that floods bad requests from flooding the log.
+    refusal_log: LogLimiter,
+}
+
+/// Allows one log line per interval and counts what it held back.
+#[derive(Debug)]
+struct LogLimiter {
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl LogLimiter {
+    const INTERVAL: Duration = Duration::from_secs(1);
+
+    /// `Some(suppressed since the last line)` when a line may be logged now.
+    fn allow(&mut self) -> Option<u64> {
+        let now = Instant::now();
+        match self.last {
+            Some(last) if now.duration_since(last) < Self::INTERVAL => {
+                self.suppressed += 1;
+                None
+            }
+            _ => {
+                self.last = Some(now);
+                Some(std::mem::take(&mut self.suppressed))
+            }
+        }
+    }
 }
 
 /// Longest a single kick may keep the worker polling before it goes back to its event loop.
@@ -110,6 +138,10 @@ impl QueueWorker {
             finished: Vec::new(),
             vring: None,
             poll,
+            refusal_log: LogLimiter {
+                last: None,
+                suppressed: 0,
+            },
         }
     }
 
@@ -135,9 +167,12 @@ impl QueueWorker {
             self.stats.misconfigured();
             return Ok(());
         }
-        let memory = self.memory.memory().into_inner();
         let started = Instant::now();
         loop {
+            // Load the memory map on every pass: the front-end may add regions
+            // (ADD_MEM_REG) while this worker polls, and a stale map would refuse
+            // buffers in the new region.
+            let memory = self.memory.memory().into_inner();
             vring.disable_notification()?;
             self.pop_available(vring, &memory);
             self.engine.submit()?;
@@ -232,12 +267,19 @@ impl QueueWorker {
             Ok(request) => self.execute(head, request, memory),
             Err(rejection) => {
                 self.stats.rejected(rejection.reason);
-                log::debug!(
-                    "{}: queue {}: request {head} refused: {}",
-                    self.shared.id,
-                    self.queue_index,
-                    rejection.reason.name()
-                );
+                if let Some(suppressed) = self.refusal_log.allow() {
+                    log::warn!(
+                        "{}: queue {}: request {head} refused: {}{}",
+                        self.shared.id,
+                        self.queue_index,
+                        rejection.reason.name(),
+                        if suppressed > 0 {
+                            format!(" ({suppressed} more refusals not logged)")
+                        } else {
+                            String::new()
+                        }
+                    );
+                }
                 self.finished.push(Finished {
                     head,
                     status: rejection.status,
