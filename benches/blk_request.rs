@@ -6,7 +6,7 @@
 //! - `file/read/qd1`, `file/read/qd32`, `file/write/qd32`: a 64 MiB page-cached image file.
 //!
 //! Criterion reports elements (requests) per second. Pin with `taskset` for stable numbers.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark: fail loudly
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // a benchmark: fail loudly; criterion macros are undocumented
 
 #[path = "../tests/common/mod.rs"]
 mod common;
