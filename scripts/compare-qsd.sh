@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Side by side: novacrond vs qemu-storage-daemon, the same libblkio load generator
 # (scripts/blkload.rs) against both, 4 KiB random reads and writes at QD 1 and 32 on one
-# queue, for a null device and a page-cached file on this machine's disk. The daemon is
+# queue, for a null device and a page-cached file on this machine's disk, with an
+# interrupt-driven client (`irq`, what a guest driver does) and a busy-polling client (`poll`,
+# which takes the client's wake-up cost out so the backend's own cost decides). The daemon is
 # pinned to CPU 1 and the load generator to CPU 0; runs are interleaved (A B B A ...), ROUNDS
 # of each, SECONDS long; the table shows medians and novacrond/qsd ratios (>1 means novacrond
 # is faster for IOPS, lower is better for latency).
@@ -57,18 +59,22 @@ results="$work/results.txt"
 for backing in null file; do
     for rw in randread randwrite; do
         for qd in 1 32; do
+          for client in irq poll; do
             for round in $(seq "$rounds"); do
                 order="novacrond qsd"
                 [ $((round % 2)) -eq 0 ] && order="qsd novacrond"
                 for which in $order; do
                     start_daemon "$which" "$backing"
+                    poll=off
+                    [ "$client" = poll ] && poll=on
                     out="$(taskset -c 0 ./target/release/examples/blkload --socket "$work/$which.sock" \
-                        --rw "$rw" --bs 4096 --qd "$qd" --seconds "$secs")"
+                        --rw "$rw" --bs 4096 --qd "$qd" --seconds "$secs" --poll "$poll")"
                     stop_daemon
-                    echo "$backing $rw $qd $which $out" >> "$results"
-                    echo "  $backing $rw qd=$qd $which: $out" >&2
+                    echo "$backing $rw $qd $client $which $out" >> "$results"
+                    echo "  $backing $rw qd=$qd $client $which: $out" >&2
                 done
             done
+          done
         done
     done
 done
@@ -77,14 +83,14 @@ python3 - "$results" <<'PY'
 import json, statistics, sys
 rows = {}
 for line in open(sys.argv[1]):
-    backing, rw, qd, which, js = line.split(' ', 4)
-    rows.setdefault((backing, rw, int(qd)), {}).setdefault(which, []).append(json.loads(js))
+    backing, rw, qd, client, which, js = line.split(' ', 5)
+    rows.setdefault((backing, rw, int(qd), client), {}).setdefault(which, []).append(json.loads(js))
 med = lambda runs, k: statistics.median(r[k] for r in runs)
-print(f"{'backing':8}{'load':11}{'qd':>4} | {'novacrond IOPS':>15}{'qsd IOPS':>11}{'ratio':>7} | "
+print(f"{'backing':8}{'load':11}{'qd':>4} {'client':>6} | {'novacrond IOPS':>15}{'qsd IOPS':>11}{'ratio':>7} | "
       f"{'p50 us n/q':>14}{'p99 us n/q':>16}")
-for (backing, rw, qd), r in sorted(rows.items()):
+for (backing, rw, qd, client), r in sorted(rows.items()):
     n, q = r['novacrond'], r['qsd']
     ni, qi = med(n, 'iops'), med(q, 'iops')
-    print(f"{backing:8}{rw:11}{qd:>4} | {ni:>15,.0f}{qi:>11,.0f}{ni/qi:>7.2f} | "
+    print(f"{backing:8}{rw:11}{qd:>4} {client:>6} | {ni:>15,.0f}{qi:>11,.0f}{ni/qi:>7.2f} | "
           f"{med(n,'p50_us'):>6.1f}/{med(q,'p50_us'):<7.1f}{med(n,'p99_us'):>7.1f}/{med(q,'p99_us'):<8.1f}")
 PY
