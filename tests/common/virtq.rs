@@ -150,12 +150,18 @@ impl Virtq {
             mem.write_obj(self.used_idx, GuestAddress(used_event))
                 .unwrap();
             fence(Ordering::SeqCst);
+            // Entries the device added before it could see the new used_event came without
+            // an interrupt: look again before sleeping (as Linux's virtqueue_enable_cb does).
+            let device_idx: u16 = mem.read_obj(GuestAddress(self.used + 2)).unwrap();
+            if device_idx != self.used_idx {
+                continue;
+            }
             let left = deadline.saturating_duration_since(std::time::Instant::now());
             assert!(
                 !left.is_zero(),
                 "timed out waiting for {count} used entries, got {out:?}"
             );
-            wait_fd(&self.call, left.min(Duration::from_millis(100)));
+            wait_fd(&self.call, left);
             let _ = self.call.read();
         }
         out
