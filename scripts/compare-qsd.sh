@@ -38,7 +38,7 @@ start_daemon() { # which backing
     rm -f "$sock"
     if [ "$which" = novacrond ]; then
         if [ "$backing" = null ]; then spec="path=null,size=8G"; else spec="path=$img"; fi
-        taskset -c 1 ./target/release/novacrond --log-level warn --blk "socket=$sock,$spec,queues=1" 2>>"$work/novacrond.log" &
+        taskset -c 1 ./target/release/novacrond --log-level warn --control none --blk "socket=$sock,$spec,queues=1" 2>>"$work/novacrond.log" &
     else
         if [ "$backing" = null ]; then
             dev="driver=null-co,node-name=n0,size=8589934592,read-zeroes=on"

@@ -10,7 +10,7 @@ cargo build --release --locked
 bash scripts/build-guest.sh target/guest >/dev/null
 mkdir -p target/demo
 sock="$PWD/target/demo/disk0.sock"
-./target/release/novacrond --blk "socket=$sock,path=$PWD/target/demo/disk0.img,size=256M,queues=2,serial=DEMO-DISK0" \
+./target/release/novacrond --control "$PWD/target/demo/control.sock" --blk "socket=$sock,path=$PWD/target/demo/disk0.img,size=256M,queues=2,serial=DEMO-DISK0" \
     2> target/demo/novacrond.log &
 daemon=$!
 trap 'kill $daemon 2>/dev/null; wait $daemon 2>/dev/null || true' EXIT

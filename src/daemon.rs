@@ -1,26 +1,39 @@
-//! The daemon: starts every configured device, then waits for SIGINT/SIGTERM/SIGHUP and stops
-//! them (each finishes its in-flight I/O and removes its socket). It never daemonizes itself:
-//! the supervisor (systemd, libvirt, the orchestrator) owns the process.
+//! The daemon: starts the configured devices (command line, then the state directory), serves
+//! the control socket, waits for SIGINT/SIGTERM/SIGHUP (or `daemon.shutdown`), then stops the
+//! control socket and every device (each finishes its in-flight I/O and removes its socket).
+//! It never daemonizes itself: the supervisor (systemd, libvirt, the orchestrator) owns the
+//! process.
 
-use crate::devices::blk::config::BlkConfig;
-use crate::devices::blk::device::{BlkDevice, DeviceError};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+use crate::control::server::{ControlConfig, ControlError, ControlServer};
+use crate::registry::{Registry, RegistryError};
+use crate::state::{StateError, StateStore};
 use crate::sys::signals;
 
 /// Errors that stop the daemon.
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
-    /// A device failed to start; devices started before it are stopped again.
-    #[error("device `{id}` failed to start")]
+    /// A command-line device failed to start.
+    #[error("--blk {spec}")]
     Device {
-        /// The device id.
-        id: String,
+        /// The device's options as given.
+        spec: String,
         /// The cause.
         #[source]
-        source: DeviceError,
+        source: RegistryError,
     },
-    /// Two devices share an id or a socket.
-    #[error("duplicate device {0}")]
-    Duplicate(String),
+    /// The state directory could not be read or a recorded device not recreated.
+    #[error("cannot restore devices from the state directory")]
+    Restore(#[source] RegistryError),
+    /// The state directory could not be opened.
+    #[error(transparent)]
+    State(#[from] StateError),
+    /// The control socket could not be set up.
+    #[error(transparent)]
+    Control(#[from] ControlError),
     /// Signal setup failed.
     #[error("cannot set up signal handling")]
     Signals(#[source] std::io::Error),
@@ -29,40 +42,84 @@ pub enum DaemonError {
 /// What the daemon serves.
 #[derive(Debug, Clone, Default)]
 pub struct DaemonConfig {
-    /// Block devices.
-    pub blk: Vec<BlkConfig>,
+    /// Block devices from the command line, as option maps (not persisted).
+    pub blk: Vec<BTreeMap<String, String>>,
+    /// The control socket, if any.
+    pub control: Option<ControlConfig>,
+    /// Where devices added at run time are recorded.
+    pub state_dir: Option<PathBuf>,
 }
 
-/// Starts every device, blocks until a termination signal, stops every device.
+/// Starts everything, blocks until told to stop, stops everything.
 pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     signals::block_termination_signals().map_err(DaemonError::Signals)?;
-    let devices = start_devices(config)?;
-    log::info!("novacrond ready: {} device(s)", devices.len());
-    let signal = signals::wait_for_termination().map_err(DaemonError::Signals)?;
-    log::info!("signal {signal}: stopping");
-    for device in devices {
-        device.stop();
+    let state = config
+        .state_dir
+        .as_deref()
+        .map(StateStore::open)
+        .transpose()?;
+    let mut registry = Registry::new(state);
+    let started = start_devices(&mut registry, config.blk);
+    let started = started.and_then(|()| {
+        let restored = registry.restore().map_err(DaemonError::Restore)?;
+        if restored > 0 {
+            log::info!("restored {restored} device(s) from the state directory");
+        }
+        Ok(())
+    });
+    if let Err(e) = started {
+        registry.stop_all();
+        return Err(e);
     }
+    let registry = Arc::new(Mutex::new(registry));
+    let control = match config.control {
+        Some(control) => match ControlServer::start(control, Arc::clone(&registry)) {
+            Ok(server) => Some(server),
+            Err(e) => {
+                stop_registry(&registry);
+                return Err(e.into());
+            }
+        },
+        None => None,
+    };
+    let devices = match registry.lock() {
+        Ok(r) => r.ids().len(),
+        Err(p) => p.into_inner().ids().len(),
+    };
+    log::info!("novacrond ready: {devices} device(s)");
+    let waited = signals::wait_for_termination();
+    match &waited {
+        Ok(signal) => log::info!("signal {signal}: stopping"),
+        Err(e) => log::error!("waiting for signals failed: {e}; stopping"),
+    }
+    if let Some(control) = control {
+        control.stop();
+    }
+    stop_registry(&registry);
     log::info!("novacrond stopped");
-    Ok(())
+    waited.map(drop).map_err(DaemonError::Signals)
 }
 
-fn start_devices(config: DaemonConfig) -> Result<Vec<BlkDevice>, DaemonError> {
-    let mut devices: Vec<BlkDevice> = Vec::with_capacity(config.blk.len());
-    for blk in config.blk {
-        let duplicate = devices
-            .iter()
-            .any(|d| d.config().id == blk.id || d.config().socket == blk.socket);
-        if duplicate {
-            return Err(DaemonError::Duplicate(format!(
-                "`{}` ({})",
-                blk.id,
-                blk.socket.display()
-            )));
-        }
-        let id = blk.id.clone();
-        let device = BlkDevice::start(blk).map_err(|source| DaemonError::Device { id, source })?;
-        devices.push(device);
+fn stop_registry(registry: &Mutex<Registry>) {
+    match registry.lock() {
+        Ok(mut r) => r.stop_all(),
+        Err(p) => p.into_inner().stop_all(),
     }
-    Ok(devices)
+}
+
+fn start_devices(
+    registry: &mut Registry,
+    blk: Vec<BTreeMap<String, String>>,
+) -> Result<(), DaemonError> {
+    for options in blk {
+        let spec = options
+            .iter()
+            .map(|(k, v)| format!("{k}={v}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        registry
+            .add("blk", options, false)
+            .map_err(|source| DaemonError::Device { spec, source })?;
+    }
+    Ok(())
 }

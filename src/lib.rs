@@ -3,13 +3,17 @@
 //!
 //! Layout: [`devices`] (one directory per device type), [`storage`] (I/O engines and backing
 //! files, unaware of vhost-user), [`vring`] (our extensions to `vhost-user-backend`'s rings),
-//! [`daemon`] (device lifecycles), [`sys`] (the few raw syscalls).
+//! [`daemon`] (process lifecycle), [`registry`] (running devices), [`state`] (persistence),
+//! [`control`] (the JSON-RPC control socket), [`sys`] (the few raw syscalls).
 
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod devices;
 #[doc(hidden)]
 pub mod fuzz_support;
+pub mod registry;
+pub mod state;
 pub mod storage;
 pub mod sys;
 pub mod vring;

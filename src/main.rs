@@ -5,8 +5,14 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
+use novacron::config::options::OptionList;
+use novacron::control::server::ControlConfig;
 use novacron::daemon::{self, DaemonConfig};
 use novacron::devices::blk::config::BlkConfig;
+use std::path::PathBuf;
+
+/// Where the control socket lives unless `--control` says otherwise.
+const DEFAULT_CONTROL: &str = "/run/novacron/control.sock";
 
 /// Serve virtio devices to VMs over vhost-user sockets.
 #[derive(Debug, Parser)]
@@ -35,6 +41,18 @@ struct Args {
     #[arg(long)]
     print_capabilities: bool,
 
+    /// Control socket (JSON-RPC); `none` disables it.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_CONTROL)]
+    control: String,
+
+    /// Extra uid allowed on the control socket (repeatable; root and our uid always are).
+    #[arg(long = "control-allow-uid", value_name = "UID")]
+    control_allow_uid: Vec<u32>,
+
+    /// Directory where devices added at run time are recorded and recreated from at start.
+    #[arg(long, value_name = "DIR")]
+    state_dir: Option<PathBuf>,
+
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -44,22 +62,32 @@ impl TryFrom<Args> for DaemonConfig {
     type Error = anyhow::Error;
 
     fn try_from(args: Args) -> anyhow::Result<Self> {
-        let mut blk = args
-            .blk
-            .iter()
-            .map(|spec| BlkConfig::parse(spec).with_context(|| format!("--blk {spec}")))
-            .collect::<anyhow::Result<Vec<_>>>()?;
+        let mut specs = args.blk.clone();
         if let (Some(socket), Some(file)) = (&args.socket_path, &args.blk_file) {
             let mut spec = format!("socket={socket},path={file}");
             if args.read_only {
                 spec.push_str(",readonly");
             }
-            blk.push(BlkConfig::parse(&spec).context("--socket-path/--blk-file")?);
+            specs.push(spec);
         }
-        if blk.is_empty() {
-            anyhow::bail!("nothing to serve: give at least one --blk");
+        let mut blk = Vec::with_capacity(specs.len());
+        for spec in &specs {
+            // Validate now for a clear error before anything starts.
+            BlkConfig::parse(spec).with_context(|| format!("--blk {spec}"))?;
+            blk.push(OptionList::parse(spec)?.into_pairs());
         }
-        Ok(DaemonConfig { blk })
+        let control = (args.control != "none").then(|| ControlConfig {
+            socket: PathBuf::from(&args.control),
+            allow_uids: args.control_allow_uid.clone(),
+        });
+        if blk.is_empty() && control.is_none() && args.state_dir.is_none() {
+            anyhow::bail!("nothing to serve: give --blk, a control socket or a state directory");
+        }
+        Ok(DaemonConfig {
+            blk,
+            control,
+            state_dir: args.state_dir,
+        })
     }
 }
 

@@ -257,13 +257,21 @@ fn sigterm_exits_cleanly_and_removes_sockets() {
 
 #[test]
 fn bad_command_lines_fail_with_a_message() {
-    let err =
-        common::daemon::start_failure(&["--blk", "socket=/tmp/x.sock,path=/nonexistent/dir/img"]);
+    let err = common::daemon::start_failure(&[
+        "--control",
+        "none",
+        "--blk",
+        "socket=/tmp/x.sock,path=/nonexistent/dir/img",
+    ]);
     assert!(err.contains("cannot open"), "{err}");
-    let err =
-        common::daemon::start_failure(&["--blk", "socket=/tmp/x.sock,path=null,size=1M,queues=0"]);
+    let err = common::daemon::start_failure(&[
+        "--control",
+        "none",
+        "--blk",
+        "socket=/tmp/x.sock,path=null,size=1M,queues=0",
+    ]);
     assert!(err.contains("queues"), "{err}");
-    let err = common::daemon::start_failure(&[]);
+    let err = common::daemon::start_failure(&["--control", "none"]);
     assert!(err.contains("nothing to serve"), "{err}");
 }
 

@@ -67,6 +67,11 @@ impl OptionList {
         }
     }
 
+    /// The pairs not taken yet.
+    pub fn into_pairs(self) -> BTreeMap<String, String> {
+        self.values
+    }
+
     /// Takes a raw string value.
     pub fn take_str(&mut self, key: &str) -> Option<String> {
         self.values.remove(key)

@@ -1,4 +1,5 @@
 //! Thin wrappers over the few raw syscalls the daemon needs. Unsafe code for them lives here.
 
+pub mod peer;
 pub mod poll;
 pub mod signals;

@@ -41,3 +41,9 @@ pub fn wait_for_termination() -> std::io::Result<libc::c_int> {
         Err(std::io::Error::from_raw_os_error(rc))
     }
 }
+
+/// Asks this process to terminate the orderly way (the main thread's `sigwait` sees it).
+pub fn request_termination() {
+    // SAFETY: kill with our own pid and a valid signal number only queues a signal.
+    unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+}

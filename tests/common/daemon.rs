@@ -24,10 +24,15 @@ impl Daemon {
 
     /// Like [`Daemon::start`] in a given directory (to restart over the same files).
     pub fn start_in(dir: tempfile::TempDir, args: &[&str]) -> Daemon {
-        let args: Vec<String> = args
+        let mut args: Vec<String> = args
             .iter()
             .map(|a| a.replace("{dir}", &dir.path().display().to_string()))
             .collect();
+        if !args.iter().any(|a| a == "--control") {
+            // Never the shared default path: tests run in parallel.
+            args.push("--control".into());
+            args.push(dir.path().join("control.sock").display().to_string());
+        }
         let mut child = Command::new(env!("CARGO_BIN_EXE_novacrond"))
             .args(&args)
             .env("RUST_LOG", "info")

@@ -70,6 +70,8 @@ pub struct DeviceShared {
     pub flush_failed: AtomicBool,
     /// How long workers poll for more work after the ring runs dry.
     pub poll: std::time::Duration,
+    /// Whether a front-end is connected now.
+    pub connected: AtomicBool,
     file: Option<Arc<File>>,
     engine: EngineKind,
     stats: Vec<Arc<QueueStats>>,
@@ -175,6 +177,7 @@ impl BlkDevice {
             logical_block_size: config.logical_block_size,
             flush_failed: AtomicBool::new(false),
             poll: std::time::Duration::from_micros(u64::from(config.poll_us)),
+            connected: AtomicBool::new(false),
             file,
             engine,
             stats: (0..config.queues).map(|_| Arc::default()).collect(),
@@ -227,6 +230,11 @@ impl BlkDevice {
     /// The device's configuration.
     pub fn config(&self) -> &BlkConfig {
         &self.config
+    }
+
+    /// Whether a front-end is connected.
+    pub fn is_connected(&self) -> bool {
+        self.shared.connected.load(Ordering::Acquire)
     }
 
     /// The device's shared state (stats, engine).
@@ -316,7 +324,9 @@ fn serve_connection(
         daemon.request_shutdown();
     }
     log::info!("{}: front-end connected", shared.id);
+    shared.connected.store(true, Ordering::Release);
     let result = daemon.wait();
+    shared.connected.store(false, Ordering::Release);
     if let Ok(mut connection) = stop.connection.lock() {
         *connection = None;
     }

@@ -1,0 +1,261 @@
+//! `novactl`: the operator's command line for a running `novacrond`, over its control socket.
+//!
+//! ```text
+//! novactl [--control PATH] [--json] info
+//! novactl device add blk socket=...,path=...[,key=value...]
+//! novactl device rm ID [--force]
+//! novactl device ls | get ID | stats ID
+//! novactl shutdown
+//! ```
+//! Human-readable output by default, the server's JSON with `--json`; on error the server's
+//! message goes to stderr and the exit status is 1.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::process::ExitCode;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use serde_json::{json, Value};
+
+/// Control a running novacrond.
+#[derive(Debug, Parser)]
+#[command(name = "novactl", version, about)]
+struct Args {
+    /// The daemon's control socket.
+    #[arg(long, default_value = "/run/novacron/control.sock")]
+    control: String,
+    /// Print the server's JSON result instead of a table.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Daemon version, device types and engines.
+    Info,
+    /// Manage devices.
+    #[command(subcommand)]
+    Device(DeviceCommand),
+    /// Stop the daemon (devices finish in-flight I/O first).
+    Shutdown,
+}
+
+#[derive(Debug, Subcommand)]
+enum DeviceCommand {
+    /// Add a device: `blk socket=PATH,path=FILE[,size=20G][,queues=2]...`.
+    Add {
+        /// Device type (blk).
+        kind: String,
+        /// Options as key=value, comma-separated or as separate words.
+        #[arg(required = true)]
+        options: Vec<String>,
+    },
+    /// Remove a device.
+    #[command(alias = "remove")]
+    Rm {
+        /// Device id.
+        id: String,
+        /// Disconnect a connected front-end.
+        #[arg(long)]
+        force: bool,
+    },
+    /// List devices.
+    #[command(alias = "list")]
+    Ls,
+    /// Show one device.
+    Get {
+        /// Device id.
+        id: String,
+    },
+    /// Show a device's counters.
+    Stats {
+        /// Device id.
+        id: String,
+    },
+}
+
+fn call(control: &str, method: &str, params: Value) -> anyhow::Result<Value> {
+    let mut stream = UnixStream::connect(control)
+        .with_context(|| format!("cannot connect to {control} (is novacrond running?)"))?;
+    let request = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
+    let mut line = serde_json::to_vec(&request)?;
+    line.push(b'\n');
+    stream.write_all(&line)?;
+    let mut reply = String::new();
+    BufReader::new(&stream).read_line(&mut reply)?;
+    let reply: Value = serde_json::from_str(&reply).context("bad reply from the daemon")?;
+    if let Some(error) = reply.get("error") {
+        let kind = error["data"]["kind"].as_str().unwrap_or("error");
+        let message = error["message"].as_str().unwrap_or("unknown error");
+        bail!("{message} ({kind})");
+    }
+    Ok(reply.get("result").cloned().unwrap_or(Value::Null))
+}
+
+fn options_to_params(kind: &str, words: &[String]) -> anyhow::Result<Value> {
+    let mut params = serde_json::Map::new();
+    params.insert("type".into(), Value::String(kind.to_string()));
+    for item in words
+        .iter()
+        .flat_map(|w| w.split(','))
+        .filter(|s| !s.is_empty())
+    {
+        let (key, value) = item.split_once('=').unwrap_or((item, "on"));
+        if params
+            .insert(key.to_string(), Value::String(value.to_string()))
+            .is_some()
+        {
+            bail!("option `{key}` given twice");
+        }
+    }
+    Ok(Value::Object(params))
+}
+
+fn text(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        Value::Null => "-".into(),
+        other => other.to_string(),
+    }
+}
+
+fn print_table(rows: &[Vec<String>]) -> std::io::Result<()> {
+    let columns = rows.first().map_or(0, Vec::len);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| rows.iter().map(|r| r[c].len()).max().unwrap_or(0))
+        .collect();
+    let mut out = std::io::stdout().lock();
+    for row in rows {
+        let line: Vec<String> = row
+            .iter()
+            .zip(&widths)
+            .map(|(cell, w)| format!("{cell:<w$}"))
+            .collect();
+        writeln!(out, "{}", line.join("  ").trim_end())?;
+    }
+    Ok(())
+}
+
+fn print_device(device: &Value) -> std::io::Result<()> {
+    let rows: Vec<Vec<String>> = device
+        .as_object()
+        .map(|m| m.iter().map(|(k, v)| vec![k.clone(), text(v)]).collect())
+        .unwrap_or_default();
+    print_table(&rows)
+}
+
+fn run(args: Args) -> anyhow::Result<()> {
+    let (method, params) = match &args.command {
+        Command::Info => ("daemon.info", json!({})),
+        Command::Shutdown => ("daemon.shutdown", json!({})),
+        Command::Device(DeviceCommand::Add { kind, options }) => {
+            ("device.add", options_to_params(kind, options)?)
+        }
+        Command::Device(DeviceCommand::Rm { id, force }) => {
+            ("device.remove", json!({"id": id, "force": force}))
+        }
+        Command::Device(DeviceCommand::Ls) => ("device.list", json!({})),
+        Command::Device(DeviceCommand::Get { id }) => ("device.get", json!({"id": id})),
+        Command::Device(DeviceCommand::Stats { id }) => ("device.stats", json!({"id": id})),
+    };
+    let result = call(&args.control, method, params)?;
+    if args.json {
+        writeln!(
+            std::io::stdout(),
+            "{}",
+            serde_json::to_string_pretty(&result)?
+        )?;
+        return Ok(());
+    }
+    match &args.command {
+        Command::Device(DeviceCommand::Ls) => {
+            let mut rows = vec![[
+                "ID",
+                "TYPE",
+                "SOCKET",
+                "PATH",
+                "SIZE",
+                "QUEUES",
+                "ENGINE",
+                "CONNECTED",
+            ]
+            .map(String::from)
+            .to_vec()];
+            for d in result.as_array().into_iter().flatten() {
+                rows.push(
+                    [
+                        "id",
+                        "type",
+                        "socket",
+                        "path",
+                        "size",
+                        "queues",
+                        "engine",
+                        "connected",
+                    ]
+                    .iter()
+                    .map(|k| text(&d[*k]))
+                    .collect(),
+                );
+            }
+            print_table(&rows)?;
+        }
+        Command::Device(DeviceCommand::Stats { .. }) => {
+            let mut rows = vec![[
+                "QUEUE",
+                "READS",
+                "WRITES",
+                "FLUSHES",
+                "BYTES READ",
+                "BYTES WRITTEN",
+                "IO ERRORS",
+                "IN FLIGHT",
+            ]
+            .map(String::from)
+            .to_vec()];
+            for (i, q) in result["queues"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .enumerate()
+            {
+                let count = |name: &str| {
+                    q["requests"]
+                        .as_array()
+                        .and_then(|r| r.iter().find(|p| p[0] == name))
+                        .map_or("0".into(), |p| text(&p[1]))
+                };
+                rows.push(vec![
+                    i.to_string(),
+                    count("read"),
+                    count("write"),
+                    count("flush"),
+                    text(&q["bytes_read"]),
+                    text(&q["bytes_written"]),
+                    text(&q["io_errors"]),
+                    text(&q["in_flight"]),
+                ]);
+            }
+            print_table(&rows)?;
+        }
+        Command::Device(DeviceCommand::Rm { id, .. }) => {
+            writeln!(std::io::stdout(), "removed {id}")?;
+        }
+        Command::Shutdown => writeln!(std::io::stdout(), "shutting down")?,
+        _ => print_device(&result)?,
+    }
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    match run(Args::parse()) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            let _ = writeln!(std::io::stderr(), "novactl: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,194 @@
+//! Control-plane methods. Each takes named parameters, refuses unknown ones, and either
+//! changes the registry completely or not at all.
+//!
+//! | method | params | result |
+//! |---|---|---|
+//! | `device.add` | `type` + the device's options (`id`, `socket`, `path`, `size`, ...) | the device |
+//! | `device.remove` | `id`, optional `force` | `{}` |
+//! | `device.list` | none | list of devices |
+//! | `device.get` | `id` | the device |
+//! | `device.stats` | `id` | totals and per-queue counters |
+//! | `daemon.info` | none | version, device types, engines |
+//! | `daemon.shutdown` | none | `{}`, then the daemon stops |
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde_json::{json, Map, Value};
+
+use super::protocol::{parse_request, Response, RpcError, METHOD_NOT_FOUND, SERVER_ERROR};
+use crate::registry::{Registry, RegistryError};
+
+/// Handles one request line and builds its response.
+pub fn handle_line(registry: &Arc<Mutex<Registry>>, line: &[u8]) -> Response {
+    let request = match parse_request(line) {
+        Ok(request) => request,
+        Err(response) => return *response,
+    };
+    let id = request.id.clone();
+    match dispatch(registry, &request.method, request.params) {
+        Ok(result) => Response::ok(id, result),
+        Err(error) => Response::err(id, error),
+    }
+}
+
+fn dispatch(
+    registry: &Arc<Mutex<Registry>>,
+    method: &str,
+    params: Value,
+) -> Result<Value, RpcError> {
+    let mut params = Params::new(params)?;
+    let result = match method {
+        "device.add" => {
+            let kind = params.string("type")?;
+            let options = params.rest_as_options()?;
+            let mut registry = lock(registry);
+            let id = registry.add(&kind, options, true).map_err(registry_error)?;
+            registry.describe(&id).map_err(registry_error)?
+        }
+        "device.remove" => {
+            let id = params.string("id")?;
+            let force = params.optional_bool("force")?.unwrap_or(false);
+            params.finish()?;
+            lock(registry).remove(&id, force).map_err(registry_error)?;
+            json!({})
+        }
+        "device.list" => {
+            params.finish()?;
+            let registry = lock(registry);
+            let devices: Result<Vec<Value>, _> = registry
+                .ids()
+                .iter()
+                .map(|id| registry.describe(id))
+                .collect();
+            Value::Array(devices.map_err(registry_error)?)
+        }
+        "device.get" => {
+            let id = params.string("id")?;
+            params.finish()?;
+            lock(registry).describe(&id).map_err(registry_error)?
+        }
+        "device.stats" => {
+            let id = params.string("id")?;
+            params.finish()?;
+            lock(registry).stats(&id).map_err(registry_error)?
+        }
+        "daemon.info" => {
+            params.finish()?;
+            let devices = lock(registry).ids().len();
+            json!({
+                "name": "novacrond",
+                "version": env!("CARGO_PKG_VERSION"),
+                "device-types": ["blk"],
+                "engines": {
+                    "uring": crate::storage::uring_available(),
+                    "sync": true,
+                    "null": true,
+                },
+                "devices": devices,
+                "pid": std::process::id(),
+            })
+        }
+        "daemon.shutdown" => {
+            params.finish()?;
+            // The main thread waits for SIGTERM; this takes the same, orderly path.
+            crate::sys::signals::request_termination();
+            json!({})
+        }
+        other => {
+            return Err(RpcError::new(
+                METHOD_NOT_FOUND,
+                "unknown-method",
+                format!("unknown method `{other}`"),
+            ))
+        }
+    };
+    Ok(result)
+}
+
+fn lock(registry: &Arc<Mutex<Registry>>) -> MutexGuard<'_, Registry> {
+    match registry.lock() {
+        Ok(guard) => guard,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+fn registry_error(error: RegistryError) -> RpcError {
+    let kind = error.kind();
+    let mut message = error.to_string();
+    let mut source = std::error::Error::source(&error);
+    while let Some(cause) = source {
+        message.push_str(": ");
+        message.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    let code = if kind == "invalid-params" {
+        super::protocol::INVALID_PARAMS
+    } else {
+        SERVER_ERROR
+    };
+    RpcError::new(code, kind, message)
+}
+
+/// Named parameters, consumed key by key; leftovers are an error.
+struct Params(Map<String, Value>);
+
+impl Params {
+    fn new(value: Value) -> Result<Self, RpcError> {
+        match value {
+            Value::Null => Ok(Self(Map::new())),
+            Value::Object(map) => Ok(Self(map)),
+            _ => Err(RpcError::invalid_params("params must be an object")),
+        }
+    }
+
+    fn string(&mut self, key: &str) -> Result<String, RpcError> {
+        match self.0.remove(key) {
+            Some(Value::String(s)) => Ok(s),
+            Some(_) => Err(RpcError::invalid_params(format!(
+                "`{key}` must be a string"
+            ))),
+            None => Err(RpcError::invalid_params(format!("missing `{key}`"))),
+        }
+    }
+
+    fn optional_bool(&mut self, key: &str) -> Result<Option<bool>, RpcError> {
+        match self.0.remove(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Bool(b)) => Ok(Some(b)),
+            Some(_) => Err(RpcError::invalid_params(format!(
+                "`{key}` must be true or false"
+            ))),
+        }
+    }
+
+    /// The remaining parameters as device options (strings, integers and booleans).
+    fn rest_as_options(&mut self) -> Result<BTreeMap<String, String>, RpcError> {
+        std::mem::take(&mut self.0)
+            .into_iter()
+            .map(|(key, value)| {
+                let text = match value {
+                    Value::String(s) => s,
+                    Value::Bool(true) => "on".into(),
+                    Value::Bool(false) => "off".into(),
+                    Value::Number(n) if n.is_u64() => n.to_string(),
+                    _ => {
+                        return Err(RpcError::invalid_params(format!(
+                            "`{key}` must be a string, a non-negative integer or a boolean"
+                        )))
+                    }
+                };
+                Ok((key, text))
+            })
+            .collect()
+    }
+
+    fn finish(self) -> Result<(), RpcError> {
+        match self.0.keys().next() {
+            Some(key) => Err(RpcError::invalid_params(format!(
+                "unknown parameter `{key}`"
+            ))),
+            None => Ok(()),
+        }
+    }
+}

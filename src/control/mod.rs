@@ -1,0 +1,7 @@
+//! The control plane: JSON-RPC 2.0 over a unix socket ([`server`]), its framing
+//! ([`protocol`]) and methods ([`methods`]). Management layers and `novactl` use it to add and
+//! remove devices while VMs run and to read statistics.
+
+pub mod methods;
+pub mod protocol;
+pub mod server;

@@ -1,0 +1,405 @@
+//! The control socket server: a mio event loop on its own thread, never touching the data
+//! path except through the registry lock.
+//!
+//! Safety limits: the socket is created mode 0600 in a directory we create mode 0700 (an
+//! existing directory must be ours, not a symlink, and not group/world-writable); every peer's
+//! uid (`SO_PEERCRED`) must be on the allow-list; a request line may be at most
+//! [`MAX_LINE`] bytes; connections idle for [`IDLE_TIMEOUT`] are closed; at most
+//! [`MAX_CONNECTIONS`] are served at once (more are told `busy` and closed).
+
+use std::collections::HashMap;
+use std::io::{ErrorKind, Read, Write};
+use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use mio::net::{UnixListener, UnixStream};
+use mio::{Events, Interest, Poll, Token, Waker};
+
+use super::methods;
+use super::protocol::{Response, RpcError, SERVER_ERROR};
+use crate::registry::Registry;
+use crate::sys::peer::{effective_uid, peer_credentials};
+
+/// Longest request line accepted.
+pub const MAX_LINE: usize = 1 << 20;
+/// Connections with no traffic for this long are closed.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Most simultaneous control connections.
+pub const MAX_CONNECTIONS: usize = 16;
+
+const LISTENER: Token = Token(0);
+const WAKER: Token = Token(1);
+const FIRST_CONNECTION: usize = 2;
+
+/// Errors setting up the control socket.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The socket's directory is not safe to use.
+    #[error("refusing control directory {path}: {reason}")]
+    UnsafeDirectory {
+        /// The directory.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
+    /// A filesystem or socket call failed.
+    #[error("{action} {path}")]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Control socket settings.
+#[derive(Debug, Clone)]
+pub struct ControlConfig {
+    /// Socket path.
+    pub socket: PathBuf,
+    /// Uids allowed to connect (the daemon's own uid and root are always allowed).
+    pub allow_uids: Vec<u32>,
+}
+
+/// A running control server.
+pub struct ControlServer {
+    socket: PathBuf,
+    stop: Arc<AtomicBool>,
+    waker: Arc<Waker>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl ControlServer {
+    /// Binds the socket and starts serving.
+    pub fn start(
+        config: ControlConfig,
+        registry: Arc<Mutex<Registry>>,
+    ) -> Result<Self, ControlError> {
+        let io = |action, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| ControlError::Io {
+                action,
+                path,
+                source,
+            }
+        };
+        prepare_directory(&config.socket)?;
+        match std::fs::symlink_metadata(&config.socket) {
+            Ok(meta) if std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) => {
+                std::fs::remove_file(&config.socket)
+                    .map_err(io("cannot remove stale", &config.socket))?;
+            }
+            Ok(_) => {
+                return Err(ControlError::UnsafeDirectory {
+                    path: config.socket.clone(),
+                    reason: "exists and is not a socket".into(),
+                })
+            }
+            Err(_) => {}
+        }
+        let listener =
+            UnixListener::bind(&config.socket).map_err(io("cannot bind", &config.socket))?;
+        std::fs::set_permissions(&config.socket, std::fs::Permissions::from_mode(0o600))
+            .map_err(io("cannot chmod", &config.socket))?;
+        let poll = Poll::new().map_err(io("cannot create poll for", &config.socket))?;
+        let waker = Arc::new(
+            Waker::new(poll.registry(), WAKER)
+                .map_err(io("cannot create waker for", &config.socket))?,
+        );
+        let stop = Arc::new(AtomicBool::new(false));
+        let mut allow = config.allow_uids.clone();
+        allow.extend([0, effective_uid()]);
+        let mut server = Server {
+            poll,
+            listener,
+            registry,
+            allow,
+            connections: HashMap::new(),
+            next_token: FIRST_CONNECTION,
+            stop: Arc::clone(&stop),
+        };
+        let thread = std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || server.run())
+            .map_err(io("cannot start thread for", &config.socket))?;
+        log::info!("control socket on {}", config.socket.display());
+        Ok(Self {
+            socket: config.socket,
+            stop,
+            waker,
+            thread: Some(thread),
+        })
+    }
+
+    /// Stops serving and removes the socket.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        let _ = self.waker.wake();
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+impl Drop for ControlServer {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.shutdown();
+        }
+    }
+}
+
+/// Creates the socket's directory 0700, or checks an existing one is safe.
+fn prepare_directory(socket: &Path) -> Result<(), ControlError> {
+    let Some(dir) = socket.parent().filter(|p| !p.as_os_str().is_empty()) else {
+        return Ok(());
+    };
+    let unsafe_dir = |reason: String| ControlError::UnsafeDirectory {
+        path: dir.to_path_buf(),
+        reason,
+    };
+    match std::fs::symlink_metadata(dir) {
+        Err(e) if e.kind() == ErrorKind::NotFound => std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|source| ControlError::Io {
+                action: "cannot create",
+                path: dir.to_path_buf(),
+                source,
+            }),
+        Err(source) => Err(ControlError::Io {
+            action: "cannot inspect",
+            path: dir.to_path_buf(),
+            source,
+        }),
+        Ok(meta) => {
+            if meta.file_type().is_symlink() {
+                return Err(unsafe_dir("is a symlink".into()));
+            }
+            if !meta.is_dir() {
+                return Err(unsafe_dir("is not a directory".into()));
+            }
+            if meta.uid() != effective_uid() {
+                return Err(unsafe_dir(format!("owned by uid {}, not us", meta.uid())));
+            }
+            if meta.mode() & 0o022 != 0 {
+                return Err(unsafe_dir("is group- or world-writable".into()));
+            }
+            Ok(())
+        }
+    }
+}
+
+struct Connection {
+    stream: UnixStream,
+    input: Vec<u8>,
+    output: Vec<u8>,
+    last_active: Instant,
+    /// Close once the output is flushed.
+    closing: bool,
+}
+
+struct Server {
+    poll: Poll,
+    listener: UnixListener,
+    registry: Arc<Mutex<Registry>>,
+    allow: Vec<u32>,
+    connections: HashMap<Token, Connection>,
+    next_token: usize,
+    stop: Arc<AtomicBool>,
+}
+
+impl Server {
+    fn run(&mut self) {
+        if let Err(e) =
+            self.poll
+                .registry()
+                .register(&mut self.listener, LISTENER, Interest::READABLE)
+        {
+            log::error!("control: cannot register listener: {e}");
+            return;
+        }
+        let mut events = Events::with_capacity(64);
+        while !self.stop.load(Ordering::Acquire) {
+            if let Err(e) = self.poll.poll(&mut events, Some(Duration::from_secs(1))) {
+                if e.kind() == ErrorKind::Interrupted {
+                    continue;
+                }
+                log::error!("control: poll failed: {e}");
+                return;
+            }
+            for event in events.iter() {
+                match event.token() {
+                    LISTENER => self.accept(),
+                    WAKER => {}
+                    token => self.service(token),
+                }
+            }
+            self.expire_idle();
+        }
+    }
+
+    fn accept(&mut self) {
+        loop {
+            let (mut stream, _) = match self.listener.accept() {
+                Ok(pair) => pair,
+                Err(e) if e.kind() == ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    log::warn!("control: accept failed: {e}");
+                    return;
+                }
+            };
+            let refusal = match peer_credentials(&stream) {
+                Ok(cred) if self.allow.contains(&cred.uid) => None,
+                Ok(cred) => {
+                    log::warn!("control: refused uid {} (pid {})", cred.uid, cred.pid);
+                    Some(RpcError::new(
+                        SERVER_ERROR,
+                        "unauthorized",
+                        "uid not allowed",
+                    ))
+                }
+                Err(e) => Some(RpcError::new(
+                    SERVER_ERROR,
+                    "unauthorized",
+                    format!("no peer credentials: {e}"),
+                )),
+            };
+            let refusal = refusal.or_else(|| {
+                (self.connections.len() >= MAX_CONNECTIONS)
+                    .then(|| RpcError::new(SERVER_ERROR, "busy", "too many control connections"))
+            });
+            if let Some(error) = refusal {
+                // Best effort: tell the peer why, then drop it.
+                let _ = stream.write_all(&encode(&Response::err(serde_json::Value::Null, error)));
+                continue;
+            }
+            let token = Token(self.next_token);
+            self.next_token += 1;
+            if let Err(e) = self.poll.registry().register(
+                &mut stream,
+                token,
+                Interest::READABLE | Interest::WRITABLE,
+            ) {
+                log::warn!("control: cannot register connection: {e}");
+                continue;
+            }
+            self.connections.insert(
+                token,
+                Connection {
+                    stream,
+                    input: Vec::new(),
+                    output: Vec::new(),
+                    last_active: Instant::now(),
+                    closing: false,
+                },
+            );
+        }
+    }
+
+    fn service(&mut self, token: Token) {
+        let Some(conn) = self.connections.get_mut(&token) else {
+            return;
+        };
+        let mut open = read_available(conn);
+        while let Some(end) = conn.input.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = conn.input.drain(..=end).collect();
+            let line = &line[..line.len() - 1];
+            if line.iter().all(u8::is_ascii_whitespace) {
+                continue;
+            }
+            let response = methods::handle_line(&self.registry, line);
+            conn.output.extend_from_slice(&encode(&response));
+        }
+        if conn.input.len() > MAX_LINE {
+            let error = RpcError::new(
+                SERVER_ERROR,
+                "too-large",
+                format!("request line over {MAX_LINE} bytes"),
+            );
+            conn.output
+                .extend_from_slice(&encode(&Response::err(serde_json::Value::Null, error)));
+            conn.input.clear();
+            conn.closing = true;
+        }
+        open &= write_pending(conn);
+        if !open || (conn.closing && conn.output.is_empty()) {
+            self.close(token);
+        }
+    }
+
+    fn expire_idle(&mut self) {
+        let idle: Vec<Token> = self
+            .connections
+            .iter()
+            .filter(|(_, c)| c.last_active.elapsed() > IDLE_TIMEOUT)
+            .map(|(t, _)| *t)
+            .collect();
+        for token in idle {
+            self.close(token);
+        }
+    }
+
+    fn close(&mut self, token: Token) {
+        if let Some(mut conn) = self.connections.remove(&token) {
+            let _ = self.poll.registry().deregister(&mut conn.stream);
+        }
+    }
+}
+
+/// Reads what is available; false when the peer closed or the socket failed.
+fn read_available(conn: &mut Connection) -> bool {
+    let mut buf = [0u8; 8192];
+    loop {
+        match conn.stream.read(&mut buf) {
+            Ok(0) => return false,
+            Ok(n) => {
+                conn.last_active = Instant::now();
+                conn.input.extend_from_slice(&buf[..n]);
+                if conn.input.len() > MAX_LINE && !conn.input.contains(&b'\n') {
+                    return true;
+                }
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return true,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(_) => return false,
+        }
+    }
+}
+
+/// Writes queued output; false when the socket failed.
+fn write_pending(conn: &mut Connection) -> bool {
+    while !conn.output.is_empty() {
+        match conn.stream.write(&conn.output) {
+            Ok(0) => return false,
+            Ok(n) => {
+                conn.output.drain(..n);
+            }
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return true,
+            Err(e) if e.kind() == ErrorKind::Interrupted => continue,
+            Err(_) => return false,
+        }
+    }
+    true
+}
+
+fn encode(response: &Response) -> Vec<u8> {
+    let mut line = serde_json::to_vec(response).unwrap_or_else(|_| {
+        br#"{"jsonrpc":"2.0","id":null,"error":{"code":-32603,"message":"cannot encode response","data":{"kind":"internal"}}}"#.to_vec()
+    });
+    line.push(b'\n');
+    line
+}

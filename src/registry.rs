@@ -1,0 +1,277 @@
+//! The set of running devices, shared by the command line, the state file and the control
+//! socket.
+//!
+//! Changes are all-or-nothing: `add` starts the device and only then records it in the state
+//! directory (stopping it again if the record cannot be written); `remove` records the
+//! removal first and only then stops the device. So the state file never lists a device that
+//! is not running, and a failed change leaves both as they were. Devices given on the command
+//! line are not written to the state file (the command line recreates them).
+
+use std::collections::BTreeMap;
+
+use serde_json::{json, Value};
+
+use crate::config::options::OptionList;
+use crate::devices::blk::config::{BackingSpec, BlkConfig, BlkConfigError};
+use crate::devices::blk::device::{BlkDevice, DeviceError};
+use crate::devices::blk::stats::{OpClass, QueueSnapshot};
+use crate::state::{DeviceRecord, StateError, StateStore};
+
+/// Errors from registry changes; each maps to a stable control-plane error kind.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// The device type is not one this daemon serves.
+    #[error("unknown device type `{0}` (known: blk)")]
+    UnknownType(String),
+    /// The options were invalid.
+    #[error(transparent)]
+    Config(#[from] BlkConfigError),
+    /// An id or socket is already in use.
+    #[error("{0}")]
+    Exists(String),
+    /// No device with that id.
+    #[error("no device `{0}`")]
+    NotFound(String),
+    /// A front-end is connected and `force` was not given.
+    #[error("device `{0}` has a connected front-end; use force to disconnect it")]
+    Busy(String),
+    /// The device could not start.
+    #[error("cannot start device `{id}`")]
+    Start {
+        /// The id.
+        id: String,
+        /// The cause.
+        #[source]
+        source: DeviceError,
+    },
+    /// The state directory could not be updated; nothing changed.
+    #[error("cannot record the change")]
+    State(#[from] StateError),
+}
+
+impl RegistryError {
+    /// The stable error kind for the control plane.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            RegistryError::UnknownType(_) | RegistryError::Config(_) => "invalid-params",
+            RegistryError::Exists(_) => "exists",
+            RegistryError::NotFound(_) => "not-found",
+            RegistryError::Busy(_) => "busy",
+            RegistryError::Start { .. } | RegistryError::State(_) => "io",
+        }
+    }
+}
+
+struct Entry {
+    device: BlkDevice,
+    record: DeviceRecord,
+    persistent: bool,
+}
+
+/// All running devices.
+pub struct Registry {
+    devices: BTreeMap<String, Entry>,
+    state: Option<StateStore>,
+}
+
+impl Registry {
+    /// An empty registry persisting to `state` (if any).
+    pub fn new(state: Option<StateStore>) -> Self {
+        Self {
+            devices: BTreeMap::new(),
+            state,
+        }
+    }
+
+    /// Starts a device of `kind` with `options`; `persistent` devices are recorded in the
+    /// state directory.
+    pub fn add(
+        &mut self,
+        kind: &str,
+        options: BTreeMap<String, String>,
+        persistent: bool,
+    ) -> Result<String, RegistryError> {
+        if kind != "blk" {
+            return Err(RegistryError::UnknownType(kind.to_string()));
+        }
+        let config = BlkConfig::from_options(OptionList::from_pairs(options.clone()))?;
+        if self.devices.contains_key(&config.id) {
+            return Err(RegistryError::Exists(format!(
+                "device `{}` exists",
+                config.id
+            )));
+        }
+        if let Some(other) = self
+            .devices
+            .values()
+            .find(|e| e.device.config().socket == config.socket)
+        {
+            return Err(RegistryError::Exists(format!(
+                "socket {} is used by device `{}`",
+                config.socket.display(),
+                other.device.config().id
+            )));
+        }
+        let id = config.id.clone();
+        let device = BlkDevice::start(config).map_err(|source| RegistryError::Start {
+            id: id.clone(),
+            source,
+        })?;
+        let record = DeviceRecord {
+            kind: kind.to_string(),
+            options,
+        };
+        self.devices.insert(
+            id.clone(),
+            Entry {
+                device,
+                record,
+                persistent,
+            },
+        );
+        if persistent {
+            if let Err(e) = self.save() {
+                if let Some(entry) = self.devices.remove(&id) {
+                    entry.device.stop();
+                }
+                return Err(e);
+            }
+        }
+        Ok(id)
+    }
+
+    /// Stops and forgets device `id`. With a connected front-end only when `force`.
+    pub fn remove(&mut self, id: &str, force: bool) -> Result<(), RegistryError> {
+        let entry = self
+            .devices
+            .get(id)
+            .ok_or_else(|| RegistryError::NotFound(id.to_string()))?;
+        if entry.device.is_connected() && !force {
+            return Err(RegistryError::Busy(id.to_string()));
+        }
+        let persistent = entry.persistent;
+        let Some(entry) = self.devices.remove(id) else {
+            return Err(RegistryError::NotFound(id.to_string()));
+        };
+        if persistent {
+            if let Err(e) = self.save() {
+                self.devices.insert(id.to_string(), entry);
+                return Err(e);
+            }
+        }
+        entry.device.stop();
+        Ok(())
+    }
+
+    /// Recreates the devices recorded in the state directory.
+    pub fn restore(&mut self) -> Result<usize, RegistryError> {
+        let Some(state) = &self.state else {
+            return Ok(0);
+        };
+        let records = state.load()?;
+        let count = records.len();
+        for record in records {
+            self.add(&record.kind, record.options, true)?;
+        }
+        Ok(count)
+    }
+
+    fn save(&self) -> Result<(), RegistryError> {
+        if let Some(state) = &self.state {
+            let records: Vec<DeviceRecord> = self
+                .devices
+                .values()
+                .filter(|e| e.persistent)
+                .map(|e| e.record.clone())
+                .collect();
+            state.save(&records)?;
+        }
+        Ok(())
+    }
+
+    /// Ids of all devices.
+    pub fn ids(&self) -> Vec<String> {
+        self.devices.keys().cloned().collect()
+    }
+
+    /// A device's description.
+    pub fn describe(&self, id: &str) -> Result<Value, RegistryError> {
+        let entry = self
+            .devices
+            .get(id)
+            .ok_or_else(|| RegistryError::NotFound(id.to_string()))?;
+        let config = entry.device.config();
+        let shared = entry.device.shared();
+        Ok(json!({
+            "id": config.id,
+            "type": "blk",
+            "socket": config.socket,
+            "path": match &config.backing {
+                BackingSpec::Null => "null".to_string(),
+                BackingSpec::File(p) => p.display().to_string(),
+            },
+            "size": shared.limits.capacity,
+            "readonly": config.readonly,
+            "direct": config.direct,
+            "queues": config.queues,
+            "queue-size": config.queue_size,
+            "serial": config.serial,
+            "engine": shared.engine_name(),
+            "logical-block-size": config.logical_block_size,
+            "poll-us": config.poll_us,
+            "connected": entry.device.is_connected(),
+            "persistent": entry.persistent,
+            "flush-failed": shared.flush_failed.load(std::sync::atomic::Ordering::Acquire),
+        }))
+    }
+
+    /// A device's counters: totals and per queue.
+    pub fn stats(&self, id: &str) -> Result<Value, RegistryError> {
+        let entry = self
+            .devices
+            .get(id)
+            .ok_or_else(|| RegistryError::NotFound(id.to_string()))?;
+        let queues = entry.device.shared().stats();
+        Ok(json!({
+            "id": id,
+            "total": total(&queues),
+            "queues": queues,
+        }))
+    }
+
+    /// Every device's counters, for metrics.
+    pub fn all_stats(&self) -> Vec<(String, Vec<QueueSnapshot>)> {
+        self.devices
+            .iter()
+            .map(|(id, e)| (id.clone(), e.device.shared().stats()))
+            .collect()
+    }
+
+    /// Stops every device (daemon shutdown); the state file is left as it is.
+    pub fn stop_all(&mut self) {
+        for (_, entry) in std::mem::take(&mut self.devices) {
+            entry.device.stop();
+        }
+    }
+}
+
+/// Sums per-queue snapshots.
+fn total(queues: &[QueueSnapshot]) -> Value {
+    let sum = |f: &dyn Fn(&QueueSnapshot) -> u64| queues.iter().map(f).sum::<u64>();
+    let requests: BTreeMap<&str, u64> = OpClass::ALL
+        .iter()
+        .map(|c| (c.name(), sum(&|q| q.requests_of(*c))))
+        .collect();
+    let rejected: u64 = queues
+        .iter()
+        .flat_map(|q| q.rejected.iter().map(|(_, n)| *n))
+        .sum();
+    json!({
+        "requests": requests,
+        "bytes-read": sum(&|q| q.bytes_read),
+        "bytes-written": sum(&|q| q.bytes_written),
+        "io-errors": sum(&|q| q.io_errors),
+        "rejected": rejected,
+        "in-flight": sum(&|q| q.in_flight),
+    })
+}

@@ -1,0 +1,181 @@
+//! The persistent device list: `<state-dir>/devices.json`.
+//!
+//! Every successful change rewrites the whole file atomically: write `devices.json.tmp`,
+//! `fsync` it, rename it over `devices.json`, `fsync` the directory. A crash leaves either the
+//! old or the new list, never a torn one. A file that does not parse, or has an unknown
+//! version, is a start-up error: the daemon refuses to run rather than forget devices.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+/// Current file format version.
+const VERSION: u32 = 1;
+const FILE: &str = "devices.json";
+const TEMP: &str = "devices.json.tmp";
+
+/// Errors reading or writing the state.
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    /// A filesystem operation failed.
+    #[error("{action} {path}")]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// On which path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file exists but is not a device list we understand.
+    #[error("{path} is corrupt or from an unknown version: {reason}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// One persisted device: its type and its options, exactly as given to `device.add`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeviceRecord {
+    /// Device type (`blk`).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Options as `key → value` strings.
+    pub options: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StateFile {
+    version: u32,
+    devices: Vec<DeviceRecord>,
+}
+
+/// The state directory.
+#[derive(Debug)]
+pub struct StateStore {
+    dir: PathBuf,
+}
+
+impl StateStore {
+    /// Opens (creating, mode 0700) the state directory.
+    pub fn open(dir: &Path) -> Result<Self, StateError> {
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|source| StateError::Io {
+                action: "cannot create state directory",
+                path: dir.to_path_buf(),
+                source,
+            })?;
+        Ok(Self {
+            dir: dir.to_path_buf(),
+        })
+    }
+
+    /// Reads the device list (empty if the file does not exist yet).
+    pub fn load(&self) -> Result<Vec<DeviceRecord>, StateError> {
+        let path = self.dir.join(FILE);
+        let bytes = match std::fs::read(&path) {
+            Ok(bytes) => bytes,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => {
+                return Err(StateError::Io {
+                    action: "cannot read",
+                    path,
+                    source,
+                })
+            }
+        };
+        let file: StateFile = serde_json::from_slice(&bytes).map_err(|e| StateError::Corrupt {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        if file.version != VERSION {
+            return Err(StateError::Corrupt {
+                path,
+                reason: format!("version {} (this daemon reads {VERSION})", file.version),
+            });
+        }
+        Ok(file.devices)
+    }
+
+    /// Replaces the device list atomically and durably.
+    pub fn save(&self, devices: &[DeviceRecord]) -> Result<(), StateError> {
+        let temp = self.dir.join(TEMP);
+        let path = self.dir.join(FILE);
+        let io = |action, path: &Path| {
+            let path = path.to_path_buf();
+            move |source| StateError::Io {
+                action,
+                path,
+                source,
+            }
+        };
+        let body = serde_json::to_vec_pretty(&StateFile {
+            version: VERSION,
+            devices: devices.to_vec(),
+        })
+        .map_err(|e| StateError::Corrupt {
+            path: path.clone(),
+            reason: e.to_string(),
+        })?;
+        let mut file = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&temp)
+            .map_err(io("cannot create", &temp))?;
+        file.write_all(&body).map_err(io("cannot write", &temp))?;
+        file.sync_all().map_err(io("cannot fsync", &temp))?;
+        drop(file);
+        std::fs::rename(&temp, &path).map_err(io("cannot rename over", &path))?;
+        File::open(&self.dir)
+            .and_then(|dir| dir.sync_all())
+            .map_err(io("cannot fsync", &self.dir))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(id: &str) -> DeviceRecord {
+        DeviceRecord {
+            kind: "blk".into(),
+            options: [("id".to_string(), id.to_string())].into_iter().collect(),
+        }
+    }
+
+    #[test]
+    fn round_trip_and_empty_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(&dir.path().join("state")).unwrap();
+        assert!(store.load().unwrap().is_empty());
+        store.save(&[record("a"), record("b")]).unwrap();
+        assert_eq!(store.load().unwrap(), vec![record("a"), record("b")]);
+        assert!(!dir.path().join("state").join(TEMP).exists());
+    }
+
+    #[test]
+    fn corrupt_and_unknown_versions_are_errors() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = StateStore::open(dir.path()).unwrap();
+        std::fs::write(dir.path().join(FILE), b"{\"version\":1,\"devices\":[").unwrap();
+        assert!(matches!(store.load(), Err(StateError::Corrupt { .. })));
+        std::fs::write(dir.path().join(FILE), b"{\"version\":9,\"devices\":[]}").unwrap();
+        assert!(matches!(store.load(), Err(StateError::Corrupt { .. })));
+    }
+}
