@@ -83,9 +83,13 @@ fn call(control: &str, method: &str, params: Value) -> anyhow::Result<Value> {
     let request = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
     let mut line = serde_json::to_vec(&request)?;
     line.push(b'\n');
-    stream.write_all(&line)?;
+    // A daemon that refuses us answers and hangs up; read its answer even if the write failed.
+    let written = stream.write_all(&line);
     let mut reply = String::new();
-    BufReader::new(&stream).read_line(&mut reply)?;
+    if BufReader::new(&stream).read_line(&mut reply)? == 0 {
+        written?;
+        bail!("the daemon closed the connection without answering");
+    }
     let reply: Value = serde_json::from_str(&reply).context("bad reply from the daemon")?;
     if let Some(error) = reply.get("error") {
         let kind = error["data"]["kind"].as_str().unwrap_or("error");

@@ -210,6 +210,8 @@ struct Connection {
     last_active: Instant,
     /// Close once the output is flushed.
     closing: bool,
+    /// Set for peers we will not serve: their first request gets this error, then we close.
+    refused: Option<RpcError>,
 }
 
 struct Server {
@@ -282,9 +284,8 @@ impl Server {
                 (self.connections.len() >= MAX_CONNECTIONS)
                     .then(|| RpcError::new(SERVER_ERROR, "busy", "too many control connections"))
             });
-            if let Some(error) = refusal {
-                // Best effort: tell the peer why, then drop it.
-                let _ = stream.write_all(&encode(&Response::err(serde_json::Value::Null, error)));
+            if refusal.is_some() && self.connections.len() >= MAX_CONNECTIONS * 2 {
+                // Under a flood of refused peers, do not even queue an answer.
                 continue;
             }
             let token = Token(self.next_token);
@@ -305,6 +306,7 @@ impl Server {
                     output: Vec::new(),
                     last_active: Instant::now(),
                     closing: false,
+                    refused: refusal,
                 },
             );
         }
@@ -316,12 +318,26 @@ impl Server {
         };
         let mut open = read_available(conn);
         while let Some(end) = conn.input.iter().position(|&b| b == b'\n') {
+            if conn.closing {
+                conn.input.clear();
+                break;
+            }
+            if end > MAX_LINE {
+                conn.input.truncate(MAX_LINE + 1);
+                break;
+            }
             let line: Vec<u8> = conn.input.drain(..=end).collect();
             let line = &line[..line.len() - 1];
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            let response = methods::handle_line(&self.registry, line);
+            let response = match &conn.refused {
+                Some(error) => {
+                    conn.closing = true;
+                    Response::err(serde_json::Value::Null, error.clone())
+                }
+                None => methods::handle_line(&self.registry, line),
+            };
             conn.output.extend_from_slice(&encode(&response));
         }
         if conn.input.len() > MAX_LINE {

@@ -98,6 +98,14 @@ impl Daemon {
         (status, std::mem::replace(&mut self.dir, dir))
     }
 
+    /// Waits for the daemon to exit by itself (e.g. after `daemon.shutdown`).
+    pub fn wait_exit(mut self) -> (ExitStatus, tempfile::TempDir) {
+        let mut child = self.child.take().expect("child");
+        let status = child.wait().expect("wait");
+        let dir = tempfile::tempdir().expect("tempdir");
+        (status, std::mem::replace(&mut self.dir, dir))
+    }
+
     /// Sends SIGKILL (a crash) and reaps the process.
     pub fn kill(mut self) -> tempfile::TempDir {
         let mut child = self.child.take().expect("child");

@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod blk;
+pub mod control;
 pub mod daemon;
 pub mod guest;
 pub mod memory;

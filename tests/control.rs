@@ -1,0 +1,301 @@
+//! The control plane end to end: JSON-RPC over the control socket and `novactl` against the
+//! real daemon; devices added at run time serve I/O like command-line ones, persist across
+//! restarts, and every bad request is refused without changing anything.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+mod common;
+
+use std::process::Command;
+
+use common::blk::{pattern, BlkClient};
+use common::control::Control;
+use common::daemon::Daemon;
+use serde_json::json;
+
+fn add_params(daemon: &Daemon, id: &str) -> serde_json::Value {
+    json!({
+        "type": "blk",
+        "id": id,
+        "socket": daemon.path(&format!("{id}.sock")),
+        "path": daemon.path(&format!("{id}.img")),
+        "size": "8M",
+        "queues": 2,
+        "serial": format!("SER-{id}"),
+    })
+}
+
+#[test]
+fn add_use_stats_and_remove_at_run_time() {
+    let daemon = Daemon::start(&[
+        "--blk",
+        "socket={dir}/boot.sock,path={dir}/boot.img,size=4M",
+    ]);
+    let mut ctl = Control::connect(&daemon.path("control.sock"));
+    let added = ctl.call("device.add", add_params(&daemon, "vdb")).unwrap();
+    assert_eq!(added["id"], "vdb");
+    assert_eq!(added["queues"], 2);
+    assert_eq!(added["size"], 8 << 20);
+    assert_eq!(added["persistent"], true);
+
+    // The new device serves a front-end while the command-line one keeps serving too.
+    let mut boot = BlkClient::connect(&daemon.path("boot.sock"));
+    let mut vdb = BlkClient::connect(&daemon.path("vdb.sock"));
+    vdb.write(0, 8, &pattern(1, 8192));
+    boot.write(0, 8, &pattern(2, 4096));
+    assert_eq!(vdb.read(0, 8, 8192), pattern(1, 8192));
+    assert_eq!(
+        &vdb.request(0, common::blk::T_GET_ID, 0, &[], 20).data[..7],
+        b"SER-vdb"
+    );
+
+    let stats = ctl.call("device.stats", json!({"id": "vdb"})).unwrap();
+    assert_eq!(stats["total"]["requests"]["write"], 1);
+    assert_eq!(stats["total"]["requests"]["read"], 1);
+    assert_eq!(stats["total"]["bytes-written"], 8192);
+    assert_eq!(stats["queues"].as_array().unwrap().len(), 2);
+
+    let list = ctl.call("device.list", json!({})).unwrap();
+    let ids: Vec<&str> = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, ["boot", "vdb"]);
+    assert_eq!(
+        ctl.call("device.get", json!({"id": "vdb"})).unwrap()["connected"],
+        true
+    );
+
+    // Connected: refused without force, nothing changes.
+    assert_eq!(
+        ctl.error_kind("device.remove", json!({"id": "vdb"})),
+        "busy"
+    );
+    assert_eq!(vdb.read(0, 8, 8192), pattern(1, 8192));
+    ctl.call("device.remove", json!({"id": "vdb", "force": true}))
+        .unwrap();
+    assert!(!daemon.path("vdb.sock").exists(), "socket left behind");
+    assert_eq!(
+        ctl.error_kind("device.get", json!({"id": "vdb"})),
+        "not-found"
+    );
+    // The other device never noticed.
+    assert_eq!(boot.read(0, 8, 4096), pattern(2, 4096));
+}
+
+#[test]
+fn bad_requests_get_clear_errors_and_change_nothing() {
+    let daemon = Daemon::start(&[
+        "--blk",
+        "socket={dir}/boot.sock,path={dir}/boot.img,size=4M",
+    ]);
+    let mut ctl = Control::connect(&daemon.path("control.sock"));
+    let kind = |v: serde_json::Value| v["error"]["data"]["kind"].as_str().unwrap().to_string();
+    assert_eq!(kind(ctl.raw(b"{not json")), "parse");
+    assert_eq!(
+        kind(ctl.raw(br#"{"jsonrpc":"2.0","id":1}"#)),
+        "invalid-request"
+    );
+    assert_eq!(
+        kind(ctl.raw(br#"{"jsonrpc":"1.0","id":1,"method":"device.list"}"#)),
+        "invalid-request"
+    );
+    assert_eq!(
+        ctl.error_kind("device.frobnicate", json!({})),
+        "unknown-method"
+    );
+    assert_eq!(
+        ctl.error_kind("device.list", json!({"verbose": true})),
+        "invalid-params"
+    );
+    assert_eq!(ctl.error_kind("device.get", json!({})), "invalid-params");
+    assert_eq!(
+        ctl.error_kind("device.get", json!({"id": 5})),
+        "invalid-params"
+    );
+    assert_eq!(
+        ctl.error_kind("device.remove", json!({"id": "nope"})),
+        "not-found"
+    );
+
+    let mut params = add_params(&daemon, "vdc");
+    for (key, bad) in [
+        ("queues", json!(0)),
+        ("queues", json!(-1)),
+        ("queue-size", json!(100)),
+        ("size", json!("12Q")),
+        ("serial", json!("x".repeat(21))),
+        ("colour", json!("blue")),
+        ("engine", json!(null)),
+        ("type", json!("gpu")),
+    ] {
+        let saved = params[key].clone();
+        params[key] = bad.clone();
+        assert_eq!(
+            ctl.error_kind("device.add", params.clone()),
+            "invalid-params",
+            "{key}={bad}"
+        );
+        if saved.is_null() {
+            params.as_object_mut().unwrap().remove(key);
+        } else {
+            params[key] = saved;
+        }
+    }
+    // Duplicate id and socket.
+    let mut dup = add_params(&daemon, "boot");
+    assert_eq!(ctl.error_kind("device.add", dup.clone()), "exists");
+    dup["id"] = json!("other");
+    dup["socket"] = json!(daemon.path("boot.sock"));
+    assert_eq!(ctl.error_kind("device.add", dup), "exists");
+    // A backing that cannot be opened.
+    let mut missing = add_params(&daemon, "vdd");
+    missing["path"] = json!("/nonexistent/dir/x.img");
+    assert_eq!(ctl.error_kind("device.add", missing), "io");
+    // Nothing was added by any of that.
+    assert_eq!(
+        ctl.call("device.list", json!({}))
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    assert!(!daemon.path("vdc.sock").exists() && !daemon.path("vdd.sock").exists());
+
+    // An oversized line is refused and the connection closed; others keep working.
+    let mut other = Control::connect(&daemon.path("control.sock"));
+    let huge = vec![b'x'; (1 << 20) + 10];
+    assert_eq!(kind(ctl.raw(&huge)), "too-large");
+    assert_eq!(
+        other.call("daemon.info", json!({})).unwrap()["name"],
+        "novacrond"
+    );
+}
+
+#[test]
+fn devices_persist_across_restarts_and_corrupt_state_is_fatal() {
+    let daemon = Daemon::start(&["--state-dir", "{dir}/state"]);
+    let mut ctl = Control::connect(&daemon.path("control.sock"));
+    ctl.call("device.add", add_params(&daemon, "vde")).unwrap();
+    {
+        let mut c = BlkClient::connect(&daemon.path("vde.sock"));
+        c.write(0, 0, &pattern(5, 4096));
+        assert_eq!(c.flush(0), 0);
+    }
+    let (status, dir) = daemon.terminate();
+    assert!(status.success());
+    assert!(dir.path().join("state/devices.json").exists());
+
+    // Same state dir: the device comes back on the same socket with the same data.
+    let daemon = Daemon::start_in(dir, &["--state-dir", "{dir}/state"]);
+    let mut c = BlkClient::connect(&daemon.path("vde.sock"));
+    assert_eq!(c.read(0, 0, 4096), pattern(5, 4096));
+    drop(c);
+    let mut daemon = daemon;
+    daemon.wait_for_log("vde: front-end disconnected");
+    let mut ctl = Control::connect(&daemon.path("control.sock"));
+    ctl.call("device.remove", json!({"id": "vde"})).unwrap();
+    let (_, dir) = daemon.terminate();
+    let state = std::fs::read_to_string(dir.path().join("state/devices.json")).unwrap();
+    assert!(
+        !state.contains("vde"),
+        "removed device still recorded: {state}"
+    );
+
+    std::fs::write(
+        dir.path().join("state/devices.json"),
+        b"{\"version\":1,\"devices\":[",
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_novacrond"))
+        .args(["--control", "none", "--state-dir"])
+        .arg(dir.path().join("state"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "started with a corrupt state file");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("corrupt"));
+}
+
+fn novactl(daemon: &Daemon, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_novactl"))
+        .arg("--control")
+        .arg(daemon.path("control.sock"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn novactl_drives_the_daemon() {
+    let daemon = Daemon::start(&[]);
+    let spec = format!(
+        "socket={},path={},size=4M",
+        daemon.path("vdf.sock").display(),
+        daemon.path("vdf.img").display()
+    );
+    let (ok, out, err) = novactl(&daemon, &["device", "add", "blk", &spec, "serial=S1"]);
+    assert!(ok, "{err}");
+    assert!(out.contains("vdf"), "{out}");
+    let (ok, out, _) = novactl(&daemon, &["device", "ls"]);
+    assert!(
+        ok && out.contains("vdf") && out.contains("CONNECTED"),
+        "{out}"
+    );
+    let (ok, out, _) = novactl(&daemon, &["--json", "device", "get", "vdf"]);
+    assert!(ok);
+    let value: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(value["serial"], "S1");
+    let (ok, out, _) = novactl(&daemon, &["device", "stats", "vdf"]);
+    assert!(ok && out.contains("READS"), "{out}");
+    let (ok, _, err) = novactl(&daemon, &["device", "rm", "nope"]);
+    assert!(!ok && err.contains("not-found"), "{err}");
+    let (ok, out, _) = novactl(&daemon, &["info"]);
+    assert!(ok && out.contains("novacrond"), "{out}");
+    let (ok, _, _) = novactl(&daemon, &["device", "rm", "vdf"]);
+    assert!(ok);
+    let (ok, _, _) = novactl(&daemon, &["shutdown"]);
+    assert!(ok);
+    let (status, _) = daemon.wait_exit();
+    assert!(status.success());
+}
+
+#[test]
+fn control_socket_is_private_and_checks_peer_uid() {
+    let daemon = Daemon::start(&[]);
+    let socket = daemon.path("control.sock");
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
+    // Simulate an admin loosening permissions: the uid check still refuses strangers.
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o777)).unwrap();
+    std::fs::set_permissions(daemon.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .arg(env!("CARGO_BIN_EXE_novactl"))
+        .arg("--control")
+        .arg(&socket)
+        .arg("info")
+        .output()
+        .expect("setpriv (util-linux) is required");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unauthorized"), "{err}");
+    // A symlinked control directory is refused at start-up.
+    let real = tempfile::tempdir().unwrap();
+    let link = daemon.path("link");
+    std::os::unix::fs::symlink(real.path(), &link).unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_novacrond"))
+        .arg("--control")
+        .arg(link.join("control.sock"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("symlink"));
+}
