@@ -7,6 +7,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
 cargo fmt --all -- --check
-cargo clippy --all-targets --locked -- -D warnings
+cargo clippy --workspace --all-targets --locked -- -D warnings
 bash scripts/build-guest.sh target/guest >/dev/null
-cargo test --locked --all-targets
+cargo test --locked --workspace --all-targets

@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use crate::control::server::{ControlConfig, ControlError, ControlServer};
+use crate::metrics::{MetricsError, MetricsServer};
 use crate::registry::{Registry, RegistryError};
 use crate::state::{StateError, StateStore};
 use crate::sys::signals;
@@ -34,6 +35,9 @@ pub enum DaemonError {
     /// The control socket could not be set up.
     #[error(transparent)]
     Control(#[from] ControlError),
+    /// The metrics endpoint could not be set up.
+    #[error(transparent)]
+    Metrics(#[from] MetricsError),
     /// Signal setup failed.
     #[error("cannot set up signal handling")]
     Signals(#[source] std::io::Error),
@@ -48,6 +52,8 @@ pub struct DaemonConfig {
     pub control: Option<ControlConfig>,
     /// Where devices added at run time are recorded.
     pub state_dir: Option<PathBuf>,
+    /// Where to serve Prometheus metrics, if anywhere.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// Starts everything, blocks until told to stop, stops everything.
@@ -82,6 +88,19 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         },
         None => None,
     };
+    let metrics = match config.metrics {
+        Some(addr) => match MetricsServer::start(addr, Arc::clone(&registry)) {
+            Ok(server) => Some(server),
+            Err(e) => {
+                if let Some(control) = control {
+                    control.stop();
+                }
+                stop_registry(&registry);
+                return Err(e.into());
+            }
+        },
+        None => None,
+    };
     let devices = match registry.lock() {
         Ok(r) => r.ids().len(),
         Err(p) => p.into_inner().ids().len(),
@@ -94,6 +113,9 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     }
     if let Some(control) = control {
         control.stop();
+    }
+    if let Some(metrics) = metrics {
+        metrics.stop();
     }
     stop_registry(&registry);
     log::info!("novacrond stopped");

@@ -49,6 +49,10 @@ struct Args {
     #[arg(long = "control-allow-uid", value_name = "UID")]
     control_allow_uid: Vec<u32>,
 
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics (a bare PORT means 127.0.0.1).
+    #[arg(long, value_name = "ADDR:PORT")]
+    metrics: Option<String>,
+
     /// Directory where devices added at run time are recorded and recreated from at start.
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
@@ -83,10 +87,19 @@ impl TryFrom<Args> for DaemonConfig {
         if blk.is_empty() && control.is_none() && args.state_dir.is_none() {
             anyhow::bail!("nothing to serve: give --blk, a control socket or a state directory");
         }
+        let metrics = args
+            .metrics
+            .as_deref()
+            .map(|text| match text.parse::<u16>() {
+                Ok(port) => Ok(std::net::SocketAddr::from(([127, 0, 0, 1], port))),
+                Err(_) => text.parse().with_context(|| format!("--metrics {text}")),
+            })
+            .transpose()?;
         Ok(DaemonConfig {
             blk,
             control,
             state_dir: args.state_dir,
+            metrics,
         })
     }
 }

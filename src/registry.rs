@@ -239,11 +239,17 @@ impl Registry {
         }))
     }
 
-    /// Every device's counters, for metrics.
-    pub fn all_stats(&self) -> Vec<(String, Vec<QueueSnapshot>)> {
+    /// Every device's id, connection state and counters, for metrics.
+    pub fn metrics_snapshot(&self) -> Vec<(String, bool, Vec<QueueSnapshot>)> {
         self.devices
             .iter()
-            .map(|(id, e)| (id.clone(), e.device.shared().stats()))
+            .map(|(id, e)| {
+                (
+                    id.clone(),
+                    e.device.is_connected(),
+                    e.device.shared().stats(),
+                )
+            })
             .collect()
     }
 

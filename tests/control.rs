@@ -299,3 +299,55 @@ fn control_socket_is_private_and_checks_peer_uid() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("symlink"));
 }
+
+fn scrape(port: u16, path: &str) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
+}
+
+#[test]
+fn metrics_endpoint_reports_per_queue_counters() {
+    // A free loopback port (released just before the daemon binds it).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let port_arg = port.to_string();
+    let daemon = Daemon::start(&[
+        "--metrics",
+        &port_arg,
+        "--blk",
+        "socket={dir}/m.sock,path={dir}/m.img,size=4M,queues=2",
+    ]);
+    let mut c = BlkClient::connect(&daemon.path("m.sock"));
+    c.write(0, 0, &pattern(1, 4096));
+    c.read(0, 0, 4096);
+    let h = c.header(common::blk::T_IN, u64::MAX / 1024);
+    let s = c.alloc(1);
+    let data = c.alloc(512);
+    c.roundtrip(0, &[(h, 16, false), (data, 512, true), (s, 1, true)]);
+
+    let response = scrape(port, "/metrics");
+    assert!(
+        response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"),
+        "{response}"
+    );
+    for line in [
+        "novacron_blk_connected{device=\"m\"} 1",
+        "novacron_blk_requests_total{device=\"m\",queue=\"0\",op=\"write\"} 1",
+        "novacron_blk_requests_total{device=\"m\",queue=\"0\",op=\"read\"} 1",
+        "novacron_blk_bytes_total{device=\"m\",queue=\"0\",direction=\"write\"} 4096",
+        "novacron_blk_rejected_total{device=\"m\",queue=\"0\",reason=\"out-of-range\"} 1",
+        "novacron_blk_requests_total{device=\"m\",queue=\"1\",op=\"read\"} 0",
+        "novacron_blk_request_latency_seconds_count{device=\"m\",queue=\"0\"} 2",
+        "# TYPE novacron_blk_request_latency_seconds histogram",
+    ] {
+        assert!(response.contains(line), "missing `{line}` in:\n{response}");
+    }
+    assert!(scrape(port, "/other").contains(" 404"));
+}
