@@ -351,3 +351,41 @@ fn metrics_endpoint_reports_per_queue_counters() {
     }
     assert!(scrape(port, "/other").contains(" 404"));
 }
+
+#[test]
+fn hot_add_and_remove_do_not_disturb_a_device_serving_io() {
+    let daemon = Daemon::start(&[
+        "--blk",
+        "socket={dir}/busy.sock,path={dir}/busy.img,size=8M",
+    ]);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let socket = daemon.path("busy.sock");
+    let worker = {
+        let stop = std::sync::Arc::clone(&stop);
+        std::thread::spawn(move || {
+            let mut c = BlkClient::connect(&socket);
+            let mut rounds = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Acquire) {
+                let sector = (rounds % 256) * 8;
+                c.write(0, sector, &pattern(rounds, 4096));
+                assert_eq!(c.read(0, sector, 4096), pattern(rounds, 4096));
+                rounds += 1;
+            }
+            rounds
+        })
+    };
+    let mut ctl = Control::connect(&daemon.path("control.sock"));
+    for i in 0..6 {
+        let id = format!("hot{i}");
+        ctl.call("device.add", add_params(&daemon, &id)).unwrap();
+        let mut c = BlkClient::connect(&daemon.path(&format!("{id}.sock")));
+        c.write(0, 0, &pattern(i, 4096));
+        ctl.call("device.remove", json!({"id": id, "force": true}))
+            .unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    let rounds = worker
+        .join()
+        .expect("I/O on the busy device failed during hot add/remove");
+    assert!(rounds > 0);
+}
