@@ -241,6 +241,12 @@ pub fn render(devices: &Snapshot) -> String {
                 };
                 let _ = writeln!(out, "novacron_blk_request_latency_seconds_bucket{{device=\"{}\",queue=\"{q}\",le=\"{le}\"}} {cumulative}", escape(id));
             }
+            let _ = writeln!(
+                out,
+                "novacron_blk_request_latency_seconds_sum{{device=\"{}\",queue=\"{q}\"}} {}",
+                escape(id),
+                snap.latency_ns_total as f64 / 1e9
+            );
             let _ = writeln!(out, "novacron_blk_request_latency_seconds_count{{device=\"{}\",queue=\"{q}\"}} {cumulative}", escape(id));
         }
     }
@@ -280,6 +286,12 @@ mod tests {
         assert!(text.contains("direction=\"read\"} 8192"));
         assert!(text.contains("le=\"0.000004\"} 1"), "{text}");
         assert!(text.contains("le=\"+Inf\"} 2"));
+        assert!(
+            text.contains(
+                "novacron_blk_request_latency_seconds_sum{device=\"vd\\\"a\",queue=\"0\"} 0.000303"
+            ),
+            "{text}"
+        );
         assert!(text.contains(
             "novacron_blk_request_latency_seconds_count{device=\"vd\\\"a\",queue=\"0\"} 2"
         ));

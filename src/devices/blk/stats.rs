@@ -66,6 +66,7 @@ pub struct QueueStats {
     rejected: [AtomicU64; Reason::ALL.len()],
     in_flight: AtomicU64,
     latency: [AtomicU64; LATENCY_BUCKETS],
+    latency_ns_total: AtomicU64,
     queue_misconfigured: AtomicU64,
 }
 
@@ -86,6 +87,8 @@ pub struct QueueSnapshot {
     pub in_flight: u64,
     /// Latency histogram: `(upper bound in µs, count)`; the last bound is `u64::MAX`.
     pub latency_us: Vec<(u64, u64)>,
+    /// Sum of all request latencies, in nanoseconds.
+    pub latency_ns_total: u64,
     /// Kicks ignored because the front-end configured an invalid queue.
     pub queue_misconfigured: u64,
 }
@@ -111,6 +114,10 @@ impl QueueStats {
         } else if class == OpClass::Write {
             add(&self.bytes_written, bytes);
         }
+        add(
+            &self.latency_ns_total,
+            u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX),
+        );
         let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
         let bucket = (u64::BITS - micros.leading_zeros()) as usize;
         add(&self.latency[bucket.min(LATENCY_BUCKETS - 1)], 1);
@@ -160,6 +167,7 @@ impl QueueStats {
                     (bound, load(c))
                 })
                 .collect(),
+            latency_ns_total: load(&self.latency_ns_total),
             queue_misconfigured: load(&self.queue_misconfigured),
         }
     }
