@@ -8,6 +8,7 @@
 //! which [`Reason`] to count. Data buffers become iovecs into mapped guest memory, split where
 //! a buffer crosses memory regions, and checked against the memory map.
 
+use smallvec::SmallVec;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::spec::{
@@ -174,8 +175,8 @@ pub struct Buffer {
 /// still pointed to a next one (loop, over-long chain, broken or nested indirect table).
 pub fn collect_buffers(
     chain: impl Iterator<Item = virtio_queue::desc::split::Descriptor>,
-) -> Result<Vec<Buffer>, Reason> {
-    let mut buffers = Vec::with_capacity(4);
+) -> Result<Buffers, Reason> {
+    let mut buffers = Buffers::new();
     let mut truncated = false;
     for desc in chain {
         truncated = desc.has_next();
@@ -192,6 +193,11 @@ pub fn collect_buffers(
     }
 }
 
+/// A chain's buffers; Linux sends 3 (header, data, status), so they live on the stack.
+pub type Buffers = SmallVec<[Buffer; 8]>;
+/// Spans of the readable or writable stream, likewise without heap allocation.
+type Spans = SmallVec<[Span; 8]>;
+
 /// A contiguous piece of the readable or writable byte stream.
 #[derive(Debug, Clone, Copy)]
 struct Span {
@@ -205,8 +211,8 @@ pub fn parse(
     buffers: &[Buffer],
     limits: Limits,
 ) -> Result<Request, Rejection> {
-    let mut readable = Vec::with_capacity(buffers.len());
-    let mut writable = Vec::with_capacity(2);
+    let mut readable = Spans::new();
+    let mut writable = Spans::new();
     let mut misordered = false;
     for buffer in buffers {
         let span = Span {
@@ -259,7 +265,7 @@ pub fn parse(
             let offset = data_range(sector, span_total(&readable_data), limits).map_err(fail)?;
             (RequestKind::Write { offset }, readable_data, false)
         }
-        VIRTIO_BLK_T_FLUSH => (RequestKind::Flush, Vec::new(), false),
+        VIRTIO_BLK_T_FLUSH => (RequestKind::Flush, Spans::new(), false),
         VIRTIO_BLK_T_GET_ID => {
             if span_total(&writable_data) < u64::from(VIRTIO_BLK_ID_BYTES) {
                 return Err(fail(Reason::IdBufferTooSmall));
@@ -295,7 +301,7 @@ pub fn parse(
             } else {
                 RequestKind::WriteZeroes(ranges)
             };
-            (kind, Vec::new(), false)
+            (kind, Spans::new(), false)
         }
         _ => {
             return Err(Rejection {
@@ -342,8 +348,8 @@ fn span_total(spans: &[Span]) -> u64 {
 }
 
 /// The spans after the first `n` bytes.
-fn skip(spans: &[Span], mut n: u64) -> Vec<Span> {
-    let mut out = Vec::with_capacity(spans.len());
+fn skip(spans: &[Span], mut n: u64) -> Spans {
+    let mut out = Spans::new();
     for span in spans {
         if n >= span.len {
             n -= span.len;
@@ -367,8 +373,8 @@ fn skip(spans: &[Span], mut n: u64) -> Vec<Span> {
 }
 
 /// The first `n` bytes of the spans.
-fn take(spans: &[Span], mut n: u64) -> Vec<Span> {
-    let mut out = Vec::with_capacity(spans.len());
+fn take(spans: &[Span], mut n: u64) -> Spans {
+    let mut out = Spans::new();
     for span in spans {
         if n == 0 {
             break;

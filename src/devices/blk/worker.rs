@@ -14,6 +14,7 @@
 //! mappings its iovecs point into stay valid even if the front-end replaces the memory table
 //! while the kernel is still transferring.
 
+use smallvec::{smallvec, SmallVec};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -42,6 +43,9 @@ pub enum WorkerError {
     #[error(transparent)]
     Engine(#[from] crate::storage::EngineError),
 }
+
+/// The engine ops of one request: one for everything but multi-range discards.
+type EngineOps = SmallVec<[(OpKind, Vec<libc::iovec>); 1]>;
 
 /// A request handed to the engine and not yet returned to the guest.
 #[derive(Debug)]
@@ -291,14 +295,14 @@ impl QueueWorker {
     }
 
     fn execute(&mut self, head: u16, request: Request, memory: &Arc<GuestMemory>) {
-        let (class, ops): (OpClass, Vec<(OpKind, Vec<libc::iovec>)>) = match request.kind {
+        let (class, ops): (OpClass, EngineOps) = match request.kind {
             RequestKind::Read { offset } => (
                 OpClass::Read,
-                vec![(OpKind::Read { offset }, request.iovecs)],
+                smallvec![(OpKind::Read { offset }, request.iovecs)],
             ),
             RequestKind::Write { offset } => (
                 OpClass::Write,
-                vec![(OpKind::Write { offset }, request.iovecs)],
+                smallvec![(OpKind::Write { offset }, request.iovecs)],
             ),
             RequestKind::Flush => {
                 if self.shared.flush_failed.load(Ordering::Acquire) {
@@ -315,7 +319,7 @@ impl QueueWorker {
                     });
                     return;
                 }
-                (OpClass::Flush, vec![(OpKind::Flush, Vec::new())])
+                (OpClass::Flush, smallvec![(OpKind::Flush, Vec::new())])
             }
             RequestKind::Discard(ranges) => (
                 OpClass::Discard,
