@@ -103,12 +103,17 @@ pub trait Engine: Send {
     /// not accessed by the caller, and stays mapped until the op's completion is reaped.
     unsafe fn push(&mut self, op: IoOp);
 
-    /// Hands queued ops to the kernel in one batch.
-    fn submit(&mut self) -> Result<(), EngineError>;
+    /// Hands queued ops to the kernel in one batch. Engines that run ops inside `push` have
+    /// nothing to do.
+    fn submit(&mut self) -> Result<(), EngineError> {
+        Ok(())
+    }
 
-    /// An eventfd that becomes readable when completions are ready; `None` when completions
-    /// are always ready right after `submit` (sync engines).
-    fn completion_fd(&self) -> Option<RawFd>;
+    /// An eventfd that becomes readable when completions are ready; `None` (the default) when
+    /// completions are always ready right after `push` (inline engines).
+    fn completion_fd(&self) -> Option<RawFd> {
+        None
+    }
 
     /// Whether completions are waiting to be reaped (checked while polling; cheap).
     fn completions_pending(&mut self) -> bool {

@@ -2,10 +2,9 @@
 //! Like SPDK's null bdev or QEMU's `null-co,read-zeroes=on`, it measures the data path alone.
 
 use std::collections::VecDeque;
-use std::os::fd::RawFd;
 
 use super::iov::IovCursor;
-use super::{Completion, Engine, EngineError, IoOp, OpKind};
+use super::{Completion, Engine, IoOp, OpKind};
 
 /// An engine with no storage behind it.
 #[derive(Debug, Default)]
@@ -27,14 +26,6 @@ impl Engine for NullEngine {
             tag: op.tag,
             result: Ok(()),
         });
-    }
-
-    fn submit(&mut self) -> Result<(), EngineError> {
-        Ok(())
-    }
-
-    fn completion_fd(&self) -> Option<RawFd> {
-        None
     }
 
     fn reap(&mut self, out: &mut Vec<Completion>) {

@@ -8,7 +8,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
 use super::iov::IovCursor;
-use super::{Completion, Engine, EngineError, IoOp, OpKind};
+use super::{Completion, Engine, IoOp, OpKind};
 
 /// Blocking engine over one file.
 #[derive(Debug)]
@@ -33,50 +33,12 @@ impl SyncEngine {
     unsafe fn run(&self, op: IoOp) -> Result<(), i32> {
         let fd = self.file.as_raw_fd();
         match op.kind {
-            OpKind::Read { offset } => {
-                let mut cursor = IovCursor::new(op.iovecs);
-                while !cursor.is_complete() {
-                    let position = offset_at(offset, cursor.done())?;
-                    // SAFETY: the caller guarantees the iovecs are writable guest buffers that
-                    // stay mapped for the duration of this call.
-                    let n = retry_eintr(|| unsafe {
-                        libc::preadv(
-                            fd,
-                            cursor.remaining().as_ptr(),
-                            iov_count(cursor.remaining()),
-                            position,
-                        )
-                    })?;
-                    if n == 0 {
-                        // SAFETY: same buffers as above; end of file reads as zeros.
-                        unsafe { cursor.zero_remaining() };
-                    } else {
-                        cursor.advance(n);
-                    }
-                }
-                Ok(())
-            }
-            OpKind::Write { offset } => {
-                let mut cursor = IovCursor::new(op.iovecs);
-                while !cursor.is_complete() {
-                    let position = offset_at(offset, cursor.done())?;
-                    // SAFETY: the caller guarantees the iovecs are readable guest buffers that
-                    // stay mapped for the duration of this call.
-                    let n = retry_eintr(|| unsafe {
-                        libc::pwritev(
-                            fd,
-                            cursor.remaining().as_ptr(),
-                            iov_count(cursor.remaining()),
-                            position,
-                        )
-                    })?;
-                    if n == 0 {
-                        return Err(libc::EIO);
-                    }
-                    cursor.advance(n);
-                }
-                Ok(())
-            }
+            // SAFETY: forwarded from the caller of `run`.
+            OpKind::Read { offset } => unsafe { transfer(fd, offset, op.iovecs, Direction::Read) },
+            // SAFETY: forwarded from the caller of `run`.
+            OpKind::Write { offset } => unsafe {
+                transfer(fd, offset, op.iovecs, Direction::Write)
+            },
             // SAFETY: fdatasync only reads the fd number.
             OpKind::Flush => retry_eintr(|| unsafe { libc::fdatasync(fd) as isize }).map(drop),
             OpKind::Discard { offset, len } => fallocate(fd, PUNCH_HOLE, offset, len),
@@ -99,14 +61,6 @@ impl Engine for SyncEngine {
         self.done.push_back(Completion { tag, result });
     }
 
-    fn submit(&mut self) -> Result<(), EngineError> {
-        Ok(())
-    }
-
-    fn completion_fd(&self) -> Option<RawFd> {
-        None
-    }
-
     fn reap(&mut self, out: &mut Vec<Completion>) {
         out.extend(self.done.drain(..));
     }
@@ -118,6 +72,46 @@ impl Engine for SyncEngine {
     fn drain(&mut self, out: &mut Vec<Completion>) {
         self.reap(out);
     }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    Read,
+    Write,
+}
+
+/// Moves every byte of `iovecs` at `offset`, continuing short transfers. A read that returns 0
+/// has hit end of file: the rest reads as zeros. A write that returns 0 made no progress: EIO.
+///
+/// # Safety
+/// As for [`Engine::push`]: the iovecs are valid guest buffers (writable for reads) that stay
+/// mapped for the duration of this call.
+unsafe fn transfer(
+    fd: RawFd,
+    offset: u64,
+    iovecs: Vec<libc::iovec>,
+    direction: Direction,
+) -> Result<(), i32> {
+    let mut cursor = IovCursor::new(iovecs);
+    while !cursor.is_complete() {
+        let position = offset_at(offset, cursor.done())?;
+        let (iov, count) = (cursor.remaining().as_ptr(), iov_count(cursor.remaining()));
+        // SAFETY: `iov`/`count` describe the cursor's live iovec array; the buffers are valid
+        // for this direction by the caller's contract.
+        let n = retry_eintr(|| unsafe {
+            match direction {
+                Direction::Read => libc::preadv(fd, iov, count, position),
+                Direction::Write => libc::pwritev(fd, iov, count, position),
+            }
+        })?;
+        match (n, direction) {
+            (0, Direction::Write) => return Err(libc::EIO),
+            // SAFETY: read buffers are writable by the caller's contract.
+            (0, Direction::Read) => unsafe { cursor.zero_remaining() },
+            (n, _) => cursor.advance(n),
+        }
+    }
+    Ok(())
 }
 
 /// `fallocate` mode that deallocates a range while keeping the file size.
