@@ -53,6 +53,10 @@ struct Args {
     #[arg(long, value_name = "ADDR:PORT")]
     metrics: Option<String>,
 
+    /// Seconds after which an idle control connection is closed.
+    #[arg(long, value_name = "SECS", default_value_t = 60.0)]
+    control_idle_timeout: f64,
+
     /// Directory where devices added at run time are recorded and recreated from at start.
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
@@ -80,9 +84,14 @@ impl TryFrom<Args> for DaemonConfig {
             BlkConfig::parse(spec).with_context(|| format!("--blk {spec}"))?;
             blk.push(OptionList::parse(spec)?.into_pairs());
         }
+        let idle_timeout = std::time::Duration::try_from_secs_f64(args.control_idle_timeout)
+            .ok()
+            .filter(|t| !t.is_zero())
+            .context("--control-idle-timeout must be a positive number of seconds")?;
         let control = (args.control != "none").then(|| ControlConfig {
             socket: PathBuf::from(&args.control),
             allow_uids: args.control_allow_uid.clone(),
+            idle_timeout,
         });
         if blk.is_empty() && control.is_none() && args.state_dir.is_none() {
             anyhow::bail!("nothing to serve: give --blk, a control socket or a state directory");

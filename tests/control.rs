@@ -389,3 +389,23 @@ fn hot_add_and_remove_do_not_disturb_a_device_serving_io() {
         .expect("I/O on the busy device failed during hot add/remove");
     assert!(rounds > 0);
 }
+
+#[test]
+fn idle_control_connections_are_closed() {
+    use std::io::Read;
+    let daemon = Daemon::start(&["--control-idle-timeout", "0.3"]);
+    let mut idle = std::os::unix::net::UnixStream::connect(daemon.path("control.sock")).unwrap();
+    idle.set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let mut buf = [0u8; 16];
+    // The server's close is the signal: read returns 0 (EOF), not a timeout error.
+    assert_eq!(idle.read(&mut buf).unwrap(), 0);
+    assert!(started.elapsed() >= std::time::Duration::from_millis(300));
+    // An active client is still served.
+    let mut ctl = Control::connect(&daemon.path("control.sock"));
+    assert_eq!(
+        ctl.call("daemon.info", json!({})).unwrap()["name"],
+        "novacrond"
+    );
+}

@@ -4,7 +4,7 @@
 //! Safety limits: the socket is created mode 0600 in a directory we create mode 0700 (an
 //! existing directory must be ours, not a symlink, and not group/world-writable); every peer's
 //! uid (`SO_PEERCRED`) must be on the allow-list; a request line may be at most
-//! [`MAX_LINE`] bytes; connections idle for [`IDLE_TIMEOUT`] are closed; at most
+//! [`MAX_LINE`] bytes; idle connections are closed (default [`IDLE_TIMEOUT`]); at most
 //! [`MAX_CONNECTIONS`] are served at once (more are told `busy` and closed).
 
 use std::collections::HashMap;
@@ -26,7 +26,7 @@ use crate::sys::peer::{effective_uid, peer_credentials};
 
 /// Longest request line accepted.
 pub const MAX_LINE: usize = 1 << 20;
-/// Connections with no traffic for this long are closed.
+/// Default for [`ControlConfig::idle_timeout`].
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Most simultaneous control connections.
 pub const MAX_CONNECTIONS: usize = 16;
@@ -66,6 +66,8 @@ pub struct ControlConfig {
     pub socket: PathBuf,
     /// Uids allowed to connect (the daemon's own uid and root are always allowed).
     pub allow_uids: Vec<u32>,
+    /// Connections with no traffic for this long are closed.
+    pub idle_timeout: Duration,
 }
 
 /// A running control server.
@@ -124,6 +126,7 @@ impl ControlServer {
             connections: HashMap::new(),
             next_token: FIRST_CONNECTION,
             stop: Arc::clone(&stop),
+            idle_timeout: config.idle_timeout,
         };
         let thread = std::thread::Builder::new()
             .name("control".into())
@@ -222,6 +225,7 @@ struct Server {
     connections: HashMap<Token, Connection>,
     next_token: usize,
     stop: Arc<AtomicBool>,
+    idle_timeout: Duration,
 }
 
 impl Server {
@@ -236,7 +240,10 @@ impl Server {
         }
         let mut events = Events::with_capacity(64);
         while !self.stop.load(Ordering::Acquire) {
-            if let Err(e) = self.poll.poll(&mut events, Some(Duration::from_secs(1))) {
+            let tick = self
+                .idle_timeout
+                .clamp(Duration::from_millis(50), Duration::from_secs(1));
+            if let Err(e) = self.poll.poll(&mut events, Some(tick)) {
                 if e.kind() == ErrorKind::Interrupted {
                     continue;
                 }
@@ -361,7 +368,7 @@ impl Server {
         let idle: Vec<Token> = self
             .connections
             .iter()
-            .filter(|(_, c)| c.last_active.elapsed() > IDLE_TIMEOUT)
+            .filter(|(_, c)| c.last_active.elapsed() > self.idle_timeout)
             .map(|(t, _)| *t)
             .collect();
         for token in idle {
