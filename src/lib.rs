@@ -13,6 +13,7 @@ pub mod devices;
 #[doc(hidden)]
 pub mod fuzz_support;
 pub mod metrics;
+pub mod qos;
 pub mod registry;
 pub mod state;
 pub mod storage;

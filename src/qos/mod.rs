@@ -1,0 +1,6 @@
+//! Quality of service: token buckets ([`bucket`]) and limiters built from them ([`limiter`]).
+//! Plain library code with an injectable clock, independent of vhost-user; the device
+//! workers consult a limiter before starting a request and arm a timer for the returned wait.
+
+pub mod bucket;
+pub mod limiter;
