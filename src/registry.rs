@@ -15,6 +15,7 @@ use crate::config::options::OptionList;
 use crate::devices::blk::config::{BackingSpec, BlkConfig, BlkConfigError};
 use crate::devices::blk::device::{BlkDevice, DeviceError};
 use crate::devices::blk::stats::{OpClass, QueueSnapshot};
+use crate::qos::config::QosConfig;
 use crate::state::{DeviceRecord, StateError, StateStore};
 
 /// Errors from registry changes; each maps to a stable control-plane error kind.
@@ -44,6 +45,9 @@ pub enum RegistryError {
         #[source]
         source: DeviceError,
     },
+    /// A `qos.set` key that is not a QoS setting.
+    #[error("`{0}` is not a QoS setting")]
+    NotQos(String),
     /// The state directory could not be updated; nothing changed.
     #[error("cannot record the change")]
     State(#[from] StateError),
@@ -53,7 +57,9 @@ impl RegistryError {
     /// The stable error kind for the control plane.
     pub fn kind(&self) -> &'static str {
         match self {
-            RegistryError::UnknownType(_) | RegistryError::Config(_) => "invalid-params",
+            RegistryError::UnknownType(_) | RegistryError::Config(_) | RegistryError::NotQos(_) => {
+                "invalid-params"
+            }
             RegistryError::Exists(_) => "exists",
             RegistryError::NotFound(_) => "not-found",
             RegistryError::Busy(_) => "busy",
@@ -161,6 +167,69 @@ impl Registry {
         }
         entry.device.stop();
         Ok(())
+    }
+
+    /// Changes a device's rate limits live: `Some(value)` sets a key, `None` removes it. The
+    /// merged options are validated as a whole and recorded before the new limits apply.
+    pub fn set_qos(
+        &mut self,
+        id: &str,
+        changes: BTreeMap<String, Option<String>>,
+    ) -> Result<Value, RegistryError> {
+        if let Some(key) = changes.keys().find(|k| !QosConfig::is_qos_key(k)) {
+            return Err(RegistryError::NotQos(key.clone()));
+        }
+        let entry = self
+            .devices
+            .get_mut(id)
+            .ok_or_else(|| RegistryError::NotFound(id.to_string()))?;
+        let mut options = entry.record.options.clone();
+        for (key, value) in changes {
+            match value {
+                Some(value) => options.insert(key, value),
+                None => options.remove(&key),
+            };
+        }
+        let config = BlkConfig::from_options(OptionList::from_pairs(options.clone()))?;
+        let previous = std::mem::replace(&mut entry.record.options, options);
+        let persistent = entry.persistent;
+        if persistent {
+            if let Err(e) = self.save() {
+                if let Some(entry) = self.devices.get_mut(id) {
+                    entry.record.options = previous;
+                }
+                return Err(e);
+            }
+        }
+        if let Some(entry) = self.devices.get(id) {
+            // Validated above by from_options, which builds the same limiter.
+            if let Err(e) = entry.device.shared().set_qos(&config.qos) {
+                log::error!("{id}: cannot apply validated limits: {e}");
+            }
+        }
+        self.qos(id)
+    }
+
+    /// A device's rate limits and how much they held it back.
+    pub fn qos(&self, id: &str) -> Result<Value, RegistryError> {
+        let entry = self
+            .devices
+            .get(id)
+            .ok_or_else(|| RegistryError::NotFound(id.to_string()))?;
+        let shared = entry.device.shared();
+        let limits: serde_json::Map<String, Value> = shared
+            .qos_config()
+            .limits
+            .iter()
+            .map(|(key, rate)| (key.to_string(), json!(rate)))
+            .collect();
+        let queues = shared.stats();
+        Ok(json!({
+            "id": id,
+            "limits": limits,
+            "throttled": queues.iter().map(|q| q.throttled).sum::<u64>(),
+            "throttle-wait-ns": queues.iter().map(|q| q.throttle_wait_ns).sum::<u64>(),
+        }))
     }
 
     /// Recreates the devices recorded in the state directory.
@@ -279,5 +348,6 @@ fn total(queues: &[QueueSnapshot]) -> Value {
         "io-errors": sum(&|q| q.io_errors),
         "rejected": rejected,
         "in-flight": sum(&|q| q.in_flight),
+        "throttled": sum(&|q| q.throttled),
     })
 }

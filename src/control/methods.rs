@@ -8,6 +8,8 @@
 //! | `device.list` | none | list of devices |
 //! | `device.get` | `id` | the device |
 //! | `device.stats` | `id` | totals and per-queue counters |
+//! | `qos.set` | `id` + limits (`iops`, `bps`, `read-iops`, ..., `*-burst`, `*-burst-seconds`); `null` removes one | the device's limits |
+//! | `qos.get` | `id` | limits, throttled requests, time spent waiting |
 //! | `daemon.info` | none | version, device types, engines |
 //! | `daemon.shutdown` | none | `{}`, then the daemon stops |
 
@@ -72,6 +74,18 @@ fn dispatch(
             let id = params.string("id")?;
             params.finish()?;
             lock(registry).stats(&id).map_err(registry_error)?
+        }
+        "qos.set" => {
+            let id = params.string("id")?;
+            let changes = params.rest_as_changes()?;
+            lock(registry)
+                .set_qos(&id, changes)
+                .map_err(registry_error)?
+        }
+        "qos.get" => {
+            let id = params.string("id")?;
+            params.finish()?;
+            lock(registry).qos(&id).map_err(registry_error)?
         }
         "daemon.info" => {
             params.finish()?;
@@ -181,6 +195,24 @@ impl Params {
                 Ok((key, text))
             })
             .collect()
+    }
+
+    /// The remaining parameters as option changes: a value sets, `null` removes.
+    fn rest_as_changes(&mut self) -> Result<BTreeMap<String, Option<String>>, RpcError> {
+        let (nulls, values): (Map<String, Value>, Map<String, Value>) = std::mem::take(&mut self.0)
+            .into_iter()
+            .partition(|(_, v)| v.is_null());
+        self.0 = values;
+        let mut changes: BTreeMap<String, Option<String>> = self
+            .rest_as_options()?
+            .into_iter()
+            .map(|(k, v)| (k, Some(v)))
+            .collect();
+        changes.extend(nulls.into_iter().map(|(k, _)| (k, None)));
+        if changes.is_empty() {
+            return Err(RpcError::invalid_params("nothing to change"));
+        }
+        Ok(changes)
     }
 
     fn finish(self) -> Result<(), RpcError> {

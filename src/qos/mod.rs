@@ -3,4 +3,5 @@
 //! workers consult a limiter before starting a request and arm a timer for the returned wait.
 
 pub mod bucket;
+pub mod config;
 pub mod limiter;

@@ -61,6 +61,19 @@ impl Daemon {
         daemon
     }
 
+    /// CPU time (user + system) the daemon has used so far.
+    pub fn cpu_time(&self) -> std::time::Duration {
+        let pid = self.child.as_ref().expect("child").id();
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("proc stat");
+        // Fields after the command name (which is in parentheses): utime is 14th, stime 15th.
+        let after = &stat[stat.rfind(')').expect("comm") + 2..];
+        let fields: Vec<&str> = after.split_whitespace().collect();
+        let ticks: u64 = fields[11].parse::<u64>().unwrap() + fields[12].parse::<u64>().unwrap();
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        std::time::Duration::from_millis(ticks * 1000 / hz)
+    }
+
     /// Path inside the daemon's temp dir.
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)

@@ -33,6 +33,9 @@ pub enum BackendError {
         #[source]
         source: crate::storage::EngineError,
     },
+    /// A QoS timer could not be created.
+    #[error(transparent)]
+    Throttle(#[from] super::throttle::TimerError),
     /// An exit eventfd could not be created.
     #[error("cannot create an exit event")]
     ExitEvent(#[source] std::io::Error),
@@ -51,6 +54,11 @@ pub fn completion_event_id(num_queues: u16) -> u64 {
     u64::from(num_queues) + 1
 }
 
+/// Event id of the QoS timer in each worker thread's epoll set.
+pub fn throttle_event_id(num_queues: u16) -> u64 {
+    u64::from(num_queues) + 2
+}
+
 impl BlkBackend {
     /// Builds the workers (one engine each) for a new connection.
     pub fn new(shared: Arc<DeviceShared>, memory: AtomicGuestMemory) -> Result<Self, BackendError> {
@@ -65,7 +73,7 @@ impl BlkBackend {
                 Arc::clone(&shared),
                 engine,
                 memory.clone(),
-            )));
+            )?));
             exit_events.push(
                 new_event_consumer_and_notifier(EventFlag::NONBLOCK)
                     .map_err(BackendError::ExitEvent)?,
@@ -82,6 +90,13 @@ impl BlkBackend {
     pub fn completion_fds(&self) -> Vec<Option<std::os::fd::RawFd>> {
         (0..self.workers.len())
             .map(|i| self.worker(i).completion_fd())
+            .collect()
+    }
+
+    /// The QoS timer fd of each queue's worker.
+    pub fn throttle_fds(&self) -> Vec<std::os::fd::RawFd> {
+        (0..self.workers.len())
+            .map(|i| self.worker(i).throttle_fd())
             .collect()
     }
 
@@ -207,6 +222,7 @@ impl VhostUserBackend for BlkBackend {
             id if id == completion_event_id(self.shared.queues) => {
                 worker.process_completions(vring)
             }
+            id if id == throttle_event_id(self.shared.queues) => worker.process_timer(vring),
             other => {
                 log::warn!("{}: unexpected event id {other}", self.shared.id);
                 Ok(())

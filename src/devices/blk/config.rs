@@ -7,6 +7,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::config::options::{OptionError, OptionList};
+use crate::qos::config::QosConfig;
 
 /// Largest queue size a front-end may pick (the virtio split-ring limit).
 pub const MAX_QUEUE_SIZE: u16 = 32768;
@@ -74,6 +75,8 @@ pub struct BlkConfig {
     /// Microseconds a queue worker keeps polling for new requests and completions after the
     /// ring runs dry, before sleeping (0 disables polling). Costs CPU only while busy.
     pub poll_us: u32,
+    /// Rate limits (none by default).
+    pub qos: QosConfig,
 }
 
 /// Default poll window, as QEMU's iothread `poll-max-ns` (32 µs).
@@ -124,6 +127,7 @@ impl BlkConfig {
         };
         let logical_block_size = options.take::<u32>("logical-block-size")?.unwrap_or(512);
         let poll_us = options.take::<u32>("poll-us")?.unwrap_or(DEFAULT_POLL_US);
+        let qos = QosConfig::from_options(&mut options).map_err(|e| invalid(e.to_string()))?;
         options.finish()?;
         if poll_us > MAX_POLL_US {
             return Err(invalid(format!("poll-us must be 0..={MAX_POLL_US}")));
@@ -169,6 +173,7 @@ impl BlkConfig {
             engine,
             logical_block_size,
             poll_us,
+            qos,
         })
     }
 }

@@ -20,11 +20,14 @@ use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::backend::{completion_event_id, BlkBackend};
+use super::backend::{completion_event_id, throttle_event_id, BlkBackend};
 use super::config::{BackingSpec, BlkConfig, EngineKind};
 use super::request::Limits;
 use super::spec::{ConfigSpace, MAX_IOVECS, SECTOR_SHIFT};
 use super::stats::{QueueSnapshot, QueueStats};
+use super::throttle::now_ns;
+use crate::qos::config::QosConfig;
+use crate::qos::limiter::{LimitError, Limiter};
 use crate::storage::backing::{open_backing, BackingError, OpenRequest};
 use crate::storage::null::NullEngine;
 use crate::storage::sync::SyncEngine;
@@ -72,6 +75,12 @@ pub struct DeviceShared {
     pub poll: std::time::Duration,
     /// Whether a front-end is connected now.
     pub connected: AtomicBool,
+    /// The device's rate limits, shared by its queues.
+    pub qos: Mutex<Limiter>,
+    /// Fast path: false when no limit is set (the limiter is never locked).
+    pub qos_enabled: AtomicBool,
+    /// The settings `qos` was built from.
+    qos_config: Mutex<QosConfig>,
     file: Option<Arc<File>>,
     engine: EngineKind,
     stats: Vec<Arc<QueueStats>>,
@@ -90,6 +99,30 @@ impl DeviceShared {
             }
             EngineKind::Sync => Box::new(SyncEngine::new(Arc::clone(file))),
         })
+    }
+
+    /// Replaces the rate limits; takes effect for the next request on every queue.
+    pub fn set_qos(&self, config: &QosConfig) -> Result<(), LimitError> {
+        let limiter = config.limiter(now_ns())?;
+        match self.qos.lock() {
+            Ok(mut live) => *live = limiter,
+            Err(p) => *p.into_inner() = limiter,
+        }
+        match self.qos_config.lock() {
+            Ok(mut c) => *c = config.clone(),
+            Err(p) => *p.into_inner() = config.clone(),
+        }
+        self.qos_enabled
+            .store(!config.is_empty(), Ordering::Release);
+        Ok(())
+    }
+
+    /// The current rate-limit settings.
+    pub fn qos_config(&self) -> QosConfig {
+        match self.qos_config.lock() {
+            Ok(c) => c.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
     }
 
     /// The counters of queue `queue`.
@@ -178,10 +211,17 @@ impl BlkDevice {
             flush_failed: AtomicBool::new(false),
             poll: std::time::Duration::from_micros(u64::from(config.poll_us)),
             connected: AtomicBool::new(false),
+            qos: Mutex::new(Limiter::unlimited()),
+            qos_enabled: AtomicBool::new(false),
+            qos_config: Mutex::new(QosConfig::default()),
             file,
             engine,
             stats: (0..config.queues).map(|_| Arc::default()).collect(),
         });
+        if let Err(e) = shared.set_qos(&config.qos) {
+            // Validated when the options were parsed; unreachable unless that changes.
+            log::error!("{}: rate limits ignored: {e}", config.id);
+        }
         let listen_error = |source| DeviceError::Listen {
             path: config.socket.clone(),
             source,
@@ -307,14 +347,14 @@ fn serve_connection(
     let mut daemon = VhostUserDaemon::new(shared.id.clone(), Arc::clone(&backend), memory)
         .map_err(|e| format!("{e}"))?;
     let event_id = completion_event_id(shared.queues);
-    for (handler, fd) in daemon
-        .get_epoll_handlers()
-        .iter()
-        .zip(backend.completion_fds())
-    {
+    let handlers = daemon.get_epoll_handlers();
+    for (handler, fd) in handlers.iter().zip(backend.completion_fds()) {
         if let Some(fd) = fd {
             register(handler, fd, event_id)?;
         }
+    }
+    for (handler, fd) in handlers.iter().zip(backend.throttle_fds()) {
+        register(handler, fd, throttle_event_id(shared.queues))?;
     }
     daemon.start(listener).map_err(|e| format!("{e}"))?;
     if let Ok(mut connection) = stop.connection.lock() {

@@ -6,7 +6,8 @@
 //! - [`worker`]: one per queue: parse, run on the engine, complete;
 //! - [`backend`]: the thin vhost-user backend;
 //! - [`device`]: socket, reconnects, shared state;
-//! - [`stats`]: per-queue counters.
+//! - [`stats`]: per-queue counters;
+//! - [`throttle`]: requests waiting for QoS tokens.
 
 pub mod backend;
 pub mod config;
@@ -14,4 +15,5 @@ pub mod device;
 pub mod request;
 pub mod spec;
 pub mod stats;
+pub mod throttle;
 pub mod worker;

@@ -151,6 +151,11 @@ pub struct Request {
     pub used_len: u32,
 }
 
+// SAFETY: a request's iovecs are plain addresses in guest memory; whoever holds the request
+// also holds the memory map alive (the worker's `Arc<GuestMemory>`) and is the only one to
+// hand them to an engine. Moving the request to another thread changes neither.
+unsafe impl Send for Request {}
+
 /// The device facts that validation needs.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {

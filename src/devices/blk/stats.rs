@@ -68,6 +68,8 @@ pub struct QueueStats {
     latency: [AtomicU64; LATENCY_BUCKETS],
     latency_ns_total: AtomicU64,
     queue_misconfigured: AtomicU64,
+    throttled: AtomicU64,
+    throttle_wait_ns: AtomicU64,
 }
 
 /// A copy of one queue's counters.
@@ -91,6 +93,10 @@ pub struct QueueSnapshot {
     pub latency_ns_total: u64,
     /// Kicks ignored because the front-end configured an invalid queue.
     pub queue_misconfigured: u64,
+    /// Requests held back by QoS.
+    pub throttled: u64,
+    /// Total time requests spent held back by QoS, in nanoseconds.
+    pub throttle_wait_ns: u64,
 }
 
 fn add(counter: &AtomicU64, n: u64) {
@@ -126,6 +132,19 @@ impl QueueStats {
     /// A request was refused by validation.
     pub fn rejected(&self, reason: Reason) {
         add(&self.rejected[reason.index()], 1);
+    }
+
+    /// A request was held back by QoS.
+    pub fn throttled(&self) {
+        add(&self.throttled, 1);
+    }
+
+    /// A held-back request started after `waited`.
+    pub fn throttle_waited(&self, waited: Duration) {
+        add(
+            &self.throttle_wait_ns,
+            u64::try_from(waited.as_nanos()).unwrap_or(u64::MAX),
+        );
     }
 
     /// A kick arrived for a queue with an invalid configuration.
@@ -169,6 +188,8 @@ impl QueueStats {
                 .collect(),
             latency_ns_total: load(&self.latency_ns_total),
             queue_misconfigured: load(&self.queue_misconfigured),
+            throttled: load(&self.throttled),
+            throttle_wait_ns: load(&self.throttle_wait_ns),
         }
     }
 }

@@ -27,6 +27,7 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 use super::device::DeviceShared;
 use super::request::{self, Rejection, Request, RequestKind};
 use super::stats::{OpClass, QueueStats};
+use super::throttle::{Deferred, Throttle, TimerError};
 use crate::storage::{Completion, Engine, IoOp, OpKind};
 use crate::vring::{has_available, AtomicGuestMemory, CheckedVring, GuestMemory};
 
@@ -89,6 +90,8 @@ pub struct QueueWorker {
     poll: Duration,
     /// Keeps a guest that floods bad requests from flooding the log.
     refusal_log: LogLimiter,
+    /// Requests waiting for QoS tokens.
+    throttle: Throttle,
 }
 
 /// Allows one log line per interval and counts what it held back.
@@ -127,10 +130,10 @@ impl QueueWorker {
         shared: Arc<DeviceShared>,
         engine: Box<dyn Engine>,
         memory: AtomicGuestMemory,
-    ) -> Self {
+    ) -> Result<Self, TimerError> {
         let stats = shared.queue_stats(queue_index);
         let poll = shared.poll;
-        Self {
+        Ok(Self {
             queue_index,
             shared,
             stats,
@@ -146,6 +149,47 @@ impl QueueWorker {
                 last: None,
                 suppressed: 0,
             },
+            throttle: Throttle::new()?,
+        })
+    }
+
+    /// The QoS timer's fd, to be added to the worker thread's epoll set.
+    pub fn throttle_fd(&self) -> std::os::fd::RawFd {
+        self.throttle.timer_fd()
+    }
+
+    /// Handles the QoS timer: tokens are back, start what waited, then serve the ring again.
+    pub fn process_timer(&mut self, vring: &CheckedVring) -> Result<(), WorkerError> {
+        self.throttle.clear_timer();
+        self.process_queue(vring)
+    }
+
+    /// Starts the waiting requests the limiter now allows.
+    fn release_throttled(&mut self) {
+        if !self.throttle.is_holding() {
+            return;
+        }
+        for deferred in self.throttle.release(&self.shared.qos) {
+            self.stats.throttle_waited(deferred.since.elapsed());
+            self.execute(deferred.head, deferred.request, &deferred.memory);
+        }
+    }
+
+    /// Runs `request` now, or holds it back if the device's limits say so.
+    fn admit(&mut self, head: u16, request: Request, memory: &Arc<GuestMemory>) {
+        if !self.shared.qos_enabled.load(Ordering::Acquire) && !self.throttle.is_holding() {
+            self.execute(head, request, memory);
+            return;
+        }
+        let deferred = Deferred {
+            head,
+            request,
+            memory: Arc::clone(memory),
+            since: Instant::now(),
+        };
+        match self.throttle.admit(&self.shared.qos, deferred) {
+            Some(d) => self.execute(d.head, d.request, &d.memory),
+            None => self.stats.throttled(),
         }
     }
 
@@ -171,6 +215,11 @@ impl QueueWorker {
             self.stats.misconfigured();
             return Ok(());
         }
+        if !vring.get_ref().get_queue().ready() {
+            // Stopped (GET_VRING_BASE) or not set up yet: the ring is not ours to walk, even
+            // if a timer or completion brought us here with buffers still in it.
+            return Ok(());
+        }
         let started = Instant::now();
         loop {
             // Load the memory map on every pass: the front-end may add regions
@@ -178,9 +227,15 @@ impl QueueWorker {
             // buffers in the new region.
             let memory = self.memory.memory().into_inner();
             vring.disable_notification()?;
+            self.release_throttled();
             self.pop_available(vring, &memory);
             self.engine.submit()?;
             self.reap_and_complete(vring)?;
+            if self.throttle.is_holding() {
+                // Over the limit: leave the rest in the ring (back-pressure) until the timer.
+                vring.enable_notification()?;
+                return Ok(());
+            }
             if !self.poll.is_zero()
                 && started.elapsed() < MAX_POLL_SPELL
                 && self.poll_for_work(vring, &memory)?
@@ -194,7 +249,7 @@ impl QueueWorker {
     }
 
     fn pop_available(&mut self, vring: &CheckedVring, memory: &Arc<GuestMemory>) {
-        loop {
+        while !self.throttle.is_holding() {
             let chain = vring
                 .get_mut()
                 .get_queue_mut()
@@ -241,6 +296,10 @@ impl QueueWorker {
     /// Waits for every in-flight request and returns them to the guest (queue stop). Called
     /// from the front-end's thread, which has no vring at hand: uses the remembered one.
     pub fn drain_detached(&mut self) {
+        // Nothing popped may stay unanswered: start what QoS held back, limits or not.
+        for deferred in self.throttle.release_all() {
+            self.execute(deferred.head, deferred.request, &deferred.memory);
+        }
         if let Err(e) = self.engine.submit() {
             log::error!("{}: queue {}: {e}", self.shared.id, self.queue_index);
         }
@@ -268,7 +327,7 @@ impl QueueWorker {
             })
             .and_then(|buffers| request::parse(memory, &buffers, self.shared.limits));
         match parsed {
-            Ok(request) => self.execute(head, request, memory),
+            Ok(request) => self.admit(head, request, memory),
             Err(rejection) => {
                 self.stats.rejected(rejection.reason);
                 if let Some(suppressed) = self.refusal_log.allow() {

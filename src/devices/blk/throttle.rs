@@ -1,0 +1,148 @@
+//! Per-queue side of QoS for a block device: requests the device's limiter refuses wait here,
+//! in arrival order, and a timerfd in the worker's epoll set wakes the worker when tokens
+//! return. While anything waits, the worker stops taking new requests off the ring, so the
+//! guest sees back-pressure (a full queue), never an error or a drop.
+
+use std::collections::VecDeque;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use vmm_sys_util::timerfd::TimerFd;
+
+use super::request::{Request, RequestKind};
+use crate::qos::limiter::{Cost, Limiter};
+use crate::vring::GuestMemory;
+
+/// Nanoseconds on the daemon's monotonic clock (the QoS buckets' time base).
+pub fn now_ns() -> u64 {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    let base = *BASE.get_or_init(Instant::now);
+    u64::try_from(base.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// What a request costs against the limits; `None` for requests QoS never holds back
+/// (flush and GET_ID: holding a flush would only delay durability, not save bandwidth).
+pub fn cost(request: &Request) -> Option<Cost> {
+    match request.kind {
+        RequestKind::Read { .. } => Some(Cost {
+            write: false,
+            bytes: u64::from(request.data_len),
+        }),
+        RequestKind::Write { .. } => Some(Cost {
+            write: true,
+            bytes: u64::from(request.data_len),
+        }),
+        RequestKind::Discard(_) | RequestKind::WriteZeroes(_) => Some(Cost {
+            write: true,
+            bytes: 0,
+        }),
+        RequestKind::Flush | RequestKind::GetId { .. } => None,
+    }
+}
+
+/// A parsed request waiting for tokens.
+pub struct Deferred {
+    /// Descriptor chain head.
+    pub head: u16,
+    /// The validated request.
+    pub request: Request,
+    /// Keeps the request's guest mappings alive.
+    pub memory: Arc<GuestMemory>,
+    /// When it was first refused.
+    pub since: Instant,
+}
+
+/// Errors creating or arming the timer.
+#[derive(Debug, thiserror::Error)]
+#[error("throttle timer")]
+pub struct TimerError(#[source] pub vmm_sys_util::errno::Error);
+
+/// Waiting requests and the timer that wakes the worker for them.
+pub struct Throttle {
+    waiting: VecDeque<Deferred>,
+    timer: TimerFd,
+}
+
+impl Throttle {
+    /// An empty throttle with an unarmed timer.
+    pub fn new() -> Result<Self, TimerError> {
+        Ok(Self {
+            waiting: VecDeque::new(),
+            timer: TimerFd::new().map_err(TimerError)?,
+        })
+    }
+
+    /// The timerfd to watch for readability.
+    pub fn timer_fd(&self) -> RawFd {
+        self.timer.as_raw_fd()
+    }
+
+    /// Whether requests are waiting (then no new ones are taken off the ring).
+    pub fn is_holding(&self) -> bool {
+        !self.waiting.is_empty()
+    }
+
+    /// Consumes the timer's expiry (after an epoll wake-up).
+    pub fn clear_timer(&mut self) {
+        if let Err(e) = self.timer.clear() {
+            log::warn!("throttle timer: {e}");
+        }
+    }
+
+    /// Asks `limiter` whether `deferred` may start; if not, queues it and arms the timer.
+    pub fn admit(&mut self, limiter: &Mutex<Limiter>, deferred: Deferred) -> Option<Deferred> {
+        if self.is_holding() {
+            self.waiting.push_back(deferred);
+            return None;
+        }
+        match try_start(limiter, &deferred.request) {
+            Ok(()) => Some(deferred),
+            Err(wait) => {
+                self.arm(wait);
+                self.waiting.push_back(deferred);
+                None
+            }
+        }
+    }
+
+    /// Releases waiting requests in order while the limiter allows; re-arms for the rest.
+    pub fn release(&mut self, limiter: &Mutex<Limiter>) -> Vec<Deferred> {
+        let mut ready = Vec::new();
+        while let Some(front) = self.waiting.front() {
+            match try_start(limiter, &front.request) {
+                Ok(()) => ready.extend(self.waiting.pop_front()),
+                Err(wait) => {
+                    self.arm(wait);
+                    break;
+                }
+            }
+        }
+        ready
+    }
+
+    /// Everything waiting, regardless of limits (queue stop: nothing may stay unanswered).
+    pub fn release_all(&mut self) -> Vec<Deferred> {
+        self.waiting.drain(..).collect()
+    }
+
+    fn arm(&mut self, wait: Duration) {
+        // A wait of zero would disarm the timerfd; a very long one (a zero-rate bucket cannot
+        // exist) is capped so the worker re-checks at least every second.
+        let wait = wait.clamp(Duration::from_micros(10), Duration::from_secs(1));
+        if let Err(e) = self.timer.reset(wait, None) {
+            log::error!("cannot arm throttle timer: {e}");
+        }
+    }
+}
+
+fn try_start(limiter: &Mutex<Limiter>, request: &Request) -> Result<(), Duration> {
+    let Some(cost) = cost(request) else {
+        return Ok(());
+    };
+    let mut limiter = match limiter.lock() {
+        Ok(l) => l,
+        Err(p) => p.into_inner(),
+    };
+    limiter.try_start(cost, now_ns())
+}
