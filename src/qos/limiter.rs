@@ -10,6 +10,8 @@
 
 use std::time::Duration;
 
+use smallvec::SmallVec;
+
 use super::bucket::TokenBucket;
 
 /// One limit: a steady rate and an optional burst.
@@ -136,7 +138,7 @@ impl Limiter {
     /// Charges `cost` if every applicable bucket allows it now; otherwise charges nothing and
     /// returns how long to wait before trying again.
     pub fn try_start(&mut self, cost: Cost, now_ns: u64) -> Result<(), Duration> {
-        let mut taken = Vec::with_capacity(self.buckets.len());
+        let mut taken: SmallVec<[(usize, u64); 12]> = SmallVec::new();
         for (index, (unit, direction, bucket)) in self.buckets.iter_mut().enumerate() {
             let applies = match direction {
                 Direction::Any => true,

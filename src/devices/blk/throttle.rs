@@ -90,20 +90,26 @@ impl Throttle {
         }
     }
 
-    /// Asks `limiter` whether `deferred` may start; if not, queues it and arms the timer.
-    pub fn admit(&mut self, limiter: &Mutex<Limiter>, deferred: Deferred) -> Option<Deferred> {
+    /// Whether `request` may start now: charges the limiter if so; if not (or if others are
+    /// already waiting, to keep arrival order), arms the timer and the caller must [`defer`] it.
+    ///
+    /// [`defer`]: Throttle::defer
+    pub fn may_start(&mut self, limiter: &Mutex<Limiter>, request: &Request) -> bool {
         if self.is_holding() {
-            self.waiting.push_back(deferred);
-            return None;
+            return false;
         }
-        match try_start(limiter, &deferred.request) {
-            Ok(()) => Some(deferred),
+        match try_start(limiter, request) {
+            Ok(()) => true,
             Err(wait) => {
                 self.arm(wait);
-                self.waiting.push_back(deferred);
-                None
+                false
             }
         }
+    }
+
+    /// Queues a request that may not start yet.
+    pub fn defer(&mut self, deferred: Deferred) {
+        self.waiting.push_back(deferred);
     }
 
     /// Releases waiting requests in order while the limiter allows; re-arms for the rest.

@@ -181,16 +181,17 @@ impl QueueWorker {
             self.execute(head, request, memory);
             return;
         }
-        let deferred = Deferred {
+        if self.throttle.may_start(&self.shared.qos, &request) {
+            self.execute(head, request, memory);
+            return;
+        }
+        self.stats.throttled();
+        self.throttle.defer(Deferred {
             head,
             request,
             memory: Arc::clone(memory),
             since: Instant::now(),
-        };
-        match self.throttle.admit(&self.shared.qos, deferred) {
-            Some(d) => self.execute(d.head, d.request, &d.memory),
-            None => self.stats.throttled(),
-        }
+        });
     }
 
     /// The engine's completion eventfd, to be added to the worker thread's epoll set.
