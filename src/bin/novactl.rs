@@ -5,6 +5,7 @@
 //! novactl device add blk socket=...,path=...[,key=value...]
 //! novactl device rm ID [--force]
 //! novactl device ls | get ID | stats ID
+//! novactl qos get ID | set ID iops=5000,bps=100M[,KEY=none...]
 //! novactl shutdown
 //! ```
 //! Human-readable output by default, the server's JSON with `--json`; on error the server's
@@ -39,8 +40,28 @@ enum Command {
     /// Manage devices.
     #[command(subcommand)]
     Device(DeviceCommand),
+    /// Rate limits.
+    #[command(subcommand)]
+    Qos(QosCommand),
     /// Stop the daemon (devices finish in-flight I/O first).
     Shutdown,
+}
+
+#[derive(Debug, Subcommand)]
+enum QosCommand {
+    /// Show a device's limits and how much they held it back.
+    Get {
+        /// Device id.
+        id: String,
+    },
+    /// Change limits live: `iops=5000 bps=100M iops-burst=20000`; `KEY=none` removes one.
+    Set {
+        /// Device id.
+        id: String,
+        /// Settings as key=value, comma-separated or as separate words.
+        #[arg(required = true)]
+        settings: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -118,6 +139,29 @@ fn options_to_params(kind: &str, words: &[String]) -> anyhow::Result<Value> {
     Ok(Value::Object(params))
 }
 
+fn qos_params(id: &str, words: &[String]) -> anyhow::Result<Value> {
+    let mut params = serde_json::Map::new();
+    params.insert("id".into(), Value::String(id.to_string()));
+    for item in words
+        .iter()
+        .flat_map(|w| w.split(','))
+        .filter(|s| !s.is_empty())
+    {
+        let Some((key, value)) = item.split_once('=') else {
+            bail!("`{item}` is not key=value");
+        };
+        let value = if value == "none" {
+            Value::Null
+        } else {
+            Value::String(value.to_string())
+        };
+        if params.insert(key.to_string(), value).is_some() {
+            bail!("setting `{key}` given twice");
+        }
+    }
+    Ok(Value::Object(params))
+}
+
 fn text(value: &Value) -> String {
     match value {
         Value::String(s) => s.clone(),
@@ -164,6 +208,8 @@ fn run(args: Args) -> anyhow::Result<()> {
         Command::Device(DeviceCommand::Ls) => ("device.list", json!({})),
         Command::Device(DeviceCommand::Get { id }) => ("device.get", json!({"id": id})),
         Command::Device(DeviceCommand::Stats { id }) => ("device.stats", json!({"id": id})),
+        Command::Qos(QosCommand::Get { id }) => ("qos.get", json!({"id": id})),
+        Command::Qos(QosCommand::Set { id, settings }) => ("qos.set", qos_params(id, settings)?),
     };
     let result = call(&args.control, method, params)?;
     if args.json {
