@@ -9,7 +9,7 @@ use std::process::Command;
 
 use common::blk::{pattern, BlkClient};
 use common::control::Control;
-use common::daemon::Daemon;
+use common::daemon::{novactl, Daemon};
 use serde_json::json;
 
 fn add_params(daemon: &Daemon, id: &str) -> serde_json::Value {
@@ -216,20 +216,6 @@ fn devices_persist_across_restarts_and_corrupt_state_is_fatal() {
         .unwrap();
     assert!(!out.status.success(), "started with a corrupt state file");
     assert!(String::from_utf8_lossy(&out.stderr).contains("corrupt"));
-}
-
-fn novactl(daemon: &Daemon, args: &[&str]) -> (bool, String, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_novactl"))
-        .arg("--control")
-        .arg(daemon.path("control.sock"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
 }
 
 #[test]

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use common::blk::{pattern, BlkClient, S_OK, T_IN, T_OUT};
 use common::control::Control;
-use common::daemon::Daemon;
+use common::daemon::{novactl, Daemon};
 use serde_json::json;
 
 /// Issues `count` 4 KiB writes with `depth` in flight on queue 0; returns the elapsed time.
@@ -187,31 +187,18 @@ fn queue_stop_answers_requests_that_were_held_back() {
 #[test]
 fn novactl_sets_and_shows_limits() {
     let daemon = Daemon::start(&["--blk", "socket={dir}/q.sock,path={dir}/q.img,size=8M"]);
-    let novactl = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_novactl"))
-            .arg("--control")
-            .arg(daemon.path("control.sock"))
-            .args(args)
-            .output()
-            .unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            String::from_utf8_lossy(&out.stderr).into_owned(),
-        )
-    };
-    let (ok, _, err) = novactl(&["qos", "set", "q", "iops=300,write-bps=10M"]);
+    let (ok, _, err) = novactl(&daemon, &["qos", "set", "q", "iops=300,write-bps=10M"]);
     assert!(ok, "{err}");
-    let (ok, out, _) = novactl(&["--json", "qos", "get", "q"]);
+    let (ok, out, _) = novactl(&daemon, &["--json", "qos", "get", "q"]);
     assert!(ok);
     let qos: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert_eq!(qos["limits"]["iops"]["per_second"], 300);
     assert_eq!(qos["limits"]["write-bps"]["per_second"], 10 << 20);
-    let (ok, _, _) = novactl(&["qos", "set", "q", "iops=none"]);
+    let (ok, _, _) = novactl(&daemon, &["qos", "set", "q", "iops=none"]);
     assert!(ok);
-    let (_, out, _) = novactl(&["--json", "qos", "get", "q"]);
+    let (_, out, _) = novactl(&daemon, &["--json", "qos", "get", "q"]);
     let qos: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(qos["limits"].get("iops").is_none());
-    let (ok, _, err) = novactl(&["qos", "set", "q", "iops=0"]);
+    let (ok, _, err) = novactl(&daemon, &["qos", "set", "q", "iops=0"]);
     assert!(!ok && err.contains("invalid-params"), "{err}");
 }

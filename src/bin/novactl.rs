@@ -120,46 +120,44 @@ fn call(control: &str, method: &str, params: Value) -> anyhow::Result<Value> {
     Ok(reply.get("result").cloned().unwrap_or(Value::Null))
 }
 
-fn options_to_params(kind: &str, words: &[String]) -> anyhow::Result<Value> {
+/// Splits `key=value` words (comma-separated or separate) into a params object that starts
+/// with `first`; `bare` gives the value of a word without `=`, `map` turns each value to JSON.
+fn key_values(
+    first: (&str, &str),
+    words: &[String],
+    bare: Option<&str>,
+    map: impl Fn(&str) -> Value,
+) -> anyhow::Result<Value> {
     let mut params = serde_json::Map::new();
-    params.insert("type".into(), Value::String(kind.to_string()));
+    params.insert(first.0.into(), Value::String(first.1.to_string()));
     for item in words
         .iter()
         .flat_map(|w| w.split(','))
         .filter(|s| !s.is_empty())
     {
-        let (key, value) = item.split_once('=').unwrap_or((item, "on"));
-        if params
-            .insert(key.to_string(), Value::String(value.to_string()))
-            .is_some()
-        {
-            bail!("option `{key}` given twice");
+        let (key, value) = match (item.split_once('='), bare) {
+            (Some(pair), _) => pair,
+            (None, Some(default)) => (item, default),
+            (None, None) => bail!("`{item}` is not key=value"),
+        };
+        if params.insert(key.to_string(), map(value)).is_some() {
+            bail!("`{key}` given twice");
         }
     }
     Ok(Value::Object(params))
 }
 
+fn options_to_params(kind: &str, words: &[String]) -> anyhow::Result<Value> {
+    key_values(("type", kind), words, Some("on"), |v| {
+        Value::String(v.to_string())
+    })
+}
+
 fn qos_params(id: &str, words: &[String]) -> anyhow::Result<Value> {
-    let mut params = serde_json::Map::new();
-    params.insert("id".into(), Value::String(id.to_string()));
-    for item in words
-        .iter()
-        .flat_map(|w| w.split(','))
-        .filter(|s| !s.is_empty())
-    {
-        let Some((key, value)) = item.split_once('=') else {
-            bail!("`{item}` is not key=value");
-        };
-        let value = if value == "none" {
-            Value::Null
-        } else {
-            Value::String(value.to_string())
-        };
-        if params.insert(key.to_string(), value).is_some() {
-            bail!("setting `{key}` given twice");
-        }
-    }
-    Ok(Value::Object(params))
+    key_values(("id", id), words, None, |v| match v {
+        "none" => Value::Null,
+        v => Value::String(v.to_string()),
+    })
 }
 
 fn text(value: &Value) -> String {

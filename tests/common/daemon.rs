@@ -155,6 +155,21 @@ pub fn start_failure(args: &[&str]) -> String {
     String::from_utf8_lossy(&output.stderr).into_owned()
 }
 
+/// Runs `novactl --control <daemon's socket> args...`; returns (success, stdout, stderr).
+pub fn novactl(daemon: &Daemon, args: &[&str]) -> (bool, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_novactl"))
+        .arg("--control")
+        .arg(daemon.path("control.sock"))
+        .args(args)
+        .output()
+        .expect("run novactl");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
 /// Whether a path exists (for socket checks).
 pub fn exists(path: &Path) -> bool {
     path.exists()
