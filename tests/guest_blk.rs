@@ -55,3 +55,22 @@ fn guest_uses_disk_across_reboot_uring() {
 fn guest_uses_disk_across_reboot_sync() {
     guest_round_trip("sync");
 }
+
+#[test]
+fn guest_uses_a_4k_direct_io_disk() {
+    // O_DIRECT backing and 4096-byte logical blocks: the guest must see 4 KiB sectors and its
+    // (page-aligned) buffers go to the file without the host page cache.
+    let mut daemon = Daemon::start(&[
+        "--blk",
+        "socket={dir}/vda.sock,path={dir}/vda.img,size=64M,logical-block-size=4096,direct,serial=NOVA-4K",
+    ]);
+    let devices = vhost_user_blk("vda", &daemon.path("vda.sock"), 1);
+    let run = boot("blk-data", &devices);
+    run.assert_passed();
+    assert!(
+        run.console.contains("logical-block-size=4096"),
+        "guest did not see 4K blocks"
+    );
+    assert!(run.console.contains("filesystem ok"));
+    daemon.wait_for_log("front-end disconnected");
+}

@@ -6,6 +6,7 @@ echo "size-sectors=$(cat /sys/block/vda/size)"
 echo "serial=$(cat /sys/block/vda/serial 2>/dev/null || echo none)"
 echo "queues=$(ls /sys/block/vda/mq | wc -l)"
 echo "discard-max=$(cat /sys/block/vda/queue/discard_max_bytes)"
+echo "logical-block-size=$(cat /sys/block/vda/queue/logical_block_size)"
 
 # 8 MiB of pseudo-random data at offset 1 MiB, read back after dropping caches.
 dd if=/dev/urandom of=/tmp/pattern bs=1M count=8 2>/dev/null
@@ -31,7 +32,7 @@ zeros=$(dd if=/dev/zero bs=1M count=1 2>/dev/null | md5sum | cut -d' ' -f1)
 echo "discard ok"
 
 # A filesystem: make, fill, unmount, remount, verify.
-mke2fs -q $dev
+mke2fs -q -b 4096 $dev
 mount -t ext4 $dev /mnt
 cp /tmp/pattern /mnt/file
 sync
