@@ -65,14 +65,16 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         .map(StateStore::open)
         .transpose()?;
     let mut registry = Registry::new(state);
-    let started = start_devices(&mut registry, config.blk);
-    let started = started.and_then(|()| {
-        let restored = registry.restore().map_err(DaemonError::Restore)?;
-        if restored > 0 {
-            log::info!("restored {restored} device(s) from the state directory");
-        }
-        Ok(())
-    });
+    // The state directory first: it holds the QoS groups command-line devices may name.
+    let started = registry
+        .restore()
+        .map_err(DaemonError::Restore)
+        .and_then(|restored| {
+            if restored > 0 {
+                log::info!("restored {restored} device(s) from the state directory");
+            }
+            start_devices(&mut registry, config.blk)
+        });
     if let Err(e) = started {
         registry.stop_all();
         return Err(e);

@@ -8,6 +8,7 @@
 //! line are not written to the state file (the command line recreates them).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use serde_json::{json, Value};
 
@@ -15,8 +16,10 @@ use crate::config::options::OptionList;
 use crate::devices::blk::config::{BackingSpec, BlkConfig, BlkConfigError};
 use crate::devices::blk::device::{BlkDevice, DeviceError};
 use crate::devices::blk::stats::{OpClass, QueueSnapshot};
-use crate::qos::config::QosConfig;
-use crate::state::{DeviceRecord, StateError, StateStore};
+use crate::devices::blk::throttle::now_ns;
+use crate::qos::config::{QosConfig, GROUP_KEY};
+use crate::qos::group::SharedLimiter;
+use crate::state::{DeviceRecord, GroupRecord, Saved, StateError, StateStore};
 
 /// Errors from registry changes; each maps to a stable control-plane error kind.
 #[derive(Debug, thiserror::Error)]
@@ -45,8 +48,8 @@ pub enum RegistryError {
         #[source]
         source: DeviceError,
     },
-    /// A `qos.set` key that is not a QoS setting.
-    #[error("`{0}` is not a QoS setting")]
+    /// A QoS setting that is not valid (unknown key, bad value, bad group name).
+    #[error("invalid QoS setting: {0}")]
     NotQos(String),
     /// The state directory could not be updated; nothing changed.
     #[error("cannot record the change")]
@@ -74,9 +77,15 @@ struct Entry {
     persistent: bool,
 }
 
-/// All running devices.
+struct Group {
+    limiter: Arc<SharedLimiter>,
+    options: BTreeMap<String, String>,
+}
+
+/// All running devices and QoS groups.
 pub struct Registry {
     devices: BTreeMap<String, Entry>,
+    groups: BTreeMap<String, Group>,
     state: Option<StateStore>,
 }
 
@@ -85,6 +94,7 @@ impl Registry {
     pub fn new(state: Option<StateStore>) -> Self {
         Self {
             devices: BTreeMap::new(),
+            groups: BTreeMap::new(),
             state,
         }
     }
@@ -118,11 +128,13 @@ impl Registry {
                 other.device.config().id
             )));
         }
+        let group = self.resolve_group(config.qos_group.as_deref())?;
         let id = config.id.clone();
         let device = BlkDevice::start(config).map_err(|source| RegistryError::Start {
             id: id.clone(),
             source,
         })?;
+        device.shared().set_group(group);
         let record = DeviceRecord {
             kind: kind.to_string(),
             options,
@@ -165,8 +177,135 @@ impl Registry {
                 return Err(e);
             }
         }
+        entry.device.shared().set_group(None);
         entry.device.stop();
         Ok(())
+    }
+
+    fn resolve_group(
+        &self,
+        name: Option<&str>,
+    ) -> Result<Option<Arc<SharedLimiter>>, RegistryError> {
+        match name {
+            None => Ok(None),
+            Some(name) => self
+                .groups
+                .get(name)
+                .map(|g| Some(Arc::clone(&g.limiter)))
+                .ok_or_else(|| RegistryError::NotFound(format!("QoS group {name}"))),
+        }
+    }
+
+    /// Creates a QoS group with the given limit options.
+    pub fn add_group(
+        &mut self,
+        name: &str,
+        options: BTreeMap<String, String>,
+    ) -> Result<Value, RegistryError> {
+        validate_group_name(name)?;
+        if self.groups.contains_key(name) {
+            return Err(RegistryError::Exists(format!("QoS group `{name}` exists")));
+        }
+        let config = group_config(&options)?;
+        let limiter = SharedLimiter::new(&config, now_ns())
+            .map_err(|e| RegistryError::NotQos(e.to_string()))?;
+        self.groups.insert(
+            name.to_string(),
+            Group {
+                limiter: Arc::new(limiter),
+                options,
+            },
+        );
+        if let Err(e) = self.save() {
+            self.groups.remove(name);
+            return Err(e);
+        }
+        self.describe_group(name)
+    }
+
+    /// Changes a group's limits live (`None` removes a key).
+    pub fn set_group(
+        &mut self,
+        name: &str,
+        changes: BTreeMap<String, Option<String>>,
+    ) -> Result<Value, RegistryError> {
+        let group = self
+            .groups
+            .get_mut(name)
+            .ok_or_else(|| RegistryError::NotFound(format!("QoS group {name}")))?;
+        let mut options = group.options.clone();
+        for (key, value) in changes {
+            match value {
+                Some(value) => options.insert(key, value),
+                None => options.remove(&key),
+            };
+        }
+        let config = group_config(&options)?;
+        let previous = std::mem::replace(&mut group.options, options);
+        if let Err(e) = self.save() {
+            if let Some(group) = self.groups.get_mut(name) {
+                group.options = previous;
+            }
+            return Err(e);
+        }
+        if let Some(group) = self.groups.get(name) {
+            if let Err(e) = group.limiter.reconfigure(&config, now_ns()) {
+                log::error!("QoS group {name}: cannot apply validated limits: {e}");
+            }
+        }
+        self.describe_group(name)
+    }
+
+    /// Deletes a group that no device uses.
+    pub fn remove_group(&mut self, name: &str) -> Result<(), RegistryError> {
+        let members = self.group_members(name);
+        if !self.groups.contains_key(name) {
+            return Err(RegistryError::NotFound(format!("QoS group {name}")));
+        }
+        if !members.is_empty() {
+            return Err(RegistryError::Busy(format!(
+                "QoS group {name} (used by {})",
+                members.join(", ")
+            )));
+        }
+        let Some(group) = self.groups.remove(name) else {
+            return Err(RegistryError::NotFound(format!("QoS group {name}")));
+        };
+        if let Err(e) = self.save() {
+            self.groups.insert(name.to_string(), group);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Every group with its limits and members.
+    pub fn list_groups(&self) -> Result<Value, RegistryError> {
+        let groups: Result<Vec<Value>, _> =
+            self.groups.keys().map(|n| self.describe_group(n)).collect();
+        Ok(Value::Array(groups?))
+    }
+
+    fn group_members(&self, name: &str) -> Vec<String> {
+        self.devices
+            .iter()
+            .filter(|(_, e)| e.record.options.get(GROUP_KEY).map(String::as_str) == Some(name))
+            .map(|(id, _)| id.clone())
+            .collect()
+    }
+
+    fn describe_group(&self, name: &str) -> Result<Value, RegistryError> {
+        let group = self
+            .groups
+            .get(name)
+            .ok_or_else(|| RegistryError::NotFound(format!("QoS group {name}")))?;
+        let limits: serde_json::Map<String, Value> = group
+            .limiter
+            .config()
+            .limits
+            .iter()
+            .map(|(key, rate)| (key.to_string(), json!(rate)))
+            .collect();
+        Ok(json!({"name": name, "limits": limits, "members": self.group_members(name)}))
     }
 
     /// Changes a device's rate limits live: `Some(value)` sets a key, `None` removes it. The
@@ -191,6 +330,18 @@ impl Registry {
             };
         }
         let config = BlkConfig::from_options(OptionList::from_pairs(options.clone()))?;
+        let group = match config.qos_group.as_deref() {
+            None => None,
+            Some(name) => Some(
+                self.groups
+                    .get(name)
+                    .map(|g| Arc::clone(&g.limiter))
+                    .ok_or_else(|| RegistryError::NotFound(format!("QoS group {name}")))?,
+            ),
+        };
+        let Some(entry) = self.devices.get_mut(id) else {
+            return Err(RegistryError::NotFound(id.to_string()));
+        };
         let previous = std::mem::replace(&mut entry.record.options, options);
         let persistent = entry.persistent;
         if persistent {
@@ -206,6 +357,7 @@ impl Registry {
             if let Err(e) = entry.device.shared().set_qos(&config.qos) {
                 log::error!("{id}: cannot apply validated limits: {e}");
             }
+            entry.device.shared().set_group(group);
         }
         self.qos(id)
     }
@@ -226,6 +378,7 @@ impl Registry {
         let queues = shared.stats();
         Ok(json!({
             "id": id,
+            "group": entry.record.options.get(GROUP_KEY),
             "limits": limits,
             "throttled": queues.iter().map(|q| q.throttled).sum::<u64>(),
             "throttle-wait-ns": queues.iter().map(|q| q.throttle_wait_ns).sum::<u64>(),
@@ -237,9 +390,12 @@ impl Registry {
         let Some(state) = &self.state else {
             return Ok(0);
         };
-        let records = state.load()?;
-        let count = records.len();
-        for record in records {
+        let saved = state.load()?;
+        for group in saved.groups {
+            self.add_group(&group.name, group.options)?;
+        }
+        let count = saved.devices.len();
+        for record in saved.devices {
             self.add(&record.kind, record.options, true)?;
         }
         Ok(count)
@@ -247,13 +403,23 @@ impl Registry {
 
     fn save(&self) -> Result<(), RegistryError> {
         if let Some(state) = &self.state {
-            let records: Vec<DeviceRecord> = self
-                .devices
-                .values()
-                .filter(|e| e.persistent)
-                .map(|e| e.record.clone())
-                .collect();
-            state.save(&records)?;
+            let saved = Saved {
+                devices: self
+                    .devices
+                    .values()
+                    .filter(|e| e.persistent)
+                    .map(|e| e.record.clone())
+                    .collect(),
+                groups: self
+                    .groups
+                    .iter()
+                    .map(|(name, g)| GroupRecord {
+                        name: name.clone(),
+                        options: g.options.clone(),
+                    })
+                    .collect(),
+            };
+            state.save(&saved)?;
         }
         Ok(())
     }
@@ -350,4 +516,38 @@ fn total(queues: &[QueueSnapshot]) -> Value {
         "in-flight": sum(&|q| q.in_flight),
         "throttled": sum(&|q| q.throttled),
     })
+}
+
+/// Group limits from options: only limit keys, and at least one.
+fn group_config(options: &BTreeMap<String, String>) -> Result<QosConfig, RegistryError> {
+    if let Some(key) = options
+        .keys()
+        .find(|k| !QosConfig::is_qos_key(k) || *k == GROUP_KEY)
+    {
+        return Err(RegistryError::NotQos(key.clone()));
+    }
+    let mut list = OptionList::from_pairs(options.clone());
+    let config =
+        QosConfig::from_options(&mut list).map_err(|e| RegistryError::NotQos(e.to_string()))?;
+    if config.is_empty() {
+        return Err(RegistryError::NotQos(
+            "a group needs at least one limit".into(),
+        ));
+    }
+    Ok(config)
+}
+
+fn validate_group_name(name: &str) -> Result<(), RegistryError> {
+    let ok = !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if ok {
+        Ok(())
+    } else {
+        Err(RegistryError::NotQos(format!(
+            "group name `{name}` must be 1..=64 of [A-Za-z0-9._-]"
+        )))
+    }
 }

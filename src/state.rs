@@ -53,11 +53,32 @@ pub struct DeviceRecord {
     pub options: BTreeMap<String, String>,
 }
 
+/// One persisted QoS group: its name and limit options.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GroupRecord {
+    /// Group name.
+    pub name: String,
+    /// Limit options as `key → value` strings.
+    pub options: BTreeMap<String, String>,
+}
+
+/// Everything the state directory records.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Saved {
+    /// Devices added at run time.
+    pub devices: Vec<DeviceRecord>,
+    /// QoS groups (absent in files written before groups existed).
+    pub groups: Vec<GroupRecord>,
+}
+
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct StateFile {
     version: u32,
     devices: Vec<DeviceRecord>,
+    #[serde(default)]
+    groups: Vec<GroupRecord>,
 }
 
 /// The state directory.
@@ -83,12 +104,12 @@ impl StateStore {
         })
     }
 
-    /// Reads the device list (empty if the file does not exist yet).
-    pub fn load(&self) -> Result<Vec<DeviceRecord>, StateError> {
+    /// Reads what was recorded (nothing if the file does not exist yet).
+    pub fn load(&self) -> Result<Saved, StateError> {
         let path = self.dir.join(FILE);
         let bytes = match std::fs::read(&path) {
             Ok(bytes) => bytes,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Saved::default()),
             Err(source) => {
                 return Err(StateError::Io {
                     action: "cannot read",
@@ -107,11 +128,14 @@ impl StateStore {
                 reason: format!("version {} (this daemon reads {VERSION})", file.version),
             });
         }
-        Ok(file.devices)
+        Ok(Saved {
+            devices: file.devices,
+            groups: file.groups,
+        })
     }
 
-    /// Replaces the device list atomically and durably.
-    pub fn save(&self, devices: &[DeviceRecord]) -> Result<(), StateError> {
+    /// Replaces the recorded state atomically and durably.
+    pub fn save(&self, saved: &Saved) -> Result<(), StateError> {
         let temp = self.dir.join(TEMP);
         let path = self.dir.join(FILE);
         let io = |action, path: &Path| {
@@ -124,7 +148,8 @@ impl StateStore {
         };
         let body = serde_json::to_vec_pretty(&StateFile {
             version: VERSION,
-            devices: devices.to_vec(),
+            devices: saved.devices.clone(),
+            groups: saved.groups.clone(),
         })
         .map_err(|e| StateError::Corrupt {
             path: path.clone(),
@@ -163,9 +188,25 @@ mod tests {
     fn round_trip_and_empty_start() {
         let dir = tempfile::tempdir().unwrap();
         let store = StateStore::open(&dir.path().join("state")).unwrap();
-        assert!(store.load().unwrap().is_empty());
-        store.save(&[record("a"), record("b")]).unwrap();
-        assert_eq!(store.load().unwrap(), vec![record("a"), record("b")]);
+        assert_eq!(store.load().unwrap(), Saved::default());
+        let saved = Saved {
+            devices: vec![record("a"), record("b")],
+            groups: vec![GroupRecord {
+                name: "g".into(),
+                options: [("iops".to_string(), "10".to_string())]
+                    .into_iter()
+                    .collect(),
+            }],
+        };
+        store.save(&saved).unwrap();
+        assert_eq!(store.load().unwrap(), saved);
+        // Files from before groups existed still load.
+        std::fs::write(
+            dir.path().join("state").join(FILE),
+            br#"{"version":1,"devices":[]}"#,
+        )
+        .unwrap();
+        assert_eq!(store.load().unwrap(), Saved::default());
         assert!(!dir.path().join("state").join(TEMP).exists());
     }
 

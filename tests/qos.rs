@@ -202,3 +202,90 @@ fn novactl_sets_and_shows_limits() {
     let (ok, _, err) = novactl(&daemon, &["qos", "set", "q", "iops=0"]);
     assert!(!ok && err.contains("invalid-params"), "{err}");
 }
+
+#[test]
+fn a_group_caps_its_members_together_and_shares_fairly() {
+    let daemon = Daemon::start(&["--state-dir", "{dir}/state"]);
+    let mut ctl = Control::connect(&daemon.path("control.sock"));
+    ctl.call("qos.group.add", json!({"name": "tenant7", "iops": 200}))
+        .unwrap();
+    for id in ["ga", "gb"] {
+        ctl.call(
+            "device.add",
+            json!({"type": "blk", "id": id, "socket": daemon.path(&format!("{id}.sock")),
+                   "path": daemon.path(&format!("{id}.img")), "size": "8M", "qos-group": "tenant7"}),
+        )
+        .unwrap();
+    }
+    // Two guests write flat out at once; the group allows 200/s for both together.
+    let start = Instant::now();
+    let workers: Vec<_> = ["ga", "gb"]
+        .iter()
+        .map(|id| {
+            let socket = daemon.path(&format!("{id}.sock"));
+            std::thread::spawn(move || {
+                let mut c = BlkClient::connect(&socket);
+                burst_of_writes(&mut c, 200, 8)
+            })
+        })
+        .collect();
+    let times: Vec<Duration> = workers.into_iter().map(|w| w.join().unwrap()).collect();
+    let total = start.elapsed();
+    assert!(
+        total >= Duration::from_millis(1700),
+        "group limit not applied: {total:?}"
+    );
+    // Fair: neither member finished far ahead of the other.
+    let (fast, slow) = (times[0].min(times[1]), times[0].max(times[1]));
+    assert!(
+        slow.as_secs_f64() <= fast.as_secs_f64() * 1.3,
+        "unfair: {times:?}"
+    );
+
+    let groups = ctl.call("qos.group.list", json!({})).unwrap();
+    assert_eq!(groups[0]["members"], json!(["ga", "gb"]));
+    assert_eq!(
+        ctl.error_kind("qos.group.remove", json!({"name": "tenant7"})),
+        "busy"
+    );
+    for bad in [
+        json!({"name": "t2"}),
+        json!({"name": "t2", "iops": 0}),
+        json!({"name": "t2", "queues": 1}),
+        json!({"name": "bad/name", "iops": 5}),
+        json!({"name": "tenant7", "iops": 5}),
+    ] {
+        let kind = ctl.error_kind("qos.group.add", bad.clone());
+        assert!(
+            kind == "invalid-params" || kind == "exists",
+            "{bad}: {kind}"
+        );
+    }
+    assert_eq!(
+        ctl.error_kind("qos.set", json!({"id": "ga", "qos-group": "nope"})),
+        "not-found"
+    );
+    ctl.call("qos.group.set", json!({"name": "tenant7", "iops": 500}))
+        .unwrap();
+
+    // Groups and membership survive a restart.
+    drop(ctl);
+    let (status, dir) = daemon.terminate();
+    assert!(status.success());
+    let daemon = Daemon::start_in(dir, &["--state-dir", "{dir}/state"]);
+    let mut ctl = Control::connect(&daemon.path("control.sock"));
+    let groups = ctl.call("qos.group.list", json!({})).unwrap();
+    assert_eq!(groups[0]["limits"]["iops"]["per_second"], 500);
+    assert_eq!(
+        ctl.call("qos.get", json!({"id": "gb"})).unwrap()["group"],
+        "tenant7"
+    );
+    // Leaving the group, then removing it.
+    ctl.call("qos.set", json!({"id": "ga", "qos-group": null}))
+        .unwrap();
+    ctl.call("qos.set", json!({"id": "gb", "qos-group": null}))
+        .unwrap();
+    ctl.call("qos.group.remove", json!({"name": "tenant7"}))
+        .unwrap();
+    assert_eq!(ctl.call("qos.group.list", json!({})).unwrap(), json!([]));
+}

@@ -9,7 +9,11 @@
 //! | `device.get` | `id` | the device |
 //! | `device.stats` | `id` | totals and per-queue counters |
 //! | `qos.set` | `id` + limits (`iops`, `bps`, `read-iops`, ..., `*-burst`, `*-burst-seconds`); `null` removes one | the device's limits |
-//! | `qos.get` | `id` | limits, throttled requests, time spent waiting |
+//! | `qos.get` | `id` | limits, group, throttled requests, time spent waiting |
+//! | `qos.group.add` | `name` + limits | the group |
+//! | `qos.group.set` | `name` + limits (`null` removes) | the group |
+//! | `qos.group.remove` | `name` (refused while devices use it) | `{}` |
+//! | `qos.group.list` | none | groups with limits and members |
 //! | `daemon.info` | none | version, device types, engines |
 //! | `daemon.shutdown` | none | `{}`, then the daemon stops |
 
@@ -86,6 +90,30 @@ fn dispatch(
             let id = params.string("id")?;
             params.finish()?;
             lock(registry).qos(&id).map_err(registry_error)?
+        }
+        "qos.group.add" => {
+            let name = params.string("name")?;
+            let options = params.rest_as_options()?;
+            lock(registry)
+                .add_group(&name, options)
+                .map_err(registry_error)?
+        }
+        "qos.group.set" => {
+            let name = params.string("name")?;
+            let changes = params.rest_as_changes()?;
+            lock(registry)
+                .set_group(&name, changes)
+                .map_err(registry_error)?
+        }
+        "qos.group.remove" => {
+            let name = params.string("name")?;
+            params.finish()?;
+            lock(registry).remove_group(&name).map_err(registry_error)?;
+            json!({})
+        }
+        "qos.group.list" => {
+            params.finish()?;
+            lock(registry).list_groups().map_err(registry_error)?
         }
         "daemon.info" => {
             params.finish()?;

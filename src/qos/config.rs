@@ -20,6 +20,9 @@ pub const LIMITS: [(&str, Unit, Direction); 6] = [
     ("write-bps", Unit::Bytes, Direction::Write),
 ];
 
+/// The option naming the QoS group a device belongs to.
+pub const GROUP_KEY: &str = "qos-group";
+
 /// Errors in QoS options.
 #[derive(Debug, thiserror::Error)]
 pub enum QosConfigError {
@@ -86,13 +89,14 @@ impl QosConfig {
         Ok(limiter)
     }
 
-    /// Whether `key` is one of the QoS option keys (a limit or its burst settings).
+    /// Whether `key` is one of the QoS option keys (a limit, its burst settings, the group).
     pub fn is_qos_key(key: &str) -> bool {
-        LIMITS.iter().any(|(k, _, _)| {
-            key == *k
-                || key.strip_prefix(k) == Some("-burst")
-                || key.strip_prefix(k) == Some("-burst-seconds")
-        })
+        key == GROUP_KEY
+            || LIMITS.iter().any(|(k, _, _)| {
+                key == *k
+                    || key.strip_prefix(k) == Some("-burst")
+                    || key.strip_prefix(k) == Some("-burst-seconds")
+            })
     }
 }
 

@@ -135,23 +135,24 @@ impl Limiter {
         self.buckets.is_empty()
     }
 
+    /// Gives back what a started request was charged (used when a second limiter refuses it).
+    pub fn refund(&mut self, cost: Cost) {
+        for (unit, direction, bucket) in &mut self.buckets {
+            if applies(*direction, cost) {
+                bucket.give_back(units(*unit, cost));
+            }
+        }
+    }
+
     /// Charges `cost` if every applicable bucket allows it now; otherwise charges nothing and
     /// returns how long to wait before trying again.
     pub fn try_start(&mut self, cost: Cost, now_ns: u64) -> Result<(), Duration> {
         let mut taken: SmallVec<[(usize, u64); 12]> = SmallVec::new();
         for (index, (unit, direction, bucket)) in self.buckets.iter_mut().enumerate() {
-            let applies = match direction {
-                Direction::Any => true,
-                Direction::Read => !cost.write,
-                Direction::Write => cost.write,
-            };
-            if !applies {
+            if !applies(*direction, cost) {
                 continue;
             }
-            let n = match unit {
-                Unit::Operations => 1,
-                Unit::Bytes => cost.bytes,
-            };
+            let n = units(*unit, cost);
             match bucket.try_take(n, now_ns) {
                 Ok(()) => taken.push((index, n)),
                 Err(wait) => {
@@ -163,6 +164,21 @@ impl Limiter {
             }
         }
         Ok(())
+    }
+}
+
+fn applies(direction: Direction, cost: Cost) -> bool {
+    match direction {
+        Direction::Any => true,
+        Direction::Read => !cost.write,
+        Direction::Write => cost.write,
+    }
+}
+
+fn units(unit: Unit, cost: Cost) -> u64 {
+    match unit {
+        Unit::Operations => 1,
+        Unit::Bytes => cost.bytes,
     }
 }
 

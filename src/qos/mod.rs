@@ -4,4 +4,5 @@
 
 pub mod bucket;
 pub mod config;
+pub mod group;
 pub mod limiter;

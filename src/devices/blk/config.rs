@@ -77,6 +77,8 @@ pub struct BlkConfig {
     pub poll_us: u32,
     /// Rate limits (none by default).
     pub qos: QosConfig,
+    /// The QoS group whose limits also apply (`qos-group=NAME`).
+    pub qos_group: Option<String>,
 }
 
 /// Default poll window, as QEMU's iothread `poll-max-ns` (32 µs).
@@ -128,6 +130,7 @@ impl BlkConfig {
         let logical_block_size = options.take::<u32>("logical-block-size")?.unwrap_or(512);
         let poll_us = options.take::<u32>("poll-us")?.unwrap_or(DEFAULT_POLL_US);
         let qos = QosConfig::from_options(&mut options).map_err(|e| invalid(e.to_string()))?;
+        let qos_group = options.take_str(crate::qos::config::GROUP_KEY);
         options.finish()?;
         if poll_us > MAX_POLL_US {
             return Err(invalid(format!("poll-us must be 0..={MAX_POLL_US}")));
@@ -174,6 +177,7 @@ impl BlkConfig {
             logical_block_size,
             poll_us,
             qos,
+            qos_group,
         })
     }
 }

@@ -27,6 +27,7 @@ use super::spec::{ConfigSpace, MAX_IOVECS, SECTOR_SHIFT};
 use super::stats::{QueueSnapshot, QueueStats};
 use super::throttle::now_ns;
 use crate::qos::config::QosConfig;
+use crate::qos::group::SharedLimiter;
 use crate::qos::limiter::{LimitError, Limiter};
 use crate::storage::backing::{open_backing, BackingError, OpenRequest};
 use crate::storage::null::NullEngine;
@@ -81,6 +82,10 @@ pub struct DeviceShared {
     pub qos_enabled: AtomicBool,
     /// The settings `qos` was built from.
     qos_config: Mutex<QosConfig>,
+    /// The QoS group this device draws from as well, if any.
+    group: Mutex<Option<Arc<SharedLimiter>>>,
+    /// This device's identity inside QoS groups.
+    pub member_id: u64,
     file: Option<Arc<File>>,
     engine: EngineKind,
     stats: Vec<Arc<QueueStats>>,
@@ -112,9 +117,35 @@ impl DeviceShared {
             Ok(mut c) => *c = config.clone(),
             Err(p) => *p.into_inner() = config.clone(),
         }
-        self.qos_enabled
-            .store(!config.is_empty(), Ordering::Release);
+        self.refresh_qos_enabled();
         Ok(())
+    }
+
+    /// Joins `group` (or leaves the current one with `None`).
+    pub fn set_group(&self, group: Option<Arc<SharedLimiter>>) {
+        let mut current = match self.group.lock() {
+            Ok(g) => g,
+            Err(p) => p.into_inner(),
+        };
+        if let Some(old) = current.take() {
+            old.leave(self.member_id);
+        }
+        *current = group;
+        drop(current);
+        self.refresh_qos_enabled();
+    }
+
+    /// The group this device draws from, if any.
+    pub fn group(&self) -> Option<Arc<SharedLimiter>> {
+        match self.group.lock() {
+            Ok(g) => g.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    fn refresh_qos_enabled(&self) {
+        let enabled = !self.qos_config().is_empty() || self.group().is_some();
+        self.qos_enabled.store(enabled, Ordering::Release);
     }
 
     /// The current rate-limit settings.
@@ -158,6 +189,12 @@ impl DeviceShared {
             num_queues: self.queues,
         }
     }
+}
+
+/// A process-wide unique id for each device, for QoS group membership.
+fn next_member_id() -> u64 {
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
 /// Wakes the device thread and the connected front-end's handler for shutdown.
@@ -214,6 +251,8 @@ impl BlkDevice {
             qos: Mutex::new(Limiter::unlimited()),
             qos_enabled: AtomicBool::new(false),
             qos_config: Mutex::new(QosConfig::default()),
+            group: Mutex::new(None),
+            member_id: next_member_id(),
             file,
             engine,
             stats: (0..config.queues).map(|_| Arc::default()).collect(),

@@ -5,13 +5,14 @@
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use vmm_sys_util::timerfd::TimerFd;
 
+use super::device::DeviceShared;
 use super::request::{Request, RequestKind};
-use crate::qos::limiter::{Cost, Limiter};
+use crate::qos::limiter::Cost;
 use crate::vring::GuestMemory;
 
 /// Nanoseconds on the daemon's monotonic clock (the QoS buckets' time base).
@@ -94,11 +95,11 @@ impl Throttle {
     /// already waiting, to keep arrival order), arms the timer and the caller must [`defer`] it.
     ///
     /// [`defer`]: Throttle::defer
-    pub fn may_start(&mut self, limiter: &Mutex<Limiter>, request: &Request) -> bool {
+    pub fn may_start(&mut self, device: &DeviceShared, request: &Request) -> bool {
         if self.is_holding() {
             return false;
         }
-        match try_start(limiter, request) {
+        match try_start(device, request) {
             Ok(()) => true,
             Err(wait) => {
                 self.arm(wait);
@@ -113,10 +114,10 @@ impl Throttle {
     }
 
     /// Releases waiting requests in order while the limiter allows; re-arms for the rest.
-    pub fn release(&mut self, limiter: &Mutex<Limiter>) -> Vec<Deferred> {
+    pub fn release(&mut self, device: &DeviceShared) -> Vec<Deferred> {
         let mut ready = Vec::new();
         while let Some(front) = self.waiting.front() {
-            match try_start(limiter, &front.request) {
+            match try_start(device, &front.request) {
                 Ok(()) => ready.extend(self.waiting.pop_front()),
                 Err(wait) => {
                     self.arm(wait);
@@ -142,13 +143,22 @@ impl Throttle {
     }
 }
 
-fn try_start(limiter: &Mutex<Limiter>, request: &Request) -> Result<(), Duration> {
+/// Charges the device's own limits, then its group's; a group refusal refunds the device.
+fn try_start(device: &DeviceShared, request: &Request) -> Result<(), Duration> {
     let Some(cost) = cost(request) else {
         return Ok(());
     };
-    let mut limiter = match limiter.lock() {
+    let now = now_ns();
+    let mut own = match device.qos.lock() {
         Ok(l) => l,
         Err(p) => p.into_inner(),
     };
-    limiter.try_start(cost, now_ns())
+    own.try_start(cost, now)?;
+    if let Some(group) = device.group() {
+        if let Err(wait) = group.try_start(device.member_id, cost, now) {
+            own.refund(cost);
+            return Err(wait);
+        }
+    }
+    Ok(())
 }

@@ -169,7 +169,7 @@ impl QueueWorker {
         if !self.throttle.is_holding() {
             return;
         }
-        for deferred in self.throttle.release(&self.shared.qos) {
+        for deferred in self.throttle.release(&self.shared) {
             self.stats.throttle_waited(deferred.since.elapsed());
             self.execute(deferred.head, deferred.request, &deferred.memory);
         }
@@ -181,7 +181,7 @@ impl QueueWorker {
             self.execute(head, request, memory);
             return;
         }
-        if self.throttle.may_start(&self.shared.qos, &request) {
+        if self.throttle.may_start(&self.shared, &request) {
             self.execute(head, request, memory);
             return;
         }
