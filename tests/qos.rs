@@ -201,6 +201,18 @@ fn novactl_sets_and_shows_limits() {
     assert!(qos["limits"].get("iops").is_none());
     let (ok, _, err) = novactl(&daemon, &["qos", "set", "q", "iops=0"]);
     assert!(!ok && err.contains("invalid-params"), "{err}");
+    let (ok, _, err) = novactl(&daemon, &["qos", "group", "add", "g1", "iops=1000,bps=1G"]);
+    assert!(ok, "{err}");
+    let (ok, _, _) = novactl(&daemon, &["qos", "set", "q", "qos-group=g1"]);
+    assert!(ok);
+    let (ok, out, _) = novactl(&daemon, &["qos", "group", "ls"]);
+    assert!(ok && out.contains("g1") && out.contains("\"q\""), "{out}");
+    let (ok, _, err) = novactl(&daemon, &["qos", "group", "rm", "g1"]);
+    assert!(!ok && err.contains("busy"), "{err}");
+    let (ok, _, _) = novactl(&daemon, &["qos", "set", "q", "qos-group=none"]);
+    assert!(ok);
+    let (ok, _, err) = novactl(&daemon, &["qos", "group", "rm", "g1"]);
+    assert!(ok, "{err}");
 }
 
 #[test]

@@ -6,6 +6,7 @@
 //! novactl device rm ID [--force]
 //! novactl device ls | get ID | stats ID
 //! novactl qos get ID | set ID iops=5000,bps=100M[,KEY=none...]
+//! novactl qos group add|set NAME iops=...,bps=... | rm NAME | ls
 //! novactl shutdown
 //! ```
 //! Human-readable output by default, the server's JSON with `--json`; on error the server's
@@ -62,6 +63,36 @@ enum QosCommand {
         #[arg(required = true)]
         settings: Vec<String>,
     },
+    /// Shared limits for several devices.
+    #[command(subcommand)]
+    Group(GroupCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum GroupCommand {
+    /// Create a group: `novactl qos group add tenant7 iops=20000,bps=1G`.
+    Add {
+        /// Group name.
+        name: String,
+        /// Limits as key=value.
+        #[arg(required = true)]
+        settings: Vec<String>,
+    },
+    /// Change a group's limits; `KEY=none` removes one.
+    Set {
+        /// Group name.
+        name: String,
+        /// Limits as key=value.
+        #[arg(required = true)]
+        settings: Vec<String>,
+    },
+    /// Delete an unused group.
+    Rm {
+        /// Group name.
+        name: String,
+    },
+    /// List groups with their members.
+    Ls,
 }
 
 #[derive(Debug, Subcommand)]
@@ -153,8 +184,8 @@ fn options_to_params(kind: &str, words: &[String]) -> anyhow::Result<Value> {
     })
 }
 
-fn qos_params(id: &str, words: &[String]) -> anyhow::Result<Value> {
-    key_values(("id", id), words, None, |v| match v {
+fn qos_params(first: (&str, &str), words: &[String]) -> anyhow::Result<Value> {
+    key_values(first, words, None, |v| match v {
         "none" => Value::Null,
         v => Value::String(v.to_string()),
     })
@@ -207,7 +238,19 @@ fn run(args: Args) -> anyhow::Result<()> {
         Command::Device(DeviceCommand::Get { id }) => ("device.get", json!({"id": id})),
         Command::Device(DeviceCommand::Stats { id }) => ("device.stats", json!({"id": id})),
         Command::Qos(QosCommand::Get { id }) => ("qos.get", json!({"id": id})),
-        Command::Qos(QosCommand::Set { id, settings }) => ("qos.set", qos_params(id, settings)?),
+        Command::Qos(QosCommand::Set { id, settings }) => {
+            ("qos.set", qos_params(("id", id), settings)?)
+        }
+        Command::Qos(QosCommand::Group(GroupCommand::Add { name, settings })) => {
+            ("qos.group.add", qos_params(("name", name), settings)?)
+        }
+        Command::Qos(QosCommand::Group(GroupCommand::Set { name, settings })) => {
+            ("qos.group.set", qos_params(("name", name), settings)?)
+        }
+        Command::Qos(QosCommand::Group(GroupCommand::Rm { name })) => {
+            ("qos.group.remove", json!({"name": name}))
+        }
+        Command::Qos(QosCommand::Group(GroupCommand::Ls)) => ("qos.group.list", json!({})),
     };
     let result = call(&args.control, method, params)?;
     if args.json {
@@ -288,6 +331,20 @@ fn run(args: Args) -> anyhow::Result<()> {
                 ]);
             }
             print_table(&rows)?;
+        }
+        Command::Qos(QosCommand::Group(GroupCommand::Ls)) => {
+            let mut rows = vec![["GROUP", "LIMITS", "MEMBERS"].map(String::from).to_vec()];
+            for g in result.as_array().into_iter().flatten() {
+                rows.push(vec![
+                    text(&g["name"]),
+                    text(&g["limits"]),
+                    text(&g["members"]),
+                ]);
+            }
+            print_table(&rows)?;
+        }
+        Command::Qos(QosCommand::Group(GroupCommand::Rm { name })) => {
+            writeln!(std::io::stdout(), "removed group {name}")?;
         }
         Command::Device(DeviceCommand::Rm { id, .. }) => {
             writeln!(std::io::stdout(), "removed {id}")?;
