@@ -42,6 +42,9 @@ pub fn cost(request: &Request) -> Option<Cost> {
     }
 }
 
+/// Shortest throttle sleep: the granularity at which held-back requests are released.
+pub const TIMER_MIN: Duration = Duration::from_millis(1);
+
 /// A parsed request waiting for tokens.
 pub struct Deferred {
     /// Descriptor chain head.
@@ -134,9 +137,11 @@ impl Throttle {
     }
 
     fn arm(&mut self, wait: Duration) {
-        // A wait of zero would disarm the timerfd; a very long one (a zero-rate bucket cannot
-        // exist) is capped so the worker re-checks at least every second.
-        let wait = wait.clamp(Duration::from_micros(10), Duration::from_secs(1));
+        // Wake at most every TIMER_MIN: tokens accumulate meanwhile (buckets hold 100 ms of
+        // rate), so each wake-up releases a batch instead of one request per token; this is
+        // what keeps the limiter cheap while saturated. A very long wait (a zero-rate bucket
+        // cannot exist) is capped so the worker re-checks at least every second.
+        let wait = wait.clamp(TIMER_MIN, Duration::from_secs(1));
         if let Err(e) = self.timer.reset(wait, None) {
             log::error!("cannot arm throttle timer: {e}");
         }
