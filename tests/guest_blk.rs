@@ -74,3 +74,32 @@ fn guest_uses_a_4k_direct_io_disk() {
     assert!(run.console.contains("filesystem ok"));
     daemon.wait_for_log("front-end disconnected");
 }
+
+#[test]
+fn guest_completes_all_io_on_a_throttled_disk() {
+    // A rate-limited disk is slower, never wrong: every check of the data test must pass.
+    let mut daemon = Daemon::start(&[
+        "--blk",
+        "socket={dir}/vda.sock,path={dir}/vda.img,size=64M,iops=300,bps=32M,serial=NOVA-QOS",
+    ]);
+    let devices = vhost_user_blk("vda", &daemon.path("vda.sock"), 1);
+    let run = boot("blk-data", &devices);
+    run.assert_passed();
+    for marker in [
+        "small-writes ok",
+        "discard ok",
+        "filesystem ok",
+        "guest-data ok",
+    ] {
+        assert!(run.console.contains(marker), "missing `{marker}`");
+    }
+    daemon.wait_for_log("front-end disconnected");
+    let mut ctl = common::control::Control::connect(&daemon.path("control.sock"));
+    let qos = ctl
+        .call("qos.get", serde_json::json!({"id": "vda"}))
+        .unwrap();
+    assert!(
+        qos["throttled"].as_u64().unwrap() > 0,
+        "the limit never engaged: {qos}"
+    );
+}
