@@ -305,7 +305,13 @@ impl Registry {
             .iter()
             .map(|(key, rate)| (key.to_string(), json!(rate)))
             .collect();
-        Ok(json!({"name": name, "limits": limits, "members": self.group_members(name)}))
+        Ok(json!({
+            "name": name,
+            "limits": limits,
+            "members": self.group_members(name),
+            "tokens": group.limiter.tokens(now_ns()).into_iter().collect::<BTreeMap<_, _>>(),
+            "waits": group.limiter.refusals(),
+        }))
     }
 
     /// Changes a device's rate limits live: `Some(value)` sets a key, `None` removes it. The
@@ -380,6 +386,7 @@ impl Registry {
             "id": id,
             "group": entry.record.options.get(GROUP_KEY),
             "limits": limits,
+            "tokens": shared.qos_tokens().into_iter().collect::<BTreeMap<_, _>>(),
             "throttled": queues.iter().map(|q| q.throttled).sum::<u64>(),
             "throttle-wait-ns": queues.iter().map(|q| q.throttle_wait_ns).sum::<u64>(),
         }))

@@ -67,6 +67,7 @@ fn an_iops_limit_holds_requests_back_without_failing_them() {
     assert_eq!(qos["limits"]["iops"]["per_second"], 200);
     assert!(qos["throttled"].as_u64().unwrap() > 0);
     assert!(qos["throttle-wait-ns"].as_u64().unwrap() > 0);
+    assert!(qos["tokens"]["iops"].as_i64().unwrap() <= 20, "{qos}");
 }
 
 #[test]
@@ -256,6 +257,8 @@ fn a_group_caps_its_members_together_and_shares_fairly() {
 
     let groups = ctl.call("qos.group.list", json!({})).unwrap();
     assert_eq!(groups[0]["members"], json!(["ga", "gb"]));
+    assert!(groups[0]["waits"].as_u64().unwrap() > 0, "{groups}");
+    assert!(groups[0]["tokens"]["iops"].as_i64().unwrap() <= 20);
     assert_eq!(
         ctl.error_kind("qos.group.remove", json!({"name": "tenant7"})),
         "busy"

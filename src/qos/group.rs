@@ -29,6 +29,8 @@ struct State {
 /// A group's shared limiter.
 pub struct SharedLimiter {
     state: Mutex<State>,
+    /// Times a member had to wait for the group (each retry counts).
+    refusals: std::sync::atomic::AtomicU64,
 }
 
 impl SharedLimiter {
@@ -40,6 +42,7 @@ impl SharedLimiter {
                 config: config.clone(),
                 waiting: VecDeque::new(),
             }),
+            refusals: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -82,6 +85,7 @@ impl SharedLimiter {
                 Err(wait) => wait,
             };
             enqueue(&mut state.waiting, member, now_ns);
+            self.count_refusal();
             return Err(wait);
         }
         match state.limiter.try_start(cost, now_ns) {
@@ -93,9 +97,25 @@ impl SharedLimiter {
             }
             Err(wait) => {
                 enqueue(&mut state.waiting, member, now_ns);
+                self.count_refusal();
                 Err(wait)
             }
         }
+    }
+
+    fn count_refusal(&self) {
+        self.refusals
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// Times members had to wait for the group.
+    pub fn refusals(&self) -> u64 {
+        self.refusals.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The group's current tokens by limit name.
+    pub fn tokens(&self, now_ns: u64) -> Vec<(String, i64)> {
+        self.lock().limiter.tokens(now_ns)
     }
 
     /// Gives back what a started request was charged (its own limits refused it after all).

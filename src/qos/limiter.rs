@@ -106,6 +106,8 @@ pub struct Cost {
 #[derive(Debug, Clone, Default)]
 pub struct Limiter {
     buckets: Vec<(Unit, Direction, TokenBucket)>,
+    /// Per bucket: the limit's name, with `-peak` for a burst's peak bucket.
+    names: Vec<String>,
 }
 
 impl Limiter {
@@ -124,10 +126,24 @@ impl Limiter {
         now_ns: u64,
     ) -> Result<(), LimitError> {
         rate.validate(name)?;
-        for bucket in rate.buckets(now_ns) {
+        for (i, bucket) in rate.buckets(now_ns).into_iter().enumerate() {
             self.buckets.push((unit, direction, bucket));
+            self.names.push(if i == 0 {
+                name.to_string()
+            } else {
+                format!("{name}-peak")
+            });
         }
         Ok(())
+    }
+
+    /// Current tokens of every bucket (negative in debt), by limit name.
+    pub fn tokens(&mut self, now_ns: u64) -> Vec<(String, i64)> {
+        self.names
+            .iter()
+            .cloned()
+            .zip(self.buckets.iter_mut().map(|(_, _, b)| b.tokens(now_ns)))
+            .collect()
     }
 
     /// Whether any limit is configured (the fast path skips the limiter entirely).

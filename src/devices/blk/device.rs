@@ -148,6 +148,14 @@ impl DeviceShared {
         self.qos_enabled.store(enabled, Ordering::Release);
     }
 
+    /// The device's own current tokens, by limit name.
+    pub fn qos_tokens(&self) -> Vec<(String, i64)> {
+        match self.qos.lock() {
+            Ok(mut l) => l.tokens(now_ns()),
+            Err(p) => p.into_inner().tokens(now_ns()),
+        }
+    }
+
     /// The current rate-limit settings.
     pub fn qos_config(&self) -> QosConfig {
         match self.qos_config.lock() {
