@@ -1,3 +1,4 @@
 //! The virtio devices the daemon serves.
 
 pub mod blk;
+pub mod net;

@@ -1,0 +1,327 @@
+//! The forwarding core of the in-daemon L2 switch (issue 4): MAC learning with aging,
+//! flooding, per-port anti-spoofing and access VLANs. Pure logic — it decides where a frame
+//! goes; the net device workers do the copying. Single-threaded by design: the switch's owner
+//! serialises calls (one lock per switch, taken per batch of frames).
+//!
+//! Rules, in order, for a frame entering on a port:
+//! 1. shorter than an Ethernet header → dropped (`runt`);
+//! 2. a multicast/broadcast source MAC → dropped (`bad-source`);
+//! 3. a guest port whose configured MAC differs from the source → dropped (`spoofed`);
+//!    an uplink (tap) port may carry any source;
+//! 4. an 802.1Q-tagged frame on an access port → dropped (`tagged-on-access`);
+//! 5. the source is learnt on (port VLAN, MAC) → port;
+//! 6. broadcast/multicast, or unknown or aged-out destination → flooded to every other port of
+//!    the same VLAN; a known destination → that port (never back out of the ingress port).
+
+use std::collections::{BTreeMap, HashMap};
+
+/// A MAC address.
+pub type Mac = [u8; 6];
+
+/// Why a frame was not forwarded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum DropReason {
+    /// Shorter than 14 bytes.
+    Runt,
+    /// Source MAC is multicast or broadcast.
+    BadSource,
+    /// Source MAC is not the port's configured MAC.
+    Spoofed,
+    /// A VLAN-tagged frame on an access port.
+    TaggedOnAccess,
+    /// The ingress port is not attached.
+    UnknownPort,
+    /// The destination is the ingress port itself.
+    Hairpin,
+}
+
+impl DropReason {
+    /// Stable name for counters.
+    pub fn name(self) -> &'static str {
+        match self {
+            DropReason::Runt => "runt",
+            DropReason::BadSource => "bad-source",
+            DropReason::Spoofed => "spoofed",
+            DropReason::TaggedOnAccess => "tagged-on-access",
+            DropReason::UnknownPort => "unknown-port",
+            DropReason::Hairpin => "hairpin",
+        }
+    }
+}
+
+/// Where a frame goes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Forward {
+    /// To one port.
+    Unicast(u32),
+    /// To each of these ports (possibly none).
+    Flood(Vec<u32>),
+    /// Nowhere.
+    Drop(DropReason),
+}
+
+/// A port's settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PortConfig {
+    /// The MAC a guest port must send from (ignored for uplinks).
+    pub mac: Mac,
+    /// Access VLAN (frames are untagged on the port); `None` is the default VLAN 0.
+    pub vlan: Option<u16>,
+    /// An uplink (tap) carries other hosts' MACs.
+    pub uplink: bool,
+}
+
+/// MAC learning table and ports of one switch.
+#[derive(Debug)]
+pub struct Switch {
+    ports: BTreeMap<u32, PortConfig>,
+    /// (VLAN, MAC) → (port, last seen ns).
+    table: HashMap<(u16, Mac), (u32, u64)>,
+    aging_ns: u64,
+}
+
+const BROADCAST: Mac = [0xff; 6];
+
+fn is_multicast(mac: &Mac) -> bool {
+    mac[0] & 1 == 1
+}
+
+impl Switch {
+    /// An empty switch whose learnt entries expire after `aging_ns`.
+    pub fn new(aging_ns: u64) -> Self {
+        Self {
+            ports: BTreeMap::new(),
+            table: HashMap::new(),
+            aging_ns,
+        }
+    }
+
+    /// Attaches (or reconfigures) port `port`.
+    pub fn attach(&mut self, port: u32, config: PortConfig) {
+        self.ports.insert(port, config);
+        self.table.retain(|_, (p, _)| *p != port);
+    }
+
+    /// Detaches a port and forgets what was learnt on it.
+    pub fn detach(&mut self, port: u32) {
+        self.ports.remove(&port);
+        self.table.retain(|_, (p, _)| *p != port);
+    }
+
+    /// Learnt entries still alive at `now_ns`.
+    pub fn learnt(&self, now_ns: u64) -> usize {
+        self.table
+            .values()
+            .filter(|(_, seen)| now_ns.saturating_sub(*seen) < self.aging_ns)
+            .count()
+    }
+
+    /// Drops entries older than the aging time.
+    pub fn expire(&mut self, now_ns: u64) {
+        let aging = self.aging_ns;
+        self.table
+            .retain(|_, (_, seen)| now_ns.saturating_sub(*seen) < aging);
+    }
+
+    /// Decides where `frame`, entering on `ingress`, goes; learns its source.
+    pub fn forward(&mut self, ingress: u32, frame: &[u8], now_ns: u64) -> Forward {
+        let Some(config) = self.ports.get(&ingress).copied() else {
+            return Forward::Drop(DropReason::UnknownPort);
+        };
+        if frame.len() < 14 {
+            return Forward::Drop(DropReason::Runt);
+        }
+        let mut dst: Mac = [0; 6];
+        let mut src: Mac = [0; 6];
+        dst.copy_from_slice(&frame[0..6]);
+        src.copy_from_slice(&frame[6..12]);
+        if is_multicast(&src) {
+            return Forward::Drop(DropReason::BadSource);
+        }
+        if !config.uplink && src != config.mac {
+            return Forward::Drop(DropReason::Spoofed);
+        }
+        if frame[12..14] == [0x81, 0x00] {
+            return Forward::Drop(DropReason::TaggedOnAccess);
+        }
+        let vlan = config.vlan.unwrap_or(0);
+        self.table.insert((vlan, src), (ingress, now_ns));
+        if dst != BROADCAST && !is_multicast(&dst) {
+            if let Some(&(port, seen)) = self.table.get(&(vlan, dst)) {
+                if now_ns.saturating_sub(seen) < self.aging_ns && self.ports.contains_key(&port) {
+                    return if port == ingress {
+                        Forward::Drop(DropReason::Hairpin)
+                    } else {
+                        Forward::Unicast(port)
+                    };
+                }
+            }
+        }
+        Forward::Flood(
+            self.ports
+                .iter()
+                .filter(|(p, c)| **p != ingress && c.vlan.unwrap_or(0) == vlan)
+                .map(|(p, _)| *p)
+                .collect(),
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SEC: u64 = 1_000_000_000;
+
+    fn mac(n: u8) -> Mac {
+        [0x52, 0x54, 0, 0, 0, n]
+    }
+
+    fn frame(dst: Mac, src: Mac) -> Vec<u8> {
+        let mut f = Vec::new();
+        f.extend_from_slice(&dst);
+        f.extend_from_slice(&src);
+        f.extend_from_slice(&[0x08, 0x00]);
+        f.extend_from_slice(&[0u8; 46]);
+        f
+    }
+
+    fn port(n: u8, vlan: Option<u16>) -> PortConfig {
+        PortConfig {
+            mac: mac(n),
+            vlan,
+            uplink: false,
+        }
+    }
+
+    fn three_ports() -> Switch {
+        let mut s = Switch::new(300 * SEC);
+        for p in 1..=3u8 {
+            s.attach(u32::from(p), port(p, None));
+        }
+        s
+    }
+
+    #[test]
+    fn unknown_and_broadcast_flood_then_learnt_unicast() {
+        let mut s = three_ports();
+        assert_eq!(
+            s.forward(1, &frame(mac(2), mac(1)), 0),
+            Forward::Flood(vec![2, 3])
+        );
+        assert_eq!(
+            s.forward(2, &frame(BROADCAST, mac(2)), 0),
+            Forward::Flood(vec![1, 3])
+        );
+        // Both sources are learnt now.
+        assert_eq!(s.forward(1, &frame(mac(2), mac(1)), 1), Forward::Unicast(2));
+        assert_eq!(s.forward(2, &frame(mac(1), mac(2)), 1), Forward::Unicast(1));
+        let multicast = [0x01, 0x00, 0x5e, 0, 0, 1];
+        assert_eq!(
+            s.forward(1, &frame(multicast, mac(1)), 1),
+            Forward::Flood(vec![2, 3])
+        );
+    }
+
+    #[test]
+    fn entries_age_out() {
+        let mut s = three_ports();
+        s.forward(2, &frame(BROADCAST, mac(2)), 0);
+        assert_eq!(
+            s.forward(1, &frame(mac(2), mac(1)), 299 * SEC),
+            Forward::Unicast(2)
+        );
+        assert_eq!(s.learnt(299 * SEC), 2);
+        // Port 2 fell silent for the aging time: back to flooding.
+        assert_eq!(
+            s.forward(1, &frame(mac(2), mac(1)), 301 * SEC),
+            Forward::Flood(vec![2, 3])
+        );
+        s.expire(301 * SEC);
+        assert_eq!(s.learnt(301 * SEC), 1, "only port 1's fresh entry is left");
+    }
+
+    #[test]
+    fn spoofed_runt_bad_source_and_tagged_frames_are_dropped() {
+        let mut s = three_ports();
+        assert_eq!(
+            s.forward(1, &frame(mac(2), mac(9)), 0),
+            Forward::Drop(DropReason::Spoofed)
+        );
+        assert_eq!(s.forward(1, &[0u8; 13], 0), Forward::Drop(DropReason::Runt));
+        assert_eq!(
+            s.forward(1, &frame(mac(2), BROADCAST), 0),
+            Forward::Drop(DropReason::BadSource)
+        );
+        let mut tagged = frame(mac(2), mac(1));
+        tagged[12] = 0x81;
+        tagged[13] = 0x00;
+        assert_eq!(
+            s.forward(1, &tagged, 0),
+            Forward::Drop(DropReason::TaggedOnAccess)
+        );
+        assert_eq!(
+            s.forward(7, &frame(mac(2), mac(1)), 0),
+            Forward::Drop(DropReason::UnknownPort)
+        );
+        // A spoofed frame teaches the switch nothing.
+        assert_eq!(s.learnt(0), 0);
+    }
+
+    #[test]
+    fn uplinks_carry_any_source_and_hairpins_are_dropped() {
+        let mut s = three_ports();
+        s.attach(
+            9,
+            PortConfig {
+                mac: [0; 6],
+                vlan: None,
+                uplink: true,
+            },
+        );
+        let outside = [0x02, 0xaa, 0, 0, 0, 1];
+        assert_eq!(
+            s.forward(9, &frame(mac(1), outside), 0),
+            Forward::Flood(vec![1, 2, 3])
+        );
+        assert_eq!(
+            s.forward(1, &frame(outside, mac(1)), 0),
+            Forward::Unicast(9)
+        );
+        // The uplink sending to a MAC learnt on itself: not back out.
+        let outside2 = [0x02, 0xaa, 0, 0, 0, 2];
+        s.forward(9, &frame(BROADCAST, outside2), 0);
+        assert_eq!(
+            s.forward(9, &frame(outside2, outside), 0),
+            Forward::Drop(DropReason::Hairpin)
+        );
+    }
+
+    #[test]
+    fn vlans_are_separate_broadcast_domains() {
+        let mut s = Switch::new(300 * SEC);
+        s.attach(1, port(1, Some(10)));
+        s.attach(2, port(2, Some(10)));
+        s.attach(3, port(3, Some(20)));
+        assert_eq!(
+            s.forward(1, &frame(BROADCAST, mac(1)), 0),
+            Forward::Flood(vec![2])
+        );
+        // Port 3 (VLAN 20) cannot reach port 1 even by unicast to a learnt MAC.
+        assert_eq!(
+            s.forward(3, &frame(mac(1), mac(3)), 0),
+            Forward::Flood(vec![])
+        );
+    }
+
+    #[test]
+    fn detaching_a_port_forgets_its_macs() {
+        let mut s = three_ports();
+        s.forward(2, &frame(BROADCAST, mac(2)), 0);
+        s.detach(2);
+        assert_eq!(
+            s.forward(1, &frame(mac(2), mac(1)), 1),
+            Forward::Flood(vec![3])
+        );
+    }
+}
