@@ -14,6 +14,7 @@ have losetup || need_apt+=(util-linux)
 have flock || need_apt+=(util-linux)
 have cc || need_apt+=(gcc)
 have taskset || need_apt+=(util-linux)
+have ip || need_apt+=(iproute2)
 if [ "$(id -u)" != 0 ]; then
     echo "install-deps: run as root (apt-get, mount and losetup need it)" >&2
     exit 1

@@ -3,3 +3,4 @@
 pub mod peer;
 pub mod poll;
 pub mod signals;
+pub mod tap;
