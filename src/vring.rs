@@ -141,9 +141,6 @@ impl VringT<AtomicGuestMemory> for CheckedVring {
 pub fn has_available(vring: &CheckedVring, memory: &GuestMemory) -> bool {
     let state = vring.get_ref();
     let queue = state.get_queue();
-    if !queue.ready() {
-        return false;
-    }
     queue
         .avail_idx(memory, std::sync::atomic::Ordering::Acquire)
         .map(|idx| idx.0 != queue.next_avail())

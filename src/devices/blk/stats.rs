@@ -70,6 +70,7 @@ pub struct QueueStats {
     queue_misconfigured: AtomicU64,
     throttled: AtomicU64,
     throttle_wait_ns: AtomicU64,
+    ring_errors: AtomicU64,
 }
 
 /// A copy of one queue's counters.
@@ -97,6 +98,8 @@ pub struct QueueSnapshot {
     pub throttled: u64,
     /// Total time requests spent held back by QoS, in nanoseconds.
     pub throttle_wait_ns: u64,
+    /// Kicks on a ring whose available index claimed more buffers than it can hold.
+    pub ring_errors: u64,
 }
 
 fn add(counter: &AtomicU64, n: u64) {
@@ -147,6 +150,11 @@ impl QueueStats {
         );
     }
 
+    /// A kick found a corrupt available ring.
+    pub fn ring_error(&self) {
+        add(&self.ring_errors, 1);
+    }
+
     /// A kick arrived for a queue with an invalid configuration.
     pub fn misconfigured(&self) {
         add(&self.queue_misconfigured, 1);
@@ -190,6 +198,7 @@ impl QueueStats {
             queue_misconfigured: load(&self.queue_misconfigured),
             throttled: load(&self.throttled),
             throttle_wait_ns: load(&self.throttle_wait_ns),
+            ring_errors: load(&self.ring_errors),
         }
     }
 }

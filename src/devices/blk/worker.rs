@@ -216,12 +216,10 @@ impl QueueWorker {
             self.stats.misconfigured();
             return Ok(());
         }
-        if !vring.get_ref().get_queue().ready() {
-            // Stopped (GET_VRING_BASE) or not set up yet: the ring is not ours to walk, even
-            // if a timer or completion brought us here with buffers still in it.
-            return Ok(());
-        }
         let started = Instant::now();
+        // Passes in a row that took nothing off the ring although the ring said (through
+        // enable_notification or polling) that buffers were there.
+        let mut empty_passes = 0;
         loop {
             // Load the memory map on every pass: the front-end may add regions
             // (ADD_MEM_REG) while this worker polls, and a stale map would refuse
@@ -229,12 +227,21 @@ impl QueueWorker {
             let memory = self.memory.memory().into_inner();
             vring.disable_notification()?;
             self.release_throttled();
-            self.pop_available(vring, &memory);
+            let popped = self.pop_available(vring, &memory);
             self.engine.submit()?;
             self.reap_and_complete(vring)?;
             if self.throttle.is_holding() {
                 // Over the limit: leave the rest in the ring (back-pressure) until the timer.
                 vring.enable_notification()?;
+                return Ok(());
+            }
+            empty_passes = if popped == 0 { empty_passes + 1 } else { 0 };
+            if empty_passes >= 2 {
+                // Twice told that buffers wait, twice unable to take one: the ring is stopped
+                // (GET_VRING_BASE) or corrupt (an avail index more than a ring ahead, which
+                // virtio-queue refuses to walk). Looping on would spin forever; stop until the
+                // next kick, which again costs one bounded pass.
+                self.ring_unusable(vring);
                 return Ok(());
             }
             if !self.poll.is_zero()
@@ -249,16 +256,36 @@ impl QueueWorker {
         }
     }
 
-    fn pop_available(&mut self, vring: &CheckedVring, memory: &Arc<GuestMemory>) {
+    /// Records a ring that claims buffers that cannot be taken (a stopped ring is normal).
+    fn ring_unusable(&mut self, vring: &CheckedVring) {
+        if !vring.get_ref().get_queue().ready() {
+            return;
+        }
+        self.stats.ring_error();
+        if let Some(suppressed) = self.refusal_log.allow() {
+            log::warn!(
+                "{}: queue {}: available ring is corrupt (index beyond the ring); ignoring it \
+                 until the next kick ({suppressed} similar events not logged)",
+                self.shared.id,
+                self.queue_index
+            );
+        }
+    }
+
+    /// Takes requests off the ring (under one vring lock) until it is empty or QoS holds.
+    /// Returns how many were taken.
+    fn pop_available(&mut self, vring: &CheckedVring, memory: &Arc<GuestMemory>) -> usize {
+        let mut state = vring.get_mut();
+        let mut popped = 0;
         while !self.throttle.is_holding() {
-            let chain = vring
-                .get_mut()
-                .get_queue_mut()
-                .pop_descriptor_chain(&**memory);
-            let Some(chain) = chain else { return };
+            let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&**memory) else {
+                break;
+            };
+            popped += 1;
             let head = chain.head_index();
             self.start(head, chain, memory);
         }
+        popped
     }
 
     /// Spins until new buffers are available (true) or nothing happened for `self.poll`.
