@@ -427,7 +427,7 @@ fn a_corrupt_avail_index_does_not_make_the_worker_spin() {
         "--blk",
         "socket={dir}/good.sock,path={dir}/good.img,size=4M",
     ]);
-    let mut bad = BlkClient::connect(&d.path("bad.sock"));
+    let bad = BlkClient::connect(&d.path("bad.sock"));
     let mut good = BlkClient::connect(&d.path("good.sock"));
     let avail_idx = bad.queues[0].avail + 2;
     bad.poke(avail_idx, &1000u16.to_le_bytes());
