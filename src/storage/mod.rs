@@ -115,6 +115,9 @@ pub trait Engine: Send {
         None
     }
 
+    /// Resets the completion eventfd after it woke the worker (engines without one: no-op).
+    fn acknowledge_notification(&mut self) {}
+
     /// Whether completions are waiting to be reaped (checked while polling; cheap).
     fn completions_pending(&mut self) -> bool {
         false

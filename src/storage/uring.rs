@@ -41,6 +41,8 @@ pub struct UringEngine {
     backlog: VecDeque<u32>,
     /// Ops finished without the kernel (zero-length transfers).
     ready: Vec<Completion>,
+    /// Scratch space for CQEs, kept to avoid an allocation per reap.
+    cqe_buffer: Vec<(u32, i32)>,
     in_flight: usize,
 }
 
@@ -64,6 +66,7 @@ impl UringEngine {
             free: Vec::new(),
             backlog: VecDeque::new(),
             ready: Vec::new(),
+            cqe_buffer: Vec::new(),
             in_flight: 0,
         })
     }
@@ -170,16 +173,18 @@ impl UringEngine {
     }
 
     fn collect(&mut self) {
-        // Draining the eventfd first means a completion arriving after this point re-arms it.
-        let _ = self.eventfd.read();
-        let cqes: Vec<(u32, i32)> = self
-            .ring
-            .completion()
-            .map(|cqe| (cqe.user_data() as u32, cqe.result()))
-            .collect();
-        for (index, res) in cqes {
+        // Reuse one buffer: this runs for every reap, possibly every few microseconds.
+        let mut cqes = std::mem::take(&mut self.cqe_buffer);
+        cqes.extend(
+            self.ring
+                .completion()
+                .map(|cqe| (cqe.user_data() as u32, cqe.result())),
+        );
+        for &(index, res) in &cqes {
             self.on_cqe(index, res);
         }
+        cqes.clear();
+        self.cqe_buffer = cqes;
     }
 }
 
@@ -239,6 +244,12 @@ impl Engine for UringEngine {
 
     fn completion_fd(&self) -> Option<RawFd> {
         Some(self.eventfd.as_raw_fd())
+    }
+
+    fn acknowledge_notification(&mut self) {
+        // Only the epoll path needs this: a worker reaping while it polls leaves the eventfd
+        // set, which costs one spare wake-up later instead of a read(2) per reap.
+        let _ = self.eventfd.read();
     }
 
     fn completions_pending(&mut self) -> bool {

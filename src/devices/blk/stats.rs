@@ -1,9 +1,10 @@
 //! Per-queue counters for a block device.
 //!
-//! Each queue worker owns one [`QueueStats`] and is its only writer, so counting is a relaxed
-//! atomic add with no shared lock or cache line on the data path. Readers (stats requests,
-//! metrics) take a [`QueueSnapshot`], which is not a consistent cut across counters, only
-//! each counter's own value at the time it was read.
+//! Each queue worker owns one [`QueueStats`] and is its only writer (the worker's mutex makes
+//! the queue-stop drain, which also counts, exclusive with it), so counting is a relaxed load
+//! and store with no locked instruction, no shared lock and no shared cache line on the data
+//! path. Readers (stats requests, metrics) take a [`QueueSnapshot`], which is not a
+//! consistent cut across counters, only each counter's own value at the time it was read.
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
@@ -102,8 +103,13 @@ pub struct QueueSnapshot {
     pub ring_errors: u64,
 }
 
+/// Adds to a counter that only its queue's worker writes: a plain load and store (no locked
+/// read-modify-write on the data path). Readers still see whole values, never torn ones.
 fn add(counter: &AtomicU64, n: u64) {
-    counter.fetch_add(n, Ordering::Relaxed);
+    counter.store(
+        counter.load(Ordering::Relaxed).wrapping_add(n),
+        Ordering::Relaxed,
+    );
 }
 
 impl QueueStats {
@@ -114,7 +120,10 @@ impl QueueStats {
 
     /// A started request completed (successfully or not).
     pub fn completed(&self, class: OpClass, bytes: u64, ok: bool, latency: Duration) {
-        self.in_flight.fetch_sub(1, Ordering::Relaxed);
+        self.in_flight.store(
+            self.in_flight.load(Ordering::Relaxed).saturating_sub(1),
+            Ordering::Relaxed,
+        );
         add(&self.requests[class as usize], 1);
         if !ok {
             add(&self.io_errors, 1);

@@ -311,6 +311,8 @@ impl QueueWorker {
 
     /// Handles the engine's completion event.
     pub fn process_completions(&mut self, vring: &CheckedVring) -> Result<(), WorkerError> {
+        // Reset the eventfd before reaping: a completion landing after this re-arms it.
+        self.engine.acknowledge_notification();
         self.reap_and_complete(vring)
     }
 
@@ -506,7 +508,9 @@ impl QueueWorker {
     }
 
     fn complete_engine_ops(&mut self) {
-        for completion in std::mem::take(&mut self.completions) {
+        // Borrowed out and put back so the buffer keeps its capacity across batches.
+        let mut completions = std::mem::take(&mut self.completions);
+        for completion in completions.drain(..) {
             let index = usize::try_from(completion.tag).unwrap_or(usize::MAX);
             let Some(Some(slot)) = self.in_flight.get_mut(index) else {
                 log::error!(
@@ -551,6 +555,7 @@ impl QueueWorker {
                 drop(done.memory);
             }
         }
+        self.completions = completions;
     }
 
     fn return_finished(&mut self, vring: &CheckedVring) -> Result<(), WorkerError> {
@@ -558,15 +563,17 @@ impl QueueWorker {
             return Ok(());
         }
         let memory = self.memory.memory();
+        // One vring lock for the whole batch: used entries, then the notification decision.
+        let mut state = vring.get_mut();
         for done in self.finished.drain(..) {
             let used_len = match done.status {
                 Some(addr) if memory.write_obj(done.code, addr).is_ok() => done.used_len,
                 _ => 0,
             };
-            vring.add_used(done.head, used_len)?;
+            state.add_used(done.head, used_len)?;
         }
-        if vring.needs_notification()? {
-            vring.signal_used_queue().map_err(WorkerError::Signal)?;
+        if state.needs_notification()? {
+            state.signal_used_queue().map_err(WorkerError::Signal)?;
         }
         Ok(())
     }
