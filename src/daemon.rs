@@ -9,6 +9,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
 use crate::control::server::{ControlConfig, ControlError, ControlServer};
+use crate::lock::lock;
 use crate::metrics::{MetricsError, MetricsServer};
 use crate::registry::{Registry, RegistryError};
 use crate::state::{StateError, StateStore};
@@ -103,10 +104,7 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         },
         None => None,
     };
-    let devices = match registry.lock() {
-        Ok(r) => r.ids().len(),
-        Err(p) => p.into_inner().ids().len(),
-    };
+    let devices = lock(&registry).ids().len();
     log::info!("novacrond ready: {devices} device(s)");
     let waited = signals::wait_for_termination();
     match &waited {
@@ -125,10 +123,7 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
 }
 
 fn stop_registry(registry: &Mutex<Registry>) {
-    match registry.lock() {
-        Ok(mut r) => r.stop_all(),
-        Err(p) => p.into_inner().stop_all(),
-    }
+    lock(registry).stop_all();
 }
 
 fn start_devices(

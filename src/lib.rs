@@ -12,6 +12,7 @@ pub mod daemon;
 pub mod devices;
 #[doc(hidden)]
 pub mod fuzz_support;
+pub mod lock;
 pub mod metrics;
 pub mod qos;
 pub mod registry;

@@ -108,11 +108,7 @@ impl Drop for MetricsServer {
 pub type Snapshot = Vec<(String, bool, Vec<QueueSnapshot>)>;
 
 fn snapshot(registry: &Mutex<Registry>) -> Snapshot {
-    let registry = match registry.lock() {
-        Ok(r) => r,
-        Err(p) => p.into_inner(),
-    };
-    registry.metrics_snapshot()
+    crate::lock::lock(registry).metrics_snapshot()
 }
 
 /// Escapes a label value (backslash, double quote, newline).

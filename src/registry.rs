@@ -160,10 +160,7 @@ impl Registry {
 
     /// Stops and forgets device `id`. With a connected front-end only when `force`.
     pub fn remove(&mut self, id: &str, force: bool) -> Result<(), RegistryError> {
-        let entry = self
-            .devices
-            .get(id)
-            .ok_or_else(|| RegistryError::NotFound(id.to_string()))?;
+        let entry = self.entry(id)?;
         if entry.device.is_connected() && !force {
             return Err(RegistryError::Busy(id.to_string()));
         }
@@ -233,13 +230,7 @@ impl Registry {
             .groups
             .get_mut(name)
             .ok_or_else(|| RegistryError::NotFound(format!("QoS group {name}")))?;
-        let mut options = group.options.clone();
-        for (key, value) in changes {
-            match value {
-                Some(value) => options.insert(key, value),
-                None => options.remove(&key),
-            };
-        }
+        let options = with_changes(&group.options, changes);
         let config = group_config(&options)?;
         let previous = std::mem::replace(&mut group.options, options);
         if let Err(e) = self.save() {
@@ -324,27 +315,9 @@ impl Registry {
         if let Some(key) = changes.keys().find(|k| !QosConfig::is_qos_key(k)) {
             return Err(RegistryError::NotQos(key.clone()));
         }
-        let entry = self
-            .devices
-            .get_mut(id)
-            .ok_or_else(|| RegistryError::NotFound(id.to_string()))?;
-        let mut options = entry.record.options.clone();
-        for (key, value) in changes {
-            match value {
-                Some(value) => options.insert(key, value),
-                None => options.remove(&key),
-            };
-        }
+        let options = with_changes(&self.entry(id)?.record.options, changes);
         let config = BlkConfig::from_options(OptionList::from_pairs(options.clone()))?;
-        let group = match config.qos_group.as_deref() {
-            None => None,
-            Some(name) => Some(
-                self.groups
-                    .get(name)
-                    .map(|g| Arc::clone(&g.limiter))
-                    .ok_or_else(|| RegistryError::NotFound(format!("QoS group {name}")))?,
-            ),
-        };
+        let group = self.resolve_group(config.qos_group.as_deref())?;
         let Some(entry) = self.devices.get_mut(id) else {
             return Err(RegistryError::NotFound(id.to_string()));
         };
@@ -370,10 +343,7 @@ impl Registry {
 
     /// A device's rate limits and how much they held it back.
     pub fn qos(&self, id: &str) -> Result<Value, RegistryError> {
-        let entry = self
-            .devices
-            .get(id)
-            .ok_or_else(|| RegistryError::NotFound(id.to_string()))?;
+        let entry = self.entry(id)?;
         let shared = entry.device.shared();
         let limits: serde_json::Map<String, Value> = shared
             .qos_config()
@@ -431,6 +401,12 @@ impl Registry {
         Ok(())
     }
 
+    fn entry(&self, id: &str) -> Result<&Entry, RegistryError> {
+        self.devices
+            .get(id)
+            .ok_or_else(|| RegistryError::NotFound(id.to_string()))
+    }
+
     /// Ids of all devices.
     pub fn ids(&self) -> Vec<String> {
         self.devices.keys().cloned().collect()
@@ -438,10 +414,7 @@ impl Registry {
 
     /// A device's description.
     pub fn describe(&self, id: &str) -> Result<Value, RegistryError> {
-        let entry = self
-            .devices
-            .get(id)
-            .ok_or_else(|| RegistryError::NotFound(id.to_string()))?;
+        let entry = self.entry(id)?;
         let config = entry.device.config();
         let shared = entry.device.shared();
         Ok(json!({
@@ -469,10 +442,7 @@ impl Registry {
 
     /// A device's counters: totals and per queue.
     pub fn stats(&self, id: &str) -> Result<Value, RegistryError> {
-        let entry = self
-            .devices
-            .get(id)
-            .ok_or_else(|| RegistryError::NotFound(id.to_string()))?;
+        let entry = self.entry(id)?;
         let queues = entry.device.shared().stats();
         Ok(json!({
             "id": id,
@@ -557,4 +527,19 @@ fn validate_group_name(name: &str) -> Result<(), RegistryError> {
             "group name `{name}` must be 1..=64 of [A-Za-z0-9._-]"
         )))
     }
+}
+
+/// `options` with `changes` applied: `Some` sets a key, `None` removes it.
+fn with_changes(
+    options: &BTreeMap<String, String>,
+    changes: BTreeMap<String, Option<String>>,
+) -> BTreeMap<String, String> {
+    let mut options = options.clone();
+    for (key, value) in changes {
+        match value {
+            Some(value) => options.insert(key, value),
+            None => options.remove(&key),
+        };
+    }
+    options
 }

@@ -18,7 +18,9 @@
 //! | `daemon.shutdown` | none | `{}`, then the daemon stops |
 
 use std::collections::BTreeMap;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
+
+use crate::lock::lock;
 
 use serde_json::{json, Map, Value};
 
@@ -146,13 +148,6 @@ fn dispatch(
         }
     };
     Ok(result)
-}
-
-fn lock(registry: &Arc<Mutex<Registry>>) -> MutexGuard<'_, Registry> {
-    match registry.lock() {
-        Ok(guard) => guard,
-        Err(poisoned) => poisoned.into_inner(),
-    }
 }
 
 fn registry_error(error: RegistryError) -> RpcError {

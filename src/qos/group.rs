@@ -47,10 +47,7 @@ impl SharedLimiter {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, State> {
-        match self.state.lock() {
-            Ok(s) => s,
-            Err(p) => p.into_inner(),
-        }
+        crate::lock::lock(&self.state)
     }
 
     /// The group's settings.

@@ -4,5 +4,6 @@
 
 pub mod bucket;
 pub mod config;
+pub mod device;
 pub mod group;
 pub mod limiter;

@@ -110,12 +110,7 @@ impl BlkBackend {
     }
 
     fn worker(&self, index: usize) -> MutexGuard<'_, QueueWorker> {
-        // A poisoned worker means a panic in a worker thread; its state is still consistent
-        // enough to drain, which is all anyone does after that.
-        match self.workers[index].lock() {
-            Ok(guard) => guard,
-            Err(poisoned) => poisoned.into_inner(),
-        }
+        crate::lock::lock(&self.workers[index])
     }
 }
 

@@ -26,9 +26,11 @@ use super::request::Limits;
 use super::spec::{ConfigSpace, MAX_IOVECS, SECTOR_SHIFT};
 use super::stats::{QueueSnapshot, QueueStats};
 use super::throttle::now_ns;
+use crate::lock::lock;
 use crate::qos::config::QosConfig;
+use crate::qos::device::DeviceQos;
 use crate::qos::group::SharedLimiter;
-use crate::qos::limiter::{LimitError, Limiter};
+use crate::qos::limiter::LimitError;
 use crate::storage::backing::{open_backing, BackingError, OpenRequest};
 use crate::storage::null::NullEngine;
 use crate::storage::sync::SyncEngine;
@@ -76,14 +78,10 @@ pub struct DeviceShared {
     pub poll: std::time::Duration,
     /// Whether a front-end is connected now.
     pub connected: AtomicBool,
-    /// The device's rate limits, shared by its queues.
-    pub qos: Mutex<Limiter>,
-    /// Fast path: false when no limit is set (the limiter is never locked).
+    /// The device's rate limits (own and group), shared by its queues.
+    pub qos: Mutex<DeviceQos>,
+    /// Fast path: false when nothing limits the device (`qos` is never locked then).
     pub qos_enabled: AtomicBool,
-    /// The settings `qos` was built from.
-    qos_config: Mutex<QosConfig>,
-    /// The QoS group this device draws from as well, if any.
-    group: Mutex<Option<Arc<SharedLimiter>>>,
     /// This device's identity inside QoS groups.
     pub member_id: u64,
     file: Option<Arc<File>>,
@@ -108,60 +106,27 @@ impl DeviceShared {
 
     /// Replaces the rate limits; takes effect for the next request on every queue.
     pub fn set_qos(&self, config: &QosConfig) -> Result<(), LimitError> {
-        let limiter = config.limiter(now_ns())?;
-        match self.qos.lock() {
-            Ok(mut live) => *live = limiter,
-            Err(p) => *p.into_inner() = limiter,
-        }
-        match self.qos_config.lock() {
-            Ok(mut c) => *c = config.clone(),
-            Err(p) => *p.into_inner() = config.clone(),
-        }
-        self.refresh_qos_enabled();
+        let mut qos = lock(&self.qos);
+        qos.set_limits(config, now_ns())?;
+        self.qos_enabled.store(qos.is_limited(), Ordering::Release);
         Ok(())
     }
 
     /// Joins `group` (or leaves the current one with `None`).
     pub fn set_group(&self, group: Option<Arc<SharedLimiter>>) {
-        let mut current = match self.group.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        if let Some(old) = current.take() {
-            old.leave(self.member_id);
-        }
-        *current = group;
-        drop(current);
-        self.refresh_qos_enabled();
-    }
-
-    /// The group this device draws from, if any.
-    pub fn group(&self) -> Option<Arc<SharedLimiter>> {
-        match self.group.lock() {
-            Ok(g) => g.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
-    }
-
-    fn refresh_qos_enabled(&self) {
-        let enabled = !self.qos_config().is_empty() || self.group().is_some();
-        self.qos_enabled.store(enabled, Ordering::Release);
+        let mut qos = lock(&self.qos);
+        qos.set_group(group, self.member_id);
+        self.qos_enabled.store(qos.is_limited(), Ordering::Release);
     }
 
     /// The device's own current tokens, by limit name.
     pub fn qos_tokens(&self) -> Vec<(String, i64)> {
-        match self.qos.lock() {
-            Ok(mut l) => l.tokens(now_ns()),
-            Err(p) => p.into_inner().tokens(now_ns()),
-        }
+        lock(&self.qos).tokens(now_ns())
     }
 
     /// The current rate-limit settings.
     pub fn qos_config(&self) -> QosConfig {
-        match self.qos_config.lock() {
-            Ok(c) => c.clone(),
-            Err(p) => p.into_inner().clone(),
-        }
+        lock(&self.qos).config().clone()
     }
 
     /// The counters of queue `queue`.
@@ -256,10 +221,8 @@ impl BlkDevice {
             flush_failed: AtomicBool::new(false),
             poll: std::time::Duration::from_micros(u64::from(config.poll_us)),
             connected: AtomicBool::new(false),
-            qos: Mutex::new(Limiter::unlimited()),
+            qos: Mutex::new(DeviceQos::default()),
             qos_enabled: AtomicBool::new(false),
-            qos_config: Mutex::new(QosConfig::default()),
-            group: Mutex::new(None),
             member_id: next_member_id(),
             file,
             engine,
@@ -340,10 +303,8 @@ impl BlkDevice {
         if let Err(e) = self.stop.eventfd.write(1) {
             log::warn!("{}: cannot wake device thread: {e}", self.config.id);
         }
-        if let Ok(connection) = self.stop.connection.lock() {
-            if let Some(handle) = connection.as_ref() {
-                handle.shutdown();
-            }
+        if let Some(handle) = lock(&self.stop.connection).as_ref() {
+            handle.shutdown();
         }
         if let Some(thread) = self.thread.take() {
             if thread.join().is_err() {
@@ -404,9 +365,7 @@ fn serve_connection(
         register(handler, fd, throttle_event_id(shared.queues))?;
     }
     daemon.start(listener).map_err(|e| format!("{e}"))?;
-    if let Ok(mut connection) = stop.connection.lock() {
-        *connection = daemon.shutdown_handle();
-    }
+    *lock(&stop.connection) = daemon.shutdown_handle();
     if stop.requested.load(Ordering::Acquire) {
         daemon.request_shutdown();
     }
@@ -414,9 +373,7 @@ fn serve_connection(
     shared.connected.store(true, Ordering::Release);
     let result = daemon.wait();
     shared.connected.store(false, Ordering::Release);
-    if let Ok(mut connection) = stop.connection.lock() {
-        *connection = None;
-    }
+    *lock(&stop.connection) = None;
     backend.signal_exit();
     // Dropping the daemon joins its worker threads; dropping the last backend reference then
     // drains every engine, so no kernel I/O outlives the guest memory mapping.

@@ -12,6 +12,7 @@ use vmm_sys_util::timerfd::TimerFd;
 
 use super::device::DeviceShared;
 use super::request::{Request, RequestKind};
+use crate::lock::lock;
 use crate::qos::limiter::Cost;
 use crate::vring::GuestMemory;
 
@@ -148,22 +149,10 @@ impl Throttle {
     }
 }
 
-/// Charges the device's own limits, then its group's; a group refusal refunds the device.
+/// Charges the device's limits (its own, then its group's) for `request`.
 fn try_start(device: &DeviceShared, request: &Request) -> Result<(), Duration> {
-    let Some(cost) = cost(request) else {
-        return Ok(());
-    };
-    let now = now_ns();
-    let mut own = match device.qos.lock() {
-        Ok(l) => l,
-        Err(p) => p.into_inner(),
-    };
-    own.try_start(cost, now)?;
-    if let Some(group) = device.group() {
-        if let Err(wait) = group.try_start(device.member_id, cost, now) {
-            own.refund(cost);
-            return Err(wait);
-        }
+    match cost(request) {
+        None => Ok(()),
+        Some(cost) => lock(&device.qos).try_start(device.member_id, cost, now_ns()),
     }
-    Ok(())
 }

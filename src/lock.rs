@@ -1,0 +1,17 @@
+//! Locking that survives a panicked holder.
+//!
+//! A poisoned mutex means some thread panicked while holding it. None of our guarded state is
+//! left half-updated by a panic that could matter more than stopping the whole daemon (a
+//! limiter's counters, a worker's bookkeeping, the device list), and one device's bug must not
+//! take every other VM's disk down, so every lock in the daemon recovers the guard instead of
+//! propagating the poison.
+
+use std::sync::{Mutex, MutexGuard};
+
+/// Locks `mutex`, taking the guard even if a previous holder panicked.
+pub fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    match mutex.lock() {
+        Ok(guard) => guard,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
