@@ -5,6 +5,10 @@
 //! getters and finish with [`OptionList::finish`], which rejects any key nobody asked for, so a
 //! typo never silently becomes a default.
 
+// Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
+// panic or wrap silently (checked, saturating or `get` instead).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+
 use std::collections::BTreeMap;
 use std::str::FromStr;
 
@@ -160,6 +164,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)] // tests may panic
 mod tests {
     use super::*;
 

@@ -17,6 +17,10 @@
 //! | `daemon.info` | none | version, device types, engines |
 //! | `daemon.shutdown` | none | `{}`, then the daemon stops |
 
+// Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
+// panic or wrap silently (checked, saturating or `get` instead).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 

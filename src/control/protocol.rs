@@ -3,6 +3,10 @@
 //! Errors carry a JSON-RPC code and a stable `data.kind` string that scripts and the C
 //! library can match on; messages are for humans and may change.
 
+// Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
+// panic or wrap silently (checked, saturating or `get` instead).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -140,6 +144,7 @@ pub fn parse_request(line: &[u8]) -> Result<Request, Box<Response>> {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)] // tests may panic
 mod tests {
     use super::*;
 

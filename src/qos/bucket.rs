@@ -8,6 +8,10 @@
 //! the long-run rate still holds. A clock that goes backwards refills nothing (and re-bases).
 //! All arithmetic saturates at the `u64`/`i128` edges.
 
+// Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
+// panic or wrap silently (checked, saturating or `get` instead).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+
 use std::time::Duration;
 
 /// Nano-units per token.
@@ -30,7 +34,7 @@ impl TokenBucket {
     /// A full bucket refilling `rate` tokens per second, holding at most `capacity` tokens.
     /// `rate` 0 means the bucket never refills (only its initial contents are ever given).
     pub fn new(rate: u64, capacity: u64, now_ns: u64) -> Self {
-        let capacity = i128::from(capacity) * SCALE;
+        let capacity = i128::from(capacity).saturating_mul(SCALE);
         Self {
             rate,
             capacity,
@@ -63,17 +67,16 @@ impl TokenBucket {
     pub fn reconfigure(&mut self, rate: u64, capacity: u64, now_ns: u64) {
         self.refill(now_ns);
         self.rate = rate;
-        self.capacity = i128::from(capacity) * SCALE;
+        self.capacity = i128::from(capacity).saturating_mul(SCALE);
         self.level = self.level.min(self.capacity);
     }
 
     fn refill(&mut self, now_ns: u64) {
-        if now_ns <= self.last_ns {
-            // Same instant, or a clock that went backwards: nothing to add.
+        let Some(elapsed) = now_ns.checked_sub(self.last_ns) else {
+            // A clock that went backwards: nothing to add, re-base.
             self.last_ns = now_ns;
             return;
-        }
-        let elapsed = now_ns - self.last_ns;
+        };
         self.last_ns = now_ns;
         // rate (tokens/s) * elapsed (ns) = nano-units; saturates at the i128 edge.
         let added = i128::from(self.rate).saturating_mul(i128::from(elapsed));
@@ -83,9 +86,11 @@ impl TokenBucket {
     /// Takes `n` tokens if the request may start now; otherwise returns how long until it may.
     pub fn try_take(&mut self, n: u64, now_ns: u64) -> Result<(), Duration> {
         self.refill(now_ns);
-        let needed = (i128::from(n) * SCALE).min(self.capacity);
+        let needed = i128::from(n).saturating_mul(SCALE).min(self.capacity);
         if self.level >= needed {
-            self.level = self.level.saturating_sub(i128::from(n) * SCALE);
+            self.level = self
+                .level
+                .saturating_sub(i128::from(n).saturating_mul(SCALE));
             return Ok(());
         }
         Err(self.wait_for(needed))
@@ -95,7 +100,7 @@ impl TokenBucket {
     pub fn give_back(&mut self, n: u64) {
         self.level = self
             .level
-            .saturating_add(i128::from(n) * SCALE)
+            .saturating_add(i128::from(n).saturating_mul(SCALE))
             .min(self.capacity);
     }
 
@@ -104,15 +109,19 @@ impl TokenBucket {
         if self.rate == 0 {
             return Duration::MAX;
         }
-        let missing = needed - self.level;
+        let missing = needed.saturating_sub(self.level);
         // ceil(missing / rate) nanoseconds.
         let rate = i128::from(self.rate);
-        let ns = (missing + rate - 1) / rate;
+        let ns = missing
+            .saturating_add(rate.saturating_sub(1))
+            .checked_div(rate)
+            .unwrap_or(i128::MAX);
         Duration::from_nanos(u64::try_from(ns).unwrap_or(u64::MAX))
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)] // tests may panic
 mod tests {
     use super::*;
 

@@ -7,6 +7,10 @@
 //! while another takes the whole budget. A member that stops asking (device removed, front-end
 //! gone) is dropped from the queue after [`STALE`], so it can never block the others.
 
+// Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
+// panic or wrap silently (checked, saturating or `get` instead).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+
 use std::collections::VecDeque;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -134,6 +138,7 @@ fn enqueue(waiting: &mut VecDeque<(u64, u64)>, member: u64, now_ns: u64) {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)] // tests may panic
 mod tests {
     use super::*;
     use crate::config::options::OptionList;

@@ -8,6 +8,10 @@
 //! rate; room for 100 ms of it plus the burst allowance) and, when a burst is configured, a
 //! peak bucket that holds the instantaneous rate to the burst rate.
 
+// Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
+// panic or wrap silently (checked, saturating or `get` instead).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+
 use std::time::Duration;
 
 use smallvec::SmallVec;
@@ -63,7 +67,9 @@ impl Rate {
             None => vec![TokenBucket::new(self.per_second, steady_room, now_ns)],
             Some(burst) => {
                 let seconds = self.burst_seconds.unwrap_or(1);
-                let extra = (burst - self.per_second).saturating_mul(seconds);
+                let extra = burst
+                    .saturating_sub(self.per_second)
+                    .saturating_mul(seconds);
                 vec![
                     TokenBucket::new(self.per_second, steady_room.saturating_add(extra), now_ns),
                     TokenBucket::new(burst, (burst / 10).max(1), now_ns),
@@ -173,7 +179,9 @@ impl Limiter {
                 Ok(()) => taken.push((index, n)),
                 Err(wait) => {
                     for (index, n) in taken {
-                        self.buckets[index].2.give_back(n);
+                        if let Some((_, _, bucket)) = self.buckets.get_mut(index) {
+                            bucket.give_back(n);
+                        }
                     }
                     return Err(wait);
                 }
@@ -199,6 +207,7 @@ fn units(unit: Unit, cost: Cost) -> u64 {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)] // tests may panic
 mod tests {
     use super::*;
 

@@ -3,6 +3,10 @@
 //! The cursor never dereferences the iovecs except in [`IovCursor::zero_remaining`], whose
 //! caller promises the memory is writable.
 
+// Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
+// panic or wrap silently (checked, saturating or `get` instead).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+
 /// Tracks how much of an iovec list has been transferred.
 #[derive(Debug)]
 pub struct IovCursor {
@@ -46,21 +50,21 @@ impl IovCursor {
 
     /// Marks `n` more bytes transferred; `n` larger than what remains is clamped.
     pub fn advance(&mut self, mut n: usize) {
-        let mut consumed = 0;
+        let mut consumed = 0usize;
         for iov in &mut self.remaining {
             if n == 0 {
                 break;
             }
-            if n >= iov.iov_len {
-                n -= iov.iov_len;
-                self.done += iov.iov_len as u64;
-                consumed += 1;
+            if let Some(rest) = n.checked_sub(iov.iov_len) {
+                n = rest;
+                self.done = self.done.saturating_add(iov.iov_len as u64);
+                consumed = consumed.saturating_add(1);
             } else {
                 // SAFETY: n < iov_len, so the new base stays inside the same buffer; it is only
                 // pointer arithmetic, nothing is dereferenced.
                 iov.iov_base = unsafe { iov.iov_base.cast::<u8>().add(n) }.cast();
-                iov.iov_len -= n;
-                self.done += n as u64;
+                iov.iov_len = iov.iov_len.saturating_sub(n);
+                self.done = self.done.saturating_add(n as u64);
                 n = 0;
             }
         }
@@ -76,12 +80,13 @@ impl IovCursor {
         for iov in self.remaining.drain(..) {
             // SAFETY: the caller guarantees the buffer is writable for iov_len bytes.
             unsafe { std::ptr::write_bytes(iov.iov_base.cast::<u8>(), 0, iov.iov_len) };
-            self.done += iov.iov_len as u64;
+            self.done = self.done.saturating_add(iov.iov_len as u64);
         }
     }
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)] // tests may panic
 mod tests {
     use super::*;
 

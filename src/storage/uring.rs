@@ -10,12 +10,17 @@
 //! The ring is not ordered (no IOSQE_IO_DRAIN): a flush covers the writes that had completed
 //! when it was pushed, which is exactly what virtio-blk promises the guest.
 
+// Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
+// panic or wrap silently (checked, saturating or `get` instead).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+
 use std::collections::VecDeque;
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
 use io_uring::{opcode, squeue, types, IoUring};
+use slab::Slab;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::iov::IovCursor;
@@ -35,15 +40,13 @@ pub struct UringEngine {
     ring: IoUring,
     file: Arc<File>,
     eventfd: EventFd,
-    slots: Vec<Option<Slot>>,
-    free: Vec<u32>,
+    slots: Slab<Slot>,
     /// Slots whose (next) SQE did not fit in the submission ring yet.
-    backlog: VecDeque<u32>,
+    backlog: VecDeque<usize>,
     /// Ops finished without the kernel (zero-length transfers).
     ready: Vec<Completion>,
     /// Scratch space for CQEs, kept to avoid an allocation per reap.
-    cqe_buffer: Vec<(u32, i32)>,
-    in_flight: usize,
+    cqe_buffer: Vec<(u64, i32)>,
 }
 
 impl UringEngine {
@@ -62,16 +65,14 @@ impl UringEngine {
             ring,
             file,
             eventfd,
-            slots: Vec::new(),
-            free: Vec::new(),
+            slots: Slab::new(),
             backlog: VecDeque::new(),
             ready: Vec::new(),
             cqe_buffer: Vec::new(),
-            in_flight: 0,
         })
     }
 
-    fn sqe_for(&self, index: u32, slot: &Slot) -> Result<squeue::Entry, i32> {
+    fn sqe_for(&self, index: usize, slot: &Slot) -> Result<squeue::Entry, i32> {
         let fd = types::Fd(self.file.as_raw_fd());
         let remaining = slot.cursor.remaining();
         let iov_len = u32::try_from(remaining.len()).map_err(|_| libc::EINVAL)?;
@@ -95,13 +96,13 @@ impl UringEngine {
                 .mode(write_zeroes_mode(unmap))
                 .build(),
         };
-        Ok(entry.user_data(u64::from(index)))
+        Ok(entry.user_data(index as u64))
     }
 
     /// Moves backlogged ops into the submission ring while it has room.
     fn fill_submission_ring(&mut self) {
         while let Some(&index) = self.backlog.front() {
-            let Some(Some(slot)) = self.slots.get(index as usize) else {
+            let Some(slot) = self.slots.get(index) else {
                 self.backlog.pop_front();
                 continue;
             };
@@ -124,10 +125,8 @@ impl UringEngine {
         }
     }
 
-    fn finish(&mut self, index: u32, result: Result<(), i32>) {
-        if let Some(slot) = self.slots.get_mut(index as usize).and_then(Option::take) {
-            self.free.push(index);
-            self.in_flight -= 1;
+    fn finish(&mut self, index: usize, result: Result<(), i32>) {
+        if let Some(slot) = self.slots.try_remove(index) {
             self.ready.push(Completion {
                 tag: slot.tag,
                 result,
@@ -135,8 +134,9 @@ impl UringEngine {
         }
     }
 
-    fn on_cqe(&mut self, index: u32, res: i32) {
-        let Some(Some(slot)) = self.slots.get_mut(index as usize) else {
+    fn on_cqe(&mut self, user_data: u64, res: i32) {
+        let index = usize::try_from(user_data).unwrap_or(usize::MAX);
+        let Some(slot) = self.slots.get_mut(index) else {
             log::error!("io_uring completion for unknown slot {index}");
             return;
         };
@@ -144,7 +144,7 @@ impl UringEngine {
             if res == -libc::EAGAIN || res == -libc::EINTR {
                 self.backlog.push_back(index);
             } else {
-                self.finish(index, Err(-res));
+                self.finish(index, Err(res.checked_neg().unwrap_or(libc::EIO)));
             }
             return;
         }
@@ -178,7 +178,7 @@ impl UringEngine {
         cqes.extend(
             self.ring
                 .completion()
-                .map(|cqe| (cqe.user_data() as u32, cqe.result())),
+                .map(|cqe| (cqe.user_data(), cqe.result())),
         );
         for &(index, res) in &cqes {
             self.on_cqe(index, res);
@@ -208,17 +208,7 @@ impl Engine for UringEngine {
             });
             return;
         }
-        let index = match self.free.pop() {
-            Some(index) => {
-                self.slots[index as usize] = Some(slot);
-                index
-            }
-            None => {
-                self.slots.push(Some(slot));
-                (self.slots.len() - 1) as u32
-            }
-        };
-        self.in_flight += 1;
+        let index = self.slots.insert(slot);
         self.backlog.push_back(index);
         self.fill_submission_ring();
     }
@@ -267,11 +257,11 @@ impl Engine for UringEngine {
     }
 
     fn in_flight(&self) -> usize {
-        self.in_flight + self.ready.len()
+        self.slots.len().saturating_add(self.ready.len())
     }
 
     fn drain(&mut self, out: &mut Vec<Completion>) {
-        while self.in_flight > 0 {
+        while !self.slots.is_empty() {
             if let Err(e) = self.submit() {
                 log::error!("io_uring submission failed while draining: {e}");
             }
@@ -299,6 +289,7 @@ impl Drop for UringEngine {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)] // tests may panic
 mod tests {
     use super::*;
     use crate::storage::sync::tests::{engine_contract, iov};

@@ -8,6 +8,10 @@
 //! which [`Reason`] to count. Data buffers become iovecs into mapped guest memory, split where
 //! a buffer crosses memory regions, and checked against the memory map.
 
+// Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
+// panic or wrap silently (checked, saturating or `get` instead).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+
 use smallvec::SmallVec;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
@@ -275,11 +279,11 @@ pub fn parse(
             if span_total(&writable_data) < u64::from(VIRTIO_BLK_ID_BYTES) {
                 return Err(fail(Reason::IdBufferTooSmall));
             }
-            let buffer = writable_data[0].addr;
-            if writable_data[0].len < u64::from(VIRTIO_BLK_ID_BYTES) {
-                // The serial is written with one copy; demand it fits one buffer.
-                return Err(fail(Reason::IdBufferTooSmall));
-            }
+            // The serial is written with one copy; demand it fits the first buffer.
+            let buffer = match writable_data.first() {
+                Some(first) if first.len >= u64::from(VIRTIO_BLK_ID_BYTES) => first.addr,
+                _ => return Err(fail(Reason::IdBufferTooSmall)),
+            };
             let request = Request {
                 kind: RequestKind::GetId { buffer },
                 iovecs: Vec::new(),
@@ -356,23 +360,19 @@ fn span_total(spans: &[Span]) -> u64 {
 fn skip(spans: &[Span], mut n: u64) -> Spans {
     let mut out = Spans::new();
     for span in spans {
-        if n >= span.len {
-            n -= span.len;
-            continue;
+        match n.checked_sub(span.len) {
+            // The whole span lies before the cut.
+            Some(rest) => n = rest,
+            None => {
+                // `n < span.len` here, so the difference is positive; an address that would
+                // wrap is kept as an unmappable one and refused by the address checks.
+                out.push(Span {
+                    addr: span.addr.checked_add(n).unwrap_or(GuestAddress(u64::MAX)),
+                    len: span.len.saturating_sub(n),
+                });
+                n = 0;
+            }
         }
-        match span.addr.checked_add(n) {
-            Some(addr) => out.push(Span {
-                addr,
-                len: span.len - n,
-            }),
-            // Unreachable in practice (addr+len was representable when n < len); drop it and
-            // let the address check refuse the request.
-            None => out.push(Span {
-                addr: GuestAddress(u64::MAX),
-                len: span.len - n,
-            }),
-        }
-        n = 0;
     }
     out
 }
@@ -389,7 +389,7 @@ fn take(spans: &[Span], mut n: u64) -> Spans {
             addr: span.addr,
             len,
         });
-        n -= len;
+        n = n.saturating_sub(len);
     }
     out
 }
@@ -401,14 +401,19 @@ fn copy_from_spans(
     offset: u64,
     dst: &mut [u8],
 ) -> Result<usize, vm_memory::GuestMemoryError> {
-    let mut copied = 0;
+    let mut rest = &mut dst[..];
+    let mut copied = 0usize;
     for span in skip(spans, offset) {
-        if copied == dst.len() {
+        if rest.is_empty() {
             break;
         }
-        let want = (dst.len() - copied).min(usize::try_from(span.len).unwrap_or(usize::MAX));
-        mem.read_slice(&mut dst[copied..copied + want], span.addr)?;
-        copied += want;
+        let want = rest
+            .len()
+            .min(usize::try_from(span.len).unwrap_or(usize::MAX));
+        let (now, later) = std::mem::take(&mut rest).split_at_mut(want);
+        mem.read_slice(now, span.addr)?;
+        copied = copied.saturating_add(want);
+        rest = later;
     }
     Ok(copied)
 }
@@ -433,19 +438,20 @@ fn parse_segments(
     limits: Limits,
 ) -> Result<Vec<ByteRange>, (u8, Reason)> {
     let ioerr = |reason| (VIRTIO_BLK_S_IOERR as u8, reason);
+    // At most MAX_DISCARD_SEGMENTS segments: read them all with one copy.
+    let mut raw = [0u8; SEGMENT_LEN * MAX_DISCARD_SEGMENTS as usize];
     let total = span_total(spans);
-    let count = total / SEGMENT_LEN as u64;
-    if total == 0 || total % SEGMENT_LEN as u64 != 0 || count > u64::from(MAX_DISCARD_SEGMENTS) {
+    let fits =
+        usize::try_from(total).is_ok_and(|t| t > 0 && t <= raw.len() && t % SEGMENT_LEN == 0);
+    if !fits {
         return Err(ioerr(Reason::BadSegments));
     }
-    let mut ranges = Vec::with_capacity(count as usize);
-    for i in 0..count {
-        let mut raw = [0u8; SEGMENT_LEN];
-        let got = copy_from_spans(mem, spans, i * SEGMENT_LEN as u64, &mut raw)
-            .map_err(|_| ioerr(Reason::BadAddress))?;
-        if got != SEGMENT_LEN {
+    let got = copy_from_spans(mem, spans, 0, &mut raw).map_err(|_| ioerr(Reason::BadAddress))?;
+    let mut ranges = Vec::with_capacity(got / SEGMENT_LEN);
+    for chunk in raw.get(..got).unwrap_or_default().chunks_exact(SEGMENT_LEN) {
+        let Ok::<[u8; SEGMENT_LEN], _>(raw) = chunk.try_into() else {
             return Err(ioerr(Reason::BadSegments));
-        }
+        };
         let sector = u64::from_le_bytes([
             raw[0], raw[1], raw[2], raw[3], raw[4], raw[5], raw[6], raw[7],
         ]);
@@ -488,5 +494,6 @@ fn to_iovecs(mem: &GuestMemoryMmap<()>, spans: &[Span]) -> Result<Vec<libc::iove
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)] // tests may panic
 #[path = "request_tests.rs"]
 mod tests;

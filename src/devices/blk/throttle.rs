@@ -3,6 +3,10 @@
 //! return. While anything waits, the worker stops taking new requests off the ring, so the
 //! guest sees back-pressure (a full queue), never an error or a drop.
 
+// Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
+// panic or wrap silently (checked, saturating or `get` instead).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, OnceLock};

@@ -14,6 +14,11 @@
 //! mappings its iovecs point into stay valid even if the front-end replaces the memory table
 //! while the kernel is still transferring.
 
+// Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
+// panic or wrap silently (checked, saturating or `get` instead).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+
+use slab::Slab;
 use smallvec::{smallvec, SmallVec};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -80,8 +85,7 @@ pub struct QueueWorker {
     stats: Arc<QueueStats>,
     engine: Box<dyn Engine>,
     memory: AtomicGuestMemory,
-    in_flight: Vec<Option<InFlight>>,
-    free_slots: Vec<usize>,
+    in_flight: Slab<InFlight>,
     completions: Vec<Completion>,
     finished: Vec<Finished>,
     /// The vring this worker serves, learnt at the first event, for queue-stop draining.
@@ -109,7 +113,7 @@ impl LogLimiter {
         let now = Instant::now();
         match self.last {
             Some(last) if now.duration_since(last) < Self::INTERVAL => {
-                self.suppressed += 1;
+                self.suppressed = self.suppressed.saturating_add(1);
                 None
             }
             _ => {
@@ -139,8 +143,7 @@ impl QueueWorker {
             stats,
             engine,
             memory,
-            in_flight: Vec::new(),
-            free_slots: Vec::new(),
+            in_flight: Slab::new(),
             completions: Vec::new(),
             finished: Vec::new(),
             vring: None,
@@ -201,7 +204,7 @@ impl QueueWorker {
 
     /// Requests accepted and not yet completed.
     pub fn in_flight(&self) -> usize {
-        self.in_flight.len() - self.free_slots.len()
+        self.in_flight.len()
     }
 
     /// Handles a kick: drains the available ring, submits the batch, returns what is done.
@@ -219,7 +222,7 @@ impl QueueWorker {
         let started = Instant::now();
         // Passes in a row that took nothing off the ring although the ring said (through
         // enable_notification or polling) that buffers were there.
-        let mut empty_passes = 0;
+        let mut empty_passes = 0u32;
         loop {
             // Load the memory map on every pass: the front-end may add regions
             // (ADD_MEM_REG) while this worker polls, and a stale map would refuse
@@ -235,7 +238,11 @@ impl QueueWorker {
                 vring.enable_notification()?;
                 return Ok(());
             }
-            empty_passes = if popped == 0 { empty_passes + 1 } else { 0 };
+            empty_passes = if popped == 0 {
+                empty_passes.saturating_add(1)
+            } else {
+                0
+            };
             if empty_passes >= 2 {
                 // Twice told that buffers wait, twice unable to take one: the ring is stopped
                 // (GET_VRING_BASE) or corrupt (an avail index more than a ring ahead, which
@@ -276,12 +283,12 @@ impl QueueWorker {
     /// Returns how many were taken.
     fn pop_available(&mut self, vring: &CheckedVring, memory: &Arc<GuestMemory>) -> usize {
         let mut state = vring.get_mut();
-        let mut popped = 0;
+        let mut popped = 0usize;
         while !self.throttle.is_holding() {
             let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&**memory) else {
                 break;
             };
-            popped += 1;
+            popped = popped.saturating_add(1);
             let head = chain.head_index();
             self.start(head, chain, memory);
         }
@@ -442,8 +449,9 @@ impl QueueWorker {
             RequestKind::GetId { buffer } => {
                 let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
                 let serial = self.shared.serial.as_bytes();
-                let n = serial.len().min(id.len());
-                id[..n].copy_from_slice(&serial[..n]);
+                for (dst, src) in id.iter_mut().zip(serial) {
+                    *dst = *src;
+                }
                 let code = match memory.write_slice(&id, buffer) {
                     Ok(()) => VIRTIO_BLK_S_OK as u8,
                     Err(_) => VIRTIO_BLK_S_IOERR as u8,
@@ -475,16 +483,7 @@ impl QueueWorker {
             started: Instant::now(),
             memory: Arc::clone(memory),
         };
-        let index = match self.free_slots.pop() {
-            Some(index) => {
-                self.in_flight[index] = Some(slot);
-                index
-            }
-            None => {
-                self.in_flight.push(Some(slot));
-                self.in_flight.len() - 1
-            }
-        };
+        let index = self.in_flight.insert(slot);
         self.stats.started();
         for (kind, iovecs) in ops {
             let op = IoOp {
@@ -512,7 +511,7 @@ impl QueueWorker {
         let mut completions = std::mem::take(&mut self.completions);
         for completion in completions.drain(..) {
             let index = usize::try_from(completion.tag).unwrap_or(usize::MAX);
-            let Some(Some(slot)) = self.in_flight.get_mut(index) else {
+            let Some(slot) = self.in_flight.get_mut(index) else {
                 log::error!(
                     "{}: completion for unknown request slot {index}",
                     self.shared.id
@@ -541,8 +540,7 @@ impl QueueWorker {
             if slot.pending > 0 {
                 continue;
             }
-            if let Some(done) = self.in_flight[index].take() {
-                self.free_slots.push(index);
+            if let Some(done) = self.in_flight.try_remove(index) {
                 let ok = done.code == VIRTIO_BLK_S_OK as u8;
                 self.stats
                     .completed(done.class, done.bytes, ok, done.started.elapsed());

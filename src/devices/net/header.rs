@@ -7,6 +7,10 @@
 //! (`VIRTIO_NET_HDR_F_NEEDS_CSUM`) in software, for a receiver that did not negotiate
 //! checksum offload.
 
+// Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
+// panic or wrap silently (checked, saturating or `get` instead).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+
 /// Size of `virtio_net_hdr_v1` (with `num_buffers`), the header used with VERSION_1.
 pub const HEADER_LEN: usize = 12;
 /// The checksum starting at `csum_start` must be completed by the receiver.
@@ -66,16 +70,18 @@ pub struct NetHeader {
 impl NetHeader {
     /// Parses the first 12 bytes of `bytes`.
     pub fn parse(bytes: &[u8]) -> Result<Self, HeaderError> {
-        let b = bytes.get(..HEADER_LEN).ok_or(HeaderError::Short)?;
-        let u16_at = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
+        let b: [u8; HEADER_LEN] = bytes
+            .get(..HEADER_LEN)
+            .and_then(|b| b.try_into().ok())
+            .ok_or(HeaderError::Short)?;
         Ok(Self {
             flags: b[0],
             gso_type: b[1],
-            hdr_len: u16_at(2),
-            gso_size: u16_at(4),
-            csum_start: u16_at(6),
-            csum_offset: u16_at(8),
-            num_buffers: u16_at(10),
+            hdr_len: u16::from_le_bytes([b[2], b[3]]),
+            gso_size: u16::from_le_bytes([b[4], b[5]]),
+            csum_start: u16::from_le_bytes([b[6], b[7]]),
+            csum_offset: u16::from_le_bytes([b[8], b[9]]),
+            num_buffers: u16::from_le_bytes([b[10], b[11]]),
         })
     }
 
@@ -111,13 +117,15 @@ impl NetHeader {
             MAX_GSO_FRAME
         } else {
             // MTU counts the payload; allow the Ethernet header and one VLAN tag on top.
-            usize::from(mtu) + 14 + 4
+            usize::from(mtu).saturating_add(14 + 4)
         };
         if frame_len > limit {
             return Err(HeaderError::TooLarge(frame_len));
         }
         if self.flags & F_NEEDS_CSUM != 0 {
-            let end = usize::from(self.csum_start) + usize::from(self.csum_offset) + 2;
+            let end = usize::from(self.csum_start)
+                .saturating_add(usize::from(self.csum_offset))
+                .saturating_add(2);
             if end > frame_len {
                 return Err(HeaderError::ChecksumOutside);
             }
@@ -131,27 +139,33 @@ impl NetHeader {
 /// stored at `csum_start + csum_offset`.
 pub fn complete_checksum(frame: &mut [u8], header: &NetHeader) -> Result<(), HeaderError> {
     let start = usize::from(header.csum_start);
-    let at = start + usize::from(header.csum_offset);
-    if at + 2 > frame.len() {
-        return Err(HeaderError::ChecksumOutside);
-    }
-    let mut sum: u32 = 0;
-    let mut chunks = frame[start..].chunks_exact(2);
-    for pair in &mut chunks {
-        sum += u32::from(u16::from_be_bytes([pair[0], pair[1]]));
-    }
+    let at = start.saturating_add(usize::from(header.csum_offset));
+    let covered = frame.get(start..).ok_or(HeaderError::ChecksumOutside)?;
+    let end = at
+        .checked_add(2)
+        .filter(|&end| end <= frame.len())
+        .ok_or(HeaderError::ChecksumOutside)?;
+    // A u64 accumulator cannot overflow for any frame that fits in memory.
+    let mut chunks = covered.chunks_exact(2);
+    let mut sum: u64 = chunks
+        .by_ref()
+        .map(|pair| <[u8; 2]>::try_from(pair).map_or(0, |p| u64::from(u16::from_be_bytes(p))))
+        .fold(0u64, u64::wrapping_add);
     if let [last] = chunks.remainder() {
-        sum += u32::from(*last) << 8;
+        sum = sum.wrapping_add(u64::from(*last) << 8);
     }
     while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
+        sum = (sum & 0xffff).wrapping_add(sum >> 16);
     }
     let checksum = !(sum as u16);
-    frame[at..at + 2].copy_from_slice(&checksum.to_be_bytes());
+    if let Some(field) = frame.get_mut(at..end) {
+        field.copy_from_slice(&checksum.to_be_bytes());
+    }
     Ok(())
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)] // tests may panic
 mod tests {
     use super::*;
 

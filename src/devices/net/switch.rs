@@ -13,6 +13,10 @@
 //! 6. broadcast/multicast, or unknown or aged-out destination → flooded to every other port of
 //!    the same VLAN; a known destination → that port (never back out of the ingress port).
 
+// Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
+// panic or wrap silently (checked, saturating or `get` instead).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+
 use std::collections::{BTreeMap, HashMap};
 
 /// A MAC address.
@@ -128,20 +132,23 @@ impl Switch {
         let Some(config) = self.ports.get(&ingress).copied() else {
             return Forward::Drop(DropReason::UnknownPort);
         };
-        if frame.len() < 14 {
+        let Some((dst, rest)) = frame.split_first_chunk::<6>() else {
             return Forward::Drop(DropReason::Runt);
-        }
-        let mut dst: Mac = [0; 6];
-        let mut src: Mac = [0; 6];
-        dst.copy_from_slice(&frame[0..6]);
-        src.copy_from_slice(&frame[6..12]);
+        };
+        let Some((src, rest)) = rest.split_first_chunk::<6>() else {
+            return Forward::Drop(DropReason::Runt);
+        };
+        let Some((ethertype, _)) = rest.split_first_chunk::<2>() else {
+            return Forward::Drop(DropReason::Runt);
+        };
+        let (dst, src) = (*dst, *src);
         if is_multicast(&src) {
             return Forward::Drop(DropReason::BadSource);
         }
         if !config.uplink && src != config.mac {
             return Forward::Drop(DropReason::Spoofed);
         }
-        if frame[12..14] == [0x81, 0x00] {
+        if *ethertype == [0x81, 0x00] {
             return Forward::Drop(DropReason::TaggedOnAccess);
         }
         let vlan = config.vlan.unwrap_or(0);
@@ -168,6 +175,7 @@ impl Switch {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)] // tests may panic
 mod tests {
     use super::*;
 
