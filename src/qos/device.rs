@@ -61,11 +61,6 @@ impl DeviceQos {
         }
         Ok(())
     }
-
-    /// Leaves the group's turn queue (device going away).
-    pub fn leave_group(&mut self, member: u64) {
-        self.set_group(None, member);
-    }
 }
 
 #[cfg(test)]
@@ -95,7 +90,7 @@ mod tests {
             vec![("iops".to_string(), 1)],
             "device token refunded"
         );
-        qos.leave_group(1);
+        qos.set_group(None, 1);
         assert!(
             qos.try_start(1, cost, 0).is_ok(),
             "own limit alone allows it"

@@ -1,7 +1,7 @@
 //! Starting and stopping the daemon binary under test.
 
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc::{channel, Receiver, RecvTimeoutError};
 use std::time::{Duration, Instant};
@@ -168,9 +168,4 @@ pub fn novactl(daemon: &Daemon, args: &[&str]) -> (bool, String, String) {
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
-}
-
-/// Whether a path exists (for socket checks).
-pub fn exists(path: &Path) -> bool {
-    path.exists()
 }

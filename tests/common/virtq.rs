@@ -166,11 +166,6 @@ impl Virtq {
         }
         out
     }
-
-    /// Used entries seen so far.
-    pub fn used_count(&self) -> u16 {
-        self.used_idx
-    }
 }
 
 fn wait_fd(fd: &EventFd, timeout: Duration) {

@@ -169,11 +169,6 @@ impl QueueStats {
         add(&self.queue_misconfigured, 1);
     }
 
-    /// Requests in flight now.
-    pub fn in_flight(&self) -> u64 {
-        self.in_flight.load(Ordering::Relaxed)
-    }
-
     /// Reads every counter.
     pub fn snapshot(&self) -> QueueSnapshot {
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
@@ -239,7 +234,7 @@ mod tests {
         let stats = QueueStats::default();
         stats.started();
         stats.started();
-        assert_eq!(stats.in_flight(), 2);
+        assert_eq!(stats.snapshot().in_flight, 2);
         stats.completed(OpClass::Read, 4096, true, Duration::from_micros(3));
         stats.completed(OpClass::Write, 512, false, Duration::from_secs(100_000));
         stats.rejected(Reason::OutOfRange);

@@ -202,11 +202,6 @@ impl QueueWorker {
         self.engine.completion_fd()
     }
 
-    /// Requests accepted and not yet completed.
-    pub fn in_flight(&self) -> usize {
-        self.in_flight.len()
-    }
-
     /// Handles a kick: drains the available ring, submits the batch, returns what is done.
     ///
     /// With a poll window (`poll-us`), the worker then keeps watching the ring and the
