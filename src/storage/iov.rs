@@ -7,29 +7,49 @@
 // panic or wrap silently (checked, saturating or `get` instead).
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
+/// Iovecs pointing into mapped guest memory: a request's data buffers on their way from the
+/// request parser through the worker to an engine and the kernel.
+#[derive(Debug, Default)]
+pub struct GuestIovecs(pub Vec<libc::iovec>);
+
+// SAFETY: the iovecs are plain addresses in guest memory. Whoever holds them also holds that
+// memory's mapping alive (the worker keeps an `Arc` of the guest memory per request until its
+// completion) and is the only one to hand them to an engine or the kernel; which thread holds
+// them changes neither. This is the one place raw guest pointers become `Send`.
+unsafe impl Send for GuestIovecs {}
+
+impl From<Vec<libc::iovec>> for GuestIovecs {
+    fn from(iovecs: Vec<libc::iovec>) -> Self {
+        Self(iovecs)
+    }
+}
+
+impl std::ops::Deref for GuestIovecs {
+    type Target = [libc::iovec];
+
+    fn deref(&self) -> &[libc::iovec] {
+        &self.0
+    }
+}
+
 /// Tracks how much of an iovec list has been transferred.
 #[derive(Debug)]
 pub struct IovCursor {
-    remaining: Vec<libc::iovec>,
+    remaining: GuestIovecs,
     done: u64,
     total: u64,
 }
 
-// SAFETY: the cursor only carries pointers into buffers whose owner (the engine's caller)
-// guarantees them valid and exclusive until the op completes, whichever thread finishes it; the
-// cursor itself dereferences them only in `zero_remaining`, under that same promise.
-unsafe impl Send for IovCursor {}
-
 impl IovCursor {
     /// Starts at the first byte of `iovecs`.
-    pub fn new(iovecs: Vec<libc::iovec>) -> Self {
+    pub fn new(iovecs: GuestIovecs) -> Self {
         let total = iovecs.iter().map(|iov| iov.iov_len as u64).sum();
         let mut cursor = Self {
             remaining: iovecs,
             done: 0,
             total,
         };
-        cursor.remaining.retain(|iov| iov.iov_len > 0);
+        cursor.remaining.0.retain(|iov| iov.iov_len > 0);
         cursor
     }
 
@@ -51,7 +71,7 @@ impl IovCursor {
     /// Marks `n` more bytes transferred; `n` larger than what remains is clamped.
     pub fn advance(&mut self, mut n: usize) {
         let mut consumed = 0usize;
-        for iov in &mut self.remaining {
+        for iov in &mut self.remaining.0 {
             if n == 0 {
                 break;
             }
@@ -68,7 +88,7 @@ impl IovCursor {
                 n = 0;
             }
         }
-        self.remaining.drain(..consumed);
+        self.remaining.0.drain(..consumed);
         debug_assert!(self.done <= self.total);
     }
 
@@ -77,7 +97,7 @@ impl IovCursor {
     /// # Safety
     /// The remaining iovecs must be valid for writes and not accessed by anyone else.
     pub unsafe fn zero_remaining(&mut self) {
-        for iov in self.remaining.drain(..) {
+        for iov in self.remaining.0.drain(..) {
             // SAFETY: the caller guarantees the buffer is writable for iov_len bytes.
             unsafe { std::ptr::write_bytes(iov.iov_base.cast::<u8>(), 0, iov.iov_len) };
             self.done = self.done.saturating_add(iov.iov_len as u64);
@@ -101,7 +121,7 @@ mod tests {
     fn advance_across_and_within_iovecs() {
         let mut a = [1u8; 4];
         let mut b = [2u8; 8];
-        let mut cursor = IovCursor::new(vec![iov(&mut a), iov(&mut b)]);
+        let mut cursor = IovCursor::new(vec![iov(&mut a), iov(&mut b)].into());
         cursor.advance(6);
         assert_eq!(cursor.done(), 6);
         assert_eq!(cursor.remaining().len(), 1);
@@ -114,7 +134,7 @@ mod tests {
     #[test]
     fn zero_fill_after_short_read() {
         let mut a = [7u8; 8];
-        let mut cursor = IovCursor::new(vec![iov(&mut a)]);
+        let mut cursor = IovCursor::new(vec![iov(&mut a)].into());
         cursor.advance(3);
         // SAFETY: `a` is a live local buffer nobody else touches.
         unsafe { cursor.zero_remaining() };
@@ -124,10 +144,10 @@ mod tests {
 
     #[test]
     fn empty_iovecs_are_complete() {
-        let cursor = IovCursor::new(vec![libc::iovec {
+        let cursor = IovCursor::new(GuestIovecs(vec![libc::iovec {
             iov_base: std::ptr::null_mut(),
             iov_len: 0,
-        }]);
+        }]));
         assert!(cursor.is_complete());
     }
 }

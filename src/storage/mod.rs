@@ -22,6 +22,8 @@ pub mod uring;
 
 use std::os::fd::RawFd;
 
+pub use iov::GuestIovecs;
+
 /// Errors from an engine itself (not from one op: those are [`Completion`] errnos).
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -72,15 +74,10 @@ pub struct IoOp {
     /// What to do.
     pub kind: OpKind,
     /// Guest buffers for reads and writes; empty otherwise.
-    pub iovecs: Vec<libc::iovec>,
+    pub iovecs: GuestIovecs,
     /// Returned unchanged in the op's completion.
     pub tag: u64,
 }
-
-// SAFETY: an IoOp's iovecs are plain pointers into guest memory that the pushing worker keeps
-// mapped until the op completes (see `Engine::push`); moving the op to the engine's thread
-// does not change who may access that memory.
-unsafe impl Send for IoOp {}
 
 /// The outcome of one op.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

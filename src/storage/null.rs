@@ -54,12 +54,12 @@ mod tests {
         unsafe {
             engine.push(IoOp {
                 kind: OpKind::Read { offset: 0 },
-                iovecs: vec![iov(&mut buf)],
+                iovecs: vec![iov(&mut buf)].into(),
                 tag: 1,
             });
             engine.push(IoOp {
                 kind: OpKind::Write { offset: 0 },
-                iovecs: vec![iov(&mut buf)],
+                iovecs: vec![iov(&mut buf)].into(),
                 tag: 2,
             });
         }

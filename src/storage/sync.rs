@@ -8,7 +8,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
 use super::iov::IovCursor;
-use super::{Completion, Engine, IoOp, OpKind};
+use super::{Completion, Engine, GuestIovecs, IoOp, OpKind};
 
 /// Blocking engine over one file.
 #[derive(Debug)]
@@ -89,7 +89,7 @@ enum Direction {
 unsafe fn transfer(
     fd: RawFd,
     offset: u64,
-    iovecs: Vec<libc::iovec>,
+    iovecs: GuestIovecs,
     direction: Direction,
 ) -> Result<(), i32> {
     let mut cursor = IovCursor::new(iovecs);
@@ -185,7 +185,7 @@ pub(crate) mod tests {
         let mut b = [2u8; 512];
         let write = IoOp {
             kind: OpKind::Write { offset: 4096 },
-            iovecs: vec![iov(&mut a), iov(&mut b)],
+            iovecs: vec![iov(&mut a), iov(&mut b)].into(),
             tag: 1,
         };
         // SAFETY: the buffers are locals that outlive the drain below.
@@ -205,7 +205,7 @@ pub(crate) mod tests {
             kind: OpKind::Read {
                 offset: 8192 - 1024,
             },
-            iovecs: vec![iov(&mut tail)],
+            iovecs: vec![iov(&mut tail)].into(),
             tag: 2,
         };
         // SAFETY: as above.
@@ -249,7 +249,7 @@ pub(crate) mod tests {
             unsafe {
                 engine.push(IoOp {
                     kind,
-                    iovecs: Vec::new(),
+                    iovecs: GuestIovecs::default(),
                     tag,
                 })
             };
@@ -284,7 +284,7 @@ pub(crate) mod tests {
         unsafe {
             engine.push(IoOp {
                 kind: OpKind::Write { offset: 0 },
-                iovecs: vec![iov(&mut buf)],
+                iovecs: vec![iov(&mut buf)].into(),
                 tag: 7,
             })
         };

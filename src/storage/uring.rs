@@ -312,7 +312,7 @@ mod tests {
                     kind: OpKind::Read {
                         offset: i as u64 * 512,
                     },
-                    iovecs: vec![iov(buf)],
+                    iovecs: vec![iov(buf)].into(),
                     tag: i as u64,
                 })
             };

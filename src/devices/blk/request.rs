@@ -13,6 +13,8 @@
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use smallvec::SmallVec;
+
+use crate::storage::GuestIovecs;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::spec::{
@@ -146,7 +148,7 @@ pub struct Request {
     /// What to do.
     pub kind: RequestKind,
     /// Data buffers, pointing into guest memory (reads and writes only).
-    pub iovecs: Vec<libc::iovec>,
+    pub iovecs: GuestIovecs,
     /// Total data bytes.
     pub data_len: u32,
     /// Where the status byte goes.
@@ -154,11 +156,6 @@ pub struct Request {
     /// Bytes the device writes into the chain (the used-ring length).
     pub used_len: u32,
 }
-
-// SAFETY: a request's iovecs are plain addresses in guest memory; whoever holds the request
-// also holds the memory map alive (the worker's `Arc<GuestMemory>`) and is the only one to
-// hand them to an engine. Moving the request to another thread changes neither.
-unsafe impl Send for Request {}
 
 /// The device facts that validation needs.
 #[derive(Debug, Clone, Copy)]
@@ -286,7 +283,7 @@ pub fn parse(
             };
             let request = Request {
                 kind: RequestKind::GetId { buffer },
-                iovecs: Vec::new(),
+                iovecs: GuestIovecs::default(),
                 data_len: VIRTIO_BLK_ID_BYTES,
                 status,
                 used_len: VIRTIO_BLK_ID_BYTES + 1,
@@ -474,7 +471,7 @@ fn parse_segments(
 }
 
 /// Host iovecs for the spans, split at memory-region boundaries, every byte checked mapped.
-fn to_iovecs(mem: &GuestMemoryMmap<()>, spans: &[Span]) -> Result<Vec<libc::iovec>, Reason> {
+fn to_iovecs(mem: &GuestMemoryMmap<()>, spans: &[Span]) -> Result<GuestIovecs, Reason> {
     let mut iovecs = Vec::with_capacity(spans.len());
     for span in spans {
         let len = usize::try_from(span.len).map_err(|_| Reason::BadLength)?;
@@ -490,7 +487,7 @@ fn to_iovecs(mem: &GuestMemoryMmap<()>, spans: &[Span]) -> Result<Vec<libc::iove
             return Err(Reason::BadLength);
         }
     }
-    Ok(iovecs)
+    Ok(GuestIovecs(iovecs))
 }
 
 #[cfg(test)]

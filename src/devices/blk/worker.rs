@@ -33,7 +33,7 @@ use super::device::DeviceShared;
 use super::request::{self, Rejection, Request, RequestKind};
 use super::stats::{OpClass, QueueStats};
 use super::throttle::{Deferred, Throttle, TimerError};
-use crate::storage::{Completion, Engine, IoOp, OpKind};
+use crate::storage::{Completion, Engine, GuestIovecs, IoOp, OpKind};
 use crate::vring::{has_available, AtomicGuestMemory, CheckedVring, GuestMemory};
 
 /// Errors that stop a worker from serving its queue (guest mistakes never do).
@@ -51,7 +51,7 @@ pub enum WorkerError {
 }
 
 /// The engine ops of one request: one for everything but multi-range discards.
-type EngineOps = SmallVec<[(OpKind, Vec<libc::iovec>); 1]>;
+type EngineOps = SmallVec<[(OpKind, GuestIovecs); 1]>;
 
 /// A request handed to the engine and not yet returned to the guest.
 #[derive(Debug)]
@@ -410,7 +410,10 @@ impl QueueWorker {
                     });
                     return;
                 }
-                (OpClass::Flush, smallvec![(OpKind::Flush, Vec::new())])
+                (
+                    OpClass::Flush,
+                    smallvec![(OpKind::Flush, GuestIovecs::default())],
+                )
             }
             RequestKind::Discard(ranges) => (
                 OpClass::Discard,
@@ -422,7 +425,7 @@ impl QueueWorker {
                                 offset: r.offset,
                                 len: r.len,
                             },
-                            Vec::new(),
+                            GuestIovecs::default(),
                         )
                     })
                     .collect(),
@@ -437,7 +440,7 @@ impl QueueWorker {
                             len: r.len,
                             unmap: r.unmap,
                         };
-                        (kind, Vec::new())
+                        (kind, GuestIovecs::default())
                     })
                     .collect(),
             ),
