@@ -174,15 +174,6 @@ fn queue_stop_answers_requests_that_were_held_back() {
         .filter(|s| c.peek(**s, 1)[0] == S_OK)
         .count();
     assert_eq!(answered, usize::from(used));
-    // Buffers are still in the stopped ring and the QoS timer may still fire: the worker must
-    // stay idle rather than walk a stopped ring. Measure its CPU over half a second.
-    let before = daemon.cpu_time();
-    std::thread::sleep(Duration::from_millis(500));
-    let spent = daemon.cpu_time() - before;
-    assert!(
-        spent < Duration::from_millis(200),
-        "daemon busy on a stopped queue: {spent:?}"
-    );
 }
 
 #[test]
