@@ -119,134 +119,155 @@ fn escape(value: &str) -> String {
         .replace('\n', "\\n")
 }
 
+/// Text exposition under construction: one metric family at a time, all its samples together
+/// (the format does not allow a family's samples to be interleaved with another's).
+struct Exposition<'a> {
+    out: String,
+    devices: &'a Snapshot,
+}
+
+impl Exposition<'_> {
+    fn family(&mut self, name: &str, kind: &str, help: &str) {
+        let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    }
+
+    /// One sample per device and queue: `value` gives the extra labels and the value.
+    fn per_queue(&mut self, name: &str, value: impl Fn(&QueueSnapshot) -> Vec<(String, String)>) {
+        for (id, _, queues) in self.devices {
+            for (q, snap) in queues.iter().enumerate() {
+                for (labels, v) in value(snap) {
+                    let _ = writeln!(
+                        self.out,
+                        "{name}{{device=\"{}\",queue=\"{q}\"{labels}}} {v}",
+                        escape(id)
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// `(no extra labels, value)`.
+fn plain(value: impl ToString) -> Vec<(String, String)> {
+    vec![(String::new(), value.to_string())]
+}
+
 /// Renders the text exposition.
 pub fn render(devices: &Snapshot) -> String {
-    let mut out = String::new();
-    let header = |out: &mut String, name: &str, kind: &str, help: &str| {
-        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    let mut x = Exposition {
+        out: String::new(),
+        devices,
     };
-    header(
-        &mut out,
+    x.family(
         "novacron_blk_connected",
         "gauge",
         "1 while a vhost-user front-end is connected.",
     );
     for (id, connected, _) in devices {
         let _ = writeln!(
-            out,
+            x.out,
             "novacron_blk_connected{{device=\"{}\"}} {}",
             escape(id),
             u8::from(*connected)
         );
     }
-    header(
-        &mut out,
+    x.family(
         "novacron_blk_requests_total",
         "counter",
         "Completed requests by type.",
     );
-    for (id, _, queues) in devices {
-        for (q, snap) in queues.iter().enumerate() {
-            for (op, n) in &snap.requests {
-                let _ = writeln!(
-                    out,
-                    "novacron_blk_requests_total{{device=\"{}\",queue=\"{q}\",op=\"{op}\"}} {n}",
-                    escape(id)
-                );
-            }
-        }
-    }
-    header(
-        &mut out,
+    x.per_queue("novacron_blk_requests_total", |s| {
+        s.requests
+            .iter()
+            .map(|(op, n)| (format!(",op=\"{op}\""), n.to_string()))
+            .collect()
+    });
+    x.family(
         "novacron_blk_bytes_total",
         "counter",
         "Bytes transferred by the guest.",
     );
-    for (id, _, queues) in devices {
-        for (q, snap) in queues.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "novacron_blk_bytes_total{{device=\"{}\",queue=\"{q}\",direction=\"read\"}} {}",
-                escape(id),
-                snap.bytes_read
-            );
-            let _ = writeln!(
-                out,
-                "novacron_blk_bytes_total{{device=\"{}\",queue=\"{q}\",direction=\"write\"}} {}",
-                escape(id),
-                snap.bytes_written
-            );
-        }
-    }
-    header(
-        &mut out,
+    x.per_queue("novacron_blk_bytes_total", |s| {
+        vec![
+            (",direction=\"read\"".into(), s.bytes_read.to_string()),
+            (",direction=\"write\"".into(), s.bytes_written.to_string()),
+        ]
+    });
+    x.family(
         "novacron_blk_io_errors_total",
         "counter",
         "Requests failed by the backing (guest saw IOERR).",
     );
-    header(
-        &mut out,
+    x.per_queue("novacron_blk_io_errors_total", |s| plain(s.io_errors));
+    x.family(
         "novacron_blk_in_flight",
         "gauge",
         "Requests submitted and not yet completed.",
     );
-    for (id, _, queues) in devices {
-        for (q, snap) in queues.iter().enumerate() {
-            let _ = writeln!(
-                out,
-                "novacron_blk_io_errors_total{{device=\"{}\",queue=\"{q}\"}} {}",
-                escape(id),
-                snap.io_errors
-            );
-            let _ = writeln!(
-                out,
-                "novacron_blk_in_flight{{device=\"{}\",queue=\"{q}\"}} {}",
-                escape(id),
-                snap.in_flight
-            );
-        }
-    }
-    header(
-        &mut out,
+    x.per_queue("novacron_blk_in_flight", |s| plain(s.in_flight));
+    x.family(
+        "novacron_blk_throttled_total",
+        "counter",
+        "Requests held back by QoS.",
+    );
+    x.per_queue("novacron_blk_throttled_total", |s| plain(s.throttled));
+    x.family(
+        "novacron_blk_throttle_wait_seconds_total",
+        "counter",
+        "Time requests spent held back by QoS.",
+    );
+    x.per_queue("novacron_blk_throttle_wait_seconds_total", |s| {
+        plain(s.throttle_wait_ns as f64 / 1e9)
+    });
+    x.family(
         "novacron_blk_rejected_total",
         "counter",
         "Requests refused by validation, by reason.",
     );
-    for (id, _, queues) in devices {
-        for (q, snap) in queues.iter().enumerate() {
-            for (reason, n) in &snap.rejected {
-                let _ = writeln!(out, "novacron_blk_rejected_total{{device=\"{}\",queue=\"{q}\",reason=\"{reason}\"}} {n}", escape(id));
-            }
-        }
-    }
-    header(
-        &mut out,
+    x.per_queue("novacron_blk_rejected_total", |s| {
+        s.rejected
+            .iter()
+            .map(|(reason, n)| (format!(",reason=\"{reason}\""), n.to_string()))
+            .collect()
+    });
+    x.family(
+        "novacron_blk_ring_errors_total",
+        "counter",
+        "Kicks that found a corrupt available ring.",
+    );
+    x.per_queue("novacron_blk_ring_errors_total", |s| plain(s.ring_errors));
+    x.family(
         "novacron_blk_request_latency_seconds",
         "histogram",
         "Request latency from submission to completion.",
     );
-    for (id, _, queues) in devices {
-        for (q, snap) in queues.iter().enumerate() {
-            let mut cumulative = 0u64;
-            for (bound_us, n) in &snap.latency_us {
-                cumulative += n;
+    x.per_queue("novacron_blk_request_latency_seconds_bucket", |s| {
+        let mut cumulative = 0u64;
+        s.latency_us
+            .iter()
+            .map(|(bound_us, n)| {
+                cumulative = cumulative.saturating_add(*n);
                 let le = if *bound_us == u64::MAX {
                     "+Inf".to_string()
                 } else {
-                    format!("{}", *bound_us as f64 / 1e6)
+                    (*bound_us as f64 / 1e6).to_string()
                 };
-                let _ = writeln!(out, "novacron_blk_request_latency_seconds_bucket{{device=\"{}\",queue=\"{q}\",le=\"{le}\"}} {cumulative}", escape(id));
-            }
-            let _ = writeln!(
-                out,
-                "novacron_blk_request_latency_seconds_sum{{device=\"{}\",queue=\"{q}\"}} {}",
-                escape(id),
-                snap.latency_ns_total as f64 / 1e9
-            );
-            let _ = writeln!(out, "novacron_blk_request_latency_seconds_count{{device=\"{}\",queue=\"{q}\"}} {cumulative}", escape(id));
-        }
-    }
-    out
+                (format!(",le=\"{le}\""), cumulative.to_string())
+            })
+            .collect()
+    });
+    x.per_queue("novacron_blk_request_latency_seconds_sum", |s| {
+        plain(s.latency_ns_total as f64 / 1e9)
+    });
+    x.per_queue("novacron_blk_request_latency_seconds_count", |s| {
+        plain(
+            s.latency_us
+                .iter()
+                .map(|(_, n)| *n)
+                .fold(0u64, u64::saturating_add),
+        )
+    });
+    x.out
 }
 
 #[cfg(test)]
@@ -291,5 +312,41 @@ mod tests {
         assert!(text.contains(
             "novacron_blk_request_latency_seconds_count{device=\"vd\\\"a\",queue=\"0\"} 2"
         ));
+    }
+
+    #[test]
+    fn each_family_is_one_contiguous_group() {
+        let a = QueueStats::default();
+        let b = QueueStats::default();
+        let devices = vec![
+            ("a".to_string(), true, vec![a.snapshot(), b.snapshot()]),
+            ("b".to_string(), false, vec![a.snapshot()]),
+        ];
+        let text = render(&devices);
+        let mut current = String::new();
+        let mut seen = std::collections::HashSet::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                current = rest.split(' ').next().unwrap().to_string();
+                assert!(
+                    seen.insert(current.clone()),
+                    "family {current} declared twice"
+                );
+                continue;
+            }
+            if line.starts_with('#') {
+                continue;
+            }
+            let name = line.split(['{', ' ']).next().unwrap();
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| name.strip_suffix(suffix).filter(|f| *f == current))
+                .unwrap_or(name);
+            assert_eq!(
+                family, current,
+                "sample `{line}` outside its family's group"
+            );
+        }
+        assert!(seen.contains("novacron_blk_ring_errors_total"));
     }
 }
