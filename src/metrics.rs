@@ -13,6 +13,10 @@
 //! buckets already exist as our own counters; the crates we looked at want to own the
 //! observations. The format is small and the label values are escaped per the spec.
 
+// Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
+// panic or wrap silently (checked, saturating or `get` instead).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
@@ -271,6 +275,7 @@ pub fn render(devices: &Snapshot) -> String {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)] // tests may panic
 mod tests {
     use super::*;
     use crate::devices::blk::stats::QueueStats;

@@ -7,6 +7,10 @@
 //! is not running, and a failed change leaves both as they were. Devices given on the command
 //! line are not written to the state file (the command line recreates them).
 
+// Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
+// panic or wrap silently (checked, saturating or `get` instead).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+
 use std::collections::BTreeMap;
 use std::sync::Arc;
 

@@ -6,6 +6,10 @@
 //! wrapper records the bad size instead; the worker sees [`CheckedVring::size_rejected`] and
 //! refuses to touch the queue (and counts it) until the front-end sets a valid size.
 
+// Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
+// panic or wrap silently (checked, saturating or `get` instead).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+
 use std::fs::File;
 use std::io;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -148,6 +152,7 @@ pub fn has_available(vring: &CheckedVring, memory: &GuestMemory) -> bool {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)] // tests may panic
 mod tests {
     use super::*;
 

@@ -14,6 +14,10 @@
 //!
 //! A client handle is not thread-safe: use one per thread, or lock around it.
 
+// Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
+// panic or wrap silently (checked, saturating or `get` instead).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+
 use std::cell::RefCell;
 use std::ffi::{c_char, CStr, CString};
 use std::io::{BufRead, BufReader, Write};
@@ -86,6 +90,13 @@ impl Failure {
             message: message.into(),
         }
     }
+}
+
+/// `value.a.b...`, or `null` when any step is missing.
+fn field<'a>(value: &'a Value, path: &[&str]) -> &'a Value {
+    path.iter()
+        .try_fold(value, |v, key| v.get(key))
+        .unwrap_or(&Value::Null)
 }
 
 thread_local! {
@@ -163,7 +174,7 @@ fn give_string(out: *mut *mut c_char, value: &Value) -> Result<(), Failure> {
 impl NcClient {
     fn call(&mut self, method: &str, params: Value) -> Result<Value, Failure> {
         let id = self.next_id;
-        self.next_id += 1;
+        self.next_id = self.next_id.wrapping_add(1);
         let request = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
         let io = |e: std::io::Error| Failure::new(NcStatus::NcErrIo, "io", e.to_string());
         let mut line = request.to_string().into_bytes();
@@ -187,7 +198,7 @@ impl NcClient {
         if let Some(error) = reply.get("error") {
             return Err(Failure::new(
                 NcStatus::NcErrServer,
-                error["data"]["kind"].as_str().unwrap_or("error"),
+                field(error, &["data", "kind"]).as_str().unwrap_or("error"),
                 error["message"].as_str().unwrap_or("request refused"),
             ));
         }
@@ -352,17 +363,17 @@ pub unsafe extern "C" fn nc_device_stats(
             ));
         }
         let stats = client.call("device.stats", json!({"id": id}))?;
-        let total = &stats["total"];
+        let total = field(&stats, &["total"]);
         let n = |v: &Value| v.as_u64().unwrap_or(0);
         let totals = NcBlkTotals {
-            reads: n(&total["requests"]["read"]),
-            writes: n(&total["requests"]["write"]),
-            flushes: n(&total["requests"]["flush"]),
-            bytes_read: n(&total["bytes-read"]),
-            bytes_written: n(&total["bytes-written"]),
-            io_errors: n(&total["io-errors"]),
-            rejected: n(&total["rejected"]),
-            in_flight: n(&total["in-flight"]),
+            reads: n(field(total, &["requests", "read"])),
+            writes: n(field(total, &["requests", "write"])),
+            flushes: n(field(total, &["requests", "flush"])),
+            bytes_read: n(field(total, &["bytes-read"])),
+            bytes_written: n(field(total, &["bytes-written"])),
+            io_errors: n(field(total, &["io-errors"])),
+            rejected: n(field(total, &["rejected"])),
+            in_flight: n(field(total, &["in-flight"])),
         };
         // SAFETY: checked non-NULL; points to an NcBlkTotals by contract.
         unsafe { *out = totals };

@@ -6,6 +6,10 @@
 //! `<key>-burst-seconds` (how long the peak may last). Settings are kept apart from the live
 //! buckets: a change builds a new limiter from the settings and swaps it in.
 
+// Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
+// panic or wrap silently (checked, saturating or `get` instead).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+
 use crate::config::options::{OptionError, OptionList};
 
 use super::limiter::{Direction, LimitError, Limiter, Rate, Unit};
@@ -101,6 +105,7 @@ impl QosConfig {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)] // tests may panic
 mod tests {
     use super::*;
 

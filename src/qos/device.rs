@@ -4,6 +4,10 @@
 //! are charged first, then the group's; a group refusal refunds the device, so a request that
 //! must wait has cost nothing anywhere.
 
+// Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
+// panic or wrap silently (checked, saturating or `get` instead).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -64,6 +68,7 @@ impl DeviceQos {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)] // tests may panic
 mod tests {
     use super::*;
     use crate::config::options::OptionList;

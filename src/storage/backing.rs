@@ -5,6 +5,10 @@
 //! locked with `flock` (shared when read-only, exclusive otherwise) so two devices, or two
 //! daemons, never write one image. The final path component is opened with `O_NOFOLLOW`.
 
+// Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
+// panic or wrap silently (checked, saturating or `get` instead).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
 use std::os::fd::AsRawFd;
@@ -156,6 +160,7 @@ fn lock(file: &File, shared: bool) -> std::io::Result<()> {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)] // tests may panic
 mod tests {
     use super::*;
 

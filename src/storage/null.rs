@@ -1,6 +1,10 @@
 //! The null engine: reads fill the guest buffers with zeros, everything else succeeds at once.
 //! Like SPDK's null bdev or QEMU's `null-co,read-zeroes=on`, it measures the data path alone.
 
+// Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
+// panic or wrap silently (checked, saturating or `get` instead).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+
 use std::collections::VecDeque;
 
 use super::iov::IovCursor;
@@ -42,6 +46,7 @@ impl Engine for NullEngine {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)] // tests may panic
 mod tests {
     use super::*;
     use crate::storage::sync::tests::iov;

@@ -2,6 +2,10 @@
 //! thread. Used where io_uring is unavailable (old kernels, seccomp) or asked for with
 //! `engine=sync`. One op runs at a time, so a slow backing stalls the queue, not the daemon.
 
+// Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
+// panic or wrap silently (checked, saturating or `get` instead).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+
 use std::collections::VecDeque;
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
@@ -160,6 +164,7 @@ fn retry_eintr(mut call: impl FnMut() -> isize) -> Result<usize, i32> {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)] // tests may panic
 pub(crate) mod tests {
     use super::*;
     use std::io::Write;

@@ -1,5 +1,9 @@
 //! Credentials of the process at the other end of a unix socket (`SO_PEERCRED`).
 
+// Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
+// panic or wrap silently (checked, saturating or `get` instead).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+
 use std::os::fd::AsRawFd;
 
 /// The peer's pid, uid and gid as the kernel recorded them at connect time.
@@ -49,6 +53,7 @@ pub fn effective_uid() -> u32 {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)] // tests may panic
 mod tests {
     use super::*;
 

@@ -6,6 +6,10 @@
 //! (from `vhost-user-backend`), its own [`QueueWorker`] and its own engine; the worker's
 //! mutex is only ever contended by queue-stop requests from the front-end.
 
+// Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
+// panic or wrap silently (checked, saturating or `get` instead).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
@@ -110,6 +114,8 @@ impl BlkBackend {
     }
 
     fn worker(&self, index: usize) -> MutexGuard<'_, QueueWorker> {
+        // Callers pass indices below `workers.len()` (queue ids checked against num_queues).
+        #[allow(clippy::indexing_slicing)]
         crate::lock::lock(&self.workers[index])
     }
 }

@@ -4,6 +4,10 @@
 //! clear error that changes nothing. Defaults: one queue of 256 descriptors, the io_uring
 //! engine, 512-byte logical blocks, buffered I/O, writable.
 
+// Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
+// panic or wrap silently (checked, saturating or `get` instead).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+
 use std::path::{Path, PathBuf};
 
 use crate::config::options::{OptionError, OptionList};
@@ -154,7 +158,7 @@ impl BlkConfig {
             return Err(invalid("logical-block-size must be 512 or 4096"));
         }
         if let Some(size) = size {
-            if size == 0 || size % u64::from(logical_block_size) != 0 {
+            if size == 0 || size.checked_rem(u64::from(logical_block_size)) != Some(0) {
                 return Err(invalid(format!(
                     "size must be a non-zero multiple of {logical_block_size}"
                 )));
@@ -213,6 +217,7 @@ fn validate_id(id: &str) -> Result<(), BlkConfigError> {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)] // tests may panic
 mod tests {
     use super::*;
 

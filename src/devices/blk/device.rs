@@ -7,6 +7,10 @@
 //! the device waits for the next front-end, without restarting the daemon. Counters and the
 //! sticky flush-failure flag belong to the device and survive reconnects.
 
+// Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
+// panic or wrap silently (checked, saturating or `get` instead).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::PathBuf;
@@ -131,7 +135,11 @@ impl DeviceShared {
 
     /// The counters of queue `queue`.
     pub fn queue_stats(&self, queue: u16) -> Arc<QueueStats> {
-        Arc::clone(&self.stats[usize::from(queue)])
+        // Queue ids come from the worker set built from `queues`; a stray one gets fresh,
+        // unreported counters rather than a panic.
+        self.stats
+            .get(usize::from(queue))
+            .map_or_else(Arc::default, Arc::clone)
     }
 
     /// Snapshots of every queue's counters.
@@ -154,7 +162,7 @@ impl DeviceShared {
         // within what one preadv/pwritev accepts.
         let seg_max = u32::from(self.queue_size)
             .saturating_sub(2)
-            .clamp(1, MAX_IOVECS as u32 - 2);
+            .clamp(1, MAX_IOVECS_U32.saturating_sub(2));
         ConfigSpace {
             capacity_sectors: self.limits.capacity >> SECTOR_SHIFT,
             seg_max,
@@ -163,6 +171,8 @@ impl DeviceShared {
         }
     }
 }
+
+const MAX_IOVECS_U32: u32 = MAX_IOVECS as u32;
 
 /// A process-wide unique id for each device, for QoS group membership.
 fn next_member_id() -> u64 {

@@ -4,6 +4,10 @@
 //! and including `write_zeroes_may_unmap` (60 bytes). Limits the guest driver obeys (`seg_max`,
 //! `max_discard_seg`, ...) are the ones the request parser enforces.
 
+// Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
+// panic or wrap silently (checked, saturating or `get` instead).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
     VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_TOPOLOGY,
@@ -28,6 +32,9 @@ pub const MAX_DISCARD_SECTORS: u32 = (1 << 30) >> SECTOR_SHIFT;
 pub const MAX_DISCARD_SEGMENTS: u32 = 32;
 /// `preadv`/`pwritev` accept at most this many iovecs (`IOV_MAX`).
 pub const MAX_IOVECS: usize = 1024;
+/// The most config bytes vhost-user lets a front-end ask for.
+const VHOST_USER_CONFIG_SIZE: u32 = 0x1000;
+
 /// Length of the config space we expose.
 pub const CONFIG_LEN: usize = 60;
 
@@ -77,7 +84,10 @@ impl ConfigSpace {
     pub fn to_bytes(&self) -> [u8; CONFIG_LEN] {
         let mut out = [0u8; CONFIG_LEN];
         let mut put = |offset: usize, bytes: &[u8]| {
-            out[offset..offset + bytes.len()].copy_from_slice(bytes);
+            // Offsets are the constants below, all inside the 60 bytes.
+            if let Some(dst) = out.get_mut(offset..offset.saturating_add(bytes.len())) {
+                dst.copy_from_slice(bytes);
+            }
         };
         put(0, &self.capacity_sectors.to_le_bytes());
         put(8, &SIZE_MAX.to_le_bytes());
@@ -103,7 +113,10 @@ impl ConfigSpace {
     /// The bytes a GET_CONFIG for `offset..offset+size` returns; out-of-range bytes read as 0.
     pub fn read(&self, offset: u32, size: u32) -> Vec<u8> {
         let bytes = self.to_bytes();
-        (u64::from(offset)..u64::from(offset) + u64::from(size))
+        // vhost validates offset + size <= 4 KiB; cap here too so no front-end can make us
+        // allocate more than that.
+        let size = size.min(VHOST_USER_CONFIG_SIZE);
+        (u64::from(offset)..u64::from(offset).saturating_add(u64::from(size)))
             .map(|i| {
                 usize::try_from(i)
                     .ok()
@@ -116,6 +129,7 @@ impl ConfigSpace {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)] // tests may panic
 mod tests {
     use super::*;
 

@@ -6,6 +6,10 @@
 //! path. Readers (stats requests, metrics) take a [`QueueSnapshot`], which is not a
 //! consistent cut across counters, only each counter's own value at the time it was read.
 
+// Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
+// panic or wrap silently (checked, saturating or `get` instead).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
@@ -124,7 +128,9 @@ impl QueueStats {
             self.in_flight.load(Ordering::Relaxed).saturating_sub(1),
             Ordering::Relaxed,
         );
-        add(&self.requests[class as usize], 1);
+        if let Some(counter) = self.requests.get(class as usize) {
+            add(counter, 1);
+        }
         if !ok {
             add(&self.io_errors, 1);
         } else if class == OpClass::Read {
@@ -137,13 +143,17 @@ impl QueueStats {
             u64::try_from(latency.as_nanos()).unwrap_or(u64::MAX),
         );
         let micros = u64::try_from(latency.as_micros()).unwrap_or(u64::MAX);
-        let bucket = (u64::BITS - micros.leading_zeros()) as usize;
-        add(&self.latency[bucket.min(LATENCY_BUCKETS - 1)], 1);
+        let bucket = (u64::BITS.saturating_sub(micros.leading_zeros())) as usize;
+        if let Some(counter) = self.latency.get(bucket).or(self.latency.last()) {
+            add(counter, 1);
+        }
     }
 
     /// A request was refused by validation.
     pub fn rejected(&self, reason: Reason) {
-        add(&self.rejected[reason.index()], 1);
+        if let Some(counter) = self.rejected.get(reason.index()) {
+            add(counter, 1);
+        }
     }
 
     /// A request was held back by QoS.
@@ -175,14 +185,16 @@ impl QueueStats {
         QueueSnapshot {
             requests: OpClass::ALL
                 .iter()
-                .map(|c| (c.name().to_string(), load(&self.requests[*c as usize])))
+                .zip(&self.requests)
+                .map(|(c, n)| (c.name().to_string(), load(n)))
                 .collect(),
             bytes_read: load(&self.bytes_read),
             bytes_written: load(&self.bytes_written),
             io_errors: load(&self.io_errors),
             rejected: Reason::ALL
                 .iter()
-                .map(|r| (r.name().to_string(), load(&self.rejected[r.index()])))
+                .zip(&self.rejected)
+                .map(|(r, n)| (r.name().to_string(), load(n)))
                 .collect(),
             in_flight: load(&self.in_flight),
             latency_us: self
@@ -190,7 +202,7 @@ impl QueueStats {
                 .iter()
                 .enumerate()
                 .map(|(i, c)| {
-                    let bound = if i + 1 == LATENCY_BUCKETS {
+                    let bound = if i.saturating_add(1) == LATENCY_BUCKETS {
                         u64::MAX
                     } else {
                         1 << i
@@ -226,6 +238,7 @@ impl QueueSnapshot {
 }
 
 #[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)] // tests may panic
 mod tests {
     use super::*;
 
