@@ -12,6 +12,8 @@
 
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crate::lock::lock;
+
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::VhostUserBackend;
 use vm_memory::GuestMemoryAtomic;
@@ -92,16 +94,15 @@ impl BlkBackend {
 
     /// The completion eventfd of each queue's worker.
     pub fn completion_fds(&self) -> Vec<Option<std::os::fd::RawFd>> {
-        (0..self.workers.len())
-            .map(|i| self.worker(i).completion_fd())
+        self.workers
+            .iter()
+            .map(|w| lock(w).completion_fd())
             .collect()
     }
 
     /// The QoS timer fd of each queue's worker.
     pub fn throttle_fds(&self) -> Vec<std::os::fd::RawFd> {
-        (0..self.workers.len())
-            .map(|i| self.worker(i).throttle_fd())
-            .collect()
+        self.workers.iter().map(|w| lock(w).throttle_fd()).collect()
     }
 
     /// Tells every worker thread to leave its event loop.
@@ -113,10 +114,9 @@ impl BlkBackend {
         }
     }
 
-    fn worker(&self, index: usize) -> MutexGuard<'_, QueueWorker> {
-        // Callers pass indices below `workers.len()` (queue ids checked against num_queues).
-        #[allow(clippy::indexing_slicing)]
-        crate::lock::lock(&self.workers[index])
+    /// The worker of queue `index`, if there is such a queue.
+    fn worker(&self, index: usize) -> Option<MutexGuard<'_, QueueWorker>> {
+        self.workers.get(index).map(lock)
     }
 }
 
@@ -192,14 +192,12 @@ impl VhostUserBackend for BlkBackend {
     fn stop_vring(&self, queue_index: u32) -> std::io::Result<()> {
         // GET_VRING_BASE: the front-end is about to read our last_avail_idx and may reuse the
         // ring; finish everything in flight first so no completion lands in a stopped ring.
-        let Some(index) = usize::try_from(queue_index)
+        let worker = usize::try_from(queue_index)
             .ok()
-            .filter(|i| *i < self.workers.len())
-        else {
-            return Ok(());
-        };
-        let mut worker = self.worker(index);
-        worker.drain_detached();
+            .and_then(|i| self.worker(i));
+        if let Some(mut worker) = worker {
+            worker.drain_detached();
+        }
         Ok(())
     }
 
@@ -213,10 +211,9 @@ impl VhostUserBackend for BlkBackend {
         let Some(vring) = vrings.first() else {
             return Ok(());
         };
-        if thread_id >= self.workers.len() {
+        let Some(mut worker) = self.worker(thread_id) else {
             return Ok(());
-        }
-        let mut worker = self.worker(thread_id);
+        };
         worker.remember_vring(vring);
         let result = match u64::from(device_event) {
             0 => worker.process_queue(vring),
