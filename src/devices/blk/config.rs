@@ -8,8 +8,9 @@
 // panic or wrap silently (checked, saturating or `get` instead).
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
+use crate::config::id;
 use crate::config::options::{OptionError, OptionList};
 use crate::qos::config::QosConfig;
 
@@ -113,9 +114,9 @@ impl BlkConfig {
         };
         let id = match options.take_str("id") {
             Some(id) => id,
-            None => default_id(&socket)?,
+            None => id::from_socket(&socket).map_err(invalid)?,
         };
-        validate_id(&id)?;
+        id::validate(&id).map_err(invalid)?;
         let size = options.take_size("size")?;
         let readonly = options.take_bool("readonly")?.unwrap_or(false);
         let direct = options.take_bool("direct")?.unwrap_or(false);
@@ -188,32 +189,6 @@ impl BlkConfig {
 
 fn invalid(message: impl Into<String>) -> BlkConfigError {
     BlkConfigError::Invalid(message.into())
-}
-
-/// `vm1-disk0.sock` → `vm1-disk0`.
-fn default_id(socket: &Path) -> Result<String, BlkConfigError> {
-    socket
-        .file_stem()
-        .and_then(|stem| stem.to_str())
-        .filter(|stem| !stem.is_empty())
-        .map(str::to_string)
-        .ok_or_else(|| invalid("cannot derive an id from the socket path; give id="))
-}
-
-/// Ids appear in logs, metrics labels and file names: keep them to a safe alphabet.
-fn validate_id(id: &str) -> Result<(), BlkConfigError> {
-    let ok = !id.is_empty()
-        && id.len() <= 64
-        && id
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if ok {
-        Ok(())
-    } else {
-        Err(invalid(format!(
-            "id `{id}` must be 1..=64 characters of [A-Za-z0-9._-]"
-        )))
-    }
 }
 
 #[cfg(test)]

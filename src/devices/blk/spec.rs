@@ -8,6 +8,7 @@
 // panic or wrap silently (checked, saturating or `get` instead).
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
+use crate::devices::VHOST_USER_F_PROTOCOL_FEATURES;
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_F_BLK_SIZE, VIRTIO_BLK_F_DISCARD, VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ,
     VIRTIO_BLK_F_RO, VIRTIO_BLK_F_SEG_MAX, VIRTIO_BLK_F_SIZE_MAX, VIRTIO_BLK_F_TOPOLOGY,
@@ -32,14 +33,9 @@ pub const MAX_DISCARD_SECTORS: u32 = (1 << 30) >> SECTOR_SHIFT;
 pub const MAX_DISCARD_SEGMENTS: u32 = 32;
 /// `preadv`/`pwritev` accept at most this many iovecs (`IOV_MAX`).
 pub const MAX_IOVECS: usize = 1024;
-/// The most config bytes vhost-user lets a front-end ask for.
-const VHOST_USER_CONFIG_SIZE: u32 = 0x1000;
 
 /// Length of the config space we expose.
 pub const CONFIG_LEN: usize = 60;
-
-/// `VHOST_USER_F_PROTOCOL_FEATURES`.
-const VHOST_USER_F_PROTOCOL_FEATURES: u32 = 30;
 
 /// The virtio feature bits offered for a device. MQ is always offered (with `num_queues` in
 /// the config space, possibly 1) because QEMU sizes its queues from it.
@@ -112,19 +108,7 @@ impl ConfigSpace {
 
     /// The bytes a GET_CONFIG for `offset..offset+size` returns; out-of-range bytes read as 0.
     pub fn read(&self, offset: u32, size: u32) -> Vec<u8> {
-        let bytes = self.to_bytes();
-        // vhost validates offset + size <= 4 KiB; cap here too so no front-end can make us
-        // allocate more than that.
-        let size = size.min(VHOST_USER_CONFIG_SIZE);
-        (u64::from(offset)..u64::from(offset).saturating_add(u64::from(size)))
-            .map(|i| {
-                usize::try_from(i)
-                    .ok()
-                    .and_then(|i| bytes.get(i))
-                    .copied()
-                    .unwrap_or(0)
-            })
-            .collect()
+        crate::devices::read_config_window(&self.to_bytes(), offset, size)
     }
 }
 

@@ -1,5 +1,11 @@
-//! virtio-net (issue 4, in progress). So far the pure-logic parts: [`switch`], the L2
-//! switch's forwarding core, and [`header`], virtio-net header checks and software checksums.
+//! virtio-net over vhost-user.
+//!
+//! - [`config`]: the `--net` option list;
+//! - [`spec`]: feature bits, config space;
+//! - [`header`]: the virtio-net header and its checks;
+//! - [`switch`]: the L2 switch's forwarding decisions.
 
+pub mod config;
 pub mod header;
+pub mod spec;
 pub mod switch;

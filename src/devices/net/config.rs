@@ -1,0 +1,256 @@
+//! The configuration of one virtio-net device, parsed from a `--net key=value,...` list.
+//!
+//! Keys: `socket` (required), exactly one of `tap=NAME` or `switch=NAME`, `mac` (default: a
+//! locally administered address derived from the id), `id`, `queues` (queue pairs, 1..=16),
+//! `queue-size` (power of two, default 256), `mtu` (68..=65535, default 1500), `vlan` (access
+//! VLAN 1..=4094 on a switch port). Everything is checked before any socket or tap is touched.
+
+// Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
+// panic or wrap silently (checked, saturating or `get` instead).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+
+use std::path::PathBuf;
+
+use crate::config::id;
+use crate::config::options::{OptionError, OptionList};
+use crate::devices::net::switch::Mac;
+
+/// Most queue pairs one device offers; each pair gets its own worker thread.
+pub const MAX_QUEUE_PAIRS: u16 = 16;
+/// Largest queue size a front-end may pick.
+pub const MAX_QUEUE_SIZE: u16 = 32768;
+/// Smallest MTU (IPv4's minimum).
+pub const MIN_MTU: u16 = 68;
+
+/// Errors in a net device specification.
+#[derive(Debug, thiserror::Error)]
+pub enum NetConfigError {
+    /// The `key=value` list itself was wrong.
+    #[error(transparent)]
+    Options(#[from] OptionError),
+    /// A value parsed but is out of range or inconsistent with another.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// Where the device's frames go.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum NetBackendSpec {
+    /// A host tap device, opened by name (created if missing).
+    Tap(String),
+    /// A port of the named in-daemon L2 switch (created on demand).
+    Switch(String),
+}
+
+/// A validated virtio-net device configuration.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct NetConfig {
+    /// Name used in logs, stats and the control plane.
+    pub id: String,
+    /// The vhost-user socket the daemon listens on.
+    pub socket: PathBuf,
+    /// Tap or switch.
+    pub backend: NetBackendSpec,
+    /// The guest's MAC: in the config space, and the only source a switch port accepts.
+    #[serde(serialize_with = "serialize_mac")]
+    pub mac: Mac,
+    /// Queue pairs offered (`VIRTIO_NET_F_MQ`).
+    pub queue_pairs: u16,
+    /// Largest queue size the front-end may configure.
+    pub queue_size: u16,
+    /// MTU offered to the guest (`VIRTIO_NET_F_MTU`); frames above it are dropped.
+    pub mtu: u16,
+    /// Access VLAN of a switch port.
+    pub vlan: Option<u16>,
+}
+
+impl NetConfig {
+    /// Parses a `--net` specification.
+    pub fn parse(spec: &str) -> Result<Self, NetConfigError> {
+        Self::from_options(OptionList::parse(spec)?)
+    }
+
+    /// Builds a configuration from an option list, consuming every key.
+    pub fn from_options(mut options: OptionList) -> Result<Self, NetConfigError> {
+        let socket = PathBuf::from(
+            options
+                .take_str("socket")
+                .ok_or(OptionError::Missing("socket"))?,
+        );
+        let id = match options.take_str("id") {
+            Some(id) => id,
+            None => id::from_socket(&socket).map_err(NetConfigError::Invalid)?,
+        };
+        id::validate(&id).map_err(NetConfigError::Invalid)?;
+        let backend = match (options.take_str("tap"), options.take_str("switch")) {
+            (Some(tap), None) => {
+                if tap.is_empty() || tap.len() >= libc::IFNAMSIZ || tap.contains('/') {
+                    return Err(invalid(format!(
+                        "tap name `{tap}` must be 1..{} bytes without `/`",
+                        libc::IFNAMSIZ
+                    )));
+                }
+                NetBackendSpec::Tap(tap)
+            }
+            (None, Some(switch)) => {
+                id::validate(&switch).map_err(NetConfigError::Invalid)?;
+                NetBackendSpec::Switch(switch)
+            }
+            _ => return Err(invalid("give exactly one of tap=NAME or switch=NAME")),
+        };
+        let mac = match options.take_str("mac") {
+            Some(text) => parse_mac(&text)?,
+            None => derived_mac(&id),
+        };
+        let queue_pairs = options.take::<u16>("queues")?.unwrap_or(1);
+        let queue_size = options.take::<u16>("queue-size")?.unwrap_or(256);
+        let mtu = options.take::<u16>("mtu")?.unwrap_or(1500);
+        let vlan = options.take::<u16>("vlan")?;
+        options.finish()?;
+        if queue_pairs == 0 || queue_pairs > MAX_QUEUE_PAIRS {
+            return Err(invalid(format!("queues must be 1..={MAX_QUEUE_PAIRS}")));
+        }
+        if queue_size < 2 || !queue_size.is_power_of_two() || queue_size > MAX_QUEUE_SIZE {
+            return Err(invalid(format!(
+                "queue-size must be a power of two in 2..={MAX_QUEUE_SIZE}"
+            )));
+        }
+        if mtu < MIN_MTU {
+            return Err(invalid(format!("mtu must be {MIN_MTU}..=65535")));
+        }
+        if let Some(vlan) = vlan {
+            if !(1..=4094).contains(&vlan) {
+                return Err(invalid("vlan must be 1..=4094"));
+            }
+            if !matches!(backend, NetBackendSpec::Switch(_)) {
+                return Err(invalid("vlan= applies to switch ports only"));
+            }
+        }
+        Ok(Self {
+            id,
+            socket,
+            backend,
+            mac,
+            queue_pairs,
+            queue_size,
+            mtu,
+            vlan,
+        })
+    }
+}
+
+fn invalid(message: impl Into<String>) -> NetConfigError {
+    NetConfigError::Invalid(message.into())
+}
+
+/// Parses `52:54:00:12:34:56`; refuses multicast addresses (a NIC cannot own one).
+pub fn parse_mac(text: &str) -> Result<Mac, NetConfigError> {
+    let bad = || {
+        invalid(format!(
+            "mac `{text}` is not six hex bytes like 52:54:00:12:34:56"
+        ))
+    };
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        let part = parts.next().ok_or_else(bad)?;
+        if part.len() != 2 {
+            return Err(bad());
+        }
+        *byte = u8::from_str_radix(part, 16).map_err(|_| bad())?;
+    }
+    if parts.next().is_some() {
+        return Err(bad());
+    }
+    if mac[0] & 1 == 1 {
+        return Err(invalid(format!("mac `{text}` is a multicast address")));
+    }
+    Ok(mac)
+}
+
+/// `aa:bb:cc:dd:ee:ff`.
+pub fn format_mac(mac: &Mac) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+fn serialize_mac<S: serde::Serializer>(mac: &Mac, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str(&format_mac(mac))
+}
+
+/// A stable, locally administered unicast MAC from the id (FNV-1a of the id).
+fn derived_mac(id: &str) -> Mac {
+    let hash = id.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    let b = hash.to_le_bytes();
+    [0x02, b[0], b[1], b[2], b[3], b[4]]
+}
+
+#[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)] // tests may panic
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_tap_device_with_defaults() {
+        let config = NetConfig::parse("socket=/run/nc/vm1-nic0.sock,tap=vm1nic0").unwrap();
+        assert_eq!(config.id, "vm1-nic0");
+        assert_eq!(config.backend, NetBackendSpec::Tap("vm1nic0".into()));
+        assert_eq!(
+            (config.queue_pairs, config.queue_size, config.mtu),
+            (1, 256, 1500)
+        );
+        assert_eq!(config.mac[0], 0x02, "locally administered, unicast");
+        assert_eq!(
+            config.mac,
+            NetConfig::parse("socket=/x/vm1-nic0.sock,tap=t")
+                .unwrap()
+                .mac
+        );
+    }
+
+    #[test]
+    fn a_switch_port_with_every_option() {
+        let config = NetConfig::parse(
+            "socket=/s.sock,switch=tenant7,mac=52:54:00:12:34:57,id=n1,queues=2,\
+             queue-size=1024,mtu=9000,vlan=12",
+        )
+        .unwrap();
+        assert_eq!(config.backend, NetBackendSpec::Switch("tenant7".into()));
+        assert_eq!(config.mac, [0x52, 0x54, 0, 0x12, 0x34, 0x57]);
+        assert_eq!(format_mac(&config.mac), "52:54:00:12:34:57");
+        assert_eq!(
+            (config.queue_pairs, config.mtu, config.vlan),
+            (2, 9000, Some(12))
+        );
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        for spec in [
+            "tap=t0",
+            "socket=/s.sock",
+            "socket=/s.sock,tap=t0,switch=s0",
+            "socket=/s.sock,tap=",
+            "socket=/s.sock,tap=a-name-too-long-for-linux",
+            "socket=/s.sock,switch=a/b",
+            "socket=/s.sock,tap=t0,mac=01:00:5e:00:00:01",
+            "socket=/s.sock,tap=t0,mac=52:54:00:12:34",
+            "socket=/s.sock,tap=t0,mac=52:54:00:12:34:56:78",
+            "socket=/s.sock,tap=t0,mac=52:54:00:12:34:zz",
+            "socket=/s.sock,tap=t0,queues=0",
+            "socket=/s.sock,tap=t0,queues=17",
+            "socket=/s.sock,tap=t0,queue-size=100",
+            "socket=/s.sock,tap=t0,mtu=67",
+            "socket=/s.sock,tap=t0,vlan=5",
+            "socket=/s.sock,switch=s0,vlan=4095",
+            "socket=/s.sock,tap=t0,colour=blue",
+        ] {
+            assert!(NetConfig::parse(spec).is_err(), "accepted {spec}");
+        }
+    }
+}
