@@ -1,6 +1,7 @@
 //! The virtio devices the daemon serves, and the little they share.
 
 pub mod blk;
+pub mod desc;
 pub mod net;
 
 /// The most config bytes vhost-user lets a front-end ask for.

@@ -166,41 +166,16 @@ pub struct Limits {
     pub readonly: bool,
 }
 
-/// A descriptor reduced to what parsing needs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Buffer {
-    /// Guest physical address.
-    pub addr: GuestAddress,
-    /// Length in bytes.
-    pub len: u32,
-    /// Device-writable.
-    pub writable: bool,
-}
+pub use crate::devices::desc::{Buffer, Buffers};
 
 /// Collects a chain's buffers; `Err(BrokenChain)` if the walk stopped while the last descriptor
 /// still pointed to a next one (loop, over-long chain, broken or nested indirect table).
 pub fn collect_buffers(
     chain: impl Iterator<Item = virtio_queue::desc::split::Descriptor>,
 ) -> Result<Buffers, Reason> {
-    let mut buffers = Buffers::new();
-    let mut truncated = false;
-    for desc in chain {
-        truncated = desc.has_next();
-        buffers.push(Buffer {
-            addr: desc.addr(),
-            len: desc.len(),
-            writable: desc.is_write_only(),
-        });
-    }
-    if truncated || buffers.is_empty() {
-        Err(Reason::BrokenChain)
-    } else {
-        Ok(buffers)
-    }
+    crate::devices::desc::collect_buffers(chain).map_err(|_| Reason::BrokenChain)
 }
 
-/// A chain's buffers; Linux sends 3 (header, data, status), so they live on the stack.
-pub type Buffers = SmallVec<[Buffer; 8]>;
 /// Spans of the readable or writable stream, likewise without heap allocation.
 type Spans = SmallVec<[Span; 8]>;
 

@@ -1,0 +1,472 @@
+//! Net descriptor chains: a transmit chain becomes a checked frame, a receive chain becomes
+//! room for one (or, with mergeable buffers, part of one); and the byte moves between them.
+//!
+//! Everything is guest-controlled. A tx chain must be device-readable only, hold at least the
+//! 12-byte virtio-net header, pass [`NetHeader::check`], and map entirely into guest memory.
+//! An rx chain must be device-writable only, map entirely, and hold at least the header. The
+//! header is read once into our memory and used from there (the guest may rewrite its copy
+//! while we work). Frames move without an intermediate copy: [`host_iovecs`] feeds `readv`/
+//! `writev` on a tap; [`copy_between`] copies guest to guest for the switch.
+
+// Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
+// panic or wrap silently (checked, saturating or `get` instead).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+
+use smallvec::SmallVec;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
+
+use super::header::{NetHeader, HEADER_LEN, MAX_GSO_FRAME};
+use super::stats::Drop;
+use crate::devices::desc::Buffer;
+use crate::vring::GuestMemory;
+
+/// `readv`/`writev` take at most this many iovecs.
+pub const MAX_IOVECS: usize = 1024;
+
+/// A contiguous piece of a chain's byte stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Span {
+    /// Guest physical address.
+    pub addr: GuestAddress,
+    /// Length in bytes.
+    pub len: u32,
+}
+
+/// A chain's spans, on the stack for the usual short chains.
+pub type Spans = SmallVec<[Span; 8]>;
+
+/// A checked transmit chain.
+#[derive(Debug, Clone)]
+pub struct TxFrame {
+    /// The header as read once from the guest and checked.
+    pub header: NetHeader,
+    /// The whole chain, header first.
+    pub spans: Spans,
+    /// Frame length: the chain's bytes after the header.
+    pub frame_len: u32,
+}
+
+/// A checked receive chain.
+#[derive(Debug, Clone)]
+pub struct RxBuffer {
+    /// The descriptor head to return it with.
+    pub head: u16,
+    /// Its writable bytes.
+    pub spans: Spans,
+    /// Their total.
+    pub capacity: u32,
+}
+
+/// Checks a transmit chain for a link with `mtu`.
+pub fn tx_frame(mem: &GuestMemory, buffers: &[Buffer], mtu: u16) -> Result<TxFrame, Drop> {
+    if buffers.iter().any(|b| b.writable) {
+        return Err(Drop::BadLayout);
+    }
+    let (spans, total) = mapped_spans(mem, buffers)?;
+    let frame_len = total
+        .checked_sub(HEADER_LEN as u64)
+        .ok_or(Drop::ShortHeader)?;
+    if frame_len > MAX_GSO_FRAME as u64 {
+        return Err(Drop::TooLarge);
+    }
+    let mut raw = [0u8; HEADER_LEN];
+    read_stream(mem, &spans, 0, &mut raw)?;
+    let header = NetHeader::parse(&raw).map_err(|_| Drop::ShortHeader)?;
+    let frame_len = u32::try_from(frame_len).map_err(|_| Drop::TooLarge)?;
+    header
+        .check(frame_len as usize, mtu)
+        .map_err(|e| match e {
+            super::header::HeaderError::TooLarge(_) => Drop::TooLarge,
+            _ => Drop::BadHeader,
+        })?;
+    Ok(TxFrame {
+        header,
+        spans,
+        frame_len,
+    })
+}
+
+/// Checks a receive chain.
+pub fn rx_buffer(mem: &GuestMemory, head: u16, buffers: &[Buffer]) -> Result<RxBuffer, Drop> {
+    if buffers.iter().any(|b| !b.writable) {
+        return Err(Drop::BadLayout);
+    }
+    let (spans, total) = mapped_spans(mem, buffers)?;
+    if total < HEADER_LEN as u64 {
+        return Err(Drop::ShortHeader);
+    }
+    Ok(RxBuffer {
+        head,
+        spans,
+        // Every buffer length is a u32, but a chain can sum past it: cap, we never fill more.
+        capacity: u32::try_from(total).unwrap_or(u32::MAX),
+    })
+}
+
+/// The buffers as spans, each checked to lie in guest memory; and their total length.
+fn mapped_spans(mem: &GuestMemory, buffers: &[Buffer]) -> Result<(Spans, u64), Drop> {
+    let mut spans = Spans::new();
+    let mut total = 0u64;
+    for buffer in buffers.iter().filter(|b| b.len > 0) {
+        let last = buffer
+            .addr
+            .checked_add(u64::from(buffer.len).saturating_sub(1))
+            .ok_or(Drop::BadAddress)?;
+        if !mem.check_range(buffer.addr, buffer.len as usize) || last < buffer.addr {
+            return Err(Drop::BadAddress);
+        }
+        spans.push(Span {
+            addr: buffer.addr,
+            len: buffer.len,
+        });
+        total = total.saturating_add(u64::from(buffer.len));
+    }
+    Ok((spans, total))
+}
+
+/// Host iovecs for `len` bytes of the stream starting at `offset`, split where the stream
+/// crosses memory regions. At most [`MAX_IOVECS`].
+pub fn host_iovecs(
+    mem: &GuestMemory,
+    spans: &[Span],
+    offset: u64,
+    len: u64,
+    out: &mut Vec<libc::iovec>,
+) -> Result<(), Drop> {
+    for slice in stream_slices(mem, spans, offset, len)? {
+        if out.len() >= MAX_IOVECS {
+            return Err(Drop::TooManySegments);
+        }
+        out.push(libc::iovec {
+            iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+            iov_len: slice.len(),
+        });
+    }
+    Ok(())
+}
+
+type Slices<'a> = SmallVec<[VolatileSlice<'a, ()>; 8]>;
+
+/// The stream's bytes `offset..offset+len` as volatile slices of guest memory (fewer bytes if
+/// the stream ends first).
+fn stream_slices<'a>(
+    mem: &'a GuestMemory,
+    spans: &[Span],
+    mut offset: u64,
+    mut len: u64,
+) -> Result<Slices<'a>, Drop> {
+    let mut slices = Slices::new();
+    for span in spans {
+        if len == 0 {
+            break;
+        }
+        let span_len = u64::from(span.len);
+        if offset >= span_len {
+            offset = offset.saturating_sub(span_len);
+            continue;
+        }
+        let take = (span_len.saturating_sub(offset)).min(len);
+        let addr = span.addr.checked_add(offset).ok_or(Drop::BadAddress)?;
+        let take_usize = usize::try_from(take).map_err(|_| Drop::BadAddress)?;
+        for slice in GuestMemoryBackend::get_slices(mem, addr, take_usize) {
+            slices.push(slice.map_err(|_| Drop::BadAddress)?);
+        }
+        len = len.saturating_sub(take);
+        offset = 0;
+    }
+    Ok(slices)
+}
+
+/// Copies stream bytes from `offset` into `dst`; the stream must hold them all.
+pub fn read_stream(
+    mem: &GuestMemory,
+    spans: &[Span],
+    offset: u64,
+    dst: &mut [u8],
+) -> Result<(), Drop> {
+    let mut done = 0usize;
+    for slice in stream_slices(mem, spans, offset, dst.len() as u64)? {
+        let end = done.saturating_add(slice.len());
+        let part = dst.get_mut(done..end).ok_or(Drop::BadAddress)?;
+        slice.copy_to(part);
+        done = end;
+    }
+    if done == dst.len() {
+        Ok(())
+    } else {
+        Err(Drop::ShortHeader)
+    }
+}
+
+/// Writes `src` into the stream at `offset`; the stream must have room for it all.
+pub fn write_stream(
+    mem: &GuestMemory,
+    spans: &[Span],
+    offset: u64,
+    src: &[u8],
+) -> Result<(), Drop> {
+    let mut done = 0usize;
+    for span_part in split_spans(spans, offset, src.len() as u64) {
+        let end = done.saturating_add(span_part.len as usize);
+        let part = src.get(done..end).ok_or(Drop::BadAddress)?;
+        mem.write_slice(part, span_part.addr)
+            .map_err(|_| Drop::BadAddress)?;
+        done = end;
+    }
+    if done == src.len() {
+        Ok(())
+    } else {
+        Err(Drop::ShortHeader)
+    }
+}
+
+/// The spans covering stream bytes `offset..offset+len`.
+fn split_spans(spans: &[Span], mut offset: u64, mut len: u64) -> Spans {
+    let mut out = Spans::new();
+    for span in spans {
+        if len == 0 {
+            break;
+        }
+        let span_len = u64::from(span.len);
+        if offset >= span_len {
+            offset = offset.saturating_sub(span_len);
+            continue;
+        }
+        let take = span_len.saturating_sub(offset).min(len);
+        if let Some(addr) = span.addr.checked_add(offset) {
+            out.push(Span {
+                addr,
+                // `take <= span.len`, a u32.
+                len: u32::try_from(take).unwrap_or(0),
+            });
+        }
+        len = len.saturating_sub(take);
+        offset = 0;
+    }
+    out
+}
+
+/// Copies `len` bytes from one guest's stream (at `src_offset`) into another's (at
+/// `dst_offset`), guest memory to guest memory with no bounce buffer. Returns the bytes copied
+/// (less than `len` if either stream ends first).
+pub fn copy_between(
+    src_mem: &GuestMemory,
+    src: &[Span],
+    src_offset: u64,
+    dst_mem: &GuestMemory,
+    dst: &[Span],
+    dst_offset: u64,
+    len: u64,
+) -> Result<u64, Drop> {
+    let from = stream_slices(src_mem, src, src_offset, len)?;
+    let to = stream_slices(dst_mem, dst, dst_offset, len)?;
+    Ok(copy_slices(&from, &to))
+}
+
+/// Copies `src` (bytes in our memory) into the stream at `offset`; returns bytes copied.
+pub fn copy_in(mem: &GuestMemory, dst: &[Span], offset: u64, src: &[u8]) -> Result<u64, Drop> {
+    let to = stream_slices(mem, dst, offset, src.len() as u64)?;
+    let mut done = 0usize;
+    for slice in &to {
+        let end = done.saturating_add(slice.len()).min(src.len());
+        let part = src.get(done..end).unwrap_or_default();
+        slice.copy_from(part);
+        done = end;
+    }
+    Ok(done as u64)
+}
+
+/// Pairwise copy over two slice lists of possibly different cut points.
+fn copy_slices(from: &[VolatileSlice<'_, ()>], to: &[VolatileSlice<'_, ()>]) -> u64 {
+    let (mut fi, mut ti) = (from.iter(), to.iter());
+    let (mut f, mut t) = (fi.next().copied(), ti.next().copied());
+    let mut copied = 0u64;
+    while let (Some(src), Some(dst)) = (f, t) {
+        let n = src.len().min(dst.len());
+        src.copy_to_volatile_slice(dst);
+        copied = copied.saturating_add(n as u64);
+        f = if n < src.len() { src.offset(n).ok() } else { fi.next().copied() };
+        t = if n < dst.len() { dst.offset(n).ok() } else { ti.next().copied() };
+    }
+    copied
+}
+
+#[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)] // tests may panic
+mod tests {
+    use super::*;
+    use crate::devices::net::header::{F_NEEDS_CSUM, GSO_TCPV4};
+    use vm_memory::GuestAddress;
+
+    fn memory() -> GuestMemory {
+        // Two regions with a gap, so streams cross region boundaries.
+        GuestMemory::from_ranges(&[(GuestAddress(0), 0x10000), (GuestAddress(0x10000), 0x10000)])
+            .unwrap()
+    }
+
+    fn readable(addr: u64, len: u32) -> Buffer {
+        Buffer {
+            addr: GuestAddress(addr),
+            len,
+            writable: false,
+        }
+    }
+
+    fn writable(addr: u64, len: u32) -> Buffer {
+        Buffer {
+            writable: true,
+            ..readable(addr, len)
+        }
+    }
+
+    fn put_header(mem: &GuestMemory, addr: u64, header: NetHeader) {
+        mem.write_slice(&header.to_bytes(), GuestAddress(addr)).unwrap();
+    }
+
+    #[test]
+    fn a_header_split_over_three_descriptors_is_read_whole() {
+        let mem = memory();
+        let header = NetHeader {
+            flags: F_NEEDS_CSUM,
+            csum_start: 34,
+            csum_offset: 16,
+            ..NetHeader::default()
+        };
+        let bytes = header.to_bytes();
+        mem.write_slice(&bytes[..3], GuestAddress(0x100)).unwrap();
+        mem.write_slice(&bytes[3..7], GuestAddress(0x200)).unwrap();
+        mem.write_slice(&bytes[7..], GuestAddress(0x300)).unwrap();
+        let chain = [
+            readable(0x100, 3),
+            readable(0x200, 4),
+            readable(0x300, 5 + 60),
+        ];
+        let frame = tx_frame(&mem, &chain, 1500).unwrap();
+        assert_eq!(frame.header, header);
+        assert_eq!(frame.frame_len, 60);
+    }
+
+    #[test]
+    fn bad_tx_chains_are_refused_with_their_reason() {
+        let mem = memory();
+        put_header(&mem, 0x100, NetHeader::default());
+        assert_eq!(
+            tx_frame(&mem, &[readable(0x100, 11)], 1500).unwrap_err(),
+            Drop::ShortHeader
+        );
+        assert_eq!(
+            tx_frame(&mem, &[readable(0x100, 12), writable(0x200, 60)], 1500).unwrap_err(),
+            Drop::BadLayout
+        );
+        assert_eq!(
+            tx_frame(&mem, &[readable(0x100, 12), readable(0x30000, 60)], 1500).unwrap_err(),
+            Drop::BadAddress
+        );
+        assert_eq!(
+            tx_frame(&mem, &[readable(0x100, 12), readable(u64::MAX - 10, 60)], 1500)
+                .unwrap_err(),
+            Drop::BadAddress
+        );
+        assert_eq!(
+            tx_frame(&mem, &[readable(0x100, 12 + 1519)], 1500).unwrap_err(),
+            Drop::TooLarge
+        );
+        put_header(
+            &mem,
+            0x100,
+            NetHeader {
+                gso_type: GSO_TCPV4,
+                gso_size: 0,
+                ..NetHeader::default()
+            },
+        );
+        assert_eq!(
+            tx_frame(&mem, &[readable(0x100, 12 + 60)], 1500).unwrap_err(),
+            Drop::BadHeader
+        );
+        put_header(
+            &mem,
+            0x100,
+            NetHeader {
+                flags: F_NEEDS_CSUM,
+                csum_start: 50,
+                csum_offset: 16,
+                ..NetHeader::default()
+            },
+        );
+        assert_eq!(
+            tx_frame(&mem, &[readable(0x100, 12 + 60)], 1500).unwrap_err(),
+            Drop::BadHeader
+        );
+        // A huge GSO frame that the chain lengths claim: refused before any read.
+        let many: Vec<Buffer> = (0..40).map(|i| readable(0x100 + i * 0x800, 0x800)).collect();
+        assert_eq!(tx_frame(&mem, &many, 1500).unwrap_err(), Drop::TooLarge);
+    }
+
+    #[test]
+    fn rx_buffers_must_be_writable_mapped_and_hold_a_header() {
+        let mem = memory();
+        assert_eq!(
+            rx_buffer(&mem, 0, &[writable(0x100, 11)]).unwrap_err(),
+            Drop::ShortHeader
+        );
+        assert_eq!(
+            rx_buffer(&mem, 0, &[readable(0x100, 1500)]).unwrap_err(),
+            Drop::BadLayout
+        );
+        assert_eq!(
+            rx_buffer(&mem, 0, &[writable(0x1ff00, 0x200)]).unwrap_err(),
+            Drop::BadAddress
+        );
+        let ok = rx_buffer(&mem, 7, &[writable(0x100, 6), writable(0x200, 1520)]).unwrap();
+        assert_eq!((ok.head, ok.capacity), (7, 1526));
+    }
+
+    #[test]
+    fn guest_to_guest_copies_cross_spans_and_regions() {
+        let a = memory();
+        let b = memory();
+        let data: Vec<u8> = (0..3000u32).map(|i| (i * 7) as u8).collect();
+        // Source stream: 12 header bytes then data, crossing the region boundary.
+        a.write_slice(&data[..1000], GuestAddress(0xfc18)).unwrap();
+        a.write_slice(&data[1000..], GuestAddress(0x20)).unwrap();
+        let src = [
+            Span { addr: GuestAddress(0xfc0c), len: 12 + 1000 },
+            Span { addr: GuestAddress(0x20), len: 2000 },
+        ];
+        let dst = [
+            Span { addr: GuestAddress(0x100), len: 700 },
+            Span { addr: GuestAddress(0xfe00), len: 0x1000 },
+        ];
+        let copied = copy_between(&a, &src, 12, &b, &dst, 12, 3000).unwrap();
+        assert_eq!(copied, 3000);
+        let mut back = vec![0u8; 3000];
+        read_stream(&b, &dst, 12, &mut back).unwrap();
+        assert_eq!(back, data);
+        // A destination too small takes what fits.
+        let small = [Span { addr: GuestAddress(0x5000), len: 100 }];
+        assert_eq!(copy_between(&a, &src, 12, &b, &small, 0, 3000).unwrap(), 100);
+    }
+
+    #[test]
+    fn header_writes_and_iovecs_follow_the_stream() {
+        let mem = memory();
+        let spans = [
+            Span { addr: GuestAddress(0x100), len: 5 },
+            Span { addr: GuestAddress(0xfffe), len: 100 },
+        ];
+        write_stream(&mem, &spans, 3, &[1, 2, 3, 4, 5, 6]).unwrap();
+        let mut back = [0u8; 6];
+        read_stream(&mem, &spans, 3, &mut back).unwrap();
+        assert_eq!(back, [1, 2, 3, 4, 5, 6]);
+        assert!(write_stream(&mem, &spans, 100, &[0; 10]).is_err(), "past the end");
+        let mut iovecs = Vec::new();
+        host_iovecs(&mem, &spans, 0, 105, &mut iovecs).unwrap();
+        // 5 bytes, then 2 bytes up to the region end, then the rest in the next region.
+        assert_eq!(
+            iovecs.iter().map(|i| i.iov_len).collect::<Vec<_>>(),
+            vec![5, 2, 98]
+        );
+        assert_eq!(copy_in(&mem, &spans, 0, &[9; 200]).unwrap(), 105);
+    }
+}
