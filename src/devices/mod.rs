@@ -3,6 +3,7 @@
 pub mod blk;
 pub mod desc;
 pub mod net;
+pub mod runner;
 
 /// The most config bytes vhost-user lets a front-end ask for.
 const VHOST_USER_CONFIG_SIZE: u32 = 0x1000;

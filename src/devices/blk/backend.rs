@@ -234,3 +234,24 @@ impl VhostUserBackend for BlkBackend {
         Ok(())
     }
 }
+
+impl crate::devices::runner::SessionBackend for BlkBackend {
+    fn listeners(&self) -> Vec<(usize, std::os::fd::RawFd, u64)> {
+        let completion = completion_event_id(self.shared.queues);
+        let throttle = throttle_event_id(self.shared.queues);
+        let mut out = Vec::new();
+        for (thread, fd) in self.completion_fds().into_iter().enumerate() {
+            if let Some(fd) = fd {
+                out.push((thread, fd, completion));
+            }
+        }
+        for (thread, fd) in self.throttle_fds().into_iter().enumerate() {
+            out.push((thread, fd, throttle));
+        }
+        out
+    }
+
+    fn signal_exit(&self) {
+        BlkBackend::signal_exit(self);
+    }
+}

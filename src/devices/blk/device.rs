@@ -12,24 +12,16 @@
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use std::fs::File;
-use std::os::fd::{AsRawFd, RawFd};
-use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
-use vhost::vhost_user::Listener;
-use vhost_user_backend::VhostUserDaemon;
-use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
-use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
-
-use super::backend::{completion_event_id, throttle_event_id, BlkBackend};
+use super::backend::BlkBackend;
 use super::config::{BackingSpec, BlkConfig, EngineKind};
 use super::request::Limits;
 use super::spec::{ConfigSpace, MAX_IOVECS, SECTOR_SHIFT};
 use super::stats::{QueueSnapshot, QueueStats};
 use super::throttle::now_ns;
+use crate::devices::runner::{BackendFactory, DeviceRunner, RunnerError};
 use crate::lock::lock;
 use crate::qos::config::QosConfig;
 use crate::qos::device::DeviceQos;
@@ -40,7 +32,6 @@ use crate::storage::null::NullEngine;
 use crate::storage::sync::SyncEngine;
 use crate::storage::uring::UringEngine;
 use crate::storage::{uring_available, Engine, EngineError};
-use crate::sys::poll::{wait_readable, Readable};
 
 /// Errors starting a device.
 #[derive(Debug, thiserror::Error)]
@@ -48,18 +39,9 @@ pub enum DeviceError {
     /// The backing could not be opened.
     #[error(transparent)]
     Backing(#[from] BackingError),
-    /// The socket could not be created.
-    #[error("cannot listen on {path}")]
-    Listen {
-        /// The socket path.
-        path: PathBuf,
-        /// The cause.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The device thread could not be started.
-    #[error("cannot start the device thread")]
-    Thread(#[source] std::io::Error),
+    /// The socket or its thread could not be set up.
+    #[error(transparent)]
+    Runner(#[from] RunnerError),
 }
 
 /// State shared by a device's connections and workers.
@@ -81,7 +63,7 @@ pub struct DeviceShared {
     /// How long workers poll for more work after the ring runs dry.
     pub poll: std::time::Duration,
     /// Whether a front-end is connected now.
-    pub connected: AtomicBool,
+    pub connected: Arc<AtomicBool>,
     /// The device's rate limits (own and group), shared by its queues.
     pub qos: Mutex<DeviceQos>,
     /// Fast path: false when nothing limits the device (`qos` is never locked then).
@@ -180,19 +162,11 @@ fn next_member_id() -> u64 {
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
-/// Wakes the device thread and the connected front-end's handler for shutdown.
-struct StopSignal {
-    requested: AtomicBool,
-    eventfd: EventFd,
-    connection: Mutex<Option<vhost_user_backend::ShutdownHandle>>,
-}
-
 /// A running block device.
 pub struct BlkDevice {
     config: BlkConfig,
     shared: Arc<DeviceShared>,
-    stop: Arc<StopSignal>,
-    thread: Option<JoinHandle<()>>,
+    runner: DeviceRunner,
 }
 
 impl BlkDevice {
@@ -230,7 +204,7 @@ impl BlkDevice {
             logical_block_size: config.logical_block_size,
             flush_failed: AtomicBool::new(false),
             poll: std::time::Duration::from_micros(u64::from(config.poll_us)),
-            connected: AtomicBool::new(false),
+            connected: Arc::new(AtomicBool::new(false)),
             qos: Mutex::new(DeviceQos::default()),
             qos_enabled: AtomicBool::new(false),
             member_id: next_member_id(),
@@ -242,31 +216,16 @@ impl BlkDevice {
             // Validated when the options were parsed; unreachable unless that changes.
             log::error!("{}: rate limits ignored: {e}", config.id);
         }
-        let listen_error = |source| DeviceError::Listen {
-            path: config.socket.clone(),
-            source,
-        };
-        if let Some(parent) = config.socket.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(listen_error)?;
-        }
-        let listener = Listener::new(&config.socket, true)
-            .map_err(|e| listen_error(std::io::Error::other(e)))?;
-        listener
-            .set_nonblocking(true)
-            .map_err(|e| listen_error(std::io::Error::other(e)))?;
-        let stop = Arc::new(StopSignal {
-            requested: AtomicBool::new(false),
-            eventfd: EventFd::new(EFD_NONBLOCK).map_err(DeviceError::Thread)?,
-            connection: Mutex::new(None),
-        });
-        let thread = {
+        let factory: BackendFactory<BlkBackend> = {
             let shared = Arc::clone(&shared);
-            let stop = Arc::clone(&stop);
-            std::thread::Builder::new()
-                .name(format!("blk-{}", config.id))
-                .spawn(move || serve(shared, listener, stop))
-                .map_err(DeviceError::Thread)?
+            Box::new(move |memory| Ok(Arc::new(BlkBackend::new(Arc::clone(&shared), memory)?)))
         };
+        let runner = DeviceRunner::start(
+            &config.id,
+            &config.socket,
+            Arc::clone(&shared.connected),
+            factory,
+        )?;
         log::info!(
             "{}: serving {} ({} bytes, {} queue(s), engine {}) on {}",
             config.id,
@@ -282,8 +241,7 @@ impl BlkDevice {
         Ok(Self {
             config,
             shared,
-            stop,
-            thread: Some(thread),
+            runner,
         })
     }
 
@@ -304,106 +262,7 @@ impl BlkDevice {
 
     /// Disconnects the front-end (in-flight I/O completes first), stops listening and removes
     /// the socket.
-    pub fn stop(mut self) {
-        self.shutdown();
+    pub fn stop(self) {
+        self.runner.stop();
     }
-
-    fn shutdown(&mut self) {
-        self.stop.requested.store(true, Ordering::Release);
-        if let Err(e) = self.stop.eventfd.write(1) {
-            log::warn!("{}: cannot wake device thread: {e}", self.config.id);
-        }
-        if let Some(handle) = lock(&self.stop.connection).as_ref() {
-            handle.shutdown();
-        }
-        if let Some(thread) = self.thread.take() {
-            if thread.join().is_err() {
-                log::error!("{}: device thread panicked", self.config.id);
-            }
-        }
-        let _ = std::fs::remove_file(&self.config.socket);
-    }
-}
-
-impl Drop for BlkDevice {
-    fn drop(&mut self) {
-        if self.thread.is_some() {
-            self.shutdown();
-        }
-    }
-}
-
-/// The device thread: accept a front-end, serve it until it leaves, repeat until stopped.
-fn serve(shared: Arc<DeviceShared>, mut listener: Listener, stop: Arc<StopSignal>) {
-    let id = shared.id.clone();
-    loop {
-        match wait_readable(listener.as_raw_fd(), stop.eventfd.as_raw_fd()) {
-            Ok(Readable::First) => {}
-            Ok(Readable::Second) => break,
-            Err(e) => {
-                log::error!("{id}: waiting for a front-end failed: {e}");
-                break;
-            }
-        }
-        if stop.requested.load(Ordering::Acquire) {
-            break;
-        }
-        if let Err(e) = serve_connection(&shared, &mut listener, &stop) {
-            log::error!("{id}: connection ended with an error: {e}");
-        }
-    }
-    log::info!("{id}: stopped");
-}
-
-fn serve_connection(
-    shared: &Arc<DeviceShared>,
-    listener: &mut Listener,
-    stop: &StopSignal,
-) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
-    let memory = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());
-    let backend = Arc::new(BlkBackend::new(Arc::clone(shared), memory.clone())?);
-    let mut daemon = VhostUserDaemon::new(shared.id.clone(), Arc::clone(&backend), memory)
-        .map_err(|e| format!("{e}"))?;
-    let event_id = completion_event_id(shared.queues);
-    let handlers = daemon.get_epoll_handlers();
-    for (handler, fd) in handlers.iter().zip(backend.completion_fds()) {
-        if let Some(fd) = fd {
-            register(handler, fd, event_id)?;
-        }
-    }
-    for (handler, fd) in handlers.iter().zip(backend.throttle_fds()) {
-        register(handler, fd, throttle_event_id(shared.queues))?;
-    }
-    daemon.start(listener).map_err(|e| format!("{e}"))?;
-    *lock(&stop.connection) = daemon.shutdown_handle();
-    if stop.requested.load(Ordering::Acquire) {
-        daemon.request_shutdown();
-    }
-    log::info!("{}: front-end connected", shared.id);
-    shared.connected.store(true, Ordering::Release);
-    let result = daemon.wait();
-    shared.connected.store(false, Ordering::Release);
-    *lock(&stop.connection) = None;
-    backend.signal_exit();
-    // Dropping the daemon joins its worker threads; dropping the last backend reference then
-    // drains every engine, so no kernel I/O outlives the guest memory mapping.
-    drop(daemon);
-    drop(backend);
-    log::info!("{}: front-end disconnected", shared.id);
-    match result {
-        // A front-end going away (guest shutdown, QEMU killed) is the normal end of a session.
-        Ok(())
-        | Err(vhost_user_backend::Error::HandleRequest(
-            vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
-        )) => Ok(()),
-        Err(e) => Err(format!("{e}").into()),
-    }
-}
-
-fn register(
-    handler: &vhost_user_backend::VringEpollHandler<Arc<BlkBackend>>,
-    fd: RawFd,
-    event_id: u64,
-) -> Result<(), std::io::Error> {
-    handler.register_listener(fd, EventSet::IN, event_id)
 }

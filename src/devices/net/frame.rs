@@ -73,12 +73,10 @@ pub fn tx_frame(mem: &GuestMemory, buffers: &[Buffer], mtu: u16) -> Result<TxFra
     read_stream(mem, &spans, 0, &mut raw)?;
     let header = NetHeader::parse(&raw).map_err(|_| Drop::ShortHeader)?;
     let frame_len = u32::try_from(frame_len).map_err(|_| Drop::TooLarge)?;
-    header
-        .check(frame_len as usize, mtu)
-        .map_err(|e| match e {
-            super::header::HeaderError::TooLarge(_) => Drop::TooLarge,
-            _ => Drop::BadHeader,
-        })?;
+    header.check(frame_len as usize, mtu).map_err(|e| match e {
+        super::header::HeaderError::TooLarge(_) => Drop::TooLarge,
+        _ => Drop::BadHeader,
+    })?;
     Ok(TxFrame {
         header,
         spans,
@@ -285,8 +283,16 @@ fn copy_slices(from: &[VolatileSlice<'_, ()>], to: &[VolatileSlice<'_, ()>]) -> 
         let n = src.len().min(dst.len());
         src.copy_to_volatile_slice(dst);
         copied = copied.saturating_add(n as u64);
-        f = if n < src.len() { src.offset(n).ok() } else { fi.next().copied() };
-        t = if n < dst.len() { dst.offset(n).ok() } else { ti.next().copied() };
+        f = if n < src.len() {
+            src.offset(n).ok()
+        } else {
+            fi.next().copied()
+        };
+        t = if n < dst.len() {
+            dst.offset(n).ok()
+        } else {
+            ti.next().copied()
+        };
     }
     copied
 }
@@ -320,7 +326,8 @@ mod tests {
     }
 
     fn put_header(mem: &GuestMemory, addr: u64, header: NetHeader) {
-        mem.write_slice(&header.to_bytes(), GuestAddress(addr)).unwrap();
+        mem.write_slice(&header.to_bytes(), GuestAddress(addr))
+            .unwrap();
     }
 
     #[test]
@@ -363,8 +370,12 @@ mod tests {
             Drop::BadAddress
         );
         assert_eq!(
-            tx_frame(&mem, &[readable(0x100, 12), readable(u64::MAX - 10, 60)], 1500)
-                .unwrap_err(),
+            tx_frame(
+                &mem,
+                &[readable(0x100, 12), readable(u64::MAX - 10, 60)],
+                1500
+            )
+            .unwrap_err(),
             Drop::BadAddress
         );
         assert_eq!(
@@ -399,7 +410,9 @@ mod tests {
             Drop::BadHeader
         );
         // A huge GSO frame that the chain lengths claim: refused before any read.
-        let many: Vec<Buffer> = (0..40).map(|i| readable(0x100 + i * 0x800, 0x800)).collect();
+        let many: Vec<Buffer> = (0..40)
+            .map(|i| readable(0x100 + i * 0x800, 0x800))
+            .collect();
         assert_eq!(tx_frame(&mem, &many, 1500).unwrap_err(), Drop::TooLarge);
     }
 
@@ -431,12 +444,24 @@ mod tests {
         a.write_slice(&data[..1000], GuestAddress(0xfc18)).unwrap();
         a.write_slice(&data[1000..], GuestAddress(0x20)).unwrap();
         let src = [
-            Span { addr: GuestAddress(0xfc0c), len: 12 + 1000 },
-            Span { addr: GuestAddress(0x20), len: 2000 },
+            Span {
+                addr: GuestAddress(0xfc0c),
+                len: 12 + 1000,
+            },
+            Span {
+                addr: GuestAddress(0x20),
+                len: 2000,
+            },
         ];
         let dst = [
-            Span { addr: GuestAddress(0x100), len: 700 },
-            Span { addr: GuestAddress(0xfe00), len: 0x1000 },
+            Span {
+                addr: GuestAddress(0x100),
+                len: 700,
+            },
+            Span {
+                addr: GuestAddress(0xfe00),
+                len: 0x1000,
+            },
         ];
         let copied = copy_between(&a, &src, 12, &b, &dst, 12, 3000).unwrap();
         assert_eq!(copied, 3000);
@@ -444,22 +469,37 @@ mod tests {
         read_stream(&b, &dst, 12, &mut back).unwrap();
         assert_eq!(back, data);
         // A destination too small takes what fits.
-        let small = [Span { addr: GuestAddress(0x5000), len: 100 }];
-        assert_eq!(copy_between(&a, &src, 12, &b, &small, 0, 3000).unwrap(), 100);
+        let small = [Span {
+            addr: GuestAddress(0x5000),
+            len: 100,
+        }];
+        assert_eq!(
+            copy_between(&a, &src, 12, &b, &small, 0, 3000).unwrap(),
+            100
+        );
     }
 
     #[test]
     fn header_writes_and_iovecs_follow_the_stream() {
         let mem = memory();
         let spans = [
-            Span { addr: GuestAddress(0x100), len: 5 },
-            Span { addr: GuestAddress(0xfffe), len: 100 },
+            Span {
+                addr: GuestAddress(0x100),
+                len: 5,
+            },
+            Span {
+                addr: GuestAddress(0xfffe),
+                len: 100,
+            },
         ];
         write_stream(&mem, &spans, 3, &[1, 2, 3, 4, 5, 6]).unwrap();
         let mut back = [0u8; 6];
         read_stream(&mem, &spans, 3, &mut back).unwrap();
         assert_eq!(back, [1, 2, 3, 4, 5, 6]);
-        assert!(write_stream(&mem, &spans, 100, &[0; 10]).is_err(), "past the end");
+        assert!(
+            write_stream(&mem, &spans, 100, &[0; 10]).is_err(),
+            "past the end"
+        );
         let mut iovecs = Vec::new();
         host_iovecs(&mem, &spans, 0, 105, &mut iovecs).unwrap();
         // 5 bytes, then 2 bytes up to the region end, then the rest in the next region.

@@ -3,13 +3,19 @@
 //! - [`config`]: the `--net` option list;
 //! - [`spec`]: feature bits, config space;
 //! - [`frame`]: tx chains → checked frames, rx chains → buffers, and the copies;
+//! - [`rx`]: taking rx chains for a frame and returning them whole;
 //! - [`stats`]: counters and drop reasons;
+//! - [`tap_queue`]: one tap queue, readv/writev, loss and recovery;
+//! - [`fabric`]: named switches, ports, guest-to-guest delivery, uplinks;
 //! - [`header`]: the virtio-net header and its checks;
 //! - [`switch`]: the L2 switch's forwarding decisions.
 
 pub mod config;
+pub mod fabric;
 pub mod frame;
 pub mod header;
+pub mod rx;
 pub mod spec;
 pub mod stats;
 pub mod switch;
+pub mod tap_queue;

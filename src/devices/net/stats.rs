@@ -214,7 +214,10 @@ mod tests {
         assert_eq!(snap.tx_drops.len(), Drop::COUNT, "names are unique");
         assert_eq!(snap.tx_drops["spoofed"], 14);
         assert_eq!(snap.rx_drops["no-rx-buffers"], 1);
-        assert_eq!((snap.tx_frames, snap.tx_bytes, snap.rx_bytes), (1, 60, 1514));
+        assert_eq!(
+            (snap.tx_frames, snap.tx_bytes, snap.rx_bytes),
+            (1, 60, 1514)
+        );
         assert_eq!(snap.total_drops(), (1..=17).sum::<u64>() + 1);
     }
 }

@@ -1,0 +1,541 @@
+//! Named L2 switches inside the daemon and their ports: where the forwarding decisions of
+//! [`Switch`] turn into copies from one guest's tx buffers into other guests' rx buffers.
+//!
+//! - A **guest port** is a net device with `switch=NAME`. Its receive side ([`RxTarget`]) is
+//!   filled by whichever thread sends to it, under that rx queue's lock: one copy, guest
+//!   memory to guest memory. A receiver with no rx buffers loses the frame (counted
+//!   `no-rx-buffers` on its rx side) — the sender never waits, so one slow guest never
+//!   blocks the others. A port with no front-end connected counts `link-down`.
+//! - An **uplink** is a tap (`switch.add NAME uplink=TAP`): frames to it are written with
+//!   `writev` straight from the sender's buffers; frames from it are read into the uplink
+//!   thread's buffer, then copied into the receivers.
+//!
+//! Offloads: a frame with a partial checksum for a guest that did not accept `GUEST_CSUM` is
+//! checksummed in software first (through one bounce buffer). A GSO frame for a guest that
+//! did not accept that GSO type is **dropped and counted** (`gso-unsupported`); we do not
+//! segment in software. Linux guests accept every offload we offer, so this only concerns
+//! front-ends that decline them.
+
+// Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
+// panic or wrap silently (checked, saturating or `get` instead).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use vhost_user_backend::VringT;
+use virtio_queue::QueueT;
+use vm_memory::GuestAddressSpace;
+
+use super::frame::{copy_between, copy_in, read_stream, write_stream, Span};
+use super::header::{complete_checksum, NetHeader, F_NEEDS_CSUM, HEADER_LEN};
+use super::rx::{Gathered, RxBatch};
+use super::spec::Negotiated;
+use super::stats::{Direction, Drop, NetStats};
+use super::switch::{Forward, Mac, PortConfig, Switch};
+use crate::lock::lock;
+use crate::vring::{AtomicGuestMemory, CheckedVring, GuestMemory};
+
+/// How long a learnt MAC stays valid without traffic from it.
+pub const AGING: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// A frame on its way through a switch.
+#[derive(Debug, Clone, Copy)]
+pub enum FrameRef<'a> {
+    /// In a sending guest's tx buffers: the whole chain, header first.
+    Guest {
+        /// The sender's memory.
+        memory: &'a GuestMemory,
+        /// The chain.
+        spans: &'a [Span],
+        /// The checked header (our copy).
+        header: NetHeader,
+        /// Bytes after the header.
+        frame_len: u32,
+    },
+    /// In our memory (from an uplink tap, or after a software checksum).
+    Bytes {
+        /// The header.
+        header: NetHeader,
+        /// The Ethernet frame.
+        frame: &'a [u8],
+    },
+}
+
+impl FrameRef<'_> {
+    fn header(&self) -> NetHeader {
+        match self {
+            FrameRef::Guest { header, .. } | FrameRef::Bytes { header, .. } => *header,
+        }
+    }
+
+    fn len(&self) -> u32 {
+        match self {
+            FrameRef::Guest { frame_len, .. } => *frame_len,
+            FrameRef::Bytes { frame, .. } => u32::try_from(frame.len()).unwrap_or(u32::MAX),
+        }
+    }
+
+    /// The first bytes of the Ethernet frame (for the forwarding decision).
+    fn ethernet_header(&self) -> [u8; 14] {
+        let mut eth = [0u8; 14];
+        match self {
+            FrameRef::Guest { memory, spans, .. } => {
+                // A frame shorter than 14 bytes leaves zeros; the switch refuses it by length.
+                let _ = read_stream(memory, spans, HEADER_LEN as u64, &mut eth);
+            }
+            FrameRef::Bytes { frame, .. } => {
+                for (dst, src) in eth.iter_mut().zip(frame.iter()) {
+                    *dst = *src;
+                }
+            }
+        }
+        eth
+    }
+
+    /// The frame linearised into our memory.
+    fn to_vec(&self) -> Result<Vec<u8>, Drop> {
+        match self {
+            FrameRef::Guest {
+                memory,
+                spans,
+                frame_len,
+                ..
+            } => {
+                let mut out = vec![0u8; *frame_len as usize];
+                read_stream(memory, spans, HEADER_LEN as u64, &mut out)?;
+                Ok(out)
+            }
+            FrameRef::Bytes { frame, .. } => Ok(frame.to_vec()),
+        }
+    }
+}
+
+/// A guest's receive side as seen by senders: its rx queues, memory and offloads.
+pub struct RxTarget {
+    queues: Mutex<Vec<Option<CheckedVring>>>,
+    memory: AtomicGuestMemory,
+    negotiated: Mutex<Negotiated>,
+}
+
+impl RxTarget {
+    /// A receive side with `pairs` rx queues, learnt as the front-end enables them.
+    pub fn new(pairs: u16, memory: AtomicGuestMemory) -> Self {
+        Self {
+            queues: Mutex::new(vec![None; usize::from(pairs)]),
+            memory,
+            negotiated: Mutex::new(Negotiated::default()),
+        }
+    }
+
+    /// Records the rx vring of queue pair `pair`.
+    pub fn learn_queue(&self, pair: u16, vring: &CheckedVring) {
+        if let Some(slot) = lock(&self.queues).get_mut(usize::from(pair)) {
+            if slot.is_none() {
+                *slot = Some(vring.clone());
+            }
+        }
+    }
+
+    /// Records what the guest accepted.
+    pub fn set_negotiated(&self, negotiated: Negotiated) {
+        *lock(&self.negotiated) = negotiated;
+    }
+
+    fn pick_queue(&self, hash: usize) -> Option<CheckedVring> {
+        let queues = lock(&self.queues);
+        let ready: Vec<&CheckedVring> = queues
+            .iter()
+            .flatten()
+            .filter(|v| {
+                let state = v.get_ref();
+                state.get_queue().ready() && state.is_enabled()
+            })
+            .collect();
+        let count = ready.len();
+        if count == 0 {
+            return None;
+        }
+        ready
+            .get(hash.checked_rem(count).unwrap_or(0))
+            .map(|v| (*v).clone())
+    }
+
+    /// Copies `frame` into the guest's rx buffers and returns them.
+    pub fn deliver(&self, frame: &FrameRef<'_>, hash: usize, stats: &NetStats) -> Result<(), Drop> {
+        let negotiated = *lock(&self.negotiated);
+        let header = frame.header();
+        if header.is_gso() && !negotiated.accepts_gso(header.gso_type) {
+            return Err(Drop::GsoUnsupported);
+        }
+        if header.flags & F_NEEDS_CSUM != 0 && !negotiated.guest_csum {
+            let mut bytes = frame.to_vec()?;
+            complete_checksum(&mut bytes, &header).map_err(|_| Drop::BadHeader)?;
+            let plain = NetHeader {
+                flags: 0,
+                csum_start: 0,
+                csum_offset: 0,
+                ..header
+            };
+            return self.deliver(
+                &FrameRef::Bytes {
+                    header: plain,
+                    frame: &bytes,
+                },
+                hash,
+                stats,
+            );
+        }
+        let vring = self.pick_queue(hash).ok_or(Drop::LinkDown)?;
+        let memory = self.memory.memory();
+        let frame_len = u64::from(frame.len());
+        let need = frame_len.saturating_add(HEADER_LEN as u64);
+        let mut state = vring.get_mut();
+        let mut batch = RxBatch::default();
+        let gathered = batch.gather(
+            state.get_queue_mut(),
+            &memory,
+            need,
+            negotiated.mergeable_rx,
+            |reason| stats.dropped(Direction::Rx, reason),
+        );
+        match gathered {
+            Ok(Gathered::Ready) => {}
+            Ok(Gathered::Empty) => return Err(Drop::NoRxBuffers),
+            Err(_) => return Err(Drop::BrokenChain),
+        }
+        if batch.capacity() < need {
+            batch.put_back(state.get_queue_mut());
+            return Err(Drop::TooLarge);
+        }
+        let out_header = NetHeader {
+            num_buffers: 1,
+            ..header
+        };
+        let copied = fill(&memory, &batch, &out_header, frame);
+        if copied != Ok(frame_len) {
+            batch.put_back(state.get_queue_mut());
+            return Err(Drop::BadAddress);
+        }
+        match batch.commit(state.get_queue_mut(), &memory, need) {
+            Ok(true) => {
+                if let Err(e) = state.signal_used_queue() {
+                    log::debug!("rx notify failed: {e}");
+                }
+            }
+            Ok(false) => {}
+            Err(_) => return Err(Drop::BrokenChain),
+        }
+        stats.received(frame_len);
+        Ok(())
+    }
+}
+
+/// Writes header and frame into the batch's chains; returns the frame bytes copied.
+fn fill(
+    memory: &GuestMemory,
+    batch: &RxBatch,
+    header: &NetHeader,
+    frame: &FrameRef<'_>,
+) -> Result<u64, Drop> {
+    let first = batch.buffers().first().ok_or(Drop::NoRxBuffers)?;
+    write_stream(memory, &first.spans, 0, &header.to_bytes())?;
+    let total = u64::from(frame.len());
+    let mut done = 0u64;
+    for (i, buffer) in batch.buffers().iter().enumerate() {
+        if done >= total {
+            break;
+        }
+        let skip = if i == 0 { HEADER_LEN as u64 } else { 0 };
+        let room = u64::from(buffer.capacity).saturating_sub(skip);
+        let chunk = room.min(total.saturating_sub(done));
+        let copied = match frame {
+            FrameRef::Guest {
+                memory: src_memory,
+                spans,
+                ..
+            } => copy_between(
+                src_memory,
+                spans,
+                (HEADER_LEN as u64).saturating_add(done),
+                memory,
+                &buffer.spans,
+                skip,
+                chunk,
+            )?,
+            FrameRef::Bytes { frame, .. } => {
+                let start = usize::try_from(done).unwrap_or(usize::MAX);
+                let end = usize::try_from(done.saturating_add(chunk)).unwrap_or(usize::MAX);
+                copy_in(
+                    memory,
+                    &buffer.spans,
+                    skip,
+                    frame.get(start..end).unwrap_or_default(),
+                )?
+            }
+        };
+        done = done.saturating_add(copied);
+        if copied < chunk {
+            break;
+        }
+    }
+    Ok(done)
+}
+
+/// Where frames for a port go.
+pub enum PortSink {
+    /// A guest's receive side (absent while no front-end is connected).
+    Guest(RwLock<Option<Arc<RxTarget>>>),
+    /// An uplink tap.
+    Uplink(Mutex<super::tap_queue::TapQueue>),
+}
+
+/// One port of a switch.
+pub struct Port {
+    /// Port number inside the switch.
+    pub number: u32,
+    /// The device (or `uplink:TAP`) behind it.
+    pub name: String,
+    /// Its forwarding settings.
+    pub config: PortConfig,
+    /// Where its frames go.
+    pub sink: PortSink,
+    /// Its counters (the device's own counters for a guest port).
+    pub stats: Arc<NetStats>,
+}
+
+impl Port {
+    fn deliver(&self, frame: &FrameRef<'_>, hash: usize) -> Result<(), Drop> {
+        match &self.sink {
+            PortSink::Guest(target) => {
+                let target = target
+                    .read()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .clone();
+                target
+                    .ok_or(Drop::LinkDown)?
+                    .deliver(frame, hash, &self.stats)
+            }
+            PortSink::Uplink(tap) => {
+                let mut tap = lock(tap);
+                let mut iovecs = Vec::new();
+                let header_bytes = frame.header().to_bytes();
+                match frame {
+                    FrameRef::Guest {
+                        memory,
+                        spans,
+                        frame_len,
+                        ..
+                    } => {
+                        // Our checked header, then the frame straight from guest memory.
+                        iovecs.push(libc::iovec {
+                            iov_base: header_bytes.as_ptr() as *mut libc::c_void,
+                            iov_len: HEADER_LEN,
+                        });
+                        super::frame::host_iovecs(
+                            memory,
+                            spans,
+                            HEADER_LEN as u64,
+                            u64::from(*frame_len),
+                            &mut iovecs,
+                        )?;
+                    }
+                    FrameRef::Bytes { frame, .. } => {
+                        iovecs.push(libc::iovec {
+                            iov_base: header_bytes.as_ptr() as *mut libc::c_void,
+                            iov_len: HEADER_LEN,
+                        });
+                        iovecs.push(libc::iovec {
+                            iov_base: frame.as_ptr() as *mut libc::c_void,
+                            iov_len: frame.len(),
+                        });
+                    }
+                }
+                if !tap.is_up() {
+                    return Err(Drop::LinkDown);
+                }
+                tap.write_frame(&iovecs).map_err(|_| Drop::TapError)?;
+                self.stats.received(u64::from(frame.len()));
+                Ok(())
+            }
+        }
+    }
+}
+
+/// A named switch: its forwarding table and ports.
+pub struct SwitchHub {
+    name: String,
+    table: Mutex<Switch>,
+    ports: RwLock<BTreeMap<u32, Arc<Port>>>,
+    next_port: AtomicU32,
+    /// Frames in (tx side), copies out (rx side) and drops by reason.
+    pub stats: NetStats,
+    started: std::time::Instant,
+}
+
+impl SwitchHub {
+    /// An empty switch.
+    pub fn new(name: &str) -> Self {
+        Self {
+            name: name.to_string(),
+            table: Mutex::new(Switch::new(
+                u64::try_from(AGING.as_nanos()).unwrap_or(u64::MAX),
+            )),
+            ports: RwLock::new(BTreeMap::new()),
+            next_port: AtomicU32::new(1),
+            stats: NetStats::default(),
+            started: std::time::Instant::now(),
+        }
+    }
+
+    /// The switch's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn now_ns(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Attaches a port; returns it.
+    pub fn attach(
+        &self,
+        name: &str,
+        config: PortConfig,
+        sink: PortSink,
+        stats: Arc<NetStats>,
+    ) -> Arc<Port> {
+        let number = self.next_port.fetch_add(1, Ordering::Relaxed);
+        let port = Arc::new(Port {
+            number,
+            name: name.to_string(),
+            config,
+            sink,
+            stats,
+        });
+        lock(&self.table).attach(number, config);
+        self.ports
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(number, Arc::clone(&port));
+        log::info!("switch {}: port {number} ({name}) attached", self.name);
+        port
+    }
+
+    /// Detaches a port and forgets its MACs.
+    pub fn detach(&self, number: u32) {
+        lock(&self.table).detach(number);
+        let removed = self
+            .ports
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&number);
+        if let Some(port) = removed {
+            log::info!(
+                "switch {}: port {number} ({}) detached",
+                self.name,
+                port.name
+            );
+        }
+    }
+
+    /// The ports, in number order.
+    pub fn ports(&self) -> Vec<Arc<Port>> {
+        self.ports
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .values()
+            .cloned()
+            .collect()
+    }
+
+    /// MACs learnt and still alive.
+    pub fn learnt(&self) -> usize {
+        lock(&self.table).learnt(self.now_ns())
+    }
+
+    /// Forwards a frame that entered on port `ingress`. Returns whether it went anywhere.
+    pub fn transmit(&self, ingress: &Port, frame: &FrameRef<'_>) -> Result<(), Drop> {
+        let eth = frame.ethernet_header();
+        let len = usize::try_from(frame.len()).unwrap_or(usize::MAX);
+        // The forwarding core looks at the Ethernet header only; pass it with the real length
+        // so runts are still recognised.
+        let probe = eth.get(..len.min(eth.len())).unwrap_or_default();
+        let decision = lock(&self.table).forward(ingress.number, probe, self.now_ns());
+        self.stats.sent(u64::from(frame.len()));
+        let hash = usize::from(eth.get(11).copied().unwrap_or(0));
+        let targets: Vec<Arc<Port>> = {
+            let ports = self
+                .ports
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match &decision {
+                Forward::Drop(reason) => {
+                    self.stats.dropped(Direction::Tx, Drop::Switch(*reason));
+                    return Err(Drop::Switch(*reason));
+                }
+                Forward::Unicast(port) => ports.get(port).cloned().into_iter().collect(),
+                Forward::Flood(list) => list.iter().filter_map(|p| ports.get(p).cloned()).collect(),
+            }
+        };
+        for port in targets {
+            if let Err(reason) = port.deliver(frame, hash) {
+                port.stats.dropped(Direction::Rx, reason);
+                self.stats.dropped(Direction::Rx, reason);
+            } else {
+                self.stats.received(u64::from(frame.len()));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Every switch of the daemon, by name.
+#[derive(Default)]
+pub struct Fabric {
+    switches: Mutex<BTreeMap<String, Arc<SwitchHub>>>,
+}
+
+impl Fabric {
+    /// The switch `name`, created if missing.
+    pub fn switch(&self, name: &str) -> Arc<SwitchHub> {
+        Arc::clone(
+            lock(&self.switches)
+                .entry(name.to_string())
+                .or_insert_with(|| Arc::new(SwitchHub::new(name))),
+        )
+    }
+
+    /// The switch `name`, if it exists.
+    pub fn get(&self, name: &str) -> Option<Arc<SwitchHub>> {
+        lock(&self.switches).get(name).cloned()
+    }
+
+    /// Removes switch `name`; refused while it has ports other than an uplink.
+    pub fn remove(&self, name: &str) -> Result<Arc<SwitchHub>, usize> {
+        let mut switches = lock(&self.switches);
+        let Some(hub) = switches.get(name) else {
+            return Err(0);
+        };
+        let guests = hub
+            .ports()
+            .iter()
+            .filter(|p| matches!(p.sink, PortSink::Guest(_)))
+            .count();
+        if guests > 0 {
+            return Err(guests);
+        }
+        switches.remove(name).ok_or(0)
+    }
+
+    /// All switches.
+    pub fn list(&self) -> Vec<Arc<SwitchHub>> {
+        lock(&self.switches).values().cloned().collect()
+    }
+}
+
+/// A MAC in the usual notation (for listings).
+pub fn mac_text(mac: &Mac) -> String {
+    super::config::format_mac(mac)
+}

@@ -1,0 +1,216 @@
+//! The life of a vhost-user device socket, shared by every device kind: listen (server mode),
+//! accept one front-end at a time, build a fresh backend for it, serve until it leaves, repeat
+//! until stopped.
+//!
+//! A front-end going away (guest reboot, QEMU restart) is the normal end of a session: the
+//! backend is dropped (its workers finish first) and the device waits for the next front-end
+//! without restarting the daemon. [`DeviceRunner::stop`] disconnects the current front-end,
+//! stops listening and removes the socket.
+
+// Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
+// panic or wrap silently (checked, saturating or `get` instead).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use vhost::vhost_user::Listener;
+use vhost_user_backend::{VhostUserBackend, VhostUserDaemon};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+
+use crate::lock::lock;
+use crate::sys::poll::{wait_readable, Readable};
+use crate::vring::{AtomicGuestMemory, CheckedVring};
+
+/// Errors starting a device's socket.
+#[derive(Debug, thiserror::Error)]
+pub enum RunnerError {
+    /// The socket could not be created.
+    #[error("cannot listen on {path}")]
+    Listen {
+        /// The socket path.
+        path: PathBuf,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The device thread could not be started.
+    #[error("cannot start the device thread")]
+    Thread(#[source] std::io::Error),
+}
+
+/// A backend built per connection.
+pub trait SessionBackend:
+    VhostUserBackend<Vring = CheckedVring, Bitmap = ()> + Send + Sync + 'static
+{
+    /// Extra fds each worker thread's event loop watches: `(thread, fd, event id)`.
+    fn listeners(&self) -> Vec<(usize, RawFd, u64)>;
+    /// Tells every worker thread to leave its event loop (after the front-end left).
+    fn signal_exit(&self);
+}
+
+/// Builds a backend for a new connection over the connection's guest memory.
+pub type BackendFactory<B> = Box<
+    dyn Fn(AtomicGuestMemory) -> Result<Arc<B>, Box<dyn std::error::Error + Send + Sync>> + Send,
+>;
+
+/// Wakes the device thread and the connected front-end's handler for shutdown.
+struct StopSignal {
+    requested: AtomicBool,
+    eventfd: EventFd,
+    connection: Mutex<Option<vhost_user_backend::ShutdownHandle>>,
+}
+
+/// A listening device socket and its thread.
+pub struct DeviceRunner {
+    id: String,
+    socket: PathBuf,
+    stop: Arc<StopSignal>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl DeviceRunner {
+    /// Listens on `socket` and serves front-ends with backends from `factory`; `connected`
+    /// tracks whether one is attached.
+    pub fn start<B: SessionBackend>(
+        id: &str,
+        socket: &Path,
+        connected: Arc<AtomicBool>,
+        factory: BackendFactory<B>,
+    ) -> Result<Self, RunnerError> {
+        let listen_error = |source| RunnerError::Listen {
+            path: socket.to_path_buf(),
+            source,
+        };
+        if let Some(parent) = socket.parent().filter(|p| !p.as_os_str().is_empty()) {
+            std::fs::create_dir_all(parent).map_err(listen_error)?;
+        }
+        let listener =
+            Listener::new(socket, true).map_err(|e| listen_error(std::io::Error::other(e)))?;
+        listener
+            .set_nonblocking(true)
+            .map_err(|e| listen_error(std::io::Error::other(e)))?;
+        let stop = Arc::new(StopSignal {
+            requested: AtomicBool::new(false),
+            eventfd: EventFd::new(EFD_NONBLOCK).map_err(RunnerError::Thread)?,
+            connection: Mutex::new(None),
+        });
+        let thread = {
+            let stop = Arc::clone(&stop);
+            let id = id.to_string();
+            std::thread::Builder::new()
+                .name(format!("dev-{id}"))
+                .spawn(move || serve(&id, listener, &stop, &connected, &factory))
+                .map_err(RunnerError::Thread)?
+        };
+        Ok(Self {
+            id: id.to_string(),
+            socket: socket.to_path_buf(),
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// Disconnects the front-end, stops listening and removes the socket.
+    pub fn stop(mut self) {
+        self.shutdown();
+    }
+
+    fn shutdown(&mut self) {
+        self.stop.requested.store(true, Ordering::Release);
+        if let Err(e) = self.stop.eventfd.write(1) {
+            log::warn!("{}: cannot wake device thread: {e}", self.id);
+        }
+        if let Some(handle) = lock(&self.stop.connection).as_ref() {
+            handle.shutdown();
+        }
+        if let Some(thread) = self.thread.take() {
+            if thread.join().is_err() {
+                log::error!("{}: device thread panicked", self.id);
+            }
+        }
+        let _ = std::fs::remove_file(&self.socket);
+    }
+}
+
+impl Drop for DeviceRunner {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            self.shutdown();
+        }
+    }
+}
+
+fn serve<B: SessionBackend>(
+    id: &str,
+    mut listener: Listener,
+    stop: &StopSignal,
+    connected: &AtomicBool,
+    factory: &BackendFactory<B>,
+) {
+    loop {
+        match wait_readable(listener.as_raw_fd(), stop.eventfd.as_raw_fd()) {
+            Ok(Readable::First) => {}
+            Ok(Readable::Second) => break,
+            Err(e) => {
+                log::error!("{id}: waiting for a front-end failed: {e}");
+                break;
+            }
+        }
+        if stop.requested.load(Ordering::Acquire) {
+            break;
+        }
+        if let Err(e) = serve_connection(id, &mut listener, stop, connected, factory) {
+            log::error!("{id}: connection ended with an error: {e}");
+        }
+    }
+    log::info!("{id}: stopped");
+}
+
+fn serve_connection<B: SessionBackend>(
+    id: &str,
+    listener: &mut Listener,
+    stop: &StopSignal,
+    connected: &AtomicBool,
+    factory: &BackendFactory<B>,
+) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
+    let memory = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());
+    let backend = factory(memory.clone())?;
+    let mut daemon = VhostUserDaemon::new(id.to_string(), Arc::clone(&backend), memory)
+        .map_err(|e| format!("{e}"))?;
+    let handlers = daemon.get_epoll_handlers();
+    for (thread, fd, event) in backend.listeners() {
+        if let Some(handler) = handlers.get(thread) {
+            handler.register_listener(fd, EventSet::IN, event)?;
+        }
+    }
+    daemon.start(listener).map_err(|e| format!("{e}"))?;
+    *lock(&stop.connection) = daemon.shutdown_handle();
+    if stop.requested.load(Ordering::Acquire) {
+        daemon.request_shutdown();
+    }
+    log::info!("{id}: front-end connected");
+    connected.store(true, Ordering::Release);
+    let result = daemon.wait();
+    connected.store(false, Ordering::Release);
+    *lock(&stop.connection) = None;
+    backend.signal_exit();
+    // Dropping the daemon joins its worker threads; dropping the last backend reference then
+    // lets the workers release what they hold (engines drain, taps go back to the device).
+    drop(daemon);
+    drop(backend);
+    log::info!("{id}: front-end disconnected");
+    match result {
+        // A front-end going away (guest shutdown, QEMU killed) is the normal end of a session.
+        Ok(())
+        | Err(vhost_user_backend::Error::HandleRequest(
+            vhost::vhost_user::Error::Disconnected | vhost::vhost_user::Error::PartialMessage,
+        )) => Ok(()),
+        Err(e) => Err(format!("{e}").into()),
+    }
+}
