@@ -23,8 +23,10 @@ use crate::sys::signals;
 #[derive(Debug, thiserror::Error)]
 pub enum DaemonError {
     /// A command-line device failed to start.
-    #[error("--blk {spec}")]
+    #[error("--{kind} {spec}")]
     Device {
+        /// `blk` or `net`.
+        kind: &'static str,
         /// The device's options as given.
         spec: String,
         /// The cause.
@@ -53,6 +55,8 @@ pub enum DaemonError {
 pub struct DaemonConfig {
     /// Block devices from the command line, as option maps (not persisted).
     pub blk: Vec<BTreeMap<String, String>>,
+    /// Net devices from the command line, as option maps (not persisted).
+    pub net: Vec<BTreeMap<String, String>>,
     /// The control socket, if any.
     pub control: Option<ControlConfig>,
     /// Where devices added at run time are recorded.
@@ -78,7 +82,8 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
             if restored > 0 {
                 log::info!("restored {restored} device(s) from the state directory");
             }
-            start_devices(&mut registry, config.blk)
+            start_devices(&mut registry, "blk", config.blk)
+                .and_then(|()| start_devices(&mut registry, "net", config.net))
         });
     if let Err(e) = started {
         registry.stop_all();
@@ -132,17 +137,18 @@ fn stop_registry(registry: &Mutex<Registry>) {
 
 fn start_devices(
     registry: &mut Registry,
-    blk: Vec<BTreeMap<String, String>>,
+    kind: &'static str,
+    devices: Vec<BTreeMap<String, String>>,
 ) -> Result<(), DaemonError> {
-    for options in blk {
+    for options in devices {
         let spec = options
             .iter()
             .map(|(k, v)| format!("{k}={v}"))
             .collect::<Vec<_>>()
             .join(",");
         registry
-            .add("blk", options, false)
-            .map_err(|source| DaemonError::Device { spec, source })?;
+            .add(kind, options, false)
+            .map_err(|source| DaemonError::Device { kind, spec, source })?;
     }
     Ok(())
 }

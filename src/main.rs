@@ -9,6 +9,7 @@ use novacron::config::options::OptionList;
 use novacron::control::server::ControlConfig;
 use novacron::daemon::{self, DaemonConfig};
 use novacron::devices::blk::config::BlkConfig;
+use novacron::devices::net::config::NetConfig;
 use std::path::PathBuf;
 
 /// Where the control socket lives unless `--control` says otherwise.
@@ -24,6 +25,12 @@ struct Args {
     /// Repeat for more devices.
     #[arg(long = "blk", value_name = "SPEC")]
     blk: Vec<String>,
+
+    /// A virtio-net device:
+    /// socket=PATH,tap=IFNAME|switch=NAME[,mac=52:54:00:..][,id=NAME][,queues=PAIRS]
+    /// [,queue-size=N][,mtu=N][,vlan=ID]. Repeat for more devices.
+    #[arg(long = "net", value_name = "SPEC")]
+    net: Vec<String>,
 
     /// vhost-user convention: socket of a single block device (with --blk-file).
     #[arg(long, value_name = "PATH", requires = "blk_file")]
@@ -84,6 +91,11 @@ impl TryFrom<Args> for DaemonConfig {
             BlkConfig::parse(spec).with_context(|| format!("--blk {spec}"))?;
             blk.push(OptionList::parse(spec)?.into_pairs());
         }
+        let mut net = Vec::with_capacity(args.net.len());
+        for spec in &args.net {
+            NetConfig::parse(spec).with_context(|| format!("--net {spec}"))?;
+            net.push(OptionList::parse(spec)?.into_pairs());
+        }
         let idle_timeout = std::time::Duration::try_from_secs_f64(args.control_idle_timeout)
             .ok()
             .filter(|t| !t.is_zero())
@@ -93,8 +105,10 @@ impl TryFrom<Args> for DaemonConfig {
             allow_uids: args.control_allow_uid.clone(),
             idle_timeout,
         });
-        if blk.is_empty() && control.is_none() && args.state_dir.is_none() {
-            anyhow::bail!("nothing to serve: give --blk, a control socket or a state directory");
+        if blk.is_empty() && net.is_empty() && control.is_none() && args.state_dir.is_none() {
+            anyhow::bail!(
+                "nothing to serve: give --blk, --net, a control socket or a state directory"
+            );
         }
         let metrics = args
             .metrics
@@ -106,6 +120,7 @@ impl TryFrom<Args> for DaemonConfig {
             .transpose()?;
         Ok(DaemonConfig {
             blk,
+            net,
             control,
             state_dir: args.state_dir,
             metrics,

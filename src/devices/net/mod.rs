@@ -1,6 +1,9 @@
 //! virtio-net over vhost-user.
 //!
 //! - [`config`]: the `--net` option list;
+//! - [`device`]: taps or switch port, socket, reconnects, shared state;
+//! - [`backend`]: the thin vhost-user backend;
+//! - [`worker`]: one per queue pair: tx to tap or switch, rx from the tap;
 //! - [`spec`]: feature bits, config space;
 //! - [`frame`]: tx chains → checked frames, rx chains → buffers, and the copies;
 //! - [`rx`]: taking rx chains for a frame and returning them whole;
@@ -10,7 +13,9 @@
 //! - [`header`]: the virtio-net header and its checks;
 //! - [`switch`]: the L2 switch's forwarding decisions.
 
+pub mod backend;
 pub mod config;
+pub mod device;
 pub mod fabric;
 pub mod frame;
 pub mod header;
@@ -19,3 +24,4 @@ pub mod spec;
 pub mod stats;
 pub mod switch;
 pub mod tap_queue;
+pub mod worker;

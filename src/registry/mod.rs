@@ -18,22 +18,33 @@ use serde_json::{json, Value};
 
 use crate::config::options::OptionList;
 use crate::devices::blk::config::{BackingSpec, BlkConfig, BlkConfigError};
-use crate::devices::blk::device::{BlkDevice, DeviceError};
+use crate::devices::blk::device::BlkDevice;
 use crate::devices::blk::stats::{OpClass, QueueSnapshot};
-use crate::devices::blk::throttle::now_ns;
+use crate::devices::net::config::{NetConfig, NetConfigError};
+use crate::devices::net::device::NetDevice;
+use crate::devices::net::fabric::Fabric;
+use crate::devices::net::stats::NetSnapshot;
 use crate::qos::config::{QosConfig, GROUP_KEY};
 use crate::qos::group::SharedLimiter;
+mod groups;
+
 use crate::state::{DeviceRecord, GroupRecord, Saved, StateError, StateStore};
 
 /// Errors from registry changes; each maps to a stable control-plane error kind.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
     /// The device type is not one this daemon serves.
-    #[error("unknown device type `{0}` (known: blk)")]
+    #[error("unknown device type `{0}` (known: blk, net)")]
     UnknownType(String),
     /// The options were invalid.
     #[error(transparent)]
     Config(#[from] BlkConfigError),
+    /// The net device options were invalid.
+    #[error(transparent)]
+    NetConfig(#[from] NetConfigError),
+    /// The request applies to block devices only.
+    #[error("device `{0}` is not a block device")]
+    NotBlk(String),
     /// An id or socket is already in use.
     #[error("{0}")]
     Exists(String),
@@ -50,7 +61,7 @@ pub enum RegistryError {
         id: String,
         /// The cause.
         #[source]
-        source: DeviceError,
+        source: Box<dyn std::error::Error + Send + Sync>,
     },
     /// A QoS setting that is not valid (unknown key, bad value, bad group name).
     #[error("invalid QoS setting: {0}")]
@@ -64,9 +75,11 @@ impl RegistryError {
     /// The stable error kind for the control plane.
     pub fn kind(&self) -> &'static str {
         match self {
-            RegistryError::UnknownType(_) | RegistryError::Config(_) | RegistryError::NotQos(_) => {
-                "invalid-params"
-            }
+            RegistryError::UnknownType(_)
+            | RegistryError::Config(_)
+            | RegistryError::NetConfig(_)
+            | RegistryError::NotBlk(_)
+            | RegistryError::NotQos(_) => "invalid-params",
             RegistryError::Exists(_) => "exists",
             RegistryError::NotFound(_) => "not-found",
             RegistryError::Busy(_) => "busy",
@@ -75,8 +88,47 @@ impl RegistryError {
     }
 }
 
+/// A running device of either kind.
+enum Device {
+    Blk(BlkDevice),
+    Net(NetDevice),
+}
+
+impl Device {
+    fn socket(&self) -> &std::path::Path {
+        match self {
+            Device::Blk(d) => &d.config().socket,
+            Device::Net(d) => &d.config().socket,
+        }
+    }
+
+    fn is_connected(&self) -> bool {
+        match self {
+            Device::Blk(d) => d.is_connected(),
+            Device::Net(d) => d.is_connected(),
+        }
+    }
+
+    fn stop(self) {
+        match self {
+            Device::Blk(d) => {
+                d.shared().set_group(None);
+                d.stop();
+            }
+            Device::Net(d) => d.stop(),
+        }
+    }
+
+    fn blk(&self, id: &str) -> Result<&BlkDevice, RegistryError> {
+        match self {
+            Device::Blk(d) => Ok(d),
+            Device::Net(_) => Err(RegistryError::NotBlk(id.to_string())),
+        }
+    }
+}
+
 struct Entry {
-    device: BlkDevice,
+    device: Device,
     record: DeviceRecord,
     persistent: bool,
 }
@@ -90,6 +142,7 @@ struct Group {
 pub struct Registry {
     devices: BTreeMap<String, Entry>,
     groups: BTreeMap<String, Group>,
+    fabric: Fabric,
     state: Option<StateStore>,
 }
 
@@ -99,6 +152,7 @@ impl Registry {
         Self {
             devices: BTreeMap::new(),
             groups: BTreeMap::new(),
+            fabric: Fabric::default(),
             state,
         }
     }
@@ -111,34 +165,31 @@ impl Registry {
         options: BTreeMap<String, String>,
         persistent: bool,
     ) -> Result<String, RegistryError> {
-        if kind != "blk" {
-            return Err(RegistryError::UnknownType(kind.to_string()));
+        let (id, socket) = match kind {
+            "blk" => {
+                let config = BlkConfig::from_options(OptionList::from_pairs(options.clone()))?;
+                (config.id, config.socket)
+            }
+            "net" => {
+                let config = NetConfig::from_options(OptionList::from_pairs(options.clone()))?;
+                (config.id, config.socket)
+            }
+            other => return Err(RegistryError::UnknownType(other.to_string())),
+        };
+        if self.devices.contains_key(&id) {
+            return Err(RegistryError::Exists(format!("device `{id}` exists")));
         }
-        let config = BlkConfig::from_options(OptionList::from_pairs(options.clone()))?;
-        if self.devices.contains_key(&config.id) {
-            return Err(RegistryError::Exists(format!(
-                "device `{}` exists",
-                config.id
-            )));
-        }
-        if let Some(other) = self
+        if let Some((other, _)) = self
             .devices
-            .values()
-            .find(|e| e.device.config().socket == config.socket)
+            .iter()
+            .find(|(_, e)| e.device.socket() == socket)
         {
             return Err(RegistryError::Exists(format!(
-                "socket {} is used by device `{}`",
-                config.socket.display(),
-                other.device.config().id
+                "socket {} is used by device `{other}`",
+                socket.display(),
             )));
         }
-        let group = self.resolve_group(config.qos_group.as_deref())?;
-        let id = config.id.clone();
-        let device = BlkDevice::start(config).map_err(|source| RegistryError::Start {
-            id: id.clone(),
-            source,
-        })?;
-        device.shared().set_group(group);
+        let device = self.start(kind, &options)?;
         let record = DeviceRecord {
             kind: kind.to_string(),
             options,
@@ -178,9 +229,36 @@ impl Registry {
                 return Err(e);
             }
         }
-        entry.device.shared().set_group(None);
         entry.device.stop();
         Ok(())
+    }
+
+    /// Starts a device from options already checked by `add`.
+    fn start(
+        &self,
+        kind: &str,
+        options: &BTreeMap<String, String>,
+    ) -> Result<Device, RegistryError> {
+        let list = OptionList::from_pairs(options.clone());
+        if kind == "net" {
+            let config = NetConfig::from_options(list)?;
+            let id = config.id.clone();
+            let device =
+                NetDevice::start(config, &self.fabric).map_err(|source| RegistryError::Start {
+                    id,
+                    source: source.into(),
+                })?;
+            return Ok(Device::Net(device));
+        }
+        let config = BlkConfig::from_options(list)?;
+        let group = self.resolve_group(config.qos_group.as_deref())?;
+        let id = config.id.clone();
+        let device = BlkDevice::start(config).map_err(|source| RegistryError::Start {
+            id,
+            source: source.into(),
+        })?;
+        device.shared().set_group(group);
+        Ok(Device::Blk(device))
     }
 
     fn resolve_group(
@@ -197,118 +275,6 @@ impl Registry {
         }
     }
 
-    /// Creates a QoS group with the given limit options.
-    pub fn add_group(
-        &mut self,
-        name: &str,
-        options: BTreeMap<String, String>,
-    ) -> Result<Value, RegistryError> {
-        validate_group_name(name)?;
-        if self.groups.contains_key(name) {
-            return Err(RegistryError::Exists(format!("QoS group `{name}` exists")));
-        }
-        let config = group_config(&options)?;
-        let limiter = SharedLimiter::new(&config, now_ns())
-            .map_err(|e| RegistryError::NotQos(e.to_string()))?;
-        self.groups.insert(
-            name.to_string(),
-            Group {
-                limiter: Arc::new(limiter),
-                options,
-            },
-        );
-        if let Err(e) = self.save() {
-            self.groups.remove(name);
-            return Err(e);
-        }
-        self.describe_group(name)
-    }
-
-    /// Changes a group's limits live (`None` removes a key).
-    pub fn set_group(
-        &mut self,
-        name: &str,
-        changes: BTreeMap<String, Option<String>>,
-    ) -> Result<Value, RegistryError> {
-        let group = self
-            .groups
-            .get_mut(name)
-            .ok_or_else(|| RegistryError::NotFound(format!("QoS group {name}")))?;
-        let options = with_changes(&group.options, changes);
-        let config = group_config(&options)?;
-        let previous = std::mem::replace(&mut group.options, options);
-        if let Err(e) = self.save() {
-            if let Some(group) = self.groups.get_mut(name) {
-                group.options = previous;
-            }
-            return Err(e);
-        }
-        if let Some(group) = self.groups.get(name) {
-            if let Err(e) = group.limiter.reconfigure(&config, now_ns()) {
-                log::error!("QoS group {name}: cannot apply validated limits: {e}");
-            }
-        }
-        self.describe_group(name)
-    }
-
-    /// Deletes a group that no device uses.
-    pub fn remove_group(&mut self, name: &str) -> Result<(), RegistryError> {
-        let members = self.group_members(name);
-        if !self.groups.contains_key(name) {
-            return Err(RegistryError::NotFound(format!("QoS group {name}")));
-        }
-        if !members.is_empty() {
-            return Err(RegistryError::Busy(format!(
-                "QoS group {name} (used by {})",
-                members.join(", ")
-            )));
-        }
-        let Some(group) = self.groups.remove(name) else {
-            return Err(RegistryError::NotFound(format!("QoS group {name}")));
-        };
-        if let Err(e) = self.save() {
-            self.groups.insert(name.to_string(), group);
-            return Err(e);
-        }
-        Ok(())
-    }
-
-    /// Every group with its limits and members.
-    pub fn list_groups(&self) -> Result<Value, RegistryError> {
-        let groups: Result<Vec<Value>, _> =
-            self.groups.keys().map(|n| self.describe_group(n)).collect();
-        Ok(Value::Array(groups?))
-    }
-
-    fn group_members(&self, name: &str) -> Vec<String> {
-        self.devices
-            .iter()
-            .filter(|(_, e)| e.record.options.get(GROUP_KEY).map(String::as_str) == Some(name))
-            .map(|(id, _)| id.clone())
-            .collect()
-    }
-
-    fn describe_group(&self, name: &str) -> Result<Value, RegistryError> {
-        let group = self
-            .groups
-            .get(name)
-            .ok_or_else(|| RegistryError::NotFound(format!("QoS group {name}")))?;
-        let limits: serde_json::Map<String, Value> = group
-            .limiter
-            .config()
-            .limits
-            .iter()
-            .map(|(key, rate)| (key.to_string(), json!(rate)))
-            .collect();
-        Ok(json!({
-            "name": name,
-            "limits": limits,
-            "members": self.group_members(name),
-            "tokens": group.limiter.tokens(now_ns()).into_iter().collect::<BTreeMap<_, _>>(),
-            "waits": group.limiter.refusals(),
-        }))
-    }
-
     /// Changes a device's rate limits live: `Some(value)` sets a key, `None` removes it. The
     /// merged options are validated as a whole and recorded before the new limits apply.
     pub fn set_qos(
@@ -319,6 +285,7 @@ impl Registry {
         if let Some(key) = changes.keys().find(|k| !QosConfig::is_qos_key(k)) {
             return Err(RegistryError::NotQos(key.clone()));
         }
+        self.entry(id)?.device.blk(id)?;
         let options = with_changes(&self.entry(id)?.record.options, changes);
         let config = BlkConfig::from_options(OptionList::from_pairs(options.clone()))?;
         let group = self.resolve_group(config.qos_group.as_deref())?;
@@ -335,12 +302,12 @@ impl Registry {
                 return Err(e);
             }
         }
-        if let Some(entry) = self.devices.get(id) {
+        if let Some(Device::Blk(device)) = self.devices.get(id).map(|e| &e.device) {
             // Validated above by from_options, which builds the same limiter.
-            if let Err(e) = entry.device.shared().set_qos(&config.qos) {
+            if let Err(e) = device.shared().set_qos(&config.qos) {
                 log::error!("{id}: cannot apply validated limits: {e}");
             }
-            entry.device.shared().set_group(group);
+            device.shared().set_group(group);
         }
         self.qos(id)
     }
@@ -348,7 +315,7 @@ impl Registry {
     /// A device's rate limits and how much they held it back.
     pub fn qos(&self, id: &str) -> Result<Value, RegistryError> {
         let entry = self.entry(id)?;
-        let shared = entry.device.shared();
+        let shared = entry.device.blk(id)?.shared();
         let limits: serde_json::Map<String, Value> = shared
             .qos_config()
             .limits
@@ -419,8 +386,28 @@ impl Registry {
     /// A device's description.
     pub fn describe(&self, id: &str) -> Result<Value, RegistryError> {
         let entry = self.entry(id)?;
-        let config = entry.device.config();
-        let shared = entry.device.shared();
+        let device = match &entry.device {
+            Device::Blk(device) => device,
+            Device::Net(device) => {
+                let config = device.config();
+                return Ok(json!({
+                    "id": config.id,
+                    "type": "net",
+                    "socket": config.socket,
+                    "backend": config.backend,
+                    "mac": crate::devices::net::config::format_mac(&config.mac),
+                    "queues": config.queue_pairs,
+                    "queue-size": config.queue_size,
+                    "mtu": config.mtu,
+                    "vlan": config.vlan,
+                    "link-up": device.link_up(),
+                    "connected": device.is_connected(),
+                    "persistent": entry.persistent,
+                }));
+            }
+        };
+        let config = device.config();
+        let shared = device.shared();
         Ok(json!({
             "id": config.id,
             "type": "blk",
@@ -438,7 +425,7 @@ impl Registry {
             "engine": shared.engine_name(),
             "logical-block-size": config.logical_block_size,
             "poll-us": config.poll_us,
-            "connected": entry.device.is_connected(),
+            "connected": device.is_connected(),
             "persistent": entry.persistent,
             "flush-failed": shared.flush_failed.load(std::sync::atomic::Ordering::Acquire),
         }))
@@ -447,9 +434,23 @@ impl Registry {
     /// A device's counters: totals and per queue.
     pub fn stats(&self, id: &str) -> Result<Value, RegistryError> {
         let entry = self.entry(id)?;
-        let queues = entry.device.shared().stats();
+        let device = match &entry.device {
+            Device::Blk(device) => device,
+            Device::Net(device) => {
+                let stats = device.stats();
+                return Ok(json!({
+                    "id": id,
+                    "type": "net",
+                    "link-up": device.link_up(),
+                    "total": stats,
+                    "drops": stats.total_drops(),
+                }));
+            }
+        };
+        let queues = device.shared().stats();
         Ok(json!({
             "id": id,
+            "type": "blk",
             "total": total(&queues),
             "queues": queues,
         }))
@@ -459,12 +460,20 @@ impl Registry {
     pub fn metrics_snapshot(&self) -> Vec<(String, bool, Vec<QueueSnapshot>)> {
         self.devices
             .iter()
-            .map(|(id, e)| {
-                (
-                    id.clone(),
-                    e.device.is_connected(),
-                    e.device.shared().stats(),
-                )
+            .filter_map(|(id, e)| match &e.device {
+                Device::Blk(d) => Some((id.clone(), d.is_connected(), d.shared().stats())),
+                Device::Net(_) => None,
+            })
+            .collect()
+    }
+
+    /// Net devices' counters for `/metrics`: (id, connected, link up, counters).
+    pub fn net_metrics_snapshot(&self) -> Vec<(String, bool, bool, NetSnapshot)> {
+        self.devices
+            .iter()
+            .filter_map(|(id, e)| match &e.device {
+                Device::Net(d) => Some((id.clone(), d.is_connected(), d.link_up(), d.stats())),
+                Device::Blk(_) => None,
             })
             .collect()
     }
@@ -497,40 +506,6 @@ fn total(queues: &[QueueSnapshot]) -> Value {
         "in-flight": sum(&|q| q.in_flight),
         "throttled": sum(&|q| q.throttled),
     })
-}
-
-/// Group limits from options: only limit keys, and at least one.
-fn group_config(options: &BTreeMap<String, String>) -> Result<QosConfig, RegistryError> {
-    if let Some(key) = options
-        .keys()
-        .find(|k| !QosConfig::is_qos_key(k) || *k == GROUP_KEY)
-    {
-        return Err(RegistryError::NotQos(key.clone()));
-    }
-    let mut list = OptionList::from_pairs(options.clone());
-    let config =
-        QosConfig::from_options(&mut list).map_err(|e| RegistryError::NotQos(e.to_string()))?;
-    if config.is_empty() {
-        return Err(RegistryError::NotQos(
-            "a group needs at least one limit".into(),
-        ));
-    }
-    Ok(config)
-}
-
-fn validate_group_name(name: &str) -> Result<(), RegistryError> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if ok {
-        Ok(())
-    } else {
-        Err(RegistryError::NotQos(format!(
-            "group name `{name}` must be 1..=64 of [A-Za-z0-9._-]"
-        )))
-    }
 }
 
 /// `options` with `changes` applied: `Some` sets a key, `None` removes it.

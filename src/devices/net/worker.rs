@@ -1,0 +1,333 @@
+//! The per-queue-pair worker: sends what the guest put in its tx queue (to the tap or into
+//! the switch) and fills its rx queue from the tap.
+//!
+//! ```text
+//!  tx kick ─▶ pop chain ─▶ check (frame.rs) ─▶ writev(tap) | switch.transmit ─▶ used
+//!  tap readable / rx kick ─▶ take rx chains ─▶ readv(tap) into them ─▶ used (whole frame)
+//! ```
+//!
+//! Backpressure: when the guest has no rx buffers the worker stops reading the tap (frames
+//! wait in the tap's queue, and the kernel drops beyond its length, as with any NIC) and asks
+//! the guest for a kick on the rx queue; the next kick resumes reading. The tap is
+//! edge-triggered, so the worker always reads until the tap is empty or the ring is.
+
+// Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
+// panic or wrap silently (checked, saturating or `get` instead).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+
+use std::sync::Arc;
+
+use vhost_user_backend::VringT;
+use virtio_queue::QueueT;
+use vm_memory::GuestAddressSpace;
+
+use super::device::NetShared;
+use super::fabric::{FrameRef, Port, RxTarget, SwitchHub};
+use super::frame::{host_iovecs, tx_frame, TxFrame};
+use super::header::{HEADER_LEN, MAX_GSO_FRAME};
+use super::rx::{Gathered, RxBatch};
+use super::spec::Negotiated;
+use super::stats::{Direction, Drop};
+use super::tap_queue::TapQueue;
+use crate::devices::desc::collect_buffers;
+use crate::storage::GuestIovecs;
+use crate::vring::{AtomicGuestMemory, CheckedVring, GuestMemory};
+
+/// Errors that stop a worker from serving its queues (guest mistakes never do).
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The queue's rings could not be read or written.
+    #[error("virtqueue access failed")]
+    Queue(#[from] virtio_queue::Error),
+}
+
+/// Most tx chains handled per pass before the used ring is updated and the guest notified.
+const TX_BATCH: usize = 256;
+
+/// Where this pair's frames go.
+pub enum PairBackend {
+    /// A tap queue (owned by the worker for the connection's lifetime).
+    Tap(TapQueue),
+    /// A switch port.
+    Switch {
+        /// The switch.
+        hub: Arc<SwitchHub>,
+        /// Our port on it.
+        port: Arc<Port>,
+        /// Our receive side, which senders fill.
+        rx: Arc<RxTarget>,
+    },
+}
+
+/// Serves one queue pair.
+pub struct PairWorker {
+    pair: u16,
+    shared: Arc<NetShared>,
+    memory: AtomicGuestMemory,
+    backend: PairBackend,
+    negotiated: Negotiated,
+    /// Features the tap offloads were last set for.
+    offloads_for: Option<u64>,
+    batch: RxBatch,
+    /// Scratch iovec list, reused per frame and emptied after each use.
+    iovecs: GuestIovecs,
+}
+
+impl PairWorker {
+    /// A worker for queue pair `pair`.
+    pub fn new(
+        pair: u16,
+        shared: Arc<NetShared>,
+        memory: AtomicGuestMemory,
+        backend: PairBackend,
+    ) -> Self {
+        Self {
+            pair,
+            shared,
+            memory,
+            backend,
+            negotiated: Negotiated::default(),
+            offloads_for: None,
+            batch: RxBatch::default(),
+            iovecs: GuestIovecs::default(),
+        }
+    }
+
+    /// The fd the thread's event loop watches for the tap, if any.
+    pub fn tap_poll_fd(&self) -> Option<std::os::fd::RawFd> {
+        match &self.backend {
+            PairBackend::Tap(tap) => Some(tap.poll_fd()),
+            PairBackend::Switch { .. } => None,
+        }
+    }
+
+    /// Gives the tap queue back (at disconnect).
+    pub fn into_tap(self) -> Option<TapQueue> {
+        match self.backend {
+            PairBackend::Tap(tap) => Some(tap),
+            PairBackend::Switch { .. } => None,
+        }
+    }
+
+    /// Picks up newly acked features (tap offloads follow them).
+    fn refresh_features(&mut self) {
+        let features = self.shared.acked_features();
+        if self.offloads_for == Some(features) {
+            return;
+        }
+        self.negotiated = Negotiated::from_features(features);
+        if let PairBackend::Tap(tap) = &mut self.backend {
+            tap.set_offloads(self.negotiated.tap_offloads());
+        }
+        self.offloads_for = Some(features);
+    }
+
+    /// A kick on the rx queue: buffers were added.
+    pub fn process_rx_kick(&mut self, rx: &CheckedVring) -> Result<(), WorkerError> {
+        self.refresh_features();
+        match &self.backend {
+            PairBackend::Tap(_) => self.receive_from_tap(rx),
+            PairBackend::Switch { rx: target, .. } => {
+                target.learn_queue(self.pair, rx);
+                Ok(())
+            }
+        }
+    }
+
+    /// The tap's poll fd fired.
+    pub fn process_tap(&mut self, rx: &CheckedVring) -> Result<(), WorkerError> {
+        self.refresh_features();
+        let PairBackend::Tap(tap) = &mut self.backend else {
+            return Ok(());
+        };
+        let events = tap.events();
+        if events.reattached {
+            self.shared.set_link(true);
+        }
+        if events.readable {
+            self.receive_from_tap(rx)?;
+        }
+        Ok(())
+    }
+
+    /// Records the rx vring (switch ports are filled by other threads).
+    pub fn learn(&mut self, rx: &CheckedVring) {
+        if let PairBackend::Switch { rx: target, .. } = &self.backend {
+            target.learn_queue(self.pair, rx);
+        }
+    }
+
+    /// Largest frame (header included) the tap may hand this guest.
+    fn max_rx_len(&self) -> u64 {
+        let frame = if self.negotiated.tap_offloads() & !crate::sys::tap::offload::CSUM != 0 {
+            MAX_GSO_FRAME as u64
+        } else {
+            u64::from(self.shared.config.mtu).saturating_add(14 + 4)
+        };
+        frame.saturating_add(HEADER_LEN as u64)
+    }
+
+    fn receive_from_tap(&mut self, rx: &CheckedVring) -> Result<(), WorkerError> {
+        if rx.size_rejected() {
+            return Ok(());
+        }
+        let need = self.max_rx_len();
+        let mut notify = false;
+        loop {
+            let memory = self.memory.memory();
+            let PairBackend::Tap(tap) = &mut self.backend else {
+                return Ok(());
+            };
+            if !tap.is_up() {
+                break;
+            }
+            let mut state = rx.get_mut();
+            if !state.get_queue().ready() {
+                break;
+            }
+            let stats = &self.shared.stats;
+            let gathered = self.batch.gather(
+                state.get_queue_mut(),
+                &memory,
+                need,
+                self.negotiated.mergeable_rx,
+                |reason| stats.dropped(Direction::Rx, reason),
+            )?;
+            if gathered == Gathered::Empty {
+                // No room: leave the frames in the tap and wait for the guest's kick.
+                stats.rx_stalled();
+                if state.get_queue_mut().enable_notification(&*memory)? {
+                    continue;
+                }
+                break;
+            }
+            self.iovecs.0.clear();
+            let mut mapped = true;
+            for buffer in self.batch.buffers() {
+                let len = u64::from(buffer.capacity);
+                if host_iovecs(&memory, &buffer.spans, 0, len, &mut self.iovecs.0).is_err() {
+                    mapped = false;
+                    break;
+                }
+            }
+            let read = if mapped {
+                tap.read_frame(&self.iovecs)
+            } else {
+                None
+            };
+            self.iovecs.0.clear();
+            let Some(n) = read else {
+                // Tap empty (or gone): nothing used.
+                self.batch.put_back(state.get_queue_mut());
+                if !tap.is_up() {
+                    self.shared.set_link(false);
+                }
+                break;
+            };
+            let n = n as u64;
+            let truncated = n >= self.batch.capacity() && self.batch.capacity() < need;
+            let (used, delivered) = if truncated || n < HEADER_LEN as u64 {
+                stats.dropped(Direction::Rx, Drop::TooLarge);
+                (0, None)
+            } else {
+                (n, Some(n.saturating_sub(HEADER_LEN as u64)))
+            };
+            notify |= self.batch.commit(state.get_queue_mut(), &memory, used)?;
+            if let Some(bytes) = delivered {
+                stats.received(bytes);
+            }
+            drop(state);
+        }
+        if notify {
+            if let Err(e) = rx.signal_used_queue() {
+                log::debug!("{}: rx notify failed: {e}", self.shared.config.id);
+            }
+        }
+        Ok(())
+    }
+
+    /// A kick on the tx queue.
+    pub fn process_tx(&mut self, tx: &CheckedVring) -> Result<(), WorkerError> {
+        if tx.size_rejected() {
+            return Ok(());
+        }
+        self.refresh_features();
+        loop {
+            let memory = self.memory.memory();
+            tx.disable_notification()?;
+            let mut state = tx.get_mut();
+            let mut sent = 0usize;
+            while sent < TX_BATCH {
+                let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&*memory) else {
+                    break;
+                };
+                let head = chain.head_index();
+                let checked = collect_buffers(chain)
+                    .map_err(|_| Drop::BrokenChain)
+                    .and_then(|buffers| tx_frame(&memory, &buffers, self.shared.config.mtu));
+                let outcome = checked.and_then(|frame| self.send(&memory, &frame));
+                match outcome {
+                    Ok(bytes) => self.shared.stats.sent(bytes),
+                    Err(reason) => self.shared.stats.dropped(Direction::Tx, reason),
+                }
+                state.add_used(head, 0)?;
+                sent = sent.saturating_add(1);
+            }
+            if sent > 0 && state.needs_notification()? {
+                if let Err(e) = state.signal_used_queue() {
+                    log::debug!("{}: tx notify failed: {e}", self.shared.config.id);
+                }
+            }
+            drop(state);
+            if sent == TX_BATCH {
+                continue;
+            }
+            if !tx.enable_notification()? {
+                return Ok(());
+            }
+        }
+    }
+
+    /// Sends one checked frame; returns its length.
+    fn send(&mut self, memory: &GuestMemory, frame: &TxFrame) -> Result<u64, Drop> {
+        match &mut self.backend {
+            PairBackend::Tap(tap) => {
+                if !tap.is_up() {
+                    return Err(Drop::LinkDown);
+                }
+                // Our checked copy of the header, then the frame straight from guest memory.
+                let header = frame.header.to_bytes();
+                self.iovecs.0.clear();
+                self.iovecs.0.push(libc::iovec {
+                    iov_base: header.as_ptr() as *mut libc::c_void,
+                    iov_len: HEADER_LEN,
+                });
+                host_iovecs(
+                    memory,
+                    &frame.spans,
+                    HEADER_LEN as u64,
+                    u64::from(frame.frame_len),
+                    &mut self.iovecs.0,
+                )?;
+                let result = tap.write_frame(&self.iovecs);
+                self.iovecs.0.clear();
+                if !tap.is_up() {
+                    self.shared.set_link(false);
+                }
+                result.map_err(|_| Drop::TapError)?;
+            }
+            PairBackend::Switch { hub, port, .. } => {
+                hub.transmit(
+                    port,
+                    &FrameRef::Guest {
+                        memory,
+                        spans: &frame.spans,
+                        header: frame.header,
+                        frame_len: frame.frame_len,
+                    },
+                )?;
+            }
+        }
+        Ok(u64::from(frame.frame_len))
+    }
+}
