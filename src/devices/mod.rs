@@ -3,6 +3,7 @@
 pub mod blk;
 pub mod desc;
 pub mod net;
+pub mod relay;
 pub mod runner;
 
 /// The most config bytes vhost-user lets a front-end ask for.

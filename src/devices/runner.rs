@@ -172,6 +172,22 @@ fn serve<B: SessionBackend>(
     log::info!("{id}: stopped");
 }
 
+/// A listener on a fresh abstract socket and a stream already connected to it.
+fn private_pair(id: &str) -> std::io::Result<(Listener, std::os::unix::net::UnixStream)> {
+    use std::os::linux::net::SocketAddrExt;
+    use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let name = format!(
+        "novacron-{}-{id}-{}",
+        std::process::id(),
+        NEXT.fetch_add(1, Ordering::Relaxed)
+    );
+    let addr = SocketAddr::from_abstract_name(name.as_bytes())?;
+    let listener = UnixListener::bind_addr(&addr)?;
+    let stream = UnixStream::connect_addr(&addr)?;
+    Ok((Listener::from(listener), stream))
+}
+
 fn serve_connection<B: SessionBackend>(
     id: &str,
     listener: &mut Listener,
@@ -189,7 +205,23 @@ fn serve_connection<B: SessionBackend>(
             handler.register_listener(fd, EventSet::IN, event)?;
         }
     }
-    daemon.start(listener).map_err(|e| format!("{e}"))?;
+    // The front-end talks to our relay; the relay talks to the handler over a private
+    // (abstract, per-process) socket. See `relay` for why.
+    let Some(front) = listener.accept()? else {
+        return Ok(());
+    };
+    let (mut inner, back) = private_pair(id)?;
+    daemon.start(&mut inner).map_err(|e| format!("{e}"))?;
+    let relay = {
+        let id = id.to_string();
+        std::thread::Builder::new()
+            .name(format!("relay-{id}"))
+            .spawn(move || {
+                if let Err(e) = super::relay::relay(front, back) {
+                    log::warn!("{id}: vhost-user relay: {e}");
+                }
+            })?
+    };
     *lock(&stop.connection) = daemon.shutdown_handle();
     if stop.requested.load(Ordering::Acquire) {
         daemon.request_shutdown();
@@ -200,6 +232,9 @@ fn serve_connection<B: SessionBackend>(
     connected.store(false, Ordering::Release);
     *lock(&stop.connection) = None;
     backend.signal_exit();
+    if relay.join().is_err() {
+        log::error!("{id}: relay thread panicked");
+    }
     // Dropping the daemon joins its worker threads; dropping the last backend reference then
     // lets the workers release what they hold (engines drain, taps go back to the device).
     drop(daemon);

@@ -1,0 +1,278 @@
+//! A vhost-user message relay between the front-end and `vhost-user-backend`'s handler, for
+//! what that crate gets wrong or lacks.
+//!
+//! Why this exists: `vhost-user-backend` refuses `VHOST_USER_SET_VRING_ENABLE` until the
+//! front-end has acked `VHOST_USER_F_PROTOCOL_FEATURES` with `SET_FEATURES`, and ends the
+//! connection when it comes earlier. QEMU's virtio-net sends exactly that: it enables the
+//! queue pairs when the guest writes its feature bits (`peer_attach`), which is before the
+//! vhost device starts and sends `SET_FEATURES`. The crate's handler is private, so we cannot
+//! wrap it per message; we sit between the sockets instead. Early `SET_VRING_ENABLE`s are
+//! acknowledged here (if a reply was asked for), remembered, and passed on right after
+//! `SET_FEATURES`. Everything else, file descriptors included, passes through unchanged.
+//!
+//! Only control messages take this path; the data path is shared memory and eventfds.
+
+// Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
+// panic or wrap silently (checked, saturating or `get` instead).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+
+use std::fs::File;
+use std::io::{Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, RawFd};
+use std::os::unix::net::UnixStream;
+
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+/// vhost-user header: request, flags, payload size (each a little-endian u32).
+const HEADER_LEN: usize = 12;
+/// Largest payload the protocol allows (the `vhost` crate's `MAX_MSG_SIZE`).
+const MAX_PAYLOAD: usize = 0x1000;
+/// Most file descriptors one message carries.
+const MAX_FDS: usize = 32;
+const SET_FEATURES: u32 = 2;
+const SET_VRING_ENABLE: u32 = 18;
+const VERSION_1: u32 = 0x1;
+const FLAG_REPLY: u32 = 0x4;
+const FLAG_NEED_REPLY: u32 = 0x8;
+
+/// Errors relaying messages.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// A socket failed.
+    #[error("relay socket")]
+    Io(#[from] std::io::Error),
+    /// A message was malformed (size over the protocol limit).
+    #[error("malformed vhost-user message (payload of {0} bytes)")]
+    Malformed(u32),
+}
+
+/// One message with the descriptors that came with it (closed when dropped).
+struct Message {
+    header: [u8; HEADER_LEN],
+    payload: Vec<u8>,
+    files: Vec<File>,
+}
+
+impl Message {
+    fn field(&self, index: usize) -> u32 {
+        let start = index.saturating_mul(4);
+        self.header
+            .get(start..start.saturating_add(4))
+            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+            .map_or(0, u32::from_le_bytes)
+    }
+
+    fn request(&self) -> u32 {
+        self.field(0)
+    }
+
+    fn flags(&self) -> u32 {
+        self.field(1)
+    }
+
+    fn new(request: u32, flags: u32, payload: Vec<u8>) -> Self {
+        let size = u32::try_from(payload.len()).unwrap_or(0);
+        let mut header = [0u8; HEADER_LEN];
+        for (dst, src) in header.iter_mut().zip(
+            request
+                .to_le_bytes()
+                .into_iter()
+                .chain(flags.to_le_bytes())
+                .chain(size.to_le_bytes()),
+        ) {
+            *dst = src;
+        }
+        Self {
+            header,
+            payload,
+            files: Vec::new(),
+        }
+    }
+}
+
+/// Reads one message; `Ok(None)` at end of stream.
+fn read_message(socket: &mut UnixStream) -> Result<Option<Message>, RelayError> {
+    let mut header = [0u8; HEADER_LEN];
+    let mut fds = [-1 as RawFd; MAX_FDS];
+    let mut iov = [libc::iovec {
+        iov_base: header.as_mut_ptr().cast(),
+        iov_len: HEADER_LEN,
+    }];
+    // SAFETY: the single iovec points to `header`, a live local buffer of exactly `iov_len`
+    // bytes that nothing else references during the call.
+    let (got, fd_count) = unsafe { socket.recv_with_fds(&mut iov, &mut fds) }
+        .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+    // Own the received descriptors at once so every path closes them.
+    let files: Vec<File> = fds
+        .iter()
+        .take(fd_count)
+        // SAFETY: recvmsg just created these descriptors for us; nothing else owns them.
+        .map(|fd| unsafe { File::from_raw_fd(*fd) })
+        .collect();
+    if got == 0 {
+        return Ok(None);
+    }
+    if let Some(rest) = header.get_mut(got..) {
+        socket.read_exact(rest)?;
+    }
+    let mut message = Message {
+        header,
+        payload: Vec::new(),
+        files,
+    };
+    let size = message.field(2);
+    let len = usize::try_from(size).unwrap_or(usize::MAX);
+    if len > MAX_PAYLOAD {
+        return Err(RelayError::Malformed(size));
+    }
+    message.payload = vec![0u8; len];
+    socket.read_exact(&mut message.payload)?;
+    Ok(Some(message))
+}
+
+fn write_message(socket: &mut UnixStream, message: &Message) -> Result<(), RelayError> {
+    let mut bytes = Vec::with_capacity(HEADER_LEN.saturating_add(message.payload.len()));
+    bytes.extend_from_slice(&message.header);
+    bytes.extend_from_slice(&message.payload);
+    let fds: Vec<RawFd> = message.files.iter().map(AsRawFd::as_raw_fd).collect();
+    let sent = if fds.is_empty() {
+        socket.write(&bytes)?
+    } else {
+        socket
+            .send_with_fds(&[bytes.as_slice()], &fds)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?
+    };
+    if let Some(rest) = bytes.get(sent..) {
+        socket.write_all(rest)?;
+    }
+    Ok(())
+}
+
+/// Relays between `front` (the front-end) and `back` (our handler) until either side closes.
+pub fn relay(mut front: UnixStream, mut back: UnixStream) -> Result<(), RelayError> {
+    let mut features_set = false;
+    let mut early_enables: Vec<Vec<u8>> = Vec::new();
+    let result = loop {
+        let mut fds = [
+            libc::pollfd {
+                fd: front.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: back.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        // SAFETY: `fds` is a live array of two pollfd structs and the count passed matches.
+        let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, -1) };
+        if rc < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            break Err(e.into());
+        }
+        let [front_poll, back_poll] = fds;
+        if front_poll.revents != 0 {
+            let Some(message) = read_message(&mut front)? else {
+                break Ok(());
+            };
+            match message.request() {
+                SET_VRING_ENABLE if !features_set => {
+                    if message.flags() & FLAG_NEED_REPLY != 0 {
+                        let reply = Message::new(
+                            SET_VRING_ENABLE,
+                            VERSION_1 | FLAG_REPLY,
+                            0u64.to_le_bytes().to_vec(),
+                        );
+                        write_message(&mut front, &reply)?;
+                    }
+                    early_enables.push(message.payload);
+                }
+                SET_FEATURES => {
+                    features_set = true;
+                    write_message(&mut back, &message)?;
+                    for payload in early_enables.drain(..) {
+                        write_message(&mut back, &Message::new(SET_VRING_ENABLE, VERSION_1, payload))?;
+                    }
+                }
+                _ => write_message(&mut back, &message)?,
+            }
+        }
+        if back_poll.revents != 0 {
+            let Some(message) = read_message(&mut back)? else {
+                break Ok(());
+            };
+            write_message(&mut front, &message)?;
+        }
+    };
+    let _ = front.shutdown(std::net::Shutdown::Both);
+    let _ = back.shutdown(std::net::Shutdown::Both);
+    result
+}
+
+#[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)] // tests may panic
+mod tests {
+    use super::*;
+
+    fn raw(request: u32, flags: u32, payload: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        out.extend_from_slice(&request.to_le_bytes());
+        out.extend_from_slice(&flags.to_le_bytes());
+        out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        out.extend_from_slice(payload);
+        out
+    }
+
+    #[test]
+    fn early_vring_enables_are_acked_held_and_replayed_after_set_features() {
+        let (mut qemu, front) = UnixStream::pair().unwrap();
+        let (back, mut handler) = UnixStream::pair().unwrap();
+        let relay = std::thread::spawn(move || relay(front, back));
+        let enable = [0u8, 0, 0, 0, 1, 0, 0, 0];
+        // Early enable with NEED_REPLY: answered by the relay, not forwarded.
+        qemu.write_all(&raw(SET_VRING_ENABLE, VERSION_1 | FLAG_NEED_REPLY, &enable))
+            .unwrap();
+        let mut reply = [0u8; 20];
+        qemu.read_exact(&mut reply).unwrap();
+        assert_eq!(&reply[..], &raw(SET_VRING_ENABLE, VERSION_1 | FLAG_REPLY, &[0; 8])[..]);
+        // A normal request passes through, then SET_FEATURES and the held enable follow it.
+        qemu.write_all(&raw(1, VERSION_1, &[])).unwrap();
+        qemu.write_all(&raw(SET_FEATURES, VERSION_1, &[7; 8])).unwrap();
+        let mut seen = vec![0u8; 12 + 20 + 20];
+        handler.read_exact(&mut seen).unwrap();
+        assert_eq!(&seen[..12], &raw(1, VERSION_1, &[])[..]);
+        assert_eq!(&seen[12..32], &raw(SET_FEATURES, VERSION_1, &[7; 8])[..]);
+        assert_eq!(&seen[32..], &raw(SET_VRING_ENABLE, VERSION_1, &enable)[..]);
+        // Replies go back; later enables pass straight through.
+        handler.write_all(&raw(1, VERSION_1 | FLAG_REPLY, &[9; 8])).unwrap();
+        let mut back_reply = [0u8; 20];
+        qemu.read_exact(&mut back_reply).unwrap();
+        assert_eq!(back_reply[12..], [9; 8]);
+        qemu.write_all(&raw(SET_VRING_ENABLE, VERSION_1, &enable)).unwrap();
+        let mut passed = [0u8; 20];
+        handler.read_exact(&mut passed).unwrap();
+        assert_eq!(&passed[..], &raw(SET_VRING_ENABLE, VERSION_1, &enable)[..]);
+        drop(qemu);
+        relay.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn descriptors_pass_through_and_oversized_messages_end_the_relay() {
+        let (qemu, front) = UnixStream::pair().unwrap();
+        let (back, mut handler) = UnixStream::pair().unwrap();
+        let relay = std::thread::spawn(move || relay(front, back));
+        let file = tempfile::tempfile().unwrap();
+        qemu.send_with_fds(&[raw(5, VERSION_1, &[1, 2]).as_slice()], &[file.as_raw_fd()])
+            .unwrap();
+        let got = read_message(&mut handler).unwrap().unwrap();
+        assert_eq!((got.request(), got.payload.as_slice(), got.files.len()), (5, &[1u8, 2][..], 1));
+        let mut qemu = qemu;
+        qemu.write_all(&raw(6, VERSION_1, &[])[..8]).unwrap();
+        qemu.write_all(&(0x2000u32).to_le_bytes()).unwrap();
+        assert!(matches!(relay.join().unwrap(), Err(RelayError::Malformed(0x2000))));
+    }
+}
