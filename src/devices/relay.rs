@@ -8,7 +8,16 @@
 //! vhost device starts and sends `SET_FEATURES`. The crate's handler is private, so we cannot
 //! wrap it per message; we sit between the sockets instead. Early `SET_VRING_ENABLE`s are
 //! acknowledged here (if a reply was asked for), remembered, and passed on right after
-//! `SET_FEATURES`. Everything else, file descriptors included, passes through unchanged.
+//! `SET_FEATURES`.
+//!
+//! Second, QEMU's multi-queue virtio-net runs one vhost device per queue pair over the same
+//! connection, and each of them announces the guest's memory with `ADD_MEM_REG` (QEMU 7.2
+//! sends `SET_MEM_TABLE` once, but not the slot messages). The crate refuses the second,
+//! identical region ("regions intersect") and drops the connection. The relay counts
+//! identical regions: the first `ADD_MEM_REG` of a region and the last matching
+//! `REM_MEM_REG` pass through, the ones in between are acknowledged here.
+//!
+//! Everything else, file descriptors included, passes through unchanged.
 //!
 //! Only control messages take this path; the data path is shared memory and eventfds.
 
@@ -31,6 +40,8 @@ const MAX_PAYLOAD: usize = 0x1000;
 const MAX_FDS: usize = 32;
 const SET_FEATURES: u32 = 2;
 const SET_VRING_ENABLE: u32 = 18;
+const ADD_MEM_REG: u32 = 37;
+const REM_MEM_REG: u32 = 38;
 const VERSION_1: u32 = 0x1;
 const FLAG_REPLY: u32 = 0x4;
 const FLAG_NEED_REPLY: u32 = 0x8;
@@ -148,10 +159,29 @@ fn write_message(socket: &mut UnixStream, message: &Message) -> Result<(), Relay
     Ok(())
 }
 
+/// A memory region as `ADD_MEM_REG`/`REM_MEM_REG` describe it: guest address, size and the
+/// front-end's address (the payload after 8 bytes of padding).
+fn region_key(payload: &[u8]) -> Option<[u8; 24]> {
+    payload.get(8..32)?.try_into().ok()
+}
+
+fn ack(front: &mut UnixStream, message: &Message) -> Result<(), RelayError> {
+    if message.flags() & FLAG_NEED_REPLY == 0 {
+        return Ok(());
+    }
+    let reply = Message::new(
+        message.request(),
+        VERSION_1 | FLAG_REPLY,
+        0u64.to_le_bytes().to_vec(),
+    );
+    write_message(front, &reply)
+}
+
 /// Relays between `front` (the front-end) and `back` (our handler) until either side closes.
 pub fn relay(mut front: UnixStream, mut back: UnixStream) -> Result<(), RelayError> {
     let mut features_set = false;
     let mut early_enables: Vec<Vec<u8>> = Vec::new();
+    let mut regions: std::collections::HashMap<[u8; 24], u32> = std::collections::HashMap::new();
     let result = loop {
         let mut fds = [
             libc::pollfd {
@@ -181,21 +211,46 @@ pub fn relay(mut front: UnixStream, mut back: UnixStream) -> Result<(), RelayErr
             };
             match message.request() {
                 SET_VRING_ENABLE if !features_set => {
-                    if message.flags() & FLAG_NEED_REPLY != 0 {
-                        let reply = Message::new(
-                            SET_VRING_ENABLE,
-                            VERSION_1 | FLAG_REPLY,
-                            0u64.to_le_bytes().to_vec(),
-                        );
-                        write_message(&mut front, &reply)?;
-                    }
+                    ack(&mut front, &message)?;
                     early_enables.push(message.payload);
+                }
+                ADD_MEM_REG => {
+                    let count = region_key(&message.payload)
+                        .map(|key| regions.entry(key).or_insert(0))
+                        .map(|count| {
+                            *count = count.saturating_add(1);
+                            *count
+                        });
+                    if count.is_some_and(|c| c > 1) {
+                        ack(&mut front, &message)?;
+                    } else {
+                        write_message(&mut back, &message)?;
+                    }
+                }
+                REM_MEM_REG => {
+                    let remaining = region_key(&message.payload).and_then(|key| {
+                        let count = regions.get_mut(&key)?;
+                        *count = count.saturating_sub(1);
+                        let left = *count;
+                        if left == 0 {
+                            regions.remove(&key);
+                        }
+                        Some(left)
+                    });
+                    if remaining.is_some_and(|left| left > 0) {
+                        ack(&mut front, &message)?;
+                    } else {
+                        write_message(&mut back, &message)?;
+                    }
                 }
                 SET_FEATURES => {
                     features_set = true;
                     write_message(&mut back, &message)?;
                     for payload in early_enables.drain(..) {
-                        write_message(&mut back, &Message::new(SET_VRING_ENABLE, VERSION_1, payload))?;
+                        write_message(
+                            &mut back,
+                            &Message::new(SET_VRING_ENABLE, VERSION_1, payload),
+                        )?;
                     }
                 }
                 _ => write_message(&mut back, &message)?,
@@ -238,24 +293,61 @@ mod tests {
             .unwrap();
         let mut reply = [0u8; 20];
         qemu.read_exact(&mut reply).unwrap();
-        assert_eq!(&reply[..], &raw(SET_VRING_ENABLE, VERSION_1 | FLAG_REPLY, &[0; 8])[..]);
+        assert_eq!(
+            &reply[..],
+            &raw(SET_VRING_ENABLE, VERSION_1 | FLAG_REPLY, &[0; 8])[..]
+        );
         // A normal request passes through, then SET_FEATURES and the held enable follow it.
         qemu.write_all(&raw(1, VERSION_1, &[])).unwrap();
-        qemu.write_all(&raw(SET_FEATURES, VERSION_1, &[7; 8])).unwrap();
+        qemu.write_all(&raw(SET_FEATURES, VERSION_1, &[7; 8]))
+            .unwrap();
         let mut seen = vec![0u8; 12 + 20 + 20];
         handler.read_exact(&mut seen).unwrap();
         assert_eq!(&seen[..12], &raw(1, VERSION_1, &[])[..]);
         assert_eq!(&seen[12..32], &raw(SET_FEATURES, VERSION_1, &[7; 8])[..]);
         assert_eq!(&seen[32..], &raw(SET_VRING_ENABLE, VERSION_1, &enable)[..]);
         // Replies go back; later enables pass straight through.
-        handler.write_all(&raw(1, VERSION_1 | FLAG_REPLY, &[9; 8])).unwrap();
+        handler
+            .write_all(&raw(1, VERSION_1 | FLAG_REPLY, &[9; 8]))
+            .unwrap();
         let mut back_reply = [0u8; 20];
         qemu.read_exact(&mut back_reply).unwrap();
         assert_eq!(back_reply[12..], [9; 8]);
-        qemu.write_all(&raw(SET_VRING_ENABLE, VERSION_1, &enable)).unwrap();
+        qemu.write_all(&raw(SET_VRING_ENABLE, VERSION_1, &enable))
+            .unwrap();
         let mut passed = [0u8; 20];
         handler.read_exact(&mut passed).unwrap();
         assert_eq!(&passed[..], &raw(SET_VRING_ENABLE, VERSION_1, &enable)[..]);
+        drop(qemu);
+        relay.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn identical_memory_regions_reach_the_handler_once() {
+        let (mut qemu, front) = UnixStream::pair().unwrap();
+        let (back, mut handler) = UnixStream::pair().unwrap();
+        let relay = std::thread::spawn(move || relay(front, back));
+        let mut region = vec![0u8; 40];
+        region[8] = 0x10; // guest address
+        region[16] = 0x20; // size
+        let flags = VERSION_1 | FLAG_NEED_REPLY;
+        qemu.write_all(&raw(ADD_MEM_REG, flags, &region)).unwrap();
+        qemu.write_all(&raw(ADD_MEM_REG, flags, &region)).unwrap();
+        let mut ack = [0u8; 20];
+        qemu.read_exact(&mut ack).unwrap(); // the duplicate is answered by the relay
+        assert_eq!(
+            &ack[..],
+            &raw(ADD_MEM_REG, VERSION_1 | FLAG_REPLY, &[0; 8])[..]
+        );
+        qemu.write_all(&raw(REM_MEM_REG, flags, &region)).unwrap();
+        qemu.read_exact(&mut ack).unwrap(); // one user left: answered by the relay
+        qemu.write_all(&raw(REM_MEM_REG, flags, &region)).unwrap();
+        qemu.write_all(&raw(1, VERSION_1, &[])).unwrap();
+        let mut seen = vec![0u8; 52 + 52 + 12];
+        handler.read_exact(&mut seen).unwrap();
+        assert_eq!(&seen[..52], &raw(ADD_MEM_REG, flags, &region)[..]);
+        assert_eq!(&seen[52..104], &raw(REM_MEM_REG, flags, &region)[..]);
+        assert_eq!(&seen[104..], &raw(1, VERSION_1, &[])[..]);
         drop(qemu);
         relay.join().unwrap().unwrap();
     }
@@ -266,13 +358,22 @@ mod tests {
         let (back, mut handler) = UnixStream::pair().unwrap();
         let relay = std::thread::spawn(move || relay(front, back));
         let file = tempfile::tempfile().unwrap();
-        qemu.send_with_fds(&[raw(5, VERSION_1, &[1, 2]).as_slice()], &[file.as_raw_fd()])
-            .unwrap();
+        qemu.send_with_fds(
+            &[raw(5, VERSION_1, &[1, 2]).as_slice()],
+            &[file.as_raw_fd()],
+        )
+        .unwrap();
         let got = read_message(&mut handler).unwrap().unwrap();
-        assert_eq!((got.request(), got.payload.as_slice(), got.files.len()), (5, &[1u8, 2][..], 1));
+        assert_eq!(
+            (got.request(), got.payload.as_slice(), got.files.len()),
+            (5, &[1u8, 2][..], 1)
+        );
         let mut qemu = qemu;
         qemu.write_all(&raw(6, VERSION_1, &[])[..8]).unwrap();
         qemu.write_all(&(0x2000u32).to_le_bytes()).unwrap();
-        assert!(matches!(relay.join().unwrap(), Err(RelayError::Malformed(0x2000))));
+        assert!(matches!(
+            relay.join().unwrap(),
+            Err(RelayError::Malformed(0x2000))
+        ));
     }
 }
