@@ -24,6 +24,17 @@ impl Daemon {
 
     /// Like [`Daemon::start`] in a given directory (to restart over the same files).
     pub fn start_in(dir: tempfile::TempDir, args: &[&str]) -> Daemon {
+        Self::spawn(dir, args, None)
+    }
+
+    /// Like [`Daemon::start`], inside network namespace `netns` (its taps are created there;
+    /// its sockets are still files in the temp dir).
+    pub fn start_in_netns(netns: &str, args: &[&str]) -> Daemon {
+        let dir = tempfile::tempdir().expect("tempdir");
+        Self::spawn(dir, args, Some(netns))
+    }
+
+    fn spawn(dir: tempfile::TempDir, args: &[&str], netns: Option<&str>) -> Daemon {
         let mut args: Vec<String> = args
             .iter()
             .map(|a| a.replace("{dir}", &dir.path().display().to_string()))
@@ -33,7 +44,16 @@ impl Daemon {
             args.push("--control".into());
             args.push(dir.path().join("control.sock").display().to_string());
         }
-        let mut child = Command::new(env!("CARGO_BIN_EXE_novacrond"))
+        let mut command = match netns {
+            // `ip netns exec` enters the namespace and execs the daemon (same pid).
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_novacrond")]);
+                c
+            }
+            None => Command::new(env!("CARGO_BIN_EXE_novacrond")),
+        };
+        let mut child = command
             .args(&args)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())

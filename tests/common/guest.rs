@@ -51,6 +51,11 @@ impl GuestRun {
 
 /// Boots the guest with `devices` (QEMU `-chardev/-device` arguments) running test `name`.
 pub fn boot(name: &str, devices: &[String]) -> GuestRun {
+    boot_with(name, devices, "")
+}
+
+/// Like [`boot`], with `key=value` words added to the kernel command line for the test.
+pub fn boot_with(name: &str, devices: &[String], params: &str) -> GuestRun {
     let image = guest_image();
     let qemu = "qemu-system-x86_64";
     let mut cmd = Command::new("timeout");
@@ -77,7 +82,7 @@ pub fn boot(name: &str, devices: &[String]) -> GuestRun {
         .arg(image.join("initramfs.gz"))
         .args([
             "-append",
-            &format!("console=ttyS0 quiet panic=-1 novatest={name}"),
+            &format!("console=ttyS0 quiet panic=-1 novatest={name} {params}"),
         ])
         .args(devices)
         .stdin(Stdio::null());
@@ -101,5 +106,19 @@ pub fn vhost_user_blk(id: &str, socket: &Path, queues: u16) -> Vec<String> {
         format!("socket,id={id},path={}", socket.display()),
         "-device".into(),
         format!("vhost-user-blk-pci,chardev={id},num-queues={queues}"),
+    ]
+}
+
+/// QEMU arguments attaching a vhost-user-net device on `socket` with `pairs` queue pairs.
+/// `vectors=0`: QEMU 7.2 crashes setting up MSI-X for vhost-user-net under TCG.
+pub fn vhost_user_net(id: &str, socket: &Path, pairs: u16, mac: &str) -> Vec<String> {
+    let mq = if pairs > 1 { ",mq=on" } else { "" };
+    vec![
+        "-chardev".into(),
+        format!("socket,id={id},path={}", socket.display()),
+        "-netdev".into(),
+        format!("vhost-user,id={id}net,chardev={id},queues={pairs}"),
+        "-device".into(),
+        format!("virtio-net-pci,netdev={id}net,mac={mac},vectors=0{mq}"),
     ]
 }

@@ -7,4 +7,5 @@ pub mod control;
 pub mod daemon;
 pub mod guest;
 pub mod memory;
+pub mod netns;
 pub mod virtq;
