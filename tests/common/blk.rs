@@ -92,6 +92,12 @@ impl BlkClient {
 
     /// Feature and memory negotiation only; queues are set up by the caller.
     pub fn negotiate(socket: &Path, options: &ConnectOptions) -> BlkClient {
+        Self::negotiate_declining(socket, options, 0)
+    }
+
+    /// Like [`BlkClient::negotiate`], not acking the feature bits in `decline` (any device:
+    /// the vhost-user setup is the same).
+    pub fn negotiate_declining(socket: &Path, options: &ConnectOptions, decline: u64) -> BlkClient {
         let mut frontend = Frontend::connect(socket, 8).expect("connect");
         frontend.set_owner().expect("set_owner");
         let device_features = frontend.get_features().expect("get_features");
@@ -125,7 +131,7 @@ impl BlkClient {
             queue_num >= u64::from(options.queues),
             "device has {queue_num} queues"
         );
-        let mut acked = device_features & !F_EVENT_IDX;
+        let mut acked = device_features & !F_EVENT_IDX & !decline;
         if options.event_idx {
             acked |= device_features & F_EVENT_IDX;
         }

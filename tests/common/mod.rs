@@ -7,5 +7,6 @@ pub mod control;
 pub mod daemon;
 pub mod guest;
 pub mod memory;
+pub mod net;
 pub mod netns;
 pub mod virtq;

@@ -124,6 +124,13 @@ impl Virtq {
         self.kick.write(1).unwrap();
     }
 
+    /// Whether the device has used entries we have not collected yet.
+    pub fn used_pending(&self, mem: &GuestMemoryMmap<()>) -> bool {
+        fence(Ordering::SeqCst);
+        let device_idx: u16 = mem.read_obj(GuestAddress(self.used + 2)).unwrap();
+        device_idx != self.used_idx
+    }
+
     /// Waits until `count` used entries arrive (at most `timeout`); returns `(head, len)`s.
     pub fn wait_used(
         &mut self,
