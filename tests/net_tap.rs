@@ -1,0 +1,84 @@
+//! A net device on a tap, driven through the real vhost-user protocol, inside a network
+//! namespace the test creates: the kernel answers our ARP request through the tap (frames
+//! both ways, straight between guest memory and the tap); then the tap is deleted (the link
+//! goes down, frames are dropped and counted) and recreated (the device reattaches and
+//! frames flow again). Addresses exist only in that namespace.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+mod common;
+
+use common::daemon::{novactl, Daemon};
+use common::net::{ethernet, NetClient};
+use common::netns::NetNs;
+
+const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
+const GUEST_IP: [u8; 4] = [10, 213, 1, 2];
+const TAP_IP: [u8; 4] = [10, 213, 1, 1];
+
+fn arp_request() -> Vec<u8> {
+    let mut arp = vec![0, 1, 0x08, 0x00, 6, 4, 0, 1];
+    arp.extend_from_slice(&GUEST_MAC);
+    arp.extend_from_slice(&GUEST_IP);
+    arp.extend_from_slice(&[0; 6]);
+    arp.extend_from_slice(&TAP_IP);
+    ethernet([0xff; 6], GUEST_MAC, 0x0806, &arp)
+}
+
+/// Sends an ARP request and waits for the kernel's reply among whatever else arrives.
+fn arp_round_trip(client: &mut NetClient) -> Vec<u8> {
+    client.post_rx(0, 64, 2048);
+    client.send(0, &arp_request());
+    for _ in 0..32 {
+        let got = client.recv(0);
+        let f = &got.frame;
+        if f.len() >= 42 && f[12..14] == [0x08, 0x06] && f[20..22] == [0, 2] {
+            return f.clone();
+        }
+    }
+    panic!("no ARP reply among 32 frames");
+}
+
+fn tx_drops(daemon: &Daemon) -> serde_json::Value {
+    let (ok, out, err) = novactl(daemon, &["--json", "device", "stats", "n0"]);
+    assert!(ok, "{err}");
+    serde_json::from_str::<serde_json::Value>(&out).unwrap()["total"]["tx_drops"].clone()
+}
+
+#[test]
+fn frames_cross_the_tap_and_the_port_survives_the_tap_being_deleted() {
+    let ns = NetNs::new("nc-tapio");
+    let mut daemon = Daemon::start_in_netns(
+        &ns.name,
+        &[
+            "--net",
+            "socket={dir}/n0.sock,tap=nctio0,mac=52:54:00:12:34:56",
+        ],
+    );
+    let configure = |ns: &NetNs| {
+        ns.ip(&["addr", "add", "10.213.1.1/24", "dev", "nctio0"]);
+        ns.ip(&["link", "set", "nctio0", "up"]);
+    };
+    configure(&ns);
+    let mut client = NetClient::connect(&daemon.path("n0.sock"), 1, 0);
+    let reply = arp_round_trip(&mut client);
+    assert_eq!(&reply[..6], &GUEST_MAC, "reply addressed to the guest");
+    assert_eq!(&reply[28..32], &TAP_IP, "sender is the tap's address");
+
+    ns.ip(&["link", "del", "nctio0"]);
+    client.send(0, &arp_request());
+    daemon.wait_for_log("tap nctio0: lost");
+    client.send(0, &arp_request());
+    let drops = tx_drops(&daemon);
+    assert_eq!(
+        drops["tap-error"].as_u64().unwrap() + drops["link-down"].as_u64().unwrap(),
+        2,
+        "{drops}"
+    );
+
+    // An administrator recreates the tap: the device finds it and carries on.
+    ns.ip(&["tuntap", "add", "dev", "nctio0", "mode", "tap", "vnet_hdr"]);
+    daemon.wait_for_log("tap nctio0: back, link up");
+    configure(&ns);
+    let reply = arp_round_trip(&mut client);
+    assert_eq!(&reply[28..32], &TAP_IP);
+}
