@@ -7,7 +7,13 @@
 //! - `novacron_blk_requests_total{op}`, `novacron_blk_bytes_total{direction}`,
 //!   `novacron_blk_io_errors_total`, `novacron_blk_rejected_total{reason}`,
 //!   `novacron_blk_in_flight`, `novacron_blk_request_latency_seconds` (histogram),
-//!   `novacron_blk_connected`.
+//!   `novacron_blk_connected`;
+//! - net devices (`device`) and switches (`switch`): `novacron_net_frames_total{direction}`,
+//!   `novacron_net_bytes_total{direction}`, `novacron_net_drops_total{direction,reason}`,
+//!   `novacron_net_rx_stalls_total`, `novacron_net_connected`, `novacron_net_link_up`,
+//!   `novacron_switch_frames_total{direction}` (in = entering the switch, out = copies
+//!   delivered), `novacron_switch_drops_total{direction,reason}`, `novacron_switch_ports`,
+//!   `novacron_switch_learnt_macs`.
 //!
 //! The text is written here rather than through a metrics crate because the histogram
 //! buckets already exist as our own counters; the crates we looked at want to own the
@@ -23,6 +29,7 @@ use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use crate::devices::blk::stats::QueueSnapshot;
+use crate::devices::net::stats::NetSnapshot;
 use crate::registry::Registry;
 
 /// Errors starting the metrics endpoint.
@@ -62,8 +69,16 @@ impl MetricsServer {
             .spawn(move || {
                 for request in serving.incoming_requests() {
                     let response = if request.url() == "/metrics" {
-                        let mut response =
-                            tiny_http::Response::from_string(render(&snapshot(&registry)));
+                        let text = {
+                            let registry = crate::lock::lock(&registry);
+                            let mut text = render(&registry.metrics_snapshot());
+                            text.push_str(&render_net(
+                                &registry.net_metrics_snapshot(),
+                                &registry.switch_metrics_snapshot(),
+                            ));
+                            text
+                        };
+                        let mut response = tiny_http::Response::from_string(text);
                         if let Ok(header) = tiny_http::Header::from_bytes(
                             &b"Content-Type"[..],
                             &b"text/plain; version=0.0.4; charset=utf-8"[..],
@@ -111,9 +126,10 @@ impl Drop for MetricsServer {
 /// Per device: (id, connected, per-queue snapshots).
 pub type Snapshot = Vec<(String, bool, Vec<QueueSnapshot>)>;
 
-fn snapshot(registry: &Mutex<Registry>) -> Snapshot {
-    crate::lock::lock(registry).metrics_snapshot()
-}
+/// Per net device: (id, connected, link up, counters).
+pub type NetDevices = Vec<(String, bool, bool, NetSnapshot)>;
+/// Per switch: (name, ports, learnt MACs, counters).
+pub type Switches = Vec<(String, usize, usize, NetSnapshot)>;
 
 /// Escapes a label value (backslash, double quote, newline).
 fn escape(value: &str) -> String {
@@ -274,12 +290,197 @@ pub fn render(devices: &Snapshot) -> String {
     x.out
 }
 
+/// Writes one family of samples, `(labels, value)` each.
+fn family_of(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, String)]) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+    for (labels, value) in samples {
+        let _ = writeln!(out, "{name}{{{labels}}} {value}");
+    }
+}
+
+/// Samples of a directional counter over named snapshots (`tx`/`rx` or `in`/`out`).
+fn directional(
+    rows: &[(String, &NetSnapshot)],
+    names: [&str; 2],
+    value: impl Fn(&NetSnapshot) -> [u64; 2],
+) -> Vec<(String, String)> {
+    rows.iter()
+        .flat_map(|(label, snap)| {
+            names
+                .iter()
+                .zip(value(snap))
+                .map(move |(dir, v)| (format!("{label},direction=\"{dir}\""), v.to_string()))
+        })
+        .collect()
+}
+
+fn drops(rows: &[(String, &NetSnapshot)], names: [&str; 2]) -> Vec<(String, String)> {
+    rows.iter()
+        .flat_map(|(label, snap)| {
+            let [tx, rx] = names;
+            snap.tx_drops
+                .iter()
+                .map(move |(r, n)| (format!("{label},direction=\"{tx}\",reason=\"{r}\""), *n))
+                .chain(
+                    snap.rx_drops.iter().map(move |(r, n)| {
+                        (format!("{label},direction=\"{rx}\",reason=\"{r}\""), *n)
+                    }),
+                )
+                .map(|(l, n)| (l, n.to_string()))
+        })
+        .collect()
+}
+
+/// Renders the net device and switch families.
+pub fn render_net(devices: &NetDevices, switches: &Switches) -> String {
+    let mut out = String::new();
+    let dev: Vec<(String, &NetSnapshot)> = devices
+        .iter()
+        .map(|(id, _, _, s)| (format!("device=\"{}\"", escape(id)), s))
+        .collect();
+    let sw: Vec<(String, &NetSnapshot)> = switches
+        .iter()
+        .map(|(name, _, _, s)| (format!("switch=\"{}\"", escape(name)), s))
+        .collect();
+    let gauge =
+        |pick: &dyn Fn(&(String, bool, bool, NetSnapshot)) -> bool| -> Vec<(String, String)> {
+            devices
+                .iter()
+                .map(|d| {
+                    (
+                        format!("device=\"{}\"", escape(&d.0)),
+                        u8::from(pick(d)).to_string(),
+                    )
+                })
+                .collect()
+        };
+    family_of(
+        &mut out,
+        "novacron_net_connected",
+        "gauge",
+        "1 while a vhost-user front-end is connected.",
+        &gauge(&|d| d.1),
+    );
+    family_of(
+        &mut out,
+        "novacron_net_link_up",
+        "gauge",
+        "1 while the device's link (tap) is up.",
+        &gauge(&|d| d.2),
+    );
+    family_of(
+        &mut out,
+        "novacron_net_frames_total",
+        "counter",
+        "Frames sent (tx) and received (rx) by the guest.",
+        &directional(&dev, ["tx", "rx"], |s| [s.tx_frames, s.rx_frames]),
+    );
+    family_of(
+        &mut out,
+        "novacron_net_bytes_total",
+        "counter",
+        "Frame bytes sent (tx) and received (rx) by the guest.",
+        &directional(&dev, ["tx", "rx"], |s| [s.tx_bytes, s.rx_bytes]),
+    );
+    family_of(
+        &mut out,
+        "novacron_net_drops_total",
+        "counter",
+        "Frames dropped, by direction and reason.",
+        &drops(&dev, ["tx", "rx"]),
+    );
+    family_of(
+        &mut out,
+        "novacron_net_rx_stalls_total",
+        "counter",
+        "Times receiving paused for lack of guest rx buffers.",
+        &dev.iter()
+            .map(|(l, s)| (l.clone(), s.rx_stalls.to_string()))
+            .collect::<Vec<_>>(),
+    );
+    family_of(
+        &mut out,
+        "novacron_switch_ports",
+        "gauge",
+        "Ports attached.",
+        &switches
+            .iter()
+            .map(|(n, p, _, _)| (format!("switch=\"{}\"", escape(n)), p.to_string()))
+            .collect::<Vec<_>>(),
+    );
+    family_of(
+        &mut out,
+        "novacron_switch_learnt_macs",
+        "gauge",
+        "MAC addresses learnt and not aged out.",
+        &switches
+            .iter()
+            .map(|(n, _, m, _)| (format!("switch=\"{}\"", escape(n)), m.to_string()))
+            .collect::<Vec<_>>(),
+    );
+    family_of(
+        &mut out,
+        "novacron_switch_frames_total",
+        "counter",
+        "Frames entering the switch (in) and copies delivered (out).",
+        &directional(&sw, ["in", "out"], |s| [s.tx_frames, s.rx_frames]),
+    );
+    family_of(
+        &mut out,
+        "novacron_switch_drops_total",
+        "counter",
+        "Frames the switch dropped (in) or could not deliver (out), by reason.",
+        &drops(&sw, ["in", "out"]),
+    );
+    out
+}
+
 #[cfg(test)]
 #[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)] // tests may panic
 mod tests {
     use super::*;
     use crate::devices::blk::stats::QueueStats;
     use std::time::Duration;
+
+    #[test]
+    fn renders_net_devices_and_switches_with_each_family_contiguous() {
+        let stats = crate::devices::net::stats::NetStats::default();
+        stats.sent(100);
+        stats.received(60);
+        stats.dropped(
+            crate::devices::net::stats::Direction::Rx,
+            crate::devices::net::stats::Drop::NoRxBuffers,
+        );
+        let text = render_net(
+            &vec![("n0".into(), true, false, stats.snapshot())],
+            &vec![("t7".into(), 3, 2, stats.snapshot())],
+        );
+        assert!(text.contains("novacron_net_connected{device=\"n0\"} 1"));
+        assert!(text.contains("novacron_net_link_up{device=\"n0\"} 0"));
+        assert!(text.contains("novacron_net_bytes_total{device=\"n0\",direction=\"tx\"} 100"));
+        assert!(text.contains(
+            "novacron_net_drops_total{device=\"n0\",direction=\"rx\",reason=\"no-rx-buffers\"} 1"
+        ));
+        assert!(text.contains("novacron_switch_ports{switch=\"t7\"} 3"));
+        assert!(text.contains("novacron_switch_frames_total{switch=\"t7\",direction=\"out\"} 1"));
+        // Every sample line's family was announced right before its group.
+        let mut current = String::new();
+        let mut seen = std::collections::HashSet::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                current = rest.split(' ').next().unwrap().to_string();
+                assert!(
+                    seen.insert(current.clone()),
+                    "family {current} announced twice"
+                );
+            } else if !line.starts_with('#') {
+                assert!(
+                    line.starts_with(&current),
+                    "{line} outside its family {current}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn renders_counters_and_a_cumulative_histogram() {

@@ -50,7 +50,7 @@ pub enum StateError {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DeviceRecord {
-    /// Device type (`blk`).
+    /// Device type (`blk` or `net`).
     #[serde(rename = "type")]
     pub kind: String,
     /// Options as `key → value` strings.
@@ -67,6 +67,16 @@ pub struct GroupRecord {
     pub options: BTreeMap<String, String>,
 }
 
+/// One persisted switch (created with `switch.add`): its name and options (`uplink`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SwitchRecord {
+    /// Switch name.
+    pub name: String,
+    /// Options as `key → value` strings.
+    pub options: BTreeMap<String, String>,
+}
+
 /// Everything the state directory records.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Saved {
@@ -74,6 +84,8 @@ pub struct Saved {
     pub devices: Vec<DeviceRecord>,
     /// QoS groups (absent in files written before groups existed).
     pub groups: Vec<GroupRecord>,
+    /// Switches added with `switch.add` (absent in older files).
+    pub switches: Vec<SwitchRecord>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -83,6 +95,8 @@ struct StateFile {
     devices: Vec<DeviceRecord>,
     #[serde(default)]
     groups: Vec<GroupRecord>,
+    #[serde(default)]
+    switches: Vec<SwitchRecord>,
 }
 
 /// The state directory.
@@ -135,6 +149,7 @@ impl StateStore {
         Ok(Saved {
             devices: file.devices,
             groups: file.groups,
+            switches: file.switches,
         })
     }
 
@@ -154,6 +169,7 @@ impl StateStore {
             version: VERSION,
             devices: saved.devices.clone(),
             groups: saved.groups.clone(),
+            switches: saved.switches.clone(),
         })
         .map_err(|e| StateError::Corrupt {
             path: path.clone(),
@@ -199,6 +215,12 @@ mod tests {
             groups: vec![GroupRecord {
                 name: "g".into(),
                 options: [("iops".to_string(), "10".to_string())]
+                    .into_iter()
+                    .collect(),
+            }],
+            switches: vec![SwitchRecord {
+                name: "t7".into(),
+                options: [("uplink".to_string(), "up0".to_string())]
                     .into_iter()
                     .collect(),
             }],

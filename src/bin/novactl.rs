@@ -44,6 +44,9 @@ enum Command {
     /// Rate limits.
     #[command(subcommand)]
     Qos(QosCommand),
+    /// In-daemon L2 switches.
+    #[command(subcommand)]
+    Switch(SwitchCommand),
     /// Stop the daemon (devices finish in-flight I/O first).
     Shutdown,
 }
@@ -96,10 +99,37 @@ enum GroupCommand {
 }
 
 #[derive(Debug, Subcommand)]
-enum DeviceCommand {
-    /// Add a device: `blk socket=PATH,path=FILE[,size=20G][,queues=2]...`.
+enum SwitchCommand {
+    /// Create a switch: `novactl switch add tenant7 --uplink tap=br-up0`.
     Add {
-        /// Device type (blk).
+        /// Switch name.
+        name: String,
+        /// A tap as the switch's uplink (`tap=NAME` or `NAME`).
+        #[arg(long)]
+        uplink: Option<String>,
+    },
+    /// Delete a switch without device ports.
+    #[command(alias = "remove")]
+    Rm {
+        /// Switch name.
+        name: String,
+    },
+    /// List switches.
+    #[command(alias = "list")]
+    Ls,
+    /// Show a switch's ports and their counters.
+    Ports {
+        /// Switch name.
+        name: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum DeviceCommand {
+    /// Add a device: `blk socket=PATH,path=FILE[,size=20G][,queues=2]...` or
+    /// `net socket=PATH,tap=IFNAME|switch=NAME[,mac=..][,queues=2]...`.
+    Add {
+        /// Device type (blk or net).
         kind: String,
         /// Options as key=value, comma-separated or as separate words.
         #[arg(required = true)]
@@ -224,6 +254,54 @@ fn print_device(device: &Value) -> std::io::Result<()> {
     print_table(&rows)
 }
 
+/// Sum of a net counter snapshot's drops, both directions.
+fn drop_total(stats: &Value) -> u64 {
+    ["tx_drops", "rx_drops"]
+        .iter()
+        .filter_map(|k| stats[*k].as_object())
+        .flat_map(|m| m.values())
+        .filter_map(Value::as_u64)
+        .sum()
+}
+
+/// One row per named net counter snapshot; drops listed by reason when there are any.
+fn print_net_counters(named: &[(&str, &Value)]) -> std::io::Result<()> {
+    let mut rows = vec![[
+        "NAME",
+        "TX FRAMES",
+        "TX BYTES",
+        "RX FRAMES",
+        "RX BYTES",
+        "DROPS",
+    ]
+    .map(String::from)
+    .to_vec()];
+    for (name, s) in named {
+        let reasons: Vec<String> = ["tx_drops", "rx_drops"]
+            .iter()
+            .filter_map(|dir| Some((dir, s[*dir].as_object()?)))
+            .flat_map(|(dir, m)| {
+                m.iter()
+                    .filter(|(_, n)| n.as_u64().unwrap_or(0) > 0)
+                    .map(move |(k, n)| format!("{}:{k}={n}", &dir[..2]))
+            })
+            .collect();
+        rows.push(vec![
+            name.to_string(),
+            text(&s["tx_frames"]),
+            text(&s["tx_bytes"]),
+            text(&s["rx_frames"]),
+            text(&s["rx_bytes"]),
+            if reasons.is_empty() {
+                "0".into()
+            } else {
+                reasons.join(" ")
+            },
+        ]);
+    }
+    print_table(&rows)
+}
+
 fn run(args: Args) -> anyhow::Result<()> {
     let (method, params) = match &args.command {
         Command::Info => ("daemon.info", json!({})),
@@ -251,6 +329,17 @@ fn run(args: Args) -> anyhow::Result<()> {
             ("qos.group.remove", json!({"name": name}))
         }
         Command::Qos(QosCommand::Group(GroupCommand::Ls)) => ("qos.group.list", json!({})),
+        Command::Switch(SwitchCommand::Add { name, uplink }) => {
+            let mut params = json!({"name": name});
+            if let Some(uplink) = uplink {
+                let tap = uplink.strip_prefix("tap=").unwrap_or(uplink);
+                params["uplink"] = json!(tap);
+            }
+            ("switch.add", params)
+        }
+        Command::Switch(SwitchCommand::Rm { name }) => ("switch.remove", json!({"name": name})),
+        Command::Switch(SwitchCommand::Ls) => ("switch.list", json!({})),
+        Command::Switch(SwitchCommand::Ports { name }) => ("switch.ports", json!({"name": name})),
     };
     let result = call(&args.control, method, params)?;
     if args.json {
@@ -293,6 +382,43 @@ fn run(args: Args) -> anyhow::Result<()> {
                 );
             }
             print_table(&rows)?;
+        }
+        Command::Device(DeviceCommand::Stats { .. }) if result["type"] == "net" => {
+            print_net_counters(&[("device", &result["total"])])?;
+        }
+        Command::Switch(SwitchCommand::Ls) => {
+            let mut rows = vec![["SWITCH", "PORTS", "MACS", "UPLINK", "FRAMES IN", "DROPS"]
+                .map(String::from)
+                .to_vec()];
+            for sw in result.as_array().into_iter().flatten() {
+                rows.push(vec![
+                    text(&sw["name"]),
+                    text(&sw["ports"]),
+                    text(&sw["learnt-macs"]),
+                    text(&sw["uplink"]),
+                    text(&sw["stats"]["tx_frames"]),
+                    drop_total(&sw["stats"]).to_string(),
+                ]);
+            }
+            print_table(&rows)?;
+        }
+        Command::Switch(SwitchCommand::Ports { .. }) => {
+            let ports: Vec<(String, &Value)> = result
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|p| {
+                    (
+                        format!("{} {}", text(&p["port"]), text(&p["name"])),
+                        &p["stats"],
+                    )
+                })
+                .collect();
+            let named: Vec<(&str, &Value)> = ports.iter().map(|(n, v)| (n.as_str(), *v)).collect();
+            print_net_counters(&named)?;
+        }
+        Command::Switch(SwitchCommand::Rm { name }) => {
+            writeln!(std::io::stdout(), "removed switch {name}")?;
         }
         Command::Device(DeviceCommand::Stats { .. }) => {
             let mut rows = vec![[

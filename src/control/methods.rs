@@ -3,7 +3,7 @@
 //!
 //! | method | params | result |
 //! |---|---|---|
-//! | `device.add` | `type` + the device's options (`id`, `socket`, `path`, `size`, ...) | the device |
+//! | `device.add` | `type` (`blk`/`net`) + the device's options (`id`, `socket`, `path`, `tap`, `switch`, ...) | the device |
 //! | `device.remove` | `id`, optional `force` | `{}` |
 //! | `device.list` | none | list of devices |
 //! | `device.get` | `id` | the device |
@@ -14,6 +14,10 @@
 //! | `qos.group.set` | `name` + limits (`null` removes) | the group |
 //! | `qos.group.remove` | `name` (refused while devices use it) | `{}` |
 //! | `qos.group.list` | none | groups with limits and members |
+//! | `switch.add` | `name`, optional `uplink` (a tap) | the switch |
+//! | `switch.remove` | `name` (refused while devices are its ports) | `{}` |
+//! | `switch.list` | none | switches with ports, learnt MACs, counters |
+//! | `switch.ports` | `name` | the switch's ports with their counters |
 //! | `daemon.info` | none | version, device types, engines |
 //! | `daemon.shutdown` | none | `{}`, then the daemon stops |
 
@@ -121,13 +125,37 @@ fn dispatch(
             params.finish()?;
             lock(registry).list_groups().map_err(registry_error)?
         }
+        "switch.add" => {
+            let name = params.string("name")?;
+            let options = params.rest_as_options()?;
+            lock(registry)
+                .add_switch(&name, options)
+                .map_err(registry_error)?
+        }
+        "switch.remove" => {
+            let name = params.string("name")?;
+            params.finish()?;
+            lock(registry)
+                .remove_switch(&name)
+                .map_err(registry_error)?;
+            json!({})
+        }
+        "switch.list" => {
+            params.finish()?;
+            lock(registry).list_switches().map_err(registry_error)?
+        }
+        "switch.ports" => {
+            let name = params.string("name")?;
+            params.finish()?;
+            lock(registry).switch_ports(&name).map_err(registry_error)?
+        }
         "daemon.info" => {
             params.finish()?;
             let devices = lock(registry).ids().len();
             json!({
                 "name": "novacrond",
                 "version": env!("CARGO_PKG_VERSION"),
-                "device-types": ["blk"],
+                "device-types": ["blk", "net"],
                 "engines": {
                     "uring": crate::storage::uring_available(),
                     "sync": true,

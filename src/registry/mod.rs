@@ -27,8 +27,9 @@ use crate::devices::net::stats::NetSnapshot;
 use crate::qos::config::{QosConfig, GROUP_KEY};
 use crate::qos::group::SharedLimiter;
 mod groups;
+mod switches;
 
-use crate::state::{DeviceRecord, GroupRecord, Saved, StateError, StateStore};
+use crate::state::{DeviceRecord, GroupRecord, Saved, StateError, StateStore, SwitchRecord};
 
 /// Errors from registry changes; each maps to a stable control-plane error kind.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +43,9 @@ pub enum RegistryError {
     /// The net device options were invalid.
     #[error(transparent)]
     NetConfig(#[from] NetConfigError),
+    /// A switch name or option that is not valid.
+    #[error("{0}")]
+    BadSwitch(String),
     /// The request applies to block devices only.
     #[error("device `{0}` is not a block device")]
     NotBlk(String),
@@ -79,6 +83,7 @@ impl RegistryError {
             | RegistryError::Config(_)
             | RegistryError::NetConfig(_)
             | RegistryError::NotBlk(_)
+            | RegistryError::BadSwitch(_)
             | RegistryError::NotQos(_) => "invalid-params",
             RegistryError::Exists(_) => "exists",
             RegistryError::NotFound(_) => "not-found",
@@ -143,6 +148,7 @@ pub struct Registry {
     devices: BTreeMap<String, Entry>,
     groups: BTreeMap<String, Group>,
     fabric: Fabric,
+    switches: BTreeMap<String, switches::SwitchEntry>,
     state: Option<StateStore>,
 }
 
@@ -153,6 +159,7 @@ impl Registry {
             devices: BTreeMap::new(),
             groups: BTreeMap::new(),
             fabric: Fabric::default(),
+            switches: BTreeMap::new(),
             state,
         }
     }
@@ -342,6 +349,9 @@ impl Registry {
         for group in saved.groups {
             self.add_group(&group.name, group.options)?;
         }
+        for switch in saved.switches {
+            self.add_switch(&switch.name, switch.options)?;
+        }
         let count = saved.devices.len();
         for record in saved.devices {
             self.add(&record.kind, record.options, true)?;
@@ -364,6 +374,14 @@ impl Registry {
                     .map(|(name, g)| GroupRecord {
                         name: name.clone(),
                         options: g.options.clone(),
+                    })
+                    .collect(),
+                switches: self
+                    .switches
+                    .iter()
+                    .map(|(name, s)| SwitchRecord {
+                        name: name.clone(),
+                        options: s.options.clone(),
                     })
                     .collect(),
             };
@@ -482,6 +500,9 @@ impl Registry {
     pub fn stop_all(&mut self) {
         for (_, entry) in std::mem::take(&mut self.devices) {
             entry.device.stop();
+        }
+        for (_, entry) in std::mem::take(&mut self.switches) {
+            entry.stop();
         }
     }
 }

@@ -10,6 +10,7 @@
 //! - [`stats`]: counters and drop reasons;
 //! - [`tap_queue`]: one tap queue, readv/writev, loss and recovery;
 //! - [`fabric`]: named switches, ports, guest-to-guest delivery, uplinks;
+//! - [`uplink`]: a switch's tap uplink and its reader thread;
 //! - [`header`]: the virtio-net header and its checks;
 //! - [`switch`]: the L2 switch's forwarding decisions.
 
@@ -24,4 +25,5 @@ pub mod spec;
 pub mod stats;
 pub mod switch;
 pub mod tap_queue;
+pub mod uplink;
 pub mod worker;

@@ -1,0 +1,193 @@
+//! Switches in the registry: `switch.add NAME [uplink=TAP]`, `switch.remove`, `switch.list`,
+//! `switch.ports`. Switches also come into being when a device names one (`switch=NAME`);
+//! only those added explicitly are recorded in the state directory (with their uplink), the
+//! others are recreated by their devices.
+
+// Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
+// panic or wrap silently (checked, saturating or `get` instead).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+
+use std::collections::BTreeMap;
+
+use serde_json::{json, Value};
+
+use super::{Registry, RegistryError};
+use crate::config::id;
+use crate::devices::net::fabric::{mac_text, PortSink, SwitchHub};
+use crate::devices::net::uplink::Uplink;
+
+/// A switch added with `switch.add`.
+pub(super) struct SwitchEntry {
+    pub(super) options: BTreeMap<String, String>,
+    uplink: Option<Uplink>,
+}
+
+impl SwitchEntry {
+    pub(super) fn stop(self) {
+        if let Some(uplink) = self.uplink {
+            uplink.stop();
+        }
+    }
+}
+
+impl Registry {
+    /// Creates switch `name`, with a tap uplink if `options` has `uplink=TAP`.
+    pub fn add_switch(
+        &mut self,
+        name: &str,
+        mut options: BTreeMap<String, String>,
+    ) -> Result<Value, RegistryError> {
+        id::validate(name).map_err(RegistryError::BadSwitch)?;
+        let uplink_tap = options.remove("uplink");
+        if let Some(key) = options.keys().next() {
+            return Err(RegistryError::BadSwitch(format!(
+                "unknown switch option `{key}` (known: uplink)"
+            )));
+        }
+        if let Some(tap) = &uplink_tap {
+            if tap.is_empty() || tap.len() >= libc::IFNAMSIZ || tap.contains('/') {
+                return Err(RegistryError::BadSwitch(format!("bad tap name `{tap}`")));
+            }
+            options.insert("uplink".into(), tap.clone());
+        }
+        if self.switches.contains_key(name) || self.fabric.get(name).is_some() {
+            return Err(RegistryError::Exists(format!("switch `{name}` exists")));
+        }
+        let hub = self.fabric.switch(name);
+        let uplink = match uplink_tap.as_deref().map(|tap| Uplink::start(&hub, tap)) {
+            None => None,
+            Some(Ok(uplink)) => Some(uplink),
+            Some(Err(e)) => {
+                let _ = self.fabric.remove(name);
+                return Err(RegistryError::Start {
+                    id: format!("switch {name}"),
+                    source: e.into(),
+                });
+            }
+        };
+        self.switches
+            .insert(name.to_string(), SwitchEntry { options, uplink });
+        if let Err(e) = self.save() {
+            if let Some(entry) = self.switches.remove(name) {
+                entry.stop();
+            }
+            let _ = self.fabric.remove(name);
+            return Err(e);
+        }
+        self.describe_switch(name)
+    }
+
+    /// Removes switch `name` (and its uplink); refused while devices are its ports.
+    pub fn remove_switch(&mut self, name: &str) -> Result<(), RegistryError> {
+        let hub = self
+            .fabric
+            .get(name)
+            .ok_or_else(|| RegistryError::NotFound(format!("switch {name}")))?;
+        let devices: Vec<String> = hub
+            .ports()
+            .iter()
+            .filter(|p| matches!(p.sink, PortSink::Guest(_)))
+            .map(|p| p.name.clone())
+            .collect();
+        if !devices.is_empty() {
+            return Err(RegistryError::Busy(format!(
+                "switch {name} (ports: {})",
+                devices.join(", ")
+            )));
+        }
+        let entry = self.switches.remove(name);
+        if entry.is_some() {
+            if let Err(e) = self.save() {
+                if let Some(entry) = entry {
+                    self.switches.insert(name.to_string(), entry);
+                }
+                return Err(e);
+            }
+        }
+        if let Some(entry) = entry {
+            entry.stop();
+        }
+        let _ = self.fabric.remove(name);
+        Ok(())
+    }
+
+    /// Every switch with its counters.
+    pub fn list_switches(&self) -> Result<Value, RegistryError> {
+        let switches: Result<Vec<Value>, _> = self
+            .fabric
+            .list()
+            .iter()
+            .map(|hub| self.describe_switch(hub.name()))
+            .collect();
+        Ok(Value::Array(switches?))
+    }
+
+    /// The ports of switch `name`.
+    pub fn switch_ports(&self, name: &str) -> Result<Value, RegistryError> {
+        let hub = self.hub(name)?;
+        let ports: Vec<Value> = hub
+            .ports()
+            .iter()
+            .map(|port| {
+                json!({
+                    "port": port.number,
+                    "name": port.name,
+                    "kind": if port.config.uplink { "uplink" } else { "device" },
+                    "mac": (!port.config.uplink).then(|| mac_text(&port.config.mac)),
+                    "vlan": port.config.vlan,
+                    "connected": match &port.sink {
+                        PortSink::Guest(target) => target
+                            .read()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .is_some(),
+                        PortSink::Uplink(tap) => crate::lock::lock(tap).is_up(),
+                    },
+                    "stats": port.stats.snapshot(),
+                })
+            })
+            .collect();
+        Ok(Value::Array(ports))
+    }
+
+    fn hub(&self, name: &str) -> Result<std::sync::Arc<SwitchHub>, RegistryError> {
+        self.fabric
+            .get(name)
+            .ok_or_else(|| RegistryError::NotFound(format!("switch {name}")))
+    }
+
+    fn describe_switch(&self, name: &str) -> Result<Value, RegistryError> {
+        let hub = self.hub(name)?;
+        let entry = self.switches.get(name);
+        Ok(json!({
+            "name": name,
+            "ports": hub.ports().len(),
+            "learnt-macs": hub.learnt(),
+            "uplink": entry.and_then(|e| e.options.get("uplink")),
+            "persistent": entry.is_some(),
+            "stats": hub.stats.snapshot(),
+        }))
+    }
+
+    /// Switch snapshots for `/metrics`: (name, ports, learnt MACs, counters).
+    pub fn switch_metrics_snapshot(
+        &self,
+    ) -> Vec<(
+        String,
+        usize,
+        usize,
+        crate::devices::net::stats::NetSnapshot,
+    )> {
+        self.fabric
+            .list()
+            .iter()
+            .map(|hub| {
+                (
+                    hub.name().to_string(),
+                    hub.ports().len(),
+                    hub.learnt(),
+                    hub.stats.snapshot(),
+                )
+            })
+            .collect()
+    }
+}
