@@ -127,7 +127,9 @@ impl Drop for MetricsServer {
 pub type Snapshot = Vec<(String, bool, Vec<QueueSnapshot>)>;
 
 /// Per net device: (id, connected, link up, counters).
-pub type NetDevices = Vec<(String, bool, bool, NetSnapshot)>;
+pub type NetDevices = Vec<NetDevice>;
+/// One net device's metrics row.
+pub type NetDevice = (String, bool, bool, NetSnapshot);
 /// Per switch: (name, ports, learnt MACs, counters).
 pub type Switches = Vec<(String, usize, usize, NetSnapshot)>;
 
@@ -342,18 +344,17 @@ pub fn render_net(devices: &NetDevices, switches: &Switches) -> String {
         .iter()
         .map(|(name, _, _, s)| (format!("switch=\"{}\"", escape(name)), s))
         .collect();
-    let gauge =
-        |pick: &dyn Fn(&(String, bool, bool, NetSnapshot)) -> bool| -> Vec<(String, String)> {
-            devices
-                .iter()
-                .map(|d| {
-                    (
-                        format!("device=\"{}\"", escape(&d.0)),
-                        u8::from(pick(d)).to_string(),
-                    )
-                })
-                .collect()
-        };
+    let gauge = |pick: &dyn Fn(&NetDevice) -> bool| -> Vec<(String, String)> {
+        devices
+            .iter()
+            .map(|d| {
+                (
+                    format!("device=\"{}\"", escape(&d.0)),
+                    u8::from(pick(d)).to_string(),
+                )
+            })
+            .collect()
+    };
     family_of(
         &mut out,
         "novacron_net_connected",

@@ -95,7 +95,7 @@ impl FrameRef<'_> {
     }
 
     /// The frame linearised into our memory.
-    fn to_vec(&self) -> Result<Vec<u8>, Drop> {
+    fn linearised(&self) -> Result<Vec<u8>, Drop> {
         match self {
             FrameRef::Guest {
                 memory,
@@ -170,7 +170,7 @@ impl RxTarget {
             return Err(Drop::GsoUnsupported);
         }
         if header.flags & F_NEEDS_CSUM != 0 && !negotiated.guest_csum {
-            let mut bytes = frame.to_vec()?;
+            let mut bytes = frame.linearised()?;
             complete_checksum(&mut bytes, &header).map_err(|_| Drop::BadHeader)?;
             let plain = NetHeader {
                 flags: 0,
