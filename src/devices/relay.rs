@@ -209,6 +209,13 @@ pub fn relay(mut front: UnixStream, mut back: UnixStream) -> Result<(), RelayErr
             let Some(message) = read_message(&mut front)? else {
                 break Ok(());
             };
+            log::trace!(
+                "vhost-user request {} flags {:#x} size {} fds {}",
+                message.request(),
+                message.flags(),
+                message.payload.len(),
+                message.files.len()
+            );
             match message.request() {
                 SET_VRING_ENABLE if !features_set => {
                     ack(&mut front, &message)?;
@@ -260,6 +267,7 @@ pub fn relay(mut front: UnixStream, mut back: UnixStream) -> Result<(), RelayErr
             let Some(message) = read_message(&mut back)? else {
                 break Ok(());
             };
+            log::trace!("vhost-user reply {}", message.request());
             write_message(&mut front, &message)?;
         }
     };
