@@ -31,6 +31,27 @@ pub struct CheckedVring {
     size_rejected: Arc<AtomicBool>,
 }
 
+thread_local! {
+    /// Vrings created on this thread while [`collect_created`] runs.
+    static CREATED: std::cell::RefCell<Option<Vec<CheckedVring>>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Runs `f` and returns, with its result, every vring it created on this thread, in order.
+///
+/// Why this exists: `vhost-user-backend` creates a connection's vrings inside
+/// `VhostUserDaemon::new` and hands them to the backend only in `handle_event`, on each
+/// queue's own thread, some time later. A switch port is filled by *other* threads, which
+/// must know its rx vrings before the first frame for it arrives; waiting for an event would
+/// drop the frames that arrive first. The vrings are created synchronously, in queue order,
+/// so collecting them here is exact.
+pub fn collect_created<R>(f: impl FnOnce() -> R) -> (R, Vec<CheckedVring>) {
+    CREATED.with(|c| *c.borrow_mut() = Some(Vec::new()));
+    let result = f();
+    let created = CREATED.with(|c| c.borrow_mut().take()).unwrap_or_default();
+    (result, created)
+}
+
 impl CheckedVring {
     /// Whether the front-end's last SET_VRING_NUM was refused.
     pub fn size_rejected(&self) -> bool {
@@ -48,10 +69,16 @@ impl<'a> VringStateMutGuard<'a, AtomicGuestMemory> for CheckedVring {
 
 impl VringT<AtomicGuestMemory> for CheckedVring {
     fn new(mem: AtomicGuestMemory, max_queue_size: u16) -> Result<Self, QueueError> {
-        Ok(Self {
+        let vring = Self {
             inner: VringMutex::new(mem, max_queue_size)?,
             size_rejected: Arc::new(AtomicBool::new(false)),
-        })
+        };
+        CREATED.with(|c| {
+            if let Some(created) = c.borrow_mut().as_mut() {
+                created.push(vring.clone());
+            }
+        });
+        Ok(vring)
     }
 
     fn get_ref(&self) -> <Self as VringStateGuard<'_, AtomicGuestMemory>>::G {
@@ -151,6 +178,35 @@ pub fn has_available(vring: &CheckedVring, memory: &GuestMemory) -> bool {
         .unwrap_or(false)
 }
 
+/// Without EVENT_IDX: whether the driver left `VRING_AVAIL_F_NO_INTERRUPT` clear.
+///
+/// Why this exists: virtio-queue's `needs_notification` ignores that flag ("not supported
+/// yet") and always says yes. Polling drivers (DPDK's virtio PMD) set it; signalling them
+/// anyway costs an eventfd write per batch for nothing. The flag is only a hint (virtio 1.2
+/// §2.7.7), so skipping the interrupt when it is set is always allowed.
+pub fn driver_wants_interrupts(queue: &virtio_queue::Queue, memory: &GuestMemory) -> bool {
+    use vm_memory::Bytes;
+    const NO_INTERRUPT: u16 = 1;
+    let flags: Result<u16, _> = memory.load(
+        vm_memory::GuestAddress(queue.avail_ring()),
+        std::sync::atomic::Ordering::Acquire,
+    );
+    flags.map_or(true, |f| u16::from_le(f) & NO_INTERRUPT == 0)
+}
+
+/// Whether the driver wants an interrupt for what was just added to the used ring: the
+/// EVENT_IDX rule when negotiated (virtio-queue), the NO_INTERRUPT flag otherwise.
+pub fn needs_signal(
+    state: &mut vhost_user_backend::VringState<AtomicGuestMemory>,
+    memory: &GuestMemory,
+) -> Result<bool, QueueError> {
+    if state.get_queue().event_idx_enabled() {
+        state.needs_notification()
+    } else {
+        Ok(driver_wants_interrupts(state.get_queue(), memory))
+    }
+}
+
 /// Adds several used elements and makes them visible to the driver with a single used-index
 /// store; returns whether the driver asked to be notified.
 ///
@@ -208,7 +264,7 @@ pub fn add_used_batch(
         )
         .map_err(QueueError::GuestMemory)?;
     if !queue.event_idx_enabled() {
-        return Ok(true);
+        return Ok(driver_wants_interrupts(queue, memory));
     }
     // Make the index store visible before reading the driver's used_event.
     std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);

@@ -25,7 +25,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::lock::lock;
 use crate::sys::poll::{wait_readable, Readable};
-use crate::vring::{AtomicGuestMemory, CheckedVring};
+use crate::vring::{collect_created, AtomicGuestMemory, CheckedVring};
 
 /// Errors starting a device's socket.
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +52,8 @@ pub trait SessionBackend:
     fn listeners(&self) -> Vec<(usize, RawFd, u64)>;
     /// Tells every worker thread to leave its event loop (after the front-end left).
     fn signal_exit(&self);
+    /// The connection's vrings, in queue order, as soon as they exist (before any message).
+    fn vrings_created(&self, _vrings: &[CheckedVring]) {}
 }
 
 /// Builds a backend for a new connection over the connection's guest memory.
@@ -197,8 +199,10 @@ fn serve_connection<B: SessionBackend>(
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let memory = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());
     let backend = factory(memory.clone())?;
-    let mut daemon = VhostUserDaemon::new(id.to_string(), Arc::clone(&backend), memory)
-        .map_err(|e| format!("{e}"))?;
+    let (daemon, vrings) =
+        collect_created(|| VhostUserDaemon::new(id.to_string(), Arc::clone(&backend), memory));
+    let mut daemon = daemon.map_err(|e| format!("{e}"))?;
+    backend.vrings_created(&vrings);
     let handlers = daemon.get_epoll_handlers();
     for (thread, fd, event) in backend.listeners() {
         if let Some(handler) = handlers.get(thread) {

@@ -34,7 +34,7 @@ use super::request::{self, Rejection, Request, RequestKind};
 use super::stats::{OpClass, QueueStats};
 use super::throttle::{Deferred, Throttle, TimerError};
 use crate::storage::{Completion, Engine, GuestIovecs, IoOp, OpKind};
-use crate::vring::{has_available, AtomicGuestMemory, CheckedVring, GuestMemory};
+use crate::vring::{has_available, needs_signal, AtomicGuestMemory, CheckedVring, GuestMemory};
 
 /// Errors that stop a worker from serving its queue (guest mistakes never do).
 #[derive(Debug, thiserror::Error)]
@@ -568,7 +568,7 @@ impl QueueWorker {
             };
             state.add_used(done.head, used_len)?;
         }
-        if state.needs_notification()? {
+        if needs_signal(&mut state, &memory)? {
             state.signal_used_queue().map_err(WorkerError::Signal)?;
         }
         Ok(())

@@ -132,7 +132,7 @@ impl VhostUserBackend for NetBackend {
         );
         self.shared.set_acked_features(features);
         if let Some(rx) = &self.rx_target {
-            rx.set_negotiated(spec::Negotiated::from_features(features));
+            rx.set_features(features);
         }
     }
 
@@ -191,7 +191,6 @@ impl VhostUserBackend for NetBackend {
         let Some(worker) = guard.as_mut() else {
             return Ok(());
         };
-        worker.learn(rx);
         let result = match u64::from(device_event) {
             0 => worker.process_rx_kick(rx),
             1 => worker.process_tx(tx),
@@ -217,6 +216,15 @@ impl crate::devices::runner::SessionBackend for NetBackend {
             .enumerate()
             .filter_map(|(thread, w)| lock(w).as_ref()?.tap_poll_fd().map(|fd| (thread, fd, id)))
             .collect()
+    }
+
+    fn vrings_created(&self, vrings: &[CheckedVring]) {
+        // Queue 2i is pair i's rx queue.
+        if let Some(target) = &self.rx_target {
+            for (pair, rx) in vrings.iter().step_by(2).enumerate() {
+                target.learn_queue(u16::try_from(pair).unwrap_or(u16::MAX), rx);
+            }
+        }
     }
 
     fn signal_exit(&self) {

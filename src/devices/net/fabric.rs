@@ -116,7 +116,8 @@ impl FrameRef<'_> {
 pub struct RxTarget {
     queues: Mutex<Vec<Option<CheckedVring>>>,
     memory: AtomicGuestMemory,
-    negotiated: Mutex<Negotiated>,
+    /// The acked feature bits (decoded per frame: cheaper than a lock).
+    features: std::sync::atomic::AtomicU64,
 }
 
 impl RxTarget {
@@ -125,7 +126,7 @@ impl RxTarget {
         Self {
             queues: Mutex::new(vec![None; usize::from(pairs)]),
             memory,
-            negotiated: Mutex::new(Negotiated::default()),
+            features: std::sync::atomic::AtomicU64::new(0),
         }
     }
 
@@ -138,33 +139,33 @@ impl RxTarget {
         }
     }
 
-    /// Records what the guest accepted.
-    pub fn set_negotiated(&self, negotiated: Negotiated) {
-        *lock(&self.negotiated) = negotiated;
+    /// Records the feature bits the guest acked.
+    pub fn set_features(&self, features: u64) {
+        self.features.store(features, Ordering::Release);
     }
 
+    /// The rx queue for a flow: the one `hash` picks among the queues the front-end set up,
+    /// or the next usable one if that one is stopped or disabled.
     fn pick_queue(&self, hash: usize) -> Option<CheckedVring> {
         let queues = lock(&self.queues);
-        let ready: Vec<&CheckedVring> = queues
-            .iter()
-            .flatten()
-            .filter(|v| {
+        let count = queues.len();
+        let start = hash.checked_rem(count.max(1)).unwrap_or(0);
+        (0..count)
+            .filter_map(|i| {
+                queues
+                    .get(start.saturating_add(i).checked_rem(count)?)?
+                    .as_ref()
+            })
+            .find(|v| {
                 let state = v.get_ref();
                 state.get_queue().ready() && state.is_enabled()
             })
-            .collect();
-        let count = ready.len();
-        if count == 0 {
-            return None;
-        }
-        ready
-            .get(hash.checked_rem(count).unwrap_or(0))
-            .map(|v| (*v).clone())
+            .cloned()
     }
 
     /// Copies `frame` into the guest's rx buffers and returns them.
     pub fn deliver(&self, frame: &FrameRef<'_>, hash: usize, stats: &NetStats) -> Result<(), Drop> {
-        let negotiated = *lock(&self.negotiated);
+        let negotiated = Negotiated::from_features(self.features.load(Ordering::Acquire));
         let header = frame.header();
         if header.is_gso() && !negotiated.accepts_gso(header.gso_type) {
             return Err(Drop::GsoUnsupported);
@@ -192,44 +193,50 @@ impl RxTarget {
         let frame_len = u64::from(frame.len());
         let need = frame_len.saturating_add(HEADER_LEN as u64);
         let mut state = vring.get_mut();
-        let mut batch = RxBatch::default();
-        let gathered = batch.gather(
-            state.get_queue_mut(),
-            &memory,
-            need,
-            negotiated.mergeable_rx,
-            |reason| stats.dropped(Direction::Rx, reason),
-        );
-        match gathered {
-            Ok(Gathered::Ready) => {}
-            Ok(Gathered::Empty) => return Err(Drop::NoRxBuffers),
-            Err(_) => return Err(Drop::BrokenChain),
-        }
-        if batch.capacity() < need {
-            batch.put_back(state.get_queue_mut());
-            return Err(Drop::TooLarge);
-        }
-        let out_header = NetHeader {
-            num_buffers: 1,
-            ..header
-        };
-        let copied = fill(&memory, &batch, &out_header, frame);
-        if copied != Ok(frame_len) {
-            batch.put_back(state.get_queue_mut());
-            return Err(Drop::BadAddress);
-        }
-        match batch.commit(state.get_queue_mut(), &memory, need) {
-            Ok(true) => {
-                if let Err(e) = state.signal_used_queue() {
-                    log::debug!("rx notify failed: {e}");
-                }
+        let signal = SCRATCH.with(|scratch| {
+            // One batch per sending thread, reused: no allocation per frame.
+            let mut batch = scratch.borrow_mut();
+            let gathered = batch.gather(
+                state.get_queue_mut(),
+                &memory,
+                need,
+                negotiated.mergeable_rx,
+                |reason| stats.dropped(Direction::Rx, reason),
+            );
+            match gathered {
+                Ok(Gathered::Ready) => {}
+                Ok(Gathered::Empty) => return Err(Drop::NoRxBuffers),
+                Err(_) => return Err(Drop::BrokenChain),
             }
-            Ok(false) => {}
-            Err(_) => return Err(Drop::BrokenChain),
+            if batch.capacity() < need {
+                batch.put_back(state.get_queue_mut());
+                return Err(Drop::TooLarge);
+            }
+            let out_header = NetHeader {
+                num_buffers: 1,
+                ..header
+            };
+            if fill(&memory, &batch, &out_header, frame) != Ok(frame_len) {
+                batch.put_back(state.get_queue_mut());
+                return Err(Drop::BadAddress);
+            }
+            batch
+                .commit(state.get_queue_mut(), &memory, need)
+                .map_err(|_| Drop::BrokenChain)
+        })?;
+        if signal {
+            if let Err(e) = state.signal_used_queue() {
+                log::debug!("rx notify failed: {e}");
+            }
         }
         stats.received(frame_len);
         Ok(())
     }
+}
+
+thread_local! {
+    /// The rx batch of the current sending thread.
+    static SCRATCH: std::cell::RefCell<RxBatch> = std::cell::RefCell::new(RxBatch::default());
 }
 
 /// Writes header and frame into the batch's chains; returns the frame bytes copied.
@@ -465,7 +472,7 @@ impl SwitchHub {
         let decision = lock(&self.table).forward(ingress.number, probe, self.now_ns());
         self.stats.sent(u64::from(frame.len()));
         let hash = usize::from(eth.get(11).copied().unwrap_or(0));
-        let targets: Vec<Arc<Port>> = {
+        let targets: smallvec::SmallVec<[Arc<Port>; 4]> = {
             let ports = self
                 .ports
                 .read()

@@ -33,7 +33,7 @@ pub struct Span {
 }
 
 /// A chain's spans, on the stack for the usual short chains.
-pub type Spans = SmallVec<[Span; 8]>;
+pub type Spans = SmallVec<[Span; 4]>;
 
 /// A checked transmit chain.
 #[derive(Debug, Clone)]
@@ -143,7 +143,7 @@ pub fn host_iovecs(
     Ok(())
 }
 
-type Slices<'a> = SmallVec<[VolatileSlice<'a, ()>; 8]>;
+type Slices<'a> = SmallVec<[VolatileSlice<'a, ()>; 2]>;
 
 /// The stream's bytes `offset..offset+len` as volatile slices of guest memory (fewer bytes if
 /// the stream ends first).
@@ -183,10 +183,11 @@ pub fn read_stream(
     dst: &mut [u8],
 ) -> Result<(), Drop> {
     let mut done = 0usize;
-    for slice in stream_slices(mem, spans, offset, dst.len() as u64)? {
-        let end = done.saturating_add(slice.len());
-        let part = dst.get_mut(done..end).ok_or(Drop::BadAddress)?;
-        slice.copy_to(part);
+    for part in split_spans(spans, offset, dst.len() as u64) {
+        let end = done.saturating_add(part.len as usize);
+        let chunk = dst.get_mut(done..end).ok_or(Drop::BadAddress)?;
+        mem.read_slice(chunk, part.addr)
+            .map_err(|_| Drop::BadAddress)?;
         done = end;
     }
     if done == dst.len() {
@@ -256,6 +257,23 @@ pub fn copy_between(
     dst_offset: u64,
     len: u64,
 ) -> Result<u64, Drop> {
+    // The usual case: the frame is one buffer and fits the first destination buffer, each
+    // inside one memory region: one copy, no slice lists.
+    if let ([from], [to]) = (
+        split_spans(src, src_offset, len).as_slice(),
+        split_spans(dst, dst_offset, len).as_slice(),
+    ) {
+        if from.len == to.len {
+            let count = from.len as usize;
+            if let (Ok(a), Ok(b)) = (
+                GuestMemoryBackend::get_slice(src_mem, from.addr, count),
+                GuestMemoryBackend::get_slice(dst_mem, to.addr, count),
+            ) {
+                a.copy_to_volatile_slice(b);
+                return Ok(u64::from(from.len));
+            }
+        }
+    }
     let from = stream_slices(src_mem, src, src_offset, len)?;
     let to = stream_slices(dst_mem, dst, dst_offset, len)?;
     Ok(copy_slices(&from, &to))

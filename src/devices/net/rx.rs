@@ -82,7 +82,7 @@ impl RxBatch {
                 }
                 Err(reason) => {
                     bad(reason);
-                    let mut returned: Vec<(u16, u32)> =
+                    let mut returned: smallvec::SmallVec<[(u16, u32); 8]> =
                         self.buffers.drain(..).map(|b| (b.head, 0)).collect();
                     returned.push((head, 0));
                     self.capacity = 0;
@@ -108,7 +108,7 @@ impl RxBatch {
         memory: &GuestMemory,
         len: u64,
     ) -> Result<bool, virtio_queue::Error> {
-        let mut used: Vec<(u16, u32)> = Vec::with_capacity(self.buffers.len());
+        let mut used: smallvec::SmallVec<[(u16, u32); 8]> = smallvec::SmallVec::new();
         let mut left = len;
         for buffer in &self.buffers {
             if left == 0 && !used.is_empty() {

@@ -31,7 +31,7 @@ use super::stats::{Direction, Drop};
 use super::tap_queue::TapQueue;
 use crate::devices::desc::collect_buffers;
 use crate::storage::GuestIovecs;
-use crate::vring::{AtomicGuestMemory, CheckedVring, GuestMemory};
+use crate::vring::{has_available, needs_signal, AtomicGuestMemory, CheckedVring, GuestMemory};
 
 /// Errors that stop a worker from serving its queues (guest mistakes never do).
 #[derive(Debug, thiserror::Error)]
@@ -127,10 +127,8 @@ impl PairWorker {
         self.refresh_features();
         match &self.backend {
             PairBackend::Tap(_) => self.receive_from_tap(rx),
-            PairBackend::Switch { rx: target, .. } => {
-                target.learn_queue(self.pair, rx);
-                Ok(())
-            }
+            // Other ports' threads fill a switch port's rx queue.
+            PairBackend::Switch { .. } => Ok(()),
         }
     }
 
@@ -148,13 +146,6 @@ impl PairWorker {
             self.receive_from_tap(rx)?;
         }
         Ok(())
-    }
-
-    /// Records the rx vring (switch ports are filled by other threads).
-    pub fn learn(&mut self, rx: &CheckedVring) {
-        if let PairBackend::Switch { rx: target, .. } = &self.backend {
-            target.learn_queue(self.pair, rx);
-        }
     }
 
     /// Largest frame (header included) the tap may hand this guest.
@@ -240,7 +231,11 @@ impl PairWorker {
         }
         if notify {
             if let Err(e) = rx.signal_used_queue() {
-                log::debug!("{}: rx notify failed: {e}", self.shared.config.id);
+                log::debug!(
+                    "{} pair {}: rx notify failed: {e}",
+                    self.shared.config.id,
+                    self.pair
+                );
             }
         }
         Ok(())
@@ -273,19 +268,40 @@ impl PairWorker {
                 state.add_used(head, 0)?;
                 sent = sent.saturating_add(1);
             }
-            if sent > 0 && state.needs_notification()? {
+            if sent > 0 && needs_signal(&mut state, &memory)? {
                 if let Err(e) = state.signal_used_queue() {
-                    log::debug!("{}: tx notify failed: {e}", self.shared.config.id);
+                    log::debug!(
+                        "{} pair {}: tx notify failed: {e}",
+                        self.shared.config.id,
+                        self.pair
+                    );
                 }
             }
             drop(state);
             if sent == TX_BATCH {
                 continue;
             }
+            if sent > 0 && self.poll_for_tx(tx, &memory) {
+                continue;
+            }
             if !tx.enable_notification()? {
                 return Ok(());
             }
         }
+    }
+
+    /// Spins (notifications off) until the guest queues more frames (true) or the poll
+    /// window passes (false).
+    fn poll_for_tx(&self, tx: &CheckedVring, memory: &GuestMemory) -> bool {
+        let window = std::time::Duration::from_micros(u64::from(self.shared.config.poll_us));
+        let start = std::time::Instant::now();
+        while start.elapsed() < window {
+            if has_available(tx, memory) {
+                return true;
+            }
+            std::hint::spin_loop();
+        }
+        false
     }
 
     /// Sends one checked frame; returns its length.

@@ -1,0 +1,80 @@
+#!/usr/bin/env bash
+# Side by side: novacrond's vhost-user-net switch vs DPDK's own vhost backend (net_vhost),
+# both driven by the same front-end: dpdk-testpmd with two virtio_user ports in `mac`
+# forwarding mode (a packet received on one port is sent out of the other), primed with
+# --tx-first, so packets circulate A -> element -> B -> testpmd -> A ... The element under
+# test is either a novacrond switch with two ports or a second dpdk-testpmd with two
+# net_vhost ports in `io` forwarding (DPDK's vhost switch). The element gets CPU 1, the
+# driver CPU 0; runs are interleaved, ROUNDS of each, SECONDS long, for 64-byte and
+# 1518-byte frames; the table shows the median packets/s (both directions) and the ratio.
+#
+# Note: DPDK busy-polls its vhost rings on a dedicated core; novacrond sleeps when idle and
+# runs on kicks (see README "Performance"). DPDK front-ends need --single-file-segments with
+# any vhost-user backend that maps at most 8 regions (DPDK's own limit of 8 per table).
+#
+# Usage: scripts/compare-dpdk.sh [ROUNDS=3] [SECONDS=6]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rounds="${1:-3}"
+secs="${2:-6}"
+command -v dpdk-testpmd >/dev/null || { echo "install dpdk-dev (scripts/install-deps.sh)" >&2; exit 1; }
+cargo build --release --locked --bin novacrond >/dev/null 2>&1
+work="$PWD/target/compare-dpdk"
+rm -rf "$work"
+mkdir -p "$work"
+
+# Hugepages for the testpmd instances (not for novacrond).
+if [ "$(cat /proc/sys/vm/nr_hugepages)" -lt 1024 ]; then echo 1024 > /proc/sys/vm/nr_hugepages; fi
+mkdir -p /dev/hugepages
+mountpoint -q /dev/hugepages || mount -t hugetlbfs nodev /dev/hugepages
+
+element_pid=""
+cleanup() {
+    if [ -n "$element_pid" ]; then kill "$element_pid" 2>/dev/null || true; wait "$element_pid" 2>/dev/null || true; fi
+    element_pid=""
+    rm -f /dev/hugepages/nc-cmp-* 2>/dev/null || true
+}
+trap cleanup EXIT
+
+wait_socket() { for _ in $(seq 100); do [ -S "$1" ] && return 0; sleep 0.05; done; echo "no socket $1" >&2; exit 1; }
+
+start_element() { # which
+    rm -f "$work"/*.sock
+    if [ "$1" = novacrond ]; then
+        taskset -c 1 ./target/release/novacrond --log-level warn --control none \
+            --net "socket=$work/a.sock,switch=cmp,mac=02:00:00:00:00:01" \
+            --net "socket=$work/b.sock,switch=cmp,mac=02:00:00:00:00:02" 2>>"$work/novacrond.log" &
+    else
+        dpdk-testpmd --lcores '0@1,1@1' --no-pci --single-file-segments --file-prefix=nc-cmp-be \
+            --vdev "net_vhost0,iface=$work/a.sock,queues=1" --vdev "net_vhost1,iface=$work/b.sock,queues=1" \
+            -- --forward-mode=io --auto-start --nb-cores=1 --stats-period=3600 >>"$work/dpdk-backend.log" 2>&1 &
+    fi
+    element_pid=$!
+    wait_socket "$work/a.sock"; wait_socket "$work/b.sock"
+}
+
+drive() { # frame size -> packets/s summed over both ports (median of the last readings)
+    timeout $((secs + 4)) dpdk-testpmd --lcores '0@0,1@0' --no-pci --single-file-segments --file-prefix=nc-cmp-fe \
+        --vdev "net_virtio_user0,path=$work/a.sock,queues=1,mac=02:00:00:00:00:01" \
+        --vdev "net_virtio_user1,path=$work/b.sock,queues=1,mac=02:00:00:00:00:02" \
+        -- --forward-mode=mac --eth-peer=0,02:00:00:00:00:02 --eth-peer=1,02:00:00:00:00:01 \
+        --auto-start --tx-first --txpkts="$1" --stats-period=1 --nb-cores=1 2>&1 \
+        | awk '/Rx-pps:/ { v[n++] = $2 } END { s = 0; c = 0; for (i = n - 2 * 3; i < n; i++) if (i >= 4) { s += v[i]; c++ } if (c) printf "%d\n", 2 * s / c; else print 0 }' || true
+}
+
+median() { sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+
+printf "%-6s %14s %14s %7s\n" "frame" "novacrond pps" "dpdk pps" "ratio"
+for size in 64 1518; do
+    : > "$work/novacrond-$size"; : > "$work/dpdk-$size"
+    for r in $(seq "$rounds"); do
+        for which in novacrond dpdk; do
+            [ $((r % 2)) -eq 0 ] && which=$([ "$which" = novacrond ] && echo dpdk || echo novacrond)
+            start_element "$which"
+            drive "$size" >> "$work/$which-$size"
+            cleanup
+        done
+    done
+    n=$(median < "$work/novacrond-$size"); d=$(median < "$work/dpdk-$size")
+    printf "%-6s %14s %14s %7s\n" "$size" "$n" "$d" "$(awk -v n="$n" -v d="$d" 'BEGIN { if (d > 0) printf "%.3f", n / d; else print "-" }')"
+done
