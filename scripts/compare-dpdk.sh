@@ -17,7 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 rounds="${1:-3}"
 secs="${2:-6}"
-command -v dpdk-testpmd >/dev/null || { echo "install dpdk-dev (scripts/install-deps.sh)" >&2; exit 1; }
+command -v dpdk-testpmd >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends dpdk-dev >/dev/null
 cargo build --release --locked --bin novacrond >/dev/null 2>&1
 work="$PWD/target/compare-dpdk"
 rm -rf "$work"

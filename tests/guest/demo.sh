@@ -17,3 +17,13 @@ mount -t ext4 /dev/vda /mnt
 echo "boot number $runs on this disk; 16 MiB written, read back after dropping caches: $( [ "$(md5sum < /mnt/data | cut -d' ' -f1)" = "$sum" ] && echo match || echo MISMATCH)"
 df -h /mnt | tail -1
 umount /mnt
+# The NIC novacrond serves (a tap whose far end is a namespace the demo created).
+arg() { for w in $(cat /proc/cmdline); do case "$w" in "$1"=*) echo "${w#*=}" ;; esac; done; }
+if [ -d /sys/class/net/eth0 ]; then
+    ip=$(arg novaip); peer=$(arg novapeer)
+    echo "nic eth0: mac $(cat /sys/class/net/eth0/address), mtu $(cat /sys/class/net/eth0/mtu), $(ls -d /sys/class/net/eth0/queues/rx-* | wc -l) queue pair(s)"
+    ip link set eth0 up
+    ip addr add "$ip/24" dev eth0
+    ping -c 3 -W 5 "$peer" | tail -2
+    echo "fetched from the host over HTTP: $(printf 'GET / HTTP/1.0\r\n\r\n' | nc "$peer" 8080 | tail -1)"
+fi
