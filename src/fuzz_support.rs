@@ -4,7 +4,8 @@
 //! [`blk_request`] decodes the input into a split virtqueue in a small guest memory (descriptor
 //! table, avail ring, raw memory contents), pops one chain, and runs it through the same
 //! validation and I/O submission the worker uses, with the null engine (which writes zeros
-//! into read buffers, so every iovec produced is actually touched).
+//! into read buffers, so every iovec produced is actually touched). [`net_frame`] does the
+//! same for the virtio-net tx and rx paths.
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
@@ -43,15 +44,9 @@ impl Input<'_> {
     }
 }
 
-/// One fuzz iteration over the virtio-blk request path. Never panics on any input.
-pub fn blk_request(data: &[u8]) {
-    let mut input = Input(data);
-    let Ok(mem) = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEMORY_SIZE)]) else {
-        return;
-    };
-    let queue_size: u16 = 1 << (input.u8() % 5 + 1); // 2..=32
-    let readonly = input.u8() & 1 == 1;
-    let capacity = u64::from(input.u32()) << 9;
+/// Builds a ready split queue in `mem` from the input: descriptor table, one avail entry,
+/// then the rest of the input as guest memory contents.
+fn fuzz_queue(input: &mut Input<'_>, mem: &GuestMemoryMmap<()>, queue_size: u16) -> Option<Queue> {
     let descriptors = usize::from(input.u8() % 40);
     for i in 0..descriptors.min(usize::from(queue_size)) {
         // Keep most addresses inside the small memory so parsing goes deep.
@@ -76,19 +71,35 @@ pub fn blk_request(data: &[u8]) {
     let _ = mem.write_obj(head, GuestAddress(AVAIL_RING + 4));
     let _ = mem.write_obj(1u16, GuestAddress(AVAIL_RING + 2));
     // The rest of the input is guest memory contents (headers, segments, indirect tables).
-    let rest = input.0;
+    let rest = std::mem::take(&mut input.0);
     let body = 0x3000;
     let n = rest.len().min(MEMORY_SIZE - body);
     let _ = mem.write_slice(&rest[..n], GuestAddress(body as u64));
 
-    let mut queue = match Queue::new(queue_size) {
-        Ok(queue) => queue,
-        Err(_) => return,
-    };
+    let mut queue = Queue::new(queue_size).ok()?;
     queue.set_desc_table_address(Some(DESC_TABLE as u32), Some(0));
     queue.set_avail_ring_address(Some(AVAIL_RING as u32), Some(0));
     queue.set_used_ring_address(Some(USED_RING as u32), Some(0));
     queue.set_ready(true);
+    Some(queue)
+}
+
+fn fuzz_memory() -> Option<GuestMemoryMmap<()>> {
+    GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEMORY_SIZE)]).ok()
+}
+
+/// One fuzz iteration over the virtio-blk request path. Never panics on any input.
+pub fn blk_request(data: &[u8]) {
+    let mut input = Input(data);
+    let Some(mem) = fuzz_memory() else {
+        return;
+    };
+    let queue_size: u16 = 1 << (input.u8() % 5 + 1); // 2..=32
+    let readonly = input.u8() & 1 == 1;
+    let capacity = u64::from(input.u32()) << 9;
+    let Some(mut queue) = fuzz_queue(&mut input, &mem, queue_size) else {
+        return;
+    };
     let Some(chain) = queue.pop_descriptor_chain(&mem) else {
         return;
     };
@@ -116,4 +127,59 @@ pub fn blk_request(data: &[u8]) {
     };
     let mut out = Vec::new();
     engine.reap(&mut out);
+}
+
+/// One fuzz iteration over the virtio-net paths: the chain as a transmitted frame (header
+/// checks, iovecs, a copy into another guest's buffers, software checksum) and as a receive
+/// buffer taken and returned through an `RxBatch`. Never panics on any input.
+pub fn net_frame(data: &[u8]) {
+    use crate::devices::net::{frame, header, rx};
+    let mut input = Input(data);
+    let (Some(mem), Some(other)) = (fuzz_memory(), fuzz_memory()) else {
+        return;
+    };
+    let queue_size: u16 = 1 << (input.u8() % 5 + 1);
+    let mtu = input.u16();
+    let mergeable = input.u8() & 1 == 1;
+    let need = u64::from(input.u32());
+    let Some(mut queue) = fuzz_queue(&mut input, &mem, queue_size) else {
+        return;
+    };
+    let Some(chain) = queue.pop_descriptor_chain(&mem) else {
+        return;
+    };
+    let head = chain.head_index();
+    let Ok(buffers) = crate::devices::desc::collect_buffers(chain) else {
+        return;
+    };
+    if let Ok(tx) = frame::tx_frame(&mem, &buffers, mtu) {
+        let mut iovecs = Vec::new();
+        let _ = frame::host_iovecs(&mem, &tx.spans, 12, u64::from(tx.frame_len), &mut iovecs);
+        let target = [frame::Span {
+            addr: GuestAddress(0x8000),
+            len: 0x8000,
+        }];
+        let _ = frame::copy_between(
+            &mem,
+            &tx.spans,
+            12,
+            &other,
+            &target,
+            12,
+            u64::from(tx.frame_len),
+        );
+        let mut bytes = vec![0u8; (tx.frame_len as usize).min(MEMORY_SIZE)];
+        if frame::read_stream(&mem, &tx.spans, 12, &mut bytes).is_ok() {
+            let _ = header::complete_checksum(&mut bytes, &tx.header);
+        }
+    }
+    let _ = frame::rx_buffer(&mem, head, &buffers);
+    // The same ring as an rx queue: gather, then commit what a frame of `need` bytes uses.
+    queue.set_next_avail(0);
+    let mut batch = rx::RxBatch::default();
+    if let Ok(rx::Gathered::Ready) =
+        batch.gather(&mut queue, &mem, need % 0x20000, mergeable, |_| {})
+    {
+        let _ = batch.commit(&mut queue, &mem, need % 0x20000);
+    }
 }

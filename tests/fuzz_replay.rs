@@ -29,6 +29,23 @@ fn blk_request_corpus_replays_without_panicking() {
 }
 
 #[test]
+fn net_frame_corpus_replays_without_panicking() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+    let mut replayed = 0;
+    for dir in ["seeds/net_frame", "regressions/net_frame"] {
+        let Ok(entries) = std::fs::read_dir(root.join(dir)) else {
+            continue;
+        };
+        for entry in entries {
+            let data = std::fs::read(entry.unwrap().path()).unwrap();
+            novacron::fuzz_support::net_frame(&data);
+            replayed += 1;
+        }
+    }
+    assert!(replayed >= 8, "only {replayed} net fuzz inputs found");
+}
+
+#[test]
 fn blk_request_survives_structured_noise() {
     // A cheap stand-in for the fuzzer in CI: deterministic pseudo-random inputs of many sizes.
     let mut x: u64 = 0x2545_F491_4F6C_DD1D;
