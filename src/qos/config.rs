@@ -1,9 +1,10 @@
 //! QoS settings of a device as options (`iops=5000,bps=100M,iops-burst=20000,...`), shared by
 //! `--blk`, `device.add` and `qos.set`, and their conversion to a live [`Limiter`].
 //!
-//! Keys: `iops`, `read-iops`, `write-iops` (operations/s) and `bps`, `read-bps`, `write-bps`
-//! (bytes/s, size suffixes allowed), each with `<key>-burst` (peak rate) and
-//! `<key>-burst-seconds` (how long the peak may last). Settings are kept apart from the live
+//! Keys: for disks `iops`, `read-iops`, `write-iops` (operations/s) and `bps`, `read-bps`,
+//! `write-bps` (bytes/s, size suffixes allowed); for NICs `tx-pps`, `rx-pps` (frames/s) and
+//! `tx-bps`, `rx-bps` (bytes/s); each with `<key>-burst` (peak rate) and
+//! `<key>-burst-seconds` (how long the peak may last). Groups take any of them. Settings are kept apart from the live
 //! buckets: a change builds a new limiter from the settings and swaps it in.
 
 // Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
@@ -14,15 +15,44 @@ use crate::config::options::{OptionError, OptionList};
 
 use super::limiter::{Direction, LimitError, Limiter, Rate, Unit};
 
-/// The six limits, by option key, unit and direction.
-pub const LIMITS: [(&str, Unit, Direction); 6] = [
+/// Every limit, by option key, unit and direction: six for disks, four for NICs (`tx` is what
+/// the guest sends, `rx` what it receives).
+pub const LIMITS: [(&str, Unit, Direction); 10] = [
     ("iops", Unit::Operations, Direction::Any),
     ("read-iops", Unit::Operations, Direction::Read),
     ("write-iops", Unit::Operations, Direction::Write),
     ("bps", Unit::Bytes, Direction::Any),
     ("read-bps", Unit::Bytes, Direction::Read),
     ("write-bps", Unit::Bytes, Direction::Write),
+    ("tx-pps", Unit::Operations, Direction::Tx),
+    ("tx-bps", Unit::Bytes, Direction::Tx),
+    ("rx-pps", Unit::Operations, Direction::Rx),
+    ("rx-bps", Unit::Bytes, Direction::Rx),
 ];
+
+/// Which limits a configuration may hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Family {
+    /// A disk: IOPS and bytes/s.
+    Blk,
+    /// A NIC: packets/s and bytes/s per direction.
+    Net,
+    /// A group: any of them (each applies to the members it concerns).
+    Any,
+}
+
+impl Family {
+    fn has(self, direction: Direction) -> bool {
+        match self {
+            Family::Any => true,
+            Family::Blk => matches!(
+                direction,
+                Direction::Any | Direction::Read | Direction::Write
+            ),
+            Family::Net => matches!(direction, Direction::Tx | Direction::Rx),
+        }
+    }
+}
 
 /// The option naming the QoS group a device belongs to.
 pub const GROUP_KEY: &str = "qos-group";
@@ -46,10 +76,22 @@ pub struct QosConfig {
 }
 
 impl QosConfig {
-    /// Takes the QoS keys out of `options` and validates them.
+    /// Takes the disk QoS keys out of `options` and validates them.
     pub fn from_options(options: &mut OptionList) -> Result<Self, QosConfigError> {
+        Self::from_options_for(options, Family::Blk)
+    }
+
+    /// Takes the QoS keys of `family` out of `options` and validates them; other families'
+    /// keys stay in `options` (and are then refused as unknown by the caller).
+    pub fn from_options_for(
+        options: &mut OptionList,
+        family: Family,
+    ) -> Result<Self, QosConfigError> {
         let mut limits = Vec::new();
-        for (key, unit, _) in LIMITS {
+        for (key, unit, direction) in LIMITS {
+            if !family.has(direction) {
+                continue;
+            }
             let take = |options: &mut OptionList, key: &str| match unit {
                 Unit::Operations => options.take::<u64>(key),
                 Unit::Bytes => options.take_size(key),

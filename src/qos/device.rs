@@ -72,6 +72,7 @@ impl DeviceQos {
 mod tests {
     use super::*;
     use crate::config::options::OptionList;
+    use crate::qos::limiter::CostKind;
 
     fn config(spec: &str) -> QosConfig {
         QosConfig::from_options(&mut OptionList::parse(spec).unwrap()).unwrap()
@@ -84,7 +85,7 @@ mod tests {
         let group = Arc::new(SharedLimiter::new(&config("iops=10"), 0).unwrap()); // room: 1
         qos.set_group(Some(group), 1);
         let cost = Cost {
-            write: false,
+            kind: CostKind::Read,
             bytes: 512,
         };
         assert!(qos.is_limited());

@@ -142,6 +142,7 @@ fn enqueue(waiting: &mut VecDeque<(u64, u64)>, member: u64, now_ns: u64) {
 mod tests {
     use super::*;
     use crate::config::options::OptionList;
+    use crate::qos::limiter::CostKind;
 
     fn group(spec: &str) -> SharedLimiter {
         let mut options = OptionList::parse(spec).unwrap();
@@ -153,7 +154,7 @@ mod tests {
     /// clock for `seconds`; `weights[i]` requests per attempt for member i. Returns starts.
     fn simulate(group: &SharedLimiter, weights: &[u64], seconds: u64) -> Vec<u64> {
         let cost = Cost {
-            write: false,
+            kind: CostKind::Read,
             bytes: 4096,
         };
         let mut next = vec![0u64; weights.len()];
@@ -213,7 +214,7 @@ mod tests {
     fn a_member_that_leaves_does_not_block_the_queue() {
         let g = group("iops=10");
         let cost = Cost {
-            write: true,
+            kind: CostKind::Write,
             bytes: 0,
         };
         assert!(g.try_start(1, cost, 0).is_ok());

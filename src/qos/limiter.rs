@@ -91,19 +91,36 @@ pub enum Unit {
 /// Which requests a bucket applies to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
-    /// Reads and writes.
+    /// Block reads and writes.
     Any,
-    /// Reads only.
+    /// Block reads only.
     Read,
-    /// Writes only.
+    /// Block writes only.
     Write,
+    /// Frames the guest sends.
+    Tx,
+    /// Frames delivered to the guest.
+    Rx,
 }
 
-/// A request as the limiter sees it.
+/// What kind of I/O a cost is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CostKind {
+    /// A block read.
+    Read,
+    /// A block write (or discard / write-zeroes).
+    Write,
+    /// A frame from the guest.
+    Tx,
+    /// A frame to the guest.
+    Rx,
+}
+
+/// A request or frame as the limiter sees it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Cost {
-    /// Whether it writes.
-    pub write: bool,
+    /// What it is.
+    pub kind: CostKind,
     /// Bytes it moves.
     pub bytes: u64,
 }
@@ -188,9 +205,11 @@ impl Limiter {
 
 fn applies(direction: Direction, cost: Cost) -> bool {
     match direction {
-        Direction::Any => true,
-        Direction::Read => !cost.write,
-        Direction::Write => cost.write,
+        Direction::Any => matches!(cost.kind, CostKind::Read | CostKind::Write),
+        Direction::Read => cost.kind == CostKind::Read,
+        Direction::Write => cost.kind == CostKind::Write,
+        Direction::Tx => cost.kind == CostKind::Tx,
+        Direction::Rx => cost.kind == CostKind::Rx,
     }
 }
 
@@ -238,7 +257,7 @@ mod tests {
             let started = saturate(
                 &mut l,
                 Cost {
-                    write: false,
+                    kind: CostKind::Read,
                     bytes: 4096,
                 },
                 10,
@@ -258,7 +277,7 @@ mod tests {
         let started = saturate(
             &mut l,
             Cost {
-                write: true,
+                kind: CostKind::Write,
                 bytes: 256 << 10,
             },
             10,
@@ -280,7 +299,7 @@ mod tests {
         let first = saturate(
             &mut l,
             Cost {
-                write: false,
+                kind: CostKind::Read,
                 bytes: 512,
             },
             1,
@@ -294,7 +313,7 @@ mod tests {
         let total = saturate(
             &mut l,
             Cost {
-                write: false,
+                kind: CostKind::Read,
                 bytes: 512,
             },
             20,
@@ -314,7 +333,7 @@ mod tests {
         assert!(l
             .try_start(
                 Cost {
-                    write: true,
+                    kind: CostKind::Write,
                     bytes: 50
                 },
                 0
@@ -324,7 +343,7 @@ mod tests {
         assert!(l
             .try_start(
                 Cost {
-                    write: true,
+                    kind: CostKind::Write,
                     bytes: 50
                 },
                 0
@@ -334,7 +353,7 @@ mod tests {
         assert!(
             l.try_start(
                 Cost {
-                    write: false,
+                    kind: CostKind::Read,
                     bytes: 50
                 },
                 0
@@ -345,7 +364,7 @@ mod tests {
         assert!(
             l.try_start(
                 Cost {
-                    write: false,
+                    kind: CostKind::Read,
                     bytes: 50
                 },
                 0
@@ -390,7 +409,7 @@ mod tests {
         assert!(l
             .try_start(
                 Cost {
-                    write: true,
+                    kind: CostKind::Write,
                     bytes: u64::MAX
                 },
                 0

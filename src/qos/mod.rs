@@ -6,4 +6,5 @@ pub mod bucket;
 pub mod config;
 pub mod device;
 pub mod group;
+pub mod handle;
 pub mod limiter;

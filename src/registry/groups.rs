@@ -139,8 +139,8 @@ fn group_config(options: &BTreeMap<String, String>) -> Result<QosConfig, Registr
         return Err(RegistryError::NotQos(key.clone()));
     }
     let mut list = OptionList::from_pairs(options.clone());
-    let config =
-        QosConfig::from_options(&mut list).map_err(|e| RegistryError::NotQos(e.to_string()))?;
+    let config = QosConfig::from_options_for(&mut list, crate::qos::config::Family::Any)
+        .map_err(|e| RegistryError::NotQos(e.to_string()))?;
     if config.is_empty() {
         return Err(RegistryError::NotQos(
             "a group needs at least one limit".into(),

@@ -13,19 +13,17 @@
 
 use std::fs::File;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use super::backend::BlkBackend;
 use super::config::{BackingSpec, BlkConfig, EngineKind};
 use super::request::Limits;
 use super::spec::{ConfigSpace, MAX_IOVECS, SECTOR_SHIFT};
 use super::stats::{QueueSnapshot, QueueStats};
-use super::throttle::now_ns;
 use crate::devices::runner::{BackendFactory, DeviceRunner, RunnerError};
-use crate::lock::lock;
 use crate::qos::config::QosConfig;
-use crate::qos::device::DeviceQos;
 use crate::qos::group::SharedLimiter;
+use crate::qos::handle::QosHandle;
 use crate::qos::limiter::LimitError;
 use crate::storage::backing::{open_backing, BackingError, OpenRequest};
 use crate::storage::null::NullEngine;
@@ -65,11 +63,7 @@ pub struct DeviceShared {
     /// Whether a front-end is connected now.
     pub connected: Arc<AtomicBool>,
     /// The device's rate limits (own and group), shared by its queues.
-    pub qos: Mutex<DeviceQos>,
-    /// Fast path: false when nothing limits the device (`qos` is never locked then).
-    pub qos_enabled: AtomicBool,
-    /// This device's identity inside QoS groups.
-    pub member_id: u64,
+    pub qos: QosHandle,
     file: Option<Arc<File>>,
     engine: EngineKind,
     stats: Vec<Arc<QueueStats>>,
@@ -92,27 +86,22 @@ impl DeviceShared {
 
     /// Replaces the rate limits; takes effect for the next request on every queue.
     pub fn set_qos(&self, config: &QosConfig) -> Result<(), LimitError> {
-        let mut qos = lock(&self.qos);
-        qos.set_limits(config, now_ns())?;
-        self.qos_enabled.store(qos.is_limited(), Ordering::Release);
-        Ok(())
+        self.qos.set_limits(config)
     }
 
     /// Joins `group` (or leaves the current one with `None`).
     pub fn set_group(&self, group: Option<Arc<SharedLimiter>>) {
-        let mut qos = lock(&self.qos);
-        qos.set_group(group, self.member_id);
-        self.qos_enabled.store(qos.is_limited(), Ordering::Release);
+        self.qos.set_group(group);
     }
 
     /// The device's own current tokens, by limit name.
     pub fn qos_tokens(&self) -> Vec<(String, i64)> {
-        lock(&self.qos).tokens(now_ns())
+        self.qos.tokens()
     }
 
     /// The current rate-limit settings.
     pub fn qos_config(&self) -> QosConfig {
-        lock(&self.qos).config().clone()
+        self.qos.config()
     }
 
     /// The counters of queue `queue`.
@@ -155,12 +144,6 @@ impl DeviceShared {
 }
 
 const MAX_IOVECS_U32: u32 = MAX_IOVECS as u32;
-
-/// A process-wide unique id for each device, for QoS group membership.
-fn next_member_id() -> u64 {
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-    NEXT.fetch_add(1, Ordering::Relaxed)
-}
 
 /// A running block device.
 pub struct BlkDevice {
@@ -205,9 +188,7 @@ impl BlkDevice {
             flush_failed: AtomicBool::new(false),
             poll: std::time::Duration::from_micros(u64::from(config.poll_us)),
             connected: Arc::new(AtomicBool::new(false)),
-            qos: Mutex::new(DeviceQos::default()),
-            qos_enabled: AtomicBool::new(false),
-            member_id: next_member_id(),
+            qos: QosHandle::default(),
             file,
             engine,
             stats: (0..config.queues).map(|_| Arc::default()).collect(),

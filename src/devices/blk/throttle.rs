@@ -9,38 +9,32 @@
 
 use std::collections::VecDeque;
 use std::os::fd::{AsRawFd, RawFd};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use vmm_sys_util::timerfd::TimerFd;
 
 use super::device::DeviceShared;
 use super::request::{Request, RequestKind};
-use crate::lock::lock;
-use crate::qos::limiter::Cost;
+use crate::qos::limiter::{Cost, CostKind};
 use crate::vring::GuestMemory;
 
-/// Nanoseconds on the daemon's monotonic clock (the QoS buckets' time base).
-pub fn now_ns() -> u64 {
-    static BASE: OnceLock<Instant> = OnceLock::new();
-    let base = *BASE.get_or_init(Instant::now);
-    u64::try_from(base.elapsed().as_nanos()).unwrap_or(u64::MAX)
-}
+pub use crate::qos::handle::now_ns;
 
 /// What a request costs against the limits; `None` for requests QoS never holds back
 /// (flush and GET_ID: holding a flush would only delay durability, not save bandwidth).
 pub fn cost(request: &Request) -> Option<Cost> {
     match request.kind {
         RequestKind::Read { .. } => Some(Cost {
-            write: false,
+            kind: CostKind::Read,
             bytes: u64::from(request.data_len),
         }),
         RequestKind::Write { .. } => Some(Cost {
-            write: true,
+            kind: CostKind::Write,
             bytes: u64::from(request.data_len),
         }),
         RequestKind::Discard(_) | RequestKind::WriteZeroes(_) => Some(Cost {
-            write: true,
+            kind: CostKind::Write,
             bytes: 0,
         }),
         RequestKind::Flush | RequestKind::GetId { .. } => None,
@@ -157,6 +151,6 @@ impl Throttle {
 fn try_start(device: &DeviceShared, request: &Request) -> Result<(), Duration> {
     match cost(request) {
         None => Ok(()),
-        Some(cost) => lock(&device.qos).try_start(device.member_id, cost, now_ns()),
+        Some(cost) => device.qos.try_start(cost),
     }
 }

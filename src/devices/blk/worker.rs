@@ -180,7 +180,7 @@ impl QueueWorker {
 
     /// Runs `request` now, or holds it back if the device's limits say so.
     fn admit(&mut self, head: u16, request: Request, memory: &Arc<GuestMemory>) {
-        if !self.shared.qos_enabled.load(Ordering::Acquire) && !self.throttle.is_holding() {
+        if !self.shared.qos.is_enabled() && !self.throttle.is_holding() {
             self.execute(head, request, memory);
             return;
         }

@@ -15,6 +15,7 @@ use std::path::PathBuf;
 use crate::config::id;
 use crate::config::options::{OptionError, OptionList};
 use crate::devices::net::switch::Mac;
+use crate::qos::config::{Family, QosConfig};
 
 /// Most queue pairs one device offers; each pair gets its own worker thread.
 pub const MAX_QUEUE_PAIRS: u16 = 16;
@@ -64,6 +65,10 @@ pub struct NetConfig {
     pub mtu: u16,
     /// Access VLAN of a switch port.
     pub vlan: Option<u16>,
+    /// Rate limits (`tx-pps`, `tx-bps`, `rx-pps`, `rx-bps`, with bursts).
+    pub qos: QosConfig,
+    /// The QoS group whose limits also apply (`qos-group=NAME`).
+    pub qos_group: Option<String>,
     /// Microseconds a tx worker keeps polling its ring after it runs dry, before sleeping
     /// (0 disables). Saves the guest's kick and our wake-up while traffic flows.
     pub poll_us: u32,
@@ -111,6 +116,9 @@ impl NetConfig {
         let queue_size = options.take::<u16>("queue-size")?.unwrap_or(256);
         let mtu = options.take::<u16>("mtu")?.unwrap_or(1500);
         let vlan = options.take::<u16>("vlan")?;
+        let qos = QosConfig::from_options_for(&mut options, Family::Net)
+            .map_err(|e| invalid(e.to_string()))?;
+        let qos_group = options.take_str(crate::qos::config::GROUP_KEY);
         let poll_us = options
             .take::<u32>("poll-us")?
             .unwrap_or(crate::devices::blk::config::DEFAULT_POLL_US);
@@ -149,6 +157,8 @@ impl NetConfig {
             queue_size,
             mtu,
             vlan,
+            qos,
+            qos_group,
             poll_us,
         })
     }
@@ -264,6 +274,9 @@ mod tests {
             "socket=/s.sock,switch=s0,vlan=4095",
             "socket=/s.sock,tap=t0,colour=blue",
             "socket=/s.sock,tap=t0,poll-us=1001",
+            "socket=/s.sock,tap=t0,iops=100",
+            "socket=/s.sock,tap=t0,tx-pps=0",
+            "socket=/s.sock,tap=t0,rx-bps-burst=10M",
         ] {
             assert!(NetConfig::parse(spec).is_err(), "accepted {spec}");
         }

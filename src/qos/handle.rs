@@ -1,0 +1,75 @@
+//! A device's QoS as its data path and the registry use it: [`DeviceQos`] under one mutex,
+//! plus a lock-free "is anything limited?" flag so an unlimited device never takes the lock,
+//! and the device's identity inside groups. Shared by disks and NICs.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use super::config::QosConfig;
+use super::device::DeviceQos;
+use super::group::SharedLimiter;
+use super::limiter::{Cost, LimitError};
+use crate::lock::lock;
+
+/// Nanoseconds on the daemon's monotonic clock (the QoS buckets' time base).
+pub fn now_ns() -> u64 {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    let base = *BASE.get_or_init(Instant::now);
+    u64::try_from(base.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// One device's limits, own and group.
+pub struct QosHandle {
+    state: Mutex<DeviceQos>,
+    enabled: AtomicBool,
+    member: u64,
+}
+
+impl Default for QosHandle {
+    fn default() -> Self {
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        Self {
+            state: Mutex::new(DeviceQos::default()),
+            enabled: AtomicBool::new(false),
+            member: NEXT.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+}
+
+impl QosHandle {
+    /// Replaces the device's own limits; takes effect for the next request or frame.
+    pub fn set_limits(&self, config: &QosConfig) -> Result<(), LimitError> {
+        let mut state = lock(&self.state);
+        state.set_limits(config, now_ns())?;
+        self.enabled.store(state.is_limited(), Ordering::Release);
+        Ok(())
+    }
+
+    /// Joins `group` (or leaves the current one with `None`).
+    pub fn set_group(&self, group: Option<Arc<SharedLimiter>>) {
+        let mut state = lock(&self.state);
+        state.set_group(group, self.member);
+        self.enabled.store(state.is_limited(), Ordering::Release);
+    }
+
+    /// Whether anything limits the device (fast path: no lock).
+    pub fn is_enabled(&self) -> bool {
+        self.enabled.load(Ordering::Acquire)
+    }
+
+    /// Charges `cost` now, or says how long to wait (charging nothing).
+    pub fn try_start(&self, cost: Cost) -> Result<(), Duration> {
+        lock(&self.state).try_start(self.member, cost, now_ns())
+    }
+
+    /// The device's own current tokens, by limit name.
+    pub fn tokens(&self) -> Vec<(String, i64)> {
+        lock(&self.state).tokens(now_ns())
+    }
+
+    /// The device's own settings.
+    pub fn config(&self) -> QosConfig {
+        lock(&self.state).config().clone()
+    }
+}
