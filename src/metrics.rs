@@ -10,7 +10,8 @@
 //!   `novacron_blk_connected`;
 //! - net devices (`device`) and switches (`switch`): `novacron_net_frames_total{direction}`,
 //!   `novacron_net_bytes_total{direction}`, `novacron_net_drops_total{direction,reason}`,
-//!   `novacron_net_rx_stalls_total`, `novacron_net_connected`, `novacron_net_link_up`,
+//!   `novacron_net_rx_stalls_total`, `novacron_net_throttled_total{direction}`,
+//!   `novacron_net_connected`, `novacron_net_link_up`,
 //!   `novacron_switch_frames_total{direction}` (in = entering the switch, out = copies
 //!   delivered), `novacron_switch_drops_total{direction,reason}`, `novacron_switch_ports`,
 //!   `novacron_switch_learnt_macs`.

@@ -86,6 +86,15 @@ impl TokenBucket {
         Err(self.wait_for(needed))
     }
 
+    /// Takes `n` tokens whatever the level, going into debt if needed (for a cost known only
+    /// after the work was done, e.g. the size of a frame already received).
+    pub fn take_anyway(&mut self, n: u64, now_ns: u64) {
+        self.refill(now_ns);
+        self.level = self
+            .level
+            .saturating_sub(i128::from(n).saturating_mul(SCALE));
+    }
+
     /// Gives back `n` tokens taken earlier (a request that could not start after all).
     pub fn give_back(&mut self, n: u64) {
         self.level = self
@@ -113,6 +122,16 @@ impl TokenBucket {
 #[cfg(test)]
 #[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)] // tests may panic
 mod tests {
+    #[test]
+    fn take_anyway_goes_into_debt_and_later_takes_wait_for_repayment() {
+        let mut b = TokenBucket::new(1000, 1000, 0);
+        b.take_anyway(2500, 0);
+        assert_eq!(b.tokens(0), -1500);
+        // Even a zero-cost take waits until the debt is repaid: 1.5 s at 1000/s.
+        assert_eq!(b.try_take(0, 0), Err(Duration::from_millis(1500)));
+        assert_eq!(b.try_take(0, 1_500_000_000), Ok(()));
+    }
+
     use super::*;
 
     const SEC: u64 = 1_000_000_000;

@@ -54,6 +54,22 @@ impl DeviceQos {
         self.limiter.tokens(now_ns)
     }
 
+    /// Gives back a charge made by [`DeviceQos::try_start`] for work that did not happen.
+    pub fn refund(&mut self, cost: Cost) {
+        self.limiter.refund(cost);
+        if let Some(group) = &self.group {
+            group.refund(cost);
+        }
+    }
+
+    /// Charges bytes known only afterwards to the device and its group (into debt if need be).
+    pub fn charge_bytes(&mut self, cost: Cost, now_ns: u64) {
+        self.limiter.charge_bytes(cost, now_ns);
+        if let Some(group) = &self.group {
+            group.charge_bytes(cost, now_ns);
+        }
+    }
+
     /// Charges `cost` to the device and its group, or neither; on refusal, how long to wait.
     pub fn try_start(&mut self, member: u64, cost: Cost, now_ns: u64) -> Result<(), Duration> {
         self.limiter.try_start(cost, now_ns)?;

@@ -119,6 +119,11 @@ impl SharedLimiter {
         self.lock().limiter.tokens(now_ns)
     }
 
+    /// Charges bytes known only afterwards (see [`Limiter::charge_bytes`]).
+    pub fn charge_bytes(&self, cost: Cost, now_ns: u64) {
+        self.lock().limiter.charge_bytes(cost, now_ns);
+    }
+
     /// Gives back what a started request was charged (its own limits refused it after all).
     pub fn refund(&self, cost: Cost) {
         self.lock().limiter.refund(cost);

@@ -63,6 +63,17 @@ impl QosHandle {
         lock(&self.state).try_start(self.member, cost, now_ns())
     }
 
+    /// Gives back a charge for work that did not happen after all.
+    pub fn refund(&self, cost: Cost) {
+        lock(&self.state).refund(cost);
+    }
+
+    /// Charges bytes known only after the fact (a received frame's size), into debt if need
+    /// be; the next [`QosHandle::try_start`] waits until the debt is repaid.
+    pub fn charge_bytes(&self, cost: Cost) {
+        lock(&self.state).charge_bytes(cost, now_ns());
+    }
+
     /// The device's own current tokens, by limit name.
     pub fn tokens(&self) -> Vec<(String, i64)> {
         lock(&self.state).tokens(now_ns())

@@ -178,6 +178,16 @@ impl Limiter {
         }
     }
 
+    /// Charges the bytes of `cost` to the applicable byte buckets whatever their level (into
+    /// debt if need be): for costs known only afterwards. Operation buckets are untouched.
+    pub fn charge_bytes(&mut self, cost: Cost, now_ns: u64) {
+        for (unit, direction, bucket) in &mut self.buckets {
+            if *unit == Unit::Bytes && applies(*direction, cost) {
+                bucket.take_anyway(cost.bytes, now_ns);
+            }
+        }
+    }
+
     /// Charges `cost` if every applicable bucket allows it now; otherwise charges nothing and
     /// returns how long to wait before trying again.
     pub fn try_start(&mut self, cost: Cost, now_ns: u64) -> Result<(), Duration> {

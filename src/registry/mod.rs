@@ -26,6 +26,7 @@ use crate::devices::net::fabric::Fabric;
 use crate::devices::net::stats::NetSnapshot;
 use crate::qos::config::{QosConfig, GROUP_KEY};
 use crate::qos::group::SharedLimiter;
+use crate::qos::handle::QosHandle;
 mod groups;
 mod switches;
 
@@ -46,9 +47,6 @@ pub enum RegistryError {
     /// A switch name or option that is not valid.
     #[error("{0}")]
     BadSwitch(String),
-    /// The request applies to block devices only.
-    #[error("device `{0}` is not a block device")]
-    NotBlk(String),
     /// An id or socket is already in use.
     #[error("{0}")]
     Exists(String),
@@ -82,7 +80,6 @@ impl RegistryError {
             RegistryError::UnknownType(_)
             | RegistryError::Config(_)
             | RegistryError::NetConfig(_)
-            | RegistryError::NotBlk(_)
             | RegistryError::BadSwitch(_)
             | RegistryError::NotQos(_) => "invalid-params",
             RegistryError::Exists(_) => "exists",
@@ -115,19 +112,17 @@ impl Device {
     }
 
     fn stop(self) {
+        self.qos().set_group(None);
         match self {
-            Device::Blk(d) => {
-                d.shared().set_group(None);
-                d.stop();
-            }
+            Device::Blk(d) => d.stop(),
             Device::Net(d) => d.stop(),
         }
     }
 
-    fn blk(&self, id: &str) -> Result<&BlkDevice, RegistryError> {
+    fn qos(&self) -> &QosHandle {
         match self {
-            Device::Blk(d) => Ok(d),
-            Device::Net(_) => Err(RegistryError::NotBlk(id.to_string())),
+            Device::Blk(d) => &d.shared().qos,
+            Device::Net(d) => &d.shared().qos,
         }
     }
 }
@@ -249,12 +244,14 @@ impl Registry {
         let list = OptionList::from_pairs(options.clone());
         if kind == "net" {
             let config = NetConfig::from_options(list)?;
+            let group = self.resolve_group(config.qos_group.as_deref())?;
             let id = config.id.clone();
             let device =
                 NetDevice::start(config, &self.fabric).map_err(|source| RegistryError::Start {
                     id,
                     source: source.into(),
                 })?;
+            device.shared().qos.set_group(group);
             return Ok(Device::Net(device));
         }
         let config = BlkConfig::from_options(list)?;
@@ -292,10 +289,21 @@ impl Registry {
         if let Some(key) = changes.keys().find(|k| !QosConfig::is_qos_key(k)) {
             return Err(RegistryError::NotQos(key.clone()));
         }
-        self.entry(id)?.device.blk(id)?;
-        let options = with_changes(&self.entry(id)?.record.options, changes);
-        let config = BlkConfig::from_options(OptionList::from_pairs(options.clone()))?;
-        let group = self.resolve_group(config.qos_group.as_deref())?;
+        let entry = self.entry(id)?;
+        let options = with_changes(&entry.record.options, changes);
+        let list = OptionList::from_pairs(options.clone());
+        // The whole option set is validated as the device kind's own parser sees it.
+        let (qos, qos_group) = match &entry.device {
+            Device::Blk(_) => {
+                let config = BlkConfig::from_options(list)?;
+                (config.qos, config.qos_group)
+            }
+            Device::Net(_) => {
+                let config = NetConfig::from_options(list)?;
+                (config.qos, config.qos_group)
+            }
+        };
+        let group = self.resolve_group(qos_group.as_deref())?;
         let Some(entry) = self.devices.get_mut(id) else {
             return Err(RegistryError::NotFound(id.to_string()));
         };
@@ -309,12 +317,13 @@ impl Registry {
                 return Err(e);
             }
         }
-        if let Some(Device::Blk(device)) = self.devices.get(id).map(|e| &e.device) {
+        if let Some(entry) = self.devices.get(id) {
+            let handle = entry.device.qos();
             // Validated above by from_options, which builds the same limiter.
-            if let Err(e) = device.shared().set_qos(&config.qos) {
+            if let Err(e) = handle.set_limits(&qos) {
                 log::error!("{id}: cannot apply validated limits: {e}");
             }
-            device.shared().set_group(group);
+            handle.set_group(group);
         }
         self.qos(id)
     }
@@ -322,21 +331,36 @@ impl Registry {
     /// A device's rate limits and how much they held it back.
     pub fn qos(&self, id: &str) -> Result<Value, RegistryError> {
         let entry = self.entry(id)?;
-        let shared = entry.device.blk(id)?.shared();
-        let limits: serde_json::Map<String, Value> = shared
-            .qos_config()
+        let handle = entry.device.qos();
+        let limits: serde_json::Map<String, Value> = handle
+            .config()
             .limits
             .iter()
             .map(|(key, rate)| (key.to_string(), json!(rate)))
             .collect();
-        let queues = shared.stats();
+        let (throttled, wait_ns) = match &entry.device {
+            Device::Blk(device) => {
+                let queues = device.shared().stats();
+                (
+                    queues.iter().map(|q| q.throttled).sum::<u64>(),
+                    queues.iter().map(|q| q.throttle_wait_ns).sum::<u64>(),
+                )
+            }
+            Device::Net(device) => {
+                let stats = device.stats();
+                (
+                    stats.tx_throttled.saturating_add(stats.rx_throttled),
+                    stats.throttle_wait_ns,
+                )
+            }
+        };
         Ok(json!({
             "id": id,
             "group": entry.record.options.get(GROUP_KEY),
             "limits": limits,
-            "tokens": shared.qos_tokens().into_iter().collect::<BTreeMap<_, _>>(),
-            "throttled": queues.iter().map(|q| q.throttled).sum::<u64>(),
-            "throttle-wait-ns": queues.iter().map(|q| q.throttle_wait_ns).sum::<u64>(),
+            "tokens": handle.tokens().into_iter().collect::<BTreeMap<_, _>>(),
+            "throttled": throttled,
+            "throttle-wait-ns": wait_ns,
         }))
     }
 

@@ -15,7 +15,10 @@ impl NetNs {
     /// Creates `{prefix}-{pid}` with its loopback up.
     pub fn new(prefix: &str) -> NetNs {
         let name = format!("{prefix}-{}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &name])
+            .stderr(Stdio::null())
+            .status();
         run("ip", &["netns", "add", &name]);
         let ns = NetNs {
             name,
@@ -43,23 +46,30 @@ impl NetNs {
         self.children.push(child);
     }
 
-    /// Waits until something accepts TCP connections on `addr` inside the namespace.
-    pub fn wait_tcp(&self, addr: &str) {
+    /// Runs `f` on a fresh thread inside the namespace and waits for it.
+    pub fn run_inside<R: Send + 'static>(&self, f: impl FnOnce() -> R + Send + 'static) -> R {
         let path = format!("/var/run/netns/{}", self.name);
-        let addr: std::net::SocketAddr = addr.parse().expect("address");
         std::thread::spawn(move || {
             let ns = std::fs::File::open(&path).expect("open netns");
             // SAFETY: setns only changes this (fresh, short-lived) thread's namespace.
             let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
             assert_eq!(rc, 0, "setns failed");
+            f()
+        })
+        .join()
+        .expect("thread inside the namespace")
+    }
+
+    /// Waits until something accepts TCP connections on `addr` inside the namespace.
+    pub fn wait_tcp(&self, addr: &str) {
+        let addr: std::net::SocketAddr = addr.parse().expect("address");
+        self.run_inside(move || {
             let deadline = Instant::now() + Duration::from_secs(20);
             while std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(1)).is_err() {
                 assert!(Instant::now() < deadline, "nothing listens on {addr}");
                 std::thread::yield_now();
             }
-        })
-        .join()
-        .expect("readiness probe");
+        });
     }
 }
 

@@ -4,7 +4,8 @@
 //!
 //! Queue `2i` is pair i's rx queue, `2i+1` its tx queue; each pair has its own thread (from
 //! `vhost-user-backend`) and its own [`PairWorker`]. In each thread's event loop, id 0 is the
-//! rx queue, 1 the tx queue, `2·pairs` the exit event and `2·pairs + 1` the tap.
+//! rx queue, 1 the tx queue, `2·pairs` the exit event, `2·pairs + 1` the tap and
+//! `2·pairs + 2` the QoS timer.
 
 // Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
 // panic or wrap silently (checked, saturating or `get` instead).
@@ -33,6 +34,9 @@ pub enum BackendError {
     /// An exit eventfd could not be created.
     #[error("cannot create an exit event")]
     ExitEvent(#[source] std::io::Error),
+    /// A worker could not be set up.
+    #[error(transparent)]
+    Worker(#[from] super::worker::WorkerError),
 }
 
 /// The vhost-user backend of one net device connection.
@@ -62,9 +66,16 @@ impl NetBackend {
                 }),
                 _ => shared.take_tap(pair).map(PairBackend::Tap),
             };
-            workers.push(Mutex::new(backend.map(|backend| {
-                PairWorker::new(pair, Arc::clone(&shared), memory.clone(), backend)
-            })));
+            let worker = match backend {
+                Some(backend) => Some(PairWorker::new(
+                    pair,
+                    Arc::clone(&shared),
+                    memory.clone(),
+                    backend,
+                )?),
+                None => None,
+            };
+            workers.push(Mutex::new(worker));
             exit_events.push(
                 new_event_consumer_and_notifier(EventFlag::NONBLOCK)
                     .map_err(BackendError::ExitEvent)?,
@@ -89,6 +100,10 @@ impl NetBackend {
         u64::from(self.shared.config.queue_pairs)
             .saturating_mul(2)
             .saturating_add(1)
+    }
+
+    fn timer_event_id(&self) -> u64 {
+        self.tap_event_id().saturating_add(1)
     }
 }
 
@@ -195,6 +210,7 @@ impl VhostUserBackend for NetBackend {
             0 => worker.process_rx_kick(rx),
             1 => worker.process_tx(tx),
             id if id == self.tap_event_id() => worker.process_tap(rx),
+            id if id == self.timer_event_id() => worker.process_timer(rx, tx),
             other => {
                 log::warn!("{}: unexpected event id {other}", self.shared.config.id);
                 Ok(())
@@ -210,12 +226,17 @@ impl VhostUserBackend for NetBackend {
 
 impl crate::devices::runner::SessionBackend for NetBackend {
     fn listeners(&self) -> Vec<(usize, std::os::fd::RawFd, u64)> {
-        let id = self.tap_event_id();
-        self.workers
-            .iter()
-            .enumerate()
-            .filter_map(|(thread, w)| lock(w).as_ref()?.tap_poll_fd().map(|fd| (thread, fd, id)))
-            .collect()
+        let (tap, timer) = (self.tap_event_id(), self.timer_event_id());
+        let mut out = Vec::new();
+        for (thread, worker) in self.workers.iter().enumerate() {
+            if let Some(worker) = lock(worker).as_ref() {
+                if let Some(fd) = worker.tap_poll_fd() {
+                    out.push((thread, fd, tap));
+                }
+                out.push((thread, worker.timer_fd(), timer));
+            }
+        }
+        out
     }
 
     fn vrings_created(&self, vrings: &[CheckedVring]) {

@@ -22,6 +22,7 @@ use super::switch::PortConfig;
 use super::tap_queue::{TapQueue, TapQueueError};
 use crate::devices::runner::{BackendFactory, DeviceRunner, RunnerError};
 use crate::lock::lock;
+use crate::qos::handle::QosHandle;
 
 /// Errors starting a net device.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +49,8 @@ pub struct NetShared {
     pub stats: Arc<NetStats>,
     /// Whether a front-end is connected now.
     pub connected: Arc<AtomicBool>,
+    /// Rate limits (own and group); a switch port's senders consult it too.
+    pub qos: Arc<QosHandle>,
     link_up: AtomicBool,
     acked_features: AtomicU64,
     taps: Mutex<Vec<Option<TapQueue>>>,
@@ -132,6 +135,11 @@ impl NetDevice {
     /// Opens the taps (or joins the switch), listens on the socket.
     pub fn start(config: NetConfig, fabric: &Fabric) -> Result<Self, NetDeviceError> {
         let stats = Arc::new(NetStats::default());
+        let qos = Arc::new(QosHandle::default());
+        if let Err(e) = qos.set_limits(&config.qos) {
+            // Validated when the options were parsed; unreachable unless that changes.
+            log::error!("{}: rate limits ignored: {e}", config.id);
+        }
         let mut taps = Vec::new();
         let mut port = None;
         match &config.backend {
@@ -158,6 +166,7 @@ impl NetDevice {
                     },
                     PortSink::Guest(RwLock::new(None)),
                     Arc::clone(&stats),
+                    Some(Arc::clone(&qos)),
                 );
                 port = Some((hub, attached));
             }
@@ -166,6 +175,7 @@ impl NetDevice {
             config,
             stats,
             connected: Arc::new(AtomicBool::new(false)),
+            qos,
             link_up: AtomicBool::new(true),
             acked_features: AtomicU64::new(0),
             taps: Mutex::new(taps),
@@ -215,6 +225,11 @@ impl NetDevice {
     /// Whether a front-end is connected.
     pub fn is_connected(&self) -> bool {
         self.shared.connected.load(Ordering::Acquire)
+    }
+
+    /// The device's shared state (QoS, counters).
+    pub fn shared(&self) -> &Arc<NetShared> {
+        &self.shared
     }
 
     /// The device's counters.

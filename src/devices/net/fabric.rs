@@ -35,6 +35,8 @@ use super::spec::Negotiated;
 use super::stats::{Direction, Drop, NetStats};
 use super::switch::{Forward, Mac, PortConfig, Switch};
 use crate::lock::lock;
+use crate::qos::handle::QosHandle;
+use crate::qos::limiter::{Cost, CostKind};
 use crate::vring::{AtomicGuestMemory, CheckedVring, GuestMemory};
 
 /// How long a learnt MAC stays valid without traffic from it.
@@ -310,6 +312,8 @@ pub struct Port {
     pub sink: PortSink,
     /// Its counters (the device's own counters for a guest port).
     pub stats: Arc<NetStats>,
+    /// The device's rate limits (a guest port), charged for what it receives.
+    pub qos: Option<Arc<QosHandle>>,
 }
 
 impl Port {
@@ -319,10 +323,26 @@ impl Port {
                 let target = target
                     .read()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .clone();
-                target
-                    .ok_or(Drop::LinkDown)?
-                    .deliver(frame, hash, &self.stats)
+                    .clone()
+                    .ok_or(Drop::LinkDown)?;
+                let limits = self.qos.as_ref().filter(|q| q.is_enabled());
+                let cost = Cost {
+                    kind: CostKind::Rx,
+                    bytes: u64::from(frame.len()),
+                };
+                if let Some(qos) = limits {
+                    // Over the receiver's limit: the switch drops (its policy for a port
+                    // that cannot take a frame now) and counts.
+                    if let Err(wait) = qos.try_start(cost) {
+                        self.stats.throttled(Direction::Rx, wait);
+                        return Err(Drop::Throttled);
+                    }
+                }
+                let delivered = target.deliver(frame, hash, &self.stats);
+                if let (Err(_), Some(qos)) = (&delivered, limits) {
+                    qos.refund(cost);
+                }
+                delivered
             }
             PortSink::Uplink(tap) => {
                 let mut tap = lock(tap);
@@ -412,6 +432,7 @@ impl SwitchHub {
         config: PortConfig,
         sink: PortSink,
         stats: Arc<NetStats>,
+        qos: Option<Arc<QosHandle>>,
     ) -> Arc<Port> {
         let number = self.next_port.fetch_add(1, Ordering::Relaxed);
         let port = Arc::new(Port {
@@ -420,6 +441,7 @@ impl SwitchHub {
             config,
             sink,
             stats,
+            qos,
         });
         lock(&self.table).attach(number, config);
         self.ports

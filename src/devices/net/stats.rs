@@ -40,10 +40,13 @@ pub enum Drop {
     LinkDown,
     /// The switch refused it.
     Switch(SwitchDrop),
+    /// The receiver's rate limit (switch delivery: the switch drops what a limited port
+    /// cannot take now).
+    Throttled,
 }
 
 impl Drop {
-    const COUNT: usize = 17;
+    const COUNT: usize = 18;
     /// Every reason, in counter order.
     pub const ALL: [Drop; Self::COUNT] = [
         Drop::BrokenChain,
@@ -63,6 +66,7 @@ impl Drop {
         Drop::Switch(SwitchDrop::TaggedOnAccess),
         Drop::Switch(SwitchDrop::UnknownPort),
         Drop::Switch(SwitchDrop::Hairpin),
+        Drop::Throttled,
     ];
 
     fn index(self) -> usize {
@@ -84,6 +88,7 @@ impl Drop {
             Drop::TapError => "tap-error",
             Drop::LinkDown => "link-down",
             Drop::Switch(reason) => reason.name(),
+            Drop::Throttled => "throttled",
         }
     }
 }
@@ -98,6 +103,9 @@ pub struct NetStats {
     tx_drops: [AtomicU64; Drop::COUNT],
     rx_drops: [AtomicU64; Drop::COUNT],
     rx_stalls: AtomicU64,
+    tx_throttled: AtomicU64,
+    rx_throttled: AtomicU64,
+    throttle_wait_ns: AtomicU64,
 }
 
 /// Which way a dropped frame was going, seen from the guest.
@@ -142,6 +150,22 @@ impl NetStats {
         add(&self.rx_stalls, 1);
     }
 
+    /// QoS held a frame back (tx: left in the ring; rx: the tap left unread, or a switch
+    /// frame dropped) and the worker waits `wait`.
+    pub fn throttled(&self, direction: Direction, wait: std::time::Duration) {
+        add(
+            match direction {
+                Direction::Tx => &self.tx_throttled,
+                Direction::Rx => &self.rx_throttled,
+            },
+            1,
+        );
+        add(
+            &self.throttle_wait_ns,
+            u64::try_from(wait.as_nanos()).unwrap_or(u64::MAX),
+        );
+    }
+
     /// The counters now.
     pub fn snapshot(&self) -> NetSnapshot {
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
@@ -160,6 +184,9 @@ impl NetStats {
             tx_drops: by_reason(&self.tx_drops),
             rx_drops: by_reason(&self.rx_drops),
             rx_stalls: load(&self.rx_stalls),
+            tx_throttled: load(&self.tx_throttled),
+            rx_throttled: load(&self.rx_throttled),
+            throttle_wait_ns: load(&self.throttle_wait_ns),
         }
     }
 }
@@ -181,6 +208,12 @@ pub struct NetSnapshot {
     pub rx_drops: BTreeMap<String, u64>,
     /// Times receiving paused for lack of rx buffers.
     pub rx_stalls: u64,
+    /// Times QoS held the guest's frames back.
+    pub tx_throttled: u64,
+    /// Times QoS held frames for the guest back (or dropped them at a switch).
+    pub rx_throttled: u64,
+    /// Time QoS timers were armed for, in nanoseconds.
+    pub throttle_wait_ns: u64,
 }
 
 impl NetSnapshot {
@@ -218,6 +251,6 @@ mod tests {
             (snap.tx_frames, snap.tx_bytes, snap.rx_bytes),
             (1, 60, 1514)
         );
-        assert_eq!(snap.total_drops(), (1..=17).sum::<u64>() + 1);
+        assert_eq!(snap.total_drops(), (1..=18).sum::<u64>() + 1);
     }
 }

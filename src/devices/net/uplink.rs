@@ -59,6 +59,7 @@ impl Uplink {
             },
             PortSink::Uplink(Mutex::new(tap)),
             Arc::new(NetStats::default()),
+            None,
         );
         let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(UplinkError::Thread)?);
         let thread = {

@@ -30,8 +30,12 @@ use super::spec::Negotiated;
 use super::stats::{Direction, Drop};
 use super::tap_queue::TapQueue;
 use crate::devices::desc::collect_buffers;
+use crate::qos::limiter::{Cost, CostKind};
 use crate::storage::GuestIovecs;
 use crate::vring::{has_available, needs_signal, AtomicGuestMemory, CheckedVring, GuestMemory};
+use std::os::fd::AsRawFd;
+use std::time::Duration;
+use vmm_sys_util::timerfd::TimerFd;
 
 /// Errors that stop a worker from serving its queues (guest mistakes never do).
 #[derive(Debug, thiserror::Error)]
@@ -39,7 +43,17 @@ pub enum WorkerError {
     /// The queue's rings could not be read or written.
     #[error("virtqueue access failed")]
     Queue(#[from] virtio_queue::Error),
+    /// The QoS timer could not be created.
+    #[error("cannot create the QoS timer")]
+    Timer(#[source] std::io::Error),
 }
+
+/// What a frame from the tap costs before its size is known: one packet, no bytes (its
+/// bytes are charged once read, possibly into debt).
+const RX_PROBE: Cost = Cost {
+    kind: CostKind::Rx,
+    bytes: 0,
+};
 
 /// Most tx chains handled per pass before the used ring is updated and the guest notified.
 const TX_BATCH: usize = 256;
@@ -71,6 +85,12 @@ pub struct PairWorker {
     batch: RxBatch,
     /// Scratch iovec list, reused per frame and emptied after each use.
     iovecs: GuestIovecs,
+    /// Wakes the worker when QoS tokens are back.
+    timer: TimerFd,
+    /// The tx queue waits for tokens (a frame was put back).
+    tx_held: bool,
+    /// Reading the tap waits for tokens.
+    rx_held: bool,
 }
 
 impl PairWorker {
@@ -80,8 +100,10 @@ impl PairWorker {
         shared: Arc<NetShared>,
         memory: AtomicGuestMemory,
         backend: PairBackend,
-    ) -> Self {
-        Self {
+    ) -> Result<Self, WorkerError> {
+        let timer = TimerFd::new()
+            .map_err(|e| WorkerError::Timer(std::io::Error::from_raw_os_error(e.errno())))?;
+        Ok(Self {
             pair,
             shared,
             memory,
@@ -90,6 +112,43 @@ impl PairWorker {
             offloads_for: None,
             batch: RxBatch::default(),
             iovecs: GuestIovecs::default(),
+            timer,
+            tx_held: false,
+            rx_held: false,
+        })
+    }
+
+    /// The QoS timer's fd, for the thread's event loop.
+    pub fn timer_fd(&self) -> std::os::fd::RawFd {
+        self.timer.as_raw_fd()
+    }
+
+    /// The QoS timer fired: resume what waited for tokens.
+    pub fn process_timer(
+        &mut self,
+        rx: &CheckedVring,
+        tx: &CheckedVring,
+    ) -> Result<(), WorkerError> {
+        let _ = self.timer.clear();
+        if std::mem::take(&mut self.tx_held) {
+            self.process_tx(tx)?;
+        }
+        if std::mem::take(&mut self.rx_held) {
+            self.receive_from_tap(rx)?;
+        }
+        Ok(())
+    }
+
+    /// Arms the QoS timer for `wait` (at least a millisecond: the release granularity).
+    fn hold(&mut self, direction: Direction, wait: Duration) {
+        let wait = wait.max(crate::devices::blk::throttle::TIMER_MIN);
+        self.shared.stats.throttled(direction, wait);
+        match direction {
+            Direction::Tx => self.tx_held = true,
+            Direction::Rx => self.rx_held = true,
+        }
+        if let Err(e) = self.timer.reset(wait, None) {
+            log::error!("{}: cannot arm the QoS timer: {e}", self.shared.config.id);
         }
     }
 
@@ -176,6 +235,21 @@ impl PairWorker {
             if !state.get_queue().ready() {
                 break;
             }
+            if self.rx_held {
+                break;
+            }
+            let limited = self.shared.qos.is_enabled();
+            if limited {
+                // One frame's worth of packet tokens now; its bytes once its size is known.
+                if let Err(wait) = self.shared.qos.try_start(RX_PROBE) {
+                    drop(state);
+                    self.hold(Direction::Rx, wait);
+                    break;
+                }
+            }
+            let PairBackend::Tap(tap) = &mut self.backend else {
+                return Ok(());
+            };
             let stats = &self.shared.stats;
             let gathered = self.batch.gather(
                 state.get_queue_mut(),
@@ -186,6 +260,9 @@ impl PairWorker {
             )?;
             if gathered == Gathered::Empty {
                 // No room: leave the frames in the tap and wait for the guest's kick.
+                if limited {
+                    self.shared.qos.refund(RX_PROBE);
+                }
                 stats.rx_stalled();
                 if state.get_queue_mut().enable_notification(&*memory)? {
                     continue;
@@ -209,6 +286,9 @@ impl PairWorker {
             self.iovecs.0.clear();
             let Some(n) = read else {
                 // Tap empty (or gone): nothing used.
+                if limited {
+                    self.shared.qos.refund(RX_PROBE);
+                }
                 self.batch.put_back(state.get_queue_mut());
                 if !tap.is_up() {
                     self.shared.set_link(false);
@@ -226,6 +306,12 @@ impl PairWorker {
             notify |= self.batch.commit(state.get_queue_mut(), &memory, used)?;
             if let Some(bytes) = delivered {
                 stats.received(bytes);
+                if limited {
+                    self.shared.qos.charge_bytes(Cost {
+                        kind: CostKind::Rx,
+                        bytes,
+                    });
+                }
             }
             drop(state);
         }
@@ -252,6 +338,7 @@ impl PairWorker {
             tx.disable_notification()?;
             let mut state = tx.get_mut();
             let mut sent = 0usize;
+            let mut held = None;
             while sent < TX_BATCH {
                 let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&*memory) else {
                     break;
@@ -260,6 +347,16 @@ impl PairWorker {
                 let checked = collect_buffers(chain)
                     .map_err(|_| Drop::BrokenChain)
                     .and_then(|buffers| tx_frame(&memory, &buffers, self.shared.config.mtu));
+                if let Ok(frame) = &checked {
+                    if let Err(wait) = self.admit_tx(frame) {
+                        // Over the limit: put the frame back and leave the ring alone until
+                        // the timer (the guest sees a full queue: back-pressure, no drop).
+                        let queue = state.get_queue_mut();
+                        queue.set_next_avail(queue.next_avail().wrapping_sub(1));
+                        held = Some(wait);
+                        break;
+                    }
+                }
                 let outcome = checked.and_then(|frame| self.send(&memory, &frame));
                 match outcome {
                     Ok(bytes) => self.shared.stats.sent(bytes),
@@ -278,6 +375,10 @@ impl PairWorker {
                 }
             }
             drop(state);
+            if let Some(wait) = held {
+                self.hold(Direction::Tx, wait);
+                return Ok(());
+            }
             if sent == TX_BATCH {
                 continue;
             }
@@ -288,6 +389,17 @@ impl PairWorker {
                 return Ok(());
             }
         }
+    }
+
+    /// Charges a frame the guest sends against the device's limits.
+    fn admit_tx(&self, frame: &TxFrame) -> Result<(), Duration> {
+        if !self.shared.qos.is_enabled() {
+            return Ok(());
+        }
+        self.shared.qos.try_start(Cost {
+            kind: CostKind::Tx,
+            bytes: u64::from(frame.frame_len),
+        })
     }
 
     /// Spins (notifications off) until the guest queues more frames (true) or the poll

@@ -1,0 +1,222 @@
+//! NIC rate limits through the real vhost-user protocol: a tx limit holds the guest's frames
+//! back without dropping any; an rx limit at a switch port drops what the port cannot take and
+//! counts it; an rx limit on a tap leaves frames in the tap (nothing lost) and releases them at
+//! the configured rate; a QoS group holds disks and NICs together; limits change live. Rates are
+//! checked loosely here (generous bounds); `scripts/qos-accuracy.sh` measures them precisely.
+#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use common::control::Control;
+use common::daemon::Daemon;
+use common::net::{ethernet, NetClient};
+use common::netns::NetNs;
+
+const A: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0x0a];
+const B: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0x0b];
+
+fn pair(extra_a: &str) -> Daemon {
+    Daemon::start(&[
+        "--net",
+        &format!("socket={{dir}}/a.sock,switch=s,mac=52:54:00:00:00:0a{extra_a}"),
+        "--net",
+        "socket={dir}/b.sock,switch=s,mac=52:54:00:00:00:0b",
+    ])
+}
+
+fn totals(ctl: &mut Control, id: &str) -> serde_json::Value {
+    ctl.call("device.stats", json!({"id": id})).unwrap()["total"].clone()
+}
+
+#[test]
+fn a_tx_limit_holds_frames_back_without_losing_any() {
+    let daemon = pair(",tx-pps=50");
+    let mut ctl = Control::connect(&daemon.path("control.sock"));
+    let mut a = NetClient::connect(&daemon.path("a.sock"), 1, 0);
+    let mut b = NetClient::connect(&daemon.path("b.sock"), 1, 0);
+    b.post_rx(0, 128, 2048);
+    let start = Instant::now();
+    for i in 0..60u8 {
+        a.send(0, &ethernet(B, A, 0x0800, &[i; 60]));
+    }
+    let elapsed = start.elapsed();
+    for i in 0..60u8 {
+        assert_eq!(
+            b.recv(0).frame,
+            ethernet(B, A, 0x0800, &[i; 60]),
+            "frame {i}"
+        );
+    }
+    // 5 tokens at start (100 ms of room), then 50/s: at least 1.1 s for the other 55.
+    assert!(
+        elapsed >= Duration::from_millis(900),
+        "took only {elapsed:?}"
+    );
+    assert!(elapsed < Duration::from_secs(6), "took {elapsed:?}");
+    let a_stats = totals(&mut ctl, "a");
+    assert!(a_stats["tx_throttled"].as_u64().unwrap() > 0, "{a_stats}");
+    assert_eq!(a_stats["tx_frames"], 60);
+    let qos = ctl.call("qos.get", json!({"id": "a"})).unwrap();
+    assert_eq!(qos["limits"]["tx-pps"]["per_second"], 50, "{qos}");
+    assert!(qos["throttled"].as_u64().unwrap() > 0);
+
+    // Removed live: the next 60 go at once.
+    ctl.call("qos.set", json!({"id": "a", "tx-pps": null}))
+        .unwrap();
+    let start = Instant::now();
+    for i in 0..60u8 {
+        a.send(0, &ethernet(B, A, 0x0800, &[i; 60]));
+    }
+    assert!(
+        start.elapsed() < Duration::from_millis(800),
+        "{:?}",
+        start.elapsed()
+    );
+    // Bad values change nothing.
+    assert_eq!(
+        ctl.error_kind("qos.set", json!({"id": "a", "tx-pps": 0})),
+        "invalid-params"
+    );
+    assert_eq!(
+        ctl.error_kind("qos.set", json!({"id": "a", "iops": 100})),
+        "invalid-params"
+    );
+    assert_eq!(
+        ctl.error_kind("qos.set", json!({"id": "a", "tx-ppz": 5})),
+        "invalid-params"
+    );
+    assert_eq!(
+        ctl.call("qos.get", json!({"id": "a"})).unwrap()["limits"],
+        json!({})
+    );
+}
+
+#[test]
+fn an_rx_limit_at_a_switch_port_drops_and_counts_what_it_cannot_take() {
+    let daemon = pair("");
+    let mut ctl = Control::connect(&daemon.path("control.sock"));
+    ctl.call("qos.set", json!({"id": "b", "rx-pps": 20}))
+        .unwrap();
+    let mut a = NetClient::connect(&daemon.path("a.sock"), 1, 0);
+    let mut b = NetClient::connect(&daemon.path("b.sock"), 1, 0);
+    b.post_rx(0, 128, 2048);
+    for i in 0..100u8 {
+        a.send(0, &ethernet(B, A, 0x0800, &[i; 60]));
+    }
+    let b_stats = totals(&mut ctl, "b");
+    let got = b_stats["rx_frames"].as_u64().unwrap();
+    let throttled = b_stats["rx_drops"]["throttled"].as_u64().unwrap();
+    assert_eq!(got + throttled, 100, "{b_stats}");
+    assert!(
+        throttled >= 50,
+        "only {throttled} held back at 20 frames/s: {b_stats}"
+    );
+    for _ in 0..got {
+        b.recv(0);
+    }
+    assert!(!b.rx_pending(0));
+}
+
+#[test]
+fn a_group_limits_a_nic_and_takes_disks_too() {
+    let daemon = Daemon::start(&[
+        "--blk",
+        "socket={dir}/d.sock,path=null,size=1G",
+        "--net",
+        "socket={dir}/a.sock,switch=s,mac=52:54:00:00:00:0a",
+        "--net",
+        "socket={dir}/b.sock,switch=s,mac=52:54:00:00:00:0b",
+    ]);
+    let mut ctl = Control::connect(&daemon.path("control.sock"));
+    ctl.call(
+        "qos.group.add",
+        json!({"name": "tenant", "tx-pps": 40, "iops": 1000}),
+    )
+    .unwrap();
+    ctl.call("qos.set", json!({"id": "a", "qos-group": "tenant"}))
+        .unwrap();
+    ctl.call("qos.set", json!({"id": "d", "qos-group": "tenant"}))
+        .unwrap();
+    let group = &ctl.call("qos.group.list", json!({})).unwrap()[0];
+    assert_eq!(group["members"], json!(["a", "d"]), "{group}");
+    let mut a = NetClient::connect(&daemon.path("a.sock"), 1, 0);
+    let mut b = NetClient::connect(&daemon.path("b.sock"), 1, 0);
+    b.post_rx(0, 128, 2048);
+    let start = Instant::now();
+    for i in 0..40u8 {
+        a.send(0, &ethernet(B, A, 0x0800, &[i; 60]));
+    }
+    assert!(
+        start.elapsed() >= Duration::from_millis(600),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(totals(&mut ctl, "a")["tx_throttled"].as_u64().unwrap() > 0);
+    assert_eq!(
+        ctl.error_kind("qos.group.remove", json!({"name": "tenant"})),
+        "busy"
+    );
+}
+
+#[test]
+fn an_rx_limit_on_a_tap_releases_frames_at_the_rate_without_loss() {
+    let ns = NetNs::new("nc-qostap");
+    let daemon = Daemon::start_in_netns(
+        &ns.name,
+        &[
+            "--net",
+            "socket={dir}/n.sock,tap=ncqos0,mac=52:54:00:12:34:56,rx-pps=20",
+        ],
+    );
+    ns.ip(&["addr", "add", "10.213.3.1/24", "dev", "ncqos0"]);
+    ns.ip(&["link", "set", "ncqos0", "up"]);
+    ns.ip(&[
+        "neigh",
+        "add",
+        "10.213.3.2",
+        "lladdr",
+        "52:54:00:12:34:56",
+        "dev",
+        "ncqos0",
+    ]);
+    let mut client = NetClient::connect(&daemon.path("n.sock"), 1, 0);
+    client.post_rx(0, 128, 2048);
+    // 40 UDP datagrams at once from the namespace, towards the "guest" (nobody answers).
+    ns.run_inside(|| {
+        let socket = std::net::UdpSocket::bind("10.213.3.1:0").unwrap();
+        for i in 0..40u8 {
+            socket.send_to(&[i; 32], "10.213.3.2:9").unwrap();
+        }
+    });
+    let start = Instant::now();
+    let mut datagrams = 0;
+    while datagrams < 40 {
+        let frame = client.recv(0).frame;
+        // IPv4, UDP (other frames, e.g. IPv6 neighbour discovery, may come too).
+        if frame.len() > 34 && frame[12..14] == [0x08, 0x00] && frame[23] == 17 {
+            assert_eq!(
+                frame[frame.len() - 1],
+                datagrams,
+                "datagrams out of order or lost"
+            );
+            datagrams += 1;
+        }
+    }
+    let elapsed = start.elapsed();
+    // 2 tokens of room, then 20/s: the last of 40 arrives after about 1.9 s.
+    assert!(
+        elapsed >= Duration::from_millis(1200),
+        "took only {elapsed:?}"
+    );
+    let (ok, out, err) = common::daemon::novactl(&daemon, &["--json", "device", "stats", "n"]);
+    assert!(ok, "{err}");
+    let stats: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        stats["total"]["rx_throttled"].as_u64().unwrap() > 0,
+        "{stats}"
+    );
+}
