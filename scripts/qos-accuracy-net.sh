@@ -28,8 +28,9 @@ counter() { # field -> value from novactl
 measure() { # limit-option frame-size -> achieved "frames/s bytes/s"
     rm -f "$work"/*.sock
     local opt=""; [ -n "$1" ] && opt=",$1"
-    taskset -c 1 ./target/release/novacrond --log-level warn --control "$work/c.sock" \
-        --net "socket=$work/q.sock,switch=q,mac=02:00:00:00:00:01$opt" 2>>"$work/novacrond.log" &
+    # A log that runs away must never fill the disk: cap it at 100 MB.
+    (ulimit -f 200000; exec taskset -c 1 ./target/release/novacrond --log-level warn --control "$work/c.sock" \
+        --net "socket=$work/q.sock,switch=q,mac=02:00:00:00:00:01$opt" 2>>"$work/novacrond.log") &
     local pid=$!
     for _ in $(seq 100); do [ -S "$work/q.sock" ] && break; sleep 0.05; done
     timeout $((secs + 6)) dpdk-testpmd --lcores '0@0,1@0' --no-pci --single-file-segments --file-prefix=nc-qos \

@@ -14,7 +14,10 @@
 //!   `novacron_net_connected`, `novacron_net_link_up`,
 //!   `novacron_switch_frames_total{direction}` (in = entering the switch, out = copies
 //!   delivered), `novacron_switch_drops_total{direction,reason}`, `novacron_switch_ports`,
-//!   `novacron_switch_learnt_macs`.
+//!   `novacron_switch_learnt_macs`;
+//! - QoS: `novacron_qos_tokens{device,limit}`, `novacron_qos_group_tokens{group,limit}`,
+//!   `novacron_qos_group_members{group}`, `novacron_qos_group_waits_total{group}` (held-back
+//!   requests and frames are in the device families: `*_throttled_total`).
 //!
 //! The text is written here rather than through a metrics crate because the histogram
 //! buckets already exist as our own counters; the crates we looked at want to own the
@@ -77,6 +80,7 @@ impl MetricsServer {
                                 &registry.net_metrics_snapshot(),
                                 &registry.switch_metrics_snapshot(),
                             ));
+                            text.push_str(&render_qos(&registry.qos_metrics_snapshot()));
                             text
                         };
                         let mut response = tiny_http::Response::from_string(text);
@@ -332,6 +336,80 @@ fn drops(rows: &[(String, &NetSnapshot)], names: [&str; 2]) -> Vec<(String, Stri
                 .map(|(l, n)| (l, n.to_string()))
         })
         .collect()
+}
+
+/// QoS state for `/metrics`: per device `(id, tokens by limit)`, per group
+/// `(name, members, waits, tokens by limit)`.
+pub struct QosSnapshot {
+    /// Devices with limits of their own.
+    pub devices: Vec<(String, Vec<(String, i64)>)>,
+    /// Groups.
+    pub groups: Vec<(String, usize, u64, Vec<(String, i64)>)>,
+}
+
+/// Renders the QoS families: current tokens of every device and group bucket, group members
+/// and the times members had to wait for their group.
+pub fn render_qos(qos: &QosSnapshot) -> String {
+    let mut out = String::new();
+    let tokens: Vec<(String, String)> = qos
+        .devices
+        .iter()
+        .flat_map(|(id, tokens)| {
+            tokens.iter().map(move |(limit, n)| {
+                (
+                    format!("device=\"{}\",limit=\"{}\"", escape(id), escape(limit)),
+                    n.to_string(),
+                )
+            })
+        })
+        .collect();
+    family_of(
+        &mut out,
+        "novacron_qos_tokens",
+        "gauge",
+        "Tokens in a device's own buckets (negative: debt).",
+        &tokens,
+    );
+    let group_tokens: Vec<(String, String)> = qos
+        .groups
+        .iter()
+        .flat_map(|(name, _, _, tokens)| {
+            tokens.iter().map(move |(limit, n)| {
+                (
+                    format!("group=\"{}\",limit=\"{}\"", escape(name), escape(limit)),
+                    n.to_string(),
+                )
+            })
+        })
+        .collect();
+    family_of(
+        &mut out,
+        "novacron_qos_group_tokens",
+        "gauge",
+        "Tokens in a group's buckets (negative: debt).",
+        &group_tokens,
+    );
+    family_of(
+        &mut out,
+        "novacron_qos_group_members",
+        "gauge",
+        "Devices in the group.",
+        &qos.groups
+            .iter()
+            .map(|(n, m, _, _)| (format!("group=\"{}\"", escape(n)), m.to_string()))
+            .collect::<Vec<_>>(),
+    );
+    family_of(
+        &mut out,
+        "novacron_qos_group_waits_total",
+        "counter",
+        "Times a member had to wait for the group's tokens.",
+        &qos.groups
+            .iter()
+            .map(|(n, _, w, _)| (format!("group=\"{}\"", escape(n)), w.to_string()))
+            .collect::<Vec<_>>(),
+    );
+    out
 }
 
 /// Renders the net device and switch families.

@@ -123,7 +123,15 @@ fn an_rx_limit_at_a_switch_port_drops_and_counts_what_it_cannot_take() {
 
 #[test]
 fn a_group_limits_a_nic_and_takes_disks_too() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
     let daemon = Daemon::start(&[
+        "--metrics",
+        &port,
         "--blk",
         "socket={dir}/d.sock,path=null,size=1G",
         "--net",

@@ -17,6 +17,30 @@ use crate::qos::config::{QosConfig, GROUP_KEY};
 use crate::qos::group::SharedLimiter;
 
 impl Registry {
+    /// QoS state for `/metrics`.
+    pub fn qos_metrics_snapshot(&self) -> crate::metrics::QosSnapshot {
+        crate::metrics::QosSnapshot {
+            devices: self
+                .devices
+                .iter()
+                .map(|(id, e)| (id.clone(), e.device.qos().tokens()))
+                .filter(|(_, tokens)| !tokens.is_empty())
+                .collect(),
+            groups: self
+                .groups
+                .iter()
+                .map(|(name, g)| {
+                    (
+                        name.clone(),
+                        self.group_members(name).len(),
+                        g.limiter.refusals(),
+                        g.limiter.tokens(now_ns()),
+                    )
+                })
+                .collect(),
+        }
+    }
+
     /// Creates a QoS group with the given limit options.
     pub fn add_group(
         &mut self,

@@ -91,7 +91,7 @@ impl RegistryError {
 }
 
 /// A running device of either kind.
-enum Device {
+pub(super) enum Device {
     Blk(BlkDevice),
     Net(NetDevice),
 }
@@ -119,7 +119,7 @@ impl Device {
         }
     }
 
-    fn qos(&self) -> &QosHandle {
+    pub(super) fn qos(&self) -> &QosHandle {
         match self {
             Device::Blk(d) => &d.shared().qos,
             Device::Net(d) => &d.shared().qos,
@@ -127,7 +127,7 @@ impl Device {
     }
 }
 
-struct Entry {
+pub(super) struct Entry {
     device: Device,
     record: DeviceRecord,
     persistent: bool,

@@ -106,6 +106,7 @@ pub struct NetStats {
     tx_throttled: AtomicU64,
     rx_throttled: AtomicU64,
     throttle_wait_ns: AtomicU64,
+    ring_errors: AtomicU64,
 }
 
 /// Which way a dropped frame was going, seen from the guest.
@@ -166,6 +167,11 @@ impl NetStats {
         );
     }
 
+    /// A kick found a ring that claims frames that cannot be taken (stopped or corrupt).
+    pub fn ring_error(&self) {
+        add(&self.ring_errors, 1);
+    }
+
     /// The counters now.
     pub fn snapshot(&self) -> NetSnapshot {
         let load = |c: &AtomicU64| c.load(Ordering::Relaxed);
@@ -187,6 +193,7 @@ impl NetStats {
             tx_throttled: load(&self.tx_throttled),
             rx_throttled: load(&self.rx_throttled),
             throttle_wait_ns: load(&self.throttle_wait_ns),
+            ring_errors: load(&self.ring_errors),
         }
     }
 }
@@ -214,6 +221,8 @@ pub struct NetSnapshot {
     pub rx_throttled: u64,
     /// Time QoS timers were armed for, in nanoseconds.
     pub throttle_wait_ns: u64,
+    /// Kicks that found a ring claiming frames that could not be taken.
+    pub ring_errors: u64,
 }
 
 impl NetSnapshot {

@@ -333,7 +333,14 @@ impl PairWorker {
             return Ok(());
         }
         self.refresh_features();
+        // Passes in a row that took nothing although the ring said frames were there: a
+        // stopped ring (front-end gone, GET_VRING_BASE) or a corrupt avail index. Looping on
+        // would spin (and virtio-queue logs every refused pop): stop until the next kick.
+        let mut empty_passes = 0u32;
         loop {
+            if !tx.get_ref().get_queue().ready() {
+                return Ok(());
+            }
             let memory = self.memory.memory();
             tx.disable_notification()?;
             let mut state = tx.get_mut();
@@ -381,6 +388,15 @@ impl PairWorker {
             }
             if sent == TX_BATCH {
                 continue;
+            }
+            empty_passes = if sent == 0 {
+                empty_passes.saturating_add(1)
+            } else {
+                0
+            };
+            if empty_passes >= 2 {
+                self.shared.stats.ring_error();
+                return Ok(());
             }
             if sent > 0 && self.poll_for_tx(tx, &memory) {
                 continue;
