@@ -41,9 +41,10 @@ wait_socket() { for _ in $(seq 100); do [ -S "$1" ] && return 0; sleep 0.05; don
 start_element() { # which
     rm -f "$work"/*.sock
     if [ "$1" = novacrond ]; then
-        taskset -c 1 ./target/release/novacrond --log-level warn --control none \
+        # A log that runs away must never fill the disk: cap it at 100 MB.
+        (ulimit -f 200000; exec taskset -c 1 ./target/release/novacrond --log-level warn --control none \
             --net "socket=$work/a.sock,switch=cmp,mac=02:00:00:00:00:01" \
-            --net "socket=$work/b.sock,switch=cmp,mac=02:00:00:00:00:02" 2>>"$work/novacrond.log" &
+            --net "socket=$work/b.sock,switch=cmp,mac=02:00:00:00:00:02" 2>>"$work/novacrond.log") &
     else
         dpdk-testpmd --lcores '0@1,1@1' --no-pci --single-file-segments --file-prefix=nc-cmp-be \
             --vdev "net_vhost0,iface=$work/a.sock,queues=1" --vdev "net_vhost1,iface=$work/b.sock,queues=1" \
