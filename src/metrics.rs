@@ -338,13 +338,18 @@ fn drops(rows: &[(String, &NetSnapshot)], names: [&str; 2]) -> Vec<(String, Stri
         .collect()
 }
 
+/// Tokens by limit name.
+pub type Tokens = Vec<(String, i64)>;
+/// A group's row: name, members, waits, tokens.
+pub type GroupRow = (String, usize, u64, Tokens);
+
 /// QoS state for `/metrics`: per device `(id, tokens by limit)`, per group
 /// `(name, members, waits, tokens by limit)`.
 pub struct QosSnapshot {
     /// Devices with limits of their own.
-    pub devices: Vec<(String, Vec<(String, i64)>)>,
+    pub devices: Vec<(String, Tokens)>,
     /// Groups.
-    pub groups: Vec<(String, usize, u64, Vec<(String, i64)>)>,
+    pub groups: Vec<GroupRow>,
 }
 
 /// Renders the QoS families: current tokens of every device and group bucket, group members
