@@ -127,7 +127,7 @@ fn a_corrupt_avail_index_does_not_make_the_tx_worker_spin() {
     // The guest claims 1000 new frames on a 256-entry tx ring: virtio-queue refuses to walk
     // it; the worker must stop trying (and count it), not loop on "more available".
     let daemon = pair();
-    let mut a = NetClient::connect(&daemon.path("a.sock"), 1, 0);
+    let a = NetClient::connect(&daemon.path("a.sock"), 1, 0);
     let mut b = NetClient::connect(&daemon.path("b.sock"), 1, 0);
     let avail_idx = a.vq.queues[1].avail + 2;
     a.vq.poke(avail_idx, &1000u16.to_le_bytes());
