@@ -47,6 +47,9 @@ enum Command {
     /// In-daemon L2 switches.
     #[command(subcommand)]
     Switch(SwitchCommand),
+    /// Storage tiering of tiered disks.
+    #[command(subcommand)]
+    Tier(TierCommand),
     /// Stop the daemon (devices finish in-flight I/O first).
     Shutdown,
 }
@@ -96,6 +99,61 @@ enum GroupCommand {
     },
     /// List groups with their members.
     Ls,
+}
+
+#[derive(Debug, Subcommand)]
+enum TierCommand {
+    /// Extents and bytes per tier, moves, progress of the latest batch.
+    Status {
+        /// Device id.
+        id: String,
+    },
+    /// Move extents to the cold tier: `--all`, `--extents 0,5,6` or `--idle-for 10m`.
+    Demote {
+        /// Device id.
+        id: String,
+        #[command(flatten)]
+        which: Which,
+    },
+    /// Move extents back to the hot tier: `--all` or `--extents 0,5,6`.
+    Promote {
+        /// Device id.
+        id: String,
+        #[command(flatten)]
+        which: Which,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct Which {
+    /// Every extent.
+    #[arg(long)]
+    all: bool,
+    /// These extents (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    extents: Vec<u64>,
+    /// Extents not accessed for this long (demote only): 30s, 10m, 2h.
+    #[arg(long)]
+    idle_for: Option<String>,
+    /// Return at once and let the move run in the background (progress in `tier status`).
+    #[arg(long)]
+    no_wait: bool,
+}
+
+impl Which {
+    fn params(&self, id: &str) -> Value {
+        let mut params = json!({"id": id, "wait": !self.no_wait});
+        if self.all {
+            params["all"] = json!(true);
+        }
+        if !self.extents.is_empty() {
+            params["extents"] = json!(self.extents);
+        }
+        if let Some(idle) = &self.idle_for {
+            params["idle-for"] = json!(idle);
+        }
+        params
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -340,6 +398,9 @@ fn run(args: Args) -> anyhow::Result<()> {
         Command::Switch(SwitchCommand::Rm { name }) => ("switch.remove", json!({"name": name})),
         Command::Switch(SwitchCommand::Ls) => ("switch.list", json!({})),
         Command::Switch(SwitchCommand::Ports { name }) => ("switch.ports", json!({"name": name})),
+        Command::Tier(TierCommand::Status { id }) => ("tier.status", json!({"id": id})),
+        Command::Tier(TierCommand::Demote { id, which }) => ("tier.demote", which.params(id)),
+        Command::Tier(TierCommand::Promote { id, which }) => ("tier.promote", which.params(id)),
     };
     let result = call(&args.control, method, params)?;
     if args.json {
@@ -416,6 +477,57 @@ fn run(args: Args) -> anyhow::Result<()> {
                 .collect();
             let named: Vec<(&str, &Value)> = ports.iter().map(|(n, v)| (n.as_str(), *v)).collect();
             print_net_counters(&named)?;
+        }
+        Command::Tier(TierCommand::Status { .. }) => {
+            let p = &result["progress"];
+            let bar = |done: u64, total: u64| {
+                let width = 30u64;
+                let filled = done
+                    .saturating_mul(width)
+                    .checked_div(total)
+                    .unwrap_or(width)
+                    .min(width);
+                format!(
+                    "[{}{}] {done}/{total}",
+                    "#".repeat(filled as usize),
+                    ".".repeat(width.saturating_sub(filled) as usize)
+                )
+            };
+            let mut rows = vec![["FIELD", "VALUE"].map(String::from).to_vec()];
+            for key in [
+                "extent-size",
+                "extents",
+                "hot-extents",
+                "cold-extents",
+                "hot-bytes-allocated",
+                "cold-bytes",
+                "compression-ratio",
+                "demoted",
+                "promoted",
+                "moves-failed",
+                "cold-reads",
+                "corrupt-records",
+            ] {
+                rows.push(vec![key.to_string(), text(&result[key])]);
+            }
+            if p["total"].as_u64().unwrap_or(0) > 0 {
+                rows.push(vec![
+                    format!(
+                        "{} ({})",
+                        text(&p["operation"]),
+                        if p["running"] == true {
+                            "running"
+                        } else {
+                            "done"
+                        }
+                    ),
+                    bar(
+                        p["handled"].as_u64().unwrap_or(0),
+                        p["total"].as_u64().unwrap_or(0),
+                    ),
+                ]);
+            }
+            print_table(&rows)?;
         }
         Command::Switch(SwitchCommand::Rm { name }) => {
             writeln!(std::io::stdout(), "removed switch {name}")?;

@@ -18,6 +18,8 @@
 //! | `switch.remove` | `name` (refused while devices are its ports) | `{}` |
 //! | `switch.list` | none | switches with ports, learnt MACs, counters |
 //! | `switch.ports` | `name` | the switch's ports with their counters |
+//! | `tier.status` | `id` (a tiered disk) | extents and bytes per tier, compression ratio, moves, progress |
+//! | `tier.demote`, `tier.promote` | `id` + one of `all: true`, `extents: [..]`, `idle-for: "10m"` (demote); optional `wait` | the batch's tally (`wait`) or `{"started":true}` |
 //! | `daemon.info` | none | version, device types, engines |
 //! | `daemon.shutdown` | none | `{}`, then the daemon stops |
 
@@ -149,6 +151,36 @@ fn dispatch(
             params.finish()?;
             lock(registry).switch_ports(&name).map_err(registry_error)?
         }
+        "tier.status" => {
+            let id = params.string("id")?;
+            params.finish()?;
+            let store = lock(registry).tier_store(&id).map_err(registry_error)?;
+            crate::registry::tiers::status(&id, &store)
+        }
+        method @ ("tier.demote" | "tier.promote") => {
+            let down = method == "tier.demote";
+            let id = params.string("id")?;
+            let wait = params.optional_bool("wait")?.unwrap_or(false);
+            let selection = params.selection(down)?;
+            params.finish()?;
+            let store = lock(registry).tier_store(&id).map_err(registry_error)?;
+            let extents = crate::registry::tiers::select(&store, &selection, down)
+                .map_err(RpcError::invalid_params)?;
+            if wait {
+                // Runs here, without the registry lock: other requests go on.
+                json!(store.run_batch(&extents, down))
+            } else {
+                std::thread::Builder::new()
+                    .name(format!("tier-{id}"))
+                    .spawn(move || {
+                        store.run_batch(&extents, down);
+                    })
+                    .map_err(|e| {
+                        RpcError::new(SERVER_ERROR, "io", format!("cannot start the move: {e}"))
+                    })?;
+                json!({"started": true})
+            }
+        }
         "daemon.info" => {
             params.finish()?;
             let devices = lock(registry).ids().len();
@@ -228,6 +260,46 @@ impl Params {
             Some(_) => Err(RpcError::invalid_params(format!(
                 "`{key}` must be true or false"
             ))),
+        }
+    }
+
+    /// Which extents a tier move names: exactly one of `all: true`, `extents: [..]` or (for
+    /// demotions) `idle-for: "10m"`.
+    fn selection(&mut self, down: bool) -> Result<crate::registry::tiers::Selection, RpcError> {
+        use crate::registry::tiers::{parse_duration, Selection};
+        let all = self.optional_bool("all")?.unwrap_or(false);
+        let extents = match self.0.remove("extents") {
+            None | Some(Value::Null) => None,
+            Some(Value::Array(items)) => Some(
+                items
+                    .iter()
+                    .map(|v| {
+                        v.as_u64().ok_or_else(|| {
+                            RpcError::invalid_params("`extents` must be non-negative integers")
+                        })
+                    })
+                    .collect::<Result<Vec<u64>, _>>()?,
+            ),
+            Some(_) => return Err(RpcError::invalid_params("`extents` must be an array")),
+        };
+        let idle = match self.0.remove("idle-for") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(text)) if down => {
+                Some(parse_duration(&text).map_err(RpcError::invalid_params)?)
+            }
+            Some(_) => {
+                return Err(RpcError::invalid_params(
+                    "`idle-for` is a duration string, for tier.demote",
+                ))
+            }
+        };
+        match (all, extents, idle) {
+            (true, None, None) => Ok(Selection::All),
+            (false, Some(list), None) => Ok(Selection::Extents(list)),
+            (false, None, Some(idle)) => Ok(Selection::IdleFor(idle)),
+            _ => Err(RpcError::invalid_params(
+                "give exactly one of `all: true`, `extents` or `idle-for`",
+            )),
         }
     }
 

@@ -29,6 +29,7 @@ use crate::qos::group::SharedLimiter;
 use crate::qos::handle::QosHandle;
 mod groups;
 mod switches;
+pub mod tiers;
 
 use crate::state::{DeviceRecord, GroupRecord, Saved, StateError, StateStore, SwitchRecord};
 
@@ -44,6 +45,9 @@ pub enum RegistryError {
     /// The net device options were invalid.
     #[error(transparent)]
     NetConfig(#[from] NetConfigError),
+    /// The device is not a tiered disk.
+    #[error("device `{0}` is not a tiered disk")]
+    NotTiered(String),
     /// A switch name or option that is not valid.
     #[error("{0}")]
     BadSwitch(String),
@@ -81,6 +85,7 @@ impl RegistryError {
             | RegistryError::Config(_)
             | RegistryError::NetConfig(_)
             | RegistryError::BadSwitch(_)
+            | RegistryError::NotTiered(_)
             | RegistryError::NotQos(_) => "invalid-params",
             RegistryError::Exists(_) => "exists",
             RegistryError::NotFound(_) => "not-found",
@@ -92,7 +97,7 @@ impl RegistryError {
 
 /// A running device of either kind.
 pub(super) enum Device {
-    Blk(BlkDevice),
+    Blk(Box<BlkDevice>),
     Net(NetDevice),
 }
 
@@ -262,7 +267,7 @@ impl Registry {
             source: source.into(),
         })?;
         device.shared().set_group(group);
-        Ok(Device::Blk(device))
+        Ok(Device::Blk(Box::new(device)))
     }
 
     fn resolve_group(
@@ -414,7 +419,7 @@ impl Registry {
         Ok(())
     }
 
-    fn entry(&self, id: &str) -> Result<&Entry, RegistryError> {
+    pub(super) fn entry(&self, id: &str) -> Result<&Entry, RegistryError> {
         self.devices
             .get(id)
             .ok_or_else(|| RegistryError::NotFound(id.to_string()))

@@ -148,6 +148,42 @@ pub fn open_backing(request: &OpenRequest<'_>) -> Result<BackingFile, BackingErr
     })
 }
 
+/// Opens (creating, mode 0600) and locks exclusively an append-style data file such as a cold
+/// tier; it must be a regular file.
+pub fn open_log(path: &Path) -> Result<File, BackingError> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|source| BackingError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    lock(&file, false).map_err(|e| match e.raw_os_error() {
+        Some(libc::EWOULDBLOCK) => BackingError::Locked(path.to_path_buf()),
+        _ => BackingError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        },
+    })?;
+    let is_file = file
+        .metadata()
+        .map_err(|source| BackingError::Io {
+            path: path.to_path_buf(),
+            source,
+        })?
+        .file_type()
+        .is_file();
+    if !is_file {
+        return Err(BackingError::NotAFileOrBlockDevice(path.to_path_buf()));
+    }
+    Ok(file)
+}
+
 fn lock(file: &File, shared: bool) -> std::io::Result<()> {
     let operation = if shared { libc::LOCK_SH } else { libc::LOCK_EX } | libc::LOCK_NB;
     // SAFETY: flock only reads the fd number, which `file` keeps open for the call.

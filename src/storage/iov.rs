@@ -92,6 +92,30 @@ impl IovCursor {
         debug_assert!(self.done <= self.total);
     }
 
+    /// Copies `src` into the remaining iovecs, in order; returns the bytes copied (fewer than
+    /// `src` if the iovecs end first).
+    ///
+    /// # Safety
+    /// The remaining iovecs must be valid for writes and not accessed by anyone else.
+    pub unsafe fn copy_in(&mut self, src: &[u8]) -> usize {
+        let mut done = 0usize;
+        for iov in &mut self.remaining.0 {
+            let Some(rest) = src.get(done..) else {
+                break;
+            };
+            let n = rest.len().min(iov.iov_len);
+            if n == 0 {
+                break;
+            }
+            // SAFETY: the caller guarantees the buffer is writable for iov_len bytes, and
+            // `n <= iov_len`; `rest` is ours and does not overlap guest memory.
+            unsafe { std::ptr::copy_nonoverlapping(rest.as_ptr(), iov.iov_base.cast::<u8>(), n) };
+            done = done.saturating_add(n);
+        }
+        self.advance(done);
+        done
+    }
+
     /// Fills every remaining byte with zeros (a read that hit end of file) and completes.
     ///
     /// # Safety

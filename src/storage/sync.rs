@@ -131,7 +131,8 @@ pub fn write_zeroes_mode(unmap: bool) -> i32 {
     }
 }
 
-fn fallocate(fd: RawFd, mode: i32, offset: u64, len: u64) -> Result<(), i32> {
+/// `fallocate` on a raw fd with EINTR retried; the errno on failure.
+pub fn fallocate(fd: RawFd, mode: i32, offset: u64, len: u64) -> Result<(), i32> {
     let offset = i64::try_from(offset).map_err(|_| libc::EINVAL)?;
     let len = i64::try_from(len).map_err(|_| libc::EINVAL)?;
     // SAFETY: fallocate only reads the fd number and plain integers.

@@ -52,6 +52,17 @@ pub enum BackingSpec {
     Null,
 }
 
+/// A tiered disk: hot extents in `hot` (the device's backing), cold ones compressed in `cold`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct TierSpec {
+    /// The cold tier file.
+    pub cold: PathBuf,
+    /// Extent size in bytes (a power of two, 64 KiB..=64 MiB).
+    pub extent_size: u64,
+    /// zstd level for demotions.
+    pub zstd_level: i32,
+}
+
 /// A validated virtio-blk device configuration.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct BlkConfig {
@@ -84,6 +95,8 @@ pub struct BlkConfig {
     pub qos: QosConfig,
     /// The QoS group whose limits also apply (`qos-group=NAME`).
     pub qos_group: Option<String>,
+    /// Storage tiering (`tier-hot=`, `tier-cold=`).
+    pub tier: Option<TierSpec>,
 }
 
 /// Default poll window, as QEMU's iothread `poll-max-ns` (32 µs).
@@ -104,9 +117,45 @@ impl BlkConfig {
                 .take_str("socket")
                 .ok_or(OptionError::Missing("socket"))?,
         );
-        let path = options
-            .take_str("path")
-            .ok_or(OptionError::Missing("path"))?;
+        let tier_hot = options.take_str("tier-hot");
+        let tier_cold = options.take_str("tier-cold");
+        let extent = options.take_size("extent")?;
+        let zstd_level = options.take::<i32>("zstd-level")?;
+        let path = match (&tier_hot, options.take_str("path")) {
+            (Some(_), Some(_)) => return Err(invalid("give either path= or tier-hot=, not both")),
+            (Some(hot), None) => hot.clone(),
+            (None, Some(path)) => path,
+            (None, None) => return Err(OptionError::Missing("path").into()),
+        };
+        let tier = match (tier_hot, tier_cold) {
+            (None, None) => {
+                if extent.is_some() || zstd_level.is_some() {
+                    return Err(invalid(
+                        "extent= and zstd-level= need tier-hot= and tier-cold=",
+                    ));
+                }
+                None
+            }
+            (Some(_), Some(cold)) => {
+                let extent_size = extent.unwrap_or(1 << 20);
+                if !extent_size.is_power_of_two() || !(64 << 10..=64 << 20).contains(&extent_size) {
+                    return Err(invalid("extent must be a power of two from 64K to 64M"));
+                }
+                let zstd_level = zstd_level.unwrap_or(3);
+                if !(1..=19).contains(&zstd_level) {
+                    return Err(invalid("zstd-level must be 1..=19"));
+                }
+                if cold.is_empty() {
+                    return Err(invalid("tier-cold must not be empty"));
+                }
+                Some(TierSpec {
+                    cold: PathBuf::from(cold),
+                    extent_size,
+                    zstd_level,
+                })
+            }
+            _ => return Err(invalid("a tiered disk needs both tier-hot= and tier-cold=")),
+        };
         let backing = match path.as_str() {
             "null" => BackingSpec::Null,
             "" => return Err(invalid("path must not be empty")),
@@ -168,6 +217,9 @@ impl BlkConfig {
         if backing == BackingSpec::Null && size.is_none() {
             return Err(invalid("path=null needs size="));
         }
+        if tier.is_some() && (readonly || backing == BackingSpec::Null) {
+            return Err(invalid("a tiered disk is a writable file disk"));
+        }
         Ok(Self {
             id,
             socket,
@@ -183,6 +235,7 @@ impl BlkConfig {
             poll_us,
             qos,
             qos_group,
+            tier,
         })
     }
 }
@@ -225,6 +278,18 @@ mod tests {
     }
 
     #[test]
+    fn a_tiered_disk() {
+        let config = BlkConfig::parse(
+            "socket=/s.sock,tier-hot=/nvme/vm1.hot,tier-cold=/hdd/vm1.cold,size=20G,extent=4M",
+        )
+        .unwrap();
+        assert_eq!(config.backing, BackingSpec::File("/nvme/vm1.hot".into()));
+        let tier = config.tier.unwrap();
+        assert_eq!(tier.cold, PathBuf::from("/hdd/vm1.cold"));
+        assert_eq!((tier.extent_size, tier.zstd_level), (4 << 20, 3));
+    }
+
+    #[test]
     fn bad_values_are_refused() {
         for spec in [
             "path=/img",
@@ -241,6 +306,12 @@ mod tests {
             "socket=/s.sock,path=/img,id=a/b",
             "socket=/s.sock,path=/img,colour=blue",
             "socket=/s.sock,path=/img,poll-us=1001",
+            "socket=/s.sock,tier-hot=/h,size=1G",
+            "socket=/s.sock,tier-hot=/h,tier-cold=/c,path=/img,size=1G",
+            "socket=/s.sock,tier-hot=/h,tier-cold=/c,extent=100K,size=1G",
+            "socket=/s.sock,tier-hot=/h,tier-cold=/c,extent=128M,size=1G",
+            "socket=/s.sock,tier-hot=/h,tier-cold=/c,zstd-level=20,size=1G",
+            "socket=/s.sock,path=/img,extent=1M",
         ] {
             assert!(BlkConfig::parse(spec).is_err(), "accepted {spec}");
         }

@@ -25,11 +25,14 @@ use crate::qos::config::QosConfig;
 use crate::qos::group::SharedLimiter;
 use crate::qos::handle::QosHandle;
 use crate::qos::limiter::LimitError;
-use crate::storage::backing::{open_backing, BackingError, OpenRequest};
+use crate::storage::backing::{open_backing, open_log, BackingError, OpenRequest};
 use crate::storage::null::NullEngine;
 use crate::storage::sync::SyncEngine;
 use crate::storage::uring::UringEngine;
 use crate::storage::{uring_available, Engine, EngineError};
+use crate::tier::engine::TierEngine;
+use crate::tier::store::{TierError, TierStore};
+use std::path::PathBuf;
 
 /// Errors starting a device.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +40,9 @@ pub enum DeviceError {
     /// The backing could not be opened.
     #[error(transparent)]
     Backing(#[from] BackingError),
+    /// The tier store could not be opened (metadata corrupt or for another geometry, ...).
+    #[error(transparent)]
+    Tier(#[from] TierError),
     /// The socket or its thread could not be set up.
     #[error(transparent)]
     Runner(#[from] RunnerError),
@@ -66,6 +72,8 @@ pub struct DeviceShared {
     pub qos: QosHandle,
     file: Option<Arc<File>>,
     engine: EngineKind,
+    /// The tier store of a tiered disk.
+    pub tier: Option<Arc<TierStore>>,
     stats: Vec<Arc<QueueStats>>,
 }
 
@@ -75,12 +83,16 @@ impl DeviceShared {
         let Some(file) = &self.file else {
             return Ok(Box::new(NullEngine::default()));
         };
-        Ok(match self.engine {
+        let inner: Box<dyn Engine> = match self.engine {
             EngineKind::Uring => {
                 let entries = u32::from(self.queue_size).saturating_mul(2);
                 Box::new(UringEngine::new(Arc::clone(file), entries)?)
             }
             EngineKind::Sync => Box::new(SyncEngine::new(Arc::clone(file))),
+        };
+        Ok(match &self.tier {
+            Some(store) => Box::new(TierEngine::new(inner, Arc::clone(store))),
+            None => inner,
         })
     }
 
@@ -167,6 +179,24 @@ impl BlkDevice {
                 (Some(Arc::new(backing.file)), backing.size)
             }
         };
+        let tier = match (&config.tier, &file) {
+            (Some(spec), Some(hot)) => {
+                let cold = open_log(&spec.cold)?;
+                let hot_path = match &config.backing {
+                    BackingSpec::File(path) => path.clone(),
+                    BackingSpec::Null => PathBuf::new(),
+                };
+                Some(Arc::new(TierStore::open(
+                    Arc::clone(hot),
+                    &hot_path,
+                    cold,
+                    capacity,
+                    spec.extent_size,
+                    spec.zstd_level,
+                )?))
+            }
+            _ => None,
+        };
         let mut engine = config.engine;
         if engine == EngineKind::Uring && file.is_some() && !uring_available() {
             log::warn!(
@@ -191,6 +221,7 @@ impl BlkDevice {
             qos: QosHandle::default(),
             file,
             engine,
+            tier,
             stats: (0..config.queues).map(|_| Arc::default()).collect(),
         });
         if let Err(e) = shared.set_qos(&config.qos) {
@@ -242,8 +273,16 @@ impl BlkDevice {
     }
 
     /// Disconnects the front-end (in-flight I/O completes first), stops listening and removes
-    /// the socket.
+    /// the socket; a tiered disk's metadata is then marked clean.
     pub fn stop(self) {
         self.runner.stop();
+        if let Some(tier) = &self.shared.tier {
+            if let Err(e) = tier.close() {
+                log::error!(
+                    "{}: cannot mark the tier metadata clean: {e}",
+                    self.config.id
+                );
+            }
+        }
     }
 }

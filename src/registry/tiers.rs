@@ -1,0 +1,122 @@
+//! Tiered disks in the registry: `tier.status`, `tier.demote`, `tier.promote`. Moves run on
+//! the caller's thread when `wait` is set (the registry lock is not held while they run), or
+//! on a background thread otherwise, with progress in `tier.status`.
+
+// Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
+// panic or wrap silently (checked, saturating or `get` instead).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{json, Value};
+
+use super::{Device, Registry, RegistryError};
+use crate::tier::store::TierStore;
+
+/// Which extents a move request names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Selection {
+    /// Every extent.
+    All,
+    /// These extents.
+    Extents(Vec<u64>),
+    /// Hot extents not accessed for this long (demotion).
+    IdleFor(Duration),
+}
+
+impl Registry {
+    /// The tier store of tiered disk `id`.
+    pub fn tier_store(&self, id: &str) -> Result<Arc<TierStore>, RegistryError> {
+        match &self.entry(id)?.device {
+            Device::Blk(device) => device
+                .shared()
+                .tier
+                .clone()
+                .ok_or_else(|| RegistryError::NotTiered(id.to_string())),
+            Device::Net(_) => Err(RegistryError::NotTiered(id.to_string())),
+        }
+    }
+}
+
+/// The extents `selection` names on `store`; refuses extents past the disk.
+pub fn select(store: &TierStore, selection: &Selection, down: bool) -> Result<Vec<u64>, String> {
+    Ok(match selection {
+        Selection::All => {
+            if down {
+                (0..store.extents()).collect()
+            } else {
+                store.cold_extents()
+            }
+        }
+        Selection::Extents(list) => {
+            if let Some(bad) = list.iter().find(|&&e| e >= store.extents()) {
+                return Err(format!(
+                    "extent {bad} is past the disk ({} extents)",
+                    store.extents()
+                ));
+            }
+            list.clone()
+        }
+        Selection::IdleFor(idle) => {
+            store.idle_extents(u64::try_from(idle.as_nanos()).unwrap_or(u64::MAX))
+        }
+    })
+}
+
+/// `tier.status` of a store.
+pub fn status(id: &str, store: &TierStore) -> Value {
+    let (cold_extents, cold_bytes) = store.cold_usage();
+    let stats = &store.stats;
+    let raw = stats.raw_bytes.load(Ordering::Relaxed);
+    let compressed = stats.compressed_bytes.load(Ordering::Relaxed);
+    json!({
+        "id": id,
+        "extent-size": store.extent_size(),
+        "extents": store.extents(),
+        "cold-extents": cold_extents,
+        "hot-extents": store.extents().saturating_sub(cold_extents),
+        "hot-bytes-allocated": store.hot_allocated(),
+        "cold-bytes": cold_bytes,
+        "compression-ratio": if compressed > 0 { raw as f64 / compressed as f64 } else { 0.0 },
+        "demoted": stats.demoted.load(Ordering::Relaxed),
+        "promoted": stats.promoted.load(Ordering::Relaxed),
+        "moves-failed": stats.failed.load(Ordering::Relaxed),
+        "cold-reads": stats.cold_reads.load(Ordering::Relaxed),
+        "corrupt-records": stats.corrupt.load(Ordering::Relaxed),
+        "progress": store.progress(),
+    })
+}
+
+/// Parses `10m`, `30s`, `500ms`, `2h`.
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let bad = || format!("`{text}` is not a duration like 30s, 10m, 2h or 500ms");
+    let split = text.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number.parse().map_err(|_| bad())?;
+    let seconds = match unit {
+        "ms" => return Ok(Duration::from_millis(n)),
+        "s" => n,
+        "m" => n.checked_mul(60).ok_or_else(bad)?,
+        "h" => n.checked_mul(3600).ok_or_else(bad)?,
+        _ => return Err(bad()),
+    };
+    Ok(Duration::from_secs(seconds))
+}
+
+#[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)] // tests may panic
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("10m").unwrap(), Duration::from_secs(600));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2h").unwrap(), Duration::from_secs(7200));
+        for bad in ["", "m", "10", "10x", "-1s", "99999999999999999999h"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+}

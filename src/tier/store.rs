@@ -1,0 +1,820 @@
+//! A tiered disk's storage: extents live in the hot file (at their own offset, so hot I/O is
+//! a plain disk's zero-copy I/O) or as zstd records in the cold file, with the extent map kept
+//! in the journal ([`super::journal`]). Moves and the start-up check live here; the I/O path
+//! uses [`TierStore::plan_read`], [`TierStore::begin_write`] and friends through
+//! [`super::engine::TierEngine`].
+//!
+//! Rules (each a crash-safety argument):
+//! - **Demote** (hot → cold): with no write in flight, note the extent's generation; read and
+//!   compress the extent *outside* the lock (never on a guest's I/O path); append the record to
+//!   the cold file and `fdatasync` it; then, under the lock, and only if the generation is
+//!   unchanged (no guest write raced the move) journal `cold` (`fdatasync`), update the map and
+//!   punch the hot copy. A crash before the journal entry leaves the hot copy authoritative
+//!   (the record is unreferenced space, reclaimed at start); after it, the record is.
+//! - **Promote** (cold → hot), under the lock: decode the record, write it to the hot file,
+//!   `fdatasync`, journal `hot`, update the map, then free the record's space. A crash before
+//!   the journal entry leaves the record authoritative.
+//! - A **guest write** to a cold extent promotes it first; every write bumps the extent's
+//!   generation (so a racing demotion aborts) and counts as in flight until it completes (so a
+//!   demotion never copies an extent a write is changing).
+//! - **Start-up**: replay the journal; punch the hot copy of every cold extent (a crash between
+//!   journal and punch); punch every byte range of the cold file no record references (space a
+//!   crash leaked). A dirty shutdown is logged; the check runs either way.
+
+// Data read from disk is as untrusted as a guest's: no indexing or arithmetic that can panic.
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use super::journal::{ColdLocation, Entry, Journal, JournalError};
+use super::record::{self, RecordError};
+use crate::lock::lock;
+use crate::storage::sync::{fallocate, PUNCH_HOLE};
+
+/// Decompressed cold extents kept for reads (per disk).
+const CACHE_EXTENTS: usize = 8;
+/// Journal entries after which the journal is compacted.
+const COMPACT_AFTER: u64 = 4096;
+
+/// Errors of the tier store.
+#[derive(Debug, thiserror::Error)]
+pub enum TierError {
+    /// The metadata journal failed.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
+    /// A file operation failed.
+    #[error("{action}: {source}")]
+    Io {
+        /// What was being done.
+        action: &'static str,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A cold record is corrupt: that read fails, nothing else.
+    #[error("extent {extent}: {source}")]
+    Record {
+        /// The extent.
+        extent: u64,
+        /// What is wrong.
+        #[source]
+        source: RecordError,
+    },
+}
+
+fn io(action: &'static str) -> impl FnOnce(std::io::Error) -> TierError {
+    move |source| TierError::Io { action, source }
+}
+
+fn errno(action: &'static str) -> impl FnOnce(i32) -> TierError {
+    move |e| TierError::Io {
+        action,
+        source: std::io::Error::from_raw_os_error(e),
+    }
+}
+
+/// Outcome of one move attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Moved {
+    /// Done.
+    Done,
+    /// Nothing to do (already there, or an unwritten extent).
+    Skipped,
+    /// A guest write raced it (or one was in flight): nothing changed, try again later.
+    Raced,
+}
+
+/// The latest requested move batch, for `tier.status`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Progress {
+    /// `demote` or `promote`.
+    pub operation: String,
+    /// Extents in the batch.
+    pub total: u64,
+    /// Extents handled so far (moved, skipped, raced or failed).
+    pub handled: u64,
+    /// Moved.
+    pub moved: u64,
+    /// Nothing to do.
+    pub skipped: u64,
+    /// A guest write raced the move (left where it was).
+    pub raced: u64,
+    /// Failed (I/O error, cold tier full, corrupt record).
+    pub failed: u64,
+    /// Whether the batch is still running.
+    pub running: bool,
+}
+
+/// Counters of a tiered disk.
+#[derive(Debug, Default)]
+pub struct TierStats {
+    /// Demotions done.
+    pub demoted: AtomicU64,
+    /// Promotions done (manual, policy or by a write).
+    pub promoted: AtomicU64,
+    /// Moves that failed (I/O error, cold tier full) or raced a write.
+    pub failed: AtomicU64,
+    /// Reads served from the cold tier.
+    pub cold_reads: AtomicU64,
+    /// Cold records found corrupt.
+    pub corrupt: AtomicU64,
+    /// Uncompressed bytes demoted.
+    pub raw_bytes: AtomicU64,
+    /// Compressed bytes written to the cold tier.
+    pub compressed_bytes: AtomicU64,
+}
+
+struct State {
+    cold: BTreeMap<u64, ColdLocation>,
+    generation: Vec<u64>,
+    writes_in_flight: Vec<u32>,
+    journal: Journal,
+    cold_end: u64,
+    cache: VecDeque<(u64, u64, Arc<Vec<u8>>)>,
+    /// Last access, in the store's clock (nanoseconds), for the idle policy.
+    last_access: Vec<u64>,
+}
+
+/// A tiered disk's hot and cold files and extent map.
+pub struct TierStore {
+    hot: Arc<File>,
+    cold: File,
+    extent_size: u64,
+    extents: u64,
+    capacity: u64,
+    level: i32,
+    state: Mutex<State>,
+    /// Counters.
+    pub stats: TierStats,
+    started: std::time::Instant,
+    progress: Mutex<Progress>,
+}
+
+/// Where the journal of a tiered disk lives: next to its hot file.
+pub fn journal_path(hot: &Path) -> PathBuf {
+    let mut name = hot.as_os_str().to_os_string();
+    name.push(".tiermap");
+    PathBuf::from(name)
+}
+
+impl TierStore {
+    /// Opens a tiered disk over `hot` (sized to `capacity`) and `cold`, replaying the journal
+    /// and running the start-up check.
+    pub fn open(
+        hot: Arc<File>,
+        hot_path: &Path,
+        cold: File,
+        capacity: u64,
+        extent_size: u64,
+        level: i32,
+    ) -> Result<Self, TierError> {
+        let extents = capacity.div_ceil(extent_size.max(1));
+        let (journal, replayed) = Journal::open(&journal_path(hot_path), extent_size, extents)?;
+        if !replayed.clean && replayed.entries > 1 {
+            log::warn!(
+                "{}: tier metadata not closed cleanly ({} torn bytes dropped): checking",
+                hot_path.display(),
+                replayed.torn_bytes
+            );
+        }
+        let cold_end = cold
+            .metadata()
+            .map_err(io("cannot stat the cold tier"))?
+            .len();
+        let count = usize::try_from(extents).unwrap_or(0);
+        let store = Self {
+            hot,
+            cold,
+            extent_size,
+            extents,
+            capacity,
+            level,
+            state: Mutex::new(State {
+                cold: replayed.cold,
+                generation: vec![0; count],
+                writes_in_flight: vec![0; count],
+                journal,
+                cold_end,
+                cache: VecDeque::new(),
+                last_access: vec![0; count],
+            }),
+            stats: TierStats::default(),
+            started: std::time::Instant::now(),
+            progress: Mutex::new(Progress::default()),
+        };
+        store.check()?;
+        Ok(store)
+    }
+
+    /// The start-up check: hot copies of cold extents released, unreferenced cold space freed.
+    fn check(&self) -> Result<(), TierError> {
+        let state = lock(&self.state);
+        for &extent in state.cold.keys() {
+            self.punch_hot(extent)?;
+        }
+        let mut used: Vec<(u64, u64)> = state
+            .cold
+            .values()
+            .map(|l| (l.offset, l.offset.saturating_add(u64::from(l.len))))
+            .collect();
+        used.sort_unstable();
+        let mut at = 0u64;
+        for (start, end) in used
+            .into_iter()
+            .chain(std::iter::once((state.cold_end, state.cold_end)))
+        {
+            if start > at {
+                self.punch_cold(at, start.saturating_sub(at))?;
+            }
+            at = at.max(end);
+        }
+        Ok(())
+    }
+
+    /// Extent size in bytes.
+    pub fn extent_size(&self) -> u64 {
+        self.extent_size
+    }
+
+    /// Number of extents.
+    pub fn extents(&self) -> u64 {
+        self.extents
+    }
+
+    fn now_ns(&self) -> u64 {
+        u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    }
+
+    /// Extents overlapping `offset..offset+len`.
+    fn span(&self, offset: u64, len: u64) -> std::ops::Range<u64> {
+        let first = offset.checked_div(self.extent_size).unwrap_or(0);
+        let end = offset
+            .saturating_add(len.max(1))
+            .saturating_sub(1)
+            .checked_div(self.extent_size)
+            .unwrap_or(0);
+        first..end.saturating_add(1).min(self.extents)
+    }
+
+    fn extent_len(&self, extent: u64) -> u64 {
+        let start = extent.saturating_mul(self.extent_size);
+        self.capacity.saturating_sub(start).min(self.extent_size)
+    }
+
+    /// Whether `offset..offset+len` lies entirely on the hot tier (then the plain engine
+    /// serves it); records the access for the heat policy.
+    pub fn is_hot(&self, offset: u64, len: u64) -> bool {
+        let now = self.now_ns();
+        let mut state = lock(&self.state);
+        let span = self.span(offset, len);
+        for extent in span.clone() {
+            if let Some(slot) = state.last_access.get_mut(extent as usize) {
+                *slot = now;
+            }
+        }
+        !span.into_iter().any(|e| state.cold.contains_key(&e))
+    }
+
+    /// Reads `offset..offset+len` into `out` from whichever tier holds each extent (the slow
+    /// path for ranges touching cold extents).
+    pub fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), TierError> {
+        let mut done = 0usize;
+        while done < out.len() {
+            let at = offset.saturating_add(done as u64);
+            let extent = at.checked_div(self.extent_size).unwrap_or(0);
+            let within = at.checked_rem(self.extent_size).unwrap_or(0);
+            let chunk = (self.extent_size.saturating_sub(within) as usize)
+                .min(out.len().saturating_sub(done));
+            let dst = out
+                .get_mut(done..done.saturating_add(chunk))
+                .ok_or_else(|| io("read range")(std::io::ErrorKind::InvalidInput.into()))?;
+            match self.cold_extent(extent)? {
+                Some(data) => {
+                    let src = data
+                        .get(within as usize..(within as usize).saturating_add(chunk))
+                        .ok_or(TierError::Record {
+                            extent,
+                            source: RecordError::Truncated,
+                        })?;
+                    dst.copy_from_slice(src);
+                    self.stats.cold_reads.fetch_add(1, Ordering::Relaxed);
+                }
+                None => read_at(&self.hot, dst, at)?,
+            }
+            done = done.saturating_add(chunk);
+        }
+        Ok(())
+    }
+
+    /// The decompressed contents of `extent` if it is cold (from the cache when possible).
+    fn cold_extent(&self, extent: u64) -> Result<Option<Arc<Vec<u8>>>, TierError> {
+        let mut state = lock(&self.state);
+        let Some(location) = state.cold.get(&extent).copied() else {
+            return Ok(None);
+        };
+        if let Some((_, _, data)) = state
+            .cache
+            .iter()
+            .find(|(e, g, _)| *e == extent && *g == location.generation)
+        {
+            return Ok(Some(Arc::clone(data)));
+        }
+        let data = Arc::new(self.load_record(extent, location)?);
+        if state.cache.len() >= CACHE_EXTENTS {
+            state.cache.pop_front();
+        }
+        state
+            .cache
+            .push_back((extent, location.generation, Arc::clone(&data)));
+        Ok(Some(data))
+    }
+
+    fn load_record(&self, extent: u64, location: ColdLocation) -> Result<Vec<u8>, TierError> {
+        let max_raw = u32::try_from(self.extent_len(extent)).unwrap_or(u32::MAX);
+        let max_len = (record::HEADER_LEN as u64)
+            .saturating_add(u64::from(record::max_compressed_len(max_raw)));
+        if u64::from(location.len) > max_len {
+            self.stats.corrupt.fetch_add(1, Ordering::Relaxed);
+            return Err(TierError::Record {
+                extent,
+                source: RecordError::BadLength(u64::from(location.len)),
+            });
+        }
+        let mut bytes = vec![0u8; location.len as usize];
+        read_at(&self.cold, &mut bytes, location.offset)?;
+        let mut out = Vec::new();
+        record::decode_into(&bytes, extent, location.generation, max_raw, &mut out).map_err(
+            |source| {
+                self.stats.corrupt.fetch_add(1, Ordering::Relaxed);
+                log::error!("tier: extent {extent}: corrupt cold record: {source}");
+                TierError::Record { extent, source }
+            },
+        )?;
+        // A short last extent's record holds exactly its bytes.
+        Ok(out)
+    }
+
+    /// Before a write (or discard) of `offset..offset+len`: promotes the cold extents it
+    /// touches, bumps their generations and counts the write in flight. `whole_extent_zero`
+    /// marks a discard/write-zeroes: extents it covers entirely are dropped from the cold tier
+    /// instead of promoted. Returns the extents to pass to [`TierStore::end_write`].
+    pub fn begin_write(
+        &self,
+        offset: u64,
+        len: u64,
+        zeroing: bool,
+    ) -> Result<std::ops::Range<u64>, TierError> {
+        let span = self.span(offset, len);
+        let now = self.now_ns();
+        let mut state = lock(&self.state);
+        for extent in span.clone() {
+            if state.cold.contains_key(&extent) {
+                let start = extent.saturating_mul(self.extent_size);
+                let covered = zeroing
+                    && offset <= start
+                    && offset.saturating_add(len) >= start.saturating_add(self.extent_len(extent));
+                if covered {
+                    self.drop_cold(&mut state, extent)?;
+                } else {
+                    self.promote_locked(&mut state, extent)?;
+                }
+            }
+            let i = extent as usize;
+            if let Some(g) = state.generation.get_mut(i) {
+                *g = g.wrapping_add(1);
+            }
+            if let Some(n) = state.writes_in_flight.get_mut(i) {
+                *n = n.saturating_add(1);
+            }
+            if let Some(slot) = state.last_access.get_mut(i) {
+                *slot = now;
+            }
+        }
+        Ok(span)
+    }
+
+    /// A write started with [`TierStore::begin_write`] completed.
+    pub fn end_write(&self, extents: std::ops::Range<u64>) {
+        let mut state = lock(&self.state);
+        for extent in extents {
+            if let Some(n) = state.writes_in_flight.get_mut(extent as usize) {
+                *n = n.saturating_sub(1);
+            }
+        }
+    }
+
+    /// Moves `extent` to the cold tier.
+    pub fn demote(&self, extent: u64) -> Result<Moved, TierError> {
+        let len = self.extent_len(extent);
+        let generation = {
+            let state = lock(&self.state);
+            if state.cold.contains_key(&extent) || len == 0 {
+                return Ok(Moved::Skipped);
+            }
+            if state
+                .writes_in_flight
+                .get(extent as usize)
+                .copied()
+                .unwrap_or(0)
+                > 0
+            {
+                return Ok(Moved::Raced);
+            }
+            state.generation.get(extent as usize).copied().unwrap_or(0)
+        };
+        let start = extent.saturating_mul(self.extent_size);
+        let mut data = vec![0u8; len as usize];
+        read_at(&self.hot, &mut data, start)?;
+        if data.iter().all(|&b| b == 0) {
+            // Nothing written (or all zeros): it already takes no space on the cold tier.
+            return Ok(Moved::Skipped);
+        }
+        let bytes = record::encode(extent, generation, &data, self.level)
+            .map_err(|source| TierError::Record { extent, source })?;
+        let record_len = u32::try_from(bytes.len()).unwrap_or(u32::MAX);
+        let offset = {
+            let mut state = lock(&self.state);
+            let offset = state.cold_end;
+            state.cold_end = offset.saturating_add(bytes.len() as u64);
+            offset
+        };
+        let written = self
+            .cold
+            .write_all_at(&bytes, offset)
+            .and_then(|()| self.cold.sync_data());
+        if let Err(e) = written {
+            // Cold tier full or failing: the hot copy stays, the guest notices nothing.
+            self.stats.failed.fetch_add(1, Ordering::Relaxed);
+            let _ = self.punch_cold(offset, u64::from(record_len));
+            return Err(io("cannot write the cold tier")(e));
+        }
+        let mut state = lock(&self.state);
+        let now_generation = state.generation.get(extent as usize).copied().unwrap_or(0);
+        let busy = state
+            .writes_in_flight
+            .get(extent as usize)
+            .copied()
+            .unwrap_or(0)
+            > 0;
+        if now_generation != generation || busy {
+            drop(state);
+            self.stats.failed.fetch_add(1, Ordering::Relaxed);
+            let _ = self.punch_cold(offset, u64::from(record_len));
+            return Ok(Moved::Raced);
+        }
+        let location = ColdLocation {
+            offset,
+            len: record_len,
+            generation,
+        };
+        state.journal.append(&[Entry::Cold { extent, location }])?;
+        state.cold.insert(extent, location);
+        self.punch_hot(extent)?;
+        self.maybe_compact(&mut state)?;
+        self.stats.demoted.fetch_add(1, Ordering::Relaxed);
+        self.stats.raw_bytes.fetch_add(len, Ordering::Relaxed);
+        self.stats
+            .compressed_bytes
+            .fetch_add(u64::from(record_len), Ordering::Relaxed);
+        Ok(Moved::Done)
+    }
+
+    /// Moves `extent` back to the hot tier.
+    pub fn promote(&self, extent: u64) -> Result<Moved, TierError> {
+        let mut state = lock(&self.state);
+        if !state.cold.contains_key(&extent) {
+            return Ok(Moved::Skipped);
+        }
+        self.promote_locked(&mut state, extent)?;
+        Ok(Moved::Done)
+    }
+
+    fn promote_locked(&self, state: &mut State, extent: u64) -> Result<(), TierError> {
+        let Some(location) = state.cold.get(&extent).copied() else {
+            return Ok(());
+        };
+        let data = match state
+            .cache
+            .iter()
+            .find(|(e, g, _)| *e == extent && *g == location.generation)
+        {
+            Some((_, _, data)) => Arc::clone(data),
+            None => Arc::new(self.load_record(extent, location)?),
+        };
+        let start = extent.saturating_mul(self.extent_size);
+        self.hot
+            .write_all_at(&data, start)
+            .and_then(|()| self.hot.sync_data())
+            .map_err(io("cannot write the hot tier"))?;
+        state.journal.append(&[Entry::Hot { extent }])?;
+        state.cold.remove(&extent);
+        state.cache.retain(|(e, _, _)| *e != extent);
+        self.punch_cold(location.offset, u64::from(location.len))?;
+        self.maybe_compact(state)?;
+        self.stats.promoted.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// A cold extent that is being zeroed or discarded entirely: no promotion needed.
+    fn drop_cold(&self, state: &mut State, extent: u64) -> Result<(), TierError> {
+        let Some(location) = state.cold.get(&extent).copied() else {
+            return Ok(());
+        };
+        state.journal.append(&[Entry::Hot { extent }])?;
+        state.cold.remove(&extent);
+        state.cache.retain(|(e, _, _)| *e != extent);
+        self.punch_cold(location.offset, u64::from(location.len))?;
+        Ok(())
+    }
+
+    fn maybe_compact(&self, state: &mut State) -> Result<(), TierError> {
+        if state.journal.len() > COMPACT_AFTER {
+            let cold = state.cold.clone();
+            state
+                .journal
+                .compact(self.extent_size, self.extents, &cold)?;
+        }
+        Ok(())
+    }
+
+    fn punch_hot(&self, extent: u64) -> Result<(), TierError> {
+        let start = extent.saturating_mul(self.extent_size);
+        fallocate(
+            self.hot.as_raw_fd(),
+            PUNCH_HOLE,
+            start,
+            self.extent_len(extent),
+        )
+        .map_err(errno("cannot release a hot extent"))
+    }
+
+    fn punch_cold(&self, offset: u64, len: u64) -> Result<(), TierError> {
+        if len == 0 {
+            return Ok(());
+        }
+        fallocate(self.cold.as_raw_fd(), PUNCH_HOLE, offset, len)
+            .map_err(errno("cannot free cold space"))
+    }
+
+    /// Extents idle (not read or written) for at least `idle_ns`, hot and holding data first.
+    pub fn idle_extents(&self, idle_ns: u64) -> Vec<u64> {
+        let now = self.now_ns();
+        let state = lock(&self.state);
+        (0..self.extents)
+            .filter(|e| !state.cold.contains_key(e))
+            .filter(|e| {
+                let last = state.last_access.get(*e as usize).copied().unwrap_or(0);
+                now.saturating_sub(last) >= idle_ns
+            })
+            .collect()
+    }
+
+    /// Moves `extents` one by one (`demote` when `down`), recording progress; returns the
+    /// final tally. Errors end nothing: a failed extent is counted and the batch goes on.
+    pub fn run_batch(&self, extents: &[u64], down: bool) -> Progress {
+        *lock(&self.progress) = Progress {
+            operation: if down { "demote" } else { "promote" }.into(),
+            total: extents.len() as u64,
+            running: true,
+            ..Progress::default()
+        };
+        for &extent in extents {
+            let result = if down {
+                self.demote(extent)
+            } else {
+                self.promote(extent)
+            };
+            let mut progress = lock(&self.progress);
+            progress.handled = progress.handled.saturating_add(1);
+            match result {
+                Ok(Moved::Done) => progress.moved = progress.moved.saturating_add(1),
+                Ok(Moved::Skipped) => progress.skipped = progress.skipped.saturating_add(1),
+                Ok(Moved::Raced) => progress.raced = progress.raced.saturating_add(1),
+                Err(e) => {
+                    log::warn!("tier: extent {extent}: {e}");
+                    progress.failed = progress.failed.saturating_add(1);
+                }
+            }
+        }
+        let mut progress = lock(&self.progress);
+        progress.running = false;
+        progress.clone()
+    }
+
+    /// The latest batch's progress.
+    pub fn progress(&self) -> Progress {
+        lock(&self.progress).clone()
+    }
+
+    /// Bytes the hot file occupies on disk.
+    pub fn hot_allocated(&self) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        self.hot
+            .metadata()
+            .map(|m| m.blocks().saturating_mul(512))
+            .unwrap_or(0)
+    }
+
+    /// Cold extents, in order.
+    pub fn cold_extents(&self) -> Vec<u64> {
+        lock(&self.state).cold.keys().copied().collect()
+    }
+
+    /// Marks the metadata clean (orderly shutdown).
+    pub fn close(&self) -> Result<(), TierError> {
+        lock(&self.state).journal.append(&[Entry::Clean])?;
+        Ok(())
+    }
+
+    /// `(cold extents, compressed bytes on the cold tier)`.
+    pub fn cold_usage(&self) -> (u64, u64) {
+        let state = lock(&self.state);
+        (
+            state.cold.len() as u64,
+            state.cold.values().map(|l| u64::from(l.len)).sum(),
+        )
+    }
+}
+
+fn read_at(file: &File, buf: &mut [u8], offset: u64) -> Result<(), TierError> {
+    // A hot file shorter than the disk (sparse tail) reads as zeros.
+    let mut done = 0usize;
+    while let Some(rest) = buf.get_mut(done..) {
+        if rest.is_empty() {
+            break;
+        }
+        match file.read_at(rest, offset.saturating_add(done as u64)) {
+            Ok(0) => {
+                rest.fill(0);
+                break;
+            }
+            Ok(n) => done = done.saturating_add(n),
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(io("cannot read")(e)),
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+#[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)] // tests may panic
+mod tests {
+    use super::*;
+
+    const EXTENT: u64 = 64 << 10;
+    const SIZE: u64 = 8 * EXTENT;
+
+    struct Disk {
+        dir: tempfile::TempDir,
+    }
+
+    impl Disk {
+        fn new() -> Self {
+            Self {
+                dir: tempfile::tempdir().unwrap(),
+            }
+        }
+
+        fn open(&self) -> TierStore {
+            let hot_path = self.dir.path().join("d.hot");
+            let hot = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&hot_path)
+                .unwrap();
+            hot.set_len(SIZE).unwrap();
+            let cold = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(self.dir.path().join("d.cold"))
+                .unwrap();
+            TierStore::open(Arc::new(hot), &hot_path, cold, SIZE, EXTENT, 3).unwrap()
+        }
+
+        fn write(&self, store: &TierStore, offset: u64, data: &[u8]) {
+            let extents = store.begin_write(offset, data.len() as u64, false).unwrap();
+            store.hot.write_all_at(data, offset).unwrap();
+            store.end_write(extents);
+        }
+    }
+
+    fn pattern(seed: u8, len: usize) -> Vec<u8> {
+        (0..len)
+            .map(|i| ((i / 7) as u8).wrapping_add(seed))
+            .collect()
+    }
+
+    fn read(store: &TierStore, offset: u64, len: usize) -> Vec<u8> {
+        let mut out = vec![0u8; len];
+        store.read(offset, &mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn demote_read_write_promote_and_reopen_keep_every_byte() {
+        let disk = Disk::new();
+        let store = disk.open();
+        let data = pattern(1, (3 * EXTENT) as usize);
+        disk.write(&store, EXTENT, &data);
+        assert_eq!(store.demote(0).unwrap(), Moved::Skipped, "unwritten extent");
+        for e in 1..4 {
+            assert_eq!(store.demote(e).unwrap(), Moved::Done);
+        }
+        assert_eq!(store.cold_extents(), vec![1, 2, 3]);
+        assert!(!store.is_hot(EXTENT, 10));
+        assert_eq!(read(&store, EXTENT, data.len()), data);
+        // A write into a cold extent promotes it first.
+        let patch = pattern(9, 4096);
+        disk.write(&store, 2 * EXTENT + 100, &patch);
+        let mut model = data.clone();
+        model[(EXTENT + 100) as usize..(EXTENT + 100) as usize + 4096].copy_from_slice(&patch);
+        assert_eq!(store.cold_extents(), vec![1, 3]);
+        assert_eq!(read(&store, EXTENT, model.len()), model);
+        // Reopen without a clean close (a crash): same contents, same map.
+        drop(store);
+        let store = disk.open();
+        assert_eq!(store.cold_extents(), vec![1, 3]);
+        assert_eq!(read(&store, EXTENT, model.len()), model);
+        assert_eq!(store.promote(3).unwrap(), Moved::Done);
+        assert_eq!(read(&store, EXTENT, model.len()), model);
+        store.close().unwrap();
+    }
+
+    #[test]
+    fn a_write_racing_a_demotion_wins() {
+        let disk = Disk::new();
+        let store = disk.open();
+        disk.write(&store, 0, &pattern(2, EXTENT as usize));
+        // A write in flight: the demotion does not even start.
+        let extents = store.begin_write(0, 512, false).unwrap();
+        assert_eq!(store.demote(0).unwrap(), Moved::Raced);
+        store.end_write(extents);
+        assert_eq!(store.demote(0).unwrap(), Moved::Done);
+        assert_eq!(store.stats.failed.load(Ordering::Relaxed), 0);
+    }
+
+    #[test]
+    fn a_corrupt_record_fails_only_its_own_reads() {
+        let disk = Disk::new();
+        let store = disk.open();
+        disk.write(&store, 0, &pattern(3, (2 * EXTENT) as usize));
+        store.demote(0).unwrap();
+        store.demote(1).unwrap();
+        let location = lock(&store.state).cold[&0];
+        let mut byte = [0u8; 1];
+        let at = location.offset + location.len as u64 - 5;
+        store.cold.read_exact_at(&mut byte, at).unwrap();
+        store.cold.write_all_at(&[byte[0] ^ 0x40], at).unwrap();
+        let mut out = vec![0u8; 512];
+        assert!(matches!(
+            store.read(0, &mut out),
+            Err(TierError::Record { extent: 0, .. })
+        ));
+        assert_eq!(
+            read(&store, EXTENT, 512),
+            pattern(3, (2 * EXTENT) as usize)[EXTENT as usize..][..512]
+        );
+        assert_eq!(store.stats.corrupt.load(Ordering::Relaxed), 1);
+        // Writing over it is refused too (its old contents cannot be read to merge).
+        assert!(store.begin_write(0, 512, false).is_err());
+        // Zeroing the whole extent does not need its contents: allowed, and it reads zeros.
+        let extents = store.begin_write(0, EXTENT, true).unwrap();
+        store.end_write(extents);
+        assert_eq!(read(&store, 0, 512), vec![0u8; 512]);
+    }
+
+    #[test]
+    fn space_leaked_by_a_crash_is_reclaimed_at_start() {
+        use std::os::unix::fs::MetadataExt;
+        let disk = Disk::new();
+        let store = disk.open();
+        disk.write(&store, 0, &pattern(4, EXTENT as usize));
+        store.demote(0).unwrap();
+        // A crash after a record was written but before its journal entry: unreferenced bytes.
+        let junk = vec![0x5au8; 256 << 10];
+        let end = store.cold.metadata().unwrap().len();
+        store.cold.write_all_at(&junk, end).unwrap();
+        store.cold.sync_all().unwrap();
+        drop(store);
+        let before = std::fs::metadata(disk.dir.path().join("d.cold"))
+            .unwrap()
+            .blocks();
+        let store = disk.open();
+        let after = store.cold.metadata().unwrap().blocks();
+        assert!(
+            after + 400 < before,
+            "leaked space not reclaimed: {before} -> {after} blocks"
+        );
+        assert_eq!(read(&store, 0, 4096), pattern(4, 4096));
+    }
+}
