@@ -68,6 +68,17 @@ pub enum TierError {
     },
 }
 
+/// Test-only crash injection: when the environment variable `NOVACRON_FAILPOINT` names this
+/// point, the process aborts here (as a kill -9 would stop it). Unset in production.
+fn failpoint(name: &str) {
+    static POINT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    let point = POINT.get_or_init(|| std::env::var("NOVACRON_FAILPOINT").ok());
+    if point.as_deref() == Some(name) {
+        log::error!("failpoint {name}: aborting");
+        std::process::abort();
+    }
+}
+
 fn io(action: &'static str) -> impl FnOnce(std::io::Error) -> TierError {
     move |source| TierError::Io { action, source }
 }
@@ -454,6 +465,7 @@ impl TierStore {
             let _ = self.punch_cold(offset, u64::from(record_len));
             return Err(io("cannot write the cold tier")(e));
         }
+        failpoint("demote-after-record");
         let mut state = lock(&self.state);
         let now_generation = state.generation.get(extent as usize).copied().unwrap_or(0);
         let busy = state
@@ -475,6 +487,7 @@ impl TierStore {
         };
         state.journal.append(&[Entry::Cold { extent, location }])?;
         state.cold.insert(extent, location);
+        failpoint("demote-after-journal");
         self.punch_hot(extent)?;
         self.maybe_compact(&mut state)?;
         self.stats.demoted.fetch_add(1, Ordering::Relaxed);
@@ -512,9 +525,11 @@ impl TierStore {
             .write_all_at(&data, start)
             .and_then(|()| self.hot.sync_data())
             .map_err(io("cannot write the hot tier"))?;
+        failpoint("promote-after-hot");
         state.journal.append(&[Entry::Hot { extent }])?;
         state.cold.remove(&extent);
         state.cache.retain(|(e, _, _)| *e != extent);
+        failpoint("promote-after-journal");
         self.punch_cold(location.offset, u64::from(location.len))?;
         self.maybe_compact(state)?;
         self.stats.promoted.fetch_add(1, Ordering::Relaxed);

@@ -24,17 +24,31 @@ impl Daemon {
 
     /// Like [`Daemon::start`] in a given directory (to restart over the same files).
     pub fn start_in(dir: tempfile::TempDir, args: &[&str]) -> Daemon {
-        Self::spawn(dir, args, None)
+        Self::spawn(dir, args, None, &[])
+    }
+
+    /// Like [`Daemon::start_in`] with extra environment variables (test-only failpoints).
+    pub fn start_in_with_env(
+        dir: tempfile::TempDir,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Daemon {
+        Self::spawn(dir, args, None, env)
     }
 
     /// Like [`Daemon::start`], inside network namespace `netns` (its taps are created there;
     /// its sockets are still files in the temp dir).
     pub fn start_in_netns(netns: &str, args: &[&str]) -> Daemon {
         let dir = tempfile::tempdir().expect("tempdir");
-        Self::spawn(dir, args, Some(netns))
+        Self::spawn(dir, args, Some(netns), &[])
     }
 
-    fn spawn(dir: tempfile::TempDir, args: &[&str], netns: Option<&str>) -> Daemon {
+    fn spawn(
+        dir: tempfile::TempDir,
+        args: &[&str],
+        netns: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> Daemon {
         let mut args: Vec<String> = args
             .iter()
             .map(|a| a.replace("{dir}", &dir.path().display().to_string()))
@@ -53,6 +67,7 @@ impl Daemon {
             }
             None => Command::new(env!("CARGO_BIN_EXE_novacrond")),
         };
+        command.envs(env.iter().copied());
         let mut child = command
             .args(&args)
             .env("RUST_LOG", "info")
@@ -137,6 +152,18 @@ impl Daemon {
         let status = child.wait().expect("wait");
         let dir = tempfile::tempdir().expect("tempdir");
         (status, std::mem::replace(&mut self.dir, dir))
+    }
+
+    /// Waits until the daemon dies by itself (a failpoint abort); returns the directory.
+    pub fn wait_crash(mut self) -> tempfile::TempDir {
+        let mut child = self.child.take().expect("child");
+        let status = child.wait().expect("wait");
+        assert!(
+            !status.success(),
+            "daemon exited cleanly instead of crashing"
+        );
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::mem::replace(&mut self.dir, dir)
     }
 
     /// Sends SIGKILL (a crash) and reaps the process.
