@@ -230,9 +230,12 @@ fn kill_9_at_random_times_during_moves_loses_nothing() {
     let mut model = Model::new();
     let mut dir = tempfile::tempdir().unwrap();
     let mut x: u64 = 0x1234_5678;
-    let rounds = 12;
+    let mut rounds = 0u64;
     let mut mid_move = 0;
-    for round in 0..rounds {
+    // At least 12 crashes, and until 4 of them landed in the middle of a move (at most 40).
+    while rounds < 40 && (rounds < 12 || mid_move < 4) {
+        let round = rounds;
+        rounds += 1;
         let daemon = Daemon::start_in(dir, &["--blk", SPEC]);
         let mut ctl = Control::connect(&daemon.path("control.sock"));
         {
