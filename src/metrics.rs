@@ -15,6 +15,9 @@
 //!   `novacron_switch_frames_total{direction}` (in = entering the switch, out = copies
 //!   delivered), `novacron_switch_drops_total{direction,reason}`, `novacron_switch_ports`,
 //!   `novacron_switch_learnt_macs`;
+//! - tiering: `novacron_tier_extents{device,tier}`, `novacron_tier_bytes{device,tier}`,
+//!   `novacron_tier_moves_total{device,kind}`, `novacron_tier_cold_reads_total`,
+//!   `novacron_tier_corrupt_records_total`;
 //! - QoS: `novacron_qos_tokens{device,limit}`, `novacron_qos_group_tokens{group,limit}`,
 //!   `novacron_qos_group_members{group}`, `novacron_qos_group_waits_total{group}` (held-back
 //!   requests and frames are in the device families: `*_throttled_total`).
@@ -81,6 +84,7 @@ impl MetricsServer {
                                 &registry.switch_metrics_snapshot(),
                             ));
                             text.push_str(&render_qos(&registry.qos_metrics_snapshot()));
+                            text.push_str(&render_tier(&registry.tier_metrics_snapshot()));
                             text
                         };
                         let mut response = tiny_http::Response::from_string(text);
@@ -413,6 +417,74 @@ pub fn render_qos(qos: &QosSnapshot) -> String {
             .iter()
             .map(|(n, _, w, _)| (format!("group=\"{}\"", escape(n)), w.to_string()))
             .collect::<Vec<_>>(),
+    );
+    out
+}
+
+/// Renders the tiering families from each tiered disk's `tier.status`.
+pub fn render_tier(disks: &[(String, serde_json::Value)]) -> String {
+    let mut out = String::new();
+    let rows = |f: &dyn Fn(&serde_json::Value) -> Vec<(String, u64)>| -> Vec<(String, String)> {
+        disks
+            .iter()
+            .flat_map(|(id, status)| {
+                f(status).into_iter().map(move |(labels, v)| {
+                    (format!("device=\"{}\"{labels}", escape(id)), v.to_string())
+                })
+            })
+            .collect()
+    };
+    let get = |status: &serde_json::Value, key: &str| status[key].as_u64().unwrap_or(0);
+    family_of(
+        &mut out,
+        "novacron_tier_extents",
+        "gauge",
+        "Extents by tier.",
+        &rows(&|s| {
+            vec![
+                (",tier=\"hot\"".into(), get(s, "hot-extents")),
+                (",tier=\"cold\"".into(), get(s, "cold-extents")),
+            ]
+        }),
+    );
+    family_of(
+        &mut out,
+        "novacron_tier_bytes",
+        "gauge",
+        "Bytes used on each tier (hot: allocated; cold: records).",
+        &rows(&|s| {
+            vec![
+                (",tier=\"hot\"".into(), get(s, "hot-bytes-allocated")),
+                (",tier=\"cold\"".into(), get(s, "cold-bytes")),
+            ]
+        }),
+    );
+    family_of(
+        &mut out,
+        "novacron_tier_moves_total",
+        "counter",
+        "Extent moves by outcome.",
+        &rows(&|s| {
+            vec![
+                (",kind=\"demoted\"".into(), get(s, "demoted")),
+                (",kind=\"promoted\"".into(), get(s, "promoted")),
+                (",kind=\"failed\"".into(), get(s, "moves-failed")),
+            ]
+        }),
+    );
+    family_of(
+        &mut out,
+        "novacron_tier_cold_reads_total",
+        "counter",
+        "Reads served from the cold tier.",
+        &rows(&|s| vec![(String::new(), get(s, "cold-reads"))]),
+    );
+    family_of(
+        &mut out,
+        "novacron_tier_corrupt_records_total",
+        "counter",
+        "Cold records found corrupt (those reads failed).",
+        &rows(&|s| vec![(String::new(), get(s, "corrupt-records"))]),
     );
     out
 }

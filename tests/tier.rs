@@ -82,7 +82,13 @@ fn demote_all(ctl: &mut Control) -> serde_json::Value {
 
 #[test]
 fn cold_extents_read_back_take_writes_and_discards_and_come_back() {
-    let daemon = Daemon::start(&["--blk", SPEC]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+        .to_string();
+    let daemon = Daemon::start(&["--blk", SPEC, "--metrics", &port]);
     let mut ctl = Control::connect(&daemon.path("control.sock"));
     let mut c = BlkClient::connect(&daemon.path("t.sock"));
     let mut model = Model::new();
@@ -104,6 +110,14 @@ fn cold_extents_read_back_take_writes_and_discards_and_come_back() {
         "hot copies not released: {status}"
     );
     model.verify(&mut c);
+    let metrics = scrape(port.parse().unwrap());
+    for line in [
+        "novacron_tier_extents{device=\"t\",tier=\"cold\"} 40",
+        "novacron_tier_moves_total{device=\"t\",kind=\"demoted\"} 40",
+        "novacron_tier_corrupt_records_total{device=\"t\"} 0",
+    ] {
+        assert!(metrics.contains(line), "missing `{line}` in:\n{metrics}");
+    }
 
     // Writes into cold extents (promoted first), across extent boundaries, and a discard of a
     // whole cold extent and of part of one.
@@ -269,4 +283,13 @@ fn kill_9_at_random_times_during_moves_loses_nothing() {
     model.verify(&mut c);
     eprintln!("{rounds} random kill -9 points exercised, {mid_move} of them during a move");
     assert!(mid_move > 0, "no kill landed during a move");
+}
+
+fn scrape(port: u16) -> String {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(stream, "GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).unwrap();
+    response
 }

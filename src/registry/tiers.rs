@@ -40,6 +40,23 @@ impl Registry {
     }
 }
 
+impl Registry {
+    /// `tier.status` of every tiered disk, for `/metrics`.
+    pub fn tier_metrics_snapshot(&self) -> Vec<(String, Value)> {
+        self.devices
+            .iter()
+            .filter_map(|(id, entry)| match &entry.device {
+                Device::Blk(device) => device
+                    .shared()
+                    .tier
+                    .as_ref()
+                    .map(|t| (id.clone(), status(id, t))),
+                Device::Net(_) => None,
+            })
+            .collect()
+    }
+}
+
 /// The extents `selection` names on `store`; refuses extents past the disk.
 pub fn select(store: &TierStore, selection: &Selection, down: bool) -> Result<Vec<u64>, String> {
     Ok(match selection {
