@@ -293,3 +293,85 @@ fn scrape(port: u16) -> String {
     stream.read_to_string(&mut response).unwrap();
     response
 }
+
+/// Polls `tier.status` until `done` says so (the policy runs once a second).
+fn wait_status(
+    ctl: &mut Control,
+    what: &str,
+    done: impl Fn(&serde_json::Value) -> bool,
+) -> serde_json::Value {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let status = ctl.call("tier.status", json!({"id": "t"})).unwrap();
+        if done(&status) {
+            return status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what} never happened: {status}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn the_automatic_policy_keeps_the_budget_demotes_idle_extents_and_promotes_hot_ones() {
+    let daemon = Daemon::start(&["--blk", SPEC, "--state-dir", "{dir}/state"]);
+    let mut ctl = Control::connect(&daemon.path("control.sock"));
+    let mut c = BlkClient::connect(&daemon.path("t.sock"));
+    let mut model = Model::new();
+    fill(&mut c, &mut model, 0..16);
+    // Budget: 4 extents' worth of hot data.
+    let policy = ctl
+        .call("tier.policy", json!({"id": "t", "hot-budget": "256K"}))
+        .unwrap();
+    assert_eq!(policy["hot_budget"], 256 << 10, "{policy}");
+    wait_status(&mut ctl, "budget demotion", |s| s["cold-extents"] == 12);
+    model.verify(&mut c);
+    // Reads of a cold extent make it hot again after 3 of them.
+    ctl.call(
+        "tier.policy",
+        json!({"id": "t", "hot-budget": null, "promote-after": 3}),
+    )
+    .unwrap();
+    let cold_extent = ctl.call("tier.status", json!({"id": "t"})).unwrap();
+    assert_eq!(cold_extent["cold-extents"], 12);
+    let first_cold = (0..16u64)
+        .find(|e| {
+            // A cold extent: reading it counts as a cold read.
+            let before = ctl.call("tier.status", json!({"id": "t"})).unwrap()["cold-reads"]
+                .as_u64()
+                .unwrap();
+            c.read(0, e * EXTENT / 512, 4096);
+            ctl.call("tier.status", json!({"id": "t"})).unwrap()["cold-reads"]
+                .as_u64()
+                .unwrap()
+                > before
+        })
+        .unwrap();
+    for _ in 0..3 {
+        c.read(0, first_cold * EXTENT / 512, 4096);
+    }
+    wait_status(&mut ctl, "promotion after repeated reads", |s| {
+        s["cold-extents"] == 11
+    });
+    // Idle extents go cold by themselves.
+    ctl.call(
+        "tier.policy",
+        json!({"id": "t", "promote-after": null, "idle-for": "1s"}),
+    )
+    .unwrap();
+    wait_status(&mut ctl, "idle demotion", |s| s["cold-extents"] == 16);
+    model.verify(&mut c);
+    // Bad policies change nothing.
+    assert_eq!(
+        ctl.error_kind("tier.policy", json!({"id": "t", "idle-for": "soon"})),
+        "invalid-params"
+    );
+    assert_eq!(
+        ctl.error_kind("tier.policy", json!({"id": "t", "colour": "red"})),
+        "invalid-params"
+    );
+    let status = ctl.call("tier.status", json!({"id": "t"})).unwrap();
+    assert_eq!(status["policy"]["idle_for"]["secs"], 1, "{status}");
+}

@@ -115,6 +115,14 @@ enum TierCommand {
         #[command(flatten)]
         which: Which,
     },
+    /// Automatic moves: `hot-budget=2G idle-for=10m promote-after=3`; `KEY=none` removes one.
+    Policy {
+        /// Device id.
+        id: String,
+        /// Settings as key=value.
+        #[arg(required = true)]
+        settings: Vec<String>,
+    },
     /// Move extents back to the hot tier: `--all` or `--extents 0,5,6`.
     Promote {
         /// Device id.
@@ -401,6 +409,9 @@ fn run(args: Args) -> anyhow::Result<()> {
         Command::Tier(TierCommand::Status { id }) => ("tier.status", json!({"id": id})),
         Command::Tier(TierCommand::Demote { id, which }) => ("tier.demote", which.params(id)),
         Command::Tier(TierCommand::Promote { id, which }) => ("tier.promote", which.params(id)),
+        Command::Tier(TierCommand::Policy { id, settings }) => {
+            ("tier.policy", qos_params(("id", id), settings)?)
+        }
     };
     let result = call(&args.control, method, params)?;
     if args.json {

@@ -19,6 +19,7 @@
 //! | `switch.list` | none | switches with ports, learnt MACs, counters |
 //! | `switch.ports` | `name` | the switch's ports with their counters |
 //! | `tier.status` | `id` (a tiered disk) | extents and bytes per tier, compression ratio, moves, progress |
+//! | `tier.policy` | `id` + `hot-budget` (bytes), `idle-for` (`10m`), `promote-after` (reads); `null` removes | the policy |
 //! | `tier.demote`, `tier.promote` | `id` + one of `all: true`, `extents: [..]`, `idle-for: "10m"` (demote); optional `wait` | the batch's tally (`wait`) or `{"started":true}` |
 //! | `daemon.info` | none | version, device types, engines |
 //! | `daemon.shutdown` | none | `{}`, then the daemon stops |
@@ -156,6 +157,13 @@ fn dispatch(
             params.finish()?;
             let store = lock(registry).tier_store(&id).map_err(registry_error)?;
             crate::registry::tiers::status(&id, &store)
+        }
+        "tier.policy" => {
+            let id = params.string("id")?;
+            let changes = params.rest_as_changes()?;
+            lock(registry)
+                .set_tier_policy(&id, changes)
+                .map_err(registry_error)?
         }
         method @ ("tier.demote" | "tier.promote") => {
             let down = method == "tier.demote";

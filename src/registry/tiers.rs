@@ -57,6 +57,47 @@ impl Registry {
     }
 }
 
+impl Registry {
+    /// Changes a tiered disk's automatic policy (`hot-budget`, `idle-for`, `promote-after`;
+    /// `None` removes one): validated with the device's other options, recorded, then applied.
+    pub fn set_tier_policy(
+        &mut self,
+        id: &str,
+        changes: std::collections::BTreeMap<String, Option<String>>,
+    ) -> Result<Value, RegistryError> {
+        let store = self.tier_store(id)?;
+        let mut renamed = std::collections::BTreeMap::new();
+        for (key, value) in changes {
+            if !matches!(key.as_str(), "hot-budget" | "idle-for" | "promote-after") {
+                return Err(RegistryError::NotTiered(format!(
+                    "{id}: unknown policy key `{key}` (known: hot-budget, idle-for, promote-after)"
+                )));
+            }
+            renamed.insert(format!("tier-{key}"), value);
+        }
+        let entry = self.entry(id)?;
+        let options = super::with_changes(&entry.record.options, renamed);
+        let config = crate::devices::blk::config::BlkConfig::from_options(
+            crate::config::options::OptionList::from_pairs(options.clone()),
+        )?;
+        let policy = config.tier.map(|t| t.policy).unwrap_or_default();
+        let Some(entry) = self.devices.get_mut(id) else {
+            return Err(RegistryError::NotFound(id.to_string()));
+        };
+        let previous = std::mem::replace(&mut entry.record.options, options);
+        if entry.persistent {
+            if let Err(e) = self.save() {
+                if let Some(entry) = self.devices.get_mut(id) {
+                    entry.record.options = previous;
+                }
+                return Err(e);
+            }
+        }
+        store.set_policy(policy);
+        Ok(json!(policy))
+    }
+}
+
 /// The extents `selection` names on `store`; refuses extents past the disk.
 pub fn select(store: &TierStore, selection: &Selection, down: bool) -> Result<Vec<u64>, String> {
     Ok(match selection {
@@ -103,6 +144,7 @@ pub fn status(id: &str, store: &TierStore) -> Value {
         "cold-reads": stats.cold_reads.load(Ordering::Relaxed),
         "corrupt-records": stats.corrupt.load(Ordering::Relaxed),
         "progress": store.progress(),
+        "policy": store.policy(),
     })
 }
 

@@ -44,3 +44,26 @@ pub fn wait_readable(first: RawFd, second: RawFd) -> std::io::Result<Readable> {
         }
     }
 }
+
+/// Blocks until `fd` is readable (true) or `timeout` passes (false), retrying on EINTR.
+pub fn wait_readable_for(fd: RawFd, timeout: std::time::Duration) -> std::io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    let ms = i32::try_from(timeout.as_millis()).unwrap_or(i32::MAX);
+    loop {
+        // SAFETY: `pfd` is one live pollfd and the count passed is 1; poll writes only its
+        // `revents` field.
+        let rc = unsafe { libc::poll(&mut pfd, 1, ms) };
+        if rc < 0 {
+            let err = std::io::Error::last_os_error();
+            if err.kind() == std::io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(err);
+        }
+        return Ok(rc > 0);
+    }
+}

@@ -3,5 +3,6 @@
 
 pub mod engine;
 pub mod journal;
+pub mod policy;
 pub mod record;
 pub mod store;

@@ -33,6 +33,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::journal::{ColdLocation, Entry, Journal, JournalError};
+use super::policy::{ExtentView, TierPolicy};
 use super::record::{self, RecordError};
 use crate::lock::lock;
 use crate::storage::sync::{fallocate, PUNCH_HOLE};
@@ -150,6 +151,12 @@ struct State {
     cache: VecDeque<(u64, u64, Arc<Vec<u8>>)>,
     /// Last access, in the store's clock (nanoseconds), for the idle policy.
     last_access: Vec<u64>,
+    /// Access heat (decays, see `policy`), as of `last_access`.
+    heat: Vec<f64>,
+    /// Whether a hot extent may hold data (unwritten ones cost nothing and never move).
+    holds_data: Vec<bool>,
+    /// Reads of each cold extent since it was demoted.
+    cold_reads: Vec<u32>,
 }
 
 /// A tiered disk's hot and cold files and extent map.
@@ -165,6 +172,7 @@ pub struct TierStore {
     pub stats: TierStats,
     started: std::time::Instant,
     progress: Mutex<Progress>,
+    policy: Mutex<TierPolicy>,
 }
 
 /// Where the journal of a tiered disk lives: next to its hot file.
@@ -214,12 +222,17 @@ impl TierStore {
                 cold_end,
                 cache: VecDeque::new(),
                 last_access: vec![0; count],
+                heat: vec![0.0; count],
+                holds_data: vec![true; count],
+                cold_reads: vec![0; count],
             }),
             stats: TierStats::default(),
             started: std::time::Instant::now(),
             progress: Mutex::new(Progress::default()),
+            policy: Mutex::new(TierPolicy::default()),
         };
         store.check()?;
+        store.find_holes();
         Ok(store)
     }
 
@@ -246,6 +259,89 @@ impl TierStore {
             at = at.max(end);
         }
         Ok(())
+    }
+
+    /// Notes which hot extents are holes (never written): one `SEEK_DATA` per extent, once.
+    fn find_holes(&self) {
+        let mut state = lock(&self.state);
+        for extent in 0..self.extents {
+            let start = extent.saturating_mul(self.extent_size);
+            let Ok(start_off) = i64::try_from(start) else {
+                continue;
+            };
+            // SAFETY: lseek only reads the fd number and plain integers.
+            let data = unsafe { libc::lseek(self.hot.as_raw_fd(), start_off, libc::SEEK_DATA) };
+            let next_data = u64::try_from(data).unwrap_or(u64::MAX);
+            let has_data = next_data < start.saturating_add(self.extent_len(extent))
+                || state.cold.contains_key(&extent);
+            if let Some(slot) = state.holds_data.get_mut(extent as usize) {
+                *slot = has_data;
+            }
+        }
+    }
+
+    /// Records an access to `extent` for the heat policy.
+    fn touch(&self, state: &mut State, extent: u64, now: u64) {
+        let i = extent as usize;
+        let last = state.last_access.get(i).copied().unwrap_or(0);
+        let elapsed = std::time::Duration::from_nanos(now.saturating_sub(last));
+        if let Some(heat) = state.heat.get_mut(i) {
+            *heat = super::policy::decay(*heat, elapsed) + 1.0;
+        }
+        if let Some(slot) = state.last_access.get_mut(i) {
+            *slot = now;
+        }
+    }
+
+    /// Replaces the automatic policy.
+    pub fn set_policy(&self, policy: TierPolicy) {
+        *lock(&self.policy) = policy;
+    }
+
+    /// The automatic policy.
+    pub fn policy(&self) -> TierPolicy {
+        *lock(&self.policy)
+    }
+
+    /// One policy check: decides and runs the moves the policy wants now. Returns
+    /// `(demoted, promoted)`.
+    pub fn apply_policy(&self) -> (u64, u64) {
+        let policy = self.policy();
+        if !policy.is_active() {
+            return (0, 0);
+        }
+        let now = self.now_ns();
+        let views: Vec<ExtentView> = {
+            let state = lock(&self.state);
+            (0..self.extents)
+                .map(|extent| {
+                    let i = extent as usize;
+                    let last = state.last_access.get(i).copied().unwrap_or(0);
+                    let idle = std::time::Duration::from_nanos(now.saturating_sub(last));
+                    ExtentView {
+                        extent,
+                        cold: state.cold.contains_key(&extent),
+                        holds_data: state.holds_data.get(i).copied().unwrap_or(true),
+                        heat: super::policy::decay(state.heat.get(i).copied().unwrap_or(0.0), idle),
+                        idle,
+                        cold_reads: state.cold_reads.get(i).copied().unwrap_or(0),
+                    }
+                })
+                .collect()
+        };
+        let (demote, promote) = super::policy::choose(&policy, &views, self.extent_size);
+        let mut moved = (0u64, 0u64);
+        for extent in demote {
+            if matches!(self.demote(extent), Ok(Moved::Done)) {
+                moved.0 = moved.0.saturating_add(1);
+            }
+        }
+        for extent in promote {
+            if matches!(self.promote(extent), Ok(Moved::Done)) {
+                moved.1 = moved.1.saturating_add(1);
+            }
+        }
+        moved
     }
 
     /// Extent size in bytes.
@@ -284,12 +380,17 @@ impl TierStore {
         let now = self.now_ns();
         let mut state = lock(&self.state);
         let span = self.span(offset, len);
-        for extent in span.clone() {
-            if let Some(slot) = state.last_access.get_mut(extent as usize) {
-                *slot = now;
+        let mut hot = true;
+        for extent in span {
+            self.touch(&mut state, extent, now);
+            if state.cold.contains_key(&extent) {
+                hot = false;
+                if let Some(n) = state.cold_reads.get_mut(extent as usize) {
+                    *n = n.saturating_add(1);
+                }
             }
         }
-        !span.into_iter().any(|e| state.cold.contains_key(&e))
+        hot
     }
 
     /// Reads `offset..offset+len` into `out` from whichever tier holds each extent (the slow
@@ -403,8 +504,9 @@ impl TierStore {
             if let Some(n) = state.writes_in_flight.get_mut(i) {
                 *n = n.saturating_add(1);
             }
-            if let Some(slot) = state.last_access.get_mut(i) {
-                *slot = now;
+            self.touch(&mut state, extent, now);
+            if let Some(slot) = state.holds_data.get_mut(i) {
+                *slot = true;
             }
         }
         Ok(span)
@@ -487,6 +589,9 @@ impl TierStore {
         };
         state.journal.append(&[Entry::Cold { extent, location }])?;
         state.cold.insert(extent, location);
+        if let Some(n) = state.cold_reads.get_mut(extent as usize) {
+            *n = 0;
+        }
         failpoint("demote-after-journal");
         self.punch_hot(extent)?;
         self.maybe_compact(&mut state)?;

@@ -61,6 +61,8 @@ pub struct TierSpec {
     pub extent_size: u64,
     /// zstd level for demotions.
     pub zstd_level: i32,
+    /// Automatic moves.
+    pub policy: crate::tier::policy::TierPolicy,
 }
 
 /// A validated virtio-blk device configuration.
@@ -121,6 +123,7 @@ impl BlkConfig {
         let tier_cold = options.take_str("tier-cold");
         let extent = options.take_size("extent")?;
         let zstd_level = options.take::<i32>("zstd-level")?;
+        let policy = crate::tier::policy::TierPolicy::from_options(&mut options)?;
         let path = match (&tier_hot, options.take_str("path")) {
             (Some(_), Some(_)) => return Err(invalid("give either path= or tier-hot=, not both")),
             (Some(hot), None) => hot.clone(),
@@ -152,6 +155,7 @@ impl BlkConfig {
                     cold: PathBuf::from(cold),
                     extent_size,
                     zstd_level,
+                    policy,
                 })
             }
             _ => return Err(invalid("a tiered disk needs both tier-hot= and tier-cold=")),
@@ -312,6 +316,7 @@ mod tests {
             "socket=/s.sock,tier-hot=/h,tier-cold=/c,extent=128M,size=1G",
             "socket=/s.sock,tier-hot=/h,tier-cold=/c,zstd-level=20,size=1G",
             "socket=/s.sock,path=/img,extent=1M",
+            "socket=/s.sock,path=/img,tier-idle-for=10m",
         ] {
             assert!(BlkConfig::parse(spec).is_err(), "accepted {spec}");
         }

@@ -30,9 +30,12 @@ use crate::storage::null::NullEngine;
 use crate::storage::sync::SyncEngine;
 use crate::storage::uring::UringEngine;
 use crate::storage::{uring_available, Engine, EngineError};
+use crate::sys::poll::wait_readable_for;
 use crate::tier::engine::TierEngine;
 use crate::tier::store::{TierError, TierStore};
+use std::os::fd::AsRawFd;
 use std::path::PathBuf;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Errors starting a device.
 #[derive(Debug, thiserror::Error)]
@@ -43,6 +46,9 @@ pub enum DeviceError {
     /// The tier store could not be opened (metadata corrupt or for another geometry, ...).
     #[error(transparent)]
     Tier(#[from] TierError),
+    /// The tier policy thread could not start.
+    #[error("cannot start the tier policy thread")]
+    Policy(#[source] std::io::Error),
     /// The socket or its thread could not be set up.
     #[error(transparent)]
     Runner(#[from] RunnerError),
@@ -157,11 +163,43 @@ impl DeviceShared {
 
 const MAX_IOVECS_U32: u32 = MAX_IOVECS as u32;
 
+/// Runs a tiered disk's automatic policy once a second until `stop` is signalled.
+fn start_policy_thread(
+    id: &str,
+    store: Arc<TierStore>,
+) -> Result<(std::thread::JoinHandle<()>, Arc<EventFd>), DeviceError> {
+    let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(DeviceError::Policy)?);
+    let thread = {
+        let stop = Arc::clone(&stop);
+        let id = id.to_string();
+        std::thread::Builder::new()
+            .name(format!("tier-policy-{id}"))
+            .spawn(move || loop {
+                match wait_readable_for(stop.as_raw_fd(), std::time::Duration::from_secs(1)) {
+                    Ok(false) => {}
+                    Ok(true) => break,
+                    Err(e) => {
+                        log::error!("{id}: tier policy: {e}");
+                        break;
+                    }
+                }
+                let (down, up) = store.apply_policy();
+                if down > 0 || up > 0 {
+                    log::info!("{id}: tier policy demoted {down} and promoted {up} extent(s)");
+                }
+            })
+            .map_err(DeviceError::Policy)?
+    };
+    Ok((thread, stop))
+}
+
 /// A running block device.
 pub struct BlkDevice {
     config: BlkConfig,
     shared: Arc<DeviceShared>,
     runner: DeviceRunner,
+    /// A tiered disk's policy thread and its stop event.
+    policy: Option<(std::thread::JoinHandle<()>, Arc<EventFd>)>,
 }
 
 impl BlkDevice {
@@ -250,10 +288,18 @@ impl BlkDevice {
             shared.engine_name(),
             config.socket.display()
         );
+        let policy = match (&shared.tier, &config.tier) {
+            (Some(store), Some(spec)) => {
+                store.set_policy(spec.policy);
+                Some(start_policy_thread(&config.id, Arc::clone(store))?)
+            }
+            _ => None,
+        };
         Ok(Self {
             config,
             shared,
             runner,
+            policy,
         })
     }
 
@@ -275,6 +321,12 @@ impl BlkDevice {
     /// Disconnects the front-end (in-flight I/O completes first), stops listening and removes
     /// the socket; a tiered disk's metadata is then marked clean.
     pub fn stop(self) {
+        if let Some((thread, stop)) = self.policy {
+            let _ = stop.write(1);
+            if thread.join().is_err() {
+                log::error!("{}: tier policy thread panicked", self.config.id);
+            }
+        }
         self.runner.stop();
         if let Some(tier) = &self.shared.tier {
             if let Err(e) = tier.close() {
