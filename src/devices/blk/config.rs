@@ -132,9 +132,9 @@ impl BlkConfig {
         };
         let tier = match (tier_hot, tier_cold) {
             (None, None) => {
-                if extent.is_some() || zstd_level.is_some() {
+                if extent.is_some() || zstd_level.is_some() || policy.is_active() {
                     return Err(invalid(
-                        "extent= and zstd-level= need tier-hot= and tier-cold=",
+                        "extent=, zstd-level= and tier-* policies need tier-hot= and tier-cold=",
                     ));
                 }
                 None
