@@ -26,7 +26,7 @@ stop() { [ -n "$pid" ] && { kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/
 trap 'stop; mountpoint -q "$work/mnt" && umount "$work/mnt" || true' EXIT
 start() { # --blk specs...
     rm -f "$work"/*.sock
-    (ulimit -f 200000; exec taskset -c 1 ./target/release/novacrond --log-level warn --control "$work/c.sock" "$@" 2>>"$work/novacrond.log") &
+    taskset -c 1 ./target/release/novacrond --log-level warn --control "$work/c.sock" "$@" 2>>"$work/novacrond.log" &
     pid=$!
     for _ in $(seq 200); do [ -S "$work/c.sock" ] && break; sleep 0.05; done
 }

@@ -1,7 +1,8 @@
 //! The I/O engine of a tiered disk: ranges entirely on the hot tier go to the inner engine
-//! (io_uring or sync on the hot file, zero-copy, as for a plain disk); a read touching a cold
-//! extent is assembled from both tiers and copied into the guest's buffers; a write or discard
-//! touching a cold extent promotes it first. Completions of the slow path are ready at once.
+//! (io_uring or sync on the hot file, zero-copy, as for a plain disk; the tier store only
+//! counts them in flight with atomics); a read touching a cold extent is assembled from both
+//! tiers and copied into the guest's buffers; a write or discard touching a cold extent
+//! promotes it first. Completions of the slow path are ready at once.
 
 // Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
 // panic or wrap silently (checked, saturating or `get` instead).
@@ -11,7 +12,7 @@ use std::collections::{HashMap, VecDeque};
 use std::os::fd::RawFd;
 use std::sync::Arc;
 
-use super::store::TierStore;
+use super::store::{Access, TierStore};
 use crate::storage::iov::IovCursor;
 use crate::storage::{Completion, Engine, EngineError, IoOp, OpKind};
 
@@ -21,8 +22,8 @@ pub struct TierEngine {
     store: Arc<TierStore>,
     /// Slow-path completions, ready now.
     ready: VecDeque<Completion>,
-    /// Writes in the inner engine: tag → extents to release on completion.
-    writes: HashMap<u64, std::ops::Range<u64>>,
+    /// Ops in the inner engine: tag → extents to release on completion.
+    in_flight: HashMap<u64, std::ops::Range<u64>>,
 }
 
 impl TierEngine {
@@ -32,14 +33,14 @@ impl TierEngine {
             inner,
             store,
             ready: VecDeque::new(),
-            writes: HashMap::new(),
+            in_flight: HashMap::new(),
         }
     }
 
     fn finish(&mut self, out: &mut Vec<Completion>) {
         for completion in out.iter() {
-            if let Some(extents) = self.writes.remove(&completion.tag) {
-                self.store.end_write(extents);
+            if let Some(extents) = self.in_flight.remove(&completion.tag) {
+                self.store.end_io(extents);
             }
         }
         out.extend(self.ready.drain(..));
@@ -61,49 +62,52 @@ impl Engine for TierEngine {
 
     unsafe fn push(&mut self, op: IoOp) {
         let len: u64 = op.iovecs.iter().map(|i| i.iov_len as u64).sum();
-        let (offset, span_len, zeroing, write) = match op.kind {
-            OpKind::Read { offset } => {
-                if self.store.is_hot(offset, len) {
-                    // SAFETY: forwarded unchanged; the caller's guarantee carries over.
-                    unsafe { self.inner.push(op) };
-                    return;
-                }
-                let mut buf = vec![0u8; usize::try_from(len).unwrap_or(0)];
-                let tag = op.tag;
-                match self.store.read(offset, &mut buf) {
-                    Ok(()) => {
-                        // SAFETY: read iovecs are writable and exclusive until reaped (the
-                        // caller's guarantee), and `buf` is our own memory.
-                        let copied = unsafe { IovCursor::new(op.iovecs).copy_in(&buf) };
-                        let result = if copied == buf.len() {
-                            Ok(())
-                        } else {
-                            Err(libc::EIO)
-                        };
-                        self.ready.push_back(Completion { tag, result });
-                    }
-                    Err(e) => self.fail(tag, &e),
-                }
+        let (offset, len, access) = match op.kind {
+            OpKind::Read { offset } => (offset, len, Access::Read),
+            OpKind::Write { offset } => (offset, len, Access::Write),
+            OpKind::Discard { offset, len } | OpKind::WriteZeroes { offset, len, .. } => {
+                (offset, len, Access::Zero)
+            }
+            OpKind::Flush => {
+                // SAFETY: forwarded unchanged; the caller's guarantee carries over.
+                unsafe { self.inner.push(op) };
                 return;
             }
-            OpKind::Write { offset } => (offset, len, false, true),
-            OpKind::Discard { offset, len } => (offset, len, true, true),
-            OpKind::WriteZeroes { offset, len, .. } => (offset, len, true, true),
-            OpKind::Flush => (0, 0, false, false),
         };
-        if write {
-            match self.store.begin_write(offset, span_len, zeroing) {
-                Ok(extents) => {
-                    self.writes.insert(op.tag, extents);
-                }
-                Err(e) => {
-                    self.fail(op.tag, &e);
-                    return;
-                }
+        let (extents, hot) = match self.store.begin_io(offset, len, access) {
+            Ok(begun) => begun,
+            Err(e) => {
+                self.fail(op.tag, &e);
+                return;
             }
+        };
+        if hot {
+            self.in_flight.insert(op.tag, extents);
+            // SAFETY: forwarded unchanged; the caller's guarantee carries over.
+            unsafe { self.inner.push(op) };
+            return;
         }
-        // SAFETY: forwarded unchanged; the caller's guarantee carries over.
-        unsafe { self.inner.push(op) };
+        // A read touching the cold tier: assembled here, then copied to the guest.
+        let mut buf = vec![0u8; usize::try_from(len).unwrap_or(0)];
+        let read = self.store.read(offset, &mut buf);
+        self.store.end_io(extents);
+        match read {
+            Ok(()) => {
+                // SAFETY: read iovecs are writable and exclusive until reaped (the caller's
+                // guarantee), and `buf` is our own memory.
+                let copied = unsafe { IovCursor::new(op.iovecs).copy_in(&buf) };
+                let result = if copied == buf.len() {
+                    Ok(())
+                } else {
+                    Err(libc::EIO)
+                };
+                self.ready.push_back(Completion {
+                    tag: op.tag,
+                    result,
+                });
+            }
+            Err(e) => self.fail(op.tag, &e),
+        }
     }
 
     fn submit(&mut self) -> Result<(), EngineError> {

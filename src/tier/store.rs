@@ -14,9 +14,13 @@
 //! - **Promote** (cold → hot), under the lock: decode the record, write it to the hot file,
 //!   `fdatasync`, journal `hot`, update the map, then free the record's space. A crash before
 //!   the journal entry leaves the record authoritative.
-//! - A **guest write** to a cold extent promotes it first; every write bumps the extent's
-//!   generation (so a racing demotion aborts) and counts as in flight until it completes (so a
-//!   demotion never copies an extent a write is changing).
+//! - Every guest **read or write** counts as in flight on its extents until it completes, and a
+//!   write also bumps their generation, both with lock-free atomics (the hot path takes no
+//!   lock). A demotion commits by setting the extent's `cold` flag and *then* checking that
+//!   nothing is in flight and the generation is unchanged (sequentially consistent on both
+//!   sides): either the I/O sees `cold` and takes the slow path (which waits for the commit
+//!   under the lock), or the demotion sees the I/O and aborts. A write to a cold extent
+//!   promotes it first; a read of one decompresses it.
 //! - **Start-up**: replay the journal; punch the hot copy of every cold extent (a crash between
 //!   journal and punch); punch every byte range of the cold file no record references (space a
 //!   crash leaked). A dirty shutdown is logged; the check runs either way.
@@ -29,7 +33,7 @@ use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::journal::{ColdLocation, Entry, Journal, JournalError};
@@ -142,21 +146,44 @@ pub struct TierStats {
     pub compressed_bytes: AtomicU64,
 }
 
+/// What the I/O path reads and writes per extent without the lock.
+#[derive(Debug, Default)]
+struct ExtentFlags {
+    /// On the cold tier (the map, under the lock, says where).
+    cold: AtomicBool,
+    /// Guest reads and writes started and not completed.
+    in_flight: AtomicU32,
+    /// Bumped by every guest write.
+    generation: AtomicU64,
+    /// Last access, in the store's clock (nanoseconds).
+    last_access: AtomicU64,
+    /// Accesses since the policy last looked.
+    accesses: AtomicU32,
+    /// Reads since the extent was demoted.
+    cold_reads: AtomicU32,
+    /// Whether it may hold data (unwritten extents cost nothing and never move).
+    holds_data: AtomicBool,
+}
+
+/// How a range is accessed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    /// A read.
+    Read,
+    /// A write.
+    Write,
+    /// A discard or write-zeroes (a cold extent it covers entirely needs no promotion).
+    Zero,
+}
+
 struct State {
     cold: BTreeMap<u64, ColdLocation>,
-    generation: Vec<u64>,
-    writes_in_flight: Vec<u32>,
     journal: Journal,
     cold_end: u64,
     cache: VecDeque<(u64, u64, Arc<Vec<u8>>)>,
-    /// Last access, in the store's clock (nanoseconds), for the idle policy.
-    last_access: Vec<u64>,
-    /// Access heat (decays, see `policy`), as of `last_access`.
+    /// Access heat (decays, see `policy`), as of `heat_at`.
     heat: Vec<f64>,
-    /// Whether a hot extent may hold data (unwritten ones cost nothing and never move).
-    holds_data: Vec<bool>,
-    /// Reads of each cold extent since it was demoted.
-    cold_reads: Vec<u32>,
+    heat_at: u64,
 }
 
 /// A tiered disk's hot and cold files and extent map.
@@ -168,6 +195,7 @@ pub struct TierStore {
     capacity: u64,
     level: i32,
     state: Mutex<State>,
+    flags: Vec<ExtentFlags>,
     /// Counters.
     pub stats: TierStats,
     started: std::time::Instant,
@@ -214,17 +242,22 @@ impl TierStore {
             extents,
             capacity,
             level,
+            flags: (0..count)
+                .map(|e| {
+                    let flags = ExtentFlags::default();
+                    flags
+                        .cold
+                        .store(replayed.cold.contains_key(&(e as u64)), Ordering::SeqCst);
+                    flags
+                })
+                .collect(),
             state: Mutex::new(State {
                 cold: replayed.cold,
-                generation: vec![0; count],
-                writes_in_flight: vec![0; count],
                 journal,
                 cold_end,
                 cache: VecDeque::new(),
-                last_access: vec![0; count],
                 heat: vec![0.0; count],
-                holds_data: vec![true; count],
-                cold_reads: vec![0; count],
+                heat_at: 0,
             }),
             stats: TierStats::default(),
             started: std::time::Instant::now(),
@@ -263,7 +296,7 @@ impl TierStore {
 
     /// Notes which hot extents are holes (never written): one `SEEK_DATA` per extent, once.
     fn find_holes(&self) {
-        let mut state = lock(&self.state);
+        let state = lock(&self.state);
         for extent in 0..self.extents {
             let start = extent.saturating_mul(self.extent_size);
             let Ok(start_off) = i64::try_from(start) else {
@@ -274,23 +307,14 @@ impl TierStore {
             let next_data = u64::try_from(data).unwrap_or(u64::MAX);
             let has_data = next_data < start.saturating_add(self.extent_len(extent))
                 || state.cold.contains_key(&extent);
-            if let Some(slot) = state.holds_data.get_mut(extent as usize) {
-                *slot = has_data;
+            if let Some(flags) = self.flag(extent) {
+                flags.holds_data.store(has_data, Ordering::Relaxed);
             }
         }
     }
 
-    /// Records an access to `extent` for the heat policy.
-    fn touch(&self, state: &mut State, extent: u64, now: u64) {
-        let i = extent as usize;
-        let last = state.last_access.get(i).copied().unwrap_or(0);
-        let elapsed = std::time::Duration::from_nanos(now.saturating_sub(last));
-        if let Some(heat) = state.heat.get_mut(i) {
-            *heat = super::policy::decay(*heat, elapsed) + 1.0;
-        }
-        if let Some(slot) = state.last_access.get_mut(i) {
-            *slot = now;
-        }
+    fn flag(&self, extent: u64) -> Option<&ExtentFlags> {
+        self.flags.get(usize::try_from(extent).ok()?)
     }
 
     /// Replaces the automatic policy.
@@ -312,22 +336,25 @@ impl TierStore {
         }
         let now = self.now_ns();
         let views: Vec<ExtentView> = {
-            let state = lock(&self.state);
-            (0..self.extents)
-                .map(|extent| {
-                    let i = extent as usize;
-                    let last = state.last_access.get(i).copied().unwrap_or(0);
-                    let idle = std::time::Duration::from_nanos(now.saturating_sub(last));
-                    ExtentView {
-                        extent,
-                        cold: state.cold.contains_key(&extent),
-                        holds_data: state.holds_data.get(i).copied().unwrap_or(true),
-                        heat: super::policy::decay(state.heat.get(i).copied().unwrap_or(0.0), idle),
-                        idle,
-                        cold_reads: state.cold_reads.get(i).copied().unwrap_or(0),
-                    }
-                })
-                .collect()
+            let mut state = lock(&self.state);
+            let elapsed = std::time::Duration::from_nanos(now.saturating_sub(state.heat_at));
+            state.heat_at = now;
+            let mut views = Vec::with_capacity(self.flags.len());
+            for (extent, (flags, heat)) in self.flags.iter().zip(state.heat.iter_mut()).enumerate()
+            {
+                let accesses = f64::from(flags.accesses.swap(0, Ordering::Relaxed));
+                *heat = super::policy::decay(*heat, elapsed) + accesses;
+                let last = flags.last_access.load(Ordering::Relaxed);
+                views.push(ExtentView {
+                    extent: extent as u64,
+                    cold: flags.cold.load(Ordering::SeqCst),
+                    holds_data: flags.holds_data.load(Ordering::Relaxed),
+                    heat: *heat,
+                    idle: std::time::Duration::from_nanos(now.saturating_sub(last)),
+                    cold_reads: flags.cold_reads.load(Ordering::Relaxed),
+                });
+            }
+            views
         };
         let (demote, promote) = super::policy::choose(&policy, &views, self.extent_size);
         let mut moved = (0u64, 0u64);
@@ -374,23 +401,74 @@ impl TierStore {
         self.capacity.saturating_sub(start).min(self.extent_size)
     }
 
-    /// Whether `offset..offset+len` lies entirely on the hot tier (then the plain engine
-    /// serves it); records the access for the heat policy.
-    pub fn is_hot(&self, offset: u64, len: u64) -> bool {
-        let now = self.now_ns();
-        let mut state = lock(&self.state);
+    /// Starts guest I/O on `offset..offset+len`: counts it in flight on every extent it
+    /// touches (and, for writes, bumps their generations). Returns the extents (for
+    /// [`TierStore::end_io`]) and whether the hot file can serve it as it is. A write or
+    /// partial zeroing of a cold extent promotes it first (a whole-extent zeroing drops its
+    /// record), so writes are always served by the hot file; a read of a cold extent must go
+    /// through [`TierStore::read`]. On error nothing stays counted.
+    pub fn begin_io(
+        &self,
+        offset: u64,
+        len: u64,
+        access: Access,
+    ) -> Result<(std::ops::Range<u64>, bool), TierError> {
         let span = self.span(offset, len);
-        let mut hot = true;
-        for extent in span {
-            self.touch(&mut state, extent, now);
-            if state.cold.contains_key(&extent) {
-                hot = false;
-                if let Some(n) = state.cold_reads.get_mut(extent as usize) {
-                    *n = n.saturating_add(1);
+        let now = self.now_ns();
+        let writes = access != Access::Read;
+        for extent in span.clone() {
+            if let Some(flags) = self.flag(extent) {
+                flags.in_flight.fetch_add(1, Ordering::SeqCst);
+                if writes {
+                    flags.generation.fetch_add(1, Ordering::SeqCst);
+                    flags.holds_data.store(true, Ordering::Relaxed);
                 }
+                flags.last_access.store(now, Ordering::Relaxed);
+                flags.accesses.fetch_add(1, Ordering::Relaxed);
             }
         }
-        hot
+        let cold = |e: u64| self.flag(e).is_some_and(|f| f.cold.load(Ordering::SeqCst));
+        if !span.clone().any(cold) {
+            return Ok((span, true));
+        }
+        if access == Access::Read {
+            for extent in span.clone().filter(|&e| cold(e)) {
+                if let Some(flags) = self.flag(extent) {
+                    flags.cold_reads.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            return Ok((span, false));
+        }
+        let mut state = lock(&self.state);
+        for extent in span.clone() {
+            if !state.cold.contains_key(&extent) {
+                continue;
+            }
+            let start = extent.saturating_mul(self.extent_size);
+            let covered = access == Access::Zero
+                && offset <= start
+                && offset.saturating_add(len) >= start.saturating_add(self.extent_len(extent));
+            let done = if covered {
+                self.drop_cold(&mut state, extent)
+            } else {
+                self.promote_locked(&mut state, extent)
+            };
+            if let Err(e) = done {
+                drop(state);
+                self.end_io(span);
+                return Err(e);
+            }
+        }
+        Ok((span, true))
+    }
+
+    /// Guest I/O started with [`TierStore::begin_io`] completed.
+    pub fn end_io(&self, extents: std::ops::Range<u64>) {
+        for extent in extents {
+            if let Some(flags) = self.flag(extent) {
+                flags.in_flight.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
     }
 
     /// Reads `offset..offset+len` into `out` from whichever tier holds each extent (the slow
@@ -472,75 +550,21 @@ impl TierStore {
         Ok(out)
     }
 
-    /// Before a write (or discard) of `offset..offset+len`: promotes the cold extents it
-    /// touches, bumps their generations and counts the write in flight. `whole_extent_zero`
-    /// marks a discard/write-zeroes: extents it covers entirely are dropped from the cold tier
-    /// instead of promoted. Returns the extents to pass to [`TierStore::end_write`].
-    pub fn begin_write(
-        &self,
-        offset: u64,
-        len: u64,
-        zeroing: bool,
-    ) -> Result<std::ops::Range<u64>, TierError> {
-        let span = self.span(offset, len);
-        let now = self.now_ns();
-        let mut state = lock(&self.state);
-        for extent in span.clone() {
-            if state.cold.contains_key(&extent) {
-                let start = extent.saturating_mul(self.extent_size);
-                let covered = zeroing
-                    && offset <= start
-                    && offset.saturating_add(len) >= start.saturating_add(self.extent_len(extent));
-                if covered {
-                    self.drop_cold(&mut state, extent)?;
-                } else {
-                    self.promote_locked(&mut state, extent)?;
-                }
-            }
-            let i = extent as usize;
-            if let Some(g) = state.generation.get_mut(i) {
-                *g = g.wrapping_add(1);
-            }
-            if let Some(n) = state.writes_in_flight.get_mut(i) {
-                *n = n.saturating_add(1);
-            }
-            self.touch(&mut state, extent, now);
-            if let Some(slot) = state.holds_data.get_mut(i) {
-                *slot = true;
-            }
-        }
-        Ok(span)
-    }
-
-    /// A write started with [`TierStore::begin_write`] completed.
-    pub fn end_write(&self, extents: std::ops::Range<u64>) {
-        let mut state = lock(&self.state);
-        for extent in extents {
-            if let Some(n) = state.writes_in_flight.get_mut(extent as usize) {
-                *n = n.saturating_sub(1);
-            }
-        }
-    }
-
     /// Moves `extent` to the cold tier.
     pub fn demote(&self, extent: u64) -> Result<Moved, TierError> {
         let len = self.extent_len(extent);
-        let generation = {
-            let state = lock(&self.state);
-            if state.cold.contains_key(&extent) || len == 0 {
-                return Ok(Moved::Skipped);
-            }
-            if state
-                .writes_in_flight
-                .get(extent as usize)
-                .copied()
-                .unwrap_or(0)
-                > 0
-            {
-                return Ok(Moved::Raced);
-            }
-            state.generation.get(extent as usize).copied().unwrap_or(0)
+        let Some(flags) = self.flag(extent) else {
+            return Ok(Moved::Skipped);
         };
+        if flags.cold.load(Ordering::SeqCst) || len == 0 {
+            return Ok(Moved::Skipped);
+        }
+        // The generation first, then nothing in flight: any write not finished by now will
+        // change the generation before it touches the data.
+        let generation = flags.generation.load(Ordering::SeqCst);
+        if flags.in_flight.load(Ordering::SeqCst) > 0 {
+            return Ok(Moved::Raced);
+        }
         let start = extent.saturating_mul(self.extent_size);
         let mut data = vec![0u8; len as usize];
         read_at(&self.hot, &mut data, start)?;
@@ -569,14 +593,13 @@ impl TierStore {
         }
         failpoint("demote-after-record");
         let mut state = lock(&self.state);
-        let now_generation = state.generation.get(extent as usize).copied().unwrap_or(0);
-        let busy = state
-            .writes_in_flight
-            .get(extent as usize)
-            .copied()
-            .unwrap_or(0)
-            > 0;
-        if now_generation != generation || busy {
+        // Commit point: flag the extent cold, then look for I/O that started meanwhile (it
+        // either saw the flag and waits for this lock, or is seen here and wins).
+        flags.cold.store(true, Ordering::SeqCst);
+        let raced = flags.in_flight.load(Ordering::SeqCst) > 0
+            || flags.generation.load(Ordering::SeqCst) != generation;
+        if raced {
+            flags.cold.store(false, Ordering::SeqCst);
             drop(state);
             self.stats.failed.fetch_add(1, Ordering::Relaxed);
             let _ = self.punch_cold(offset, u64::from(record_len));
@@ -587,11 +610,14 @@ impl TierStore {
             len: record_len,
             generation,
         };
-        state.journal.append(&[Entry::Cold { extent, location }])?;
-        state.cold.insert(extent, location);
-        if let Some(n) = state.cold_reads.get_mut(extent as usize) {
-            *n = 0;
+        if let Err(e) = state.journal.append(&[Entry::Cold { extent, location }]) {
+            flags.cold.store(false, Ordering::SeqCst);
+            drop(state);
+            let _ = self.punch_cold(offset, u64::from(record_len));
+            return Err(e.into());
         }
+        state.cold.insert(extent, location);
+        flags.cold_reads.store(0, Ordering::Relaxed);
         failpoint("demote-after-journal");
         self.punch_hot(extent)?;
         self.maybe_compact(&mut state)?;
@@ -633,6 +659,9 @@ impl TierStore {
         failpoint("promote-after-hot");
         state.journal.append(&[Entry::Hot { extent }])?;
         state.cold.remove(&extent);
+        if let Some(flags) = self.flag(extent) {
+            flags.cold.store(false, Ordering::SeqCst);
+        }
         state.cache.retain(|(e, _, _)| *e != extent);
         failpoint("promote-after-journal");
         self.punch_cold(location.offset, u64::from(location.len))?;
@@ -648,6 +677,9 @@ impl TierStore {
         };
         state.journal.append(&[Entry::Hot { extent }])?;
         state.cold.remove(&extent);
+        if let Some(flags) = self.flag(extent) {
+            flags.cold.store(false, Ordering::SeqCst);
+        }
         state.cache.retain(|(e, _, _)| *e != extent);
         self.punch_cold(location.offset, u64::from(location.len))?;
         Ok(())
@@ -685,13 +717,12 @@ impl TierStore {
     /// Extents idle (not read or written) for at least `idle_ns`, hot and holding data first.
     pub fn idle_extents(&self, idle_ns: u64) -> Vec<u64> {
         let now = self.now_ns();
-        let state = lock(&self.state);
-        (0..self.extents)
-            .filter(|e| !state.cold.contains_key(e))
-            .filter(|e| {
-                let last = state.last_access.get(*e as usize).copied().unwrap_or(0);
-                now.saturating_sub(last) >= idle_ns
-            })
+        self.flags
+            .iter()
+            .enumerate()
+            .filter(|(_, f)| !f.cold.load(Ordering::SeqCst))
+            .filter(|(_, f)| now.saturating_sub(f.last_access.load(Ordering::Relaxed)) >= idle_ns)
+            .map(|(e, _)| e as u64)
             .collect()
     }
 
@@ -784,157 +815,5 @@ fn read_at(file: &File, buf: &mut [u8], offset: u64) -> Result<(), TierError> {
 
 #[cfg(test)]
 #[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)] // tests may panic
-mod tests {
-    use super::*;
-
-    const EXTENT: u64 = 64 << 10;
-    const SIZE: u64 = 8 * EXTENT;
-
-    struct Disk {
-        dir: tempfile::TempDir,
-    }
-
-    impl Disk {
-        fn new() -> Self {
-            Self {
-                dir: tempfile::tempdir().unwrap(),
-            }
-        }
-
-        fn open(&self) -> TierStore {
-            let hot_path = self.dir.path().join("d.hot");
-            let hot = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&hot_path)
-                .unwrap();
-            hot.set_len(SIZE).unwrap();
-            let cold = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(self.dir.path().join("d.cold"))
-                .unwrap();
-            TierStore::open(Arc::new(hot), &hot_path, cold, SIZE, EXTENT, 3).unwrap()
-        }
-
-        fn write(&self, store: &TierStore, offset: u64, data: &[u8]) {
-            let extents = store.begin_write(offset, data.len() as u64, false).unwrap();
-            store.hot.write_all_at(data, offset).unwrap();
-            store.end_write(extents);
-        }
-    }
-
-    fn pattern(seed: u8, len: usize) -> Vec<u8> {
-        (0..len)
-            .map(|i| ((i / 7) as u8).wrapping_add(seed))
-            .collect()
-    }
-
-    fn read(store: &TierStore, offset: u64, len: usize) -> Vec<u8> {
-        let mut out = vec![0u8; len];
-        store.read(offset, &mut out).unwrap();
-        out
-    }
-
-    #[test]
-    fn demote_read_write_promote_and_reopen_keep_every_byte() {
-        let disk = Disk::new();
-        let store = disk.open();
-        let data = pattern(1, (3 * EXTENT) as usize);
-        disk.write(&store, EXTENT, &data);
-        assert_eq!(store.demote(0).unwrap(), Moved::Skipped, "unwritten extent");
-        for e in 1..4 {
-            assert_eq!(store.demote(e).unwrap(), Moved::Done);
-        }
-        assert_eq!(store.cold_extents(), vec![1, 2, 3]);
-        assert!(!store.is_hot(EXTENT, 10));
-        assert_eq!(read(&store, EXTENT, data.len()), data);
-        // A write into a cold extent promotes it first.
-        let patch = pattern(9, 4096);
-        disk.write(&store, 2 * EXTENT + 100, &patch);
-        let mut model = data.clone();
-        model[(EXTENT + 100) as usize..(EXTENT + 100) as usize + 4096].copy_from_slice(&patch);
-        assert_eq!(store.cold_extents(), vec![1, 3]);
-        assert_eq!(read(&store, EXTENT, model.len()), model);
-        // Reopen without a clean close (a crash): same contents, same map.
-        drop(store);
-        let store = disk.open();
-        assert_eq!(store.cold_extents(), vec![1, 3]);
-        assert_eq!(read(&store, EXTENT, model.len()), model);
-        assert_eq!(store.promote(3).unwrap(), Moved::Done);
-        assert_eq!(read(&store, EXTENT, model.len()), model);
-        store.close().unwrap();
-    }
-
-    #[test]
-    fn a_write_racing_a_demotion_wins() {
-        let disk = Disk::new();
-        let store = disk.open();
-        disk.write(&store, 0, &pattern(2, EXTENT as usize));
-        // A write in flight: the demotion does not even start.
-        let extents = store.begin_write(0, 512, false).unwrap();
-        assert_eq!(store.demote(0).unwrap(), Moved::Raced);
-        store.end_write(extents);
-        assert_eq!(store.demote(0).unwrap(), Moved::Done);
-        assert_eq!(store.stats.failed.load(Ordering::Relaxed), 0);
-    }
-
-    #[test]
-    fn a_corrupt_record_fails_only_its_own_reads() {
-        let disk = Disk::new();
-        let store = disk.open();
-        disk.write(&store, 0, &pattern(3, (2 * EXTENT) as usize));
-        store.demote(0).unwrap();
-        store.demote(1).unwrap();
-        let location = lock(&store.state).cold[&0];
-        let mut byte = [0u8; 1];
-        let at = location.offset + location.len as u64 - 5;
-        store.cold.read_exact_at(&mut byte, at).unwrap();
-        store.cold.write_all_at(&[byte[0] ^ 0x40], at).unwrap();
-        let mut out = vec![0u8; 512];
-        assert!(matches!(
-            store.read(0, &mut out),
-            Err(TierError::Record { extent: 0, .. })
-        ));
-        assert_eq!(
-            read(&store, EXTENT, 512),
-            pattern(3, (2 * EXTENT) as usize)[EXTENT as usize..][..512]
-        );
-        assert_eq!(store.stats.corrupt.load(Ordering::Relaxed), 1);
-        // Writing over it is refused too (its old contents cannot be read to merge).
-        assert!(store.begin_write(0, 512, false).is_err());
-        // Zeroing the whole extent does not need its contents: allowed, and it reads zeros.
-        let extents = store.begin_write(0, EXTENT, true).unwrap();
-        store.end_write(extents);
-        assert_eq!(read(&store, 0, 512), vec![0u8; 512]);
-    }
-
-    #[test]
-    fn space_leaked_by_a_crash_is_reclaimed_at_start() {
-        use std::os::unix::fs::MetadataExt;
-        let disk = Disk::new();
-        let store = disk.open();
-        disk.write(&store, 0, &pattern(4, EXTENT as usize));
-        store.demote(0).unwrap();
-        // A crash after a record was written but before its journal entry: unreferenced bytes.
-        let junk = vec![0x5au8; 256 << 10];
-        let end = store.cold.metadata().unwrap().len();
-        store.cold.write_all_at(&junk, end).unwrap();
-        store.cold.sync_all().unwrap();
-        drop(store);
-        let before = std::fs::metadata(disk.dir.path().join("d.cold"))
-            .unwrap()
-            .blocks();
-        let store = disk.open();
-        let after = store.cold.metadata().unwrap().blocks();
-        assert!(
-            after + 400 < before,
-            "leaked space not reclaimed: {before} -> {after} blocks"
-        );
-        assert_eq!(read(&store, 0, 4096), pattern(4, 4096));
-    }
-}
+#[path = "store_tests.rs"]
+mod tests;

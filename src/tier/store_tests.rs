@@ -1,0 +1,162 @@
+
+use super::*;
+
+const EXTENT: u64 = 64 << 10;
+const SIZE: u64 = 8 * EXTENT;
+
+struct Disk {
+    dir: tempfile::TempDir,
+}
+
+impl Disk {
+    fn new() -> Self {
+        Self {
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn open(&self) -> TierStore {
+        let hot_path = self.dir.path().join("d.hot");
+        let hot = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&hot_path)
+            .unwrap();
+        hot.set_len(SIZE).unwrap();
+        let cold = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(self.dir.path().join("d.cold"))
+            .unwrap();
+        TierStore::open(Arc::new(hot), &hot_path, cold, SIZE, EXTENT, 3).unwrap()
+    }
+
+    fn write(&self, store: &TierStore, offset: u64, data: &[u8]) {
+        let (extents, hot) = store
+            .begin_io(offset, data.len() as u64, Access::Write)
+            .unwrap();
+        assert!(hot, "writes are always served by the hot file");
+        store.hot.write_all_at(data, offset).unwrap();
+        store.end_io(extents);
+    }
+}
+
+fn pattern(seed: u8, len: usize) -> Vec<u8> {
+    (0..len)
+        .map(|i| ((i / 7) as u8).wrapping_add(seed))
+        .collect()
+}
+
+fn read(store: &TierStore, offset: u64, len: usize) -> Vec<u8> {
+    let mut out = vec![0u8; len];
+    store.read(offset, &mut out).unwrap();
+    out
+}
+
+#[test]
+fn demote_read_write_promote_and_reopen_keep_every_byte() {
+    let disk = Disk::new();
+    let store = disk.open();
+    let data = pattern(1, (3 * EXTENT) as usize);
+    disk.write(&store, EXTENT, &data);
+    assert_eq!(store.demote(0).unwrap(), Moved::Skipped, "unwritten extent");
+    for e in 1..4 {
+        assert_eq!(store.demote(e).unwrap(), Moved::Done);
+    }
+    assert_eq!(store.cold_extents(), vec![1, 2, 3]);
+    let (extents, hot) = store.begin_io(EXTENT, 10, Access::Read).unwrap();
+    store.end_io(extents);
+    assert!(!hot, "a cold extent is not served by the hot file");
+    assert_eq!(read(&store, EXTENT, data.len()), data);
+    // A write into a cold extent promotes it first.
+    let patch = pattern(9, 4096);
+    disk.write(&store, 2 * EXTENT + 100, &patch);
+    let mut model = data.clone();
+    model[(EXTENT + 100) as usize..(EXTENT + 100) as usize + 4096].copy_from_slice(&patch);
+    assert_eq!(store.cold_extents(), vec![1, 3]);
+    assert_eq!(read(&store, EXTENT, model.len()), model);
+    // Reopen without a clean close (a crash): same contents, same map.
+    drop(store);
+    let store = disk.open();
+    assert_eq!(store.cold_extents(), vec![1, 3]);
+    assert_eq!(read(&store, EXTENT, model.len()), model);
+    assert_eq!(store.promote(3).unwrap(), Moved::Done);
+    assert_eq!(read(&store, EXTENT, model.len()), model);
+    store.close().unwrap();
+}
+
+#[test]
+fn a_write_racing_a_demotion_wins() {
+    let disk = Disk::new();
+    let store = disk.open();
+    disk.write(&store, 0, &pattern(2, EXTENT as usize));
+    // A write in flight: the demotion does not even start.
+    let (extents, _) = store.begin_io(0, 512, Access::Write).unwrap();
+    assert_eq!(store.demote(0).unwrap(), Moved::Raced);
+    store.end_io(extents);
+    // A read in flight holds a demotion back too (it would read a released hot copy).
+    let (extents, _) = store.begin_io(0, 512, Access::Read).unwrap();
+    assert_eq!(store.demote(0).unwrap(), Moved::Raced);
+    store.end_io(extents);
+    assert_eq!(store.demote(0).unwrap(), Moved::Done);
+    assert_eq!(store.stats.failed.load(Ordering::Relaxed), 0);
+}
+
+#[test]
+fn a_corrupt_record_fails_only_its_own_reads() {
+    let disk = Disk::new();
+    let store = disk.open();
+    disk.write(&store, 0, &pattern(3, (2 * EXTENT) as usize));
+    store.demote(0).unwrap();
+    store.demote(1).unwrap();
+    let location = lock(&store.state).cold[&0];
+    let mut byte = [0u8; 1];
+    let at = location.offset + location.len as u64 - 5;
+    store.cold.read_exact_at(&mut byte, at).unwrap();
+    store.cold.write_all_at(&[byte[0] ^ 0x40], at).unwrap();
+    let mut out = vec![0u8; 512];
+    assert!(matches!(
+        store.read(0, &mut out),
+        Err(TierError::Record { extent: 0, .. })
+    ));
+    assert_eq!(
+        read(&store, EXTENT, 512),
+        pattern(3, (2 * EXTENT) as usize)[EXTENT as usize..][..512]
+    );
+    assert_eq!(store.stats.corrupt.load(Ordering::Relaxed), 1);
+    // Writing over it is refused too (its old contents cannot be read to merge).
+    assert!(store.begin_io(0, 512, Access::Write).is_err());
+    // Zeroing the whole extent does not need its contents: allowed, and it reads zeros.
+    let (extents, _) = store.begin_io(0, EXTENT, Access::Zero).unwrap();
+    store.end_io(extents);
+    assert_eq!(read(&store, 0, 512), vec![0u8; 512]);
+}
+
+#[test]
+fn space_leaked_by_a_crash_is_reclaimed_at_start() {
+    use std::os::unix::fs::MetadataExt;
+    let disk = Disk::new();
+    let store = disk.open();
+    disk.write(&store, 0, &pattern(4, EXTENT as usize));
+    store.demote(0).unwrap();
+    // A crash after a record was written but before its journal entry: unreferenced bytes.
+    let junk = vec![0x5au8; 256 << 10];
+    let end = store.cold.metadata().unwrap().len();
+    store.cold.write_all_at(&junk, end).unwrap();
+    store.cold.sync_all().unwrap();
+    drop(store);
+    let before = std::fs::metadata(disk.dir.path().join("d.cold"))
+        .unwrap()
+        .blocks();
+    let store = disk.open();
+    let after = store.cold.metadata().unwrap().blocks();
+    assert!(
+        after + 400 < before,
+        "leaked space not reclaimed: {before} -> {after} blocks"
+    );
+    assert_eq!(read(&store, 0, 4096), pattern(4, 4096));
+}
