@@ -22,8 +22,10 @@ pub struct TierEngine {
     store: Arc<TierStore>,
     /// Slow-path completions, ready now.
     ready: VecDeque<Completion>,
-    /// Ops in the inner engine: tag → extents to release on completion.
-    in_flight: HashMap<u64, std::ops::Range<u64>>,
+    /// Ops in the inner engine: extents to release on completion, indexed by tag (the
+    /// worker's tags are small slab indices; a tag too large to index is tracked in `spill`).
+    in_flight: Vec<Option<std::ops::Range<u64>>>,
+    spill: HashMap<u64, std::ops::Range<u64>>,
 }
 
 impl TierEngine {
@@ -33,13 +35,38 @@ impl TierEngine {
             inner,
             store,
             ready: VecDeque::new(),
-            in_flight: HashMap::new(),
+            in_flight: Vec::new(),
+            spill: HashMap::new(),
         }
     }
 
-    fn finish(&mut self, out: &mut Vec<Completion>) {
-        for completion in out.iter() {
-            if let Some(extents) = self.in_flight.remove(&completion.tag) {
+    /// Remembers the extents of an op handed to the inner engine.
+    fn track(&mut self, tag: u64, extents: std::ops::Range<u64>) {
+        match usize::try_from(tag).ok().filter(|&i| i < 1 << 16) {
+            Some(i) => {
+                if self.in_flight.len() <= i {
+                    self.in_flight.resize(i.saturating_add(1), None);
+                }
+                if let Some(slot) = self.in_flight.get_mut(i) {
+                    *slot = Some(extents);
+                }
+            }
+            None => {
+                self.spill.insert(tag, extents);
+            }
+        }
+    }
+
+    /// Releases the extents of the inner engine's completions `out[start..]`, then appends
+    /// the slow path's completions.
+    fn finish(&mut self, out: &mut Vec<Completion>, start: usize) {
+        for completion in out.get(start..).unwrap_or_default() {
+            let tracked = usize::try_from(completion.tag)
+                .ok()
+                .and_then(|i| self.in_flight.get_mut(i))
+                .and_then(Option::take)
+                .or_else(|| self.spill.remove(&completion.tag));
+            if let Some(extents) = tracked {
                 self.store.end_io(extents);
             }
         }
@@ -82,7 +109,7 @@ impl Engine for TierEngine {
             }
         };
         if hot {
-            self.in_flight.insert(op.tag, extents);
+            self.track(op.tag, extents);
             // SAFETY: forwarded unchanged; the caller's guarantee carries over.
             unsafe { self.inner.push(op) };
             return;
@@ -129,9 +156,7 @@ impl Engine for TierEngine {
     fn reap(&mut self, out: &mut Vec<Completion>) {
         let start = out.len();
         self.inner.reap(out);
-        let mut tail = out.split_off(start);
-        self.finish(&mut tail);
-        out.extend(tail);
+        self.finish(out, start);
     }
 
     fn in_flight(&self) -> usize {
@@ -141,8 +166,6 @@ impl Engine for TierEngine {
     fn drain(&mut self, out: &mut Vec<Completion>) {
         let start = out.len();
         self.inner.drain(out);
-        let mut tail = out.split_off(start);
-        self.finish(&mut tail);
-        out.extend(tail);
+        self.finish(out, start);
     }
 }

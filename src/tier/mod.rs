@@ -1,5 +1,15 @@
-//! Storage tiering (issue 6), plain library code: the cold tier's record format ([`record`]).
-//! The extent map, journal, heat policy and the tiered engine build on it.
+//! Storage tiering (issue 6): a virtual disk whose extents live on a hot tier (the hot file,
+//! uncompressed, at the extent's own offset, served zero-copy by the plain engines) or a cold
+//! tier (zstd records appended to the cold file), moved live and crash-safe.
+//!
+//! - [`record`]: the cold record format (checksummed header + zstd frame, bounded decode);
+//! - [`journal`]: the metadata journal (which extents are cold, where), replay, compaction;
+//! - [`store`]: the extent map, moves with their crash ordering, the start-up check, the
+//!   lock-free in-flight accounting the I/O path uses;
+//! - [`engine`]: the I/O engine wrapping the hot file's engine;
+//! - [`policy`]: heat and the automatic policy (byte budget, idle time, repeated reads).
+//!
+//! The on-disk format and the durability rules are in the README ("Tiered disks").
 
 pub mod engine;
 pub mod journal;

@@ -317,6 +317,23 @@ impl TierStore {
         self.flags.get(usize::try_from(extent).ok()?)
     }
 
+    /// Folds the access counters the I/O path bumped into heat and last-access times (called
+    /// once a second by the policy thread and before any idle-based choice). Returns now.
+    pub fn refresh_access(&self) -> u64 {
+        let now = self.now_ns();
+        let mut state = lock(&self.state);
+        let elapsed = std::time::Duration::from_nanos(now.saturating_sub(state.heat_at));
+        state.heat_at = now;
+        for (flags, heat) in self.flags.iter().zip(state.heat.iter_mut()) {
+            let accesses = flags.accesses.swap(0, Ordering::Relaxed);
+            *heat = super::policy::decay(*heat, elapsed) + f64::from(accesses);
+            if accesses > 0 {
+                flags.last_access.store(now, Ordering::Relaxed);
+            }
+        }
+        now
+    }
+
     /// Replaces the automatic policy.
     pub fn set_policy(&self, policy: TierPolicy) {
         *lock(&self.policy) = policy;
@@ -332,6 +349,7 @@ impl TierStore {
     pub fn apply_policy(&self) -> (u64, u64) {
         let policy = self.policy();
         if !policy.is_active() {
+            self.refresh_access();
             return (0, 0);
         }
         let now = self.now_ns();
@@ -414,7 +432,6 @@ impl TierStore {
         access: Access,
     ) -> Result<(std::ops::Range<u64>, bool), TierError> {
         let span = self.span(offset, len);
-        let now = self.now_ns();
         let writes = access != Access::Read;
         for extent in span.clone() {
             if let Some(flags) = self.flag(extent) {
@@ -423,7 +440,8 @@ impl TierStore {
                     flags.generation.fetch_add(1, Ordering::SeqCst);
                     flags.holds_data.store(true, Ordering::Relaxed);
                 }
-                flags.last_access.store(now, Ordering::Relaxed);
+                // Only a counter here (no clock read on the I/O path): the policy's once-a-second
+                // refresh turns counts into heat and last-access times.
                 flags.accesses.fetch_add(1, Ordering::Relaxed);
             }
         }
@@ -716,7 +734,7 @@ impl TierStore {
 
     /// Extents idle (not read or written) for at least `idle_ns`, hot and holding data first.
     pub fn idle_extents(&self, idle_ns: u64) -> Vec<u64> {
-        let now = self.now_ns();
+        let now = self.refresh_access();
         self.flags
             .iter()
             .enumerate()

@@ -1,4 +1,3 @@
-
 use super::*;
 
 const EXTENT: u64 = 64 << 10;
