@@ -29,19 +29,22 @@ start() { # --blk specs...
     taskset -c 1 ./target/release/novacrond --log-level warn --control "$work/c.sock" "$@" 2>>"$work/novacrond.log" &
     pid=$!
     for _ in $(seq 200); do [ -S "$work/c.sock" ] && break; sleep 0.05; done
+    sleep 0.2 # the device socket appears with the control socket; let the daemon settle
 }
 
 echo "== 1. hot extents vs a plain disk (4 KiB randread, QD 32, polling client) =="
-dd if=/dev/urandom of="$work/plain.img" bs=1M count=1024 status=none
-cp "$work/plain.img" "$work/tiered.hot"
-cat "$work/plain.img" "$work/tiered.hot" > /dev/null
-start --blk "socket=$work/plain.sock,path=$work/plain.img" \
-      --blk "socket=$work/tiered.sock,tier-hot=$work/tiered.hot,tier-cold=$work/tiered.cold,size=1G"
+# The same page-cached file, served alternately as a plain disk and as the hot file of a
+# tiered disk whose extents are all hot.
+dd if=/dev/urandom of="$work/data.img" bs=1M count=1024 status=none
+cat "$work/data.img" > /dev/null
 for r in $(seq "$rounds"); do
-    load "$work/plain.sock" 32 on | field iops >> "$work/plain.iops"
-    load "$work/tiered.sock" 32 on | field iops >> "$work/tiered.iops"
+    start --blk "socket=$work/d.sock,path=$work/data.img"
+    load "$work/d.sock" 32 on | field iops >> "$work/plain.iops"
+    stop
+    start --blk "socket=$work/d.sock,tier-hot=$work/data.img,tier-cold=$work/data.cold,size=1G"
+    load "$work/d.sock" 32 on | field iops >> "$work/tiered.iops"
+    stop
 done
-stop
 p=$(median < "$work/plain.iops"); t=$(median < "$work/tiered.iops")
 printf "plain %s IOPS, tiered (all hot) %s IOPS, ratio %.3f\n" "$p" "$t" "$(awk -v a="$t" -v b="$p" 'BEGIN { print a / b }')"
 
