@@ -109,6 +109,13 @@ fn cold_extents_read_back_take_writes_and_discards_and_come_back() {
         status["hot-bytes-allocated"].as_u64().unwrap() < EXTENT,
         "hot copies not released: {status}"
     );
+    let bands = status["heat-histogram"].as_array().unwrap();
+    assert_eq!(bands.len(), 6, "{status}");
+    let cold_total: u64 = bands.iter().map(|b| b["cold"].as_u64().unwrap()).sum();
+    assert_eq!(
+        cold_total, 40,
+        "every cold extent holding data is in a heat band: {status}"
+    );
     model.verify(&mut c);
     let metrics = scrape(port.parse().unwrap());
     for line in [

@@ -145,6 +145,11 @@ pub fn status(id: &str, store: &TierStore) -> Value {
         "corrupt-records": stats.corrupt.load(Ordering::Relaxed),
         "progress": store.progress(),
         "policy": store.policy(),
+        "heat-histogram": store
+            .heat_histogram()
+            .into_iter()
+            .map(|(band, hot, cold)| json!({"heat": band, "hot": hot, "cold": cold}))
+            .collect::<Vec<_>>(),
     })
 }
 

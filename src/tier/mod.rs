@@ -7,12 +7,14 @@
 //! - [`store`]: the extent map, moves with their crash ordering, the start-up check, the
 //!   lock-free in-flight accounting the I/O path uses;
 //! - [`engine`]: the I/O engine wrapping the hot file's engine;
+//! - [`mover`]: move batches with progress, the policy's periodic check;
 //! - [`policy`]: heat and the automatic policy (byte budget, idle time, repeated reads).
 //!
 //! The on-disk format and the durability rules are in the README ("Tiered disks").
 
 pub mod engine;
 pub mod journal;
+pub mod mover;
 pub mod policy;
 pub mod record;
 pub mod store;

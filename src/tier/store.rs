@@ -37,7 +37,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::journal::{ColdLocation, Entry, Journal, JournalError};
-use super::policy::{ExtentView, TierPolicy};
+use super::policy::TierPolicy;
 use super::record::{self, RecordError};
 use crate::lock::lock;
 use crate::storage::sync::{fallocate, PUNCH_HOLE};
@@ -148,21 +148,21 @@ pub struct TierStats {
 
 /// What the I/O path reads and writes per extent without the lock.
 #[derive(Debug, Default)]
-struct ExtentFlags {
+pub(super) struct ExtentFlags {
     /// On the cold tier (the map, under the lock, says where).
-    cold: AtomicBool,
+    pub(super) cold: AtomicBool,
     /// Guest reads and writes started and not completed.
-    in_flight: AtomicU32,
+    pub(super) in_flight: AtomicU32,
     /// Bumped by every guest write.
-    generation: AtomicU64,
+    pub(super) generation: AtomicU64,
     /// Last access, in the store's clock (nanoseconds).
-    last_access: AtomicU64,
+    pub(super) last_access: AtomicU64,
     /// Accesses since the policy last looked.
-    accesses: AtomicU32,
+    pub(super) accesses: AtomicU32,
     /// Reads since the extent was demoted.
-    cold_reads: AtomicU32,
+    pub(super) cold_reads: AtomicU32,
     /// Whether it may hold data (unwritten extents cost nothing and never move).
-    holds_data: AtomicBool,
+    pub(super) holds_data: AtomicBool,
 }
 
 /// How a range is accessed.
@@ -176,31 +176,31 @@ pub enum Access {
     Zero,
 }
 
-struct State {
+pub(super) struct State {
     cold: BTreeMap<u64, ColdLocation>,
     journal: Journal,
     cold_end: u64,
     cache: VecDeque<(u64, u64, Arc<Vec<u8>>)>,
     /// Access heat (decays, see `policy`), as of `heat_at`.
-    heat: Vec<f64>,
-    heat_at: u64,
+    pub(super) heat: Vec<f64>,
+    pub(super) heat_at: u64,
 }
 
 /// A tiered disk's hot and cold files and extent map.
 pub struct TierStore {
     hot: Arc<File>,
     cold: File,
-    extent_size: u64,
+    pub(super) extent_size: u64,
     extents: u64,
     capacity: u64,
     level: i32,
-    state: Mutex<State>,
-    flags: Vec<ExtentFlags>,
+    pub(super) state: Mutex<State>,
+    pub(super) flags: Vec<ExtentFlags>,
     /// Counters.
     pub stats: TierStats,
     started: std::time::Instant,
-    progress: Mutex<Progress>,
-    policy: Mutex<TierPolicy>,
+    pub(super) progress: Mutex<Progress>,
+    pub(super) policy: Mutex<TierPolicy>,
 }
 
 /// Where the journal of a tiered disk lives: next to its hot file.
@@ -334,61 +334,6 @@ impl TierStore {
         now
     }
 
-    /// Replaces the automatic policy.
-    pub fn set_policy(&self, policy: TierPolicy) {
-        *lock(&self.policy) = policy;
-    }
-
-    /// The automatic policy.
-    pub fn policy(&self) -> TierPolicy {
-        *lock(&self.policy)
-    }
-
-    /// One policy check: decides and runs the moves the policy wants now. Returns
-    /// `(demoted, promoted)`.
-    pub fn apply_policy(&self) -> (u64, u64) {
-        let policy = self.policy();
-        if !policy.is_active() {
-            self.refresh_access();
-            return (0, 0);
-        }
-        let now = self.now_ns();
-        let views: Vec<ExtentView> = {
-            let mut state = lock(&self.state);
-            let elapsed = std::time::Duration::from_nanos(now.saturating_sub(state.heat_at));
-            state.heat_at = now;
-            let mut views = Vec::with_capacity(self.flags.len());
-            for (extent, (flags, heat)) in self.flags.iter().zip(state.heat.iter_mut()).enumerate()
-            {
-                let accesses = f64::from(flags.accesses.swap(0, Ordering::Relaxed));
-                *heat = super::policy::decay(*heat, elapsed) + accesses;
-                let last = flags.last_access.load(Ordering::Relaxed);
-                views.push(ExtentView {
-                    extent: extent as u64,
-                    cold: flags.cold.load(Ordering::SeqCst),
-                    holds_data: flags.holds_data.load(Ordering::Relaxed),
-                    heat: *heat,
-                    idle: std::time::Duration::from_nanos(now.saturating_sub(last)),
-                    cold_reads: flags.cold_reads.load(Ordering::Relaxed),
-                });
-            }
-            views
-        };
-        let (demote, promote) = super::policy::choose(&policy, &views, self.extent_size);
-        let mut moved = (0u64, 0u64);
-        for extent in demote {
-            if matches!(self.demote(extent), Ok(Moved::Done)) {
-                moved.0 = moved.0.saturating_add(1);
-            }
-        }
-        for extent in promote {
-            if matches!(self.promote(extent), Ok(Moved::Done)) {
-                moved.1 = moved.1.saturating_add(1);
-            }
-        }
-        moved
-    }
-
     /// Extent size in bytes.
     pub fn extent_size(&self) -> u64 {
         self.extent_size
@@ -399,7 +344,7 @@ impl TierStore {
         self.extents
     }
 
-    fn now_ns(&self) -> u64 {
+    pub(super) fn now_ns(&self) -> u64 {
         u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
 
@@ -742,43 +687,6 @@ impl TierStore {
             .filter(|(_, f)| now.saturating_sub(f.last_access.load(Ordering::Relaxed)) >= idle_ns)
             .map(|(e, _)| e as u64)
             .collect()
-    }
-
-    /// Moves `extents` one by one (`demote` when `down`), recording progress; returns the
-    /// final tally. Errors end nothing: a failed extent is counted and the batch goes on.
-    pub fn run_batch(&self, extents: &[u64], down: bool) -> Progress {
-        *lock(&self.progress) = Progress {
-            operation: if down { "demote" } else { "promote" }.into(),
-            total: extents.len() as u64,
-            running: true,
-            ..Progress::default()
-        };
-        for &extent in extents {
-            let result = if down {
-                self.demote(extent)
-            } else {
-                self.promote(extent)
-            };
-            let mut progress = lock(&self.progress);
-            progress.handled = progress.handled.saturating_add(1);
-            match result {
-                Ok(Moved::Done) => progress.moved = progress.moved.saturating_add(1),
-                Ok(Moved::Skipped) => progress.skipped = progress.skipped.saturating_add(1),
-                Ok(Moved::Raced) => progress.raced = progress.raced.saturating_add(1),
-                Err(e) => {
-                    log::warn!("tier: extent {extent}: {e}");
-                    progress.failed = progress.failed.saturating_add(1);
-                }
-            }
-        }
-        let mut progress = lock(&self.progress);
-        progress.running = false;
-        progress.clone()
-    }
-
-    /// The latest batch's progress.
-    pub fn progress(&self) -> Progress {
-        lock(&self.progress).clone()
     }
 
     /// Bytes the hot file occupies on disk.
