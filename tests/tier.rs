@@ -173,10 +173,25 @@ fn guest_writes_racing_background_moves_are_never_lost() {
     for round in 0..4u64 {
         ctl.call("tier.demote", json!({"id": "t", "all": true}))
             .unwrap();
-        // Writes while the demotion runs: whichever wins, the data must be the write's.
+        // Writes, reads, discards and flushes while the demotion runs: whichever wins, the
+        // disk must be what the guest did.
         for i in 0..32u64 {
             let offset = ((i * 7 + round * 13) % 64) * EXTENT + (i % 16) * 4096;
-            model.write(&mut c, offset, &vec![(round * 32 + i) as u8; 4096]);
+            match i % 4 {
+                0 | 1 => model.write(&mut c, offset, &vec![(round * 32 + i) as u8; 4096]),
+                2 => {
+                    let got = c.read(0, offset / 512, 4096);
+                    assert_eq!(got, model.0[offset as usize..offset as usize + 4096]);
+                }
+                _ => {
+                    let segment = (offset / 512, 8u32, 0u32);
+                    assert_eq!(c.ranges(0, T_DISCARD, &[segment]), S_OK);
+                    model.0[offset as usize..offset as usize + 4096].fill(0);
+                }
+            }
+            if i % 8 == 7 {
+                assert_eq!(c.flush(0), S_OK);
+            }
         }
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
         loop {
