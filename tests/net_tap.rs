@@ -1,8 +1,8 @@
 //! A net device on a tap, driven through the real vhost-user protocol, inside a network
 //! namespace the test creates: the kernel answers our ARP request through the tap (frames
 //! both ways, straight between guest memory and the tap); then the tap is deleted (the link
-//! goes down, frames are dropped and counted) and recreated (the device reattaches and
-//! frames flow again). Addresses exist only in that namespace.
+//! goes down, frames are dropped and counted, the config space and a config-change message on
+//! the backend channel say so) and recreated (the device reattaches and frames flow again). Addresses exist only in that namespace.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 mod common;
@@ -10,6 +10,7 @@ mod common;
 use common::daemon::{novactl, Daemon};
 use common::net::{ethernet, NetClient};
 use common::netns::NetNs;
+use vhost::vhost_user::VhostUserFrontend;
 
 const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];
 const GUEST_IP: [u8; 4] = [10, 213, 1, 2];
@@ -60,6 +61,17 @@ fn frames_cross_the_tap_and_the_port_survives_the_tap_being_deleted() {
     };
     configure(&ns);
     let mut client = NetClient::connect(&daemon.path("n0.sock"), 1, 0);
+    // The backend-request channel, on which the device announces config changes.
+    let (mut channel, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+    client.vq.frontend.set_backend_request_fd(&theirs).unwrap();
+    channel
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    assert_eq!(
+        client.vq.config(6, 2),
+        vec![1, 0],
+        "link up in the config space"
+    );
     let reply = arp_round_trip(&mut client);
     assert_eq!(&reply[..6], &GUEST_MAC, "reply addressed to the guest");
     assert_eq!(&reply[28..32], &TAP_IP, "sender is the tap's address");
@@ -67,6 +79,18 @@ fn frames_cross_the_tap_and_the_port_survives_the_tap_being_deleted() {
     ns.ip(&["link", "del", "nctio0"]);
     client.send(0, &arp_request());
     daemon.wait_for_log("tap nctio0: lost");
+    let mut message = [0u8; 12];
+    std::io::Read::read_exact(&mut channel, &mut message).expect("config-change message");
+    assert_eq!(
+        &message[..4],
+        &2u32.to_le_bytes(),
+        "VHOST_USER_BACKEND_CONFIG_CHANGE_MSG"
+    );
+    assert_eq!(
+        client.vq.config(6, 2),
+        vec![0, 0],
+        "link down in the config space"
+    );
     client.send(0, &arp_request());
     let drops = tx_drops(&daemon);
     assert_eq!(
@@ -78,6 +102,9 @@ fn frames_cross_the_tap_and_the_port_survives_the_tap_being_deleted() {
     // An administrator recreates the tap: the device finds it and carries on.
     ns.ip(&["tuntap", "add", "dev", "nctio0", "mode", "tap", "vnet_hdr"]);
     daemon.wait_for_log("tap nctio0: back, link up");
+    std::io::Read::read_exact(&mut channel, &mut message).expect("config-change message");
+    assert_eq!(&message[..4], &2u32.to_le_bytes());
+    assert_eq!(client.vq.config(6, 2), vec![1, 0], "link up again");
     configure(&ns);
     let reply = arp_round_trip(&mut client);
     assert_eq!(&reply[28..32], &TAP_IP);

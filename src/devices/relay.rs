@@ -17,6 +17,10 @@
 //! identical regions: the first `ADD_MEM_REG` of a region and the last matching
 //! `REM_MEM_REG` pass through, the ones in between are acknowledged here.
 //!
+//! Third, the backend-request channel (SET_BACKEND_REQ_FD) is passed on and a duplicate is
+//! kept for the device: `vhost`'s `Backend` cannot send a config-change message, which a NIC
+//! sends when its link goes up or down ([`send_config_change`]).
+//!
 //! Everything else, file descriptors included, passes through unchanged.
 //!
 //! Only control messages take this path; the data path is shared memory and eventfds.
@@ -40,6 +44,7 @@ const MAX_PAYLOAD: usize = 0x1000;
 const MAX_FDS: usize = 32;
 const SET_FEATURES: u32 = 2;
 const SET_VRING_ENABLE: u32 = 18;
+const SET_BACKEND_REQ_FD: u32 = 21;
 const ADD_MEM_REG: u32 = 37;
 const REM_MEM_REG: u32 = 38;
 const VERSION_1: u32 = 0x1;
@@ -178,7 +183,14 @@ fn ack(front: &mut UnixStream, message: &Message) -> Result<(), RelayError> {
 }
 
 /// Relays between `front` (the front-end) and `back` (our handler) until either side closes.
-pub fn relay(mut front: UnixStream, mut back: UnixStream) -> Result<(), RelayError> {
+/// When the front-end sets up the backend-request channel (SET_BACKEND_REQ_FD), a duplicate of
+/// that socket is handed to `on_backend_channel` (for device-initiated messages such as a
+/// config-change notification, which `vhost-user-backend`'s `Backend` cannot send).
+pub fn relay(
+    mut front: UnixStream,
+    mut back: UnixStream,
+    mut on_backend_channel: impl FnMut(UnixStream),
+) -> Result<(), RelayError> {
     let mut features_set = false;
     let mut early_enables: Vec<Vec<u8>> = Vec::new();
     let mut regions: std::collections::HashMap<[u8; 24], u32> = std::collections::HashMap::new();
@@ -220,6 +232,17 @@ pub fn relay(mut front: UnixStream, mut back: UnixStream) -> Result<(), RelayErr
                 SET_VRING_ENABLE if !features_set => {
                     ack(&mut front, &message)?;
                     early_enables.push(message.payload);
+                }
+                SET_BACKEND_REQ_FD => {
+                    if let Some(file) = message.files.first() {
+                        match file.try_clone() {
+                            Ok(copy) => on_backend_channel(UnixStream::from(
+                                std::os::fd::OwnedFd::from(copy),
+                            )),
+                            Err(e) => log::warn!("cannot keep the backend channel: {e}"),
+                        }
+                    }
+                    write_message(&mut back, &message)?;
                 }
                 ADD_MEM_REG => {
                     let count = region_key(&message.payload)
@@ -276,6 +299,21 @@ pub fn relay(mut front: UnixStream, mut back: UnixStream) -> Result<(), RelayErr
     result
 }
 
+/// Sends VHOST_USER_BACKEND_CONFIG_CHANGE_MSG (no reply asked) on a backend channel.
+pub fn send_config_change(channel: &mut UnixStream) -> std::io::Result<()> {
+    const CONFIG_CHANGE_MSG: u32 = 2;
+    let mut header = [0u8; HEADER_LEN];
+    for (dst, src) in header.iter_mut().zip(
+        CONFIG_CHANGE_MSG
+            .to_le_bytes()
+            .into_iter()
+            .chain(VERSION_1.to_le_bytes()),
+    ) {
+        *dst = src;
+    }
+    channel.write_all(&header)
+}
+
 #[cfg(test)]
 #[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)] // tests may panic
 mod tests {
@@ -294,7 +332,7 @@ mod tests {
     fn early_vring_enables_are_acked_held_and_replayed_after_set_features() {
         let (mut qemu, front) = UnixStream::pair().unwrap();
         let (back, mut handler) = UnixStream::pair().unwrap();
-        let relay = std::thread::spawn(move || relay(front, back));
+        let relay = std::thread::spawn(move || relay(front, back, |_| {}));
         let enable = [0u8, 0, 0, 0, 1, 0, 0, 0];
         // Early enable with NEED_REPLY: answered by the relay, not forwarded.
         qemu.write_all(&raw(SET_VRING_ENABLE, VERSION_1 | FLAG_NEED_REPLY, &enable))
@@ -334,7 +372,7 @@ mod tests {
     fn identical_memory_regions_reach_the_handler_once() {
         let (mut qemu, front) = UnixStream::pair().unwrap();
         let (back, mut handler) = UnixStream::pair().unwrap();
-        let relay = std::thread::spawn(move || relay(front, back));
+        let relay = std::thread::spawn(move || relay(front, back, |_| {}));
         let mut region = vec![0u8; 40];
         region[8] = 0x10; // guest address
         region[16] = 0x20; // size
@@ -364,7 +402,7 @@ mod tests {
     fn descriptors_pass_through_and_oversized_messages_end_the_relay() {
         let (qemu, front) = UnixStream::pair().unwrap();
         let (back, mut handler) = UnixStream::pair().unwrap();
-        let relay = std::thread::spawn(move || relay(front, back));
+        let relay = std::thread::spawn(move || relay(front, back, |_| {}));
         let file = tempfile::tempfile().unwrap();
         qemu.send_with_fds(
             &[raw(5, VERSION_1, &[1, 2]).as_slice()],

@@ -54,6 +54,8 @@ pub trait SessionBackend:
     fn signal_exit(&self);
     /// The connection's vrings, in queue order, as soon as they exist (before any message).
     fn vrings_created(&self, _vrings: &[CheckedVring]) {}
+    /// The front-end set up the backend-request channel (a duplicate of its socket).
+    fn backend_channel(&self, _channel: std::os::unix::net::UnixStream) {}
 }
 
 /// Builds a backend for a new connection over the connection's guest memory.
@@ -218,10 +220,12 @@ fn serve_connection<B: SessionBackend>(
     daemon.start(&mut inner).map_err(|e| format!("{e}"))?;
     let relay = {
         let id = id.to_string();
+        let backend = Arc::clone(&backend);
         std::thread::Builder::new()
             .name(format!("relay-{id}"))
             .spawn(move || {
-                if let Err(e) = super::relay::relay(front, back) {
+                let channel = |stream| backend.backend_channel(stream);
+                if let Err(e) = super::relay::relay(front, back, channel) {
                     log::warn!("{id}: vhost-user relay: {e}");
                 }
             })?

@@ -122,7 +122,8 @@ impl BlkClient {
                 VhostUserProtocolFeatures::MQ
                     | VhostUserProtocolFeatures::CONFIG
                     | VhostUserProtocolFeatures::REPLY_ACK
-                    | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS,
+                    | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+                    | (protocol & VhostUserProtocolFeatures::BACKEND_REQ),
             )
             .expect("set_protocol_features");
         frontend.set_hdr_flags(vhost::vhost_user::message::VhostUserHeaderFlag::NEED_REPLY);

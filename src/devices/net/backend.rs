@@ -121,6 +121,7 @@ impl Drop for NetBackend {
         if self.rx_target.is_some() {
             self.shared.connect_port(None);
         }
+        self.shared.set_backend_channel(None);
     }
 }
 
@@ -156,6 +157,7 @@ impl VhostUserBackend for NetBackend {
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::BACKEND_REQ
     }
 
     fn set_event_idx(&self, _enabled: bool) {}
@@ -237,6 +239,10 @@ impl crate::devices::runner::SessionBackend for NetBackend {
             }
         }
         out
+    }
+
+    fn backend_channel(&self, channel: std::os::unix::net::UnixStream) {
+        self.shared.set_backend_channel(Some(channel));
     }
 
     fn vrings_created(&self, vrings: &[CheckedVring]) {

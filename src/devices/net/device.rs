@@ -55,6 +55,8 @@ pub struct NetShared {
     acked_features: AtomicU64,
     taps: Mutex<Vec<Option<TapQueue>>>,
     port: Option<(Arc<SwitchHub>, Arc<Port>)>,
+    /// The front-end's backend-request channel, for config-change notifications.
+    backend_channel: Mutex<Option<std::os::unix::net::UnixStream>>,
 }
 
 impl NetShared {
@@ -68,7 +70,8 @@ impl NetShared {
         self.acked_features.store(features, Ordering::Release);
     }
 
-    /// Records link state (for the config space and stats), logging changes.
+    /// Records link state (config space status, stats), logging changes and telling the
+    /// front-end (VHOST_USER_BACKEND_CONFIG_CHANGE_MSG) when it gave us a channel for that.
     pub fn set_link(&self, up: bool) {
         if self.link_up.swap(up, Ordering::AcqRel) != up {
             log::info!(
@@ -76,7 +79,23 @@ impl NetShared {
                 self.config.id,
                 if up { "up" } else { "down" }
             );
+            if let Some(channel) = lock(&self.backend_channel).as_mut() {
+                if let Err(e) = crate::devices::relay::send_config_change(channel) {
+                    log::warn!("{}: cannot notify the config change: {e}", self.config.id);
+                }
+            }
         }
+    }
+
+    /// Keeps (or with `None` drops) the front-end's backend-request channel.
+    pub fn set_backend_channel(&self, channel: Option<std::os::unix::net::UnixStream>) {
+        if let Some(channel) = &channel {
+            // Never let a front-end that does not read its channel block a worker.
+            if let Err(e) = channel.set_nonblocking(true) {
+                log::warn!("{}: backend channel: {e}", self.config.id);
+            }
+        }
+        *lock(&self.backend_channel) = channel;
     }
 
     /// Whether the link is up.
@@ -180,6 +199,7 @@ impl NetDevice {
             acked_features: AtomicU64::new(0),
             taps: Mutex::new(taps),
             port,
+            backend_channel: Mutex::new(None),
         });
         let factory: BackendFactory<NetBackend> = {
             let shared = Arc::clone(&shared);
