@@ -286,24 +286,9 @@ fn control_socket_is_private_and_checks_peer_uid() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("symlink"));
 }
 
-fn scrape(port: u16, path: &str) -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    response
-}
-
 #[test]
 fn metrics_endpoint_reports_per_queue_counters() {
-    // A free loopback port (released just before the daemon binds it).
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let port_arg = port.to_string();
+    let port_arg = common::control::free_port();
     let daemon = Daemon::start(&[
         "--metrics",
         &port_arg,
@@ -318,7 +303,7 @@ fn metrics_endpoint_reports_per_queue_counters() {
     let data = c.alloc(512);
     c.roundtrip(0, &[(h, 16, false), (data, 512, true), (s, 1, true)]);
 
-    let response = scrape(port, "/metrics");
+    let response = common::control::scrape(&port_arg, "/metrics");
     assert!(
         response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"),
         "{response}"
@@ -335,7 +320,7 @@ fn metrics_endpoint_reports_per_queue_counters() {
     ] {
         assert!(response.contains(line), "missing `{line}` in:\n{response}");
     }
-    assert!(scrape(port, "/other").contains(" 404"));
+    assert!(common::control::scrape(&port_arg, "/other").contains(" 404"));
 }
 
 #[test]

@@ -25,23 +25,9 @@ fn port_params(daemon: &Daemon, id: &str, mac: &str) -> serde_json::Value {
     })
 }
 
-fn scrape(port: u16) -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(stream, "GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    response
-}
-
 #[test]
 fn net_devices_and_switches_are_managed_counted_and_persisted() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-        .to_string();
+    let port = common::control::free_port();
     let daemon = Daemon::start(&["--state-dir", "{dir}/state", "--metrics", &port]);
     let mut ctl = Control::connect(&daemon.path("control.sock"));
     let added = ctl.call("switch.add", json!({"name": "t7"})).unwrap();
@@ -105,7 +91,7 @@ fn net_devices_and_switches_are_managed_counted_and_persisted() {
     assert!(table.contains("t7"), "{table}");
     let (ok, table, _) = novactl(&daemon, &["device", "stats", "b"]);
     assert!(ok && table.contains("514"), "{table}");
-    let metrics = scrape(port.parse().unwrap());
+    let metrics = common::control::scrape(&port, "/metrics");
     for line in [
         "novacron_net_connected{device=\"a\"} 1",
         "novacron_net_frames_total{device=\"a\",direction=\"tx\"} 1",

@@ -123,12 +123,7 @@ fn an_rx_limit_at_a_switch_port_drops_and_counts_what_it_cannot_take() {
 
 #[test]
 fn a_group_limits_a_nic_and_takes_disks_too() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-        .to_string();
+    let port = common::control::free_port();
     let daemon = Daemon::start(&[
         "--metrics",
         &port,

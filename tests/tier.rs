@@ -82,12 +82,7 @@ fn demote_all(ctl: &mut Control) -> serde_json::Value {
 
 #[test]
 fn cold_extents_read_back_take_writes_and_discards_and_come_back() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-        .to_string();
+    let port = common::control::free_port();
     let daemon = Daemon::start(&["--blk", SPEC, "--metrics", &port]);
     let mut ctl = Control::connect(&daemon.path("control.sock"));
     let mut c = BlkClient::connect(&daemon.path("t.sock"));
@@ -117,7 +112,7 @@ fn cold_extents_read_back_take_writes_and_discards_and_come_back() {
         "every cold extent holding data is in a heat band: {status}"
     );
     model.verify(&mut c);
-    let metrics = scrape(port.parse().unwrap());
+    let metrics = common::control::scrape(&port, "/metrics");
     for line in [
         "novacron_tier_extents{device=\"t\",tier=\"cold\"} 40",
         "novacron_tier_moves_total{device=\"t\",kind=\"demoted\"} 40",
@@ -305,15 +300,6 @@ fn kill_9_at_random_times_during_moves_loses_nothing() {
     model.verify(&mut c);
     eprintln!("{rounds} random kill -9 points exercised, {mid_move} of them during a move");
     assert!(mid_move > 0, "no kill landed during a move");
-}
-
-fn scrape(port: u16) -> String {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    write!(stream, "GET /metrics HTTP/1.0\r\nHost: localhost\r\n\r\n").unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).unwrap();
-    response
 }
 
 /// Polls `tier.status` until `done` says so (the policy runs once a second).

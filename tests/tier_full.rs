@@ -11,7 +11,7 @@ use std::process::Command;
 
 use serde_json::json;
 
-use common::blk::{BlkClient, S_IOERR, S_OK, T_OUT};
+use common::blk::{pattern, BlkClient, S_IOERR, S_OK, T_OUT};
 use common::control::Control;
 use common::daemon::Daemon;
 
@@ -43,19 +43,6 @@ impl Drop for Tmpfs {
     }
 }
 
-/// Incompressible bytes.
-fn random(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
-    (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 fn spec(hot: &str, cold: &str) -> String {
     format!("socket={{dir}}/t.sock,tier-hot={hot},tier-cold={cold},size=2M,extent=64K")
 }
@@ -66,7 +53,7 @@ fn a_full_cold_tier_fails_the_moves_that_do_not_fit_and_loses_nothing() {
     let daemon = Daemon::start(&["--blk", &spec("{dir}/t.hot", &cold.path("t.cold"))]);
     let mut ctl = Control::connect(&daemon.path("control.sock"));
     let mut c = BlkClient::connect(&daemon.path("t.sock"));
-    let data = random(1, (32 * EXTENT) as usize);
+    let data = pattern(1, (32 * EXTENT) as usize);
     c.write(0, 0, &data);
     assert_eq!(c.flush(0), S_OK);
     let tally = ctl
@@ -98,7 +85,7 @@ fn a_full_hot_tier_fails_only_the_requests_that_need_room() {
     let mut ctl = Control::connect(&daemon.path("control.sock"));
     let mut c = BlkClient::connect(&daemon.path("t.sock"));
     // Four extents of data, then demote them (their hot copies are released).
-    let data = random(2, (4 * EXTENT) as usize);
+    let data = pattern(2, (4 * EXTENT) as usize);
     c.write(0, 0, &data);
     assert_eq!(c.flush(0), S_OK);
     let tally = ctl
@@ -115,7 +102,7 @@ fn a_full_hot_tier_fails_only_the_requests_that_need_room() {
             0,
             T_OUT,
             extent * EXTENT / 512,
-            &random(extent, EXTENT as usize),
+            &pattern(extent, EXTENT as usize),
             0,
         );
         if reply.status == S_IOERR {
@@ -136,7 +123,7 @@ fn a_full_hot_tier_fails_only_the_requests_that_need_room() {
     for extent in 4..failed_at {
         assert_eq!(
             c.read(0, extent * EXTENT / 512, 4096),
-            random(extent, EXTENT as usize)[..4096]
+            pattern(extent, EXTENT as usize)[..4096]
         );
     }
 }

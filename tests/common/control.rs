@@ -52,3 +52,24 @@ impl Control {
         error["data"]["kind"].as_str().unwrap().to_string()
     }
 }
+
+/// A free loopback port for `--metrics` (released just before the daemon binds it).
+pub fn free_port() -> String {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .expect("bind a loopback port")
+        .local_addr()
+        .expect("local address")
+        .port()
+        .to_string()
+}
+
+/// `GET path` from the metrics endpoint on `port`; the whole HTTP response.
+pub fn scrape(port: &str, path: &str) -> String {
+    use std::io::Read;
+    let port: u16 = port.parse().expect("port");
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    write!(stream, "GET {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").expect("request");
+    let mut response = String::new();
+    stream.read_to_string(&mut response).expect("response");
+    response
+}
