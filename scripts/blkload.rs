@@ -5,7 +5,7 @@
 //! busy-poll completions (no interrupts), so the backend's own cost decides the result.
 //!
 //! `cargo run --release --example blkload -- --socket S --rw randread --bs 4096 --qd 32 --seconds 5`
-#![allow(clippy::unwrap_used, clippy::expect_used)] // a benchmark tool: fail loudly
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a benchmark tool: fail loudly
 
 use std::mem::MaybeUninit;
 use std::time::{Duration, Instant};

@@ -6,6 +6,10 @@
 //! take every other VM's disk down, so every lock in the daemon recovers the guard instead of
 //! propagating the poison.
 
+// Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
+// panic or wrap silently (checked, saturating or `get` instead).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+
 use std::sync::{Mutex, MutexGuard};
 
 /// Locks `mutex`, taking the guard even if a previous holder panicked.

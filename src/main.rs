@@ -1,5 +1,9 @@
 //! `novacrond`: the NovaCron vhost-user backend daemon.
 
+// Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
+// panic or wrap silently (checked, saturating or `get` instead).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+
 use std::io::Write;
 use std::process::ExitCode;
 

@@ -6,7 +6,7 @@
 //! `fdatasync` returns EIO once; Linux then reports the next `fdatasync` as success although
 //! the data is gone. Needs root, tmpfs and a loop device (CI has all three); without them the
 //! test fails loudly rather than skipping.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail loudly by design
 
 mod common;
 

@@ -3,7 +3,7 @@
 //! both ways, straight between guest memory and the tap); then the tap is deleted (the link
 //! goes down, frames are dropped and counted, the config space and a config-change message on
 //! the backend channel say so) and recreated (the device reattaches and frames flow again). Addresses exist only in that namespace.
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail loudly by design
 
 mod common;
 

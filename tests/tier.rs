@@ -4,7 +4,7 @@
 //! a test-only failpoint aborts the daemon at each step of a demotion and a promotion, and
 //! kill -9 lands at random times during background moves; after every restart each sector
 //! holds exactly what the model says (every write was flushed before the crash).
-#![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail loudly by design
 
 mod common;
 

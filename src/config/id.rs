@@ -2,6 +2,10 @@
 //! to a safe alphabet (`[A-Za-z0-9._-]`, 1..=64 characters). A device without `id=` is named
 //! after its socket file (`vm1-disk0.sock` → `vm1-disk0`).
 
+// Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
+// panic or wrap silently (checked, saturating or `get` instead).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+
 use std::path::Path;
 
 /// Checks an id; the error is a message for the user.

@@ -4,6 +4,10 @@
 //! notices when the walk stopped early, which virtio-queue signals by ending the iterator on a
 //! descriptor that still has `NEXT` set.
 
+// Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
+// panic or wrap silently (checked, saturating or `get` instead).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+
 use smallvec::SmallVec;
 use vm_memory::GuestAddress;
 

@@ -1,5 +1,9 @@
 //! The virtio devices the daemon serves, and the little they share.
 
+// Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
+// panic or wrap silently (checked, saturating or `get` instead).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+
 pub mod blk;
 pub mod desc;
 pub mod net;

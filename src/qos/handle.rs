@@ -2,6 +2,10 @@
 //! plus a lock-free "is anything limited?" flag so an unlimited device never takes the lock,
 //! and the device's identity inside groups. Shared by disks and NICs.
 
+// Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
+// panic or wrap silently (checked, saturating or `get` instead).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};

@@ -14,6 +14,10 @@
 //! flight), [`sync::SyncEngine`] (blocking syscalls on the worker thread, for hosts without
 //! io_uring) and [`null::NullEngine`] (no storage at all).
 
+// Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
+// panic or wrap silently (checked, saturating or `get` instead).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+
 pub mod backing;
 pub mod iov;
 pub mod null;

@@ -1,5 +1,9 @@
 //! Waiting for one of two file descriptors to become readable.
 
+// Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
+// panic or wrap silently (checked, saturating or `get` instead).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+
 use std::os::fd::RawFd;
 
 /// Which descriptor became readable first.

@@ -2,6 +2,10 @@
 //! (blocked before any thread is spawned, so all inherit the mask) and the main thread waits
 //! for them with `sigwait`. No async signal handlers, so nothing runs in signal context.
 
+// Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
+// panic or wrap silently (checked, saturating or `get` instead).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+
 /// Signals that end the daemon.
 const TERMINATION: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
 
