@@ -116,6 +116,22 @@ impl OptionList {
         }
     }
 
+    /// Takes a duration value (`30s`, `10m`, `2h`, `500ms`).
+    pub fn take_duration(&mut self, key: &str) -> Result<Option<std::time::Duration>, OptionError> {
+        match self.take_str(key) {
+            None => Ok(None),
+            Some(value) => {
+                parse_duration(&value)
+                    .map(Some)
+                    .map_err(|reason| OptionError::Invalid {
+                        key: key.to_string(),
+                        value,
+                        reason,
+                    })
+            }
+        }
+    }
+
     /// Takes a byte size such as `4096`, `512K`, `20G` (binary units).
     pub fn take_size(&mut self, key: &str) -> Result<Option<u64>, OptionError> {
         match self.values.remove(key) {
@@ -163,9 +179,37 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
         .ok_or_else(|| "size overflows 64 bits".to_string())
 }
 
+/// Parses `10m`, `30s`, `500ms`, `2h`.
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+    let bad = || format!("`{text}` is not a duration like 30s, 10m, 2h or 500ms");
+    let split = text.find(|c: char| !c.is_ascii_digit()).ok_or_else(bad)?;
+    let (number, unit) = text.split_at(split);
+    let n: u64 = number.parse().map_err(|_| bad())?;
+    let seconds = match unit {
+        "ms" => return Ok(std::time::Duration::from_millis(n)),
+        "s" => n,
+        "m" => n.checked_mul(60).ok_or_else(bad)?,
+        "h" => n.checked_mul(3600).ok_or_else(bad)?,
+        _ => return Err(bad()),
+    };
+    Ok(std::time::Duration::from_secs(seconds))
+}
+
 #[cfg(test)]
 #[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)] // tests may panic
 mod tests {
+    use std::time::Duration;
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(parse_duration("10m").unwrap(), Duration::from_secs(600));
+        assert_eq!(parse_duration("500ms").unwrap(), Duration::from_millis(500));
+        assert_eq!(parse_duration("2h").unwrap(), Duration::from_secs(7200));
+        for bad in ["", "m", "10", "10x", "-1s", "99999999999999999999h"] {
+            assert!(parse_duration(bad).is_err(), "{bad}");
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -274,7 +274,8 @@ impl Params {
     /// Which extents a tier move names: exactly one of `all: true`, `extents: [..]` or (for
     /// demotions) `idle-for: "10m"`.
     fn selection(&mut self, down: bool) -> Result<crate::registry::tiers::Selection, RpcError> {
-        use crate::registry::tiers::{parse_duration, Selection};
+        use crate::config::options::parse_duration;
+        use crate::registry::tiers::Selection;
         let all = self.optional_bool("all")?.unwrap_or(false);
         let extents = match self.0.remove("extents") {
             None | Some(Value::Null) => None,

@@ -174,16 +174,6 @@ fn group_config(options: &BTreeMap<String, String>) -> Result<QosConfig, Registr
 }
 
 fn validate_group_name(name: &str) -> Result<(), RegistryError> {
-    let ok = !name.is_empty()
-        && name.len() <= 64
-        && name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if ok {
-        Ok(())
-    } else {
-        Err(RegistryError::NotQos(format!(
-            "group name `{name}` must be 1..=64 of [A-Za-z0-9._-]"
-        )))
-    }
+    crate::config::id::validate(name)
+        .map_err(|reason| RegistryError::NotQos(format!("group name: {reason}")))
 }

@@ -37,16 +37,7 @@ impl TierPolicy {
     /// Takes `tier-hot-budget`, `tier-idle-for`, `tier-promote-after` out of `options`.
     pub fn from_options(options: &mut OptionList) -> Result<Self, OptionError> {
         let hot_budget = options.take_size("tier-hot-budget")?;
-        let idle_for = match options.take_str("tier-idle-for") {
-            None => None,
-            Some(text) => Some(crate::registry::tiers::parse_duration(&text).map_err(
-                |reason| OptionError::Invalid {
-                    key: "tier-idle-for".into(),
-                    value: text.clone(),
-                    reason,
-                },
-            )?),
-        };
+        let idle_for = options.take_duration("tier-idle-for")?;
         let promote_after = options.take::<u32>("tier-promote-after")?;
         if promote_after == Some(0) {
             return Err(OptionError::Invalid {
