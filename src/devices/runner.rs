@@ -21,6 +21,9 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::{VhostUserBackend, VhostUserDaemon};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::lock::lock;
@@ -42,6 +45,35 @@ pub enum RunnerError {
     /// The device thread could not be started.
     #[error("cannot start the device thread")]
     Thread(#[source] std::io::Error),
+}
+
+/// One exit event per worker thread of a connection: `vhost-user-backend` watches each in its
+/// thread's event loop and leaves the loop when it fires.
+pub struct ExitEvents(Vec<(EventConsumer, EventNotifier)>);
+
+impl ExitEvents {
+    /// Events for `threads` worker threads.
+    pub fn new(threads: usize) -> std::io::Result<Self> {
+        (0..threads)
+            .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK))
+            .collect::<std::io::Result<Vec<_>>>()
+            .map(Self)
+    }
+
+    /// Thread `index`'s event, for `VhostUserBackend::exit_event`.
+    pub fn get(&self, index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let (consumer, notifier) = self.0.get(index)?;
+        Some((consumer.try_clone().ok()?, notifier.try_clone().ok()?))
+    }
+
+    /// Tells every worker thread to leave its event loop.
+    pub fn signal(&self, id: &str) {
+        for (_, notifier) in &self.0 {
+            if let Err(e) = notifier.notify() {
+                log::warn!("{id}: cannot signal worker exit: {e}");
+            }
+        }
+    }
 }
 
 /// A backend built per connection.

@@ -18,9 +18,9 @@ use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::VhostUserBackend;
 use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
+
+use crate::devices::runner::ExitEvents;
 
 use super::device::DeviceShared;
 use super::spec;
@@ -51,7 +51,7 @@ pub enum BackendError {
 pub struct BlkBackend {
     shared: Arc<DeviceShared>,
     workers: Vec<Mutex<QueueWorker>>,
-    exit_events: Vec<(EventConsumer, EventNotifier)>,
+    exit_events: ExitEvents,
 }
 
 /// Event id of the engine's completion eventfd in each worker thread's epoll set. Ids
@@ -69,7 +69,6 @@ impl BlkBackend {
     /// Builds the workers (one engine each) for a new connection.
     pub fn new(shared: Arc<DeviceShared>, memory: AtomicGuestMemory) -> Result<Self, BackendError> {
         let mut workers = Vec::with_capacity(usize::from(shared.queues));
-        let mut exit_events = Vec::with_capacity(usize::from(shared.queues));
         for queue in 0..shared.queues {
             let engine = shared
                 .new_engine()
@@ -80,11 +79,9 @@ impl BlkBackend {
                 engine,
                 memory.clone(),
             )?));
-            exit_events.push(
-                new_event_consumer_and_notifier(EventFlag::NONBLOCK)
-                    .map_err(BackendError::ExitEvent)?,
-            );
         }
+        let exit_events =
+            ExitEvents::new(usize::from(shared.queues)).map_err(BackendError::ExitEvent)?;
         Ok(Self {
             shared,
             workers,
@@ -107,11 +104,7 @@ impl BlkBackend {
 
     /// Tells every worker thread to leave its event loop.
     pub fn signal_exit(&self) {
-        for (_, notifier) in &self.exit_events {
-            if let Err(e) = notifier.notify() {
-                log::warn!("{}: cannot signal worker exit: {e}", self.shared.id);
-            }
-        }
+        self.exit_events.signal(&self.shared.id);
     }
 
     /// The worker of queue `index`, if there is such a queue.
@@ -185,8 +178,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        let (consumer, notifier) = self.exit_events.get(thread_index)?;
-        Some((consumer.try_clone().ok()?, notifier.try_clone().ok()?))
+        self.exit_events.get(thread_index)
     }
 
     fn stop_vring(&self, queue_index: u32) -> std::io::Result<()> {

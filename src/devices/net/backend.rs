@@ -17,9 +17,9 @@ use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::VhostUserBackend;
 use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
+
+use crate::devices::runner::ExitEvents;
 
 use super::device::NetShared;
 use super::fabric::RxTarget;
@@ -43,7 +43,7 @@ pub enum BackendError {
 pub struct NetBackend {
     shared: Arc<NetShared>,
     workers: Vec<Mutex<Option<PairWorker>>>,
-    exit_events: Vec<(EventConsumer, EventNotifier)>,
+    exit_events: ExitEvents,
     rx_target: Option<Arc<RxTarget>>,
 }
 
@@ -53,7 +53,6 @@ impl NetBackend {
     pub fn new(shared: Arc<NetShared>, memory: AtomicGuestMemory) -> Result<Self, BackendError> {
         let pairs = shared.config.queue_pairs;
         let mut workers = Vec::with_capacity(usize::from(pairs));
-        let mut exit_events = Vec::with_capacity(usize::from(pairs));
         let rx_target = shared
             .switch_port()
             .map(|_| Arc::new(RxTarget::new(pairs, memory.clone())));
@@ -76,14 +75,12 @@ impl NetBackend {
                 None => None,
             };
             workers.push(Mutex::new(worker));
-            exit_events.push(
-                new_event_consumer_and_notifier(EventFlag::NONBLOCK)
-                    .map_err(BackendError::ExitEvent)?,
-            );
         }
         if let Some(rx) = &rx_target {
             shared.connect_port(Some(Arc::clone(rx)));
         }
+        let exit_events =
+            ExitEvents::new(usize::from(pairs)).map_err(BackendError::ExitEvent)?;
         Ok(Self {
             shared,
             workers,
@@ -188,8 +185,7 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        let (consumer, notifier) = self.exit_events.get(thread_index)?;
-        Some((consumer.try_clone().ok()?, notifier.try_clone().ok()?))
+        self.exit_events.get(thread_index)
     }
 
     fn handle_event(
@@ -255,10 +251,6 @@ impl crate::devices::runner::SessionBackend for NetBackend {
     }
 
     fn signal_exit(&self) {
-        for (_, notifier) in &self.exit_events {
-            if let Err(e) = notifier.notify() {
-                log::warn!("{}: cannot signal worker exit: {e}", self.shared.config.id);
-            }
-        }
+        self.exit_events.signal(&self.shared.config.id);
     }
 }
