@@ -55,7 +55,7 @@ impl NetBackend {
         let mut workers = Vec::with_capacity(usize::from(pairs));
         let rx_target = shared
             .switch_port()
-            .map(|_| Arc::new(RxTarget::new(pairs, memory.clone())));
+            .map(|_| Arc::new(RxTarget::new(memory.clone(), shared.acked_features_cell())));
         for pair in 0..pairs {
             let backend = match (&rx_target, shared.switch_port()) {
                 (Some(rx), Some((hub, port))) => Some(PairBackend::Switch {
@@ -144,9 +144,6 @@ impl VhostUserBackend for NetBackend {
             self.shared.config.id
         );
         self.shared.set_acked_features(features);
-        if let Some(rx) = &self.rx_target {
-            rx.set_features(features);
-        }
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -244,9 +241,7 @@ impl crate::devices::runner::SessionBackend for NetBackend {
     fn vrings_created(&self, vrings: &[CheckedVring]) {
         // Queue 2i is pair i's rx queue.
         if let Some(target) = &self.rx_target {
-            for (pair, rx) in vrings.iter().step_by(2).enumerate() {
-                target.learn_queue(u16::try_from(pair).unwrap_or(u16::MAX), rx);
-            }
+            target.set_queues(vrings.iter().step_by(2).cloned().collect());
         }
     }
 

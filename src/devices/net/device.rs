@@ -52,7 +52,7 @@ pub struct NetShared {
     /// Rate limits (own and group); a switch port's senders consult it too.
     pub qos: Arc<QosHandle>,
     link_up: AtomicBool,
-    acked_features: AtomicU64,
+    acked_features: Arc<AtomicU64>,
     taps: Mutex<Vec<Option<TapQueue>>>,
     port: Option<(Arc<SwitchHub>, Arc<Port>)>,
     /// The front-end's backend-request channel, for config-change notifications.
@@ -63,6 +63,11 @@ impl NetShared {
     /// The features the current front-end acked.
     pub fn acked_features(&self) -> u64 {
         self.acked_features.load(Ordering::Acquire)
+    }
+
+    /// The acked features as a cell the switch port's receive side reads too.
+    pub fn acked_features_cell(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.acked_features)
     }
 
     /// Records the features the front-end acked.
@@ -196,7 +201,7 @@ impl NetDevice {
             connected: Arc::new(AtomicBool::new(false)),
             qos,
             link_up: AtomicBool::new(true),
-            acked_features: AtomicU64::new(0),
+            acked_features: Arc::new(AtomicU64::new(0)),
             taps: Mutex::new(taps),
             port,
             backend_channel: Mutex::new(None),

@@ -116,53 +116,44 @@ impl FrameRef<'_> {
 
 /// A guest's receive side as seen by senders: its rx queues, memory and offloads.
 pub struct RxTarget {
-    queues: Mutex<Vec<Option<CheckedVring>>>,
+    /// The rx vring of each queue pair, set once when the connection's vrings are created.
+    queues: std::sync::OnceLock<Vec<CheckedVring>>,
     memory: AtomicGuestMemory,
-    /// The acked feature bits (decoded per frame: cheaper than a lock).
-    features: std::sync::atomic::AtomicU64,
+    /// The device's acked feature bits (shared with it; decoded per frame, no lock).
+    features: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl RxTarget {
-    /// A receive side with `pairs` rx queues, learnt as the front-end enables them.
-    pub fn new(pairs: u16, memory: AtomicGuestMemory) -> Self {
+    /// A receive side whose rx queues are given later ([`RxTarget::set_queues`]).
+    pub fn new(memory: AtomicGuestMemory, features: Arc<std::sync::atomic::AtomicU64>) -> Self {
         Self {
-            queues: Mutex::new(vec![None; usize::from(pairs)]),
+            queues: std::sync::OnceLock::new(),
             memory,
-            features: std::sync::atomic::AtomicU64::new(0),
+            features,
         }
     }
 
-    /// Records the rx vring of queue pair `pair`.
-    pub fn learn_queue(&self, pair: u16, vring: &CheckedVring) {
-        if let Some(slot) = lock(&self.queues).get_mut(usize::from(pair)) {
-            if slot.is_none() {
-                *slot = Some(vring.clone());
-            }
+    /// Records the rx vring of every queue pair (once per connection).
+    pub fn set_queues(&self, queues: Vec<CheckedVring>) {
+        if self.queues.set(queues).is_err() {
+            log::warn!("rx queues given twice for one connection; keeping the first");
         }
     }
 
-    /// Records the feature bits the guest acked.
-    pub fn set_features(&self, features: u64) {
-        self.features.store(features, Ordering::Release);
-    }
-
-    /// The rx queue for a flow: the one `hash` picks among the queues the front-end set up,
-    /// or the next usable one if that one is stopped or disabled.
-    fn pick_queue(&self, hash: usize) -> Option<CheckedVring> {
-        let queues = lock(&self.queues);
+    /// Locks the rx queue for a flow: the one `hash` picks, or the next usable one if that
+    /// one is stopped or disabled. One vring lock per frame.
+    fn lock_queue(
+        &self,
+        hash: usize,
+    ) -> Option<std::sync::MutexGuard<'_, vhost_user_backend::VringState<AtomicGuestMemory>>> {
+        let queues = self.queues.get()?;
         let count = queues.len();
         let start = hash.checked_rem(count.max(1)).unwrap_or(0);
-        (0..count)
-            .filter_map(|i| {
-                queues
-                    .get(start.saturating_add(i).checked_rem(count)?)?
-                    .as_ref()
-            })
-            .find(|v| {
-                let state = v.get_ref();
-                state.get_queue().ready() && state.is_enabled()
-            })
-            .cloned()
+        (0..count).find_map(|i| {
+            let vring = queues.get(start.saturating_add(i).checked_rem(count)?)?;
+            let state = vring.get_mut();
+            (state.get_queue().ready() && state.is_enabled()).then_some(state)
+        })
     }
 
     /// Copies `frame` into the guest's rx buffers and returns them.
@@ -190,11 +181,10 @@ impl RxTarget {
                 stats,
             );
         }
-        let vring = self.pick_queue(hash).ok_or(Drop::LinkDown)?;
         let memory = self.memory.memory();
         let frame_len = u64::from(frame.len());
         let need = frame_len.saturating_add(HEADER_LEN as u64);
-        let mut state = vring.get_mut();
+        let mut state = self.lock_queue(hash).ok_or(Drop::LinkDown)?;
         let signal = SCRATCH.with(|scratch| {
             // One batch per sending thread, reused: no allocation per frame.
             let mut batch = scratch.borrow_mut();
