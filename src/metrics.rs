@@ -342,6 +342,33 @@ fn drops(rows: &[(String, &NetSnapshot)], names: [&str; 2]) -> Vec<(String, Stri
         .collect()
 }
 
+/// Samples `{key="name",<labels>} value`: for each item, its name and its `(extra labels,
+/// value)` pairs (extra labels start with a comma, or are empty).
+fn samples<T, V: ToString>(
+    items: &[T],
+    key: &str,
+    name: impl Fn(&T) -> &str,
+    values: impl Fn(&T) -> Vec<(String, V)>,
+) -> Vec<(String, String)> {
+    items
+        .iter()
+        .flat_map(|item| {
+            let id = format!("{key}=\"{}\"", escape(name(item)));
+            values(item)
+                .into_iter()
+                .map(move |(labels, v)| (format!("{id}{labels}"), v.to_string()))
+        })
+        .collect()
+}
+
+/// `(",limit=\"NAME\"", tokens)` for each bucket.
+fn by_limit(tokens: &Tokens) -> Vec<(String, i64)> {
+    tokens
+        .iter()
+        .map(|(limit, n)| (format!(",limit=\"{}\"", escape(limit)), *n))
+        .collect()
+}
+
 /// Tokens by limit name.
 pub type Tokens = Vec<(String, i64)>;
 /// A group's row: name, members, waits, tokens.
@@ -360,132 +387,117 @@ pub struct QosSnapshot {
 /// and the times members had to wait for their group.
 pub fn render_qos(qos: &QosSnapshot) -> String {
     let mut out = String::new();
-    let tokens: Vec<(String, String)> = qos
-        .devices
-        .iter()
-        .flat_map(|(id, tokens)| {
-            tokens.iter().map(move |(limit, n)| {
-                (
-                    format!("device=\"{}\",limit=\"{}\"", escape(id), escape(limit)),
-                    n.to_string(),
-                )
-            })
-        })
-        .collect();
     family_of(
         &mut out,
         "novacron_qos_tokens",
         "gauge",
         "Tokens in a device's own buckets (negative: debt).",
-        &tokens,
+        &samples(&qos.devices, "device", |d| &d.0, |d| by_limit(&d.1)),
     );
-    let group_tokens: Vec<(String, String)> = qos
-        .groups
-        .iter()
-        .flat_map(|(name, _, _, tokens)| {
-            tokens.iter().map(move |(limit, n)| {
-                (
-                    format!("group=\"{}\",limit=\"{}\"", escape(name), escape(limit)),
-                    n.to_string(),
-                )
-            })
-        })
-        .collect();
     family_of(
         &mut out,
         "novacron_qos_group_tokens",
         "gauge",
         "Tokens in a group's buckets (negative: debt).",
-        &group_tokens,
+        &samples(&qos.groups, "group", |g| &g.0, |g| by_limit(&g.3)),
     );
     family_of(
         &mut out,
         "novacron_qos_group_members",
         "gauge",
         "Devices in the group.",
-        &qos.groups
-            .iter()
-            .map(|(n, m, _, _)| (format!("group=\"{}\"", escape(n)), m.to_string()))
-            .collect::<Vec<_>>(),
+        &samples(
+            &qos.groups,
+            "group",
+            |g| &g.0,
+            |g| vec![(String::new(), g.1)],
+        ),
     );
     family_of(
         &mut out,
         "novacron_qos_group_waits_total",
         "counter",
         "Times a member had to wait for the group's tokens.",
-        &qos.groups
-            .iter()
-            .map(|(n, _, w, _)| (format!("group=\"{}\"", escape(n)), w.to_string()))
-            .collect::<Vec<_>>(),
+        &samples(
+            &qos.groups,
+            "group",
+            |g| &g.0,
+            |g| vec![(String::new(), g.2)],
+        ),
     );
     out
 }
 
+/// A metric family from status fields: name, type, help, `(extra labels, status key)`s.
+type Family<'a> = (&'a str, &'a str, &'a str, &'a [(&'a str, &'a str)]);
+
 /// Renders the tiering families from each tiered disk's `tier.status`.
 pub fn render_tier(disks: &[(String, serde_json::Value)]) -> String {
     let mut out = String::new();
-    let rows = |f: &dyn Fn(&serde_json::Value) -> Vec<(String, u64)>| -> Vec<(String, String)> {
-        disks
-            .iter()
-            .flat_map(|(id, status)| {
-                f(status).into_iter().map(move |(labels, v)| {
-                    (format!("device=\"{}\"{labels}", escape(id)), v.to_string())
-                })
-            })
-            .collect()
-    };
-    let get = |status: &serde_json::Value, key: &str| status[key].as_u64().unwrap_or(0);
-    family_of(
-        &mut out,
-        "novacron_tier_extents",
-        "gauge",
-        "Extents by tier.",
-        &rows(&|s| {
-            vec![
-                (",tier=\"hot\"".into(), get(s, "hot-extents")),
-                (",tier=\"cold\"".into(), get(s, "cold-extents")),
-            ]
-        }),
-    );
-    family_of(
-        &mut out,
-        "novacron_tier_bytes",
-        "gauge",
-        "Bytes used on each tier (hot: allocated; cold: records).",
-        &rows(&|s| {
-            vec![
-                (",tier=\"hot\"".into(), get(s, "hot-bytes-allocated")),
-                (",tier=\"cold\"".into(), get(s, "cold-bytes")),
-            ]
-        }),
-    );
-    family_of(
-        &mut out,
-        "novacron_tier_moves_total",
-        "counter",
-        "Extent moves by outcome.",
-        &rows(&|s| {
-            vec![
-                (",kind=\"demoted\"".into(), get(s, "demoted")),
-                (",kind=\"promoted\"".into(), get(s, "promoted")),
-                (",kind=\"failed\"".into(), get(s, "moves-failed")),
-            ]
-        }),
-    );
-    family_of(
-        &mut out,
-        "novacron_tier_cold_reads_total",
-        "counter",
-        "Reads served from the cold tier.",
-        &rows(&|s| vec![(String::new(), get(s, "cold-reads"))]),
-    );
-    family_of(
-        &mut out,
-        "novacron_tier_corrupt_records_total",
-        "counter",
-        "Cold records found corrupt (those reads failed).",
-        &rows(&|s| vec![(String::new(), get(s, "corrupt-records"))]),
-    );
+    // (metric, type, help, [(extra labels, status key)]).
+    let families: [Family<'_>; 5] = [
+        (
+            "novacron_tier_extents",
+            "gauge",
+            "Extents by tier.",
+            &[
+                (",tier=\"hot\"", "hot-extents"),
+                (",tier=\"cold\"", "cold-extents"),
+            ],
+        ),
+        (
+            "novacron_tier_bytes",
+            "gauge",
+            "Bytes used on each tier (hot: allocated; cold: records).",
+            &[
+                (",tier=\"hot\"", "hot-bytes-allocated"),
+                (",tier=\"cold\"", "cold-bytes"),
+            ],
+        ),
+        (
+            "novacron_tier_moves_total",
+            "counter",
+            "Extent moves by outcome.",
+            &[
+                (",kind=\"demoted\"", "demoted"),
+                (",kind=\"promoted\"", "promoted"),
+                (",kind=\"failed\"", "moves-failed"),
+            ],
+        ),
+        (
+            "novacron_tier_cold_reads_total",
+            "counter",
+            "Reads served from the cold tier.",
+            &[("", "cold-reads")],
+        ),
+        (
+            "novacron_tier_corrupt_records_total",
+            "counter",
+            "Cold records found corrupt (those reads failed).",
+            &[("", "corrupt-records")],
+        ),
+    ];
+    for (name, kind, help, fields) in families {
+        let rows = samples(
+            disks,
+            "device",
+            |d| &d.0,
+            |d| {
+                fields
+                    .iter()
+                    .map(|(labels, key)| {
+                        (
+                            labels.to_string(),
+                            d.1.get(*key)
+                                .and_then(serde_json::Value::as_u64)
+                                .unwrap_or(0),
+                        )
+                    })
+                    .collect()
+            },
+        );
+        family_of(&mut out, name, kind, help, &rows);
+    }
     out
 }
 
@@ -500,16 +512,13 @@ pub fn render_net(devices: &NetDevices, switches: &Switches) -> String {
         .iter()
         .map(|(name, _, _, s)| (format!("switch=\"{}\"", escape(name)), s))
         .collect();
-    let gauge = |pick: &dyn Fn(&NetDevice) -> bool| -> Vec<(String, String)> {
-        devices
-            .iter()
-            .map(|d| {
-                (
-                    format!("device=\"{}\"", escape(&d.0)),
-                    u8::from(pick(d)).to_string(),
-                )
-            })
-            .collect()
+    let gauge = |pick: &dyn Fn(&NetDevice) -> bool| {
+        samples(
+            devices,
+            "device",
+            |d| &d.0,
+            |d| vec![(String::new(), u8::from(pick(d)))],
+        )
     };
     family_of(
         &mut out,
@@ -560,20 +569,14 @@ pub fn render_net(devices: &NetDevices, switches: &Switches) -> String {
         "novacron_switch_ports",
         "gauge",
         "Ports attached.",
-        &switches
-            .iter()
-            .map(|(n, p, _, _)| (format!("switch=\"{}\"", escape(n)), p.to_string()))
-            .collect::<Vec<_>>(),
+        &samples(switches, "switch", |s| &s.0, |s| vec![(String::new(), s.1)]),
     );
     family_of(
         &mut out,
         "novacron_switch_learnt_macs",
         "gauge",
         "MAC addresses learnt and not aged out.",
-        &switches
-            .iter()
-            .map(|(n, _, m, _)| (format!("switch=\"{}\"", escape(n)), m.to_string()))
-            .collect::<Vec<_>>(),
+        &samples(switches, "switch", |s| &s.0, |s| vec![(String::new(), s.2)]),
     );
     family_of(
         &mut out,

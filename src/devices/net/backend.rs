@@ -79,8 +79,7 @@ impl NetBackend {
         if let Some(rx) = &rx_target {
             shared.connect_port(Some(Arc::clone(rx)));
         }
-        let exit_events =
-            ExitEvents::new(usize::from(pairs)).map_err(BackendError::ExitEvent)?;
+        let exit_events = ExitEvents::new(usize::from(pairs)).map_err(BackendError::ExitEvent)?;
         Ok(Self {
             shared,
             workers,
