@@ -175,6 +175,23 @@ fn stream_slices<'a>(
     Ok(slices)
 }
 
+/// Calls `f(guest address, buffer range)` for each piece of the stream's bytes
+/// `offset..offset+len`; returns how many bytes the stream held (fewer than `len` if it ends).
+fn walk(
+    spans: &[Span],
+    offset: u64,
+    len: usize,
+    mut f: impl FnMut(GuestAddress, std::ops::Range<usize>) -> Result<(), Drop>,
+) -> Result<usize, Drop> {
+    let mut done = 0usize;
+    for part in split_spans(spans, offset, len as u64) {
+        let end = done.saturating_add(part.len as usize);
+        f(part.addr, done..end)?;
+        done = end;
+    }
+    Ok(done)
+}
+
 /// Copies stream bytes from `offset` into `dst`; the stream must hold them all.
 pub fn read_stream(
     mem: &GuestMemory,
@@ -182,15 +199,12 @@ pub fn read_stream(
     offset: u64,
     dst: &mut [u8],
 ) -> Result<(), Drop> {
-    let mut done = 0usize;
-    for part in split_spans(spans, offset, dst.len() as u64) {
-        let end = done.saturating_add(part.len as usize);
-        let chunk = dst.get_mut(done..end).ok_or(Drop::BadAddress)?;
-        mem.read_slice(chunk, part.addr)
-            .map_err(|_| Drop::BadAddress)?;
-        done = end;
-    }
-    if done == dst.len() {
+    let len = dst.len();
+    let done = walk(spans, offset, len, |addr, range| {
+        let chunk = dst.get_mut(range).ok_or(Drop::BadAddress)?;
+        mem.read_slice(chunk, addr).map_err(|_| Drop::BadAddress)
+    })?;
+    if done == len {
         Ok(())
     } else {
         Err(Drop::ShortHeader)
@@ -204,15 +218,7 @@ pub fn write_stream(
     offset: u64,
     src: &[u8],
 ) -> Result<(), Drop> {
-    let mut done = 0usize;
-    for span_part in split_spans(spans, offset, src.len() as u64) {
-        let end = done.saturating_add(span_part.len as usize);
-        let part = src.get(done..end).ok_or(Drop::BadAddress)?;
-        mem.write_slice(part, span_part.addr)
-            .map_err(|_| Drop::BadAddress)?;
-        done = end;
-    }
-    if done == src.len() {
+    if copy_in(mem, spans, offset, src)? == src.len() as u64 {
         Ok(())
     } else {
         Err(Drop::ShortHeader)
@@ -281,14 +287,10 @@ pub fn copy_between(
 
 /// Copies `src` (bytes in our memory) into the stream at `offset`; returns bytes copied.
 pub fn copy_in(mem: &GuestMemory, dst: &[Span], offset: u64, src: &[u8]) -> Result<u64, Drop> {
-    let to = stream_slices(mem, dst, offset, src.len() as u64)?;
-    let mut done = 0usize;
-    for slice in &to {
-        let end = done.saturating_add(slice.len()).min(src.len());
-        let part = src.get(done..end).unwrap_or_default();
-        slice.copy_from(part);
-        done = end;
-    }
+    let done = walk(dst, offset, src.len(), |addr, range| {
+        let part = src.get(range).ok_or(Drop::BadAddress)?;
+        mem.write_slice(part, addr).map_err(|_| Drop::BadAddress)
+    })?;
     Ok(done as u64)
 }
 
