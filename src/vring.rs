@@ -168,6 +168,25 @@ impl VringT<AtomicGuestMemory> for CheckedVring {
     }
 }
 
+/// Detects a ring that keeps saying buffers wait while none can be taken: stopped
+/// (GET_VRING_BASE) or corrupt (an avail index more than a ring ahead, which virtio-queue
+/// refuses to walk, logging each time). A worker that looped on such a ring would spin
+/// forever; after two empty passes in a row it should stop until the next kick.
+#[derive(Debug, Default)]
+pub struct EmptyPasses(u32);
+
+impl EmptyPasses {
+    /// Records a pass that took `taken` buffers; true when the worker should stop.
+    pub fn stalled(&mut self, taken: usize) -> bool {
+        self.0 = if taken == 0 {
+            self.0.saturating_add(1)
+        } else {
+            0
+        };
+        self.0 >= 2
+    }
+}
+
 /// Whether the driver has made buffers available that the device has not taken yet.
 pub fn has_available(vring: &CheckedVring, memory: &GuestMemory) -> bool {
     let state = vring.get_ref();

@@ -34,7 +34,9 @@ use super::request::{self, Rejection, Request, RequestKind};
 use super::stats::{OpClass, QueueStats};
 use super::throttle::{Deferred, Throttle, TimerError};
 use crate::storage::{Completion, Engine, GuestIovecs, IoOp, OpKind};
-use crate::vring::{has_available, needs_signal, AtomicGuestMemory, CheckedVring, GuestMemory};
+use crate::vring::{
+    has_available, needs_signal, AtomicGuestMemory, CheckedVring, EmptyPasses, GuestMemory,
+};
 
 /// Errors that stop a worker from serving its queue (guest mistakes never do).
 #[derive(Debug, thiserror::Error)]
@@ -215,9 +217,7 @@ impl QueueWorker {
             return Ok(());
         }
         let started = Instant::now();
-        // Passes in a row that took nothing off the ring although the ring said (through
-        // enable_notification or polling) that buffers were there.
-        let mut empty_passes = 0u32;
+        let mut empty_passes = EmptyPasses::default();
         loop {
             // Load the memory map on every pass: the front-end may add regions
             // (ADD_MEM_REG) while this worker polls, and a stale map would refuse
@@ -233,16 +233,7 @@ impl QueueWorker {
                 vring.enable_notification()?;
                 return Ok(());
             }
-            empty_passes = if popped == 0 {
-                empty_passes.saturating_add(1)
-            } else {
-                0
-            };
-            if empty_passes >= 2 {
-                // Twice told that buffers wait, twice unable to take one: the ring is stopped
-                // (GET_VRING_BASE) or corrupt (an avail index more than a ring ahead, which
-                // virtio-queue refuses to walk). Looping on would spin forever; stop until the
-                // next kick, which again costs one bounded pass.
+            if empty_passes.stalled(popped) {
                 self.ring_unusable(vring);
                 return Ok(());
             }

@@ -484,21 +484,25 @@ impl SwitchHub {
         let decision = lock(&self.table).forward(ingress.number, probe, self.now_ns());
         self.stats.sent(u64::from(frame.len()));
         let hash = usize::from(eth.get(11).copied().unwrap_or(0));
-        let targets: smallvec::SmallVec<[Arc<Port>; 4]> = {
-            let ports = self
-                .ports
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            match &decision {
-                Forward::Drop(reason) => {
-                    self.stats.dropped(Direction::Tx, Drop::Switch(*reason));
-                    return Err(Drop::Switch(*reason));
-                }
-                Forward::Unicast(port) => ports.get(port).cloned().into_iter().collect(),
-                Forward::Flood(list) => list.iter().filter_map(|p| ports.get(p).cloned()).collect(),
+        let single;
+        let targets: &[u32] = match &decision {
+            Forward::Drop(reason) => {
+                self.stats.dropped(Direction::Tx, Drop::Switch(*reason));
+                return Err(Drop::Switch(*reason));
             }
+            Forward::Unicast(port) => {
+                single = [*port];
+                &single
+            }
+            Forward::Flood(list) => list,
         };
-        for port in targets {
+        // Delivered under the ports' read lock (only attach/detach write it): no reference
+        // counting per frame.
+        let ports = self
+            .ports
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        for port in targets.iter().filter_map(|n| ports.get(n)) {
             if let Err(reason) = port.deliver(frame, hash) {
                 port.stats.dropped(Direction::Rx, reason);
                 self.stats.dropped(Direction::Rx, reason);

@@ -32,7 +32,9 @@ use super::tap_queue::TapQueue;
 use crate::devices::desc::collect_buffers;
 use crate::qos::limiter::{Cost, CostKind};
 use crate::storage::GuestIovecs;
-use crate::vring::{has_available, needs_signal, AtomicGuestMemory, CheckedVring, GuestMemory};
+use crate::vring::{
+    has_available, needs_signal, AtomicGuestMemory, CheckedVring, EmptyPasses, GuestMemory,
+};
 use std::os::fd::AsRawFd;
 use std::time::Duration;
 use vmm_sys_util::timerfd::TimerFd;
@@ -333,10 +335,7 @@ impl PairWorker {
             return Ok(());
         }
         self.refresh_features();
-        // Passes in a row that took nothing although the ring said frames were there: a
-        // stopped ring (front-end gone, GET_VRING_BASE) or a corrupt avail index. Looping on
-        // would spin (and virtio-queue logs every refused pop): stop until the next kick.
-        let mut empty_passes = 0u32;
+        let mut empty_passes = EmptyPasses::default();
         loop {
             if !tx.get_ref().get_queue().ready() {
                 return Ok(());
@@ -389,12 +388,7 @@ impl PairWorker {
             if sent == TX_BATCH {
                 continue;
             }
-            empty_passes = if sent == 0 {
-                empty_passes.saturating_add(1)
-            } else {
-                0
-            };
-            if empty_passes >= 2 {
+            if empty_passes.stalled(sent) {
                 self.shared.stats.ring_error();
                 return Ok(());
             }
