@@ -160,7 +160,7 @@ fn cold_extents_read_back_take_writes_and_discards_and_come_back() {
 
 #[test]
 fn guest_writes_racing_background_moves_are_never_lost() {
-    let daemon = Daemon::start(&["--blk", SPEC]);
+    let mut daemon = Daemon::start(&["--blk", SPEC]);
     let mut ctl = Control::connect(&daemon.path("control.sock"));
     let mut c = BlkClient::connect(&daemon.path("t.sock"));
     let mut model = Model::new();
@@ -188,18 +188,9 @@ fn guest_writes_racing_background_moves_are_never_lost() {
                 assert_eq!(c.flush(0), S_OK);
             }
         }
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-        loop {
-            let status = ctl.call("tier.status", json!({"id": "t"})).unwrap();
-            if status["progress"]["running"] == false {
-                break;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "demotion never finished"
-            );
-            std::thread::yield_now();
-        }
+        daemon.wait_for_next_log("tier: demote of 64 extent(s) done");
+        let status = ctl.call("tier.status", json!({"id": "t"})).unwrap();
+        assert_eq!(status["progress"]["running"], false, "{status}");
         model.verify(&mut c);
     }
 }
@@ -302,29 +293,27 @@ fn kill_9_at_random_times_during_moves_loses_nothing() {
     assert!(mid_move > 0, "no kill landed during a move");
 }
 
-/// Polls `tier.status` until `done` says so (the policy runs once a second).
+/// Waits until `tier.status` satisfies `done`: checked now and after each move the policy
+/// thread logs (it logs every time it moves something).
 fn wait_status(
+    daemon: &mut Daemon,
     ctl: &mut Control,
     what: &str,
     done: impl Fn(&serde_json::Value) -> bool,
 ) -> serde_json::Value {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
+    for _ in 0..64 {
         let status = ctl.call("tier.status", json!({"id": "t"})).unwrap();
         if done(&status) {
             return status;
         }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{what} never happened: {status}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
+        daemon.wait_for_next_log("tier policy");
     }
+    panic!("{what} never happened");
 }
 
 #[test]
 fn the_automatic_policy_keeps_the_budget_demotes_idle_extents_and_promotes_hot_ones() {
-    let daemon = Daemon::start(&["--blk", SPEC, "--state-dir", "{dir}/state"]);
+    let mut daemon = Daemon::start(&["--blk", SPEC, "--state-dir", "{dir}/state"]);
     let mut ctl = Control::connect(&daemon.path("control.sock"));
     let mut c = BlkClient::connect(&daemon.path("t.sock"));
     let mut model = Model::new();
@@ -334,7 +323,9 @@ fn the_automatic_policy_keeps_the_budget_demotes_idle_extents_and_promotes_hot_o
         .call("tier.policy", json!({"id": "t", "hot-budget": "256K"}))
         .unwrap();
     assert_eq!(policy["hot_budget"], 256 << 10, "{policy}");
-    wait_status(&mut ctl, "budget demotion", |s| s["cold-extents"] == 12);
+    wait_status(&mut daemon, &mut ctl, "budget demotion", |s| {
+        s["cold-extents"] == 12
+    });
     model.verify(&mut c);
     // Reads of a cold extent make it hot again after 3 of them.
     ctl.call(
@@ -360,16 +351,21 @@ fn the_automatic_policy_keeps_the_budget_demotes_idle_extents_and_promotes_hot_o
     for _ in 0..3 {
         c.read(0, first_cold * EXTENT / 512, 4096);
     }
-    wait_status(&mut ctl, "promotion after repeated reads", |s| {
-        s["cold-extents"] == 11
-    });
+    wait_status(
+        &mut daemon,
+        &mut ctl,
+        "promotion after repeated reads",
+        |s| s["cold-extents"] == 11,
+    );
     // Idle extents go cold by themselves.
     ctl.call(
         "tier.policy",
         json!({"id": "t", "promote-after": null, "idle-for": "1s"}),
     )
     .unwrap();
-    wait_status(&mut ctl, "idle demotion", |s| s["cold-extents"] == 16);
+    wait_status(&mut daemon, &mut ctl, "idle demotion", |s| {
+        s["cold-extents"] == 16
+    });
     model.verify(&mut c);
     // Bad policies change nothing.
     assert_eq!(

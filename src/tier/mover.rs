@@ -96,6 +96,15 @@ impl TierStore {
         }
         let mut progress = lock(&self.progress);
         progress.running = false;
+        log::info!(
+            "tier: {} of {} extent(s) done: {} moved, {} skipped, {} raced, {} failed",
+            progress.operation,
+            progress.total,
+            progress.moved,
+            progress.skipped,
+            progress.raced,
+            progress.failed
+        );
         progress.clone()
     }
 

@@ -137,6 +137,27 @@ impl Daemon {
         }
     }
 
+    /// Blocks until a log line containing `needle` arrives that no earlier wait consumed
+    /// (10 s at most): for events that happen repeatedly.
+    pub fn wait_for_next_log(&mut self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => {
+                    self.seen.push(line.clone());
+                    if line.contains(needle) {
+                        return line;
+                    }
+                }
+                Err(RecvTimeoutError::Timeout) => panic!("no new log line with `{needle}` in 10 s"),
+                Err(RecvTimeoutError::Disconnected) => {
+                    panic!("daemon exited before logging `{needle}`")
+                }
+            }
+        }
+    }
+
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(mut self) -> (ExitStatus, tempfile::TempDir) {
         let mut child = self.child.take().expect("child");
