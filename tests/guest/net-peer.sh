@@ -1,6 +1,7 @@
-# Guest test: virtio_net served by novacrond on a tap; the peer (the tap's far end) sits in a
-# network namespace the test created. Ping, download a file over HTTP, upload one with nc.
-# The peer runs `nc -l -p 9000 -e md5sum` to check the upload.
+# Guest test: a virtio_net client of a peer serving HTTP on 8080 and `nc -l -p 9000 -e md5sum`
+# on 9000: the tap's far end in a network namespace the test created, or another guest on the
+# same switch (net-switch.sh runs this as its client). Waits for the peer, pings it, downloads a
+# file over HTTP (the test compares the md5), uploads one (the peer answers with its md5).
 # Parameters come from the kernel command line: novaip, novapeer, novasize.
 arg() { for w in $(cat /proc/cmdline); do case "$w" in "$1"=*) echo "${w#*=}" ;; esac; done; }
 ip=$(arg novaip); peer=$(arg novapeer); size=$(arg novasize)
@@ -10,6 +11,11 @@ echo "queues=$(ls -d /sys/class/net/eth0/queues/rx-* | wc -l)"
 ip link set lo up
 ip link set eth0 up
 ip addr add "$ip/24" dev eth0
+tries=0
+until ping -c 1 -W 1 "$peer" >/dev/null 2>&1; do
+    tries=$((tries + 1))
+    [ $tries -lt 120 ] || { echo "peer never answered"; exit 3; }
+done
 ping -c 3 -W 5 "$peer"
 echo "ping ok"
 printf 'GET /blob HTTP/1.0\r\n\r\n' | nc "$peer" 8080 > /tmp/resp
