@@ -7,8 +7,8 @@
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use super::config::QosConfig;
 use super::device::DeviceQos;
@@ -16,12 +16,7 @@ use super::group::SharedLimiter;
 use super::limiter::{Cost, LimitError};
 use crate::lock::lock;
 
-/// Nanoseconds on the daemon's monotonic clock (the QoS buckets' time base).
-pub fn now_ns() -> u64 {
-    static BASE: OnceLock<Instant> = OnceLock::new();
-    let base = *BASE.get_or_init(Instant::now);
-    u64::try_from(base.elapsed().as_nanos()).unwrap_or(u64::MAX)
-}
+pub use crate::sys::clock::now_ns;
 
 /// One device's limits, own and group.
 pub struct QosHandle {

@@ -12,9 +12,9 @@ use serde_json::{json, Value};
 
 use super::{with_changes, Group, Registry, RegistryError};
 use crate::config::options::OptionList;
-use crate::devices::blk::throttle::now_ns;
 use crate::qos::config::{QosConfig, GROUP_KEY};
 use crate::qos::group::SharedLimiter;
+use crate::sys::clock::now_ns;
 
 impl Registry {
     /// QoS state for `/metrics`.

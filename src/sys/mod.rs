@@ -1,5 +1,6 @@
 //! Thin wrappers over the few raw syscalls the daemon needs. Unsafe code for them lives here.
 
+pub mod clock;
 pub mod peer;
 pub mod poll;
 pub mod signals;

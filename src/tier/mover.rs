@@ -30,7 +30,7 @@ impl TierStore {
             self.refresh_access();
             return (0, 0);
         }
-        let now = self.now_ns();
+        let now = crate::sys::clock::now_ns();
         let views: Vec<ExtentView> = {
             let mut state = lock(&self.state);
             let elapsed = std::time::Duration::from_nanos(now.saturating_sub(state.heat_at));

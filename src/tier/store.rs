@@ -198,7 +198,6 @@ pub struct TierStore {
     pub(super) flags: Vec<ExtentFlags>,
     /// Counters.
     pub stats: TierStats,
-    started: std::time::Instant,
     pub(super) progress: Mutex<Progress>,
     pub(super) policy: Mutex<TierPolicy>,
 }
@@ -260,7 +259,6 @@ impl TierStore {
                 heat_at: 0,
             }),
             stats: TierStats::default(),
-            started: std::time::Instant::now(),
             progress: Mutex::new(Progress::default()),
             policy: Mutex::new(TierPolicy::default()),
         };
@@ -320,7 +318,7 @@ impl TierStore {
     /// Folds the access counters the I/O path bumped into heat and last-access times (called
     /// once a second by the policy thread and before any idle-based choice). Returns now.
     pub fn refresh_access(&self) -> u64 {
-        let now = self.now_ns();
+        let now = crate::sys::clock::now_ns();
         let mut state = lock(&self.state);
         let elapsed = std::time::Duration::from_nanos(now.saturating_sub(state.heat_at));
         state.heat_at = now;
@@ -342,10 +340,6 @@ impl TierStore {
     /// Number of extents.
     pub fn extents(&self) -> u64 {
         self.extents
-    }
-
-    pub(super) fn now_ns(&self) -> u64 {
-        u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
 
     /// Extents overlapping `offset..offset+len`.
@@ -458,7 +452,10 @@ impl TierStore {
                     dst.copy_from_slice(src);
                     self.stats.cold_reads.fetch_add(1, Ordering::Relaxed);
                 }
-                None => read_at(&self.hot, dst, at)?,
+                None => self
+                    .hot
+                    .read_exact_at(dst, at)
+                    .map_err(io("cannot read the hot tier"))?,
             }
             done = done.saturating_add(chunk);
         }
@@ -500,7 +497,17 @@ impl TierStore {
             });
         }
         let mut bytes = vec![0u8; location.len as usize];
-        read_at(&self.cold, &mut bytes, location.offset)?;
+        if let Err(e) = self.cold.read_exact_at(&mut bytes, location.offset) {
+            if e.kind() != std::io::ErrorKind::UnexpectedEof {
+                return Err(io("cannot read the cold tier")(e));
+            }
+            // The record runs past the end of the cold file: truncated.
+            self.stats.corrupt.fetch_add(1, Ordering::Relaxed);
+            return Err(TierError::Record {
+                extent,
+                source: RecordError::Truncated,
+            });
+        }
         let mut out = Vec::new();
         record::decode_into(&bytes, extent, location.generation, max_raw, &mut out).map_err(
             |source| {
@@ -530,7 +537,9 @@ impl TierStore {
         }
         let start = extent.saturating_mul(self.extent_size);
         let mut data = vec![0u8; len as usize];
-        read_at(&self.hot, &mut data, start)?;
+        self.hot
+            .read_exact_at(&mut data, start)
+            .map_err(io("cannot read the hot tier"))?;
         if data.iter().all(|&b| b == 0) {
             // Nothing written (or all zeros): it already takes no space on the cold tier.
             return Ok(Moved::Skipped);
@@ -717,26 +726,6 @@ impl TierStore {
             state.cold.values().map(|l| u64::from(l.len)).sum(),
         )
     }
-}
-
-fn read_at(file: &File, buf: &mut [u8], offset: u64) -> Result<(), TierError> {
-    // A hot file shorter than the disk (sparse tail) reads as zeros.
-    let mut done = 0usize;
-    while let Some(rest) = buf.get_mut(done..) {
-        if rest.is_empty() {
-            break;
-        }
-        match file.read_at(rest, offset.saturating_add(done as u64)) {
-            Ok(0) => {
-                rest.fill(0);
-                break;
-            }
-            Ok(n) => done = done.saturating_add(n),
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(io("cannot read")(e)),
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

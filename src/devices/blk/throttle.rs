@@ -19,7 +19,7 @@ use super::request::{Request, RequestKind};
 use crate::qos::limiter::{Cost, CostKind};
 use crate::vring::GuestMemory;
 
-pub use crate::qos::handle::now_ns;
+pub use crate::sys::clock::now_ns;
 
 /// What a request costs against the limits; `None` for requests QoS never holds back
 /// (flush and GET_ID: holding a flush would only delay durability, not save bandwidth).

@@ -388,7 +388,6 @@ pub struct SwitchHub {
     next_port: AtomicU32,
     /// Frames in (tx side), copies out (rx side) and drops by reason.
     pub stats: NetStats,
-    started: std::time::Instant,
 }
 
 impl SwitchHub {
@@ -402,17 +401,12 @@ impl SwitchHub {
             ports: RwLock::new(BTreeMap::new()),
             next_port: AtomicU32::new(1),
             stats: NetStats::default(),
-            started: std::time::Instant::now(),
         }
     }
 
     /// The switch's name.
     pub fn name(&self) -> &str {
         &self.name
-    }
-
-    fn now_ns(&self) -> u64 {
-        u64::try_from(self.started.elapsed().as_nanos()).unwrap_or(u64::MAX)
     }
 
     /// Attaches a port; returns it.
@@ -471,7 +465,7 @@ impl SwitchHub {
 
     /// MACs learnt and still alive.
     pub fn learnt(&self) -> usize {
-        lock(&self.table).learnt(self.now_ns())
+        lock(&self.table).learnt(crate::sys::clock::now_ns())
     }
 
     /// Forwards a frame that entered on port `ingress`. Returns whether it went anywhere.
@@ -481,7 +475,8 @@ impl SwitchHub {
         // The forwarding core looks at the Ethernet header only; pass it with the real length
         // so runts are still recognised.
         let probe = eth.get(..len.min(eth.len())).unwrap_or_default();
-        let decision = lock(&self.table).forward(ingress.number, probe, self.now_ns());
+        let decision =
+            lock(&self.table).forward(ingress.number, probe, crate::sys::clock::now_ns());
         self.stats.sent(u64::from(frame.len()));
         let hash = usize::from(eth.get(11).copied().unwrap_or(0));
         let single;
