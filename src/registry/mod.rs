@@ -45,6 +45,9 @@ pub enum RegistryError {
     /// The net device options were invalid.
     #[error(transparent)]
     NetConfig(#[from] NetConfigError),
+    /// An option that does not exist or does not fit.
+    #[error("{0}")]
+    InvalidOption(String),
     /// The device is not a tiered disk.
     #[error("device `{0}` is not a tiered disk")]
     NotTiered(String),
@@ -86,6 +89,7 @@ impl RegistryError {
             | RegistryError::NetConfig(_)
             | RegistryError::BadSwitch(_)
             | RegistryError::NotTiered(_)
+            | RegistryError::InvalidOption(_)
             | RegistryError::NotQos(_) => "invalid-params",
             RegistryError::Exists(_) => "exists",
             RegistryError::NotFound(_) => "not-found",
@@ -240,6 +244,28 @@ impl Registry {
         Ok(())
     }
 
+    /// Replaces device `id`'s recorded options (already validated) and saves them; on a save
+    /// failure the previous options are put back and nothing changed.
+    fn record_options(
+        &mut self,
+        id: &str,
+        options: BTreeMap<String, String>,
+    ) -> Result<(), RegistryError> {
+        let Some(entry) = self.devices.get_mut(id) else {
+            return Err(RegistryError::NotFound(id.to_string()));
+        };
+        let previous = std::mem::replace(&mut entry.record.options, options);
+        if entry.persistent {
+            if let Err(e) = self.save() {
+                if let Some(entry) = self.devices.get_mut(id) {
+                    entry.record.options = previous;
+                }
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
     /// Starts a device from options already checked by `add`.
     fn start(
         &self,
@@ -309,19 +335,7 @@ impl Registry {
             }
         };
         let group = self.resolve_group(qos_group.as_deref())?;
-        let Some(entry) = self.devices.get_mut(id) else {
-            return Err(RegistryError::NotFound(id.to_string()));
-        };
-        let previous = std::mem::replace(&mut entry.record.options, options);
-        let persistent = entry.persistent;
-        if persistent {
-            if let Err(e) = self.save() {
-                if let Some(entry) = self.devices.get_mut(id) {
-                    entry.record.options = previous;
-                }
-                return Err(e);
-            }
-        }
+        self.record_options(id, options)?;
         if let Some(entry) = self.devices.get(id) {
             let handle = entry.device.qos();
             // Validated above by from_options, which builds the same limiter.

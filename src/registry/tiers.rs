@@ -69,7 +69,7 @@ impl Registry {
         let mut renamed = std::collections::BTreeMap::new();
         for (key, value) in changes {
             if !matches!(key.as_str(), "hot-budget" | "idle-for" | "promote-after") {
-                return Err(RegistryError::NotTiered(format!(
+                return Err(RegistryError::InvalidOption(format!(
                     "{id}: unknown policy key `{key}` (known: hot-budget, idle-for, promote-after)"
                 )));
             }
@@ -81,18 +81,7 @@ impl Registry {
             crate::config::options::OptionList::from_pairs(options.clone()),
         )?;
         let policy = config.tier.map(|t| t.policy).unwrap_or_default();
-        let Some(entry) = self.devices.get_mut(id) else {
-            return Err(RegistryError::NotFound(id.to_string()));
-        };
-        let previous = std::mem::replace(&mut entry.record.options, options);
-        if entry.persistent {
-            if let Err(e) = self.save() {
-                if let Some(entry) = self.devices.get_mut(id) {
-                    entry.record.options = previous;
-                }
-                return Err(e);
-            }
-        }
+        self.record_options(id, options)?;
         store.set_policy(policy);
         Ok(json!(policy))
     }
