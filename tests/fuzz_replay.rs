@@ -123,15 +123,3 @@ fn tier_records_and_journals_survive_corruption() {
         }
     }
 }
-
-/// Writes the valid inputs above as fuzz seeds (run by hand when the formats change:
-/// `cargo test --test fuzz_replay write_tier_seeds -- --ignored`).
-#[test]
-#[ignore]
-fn write_tier_seeds() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/tier_record");
-    std::fs::create_dir_all(&root).unwrap();
-    for (i, input) in tier_inputs().iter().enumerate() {
-        std::fs::write(root.join(format!("valid-{i}")), input).unwrap();
-    }
-}

@@ -114,27 +114,13 @@ impl Daemon {
         self.dir.path().join(name)
     }
 
-    /// Blocks until a log line containing `needle` appears (10 s at most).
+    /// Blocks until a log line containing `needle` appears (10 s at most); a line seen
+    /// earlier counts.
     pub fn wait_for_log(&mut self, needle: &str) -> String {
         if let Some(line) = self.seen.iter().find(|l| l.contains(needle)) {
             return line.clone();
         }
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            match self.lines.recv_timeout(left) {
-                Ok(line) => {
-                    self.seen.push(line.clone());
-                    if line.contains(needle) {
-                        return line;
-                    }
-                }
-                Err(RecvTimeoutError::Timeout) => panic!("no log line with `{needle}` in 10 s"),
-                Err(RecvTimeoutError::Disconnected) => {
-                    panic!("daemon exited before logging `{needle}`")
-                }
-            }
-        }
+        self.wait_for_next_log(needle)
     }
 
     /// Blocks until a log line containing `needle` arrives that no earlier wait consumed

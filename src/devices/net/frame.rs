@@ -150,27 +150,14 @@ type Slices<'a> = SmallVec<[VolatileSlice<'a, ()>; 2]>;
 fn stream_slices<'a>(
     mem: &'a GuestMemory,
     spans: &[Span],
-    mut offset: u64,
-    mut len: u64,
+    offset: u64,
+    len: u64,
 ) -> Result<Slices<'a>, Drop> {
     let mut slices = Slices::new();
-    for span in spans {
-        if len == 0 {
-            break;
-        }
-        let span_len = u64::from(span.len);
-        if offset >= span_len {
-            offset = offset.saturating_sub(span_len);
-            continue;
-        }
-        let take = (span_len.saturating_sub(offset)).min(len);
-        let addr = span.addr.checked_add(offset).ok_or(Drop::BadAddress)?;
-        let take_usize = usize::try_from(take).map_err(|_| Drop::BadAddress)?;
-        for slice in GuestMemoryBackend::get_slices(mem, addr, take_usize) {
+    for part in split_spans(spans, offset, len)? {
+        for slice in GuestMemoryBackend::get_slices(mem, part.addr, part.len as usize) {
             slices.push(slice.map_err(|_| Drop::BadAddress)?);
         }
-        len = len.saturating_sub(take);
-        offset = 0;
     }
     Ok(slices)
 }
@@ -184,7 +171,7 @@ fn walk(
     mut f: impl FnMut(GuestAddress, std::ops::Range<usize>) -> Result<(), Drop>,
 ) -> Result<usize, Drop> {
     let mut done = 0usize;
-    for part in split_spans(spans, offset, len as u64) {
+    for part in split_spans(spans, offset, len as u64)? {
         let end = done.saturating_add(part.len as usize);
         f(part.addr, done..end)?;
         done = end;
@@ -225,8 +212,8 @@ pub fn write_stream(
     }
 }
 
-/// The spans covering stream bytes `offset..offset+len`.
-fn split_spans(spans: &[Span], mut offset: u64, mut len: u64) -> Spans {
+/// The spans covering stream bytes `offset..offset+len` (fewer bytes if the stream ends).
+fn split_spans(spans: &[Span], mut offset: u64, mut len: u64) -> Result<Spans, Drop> {
     let mut out = Spans::new();
     for span in spans {
         if len == 0 {
@@ -238,17 +225,15 @@ fn split_spans(spans: &[Span], mut offset: u64, mut len: u64) -> Spans {
             continue;
         }
         let take = span_len.saturating_sub(offset).min(len);
-        if let Some(addr) = span.addr.checked_add(offset) {
-            out.push(Span {
-                addr,
-                // `take <= span.len`, a u32.
-                len: u32::try_from(take).unwrap_or(0),
-            });
-        }
+        out.push(Span {
+            addr: span.addr.checked_add(offset).ok_or(Drop::BadAddress)?,
+            // `take <= span.len`, a u32.
+            len: u32::try_from(take).map_err(|_| Drop::BadAddress)?,
+        });
         len = len.saturating_sub(take);
         offset = 0;
     }
-    out
+    Ok(out)
 }
 
 /// Copies `len` bytes from one guest's stream (at `src_offset`) into another's (at
@@ -266,8 +251,8 @@ pub fn copy_between(
     // The usual case: the frame is one buffer and fits the first destination buffer, each
     // inside one memory region: one copy, no slice lists.
     if let ([from], [to]) = (
-        split_spans(src, src_offset, len).as_slice(),
-        split_spans(dst, dst_offset, len).as_slice(),
+        split_spans(src, src_offset, len)?.as_slice(),
+        split_spans(dst, dst_offset, len)?.as_slice(),
     ) {
         if from.len == to.len {
             let count = from.len as usize;
