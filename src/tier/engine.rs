@@ -26,7 +26,12 @@ pub struct TierEngine {
     /// worker's tags are small slab indices; a tag too large to index is tracked in `spill`).
     in_flight: Vec<Option<std::ops::Range<u64>>>,
     spill: HashMap<u64, std::ops::Range<u64>>,
+    /// Bounce buffer of the cold read path, reused.
+    chunk: Vec<u8>,
 }
+
+/// Largest piece of a cold read assembled at once (small in unit tests, to exercise pieces).
+const COPY_CHUNK: usize = if cfg!(test) { 4096 } else { 1 << 20 };
 
 impl TierEngine {
     /// An engine over `store`, passing hot I/O to `inner`.
@@ -37,6 +42,7 @@ impl TierEngine {
             ready: VecDeque::new(),
             in_flight: Vec::new(),
             spill: HashMap::new(),
+            chunk: Vec::new(),
         }
     }
 
@@ -71,6 +77,37 @@ impl TierEngine {
             }
         }
         out.extend(self.ready.drain(..));
+    }
+
+    /// Reads `offset..offset+len` from both tiers into `iovecs`, piece by piece.
+    ///
+    /// # Safety
+    /// `iovecs` must be valid for writes of their lengths and not accessed by anyone else
+    /// (the guarantee `push`'s caller gives for a read).
+    unsafe fn read_in_pieces(
+        &mut self,
+        offset: u64,
+        len: u64,
+        iovecs: crate::storage::GuestIovecs,
+    ) -> Result<(), super::store::TierError> {
+        let mut cursor = IovCursor::new(iovecs);
+        let mut done = 0u64;
+        while done < len {
+            let piece = (len.saturating_sub(done)).min(COPY_CHUNK as u64) as usize;
+            self.chunk.resize(piece, 0);
+            self.store
+                .read(offset.saturating_add(done), &mut self.chunk)?;
+            // SAFETY: per this function's contract; `chunk` is our own memory.
+            let copied = unsafe { cursor.copy_in(&self.chunk) };
+            if copied != piece {
+                return Err(super::store::TierError::Io {
+                    action: "copy into guest buffers",
+                    source: std::io::Error::from_raw_os_error(libc::EIO),
+                });
+            }
+            done = done.saturating_add(piece as u64);
+        }
+        Ok(())
     }
 
     fn fail(&mut self, tag: u64, error: &super::store::TierError) {
@@ -114,25 +151,17 @@ impl Engine for TierEngine {
             unsafe { self.inner.push(op) };
             return;
         }
-        // A read touching the cold tier: assembled here, then copied to the guest.
-        let mut buf = vec![0u8; usize::try_from(len).unwrap_or(0)];
-        let read = self.store.read(offset, &mut buf);
+        // A read touching the cold tier: assembled here in pieces of at most COPY_CHUNK (one
+        // reused buffer, so a guest's large request costs no large allocation), each copied
+        // on into the guest's buffers.
+        // SAFETY: read iovecs are writable and exclusive until reaped (the caller's guarantee).
+        let result = unsafe { self.read_in_pieces(offset, len, op.iovecs) };
         self.store.end_io(extents);
-        match read {
-            Ok(()) => {
-                // SAFETY: read iovecs are writable and exclusive until reaped (the caller's
-                // guarantee), and `buf` is our own memory.
-                let copied = unsafe { IovCursor::new(op.iovecs).copy_in(&buf) };
-                let result = if copied == buf.len() {
-                    Ok(())
-                } else {
-                    Err(libc::EIO)
-                };
-                self.ready.push_back(Completion {
-                    tag: op.tag,
-                    result,
-                });
-            }
+        match result {
+            Ok(()) => self.ready.push_back(Completion {
+                tag: op.tag,
+                result: Ok(()),
+            }),
             Err(e) => self.fail(op.tag, &e),
         }
     }

@@ -159,3 +159,40 @@ fn space_leaked_by_a_crash_is_reclaimed_at_start() {
     );
     assert_eq!(read(&store, 0, 4096), pattern(4, 4096));
 }
+
+#[test]
+fn the_engine_reads_a_range_across_both_tiers_in_pieces() {
+    use crate::storage::{Engine, IoOp, OpKind};
+    let disk = Disk::new();
+    let store = disk.open();
+    let data = pattern(5, (4 * EXTENT) as usize);
+    disk.write(&store, 0, &data);
+    store.demote(1).unwrap();
+    store.demote(2).unwrap();
+    let store = Arc::new(store);
+    let inner = Box::new(crate::storage::sync::SyncEngine::new(Arc::clone(
+        &store.hot,
+    )));
+    let mut engine = super::super::engine::TierEngine::new(inner, Arc::clone(&store));
+    // From inside extent 0 to inside extent 3: hot, cold, cold, hot; many 4 KiB pieces.
+    let (start, len) = (EXTENT - 1000, 2 * EXTENT + 3000);
+    let mut out = vec![0u8; len as usize];
+    let iovec = libc::iovec {
+        iov_base: out.as_mut_ptr().cast(),
+        iov_len: out.len(),
+    };
+    // SAFETY: `out` is ours, writable, and outlives the reap below.
+    unsafe {
+        engine.push(IoOp {
+            kind: OpKind::Read { offset: start },
+            iovecs: vec![iovec].into(),
+            tag: 7,
+        })
+    };
+    let mut done = Vec::new();
+    engine.drain(&mut done);
+    assert_eq!(done.len(), 1);
+    assert_eq!(done[0].result, Ok(()));
+    assert_eq!(out, data[start as usize..(start + len) as usize]);
+    assert!(store.stats.cold_reads.load(Ordering::Relaxed) > 0);
+}
