@@ -150,32 +150,22 @@ fn escape(value: &str) -> String {
         .replace('\n', "\\n")
 }
 
-/// Text exposition under construction: one metric family at a time, all its samples together
-/// (the format does not allow a family's samples to be interleaved with another's).
-struct Exposition<'a> {
-    out: String,
-    devices: &'a Snapshot,
-}
-
-impl Exposition<'_> {
-    fn family(&mut self, name: &str, kind: &str, help: &str) {
-        let _ = writeln!(self.out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    }
-
-    /// One sample per device and queue: `value` gives the extra labels and the value.
-    fn per_queue(&mut self, name: &str, value: impl Fn(&QueueSnapshot) -> Vec<(String, String)>) {
-        for (id, _, queues) in self.devices {
-            for (q, snap) in queues.iter().enumerate() {
-                for (labels, v) in value(snap) {
-                    let _ = writeln!(
-                        self.out,
-                        "{name}{{device=\"{}\",queue=\"{q}\"{labels}}} {v}",
-                        escape(id)
-                    );
-                }
+/// Samples per device and queue, labelled `device` and `queue`: `value` gives each queue's
+/// `(extra labels, value)` pairs (extra labels start with a comma, or are empty).
+fn per_queue(
+    devices: &Snapshot,
+    value: impl Fn(&QueueSnapshot) -> Vec<(String, String)>,
+) -> Vec<(String, String)> {
+    let mut rows = Vec::new();
+    for (id, _, queues) in devices {
+        let device = escape(id);
+        for (q, snap) in queues.iter().enumerate() {
+            for (labels, v) in value(snap) {
+                rows.push((format!("device=\"{device}\",queue=\"{q}\"{labels}"), v));
             }
         }
     }
+    rows
 }
 
 /// `(no extra labels, value)`.
@@ -183,96 +173,105 @@ fn plain(value: impl ToString) -> Vec<(String, String)> {
     vec![(String::new(), value.to_string())]
 }
 
-/// Renders the text exposition.
+/// A per-queue block family: name, type, help and each queue's samples.
+type QueueFamily = (
+    &'static str,
+    &'static str,
+    &'static str,
+    fn(&QueueSnapshot) -> Vec<(String, String)>,
+);
+
+/// Renders the block device families.
 pub fn render(devices: &Snapshot) -> String {
-    let mut x = Exposition {
-        out: String::new(),
-        devices,
-    };
-    x.family(
+    let mut out = String::new();
+    family_of(
+        &mut out,
         "novacron_blk_connected",
         "gauge",
         "1 while a vhost-user front-end is connected.",
+        &samples(
+            devices,
+            "device",
+            |d| &d.0,
+            |d| vec![(String::new(), u8::from(d.1))],
+        ),
     );
-    for (id, connected, _) in devices {
-        let _ = writeln!(
-            x.out,
-            "novacron_blk_connected{{device=\"{}\"}} {}",
-            escape(id),
-            u8::from(*connected)
-        );
+    let families: [QueueFamily; 8] = [
+        (
+            "novacron_blk_requests_total",
+            "counter",
+            "Completed requests by type.",
+            |s| {
+                s.requests
+                    .iter()
+                    .map(|(op, n)| (format!(",op=\"{op}\""), n.to_string()))
+                    .collect()
+            },
+        ),
+        (
+            "novacron_blk_bytes_total",
+            "counter",
+            "Bytes transferred by the guest.",
+            |s| {
+                vec![
+                    (",direction=\"read\"".into(), s.bytes_read.to_string()),
+                    (",direction=\"write\"".into(), s.bytes_written.to_string()),
+                ]
+            },
+        ),
+        (
+            "novacron_blk_io_errors_total",
+            "counter",
+            "Requests failed by the backing (guest saw IOERR).",
+            |s| plain(s.io_errors),
+        ),
+        (
+            "novacron_blk_in_flight",
+            "gauge",
+            "Requests submitted and not yet completed.",
+            |s| plain(s.in_flight),
+        ),
+        (
+            "novacron_blk_throttled_total",
+            "counter",
+            "Requests held back by QoS.",
+            |s| plain(s.throttled),
+        ),
+        (
+            "novacron_blk_throttle_wait_seconds_total",
+            "counter",
+            "Time requests spent held back by QoS.",
+            |s| plain(s.throttle_wait_ns as f64 / 1e9),
+        ),
+        (
+            "novacron_blk_rejected_total",
+            "counter",
+            "Requests refused by validation, by reason.",
+            |s| {
+                s.rejected
+                    .iter()
+                    .map(|(reason, n)| (format!(",reason=\"{reason}\""), n.to_string()))
+                    .collect()
+            },
+        ),
+        (
+            "novacron_blk_ring_errors_total",
+            "counter",
+            "Kicks that found a corrupt available ring.",
+            |s| plain(s.ring_errors),
+        ),
+    ];
+    for (name, kind, help, value) in families {
+        family_of(&mut out, name, kind, help, &per_queue(devices, value));
     }
-    x.family(
-        "novacron_blk_requests_total",
-        "counter",
-        "Completed requests by type.",
-    );
-    x.per_queue("novacron_blk_requests_total", |s| {
-        s.requests
-            .iter()
-            .map(|(op, n)| (format!(",op=\"{op}\""), n.to_string()))
-            .collect()
-    });
-    x.family(
-        "novacron_blk_bytes_total",
-        "counter",
-        "Bytes transferred by the guest.",
-    );
-    x.per_queue("novacron_blk_bytes_total", |s| {
-        vec![
-            (",direction=\"read\"".into(), s.bytes_read.to_string()),
-            (",direction=\"write\"".into(), s.bytes_written.to_string()),
-        ]
-    });
-    x.family(
-        "novacron_blk_io_errors_total",
-        "counter",
-        "Requests failed by the backing (guest saw IOERR).",
-    );
-    x.per_queue("novacron_blk_io_errors_total", |s| plain(s.io_errors));
-    x.family(
-        "novacron_blk_in_flight",
-        "gauge",
-        "Requests submitted and not yet completed.",
-    );
-    x.per_queue("novacron_blk_in_flight", |s| plain(s.in_flight));
-    x.family(
-        "novacron_blk_throttled_total",
-        "counter",
-        "Requests held back by QoS.",
-    );
-    x.per_queue("novacron_blk_throttled_total", |s| plain(s.throttled));
-    x.family(
-        "novacron_blk_throttle_wait_seconds_total",
-        "counter",
-        "Time requests spent held back by QoS.",
-    );
-    x.per_queue("novacron_blk_throttle_wait_seconds_total", |s| {
-        plain(s.throttle_wait_ns as f64 / 1e9)
-    });
-    x.family(
-        "novacron_blk_rejected_total",
-        "counter",
-        "Requests refused by validation, by reason.",
-    );
-    x.per_queue("novacron_blk_rejected_total", |s| {
-        s.rejected
-            .iter()
-            .map(|(reason, n)| (format!(",reason=\"{reason}\""), n.to_string()))
-            .collect()
-    });
-    x.family(
-        "novacron_blk_ring_errors_total",
-        "counter",
-        "Kicks that found a corrupt available ring.",
-    );
-    x.per_queue("novacron_blk_ring_errors_total", |s| plain(s.ring_errors));
-    x.family(
-        "novacron_blk_request_latency_seconds",
+    let latency = "novacron_blk_request_latency_seconds";
+    family_header(
+        &mut out,
+        latency,
         "histogram",
         "Request latency from submission to completion.",
     );
-    x.per_queue("novacron_blk_request_latency_seconds_bucket", |s| {
+    let buckets = per_queue(devices, |s| {
         let mut cumulative = 0u64;
         s.latency_us
             .iter()
@@ -287,10 +286,10 @@ pub fn render(devices: &Snapshot) -> String {
             })
             .collect()
     });
-    x.per_queue("novacron_blk_request_latency_seconds_sum", |s| {
-        plain(s.latency_ns_total as f64 / 1e9)
-    });
-    x.per_queue("novacron_blk_request_latency_seconds_count", |s| {
+    write_samples(&mut out, &format!("{latency}_bucket"), &buckets);
+    let sums = per_queue(devices, |s| plain(s.latency_ns_total as f64 / 1e9));
+    write_samples(&mut out, &format!("{latency}_sum"), &sums);
+    let counts = per_queue(devices, |s| {
         plain(
             s.latency_us
                 .iter()
@@ -298,15 +297,26 @@ pub fn render(devices: &Snapshot) -> String {
                 .fold(0u64, u64::saturating_add),
         )
     });
-    x.out
+    write_samples(&mut out, &format!("{latency}_count"), &counts);
+    out
+}
+
+/// Writes a family's `# HELP` and `# TYPE` lines.
+fn family_header(out: &mut String, name: &str, kind: &str, help: &str) {
+    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+}
+
+/// Writes samples `name{labels} value`.
+fn write_samples(out: &mut String, name: &str, samples: &[(String, String)]) {
+    for (labels, value) in samples {
+        let _ = writeln!(out, "{name}{{{labels}}} {value}");
+    }
 }
 
 /// Writes one family of samples, `(labels, value)` each.
 fn family_of(out: &mut String, name: &str, kind: &str, help: &str, samples: &[(String, String)]) {
-    let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
-    for (labels, value) in samples {
-        let _ = writeln!(out, "{name}{{{labels}}} {value}");
-    }
+    family_header(out, name, kind, help);
+    write_samples(out, name, samples);
 }
 
 /// Samples of a directional counter over named snapshots (`tx`/`rx` or `in`/`out`).
@@ -602,6 +612,36 @@ mod tests {
     use crate::devices::blk::stats::QueueStats;
     use std::time::Duration;
 
+    /// Asserts each family is announced once and all its samples (histograms: `_bucket`,
+    /// `_sum`, `_count`) follow its announcement before the next family; returns the families.
+    fn assert_families_contiguous(text: &str) -> std::collections::HashSet<String> {
+        let mut current = String::new();
+        let mut seen = std::collections::HashSet::new();
+        for line in text.lines() {
+            if let Some(rest) = line.strip_prefix("# TYPE ") {
+                current = rest.split(' ').next().unwrap().to_string();
+                assert!(
+                    seen.insert(current.clone()),
+                    "family {current} declared twice"
+                );
+                continue;
+            }
+            if line.starts_with('#') {
+                continue;
+            }
+            let name = line.split(['{', ' ']).next().unwrap();
+            let family = ["_bucket", "_sum", "_count"]
+                .iter()
+                .find_map(|suffix| name.strip_suffix(suffix).filter(|f| *f == current))
+                .unwrap_or(name);
+            assert_eq!(
+                family, current,
+                "sample `{line}` outside its family's group"
+            );
+        }
+        seen
+    }
+
     #[test]
     fn renders_net_devices_and_switches_with_each_family_contiguous() {
         let stats = crate::devices::net::stats::NetStats::default();
@@ -623,23 +663,7 @@ mod tests {
         ));
         assert!(text.contains("novacron_switch_ports{switch=\"t7\"} 3"));
         assert!(text.contains("novacron_switch_frames_total{switch=\"t7\",direction=\"out\"} 1"));
-        // Every sample line's family was announced right before its group.
-        let mut current = String::new();
-        let mut seen = std::collections::HashSet::new();
-        for line in text.lines() {
-            if let Some(rest) = line.strip_prefix("# TYPE ") {
-                current = rest.split(' ').next().unwrap().to_string();
-                assert!(
-                    seen.insert(current.clone()),
-                    "family {current} announced twice"
-                );
-            } else if !line.starts_with('#') {
-                assert!(
-                    line.starts_with(&current),
-                    "{line} outside its family {current}"
-                );
-            }
-        }
+        assert_families_contiguous(&text);
     }
 
     #[test]
@@ -689,30 +713,8 @@ mod tests {
             ("b".to_string(), false, vec![a.snapshot()]),
         ];
         let text = render(&devices);
-        let mut current = String::new();
-        let mut seen = std::collections::HashSet::new();
-        for line in text.lines() {
-            if let Some(rest) = line.strip_prefix("# TYPE ") {
-                current = rest.split(' ').next().unwrap().to_string();
-                assert!(
-                    seen.insert(current.clone()),
-                    "family {current} declared twice"
-                );
-                continue;
-            }
-            if line.starts_with('#') {
-                continue;
-            }
-            let name = line.split(['{', ' ']).next().unwrap();
-            let family = ["_bucket", "_sum", "_count"]
-                .iter()
-                .find_map(|suffix| name.strip_suffix(suffix).filter(|f| *f == current))
-                .unwrap_or(name);
-            assert_eq!(
-                family, current,
-                "sample `{line}` outside its family's group"
-            );
-        }
+        let seen = assert_families_contiguous(&text);
         assert!(seen.contains("novacron_blk_ring_errors_total"));
+        assert!(seen.contains("novacron_blk_request_latency_seconds"));
     }
 }
