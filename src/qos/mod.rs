@@ -8,3 +8,4 @@ pub mod device;
 pub mod group;
 pub mod handle;
 pub mod limiter;
+pub mod timer;

@@ -8,15 +8,15 @@
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use std::collections::VecDeque;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-use vmm_sys_util::timerfd::TimerFd;
 
 use super::device::DeviceShared;
 use super::request::{Request, RequestKind};
 use crate::qos::limiter::{Cost, CostKind};
+use crate::qos::timer::QosTimer;
+pub use crate::qos::timer::TimerError;
 use crate::vring::GuestMemory;
 
 pub use crate::sys::clock::now_ns;
@@ -41,9 +41,6 @@ pub fn cost(request: &Request) -> Option<Cost> {
     }
 }
 
-/// Shortest throttle sleep: the granularity at which held-back requests are released.
-pub const TIMER_MIN: Duration = Duration::from_millis(1);
-
 /// A parsed request waiting for tokens.
 pub struct Deferred {
     /// Descriptor chain head.
@@ -56,15 +53,10 @@ pub struct Deferred {
     pub since: Instant,
 }
 
-/// Errors creating or arming the timer.
-#[derive(Debug, thiserror::Error)]
-#[error("throttle timer")]
-pub struct TimerError(#[source] pub vmm_sys_util::errno::Error);
-
 /// Waiting requests and the timer that wakes the worker for them.
 pub struct Throttle {
     waiting: VecDeque<Deferred>,
-    timer: TimerFd,
+    timer: QosTimer,
 }
 
 impl Throttle {
@@ -72,13 +64,13 @@ impl Throttle {
     pub fn new() -> Result<Self, TimerError> {
         Ok(Self {
             waiting: VecDeque::new(),
-            timer: TimerFd::new().map_err(TimerError)?,
+            timer: QosTimer::new()?,
         })
     }
 
     /// The timerfd to watch for readability.
     pub fn timer_fd(&self) -> RawFd {
-        self.timer.as_raw_fd()
+        self.timer.fd()
     }
 
     /// Whether requests are waiting (then no new ones are taken off the ring).
@@ -88,9 +80,7 @@ impl Throttle {
 
     /// Consumes the timer's expiry (after an epoll wake-up).
     pub fn clear_timer(&mut self) {
-        if let Err(e) = self.timer.clear() {
-            log::warn!("throttle timer: {e}");
-        }
+        self.timer.clear();
     }
 
     /// Whether `request` may start now: charges the limiter if so; if not (or if others are
@@ -104,7 +94,7 @@ impl Throttle {
         match try_start(device, request) {
             Ok(()) => true,
             Err(wait) => {
-                self.arm(wait);
+                self.timer.arm(wait);
                 false
             }
         }
@@ -122,7 +112,7 @@ impl Throttle {
             match try_start(device, &front.request) {
                 Ok(()) => ready.extend(self.waiting.pop_front()),
                 Err(wait) => {
-                    self.arm(wait);
+                    self.timer.arm(wait);
                     break;
                 }
             }
@@ -133,17 +123,6 @@ impl Throttle {
     /// Everything waiting, regardless of limits (queue stop: nothing may stay unanswered).
     pub fn release_all(&mut self) -> Vec<Deferred> {
         self.waiting.drain(..).collect()
-    }
-
-    fn arm(&mut self, wait: Duration) {
-        // Wake at most every TIMER_MIN: tokens accumulate meanwhile (buckets hold 100 ms of
-        // rate), so each wake-up releases a batch instead of one request per token; this is
-        // what keeps the limiter cheap while saturated. A very long wait (a zero-rate bucket
-        // cannot exist) is capped so the worker re-checks at least every second.
-        let wait = wait.clamp(TIMER_MIN, Duration::from_secs(1));
-        if let Err(e) = self.timer.reset(wait, None) {
-            log::error!("cannot arm throttle timer: {e}");
-        }
     }
 }
 

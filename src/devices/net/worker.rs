@@ -31,13 +31,12 @@ use super::stats::{Direction, Drop};
 use super::tap_queue::TapQueue;
 use crate::devices::desc::collect_buffers;
 use crate::qos::limiter::{Cost, CostKind};
+use crate::qos::timer::{QosTimer, TimerError};
 use crate::storage::GuestIovecs;
 use crate::vring::{
     has_available, needs_signal, AtomicGuestMemory, CheckedVring, EmptyPasses, GuestMemory,
 };
-use std::os::fd::AsRawFd;
 use std::time::Duration;
-use vmm_sys_util::timerfd::TimerFd;
 
 /// Errors that stop a worker from serving its queues (guest mistakes never do).
 #[derive(Debug, thiserror::Error)]
@@ -46,8 +45,8 @@ pub enum WorkerError {
     #[error("virtqueue access failed")]
     Queue(#[from] virtio_queue::Error),
     /// The QoS timer could not be created.
-    #[error("cannot create the QoS timer")]
-    Timer(#[source] std::io::Error),
+    #[error(transparent)]
+    Timer(#[from] TimerError),
 }
 
 /// What a frame from the tap costs before its size is known: one packet, no bytes (its
@@ -88,7 +87,7 @@ pub struct PairWorker {
     /// Scratch iovec list, reused per frame and emptied after each use.
     iovecs: GuestIovecs,
     /// Wakes the worker when QoS tokens are back.
-    timer: TimerFd,
+    timer: QosTimer,
     /// The tx queue waits for tokens (a frame was put back).
     tx_held: bool,
     /// Reading the tap waits for tokens.
@@ -103,8 +102,7 @@ impl PairWorker {
         memory: AtomicGuestMemory,
         backend: PairBackend,
     ) -> Result<Self, WorkerError> {
-        let timer = TimerFd::new()
-            .map_err(|e| WorkerError::Timer(std::io::Error::from_raw_os_error(e.errno())))?;
+        let timer = QosTimer::new()?;
         Ok(Self {
             pair,
             shared,
@@ -122,7 +120,7 @@ impl PairWorker {
 
     /// The QoS timer's fd, for the thread's event loop.
     pub fn timer_fd(&self) -> std::os::fd::RawFd {
-        self.timer.as_raw_fd()
+        self.timer.fd()
     }
 
     /// The QoS timer fired: resume what waited for tokens.
@@ -131,7 +129,7 @@ impl PairWorker {
         rx: &CheckedVring,
         tx: &CheckedVring,
     ) -> Result<(), WorkerError> {
-        let _ = self.timer.clear();
+        self.timer.clear();
         if std::mem::take(&mut self.tx_held) {
             self.process_tx(tx)?;
         }
@@ -141,16 +139,13 @@ impl PairWorker {
         Ok(())
     }
 
-    /// Arms the QoS timer for `wait` (at least a millisecond: the release granularity).
+    /// Holds `direction` back and arms the QoS timer for `wait`.
     fn hold(&mut self, direction: Direction, wait: Duration) {
-        let wait = wait.max(crate::devices::blk::throttle::TIMER_MIN);
+        let wait = self.timer.arm(wait);
         self.shared.stats.throttled(direction, wait);
         match direction {
             Direction::Tx => self.tx_held = true,
             Direction::Rx => self.rx_held = true,
-        }
-        if let Err(e) = self.timer.reset(wait, None) {
-            log::error!("{}: cannot arm the QoS timer: {e}", self.shared.config.id);
         }
     }
 
