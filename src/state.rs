@@ -10,21 +10,23 @@
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::sys::replace::replace_file;
+
 /// Current file format version.
 const VERSION: u32 = 1;
 const FILE: &str = "devices.json";
-const TEMP: &str = "devices.json.tmp";
 
 /// Errors reading or writing the state.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
+    /// Rewriting the file failed (the old one is intact).
+    #[error(transparent)]
+    Replace(#[from] crate::sys::replace::ReplaceError),
     /// A filesystem operation failed.
     #[error("{action} {path}")]
     Io {
@@ -155,16 +157,7 @@ impl StateStore {
 
     /// Replaces the recorded state atomically and durably.
     pub fn save(&self, saved: &Saved) -> Result<(), StateError> {
-        let temp = self.dir.join(TEMP);
         let path = self.dir.join(FILE);
-        let io = |action, path: &Path| {
-            let path = path.to_path_buf();
-            move |source| StateError::Io {
-                action,
-                path,
-                source,
-            }
-        };
         let body = serde_json::to_vec_pretty(&StateFile {
             version: VERSION,
             devices: saved.devices.clone(),
@@ -175,21 +168,7 @@ impl StateStore {
             path: path.clone(),
             reason: e.to_string(),
         })?;
-        let mut file = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&temp)
-            .map_err(io("cannot create", &temp))?;
-        file.write_all(&body).map_err(io("cannot write", &temp))?;
-        file.sync_all().map_err(io("cannot fsync", &temp))?;
-        drop(file);
-        std::fs::rename(&temp, &path).map_err(io("cannot rename over", &path))?;
-        File::open(&self.dir)
-            .and_then(|dir| dir.sync_all())
-            .map_err(io("cannot fsync", &self.dir))?;
-        Ok(())
+        replace_file(&path, &body).map_err(StateError::from)
     }
 }
 
@@ -234,7 +213,8 @@ mod tests {
         )
         .unwrap();
         assert_eq!(store.load().unwrap(), Saved::default());
-        assert!(!dir.path().join("state").join(TEMP).exists());
+        let list = dir.path().join("state").join(FILE);
+        assert!(!crate::sys::replace::temp_path(&list).exists());
     }
 
     #[test]

@@ -3,5 +3,6 @@
 pub mod clock;
 pub mod peer;
 pub mod poll;
+pub mod replace;
 pub mod signals;
 pub mod tap;

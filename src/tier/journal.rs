@@ -24,8 +24,10 @@
 
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::{Path, PathBuf};
+
+use crate::sys::replace::replace_file;
 
 /// Bytes per entry.
 pub const ENTRY_LEN: usize = 48;
@@ -71,6 +73,9 @@ pub enum Entry {
 /// Errors reading or writing the journal.
 #[derive(Debug, thiserror::Error)]
 pub enum JournalError {
+    /// Rewriting the file failed (the old one is intact).
+    #[error(transparent)]
+    Replace(#[from] crate::sys::replace::ReplaceError),
     /// A filesystem operation failed.
     #[error("{action} {path}")]
     Io {
@@ -335,15 +340,6 @@ impl Journal {
         extents: u64,
         cold: &BTreeMap<u64, ColdLocation>,
     ) -> Result<(), JournalError> {
-        let temp = self.path.with_extension("tiermap.tmp");
-        let io = |action, path: &Path| {
-            let path = path.to_path_buf();
-            move |source| JournalError::Io {
-                action,
-                path,
-                source,
-            }
-        };
         let mut entries = vec![Entry::Geometry {
             extent_size,
             extents,
@@ -356,25 +352,16 @@ impl Journal {
         for (seq, entry) in entries.iter().enumerate() {
             bytes.extend_from_slice(&entry.encode(seq as u64));
         }
-        let mut file = File::create(&temp).map_err(io("cannot create", &temp))?;
-        file.write_all(&bytes).map_err(io("cannot write", &temp))?;
-        file.sync_all().map_err(io("cannot sync", &temp))?;
-        std::fs::rename(&temp, &self.path).map_err(io("cannot rename", &temp))?;
-        if let Some(dir) = self.path.parent() {
-            let dir = if dir.as_os_str().is_empty() {
-                Path::new(".")
-            } else {
-                dir
-            };
-            File::open(dir)
-                .and_then(|d| d.sync_all())
-                .map_err(io("cannot sync directory of", &self.path))?;
-        }
+        replace_file(&self.path, &bytes)?;
         self.file = OpenOptions::new()
             .read(true)
             .write(true)
             .open(&self.path)
-            .map_err(io("cannot reopen", &self.path))?;
+            .map_err(|source| JournalError::Io {
+                action: "cannot reopen",
+                path: self.path.clone(),
+                source,
+            })?;
         self.next_seq = entries.len() as u64;
         Ok(())
     }
@@ -384,6 +371,7 @@ impl Journal {
 #[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)] // tests may panic
 mod tests {
     use super::*;
+    use std::io::Write;
 
     fn cold(offset: u64) -> ColdLocation {
         ColdLocation {
