@@ -66,7 +66,7 @@ pub enum FrameRef<'a> {
 }
 
 impl FrameRef<'_> {
-    fn header(&self) -> NetHeader {
+    pub(super) fn header(&self) -> NetHeader {
         match self {
             FrameRef::Guest { header, .. } | FrameRef::Bytes { header, .. } => *header,
         }
@@ -335,44 +335,7 @@ impl Port {
                 delivered
             }
             PortSink::Uplink(tap) => {
-                let mut tap = lock(tap);
-                let mut iovecs = Vec::new();
-                let header_bytes = frame.header().to_bytes();
-                match frame {
-                    FrameRef::Guest {
-                        memory,
-                        spans,
-                        frame_len,
-                        ..
-                    } => {
-                        // Our checked header, then the frame straight from guest memory.
-                        iovecs.push(libc::iovec {
-                            iov_base: header_bytes.as_ptr() as *mut libc::c_void,
-                            iov_len: HEADER_LEN,
-                        });
-                        super::frame::host_iovecs(
-                            memory,
-                            spans,
-                            HEADER_LEN as u64,
-                            u64::from(*frame_len),
-                            &mut iovecs,
-                        )?;
-                    }
-                    FrameRef::Bytes { frame, .. } => {
-                        iovecs.push(libc::iovec {
-                            iov_base: header_bytes.as_ptr() as *mut libc::c_void,
-                            iov_len: HEADER_LEN,
-                        });
-                        iovecs.push(libc::iovec {
-                            iov_base: frame.as_ptr() as *mut libc::c_void,
-                            iov_len: frame.len(),
-                        });
-                    }
-                }
-                if !tap.is_up() {
-                    return Err(Drop::LinkDown);
-                }
-                tap.write_frame(&iovecs).map_err(|_| Drop::TapError)?;
+                lock(tap).send(frame)?;
                 self.stats.received(u64::from(frame.len()));
                 Ok(())
             }

@@ -21,6 +21,11 @@ use std::time::Duration;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::timerfd::TimerFd;
 
+use super::fabric::FrameRef;
+use super::frame::host_iovecs;
+use super::header::HEADER_LEN;
+use super::stats::Drop;
+use crate::storage::GuestIovecs;
 use crate::sys::tap::{Tap, TapError};
 
 /// Virtio-net header size the tap is told to use (VERSION_1's 12 bytes).
@@ -59,6 +64,8 @@ pub struct TapQueue {
     offloads: u32,
     epoll: Epoll,
     timer: TimerFd,
+    /// Scratch iovec list for [`TapQueue::send`], emptied after each frame.
+    iovecs: GuestIovecs,
 }
 
 impl TapQueue {
@@ -82,6 +89,7 @@ impl TapQueue {
             offloads: 0,
             epoll,
             timer,
+            iovecs: GuestIovecs::default(),
         };
         queue.watch(&tap).map_err(TapQueueError::Poll)?;
         Ok(Self {
@@ -160,16 +168,55 @@ impl TapQueue {
         }
     }
 
-    /// `writev` of one frame (header first) from `iovecs`.
-    pub fn write_frame(&mut self, iovecs: &[libc::iovec]) -> Result<(), std::io::Error> {
+    /// Writes one frame: our checked copy of its header, then its bytes, straight from guest
+    /// memory (one `writev`, no copy) or from ours.
+    pub fn send(&mut self, frame: &FrameRef<'_>) -> Result<(), Drop> {
+        if !self.is_up() {
+            return Err(Drop::LinkDown);
+        }
+        let header = frame.header().to_bytes();
+        self.iovecs.0.clear();
+        self.iovecs.0.push(libc::iovec {
+            iov_base: header.as_ptr() as *mut libc::c_void,
+            iov_len: HEADER_LEN,
+        });
+        let mapped = match frame {
+            FrameRef::Guest {
+                memory,
+                spans,
+                frame_len,
+                ..
+            } => host_iovecs(
+                memory,
+                spans,
+                HEADER_LEN as u64,
+                u64::from(*frame_len),
+                &mut self.iovecs.0,
+            ),
+            FrameRef::Bytes { frame, .. } => {
+                self.iovecs.0.push(libc::iovec {
+                    iov_base: frame.as_ptr() as *mut libc::c_void,
+                    iov_len: frame.len(),
+                });
+                Ok(())
+            }
+        };
+        let written = mapped.and_then(|()| self.write_iovecs().map_err(|_| Drop::TapError));
+        self.iovecs.0.clear();
+        written
+    }
+
+    /// `writev` of the frame in `self.iovecs`.
+    fn write_iovecs(&mut self) -> Result<(), std::io::Error> {
         let Some(tap) = self.tap.as_ref() else {
             return Err(std::io::Error::from_raw_os_error(libc::ENODEV));
         };
-        let count = libc::c_int::try_from(iovecs.len())
+        let count = libc::c_int::try_from(self.iovecs.0.len())
             .map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
-        // SAFETY: every iovec points into mapped guest memory that the caller keeps mapped
-        // for the duration of the call; writev only reads through them.
-        let n = unsafe { libc::writev(tap.file().as_raw_fd(), iovecs.as_ptr(), count) };
+        // SAFETY: every iovec points into memory the caller of `send` keeps mapped for the
+        // duration of the call (its guest memory snapshot or its own frame bytes, and the
+        // header on `send`'s stack); writev only reads through them.
+        let n = unsafe { libc::writev(tap.file().as_raw_fd(), self.iovecs.0.as_ptr(), count) };
         if n < 0 {
             let e = std::io::Error::last_os_error();
             self.on_error(std::io::Error::from_raw_os_error(

@@ -423,42 +423,22 @@ impl PairWorker {
 
     /// Sends one checked frame; returns its length.
     fn send(&mut self, memory: &GuestMemory, frame: &TxFrame) -> Result<u64, Drop> {
+        let frame_ref = FrameRef::Guest {
+            memory,
+            spans: &frame.spans,
+            header: frame.header,
+            frame_len: frame.frame_len,
+        };
         match &mut self.backend {
             PairBackend::Tap(tap) => {
-                if !tap.is_up() {
-                    return Err(Drop::LinkDown);
-                }
-                // Our checked copy of the header, then the frame straight from guest memory.
-                let header = frame.header.to_bytes();
-                self.iovecs.0.clear();
-                self.iovecs.0.push(libc::iovec {
-                    iov_base: header.as_ptr() as *mut libc::c_void,
-                    iov_len: HEADER_LEN,
-                });
-                host_iovecs(
-                    memory,
-                    &frame.spans,
-                    HEADER_LEN as u64,
-                    u64::from(frame.frame_len),
-                    &mut self.iovecs.0,
-                )?;
-                let result = tap.write_frame(&self.iovecs);
-                self.iovecs.0.clear();
+                let result = tap.send(&frame_ref);
                 if !tap.is_up() {
                     self.shared.set_link(false);
                 }
-                result.map_err(|_| Drop::TapError)?;
+                result?;
             }
             PairBackend::Switch { hub, port, .. } => {
-                hub.transmit(
-                    port,
-                    &FrameRef::Guest {
-                        memory,
-                        spans: &frame.spans,
-                        header: frame.header,
-                        frame_len: frame.frame_len,
-                    },
-                )?;
+                hub.transmit(port, &frame_ref)?;
             }
         }
         Ok(u64::from(frame.frame_len))
