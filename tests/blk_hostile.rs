@@ -451,13 +451,7 @@ fn a_corrupt_avail_index_does_not_make_the_worker_spin() {
     };
     assert_eq!(stats["queues"][0]["ring_errors"], 1);
     // ...and it is idle, not spinning on the broken ring.
-    let before = d.cpu_time();
-    std::thread::sleep(std::time::Duration::from_millis(500));
-    let spent = d.cpu_time() - before;
-    assert!(
-        spent < std::time::Duration::from_millis(200),
-        "worker spinning: {spent:?}"
-    );
+    d.assert_idle();
     // The other device never noticed.
     still_serving(&mut good, 9);
 }

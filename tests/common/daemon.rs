@@ -96,8 +96,21 @@ impl Daemon {
         daemon
     }
 
-    /// CPU time (user + system) the daemon has used so far.
-    pub fn cpu_time(&self) -> std::time::Duration {
+    /// Asserts the daemon is idle: it spends under 200 ms of CPU over a 500 ms window (a worker
+    /// spinning on a broken ring would use all of it). There is no event for "doing nothing",
+    /// so this one sleep is the measurement window, not synchronization.
+    pub fn assert_idle(&self) {
+        let before = self.cpu_time();
+        std::thread::sleep(std::time::Duration::from_millis(500));
+        let spent = self.cpu_time() - before;
+        assert!(
+            spent < std::time::Duration::from_millis(200),
+            "daemon busy while it should be idle: {spent:?} of CPU in 500 ms"
+        );
+    }
+
+    /// User + system CPU time the daemon has used.
+    fn cpu_time(&self) -> std::time::Duration {
         let pid = self.child.as_ref().expect("child").id();
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("proc stat");
         // Fields after the command name (which is in parentheses): utime is 14th, stime 15th.
