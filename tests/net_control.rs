@@ -59,14 +59,7 @@ fn net_devices_and_switches_are_managed_counted_and_persisted() {
         ctl.error_kind("device.add", port_params(&daemon, "c", "01:00:5e:00:00:01")),
         "invalid-params"
     );
-    assert_eq!(
-        ctl.call("device.list", json!({}))
-            .unwrap()
-            .as_array()
-            .unwrap()
-            .len(),
-        2
-    );
+    assert_eq!(ctl.device_count(), 2);
     assert_eq!(
         ctl.error_kind("switch.remove", json!({"name": "t7"})),
         "busy"

@@ -51,6 +51,12 @@ impl Control {
         let error = self.call(method, params).expect_err("call succeeded");
         error["data"]["kind"].as_str().unwrap().to_string()
     }
+
+    /// How many devices `device.list` reports.
+    pub fn device_count(&mut self) -> usize {
+        let list = self.call("device.list", json!({})).unwrap();
+        list.as_array().expect("device.list returns an array").len()
+    }
 }
 
 /// A free loopback port for `--metrics` (released just before the daemon binds it).
