@@ -189,7 +189,7 @@ pub fn net_frame(data: &[u8]) {
 /// bounded decompression) and as a metadata journal (replay). Never panics on any input;
 /// memory stays bounded by the extent size whatever the input claims.
 pub fn tier_record(data: &[u8]) {
-    use crate::tier::{journal, record};
+    use crate::storage::tier::{journal, record};
     let mut input = Input(data);
     let extent = u64::from(input.u8() % 4);
     let generation = u64::from(input.u8() % 4);

@@ -4,8 +4,8 @@
 //! Layout: [`devices`] (one directory per device type), [`storage`] (I/O engines and backing
 //! files, unaware of vhost-user), [`vring`] (our extensions to `vhost-user-backend`'s rings),
 //! [`daemon`] (process lifecycle), [`registry`] (running devices), [`state`] (persistence),
-//! [`control`] (the JSON-RPC control socket), [`sys`] (the few raw syscalls), [`tier`]
-//! (storage tiering: formats and policies).
+//! [`control`] (the JSON-RPC control socket), [`sys`] (the few raw syscalls). Storage
+//! tiering (formats, moves, policies) is an engine wrapper in [`storage::tier`].
 
 pub mod config;
 pub mod control;
@@ -20,5 +20,4 @@ pub mod registry;
 pub mod state;
 pub mod storage;
 pub mod sys;
-pub mod tier;
 pub mod vring;

@@ -65,7 +65,7 @@ fn blk_request_survives_structured_noise() {
 /// Valid tier inputs (a record, a journal) as the fuzz entry point sees them: two selector
 /// bytes, then the bytes.
 fn tier_inputs() -> Vec<Vec<u8>> {
-    use novacron::tier::{journal, record};
+    use novacron::storage::tier::{journal, record};
     let text: Vec<u8> = b"cold tier record "
         .iter()
         .cycle()

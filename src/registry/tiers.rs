@@ -13,7 +13,7 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use super::{Device, Registry, RegistryError};
-use crate::tier::store::TierStore;
+use crate::storage::tier::store::TierStore;
 
 /// Which extents a move request names.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,8 +32,8 @@ impl Registry {
         match &self.entry(id)?.device {
             Device::Blk(device) => device
                 .shared()
-                .tier
-                .clone()
+                .tier()
+                .cloned()
                 .ok_or_else(|| RegistryError::NotTiered(id.to_string())),
             Device::Net(_) => Err(RegistryError::NotTiered(id.to_string())),
         }
@@ -46,11 +46,7 @@ impl Registry {
         self.devices
             .iter()
             .filter_map(|(id, entry)| match &entry.device {
-                Device::Blk(device) => device
-                    .shared()
-                    .tier
-                    .as_ref()
-                    .map(|t| (id.clone(), status(id, t))),
+                Device::Blk(device) => device.shared().tier().map(|t| (id.clone(), status(id, t))),
                 Device::Net(_) => None,
             })
             .collect()

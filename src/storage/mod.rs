@@ -21,12 +21,15 @@
 pub mod backing;
 pub mod iov;
 pub mod null;
+pub mod open;
 pub mod sync;
+pub mod tier;
 pub mod uring;
 
 use std::os::fd::RawFd;
 
 pub use iov::GuestIovecs;
+pub use open::{open_engine, EngineKind, EngineSource};
 
 /// Errors from an engine itself (not from one op: those are [`Completion`] errnos).
 #[derive(Debug, thiserror::Error)]

@@ -32,15 +32,7 @@ pub enum BlkConfigError {
     Invalid(String),
 }
 
-/// Which I/O engine serves the device's queues.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum EngineKind {
-    /// One io_uring per queue worker (falls back to `sync` when io_uring is unavailable).
-    Uring,
-    /// Blocking `preadv`/`pwritev` on the worker thread.
-    Sync,
-}
+pub use crate::storage::EngineKind;
 
 /// Where the device's blocks live.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
@@ -62,7 +54,7 @@ pub struct TierSpec {
     /// zstd level for demotions.
     pub zstd_level: i32,
     /// Automatic moves.
-    pub policy: crate::tier::policy::TierPolicy,
+    pub policy: crate::storage::tier::policy::TierPolicy,
 }
 
 /// A validated virtio-blk device configuration.
@@ -123,7 +115,7 @@ impl BlkConfig {
         let tier_cold = options.take_str("tier-cold");
         let extent = options.take_size("extent")?;
         let zstd_level = options.take::<i32>("zstd-level")?;
-        let policy = crate::tier::policy::TierPolicy::from_options(&mut options)?;
+        let policy = crate::storage::tier::policy::TierPolicy::from_options(&mut options)?;
         let path = match (&tier_hot, options.take_str("path")) {
             (Some(_), Some(_)) => return Err(invalid("give either path= or tier-hot=, not both")),
             (Some(hot), None) => hot.clone(),

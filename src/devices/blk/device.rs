@@ -11,28 +11,18 @@
 // panic or wrap silently (checked, saturating or `get` instead).
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
-use std::fs::File;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use super::backend::BlkBackend;
-use super::config::{BackingSpec, BlkConfig, EngineKind};
+use super::config::{BackingSpec, BlkConfig};
 use super::request::Limits;
-use super::spec::{ConfigSpace, MAX_IOVECS, SECTOR_SHIFT};
-use super::stats::{QueueSnapshot, QueueStats};
-use crate::devices::runner::{BackendFactory, DeviceRunner, RunnerError};
-use crate::qos::config::QosConfig;
-use crate::qos::group::SharedLimiter;
+use super::shared::DeviceShared;
+use crate::devices::shell::runner::{DeviceRunner, RunnerError};
 use crate::qos::handle::QosHandle;
-use crate::qos::limiter::LimitError;
 use crate::storage::backing::{open_backing, open_log, BackingError, OpenRequest};
-use crate::storage::null::NullEngine;
-use crate::storage::sync::SyncEngine;
-use crate::storage::uring::UringEngine;
-use crate::storage::{uring_available, Engine, EngineError};
+use crate::storage::tier::store::{TierError, TierStore};
+use crate::storage::EngineSource;
 use crate::sys::poll::wait_readable_for;
-use crate::tier::engine::TierEngine;
-use crate::tier::store::{TierError, TierStore};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -53,115 +43,6 @@ pub enum DeviceError {
     #[error(transparent)]
     Runner(#[from] RunnerError),
 }
-
-/// State shared by a device's connections and workers.
-pub struct DeviceShared {
-    /// Device id, for logs and stats.
-    pub id: String,
-    /// GET_ID serial.
-    pub serial: String,
-    /// Number of queues.
-    pub queues: u16,
-    /// Largest queue size.
-    pub queue_size: u16,
-    /// What validation checks against.
-    pub limits: Limits,
-    /// Logical block size.
-    pub logical_block_size: u32,
-    /// Set by the first failed flush; every later flush fails.
-    pub flush_failed: AtomicBool,
-    /// How long workers poll for more work after the ring runs dry.
-    pub poll: std::time::Duration,
-    /// Whether a front-end is connected now.
-    pub connected: Arc<AtomicBool>,
-    /// The device's rate limits (own and group), shared by its queues.
-    pub qos: QosHandle,
-    file: Option<Arc<File>>,
-    engine: EngineKind,
-    /// The tier store of a tiered disk.
-    pub tier: Option<Arc<TierStore>>,
-    stats: Vec<Arc<QueueStats>>,
-}
-
-impl DeviceShared {
-    /// A new engine for one queue worker.
-    pub fn new_engine(&self) -> Result<Box<dyn Engine>, EngineError> {
-        let Some(file) = &self.file else {
-            return Ok(Box::new(NullEngine::default()));
-        };
-        let inner: Box<dyn Engine> = match self.engine {
-            EngineKind::Uring => {
-                let entries = u32::from(self.queue_size).saturating_mul(2);
-                Box::new(UringEngine::new(Arc::clone(file), entries)?)
-            }
-            EngineKind::Sync => Box::new(SyncEngine::new(Arc::clone(file))),
-        };
-        Ok(match &self.tier {
-            Some(store) => Box::new(TierEngine::new(inner, Arc::clone(store))),
-            None => inner,
-        })
-    }
-
-    /// Replaces the rate limits; takes effect for the next request on every queue.
-    pub fn set_qos(&self, config: &QosConfig) -> Result<(), LimitError> {
-        self.qos.set_limits(config)
-    }
-
-    /// Joins `group` (or leaves the current one with `None`).
-    pub fn set_group(&self, group: Option<Arc<SharedLimiter>>) {
-        self.qos.set_group(group);
-    }
-
-    /// The device's own current tokens, by limit name.
-    pub fn qos_tokens(&self) -> Vec<(String, i64)> {
-        self.qos.tokens()
-    }
-
-    /// The current rate-limit settings.
-    pub fn qos_config(&self) -> QosConfig {
-        self.qos.config()
-    }
-
-    /// The counters of queue `queue`.
-    pub fn queue_stats(&self, queue: u16) -> Arc<QueueStats> {
-        // Queue ids come from the worker set built from `queues`; a stray one gets fresh,
-        // unreported counters rather than a panic.
-        self.stats
-            .get(usize::from(queue))
-            .map_or_else(Arc::default, Arc::clone)
-    }
-
-    /// Snapshots of every queue's counters.
-    pub fn stats(&self) -> Vec<QueueSnapshot> {
-        self.stats.iter().map(|s| s.snapshot()).collect()
-    }
-
-    /// The engine actually in use ("null" for the null device).
-    pub fn engine_name(&self) -> &'static str {
-        match (&self.file, self.engine) {
-            (None, _) => "null",
-            (Some(_), EngineKind::Uring) => "uring",
-            (Some(_), EngineKind::Sync) => "sync",
-        }
-    }
-
-    /// The virtio-blk config space.
-    pub fn config_space(&self) -> ConfigSpace {
-        // Linux sizes scatter lists from seg_max; leave room for header and status and stay
-        // within what one preadv/pwritev accepts.
-        let seg_max = u32::from(self.queue_size)
-            .saturating_sub(2)
-            .clamp(1, MAX_IOVECS_U32.saturating_sub(2));
-        ConfigSpace {
-            capacity_sectors: self.limits.capacity >> SECTOR_SHIFT,
-            seg_max,
-            logical_block_size: self.logical_block_size,
-            num_queues: self.queues,
-        }
-    }
-}
-
-const MAX_IOVECS_U32: u32 = MAX_IOVECS as u32;
 
 /// Runs a tiered disk's automatic policy once a second until `stop` is signalled.
 fn start_policy_thread(
@@ -235,13 +116,12 @@ impl BlkDevice {
             }
             _ => None,
         };
-        let mut engine = config.engine;
-        if engine == EngineKind::Uring && file.is_some() && !uring_available() {
+        let engine = config.engine.available();
+        if engine != config.engine && file.is_some() {
             log::warn!(
                 "{}: io_uring unavailable, falling back to the sync engine",
                 config.id
             );
-            engine = EngineKind::Sync;
         }
         let shared = Arc::new(DeviceShared {
             id: config.id.clone(),
@@ -257,24 +137,21 @@ impl BlkDevice {
             poll: std::time::Duration::from_micros(u64::from(config.poll_us)),
             connected: Arc::new(AtomicBool::new(false)),
             qos: QosHandle::default(),
-            file,
-            engine,
-            tier,
+            engine: EngineSource {
+                kind: file.is_some().then_some(engine),
+                file,
+                tier,
+            },
             stats: (0..config.queues).map(|_| Arc::default()).collect(),
         });
         if let Err(e) = shared.set_qos(&config.qos) {
             // Validated when the options were parsed; unreachable unless that changes.
             log::error!("{}: rate limits ignored: {e}", config.id);
         }
-        let factory: BackendFactory<BlkBackend> = {
-            let shared = Arc::clone(&shared);
-            Box::new(move |memory| Ok(Arc::new(BlkBackend::new(Arc::clone(&shared), memory)?)))
-        };
         let runner = DeviceRunner::start(
-            &config.id,
             &config.socket,
             Arc::clone(&shared.connected),
-            factory,
+            Arc::clone(&shared),
         )?;
         log::info!(
             "{}: serving {} ({} bytes, {} queue(s), engine {}) on {}",
@@ -288,7 +165,7 @@ impl BlkDevice {
             shared.engine_name(),
             config.socket.display()
         );
-        let policy = match (&shared.tier, &config.tier) {
+        let policy = match (shared.tier(), &config.tier) {
             (Some(store), Some(spec)) => {
                 store.set_policy(spec.policy);
                 Some(start_policy_thread(&config.id, Arc::clone(store))?)
@@ -328,7 +205,7 @@ impl BlkDevice {
             }
         }
         self.runner.stop();
-        if let Some(tier) = &self.shared.tier {
+        if let Some(tier) = self.shared.tier() {
             if let Err(e) = tier.close() {
                 log::error!(
                     "{}: cannot mark the tier metadata clean: {e}",

@@ -4,7 +4,8 @@
 //! - [`spec`]: feature bits, config space, limits;
 //! - [`request`]: descriptor chain → validated request (all guest input checks);
 //! - [`worker`]: one per queue: parse, run on the engine, complete;
-//! - [`backend`]: the thin vhost-user backend;
+//! - [`backend`]: the device and worker as the vhost-user shell sees them;
+//! - [`shared`]: state shared by connections and workers (imports nothing of the device);
 //! - [`device`]: socket, reconnects, shared state;
 //! - [`stats`]: per-queue counters;
 //! - [`throttle`]: requests waiting for QoS tokens.
@@ -13,6 +14,7 @@ pub mod backend;
 pub mod config;
 pub mod device;
 pub mod request;
+pub mod shared;
 pub mod spec;
 pub mod stats;
 pub mod throttle;

@@ -108,7 +108,7 @@ impl ConfigSpace {
 
     /// The bytes a GET_CONFIG for `offset..offset+size` returns; out-of-range bytes read as 0.
     pub fn read(&self, offset: u32, size: u32) -> Vec<u8> {
-        crate::devices::read_config_window(&self.to_bytes(), offset, size)
+        crate::devices::shell::read_config_window(&self.to_bytes(), offset, size)
     }
 }
 

@@ -12,8 +12,8 @@ use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::device::DeviceShared;
 use super::request::{Request, RequestKind};
+use super::shared::DeviceShared;
 use crate::qos::limiter::{Cost, CostKind};
 use crate::qos::timer::QosTimer;
 pub use crate::qos::timer::TimerError;

@@ -29,8 +29,8 @@ use virtio_bindings::virtio_blk::{VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTI
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 
-use super::device::DeviceShared;
 use super::request::{self, Rejection, Request, RequestKind};
+use super::shared::DeviceShared;
 use super::stats::{OpClass, QueueStats};
 use super::throttle::{Deferred, Throttle, TimerError};
 use crate::storage::{Completion, Engine, GuestIovecs, IoOp, OpKind};

@@ -10,18 +10,16 @@
 // panic or wrap silently (checked, saturating or `get` instead).
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, RwLock};
 
-use super::backend::NetBackend;
 use super::config::{NetBackendSpec, NetConfig};
-use super::fabric::{Fabric, Port, PortSink, RxTarget, SwitchHub};
-use super::spec::ConfigSpace;
+use super::fabric::{Fabric, PortSink};
+use super::shared::NetShared;
 use super::stats::{NetSnapshot, NetStats};
 use super::switch::PortConfig;
 use super::tap_queue::{TapQueue, TapQueueError};
-use crate::devices::runner::{BackendFactory, DeviceRunner, RunnerError};
-use crate::lock::lock;
+use crate::devices::shell::runner::{DeviceRunner, RunnerError};
 use crate::qos::handle::QosHandle;
 
 /// Errors starting a net device.
@@ -39,114 +37,6 @@ pub enum NetDeviceError {
     /// The socket or its thread could not be set up.
     #[error(transparent)]
     Runner(#[from] RunnerError),
-}
-
-/// State shared by a device's connections and workers.
-pub struct NetShared {
-    /// The device's configuration.
-    pub config: NetConfig,
-    /// Counters (both directions, all pairs).
-    pub stats: Arc<NetStats>,
-    /// Whether a front-end is connected now.
-    pub connected: Arc<AtomicBool>,
-    /// Rate limits (own and group); a switch port's senders consult it too.
-    pub qos: Arc<QosHandle>,
-    link_up: AtomicBool,
-    acked_features: Arc<AtomicU64>,
-    taps: Mutex<Vec<Option<TapQueue>>>,
-    port: Option<(Arc<SwitchHub>, Arc<Port>)>,
-    /// The front-end's backend-request channel, for config-change notifications.
-    backend_channel: Mutex<Option<std::os::unix::net::UnixStream>>,
-}
-
-impl NetShared {
-    /// The features the current front-end acked.
-    pub fn acked_features(&self) -> u64 {
-        self.acked_features.load(Ordering::Acquire)
-    }
-
-    /// The acked features as a cell the switch port's receive side reads too.
-    pub fn acked_features_cell(&self) -> Arc<AtomicU64> {
-        Arc::clone(&self.acked_features)
-    }
-
-    /// Records the features the front-end acked.
-    pub fn set_acked_features(&self, features: u64) {
-        self.acked_features.store(features, Ordering::Release);
-    }
-
-    /// Records link state (config space status, stats), logging changes and telling the
-    /// front-end (VHOST_USER_BACKEND_CONFIG_CHANGE_MSG) when it gave us a channel for that.
-    pub fn set_link(&self, up: bool) {
-        if self.link_up.swap(up, Ordering::AcqRel) != up {
-            log::info!(
-                "{}: link {}",
-                self.config.id,
-                if up { "up" } else { "down" }
-            );
-            if let Some(channel) = lock(&self.backend_channel).as_mut() {
-                if let Err(e) = crate::devices::relay::send_config_change(channel) {
-                    log::warn!("{}: cannot notify the config change: {e}", self.config.id);
-                }
-            }
-        }
-    }
-
-    /// Keeps (or with `None` drops) the front-end's backend-request channel.
-    pub fn set_backend_channel(&self, channel: Option<std::os::unix::net::UnixStream>) {
-        if let Some(channel) = &channel {
-            // Never let a front-end that does not read its channel block a worker.
-            if let Err(e) = channel.set_nonblocking(true) {
-                log::warn!("{}: backend channel: {e}", self.config.id);
-            }
-        }
-        *lock(&self.backend_channel) = channel;
-    }
-
-    /// Whether the link is up.
-    pub fn link_up(&self) -> bool {
-        self.link_up.load(Ordering::Acquire)
-    }
-
-    /// The config space as it reads now.
-    pub fn config_space(&self) -> ConfigSpace {
-        ConfigSpace {
-            mac: self.config.mac,
-            link_up: self.link_up(),
-            max_queue_pairs: self.config.queue_pairs,
-            mtu: self.config.mtu,
-        }
-    }
-
-    /// Takes tap queue `pair` for a connection's worker.
-    pub fn take_tap(&self, pair: u16) -> Option<TapQueue> {
-        lock(&self.taps).get_mut(usize::from(pair))?.take()
-    }
-
-    /// Gives a tap queue back when the connection ends.
-    pub fn return_tap(&self, pair: u16, tap: TapQueue) {
-        if let Some(slot) = lock(&self.taps).get_mut(usize::from(pair)) {
-            *slot = Some(tap);
-        }
-    }
-
-    /// The switch and port, for a switch port.
-    pub fn switch_port(&self) -> Option<(Arc<SwitchHub>, Arc<Port>)> {
-        self.port
-            .as_ref()
-            .map(|(hub, port)| (Arc::clone(hub), Arc::clone(port)))
-    }
-
-    /// Connects (or with `None` disconnects) the switch port's receive side.
-    pub fn connect_port(&self, target: Option<Arc<RxTarget>>) {
-        if let Some((_, port)) = &self.port {
-            if let PortSink::Guest(slot) = &port.sink {
-                *slot
-                    .write()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = target;
-            }
-        }
-    }
 }
 
 /// A running net device.
@@ -195,31 +85,16 @@ impl NetDevice {
                 port = Some((hub, attached));
             }
         }
-        let shared = Arc::new(NetShared {
-            config,
-            stats,
-            connected: Arc::new(AtomicBool::new(false)),
-            qos,
-            link_up: AtomicBool::new(true),
-            acked_features: Arc::new(AtomicU64::new(0)),
-            taps: Mutex::new(taps),
-            port,
-            backend_channel: Mutex::new(None),
-        });
-        let factory: BackendFactory<NetBackend> = {
-            let shared = Arc::clone(&shared);
-            Box::new(move |memory| Ok(Arc::new(NetBackend::new(Arc::clone(&shared), memory)?)))
-        };
+        let shared = Arc::new(NetShared::new(config, stats, qos, taps, port));
         let started = DeviceRunner::start(
-            &shared.config.id,
             &shared.config.socket,
             Arc::clone(&shared.connected),
-            factory,
+            Arc::clone(&shared),
         );
         let runner = match started {
             Ok(runner) => runner,
             Err(e) => {
-                if let Some((hub, port)) = &shared.port {
+                if let Some((hub, port)) = shared.switch_port() {
                     hub.detach(port.number);
                 }
                 return Err(e.into());
@@ -276,7 +151,7 @@ impl NetDevice {
         if let Some(runner) = self.runner.take() {
             runner.stop();
         }
-        if let Some((hub, port)) = &self.shared.port {
+        if let Some((hub, port)) = self.shared.switch_port() {
             hub.detach(port.number);
         }
     }

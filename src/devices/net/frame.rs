@@ -57,6 +57,81 @@ pub struct RxBuffer {
     pub capacity: u32,
 }
 
+/// A frame on its way through a switch.
+#[derive(Debug, Clone, Copy)]
+pub enum FrameRef<'a> {
+    /// In a sending guest's tx buffers: the whole chain, header first.
+    Guest {
+        /// The sender's memory.
+        memory: &'a GuestMemory,
+        /// The chain.
+        spans: &'a [Span],
+        /// The checked header (our copy).
+        header: NetHeader,
+        /// Bytes after the header.
+        frame_len: u32,
+    },
+    /// In our memory (from an uplink tap, or after a software checksum).
+    Bytes {
+        /// The header.
+        header: NetHeader,
+        /// The Ethernet frame.
+        frame: &'a [u8],
+    },
+}
+
+impl FrameRef<'_> {
+    /// The (checked) virtio-net header.
+    pub fn header(&self) -> NetHeader {
+        match self {
+            FrameRef::Guest { header, .. } | FrameRef::Bytes { header, .. } => *header,
+        }
+    }
+
+    /// Bytes after the header.
+    #[allow(clippy::len_without_is_empty)] // a frame is never empty once checked
+    pub fn len(&self) -> u32 {
+        match self {
+            FrameRef::Guest { frame_len, .. } => *frame_len,
+            FrameRef::Bytes { frame, .. } => u32::try_from(frame.len()).unwrap_or(u32::MAX),
+        }
+    }
+
+    /// The first bytes of the Ethernet frame (for the forwarding decision).
+    pub fn ethernet_header(&self) -> [u8; 14] {
+        let mut eth = [0u8; 14];
+        match self {
+            FrameRef::Guest { memory, spans, .. } => {
+                // A frame shorter than 14 bytes leaves zeros; the switch refuses it by length.
+                let _ = read_stream(memory, spans, HEADER_LEN as u64, &mut eth);
+            }
+            FrameRef::Bytes { frame, .. } => {
+                for (dst, src) in eth.iter_mut().zip(frame.iter()) {
+                    *dst = *src;
+                }
+            }
+        }
+        eth
+    }
+
+    /// The frame linearised into our memory.
+    pub fn linearised(&self) -> Result<Vec<u8>, Drop> {
+        match self {
+            FrameRef::Guest {
+                memory,
+                spans,
+                frame_len,
+                ..
+            } => {
+                let mut out = vec![0u8; *frame_len as usize];
+                read_stream(memory, spans, HEADER_LEN as u64, &mut out)?;
+                Ok(out)
+            }
+            FrameRef::Bytes { frame, .. } => Ok(frame.to_vec()),
+        }
+    }
+}
+
 /// Checks a transmit chain for a link with `mtu`.
 pub fn tx_frame(mem: &GuestMemory, buffers: &[Buffer], mtu: u16) -> Result<TxFrame, Drop> {
     if buffers.iter().any(|b| b.writable) {

@@ -1,12 +1,14 @@
 //! virtio-net over vhost-user.
 //!
 //! - [`config`]: the `--net` option list;
-//! - [`device`]: taps or switch port, socket, reconnects, shared state;
-//! - [`backend`]: the thin vhost-user backend;
+//! - [`device`]: the device's lifetime: taps or switch port, socket;
+//! - [`shared`]: state shared by connections and workers (imports nothing of the above);
+//! - [`backend`]: the device and worker as the vhost-user shell sees them;
 //! - [`worker`]: one per queue pair: tx to tap or switch, rx from the tap;
 //! - [`spec`]: feature bits, config space;
 //! - [`frame`]: tx chains → checked frames, rx chains → buffers, and the copies;
-//! - [`rx`]: taking rx chains for a frame and returning them whole;
+//! - [`rx`]: taking rx chains for a frame and returning them whole; a switch port's
+//!   receive side;
 //! - [`stats`]: counters and drop reasons;
 //! - [`tap_queue`]: one tap queue, readv/writev, loss and recovery;
 //! - [`fabric`]: named switches, ports, guest-to-guest delivery, uplinks;
@@ -21,6 +23,7 @@ pub mod fabric;
 pub mod frame;
 pub mod header;
 pub mod rx;
+pub mod shared;
 pub mod spec;
 pub mod stats;
 pub mod switch;

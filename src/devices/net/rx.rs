@@ -1,3 +1,7 @@
+//! Filling a guest's receive queue ([`RxBatch`]), and a guest's receive side as switch
+//! senders see it ([`RxTarget`]: one copy from the sender's frame into the receiver's chains,
+//! under that rx queue's lock).
+//!
 //! Filling a guest's receive queue: take enough rx chains for a frame, let the caller put the
 //! bytes in (a tap `readv` straight into them, or a guest-to-guest copy from a switch port),
 //! then return exactly the chains used, with `num_buffers` set, in one step.
@@ -14,14 +18,19 @@
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use std::num::Wrapping;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
+use vhost_user_backend::VringT;
 use virtio_queue::{Queue, QueueT};
+use vm_memory::GuestAddressSpace;
 
-use super::frame::{rx_buffer, RxBuffer};
-use super::header::HEADER_LEN;
-use super::stats::Drop;
+use super::frame::{copy_between, copy_in, rx_buffer, write_stream, FrameRef, RxBuffer};
+use super::header::{complete_checksum, NetHeader, F_NEEDS_CSUM, HEADER_LEN};
+use super::spec::Negotiated;
+use super::stats::{Direction, Drop, NetStats};
 use crate::devices::desc::collect_buffers;
-use crate::vring::{add_used_batch, GuestMemory};
+use crate::vring::{add_used_batch, AtomicGuestMemory, CheckedVring, GuestMemory};
 
 /// Chains taken for one frame.
 #[derive(Debug, Default)]
@@ -148,4 +157,172 @@ fn rewind(queue: &mut Queue, count: usize) {
     let count = Wrapping(u16::try_from(count).unwrap_or(u16::MAX));
     let next = Wrapping(queue.next_avail()) - count;
     queue.set_next_avail(next.0);
+}
+
+/// A guest's receive side as seen by senders: its rx queues, memory and offloads.
+pub struct RxTarget {
+    /// The rx vring of each queue pair, set once when the connection's vrings are created.
+    queues: std::sync::OnceLock<Vec<CheckedVring>>,
+    memory: AtomicGuestMemory,
+    /// The device's acked feature bits (shared with it; decoded per frame, no lock).
+    features: Arc<AtomicU64>,
+}
+
+impl RxTarget {
+    /// A receive side whose rx queues are given later ([`RxTarget::set_queues`]).
+    pub fn new(memory: AtomicGuestMemory, features: Arc<AtomicU64>) -> Self {
+        Self {
+            queues: std::sync::OnceLock::new(),
+            memory,
+            features,
+        }
+    }
+
+    /// Records the rx vring of every queue pair (once per connection).
+    pub fn set_queues(&self, queues: Vec<CheckedVring>) {
+        if self.queues.set(queues).is_err() {
+            log::warn!("rx queues given twice for one connection; keeping the first");
+        }
+    }
+
+    /// Locks the rx queue for a flow: the one `hash` picks, or the next usable one if that
+    /// one is stopped or disabled. One vring lock per frame.
+    fn lock_queue(
+        &self,
+        hash: usize,
+    ) -> Option<std::sync::MutexGuard<'_, vhost_user_backend::VringState<AtomicGuestMemory>>> {
+        let queues = self.queues.get()?;
+        let count = queues.len();
+        let start = hash.checked_rem(count.max(1)).unwrap_or(0);
+        (0..count).find_map(|i| {
+            let vring = queues.get(start.saturating_add(i).checked_rem(count)?)?;
+            let state = vring.get_mut();
+            (state.get_queue().ready() && state.is_enabled()).then_some(state)
+        })
+    }
+
+    /// Copies `frame` into the guest's rx buffers and returns them.
+    pub fn deliver(&self, frame: &FrameRef<'_>, hash: usize, stats: &NetStats) -> Result<(), Drop> {
+        let negotiated = Negotiated::from_features(self.features.load(Ordering::Acquire));
+        let header = frame.header();
+        if header.is_gso() && !negotiated.accepts_gso(header.gso_type) {
+            return Err(Drop::GsoUnsupported);
+        }
+        if header.flags & F_NEEDS_CSUM != 0 && !negotiated.guest_csum {
+            let mut bytes = frame.linearised()?;
+            complete_checksum(&mut bytes, &header).map_err(|_| Drop::BadHeader)?;
+            let plain = NetHeader {
+                flags: 0,
+                csum_start: 0,
+                csum_offset: 0,
+                ..header
+            };
+            return self.deliver(
+                &FrameRef::Bytes {
+                    header: plain,
+                    frame: &bytes,
+                },
+                hash,
+                stats,
+            );
+        }
+        let memory = self.memory.memory();
+        let frame_len = u64::from(frame.len());
+        let need = frame_len.saturating_add(HEADER_LEN as u64);
+        let mut state = self.lock_queue(hash).ok_or(Drop::LinkDown)?;
+        let signal = SCRATCH.with(|scratch| {
+            // One batch per sending thread, reused: no allocation per frame.
+            let mut batch = scratch.borrow_mut();
+            let gathered = batch.gather(
+                state.get_queue_mut(),
+                &memory,
+                need,
+                negotiated.mergeable_rx,
+                |reason| stats.dropped(Direction::Rx, reason),
+            );
+            match gathered {
+                Ok(Gathered::Ready) => {}
+                Ok(Gathered::Empty) => return Err(Drop::NoRxBuffers),
+                Err(_) => return Err(Drop::BrokenChain),
+            }
+            if batch.capacity() < need {
+                batch.put_back(state.get_queue_mut());
+                return Err(Drop::TooLarge);
+            }
+            let out_header = NetHeader {
+                num_buffers: 1,
+                ..header
+            };
+            if fill(&memory, &batch, &out_header, frame) != Ok(frame_len) {
+                batch.put_back(state.get_queue_mut());
+                return Err(Drop::BadAddress);
+            }
+            batch
+                .commit(state.get_queue_mut(), &memory, need)
+                .map_err(|_| Drop::BrokenChain)
+        })?;
+        if signal {
+            if let Err(e) = state.signal_used_queue() {
+                log::debug!("rx notify failed: {e}");
+            }
+        }
+        stats.received(frame_len);
+        Ok(())
+    }
+}
+
+thread_local! {
+    /// The rx batch of the current sending thread.
+    static SCRATCH: std::cell::RefCell<RxBatch> = std::cell::RefCell::new(RxBatch::default());
+}
+
+/// Writes header and frame into the batch's chains; returns the frame bytes copied.
+fn fill(
+    memory: &GuestMemory,
+    batch: &RxBatch,
+    header: &NetHeader,
+    frame: &FrameRef<'_>,
+) -> Result<u64, Drop> {
+    let first = batch.buffers().first().ok_or(Drop::NoRxBuffers)?;
+    write_stream(memory, &first.spans, 0, &header.to_bytes())?;
+    let total = u64::from(frame.len());
+    let mut done = 0u64;
+    for (i, buffer) in batch.buffers().iter().enumerate() {
+        if done >= total {
+            break;
+        }
+        let skip = if i == 0 { HEADER_LEN as u64 } else { 0 };
+        let room = u64::from(buffer.capacity).saturating_sub(skip);
+        let chunk = room.min(total.saturating_sub(done));
+        let copied = match frame {
+            FrameRef::Guest {
+                memory: src_memory,
+                spans,
+                ..
+            } => copy_between(
+                src_memory,
+                spans,
+                (HEADER_LEN as u64).saturating_add(done),
+                memory,
+                &buffer.spans,
+                skip,
+                chunk,
+            )?,
+            FrameRef::Bytes { frame, .. } => {
+                let start = usize::try_from(done).unwrap_or(usize::MAX);
+                let end = usize::try_from(done.saturating_add(chunk)).unwrap_or(usize::MAX);
+                copy_in(
+                    memory,
+                    &buffer.spans,
+                    skip,
+                    frame.get(start..end).unwrap_or_default(),
+                )?
+            }
+        };
+        done = done.saturating_add(copied);
+        if copied < chunk {
+            break;
+        }
+    }
+    Ok(done)
 }

@@ -142,7 +142,7 @@ impl ConfigSpace {
 
     /// The bytes a GET_CONFIG for `offset..offset+size` returns.
     pub fn read(&self, offset: u32, size: u32) -> Vec<u8> {
-        crate::devices::read_config_window(&self.to_bytes(), offset, size)
+        crate::devices::shell::read_config_window(&self.to_bytes(), offset, size)
     }
 }
 

@@ -21,8 +21,8 @@ use std::time::Duration;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::timerfd::TimerFd;
 
-use super::fabric::FrameRef;
 use super::frame::host_iovecs;
+use super::frame::FrameRef;
 use super::header::HEADER_LEN;
 use super::stats::Drop;
 use crate::storage::GuestIovecs;

@@ -16,7 +16,8 @@ use std::thread::JoinHandle;
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::fabric::{FrameRef, Port, PortSink, SwitchHub};
+use super::fabric::{Port, PortSink, SwitchHub};
+use super::frame::FrameRef;
 use super::header::{NetHeader, HEADER_LEN, MAX_GSO_FRAME};
 use super::stats::{Direction, Drop, NetStats};
 use super::switch::PortConfig;

@@ -21,11 +21,13 @@ use vhost_user_backend::VringT;
 use virtio_queue::QueueT;
 use vm_memory::GuestAddressSpace;
 
-use super::device::NetShared;
-use super::fabric::{FrameRef, Port, RxTarget, SwitchHub};
+use super::fabric::{Port, SwitchHub};
+use super::frame::FrameRef;
 use super::frame::{host_iovecs, tx_frame, TxFrame};
 use super::header::{HEADER_LEN, MAX_GSO_FRAME};
+use super::rx::RxTarget;
 use super::rx::{Gathered, RxBatch};
+use super::shared::NetShared;
 use super::spec::Negotiated;
 use super::stats::{Direction, Drop};
 use super::tap_queue::TapQueue;
@@ -116,6 +118,11 @@ impl PairWorker {
             tx_held: false,
             rx_held: false,
         })
+    }
+
+    /// The queue pair this worker serves.
+    pub fn pair(&self) -> u16 {
+        self.pair
     }
 
     /// The QoS timer's fd, for the thread's event loop.

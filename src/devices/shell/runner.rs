@@ -11,24 +11,23 @@
 // panic or wrap silently (checked, saturating or `get` instead).
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 
 use vhost::vhost_user::Listener;
-use vhost_user_backend::{VhostUserBackend, VhostUserDaemon};
+use vhost_user_backend::VhostUserDaemon;
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
-use vmm_sys_util::event::{
-    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
-};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
+use super::backend::DeviceBackend;
+use super::device::Device;
 use crate::lock::lock;
 use crate::sys::poll::{wait_readable, Readable};
-use crate::vring::{collect_created, AtomicGuestMemory, CheckedVring};
+use crate::vring::collect_created;
 
 /// Errors starting a device's socket.
 #[derive(Debug, thiserror::Error)]
@@ -47,54 +46,6 @@ pub enum RunnerError {
     Thread(#[source] std::io::Error),
 }
 
-/// One exit event per worker thread of a connection: `vhost-user-backend` watches each in its
-/// thread's event loop and leaves the loop when it fires.
-pub struct ExitEvents(Vec<(EventConsumer, EventNotifier)>);
-
-impl ExitEvents {
-    /// Events for `threads` worker threads.
-    pub fn new(threads: usize) -> std::io::Result<Self> {
-        (0..threads)
-            .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK))
-            .collect::<std::io::Result<Vec<_>>>()
-            .map(Self)
-    }
-
-    /// Thread `index`'s event, for `VhostUserBackend::exit_event`.
-    pub fn get(&self, index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        let (consumer, notifier) = self.0.get(index)?;
-        Some((consumer.try_clone().ok()?, notifier.try_clone().ok()?))
-    }
-
-    /// Tells every worker thread to leave its event loop.
-    pub fn signal(&self, id: &str) {
-        for (_, notifier) in &self.0 {
-            if let Err(e) = notifier.notify() {
-                log::warn!("{id}: cannot signal worker exit: {e}");
-            }
-        }
-    }
-}
-
-/// A backend built per connection.
-pub trait SessionBackend:
-    VhostUserBackend<Vring = CheckedVring, Bitmap = ()> + Send + Sync + 'static
-{
-    /// Extra fds each worker thread's event loop watches: `(thread, fd, event id)`.
-    fn listeners(&self) -> Vec<(usize, RawFd, u64)>;
-    /// Tells every worker thread to leave its event loop (after the front-end left).
-    fn signal_exit(&self);
-    /// The connection's vrings, in queue order, as soon as they exist (before any message).
-    fn vrings_created(&self, _vrings: &[CheckedVring]) {}
-    /// The front-end set up the backend-request channel (a duplicate of its socket).
-    fn backend_channel(&self, _channel: std::os::unix::net::UnixStream) {}
-}
-
-/// Builds a backend for a new connection over the connection's guest memory.
-pub type BackendFactory<B> = Box<
-    dyn Fn(AtomicGuestMemory) -> Result<Arc<B>, Box<dyn std::error::Error + Send + Sync>> + Send,
->;
-
 /// Wakes the device thread and the connected front-end's handler for shutdown.
 struct StopSignal {
     requested: AtomicBool,
@@ -111,14 +62,15 @@ pub struct DeviceRunner {
 }
 
 impl DeviceRunner {
-    /// Listens on `socket` and serves front-ends with backends from `factory`; `connected`
-    /// tracks whether one is attached.
-    pub fn start<B: SessionBackend>(
-        id: &str,
+    /// Listens on `socket` and serves front-ends with fresh backends of `device`;
+    /// `connected` tracks whether one is attached.
+    pub fn start<D: Device>(
         socket: &Path,
         connected: Arc<AtomicBool>,
-        factory: BackendFactory<B>,
+        device: Arc<D>,
     ) -> Result<Self, RunnerError> {
+        let id = device.id().to_string();
+        let id = id.as_str();
         let listen_error = |source| RunnerError::Listen {
             path: socket.to_path_buf(),
             source,
@@ -141,7 +93,7 @@ impl DeviceRunner {
             let id = id.to_string();
             std::thread::Builder::new()
                 .name(format!("dev-{id}"))
-                .spawn(move || serve(&id, listener, &stop, &connected, &factory))
+                .spawn(move || serve(&id, listener, &stop, &connected, &device))
                 .map_err(RunnerError::Thread)?
         };
         Ok(Self {
@@ -182,12 +134,12 @@ impl Drop for DeviceRunner {
     }
 }
 
-fn serve<B: SessionBackend>(
+fn serve<D: Device>(
     id: &str,
     mut listener: Listener,
     stop: &StopSignal,
     connected: &AtomicBool,
-    factory: &BackendFactory<B>,
+    device: &Arc<D>,
 ) {
     loop {
         match wait_readable(listener.as_raw_fd(), stop.eventfd.as_raw_fd()) {
@@ -201,7 +153,7 @@ fn serve<B: SessionBackend>(
         if stop.requested.load(Ordering::Acquire) {
             break;
         }
-        if let Err(e) = serve_connection(id, &mut listener, stop, connected, factory) {
+        if let Err(e) = serve_connection(id, &mut listener, stop, connected, device) {
             log::error!("{id}: connection ended with an error: {e}");
         }
     }
@@ -224,19 +176,19 @@ fn private_pair(id: &str) -> std::io::Result<(Listener, std::os::unix::net::Unix
     Ok((Listener::from(listener), stream))
 }
 
-fn serve_connection<B: SessionBackend>(
+fn serve_connection<D: Device>(
     id: &str,
     listener: &mut Listener,
     stop: &StopSignal,
     connected: &AtomicBool,
-    factory: &BackendFactory<B>,
+    device: &Arc<D>,
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let memory = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());
-    let backend = factory(memory.clone())?;
+    let backend = Arc::new(DeviceBackend::new(Arc::clone(device), memory.clone())?);
     let (daemon, vrings) =
         collect_created(|| VhostUserDaemon::new(id.to_string(), Arc::clone(&backend), memory));
     let mut daemon = daemon.map_err(|e| format!("{e}"))?;
-    backend.vrings_created(&vrings);
+    backend.device().vrings_created(&vrings);
     let handlers = daemon.get_epoll_handlers();
     for (thread, fd, event) in backend.listeners() {
         if let Some(handler) = handlers.get(thread) {
@@ -256,7 +208,7 @@ fn serve_connection<B: SessionBackend>(
         std::thread::Builder::new()
             .name(format!("relay-{id}"))
             .spawn(move || {
-                let channel = |stream| backend.backend_channel(stream);
+                let channel = |stream| backend.device().backend_channel(stream);
                 if let Err(e) = super::relay::relay(front, back, channel) {
                     log::warn!("{id}: vhost-user relay: {e}");
                 }

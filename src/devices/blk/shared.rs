@@ -1,0 +1,116 @@
+//! State shared by a block device's connections and queue workers: identity, limits, the
+//! sticky flush-failure flag, QoS, the engine source and per-queue counters. Imports nothing
+//! else of the device, so every file of `blk` can depend on it and none on each other.
+
+// Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
+// panic or wrap silently (checked, saturating or `get` instead).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
+
+use super::request::Limits;
+use super::spec::{ConfigSpace, MAX_IOVECS, SECTOR_SHIFT};
+use super::stats::{QueueSnapshot, QueueStats};
+use crate::qos::config::QosConfig;
+use crate::qos::group::SharedLimiter;
+use crate::qos::handle::QosHandle;
+use crate::qos::limiter::LimitError;
+use crate::storage::tier::store::TierStore;
+use crate::storage::{open_engine, Engine, EngineError, EngineSource};
+
+/// State shared by a device's connections and workers.
+pub struct DeviceShared {
+    /// Device id, for logs and stats.
+    pub id: String,
+    /// GET_ID serial.
+    pub serial: String,
+    /// Number of queues.
+    pub queues: u16,
+    /// Largest queue size.
+    pub queue_size: u16,
+    /// What validation checks against.
+    pub limits: Limits,
+    /// Logical block size.
+    pub logical_block_size: u32,
+    /// Set by the first failed flush; every later flush fails.
+    pub flush_failed: AtomicBool,
+    /// How long workers poll for more work after the ring runs dry.
+    pub poll: std::time::Duration,
+    /// Whether a front-end is connected now.
+    pub connected: Arc<AtomicBool>,
+    /// The device's rate limits (own and group), shared by its queues.
+    pub qos: QosHandle,
+    /// What each queue's engine is built over.
+    pub engine: EngineSource,
+    /// Counters, one per queue (they outlive connections).
+    pub stats: Vec<Arc<QueueStats>>,
+}
+
+impl DeviceShared {
+    /// A new engine for one queue worker.
+    pub fn new_engine(&self) -> Result<Box<dyn Engine>, EngineError> {
+        open_engine(&self.engine, self.queue_size)
+    }
+
+    /// The tier store of a tiered disk.
+    pub fn tier(&self) -> Option<&Arc<TierStore>> {
+        self.engine.tier.as_ref()
+    }
+
+    /// Replaces the rate limits; takes effect for the next request on every queue.
+    pub fn set_qos(&self, config: &QosConfig) -> Result<(), LimitError> {
+        self.qos.set_limits(config)
+    }
+
+    /// Joins `group` (or leaves the current one with `None`).
+    pub fn set_group(&self, group: Option<Arc<SharedLimiter>>) {
+        self.qos.set_group(group);
+    }
+
+    /// The device's own current tokens, by limit name.
+    pub fn qos_tokens(&self) -> Vec<(String, i64)> {
+        self.qos.tokens()
+    }
+
+    /// The current rate-limit settings.
+    pub fn qos_config(&self) -> QosConfig {
+        self.qos.config()
+    }
+
+    /// The counters of queue `queue`.
+    pub fn queue_stats(&self, queue: u16) -> Arc<QueueStats> {
+        // Queue ids come from the worker set built from `queues`; a stray one gets fresh,
+        // unreported counters rather than a panic.
+        self.stats
+            .get(usize::from(queue))
+            .map_or_else(Arc::default, Arc::clone)
+    }
+
+    /// Snapshots of every queue's counters.
+    pub fn stats(&self) -> Vec<QueueSnapshot> {
+        self.stats.iter().map(|s| s.snapshot()).collect()
+    }
+
+    /// The engine actually in use ("null" for the null device).
+    pub fn engine_name(&self) -> &'static str {
+        self.engine.name()
+    }
+
+    /// The virtio-blk config space.
+    pub fn config_space(&self) -> ConfigSpace {
+        // Linux sizes scatter lists from seg_max; leave room for header and status and stay
+        // within what one preadv/pwritev accepts.
+        let seg_max = u32::from(self.queue_size)
+            .saturating_sub(2)
+            .clamp(1, MAX_IOVECS_U32.saturating_sub(2));
+        ConfigSpace {
+            capacity_sectors: self.limits.capacity >> SECTOR_SHIFT,
+            seg_max,
+            logical_block_size: self.logical_block_size,
+            num_queues: self.queues,
+        }
+    }
+}
+
+const MAX_IOVECS_U32: u32 = MAX_IOVECS as u32;

@@ -1,0 +1,161 @@
+//! State shared by a net device's connections and queue-pair workers: configuration,
+//! counters, QoS, link state, acked features, the tap queues between connections, the switch
+//! port and the backend-request channel. Imports nothing of the device's lifecycle, backend
+//! or workers, so they can all depend on it.
+
+// Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
+// panic or wrap silently (checked, saturating or `get` instead).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use super::config::NetConfig;
+use super::fabric::{Port, PortSink, SwitchHub};
+use super::rx::RxTarget;
+use super::spec::ConfigSpace;
+use super::stats::NetStats;
+use super::tap_queue::TapQueue;
+use crate::lock::lock;
+use crate::qos::handle::QosHandle;
+
+/// State shared by a device's connections and workers.
+pub struct NetShared {
+    /// The device's configuration.
+    pub config: NetConfig,
+    /// Counters (both directions, all pairs).
+    pub stats: Arc<NetStats>,
+    /// Whether a front-end is connected now.
+    pub connected: Arc<AtomicBool>,
+    /// Rate limits (own and group); a switch port's senders consult it too.
+    pub qos: Arc<QosHandle>,
+    link_up: AtomicBool,
+    acked_features: Arc<AtomicU64>,
+    taps: Mutex<Vec<Option<TapQueue>>>,
+    port: Option<(Arc<SwitchHub>, Arc<Port>)>,
+    /// The front-end's backend-request channel, for config-change notifications.
+    backend_channel: Mutex<Option<std::os::unix::net::UnixStream>>,
+}
+
+impl NetShared {
+    /// Shared state over opened taps (one per pair) or an attached switch port.
+    pub fn new(
+        config: NetConfig,
+        stats: Arc<NetStats>,
+        qos: Arc<QosHandle>,
+        taps: Vec<Option<TapQueue>>,
+        port: Option<(Arc<SwitchHub>, Arc<Port>)>,
+    ) -> Self {
+        Self {
+            config,
+            stats,
+            connected: Arc::new(AtomicBool::new(false)),
+            qos,
+            link_up: AtomicBool::new(true),
+            acked_features: Arc::new(AtomicU64::new(0)),
+            taps: Mutex::new(taps),
+            port,
+            backend_channel: Mutex::new(None),
+        }
+    }
+
+    /// The features the current front-end acked.
+    pub fn acked_features(&self) -> u64 {
+        self.acked_features.load(Ordering::Acquire)
+    }
+
+    /// The acked features as a cell the switch port's receive side reads too.
+    pub fn acked_features_cell(&self) -> Arc<AtomicU64> {
+        Arc::clone(&self.acked_features)
+    }
+
+    /// Records the features the front-end acked.
+    pub fn set_acked_features(&self, features: u64) {
+        self.acked_features.store(features, Ordering::Release);
+    }
+
+    /// Records link state (config space status, stats), logging changes and telling the
+    /// front-end (VHOST_USER_BACKEND_CONFIG_CHANGE_MSG) when it gave us a channel for that.
+    pub fn set_link(&self, up: bool) {
+        if self.link_up.swap(up, Ordering::AcqRel) != up {
+            log::info!(
+                "{}: link {}",
+                self.config.id,
+                if up { "up" } else { "down" }
+            );
+            if let Some(channel) = lock(&self.backend_channel).as_mut() {
+                if let Err(e) = crate::devices::shell::relay::send_config_change(channel) {
+                    log::warn!("{}: cannot notify the config change: {e}", self.config.id);
+                }
+            }
+        }
+    }
+
+    /// Keeps (or with `None` drops) the front-end's backend-request channel.
+    pub fn set_backend_channel(&self, channel: Option<std::os::unix::net::UnixStream>) {
+        if let Some(channel) = &channel {
+            // Never let a front-end that does not read its channel block a worker.
+            if let Err(e) = channel.set_nonblocking(true) {
+                log::warn!("{}: backend channel: {e}", self.config.id);
+            }
+        }
+        *lock(&self.backend_channel) = channel;
+    }
+
+    /// Whether the link is up.
+    pub fn link_up(&self) -> bool {
+        self.link_up.load(Ordering::Acquire)
+    }
+
+    /// The config space as it reads now.
+    pub fn config_space(&self) -> ConfigSpace {
+        ConfigSpace {
+            mac: self.config.mac,
+            link_up: self.link_up(),
+            max_queue_pairs: self.config.queue_pairs,
+            mtu: self.config.mtu,
+        }
+    }
+
+    /// Takes tap queue `pair` for a connection's worker.
+    pub fn take_tap(&self, pair: u16) -> Option<TapQueue> {
+        lock(&self.taps).get_mut(usize::from(pair))?.take()
+    }
+
+    /// Gives a tap queue back when the connection ends.
+    pub fn return_tap(&self, pair: u16, tap: TapQueue) {
+        if let Some(slot) = lock(&self.taps).get_mut(usize::from(pair)) {
+            *slot = Some(tap);
+        }
+    }
+
+    /// The switch and port, for a switch port.
+    pub fn switch_port(&self) -> Option<(Arc<SwitchHub>, Arc<Port>)> {
+        self.port
+            .as_ref()
+            .map(|(hub, port)| (Arc::clone(hub), Arc::clone(port)))
+    }
+
+    /// The switch port's connected receive side, if any.
+    pub fn port_target(&self) -> Option<Arc<RxTarget>> {
+        let (_, port) = self.port.as_ref()?;
+        match &port.sink {
+            PortSink::Guest(slot) => slot
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone(),
+            PortSink::Uplink(_) => None,
+        }
+    }
+
+    /// Connects (or with `None` disconnects) the switch port's receive side.
+    pub fn connect_port(&self, target: Option<Arc<RxTarget>>) {
+        if let Some((_, port)) = &self.port {
+            if let PortSink::Guest(slot) = &port.sink {
+                *slot
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = target;
+            }
+        }
+    }
+}

@@ -1,0 +1,271 @@
+//! The one `VhostUserBackend` implementation: features, config space, memory updates, exit
+//! events and event dispatch, written once for every device kind. A device supplies a
+//! [`Device`] and its [`Worker`]s; this type does the vhost-user side.
+//!
+//! One backend object exists per front-end connection. Each worker thread (from
+//! `vhost-user-backend`) owns one worker behind a mutex that only queue-stop requests from
+//! the front-end's thread ever contend.
+
+// Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
+// panic or wrap silently (checked, saturating or `get` instead).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+
+use std::os::fd::RawFd;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::VhostUserBackend;
+use vm_memory::GuestMemoryAtomic;
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{
+    new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
+};
+
+use super::device::{Device, Event, SetupError, Worker, WorkerFd};
+use crate::lock::lock;
+use crate::vring::{AtomicGuestMemory, CheckedVring};
+
+/// The most config bytes vhost-user lets a front-end ask for.
+const VHOST_USER_CONFIG_SIZE: u32 = 0x1000;
+
+/// The bytes a GET_CONFIG for `offset..offset+size` returns from a config space; bytes past
+/// its end read as 0.
+pub fn read_config_window(bytes: &[u8], offset: u32, size: u32) -> Vec<u8> {
+    // vhost validates offset + size <= 4 KiB; cap here too so no front-end can make us
+    // allocate more than that.
+    let size = size.min(VHOST_USER_CONFIG_SIZE);
+    (u64::from(offset)..u64::from(offset).saturating_add(u64::from(size)))
+        .map(|i| {
+            usize::try_from(i)
+                .ok()
+                .and_then(|i| bytes.get(i))
+                .copied()
+                .unwrap_or(0)
+        })
+        .collect()
+}
+
+/// One exit event per worker thread of a connection: `vhost-user-backend` watches each in its
+/// thread's event loop and leaves the loop when it fires.
+struct ExitEvents(Vec<(EventConsumer, EventNotifier)>);
+
+impl ExitEvents {
+    fn new(threads: usize) -> std::io::Result<Self> {
+        (0..threads)
+            .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK))
+            .collect::<std::io::Result<Vec<_>>>()
+            .map(Self)
+    }
+
+    fn get(&self, index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let (consumer, notifier) = self.0.get(index)?;
+        Some((consumer.try_clone().ok()?, notifier.try_clone().ok()?))
+    }
+
+    fn signal(&self, id: &str) {
+        for (_, notifier) in &self.0 {
+            if let Err(e) = notifier.notify() {
+                log::warn!("{id}: cannot signal worker exit: {e}");
+            }
+        }
+    }
+}
+
+/// The vhost-user backend of one connection of device `D`.
+pub struct DeviceBackend<D: Device> {
+    device: Arc<D>,
+    workers: Vec<Mutex<Option<D::Worker>>>,
+    exit_events: ExitEvents,
+}
+
+impl<D: Device> DeviceBackend<D> {
+    /// Builds the workers of a new connection over its guest memory.
+    pub fn new(device: Arc<D>, memory: AtomicGuestMemory) -> Result<Self, SetupError> {
+        let mut workers: Vec<_> = device
+            .connect(memory)?
+            .into_iter()
+            .map(Mutex::new)
+            .collect();
+        // Exactly one slot per worker thread, whatever the device returned.
+        workers.resize_with(device.workers(), || Mutex::new(None));
+        let exit_events = ExitEvents::new(device.workers())?;
+        Ok(Self {
+            device,
+            workers,
+            exit_events,
+        })
+    }
+
+    /// The device this connection serves.
+    pub fn device(&self) -> &Arc<D> {
+        &self.device
+    }
+
+    /// The fds each worker thread watches besides its queues: `(thread, fd, event id)`.
+    pub fn listeners(&self) -> Vec<(usize, RawFd, u64)> {
+        let queues = self.num_queues();
+        let mut out = Vec::new();
+        for (thread, worker) in self.workers.iter().enumerate() {
+            if let Some(worker) = lock(worker).as_ref() {
+                for (kind, fd) in worker.fds() {
+                    out.push((thread, fd, kind.event_id(queues)));
+                }
+            }
+        }
+        out
+    }
+
+    /// Tells every worker thread to leave its event loop (after the front-end left).
+    pub fn signal_exit(&self) {
+        self.exit_events.signal(self.device.id());
+    }
+
+    fn worker(&self, thread: usize) -> Option<MutexGuard<'_, Option<D::Worker>>> {
+        self.workers.get(thread).map(lock)
+    }
+}
+
+impl<D: Device> Drop for DeviceBackend<D> {
+    fn drop(&mut self) {
+        let workers = self.workers.iter().filter_map(|w| lock(w).take()).collect();
+        self.device.disconnected(workers);
+    }
+}
+
+impl<D: Device> VhostUserBackend for DeviceBackend<D> {
+    type Bitmap = ();
+    type Vring = CheckedVring;
+
+    fn num_queues(&self) -> usize {
+        self.device
+            .workers()
+            .saturating_mul(self.device.queues_per_worker())
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.device.max_queue_size())
+    }
+
+    fn features(&self) -> u64 {
+        self.device.features()
+    }
+
+    fn acked_features(&self, features: u64) {
+        log::debug!(
+            "{}: front-end acked features {features:#x}",
+            self.device.id()
+        );
+        self.device.acked_features(features);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        self.device.protocol_features()
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        // virtio-queue applies EVENT_IDX inside the rings; workers use the same
+        // disable/enable-notification calls either way.
+        log::debug!("{}: EVENT_IDX {}", self.device.id(), enabled);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        read_config_window(&self.device.config_space(), offset, size)
+    }
+
+    fn set_config(&self, _offset: u32, _buf: &[u8]) -> std::io::Result<()> {
+        // No device has writable config fields: refuse rather than pretend.
+        Err(std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            "the config space is read-only",
+        ))
+    }
+
+    fn update_memory(
+        &self,
+        _memory: GuestMemoryAtomic<vm_memory::GuestMemoryMmap<()>>,
+    ) -> std::io::Result<()> {
+        // The handler swaps the mapping inside the atomic the workers were built with.
+        log::debug!("{}: guest memory table updated", self.device.id());
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        let per = self.device.queues_per_worker();
+        let mask = u32::try_from(per)
+            .ok()
+            .and_then(|per| 1u64.checked_shl(per))
+            .map_or(u64::MAX, |bit| bit.wrapping_sub(1));
+        (0..self.workers.len())
+            .map(|thread| {
+                u32::try_from(thread.saturating_mul(per))
+                    .ok()
+                    .and_then(|shift| mask.checked_shl(shift))
+                    .unwrap_or(0)
+            })
+            .collect()
+    }
+
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        self.exit_events.get(thread_index)
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> std::io::Result<()> {
+        let per = self.device.queues_per_worker();
+        let Ok(queue) = usize::try_from(queue_index) else {
+            return Ok(());
+        };
+        let (Some(thread), Some(position)) = (queue.checked_div(per), queue.checked_rem(per))
+        else {
+            return Ok(());
+        };
+        if let Some(mut guard) = self.worker(thread) {
+            if let Some(worker) = guard.as_mut() {
+                worker.stop_queue(position);
+            }
+        }
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        _evset: EventSet,
+        vrings: &[CheckedVring],
+        thread_id: usize,
+    ) -> std::io::Result<()> {
+        let id = u64::from(device_event);
+        let position = usize::from(device_event);
+        let event = if position < vrings.len() {
+            Event::Queue(position)
+        } else if let Some(kind) = WorkerFd::from_event_id(id, self.num_queues()) {
+            Event::Fd(kind)
+        } else {
+            log::warn!("{}: unexpected event id {id}", self.device.id());
+            return Ok(());
+        };
+        let Some(mut guard) = self.worker(thread_id) else {
+            return Ok(());
+        };
+        let Some(worker) = guard.as_mut() else {
+            return Ok(());
+        };
+        // A broken ring is the guest's (or front-end's) doing: log it and keep the thread,
+        // since an error here would end the worker's event loop for good.
+        if let Err(e) = worker.handle(event, vrings) {
+            log::error!("{}: worker {thread_id}: {e}", self.device.id());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_window_pads_and_caps() {
+        assert_eq!(read_config_window(&[1, 2, 3], 1, 4), vec![2, 3, 0, 0]);
+        assert_eq!(read_config_window(&[1], u32::MAX, 2), vec![0, 0]);
+        assert_eq!(read_config_window(&[], 0, u32::MAX).len(), 0x1000);
+    }
+}

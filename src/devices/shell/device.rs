@@ -1,0 +1,146 @@
+//! What a device kind supplies to the shared vhost-user shell: a [`Device`] (features, config
+//! space, how to build a connection's workers) and its [`Worker`]s (one per worker thread,
+//! each serving a fixed set of queues and watching its own fds, named by [`WorkerFd`]).
+//!
+//! A new device kind (virtio-scsi, vsock, fs) implements these two traits in its own
+//! `devices/<kind>/` directory; [`super::backend::DeviceBackend`] turns them into a
+//! `VhostUserBackend`, and [`super::runner::DeviceRunner`] serves its socket.
+//!
+//! Event ids are the core's business alone: `vhost-user-backend` reserves `0..n` for the
+//! queues of a thread (by position in the thread) and `n` (the device's queue count) for the
+//! exit event; the core puts each [`WorkerFd`] at `n + 1 + kind` and hands workers typed
+//! [`Event`]s, never numbers.
+
+use std::os::fd::RawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+
+use crate::vring::{AtomicGuestMemory, CheckedVring};
+
+/// The kinds of fds a worker thread watches besides its queues' kick fds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WorkerFd {
+    /// An I/O engine's completion eventfd.
+    Completion,
+    /// The QoS timer (tokens are back).
+    QosTimer,
+    /// A tap device (readable, or its link changed).
+    Tap,
+}
+
+impl WorkerFd {
+    /// Every kind, in event-id order.
+    pub const ALL: [WorkerFd; 3] = [WorkerFd::Completion, WorkerFd::QosTimer, WorkerFd::Tap];
+
+    /// The event id of this kind in a device with `num_queues` queues.
+    pub fn event_id(self, num_queues: usize) -> u64 {
+        let kind = match self {
+            WorkerFd::Completion => 0u64,
+            WorkerFd::QosTimer => 1,
+            WorkerFd::Tap => 2,
+        };
+        u64::try_from(num_queues)
+            .unwrap_or(u64::MAX)
+            .saturating_add(1)
+            .saturating_add(kind)
+    }
+
+    /// The kind behind event id `id` in a device with `num_queues` queues.
+    pub fn from_event_id(id: u64, num_queues: usize) -> Option<Self> {
+        Self::ALL
+            .into_iter()
+            .find(|kind| kind.event_id(num_queues) == id)
+    }
+}
+
+/// What woke a worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Event {
+    /// A kick on the worker's queue at this position (in the worker's own queue list).
+    Queue(usize),
+    /// One of the worker's own fds.
+    Fd(WorkerFd),
+}
+
+/// Errors a device returns to the shell; they end the connection being set up.
+pub type SetupError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Serves the queues of one worker thread for one connection.
+pub trait Worker: Send + 'static {
+    /// Handles one event. `vrings` are the worker's own queues, in queue order. An error is
+    /// logged by the shell and the thread keeps serving (a broken ring is the guest's doing).
+    fn handle(&mut self, event: Event, vrings: &[CheckedVring]) -> Result<(), SetupError>;
+
+    /// The fds this worker's thread watches, by kind.
+    fn fds(&self) -> Vec<(WorkerFd, RawFd)>;
+
+    /// The front-end stops the worker's queue at `position` (GET_VRING_BASE): nothing may be
+    /// written into that ring afterwards, so finish what is in flight.
+    fn stop_queue(&mut self, _position: usize) {}
+}
+
+/// A device kind, as the vhost-user shell sees it.
+pub trait Device: Send + Sync + 'static {
+    /// The per-thread worker.
+    type Worker: Worker;
+
+    /// Device id, for logs.
+    fn id(&self) -> &str;
+
+    /// Worker threads per connection.
+    fn workers(&self) -> usize;
+
+    /// Queues each worker serves (consecutive: worker `w` serves queues
+    /// `w·k .. w·k + k`).
+    fn queues_per_worker(&self) -> usize;
+
+    /// Largest queue size a front-end may set.
+    fn max_queue_size(&self) -> u16;
+
+    /// Virtio feature bits offered (VHOST_USER_F_PROTOCOL_FEATURES included).
+    fn features(&self) -> u64;
+
+    /// vhost-user protocol features offered.
+    fn protocol_features(&self) -> VhostUserProtocolFeatures;
+
+    /// The front-end acked `features`.
+    fn acked_features(&self, _features: u64) {}
+
+    /// The whole config space as it reads now.
+    fn config_space(&self) -> Vec<u8>;
+
+    /// Builds a new connection's workers (`None`: a worker slot with nothing to serve).
+    fn connect(
+        self: &Arc<Self>,
+        memory: AtomicGuestMemory,
+    ) -> Result<Vec<Option<Self::Worker>>, SetupError>;
+
+    /// The connection's vrings, in queue order, as soon as they exist (before any message).
+    fn vrings_created(&self, _vrings: &[CheckedVring]) {}
+
+    /// The front-end set up the backend-request channel (a duplicate of its socket).
+    fn backend_channel(&self, _channel: UnixStream) {}
+
+    /// The connection ended; its workers (already stopped) are handed back.
+    fn disconnected(&self, _workers: Vec<Self::Worker>) {}
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn event_ids_round_trip_and_stay_clear_of_queues_and_exit() {
+        for queues in [1usize, 2, 8, 64] {
+            for kind in WorkerFd::ALL {
+                let id = kind.event_id(queues);
+                assert!(id > queues as u64, "{kind:?} collides with a queue or exit");
+                assert_eq!(WorkerFd::from_event_id(id, queues), Some(kind));
+            }
+            assert_eq!(WorkerFd::from_event_id(queues as u64, queues), None);
+            assert_eq!(WorkerFd::from_event_id(0, queues), None);
+        }
+    }
+}

@@ -1,0 +1,22 @@
+//! The vhost-user shell every device kind plugs into, written once.
+//!
+//! ```text
+//!  socket ─▶ runner (listen, accept, one connection at a time)
+//!              └─▶ relay (fixes what vhost-user-backend gets wrong) ─▶ vhost-user-backend
+//!                    └─▶ DeviceBackend<D> (the one VhostUserBackend impl)
+//!                          ├─▶ D: Device (features, config space, connect/disconnect)
+//!                          └─▶ D::Worker per thread (typed events: queue kicks, WorkerFd)
+//! ```
+//!
+//! - [`device`]: the [`device::Device`] and [`device::Worker`] traits a device implements;
+//! - [`backend`]: [`backend::DeviceBackend`], the `VhostUserBackend` over them;
+//! - [`runner`]: the socket's life (listen, accept, reconnect, stop);
+//! - [`relay`]: the vhost-user message relay in front of the crate's handler.
+
+pub mod backend;
+pub mod device;
+pub mod relay;
+pub mod runner;
+
+pub use backend::read_config_window;
+pub use device::{Device, Event, SetupError, Worker, WorkerFd};
