@@ -10,7 +10,7 @@
 // panic or wrap silently (checked, saturating or `get` instead).
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
@@ -47,23 +47,50 @@ pub fn read_config_window(bytes: &[u8], offset: u32, size: u32) -> Vec<u8> {
 
 /// One exit event per worker thread of a connection: `vhost-user-backend` watches each in its
 /// thread's event loop and leaves the loop when it fires.
-struct ExitEvents(Vec<(EventConsumer, EventNotifier)>);
+///
+/// Why the handed-out fds are recorded: `vhost-user-backend` turns the consumer we hand it
+/// into a raw fd (`into_raw_fd`) for its epoll set and never closes it, which leaked one
+/// eventfd per worker thread per front-end connection. We remember the numbers we handed
+/// out and close them once the crate's handlers (and their epoll sets) are gone
+/// ([`DeviceBackend::release_exit_fds`]).
+struct ExitEvents {
+    events: Vec<(EventConsumer, EventNotifier)>,
+    handed_out: Mutex<Vec<RawFd>>,
+}
 
 impl ExitEvents {
     fn new(threads: usize) -> std::io::Result<Self> {
-        (0..threads)
-            .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK))
-            .collect::<std::io::Result<Vec<_>>>()
-            .map(Self)
+        let events = (0..threads)
+            .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC))
+            .collect::<std::io::Result<Vec<_>>>()?;
+        Ok(Self {
+            events,
+            handed_out: Mutex::new(Vec::new()),
+        })
     }
 
     fn get(&self, index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        let (consumer, notifier) = self.0.get(index)?;
-        Some((consumer.try_clone().ok()?, notifier.try_clone().ok()?))
+        let (consumer, notifier) = self.events.get(index)?;
+        let consumer = consumer.try_clone().ok()?;
+        let notifier = notifier.try_clone().ok()?;
+        lock(&self.handed_out).push(consumer.as_raw_fd());
+        Some((consumer, notifier))
+    }
+
+    /// Closes the consumers handed to the crate. Only after its handlers were dropped.
+    fn release(&self) {
+        for fd in lock(&self.handed_out).drain(..) {
+            // SAFETY: `fd` is a duplicate we created in `get` and handed to
+            // vhost-user-backend, which took it over with `into_raw_fd` and never closes it;
+            // its only user, the crate's epoll handler, is gone (the caller dropped the
+            // daemon, joining its threads). Nothing else owns the number, so it is closed
+            // exactly once, here.
+            drop(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
     }
 
     fn signal(&self, id: &str) {
-        for (_, notifier) in &self.0 {
+        for (_, notifier) in &self.events {
             if let Err(e) = notifier.notify() {
                 log::warn!("{id}: cannot signal worker exit: {e}");
             }
@@ -113,6 +140,12 @@ impl<D: Device> DeviceBackend<D> {
             }
         }
         out
+    }
+
+    /// Closes the exit-event fds `vhost-user-backend` took and never closes. Call once the
+    /// `VhostUserDaemon` built over this backend has been dropped.
+    pub fn release_exit_fds(&self) {
+        self.exit_events.release();
     }
 
     /// Tells every worker thread to leave its event loop (after the front-end left).

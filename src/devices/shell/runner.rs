@@ -176,6 +176,20 @@ fn private_pair(id: &str) -> std::io::Result<(Listener, std::os::unix::net::Unix
     Ok((Listener::from(listener), stream))
 }
 
+/// One connection's daemon; dropping it joins the crate's worker threads (on every path,
+/// early returns included) and then closes the exit fds the crate never closes.
+struct Session<D: Device> {
+    daemon: Option<VhostUserDaemon<Arc<DeviceBackend<D>>>>,
+    backend: Arc<DeviceBackend<D>>,
+}
+
+impl<D: Device> Drop for Session<D> {
+    fn drop(&mut self) {
+        drop(self.daemon.take());
+        self.backend.release_exit_fds();
+    }
+}
+
 fn serve_connection<D: Device>(
     id: &str,
     listener: &mut Listener,
@@ -187,12 +201,19 @@ fn serve_connection<D: Device>(
     let backend = Arc::new(DeviceBackend::new(Arc::clone(device), memory.clone())?);
     let (daemon, vrings) =
         collect_created(|| VhostUserDaemon::new(id.to_string(), Arc::clone(&backend), memory));
-    let mut daemon = daemon.map_err(|e| format!("{e}"))?;
+    let mut session = Session {
+        daemon: Some(daemon.map_err(|e| format!("{e}"))?),
+        backend: Arc::clone(&backend),
+    };
+    let Some(daemon) = session.daemon.as_mut() else {
+        return Ok(());
+    };
     backend.device().vrings_created(&vrings);
-    let handlers = daemon.get_epoll_handlers();
-    for (thread, fd, event) in backend.listeners() {
-        if let Some(handler) = handlers.get(thread) {
-            handler.register_listener(fd, EventSet::IN, event)?;
+    for (index, handler) in daemon.get_epoll_handlers().iter().enumerate() {
+        for (thread, fd, event) in backend.listeners() {
+            if thread == index {
+                handler.register_listener(fd, EventSet::IN, event)?;
+            }
         }
     }
     // The front-end talks to our relay; the relay talks to the handler over a private
@@ -229,7 +250,7 @@ fn serve_connection<D: Device>(
     }
     // Dropping the daemon joins its worker threads; dropping the last backend reference then
     // lets the workers release what they hold (engines drain, taps go back to the device).
-    drop(daemon);
+    drop(session);
     drop(backend);
     log::info!("{id}: front-end disconnected");
     match result {
