@@ -3,14 +3,12 @@
 //! persistence across restarts, and a switch uplink on a tap in a test namespace.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
-mod common;
-
 use serde_json::json;
 
-use common::control::Control;
-use common::daemon::{novactl, Daemon};
-use common::net::{ethernet, NetClient};
-use common::netns::NetNs;
+use crate::common::control::Control;
+use crate::common::daemon::{novactl, Daemon};
+use crate::common::net::{ethernet, NetClient};
+use crate::common::netns::NetNs;
 
 const A: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0x0a];
 const B: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0x0b];
@@ -27,7 +25,7 @@ fn port_params(daemon: &Daemon, id: &str, mac: &str) -> serde_json::Value {
 
 #[test]
 fn net_devices_and_switches_are_managed_counted_and_persisted() {
-    let port = common::control::free_port();
+    let port = crate::common::control::free_port();
     let daemon = Daemon::start(&["--state-dir", "{dir}/state", "--metrics", &port]);
     let mut ctl = Control::connect(&daemon.path("control.sock"));
     let added = ctl.call("switch.add", json!({"name": "t7"})).unwrap();
@@ -84,7 +82,7 @@ fn net_devices_and_switches_are_managed_counted_and_persisted() {
     assert!(table.contains("t7"), "{table}");
     let (ok, table, _) = novactl(&daemon, &["device", "stats", "b"]);
     assert!(ok && table.contains("514"), "{table}");
-    let metrics = common::control::scrape(&port, "/metrics");
+    let metrics = crate::common::control::scrape(&port, "/metrics");
     for line in [
         "novacron_net_connected{device=\"a\"} 1",
         "novacron_net_frames_total{device=\"a\",direction=\"tx\"} 1",

@@ -2,10 +2,8 @@
 //! counted, the queue keeps going, and the other port of the switch keeps working.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
-mod common;
-
-use common::daemon::{novactl, Daemon};
-use common::net::{ethernet, NetClient, F_MRG_RXBUF, HDR};
+use crate::common::daemon::{novactl, Daemon};
+use crate::common::net::{ethernet, NetClient, F_MRG_RXBUF, HDR};
 
 const A: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0x0a];
 const B: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0x0b];
@@ -132,7 +130,7 @@ fn a_corrupt_avail_index_does_not_make_the_tx_worker_spin() {
     let avail_idx = a.vq.queues[1].avail + 2;
     a.vq.poke(avail_idx, &1000u16.to_le_bytes());
     a.vq.queues[1].kick.write(1).unwrap();
-    let mut ctl = common::control::Control::connect(&daemon.path("control.sock"));
+    let mut ctl = crate::common::control::Control::connect(&daemon.path("control.sock"));
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
         let stats = ctl

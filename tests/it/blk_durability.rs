@@ -8,13 +8,11 @@
 //! test fails loudly rather than skipping.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail loudly by design
 
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::blk::*;
-use common::daemon::Daemon;
+use crate::common::blk::*;
+use crate::common::daemon::Daemon;
 
 #[test]
 fn flushed_writes_survive_a_daemon_crash() {

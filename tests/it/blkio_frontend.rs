@@ -3,14 +3,12 @@
 //! in flight, a flush, read-back verified through blkio and against the image file.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
-mod common;
-
 use std::mem::MaybeUninit;
 use std::os::unix::fs::FileExt;
 
+use crate::common::blk::pattern;
+use crate::common::daemon::Daemon;
 use blkio::{Blkio, Completion, ReqFlags};
-use common::blk::pattern;
-use common::daemon::Daemon;
 
 const BLOCK: usize = 4096;
 const WRITES: usize = 256;

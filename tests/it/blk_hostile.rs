@@ -3,11 +3,9 @@
 //! head comes back with length 0), and the queue must go on serving good requests.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
-mod common;
-
-use common::blk::*;
-use common::daemon::Daemon;
-use common::virtq::{Desc, F_INDIRECT, F_NEXT, F_WRITE};
+use crate::common::blk::*;
+use crate::common::daemon::Daemon;
+use crate::common::virtq::{Desc, F_INDIRECT, F_NEXT, F_WRITE};
 use std::os::fd::AsRawFd;
 use vhost::VhostBackend;
 
@@ -433,7 +431,7 @@ fn a_corrupt_avail_index_does_not_make_the_worker_spin() {
     bad.poke(avail_idx, &1000u16.to_le_bytes());
     bad.queues[0].kick.write(1).unwrap();
     // The device answers stats requests, so it is not stuck in the queue's lock...
-    let mut ctl = common::control::Control::connect(&d.path("control.sock"));
+    let mut ctl = crate::common::control::Control::connect(&d.path("control.sock"));
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let stats = loop {
         let stats = ctl

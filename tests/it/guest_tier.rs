@@ -4,13 +4,11 @@
 //! records, or promoted by the guest's own writes).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
-mod common;
-
 use serde_json::json;
 
-use common::control::Control;
-use common::daemon::Daemon;
-use common::guest::{boot, vhost_user_blk};
+use crate::common::control::Control;
+use crate::common::daemon::Daemon;
+use crate::common::guest::{boot, vhost_user_blk};
 
 #[test]
 fn a_guest_filesystem_survives_demotion_to_the_cold_tier() {

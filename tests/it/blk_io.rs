@@ -3,12 +3,10 @@
 //! buffers crossing memory regions, reconnects, two devices at once.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
-mod common;
-
 use std::os::unix::fs::FileExt;
 
-use common::blk::*;
-use common::daemon::Daemon;
+use crate::common::blk::*;
+use crate::common::daemon::Daemon;
 
 /// Runs each test body once per engine, as `<name>::uring` and `<name>::sync`.
 macro_rules! per_engine {
@@ -257,21 +255,21 @@ fn sigterm_exits_cleanly_and_removes_sockets() {
 
 #[test]
 fn bad_command_lines_fail_with_a_message() {
-    let err = common::daemon::start_failure(&[
+    let err = crate::common::daemon::start_failure(&[
         "--control",
         "none",
         "--blk",
         "socket=/tmp/x.sock,path=/nonexistent/dir/img",
     ]);
     assert!(err.contains("cannot open"), "{err}");
-    let err = common::daemon::start_failure(&[
+    let err = crate::common::daemon::start_failure(&[
         "--control",
         "none",
         "--blk",
         "socket=/tmp/x.sock,path=null,size=1M,queues=0",
     ]);
     assert!(err.contains("queues"), "{err}");
-    let err = common::daemon::start_failure(&["--control", "none"]);
+    let err = crate::common::daemon::start_failure(&["--control", "none"]);
     assert!(err.contains("nothing to serve"), "{err}");
 }
 

@@ -6,13 +6,11 @@
 //! holds exactly what the model says (every write was flushed before the crash).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail loudly by design
 
-mod common;
-
 use serde_json::json;
 
-use common::blk::{BlkClient, S_OK, T_DISCARD};
-use common::control::Control;
-use common::daemon::Daemon;
+use crate::common::blk::{BlkClient, S_OK, T_DISCARD};
+use crate::common::control::Control;
+use crate::common::daemon::Daemon;
 
 const EXTENT: u64 = 64 << 10;
 const SIZE: u64 = 4 << 20; // 64 extents
@@ -82,7 +80,7 @@ fn demote_all(ctl: &mut Control) -> serde_json::Value {
 
 #[test]
 fn cold_extents_read_back_take_writes_and_discards_and_come_back() {
-    let port = common::control::free_port();
+    let port = crate::common::control::free_port();
     let daemon = Daemon::start(&["--blk", SPEC, "--metrics", &port]);
     let mut ctl = Control::connect(&daemon.path("control.sock"));
     let mut c = BlkClient::connect(&daemon.path("t.sock"));
@@ -112,7 +110,7 @@ fn cold_extents_read_back_take_writes_and_discards_and_come_back() {
         "every cold extent holding data is in a heat band: {status}"
     );
     model.verify(&mut c);
-    let metrics = common::control::scrape(&port, "/metrics");
+    let metrics = crate::common::control::scrape(&port, "/metrics");
     for line in [
         "novacron_tier_extents{device=\"t\",tier=\"cold\"} 40",
         "novacron_tier_moves_total{device=\"t\",kind=\"demoted\"} 40",
@@ -213,7 +211,7 @@ fn crash_at(point: &str, promote: bool) {
     let verb = if promote { "promote" } else { "demote" };
     // The failpoint aborts the daemon in the middle of the first move (novactl sees the
     // connection drop).
-    let (ok, _, _) = common::daemon::novactl(&daemon, &["tier", verb, "t", "--all"]);
+    let (ok, _, _) = crate::common::daemon::novactl(&daemon, &["tier", verb, "t", "--all"]);
     assert!(
         !ok,
         "the move finished although the failpoint should have stopped it"

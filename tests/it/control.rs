@@ -3,13 +3,11 @@
 //! restarts, and every bad request is refused without changing anything.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
-mod common;
-
 use std::process::Command;
 
-use common::blk::{pattern, BlkClient};
-use common::control::Control;
-use common::daemon::{novactl, Daemon};
+use crate::common::blk::{pattern, BlkClient};
+use crate::common::control::Control;
+use crate::common::daemon::{novactl, Daemon};
 use serde_json::json;
 
 fn add_params(daemon: &Daemon, id: &str) -> serde_json::Value {
@@ -44,7 +42,8 @@ fn add_use_stats_and_remove_at_run_time() {
     boot.write(0, 8, &pattern(2, 4096));
     assert_eq!(vdb.read(0, 8, 8192), pattern(1, 8192));
     assert_eq!(
-        &vdb.request(0, common::blk::T_GET_ID, 0, &[], 20).data[..7],
+        &vdb.request(0, crate::common::blk::T_GET_ID, 0, &[], 20)
+            .data[..7],
         b"SER-vdb"
     );
 
@@ -281,7 +280,7 @@ fn control_socket_is_private_and_checks_peer_uid() {
 
 #[test]
 fn metrics_endpoint_reports_per_queue_counters() {
-    let port_arg = common::control::free_port();
+    let port_arg = crate::common::control::free_port();
     let daemon = Daemon::start(&[
         "--metrics",
         &port_arg,
@@ -291,12 +290,12 @@ fn metrics_endpoint_reports_per_queue_counters() {
     let mut c = BlkClient::connect(&daemon.path("m.sock"));
     c.write(0, 0, &pattern(1, 4096));
     c.read(0, 0, 4096);
-    let h = c.header(common::blk::T_IN, u64::MAX / 1024);
+    let h = c.header(crate::common::blk::T_IN, u64::MAX / 1024);
     let s = c.alloc(1);
     let data = c.alloc(512);
     c.roundtrip(0, &[(h, 16, false), (data, 512, true), (s, 1, true)]);
 
-    let response = common::control::scrape(&port_arg, "/metrics");
+    let response = crate::common::control::scrape(&port_arg, "/metrics");
     assert!(
         response.starts_with("HTTP/1.0 200") || response.starts_with("HTTP/1.1 200"),
         "{response}"
@@ -313,7 +312,7 @@ fn metrics_endpoint_reports_per_queue_counters() {
     ] {
         assert!(response.contains(line), "missing `{line}` in:\n{response}");
     }
-    assert!(common::control::scrape(&port_arg, "/other").contains(" 404"));
+    assert!(crate::common::control::scrape(&port_arg, "/other").contains(" 404"));
 }
 
 #[test]

@@ -4,10 +4,8 @@
 //! declined them.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
-mod common;
-
-use common::daemon::{novactl, Daemon};
-use common::net::{ethernet, NetClient, F_GUEST_CSUM, F_GUEST_TSO4, F_MRG_RXBUF, HDR};
+use crate::common::daemon::{novactl, Daemon};
+use crate::common::net::{ethernet, NetClient, F_GUEST_CSUM, F_GUEST_TSO4, F_MRG_RXBUF, HDR};
 
 const A: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0x0a];
 const B: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0x0b];
@@ -172,7 +170,7 @@ fn partial_checksums_are_completed_for_a_guest_without_checksum_offload() {
     let mut b = NetClient::connect(
         &daemon.path("b.sock"),
         1,
-        F_GUEST_CSUM | F_GUEST_TSO4 | common::net::F_GUEST_TSO6 | F_MRG_RXBUF,
+        F_GUEST_CSUM | F_GUEST_TSO4 | crate::common::net::F_GUEST_TSO6 | F_MRG_RXBUF,
     );
     b.post_rx(0, 4, 1526);
     // UDP over IPv4 with the pseudo-header sum in the checksum field, as Linux leaves it.

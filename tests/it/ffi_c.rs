@@ -2,12 +2,10 @@
 //! `cc` against the checked-in header, and runs it against a real daemon.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
-mod common;
-
 use std::path::Path;
 use std::process::Command;
 
-use common::daemon::Daemon;
+use crate::common::daemon::Daemon;
 
 #[test]
 fn c_program_uses_libnovacron_against_the_daemon() {

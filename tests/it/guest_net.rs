@@ -4,11 +4,9 @@
 //! HTTP (md5 compared with the source) and uploads one (md5 checked by the receiver).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
-mod common;
-
-use common::daemon::{novactl, Daemon};
-use common::guest::{boot_with, vhost_user_net};
-use common::netns::{md5sum, NetNs};
+use crate::common::daemon::{novactl, Daemon};
+use crate::common::guest::{boot_with, vhost_user_net};
+use crate::common::netns::{md5sum, NetNs};
 
 const SIZE: usize = 4 << 20;
 

@@ -5,15 +5,13 @@
 //! Needs root and tmpfs (CI has both).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
-mod common;
-
 use std::process::Command;
 
 use serde_json::json;
 
-use common::blk::{pattern, BlkClient, S_IOERR, S_OK, T_OUT};
-use common::control::Control;
-use common::daemon::Daemon;
+use crate::common::blk::{pattern, BlkClient, S_IOERR, S_OK, T_OUT};
+use crate::common::control::Control;
+use crate::common::daemon::Daemon;
 
 const EXTENT: u64 = 64 << 10;
 

@@ -5,16 +5,14 @@
 //! checked loosely here (generous bounds); `scripts/qos-accuracy.sh` measures them precisely.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
-mod common;
-
 use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-use common::control::Control;
-use common::daemon::Daemon;
-use common::net::{ethernet, NetClient};
-use common::netns::NetNs;
+use crate::common::control::Control;
+use crate::common::daemon::Daemon;
+use crate::common::net::{ethernet, NetClient};
+use crate::common::netns::NetNs;
 
 const A: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0x0a];
 const B: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0x0b];
@@ -123,7 +121,7 @@ fn an_rx_limit_at_a_switch_port_drops_and_counts_what_it_cannot_take() {
 
 #[test]
 fn a_group_limits_a_nic_and_takes_disks_too() {
-    let port = common::control::free_port();
+    let port = crate::common::control::free_port();
     let daemon = Daemon::start(&[
         "--metrics",
         &port,
@@ -215,7 +213,8 @@ fn an_rx_limit_on_a_tap_releases_frames_at_the_rate_without_loss() {
         elapsed >= Duration::from_millis(1200),
         "took only {elapsed:?}"
     );
-    let (ok, out, err) = common::daemon::novactl(&daemon, &["--json", "device", "stats", "n"]);
+    let (ok, out, err) =
+        crate::common::daemon::novactl(&daemon, &["--json", "device", "stats", "n"]);
     assert!(ok, "{err}");
     let stats: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(

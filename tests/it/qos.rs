@@ -3,13 +3,11 @@
 //! Rates are checked loosely here (this VM is shared and slow); `scripts/` measures them.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::blk::{pattern, BlkClient, S_OK, T_IN, T_OUT};
-use common::control::Control;
-use common::daemon::{novactl, Daemon};
+use crate::common::blk::{pattern, BlkClient, S_OK, T_IN, T_OUT};
+use crate::common::control::Control;
+use crate::common::daemon::{novactl, Daemon};
 use serde_json::json;
 
 /// Issues `count` 4 KiB writes with `depth` in flight on queue 0; returns the elapsed time.

@@ -5,11 +5,9 @@
 //! the backend channel say so) and recreated (the device reattaches and frames flow again). Addresses exist only in that namespace.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail loudly by design
 
-mod common;
-
-use common::daemon::{novactl, Daemon};
-use common::net::{ethernet, NetClient};
-use common::netns::NetNs;
+use crate::common::daemon::{novactl, Daemon};
+use crate::common::net::{ethernet, NetClient};
+use crate::common::netns::NetNs;
 use vhost::vhost_user::VhostUserFrontend;
 
 const GUEST_MAC: [u8; 6] = [0x52, 0x54, 0, 0x12, 0x34, 0x56];

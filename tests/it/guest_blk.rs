@@ -3,10 +3,8 @@
 //! (new front-end on the same daemon) that finds the filesystem intact. Once per engine.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
-mod common;
-
-use common::daemon::Daemon;
-use common::guest::{boot, vhost_user_blk};
+use crate::common::daemon::Daemon;
+use crate::common::guest::{boot, vhost_user_blk};
 
 fn guest_round_trip(engine: &str) {
     let spec = format!("socket={{dir}}/vda.sock,path={{dir}}/vda.img,size=64M,queues=2,serial=NOVA-{engine},engine={engine}");
@@ -94,7 +92,7 @@ fn guest_completes_all_io_on_a_throttled_disk() {
         assert!(run.console.contains(marker), "missing `{marker}`");
     }
     daemon.wait_for_log("front-end disconnected");
-    let mut ctl = common::control::Control::connect(&daemon.path("control.sock"));
+    let mut ctl = crate::common::control::Control::connect(&daemon.path("control.sock"));
     let qos = ctl
         .call("qos.get", serde_json::json!({"id": "vda"}))
         .unwrap();

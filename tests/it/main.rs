@@ -1,0 +1,27 @@
+//! The integration tests, as one binary: the real `novacrond` driven through the vhost-user
+//! protocol (our harness in [`common`], third-party front-ends), the control socket, real
+//! QEMU guests and the C client. One binary means the harness is compiled once and the
+//! guest image is built once per run.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail loudly by design
+
+mod common;
+
+mod blk_durability;
+mod blk_hostile;
+mod blk_io;
+mod blkio_frontend;
+mod control;
+mod ffi_c;
+mod fuzz_replay;
+mod guest_blk;
+mod guest_net;
+mod guest_tier;
+mod net_control;
+mod net_hostile;
+mod net_qos;
+mod net_switch;
+mod net_tap;
+mod qos;
+mod tap;
+mod tier;
+mod tier_full;
