@@ -187,6 +187,59 @@ impl EmptyPasses {
     }
 }
 
+/// The descriptor heads a queue has taken and not yet returned.
+///
+/// A head is the driver's until the device puts it in the used ring; a driver that publishes a
+/// head the device still holds has a broken ring (virtio 1.2 §2.7.13). Without this check a
+/// guest could publish one head again and again and make the device hold unbounded work for
+/// it; with it, work held per queue is at most the queue size.
+#[derive(Debug, Default)]
+pub struct HeadSet {
+    words: Vec<u64>,
+    held: usize,
+}
+
+impl HeadSet {
+    /// Takes `head`; false (and nothing changes) if it is already held.
+    pub fn claim(&mut self, head: u16) -> bool {
+        let (word, bit) = (usize::from(head >> 6), 1u64 << (head & 63));
+        if self.words.len() <= word {
+            self.words.resize(word.saturating_add(1), 0);
+        }
+        let Some(w) = self.words.get_mut(word) else {
+            return false;
+        };
+        if *w & bit != 0 {
+            return false;
+        }
+        *w |= bit;
+        self.held = self.held.saturating_add(1);
+        true
+    }
+
+    /// Returns `head` (no-op if it was not held).
+    pub fn release(&mut self, head: u16) {
+        let (word, bit) = (usize::from(head >> 6), 1u64 << (head & 63));
+        if let Some(w) = self.words.get_mut(word) {
+            if *w & bit != 0 {
+                *w &= !bit;
+                self.held = self.held.saturating_sub(1);
+            }
+        }
+    }
+
+    /// How many heads are held.
+    pub fn held(&self) -> usize {
+        self.held
+    }
+
+    /// Returns every head.
+    pub fn clear(&mut self) {
+        self.words.iter_mut().for_each(|w| *w = 0);
+        self.held = 0;
+    }
+}
+
 /// Whether the driver has made buffers available that the device has not taken yet.
 pub fn has_available(vring: &CheckedVring, memory: &GuestMemory) -> bool {
     let state = vring.get_ref();
@@ -305,6 +358,22 @@ pub fn add_used_batch(
 #[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)] // tests may panic
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_head_is_held_once_until_released() {
+        let mut heads = HeadSet::default();
+        assert!(heads.claim(0));
+        assert!(heads.claim(65535));
+        assert!(!heads.claim(0), "a held head is refused");
+        assert_eq!(heads.held(), 2);
+        heads.release(0);
+        heads.release(0);
+        assert_eq!(heads.held(), 1);
+        assert!(heads.claim(0));
+        heads.clear();
+        assert_eq!(heads.held(), 0);
+        assert!(heads.claim(65535));
+    }
 
     #[test]
     fn sizes_that_are_not_powers_of_two_are_flagged_and_not_applied() {

@@ -453,3 +453,67 @@ fn a_corrupt_avail_index_does_not_make_the_worker_spin() {
     // The other device never noticed.
     still_serving(&mut good, 9);
 }
+
+#[test]
+fn a_head_published_again_while_in_flight_is_served_once() {
+    // A guest puts one request's head in the available ring 200 times with one index update.
+    // The device takes the head once; the 199 copies are a broken ring: counted, skipped,
+    // never executed or completed (they would complete one request 200 times and let a guest
+    // make the daemon hold unbounded work). The queue keeps serving afterwards.
+    let d = Daemon::start(&["--blk", "socket={dir}/d.sock,path={dir}/d.img,size=4M"]);
+    let mut c = BlkClient::connect(&d.path("d.sock"));
+    let header = c.header(T_OUT, 8);
+    let data = c.alloc(512);
+    c.poke(data, &pattern(3, 512));
+    let status = c.alloc(1);
+    let descs = [
+        Desc {
+            addr: header,
+            len: 16,
+            flags: F_NEXT,
+            next: 1,
+        },
+        Desc {
+            addr: data,
+            len: 512,
+            flags: F_NEXT,
+            next: 2,
+        },
+        Desc {
+            addr: status,
+            len: 1,
+            flags: F_WRITE,
+            next: 0,
+        },
+    ];
+    let head = {
+        let mem = &c.mem.mem;
+        let q = &mut c.queues[0];
+        let head = q.write_descs(mem, &descs);
+        q.publish_repeated(mem, head, 200);
+        head
+    };
+    let mut ctl = crate::common::control::Control::connect(&d.path("control.sock"));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let stats = ctl
+            .call("device.stats", serde_json::json!({"id": "d"}))
+            .unwrap();
+        let errors = stats["queues"][0]["ring_errors"].as_u64().unwrap();
+        if errors >= 199 {
+            assert_eq!(errors, 199, "every copy counted once");
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "re-published heads never reported: {stats}"
+        );
+        std::thread::yield_now();
+    }
+    let used = c.wait(0, 1);
+    assert_eq!(used, vec![(head, 1)]);
+    let used_idx = u16::from_le_bytes(c.peek(c.queues[0].used + 2, 2).try_into().unwrap());
+    assert_eq!(used_idx, 1, "the request was completed more than once");
+    assert_eq!(c.peek(status, 1)[0], S_OK);
+    still_serving(&mut c, 10);
+}

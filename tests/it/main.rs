@@ -22,6 +22,7 @@ mod net_qos;
 mod net_switch;
 mod net_tap;
 mod qos;
+mod resources;
 mod tap;
 mod tier;
 mod tier_full;

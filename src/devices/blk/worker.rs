@@ -35,7 +35,7 @@ use super::stats::{OpClass, QueueStats};
 use super::throttle::{Deferred, Throttle, TimerError};
 use crate::storage::{Completion, Engine, GuestIovecs, IoOp, OpKind};
 use crate::vring::{
-    has_available, needs_signal, AtomicGuestMemory, CheckedVring, EmptyPasses, GuestMemory,
+    has_available, needs_signal, AtomicGuestMemory, CheckedVring, EmptyPasses, GuestMemory, HeadSet,
 };
 
 /// Errors that stop a worker from serving its queue (guest mistakes never do).
@@ -98,6 +98,8 @@ pub struct QueueWorker {
     refusal_log: LogLimiter,
     /// Requests waiting for QoS tokens.
     throttle: Throttle,
+    /// Heads taken off the ring and not yet returned (at most the queue size).
+    heads: HeadSet,
 }
 
 /// Allows one log line per interval and counts what it held back.
@@ -155,6 +157,7 @@ impl QueueWorker {
                 suppressed: 0,
             },
             throttle: Throttle::new()?,
+            heads: HeadSet::default(),
         })
     }
 
@@ -276,6 +279,21 @@ impl QueueWorker {
             };
             popped = popped.saturating_add(1);
             let head = chain.head_index();
+            if !self.heads.claim(head) {
+                // The driver published a head we still hold: a broken ring. Serving it twice
+                // would complete one request twice and let a guest pile up unbounded work;
+                // skip it (the held request completes once) and keep serving the rest.
+                self.stats.ring_error();
+                if let Some(suppressed) = self.refusal_log.allow() {
+                    log::warn!(
+                        "{}: queue {}: head {head} published again while in flight; skipped \
+                         ({suppressed} similar events not logged)",
+                        self.shared.id,
+                        self.queue_index
+                    );
+                }
+                continue;
+            }
             self.start(head, chain, memory);
         }
         popped
@@ -334,7 +352,10 @@ impl QueueWorker {
                     log::warn!("{}: queue {}: {e}", self.shared.id, self.queue_index);
                 }
             }
-            None => self.finished.clear(),
+            None => {
+                self.finished.clear();
+                self.heads.clear();
+            }
         }
     }
 
@@ -552,12 +573,20 @@ impl QueueWorker {
         let memory = self.memory.memory();
         // One vring lock for the whole batch: used entries, then the notification decision.
         let mut state = vring.get_mut();
+        let mut failed = None;
         for done in self.finished.drain(..) {
+            // The head goes back to the driver whatever happens to its used entry.
+            self.heads.release(done.head);
             let used_len = match done.status {
                 Some(addr) if memory.write_obj(done.code, addr).is_ok() => done.used_len,
                 _ => 0,
             };
-            state.add_used(done.head, used_len)?;
+            if failed.is_none() {
+                failed = state.add_used(done.head, used_len).err();
+            }
+        }
+        if let Some(e) = failed {
+            return Err(e.into());
         }
         if needs_signal(&mut state, &memory)? {
             state.signal_used_queue().map_err(WorkerError::Signal)?;

@@ -209,6 +209,8 @@ fn serve_connection<D: Device>(
         return Ok(());
     };
     backend.device().vrings_created(&vrings);
+    // The vrings hold the front-end's kick and call fds: keep no copy past the session.
+    drop(vrings);
     for (index, handler) in daemon.get_epoll_handlers().iter().enumerate() {
         for (thread, fd, event) in backend.listeners() {
             if thread == index {
@@ -223,6 +225,8 @@ fn serve_connection<D: Device>(
     };
     let (mut inner, back) = private_pair(id)?;
     daemon.start(&mut inner).map_err(|e| format!("{e}"))?;
+    // Accepted: the private listener has done its job.
+    drop(inner);
     let relay = {
         let id = id.to_string();
         let backend = Arc::clone(&backend);

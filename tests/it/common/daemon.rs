@@ -109,6 +109,22 @@ impl Daemon {
         );
     }
 
+    /// Open file descriptors of the daemon.
+    pub fn fd_count(&self) -> usize {
+        let pid = self.child.as_ref().expect("child").id();
+        std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .expect("proc fd")
+            .count()
+    }
+
+    /// Threads of the daemon.
+    pub fn thread_count(&self) -> usize {
+        let pid = self.child.as_ref().expect("child").id();
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .expect("proc task")
+            .count()
+    }
+
     /// User + system CPU time the daemon has used.
     fn cpu_time(&self) -> std::time::Duration {
         let pid = self.child.as_ref().expect("child").id();

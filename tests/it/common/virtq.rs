@@ -124,6 +124,22 @@ impl Virtq {
         self.kick.write(1).unwrap();
     }
 
+    /// Puts `head` in the available ring `times` times with one index update, then kicks
+    /// (a hostile driver re-publishing a head).
+    pub fn publish_repeated(&mut self, mem: &GuestMemoryMmap<()>, head: u16, times: u16) {
+        for i in 0..times {
+            let idx = self.avail_idx.wrapping_add(i);
+            let slot = self.avail + 4 + 2 * u64::from(idx % self.size);
+            mem.write_obj(head, GuestAddress(slot)).unwrap();
+        }
+        fence(Ordering::SeqCst);
+        self.avail_idx = self.avail_idx.wrapping_add(times);
+        mem.write_obj(self.avail_idx, GuestAddress(self.avail + 2))
+            .unwrap();
+        fence(Ordering::SeqCst);
+        self.kick.write(1).unwrap();
+    }
+
     /// Whether the device has used entries we have not collected yet.
     pub fn used_pending(&self, mem: &GuestMemoryMmap<()>) -> bool {
         fence(Ordering::SeqCst);
