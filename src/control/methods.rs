@@ -37,6 +37,7 @@ use serde_json::{json, Map, Value};
 
 use super::protocol::{parse_request, Response, RpcError, METHOD_NOT_FOUND, SERVER_ERROR};
 use crate::registry::{Registry, RegistryError};
+use crate::storage::tier::mover::BatchError;
 
 /// Handles one request line and builds its response.
 pub fn handle_line(registry: &Arc<Mutex<Registry>>, line: &[u8]) -> Response {
@@ -63,7 +64,7 @@ fn dispatch(
             let options = params.rest_as_options()?;
             let mut registry = lock(registry);
             let id = registry.add(&kind, options, true).map_err(registry_error)?;
-            registry.describe(&id).map_err(registry_error)?
+            to_json(registry.describe(&id).map_err(registry_error)?)?
         }
         "device.remove" => {
             let id = params.string("id")?;
@@ -74,49 +75,50 @@ fn dispatch(
         }
         "device.list" => {
             params.finish()?;
-            let registry = lock(registry);
-            let devices: Result<Vec<Value>, _> = registry
-                .ids()
-                .iter()
-                .map(|id| registry.describe(id))
-                .collect();
-            Value::Array(devices.map_err(registry_error)?)
+            let devices = lock(registry).list();
+            to_json(devices)?
         }
         "device.get" => {
             let id = params.string("id")?;
             params.finish()?;
-            lock(registry).describe(&id).map_err(registry_error)?
+            let device = lock(registry).describe(&id).map_err(registry_error)?;
+            to_json(device)?
         }
         "device.stats" => {
             let id = params.string("id")?;
             params.finish()?;
-            lock(registry).stats(&id).map_err(registry_error)?
+            let stats = lock(registry).stats(&id).map_err(registry_error)?;
+            to_json(stats)?
         }
         "qos.set" => {
             let id = params.string("id")?;
             let changes = params.rest_as_changes()?;
-            lock(registry)
+            let qos = lock(registry)
                 .set_qos(&id, changes)
-                .map_err(registry_error)?
+                .map_err(registry_error)?;
+            to_json(qos)?
         }
         "qos.get" => {
             let id = params.string("id")?;
             params.finish()?;
-            lock(registry).qos(&id).map_err(registry_error)?
+            let qos = lock(registry).qos(&id).map_err(registry_error)?;
+            to_json(qos)?
         }
         "qos.group.add" => {
             let name = params.string("name")?;
             let options = params.rest_as_options()?;
-            lock(registry)
+            let group = lock(registry)
                 .add_group(&name, options)
-                .map_err(registry_error)?
+                .map_err(registry_error)?;
+            to_json(group)?
         }
         "qos.group.set" => {
             let name = params.string("name")?;
             let changes = params.rest_as_changes()?;
-            lock(registry)
+            let group = lock(registry)
                 .set_group(&name, changes)
-                .map_err(registry_error)?
+                .map_err(registry_error)?;
+            to_json(group)?
         }
         "qos.group.remove" => {
             let name = params.string("name")?;
@@ -126,14 +128,16 @@ fn dispatch(
         }
         "qos.group.list" => {
             params.finish()?;
-            lock(registry).list_groups().map_err(registry_error)?
+            let groups = lock(registry).list_groups();
+            to_json(groups)?
         }
         "switch.add" => {
             let name = params.string("name")?;
             let options = params.rest_as_options()?;
-            lock(registry)
+            let switch = lock(registry)
                 .add_switch(&name, options)
-                .map_err(registry_error)?
+                .map_err(registry_error)?;
+            to_json(switch)?
         }
         "switch.remove" => {
             let name = params.string("name")?;
@@ -145,25 +149,28 @@ fn dispatch(
         }
         "switch.list" => {
             params.finish()?;
-            lock(registry).list_switches().map_err(registry_error)?
+            let switches = lock(registry).list_switches();
+            to_json(switches)?
         }
         "switch.ports" => {
             let name = params.string("name")?;
             params.finish()?;
-            lock(registry).switch_ports(&name).map_err(registry_error)?
+            let ports = lock(registry).switch_ports(&name).map_err(registry_error)?;
+            to_json(ports)?
         }
         "tier.status" => {
             let id = params.string("id")?;
             params.finish()?;
             let store = lock(registry).tier_store(&id).map_err(registry_error)?;
-            crate::registry::tiers::status(&id, &store)
+            to_json(store.status(&id))?
         }
         "tier.policy" => {
             let id = params.string("id")?;
             let changes = params.rest_as_changes()?;
-            lock(registry)
+            let policy = lock(registry)
                 .set_tier_policy(&id, changes)
-                .map_err(registry_error)?
+                .map_err(registry_error)?;
+            to_json(policy)?
         }
         method @ ("tier.demote" | "tier.promote") => {
             let down = method == "tier.demote";
@@ -176,16 +183,16 @@ fn dispatch(
                 .map_err(RpcError::invalid_params)?;
             if wait {
                 // Runs here, without the registry lock: other requests go on.
-                json!(store.run_batch(&extents, down))
+                to_json(store.run_batch(&extents, down))?
             } else {
-                std::thread::Builder::new()
-                    .name(format!("tier-{id}"))
-                    .spawn(move || {
-                        store.run_batch(&extents, down);
-                    })
-                    .map_err(|e| {
+                store.start_batch(extents, down).map_err(|e| match e {
+                    BatchError::Busy(_) => {
+                        RpcError::new(SERVER_ERROR, "busy", format!("{id}: {e}"))
+                    }
+                    BatchError::Thread(_) => {
                         RpcError::new(SERVER_ERROR, "io", format!("cannot start the move: {e}"))
-                    })?;
+                    }
+                })?;
                 json!({"started": true})
             }
         }
@@ -195,7 +202,7 @@ fn dispatch(
             json!({
                 "name": "novacrond",
                 "version": env!("CARGO_PKG_VERSION"),
-                "device-types": ["blk", "net"],
+                "device-types": crate::devices::kind::DeviceConfig::KINDS,
                 "engines": {
                     "uring": crate::storage::uring_available(),
                     "sync": true,
@@ -220,6 +227,12 @@ fn dispatch(
         }
     };
     Ok(result)
+}
+
+/// A typed result as the JSON the client sees.
+fn to_json(value: impl serde::Serialize) -> Result<Value, RpcError> {
+    serde_json::to_value(value)
+        .map_err(|e| RpcError::new(SERVER_ERROR, "io", format!("cannot encode the result: {e}")))
 }
 
 fn registry_error(error: RegistryError) -> RpcError {

@@ -7,7 +7,9 @@
 
 pub mod blk;
 pub mod desc;
+pub mod kind;
 pub mod net;
+pub mod options;
 pub mod shell;
 
 /// `VHOST_USER_F_PROTOCOL_FEATURES`: offered by every device (vhost-user, not virtio).

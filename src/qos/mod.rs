@@ -7,5 +7,7 @@ pub mod config;
 pub mod device;
 pub mod group;
 pub mod handle;
+pub mod info;
 pub mod limiter;
+pub mod metrics;
 pub mod timer;

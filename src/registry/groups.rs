@@ -8,45 +8,20 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use serde_json::{json, Value};
-
 use super::{with_changes, Group, Registry, RegistryError};
 use crate::config::options::OptionList;
 use crate::qos::config::{QosConfig, GROUP_KEY};
 use crate::qos::group::SharedLimiter;
+use crate::qos::info::GroupInfo;
 use crate::sys::clock::now_ns;
 
 impl Registry {
-    /// QoS state for `/metrics`.
-    pub fn qos_metrics_snapshot(&self) -> crate::metrics::QosSnapshot {
-        crate::metrics::QosSnapshot {
-            devices: self
-                .devices
-                .iter()
-                .map(|(id, e)| (id.clone(), e.device.qos().tokens()))
-                .filter(|(_, tokens)| !tokens.is_empty())
-                .collect(),
-            groups: self
-                .groups
-                .iter()
-                .map(|(name, g)| {
-                    (
-                        name.clone(),
-                        self.group_members(name).len(),
-                        g.limiter.refusals(),
-                        g.limiter.tokens(now_ns()),
-                    )
-                })
-                .collect(),
-        }
-    }
-
     /// Creates a QoS group with the given limit options.
     pub fn add_group(
         &mut self,
         name: &str,
         options: BTreeMap<String, String>,
-    ) -> Result<Value, RegistryError> {
+    ) -> Result<GroupInfo, RegistryError> {
         validate_group_name(name)?;
         if self.groups.contains_key(name) {
             return Err(RegistryError::Exists(format!("QoS group `{name}` exists")));
@@ -73,7 +48,7 @@ impl Registry {
         &mut self,
         name: &str,
         changes: BTreeMap<String, Option<String>>,
-    ) -> Result<Value, RegistryError> {
+    ) -> Result<GroupInfo, RegistryError> {
         let group = self
             .groups
             .get_mut(name)
@@ -117,11 +92,12 @@ impl Registry {
         Ok(())
     }
 
-    /// Every group with its limits and members.
-    pub fn list_groups(&self) -> Result<Value, RegistryError> {
-        let groups: Result<Vec<Value>, _> =
-            self.groups.keys().map(|n| self.describe_group(n)).collect();
-        Ok(Value::Array(groups?))
+    /// Every group, in name order.
+    pub fn list_groups(&self) -> Vec<GroupInfo> {
+        self.groups
+            .keys()
+            .filter_map(|n| self.describe_group(n).ok())
+            .collect()
     }
 
     fn group_members(&self, name: &str) -> Vec<String> {
@@ -132,25 +108,18 @@ impl Registry {
             .collect()
     }
 
-    fn describe_group(&self, name: &str) -> Result<Value, RegistryError> {
+    fn describe_group(&self, name: &str) -> Result<GroupInfo, RegistryError> {
         let group = self
             .groups
             .get(name)
             .ok_or_else(|| RegistryError::NotFound(format!("QoS group {name}")))?;
-        let limits: serde_json::Map<String, Value> = group
-            .limiter
-            .config()
-            .limits
-            .iter()
-            .map(|(key, rate)| (key.to_string(), json!(rate)))
-            .collect();
-        Ok(json!({
-            "name": name,
-            "limits": limits,
-            "members": self.group_members(name),
-            "tokens": group.limiter.tokens(now_ns()).into_iter().collect::<BTreeMap<_, _>>(),
-            "waits": group.limiter.refusals(),
-        }))
+        Ok(GroupInfo {
+            name: name.to_string(),
+            limits: group.limiter.config().limits.into_iter().collect(),
+            members: self.group_members(name),
+            tokens: group.limiter.tokens(now_ns()).into_iter().collect(),
+            waits: group.limiter.refusals(),
+        })
     }
 }
 

@@ -14,37 +14,27 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use serde_json::{json, Value};
-
 use crate::config::options::OptionList;
-use crate::devices::blk::config::{BackingSpec, BlkConfig, BlkConfigError};
 use crate::devices::blk::device::BlkDevice;
-use crate::devices::blk::stats::{OpClass, QueueSnapshot};
-use crate::devices::net::config::{NetConfig, NetConfigError};
+use crate::devices::kind::{DeviceConfig, KindError};
 use crate::devices::net::device::NetDevice;
 use crate::devices::net::fabric::Fabric;
-use crate::devices::net::stats::NetSnapshot;
-use crate::qos::config::{QosConfig, GROUP_KEY};
+use crate::qos::config::QosConfig;
 use crate::qos::group::SharedLimiter;
 use crate::qos::handle::QosHandle;
 mod groups;
 mod switches;
 pub mod tiers;
+pub mod views;
 
 use crate::state::{DeviceRecord, GroupRecord, Saved, StateError, StateStore, SwitchRecord};
 
 /// Errors from registry changes; each maps to a stable control-plane error kind.
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
-    /// The device type is not one this daemon serves.
-    #[error("unknown device type `{0}` (known: blk, net)")]
-    UnknownType(String),
-    /// The options were invalid.
+    /// The device type or options were invalid.
     #[error(transparent)]
-    Config(#[from] BlkConfigError),
-    /// The net device options were invalid.
-    #[error(transparent)]
-    NetConfig(#[from] NetConfigError),
+    Config(Box<KindError>),
     /// An option that does not exist or does not fit.
     #[error("{0}")]
     InvalidOption(String),
@@ -84,9 +74,7 @@ impl RegistryError {
     /// The stable error kind for the control plane.
     pub fn kind(&self) -> &'static str {
         match self {
-            RegistryError::UnknownType(_)
-            | RegistryError::Config(_)
-            | RegistryError::NetConfig(_)
+            RegistryError::Config(_)
             | RegistryError::BadSwitch(_)
             | RegistryError::NotTiered(_)
             | RegistryError::InvalidOption(_)
@@ -96,6 +84,18 @@ impl RegistryError {
             RegistryError::Busy(_) => "busy",
             RegistryError::Start { .. } | RegistryError::State(_) => "io",
         }
+    }
+}
+
+impl From<KindError> for RegistryError {
+    fn from(e: KindError) -> Self {
+        RegistryError::Config(Box::new(e))
+    }
+}
+
+impl From<crate::devices::blk::config::BlkConfigError> for RegistryError {
+    fn from(e: crate::devices::blk::config::BlkConfigError) -> Self {
+        KindError::from(e).into()
     }
 }
 
@@ -176,17 +176,8 @@ impl Registry {
         options: BTreeMap<String, String>,
         persistent: bool,
     ) -> Result<String, RegistryError> {
-        let (id, socket) = match kind {
-            "blk" => {
-                let config = BlkConfig::from_options(OptionList::from_pairs(options.clone()))?;
-                (config.id, config.socket)
-            }
-            "net" => {
-                let config = NetConfig::from_options(OptionList::from_pairs(options.clone()))?;
-                (config.id, config.socket)
-            }
-            other => return Err(RegistryError::UnknownType(other.to_string())),
-        };
+        let config = DeviceConfig::parse(kind, OptionList::from_pairs(options.clone()))?;
+        let (id, socket) = (config.id().to_string(), config.socket().to_path_buf());
         if self.devices.contains_key(&id) {
             return Err(RegistryError::Exists(format!("device `{id}` exists")));
         }
@@ -200,11 +191,11 @@ impl Registry {
                 socket.display(),
             )));
         }
-        let device = self.start(kind, &options)?;
         let record = DeviceRecord {
-            kind: kind.to_string(),
+            kind: config.kind().to_string(),
             options,
         };
+        let device = self.start(config)?;
         self.devices.insert(
             id.clone(),
             Entry {
@@ -266,34 +257,24 @@ impl Registry {
         Ok(())
     }
 
-    /// Starts a device from options already checked by `add`.
-    fn start(
-        &self,
-        kind: &str,
-        options: &BTreeMap<String, String>,
-    ) -> Result<Device, RegistryError> {
-        let list = OptionList::from_pairs(options.clone());
-        if kind == "net" {
-            let config = NetConfig::from_options(list)?;
-            let group = self.resolve_group(config.qos_group.as_deref())?;
-            let id = config.id.clone();
-            let device =
-                NetDevice::start(config, &self.fabric).map_err(|source| RegistryError::Start {
-                    id,
-                    source: source.into(),
-                })?;
-            device.shared().qos.set_group(group);
-            return Ok(Device::Net(device));
-        }
-        let config = BlkConfig::from_options(list)?;
-        let group = self.resolve_group(config.qos_group.as_deref())?;
-        let id = config.id.clone();
-        let device = BlkDevice::start(config).map_err(|source| RegistryError::Start {
-            id,
-            source: source.into(),
-        })?;
-        device.shared().set_group(group);
-        Ok(Device::Blk(Box::new(device)))
+    /// Starts a device from its parsed configuration.
+    fn start(&self, config: DeviceConfig) -> Result<Device, RegistryError> {
+        let group = self.resolve_group(config.qos_group())?;
+        let id = config.id().to_string();
+        let start_error = |source: Box<dyn std::error::Error + Send + Sync>| RegistryError::Start {
+            id: id.clone(),
+            source,
+        };
+        let device = match config {
+            DeviceConfig::Blk(config) => Device::Blk(Box::new(
+                BlkDevice::start(config).map_err(|e| start_error(e.into()))?,
+            )),
+            DeviceConfig::Net(config) => Device::Net(
+                NetDevice::start(config, &self.fabric).map_err(|e| start_error(e.into()))?,
+            ),
+        };
+        device.qos().set_group(group);
+        Ok(device)
     }
 
     fn resolve_group(
@@ -316,71 +297,26 @@ impl Registry {
         &mut self,
         id: &str,
         changes: BTreeMap<String, Option<String>>,
-    ) -> Result<Value, RegistryError> {
+    ) -> Result<crate::qos::info::QosInfo, RegistryError> {
         if let Some(key) = changes.keys().find(|k| !QosConfig::is_qos_key(k)) {
             return Err(RegistryError::NotQos(key.clone()));
         }
         let entry = self.entry(id)?;
         let options = with_changes(&entry.record.options, changes);
-        let list = OptionList::from_pairs(options.clone());
         // The whole option set is validated as the device kind's own parser sees it.
-        let (qos, qos_group) = match &entry.device {
-            Device::Blk(_) => {
-                let config = BlkConfig::from_options(list)?;
-                (config.qos, config.qos_group)
-            }
-            Device::Net(_) => {
-                let config = NetConfig::from_options(list)?;
-                (config.qos, config.qos_group)
-            }
-        };
-        let group = self.resolve_group(qos_group.as_deref())?;
+        let config =
+            DeviceConfig::parse(&entry.record.kind, OptionList::from_pairs(options.clone()))?;
+        let (qos, group) = (config.qos(), self.resolve_group(config.qos_group())?);
         self.record_options(id, options)?;
         if let Some(entry) = self.devices.get(id) {
             let handle = entry.device.qos();
             // Validated above by from_options, which builds the same limiter.
-            if let Err(e) = handle.set_limits(&qos) {
+            if let Err(e) = handle.set_limits(qos) {
                 log::error!("{id}: cannot apply validated limits: {e}");
             }
             handle.set_group(group);
         }
         self.qos(id)
-    }
-
-    /// A device's rate limits and how much they held it back.
-    pub fn qos(&self, id: &str) -> Result<Value, RegistryError> {
-        let entry = self.entry(id)?;
-        let handle = entry.device.qos();
-        let limits: serde_json::Map<String, Value> = handle
-            .config()
-            .limits
-            .iter()
-            .map(|(key, rate)| (key.to_string(), json!(rate)))
-            .collect();
-        let (throttled, wait_ns) = match &entry.device {
-            Device::Blk(device) => {
-                let queues = device.shared().stats();
-                (
-                    queues.iter().map(|q| q.throttled).sum::<u64>(),
-                    queues.iter().map(|q| q.throttle_wait_ns).sum::<u64>(),
-                )
-            }
-            Device::Net(device) => {
-                let stats = device.stats();
-                (
-                    stats.tx_throttled.saturating_add(stats.rx_throttled),
-                    stats.throttle_wait_ns,
-                )
-            }
-        };
-        Ok(json!({
-            "id": id,
-            "group": entry.record.options.get(GROUP_KEY),
-            "limits": limits,
-            "tokens": handle.tokens().into_iter().collect::<BTreeMap<_, _>>(),
-            "throttled": throttled,
-            "throttle-wait-ns": wait_ns,
-        }))
     }
 
     /// Recreates the devices recorded in the state directory.
@@ -444,101 +380,6 @@ impl Registry {
         self.devices.keys().cloned().collect()
     }
 
-    /// A device's description.
-    pub fn describe(&self, id: &str) -> Result<Value, RegistryError> {
-        let entry = self.entry(id)?;
-        let device = match &entry.device {
-            Device::Blk(device) => device,
-            Device::Net(device) => {
-                let config = device.config();
-                return Ok(json!({
-                    "id": config.id,
-                    "type": "net",
-                    "socket": config.socket,
-                    "backend": config.backend,
-                    "mac": crate::devices::net::config::format_mac(&config.mac),
-                    "queues": config.queue_pairs,
-                    "queue-size": config.queue_size,
-                    "mtu": config.mtu,
-                    "vlan": config.vlan,
-                    "link-up": device.link_up(),
-                    "connected": device.is_connected(),
-                    "persistent": entry.persistent,
-                }));
-            }
-        };
-        let config = device.config();
-        let shared = device.shared();
-        Ok(json!({
-            "id": config.id,
-            "type": "blk",
-            "socket": config.socket,
-            "path": match &config.backing {
-                BackingSpec::Null => "null".to_string(),
-                BackingSpec::File(p) => p.display().to_string(),
-            },
-            "size": shared.limits.capacity,
-            "readonly": config.readonly,
-            "direct": config.direct,
-            "queues": config.queues,
-            "queue-size": config.queue_size,
-            "serial": config.serial,
-            "engine": shared.engine_name(),
-            "logical-block-size": config.logical_block_size,
-            "poll-us": config.poll_us,
-            "connected": device.is_connected(),
-            "persistent": entry.persistent,
-            "flush-failed": shared.flush_failed.load(std::sync::atomic::Ordering::Acquire),
-        }))
-    }
-
-    /// A device's counters: totals and per queue.
-    pub fn stats(&self, id: &str) -> Result<Value, RegistryError> {
-        let entry = self.entry(id)?;
-        let device = match &entry.device {
-            Device::Blk(device) => device,
-            Device::Net(device) => {
-                let stats = device.stats();
-                return Ok(json!({
-                    "id": id,
-                    "type": "net",
-                    "link-up": device.link_up(),
-                    "total": stats,
-                    "drops": stats.total_drops(),
-                }));
-            }
-        };
-        let queues = device.shared().stats();
-        Ok(json!({
-            "id": id,
-            "type": "blk",
-            "total": total(&queues),
-            "queues": queues,
-        }))
-    }
-
-    /// Every device's id, connection state and counters, for metrics.
-    pub fn metrics_snapshot(&self) -> Vec<(String, bool, Vec<QueueSnapshot>)> {
-        self.devices
-            .iter()
-            .filter_map(|(id, e)| match &e.device {
-                Device::Blk(d) => Some((id.clone(), d.is_connected(), d.shared().stats())),
-                Device::Net(_) => None,
-            })
-            .collect()
-    }
-
-    /// Net devices' counters for `/metrics`: (id, connected, link up, counters).
-    pub fn net_metrics_snapshot(&self) -> Vec<(String, bool, bool, NetSnapshot)> {
-        self.devices
-            .iter()
-            .filter_map(|(id, e)| match &e.device {
-                Device::Net(d) => Some((id.clone(), d.is_connected(), d.link_up(), d.stats())),
-                Device::Blk(_) => None,
-            })
-            .collect()
-    }
-
     /// Stops every device (daemon shutdown); the state file is left as it is.
     pub fn stop_all(&mut self) {
         for (_, entry) in std::mem::take(&mut self.devices) {
@@ -548,28 +389,6 @@ impl Registry {
             entry.stop();
         }
     }
-}
-
-/// Sums per-queue snapshots.
-fn total(queues: &[QueueSnapshot]) -> Value {
-    let sum = |f: &dyn Fn(&QueueSnapshot) -> u64| queues.iter().map(f).sum::<u64>();
-    let requests: BTreeMap<&str, u64> = OpClass::ALL
-        .iter()
-        .map(|c| (c.name(), sum(&|q| q.requests_of(*c))))
-        .collect();
-    let rejected: u64 = queues
-        .iter()
-        .flat_map(|q| q.rejected.iter().map(|(_, n)| *n))
-        .sum();
-    json!({
-        "requests": requests,
-        "bytes-read": sum(&|q| q.bytes_read),
-        "bytes-written": sum(&|q| q.bytes_written),
-        "io-errors": sum(&|q| q.io_errors),
-        "rejected": rejected,
-        "in-flight": sum(&|q| q.in_flight),
-        "throttled": sum(&|q| q.throttled),
-    })
 }
 
 /// `options` with `changes` applied: `Some` sets a key, `None` removes it.

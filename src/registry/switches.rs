@@ -9,11 +9,10 @@
 
 use std::collections::BTreeMap;
 
-use serde_json::{json, Value};
-
 use super::{Registry, RegistryError};
 use crate::config::id;
 use crate::devices::net::fabric::{mac_text, PortSink, SwitchHub};
+use crate::devices::net::info::{PortInfo, SwitchInfo};
 use crate::devices::net::uplink::Uplink;
 
 /// A switch added with `switch.add`.
@@ -36,7 +35,7 @@ impl Registry {
         &mut self,
         name: &str,
         mut options: BTreeMap<String, String>,
-    ) -> Result<Value, RegistryError> {
+    ) -> Result<SwitchInfo, RegistryError> {
         id::validate(name).map_err(RegistryError::BadSwitch)?;
         let uplink_tap = options.remove("uplink");
         if let Some(key) = options.keys().next() {
@@ -112,41 +111,40 @@ impl Registry {
     }
 
     /// Every switch with its counters.
-    pub fn list_switches(&self) -> Result<Value, RegistryError> {
-        let switches: Result<Vec<Value>, _> = self
-            .fabric
+    pub fn list_switches(&self) -> Vec<SwitchInfo> {
+        self.fabric
             .list()
             .iter()
-            .map(|hub| self.describe_switch(hub.name()))
-            .collect();
-        Ok(Value::Array(switches?))
+            .filter_map(|hub| self.describe_switch(hub.name()).ok())
+            .collect()
     }
 
     /// The ports of switch `name`.
-    pub fn switch_ports(&self, name: &str) -> Result<Value, RegistryError> {
+    pub fn switch_ports(&self, name: &str) -> Result<Vec<PortInfo>, RegistryError> {
         let hub = self.hub(name)?;
-        let ports: Vec<Value> = hub
+        Ok(hub
             .ports()
             .iter()
-            .map(|port| {
-                json!({
-                    "port": port.number,
-                    "name": port.name,
-                    "kind": if port.config.uplink { "uplink" } else { "device" },
-                    "mac": (!port.config.uplink).then(|| mac_text(&port.config.mac)),
-                    "vlan": port.config.vlan,
-                    "connected": match &port.sink {
-                        PortSink::Guest(target) => target
-                            .read()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner)
-                            .is_some(),
-                        PortSink::Uplink(tap) => crate::lock::lock(tap).is_up(),
-                    },
-                    "stats": port.stats.snapshot(),
-                })
+            .map(|port| PortInfo {
+                port: port.number,
+                name: port.name.clone(),
+                kind: if port.config.uplink {
+                    "uplink"
+                } else {
+                    "device"
+                },
+                mac: (!port.config.uplink).then(|| mac_text(&port.config.mac)),
+                vlan: port.config.vlan,
+                connected: match &port.sink {
+                    PortSink::Guest(target) => target
+                        .read()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .is_some(),
+                    PortSink::Uplink(tap) => crate::lock::lock(tap).is_up(),
+                },
+                stats: port.stats.snapshot(),
             })
-            .collect();
-        Ok(Value::Array(ports))
+            .collect())
     }
 
     fn hub(&self, name: &str) -> Result<std::sync::Arc<SwitchHub>, RegistryError> {
@@ -155,39 +153,16 @@ impl Registry {
             .ok_or_else(|| RegistryError::NotFound(format!("switch {name}")))
     }
 
-    fn describe_switch(&self, name: &str) -> Result<Value, RegistryError> {
+    fn describe_switch(&self, name: &str) -> Result<SwitchInfo, RegistryError> {
         let hub = self.hub(name)?;
         let entry = self.switches.get(name);
-        Ok(json!({
-            "name": name,
-            "ports": hub.ports().len(),
-            "learnt-macs": hub.learnt(),
-            "uplink": entry.and_then(|e| e.options.get("uplink")),
-            "persistent": entry.is_some(),
-            "stats": hub.stats.snapshot(),
-        }))
-    }
-
-    /// Switch snapshots for `/metrics`: (name, ports, learnt MACs, counters).
-    pub fn switch_metrics_snapshot(
-        &self,
-    ) -> Vec<(
-        String,
-        usize,
-        usize,
-        crate::devices::net::stats::NetSnapshot,
-    )> {
-        self.fabric
-            .list()
-            .iter()
-            .map(|hub| {
-                (
-                    hub.name().to_string(),
-                    hub.ports().len(),
-                    hub.learnt(),
-                    hub.stats.snapshot(),
-                )
-            })
-            .collect()
+        Ok(SwitchInfo {
+            name: name.to_string(),
+            ports: hub.ports().len(),
+            learnt_macs: hub.learnt(),
+            uplink: entry.and_then(|e| e.options.get("uplink").cloned()),
+            persistent: entry.is_some(),
+            stats: hub.stats.snapshot(),
+        })
     }
 }

@@ -10,12 +10,11 @@
 
 use std::path::PathBuf;
 
-use crate::config::id;
 use crate::config::options::{OptionError, OptionList};
+use crate::devices::options::{CommonError, CommonOptions, QueueLimits};
 use crate::qos::config::QosConfig;
 
-/// Largest queue size a front-end may pick (the virtio split-ring limit).
-pub const MAX_QUEUE_SIZE: u16 = 32768;
+pub use crate::devices::options::MAX_QUEUE_SIZE;
 /// Most queues one device offers; each gets its own worker thread and io_uring.
 pub const MAX_QUEUES: u16 = 64;
 /// `VIRTIO_BLK_ID_BYTES`: the serial number field is at most this long.
@@ -27,6 +26,9 @@ pub enum BlkConfigError {
     /// The `key=value` list itself was wrong.
     #[error(transparent)]
     Options(#[from] OptionError),
+    /// A common option (socket, id, queues, ...) was wrong.
+    #[error(transparent)]
+    Common(#[from] CommonError),
     /// A value parsed but is out of range or inconsistent with another.
     #[error("{0}")]
     Invalid(String),
@@ -93,10 +95,7 @@ pub struct BlkConfig {
     pub tier: Option<TierSpec>,
 }
 
-/// Default poll window, as QEMU's iothread `poll-max-ns` (32 µs).
-pub const DEFAULT_POLL_US: u32 = 32;
-/// Largest poll window accepted.
-pub const MAX_POLL_US: u32 = 1000;
+pub use crate::devices::options::{DEFAULT_POLL_US, MAX_POLL_US};
 
 impl BlkConfig {
     /// Parses a `--blk` specification.
@@ -106,11 +105,19 @@ impl BlkConfig {
 
     /// Builds a configuration from an option list, consuming every key.
     pub fn from_options(mut options: OptionList) -> Result<Self, BlkConfigError> {
-        let socket = PathBuf::from(
-            options
-                .take_str("socket")
-                .ok_or(OptionError::Missing("socket"))?,
-        );
+        let CommonOptions {
+            id,
+            socket,
+            queues,
+            queue_size,
+            poll_us,
+            qos_group,
+        } = CommonOptions::take(
+            &mut options,
+            QueueLimits {
+                max_queues: MAX_QUEUES,
+            },
+        )?;
         let tier_hot = options.take_str("tier-hot");
         let tier_cold = options.take_str("tier-cold");
         let extent = options.take_size("extent")?;
@@ -157,16 +164,9 @@ impl BlkConfig {
             "" => return Err(invalid("path must not be empty")),
             other => BackingSpec::File(PathBuf::from(other)),
         };
-        let id = match options.take_str("id") {
-            Some(id) => id,
-            None => id::from_socket(&socket).map_err(invalid)?,
-        };
-        id::validate(&id).map_err(invalid)?;
         let size = options.take_size("size")?;
         let readonly = options.take_bool("readonly")?.unwrap_or(false);
         let direct = options.take_bool("direct")?.unwrap_or(false);
-        let queues = options.take::<u16>("queues")?.unwrap_or(1);
-        let queue_size = options.take::<u16>("queue-size")?.unwrap_or(256);
         let serial = options.take_str("serial").unwrap_or_else(|| id.clone());
         let engine = match options.take_str("engine").as_deref() {
             None | Some("uring") => EngineKind::Uring,
@@ -178,22 +178,8 @@ impl BlkConfig {
             }
         };
         let logical_block_size = options.take::<u32>("logical-block-size")?.unwrap_or(512);
-        let poll_us = options.take::<u32>("poll-us")?.unwrap_or(DEFAULT_POLL_US);
         let qos = QosConfig::from_options(&mut options).map_err(|e| invalid(e.to_string()))?;
-        let qos_group = options.take_str(crate::qos::config::GROUP_KEY);
         options.finish()?;
-        if poll_us > MAX_POLL_US {
-            return Err(invalid(format!("poll-us must be 0..={MAX_POLL_US}")));
-        }
-
-        if queues == 0 || queues > MAX_QUEUES {
-            return Err(invalid(format!("queues must be 1..={MAX_QUEUES}")));
-        }
-        if queue_size < 2 || !queue_size.is_power_of_two() || queue_size > MAX_QUEUE_SIZE {
-            return Err(invalid(format!(
-                "queue-size must be a power of two in 2..={MAX_QUEUE_SIZE}"
-            )));
-        }
         if serial.len() > SERIAL_MAX_BYTES {
             return Err(invalid(format!(
                 "serial is {} bytes; at most {SERIAL_MAX_BYTES}",

@@ -15,6 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use super::config::{BackingSpec, BlkConfig};
+use super::info::{BlkInfo, BlkStats, BlkTotals};
 use super::request::Limits;
 use super::shared::DeviceShared;
 use crate::devices::shell::runner::{DeviceRunner, RunnerError};
@@ -193,6 +194,42 @@ impl BlkDevice {
     /// The device's shared state (stats, engine).
     pub fn shared(&self) -> &Arc<DeviceShared> {
         &self.shared
+    }
+
+    /// The device's description.
+    pub fn info(&self) -> BlkInfo {
+        let config = &self.config;
+        let shared = &self.shared;
+        BlkInfo {
+            id: config.id.clone(),
+            socket: config.socket.clone(),
+            path: match &config.backing {
+                BackingSpec::Null => "null".to_string(),
+                BackingSpec::File(p) => p.display().to_string(),
+            },
+            size: shared.limits.capacity,
+            readonly: config.readonly,
+            direct: config.direct,
+            queues: config.queues,
+            queue_size: config.queue_size,
+            serial: config.serial.clone(),
+            engine: shared.engine_name(),
+            logical_block_size: config.logical_block_size,
+            poll_us: config.poll_us,
+            connected: self.is_connected(),
+            flush_failed: shared.flush_failed.load(Ordering::Acquire),
+        }
+    }
+
+    /// The device's counters.
+    pub fn stats(&self) -> BlkStats {
+        let queues = self.shared.stats();
+        BlkStats {
+            id: self.config.id.clone(),
+            connected: self.is_connected(),
+            total: BlkTotals::of(&queues),
+            queues,
+        }
     }
 
     /// Disconnects the front-end (in-flight I/O completes first), stops listening and removes

@@ -8,11 +8,14 @@
 //! - [`shared`]: state shared by connections and workers (imports nothing of the device);
 //! - [`device`]: socket, reconnects, shared state;
 //! - [`stats`]: per-queue counters;
+//! - [`info`]: typed description and counters (control plane and metrics);
 //! - [`throttle`]: requests waiting for QoS tokens.
 
 pub mod backend;
 pub mod config;
 pub mod device;
+pub mod info;
+pub mod metrics;
 pub mod request;
 pub mod shared;
 pub mod spec;

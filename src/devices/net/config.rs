@@ -15,12 +15,12 @@ use std::path::PathBuf;
 use crate::config::id;
 use crate::config::options::{OptionError, OptionList};
 use crate::devices::net::switch::Mac;
+use crate::devices::options::{CommonError, CommonOptions, QueueLimits};
 use crate::qos::config::{Family, QosConfig};
 
 /// Most queue pairs one device offers; each pair gets its own worker thread.
 pub const MAX_QUEUE_PAIRS: u16 = 16;
-/// Largest queue size a front-end may pick.
-pub const MAX_QUEUE_SIZE: u16 = 32768;
+pub use crate::devices::options::MAX_QUEUE_SIZE;
 /// Smallest MTU (IPv4's minimum).
 pub const MIN_MTU: u16 = 68;
 
@@ -30,6 +30,9 @@ pub enum NetConfigError {
     /// The `key=value` list itself was wrong.
     #[error(transparent)]
     Options(#[from] OptionError),
+    /// A common option (socket, id, queues, ...) was wrong.
+    #[error(transparent)]
+    Common(#[from] CommonError),
     /// A value parsed but is out of range or inconsistent with another.
     #[error("{0}")]
     Invalid(String),
@@ -82,16 +85,19 @@ impl NetConfig {
 
     /// Builds a configuration from an option list, consuming every key.
     pub fn from_options(mut options: OptionList) -> Result<Self, NetConfigError> {
-        let socket = PathBuf::from(
-            options
-                .take_str("socket")
-                .ok_or(OptionError::Missing("socket"))?,
-        );
-        let id = match options.take_str("id") {
-            Some(id) => id,
-            None => id::from_socket(&socket).map_err(NetConfigError::Invalid)?,
-        };
-        id::validate(&id).map_err(NetConfigError::Invalid)?;
+        let CommonOptions {
+            id,
+            socket,
+            queues: queue_pairs,
+            queue_size,
+            poll_us,
+            qos_group,
+        } = CommonOptions::take(
+            &mut options,
+            QueueLimits {
+                max_queues: MAX_QUEUE_PAIRS,
+            },
+        )?;
         let backend = match (options.take_str("tap"), options.take_str("switch")) {
             (Some(tap), None) => {
                 if tap.is_empty() || tap.len() >= libc::IFNAMSIZ || tap.contains('/') {
@@ -112,31 +118,11 @@ impl NetConfig {
             Some(text) => parse_mac(&text)?,
             None => derived_mac(&id),
         };
-        let queue_pairs = options.take::<u16>("queues")?.unwrap_or(1);
-        let queue_size = options.take::<u16>("queue-size")?.unwrap_or(256);
         let mtu = options.take::<u16>("mtu")?.unwrap_or(1500);
         let vlan = options.take::<u16>("vlan")?;
         let qos = QosConfig::from_options_for(&mut options, Family::Net)
             .map_err(|e| invalid(e.to_string()))?;
-        let qos_group = options.take_str(crate::qos::config::GROUP_KEY);
-        let poll_us = options
-            .take::<u32>("poll-us")?
-            .unwrap_or(crate::devices::blk::config::DEFAULT_POLL_US);
         options.finish()?;
-        if poll_us > crate::devices::blk::config::MAX_POLL_US {
-            return Err(invalid(format!(
-                "poll-us must be 0..={}",
-                crate::devices::blk::config::MAX_POLL_US
-            )));
-        }
-        if queue_pairs == 0 || queue_pairs > MAX_QUEUE_PAIRS {
-            return Err(invalid(format!("queues must be 1..={MAX_QUEUE_PAIRS}")));
-        }
-        if queue_size < 2 || !queue_size.is_power_of_two() || queue_size > MAX_QUEUE_SIZE {
-            return Err(invalid(format!(
-                "queue-size must be a power of two in 2..={MAX_QUEUE_SIZE}"
-            )));
-        }
         if mtu < MIN_MTU {
             return Err(invalid(format!("mtu must be {MIN_MTU}..=65535")));
         }

@@ -15,8 +15,9 @@ use std::sync::{Arc, RwLock};
 
 use super::config::{NetBackendSpec, NetConfig};
 use super::fabric::{Fabric, PortSink};
+use super::info::{NetInfo, NetStatsView};
 use super::shared::NetShared;
-use super::stats::{NetSnapshot, NetStats};
+use super::stats::NetStats;
 use super::switch::PortConfig;
 use super::tap_queue::{TapQueue, TapQueueError};
 use crate::devices::shell::runner::{DeviceRunner, RunnerError};
@@ -132,9 +133,33 @@ impl NetDevice {
         &self.shared
     }
 
+    /// The device's description.
+    pub fn info(&self) -> NetInfo {
+        let config = &self.shared.config;
+        NetInfo {
+            id: config.id.clone(),
+            socket: config.socket.clone(),
+            backend: config.backend.clone(),
+            mac: super::config::format_mac(&config.mac),
+            queues: config.queue_pairs,
+            queue_size: config.queue_size,
+            mtu: config.mtu,
+            vlan: config.vlan,
+            link_up: self.link_up(),
+            connected: self.is_connected(),
+        }
+    }
+
     /// The device's counters.
-    pub fn stats(&self) -> NetSnapshot {
-        self.shared.stats.snapshot()
+    pub fn stats(&self) -> NetStatsView {
+        let total = self.shared.stats.snapshot();
+        NetStatsView {
+            id: self.shared.config.id.clone(),
+            connected: self.is_connected(),
+            link_up: self.link_up(),
+            drops: total.total_drops(),
+            total,
+        }
     }
 
     /// Whether the link is up.

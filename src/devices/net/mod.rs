@@ -10,6 +10,7 @@
 //! - [`rx`]: taking rx chains for a frame and returning them whole; a switch port's
 //!   receive side;
 //! - [`stats`]: counters and drop reasons;
+//! - [`info`]: typed description and counters (control plane and metrics);
 //! - [`tap_queue`]: one tap queue, readv/writev, loss and recovery;
 //! - [`fabric`]: named switches, ports, guest-to-guest delivery, uplinks;
 //! - [`uplink`]: a switch's tap uplink and its reader thread;
@@ -22,6 +23,8 @@ pub mod device;
 pub mod fabric;
 pub mod frame;
 pub mod header;
+pub mod info;
+pub mod metrics;
 pub mod rx;
 pub mod shared;
 pub mod spec;

@@ -8,13 +8,16 @@
 //!   lock-free in-flight accounting the I/O path uses;
 //! - [`engine`]: the I/O engine wrapping the hot file's engine;
 //! - [`mover`]: move batches with progress, the policy's periodic check;
-//! - [`policy`]: heat and the automatic policy (byte budget, idle time, repeated reads).
+//! - [`policy`]: heat and the automatic policy (byte budget, idle time, repeated reads);
+//! - [`status`]: the typed status `tier.status` and `/metrics` report.
 //!
 //! The on-disk format and the durability rules are in the README ("Tiered disks").
 
 pub mod engine;
 pub mod journal;
+pub mod metrics;
 pub mod mover;
 pub mod policy;
 pub mod record;
+pub mod status;
 pub mod store;

@@ -6,12 +6,47 @@
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use std::sync::atomic::Ordering;
+use std::sync::Arc;
 
 use super::policy::{ExtentView, TierPolicy};
 use super::store::{Moved, Progress, TierStore};
 use crate::lock::lock;
 
+/// Errors starting a background batch.
+#[derive(Debug, thiserror::Error)]
+pub enum BatchError {
+    /// Another batch is still running on this disk.
+    #[error("a {0} batch is still running")]
+    Busy(String),
+    /// The batch's thread could not start.
+    #[error("cannot start the batch thread")]
+    Thread(#[source] std::io::Error),
+}
+
 impl TierStore {
+    /// Runs a batch in the background (one thread per disk at most: a second batch is refused
+    /// while one runs); progress shows in [`TierStore::progress`].
+    pub fn start_batch(self: &Arc<Self>, extents: Vec<u64>, down: bool) -> Result<(), BatchError> {
+        {
+            let mut progress = lock(&self.progress);
+            if progress.running {
+                return Err(BatchError::Busy(progress.operation.clone()));
+            }
+            progress.running = true;
+        }
+        let store = Arc::clone(self);
+        let spawned = std::thread::Builder::new()
+            .name("tier-batch".into())
+            .spawn(move || {
+                store.run_batch(&extents, down);
+            });
+        if let Err(e) = spawned {
+            lock(&self.progress).running = false;
+            return Err(BatchError::Thread(e));
+        }
+        Ok(())
+    }
+
     /// Replaces the automatic policy.
     pub fn set_policy(&self, policy: TierPolicy) {
         *lock(&self.policy) = policy;

@@ -1,0 +1,135 @@
+//! The options every device kind takes, parsed once: `socket`, `id` (derived from the socket
+//! when absent), `queues`, `queue-size`, `poll-us` and `qos-group`. Each kind's config parser
+//! takes these first, then its own keys, then finishes the list (unknown keys refused).
+
+use std::path::PathBuf;
+
+use crate::config::id;
+use crate::config::options::{OptionError, OptionList};
+use crate::qos::config::GROUP_KEY;
+
+/// Largest virtqueue size a front-end may ask for (virtio's limit for split rings).
+pub const MAX_QUEUE_SIZE: u16 = 32768;
+/// Default busy-poll window after a ring runs dry, in microseconds.
+pub const DEFAULT_POLL_US: u32 = 32;
+/// Longest busy-poll window one may configure (a poll spell is capped anyway).
+pub const MAX_POLL_US: u32 = 1000;
+
+/// Errors in the common options.
+#[derive(Debug, thiserror::Error)]
+pub enum CommonError {
+    /// The `key=value` list itself was wrong.
+    #[error(transparent)]
+    Options(#[from] OptionError),
+    /// A value parsed but is out of range.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+/// What a device kind allows for its queues.
+#[derive(Debug, Clone, Copy)]
+pub struct QueueLimits {
+    /// Most queues (block) or queue pairs (net) one may ask for.
+    pub max_queues: u16,
+}
+
+/// The options every device kind has.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommonOptions {
+    /// Device id (from `id=`, or the socket's file stem).
+    pub id: String,
+    /// vhost-user socket path.
+    pub socket: PathBuf,
+    /// Queues (block) or queue pairs (net); 1 by default.
+    pub queues: u16,
+    /// Largest virtqueue size; 256 by default.
+    pub queue_size: u16,
+    /// Busy-poll window in microseconds.
+    pub poll_us: u32,
+    /// The QoS group the device joins, if any.
+    pub qos_group: Option<String>,
+}
+
+impl CommonOptions {
+    /// Takes the common keys out of `options` and checks them.
+    pub fn take(options: &mut OptionList, limits: QueueLimits) -> Result<Self, CommonError> {
+        let socket = PathBuf::from(
+            options
+                .take_str("socket")
+                .ok_or(OptionError::Missing("socket"))?,
+        );
+        let id = match options.take_str("id") {
+            Some(id) => id,
+            None => id::from_socket(&socket).map_err(CommonError::Invalid)?,
+        };
+        id::validate(&id).map_err(CommonError::Invalid)?;
+        let queues = options.take::<u16>("queues")?.unwrap_or(1);
+        let queue_size = options.take::<u16>("queue-size")?.unwrap_or(256);
+        let poll_us = options.take::<u32>("poll-us")?.unwrap_or(DEFAULT_POLL_US);
+        let qos_group = options.take_str(GROUP_KEY);
+        let max_queues = limits.max_queues;
+        if queues == 0 || queues > max_queues {
+            return Err(CommonError::Invalid(format!(
+                "queues must be 1..={max_queues}"
+            )));
+        }
+        if queue_size < 2 || !queue_size.is_power_of_two() || queue_size > MAX_QUEUE_SIZE {
+            return Err(CommonError::Invalid(format!(
+                "queue-size must be a power of two in 2..={MAX_QUEUE_SIZE}"
+            )));
+        }
+        if poll_us > MAX_POLL_US {
+            return Err(CommonError::Invalid(format!(
+                "poll-us must be 0..={MAX_POLL_US}"
+            )));
+        }
+        Ok(Self {
+            id,
+            socket,
+            queues,
+            queue_size,
+            poll_us,
+            qos_group,
+        })
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)] // tests fail loudly by design
+mod tests {
+    use super::*;
+
+    const LIMITS: QueueLimits = QueueLimits { max_queues: 4 };
+
+    fn take(spec: &str) -> Result<CommonOptions, CommonError> {
+        let mut options = OptionList::parse(spec).unwrap();
+        CommonOptions::take(&mut options, LIMITS)
+    }
+
+    #[test]
+    fn defaults_and_derived_id() {
+        let c = take("socket=/run/x/vm1-disk.sock").unwrap();
+        assert_eq!(c.id, "vm1-disk");
+        assert_eq!(
+            (c.queues, c.queue_size, c.poll_us),
+            (1, 256, DEFAULT_POLL_US)
+        );
+        assert_eq!(c.qos_group, None);
+    }
+
+    #[test]
+    fn every_bad_value_names_its_key() {
+        for (spec, key) in [
+            ("id=a", "socket"),
+            ("socket=/s,queues=0", "queues"),
+            ("socket=/s,queues=5", "queues"),
+            ("socket=/s,queue-size=3", "queue-size"),
+            ("socket=/s,queue-size=65536", "queue-size"),
+            ("socket=/s,poll-us=1001", "poll-us"),
+            ("socket=/s,id=a/b", "id"),
+        ] {
+            let e = take(spec).unwrap_err().to_string();
+            assert!(e.contains(key), "{spec}: {e}");
+        }
+    }
+}
