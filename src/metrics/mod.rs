@@ -162,10 +162,7 @@ mod tests {
         assert!(text
             .contains("novacron_blk_requests_total{device=\"vd\\\"a\",queue=\"0\",op=\"read\"} 2"));
         assert!(text.contains("direction=\"read\"} 8192"));
-        assert!(
-            text.contains("le=\"4e-06\"} 1"),
-            "{text}"
-        );
+        assert!(text.contains("le=\"4e-06\"} 1"), "{text}");
         assert!(text.contains("le=\"+Inf\"} 2"), "{text}");
         assert!(text.contains(
             "novacron_blk_request_latency_seconds_sum{device=\"vd\\\"a\",queue=\"0\"} 0.000303"

@@ -5,6 +5,7 @@
 pub mod bucket;
 pub mod config;
 pub mod device;
+pub mod gate;
 pub mod group;
 pub mod handle;
 pub mod info;

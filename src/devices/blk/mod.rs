@@ -9,7 +9,6 @@
 //! - [`device`]: socket, reconnects, shared state;
 //! - [`stats`]: per-queue counters;
 //! - [`info`]: typed description and counters (control plane and metrics);
-//! - [`throttle`]: requests waiting for QoS tokens.
 
 pub mod backend;
 pub mod config;
@@ -20,5 +19,4 @@ pub mod request;
 pub mod shared;
 pub mod spec;
 pub mod stats;
-pub mod throttle;
 pub mod worker;

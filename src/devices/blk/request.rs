@@ -14,6 +14,7 @@
 
 use smallvec::SmallVec;
 
+use crate::qos::limiter::{Cost, CostKind};
 use crate::storage::GuestIovecs;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
@@ -463,6 +464,28 @@ fn to_iovecs(mem: &GuestMemoryMmap<()>, spans: &[Span]) -> Result<GuestIovecs, R
         }
     }
     Ok(GuestIovecs(iovecs))
+}
+
+impl Request {
+    /// What the request costs against QoS limits; `None` for requests QoS never holds back
+    /// (flush and GET_ID: holding a flush would only delay durability, not save bandwidth).
+    pub fn cost(&self) -> Option<Cost> {
+        match self.kind {
+            RequestKind::Read { .. } => Some(Cost {
+                kind: CostKind::Read,
+                bytes: u64::from(self.data_len),
+            }),
+            RequestKind::Write { .. } => Some(Cost {
+                kind: CostKind::Write,
+                bytes: u64::from(self.data_len),
+            }),
+            RequestKind::Discard(_) | RequestKind::WriteZeroes(_) => Some(Cost {
+                kind: CostKind::Write,
+                bytes: 0,
+            }),
+            RequestKind::Flush | RequestKind::GetId { .. } => None,
+        }
+    }
 }
 
 #[cfg(test)]

@@ -32,7 +32,8 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 use super::request::{self, Rejection, Request, RequestKind};
 use super::shared::DeviceShared;
 use super::stats::{OpClass, QueueStats};
-use super::throttle::{Deferred, Throttle, TimerError};
+use crate::qos::gate::Gate;
+use crate::qos::timer::TimerError;
 use crate::storage::{Completion, Engine, GuestIovecs, IoOp, OpKind};
 use crate::vring::{
     has_available, needs_signal, AtomicGuestMemory, CheckedVring, EmptyPasses, GuestMemory, HeadSet,
@@ -71,6 +72,14 @@ struct InFlight {
     memory: Arc<GuestMemory>,
 }
 
+/// A parsed request waiting for QoS tokens.
+struct Deferred {
+    head: u16,
+    request: Request,
+    /// Keeps the request's guest mappings alive.
+    memory: Arc<GuestMemory>,
+}
+
 /// A request ready to be returned to the guest.
 #[derive(Debug, Clone, Copy)]
 struct Finished {
@@ -97,7 +106,7 @@ pub struct QueueWorker {
     /// Keeps a guest that floods bad requests from flooding the log.
     refusal_log: LogLimiter,
     /// Requests waiting for QoS tokens.
-    throttle: Throttle,
+    gate: Gate<Deferred>,
     /// Heads taken off the ring and not yet returned (at most the queue size).
     heads: HeadSet,
 }
@@ -156,49 +165,50 @@ impl QueueWorker {
                 last: None,
                 suppressed: 0,
             },
-            throttle: Throttle::new()?,
+            gate: Gate::new()?,
             heads: HeadSet::default(),
         })
     }
 
     /// The QoS timer's fd, to be added to the worker thread's epoll set.
     pub fn throttle_fd(&self) -> std::os::fd::RawFd {
-        self.throttle.timer_fd()
+        self.gate.timer_fd()
     }
 
     /// Handles the QoS timer: tokens are back, start what waited, then serve the ring again.
     pub fn process_timer(&mut self, vring: &CheckedVring) -> Result<(), WorkerError> {
-        self.throttle.clear_timer();
+        self.release_throttled();
         self.process_queue(vring)
     }
 
     /// Starts the waiting requests the limiter now allows.
     fn release_throttled(&mut self) {
-        if !self.throttle.is_holding() {
+        if !self.gate.is_holding() {
             return;
         }
-        for deferred in self.throttle.release(&self.shared) {
-            self.stats.throttle_waited(deferred.since.elapsed());
-            self.execute(deferred.head, deferred.request, &deferred.memory);
+        for held in self.gate.release(&self.shared.qos, |d| d.request.cost()) {
+            self.stats.throttle_waited(held.since.elapsed());
+            let Deferred {
+                head,
+                request,
+                memory,
+            } = held.item;
+            self.execute(head, request, &memory);
         }
     }
 
-    /// Runs `request` now, or holds it back if the device's limits say so.
+    /// Runs `request` now, or holds it back if the device's limits say so. Requests behind
+    /// held ones wait too (arrival order).
     fn admit(&mut self, head: u16, request: Request, memory: &Arc<GuestMemory>) {
-        if !self.shared.qos.is_enabled() && !self.throttle.is_holding() {
-            self.execute(head, request, memory);
-            return;
-        }
-        if self.throttle.may_start(&self.shared, &request) {
+        if !self.gate.is_holding() && self.gate.admit(&self.shared.qos, request.cost()).is_ok() {
             self.execute(head, request, memory);
             return;
         }
         self.stats.throttled();
-        self.throttle.defer(Deferred {
+        self.gate.hold(Deferred {
             head,
             request,
             memory: Arc::clone(memory),
-            since: Instant::now(),
         });
     }
 
@@ -231,7 +241,7 @@ impl QueueWorker {
             let popped = self.pop_available(vring, &memory);
             self.engine.submit()?;
             self.reap_and_complete(vring)?;
-            if self.throttle.is_holding() {
+            if self.gate.is_holding() {
                 // Over the limit: leave the rest in the ring (back-pressure) until the timer.
                 vring.enable_notification()?;
                 return Ok(());
@@ -273,7 +283,7 @@ impl QueueWorker {
     fn pop_available(&mut self, vring: &CheckedVring, memory: &Arc<GuestMemory>) -> usize {
         let mut state = vring.get_mut();
         let mut popped = 0usize;
-        while !self.throttle.is_holding() {
+        while !self.gate.is_holding() {
             let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&**memory) else {
                 break;
             };
@@ -338,8 +348,13 @@ impl QueueWorker {
     /// from the front-end's thread, which has no vring at hand: uses the remembered one.
     pub fn drain_detached(&mut self) {
         // Nothing popped may stay unanswered: start what QoS held back, limits or not.
-        for deferred in self.throttle.release_all() {
-            self.execute(deferred.head, deferred.request, &deferred.memory);
+        for held in self.gate.release_all() {
+            let Deferred {
+                head,
+                request,
+                memory,
+            } = held.item;
+            self.execute(head, request, &memory);
         }
         if let Err(e) = self.engine.submit() {
             log::error!("{}: queue {}: {e}", self.shared.id, self.queue_index);

@@ -30,6 +30,7 @@ use super::stats::{Direction, Drop, NetStats};
 use super::switch::{Forward, Mac, PortConfig, Switch};
 use super::tap_queue::TapQueue;
 use crate::lock::lock;
+use crate::qos::gate::admit;
 use crate::qos::handle::QosHandle;
 use crate::qos::limiter::{Cost, CostKind};
 
@@ -76,8 +77,8 @@ impl Port {
                 };
                 if let Some(qos) = limits {
                     // Over the receiver's limit: the switch drops (its policy for a port
-                    // that cannot take a frame now) and counts.
-                    if let Err(wait) = qos.try_start(cost) {
+                    // that cannot take a frame now: a sender never waits) and counts.
+                    if let Err(wait) = admit(qos, Some(cost)) {
                         self.stats.throttled(Direction::Rx, wait);
                         return Err(Drop::Throttled);
                     }

@@ -32,8 +32,9 @@ use super::spec::Negotiated;
 use super::stats::{Direction, Drop};
 use super::tap_queue::TapQueue;
 use crate::devices::desc::collect_buffers;
+use crate::qos::gate::Gate;
 use crate::qos::limiter::{Cost, CostKind};
-use crate::qos::timer::{QosTimer, TimerError};
+use crate::qos::timer::TimerError;
 use crate::storage::GuestIovecs;
 use crate::vring::{
     has_available, needs_signal, AtomicGuestMemory, CheckedVring, EmptyPasses, GuestMemory,
@@ -88,12 +89,9 @@ pub struct PairWorker {
     batch: RxBatch,
     /// Scratch iovec list, reused per frame and emptied after each use.
     iovecs: GuestIovecs,
-    /// Wakes the worker when QoS tokens are back.
-    timer: QosTimer,
-    /// The tx queue waits for tokens (a frame was put back).
-    tx_held: bool,
-    /// Reading the tap waits for tokens.
-    rx_held: bool,
+    /// QoS: the directions waiting for tokens (tx: a frame was put back in the ring; rx:
+    /// frames wait in the tap) and the timer that wakes the worker for them.
+    gate: Gate<Direction>,
 }
 
 impl PairWorker {
@@ -104,7 +102,7 @@ impl PairWorker {
         memory: AtomicGuestMemory,
         backend: PairBackend,
     ) -> Result<Self, WorkerError> {
-        let timer = QosTimer::new()?;
+        let gate = Gate::new()?;
         Ok(Self {
             pair,
             shared,
@@ -114,9 +112,7 @@ impl PairWorker {
             offloads_for: None,
             batch: RxBatch::default(),
             iovecs: GuestIovecs::default(),
-            timer,
-            tx_held: false,
-            rx_held: false,
+            gate,
         })
     }
 
@@ -127,7 +123,7 @@ impl PairWorker {
 
     /// The QoS timer's fd, for the thread's event loop.
     pub fn timer_fd(&self) -> std::os::fd::RawFd {
-        self.timer.fd()
+        self.gate.timer_fd()
     }
 
     /// The QoS timer fired: resume what waited for tokens.
@@ -136,23 +132,21 @@ impl PairWorker {
         rx: &CheckedVring,
         tx: &CheckedVring,
     ) -> Result<(), WorkerError> {
-        self.timer.clear();
-        if std::mem::take(&mut self.tx_held) {
-            self.process_tx(tx)?;
-        }
-        if std::mem::take(&mut self.rx_held) {
-            self.receive_from_tap(rx)?;
+        // Each direction is retried as a whole; its next frame is admitted at its real cost.
+        for held in self.gate.release(&self.shared.qos, |_| None) {
+            match held.item {
+                Direction::Tx => self.process_tx(tx)?,
+                Direction::Rx => self.receive_from_tap(rx)?,
+            }
         }
         Ok(())
     }
 
-    /// Holds `direction` back and arms the QoS timer for `wait`.
+    /// Holds `direction` back (the gate's timer is armed for `wait`).
     fn hold(&mut self, direction: Direction, wait: Duration) {
-        let wait = self.timer.arm(wait);
         self.shared.stats.throttled(direction, wait);
-        match direction {
-            Direction::Tx => self.tx_held = true,
-            Direction::Rx => self.rx_held = true,
+        if !self.gate.holds(|d| *d == direction) {
+            self.gate.hold(direction);
         }
     }
 
@@ -239,13 +233,13 @@ impl PairWorker {
             if !state.get_queue().ready() {
                 break;
             }
-            if self.rx_held {
+            if self.gate.holds(|d| *d == Direction::Rx) {
                 break;
             }
             let limited = self.shared.qos.is_enabled();
             if limited {
                 // One frame's worth of packet tokens now; its bytes once its size is known.
-                if let Err(wait) = self.shared.qos.try_start(RX_PROBE) {
+                if let Err(wait) = self.gate.admit(&self.shared.qos, Some(RX_PROBE)) {
                     drop(state);
                     self.hold(Direction::Rx, wait);
                     break;
@@ -356,7 +350,11 @@ impl PairWorker {
                     .map_err(|_| Drop::BrokenChain)
                     .and_then(|buffers| tx_frame(&memory, &buffers, self.shared.config.mtu));
                 if let Ok(frame) = &checked {
-                    if let Err(wait) = self.admit_tx(frame) {
+                    let cost = Cost {
+                        kind: CostKind::Tx,
+                        bytes: u64::from(frame.frame_len),
+                    };
+                    if let Err(wait) = self.gate.admit(&self.shared.qos, Some(cost)) {
                         // Over the limit: put the frame back and leave the ring alone until
                         // the timer (the guest sees a full queue: back-pressure, no drop).
                         let queue = state.get_queue_mut();
@@ -401,17 +399,6 @@ impl PairWorker {
                 return Ok(());
             }
         }
-    }
-
-    /// Charges a frame the guest sends against the device's limits.
-    fn admit_tx(&self, frame: &TxFrame) -> Result<(), Duration> {
-        if !self.shared.qos.is_enabled() {
-            return Ok(());
-        }
-        self.shared.qos.try_start(Cost {
-            kind: CostKind::Tx,
-            bytes: u64::from(frame.frame_len),
-        })
     }
 
     /// Spins (notifications off) until the guest queues more frames (true) or the poll
