@@ -155,12 +155,18 @@ pub fn net_frame(data: &[u8]) {
     };
     if let Ok(tx) = frame::tx_frame(&mem, &buffers, mtu) {
         let mut iovecs = Vec::new();
-        let _ = frame::host_iovecs(&mem, &tx.spans, 12, u64::from(tx.frame_len), &mut iovecs);
+        let _ = crate::devices::sg::host_iovecs(
+            &mem,
+            &tx.spans,
+            12,
+            u64::from(tx.frame_len),
+            &mut iovecs,
+        );
         let target = [frame::Span {
             addr: GuestAddress(0x8000),
             len: 0x8000,
         }];
-        let _ = frame::copy_between(
+        let _ = crate::devices::sg::copy_between(
             &mem,
             &tx.spans,
             12,
@@ -170,7 +176,7 @@ pub fn net_frame(data: &[u8]) {
             u64::from(tx.frame_len),
         );
         let mut bytes = vec![0u8; (tx.frame_len as usize).min(MEMORY_SIZE)];
-        if frame::read_stream(&mem, &tx.spans, 12, &mut bytes).is_ok() {
+        if crate::devices::sg::read_stream(&mem, &tx.spans, 12, &mut bytes).is_ok() {
             let _ = header::complete_checksum(&mut bytes, &tx.header);
         }
     }

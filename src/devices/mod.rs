@@ -10,6 +10,7 @@ pub mod desc;
 pub mod kind;
 pub mod net;
 pub mod options;
+pub mod sg;
 pub mod shell;
 
 /// `VHOST_USER_F_PROTOCOL_FEATURES`: offered by every device (vhost-user, not virtio).

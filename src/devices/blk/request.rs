@@ -12,15 +12,13 @@
 // panic or wrap silently (checked, saturating or `get` instead).
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
-use smallvec::SmallVec;
-
+use crate::devices::sg::{self, SgError, Span, Spans};
 use crate::qos::limiter::{Cost, CostKind};
 use crate::storage::GuestIovecs;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use super::spec::{
-    HEADER_LEN, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, MAX_IOVECS, SECTOR_SHIFT, SECTOR_SIZE,
-    SEGMENT_LEN,
+    HEADER_LEN, MAX_DISCARD_SECTORS, MAX_DISCARD_SEGMENTS, SECTOR_SHIFT, SECTOR_SIZE, SEGMENT_LEN,
 };
 use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_T_DISCARD,
@@ -177,16 +175,6 @@ pub fn collect_buffers(
     crate::devices::desc::collect_buffers(chain).map_err(|_| Reason::BrokenChain)
 }
 
-/// Spans of the readable or writable stream, likewise without heap allocation.
-type Spans = SmallVec<[Span; 8]>;
-
-/// A contiguous piece of the readable or writable byte stream.
-#[derive(Debug, Clone, Copy)]
-struct Span {
-    addr: GuestAddress,
-    len: u64,
-}
-
 /// Validates a request. `serial_len`-independent: GET_ID only checks the buffer size here.
 pub fn parse(
     mem: &GuestMemoryMmap<()>,
@@ -199,7 +187,7 @@ pub fn parse(
     for buffer in buffers {
         let span = Span {
             addr: buffer.addr,
-            len: u64::from(buffer.len),
+            len: buffer.len,
         };
         if buffer.len == 0 {
             continue;
@@ -223,7 +211,7 @@ pub fn parse(
 
     let mut header = [0u8; HEADER_LEN];
     let header_len =
-        copy_from_spans(mem, &readable, 0, &mut header).map_err(|_| fail(Reason::BadAddress))?;
+        sg::read_at(mem, &readable, 0, &mut header).map_err(|_| fail(Reason::BadAddress))?;
     if header_len < HEADER_LEN {
         return Err(fail(Reason::ShortHeader));
     }
@@ -232,29 +220,29 @@ pub fn parse(
         header[8], header[9], header[10], header[11], header[12], header[13], header[14],
         header[15],
     ]);
-    let readable_data = skip(&readable, HEADER_LEN as u64);
-    let writable_data = take(&writable, span_total(&writable).saturating_sub(1));
+    let readable_data = skip(&readable, HEADER_LEN as u64).map_err(fail)?;
+    let writable_data = take(&writable, sg::total(&writable).saturating_sub(1)).map_err(fail)?;
 
     let (kind, data, used_data) = match request_type {
         VIRTIO_BLK_T_IN => {
-            let offset = data_range(sector, span_total(&writable_data), limits).map_err(fail)?;
+            let offset = data_range(sector, sg::total(&writable_data), limits).map_err(fail)?;
             (RequestKind::Read { offset }, writable_data, true)
         }
         VIRTIO_BLK_T_OUT => {
             if limits.readonly {
                 return Err(fail(Reason::ReadOnly));
             }
-            let offset = data_range(sector, span_total(&readable_data), limits).map_err(fail)?;
+            let offset = data_range(sector, sg::total(&readable_data), limits).map_err(fail)?;
             (RequestKind::Write { offset }, readable_data, false)
         }
         VIRTIO_BLK_T_FLUSH => (RequestKind::Flush, Spans::new(), false),
         VIRTIO_BLK_T_GET_ID => {
-            if span_total(&writable_data) < u64::from(VIRTIO_BLK_ID_BYTES) {
+            if sg::total(&writable_data) < u64::from(VIRTIO_BLK_ID_BYTES) {
                 return Err(fail(Reason::IdBufferTooSmall));
             }
             // The serial is written with one copy; demand it fits the first buffer.
             let buffer = match writable_data.first() {
-                Some(first) if first.len >= u64::from(VIRTIO_BLK_ID_BYTES) => first.addr,
+                Some(first) if first.len >= VIRTIO_BLK_ID_BYTES => first.addr,
                 _ => return Err(fail(Reason::IdBufferTooSmall)),
             };
             let request = Request {
@@ -293,7 +281,7 @@ pub fn parse(
             })
         }
     };
-    let data_len = span_total(&data);
+    let data_len = sg::total(&data);
     let data_len = u32::try_from(data_len).map_err(|_| fail(Reason::BadLength))?;
     let iovecs = to_iovecs(mem, &data).map_err(fail)?;
     let used_len = if used_data {
@@ -321,74 +309,18 @@ fn reject(status: Option<GuestAddress>, reason: Reason) -> Rejection {
 /// The address of the last writable byte, if it lies in guest memory.
 fn status_of(mem: &GuestMemoryMmap<()>, writable: &[Span]) -> Option<GuestAddress> {
     let last = writable.last()?;
-    let addr = last.addr.checked_add(last.len.checked_sub(1)?)?;
+    let addr = last.addr.checked_add(u64::from(last.len.checked_sub(1)?))?;
     GuestMemoryBackend::address_in_range(mem, addr).then_some(addr)
 }
 
-fn span_total(spans: &[Span]) -> u64 {
-    spans.iter().map(|s| s.len).sum()
-}
-
 /// The spans after the first `n` bytes.
-fn skip(spans: &[Span], mut n: u64) -> Spans {
-    let mut out = Spans::new();
-    for span in spans {
-        match n.checked_sub(span.len) {
-            // The whole span lies before the cut.
-            Some(rest) => n = rest,
-            None => {
-                // `n < span.len` here, so the difference is positive; an address that would
-                // wrap is kept as an unmappable one and refused by the address checks.
-                out.push(Span {
-                    addr: span.addr.checked_add(n).unwrap_or(GuestAddress(u64::MAX)),
-                    len: span.len.saturating_sub(n),
-                });
-                n = 0;
-            }
-        }
-    }
-    out
+fn skip(spans: &[Span], n: u64) -> Result<Spans, Reason> {
+    sg::split_spans(spans, n, u64::MAX).map_err(|_| Reason::BadAddress)
 }
 
 /// The first `n` bytes of the spans.
-fn take(spans: &[Span], mut n: u64) -> Spans {
-    let mut out = Spans::new();
-    for span in spans {
-        if n == 0 {
-            break;
-        }
-        let len = span.len.min(n);
-        out.push(Span {
-            addr: span.addr,
-            len,
-        });
-        n = n.saturating_sub(len);
-    }
-    out
-}
-
-/// Copies bytes `offset..` of the span stream into `dst`; returns how many were available.
-fn copy_from_spans(
-    mem: &GuestMemoryMmap<()>,
-    spans: &[Span],
-    offset: u64,
-    dst: &mut [u8],
-) -> Result<usize, vm_memory::GuestMemoryError> {
-    let mut rest = &mut dst[..];
-    let mut copied = 0usize;
-    for span in skip(spans, offset) {
-        if rest.is_empty() {
-            break;
-        }
-        let want = rest
-            .len()
-            .min(usize::try_from(span.len).unwrap_or(usize::MAX));
-        let (now, later) = std::mem::take(&mut rest).split_at_mut(want);
-        mem.read_slice(now, span.addr)?;
-        copied = copied.saturating_add(want);
-        rest = later;
-    }
-    Ok(copied)
+fn take(spans: &[Span], n: u64) -> Result<Spans, Reason> {
+    sg::split_spans(spans, 0, n).map_err(|_| Reason::BadAddress)
 }
 
 /// Checks sector and length of a read or write; returns the byte offset.
@@ -413,13 +345,13 @@ fn parse_segments(
     let ioerr = |reason| (VIRTIO_BLK_S_IOERR as u8, reason);
     // At most MAX_DISCARD_SEGMENTS segments: read them all with one copy.
     let mut raw = [0u8; SEGMENT_LEN * MAX_DISCARD_SEGMENTS as usize];
-    let total = span_total(spans);
+    let total = sg::total(spans);
     let fits =
         usize::try_from(total).is_ok_and(|t| t > 0 && t <= raw.len() && t % SEGMENT_LEN == 0);
     if !fits {
         return Err(ioerr(Reason::BadSegments));
     }
-    let got = copy_from_spans(mem, spans, 0, &mut raw).map_err(|_| ioerr(Reason::BadAddress))?;
+    let got = sg::read_at(mem, spans, 0, &mut raw).map_err(|_| ioerr(Reason::BadAddress))?;
     let mut ranges = Vec::with_capacity(got / SEGMENT_LEN);
     for chunk in raw.get(..got).unwrap_or_default().chunks_exact(SEGMENT_LEN) {
         let Ok::<[u8; SEGMENT_LEN], _>(raw) = chunk.try_into() else {
@@ -449,20 +381,10 @@ fn parse_segments(
 /// Host iovecs for the spans, split at memory-region boundaries, every byte checked mapped.
 fn to_iovecs(mem: &GuestMemoryMmap<()>, spans: &[Span]) -> Result<GuestIovecs, Reason> {
     let mut iovecs = Vec::with_capacity(spans.len());
-    for span in spans {
-        let len = usize::try_from(span.len).map_err(|_| Reason::BadLength)?;
-        span.addr.checked_add(span.len).ok_or(Reason::BadAddress)?;
-        for slice in GuestMemoryBackend::get_slices(mem, span.addr, len) {
-            let slice = slice.map_err(|_| Reason::BadAddress)?;
-            iovecs.push(libc::iovec {
-                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
-                iov_len: slice.len(),
-            });
-        }
-        if iovecs.len() > MAX_IOVECS {
-            return Err(Reason::BadLength);
-        }
-    }
+    sg::host_iovecs(mem, spans, 0, sg::total(spans), &mut iovecs).map_err(|e| match e {
+        SgError::TooManySegments => Reason::BadLength,
+        SgError::BadAddress | SgError::Short => Reason::BadAddress,
+    })?;
     Ok(GuestIovecs(iovecs))
 }
 

@@ -31,8 +31,7 @@ pub const SIZE_MAX: u32 = 1 << 20;
 pub const MAX_DISCARD_SECTORS: u32 = (1 << 30) >> SECTOR_SHIFT;
 /// Most segments in one discard / write-zeroes request.
 pub const MAX_DISCARD_SEGMENTS: u32 = 32;
-/// `preadv`/`pwritev` accept at most this many iovecs (`IOV_MAX`).
-pub const MAX_IOVECS: usize = 1024;
+pub use crate::devices::sg::MAX_IOVECS;
 
 /// Length of the config space we expose.
 pub const CONFIG_LEN: usize = 60;

@@ -5,35 +5,32 @@
 //! 12-byte virtio-net header, pass [`NetHeader::check`], and map entirely into guest memory.
 //! An rx chain must be device-writable only, map entirely, and hold at least the header. The
 //! header is read once into our memory and used from there (the guest may rewrite its copy
-//! while we work). Frames move without an intermediate copy: [`host_iovecs`] feeds `readv`/
-//! `writev` on a tap; [`copy_between`] copies guest to guest for the switch.
+//! while we work). Frames move without an intermediate copy (`crate::devices::sg`):
+//! `host_iovecs` feeds `readv`/`writev` on a tap; `copy_between` copies guest to guest for
+//! the switch.
 
 // Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
 // panic or wrap silently (checked, saturating or `get` instead).
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
-use smallvec::SmallVec;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
+use vm_memory::{Address, GuestMemoryBackend};
 
 use super::header::{NetHeader, HEADER_LEN, MAX_GSO_FRAME};
 use super::stats::Drop;
 use crate::devices::desc::Buffer;
+use crate::devices::sg::{read_stream, SgError};
+pub use crate::devices::sg::{Span, Spans, MAX_IOVECS};
 use crate::vring::GuestMemory;
 
-/// `readv`/`writev` take at most this many iovecs.
-pub const MAX_IOVECS: usize = 1024;
-
-/// A contiguous piece of a chain's byte stream.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Span {
-    /// Guest physical address.
-    pub addr: GuestAddress,
-    /// Length in bytes.
-    pub len: u32,
+impl From<SgError> for Drop {
+    fn from(e: SgError) -> Self {
+        match e {
+            SgError::BadAddress => Drop::BadAddress,
+            SgError::Short => Drop::ShortHeader,
+            SgError::TooManySegments => Drop::TooManySegments,
+        }
+    }
 }
-
-/// A chain's spans, on the stack for the usual short chains.
-pub type Spans = SmallVec<[Span; 4]>;
 
 /// A checked transmit chain.
 #[derive(Debug, Clone)]
@@ -197,191 +194,13 @@ fn mapped_spans(mem: &GuestMemory, buffers: &[Buffer]) -> Result<(Spans, u64), D
     Ok((spans, total))
 }
 
-/// Host iovecs for `len` bytes of the stream starting at `offset`, split where the stream
-/// crosses memory regions. At most [`MAX_IOVECS`].
-pub fn host_iovecs(
-    mem: &GuestMemory,
-    spans: &[Span],
-    offset: u64,
-    len: u64,
-    out: &mut Vec<libc::iovec>,
-) -> Result<(), Drop> {
-    for slice in stream_slices(mem, spans, offset, len)? {
-        if out.len() >= MAX_IOVECS {
-            return Err(Drop::TooManySegments);
-        }
-        out.push(libc::iovec {
-            iov_base: slice.ptr_guard_mut().as_ptr().cast(),
-            iov_len: slice.len(),
-        });
-    }
-    Ok(())
-}
-
-type Slices<'a> = SmallVec<[VolatileSlice<'a, ()>; 2]>;
-
-/// The stream's bytes `offset..offset+len` as volatile slices of guest memory (fewer bytes if
-/// the stream ends first).
-fn stream_slices<'a>(
-    mem: &'a GuestMemory,
-    spans: &[Span],
-    offset: u64,
-    len: u64,
-) -> Result<Slices<'a>, Drop> {
-    let mut slices = Slices::new();
-    for part in split_spans(spans, offset, len)? {
-        for slice in GuestMemoryBackend::get_slices(mem, part.addr, part.len as usize) {
-            slices.push(slice.map_err(|_| Drop::BadAddress)?);
-        }
-    }
-    Ok(slices)
-}
-
-/// Calls `f(guest address, buffer range)` for each piece of the stream's bytes
-/// `offset..offset+len`; returns how many bytes the stream held (fewer than `len` if it ends).
-fn walk(
-    spans: &[Span],
-    offset: u64,
-    len: usize,
-    mut f: impl FnMut(GuestAddress, std::ops::Range<usize>) -> Result<(), Drop>,
-) -> Result<usize, Drop> {
-    let mut done = 0usize;
-    for part in split_spans(spans, offset, len as u64)? {
-        let end = done.saturating_add(part.len as usize);
-        f(part.addr, done..end)?;
-        done = end;
-    }
-    Ok(done)
-}
-
-/// Copies stream bytes from `offset` into `dst`; the stream must hold them all.
-pub fn read_stream(
-    mem: &GuestMemory,
-    spans: &[Span],
-    offset: u64,
-    dst: &mut [u8],
-) -> Result<(), Drop> {
-    let len = dst.len();
-    let done = walk(spans, offset, len, |addr, range| {
-        let chunk = dst.get_mut(range).ok_or(Drop::BadAddress)?;
-        mem.read_slice(chunk, addr).map_err(|_| Drop::BadAddress)
-    })?;
-    if done == len {
-        Ok(())
-    } else {
-        Err(Drop::ShortHeader)
-    }
-}
-
-/// Writes `src` into the stream at `offset`; the stream must have room for it all.
-pub fn write_stream(
-    mem: &GuestMemory,
-    spans: &[Span],
-    offset: u64,
-    src: &[u8],
-) -> Result<(), Drop> {
-    if copy_in(mem, spans, offset, src)? == src.len() as u64 {
-        Ok(())
-    } else {
-        Err(Drop::ShortHeader)
-    }
-}
-
-/// The spans covering stream bytes `offset..offset+len` (fewer bytes if the stream ends).
-fn split_spans(spans: &[Span], mut offset: u64, mut len: u64) -> Result<Spans, Drop> {
-    let mut out = Spans::new();
-    for span in spans {
-        if len == 0 {
-            break;
-        }
-        let span_len = u64::from(span.len);
-        if offset >= span_len {
-            offset = offset.saturating_sub(span_len);
-            continue;
-        }
-        let take = span_len.saturating_sub(offset).min(len);
-        out.push(Span {
-            addr: span.addr.checked_add(offset).ok_or(Drop::BadAddress)?,
-            // `take <= span.len`, a u32.
-            len: u32::try_from(take).map_err(|_| Drop::BadAddress)?,
-        });
-        len = len.saturating_sub(take);
-        offset = 0;
-    }
-    Ok(out)
-}
-
-/// Copies `len` bytes from one guest's stream (at `src_offset`) into another's (at
-/// `dst_offset`), guest memory to guest memory with no bounce buffer. Returns the bytes copied
-/// (less than `len` if either stream ends first).
-pub fn copy_between(
-    src_mem: &GuestMemory,
-    src: &[Span],
-    src_offset: u64,
-    dst_mem: &GuestMemory,
-    dst: &[Span],
-    dst_offset: u64,
-    len: u64,
-) -> Result<u64, Drop> {
-    // The usual case: the frame is one buffer and fits the first destination buffer, each
-    // inside one memory region: one copy, no slice lists.
-    if let ([from], [to]) = (
-        split_spans(src, src_offset, len)?.as_slice(),
-        split_spans(dst, dst_offset, len)?.as_slice(),
-    ) {
-        if from.len == to.len {
-            let count = from.len as usize;
-            if let (Ok(a), Ok(b)) = (
-                GuestMemoryBackend::get_slice(src_mem, from.addr, count),
-                GuestMemoryBackend::get_slice(dst_mem, to.addr, count),
-            ) {
-                a.copy_to_volatile_slice(b);
-                return Ok(u64::from(from.len));
-            }
-        }
-    }
-    let from = stream_slices(src_mem, src, src_offset, len)?;
-    let to = stream_slices(dst_mem, dst, dst_offset, len)?;
-    Ok(copy_slices(&from, &to))
-}
-
-/// Copies `src` (bytes in our memory) into the stream at `offset`; returns bytes copied.
-pub fn copy_in(mem: &GuestMemory, dst: &[Span], offset: u64, src: &[u8]) -> Result<u64, Drop> {
-    let done = walk(dst, offset, src.len(), |addr, range| {
-        let part = src.get(range).ok_or(Drop::BadAddress)?;
-        mem.write_slice(part, addr).map_err(|_| Drop::BadAddress)
-    })?;
-    Ok(done as u64)
-}
-
-/// Pairwise copy over two slice lists of possibly different cut points.
-fn copy_slices(from: &[VolatileSlice<'_, ()>], to: &[VolatileSlice<'_, ()>]) -> u64 {
-    let (mut fi, mut ti) = (from.iter(), to.iter());
-    let (mut f, mut t) = (fi.next().copied(), ti.next().copied());
-    let mut copied = 0u64;
-    while let (Some(src), Some(dst)) = (f, t) {
-        let n = src.len().min(dst.len());
-        src.copy_to_volatile_slice(dst);
-        copied = copied.saturating_add(n as u64);
-        f = if n < src.len() {
-            src.offset(n).ok()
-        } else {
-            fi.next().copied()
-        };
-        t = if n < dst.len() {
-            dst.offset(n).ok()
-        } else {
-            ti.next().copied()
-        };
-    }
-    copied
-}
-
 #[cfg(test)]
 #[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)] // tests may panic
 mod tests {
     use super::*;
     use crate::devices::net::header::{F_NEEDS_CSUM, GSO_TCPV4};
+    use crate::devices::sg::{copy_between, copy_in, host_iovecs, write_stream};
+    use vm_memory::Bytes;
     use vm_memory::GuestAddress;
 
     fn memory() -> GuestMemory {

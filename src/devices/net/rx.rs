@@ -25,11 +25,12 @@ use vhost_user_backend::VringT;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::GuestAddressSpace;
 
-use super::frame::{copy_between, copy_in, rx_buffer, write_stream, FrameRef, RxBuffer};
+use super::frame::{rx_buffer, FrameRef, RxBuffer};
 use super::header::{complete_checksum, NetHeader, F_NEEDS_CSUM, HEADER_LEN};
 use super::spec::Negotiated;
 use super::stats::{Direction, Drop, NetStats};
 use crate::devices::desc::collect_buffers;
+use crate::devices::sg::{copy_between, copy_in, write_stream};
 use crate::vring::{add_used_batch, AtomicGuestMemory, CheckedVring, GuestMemory};
 
 /// Chains taken for one frame.
@@ -133,9 +134,7 @@ impl RxBatch {
             // `num_buffers` is the last field of the 12-byte header; the chain was checked
             // to hold the header, so this cannot fail on a valid map.
             let offset = (HEADER_LEN as u64).saturating_sub(2);
-            if super::frame::write_stream(memory, &first.spans, offset, &count.to_le_bytes())
-                .is_err()
-            {
+            if write_stream(memory, &first.spans, offset, &count.to_le_bytes()).is_err() {
                 log::debug!("rx header write failed");
             }
         }

@@ -21,10 +21,10 @@ use std::time::Duration;
 use vmm_sys_util::epoll::{ControlOperation, Epoll, EpollEvent, EventSet};
 use vmm_sys_util::timerfd::TimerFd;
 
-use super::frame::host_iovecs;
 use super::frame::FrameRef;
 use super::header::HEADER_LEN;
 use super::stats::Drop;
+use crate::devices::sg::host_iovecs;
 use crate::storage::GuestIovecs;
 use crate::sys::tap::{Tap, TapError};
 
@@ -192,7 +192,8 @@ impl TapQueue {
                 HEADER_LEN as u64,
                 u64::from(*frame_len),
                 &mut self.iovecs.0,
-            ),
+            )
+            .map_err(Drop::from),
             FrameRef::Bytes { frame, .. } => {
                 self.iovecs.0.push(libc::iovec {
                     iov_base: frame.as_ptr() as *mut libc::c_void,

@@ -23,7 +23,7 @@ use vm_memory::GuestAddressSpace;
 
 use super::fabric::{Port, SwitchHub};
 use super::frame::FrameRef;
-use super::frame::{host_iovecs, tx_frame, TxFrame};
+use super::frame::{tx_frame, TxFrame};
 use super::header::{HEADER_LEN, MAX_GSO_FRAME};
 use super::rx::RxTarget;
 use super::rx::{Gathered, RxBatch};
@@ -32,6 +32,7 @@ use super::spec::Negotiated;
 use super::stats::{Direction, Drop};
 use super::tap_queue::TapQueue;
 use crate::devices::desc::collect_buffers;
+use crate::devices::sg::host_iovecs;
 use crate::qos::gate::Gate;
 use crate::qos::limiter::{Cost, CostKind};
 use crate::qos::timer::TimerError;
