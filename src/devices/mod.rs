@@ -12,6 +12,8 @@ pub mod net;
 pub mod options;
 pub mod sg;
 pub mod shell;
+#[cfg(test)]
+pub mod testing;
 
 /// `VHOST_USER_F_PROTOCOL_FEATURES`: offered by every device (vhost-user, not virtio).
 pub const VHOST_USER_F_PROTOCOL_FEATURES: u32 = 30;

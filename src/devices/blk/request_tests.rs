@@ -1,10 +1,10 @@
 //! Unit tests of request validation, on chains built with `virtio_queue::mock`.
 
 use super::*;
-use vm_memory::Bytes;
 use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
 use virtio_queue::mock::MockSplitQueue;
 use virtio_queue::QueueT;
+use vm_memory::Bytes;
 use vm_memory::GuestMemoryMmap;
 
 const LIMITS: Limits = Limits {

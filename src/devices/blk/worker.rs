@@ -609,3 +609,12 @@ impl QueueWorker {
         Ok(())
     }
 }
+
+#[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
+#[path = "worker_tests.rs"]
+mod tests;

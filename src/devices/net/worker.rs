@@ -439,3 +439,12 @@ impl PairWorker {
         Ok(u64::from(frame.frame_len))
     }
 }
+
+#[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
+#[path = "worker_tests.rs"]
+mod tests;

@@ -1,0 +1,196 @@
+//! In-process tests of the queue-pair worker: two switch ports built from their parts (shared
+//! state, a switch, test virtqueues), connected through the shell's `Device::connect`, and
+//! driven through the shell's `Worker` interface.
+
+use std::sync::{Arc, RwLock};
+
+use vm_memory::{Bytes, GuestAddress};
+
+use super::*;
+use crate::config::options::OptionList;
+use crate::devices::net::config::NetConfig;
+use crate::devices::net::fabric::{PortSink, SwitchHub};
+use crate::devices::net::shared::NetShared;
+use crate::devices::net::stats::NetStats;
+use crate::devices::net::switch::PortConfig;
+use crate::devices::shell::{Device, Event, Worker};
+use crate::devices::testing::{memory, TestQueue};
+use crate::qos::config::{Family, QosConfig};
+use crate::qos::handle::QosHandle;
+
+const DATA: u64 = 0x10_0000;
+
+/// One guest on the switch: its memory, queue pairs and workers.
+struct Guest {
+    mem: &'static GuestMemory,
+    mac: [u8; 6],
+    shared: Arc<NetShared>,
+    /// `(rx, tx)` per pair.
+    queues: Vec<(TestQueue, TestQueue)>,
+    workers: Vec<PairWorker>,
+    next: u64,
+}
+
+impl Guest {
+    fn attach(hub: &Arc<SwitchHub>, id: &str, last: u8, pairs: u16, qos: &str) -> Self {
+        let mac = [0x52, 0x54, 0, 0, 0, last];
+        let spec = format!(
+            "socket=/nonexistent/{id}.sock,switch=t,queues={pairs},mac=52:54:00:00:00:{last:02x}"
+        );
+        let config = NetConfig::parse(&spec).unwrap();
+        let stats = Arc::new(NetStats::default());
+        let handle = Arc::new(QosHandle::default());
+        if !qos.is_empty() {
+            let mut options = OptionList::parse(qos).unwrap();
+            let limits = QosConfig::from_options_for(&mut options, Family::Net).unwrap();
+            handle.set_limits(&limits).unwrap();
+        }
+        let port = hub.attach(
+            id,
+            PortConfig {
+                mac,
+                vlan: None,
+                uplink: false,
+            },
+            PortSink::Guest(RwLock::new(None)),
+            Arc::clone(&stats),
+            Some(Arc::clone(&handle)),
+        );
+        let shared = Arc::new(NetShared::new(
+            config,
+            stats,
+            handle,
+            Vec::new(),
+            Some((Arc::clone(hub), port)),
+        ));
+        let (mem, atomic) = memory(4 << 20);
+        let queues: Vec<(TestQueue, TestQueue)> = (0..u64::from(pairs))
+            .map(|p| {
+                (
+                    TestQueue::new(mem, &atomic, p * 0x4000, 16),
+                    TestQueue::new(mem, &atomic, p * 0x4000 + 0x2000, 16),
+                )
+            })
+            .collect();
+        let workers: Vec<PairWorker> = shared
+            .connect(atomic)
+            .unwrap()
+            .into_iter()
+            .map(Option::unwrap)
+            .collect();
+        let vrings: Vec<_> = queues
+            .iter()
+            .flat_map(|(rx, tx)| [rx.vring.clone(), tx.vring.clone()])
+            .collect();
+        shared.vrings_created(&vrings);
+        Self {
+            mem,
+            mac,
+            shared,
+            queues,
+            workers,
+            next: DATA,
+        }
+    }
+
+    fn alloc(&mut self, len: u64) -> u64 {
+        let at = self.next;
+        self.next += len.div_ceil(64) * 64;
+        at
+    }
+
+    /// Posts a frame (with a plain 12-byte header) on pair `pair`'s tx queue and kicks it.
+    fn send(&mut self, pair: usize, frame: &[u8]) -> u16 {
+        let at = self.alloc(12 + frame.len() as u64);
+        self.mem.write_slice(&[0u8; 12], GuestAddress(at)).unwrap();
+        self.mem.write_slice(frame, GuestAddress(at + 12)).unwrap();
+        let head = self.queues[pair]
+            .1
+            .post(&[(at, 12 + frame.len() as u32, false)]);
+        self.kick(pair, Event::Queue(1));
+        head
+    }
+
+    /// Posts `count` rx buffers of 2 KiB on pair `pair`; returns their addresses by head.
+    fn post_rx(&mut self, pair: usize, count: usize) -> Vec<(u16, u64)> {
+        (0..count)
+            .map(|_| {
+                let at = self.alloc(2048);
+                (self.queues[pair].0.post(&[(at, 2048, true)]), at)
+            })
+            .collect()
+    }
+
+    fn kick(&mut self, pair: usize, event: Event) {
+        let vrings = [
+            self.queues[pair].0.vring.clone(),
+            self.queues[pair].1.vring.clone(),
+        ];
+        self.workers[pair].handle(event, &vrings).unwrap();
+    }
+}
+
+fn frame(dst: [u8; 6], src: [u8; 6], fill: u8) -> Vec<u8> {
+    let mut f = Vec::from(dst);
+    f.extend_from_slice(&src);
+    f.extend_from_slice(&0x0800u16.to_be_bytes());
+    f.extend(std::iter::repeat_n(fill, 50));
+    f
+}
+
+#[test]
+fn a_frame_sent_on_one_port_lands_whole_in_the_other_guests_rx_buffer() {
+    let hub = Arc::new(SwitchHub::new("t"));
+    let mut a = Guest::attach(&hub, "a", 0x0a, 1, "");
+    let mut b = Guest::attach(&hub, "b", 0x0b, 1, "");
+    let buffers = b.post_rx(0, 2);
+    let sent = frame(b.mac, a.mac, 0x5a);
+    let head = a.send(0, &sent);
+    assert_eq!(a.queues[0].1.used(), vec![(head, 0)], "tx chain returned");
+    let used = b.queues[0].0.used();
+    assert_eq!(used, vec![(buffers[0].0, 12 + sent.len() as u32)]);
+    let mut got = vec![0u8; 12 + sent.len()];
+    b.mem
+        .read_slice(&mut got, GuestAddress(buffers[0].1))
+        .unwrap();
+    assert_eq!(&got[12..], &sent[..], "frame bytes intact");
+    assert_eq!(a.shared.stats.snapshot().tx_frames, 1);
+    assert_eq!(b.shared.stats.snapshot().rx_frames, 1);
+}
+
+#[test]
+fn the_second_queue_pair_carries_traffic_too() {
+    let hub = Arc::new(SwitchHub::new("t"));
+    let mut a = Guest::attach(&hub, "a", 0x0a, 2, "");
+    let mut b = Guest::attach(&hub, "b", 0x0b, 2, "");
+    b.post_rx(0, 4);
+    b.post_rx(1, 4);
+    let head = a.send(1, &frame(b.mac, a.mac, 1));
+    assert_eq!(a.queues[1].1.used(), vec![(head, 0)], "pair 1's tx served");
+    assert!(a.queues[0].1.used().is_empty(), "pair 0 untouched");
+    let delivered = b.queues[0].0.used().len() + b.queues[1].0.used().len();
+    assert_eq!(delivered, 1, "delivered to one of b's rx queues");
+}
+
+#[test]
+fn over_its_tx_limit_a_frame_goes_back_in_the_ring_not_on_the_wire() {
+    let hub = Arc::new(SwitchHub::new("t"));
+    let mut a = Guest::attach(&hub, "a", 0x0a, 1, "tx-pps=1,tx-pps-burst=1");
+    let mut b = Guest::attach(&hub, "b", 0x0b, 1, "");
+    b.post_rx(0, 4);
+    let first = a.send(0, &frame(b.mac, a.mac, 1));
+    let _second = a.send(0, &frame(b.mac, a.mac, 2));
+    assert_eq!(
+        a.queues[0].1.used(),
+        vec![(first, 0)],
+        "only the first went"
+    );
+    assert_eq!(b.queues[0].0.used().len(), 1);
+    assert_eq!(
+        a.queues[0].1.vring.queue_next_avail(),
+        1,
+        "the second frame is back in the ring (back-pressure, no drop)"
+    );
+    let stats = a.shared.stats.snapshot();
+    assert_eq!((stats.tx_throttled, stats.total_drops()), (1, 0));
+}

@@ -1,0 +1,93 @@
+//! Test virtqueues for in-process worker tests: a [`TestQueue`] lays out a split ring in
+//! guest memory with `virtio_queue::mock`, exposes it as the [`CheckedVring`] a worker
+//! serves, and lets a test post descriptor chains and read the used ring back, the way a
+//! driver would.
+
+use vhost_user_backend::VringT;
+use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+use virtio_queue::desc::RawDescriptor;
+use virtio_queue::mock::MockSplitQueue;
+use vm_memory::{GuestAddress, GuestMemoryAtomic};
+
+use crate::vring::{AtomicGuestMemory, CheckedVring, GuestMemory};
+
+const F_NEXT: u16 = 1;
+const F_WRITE: u16 = 2;
+
+/// Guest memory for a test: one region of `size` bytes at 0, kept for the whole test run
+/// (the mock rings borrow it), and the atomic view workers take.
+pub fn memory(size: usize) -> (&'static GuestMemory, AtomicGuestMemory) {
+    let mem: &'static GuestMemory = Box::leak(Box::new(
+        GuestMemory::from_ranges(&[(GuestAddress(0), size)]).expect("test memory"),
+    ));
+    (mem, GuestMemoryAtomic::new(mem.clone()))
+}
+
+/// A split ring in test memory and the vring a worker serves it through.
+pub struct TestQueue {
+    mock: MockSplitQueue<'static, GuestMemory>,
+    /// The vring, as `vhost-user-backend` would hand it to a worker.
+    pub vring: CheckedVring,
+    next_desc: u16,
+    size: u16,
+}
+
+impl TestQueue {
+    /// A ring of `size` entries at guest address `at`, ready and enabled.
+    pub fn new(mem: &'static GuestMemory, atomic: &AtomicGuestMemory, at: u64, size: u16) -> Self {
+        let mock = MockSplitQueue::create(mem, GuestAddress(at), size);
+        let vring = CheckedVring::new(atomic.clone(), size).expect("vring");
+        vring.set_queue_size(size);
+        vring
+            .set_queue_info(
+                mock.desc_table_addr().0,
+                mock.avail_addr().0,
+                mock.used_addr().0,
+            )
+            .expect("queue info");
+        vring.set_queue_ready(true);
+        vring.set_enabled(true);
+        Self {
+            mock,
+            vring,
+            next_desc: 0,
+            size,
+        }
+    }
+
+    /// Posts a chain of `(addr, len, device-writable)` buffers; returns its head.
+    pub fn post(&mut self, buffers: &[(u64, u32, bool)]) -> u16 {
+        let head = self.next_desc;
+        let count = u16::try_from(buffers.len()).expect("chain length");
+        let raw: Vec<RawDescriptor> = buffers
+            .iter()
+            .enumerate()
+            .map(|(i, &(addr, len, writable))| {
+                let index = head.wrapping_add(i as u16) % self.size;
+                let last = i + 1 == buffers.len();
+                let flags = if writable { F_WRITE } else { 0 } | if last { 0 } else { F_NEXT };
+                let next = if last { 0 } else { (index + 1) % self.size };
+                RawDescriptor::from(SplitDescriptor::new(addr, len, flags, next))
+            })
+            .collect();
+        self.mock.add_desc_chains(&raw, head).expect("post chain");
+        self.next_desc = (head + count) % self.size;
+        head
+    }
+
+    /// Every used entry so far, as `(head, length)`.
+    pub fn used(&self) -> Vec<(u16, u32)> {
+        let used = self.mock.used();
+        let idx = used.idx().load();
+        (0..idx)
+            .map(|i| {
+                let elem = used
+                    .ring()
+                    .ref_at(usize::from(i % self.size))
+                    .expect("used slot")
+                    .load();
+                (u16::try_from(elem.id()).expect("head"), elem.len())
+            })
+            .collect()
+    }
+}
