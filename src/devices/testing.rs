@@ -3,6 +3,8 @@
 //! serves, and lets a test post descriptor chains and read the used ring back, the way a
 //! driver would.
 
+#![allow(clippy::arithmetic_side_effects, clippy::expect_used)] // test-only: fails loudly by design
+
 use vhost_user_backend::VringT;
 use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::desc::RawDescriptor;
