@@ -2,17 +2,18 @@
 //! found by the fuzzer replays as an ordinary `cargo test`.
 //!
 //! [`blk_request`] decodes the input into a split virtqueue in a small guest memory (descriptor
-//! table, avail ring, raw memory contents), pops one chain, and runs it through the same
-//! validation and I/O submission the worker uses, with the null engine (which writes zeros
-//! into read buffers, so every iovec produced is actually touched). [`net_frame`] does the
+//! table, a few avail entries — the same head twice, sometimes — and raw memory contents) and
+//! hands it to the real queue worker (`devices::blk::worker`) with the null engine, which
+//! writes zeros into read buffers, so every iovec produced is actually touched: parsing,
+//! the head bookkeeping, the request-to-op mapping, QoS admission and the used ring are the
+//! daemon's own code. [`net_frame`] does the
 //! same for the virtio-net tx and rx paths; [`tier_record`] for the tier's on-disk records
 //! and journal.
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use crate::devices::blk::request::{self, Limits, RequestKind};
+use crate::devices::blk::request::Limits;
 use crate::storage::null::NullEngine;
-use crate::storage::{Engine, IoOp, OpKind};
 use virtio_queue::{Queue, QueueT};
 
 const MEMORY_SIZE: usize = 64 << 10;
@@ -47,7 +48,12 @@ impl Input<'_> {
 
 /// Builds a ready split queue in `mem` from the input: descriptor table, one avail entry,
 /// then the rest of the input as guest memory contents.
-fn fuzz_queue(input: &mut Input<'_>, mem: &GuestMemoryMmap<()>, queue_size: u16) -> Option<Queue> {
+fn fuzz_queue(
+    input: &mut Input<'_>,
+    mem: &GuestMemoryMmap<()>,
+    queue_size: u16,
+    entries: u16,
+) -> Option<Queue> {
     let descriptors = usize::from(input.u8() % 40);
     for i in 0..descriptors.min(usize::from(queue_size)) {
         // Keep most addresses inside the small memory so parsing goes deep.
@@ -68,9 +74,11 @@ fn fuzz_queue(input: &mut Input<'_>, mem: &GuestMemoryMmap<()>, queue_size: u16)
         raw[14..].copy_from_slice(&next.to_le_bytes());
         let _ = mem.write_slice(&raw, GuestAddress(DESC_TABLE + 16 * i as u64));
     }
-    let head = input.u16() % queue_size;
-    let _ = mem.write_obj(head, GuestAddress(AVAIL_RING + 4));
-    let _ = mem.write_obj(1u16, GuestAddress(AVAIL_RING + 2));
+    for slot in 0..entries.min(queue_size) {
+        let head = input.u16() % queue_size;
+        let _ = mem.write_obj(head, GuestAddress(AVAIL_RING + 4 + 2 * u64::from(slot)));
+    }
+    let _ = mem.write_obj(entries.min(queue_size), GuestAddress(AVAIL_RING + 2));
     // The rest of the input is guest memory contents (headers, segments, indirect tables).
     let rest = std::mem::take(&mut input.0);
     let body = 0x3000;
@@ -89,8 +97,14 @@ fn fuzz_memory() -> Option<GuestMemoryMmap<()>> {
     GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), MEMORY_SIZE)]).ok()
 }
 
-/// One fuzz iteration over the virtio-blk request path. Never panics on any input.
+/// One fuzz iteration over the virtio-blk request path, through the real queue worker.
+/// Never panics on any input.
 pub fn blk_request(data: &[u8]) {
+    use crate::devices::blk::shared::DeviceShared;
+    use crate::devices::blk::worker::QueueWorker;
+    use crate::vring::CheckedVring;
+    use std::sync::Arc;
+    use vhost_user_backend::VringT;
     let mut input = Input(data);
     let Some(mem) = fuzz_memory() else {
         return;
@@ -98,36 +112,37 @@ pub fn blk_request(data: &[u8]) {
     let queue_size: u16 = 1 << (input.u8() % 5 + 1); // 2..=32
     let readonly = input.u8() & 1 == 1;
     let capacity = u64::from(input.u32()) << 9;
-    let Some(mut queue) = fuzz_queue(&mut input, &mem, queue_size) else {
+    let entries = u16::from(input.u8() % 4 + 1);
+    if fuzz_queue(&mut input, &mem, queue_size, entries).is_none() {
+        return;
+    }
+    let atomic = vm_memory::GuestMemoryAtomic::new(mem);
+    let Ok(vring) = CheckedVring::new(atomic.clone(), queue_size) else {
         return;
     };
-    let Some(chain) = queue.pop_descriptor_chain(&mem) else {
+    vring.set_queue_size(queue_size);
+    if vring
+        .set_queue_info(DESC_TABLE, AVAIL_RING, USED_RING)
+        .is_err()
+    {
+        return;
+    }
+    vring.set_queue_ready(true);
+    vring.set_enabled(true);
+    let shared = Arc::new(DeviceShared::new(
+        "fuzz",
+        1,
+        queue_size,
+        Limits { capacity, readonly },
+        crate::storage::EngineSource::default(),
+    ));
+    let Ok(mut worker) = QueueWorker::new(0, shared, Box::new(NullEngine::default()), atomic)
+    else {
         return;
     };
-    let limits = Limits { capacity, readonly };
-    let Ok(buffers) = request::collect_buffers(chain) else {
-        return;
-    };
-    let Ok(parsed) = request::parse(&mem, &buffers, limits) else {
-        return;
-    };
-    let kind = match parsed.kind {
-        RequestKind::Read { offset } => OpKind::Read { offset },
-        RequestKind::Write { offset } => OpKind::Write { offset },
-        _ => return,
-    };
-    let mut engine = NullEngine::default();
-    // SAFETY: `parse` built the iovecs from `mem`, which lives until the end of this function,
-    // after the op has completed (the null engine completes inline).
-    unsafe {
-        engine.push(IoOp {
-            kind,
-            iovecs: parsed.iovecs,
-            tag: 0,
-        })
-    };
-    let mut out = Vec::new();
-    engine.reap(&mut out);
+    worker.remember_vring(&vring);
+    let _ = worker.process_queue(&vring);
+    worker.drain_detached();
 }
 
 /// One fuzz iteration over the virtio-net paths: the chain as a transmitted frame (header
@@ -143,7 +158,7 @@ pub fn net_frame(data: &[u8]) {
     let mtu = input.u16();
     let mergeable = input.u8() & 1 == 1;
     let need = u64::from(input.u32());
-    let Some(mut queue) = fuzz_queue(&mut input, &mem, queue_size) else {
+    let Some(mut queue) = fuzz_queue(&mut input, &mem, queue_size, 1) else {
         return;
     };
     let Some(chain) = queue.pop_descriptor_chain(&mem) else {

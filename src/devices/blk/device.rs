@@ -11,7 +11,7 @@
 // panic or wrap silently (checked, saturating or `get` instead).
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use super::config::{BackingSpec, BlkConfig};
@@ -19,7 +19,6 @@ use super::info::{BlkInfo, BlkStats, BlkTotals};
 use super::request::Limits;
 use super::shared::DeviceShared;
 use crate::devices::shell::runner::{DeviceRunner, RunnerError};
-use crate::qos::handle::QosHandle;
 use crate::storage::backing::{open_backing, open_log, BackingError, OpenRequest};
 use crate::storage::tier::store::{TierError, TierStore};
 use crate::storage::EngineSource;
@@ -124,26 +123,20 @@ impl BlkDevice {
                 config.id
             );
         }
+        let limits = Limits {
+            capacity: capacity & !511,
+            readonly: config.readonly,
+        };
+        let source = EngineSource {
+            kind: file.is_some().then_some(engine),
+            file,
+            tier,
+        };
         let shared = Arc::new(DeviceShared {
-            id: config.id.clone(),
             serial: config.serial.clone(),
-            queues: config.queues,
-            queue_size: config.queue_size,
-            limits: Limits {
-                capacity: capacity & !511,
-                readonly: config.readonly,
-            },
             logical_block_size: config.logical_block_size,
-            flush_failed: AtomicBool::new(false),
             poll: std::time::Duration::from_micros(u64::from(config.poll_us)),
-            connected: Arc::new(AtomicBool::new(false)),
-            qos: QosHandle::default(),
-            engine: EngineSource {
-                kind: file.is_some().then_some(engine),
-                file,
-                tier,
-            },
-            stats: (0..config.queues).map(|_| Arc::default()).collect(),
+            ..DeviceShared::new(&config.id, config.queues, config.queue_size, limits, source)
         });
         if let Err(e) = shared.set_qos(&config.qos) {
             // Validated when the options were parsed; unreachable unless that changes.

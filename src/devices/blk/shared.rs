@@ -48,6 +48,32 @@ pub struct DeviceShared {
 }
 
 impl DeviceShared {
+    /// Shared state for a device `id` with `queues` queues of up to `queue_size` entries over
+    /// `engine`: serial = id, 512-byte blocks, no polling, no limits, nothing connected. The
+    /// fields are public for the few that differ.
+    pub fn new(
+        id: &str,
+        queues: u16,
+        queue_size: u16,
+        limits: Limits,
+        engine: EngineSource,
+    ) -> Self {
+        Self {
+            id: id.to_string(),
+            serial: id.to_string(),
+            queues,
+            queue_size,
+            limits,
+            logical_block_size: 512,
+            flush_failed: AtomicBool::new(false),
+            poll: std::time::Duration::ZERO,
+            connected: Arc::new(AtomicBool::new(false)),
+            qos: QosHandle::default(),
+            engine,
+            stats: (0..queues).map(|_| Arc::default()).collect(),
+        }
+    }
+
     /// A new engine for one queue worker.
     pub fn new_engine(&self) -> Result<Box<dyn Engine>, EngineError> {
         open_engine(&self.engine, self.queue_size)

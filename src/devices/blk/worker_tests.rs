@@ -2,7 +2,7 @@
 //! a test virtqueue) and driven through the shell's `Worker` interface: kick → parse →
 //! engine → used ring, QoS holding, and the drain a queue stop does.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use vm_memory::{Bytes, GuestAddress};
@@ -30,22 +30,13 @@ fn shared(qos: &str) -> Arc<DeviceShared> {
             .set_limits(&QosConfig::from_options(&mut options).unwrap())
             .unwrap();
     }
+    let limits = Limits {
+        capacity: 1 << 20,
+        readonly: false,
+    };
     Arc::new(DeviceShared {
-        id: "t".into(),
-        serial: "t".into(),
-        queues: 1,
-        queue_size: 16,
-        limits: Limits {
-            capacity: 1 << 20,
-            readonly: false,
-        },
-        logical_block_size: 512,
-        flush_failed: AtomicBool::new(false),
-        poll: Duration::ZERO,
-        connected: Arc::new(AtomicBool::new(true)),
         qos: handle,
-        engine: EngineSource::default(),
-        stats: vec![Arc::default()],
+        ..DeviceShared::new("t", 1, 16, limits, EngineSource::default())
     })
 }
 
