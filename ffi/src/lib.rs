@@ -20,11 +20,10 @@
 
 use std::cell::RefCell;
 use std::ffi::{c_char, CStr, CString};
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::time::Duration;
 
+use novacron::control::client::{Client, ClientError};
 use serde_json::{json, Value};
 
 /// Result codes of every `nc_*` function.
@@ -70,11 +69,7 @@ pub struct NcBlkTotals {
 }
 
 /// An open connection to a daemon's control socket.
-pub struct NcClient {
-    writer: UnixStream,
-    reader: BufReader<UnixStream>,
-    next_id: u64,
-}
+pub struct NcClient(Client);
 
 struct Failure {
     status: NcStatus,
@@ -173,36 +168,20 @@ fn give_string(out: *mut *mut c_char, value: &Value) -> Result<(), Failure> {
 
 impl NcClient {
     fn call(&mut self, method: &str, params: Value) -> Result<Value, Failure> {
-        let id = self.next_id;
-        self.next_id = self.next_id.wrapping_add(1);
-        let request = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
-        let io = |e: std::io::Error| Failure::new(NcStatus::NcErrIo, "io", e.to_string());
-        let mut line = request.to_string().into_bytes();
-        line.push(b'\n');
-        self.writer.write_all(&line).map_err(io)?;
-        let mut reply = String::new();
-        if self.reader.read_line(&mut reply).map_err(io)? == 0 {
-            return Err(Failure::new(
-                NcStatus::NcErrIo,
-                "io",
-                "daemon closed the connection",
-            ));
-        }
-        let reply: Value = serde_json::from_str(&reply).map_err(|e| {
-            Failure::new(
-                NcStatus::NcErrProtocol,
-                "protocol",
-                format!("bad reply: {e}"),
-            )
-        })?;
-        if let Some(error) = reply.get("error") {
-            return Err(Failure::new(
-                NcStatus::NcErrServer,
-                field(error, &["data", "kind"]).as_str().unwrap_or("error"),
-                error["message"].as_str().unwrap_or("request refused"),
-            ));
-        }
-        Ok(reply.get("result").cloned().unwrap_or(Value::Null))
+        self.0.call(method, params).map_err(|e| match e {
+            ClientError::Server { kind, message, .. } => {
+                Failure::new(NcStatus::NcErrServer, &kind, message)
+            }
+            ClientError::Protocol(_) => {
+                Failure::new(NcStatus::NcErrProtocol, "protocol", e.to_string())
+            }
+            ClientError::Connect { .. } => {
+                Failure::new(NcStatus::NcErrConnect, "connect", e.to_string())
+            }
+            ClientError::Io(_) | ClientError::Closed => {
+                Failure::new(NcStatus::NcErrIo, "io", e.to_string())
+            }
+        })
     }
 }
 
@@ -226,18 +205,16 @@ pub unsafe extern "C" fn nc_connect(
                 "out is NULL",
             ));
         }
-        let stream = UnixStream::connect(path)
-            .map_err(|e| Failure::new(NcStatus::NcErrConnect, "connect", format!("{path}: {e}")))?;
-        let io = |e: std::io::Error| Failure::new(NcStatus::NcErrIo, "io", e.to_string());
-        stream
-            .set_read_timeout(Some(Duration::from_secs(60)))
-            .map_err(io)?;
-        let reader = BufReader::new(stream.try_clone().map_err(io)?);
-        let handle = Box::new(NcClient {
-            writer: stream,
-            reader,
-            next_id: 1,
-        });
+        let client = Client::connect(std::path::Path::new(path), Some(Duration::from_secs(60)))
+            .map_err(|e| match e {
+                ClientError::Connect { source, .. } => Failure::new(
+                    NcStatus::NcErrConnect,
+                    "connect",
+                    format!("{path}: {source}"),
+                ),
+                other => Failure::new(NcStatus::NcErrIo, "io", other.to_string()),
+            })?;
+        let handle = Box::new(NcClient(client));
         // SAFETY: checked non-NULL above; writable by contract.
         unsafe { *out = Box::into_raw(handle) };
         Ok(())

@@ -12,12 +12,12 @@
 //! Human-readable output by default, the server's JSON with `--json`; on error the server's
 //! message goes to stderr and the exit status is 1.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
+use std::io::Write;
 use std::process::ExitCode;
 
-use anyhow::{bail, Context};
+use anyhow::bail;
 use clap::{Parser, Subcommand};
+use novacron::control::client::Client;
 use serde_json::{json, Value};
 
 /// Control a running novacrond.
@@ -226,25 +226,8 @@ enum DeviceCommand {
 }
 
 fn call(control: &str, method: &str, params: Value) -> anyhow::Result<Value> {
-    let mut stream = UnixStream::connect(control)
-        .with_context(|| format!("cannot connect to {control} (is novacrond running?)"))?;
-    let request = json!({"jsonrpc": "2.0", "id": 1, "method": method, "params": params});
-    let mut line = serde_json::to_vec(&request)?;
-    line.push(b'\n');
-    // A daemon that refuses us answers and hangs up; read its answer even if the write failed.
-    let written = stream.write_all(&line);
-    let mut reply = String::new();
-    if BufReader::new(&stream).read_line(&mut reply)? == 0 {
-        written?;
-        bail!("the daemon closed the connection without answering");
-    }
-    let reply: Value = serde_json::from_str(&reply).context("bad reply from the daemon")?;
-    if let Some(error) = reply.get("error") {
-        let kind = error["data"]["kind"].as_str().unwrap_or("error");
-        let message = error["message"].as_str().unwrap_or("unknown error");
-        bail!("{message} ({kind})");
-    }
-    Ok(reply.get("result").cloned().unwrap_or(Value::Null))
+    let mut client = Client::connect(std::path::Path::new(control), None)?;
+    Ok(client.call(method, params)?)
 }
 
 /// Splits `key=value` words (comma-separated or separate) into a params object that starts

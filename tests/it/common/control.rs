@@ -1,48 +1,31 @@
 //! A minimal JSON-RPC client for the control socket.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
+use std::io::Write;
 use std::path::Path;
+use std::time::Duration;
 
+use novacron::control::client::{Client, ClientError};
 use serde_json::{json, Value};
 
-/// One control connection.
-pub struct Control {
-    stream: UnixStream,
-    reader: BufReader<UnixStream>,
-    next_id: u64,
-}
+/// One control connection (over the daemon's own client).
+pub struct Control(Client);
 
 impl Control {
     pub fn connect(socket: &Path) -> Control {
-        let stream = UnixStream::connect(socket).expect("connect to control socket");
-        let reader = BufReader::new(stream.try_clone().unwrap());
-        Control {
-            stream,
-            reader,
-            next_id: 1,
-        }
+        Control(Client::connect(socket, Some(Duration::from_secs(60))).expect("connect"))
     }
 
     /// Sends a raw line and returns the parsed response.
     pub fn raw(&mut self, line: &[u8]) -> Value {
-        self.stream.write_all(line).unwrap();
-        self.stream.write_all(b"\n").unwrap();
-        let mut reply = String::new();
-        self.reader.read_line(&mut reply).unwrap();
-        serde_json::from_str(&reply).unwrap_or_else(|e| panic!("bad reply {reply:?}: {e}"))
+        self.0.raw(line).expect("a reply")
     }
 
     /// Calls `method`; returns `Ok(result)` or `Err(error object)`.
     pub fn call(&mut self, method: &str, params: Value) -> Result<Value, Value> {
-        let id = self.next_id;
-        self.next_id += 1;
-        let request = json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params});
-        let reply = self.raw(&serde_json::to_vec(&request).unwrap());
-        assert_eq!(reply["id"], json!(id), "response id");
-        match reply.get("error") {
-            Some(error) => Err(error.clone()),
-            None => Ok(reply["result"].clone()),
+        match self.0.call(method, params) {
+            Ok(result) => Ok(result),
+            Err(ClientError::Server { error, .. }) => Err(error),
+            Err(e) => panic!("control call {method}: {e}"),
         }
     }
 
