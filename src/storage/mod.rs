@@ -25,6 +25,7 @@ pub mod open;
 pub mod sync;
 pub mod tier;
 pub mod uring;
+pub mod volatile;
 
 use std::os::fd::RawFd;
 

@@ -42,6 +42,8 @@ pub struct EngineSource {
     pub kind: Option<EngineKind>,
     /// The tier store of a tiered disk.
     pub tier: Option<Arc<TierStore>>,
+    /// Test-only: the device's modelled volatile write cache ([`super::volatile`]).
+    pub volatile: Option<super::volatile::Cache>,
 }
 
 impl EngineSource {
@@ -60,12 +62,16 @@ pub fn open_engine(source: &EngineSource, queue_size: u16) -> Result<Box<dyn Eng
     let (Some(file), Some(kind)) = (&source.file, source.kind) else {
         return Ok(Box::new(NullEngine::default()));
     };
-    let inner: Box<dyn Engine> = match kind {
-        EngineKind::Uring => {
+    let inner: Box<dyn Engine> = match (kind, &source.volatile) {
+        (_, Some(cache)) => Box::new(super::volatile::VolatileCacheEngine::new(
+            Arc::clone(file),
+            Arc::clone(cache),
+        )),
+        (EngineKind::Uring, None) => {
             let entries = u32::from(queue_size).saturating_mul(2);
             Box::new(UringEngine::new(Arc::clone(file), entries)?)
         }
-        EngineKind::Sync => Box::new(SyncEngine::new(Arc::clone(file))),
+        (EngineKind::Sync, None) => Box::new(SyncEngine::new(Arc::clone(file))),
     };
     Ok(match &source.tier {
         Some(store) => Box::new(TierEngine::new(inner, Arc::clone(store))),

@@ -79,7 +79,7 @@ impl Engine for SyncEngine {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Direction {
+pub(super) enum Direction {
     Read,
     Write,
 }
@@ -90,7 +90,7 @@ enum Direction {
 /// # Safety
 /// As for [`Engine::push`]: the iovecs are valid guest buffers (writable for reads) that stay
 /// mapped for the duration of this call.
-unsafe fn transfer(
+pub(super) unsafe fn transfer(
     fd: RawFd,
     offset: u64,
     iovecs: GuestIovecs,

@@ -127,10 +127,19 @@ impl BlkDevice {
             capacity: capacity & !511,
             readonly: config.readonly,
         };
+        let volatile = crate::storage::volatile::enabled().then(|| {
+            log::warn!(
+                "{}: test mode: modelling a volatile write cache ({})",
+                config.id,
+                crate::storage::volatile::ENV
+            );
+            crate::storage::volatile::Cache::default()
+        });
         let source = EngineSource {
             kind: file.is_some().then_some(engine),
             file,
             tier,
+            volatile,
         };
         let shared = Arc::new(DeviceShared {
             serial: config.serial.clone(),
