@@ -10,3 +10,21 @@ pub mod memory;
 pub mod net;
 pub mod netns;
 pub mod virtq;
+
+/// Asserts a throttled run took its ideal time `ideal` (what the token bucket allows) within
+/// ±10%. The upper bound also allows `baseline`, the same work measured without a limit in
+/// the same test: what the client and a busy CI machine cost on their own, which is not the
+/// limiter's doing. The lower bound needs no allowance: a limiter can only be too fast.
+pub fn assert_rate(
+    what: &str,
+    elapsed: std::time::Duration,
+    ideal: std::time::Duration,
+    baseline: std::time::Duration,
+) {
+    let low = ideal.mul_f64(0.9);
+    let high = ideal.mul_f64(1.1) + baseline;
+    assert!(
+        elapsed >= low && elapsed <= high,
+        "{what}: took {elapsed:?}, ideal {ideal:?} (allowed {low:?}..{high:?}, unthrottled run {baseline:?})"
+    );
+}
