@@ -173,7 +173,8 @@ fn partial_checksums_are_completed_for_a_guest_without_checksum_offload() {
         F_GUEST_CSUM | F_GUEST_TSO4 | crate::common::net::F_GUEST_TSO6 | F_MRG_RXBUF,
     );
     b.post_rx(0, 4, 1526);
-    // UDP over IPv4 with the pseudo-header sum in the checksum field, as Linux leaves it.
+    // UDP over IPv4 with the pseudo-header sum in the checksum field, as Linux leaves it for
+    // CHECKSUM_PARTIAL.
     let mut ip_udp = vec![0u8; 20 + 8];
     ip_udp[0] = 0x45;
     ip_udp[9] = 17;
@@ -182,9 +183,19 @@ fn partial_checksums_are_completed_for_a_guest_without_checksum_offload() {
     let data = payload(101, 3);
     let udp_len = (8 + data.len()) as u16;
     ip_udp[24..26].copy_from_slice(&udp_len.to_be_bytes());
+    let mut pseudo = Vec::from(&ip_udp[12..20]);
+    pseudo.extend_from_slice(&[0, 17]);
+    pseudo.extend_from_slice(&udp_len.to_be_bytes());
+    let pseudo_sum = fold(ones_sum(&pseudo));
+    ip_udp[26..28].copy_from_slice(&pseudo_sum.to_be_bytes());
     let mut body = ip_udp;
     body.extend(&data);
     let frame = ethernet(B, A, 0x0800, &body);
+    // The checksum a receiver expects, computed here independently: the one's complement of
+    // the pseudo-header plus the segment with a zero checksum field.
+    let mut segment = frame[34..].to_vec();
+    segment[6..8].copy_from_slice(&[0, 0]);
+    let expected = !fold(ones_sum(&pseudo) + ones_sum(&segment));
     let mut header = [0u8; HDR];
     header[0] = 1; // NEEDS_CSUM
     header[6..8].copy_from_slice(&34u16.to_le_bytes());
@@ -196,21 +207,57 @@ fn partial_checksums_are_completed_for_a_guest_without_checksum_offload() {
         "NEEDS_CSUM cleared for a guest without GUEST_CSUM"
     );
     assert_eq!(got.num_buffers(), 1);
-    // Checksum over the UDP segment (from csum_start) must now verify to 0xffff.
-    let segment = &got.frame[34..];
-    let mut sum: u32 = 0;
-    for chunk in segment.chunks(2) {
-        let word = if chunk.len() == 2 {
-            u16::from_be_bytes([chunk[0], chunk[1]])
-        } else {
-            u16::from_be_bytes([chunk[0], 0])
-        };
-        sum += u32::from(word);
-    }
+    assert_eq!(
+        u16::from_be_bytes([got.frame[40], got.frame[41]]),
+        expected,
+        "checksum bytes"
+    );
+    assert_eq!(&got.frame[..34], &frame[..34]);
+    assert_eq!(&got.frame[42..], &frame[42..]);
+}
+
+/// The 32-bit one's-complement sum of big-endian 16-bit words (odd tail padded with 0).
+fn ones_sum(bytes: &[u8]) -> u32 {
+    bytes
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum()
+}
+
+/// Folds carries into 16 bits.
+fn fold(mut sum: u32) -> u16 {
     while sum > 0xffff {
         sum = (sum & 0xffff) + (sum >> 16);
     }
-    assert_eq!(sum, 0xffff, "checksum not completed");
-    assert_eq!(&got.frame[..34], &frame[..34]);
-    assert_eq!(&got.frame[42..], &frame[42..]);
+    sum as u16
+}
+
+#[test]
+fn both_queue_pairs_carry_traffic() {
+    // Two-pair ports. The switch picks a receiver's rx queue from the sender's MAC (its last
+    // byte, modulo the pairs): from ...0a to pair 0, from ...0d to pair 1.
+    const D: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0x0d];
+    let daemon = Daemon::start(&[
+        "--net",
+        "socket={dir}/a.sock,switch=s,queues=2,mac=52:54:00:00:00:0a",
+        "--net",
+        "socket={dir}/b.sock,switch=s,queues=2,mac=52:54:00:00:00:0b",
+        "--net",
+        "socket={dir}/d.sock,switch=s,queues=2,mac=52:54:00:00:00:0d",
+    ]);
+    let mut a = NetClient::connect(&daemon.path("a.sock"), 2, 0);
+    let mut b = NetClient::connect(&daemon.path("b.sock"), 2, 0);
+    let mut d = NetClient::connect(&daemon.path("d.sock"), 2, 0);
+    b.post_rx(0, 8, 2048);
+    b.post_rx(1, 8, 2048);
+    // Each sender uses its second pair's tx queue.
+    let from_a = ethernet(B, A, 0x0800, &payload(1, 3));
+    let from_d = ethernet(B, D, 0x0800, &payload(2, 3));
+    a.send(1, &from_a);
+    d.send(1, &from_d);
+    assert_eq!(b.recv(0).frame, from_a, "a's frame on b's pair 0");
+    assert_eq!(b.recv(1).frame, from_d, "d's frame on b's pair 1");
+    assert_eq!(stats(&daemon, "a")["tx_frames"], 1);
+    assert_eq!(stats(&daemon, "d")["tx_frames"], 1);
+    assert_eq!(stats(&daemon, "b")["rx_frames"], 2);
 }
