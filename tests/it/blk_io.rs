@@ -316,3 +316,50 @@ fn memory_added_while_the_queue_is_busy_is_used_at_once() {
         assert_eq!(c.read(0, 1000 + i * 8, 4096), pattern(100 + i, 4096));
     }
 }
+
+#[test]
+fn the_backend_program_convention_serves_a_disk() {
+    // vhost-user's "backend program conventions": --socket-path and --blk-file (and
+    // --read-only), as a VMM that launches backends itself passes them.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::File::create(dir.path().join("c.img"))
+        .unwrap()
+        .set_len(4 << 20)
+        .unwrap();
+    let daemon = Daemon::start_in(
+        dir,
+        &["--socket-path", "{dir}/c.sock", "--blk-file", "{dir}/c.img"],
+    );
+    let mut c = BlkClient::connect(&daemon.path("c.sock"));
+    assert_eq!(c.capacity_sectors(), (4 << 20) / 512);
+    let data = pattern(5, 4096);
+    c.write(0, 16, &data);
+    assert!(c.read(0, 16, 4096) == data);
+    drop(c);
+    let (_, dir) = daemon.terminate();
+    let daemon = Daemon::start_in(
+        dir,
+        &[
+            "--socket-path",
+            "{dir}/c.sock",
+            "--blk-file",
+            "{dir}/c.img",
+            "--read-only",
+        ],
+    );
+    let mut c = BlkClient::connect(&daemon.path("c.sock"));
+    assert_ne!(c.device_features & F_RO, 0, "read-only offered");
+    let header = c.header(T_OUT, 16);
+    let buf = c.alloc(512);
+    let status = c.alloc(1);
+    c.roundtrip(
+        0,
+        &[(header, 16, false), (buf, 512, false), (status, 1, true)],
+    );
+    assert_eq!(
+        c.peek(status, 1)[0],
+        S_IOERR,
+        "a write to a read-only disk fails"
+    );
+    assert!(c.read(0, 16, 4096) == data);
+}
