@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building, the demo and the tests need on a Debian machine (run as root):
 # QEMU (TCG guests, qemu-storage-daemon), busybox-static and cpio (guest initramfs),
-# util-linux (losetup/mount for the durability test), and a Rust toolchain if none exists.
+# util-linux (losetup/mount for the durability test), python3 (the import-circle check);
+# checks the Rust toolchain (rustup stable with rustfmt and clippy; it is not installed here).
 set -euo pipefail
 need_apt=()
 have() { command -v "$1" >/dev/null 2>&1; }
@@ -15,6 +16,7 @@ have flock || need_apt+=(util-linux)
 have cc || need_apt+=(gcc)
 have taskset || need_apt+=(util-linux)
 have ip || need_apt+=(iproute2)
+have python3 || need_apt+=(python3)
 if [ "$(id -u)" != 0 ]; then
     echo "install-deps: run as root (apt-get, mount and losetup need it)" >&2
     exit 1
@@ -24,7 +26,17 @@ apt-get update -qq
 if [ ${#need_apt[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
-if ! have cargo; then
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq cargo rustc >/dev/null
+# The Rust toolchain is not an apt package here: Debian's cargo/rustc are older than the
+# crate's rust-version. Use rustup's stable toolchain with rustfmt and clippy.
+need_rust="$(sed -n 's/^rust-version = "\(.*\)"/\1/p' Cargo.toml)"
+if ! have cargo || ! cargo fmt --version >/dev/null 2>&1 || ! cargo clippy --version >/dev/null 2>&1; then
+    echo "install-deps: needs a Rust toolchain >= $need_rust with rustfmt and clippy" \
+         "(rustup: rustup toolchain install stable --component rustfmt,clippy)" >&2
+    exit 1
+fi
+have_rust="$(rustc --version | awk '{print $2}')"
+if [ "$(printf '%s\n%s\n' "$need_rust" "$have_rust" | sort -V | head -1)" != "$need_rust" ]; then
+    echo "install-deps: rustc $have_rust is older than rust-version $need_rust (rustup update stable)" >&2
+    exit 1
 fi
 echo "install-deps: ok"

@@ -8,5 +8,6 @@ cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+python3 scripts/check-imports.py
 bash scripts/build-guest.sh target/guest >/dev/null
 cargo test --locked --workspace --all-targets

@@ -3,10 +3,13 @@
 //! ```text
 //! novactl [--control PATH] [--json] info
 //! novactl device add blk socket=...,path=...[,key=value...]
+//! novactl device add net socket=...,tap=IFNAME|switch=NAME[,key=value...]
 //! novactl device rm ID [--force]
 //! novactl device ls | get ID | stats ID
-//! novactl qos get ID | set ID iops=5000,bps=100M[,KEY=none...]
+//! novactl qos get ID | set ID iops=5000,bps=100M,tx-pps=...[,KEY=none...]
 //! novactl qos group add|set NAME iops=...,bps=... | rm NAME | ls
+//! novactl switch add NAME [--uplink tap=TAP] | rm NAME | ls | ports NAME
+//! novactl tier status ID | demote ID ... | promote ID ... | policy ID KEY=VALUE...
 //! novactl shutdown
 //! ```
 //! Human-readable output by default, the server's JSON with `--json`; on error the server's
@@ -20,7 +23,7 @@ use clap::{Parser, Subcommand};
 use novacron::control::client::Client;
 use serde_json::{json, Value};
 
-/// Control a running novacrond.
+/// Control a running novacrond: devices (disks and NICs), QoS, switches, tiering.
 #[derive(Debug, Parser)]
 #[command(name = "novactl", version, about)]
 struct Args {

@@ -1,5 +1,6 @@
-//! Replays the fuzz seeds and any saved crash regressions through the same entry point the
-//! fuzzer uses, so CI (stable toolchain, no libFuzzer) keeps every found bug fixed.
+//! Replays the fuzz seeds (and with them every crash the fuzzers found: a minimised crashing
+//! input is committed to `fuzz/seeds/<target>/` as `crash-*`) through the same entry point
+//! the fuzzer uses, so CI (stable toolchain, no libFuzzer) keeps every found bug fixed.
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 use std::path::Path;
@@ -10,7 +11,7 @@ fn blk_request_corpus_replays_without_panicking() {
     let mut replayed = 0;
     for dir in [
         "seeds/blk_request",
-        "regressions/blk_request",
+        // cargo-fuzz's working corpus, when a local fuzzing run left one.
         "corpus/blk_request",
     ] {
         let Ok(entries) = std::fs::read_dir(root.join(dir)) else {
@@ -32,7 +33,7 @@ fn blk_request_corpus_replays_without_panicking() {
 fn net_frame_corpus_replays_without_panicking() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
     let mut replayed = 0;
-    for dir in ["seeds/net_frame", "regressions/net_frame"] {
+    for dir in ["seeds/net_frame", "corpus/net_frame"] {
         let Ok(entries) = std::fs::read_dir(root.join(dir)) else {
             continue;
         };
