@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 
 /// Control a running novacrond: devices (disks and NICs), QoS, switches, tiering.
 #[derive(Debug, Parser)]
-#[command(name = "novactl", version, about)]
+#[command(name = "novactl", version)]
 struct Args {
     /// The daemon's control socket.
     #[arg(long, default_value = "/run/novacron/control.sock")]
