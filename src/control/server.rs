@@ -97,19 +97,12 @@ impl ControlServer {
             }
         };
         prepare_directory(&config.socket)?;
-        match std::fs::symlink_metadata(&config.socket) {
-            Ok(meta) if std::os::unix::fs::FileTypeExt::is_socket(&meta.file_type()) => {
-                std::fs::remove_file(&config.socket)
-                    .map_err(io("cannot remove stale", &config.socket))?;
+        crate::sys::socket::clear_stale(&config.socket).map_err(|e| {
+            ControlError::UnsafeDirectory {
+                path: config.socket.clone(),
+                reason: e.to_string(),
             }
-            Ok(_) => {
-                return Err(ControlError::UnsafeDirectory {
-                    path: config.socket.clone(),
-                    reason: "exists and is not a socket".into(),
-                })
-            }
-            Err(_) => {}
-        }
+        })?;
         let listener =
             UnixListener::bind(&config.socket).map_err(io("cannot bind", &config.socket))?;
         std::fs::set_permissions(&config.socket, std::fs::Permissions::from_mode(0o600))

@@ -178,6 +178,9 @@ impl Registry {
     ) -> Result<String, RegistryError> {
         let config = DeviceConfig::parse(kind, OptionList::from_pairs(options.clone()))?;
         let (id, socket) = (config.id().to_string(), config.socket().to_path_buf());
+        if let DeviceConfig::Net(net) = &config {
+            self.check_net_unique(net)?;
+        }
         if self.devices.contains_key(&id) {
             return Err(RegistryError::Exists(format!("device `{id}` exists")));
         }

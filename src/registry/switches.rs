@@ -52,6 +52,12 @@ impl Registry {
         if self.switches.contains_key(name) || self.fabric.get(name).is_some() {
             return Err(RegistryError::Exists(format!("switch `{name}` exists")));
         }
+        if let Some(user) = uplink_tap.as_deref().and_then(|tap| self.tap_user(tap)) {
+            return Err(RegistryError::Exists(format!(
+                "tap {} is used by {user}",
+                uplink_tap.as_deref().unwrap_or_default()
+            )));
+        }
         let hub = self.fabric.switch(name);
         let uplink = match uplink_tap.as_deref().map(|tap| Uplink::start(&hub, tap)) {
             None => None,
@@ -145,6 +151,60 @@ impl Registry {
                 stats: port.stats.snapshot(),
             })
             .collect())
+    }
+
+    /// Refuses a net device whose tap is already used in this daemon, or whose MAC another
+    /// port of its switch has (the switch checks the MAC again when the port attaches).
+    pub(super) fn check_net_unique(
+        &self,
+        config: &crate::devices::net::config::NetConfig,
+    ) -> Result<(), RegistryError> {
+        use crate::devices::net::config::NetBackendSpec;
+        match &config.backend {
+            NetBackendSpec::Tap(tap) => match self.tap_user(tap) {
+                Some(user) => Err(RegistryError::Exists(format!(
+                    "tap {tap} is used by {user}"
+                ))),
+                None => Ok(()),
+            },
+            NetBackendSpec::Switch(name) => {
+                let taken = self.fabric.get(name).and_then(|hub| {
+                    hub.ports()
+                        .into_iter()
+                        .find(|p| !p.config.uplink && p.config.mac == config.mac)
+                });
+                match taken {
+                    Some(port) => Err(RegistryError::Exists(format!(
+                        "MAC {} is used by port {} on switch {name}",
+                        mac_text(&config.mac),
+                        port.name
+                    ))),
+                    None => Ok(()),
+                }
+            }
+        }
+    }
+
+    /// Who uses tap `name` in this daemon (a device, or a switch's uplink), if anyone: a tap
+    /// serves one tenant, so a second device or uplink on it is refused.
+    pub(super) fn tap_user(&self, name: &str) -> Option<String> {
+        use crate::devices::net::config::NetBackendSpec;
+        let device = self
+            .devices
+            .iter()
+            .find_map(|(id, entry)| match &entry.device {
+                super::Device::Net(d) => {
+                    matches!(&d.config().backend, NetBackendSpec::Tap(t) if t == name)
+                        .then(|| format!("device {id}"))
+                }
+                super::Device::Blk(_) => None,
+            });
+        device.or_else(|| {
+            self.switches
+                .iter()
+                .find(|(_, s)| s.options.get("uplink").map(String::as_str) == Some(name))
+                .map(|(switch, _)| format!("the uplink of switch {switch}"))
+        })
     }
 
     fn hub(&self, name: &str) -> Result<std::sync::Arc<SwitchHub>, RegistryError> {

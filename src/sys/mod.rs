@@ -5,4 +5,5 @@ pub mod peer;
 pub mod poll;
 pub mod replace;
 pub mod signals;
+pub mod socket;
 pub mod tap;

@@ -16,6 +16,7 @@ mod fuzz_replay;
 mod guest_blk;
 mod guest_net;
 mod guest_tier;
+mod isolation;
 mod net_control;
 mod net_hostile;
 mod net_qos;

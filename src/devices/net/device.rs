@@ -14,7 +14,7 @@ use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 
 use super::config::{NetBackendSpec, NetConfig};
-use super::fabric::{Fabric, PortSink};
+use super::fabric::{AttachError, Fabric, PortSink};
 use super::info::{NetInfo, NetStatsView};
 use super::shared::NetShared;
 use super::stats::NetStats;
@@ -35,6 +35,9 @@ pub enum NetDeviceError {
         #[source]
         source: TapQueueError,
     },
+    /// The switch refused the port.
+    #[error(transparent)]
+    Attach(#[from] AttachError),
     /// The socket or its thread could not be set up.
     #[error(transparent)]
     Runner(#[from] RunnerError),
@@ -82,7 +85,7 @@ impl NetDevice {
                     PortSink::Guest(RwLock::new(None)),
                     Arc::clone(&stats),
                     Some(Arc::clone(&qos)),
-                );
+                )?;
                 port = Some((hub, attached));
             }
         }

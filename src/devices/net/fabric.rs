@@ -37,6 +37,19 @@ use crate::qos::limiter::{Cost, CostKind};
 /// How long a learnt MAC stays valid without traffic from it.
 pub const AGING: std::time::Duration = std::time::Duration::from_secs(300);
 
+/// Why a port could not join a switch.
+#[derive(Debug, thiserror::Error)]
+pub enum AttachError {
+    /// Another guest port has that MAC.
+    #[error("MAC {mac} is already used by port {port} on this switch")]
+    MacInUse {
+        /// The MAC.
+        mac: String,
+        /// The port that has it.
+        port: String,
+    },
+}
+
 /// Where frames for a port go.
 pub enum PortSink {
     /// A guest's receive side (absent while no front-end is connected).
@@ -127,7 +140,9 @@ impl SwitchHub {
         &self.name
     }
 
-    /// Attaches a port; returns it.
+    /// Attaches a port; returns it. A guest port's MAC must be unique on the switch: two
+    /// ports claiming one MAC would each be allowed to send as the other (anti-spoofing checks
+    /// the port's own MAC) and would steal each other's traffic.
     pub fn attach(
         &self,
         name: &str,
@@ -135,7 +150,22 @@ impl SwitchHub {
         sink: PortSink,
         stats: Arc<NetStats>,
         qos: Option<Arc<QosHandle>>,
-    ) -> Arc<Port> {
+    ) -> Result<Arc<Port>, AttachError> {
+        let mut ports = self
+            .ports
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if !config.uplink {
+            if let Some(other) = ports
+                .values()
+                .find(|p| !p.config.uplink && p.config.mac == config.mac)
+            {
+                return Err(AttachError::MacInUse {
+                    mac: mac_text(&config.mac),
+                    port: other.name.clone(),
+                });
+            }
+        }
         let number = self.next_port.fetch_add(1, Ordering::Relaxed);
         let port = Arc::new(Port {
             number,
@@ -146,12 +176,9 @@ impl SwitchHub {
             qos,
         });
         lock(&self.table).attach(number, config);
-        self.ports
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(number, Arc::clone(&port));
+        ports.insert(number, Arc::clone(&port));
         log::info!("switch {}: port {number} ({name}) attached", self.name);
-        port
+        Ok(port)
     }
 
     /// Detaches a port and forgets its MACs.

@@ -35,6 +35,9 @@ pub enum UplinkError {
     /// The stop event or the thread could not be created.
     #[error("cannot start the uplink thread")]
     Thread(#[source] std::io::Error),
+    /// The switch refused the port.
+    #[error(transparent)]
+    Attach(#[from] super::fabric::AttachError),
 }
 
 /// A running uplink.
@@ -61,7 +64,7 @@ impl Uplink {
             PortSink::Uplink(Mutex::new(tap)),
             Arc::new(NetStats::default()),
             None,
-        );
+        )?;
         let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(UplinkError::Thread)?);
         let thread = {
             let hub = Arc::clone(hub);

@@ -45,17 +45,19 @@ impl Guest {
             let limits = QosConfig::from_options_for(&mut options, Family::Net).unwrap();
             handle.set_limits(&limits).unwrap();
         }
-        let port = hub.attach(
-            id,
-            PortConfig {
-                mac,
-                vlan: None,
-                uplink: false,
-            },
-            PortSink::Guest(RwLock::new(None)),
-            Arc::clone(&stats),
-            Some(Arc::clone(&handle)),
-        );
+        let port = hub
+            .attach(
+                id,
+                PortConfig {
+                    mac,
+                    vlan: None,
+                    uplink: false,
+                },
+                PortSink::Guest(RwLock::new(None)),
+                Arc::clone(&stats),
+                Some(Arc::clone(&handle)),
+            )
+            .unwrap();
         let shared = Arc::new(NetShared::new(
             config,
             stats,

@@ -78,8 +78,11 @@ impl DeviceRunner {
         if let Some(parent) = socket.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent).map_err(listen_error)?;
         }
+        crate::sys::socket::clear_stale(socket).map_err(listen_error)?;
+        // Never unlink here: `clear_stale` removed only a dead socket; anything
+        // that appeared since makes bind fail rather than be replaced.
         let listener =
-            Listener::new(socket, true).map_err(|e| listen_error(std::io::Error::other(e)))?;
+            Listener::new(socket, false).map_err(|e| listen_error(std::io::Error::other(e)))?;
         listener
             .set_nonblocking(true)
             .map_err(|e| listen_error(std::io::Error::other(e)))?;

@@ -1,0 +1,80 @@
+//! What one control client can do to other tenants and to the host through the names it
+//! passes: socket paths never replace a file or another listener, a tap serves one device,
+//! a MAC is unique on its switch. Each refusal leaves everything as it was.
+
+use serde_json::json;
+
+use crate::common::control::Control;
+use crate::common::daemon::Daemon;
+use crate::common::netns::NetNs;
+
+#[test]
+fn a_socket_path_never_replaces_a_file_or_a_live_socket() {
+    let daemon = Daemon::start(&["--blk", "socket={dir}/a.sock,path=null,size=1M"]);
+    let mut ctl = Control::connect(&daemon.path("control.sock"));
+    let victim = daemon.path("tenant-data");
+    std::fs::write(&victim, b"another tenant's data").unwrap();
+    for socket in [
+        victim.clone(),
+        daemon.path("a.sock"),
+        daemon.path("control.sock"),
+    ] {
+        let error = ctl
+            .call(
+                "device.add",
+                json!({"type": "blk", "id": "x", "socket": socket, "path": "null", "size": "1M"}),
+            )
+            .unwrap_err();
+        assert!(
+            error["message"].as_str().unwrap().contains("socket")
+                || error["message"].as_str().unwrap().contains("listening"),
+            "{socket:?}: {error}"
+        );
+    }
+    assert_eq!(std::fs::read(&victim).unwrap(), b"another tenant's data");
+    // The live sockets still work.
+    assert_eq!(ctl.device_count(), 1);
+    crate::common::blk::BlkClient::connect(&daemon.path("a.sock"));
+}
+
+#[test]
+fn a_mac_is_unique_on_its_switch() {
+    let daemon = Daemon::start(&[
+        "--net",
+        "socket={dir}/a.sock,switch=s,mac=52:54:00:00:00:0a",
+    ]);
+    let mut ctl = Control::connect(&daemon.path("control.sock"));
+    let add = |ctl: &mut Control, id: &str, switch: &str| {
+        ctl.call(
+            "device.add",
+            json!({"type": "net", "id": id, "socket": daemon.path(&format!("{id}.sock")),
+                   "switch": switch, "mac": "52:54:00:00:00:0a"}),
+        )
+    };
+    assert_eq!(
+        add(&mut ctl, "b", "s").unwrap_err()["data"]["kind"],
+        "exists"
+    );
+    assert_eq!(ctl.device_count(), 1);
+    // The same MAC on another switch is another L2 domain: allowed.
+    add(&mut ctl, "c", "other").unwrap();
+}
+
+#[test]
+fn a_tap_serves_one_device_or_one_uplink() {
+    let ns = NetNs::new("nc-iso");
+    let daemon = Daemon::start_in_netns(&ns.name, &["--net", "socket={dir}/a.sock,tap=nciso0"]);
+    let mut ctl = Control::connect(&daemon.path("control.sock"));
+    let error = ctl
+        .call(
+            "device.add",
+            json!({"type": "net", "id": "b", "socket": daemon.path("b.sock"), "tap": "nciso0"}),
+        )
+        .unwrap_err();
+    assert_eq!(error["data"]["kind"], "exists", "{error}");
+    let error = ctl
+        .call("switch.add", json!({"name": "s", "uplink": "nciso0"}))
+        .unwrap_err();
+    assert_eq!(error["data"]["kind"], "exists", "{error}");
+    assert_eq!(ctl.device_count(), 1);
+}
