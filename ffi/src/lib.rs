@@ -178,7 +178,7 @@ impl NcClient {
             ClientError::Connect { .. } => {
                 Failure::new(NcStatus::NcErrConnect, "connect", e.to_string())
             }
-            ClientError::Io(_) | ClientError::Closed => {
+            ClientError::Io(_) | ClientError::Closed | ClientError::Broken => {
                 Failure::new(NcStatus::NcErrIo, "io", e.to_string())
             }
         })

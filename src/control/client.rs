@@ -1,7 +1,7 @@
 //! The one JSON-RPC client of the control socket, used by `novactl`, the C library (`ffi/`)
 //! and the tests: one request line out, one response line back, ids checked.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -21,8 +21,12 @@ pub enum ClientError {
         source: std::io::Error,
     },
     /// Reading or writing the socket failed.
-    #[error("control socket")]
+    #[error("control socket: {0}")]
     Io(#[from] std::io::Error),
+    /// An earlier call failed midway; the connection's replies can no longer be matched to
+    /// requests (connect again).
+    #[error("the connection failed earlier; connect again")]
+    Broken,
     /// The daemon hung up without answering.
     #[error("the daemon closed the connection without answering")]
     Closed,
@@ -46,10 +50,13 @@ pub struct Client {
     writer: UnixStream,
     reader: BufReader<UnixStream>,
     next_id: u64,
+    /// Set by any failure after a request went out: a late reply would otherwise be taken
+    /// for the answer to the next request.
+    broken: bool,
 }
 
 impl Client {
-    /// Connects; `timeout` bounds each reply (`None`: wait as long as the daemon takes).
+    /// Connects; `timeout` bounds each read and write (`None`: wait as long as it takes).
     pub fn connect(path: &Path, timeout: Option<Duration>) -> Result<Self, ClientError> {
         let connect = |source| ClientError::Connect {
             path: path.to_path_buf(),
@@ -57,21 +64,32 @@ impl Client {
         };
         let writer = UnixStream::connect(path).map_err(connect)?;
         writer.set_read_timeout(timeout)?;
+        writer.set_write_timeout(timeout)?;
         let reader = BufReader::new(writer.try_clone()?);
         Ok(Self {
             writer,
             reader,
             next_id: 1,
+            broken: false,
         })
     }
 
     /// Sends one raw line and returns the daemon's reply, whatever it is.
     pub fn raw(&mut self, line: &[u8]) -> Result<Value, ClientError> {
+        if self.broken {
+            return Err(ClientError::Broken);
+        }
+        let reply = self.exchange(line);
+        self.broken = reply.is_err();
+        reply
+    }
+
+    fn exchange(&mut self, line: &[u8]) -> Result<Value, ClientError> {
         let mut out = line.to_vec();
         out.push(b'\n');
         // A daemon that refuses us answers and hangs up: read its answer even if the write
         // failed, and report the write error only when there is none.
-        let written = self.writer.write_all(&out);
+        let written = send_all(&self.writer, &out);
         let mut reply = String::new();
         if self.reader.read_line(&mut reply)? == 0 {
             written?;
@@ -91,6 +109,7 @@ impl Client {
         let reply_id = reply.get("id").unwrap_or(&Value::Null);
         let unread_error = reply_id.is_null() && reply.get("error").is_some();
         if reply_id != &json!(id) && !unread_error {
+            self.broken = true;
             return Err(ClientError::Protocol(format!(
                 "reply for id {} to request {id}",
                 reply_id
@@ -108,4 +127,34 @@ impl Client {
         }
         Ok(reply.get("result").cloned().unwrap_or(Value::Null))
     }
+}
+
+/// Writes all of `buf` with `MSG_NOSIGNAL`: a daemon that hung up must give us `EPIPE`, not a
+/// SIGPIPE that would kill the program using the client (the C library's callers keep
+/// SIGPIPE's default action).
+fn send_all(stream: &UnixStream, mut buf: &[u8]) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    while !buf.is_empty() {
+        // SAFETY: `buf` is a live slice of `buf.len()` readable bytes for the duration of the
+        // call; the fd belongs to `stream`, which outlives it.
+        let n = unsafe {
+            libc::send(
+                stream.as_raw_fd(),
+                buf.as_ptr().cast(),
+                buf.len(),
+                libc::MSG_NOSIGNAL,
+            )
+        };
+        match usize::try_from(n) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => buf = buf.get(n..).unwrap_or_default(),
+            Err(_) => {
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+        }
+    }
+    Ok(())
 }

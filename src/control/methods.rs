@@ -181,18 +181,17 @@ fn dispatch(
             let store = lock(registry).tier_store(&id).map_err(registry_error)?;
             let extents = crate::registry::tiers::select(&store, &selection, down)
                 .map_err(RpcError::invalid_params)?;
+            let refused = |e: BatchError| match e {
+                BatchError::Busy(_) => RpcError::new(SERVER_ERROR, "busy", format!("{id}: {e}")),
+                BatchError::Thread(_) => {
+                    RpcError::new(SERVER_ERROR, "io", format!("cannot start the move: {e}"))
+                }
+            };
             if wait {
                 // Runs here, without the registry lock: other requests go on.
-                to_json(store.run_batch(&extents, down))?
+                to_json(store.run_exclusive(&extents, down).map_err(refused)?)?
             } else {
-                store.start_batch(extents, down).map_err(|e| match e {
-                    BatchError::Busy(_) => {
-                        RpcError::new(SERVER_ERROR, "busy", format!("{id}: {e}"))
-                    }
-                    BatchError::Thread(_) => {
-                        RpcError::new(SERVER_ERROR, "io", format!("cannot start the move: {e}"))
-                    }
-                })?;
+                store.start_batch(extents, down).map_err(refused)?;
                 json!({"started": true})
             }
         }

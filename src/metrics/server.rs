@@ -4,8 +4,8 @@
 //! Why not a general HTTP server crate: the one we used (`tiny_http`) starts a thread per
 //! connection with no limit or timeout, so any local client could make the daemon grow
 //! threads. A scraper needs one request line and one response; this serves exactly that, and
-//! a slow or silent client costs at most [`IO_TIMEOUT`] of the metrics thread, never memory
-//! or threads, and never the data path.
+//! a slow or silent client costs at most [`IO_TIMEOUT`] of the metrics thread in total (one
+//! deadline per connection, not per read), never memory or threads, and never the data path.
 
 // Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
 // panic or wrap silently (checked, saturating or `get` instead).
@@ -16,14 +16,14 @@ use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::registry::Registry;
 use crate::sys::poll::{wait_readable, Readable};
 
-/// Longest a client may take to send its request or read the response.
+/// Longest a client may take, in total, to send its request and read the response.
 pub const IO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest request head read (a scraper sends a few hundred bytes).
 const MAX_REQUEST: usize = 8 << 10;
@@ -121,16 +121,30 @@ fn serve(
     }
 }
 
+/// A connection's whole time budget: every read and write gets what is left of it, so a
+/// client trickling bytes cannot hold the endpoint longer than [`IO_TIMEOUT`] in total.
+struct Deadline(Instant);
+
+impl Deadline {
+    fn remaining(&self) -> std::io::Result<Duration> {
+        self.0
+            .checked_duration_since(Instant::now())
+            .filter(|left| !left.is_zero())
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::TimedOut, "client too slow"))
+    }
+}
+
 /// Reads one request head and answers it; the connection is closed afterwards.
 fn answer(
     mut stream: TcpStream,
     exposition: &prometheus_client::registry::Registry,
 ) -> std::io::Result<()> {
-    stream.set_read_timeout(Some(IO_TIMEOUT))?;
-    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    let now = Instant::now();
+    let deadline = Deadline(now.checked_add(IO_TIMEOUT).unwrap_or(now));
     let mut head = Vec::with_capacity(512);
     let mut chunk = [0u8; 512];
     while !head.windows(4).any(|w| w == b"\r\n\r\n") && !head.windows(2).any(|w| w == b"\n\n") {
+        stream.set_read_timeout(Some(deadline.remaining()?))?;
         let n = stream.read(&mut chunk)?;
         if n == 0 {
             break;
@@ -139,6 +153,7 @@ fn answer(
         if head.len() > MAX_REQUEST {
             return respond(
                 &mut stream,
+                &deadline,
                 "431 Request Header Fields Too Large",
                 "text/plain",
                 "",
@@ -151,19 +166,31 @@ fn answer(
     match (method, path) {
         (Some(b"GET"), Some(b"/metrics")) => respond(
             &mut stream,
+            &deadline,
             "200 OK",
             prometheus_client::encoding::prometheus_text::CONTENT_TYPE,
             &super::render(exposition),
         ),
-        (Some(b"GET"), Some(_)) => {
-            respond(&mut stream, "404 Not Found", "text/plain", "try /metrics\n")
-        }
-        _ => respond(&mut stream, "405 Method Not Allowed", "text/plain", ""),
+        (Some(b"GET"), Some(_)) => respond(
+            &mut stream,
+            &deadline,
+            "404 Not Found",
+            "text/plain",
+            "try /metrics\n",
+        ),
+        _ => respond(
+            &mut stream,
+            &deadline,
+            "405 Method Not Allowed",
+            "text/plain",
+            "",
+        ),
     }
 }
 
 fn respond(
     stream: &mut TcpStream,
+    deadline: &Deadline,
     status: &str,
     content_type: &str,
     body: &str,
@@ -172,7 +199,15 @@ fn respond(
         "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     );
-    stream.write_all(head.as_bytes())?;
-    stream.write_all(body.as_bytes())?;
-    stream.flush()
+    for part in [head.as_bytes(), body.as_bytes()] {
+        let mut done = 0usize;
+        while let Some(rest) = part.get(done..).filter(|r| !r.is_empty()) {
+            stream.set_write_timeout(Some(deadline.remaining()?))?;
+            match stream.write(rest)? {
+                0 => return Err(std::io::ErrorKind::WriteZero.into()),
+                n => done = done.saturating_add(n),
+            }
+        }
+    }
+    Ok(())
 }

@@ -109,9 +109,22 @@ impl<T> Gate<T> {
         ready
     }
 
-    /// Everything held, limits or not (a queue stop: nothing may stay unanswered).
+    /// Everything held, limits or not (a queue stop: nothing may stay unanswered). The timer
+    /// is disarmed: with nothing held, a later expiry would wake the worker for nothing, and
+    /// a level-triggered fd that nobody clears would wake it forever.
     pub fn release_all(&mut self) -> Vec<Held<T>> {
+        self.timer.clear();
         self.held.drain(..).collect()
+    }
+
+    /// Disarms the timer and consumes its expiry (after it woke the worker).
+    pub fn clear_timer(&mut self) {
+        self.timer.clear();
+    }
+
+    /// Whether the timer is armed.
+    pub fn timer_armed(&self) -> bool {
+        self.timer.is_armed()
     }
 }
 
@@ -179,8 +192,14 @@ mod tests {
         assert!(gate.admit(&qos, READ).is_ok());
         gate.hold(7);
         gate.hold(8);
+        assert!(gate.admit(&qos, READ).is_err());
+        assert!(gate.timer_armed());
         let all: Vec<u32> = gate.release_all().into_iter().map(|h| h.item).collect();
         assert_eq!(all, vec![7, 8]);
         assert!(!gate.is_holding());
+        assert!(
+            !gate.timer_armed(),
+            "nothing held: the timer must not wake the worker"
+        );
     }
 }

@@ -39,7 +39,13 @@ impl QosTimer {
         self.timer.as_raw_fd()
     }
 
-    /// Consumes an expiry (after an epoll wake-up).
+    /// Whether the timer is armed (waiting to expire).
+    pub fn is_armed(&self) -> bool {
+        self.timer.is_armed().unwrap_or(false)
+    }
+
+    /// Disarms the timer and consumes any expiry (`timerfd_settime` to zero resets the
+    /// expiration count): the fd is no longer readable.
     pub fn clear(&mut self) {
         if let Err(e) = self.timer.clear() {
             log::warn!("QoS timer: {e}");

@@ -104,46 +104,21 @@ impl Registry {
     /// A device's rate limits and how much they held it back.
     pub fn qos(&self, id: &str) -> Result<QosInfo, RegistryError> {
         let entry = self.entry(id)?;
-        let handle = entry.device.qos();
-        let (throttled, throttle_wait_ns) = match entry.device.stats() {
-            DeviceStats::Blk(stats) => (
-                stats.total.throttled,
-                stats
-                    .queues
-                    .iter()
-                    .map(|q| q.throttle_wait_ns)
-                    .fold(0u64, u64::saturating_add),
-            ),
-            DeviceStats::Net(stats) => (
-                stats
-                    .total
-                    .tx_throttled
-                    .saturating_add(stats.total.rx_throttled),
-                stats.total.throttle_wait_ns,
-            ),
-        };
-        Ok(QosInfo {
-            id: id.to_string(),
-            group: entry.record.options.get(GROUP_KEY).cloned(),
-            limits: handle.config().limits.into_iter().collect(),
-            tokens: handle.tokens().into_iter().collect(),
-            throttled,
-            throttle_wait_ns,
-        })
+        Ok(qos_info(id, entry, &entry.device.stats()))
     }
 
     /// Everything `/metrics` reports, in one pass under the caller's lock.
     pub fn snapshot(&self) -> Snapshot {
         let mut snapshot = Snapshot::default();
         for (id, entry) in &self.devices {
-            match entry.device.stats() {
+            let stats = entry.device.stats();
+            let qos = qos_info(id, entry, &stats);
+            if !qos.tokens.is_empty() {
+                snapshot.qos.push(qos);
+            }
+            match stats {
                 DeviceStats::Blk(stats) => snapshot.blk.push(stats),
                 DeviceStats::Net(stats) => snapshot.net.push(stats),
-            }
-            if let Ok(qos) = self.qos(id) {
-                if !qos.tokens.is_empty() {
-                    snapshot.qos.push(qos);
-                }
             }
             if let Device::Blk(device) = &entry.device {
                 if let Some(store) = device.shared().tier() {
@@ -154,5 +129,35 @@ impl Registry {
         snapshot.switches = self.list_switches();
         snapshot.groups = self.list_groups();
         snapshot
+    }
+}
+
+/// A device's QoS state, from counters already read.
+fn qos_info(id: &str, entry: &super::Entry, stats: &DeviceStats) -> QosInfo {
+    let handle = entry.device.qos();
+    let (throttled, throttle_wait_ns) = match stats {
+        DeviceStats::Blk(stats) => (
+            stats.total.throttled,
+            stats
+                .queues
+                .iter()
+                .map(|q| q.throttle_wait_ns)
+                .fold(0u64, u64::saturating_add),
+        ),
+        DeviceStats::Net(stats) => (
+            stats
+                .total
+                .tx_throttled
+                .saturating_add(stats.total.rx_throttled),
+            stats.total.throttle_wait_ns,
+        ),
+    };
+    QosInfo {
+        id: id.to_string(),
+        group: entry.record.options.get(GROUP_KEY).cloned(),
+        limits: handle.config().limits.into_iter().collect(),
+        tokens: handle.tokens().into_iter().collect(),
+        throttled,
+        throttle_wait_ns,
     }
 }

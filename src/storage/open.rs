@@ -49,6 +49,9 @@ pub struct EngineSource {
 impl EngineSource {
     /// The engine's name as reported to users ("null" for the null device).
     pub fn name(&self) -> &'static str {
+        if self.file.is_some() && self.volatile.is_some() {
+            return "volatile-cache";
+        }
         match (&self.file, self.kind) {
             (None, _) | (_, None) => "null",
             (Some(_), Some(EngineKind::Uring)) => "uring",

@@ -1,8 +1,9 @@
 //! A test-only engine that models a disk with a volatile write cache, so crash tests can tell
 //! a flush that works from one that does nothing.
 //!
-//! Enabled only by the environment variable `NOVACRON_TEST_VOLATILE_CACHE=1` (like the tier's
-//! `NOVACRON_FAILPOINT`; production never sets it). Writes completed to the guest land in an
+//! Only in a build with the `test-hooks` cargo feature (the test suite's), and only when the
+//! environment variable `NOVACRON_TEST_VOLATILE_CACHE=1` is set; a build without the feature
+//! never reads the variable. Not for direct (O_DIRECT) or tiered disks (refused). Writes completed to the guest land in an
 //! in-memory cache shared by the device's queues, not in the backing file; reads see them; a
 //! FLUSH writes the cache to the file and `fdatasync`s it. A `kill -9` of the daemon then
 //! loses exactly what a power cut loses on a disk with a write cache: every write not covered
@@ -33,9 +34,13 @@ const SECTOR: u64 = 512;
 /// The environment variable that turns the model on (tests only).
 pub const ENV: &str = "NOVACRON_TEST_VOLATILE_CACHE";
 
+/// Most sectors the cache holds (256 MiB); a write beyond that fails with `ENOSPC` rather
+/// than growing the daemon without bound.
+const MAX_SECTORS: usize = 512 * 1024;
+
 /// Whether this process models a volatile write cache.
 pub fn enabled() -> bool {
-    std::env::var(ENV).is_ok_and(|v| v == "1")
+    cfg!(feature = "test-hooks") && std::env::var(ENV).is_ok_and(|v| v == "1")
 }
 
 /// A device's write cache: sector number → contents, not yet in the file.
@@ -85,6 +90,9 @@ impl VolatileCacheEngine {
                         }
                         filled = filled.saturating_add(1);
                         if filled == buf.len() {
+                            if cache.len() >= MAX_SECTORS && !cache.contains_key(&sector) {
+                                return Err(libc::ENOSPC);
+                            }
                             cache.insert(sector, buf);
                             sector = sector.saturating_add(1);
                             filled = 0;

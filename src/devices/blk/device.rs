@@ -127,7 +127,10 @@ impl BlkDevice {
             capacity: capacity & !511,
             readonly: config.readonly,
         };
-        let volatile = crate::storage::volatile::enabled().then(|| {
+        let volatile = (crate::storage::volatile::enabled()
+            && !config.direct
+            && config.tier.is_none())
+        .then(|| {
             log::warn!(
                 "{}: test mode: modelling a volatile write cache ({})",
                 config.id,

@@ -177,6 +177,9 @@ impl QueueWorker {
 
     /// Handles the QoS timer: tokens are back, start what waited, then serve the ring again.
     pub fn process_timer(&mut self, vring: &CheckedVring) -> Result<(), WorkerError> {
+        // Always consume the expiry: the fd is level-triggered, and with nothing held (a
+        // queue stop released it all) nobody else would.
+        self.gate.clear_timer();
         self.release_throttled();
         self.process_queue(vring)
     }

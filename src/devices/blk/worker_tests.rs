@@ -156,6 +156,10 @@ fn qos_holds_requests_in_order_and_a_queue_stop_answers_every_one_it_took() {
     assert_eq!(rig.queue.used(), vec![(first, 513), (second, 513)]);
     assert_eq!(rig.status(second_status), 0);
     assert_eq!(rig.queue.vring.queue_next_avail(), 2);
+    assert!(
+        !rig.worker.gate.timer_armed(),
+        "nothing held after the stop: an armed timer would wake the worker for nothing"
+    );
 }
 
 #[test]

@@ -1,9 +1,6 @@
-//! Filling a guest's receive queue ([`RxBatch`]), and a guest's receive side as switch
-//! senders see it ([`RxTarget`]: one copy from the sender's frame into the receiver's chains,
-//! under that rx queue's lock).
+//! A guest's receive side.
 //!
-//! Filling a guest's receive queue: take enough rx chains for a frame, let the caller put the
-//! bytes in (a tap `readv` straight into them, or a guest-to-guest copy from a switch port),
+//! [`RxBatch`] takes enough rx chains for a frame, lets the caller put the bytes in (a tap `readv` straight into them, or a guest-to-guest copy from a switch port),
 //! then return exactly the chains used, with `num_buffers` set, in one step.
 //!
 //! Without `VIRTIO_NET_F_MRG_RXBUF` a frame must fit one chain. With it, a frame may span
@@ -12,6 +9,9 @@
 //! wasted. A malformed chain is returned with length 0 and counted; chains taken before it in
 //! the same batch go back with length 0 too (they cannot be put back past it) — this only
 //! happens to a guest that posts bad buffers.
+//!
+//! [`RxTarget`] is a guest's receive side as switch senders see it: one copy from the
+//! sender's frame into the receiver's chains, under that rx queue's lock.
 
 // Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
 // panic or wrap silently (checked, saturating or `get` instead).

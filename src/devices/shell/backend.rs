@@ -48,52 +48,60 @@ pub fn read_config_window(bytes: &[u8], offset: u32, size: u32) -> Vec<u8> {
 /// One exit event per worker thread of a connection: `vhost-user-backend` watches each in its
 /// thread's event loop and leaves the loop when it fires.
 ///
-/// Why the handed-out fds are recorded: `vhost-user-backend` turns the consumer we hand it
-/// into a raw fd (`into_raw_fd`) for its epoll set and never closes it, which leaked one
-/// eventfd per worker thread per front-end connection. We remember the numbers we handed
-/// out and close them once the crate's handlers (and their epoll sets) are gone
-/// ([`DeviceBackend::release_exit_fds`]).
+/// Why the handed-out fds are recorded: `vhost-user-backend` (0.24, pinned in Cargo.toml)
+/// turns the consumer we hand it into a raw fd (`into_raw_fd`) for its epoll set and never
+/// closes it, which leaked one eventfd per worker thread per front-end connection. We
+/// remember the numbers we handed out and close them when the backend is dropped, which is
+/// after every handler of the crate (each holds an `Arc` of the backend) is gone. The
+/// duplicates are made up front, so handing one out cannot fail (a thread without an exit
+/// event could never be stopped).
 struct ExitEvents {
-    events: Vec<(EventConsumer, EventNotifier)>,
+    notifiers: Vec<EventNotifier>,
+    unclaimed: Mutex<Vec<Option<(EventConsumer, EventNotifier)>>>,
     handed_out: Mutex<Vec<RawFd>>,
 }
 
 impl ExitEvents {
     fn new(threads: usize) -> std::io::Result<Self> {
-        let events = (0..threads)
-            .map(|_| new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC))
-            .collect::<std::io::Result<Vec<_>>>()?;
+        let mut notifiers = Vec::with_capacity(threads);
+        let mut unclaimed = Vec::with_capacity(threads);
+        for _ in 0..threads {
+            let (consumer, notifier) =
+                new_event_consumer_and_notifier(EventFlag::NONBLOCK | EventFlag::CLOEXEC)?;
+            unclaimed.push(Some((consumer, notifier.try_clone()?)));
+            notifiers.push(notifier);
+        }
         Ok(Self {
-            events,
+            notifiers,
+            unclaimed: Mutex::new(unclaimed),
             handed_out: Mutex::new(Vec::new()),
         })
     }
 
-    fn get(&self, index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        let (consumer, notifier) = self.events.get(index)?;
-        let consumer = consumer.try_clone().ok()?;
-        let notifier = notifier.try_clone().ok()?;
+    /// Thread `index`'s event, once.
+    fn take(&self, index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        let (consumer, notifier) = lock(&self.unclaimed).get_mut(index)?.take()?;
         lock(&self.handed_out).push(consumer.as_raw_fd());
         Some((consumer, notifier))
     }
 
-    /// Closes the consumers handed to the crate. Only after its handlers were dropped.
-    fn release(&self) {
-        for fd in lock(&self.handed_out).drain(..) {
-            // SAFETY: `fd` is a duplicate we created in `get` and handed to
-            // vhost-user-backend, which took it over with `into_raw_fd` and never closes it;
-            // its only user, the crate's epoll handler, is gone (the caller dropped the
-            // daemon, joining its threads). Nothing else owns the number, so it is closed
-            // exactly once, here.
-            drop(unsafe { OwnedFd::from_raw_fd(fd) });
-        }
-    }
-
     fn signal(&self, id: &str) {
-        for (_, notifier) in &self.events {
+        for notifier in &self.notifiers {
             if let Err(e) = notifier.notify() {
                 log::warn!("{id}: cannot signal worker exit: {e}");
             }
+        }
+    }
+}
+
+impl Drop for ExitEvents {
+    fn drop(&mut self) {
+        for fd in lock(&self.handed_out).drain(..) {
+            // SAFETY: `fd` is a consumer we created and handed to vhost-user-backend, which
+            // took it over with `into_raw_fd` and never closes it. Its only user, the crate's
+            // epoll handler, holds an `Arc` of the backend that owns `self`, so it is gone by
+            // now. Nothing else owns the number: it is closed exactly once, here.
+            drop(unsafe { OwnedFd::from_raw_fd(fd) });
         }
     }
 }
@@ -108,6 +116,9 @@ pub struct DeviceBackend<D: Device> {
 impl<D: Device> DeviceBackend<D> {
     /// Builds the workers of a new connection over its guest memory.
     pub fn new(device: Arc<D>, memory: AtomicGuestMemory) -> Result<Self, SetupError> {
+        // Exit events first: once `connect` has taken resources (taps), only our `Drop`
+        // gives them back.
+        let exit_events = ExitEvents::new(device.workers())?;
         let mut workers: Vec<_> = device
             .connect(memory)?
             .into_iter()
@@ -115,7 +126,6 @@ impl<D: Device> DeviceBackend<D> {
             .collect();
         // Exactly one slot per worker thread, whatever the device returned.
         workers.resize_with(device.workers(), || Mutex::new(None));
-        let exit_events = ExitEvents::new(device.workers())?;
         Ok(Self {
             device,
             workers,
@@ -140,12 +150,6 @@ impl<D: Device> DeviceBackend<D> {
             }
         }
         out
-    }
-
-    /// Closes the exit-event fds `vhost-user-backend` took and never closes. Call once the
-    /// `VhostUserDaemon` built over this backend has been dropped.
-    pub fn release_exit_fds(&self) {
-        self.exit_events.release();
     }
 
     /// Tells every worker thread to leave its event loop (after the front-end left).
@@ -239,7 +243,7 @@ impl<D: Device> VhostUserBackend for DeviceBackend<D> {
     }
 
     fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        self.exit_events.get(thread_index)
+        self.exit_events.take(thread_index)
     }
 
     fn stop_vring(&self, queue_index: u32) -> std::io::Result<()> {

@@ -179,20 +179,6 @@ fn private_pair(id: &str) -> std::io::Result<(Listener, std::os::unix::net::Unix
     Ok((Listener::from(listener), stream))
 }
 
-/// One connection's daemon; dropping it joins the crate's worker threads (on every path,
-/// early returns included) and then closes the exit fds the crate never closes.
-struct Session<D: Device> {
-    daemon: Option<VhostUserDaemon<Arc<DeviceBackend<D>>>>,
-    backend: Arc<DeviceBackend<D>>,
-}
-
-impl<D: Device> Drop for Session<D> {
-    fn drop(&mut self) {
-        drop(self.daemon.take());
-        self.backend.release_exit_fds();
-    }
-}
-
 fn serve_connection<D: Device>(
     id: &str,
     listener: &mut Listener,
@@ -204,13 +190,9 @@ fn serve_connection<D: Device>(
     let backend = Arc::new(DeviceBackend::new(Arc::clone(device), memory.clone())?);
     let (daemon, vrings) =
         collect_created(|| VhostUserDaemon::new(id.to_string(), Arc::clone(&backend), memory));
-    let mut session = Session {
-        daemon: Some(daemon.map_err(|e| format!("{e}"))?),
-        backend: Arc::clone(&backend),
-    };
-    let Some(daemon) = session.daemon.as_mut() else {
-        return Ok(());
-    };
+    // Declared after `backend`, so dropped before it on every path: the crate's handlers go
+    // first, then the backend (which closes the exit fds the crate took).
+    let mut daemon = daemon.map_err(|e| format!("{e}"))?;
     backend.device().vrings_created(&vrings);
     // The vrings hold the front-end's kick and call fds: keep no copy past the session.
     drop(vrings);
@@ -257,7 +239,7 @@ fn serve_connection<D: Device>(
     }
     // Dropping the daemon joins its worker threads; dropping the last backend reference then
     // lets the workers release what they hold (engines drain, taps go back to the device).
-    drop(session);
+    drop(daemon);
     drop(backend);
     log::info!("{id}: front-end disconnected");
     match result {

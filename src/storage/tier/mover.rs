@@ -24,16 +24,26 @@ pub enum BatchError {
 }
 
 impl TierStore {
+    /// Claims the disk's one batch slot: a second batch is refused while one runs.
+    fn claim_batch(&self) -> Result<(), BatchError> {
+        let mut progress = lock(&self.progress);
+        if progress.running {
+            return Err(BatchError::Busy(progress.operation.clone()));
+        }
+        progress.running = true;
+        Ok(())
+    }
+
+    /// Runs a batch on the caller's thread, if no other batch runs on this disk.
+    pub fn run_exclusive(&self, extents: &[u64], down: bool) -> Result<Progress, BatchError> {
+        self.claim_batch()?;
+        Ok(self.run_batch(extents, down))
+    }
+
     /// Runs a batch in the background (one thread per disk at most: a second batch is refused
     /// while one runs); progress shows in [`TierStore::progress`].
     pub fn start_batch(self: &Arc<Self>, extents: Vec<u64>, down: bool) -> Result<(), BatchError> {
-        {
-            let mut progress = lock(&self.progress);
-            if progress.running {
-                return Err(BatchError::Busy(progress.operation.clone()));
-            }
-            progress.running = true;
-        }
+        self.claim_batch()?;
         let store = Arc::clone(self);
         let spawned = std::thread::Builder::new()
             .name("tier-batch".into())

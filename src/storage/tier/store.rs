@@ -73,11 +73,16 @@ pub enum TierError {
     },
 }
 
-/// Test-only crash injection: when the environment variable `NOVACRON_FAILPOINT` names this
-/// point, the process aborts here (as a kill -9 would stop it). Unset in production.
+/// Test-only crash injection: in a build with the `test-hooks` feature, when the environment
+/// variable `NOVACRON_FAILPOINT` names this point, the process aborts here (as a kill -9
+/// would stop it). Release builds without the feature never read the variable.
 fn failpoint(name: &str) {
     static POINT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
-    let point = POINT.get_or_init(|| std::env::var("NOVACRON_FAILPOINT").ok());
+    let point = POINT.get_or_init(|| {
+        cfg!(feature = "test-hooks")
+            .then(|| std::env::var("NOVACRON_FAILPOINT").ok())
+            .flatten()
+    });
     if point.as_deref() == Some(name) {
         log::error!("failpoint {name}: aborting");
         std::process::abort();
