@@ -52,16 +52,68 @@ pub fn host_iovecs(
     len: u64,
     out: &mut Vec<libc::iovec>,
 ) -> Result<(), SgError> {
-    for slice in stream_slices(mem, spans, offset, len)? {
-        if out.len() >= MAX_IOVECS {
-            return Err(SgError::TooManySegments);
+    // The hot path of every block request and tap frame: pieces are cut lazily and pushed
+    // straight out, with no intermediate list.
+    for part in Pieces::new(spans, offset, len) {
+        let part = part?;
+        let count = usize::try_from(part.len).map_err(|_| SgError::BadAddress)?;
+        for slice in GuestMemoryBackend::get_slices(mem, part.addr, count) {
+            let slice = slice.map_err(|_| SgError::BadAddress)?;
+            if out.len() >= MAX_IOVECS {
+                return Err(SgError::TooManySegments);
+            }
+            out.push(libc::iovec {
+                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
+                iov_len: slice.len(),
+            });
         }
-        out.push(libc::iovec {
-            iov_base: slice.ptr_guard_mut().as_ptr().cast(),
-            iov_len: slice.len(),
-        });
     }
     Ok(())
+}
+
+/// The spans covering stream bytes `offset..offset+len`, one at a time (fewer bytes if the
+/// stream ends first).
+struct Pieces<'s> {
+    spans: std::slice::Iter<'s, Span>,
+    offset: u64,
+    len: u64,
+}
+
+impl<'s> Pieces<'s> {
+    fn new(spans: &'s [Span], offset: u64, len: u64) -> Self {
+        Self {
+            spans: spans.iter(),
+            offset,
+            len,
+        }
+    }
+}
+
+impl Iterator for Pieces<'_> {
+    type Item = Result<Span, SgError>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        while self.len > 0 {
+            let span = self.spans.next()?;
+            let span_len = u64::from(span.len);
+            if self.offset >= span_len {
+                self.offset = self.offset.saturating_sub(span_len);
+                continue;
+            }
+            let take = span_len.saturating_sub(self.offset).min(self.len);
+            let piece = match span.addr.checked_add(self.offset) {
+                // `take <= span.len`, a u32.
+                Some(addr) => u32::try_from(take)
+                    .map(|len| Span { addr, len })
+                    .map_err(|_| SgError::BadAddress),
+                None => Err(SgError::BadAddress),
+            };
+            self.len = self.len.saturating_sub(take);
+            self.offset = 0;
+            return Some(piece);
+        }
+        None
+    }
 }
 
 type Slices<'a> = SmallVec<[VolatileSlice<'a, ()>; 2]>;
@@ -75,7 +127,8 @@ fn stream_slices<'a>(
     len: u64,
 ) -> Result<Slices<'a>, SgError> {
     let mut slices = Slices::new();
-    for part in split_spans(spans, offset, len)? {
+    for part in Pieces::new(spans, offset, len) {
+        let part = part?;
         for slice in GuestMemoryBackend::get_slices(mem, part.addr, part.len as usize) {
             slices.push(slice.map_err(|_| SgError::BadAddress)?);
         }
@@ -92,7 +145,8 @@ fn walk(
     mut f: impl FnMut(GuestAddress, std::ops::Range<usize>) -> Result<(), SgError>,
 ) -> Result<usize, SgError> {
     let mut done = 0usize;
-    for part in split_spans(spans, offset, len as u64)? {
+    for part in Pieces::new(spans, offset, len as u64) {
+        let part = part?;
         let end = done.saturating_add(part.len as usize);
         f(part.addr, done..end)?;
         done = end;
@@ -130,27 +184,8 @@ pub fn write_stream(
 }
 
 /// The spans covering stream bytes `offset..offset+len` (fewer bytes if the stream ends).
-pub fn split_spans(spans: &[Span], mut offset: u64, mut len: u64) -> Result<Spans, SgError> {
-    let mut out = Spans::new();
-    for span in spans {
-        if len == 0 {
-            break;
-        }
-        let span_len = u64::from(span.len);
-        if offset >= span_len {
-            offset = offset.saturating_sub(span_len);
-            continue;
-        }
-        let take = span_len.saturating_sub(offset).min(len);
-        out.push(Span {
-            addr: span.addr.checked_add(offset).ok_or(SgError::BadAddress)?,
-            // `take <= span.len`, a u32.
-            len: u32::try_from(take).map_err(|_| SgError::BadAddress)?,
-        });
-        len = len.saturating_sub(take);
-        offset = 0;
-    }
-    Ok(out)
+pub fn split_spans(spans: &[Span], offset: u64, len: u64) -> Result<Spans, SgError> {
+    Pieces::new(spans, offset, len).collect()
 }
 
 /// Copies `len` bytes from one guest's stream (at `src_offset`) into another's (at
