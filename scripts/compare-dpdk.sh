@@ -18,6 +18,8 @@ cd "$(dirname "$0")/.."
 rounds="${1:-3}"
 secs="${2:-6}"
 command -v dpdk-testpmd >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends dpdk-dev >/dev/null
+# NOVACROND=PATH runs another build of the daemon (an A/B against an older commit).
+novacrond="$(realpath "${NOVACROND:-./target/release/novacrond}")"
 cargo build --release --locked --bin novacrond >/dev/null 2>&1
 work="$PWD/target/compare-dpdk"
 rm -rf "$work"
@@ -42,7 +44,7 @@ start_element() { # which
     rm -f "$work"/*.sock
     if [ "$1" = novacrond ]; then
         # A log that runs away must never fill the disk: cap it at 100 MB.
-        (ulimit -f 200000; exec taskset -c 1 ./target/release/novacrond --log-level warn --control none \
+        (ulimit -f 200000; exec taskset -c 1 "$novacrond" --log-level warn --control none \
             --net "socket=$work/a.sock,switch=cmp,mac=02:00:00:00:00:01" \
             --net "socket=$work/b.sock,switch=cmp,mac=02:00:00:00:00:02" 2>>"$work/novacrond.log") &
     else

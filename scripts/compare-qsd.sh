@@ -14,6 +14,8 @@ cd "$(dirname "$0")/.."
 rounds="${1:-3}"
 secs="${2:-5}"
 command -v qemu-storage-daemon >/dev/null || { echo "install qemu-system-x86 (scripts/install-deps.sh)" >&2; exit 1; }
+# NOVACROND=PATH runs another build of the daemon (an A/B against an older commit).
+novacrond="$(realpath "${NOVACROND:-./target/release/novacrond}")"
 cargo build --release --locked --bin novacrond --example blkload >/dev/null 2>&1
 work="$PWD/target/compare"
 rm -rf "$work"
@@ -38,7 +40,7 @@ start_daemon() { # which backing
     rm -f "$sock"
     if [ "$which" = novacrond ]; then
         if [ "$backing" = null ]; then spec="path=null,size=8G"; else spec="path=$img"; fi
-        taskset -c 1 ./target/release/novacrond --log-level warn --control none --blk "socket=$sock,$spec,queues=1" 2>>"$work/novacrond.log" &
+        taskset -c 1 "$novacrond" --log-level warn --control none --blk "socket=$sock,$spec,queues=1" 2>>"$work/novacrond.log" &
     else
         if [ "$backing" = null ]; then
             dev="driver=null-co,node-name=n0,size=8589934592,read-zeroes=on"
