@@ -138,6 +138,62 @@ pub trait Engine: Send {
     fn drain(&mut self, out: &mut Vec<Completion>);
 }
 
+/// What an engine that runs each op to completion inside `push` supplies (blocking
+/// syscalls, the null device, the test cache model); [`Inline`] turns it into an [`Engine`].
+pub trait RunInline: Send {
+    /// Short name for logs and `daemon.info`.
+    fn name(&self) -> &'static str;
+
+    /// Runs one op to completion; `Err(errno)` fails it.
+    ///
+    /// # Safety
+    /// As for [`Engine::push`].
+    unsafe fn run(&mut self, op: IoOp) -> Result<(), i32>;
+}
+
+/// An [`Engine`] over a [`RunInline`]: ops run inside `push`, their completions wait in order
+/// for the next reap; nothing is ever in flight in the kernel.
+#[derive(Debug, Default)]
+pub struct Inline<E> {
+    engine: E,
+    done: std::collections::VecDeque<Completion>,
+}
+
+impl<E> Inline<E> {
+    /// An engine running `engine`'s ops inline.
+    pub fn wrap(engine: E) -> Self {
+        Self {
+            engine,
+            done: std::collections::VecDeque::new(),
+        }
+    }
+}
+
+impl<E: RunInline> Engine for Inline<E> {
+    fn name(&self) -> &'static str {
+        self.engine.name()
+    }
+
+    unsafe fn push(&mut self, op: IoOp) {
+        let tag = op.tag;
+        // SAFETY: forwarded from the caller of `push`.
+        let result = unsafe { self.engine.run(op) };
+        self.done.push_back(Completion { tag, result });
+    }
+
+    fn reap(&mut self, out: &mut Vec<Completion>) {
+        out.extend(self.done.drain(..));
+    }
+
+    fn in_flight(&self) -> usize {
+        self.done.len()
+    }
+
+    fn drain(&mut self, out: &mut Vec<Completion>) {
+        self.reap(out);
+    }
+}
+
 /// Reports whether io_uring can be used on this host (kernel support, seccomp, limits).
 pub fn uring_available() -> bool {
     io_uring::IoUring::new(2).is_ok()

@@ -5,43 +5,28 @@
 // panic or wrap silently (checked, saturating or `get` instead).
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
-use std::collections::VecDeque;
-
 use super::iov::IovCursor;
-use super::{Completion, Engine, IoOp, OpKind};
+use super::{Inline, IoOp, OpKind, RunInline};
 
 /// An engine with no storage behind it.
+/// Reads zeros, drops writes.
 #[derive(Debug, Default)]
-pub struct NullEngine {
-    done: VecDeque<Completion>,
-}
+pub struct Null;
 
-impl Engine for NullEngine {
+/// The null device's engine.
+pub type NullEngine = Inline<Null>;
+
+impl RunInline for Null {
     fn name(&self) -> &'static str {
         "null"
     }
 
-    unsafe fn push(&mut self, op: IoOp) {
+    unsafe fn run(&mut self, op: IoOp) -> Result<(), i32> {
         if let OpKind::Read { .. } = op.kind {
-            // SAFETY: the caller of `push` guarantees read iovecs are writable and exclusive.
+            // SAFETY: the caller of `run` guarantees read iovecs are writable and exclusive.
             unsafe { IovCursor::new(op.iovecs).zero_remaining() };
         }
-        self.done.push_back(Completion {
-            tag: op.tag,
-            result: Ok(()),
-        });
-    }
-
-    fn reap(&mut self, out: &mut Vec<Completion>) {
-        out.extend(self.done.drain(..));
-    }
-
-    fn in_flight(&self) -> usize {
-        self.done.len()
-    }
-
-    fn drain(&mut self, out: &mut Vec<Completion>) {
-        self.reap(out);
+        Ok(())
     }
 }
 
@@ -50,6 +35,7 @@ impl Engine for NullEngine {
 mod tests {
     use super::*;
     use crate::storage::sync::tests::iov;
+    use crate::storage::Engine;
 
     #[test]
     fn reads_are_zero_writes_vanish() {

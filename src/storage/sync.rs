@@ -6,35 +6,35 @@
 // panic or wrap silently (checked, saturating or `get` instead).
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
-use std::collections::VecDeque;
 use std::fs::File;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::Arc;
 
 use super::iov::IovCursor;
-use super::{Completion, Engine, GuestIovecs, IoOp, OpKind};
+use super::{GuestIovecs, Inline, IoOp, OpKind, RunInline};
 
-/// Blocking engine over one file.
+/// Blocking I/O on one file.
 #[derive(Debug)]
-pub struct SyncEngine {
+pub struct SyncFile {
     file: Arc<File>,
-    done: VecDeque<Completion>,
 }
+
+/// The blocking engine over one file.
+pub type SyncEngine = Inline<SyncFile>;
 
 impl SyncEngine {
     /// An engine over `file`.
     pub fn new(file: Arc<File>) -> Self {
-        Self {
-            file,
-            done: VecDeque::new(),
-        }
+        Inline::wrap(SyncFile { file })
+    }
+}
+
+impl RunInline for SyncFile {
+    fn name(&self) -> &'static str {
+        "sync"
     }
 
-    /// Runs one op to completion.
-    ///
-    /// # Safety
-    /// As for [`Engine::push`].
-    unsafe fn run(&self, op: IoOp) -> Result<(), i32> {
+    unsafe fn run(&mut self, op: IoOp) -> Result<(), i32> {
         let fd = self.file.as_raw_fd();
         match op.kind {
             // SAFETY: forwarded from the caller of `run`.
@@ -50,31 +50,6 @@ impl SyncEngine {
                 fallocate(fd, write_zeroes_mode(unmap), offset, len)
             }
         }
-    }
-}
-
-impl Engine for SyncEngine {
-    fn name(&self) -> &'static str {
-        "sync"
-    }
-
-    unsafe fn push(&mut self, op: IoOp) {
-        let tag = op.tag;
-        // SAFETY: forwarded from the caller of `push`.
-        let result = unsafe { self.run(op) };
-        self.done.push_back(Completion { tag, result });
-    }
-
-    fn reap(&mut self, out: &mut Vec<Completion>) {
-        out.extend(self.done.drain(..));
-    }
-
-    fn in_flight(&self) -> usize {
-        self.done.len()
-    }
-
-    fn drain(&mut self, out: &mut Vec<Completion>) {
-        self.reap(out);
     }
 }
 
@@ -168,6 +143,7 @@ fn retry_eintr(mut call: impl FnMut() -> isize) -> Result<usize, i32> {
 #[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)] // tests may panic
 pub(crate) mod tests {
     use super::*;
+    use crate::storage::{Completion, Engine};
     use std::io::Write;
     use std::os::unix::fs::FileExt;
 

@@ -18,7 +18,7 @@
 // panic or wrap silently (checked, saturating or `get` instead).
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::BTreeMap;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex};
 
 use super::iov::IovCursor;
 use super::sync::{fallocate, transfer, write_zeroes_mode, Direction, PUNCH_HOLE};
-use super::{Completion, Engine, GuestIovecs, IoOp, OpKind};
+use super::{GuestIovecs, Inline, IoOp, OpKind, RunInline};
 use crate::lock::lock;
 
 const SECTOR: u64 = 512;
@@ -46,28 +46,28 @@ pub fn enabled() -> bool {
 /// A device's write cache: sector number → contents, not yet in the file.
 pub type Cache = Arc<Mutex<BTreeMap<u64, [u8; SECTOR as usize]>>>;
 
-/// The engine of one queue over the device's shared cache.
-pub struct VolatileCacheEngine {
+/// One queue's view of the device's shared cache and file.
+pub struct VolatileCache {
     file: Arc<File>,
     cache: Cache,
-    done: VecDeque<Completion>,
 }
+
+/// The engine of one queue over the device's shared cache.
+pub type VolatileCacheEngine = Inline<VolatileCache>;
 
 impl VolatileCacheEngine {
     /// An engine over `file` sharing `cache` with the device's other queues.
     pub fn new(file: Arc<File>, cache: Cache) -> Self {
-        Self {
-            file,
-            cache,
-            done: VecDeque::new(),
-        }
+        Inline::wrap(VolatileCache { file, cache })
+    }
+}
+
+impl RunInline for VolatileCache {
+    fn name(&self) -> &'static str {
+        "volatile-cache"
     }
 
-    /// Runs one op.
-    ///
-    /// # Safety
-    /// As for [`Engine::push`].
-    unsafe fn run(&self, op: IoOp) -> Result<(), i32> {
+    unsafe fn run(&mut self, op: IoOp) -> Result<(), i32> {
         match op.kind {
             OpKind::Write { offset } => {
                 let sector0 = offset.checked_div(SECTOR).ok_or(libc::EINVAL)?;
@@ -151,36 +151,12 @@ impl VolatileCacheEngine {
     }
 }
 
-impl Engine for VolatileCacheEngine {
-    fn name(&self) -> &'static str {
-        "volatile-cache"
-    }
-
-    unsafe fn push(&mut self, op: IoOp) {
-        let tag = op.tag;
-        // SAFETY: forwarded from the caller of `push`.
-        let result = unsafe { self.run(op) };
-        self.done.push_back(Completion { tag, result });
-    }
-
-    fn reap(&mut self, out: &mut Vec<Completion>) {
-        out.extend(self.done.drain(..));
-    }
-
-    fn in_flight(&self) -> usize {
-        self.done.len()
-    }
-
-    fn drain(&mut self, out: &mut Vec<Completion>) {
-        self.reap(out);
-    }
-}
-
 #[cfg(test)]
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)] // tests fail loudly by design
 mod tests {
     use super::*;
     use crate::storage::sync::tests::iov;
+    use crate::storage::Engine;
 
     fn op(engine: &mut VolatileCacheEngine, kind: OpKind, buf: Option<&mut [u8]>) {
         let iovecs = buf.map(|b| vec![iov(b)].into()).unwrap_or_default();

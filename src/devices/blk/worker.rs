@@ -191,12 +191,7 @@ impl QueueWorker {
         }
         for held in self.gate.release(&self.shared.qos, |d| d.request.cost()) {
             self.stats.throttle_waited(held.since.elapsed());
-            let Deferred {
-                head,
-                request,
-                memory,
-            } = held.item;
-            self.execute(head, request, &memory);
+            self.execute_deferred(held.item);
         }
     }
 
@@ -352,12 +347,7 @@ impl QueueWorker {
     pub fn drain_detached(&mut self) {
         // Nothing popped may stay unanswered: start what QoS held back, limits or not.
         for held in self.gate.release_all() {
-            let Deferred {
-                head,
-                request,
-                memory,
-            } = held.item;
-            self.execute(head, request, &memory);
+            self.execute_deferred(held.item);
         }
         if let Err(e) = self.engine.submit() {
             log::error!("{}: queue {}: {e}", self.shared.id, self.queue_index);
@@ -413,6 +403,15 @@ impl QueueWorker {
                 });
             }
         }
+    }
+
+    fn execute_deferred(&mut self, deferred: Deferred) {
+        let Deferred {
+            head,
+            request,
+            memory,
+        } = deferred;
+        self.execute(head, request, &memory);
     }
 
     fn execute(&mut self, head: u16, request: Request, memory: &Arc<GuestMemory>) {
