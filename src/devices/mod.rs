@@ -10,6 +10,7 @@ pub mod desc;
 pub mod kind;
 pub mod net;
 pub mod options;
+pub mod poll;
 pub mod sg;
 pub mod shell;
 #[cfg(test)]

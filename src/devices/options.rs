@@ -1,5 +1,6 @@
 //! The options every device kind takes, parsed once: `socket`, `id` (derived from the socket
-//! when absent), `queues`, `queue-size`, `poll-us` and `qos-group`. Each kind's config parser
+//! when absent), `queues`, `queue-size`, `poll` (`adaptive`, `busy`, `off`), `poll-us` (the
+//! largest adaptive window), `poll-budget` (percent of a core) and `qos-group`. Each kind's config parser
 //! takes these first, then its own keys, then finishes the list (unknown keys refused).
 
 use std::path::PathBuf;
@@ -7,6 +8,8 @@ use std::path::PathBuf;
 use crate::config::id;
 use crate::config::options::{OptionError, OptionList};
 use crate::qos::config::GROUP_KEY;
+
+use super::poll::{PollConfig, PollMode};
 
 /// Largest virtqueue size a front-end may ask for (virtio's limit for split rings).
 pub const MAX_QUEUE_SIZE: u16 = 32768;
@@ -44,8 +47,12 @@ pub struct CommonOptions {
     pub queues: u16,
     /// Largest virtqueue size; 256 by default.
     pub queue_size: u16,
-    /// Busy-poll window in microseconds.
+    /// Largest adaptive poll window in microseconds.
     pub poll_us: u32,
+    /// How the queues poll.
+    pub poll_mode: PollMode,
+    /// Most of each second a queue may poll without finding work, in percent.
+    pub poll_budget: u8,
     /// The QoS group the device joins, if any.
     pub qos_group: Option<String>,
 }
@@ -66,6 +73,22 @@ impl CommonOptions {
         let queues = options.take::<u16>("queues")?.unwrap_or(1);
         let queue_size = options.take::<u16>("queue-size")?.unwrap_or(256);
         let poll_us = options.take::<u32>("poll-us")?.unwrap_or(DEFAULT_POLL_US);
+        let poll_mode = match options.take_str("poll").as_deref() {
+            None | Some("adaptive") => PollMode::Adaptive,
+            Some("busy") => PollMode::Busy,
+            Some("off") => PollMode::Off,
+            Some(other) => {
+                return Err(CommonError::Invalid(format!(
+                    "poll `{other}` unknown: expected adaptive, busy or off"
+                )))
+            }
+        };
+        let poll_budget = options.take::<u8>("poll-budget")?.unwrap_or(100);
+        if !(1..=100).contains(&poll_budget) {
+            return Err(CommonError::Invalid(
+                "poll-budget must be 1..=100 (percent)".into(),
+            ));
+        }
         let qos_group = options.take_str(GROUP_KEY);
         let max_queues = limits.max_queues;
         if queues == 0 || queues > max_queues {
@@ -89,8 +112,24 @@ impl CommonOptions {
             queues,
             queue_size,
             poll_us,
+            poll_mode,
+            poll_budget,
             qos_group,
         })
+    }
+
+    /// The polling settings these options describe.
+    pub fn poll_config(&self) -> PollConfig {
+        poll_config(self.poll_mode, self.poll_us, self.poll_budget)
+    }
+}
+
+/// Polling settings from a device's options.
+pub fn poll_config(mode: PollMode, poll_us: u32, budget_percent: u8) -> PollConfig {
+    PollConfig {
+        mode,
+        max: std::time::Duration::from_micros(u64::from(poll_us)),
+        budget_percent,
     }
 }
 
@@ -126,6 +165,9 @@ mod tests {
             ("socket=/s,queue-size=3", "queue-size"),
             ("socket=/s,queue-size=65536", "queue-size"),
             ("socket=/s,poll-us=1001", "poll-us"),
+            ("socket=/s,poll=always", "poll"),
+            ("socket=/s,poll-budget=0", "poll-budget"),
+            ("socket=/s,poll-budget=101", "poll-budget"),
             ("socket=/s,id=a/b", "id"),
         ] {
             let e = take(spec).unwrap_err().to_string();

@@ -22,6 +22,7 @@ mod net_hostile;
 mod net_qos;
 mod net_switch;
 mod net_tap;
+mod polling;
 mod qos;
 mod resources;
 mod tap;

@@ -30,9 +30,9 @@ pub enum BackendError {
         #[source]
         source: crate::storage::EngineError,
     },
-    /// A QoS timer could not be created.
+    /// A worker's own events could not be created.
     #[error(transparent)]
-    Timer(#[from] crate::qos::timer::TimerError),
+    Worker(#[from] super::worker::WorkerSetupError),
 }
 
 /// Builds the workers of a connection: one per queue, each with its own engine.
@@ -110,13 +110,17 @@ impl Worker for QueueWorker {
             Event::Queue(_) => self.process_queue(vring)?,
             Event::Fd(WorkerFd::Completion) => self.process_completions(vring)?,
             Event::Fd(WorkerFd::QosTimer) => self.process_timer(vring)?,
+            Event::Fd(WorkerFd::Repoll) => self.process_repoll(vring)?,
             Event::Fd(WorkerFd::Tap) => {}
         }
         Ok(())
     }
 
     fn fds(&self) -> Vec<(WorkerFd, RawFd)> {
-        let mut fds = vec![(WorkerFd::QosTimer, self.throttle_fd())];
+        let mut fds = vec![
+            (WorkerFd::QosTimer, self.throttle_fd()),
+            (WorkerFd::Repoll, self.repoll_fd()),
+        ];
         if let Some(fd) = self.completion_fd() {
             fds.push((WorkerFd::Completion, fd));
         }

@@ -84,9 +84,13 @@ pub struct BlkConfig {
     pub engine: EngineKind,
     /// Logical block size reported to the guest (512 or 4096).
     pub logical_block_size: u32,
-    /// Microseconds a queue worker keeps polling for new requests and completions after the
-    /// ring runs dry, before sleeping (0 disables polling). Costs CPU only while busy.
+    /// Largest window, in microseconds, a queue worker polls for new requests and completions
+    /// after the ring runs dry (adaptive mode; 0 disables polling).
     pub poll_us: u32,
+    /// How the queues poll (`poll=adaptive|busy|off`).
+    pub poll_mode: crate::devices::poll::PollMode,
+    /// Most of each second a queue polls without finding work, in percent (`poll-budget`).
+    pub poll_budget: u8,
     /// Rate limits (none by default).
     pub qos: QosConfig,
     /// The QoS group whose limits also apply (`qos-group=NAME`).
@@ -111,6 +115,8 @@ impl BlkConfig {
             queues,
             queue_size,
             poll_us,
+            poll_mode,
+            poll_budget,
             qos_group,
         } = CommonOptions::take(
             &mut options,
@@ -215,6 +221,8 @@ impl BlkConfig {
             engine,
             logical_block_size,
             poll_us,
+            poll_mode,
+            poll_budget,
             qos,
             qos_group,
             tier,

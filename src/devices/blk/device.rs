@@ -147,7 +147,11 @@ impl BlkDevice {
         let shared = Arc::new(DeviceShared {
             serial: config.serial.clone(),
             logical_block_size: config.logical_block_size,
-            poll: std::time::Duration::from_micros(u64::from(config.poll_us)),
+            poll: crate::devices::options::poll_config(
+                config.poll_mode,
+                config.poll_us,
+                config.poll_budget,
+            ),
             ..DeviceShared::new(&config.id, config.queues, config.queue_size, limits, source)
         });
         if let Err(e) = shared.set_qos(&config.qos) {

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use super::request::Limits;
 use super::spec::{ConfigSpace, MAX_IOVECS, SECTOR_SHIFT};
 use super::stats::{QueueSnapshot, QueueStats};
+use crate::devices::poll::PollConfig;
 use crate::qos::config::QosConfig;
 use crate::qos::group::SharedLimiter;
 use crate::qos::handle::QosHandle;
@@ -36,7 +37,7 @@ pub struct DeviceShared {
     /// Set by the first failed flush; every later flush fails.
     pub flush_failed: AtomicBool,
     /// How long workers poll for more work after the ring runs dry.
-    pub poll: std::time::Duration,
+    pub poll: PollConfig,
     /// Whether a front-end is connected now.
     pub connected: Arc<AtomicBool>,
     /// The device's rate limits (own and group), shared by its queues.
@@ -66,7 +67,10 @@ impl DeviceShared {
             limits,
             logical_block_size: 512,
             flush_failed: AtomicBool::new(false),
-            poll: std::time::Duration::ZERO,
+            poll: PollConfig {
+                mode: crate::devices::poll::PollMode::Off,
+                ..PollConfig::default()
+            },
             connected: Arc::new(AtomicBool::new(false)),
             qos: QosHandle::default(),
             engine,

@@ -32,12 +32,15 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 use super::request::{self, Rejection, Request, RequestKind};
 use super::shared::DeviceShared;
 use super::stats::{OpClass, QueueStats};
+use crate::devices::poll::{PollMode, Poller};
 use crate::qos::gate::Gate;
 use crate::qos::timer::TimerError;
 use crate::storage::{Completion, Engine, GuestIovecs, IoOp, OpKind};
 use crate::vring::{
     has_available, needs_signal, AtomicGuestMemory, CheckedVring, EmptyPasses, GuestMemory, HeadSet,
 };
+use std::os::fd::AsRawFd;
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Errors that stop a worker from serving its queue (guest mistakes never do).
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +54,17 @@ pub enum WorkerError {
     /// The engine could not submit.
     #[error(transparent)]
     Engine(#[from] crate::storage::EngineError),
+}
+
+/// Errors building a worker.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerSetupError {
+    /// The QoS timer could not be created.
+    #[error(transparent)]
+    Timer(#[from] TimerError),
+    /// The repoll eventfd could not be created.
+    #[error("cannot create the repoll event")]
+    Repoll(#[source] std::io::Error),
 }
 
 /// The engine ops of one request: one for everything but multi-range discards.
@@ -101,8 +115,10 @@ pub struct QueueWorker {
     finished: Vec<Finished>,
     /// The vring this worker serves, learnt at the first event, for queue-stop draining.
     vring: Option<CheckedVring>,
-    /// How long to keep polling after the ring runs dry (0: never poll).
-    poll: Duration,
+    /// When to poll instead of sleeping.
+    poller: Poller,
+    /// Wakes the worker's own event loop again between busy-polling spells.
+    repoll: EventFd,
     /// Keeps a guest that floods bad requests from flooding the log.
     refusal_log: LogLimiter,
     /// Requests waiting for QoS tokens.
@@ -138,7 +154,7 @@ impl LogLimiter {
 }
 
 /// Longest a single kick may keep the worker polling before it goes back to its event loop.
-pub const MAX_POLL_SPELL: Duration = Duration::from_millis(2);
+pub const MAX_POLL_SPELL: Duration = crate::devices::poll::MAX_SPELL;
 
 impl QueueWorker {
     /// A worker for queue `queue_index`, serving with `engine`.
@@ -147,9 +163,9 @@ impl QueueWorker {
         shared: Arc<DeviceShared>,
         engine: Box<dyn Engine>,
         memory: AtomicGuestMemory,
-    ) -> Result<Self, TimerError> {
+    ) -> Result<Self, WorkerSetupError> {
         let stats = shared.queue_stats(queue_index);
-        let poll = shared.poll;
+        let poller = Poller::new(shared.poll);
         Ok(Self {
             queue_index,
             shared,
@@ -160,7 +176,8 @@ impl QueueWorker {
             completions: Vec::new(),
             finished: Vec::new(),
             vring: None,
-            poll,
+            poller,
+            repoll: EventFd::new(EFD_NONBLOCK).map_err(WorkerSetupError::Repoll)?,
             refusal_log: LogLimiter {
                 last: None,
                 suppressed: 0,
@@ -215,19 +232,32 @@ impl QueueWorker {
         self.engine.completion_fd()
     }
 
+    /// The eventfd that calls the worker again between busy-polling spells.
+    pub fn repoll_fd(&self) -> std::os::fd::RawFd {
+        self.repoll.as_raw_fd()
+    }
+
+    /// The repoll event fired: consume it and serve the ring.
+    pub fn process_repoll(&mut self, vring: &CheckedVring) -> Result<(), WorkerError> {
+        let _ = self.repoll.read();
+        self.process_queue(vring)
+    }
+
     /// Handles a kick: drains the available ring, submits the batch, returns what is done.
     ///
-    /// With a poll window (`poll-us`), the worker then keeps watching the ring and the
-    /// engine's completions, with guest notifications still suppressed, until nothing new
-    /// has arrived for that long (QEMU's adaptive `poll-max-ns` idea): under load the guest
-    /// stops kicking and the worker stops sleeping; when idle it costs nothing. Polling in one
-    /// call is capped at [`MAX_POLL_SPELL`] so queue-stop requests are never starved.
+    /// When the ring runs dry the worker may poll it and the engine's completions, guest
+    /// notifications still suppressed, before sleeping (`devices::poll`: an adaptive window
+    /// by default, busy polling, or none, within a CPU budget): under load the guest stops
+    /// kicking and the worker stops sleeping; an idle queue stops polling and costs nothing.
+    /// One call polls at most [`MAX_POLL_SPELL`], so queue-stop requests are never starved;
+    /// busy polling then continues through the repoll event.
     pub fn process_queue(&mut self, vring: &CheckedVring) -> Result<(), WorkerError> {
         if vring.size_rejected() {
             self.stats.misconfigured();
             return Ok(());
         }
         let started = Instant::now();
+        self.poller.woke(started);
         let mut empty_passes = EmptyPasses::default();
         loop {
             // Load the memory map on every pass: the front-end may add regions
@@ -248,13 +278,34 @@ impl QueueWorker {
                 self.ring_unusable(vring);
                 return Ok(());
             }
-            if !self.poll.is_zero()
-                && started.elapsed() < MAX_POLL_SPELL
-                && self.poll_for_work(vring, &memory)?
-            {
-                continue;
+            let now = Instant::now();
+            let window = self.poller.window(now);
+            let spell_left = MAX_POLL_SPELL.saturating_sub(now.saturating_duration_since(started));
+            let mut polled = Duration::ZERO;
+            if !window.is_zero() && !spell_left.is_zero() {
+                let window = window.min(spell_left);
+                if self.poll_for_work(vring, &memory, window)? {
+                    self.poller.found(now.elapsed());
+                    continue;
+                }
+                polled = now.elapsed();
+                self.poller.missed(polled);
+                if self.poller.mode() == PollMode::Busy
+                    && !self.poller.window(Instant::now()).is_zero()
+                {
+                    // Keep busy polling, but through the event loop, so a queue stop gets in.
+                    if let Err(e) = self.repoll.write(1) {
+                        log::warn!(
+                            "{}: queue {}: repoll: {e}",
+                            self.shared.id,
+                            self.queue_index
+                        );
+                    }
+                    return Ok(());
+                }
             }
             if !vring.enable_notification()? {
+                self.poller.sleeping(Instant::now(), polled);
                 return Ok(());
             }
         }
@@ -307,15 +358,16 @@ impl QueueWorker {
         popped
     }
 
-    /// Spins until new buffers are available (true) or nothing happened for `self.poll`.
+    /// Spins until new buffers are available (true) or nothing happened for `window`.
     /// Completions found meanwhile are returned to the guest and restart the idle clock.
     fn poll_for_work(
         &mut self,
         vring: &CheckedVring,
         memory: &Arc<GuestMemory>,
+        window: Duration,
     ) -> Result<bool, WorkerError> {
         let mut idle_since = Instant::now();
-        while idle_since.elapsed() < self.poll {
+        while idle_since.elapsed() < window {
             if has_available(vring, memory) {
                 return Ok(true);
             }

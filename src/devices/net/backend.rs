@@ -130,13 +130,17 @@ impl Worker for PairWorker {
             Event::Queue(_) => self.process_tx(tx)?,
             Event::Fd(WorkerFd::Tap) => self.process_tap(rx)?,
             Event::Fd(WorkerFd::QosTimer) => self.process_timer(rx, tx)?,
+            Event::Fd(WorkerFd::Repoll) => self.process_repoll(tx)?,
             Event::Fd(WorkerFd::Completion) => {}
         }
         Ok(())
     }
 
     fn fds(&self) -> Vec<(WorkerFd, RawFd)> {
-        let mut fds = vec![(WorkerFd::QosTimer, self.timer_fd())];
+        let mut fds = vec![
+            (WorkerFd::QosTimer, self.timer_fd()),
+            (WorkerFd::Repoll, self.repoll_fd()),
+        ];
         if let Some(fd) = self.tap_poll_fd() {
             fds.push((WorkerFd::Tap, fd));
         }

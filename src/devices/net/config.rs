@@ -72,9 +72,13 @@ pub struct NetConfig {
     pub qos: QosConfig,
     /// The QoS group whose limits also apply (`qos-group=NAME`).
     pub qos_group: Option<String>,
-    /// Microseconds a tx worker keeps polling its ring after it runs dry, before sleeping
-    /// (0 disables). Saves the guest's kick and our wake-up while traffic flows.
+    /// Largest window, in microseconds, a tx worker polls its ring after it runs dry
+    /// (adaptive mode; 0 disables). Saves the guest's kick and our wake-up while traffic flows.
     pub poll_us: u32,
+    /// How the tx queues poll (`poll=adaptive|busy|off`).
+    pub poll_mode: crate::devices::poll::PollMode,
+    /// Most of each second a queue polls without finding work, in percent (`poll-budget`).
+    pub poll_budget: u8,
 }
 
 impl NetConfig {
@@ -91,6 +95,8 @@ impl NetConfig {
             queues: queue_pairs,
             queue_size,
             poll_us,
+            poll_mode,
+            poll_budget,
             qos_group,
         } = CommonOptions::take(
             &mut options,
@@ -146,6 +152,8 @@ impl NetConfig {
             qos,
             qos_group,
             poll_us,
+            poll_mode,
+            poll_budget,
         })
     }
 }

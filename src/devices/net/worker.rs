@@ -40,7 +40,11 @@ use crate::storage::GuestIovecs;
 use crate::vring::{
     has_available, needs_signal, AtomicGuestMemory, CheckedVring, EmptyPasses, GuestMemory,
 };
-use std::time::Duration;
+use std::os::fd::AsRawFd;
+use std::time::{Duration, Instant};
+
+use crate::devices::poll::{PollMode, Poller, MAX_SPELL};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Errors that stop a worker from serving its queues (guest mistakes never do).
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +55,9 @@ pub enum WorkerError {
     /// The QoS timer could not be created.
     #[error(transparent)]
     Timer(#[from] TimerError),
+    /// The repoll eventfd could not be created.
+    #[error("cannot create the repoll event")]
+    Repoll(#[source] std::io::Error),
 }
 
 /// What a frame from the tap costs before its size is known: one packet, no bytes (its
@@ -90,6 +97,10 @@ pub struct PairWorker {
     batch: RxBatch,
     /// Scratch iovec list, reused per frame and emptied after each use.
     iovecs: GuestIovecs,
+    /// When to poll the tx ring instead of sleeping.
+    poller: Poller,
+    /// Wakes the worker's own event loop again between busy-polling spells.
+    repoll: EventFd,
     /// QoS: the directions waiting for tokens (tx: a frame was put back in the ring; rx:
     /// frames wait in the tap) and the timer that wakes the worker for them.
     gate: Gate<Direction>,
@@ -104,6 +115,13 @@ impl PairWorker {
         backend: PairBackend,
     ) -> Result<Self, WorkerError> {
         let gate = Gate::new()?;
+        let config = &shared.config;
+        let poller = Poller::new(crate::devices::options::poll_config(
+            config.poll_mode,
+            config.poll_us,
+            config.poll_budget,
+        ));
+        let repoll = EventFd::new(EFD_NONBLOCK).map_err(WorkerError::Repoll)?;
         Ok(Self {
             pair,
             shared,
@@ -114,7 +132,20 @@ impl PairWorker {
             batch: RxBatch::default(),
             iovecs: GuestIovecs::default(),
             gate,
+            poller,
+            repoll,
         })
+    }
+
+    /// The eventfd that calls the worker again between busy-polling spells.
+    pub fn repoll_fd(&self) -> std::os::fd::RawFd {
+        self.repoll.as_raw_fd()
+    }
+
+    /// The repoll event fired: consume it and serve the tx ring.
+    pub fn process_repoll(&mut self, tx: &CheckedVring) -> Result<(), WorkerError> {
+        let _ = self.repoll.read();
+        self.process_tx(tx)
     }
 
     /// The queue pair this worker serves.
@@ -332,6 +363,8 @@ impl PairWorker {
             return Ok(());
         }
         self.refresh_features();
+        let started = Instant::now();
+        self.poller.woke(started);
         let mut empty_passes = EmptyPasses::default();
         loop {
             if !tx.get_ref().get_queue().ready() {
@@ -393,20 +426,38 @@ impl PairWorker {
                 self.shared.stats.ring_error();
                 return Ok(());
             }
-            if sent > 0 && self.poll_for_tx(tx, &memory) {
-                continue;
+            // Poll for more (`devices::poll`): after sending in adaptive mode, always when busy.
+            let now = Instant::now();
+            let window = self.poller.window(now);
+            let spell_left = MAX_SPELL.saturating_sub(now.saturating_duration_since(started));
+            let busy = self.poller.mode() == PollMode::Busy;
+            let mut polled = Duration::ZERO;
+            if !window.is_zero() && !spell_left.is_zero() && (sent > 0 || busy) {
+                if self.poll_for_tx(tx, &memory, window.min(spell_left)) {
+                    self.poller.found(now.elapsed());
+                    continue;
+                }
+                polled = now.elapsed();
+                self.poller.missed(polled);
+                if busy && !self.poller.window(Instant::now()).is_zero() {
+                    // Keep busy polling, but through the event loop, so a queue stop gets in.
+                    if let Err(e) = self.repoll.write(1) {
+                        log::warn!("{} pair {}: repoll: {e}", self.shared.config.id, self.pair);
+                    }
+                    return Ok(());
+                }
             }
             if !tx.enable_notification()? {
+                self.poller.sleeping(Instant::now(), polled);
                 return Ok(());
             }
         }
     }
 
-    /// Spins (notifications off) until the guest queues more frames (true) or the poll
-    /// window passes (false).
-    fn poll_for_tx(&self, tx: &CheckedVring, memory: &GuestMemory) -> bool {
-        let window = std::time::Duration::from_micros(u64::from(self.shared.config.poll_us));
-        let start = std::time::Instant::now();
+    /// Spins (notifications off) until the guest queues more frames (true) or `window`
+    /// passes (false).
+    fn poll_for_tx(&self, tx: &CheckedVring, memory: &GuestMemory, window: Duration) -> bool {
+        let start = Instant::now();
         while start.elapsed() < window {
             if has_available(tx, memory) {
                 return true;

@@ -28,11 +28,19 @@ pub enum WorkerFd {
     QosTimer,
     /// A tap device (readable, or its link changed).
     Tap,
+    /// The worker's own "call me again" eventfd (busy polling yields to its event loop
+    /// between spells and is woken at once through it).
+    Repoll,
 }
 
 impl WorkerFd {
     /// Every kind, in event-id order.
-    pub const ALL: [WorkerFd; 3] = [WorkerFd::Completion, WorkerFd::QosTimer, WorkerFd::Tap];
+    pub const ALL: [WorkerFd; 4] = [
+        WorkerFd::Completion,
+        WorkerFd::QosTimer,
+        WorkerFd::Tap,
+        WorkerFd::Repoll,
+    ];
 
     /// The event id of this kind in a device with `num_queues` queues.
     pub fn event_id(self, num_queues: usize) -> u64 {
@@ -40,6 +48,7 @@ impl WorkerFd {
             WorkerFd::Completion => 0u64,
             WorkerFd::QosTimer => 1,
             WorkerFd::Tap => 2,
+            WorkerFd::Repoll => 3,
         };
         u64::try_from(num_queues)
             .unwrap_or(u64::MAX)

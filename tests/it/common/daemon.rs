@@ -126,7 +126,7 @@ impl Daemon {
     }
 
     /// User + system CPU time the daemon has used.
-    fn cpu_time(&self) -> std::time::Duration {
+    pub fn cpu_time(&self) -> std::time::Duration {
         let pid = self.child.as_ref().expect("child").id();
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("proc stat");
         // Fields after the command name (which is in parentheses): utime is 14th, stime 15th.

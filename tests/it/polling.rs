@@ -1,0 +1,67 @@
+//! What polling costs: idle devices cost nothing (the adaptive window closes), a busy-polling
+//! device keeps a core busy only within its budget. CPU time is the daemon's own (from
+//! /proc), measured over a window; there is no event for "doing nothing", so the sleeps here
+//! are the measurement windows, not synchronization.
+
+use std::time::Duration;
+
+use crate::common::blk::{BlkClient, ConnectOptions};
+use crate::common::daemon::Daemon;
+
+/// The daemon's CPU time over `window`.
+fn cpu_over(daemon: &Daemon, window: Duration) -> Duration {
+    let before = daemon.cpu_time();
+    std::thread::sleep(window);
+    daemon.cpu_time() - before
+}
+
+#[test]
+fn two_hundred_fifty_six_idle_devices_cost_under_one_percent_of_a_core() {
+    let specs: Vec<String> = (0..256)
+        .map(|i| format!("socket={{dir}}/d{i}.sock,path=null,size=1M"))
+        .collect();
+    let mut args = Vec::new();
+    for spec in &specs {
+        args.push("--blk");
+        args.push(spec.as_str());
+    }
+    let daemon = Daemon::start(&args);
+    let options = ConnectOptions {
+        memory: vec![(0, 8 << 20)],
+        ..ConnectOptions::default()
+    };
+    let mut clients: Vec<BlkClient> = (0..256)
+        .map(|i| BlkClient::connect_with(&daemon.path(&format!("d{i}.sock")), options.clone()))
+        .collect();
+    // Each does some I/O, so every queue has polled at least once, then all go quiet.
+    for c in &mut clients {
+        c.read(0, 0, 4096);
+    }
+    let spent = cpu_over(&daemon, Duration::from_secs(2));
+    assert!(
+        spent <= Duration::from_millis(20),
+        "256 idle devices used {spent:?} of CPU in 2 s (more than 1% of a core)"
+    );
+}
+
+#[test]
+fn busy_polling_stays_within_its_budget() {
+    let daemon = Daemon::start(&[
+        "--blk",
+        "socket={dir}/b.sock,path=null,size=1M,poll=busy,poll-budget=10",
+    ]);
+    let mut c = BlkClient::connect(&daemon.path("b.sock"));
+    c.read(0, 0, 4096);
+    // Busy polling runs on after that one request, but at most 10% of each second.
+    let spent = cpu_over(&daemon, Duration::from_secs(2));
+    assert!(
+        spent <= Duration::from_millis(300),
+        "busy polling used {spent:?} of CPU in 2 s with a 10% budget"
+    );
+    assert!(
+        spent >= Duration::from_millis(20),
+        "busy polling did not poll: {spent:?} of CPU in 2 s"
+    );
+    // The device still serves at once.
+    c.read(0, 8, 4096);
+}
