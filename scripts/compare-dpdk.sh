@@ -12,6 +12,9 @@
 # runs on kicks (see README "Performance"). DPDK front-ends need --single-file-segments with
 # any vhost-user backend that maps at most 8 regions (DPDK's own limit of 8 per table).
 #
+# Rows: novacrond with adaptive polling (the default), novacrond with poll=busy (a dedicated
+# core, like DPDK's), DPDK; each with the element's CPU use in cores over the run.
+#
 # Usage: scripts/compare-dpdk.sh [ROUNDS=3] [SECONDS=6]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,11 +45,12 @@ wait_socket() { for _ in $(seq 100); do [ -S "$1" ] && return 0; sleep 0.05; don
 
 start_element() { # which
     rm -f "$work"/*.sock
-    if [ "$1" = novacrond ]; then
+    if [ "$1" = novacrond ] || [ "$1" = busy ]; then
+        poll=adaptive; [ "$1" = busy ] && poll=busy
         # A log that runs away must never fill the disk: cap it at 100 MB.
         (ulimit -f 200000; exec taskset -c 1 "$novacrond" --log-level warn --control none \
-            --net "socket=$work/a.sock,switch=cmp,mac=02:00:00:00:00:01" \
-            --net "socket=$work/b.sock,switch=cmp,mac=02:00:00:00:00:02" 2>>"$work/novacrond.log") &
+            --net "socket=$work/a.sock,switch=cmp,mac=02:00:00:00:00:01,poll=$poll" \
+            --net "socket=$work/b.sock,switch=cmp,mac=02:00:00:00:00:02,poll=$poll" 2>>"$work/novacrond.log") &
     else
         dpdk-testpmd --lcores '0@1,1@1' --no-pci --single-file-segments --file-prefix=nc-cmp-be \
             --vdev "net_vhost0,iface=$work/a.sock,queues=1" --vdev "net_vhost1,iface=$work/b.sock,queues=1" \
@@ -66,18 +70,30 @@ drive() { # frame size -> packets/s summed over both ports (median of the last r
 }
 
 median() { sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
+ratio() { awk -v n="$1" -v d="$2" 'BEGIN { if (d > 0) printf "%.3f", n / d; else print "-" }'; }
 
-printf "%-6s %14s %14s %7s\n" "frame" "novacrond pps" "dpdk pps" "ratio"
+# novacrond = adaptive polling (the default), busy = poll=busy on both ports, dpdk = net_vhost
+# (which busy-polls its core). "cpu" is the element's CPU use during the run, in cores.
+printf "%-6s %-10s %14s %6s %14s %8s\n" "frame" "element" "pps" "cpu" "dpdk pps" "ratio"
+hz=$(getconf CLK_TCK)
 for size in 64 1518; do
-    : > "$work/novacrond-$size"; : > "$work/dpdk-$size"
+    for which in novacrond busy dpdk; do : > "$work/$which-$size"; : > "$work/$which-$size.cpu"; done
     for r in $(seq "$rounds"); do
-        for which in novacrond dpdk; do
-            [ $((r % 2)) -eq 0 ] && which=$([ "$which" = novacrond ] && echo dpdk || echo novacrond)
+        order="novacrond busy dpdk"; [ $((r % 2)) -eq 0 ] && order="dpdk busy novacrond"
+        for which in $order; do
             start_element "$which"
+            before=$(cpu_ticks "$element_pid"); t0=$(date +%s.%N)
             drive "$size" >> "$work/$which-$size"
+            after=$(cpu_ticks "$element_pid"); t1=$(date +%s.%N)
+            awk -v a="$after" -v b="$before" -v hz="$hz" -v t0="$t0" -v t1="$t1" \
+                'BEGIN { printf "%.2f\n", (a - b) / hz / (t1 - t0) }' >> "$work/$which-$size.cpu"
             cleanup
         done
     done
-    n=$(median < "$work/novacrond-$size"); d=$(median < "$work/dpdk-$size")
-    printf "%-6s %14s %14s %7s\n" "$size" "$n" "$d" "$(awk -v n="$n" -v d="$d" 'BEGIN { if (d > 0) printf "%.3f", n / d; else print "-" }')"
+    d=$(median < "$work/dpdk-$size")
+    for which in novacrond busy dpdk; do
+        p=$(median < "$work/$which-$size"); c=$(median < "$work/$which-$size.cpu")
+        printf "%-6s %-10s %14s %6s %14s %8s\n" "$size" "$which" "$p" "$c" "$d" "$(ratio "$p" "$d")"
+    done
 done

@@ -1,5 +1,6 @@
-//! The daemon's monotonic clock in nanoseconds, one time base for QoS buckets, switch MAC aging
-//! and tiering heat (so their times compare).
+//! The daemon's monotonic clock in nanoseconds, one time base for QoS buckets and tiering heat
+//! (so their times compare); and a coarse one (a few milliseconds of resolution, a fraction
+//! of the cost) for what is stamped per frame, the switch's MAC aging.
 
 use std::sync::OnceLock;
 use std::time::Instant;
@@ -9,4 +10,22 @@ pub fn now_ns() -> u64 {
     static BASE: OnceLock<Instant> = OnceLock::new();
     let base = *BASE.get_or_init(Instant::now);
     u64::try_from(base.elapsed().as_nanos()).unwrap_or(u64::MAX)
+}
+
+/// `CLOCK_MONOTONIC_COARSE` in nanoseconds: the last tick's time, read without a clock
+/// source access. Only compared with itself (the switch stamps and ages MACs with it).
+pub fn coarse_now_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    if rc != 0 {
+        return now_ns();
+    }
+    u64::try_from(ts.tv_sec)
+        .unwrap_or(0)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(u64::try_from(ts.tv_nsec).unwrap_or(0))
 }

@@ -210,7 +210,7 @@ impl SwitchHub {
 
     /// MACs learnt and still alive.
     pub fn learnt(&self) -> usize {
-        lock(&self.table).learnt(crate::sys::clock::now_ns())
+        lock(&self.table).learnt(crate::sys::clock::coarse_now_ns())
     }
 
     /// Forwards a frame that entered on port `ingress`. Returns whether it went anywhere.
@@ -221,7 +221,7 @@ impl SwitchHub {
         // so runts are still recognised.
         let probe = eth.get(..len.min(eth.len())).unwrap_or_default();
         let decision =
-            lock(&self.table).forward(ingress.number, probe, crate::sys::clock::now_ns());
+            lock(&self.table).forward(ingress.number, probe, crate::sys::clock::coarse_now_ns());
         self.stats.sent(u64::from(frame.len()));
         let hash = usize::from(eth.get(11).copied().unwrap_or(0));
         let single;

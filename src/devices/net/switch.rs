@@ -80,7 +80,9 @@ pub struct PortConfig {
 pub struct Switch {
     ports: BTreeMap<u32, PortConfig>,
     /// (VLAN, MAC) → (port, last seen ns).
-    table: HashMap<(u16, Mac), (u32, u64)>,
+    /// Learnt (VLAN, MAC) -> (port, last seen). `ahash`: fast per frame and keyed per
+    /// process, so MACs sprayed from behind an uplink cannot aim at collisions.
+    table: HashMap<(u16, Mac), (u32, u64), ahash::RandomState>,
     aging_ns: u64,
 }
 
@@ -95,7 +97,7 @@ impl Switch {
     pub fn new(aging_ns: u64) -> Self {
         Self {
             ports: BTreeMap::new(),
-            table: HashMap::new(),
+            table: HashMap::with_hasher(ahash::RandomState::new()),
             aging_ns,
         }
     }
