@@ -226,6 +226,11 @@ enum DeviceCommand {
         /// Device id.
         id: String,
     },
+    /// Start a recorded device that failed to start (after fixing its backing).
+    Retry {
+        /// Device id.
+        id: String,
+    },
 }
 
 fn call(control: &str, method: &str, params: Value) -> anyhow::Result<Value> {
@@ -366,6 +371,7 @@ fn run(args: Args) -> anyhow::Result<()> {
         }
         Command::Device(DeviceCommand::Ls) => ("device.list", json!({})),
         Command::Device(DeviceCommand::Get { id }) => ("device.get", json!({"id": id})),
+        Command::Device(DeviceCommand::Retry { id }) => ("device.retry", json!({"id": id})),
         Command::Device(DeviceCommand::Stats { id }) => ("device.stats", json!({"id": id})),
         Command::Qos(QosCommand::Get { id }) => ("qos.get", json!({"id": id})),
         Command::Qos(QosCommand::Set { id, settings }) => {

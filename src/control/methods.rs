@@ -8,6 +8,7 @@
 //! | `device.list` | none | list of devices |
 //! | `device.get` | `id` | the device |
 //! | `device.stats` | `id` | totals and per-queue counters |
+//! | `device.retry` | `id` (a recorded device that failed to start) | the device |
 //! | `qos.set` | `id` + limits (`iops`, `bps`, `read-iops`, ..., `*-burst`, `*-burst-seconds`); `null` removes one | the device's limits |
 //! | `qos.get` | `id` | limits, group, throttled requests, time spent waiting |
 //! | `qos.group.add` | `name` + limits | the group |
@@ -83,6 +84,13 @@ fn dispatch(
             params.finish()?;
             let device = lock(registry).describe(&id).map_err(registry_error)?;
             to_json(device)?
+        }
+        "device.retry" => {
+            let id = params.string("id")?;
+            params.finish()?;
+            let mut registry = lock(registry);
+            registry.retry(&id).map_err(registry_error)?;
+            to_json(registry.describe(&id).map_err(registry_error)?)?
         }
         "device.stats" => {
             let id = params.string("id")?;
@@ -236,13 +244,7 @@ fn to_json(value: impl serde::Serialize) -> Result<Value, RpcError> {
 
 fn registry_error(error: RegistryError) -> RpcError {
     let kind = error.kind();
-    let mut message = error.to_string();
-    let mut source = std::error::Error::source(&error);
-    while let Some(cause) = source {
-        message.push_str(": ");
-        message.push_str(&cause.to_string());
-        source = cause.source();
-    }
+    let message = crate::registry::error_chain(&error);
     let code = if kind == "invalid-params" {
         super::protocol::INVALID_PARAMS
     } else {

@@ -150,10 +150,21 @@ struct Group {
 /// All running devices and QoS groups.
 pub struct Registry {
     devices: BTreeMap<String, Entry>,
+    /// Recorded devices that could not start (restore): kept, listed, retried on request.
+    failed: BTreeMap<String, Failed>,
     groups: BTreeMap<String, Group>,
     fabric: Fabric,
     switches: BTreeMap<String, switches::SwitchEntry>,
     state: Option<StateStore>,
+    /// While the state directory is being replayed nothing is written back: the file stays
+    /// exactly as loaded until every record has been tried.
+    restoring: bool,
+}
+
+/// A recorded device that failed to start, and why.
+pub(super) struct Failed {
+    pub(super) record: DeviceRecord,
+    pub(super) reason: String,
 }
 
 impl Registry {
@@ -161,6 +172,8 @@ impl Registry {
     pub fn new(state: Option<StateStore>) -> Self {
         Self {
             devices: BTreeMap::new(),
+            failed: BTreeMap::new(),
+            restoring: false,
             groups: BTreeMap::new(),
             fabric: Fabric::default(),
             switches: BTreeMap::new(),
@@ -181,7 +194,7 @@ impl Registry {
         if let DeviceConfig::Net(net) = &config {
             self.check_net_unique(net)?;
         }
-        if self.devices.contains_key(&id) {
+        if self.devices.contains_key(&id) || self.failed.contains_key(&id) {
             return Err(RegistryError::Exists(format!("device `{id}` exists")));
         }
         if let Some((other, _)) = self
@@ -220,6 +233,13 @@ impl Registry {
 
     /// Stops and forgets device `id`. With a connected front-end only when `force`.
     pub fn remove(&mut self, id: &str, force: bool) -> Result<(), RegistryError> {
+        if let Some(failed) = self.failed.remove(id) {
+            if let Err(e) = self.save() {
+                self.failed.insert(id.to_string(), failed);
+                return Err(e);
+            }
+            return Ok(());
+        }
         let entry = self.entry(id)?;
         if entry.device.is_connected() && !force {
             return Err(RegistryError::Busy(id.to_string()));
@@ -322,26 +342,70 @@ impl Registry {
         self.qos(id)
     }
 
-    /// Recreates the devices recorded in the state directory.
+    /// Recreates the groups, switches and devices recorded in the state directory. A device
+    /// that cannot start (missing image, locked file, corrupt tier metadata, ...) does not stop
+    /// the others: it is kept as `failed` with its reason, listed, written back unchanged, and
+    /// can be retried with [`Registry::retry`]. Nothing is written while replaying. Returns
+    /// how many devices started.
     pub fn restore(&mut self) -> Result<usize, RegistryError> {
         let Some(state) = &self.state else {
             return Ok(0);
         };
         let saved = state.load()?;
+        self.restoring = true;
+        let result = self.replay(saved);
+        self.restoring = false;
+        result
+    }
+
+    fn replay(&mut self, saved: Saved) -> Result<usize, RegistryError> {
         for group in saved.groups {
             self.add_group(&group.name, group.options)?;
         }
         for switch in saved.switches {
             self.add_switch(&switch.name, switch.options)?;
         }
-        let count = saved.devices.len();
-        for record in saved.devices {
-            self.add(&record.kind, record.options, true)?;
+        let mut started = 0;
+        for (n, record) in saved.devices.into_iter().enumerate() {
+            match self.add(&record.kind, record.options.clone(), true) {
+                Ok(_) => started += 1,
+                Err(e) => {
+                    let id = record_id(&record, n);
+                    let reason = error_chain(&e);
+                    log::error!(
+                        "device {id} recorded in the state directory failed to start: {reason}"
+                    );
+                    self.failed.insert(id, Failed { record, reason });
+                }
+            }
         }
-        Ok(count)
+        Ok(started)
+    }
+
+    /// Tries a failed device again (after the operator fixed its backing).
+    pub fn retry(&mut self, id: &str) -> Result<(), RegistryError> {
+        let Some(failed) = self.failed.remove(id) else {
+            return Err(RegistryError::NotFound(format!("failed device {id}")));
+        };
+        match self.add(&failed.record.kind, failed.record.options.clone(), true) {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                self.failed.insert(
+                    id.to_string(),
+                    Failed {
+                        reason: error_chain(&e),
+                        record: failed.record,
+                    },
+                );
+                Err(e)
+            }
+        }
     }
 
     fn save(&self) -> Result<(), RegistryError> {
+        if self.restoring {
+            return Ok(());
+        }
         if let Some(state) = &self.state {
             let saved = Saved {
                 devices: self
@@ -349,6 +413,7 @@ impl Registry {
                     .values()
                     .filter(|e| e.persistent)
                     .map(|e| e.record.clone())
+                    .chain(self.failed.values().map(|f| f.record.clone()))
                     .collect(),
                 groups: self
                     .groups
@@ -392,6 +457,33 @@ impl Registry {
             entry.stop();
         }
     }
+}
+
+/// The id a recorded device goes by: its own, its socket's stem, or its place in the file.
+fn record_id(record: &DeviceRecord, n: usize) -> String {
+    record
+        .options
+        .get("id")
+        .cloned()
+        .or_else(|| {
+            record
+                .options
+                .get("socket")
+                .and_then(|s| crate::config::id::from_socket(std::path::Path::new(s)).ok())
+        })
+        .unwrap_or_else(|| format!("record-{n}"))
+}
+
+/// An error and its causes, one line.
+pub fn error_chain(error: &RegistryError) -> String {
+    let mut text = error.to_string();
+    let mut source = std::error::Error::source(error);
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 /// `options` with `changes` applied: `Some` sets a key, `None` removes it.

@@ -20,6 +20,19 @@ pub enum DeviceInfo {
     Blk(BlkInfo),
     /// A net device.
     Net(NetInfo),
+    /// A recorded device that could not start (`device.retry` tries again).
+    Failed(FailedInfo),
+}
+
+/// A recorded device that could not start.
+#[derive(Debug, Clone, Serialize)]
+pub struct FailedInfo {
+    /// Device id.
+    pub id: String,
+    /// Its kind (`blk`, `net`).
+    pub kind: String,
+    /// Why it could not start.
+    pub reason: String,
 }
 
 /// A device's description and whether the state directory records it.
@@ -78,6 +91,9 @@ impl Device {
 impl Registry {
     /// A device's description.
     pub fn describe(&self, id: &str) -> Result<Described, RegistryError> {
+        if let Some(failed) = self.failed.get(id) {
+            return Ok(failed_described(id, failed));
+        }
         let entry = self.entry(id)?;
         Ok(Described {
             info: entry.device.info(),
@@ -85,7 +101,7 @@ impl Registry {
         })
     }
 
-    /// Every device's description, in id order.
+    /// Every device's description, in id order; failed ones after the running ones.
     pub fn list(&self) -> Vec<Described> {
         self.devices
             .values()
@@ -93,6 +109,7 @@ impl Registry {
                 info: entry.device.info(),
                 persistent: entry.persistent,
             })
+            .chain(self.failed.iter().map(|(id, f)| failed_described(id, f)))
             .collect()
     }
 
@@ -129,6 +146,17 @@ impl Registry {
         snapshot.switches = self.list_switches();
         snapshot.groups = self.list_groups();
         snapshot
+    }
+}
+
+fn failed_described(id: &str, failed: &super::Failed) -> Described {
+    Described {
+        info: DeviceInfo::Failed(FailedInfo {
+            id: id.to_string(),
+            kind: failed.record.kind.clone(),
+            reason: failed.reason.clone(),
+        }),
+        persistent: true,
     }
 }
 

@@ -25,6 +25,7 @@ mod net_tap;
 mod polling;
 mod qos;
 mod resources;
+mod restart;
 mod tap;
 mod tier;
 mod tier_full;
