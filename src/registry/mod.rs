@@ -368,7 +368,7 @@ impl Registry {
         let mut started = 0;
         for (n, record) in saved.devices.into_iter().enumerate() {
             match self.add(&record.kind, record.options.clone(), true) {
-                Ok(_) => started += 1,
+                Ok(_) => started = started.saturating_add(1),
                 Err(e) => {
                     let id = record_id(&record, n);
                     let reason = error_chain(&e);
