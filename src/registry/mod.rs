@@ -365,7 +365,7 @@ impl Registry {
         for switch in saved.switches {
             self.add_switch(&switch.name, switch.options)?;
         }
-        let mut started = 0;
+        let mut started = 0usize;
         for (n, record) in saved.devices.into_iter().enumerate() {
             match self.add(&record.kind, record.options.clone(), true) {
                 Ok(_) => started = started.saturating_add(1),
