@@ -84,7 +84,14 @@ pub struct Switch {
     /// process, so MACs sprayed from behind an uplink cannot aim at collisions.
     table: HashMap<(u16, Mac), (u32, u64), ahash::RandomState>,
     aging_ns: u64,
+    /// When aged entries were last swept out.
+    swept_ns: u64,
 }
+
+/// Most MACs one switch learns. Anything behind an uplink can send from any number of source
+/// MACs; past this the table sweeps out aged entries, and if it is still full a new MAC is
+/// not learnt (frames to it are flooded, as to any unknown MAC) rather than growing memory.
+pub const MAX_LEARNT: usize = 16384;
 
 const BROADCAST: Mac = [0xff; 6];
 
@@ -99,6 +106,7 @@ impl Switch {
             ports: BTreeMap::new(),
             table: HashMap::with_hasher(ahash::RandomState::new()),
             aging_ns,
+            swept_ns: 0,
         }
     }
 
@@ -120,6 +128,26 @@ impl Switch {
             .values()
             .filter(|(_, seen)| now_ns.saturating_sub(*seen) < self.aging_ns)
             .count()
+    }
+
+    /// Records that `mac` was seen on `port`, within the table's bounds: aged entries are swept
+    /// out every quarter of the aging time, and a full table learns nothing new.
+    fn learn(&mut self, vlan: u16, mac: Mac, port: u32, now_ns: u64) {
+        if now_ns.saturating_sub(self.swept_ns) >= self.aging_ns / 4 {
+            self.expire(now_ns);
+            self.swept_ns = now_ns;
+        }
+        if let Some(entry) = self.table.get_mut(&(vlan, mac)) {
+            *entry = (port, now_ns);
+            return;
+        }
+        if self.table.len() >= MAX_LEARNT {
+            self.expire(now_ns);
+            if self.table.len() >= MAX_LEARNT {
+                return;
+            }
+        }
+        self.table.insert((vlan, mac), (port, now_ns));
     }
 
     /// Drops entries older than the aging time.
@@ -154,7 +182,7 @@ impl Switch {
             return Forward::Drop(DropReason::TaggedOnAccess);
         }
         let vlan = config.vlan.unwrap_or(0);
-        self.table.insert((vlan, src), (ingress, now_ns));
+        self.learn(vlan, src, ingress, now_ns);
         if dst != BROADCAST && !is_multicast(&dst) {
             if let Some(&(port, seen)) = self.table.get(&(vlan, dst)) {
                 if now_ns.saturating_sub(seen) < self.aging_ns && self.ports.contains_key(&port) {
@@ -210,6 +238,41 @@ mod tests {
             s.attach(u32::from(p), port(p, None));
         }
         s
+    }
+
+    #[test]
+    fn a_mac_spray_behind_an_uplink_is_bounded_and_aged_out() {
+        let mut s = Switch::new(300 * SEC);
+        s.attach(1, port(1, None));
+        s.attach(
+            9,
+            PortConfig {
+                mac: [0; 6],
+                vlan: None,
+                uplink: true,
+            },
+        );
+        let sprayed = |i: usize| -> Mac {
+            let b = (i as u32).to_be_bytes();
+            [0x02, 0x99, b[0], b[1], b[2], b[3]]
+        };
+        for i in 0..MAX_LEARNT + 1000 {
+            s.forward(9, &frame(BROADCAST, sprayed(i)), 1);
+        }
+        assert_eq!(
+            s.table.len(),
+            MAX_LEARNT,
+            "the table stops growing when full"
+        );
+        // A full table still forwards: unknown destinations flood.
+        assert_eq!(
+            s.forward(1, &frame(sprayed(MAX_LEARNT + 500), mac(1)), 2),
+            Forward::Flood(vec![9])
+        );
+        // Entries age out as traffic flows on, without anyone calling `expire`.
+        s.forward(1, &frame(BROADCAST, mac(1)), 400 * SEC);
+        assert_eq!(s.learnt(400 * SEC), 1, "only the fresh MAC is alive");
+        assert_eq!(s.table.len(), 1, "aged entries were swept out");
     }
 
     #[test]
