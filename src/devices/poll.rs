@@ -152,6 +152,31 @@ impl Poller {
     }
 }
 
+/// What one look at a polled queue found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Look {
+    /// New work: stop polling and serve it.
+    Work,
+    /// Something was done (completions returned): the idle clock starts again.
+    Progress,
+    /// Nothing.
+    Nothing,
+}
+
+/// The one spin loop of every worker: looks until `look` finds work (true) or nothing has
+/// happened for `window` (false). Guest notifications stay suppressed meanwhile.
+pub fn spin<E>(window: Duration, mut look: impl FnMut() -> Result<Look, E>) -> Result<bool, E> {
+    let mut idle_since = Instant::now();
+    while idle_since.elapsed() < window {
+        match look()? {
+            Look::Work => return Ok(true),
+            Look::Progress => idle_since = Instant::now(),
+            Look::Nothing => std::hint::spin_loop(),
+        }
+    }
+    Ok(false)
+}
+
 #[cfg(test)]
 #[allow(
     clippy::unwrap_used,

@@ -32,7 +32,7 @@ use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 use super::request::{self, Rejection, Request, RequestKind};
 use super::shared::DeviceShared;
 use super::stats::{OpClass, QueueStats};
-use crate::devices::poll::{PollMode, Poller};
+use crate::devices::poll::{spin, Look, PollMode, Poller};
 use crate::qos::gate::Gate;
 use crate::qos::timer::TimerError;
 use crate::storage::{Completion, Engine, GuestIovecs, IoOp, OpKind};
@@ -366,18 +366,16 @@ impl QueueWorker {
         memory: &Arc<GuestMemory>,
         window: Duration,
     ) -> Result<bool, WorkerError> {
-        let mut idle_since = Instant::now();
-        while idle_since.elapsed() < window {
+        spin(window, || {
             if has_available(vring, memory) {
-                return Ok(true);
+                return Ok(Look::Work);
             }
             if self.engine.completions_pending() {
                 self.reap_and_complete(vring)?;
-                idle_since = Instant::now();
+                return Ok(Look::Progress);
             }
-            std::hint::spin_loop();
-        }
-        Ok(false)
+            Ok(Look::Nothing)
+        })
     }
 
     /// Handles the engine's completion event.

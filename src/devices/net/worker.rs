@@ -43,7 +43,7 @@ use crate::vring::{
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
-use crate::devices::poll::{PollMode, Poller, MAX_SPELL};
+use crate::devices::poll::{spin, Look, PollMode, Poller, MAX_SPELL};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 /// Errors that stop a worker from serving its queues (guest mistakes never do).
@@ -457,14 +457,14 @@ impl PairWorker {
     /// Spins (notifications off) until the guest queues more frames (true) or `window`
     /// passes (false).
     fn poll_for_tx(&self, tx: &CheckedVring, memory: &GuestMemory, window: Duration) -> bool {
-        let start = Instant::now();
-        while start.elapsed() < window {
-            if has_available(tx, memory) {
-                return true;
-            }
-            std::hint::spin_loop();
-        }
-        false
+        let look = || -> Result<Look, std::convert::Infallible> {
+            Ok(if has_available(tx, memory) {
+                Look::Work
+            } else {
+                Look::Nothing
+            })
+        };
+        matches!(spin(window, look), Ok(true))
     }
 
     /// Sends one checked frame; returns its length.
