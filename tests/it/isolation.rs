@@ -78,3 +78,64 @@ fn a_tap_serves_one_device_or_one_uplink() {
     assert_eq!(error["data"]["kind"], "exists", "{error}");
     assert_eq!(ctl.device_count(), 1);
 }
+
+/// A front-end that negotiated features, before its memory table.
+fn bare_frontend(socket: &std::path::Path) -> vhost::vhost_user::Frontend {
+    use vhost::vhost_user::VhostUserFrontend;
+    use vhost::VhostBackend;
+    let mut frontend = vhost::vhost_user::Frontend::connect(socket, 1).expect("connect");
+    frontend.set_owner().unwrap();
+    let features = frontend.get_features().unwrap();
+    let protocol = frontend.get_protocol_features().unwrap();
+    frontend.set_protocol_features(protocol).unwrap();
+    frontend.set_features(features).unwrap();
+    frontend
+}
+
+#[test]
+fn a_memory_region_past_the_end_of_its_file_drops_that_front_end_only() {
+    use vhost::VhostBackend;
+    let mut daemon = Daemon::start(&[
+        "--blk",
+        "socket={dir}/bad.sock,path=null,size=1M",
+        "--blk",
+        "socket={dir}/good.sock,path=null,size=1M",
+    ]);
+    let frontend = bare_frontend(&daemon.path("bad.sock"));
+    // 8 MiB of memfd announced as 64 MiB: mapping it works, touching the rest would SIGBUS.
+    let mem = crate::common::memory::TestMemory::new(&[(0, 8 << 20)]);
+    let mut regions = mem.regions();
+    regions[0].memory_size = 64 << 20;
+    let _ = frontend.set_mem_table(&regions);
+    daemon.wait_for_log("front-end message refused");
+    daemon.wait_for_log("bad: front-end disconnected");
+    // The daemon and every other device go on.
+    let mut good = crate::common::blk::BlkClient::connect(&daemon.path("good.sock"));
+    good.read(0, 0, 512);
+    // And the bad socket takes a well-behaved front-end again.
+    crate::common::blk::BlkClient::connect(&daemon.path("bad.sock")).read(0, 0, 512);
+}
+
+#[test]
+fn a_call_fd_that_is_not_an_eventfd_drops_that_front_end_only() {
+    use std::os::fd::{FromRawFd, IntoRawFd};
+    use vhost::VhostBackend;
+    let mut daemon = Daemon::start(&[
+        "--blk",
+        "socket={dir}/bad.sock,path=null,size=1M",
+        "--blk",
+        "socket={dir}/good.sock,path=null,size=1M",
+    ]);
+    let frontend = bare_frontend(&daemon.path("bad.sock"));
+    let mem = crate::common::memory::TestMemory::new(&[(0, 8 << 20)]);
+    frontend.set_mem_table(&mem.regions()).unwrap();
+    // A pipe where an eventfd belongs: a full pipe would block the worker on every signal.
+    let (_read, write) = std::io::pipe().unwrap();
+    // SAFETY: the write end's descriptor is handed over to the EventFd, its only owner.
+    let not_an_eventfd =
+        unsafe { vmm_sys_util::eventfd::EventFd::from_raw_fd(write.into_raw_fd()) };
+    let _ = frontend.set_vring_call(0, &not_an_eventfd);
+    daemon.wait_for_log("the descriptor is not an eventfd");
+    let mut good = crate::common::blk::BlkClient::connect(&daemon.path("good.sock"));
+    good.read(0, 0, 512);
+}

@@ -11,9 +11,11 @@
 //! - [`device`]: the [`device::Device`] and [`device::Worker`] traits a device implements;
 //! - [`backend`]: [`backend::DeviceBackend`], the `VhostUserBackend` over them;
 //! - [`runner`]: the socket's life (listen, accept, reconnect, stop);
-//! - [`relay`]: the vhost-user message relay in front of the crate's handler.
+//! - [`relay`]: the vhost-user message relay in front of the crate's handler;
+//! - [`checks`]: what the relay checks in a front-end's messages (memory files, eventfds).
 
 pub mod backend;
+pub mod checks;
 pub mod device;
 pub mod relay;
 pub mod runner;

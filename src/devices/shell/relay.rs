@@ -60,6 +60,9 @@ pub enum RelayError {
     /// A message was malformed (size over the protocol limit).
     #[error("malformed vhost-user message (payload of {0} bytes)")]
     Malformed(u32),
+    /// A message's descriptors failed the checks; the connection is dropped.
+    #[error("front-end refused")]
+    Refused(#[from] super::checks::CheckError),
 }
 
 /// One message with the descriptors that came with it (closed when dropped).
@@ -228,6 +231,12 @@ pub fn relay(
                 message.payload.len(),
                 message.files.len()
             );
+            if let Err(e) =
+                super::checks::check(message.request(), &message.payload, &message.files)
+            {
+                log::warn!("front-end message refused, dropping the connection: {e}");
+                break Err(e.into());
+            }
             match message.request() {
                 SET_VRING_ENABLE if !features_set => {
                     ack(&mut front, &message)?;
