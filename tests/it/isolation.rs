@@ -139,3 +139,20 @@ fn a_call_fd_that_is_not_an_eventfd_drops_that_front_end_only() {
     let mut good = crate::common::blk::BlkClient::connect(&daemon.path("good.sock"));
     good.read(0, 0, 512);
 }
+
+#[test]
+fn a_front_end_stalled_mid_message_cannot_hang_removal() {
+    use std::io::Write;
+    let mut daemon = Daemon::start(&["--blk", "socket={dir}/x.sock,path=null,size=1M"]);
+    let mut ctl = Control::connect(&daemon.path("control.sock"));
+    // Connects and sends half a header, then nothing.
+    let mut stalled = std::os::unix::net::UnixStream::connect(daemon.path("x.sock")).unwrap();
+    daemon.wait_for_log("x: front-end connected");
+    stalled.write_all(&[1, 0, 0, 0, 1, 0]).unwrap();
+    // The relay is now reading the rest of that message. Removal must still go through at
+    // once (the control call would otherwise wait for the stalled front-end).
+    ctl.call("device.remove", json!({"id": "x", "force": true}))
+        .unwrap();
+    assert_eq!(ctl.device_count(), 0);
+    drop(stalled);
+}

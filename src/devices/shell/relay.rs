@@ -48,6 +48,10 @@ const SET_BACKEND_REQ_FD: u32 = 21;
 const ADD_MEM_REG: u32 = 37;
 const REM_MEM_REG: u32 = 38;
 const VERSION_1: u32 = 0x1;
+/// Most queue enables held before SET_FEATURES (two per queue pair of the largest device).
+const MAX_EARLY_ENABLES: usize = 256;
+/// Most distinct memory regions tracked (vhost-user's slot limit is far below).
+const MAX_REGIONS: usize = 512;
 const FLAG_REPLY: u32 = 0x4;
 const FLAG_NEED_REPLY: u32 = 0x8;
 
@@ -60,6 +64,10 @@ pub enum RelayError {
     /// A message was malformed (size over the protocol limit).
     #[error("malformed vhost-user message (payload of {0} bytes)")]
     Malformed(u32),
+    /// The front-end sent more of something than any front-end needs; the connection is
+    /// dropped rather than the relay's memory grown.
+    #[error("too many {0}")]
+    Excess(&'static str),
     /// A message's descriptors failed the checks; the connection is dropped.
     #[error("front-end refused")]
     Refused(#[from] super::checks::CheckError),
@@ -239,6 +247,9 @@ pub fn relay(
             }
             match message.request() {
                 SET_VRING_ENABLE if !features_set => {
+                    if early_enables.len() >= MAX_EARLY_ENABLES {
+                        break Err(RelayError::Excess("SET_VRING_ENABLE before SET_FEATURES"));
+                    }
                     ack(&mut front, &message)?;
                     early_enables.push(message.payload);
                 }
@@ -254,6 +265,11 @@ pub fn relay(
                     write_message(&mut back, &message)?;
                 }
                 ADD_MEM_REG => {
+                    let new =
+                        region_key(&message.payload).is_some_and(|k| !regions.contains_key(&k));
+                    if new && regions.len() >= MAX_REGIONS {
+                        break Err(RelayError::Excess("memory regions"));
+                    }
                     let count = region_key(&message.payload)
                         .map(|key| regions.entry(key).or_insert(0))
                         .map(|count| {
@@ -378,6 +394,23 @@ mod tests {
     }
 
     #[test]
+    fn a_front_end_cannot_grow_the_relays_state() {
+        let (mut qemu, front) = UnixStream::pair().unwrap();
+        let (back, _handler) = UnixStream::pair().unwrap();
+        let relay = std::thread::spawn(move || relay(front, back, |_| {}));
+        let enable = [0u8, 0, 0, 0, 1, 0, 0, 0];
+        for _ in 0..=MAX_EARLY_ENABLES {
+            if qemu
+                .write_all(&raw(SET_VRING_ENABLE, VERSION_1, &enable))
+                .is_err()
+            {
+                break;
+            }
+        }
+        assert!(matches!(relay.join().unwrap(), Err(RelayError::Excess(_))));
+    }
+
+    #[test]
     fn identical_memory_regions_reach_the_handler_once() {
         let (mut qemu, front) = UnixStream::pair().unwrap();
         let (back, mut handler) = UnixStream::pair().unwrap();
@@ -386,8 +419,16 @@ mod tests {
         region[8] = 0x10; // guest address
         region[16] = 0x20; // size
         let flags = VERSION_1 | FLAG_NEED_REPLY;
-        qemu.write_all(&raw(ADD_MEM_REG, flags, &region)).unwrap();
-        qemu.write_all(&raw(ADD_MEM_REG, flags, &region)).unwrap();
+        // Each ADD_MEM_REG carries its memory file (at least as large as the region).
+        let memory = tempfile::tempfile().unwrap();
+        memory.set_len(0x1000).unwrap();
+        for _ in 0..2 {
+            qemu.send_with_fds(
+                &[raw(ADD_MEM_REG, flags, &region).as_slice()],
+                &[memory.as_raw_fd()],
+            )
+            .unwrap();
+        }
         let mut ack = [0u8; 20];
         qemu.read_exact(&mut ack).unwrap(); // the duplicate is answered by the relay
         assert_eq!(
@@ -413,15 +454,16 @@ mod tests {
         let (back, mut handler) = UnixStream::pair().unwrap();
         let relay = std::thread::spawn(move || relay(front, back, |_| {}));
         let file = tempfile::tempfile().unwrap();
+        // A request the relay does not look into (SET_INFLIGHT_FD) passes with its fd.
         qemu.send_with_fds(
-            &[raw(5, VERSION_1, &[1, 2]).as_slice()],
+            &[raw(24, VERSION_1, &[1, 2]).as_slice()],
             &[file.as_raw_fd()],
         )
         .unwrap();
         let got = read_message(&mut handler).unwrap().unwrap();
         assert_eq!(
             (got.request(), got.payload.as_slice(), got.files.len()),
-            (5, &[1u8, 2][..], 1)
+            (24, &[1u8, 2][..], 1)
         );
         let mut qemu = qemu;
         qemu.write_all(&raw(6, VERSION_1, &[])[..8]).unwrap();

@@ -46,11 +46,21 @@ pub enum RunnerError {
     Thread(#[source] std::io::Error),
 }
 
+/// The longest a front-end may leave a message half-sent, or our reply unread.
+const FRONT_IO_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Wakes the device thread and the connected front-end's handler for shutdown.
 struct StopSignal {
     requested: AtomicBool,
     eventfd: EventFd,
-    connection: Mutex<Option<vhost_user_backend::ShutdownHandle>>,
+    /// The connected front-end: the handler's shutdown and a duplicate of the front-end's
+    /// socket (shutting it down wakes the relay even mid-message).
+    connection: Mutex<
+        Option<(
+            vhost_user_backend::ShutdownHandle,
+            std::os::unix::net::UnixStream,
+        )>,
+    >,
 }
 
 /// A listening device socket and its thread.
@@ -117,8 +127,9 @@ impl DeviceRunner {
         if let Err(e) = self.stop.eventfd.write(1) {
             log::warn!("{}: cannot wake device thread: {e}", self.id);
         }
-        if let Some(handle) = lock(&self.stop.connection).as_ref() {
+        if let Some((handle, front)) = lock(&self.stop.connection).as_ref() {
             handle.shutdown();
+            let _ = front.shutdown(std::net::Shutdown::Both);
         }
         if let Some(thread) = self.thread.take() {
             if thread.join().is_err() {
@@ -208,6 +219,11 @@ fn serve_connection<D: Device>(
     let Some(front) = listener.accept()? else {
         return Ok(());
     };
+    // A front-end that stops halfway through a message, or stops reading our replies, holds
+    // the relay for this long at most (the relay only reads after poll says data is there).
+    front.set_read_timeout(Some(FRONT_IO_TIMEOUT))?;
+    front.set_write_timeout(Some(FRONT_IO_TIMEOUT))?;
+    let front_handle = front.try_clone()?;
     let (mut inner, back) = private_pair(id)?;
     daemon.start(&mut inner).map_err(|e| format!("{e}"))?;
     // Accepted: the private listener has done its job.
@@ -224,7 +240,10 @@ fn serve_connection<D: Device>(
                 }
             })?
     };
-    *lock(&stop.connection) = daemon.shutdown_handle();
+    *lock(&stop.connection) = daemon
+        .shutdown_handle()
+        .map(|handle| (handle, front_handle.try_clone()))
+        .and_then(|(handle, front)| front.ok().map(|front| (handle, front)));
     if stop.requested.load(Ordering::Acquire) {
         daemon.request_shutdown();
     }
@@ -234,6 +253,8 @@ fn serve_connection<D: Device>(
     connected.store(false, Ordering::Release);
     *lock(&stop.connection) = None;
     backend.signal_exit();
+    // The handler is gone; make sure the relay is too, even if the front-end is mid-message.
+    let _ = front_handle.shutdown(std::net::Shutdown::Both);
     if relay.join().is_err() {
         log::error!("{id}: relay thread panicked");
     }
