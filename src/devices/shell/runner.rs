@@ -258,6 +258,7 @@ fn serve_connection<D: Device>(
     if relay.join().is_err() {
         log::error!("{id}: relay thread panicked");
     }
+    drop(front_handle);
     // Dropping the daemon joins its worker threads; dropping the last backend reference then
     // lets the workers release what they hold (engines drain, taps go back to the device).
     drop(daemon);
