@@ -517,3 +517,54 @@ fn a_head_published_again_while_in_flight_is_served_once() {
     assert_eq!(c.peek(status, 1)[0], S_OK);
     still_serving(&mut c, 10);
 }
+
+#[test]
+fn a_head_beyond_the_ring_does_not_stop_the_requests_behind_it() {
+    // One kick publishes a head past the end of the ring, then a valid request. The bad entry
+    // is counted and skipped; the valid one completes (the queue never stops silently).
+    let d = Daemon::start(&["--blk", "socket={dir}/d.sock,path={dir}/d.img,size=4M"]);
+    let mut c = BlkClient::connect(&d.path("d.sock"));
+    let header = c.header(T_IN, 0);
+    let data = c.alloc(512);
+    let status = c.alloc(1);
+    let descs = [
+        Desc {
+            addr: header,
+            len: 16,
+            flags: F_NEXT,
+            next: 1,
+        },
+        Desc {
+            addr: data,
+            len: 512,
+            flags: F_NEXT | F_WRITE,
+            next: 2,
+        },
+        Desc {
+            addr: status,
+            len: 1,
+            flags: F_WRITE,
+            next: 0,
+        },
+    ];
+    let head = {
+        let mem = &c.mem.mem;
+        let q = &mut c.queues[0];
+        let head = q.write_descs(mem, &descs);
+        q.publish_heads(mem, &[300, head]);
+        head
+    };
+    let used = c.wait(0, 1);
+    assert_eq!(
+        used,
+        vec![(head, 513)],
+        "the valid request behind the bad head"
+    );
+    assert_eq!(c.peek(status, 1)[0], S_OK);
+    let mut ctl = crate::common::control::Control::connect(&d.path("control.sock"));
+    let stats = ctl
+        .call("device.stats", serde_json::json!({"id": "d"}))
+        .unwrap();
+    assert_eq!(stats["queues"][0]["ring_errors"], 1, "{stats}");
+    still_serving(&mut c, 11);
+}

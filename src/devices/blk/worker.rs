@@ -338,6 +338,20 @@ impl QueueWorker {
             };
             popped = popped.saturating_add(1);
             let head = chain.head_index();
+            if head >= state.get_queue().size() {
+                // A head beyond the ring: nothing can be read or returned for it. Skip it and
+                // serve what follows (the queue never stops silently behind one bad entry).
+                self.stats.ring_error();
+                if let Some(suppressed) = self.refusal_log.allow() {
+                    log::warn!(
+                        "{}: queue {}: head {head} is beyond the ring; skipped \
+                         ({suppressed} similar events not logged)",
+                        self.shared.id,
+                        self.queue_index
+                    );
+                }
+                continue;
+            }
             if !self.heads.claim(head) {
                 // The driver published a head we still hold: a broken ring. Serving it twice
                 // would complete one request twice and let a guest pile up unbounded work;
@@ -640,7 +654,6 @@ impl QueueWorker {
         let memory = self.memory.memory();
         // One vring lock for the whole batch: used entries, then the notification decision.
         let mut state = vring.get_mut();
-        let mut failed = None;
         for done in self.finished.drain(..) {
             // The head goes back to the driver whatever happens to its used entry.
             self.heads.release(done.head);
@@ -648,12 +661,11 @@ impl QueueWorker {
                 Some(addr) if memory.write_obj(done.code, addr).is_ok() => done.used_len,
                 _ => 0,
             };
-            if failed.is_none() {
-                failed = state.add_used(done.head, used_len).err();
+            // One entry that cannot be returned (its used slot unwritable) must not keep the
+            // others from being returned: count it and go on.
+            if state.add_used(done.head, used_len).is_err() {
+                self.stats.ring_error();
             }
-        }
-        if let Some(e) = failed {
-            return Err(e.into());
         }
         if needs_signal(&mut state, &memory)? {
             state.signal_used_queue().map_err(WorkerError::Signal)?;

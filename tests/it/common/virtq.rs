@@ -124,6 +124,22 @@ impl Virtq {
         self.kick.write(1).unwrap();
     }
 
+    /// Puts `heads` in the available ring with one index update, then kicks (any value: a
+    /// hostile driver may publish heads beyond the ring).
+    pub fn publish_heads(&mut self, mem: &GuestMemoryMmap<()>, heads: &[u16]) {
+        for (i, head) in heads.iter().enumerate() {
+            let idx = self.avail_idx.wrapping_add(i as u16);
+            let slot = self.avail + 4 + 2 * u64::from(idx % self.size);
+            mem.write_obj(*head, GuestAddress(slot)).unwrap();
+        }
+        fence(Ordering::SeqCst);
+        self.avail_idx = self.avail_idx.wrapping_add(heads.len() as u16);
+        mem.write_obj(self.avail_idx, GuestAddress(self.avail + 2))
+            .unwrap();
+        fence(Ordering::SeqCst);
+        self.kick.write(1).unwrap();
+    }
+
     /// Puts `head` in the available ring `times` times with one index update, then kicks
     /// (a hostile driver re-publishing a head).
     pub fn publish_repeated(&mut self, mem: &GuestMemoryMmap<()>, head: u16, times: u16) {
