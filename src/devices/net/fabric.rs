@@ -216,6 +216,8 @@ impl SwitchHub {
     /// Forwards a frame that entered on port `ingress`. Returns whether it went anywhere.
     pub fn transmit(&self, ingress: &Port, frame: &FrameRef<'_>) -> Result<(), Drop> {
         let eth = frame.ethernet_header();
+        // From here on the frame carries the header this decision was made on (read once).
+        let frame = &frame.with_ethernet(eth);
         let len = usize::try_from(frame.len()).unwrap_or(usize::MAX);
         // The forwarding core looks at the Ethernet header only; pass it with the real length
         // so runts are still recognised.

@@ -67,6 +67,11 @@ pub enum FrameRef<'a> {
         header: NetHeader,
         /// Bytes after the header.
         frame_len: u32,
+        /// The Ethernet header the switch decided on, read once from guest memory: whatever
+        /// leaves the switch carries these bytes, not a second read (the sender's other vCPUs
+        /// could change the source MAC or add a VLAN tag in between). `None` before the
+        /// switch has looked (a tap device's own traffic).
+        eth: Option<[u8; 14]>,
     },
     /// In our memory (from an uplink tap, or after a software checksum).
     Bytes {
@@ -98,6 +103,9 @@ impl FrameRef<'_> {
     pub fn ethernet_header(&self) -> [u8; 14] {
         let mut eth = [0u8; 14];
         match self {
+            FrameRef::Guest {
+                eth: Some(checked), ..
+            } => eth = *checked,
             FrameRef::Guest { memory, spans, .. } => {
                 // A frame shorter than 14 bytes leaves zeros; the switch refuses it by length.
                 let _ = read_stream(memory, spans, HEADER_LEN as u64, &mut eth);
@@ -111,17 +119,51 @@ impl FrameRef<'_> {
         eth
     }
 
-    /// The frame linearised into our memory.
+    /// The same frame with its Ethernet header fixed to `checked` (read once by the switch).
+    pub fn with_ethernet(self, checked: [u8; 14]) -> Self {
+        match self {
+            FrameRef::Guest {
+                memory,
+                spans,
+                header,
+                frame_len,
+                ..
+            } => FrameRef::Guest {
+                memory,
+                spans,
+                header,
+                frame_len,
+                eth: Some(checked),
+            },
+            bytes @ FrameRef::Bytes { .. } => bytes,
+        }
+    }
+
+    /// The checked Ethernet header a guest frame must leave the switch with, if any.
+    pub fn checked_ethernet(&self) -> Option<&[u8; 14]> {
+        match self {
+            FrameRef::Guest { eth, .. } => eth.as_ref(),
+            FrameRef::Bytes { .. } => None,
+        }
+    }
+
+    /// The frame linearised into our memory (with the checked Ethernet header, if any).
     pub fn linearised(&self) -> Result<Vec<u8>, Drop> {
         match self {
             FrameRef::Guest {
                 memory,
                 spans,
                 frame_len,
+                eth,
                 ..
             } => {
                 let mut out = vec![0u8; *frame_len as usize];
                 read_stream(memory, spans, HEADER_LEN as u64, &mut out)?;
+                if let Some(eth) = eth {
+                    for (dst, src) in out.iter_mut().zip(eth) {
+                        *dst = *src;
+                    }
+                }
                 Ok(out)
             }
             FrameRef::Bytes { frame, .. } => Ok(frame.to_vec()),

@@ -284,6 +284,27 @@ fn fill(
 ) -> Result<u64, Drop> {
     let first = batch.buffers().first().ok_or(Drop::NoRxBuffers)?;
     write_stream(memory, &first.spans, 0, &header.to_bytes())?;
+    let done = copy_frame(memory, batch, frame)?;
+    // The receiver gets the Ethernet header the switch checked, not whatever the sender's
+    // memory holds by now.
+    if let Some(eth) = frame.checked_ethernet() {
+        let mut rest: &[u8] = eth
+            .get(..usize::try_from(done).unwrap_or(0).min(eth.len()))
+            .unwrap_or_default();
+        for (i, buffer) in batch.buffers().iter().enumerate() {
+            if rest.is_empty() {
+                break;
+            }
+            let skip = if i == 0 { HEADER_LEN as u64 } else { 0 };
+            let n = usize::try_from(copy_in(memory, &buffer.spans, skip, rest)?).unwrap_or(0);
+            rest = rest.get(n..).unwrap_or_default();
+        }
+    }
+    Ok(done)
+}
+
+/// Copies the frame's bytes into the batch's chains after the header; returns how many.
+fn copy_frame(memory: &GuestMemory, batch: &RxBatch, frame: &FrameRef<'_>) -> Result<u64, Drop> {
     let total = u64::from(frame.len());
     let mut done = 0u64;
     for (i, buffer) in batch.buffers().iter().enumerate() {

@@ -474,6 +474,7 @@ impl PairWorker {
             spans: &frame.spans,
             header: frame.header,
             frame_len: frame.frame_len,
+            eth: None,
         };
         match &mut self.backend {
             PairBackend::Tap(tap) => {
