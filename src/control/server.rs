@@ -34,6 +34,8 @@ pub const MAX_LINE: usize = 1 << 20;
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Most simultaneous control connections.
 pub const MAX_CONNECTIONS: usize = 16;
+/// Replies queued for a client that does not read them, beyond which it is not served.
+pub const MAX_OUTPUT: usize = 4 << 20;
 
 const LISTENER: Token = Token(0);
 const WAKER: Token = Token(1);
@@ -322,40 +324,57 @@ impl Server {
         let Some(conn) = self.connections.get_mut(&token) else {
             return;
         };
-        let mut open = read_available(conn);
-        while let Some(end) = conn.input.iter().position(|&b| b == b'\n') {
-            if conn.closing {
-                conn.input.clear();
+        // Input is read a bounded chunk at a time and served line by line; a client that
+        // does not read its replies gets no more served (nor read) until it does, so both
+        // buffers stay bounded whatever it sends.
+        let mut open = true;
+        loop {
+            if conn.output.len() >= MAX_OUTPUT || conn.closing {
                 break;
             }
-            if end > MAX_LINE {
-                conn.input.truncate(MAX_LINE + 1);
-                break;
-            }
-            let line: Vec<u8> = conn.input.drain(..=end).collect();
-            let line = line.strip_suffix(b"\n").unwrap_or(&line);
-            if line.iter().all(u8::is_ascii_whitespace) {
-                continue;
-            }
-            let response = match &conn.refused {
-                Some(error) => {
-                    conn.closing = true;
-                    Response::err(serde_json::Value::Null, error.clone())
+            let (alive, capped) = read_available(conn);
+            open &= alive;
+            while conn.output.len() < MAX_OUTPUT {
+                let Some(end) = conn.input.iter().position(|&b| b == b'\n') else {
+                    break;
+                };
+                if conn.closing {
+                    conn.input.clear();
+                    break;
                 }
-                None => methods::handle_line(&self.registry, line),
-            };
-            conn.output.extend_from_slice(&encode(&response));
-        }
-        if conn.input.len() > MAX_LINE {
-            let error = RpcError::new(
-                SERVER_ERROR,
-                "too-large",
-                format!("request line over {MAX_LINE} bytes"),
-            );
-            conn.output
-                .extend_from_slice(&encode(&Response::err(serde_json::Value::Null, error)));
-            conn.input.clear();
-            conn.closing = true;
+                if end > MAX_LINE {
+                    conn.input.truncate(MAX_LINE.saturating_add(1));
+                    break;
+                }
+                let line: Vec<u8> = conn.input.drain(..=end).collect();
+                let line = line.strip_suffix(b"\n").unwrap_or(&line);
+                if line.iter().all(u8::is_ascii_whitespace) {
+                    continue;
+                }
+                let response = match &conn.refused {
+                    Some(error) => {
+                        conn.closing = true;
+                        Response::err(serde_json::Value::Null, error.clone())
+                    }
+                    None => methods::handle_line(&self.registry, line),
+                };
+                conn.output.extend_from_slice(&encode(&response));
+            }
+            if conn.input.len() > MAX_LINE && !conn.input.contains(&b'\n') {
+                let error = RpcError::new(
+                    SERVER_ERROR,
+                    "too-large",
+                    format!("request line over {MAX_LINE} bytes"),
+                );
+                conn.output
+                    .extend_from_slice(&encode(&Response::err(serde_json::Value::Null, error)));
+                conn.input.clear();
+                conn.closing = true;
+                break;
+            }
+            if !capped || !open {
+                break;
+            }
         }
         open &= write_pending(conn);
         if !open || (conn.closing && conn.output.is_empty()) {
@@ -382,23 +401,25 @@ impl Server {
     }
 }
 
-/// Reads what is available; false when the peer closed or the socket failed.
-fn read_available(conn: &mut Connection) -> bool {
+/// Reads what is available, up to a line's worth at a time: `(alive, capped)`, alive false
+/// when the peer closed or the socket failed, capped true when it stopped at the cap with
+/// more perhaps waiting (the caller serves what it has, then reads on).
+fn read_available(conn: &mut Connection) -> (bool, bool) {
     let mut buf = [0u8; 8192];
     loop {
         match conn.stream.read(&mut buf) {
-            Ok(0) => return false,
+            Ok(0) => return (false, false),
             Ok(n) => {
                 conn.last_active = Instant::now();
                 conn.input
                     .extend_from_slice(buf.get(..n).unwrap_or_default());
-                if conn.input.len() > MAX_LINE && !conn.input.contains(&b'\n') {
-                    return true;
+                if conn.input.len() > MAX_LINE {
+                    return (true, true);
                 }
             }
-            Err(e) if e.kind() == ErrorKind::WouldBlock => return true,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => return (true, false),
             Err(e) if e.kind() == ErrorKind::Interrupted => continue,
-            Err(_) => return false,
+            Err(_) => return (false, false),
         }
     }
 }

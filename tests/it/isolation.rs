@@ -156,3 +156,45 @@ fn a_front_end_stalled_mid_message_cannot_hang_removal() {
     assert_eq!(ctl.device_count(), 0);
     drop(stalled);
 }
+
+#[test]
+fn a_control_client_that_never_reads_its_replies_cannot_grow_the_daemon() {
+    use std::io::Write;
+    let daemon = Daemon::start(&["--blk", "socket={dir}/d.sock,path=null,size=1M"]);
+    let before = daemon.rss_kib();
+    // Requests as fast as the socket takes them, replies never read.
+    let mut flood = std::os::unix::net::UnixStream::connect(daemon.path("control.sock")).unwrap();
+    flood.set_nonblocking(true).unwrap();
+    let request = br#"{"jsonrpc":"2.0","id":1,"method":"device.list"}
+"#;
+    let mut sent = 0usize;
+    while sent < 200_000 {
+        match flood.write(request) {
+            Ok(_) => sent += 1,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                // Wait for the daemon to take more; if it stops taking them, it is pushing
+                // back, which is the point.
+                let mut pfd = libc::pollfd {
+                    fd: std::os::fd::AsRawFd::as_raw_fd(&flood),
+                    events: libc::POLLOUT,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd for a socket that outlives the call.
+                if unsafe { libc::poll(&mut pfd, 1, 1000) } == 0 {
+                    break;
+                }
+            }
+            Err(e) => panic!("{e}"),
+        }
+    }
+    // Another client is served meanwhile (the control thread is not stuck on the flood)...
+    let mut ctl = Control::connect(&daemon.path("control.sock"));
+    assert_eq!(ctl.device_count(), 1);
+    // ...and the flood's replies were not all queued in the daemon: at most a few MiB.
+    let grown = daemon.rss_kib().saturating_sub(before);
+    assert!(
+        grown < 32 * 1024,
+        "daemon grew {grown} KiB holding replies for {sent} unread requests"
+    );
+    drop(flood);
+}
