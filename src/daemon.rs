@@ -63,10 +63,13 @@ pub struct DaemonConfig {
     pub state_dir: Option<PathBuf>,
     /// Where to serve Prometheus metrics, if anywhere.
     pub metrics: Option<std::net::SocketAddr>,
+    /// Whether host block devices may back disks.
+    pub allow_block_devices: bool,
 }
 
 /// Starts everything, blocks until told to stop, stops everything.
 pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
+    crate::storage::backing::allow_block_devices(config.allow_block_devices);
     signals::block_termination_signals().map_err(DaemonError::Signals)?;
     let state = config
         .state_dir

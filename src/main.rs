@@ -60,6 +60,11 @@ struct Args {
     #[arg(long = "control-allow-uid", value_name = "UID")]
     control_allow_uid: Vec<u32>,
 
+    /// Let host block devices back disks (`path=/dev/...`); off by default, so that a
+    /// control client cannot hand a guest the host's own disks.
+    #[arg(long)]
+    allow_block_devices: bool,
+
     /// Serve Prometheus metrics at http://ADDR:PORT/metrics (a bare PORT means 127.0.0.1).
     #[arg(long, value_name = "ADDR:PORT")]
     metrics: Option<String>,
@@ -127,6 +132,7 @@ impl TryFrom<Args> for DaemonConfig {
             net,
             control,
             state_dir: args.state_dir,
+            allow_block_devices: args.allow_block_devices,
             metrics,
         })
     }

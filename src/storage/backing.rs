@@ -33,6 +33,11 @@ pub enum BackingError {
     /// The file is neither regular nor a block device.
     #[error("{0} is not a regular file or block device")]
     NotAFileOrBlockDevice(PathBuf),
+    /// A block device, and this daemon was not started with `--allow-block-devices`.
+    #[error(
+        "{0} is a block device; the daemon serves block devices only with --allow-block-devices"
+    )]
+    BlockDeviceNotAllowed(PathBuf),
     /// The existing size differs from `size=`.
     #[error("{path} is {actual} bytes but size={requested} was given")]
     SizeMismatch {
@@ -86,7 +91,17 @@ pub struct BackingFile {
     pub is_block_device: bool,
 }
 
-/// Opens (or creates) and locks a backing file.
+/// Whether host block devices may back disks (`--allow-block-devices`; off by default: a
+/// control client naming `/dev/sda` would otherwise get the host's disk as a guest disk).
+static ALLOW_BLOCK_DEVICES: std::sync::atomic::AtomicBool =
+    std::sync::atomic::AtomicBool::new(false);
+
+/// Sets the daemon-wide block-device policy (from the command line, at start).
+pub fn allow_block_devices(allowed: bool) {
+    ALLOW_BLOCK_DEVICES.store(allowed, std::sync::atomic::Ordering::Release);
+}
+
+/// Opens (or creates) and locks a backing file (a block device only when allowed).
 pub fn open_backing(request: &OpenRequest<'_>) -> Result<BackingFile, BackingError> {
     let path = request.path;
     let with_path = |source| BackingError::Io {
@@ -110,6 +125,12 @@ pub fn open_backing(request: &OpenRequest<'_>) -> Result<BackingFile, BackingErr
         path: path.to_path_buf(),
         source,
     })?;
+    // Checked on what was opened (no race with the path changing): nothing has been read,
+    // written or locked yet.
+    let opened = file.metadata().map_err(with_path)?.file_type();
+    if opened.is_block_device() && !ALLOW_BLOCK_DEVICES.load(std::sync::atomic::Ordering::Acquire) {
+        return Err(BackingError::BlockDeviceNotAllowed(path.to_path_buf()));
+    }
     lock(&file, request.readonly).map_err(|e| match e.raw_os_error() {
         Some(libc::EWOULDBLOCK) => BackingError::Locked(path.to_path_buf()),
         _ => with_path(e),

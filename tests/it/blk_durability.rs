@@ -122,7 +122,7 @@ fn a_failed_flush_fails_every_later_flush() {
         "socket={{dir}}/d.sock,path={},queues=2",
         disk.loop_device.display()
     );
-    let daemon = Daemon::start(&["--blk", &spec]);
+    let daemon = Daemon::start(&["--allow-block-devices", "--blk", &spec]);
     let options = ConnectOptions {
         queues: 2,
         ..Default::default()

@@ -198,3 +198,65 @@ fn a_control_client_that_never_reads_its_replies_cannot_grow_the_daemon() {
     );
     drop(flood);
 }
+
+#[test]
+fn host_block_devices_back_disks_only_when_the_host_allows_it() {
+    let disk = crate::common::loopdev::LoopDevice::new(4 << 20);
+    let add = |ctl: &mut Control, daemon: &Daemon| {
+        ctl.call(
+            "device.add",
+            json!({"type": "blk", "id": "raw", "socket": daemon.path("raw.sock"),
+                   "path": disk.path}),
+        )
+    };
+    let daemon = Daemon::start(&[]);
+    let mut ctl = Control::connect(&daemon.path("control.sock"));
+    let error = add(&mut ctl, &daemon).unwrap_err();
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("--allow-block-devices"),
+        "{error}"
+    );
+    assert_eq!(ctl.device_count(), 0);
+    drop(ctl);
+    drop(daemon);
+    let daemon = Daemon::start(&["--allow-block-devices"]);
+    let mut ctl = Control::connect(&daemon.path("control.sock"));
+    add(&mut ctl, &daemon).unwrap();
+    crate::common::blk::BlkClient::connect(&daemon.path("raw.sock")).read(0, 0, 512);
+}
+
+#[test]
+fn a_cold_tier_path_never_names_someone_elses_file() {
+    let daemon = Daemon::start(&[]);
+    let mut ctl = Control::connect(&daemon.path("control.sock"));
+    let victim = daemon.path("tenant-archive");
+    std::fs::write(&victim, vec![0x5a; 1 << 20]).unwrap();
+    let error = ctl
+        .call(
+            "device.add",
+            json!({"type": "blk", "id": "t", "socket": daemon.path("t.sock"),
+                   "tier-hot": daemon.path("t.hot"), "tier-cold": victim, "size": "4M"}),
+        )
+        .unwrap_err();
+    assert!(
+        error["message"]
+            .as_str()
+            .unwrap()
+            .contains("not this disk's cold tier"),
+        "{error}"
+    );
+    assert!(
+        std::fs::read(&victim).unwrap().iter().all(|&b| b == 0x5a),
+        "the file was changed"
+    );
+    // A new, empty cold file is fine.
+    ctl.call(
+        "device.add",
+        json!({"type": "blk", "id": "t", "socket": daemon.path("t.sock"),
+               "tier-hot": daemon.path("t.hot"), "tier-cold": daemon.path("t.cold"), "size": "4M"}),
+    )
+    .unwrap();
+}

@@ -20,7 +20,7 @@ use super::request::Limits;
 use super::shared::DeviceShared;
 use crate::devices::shell::runner::{DeviceRunner, RunnerError};
 use crate::storage::backing::{open_backing, open_log, BackingError, OpenRequest};
-use crate::storage::tier::store::{TierError, TierStore};
+use crate::storage::tier::store::{journal_path, TierError, TierStore};
 use crate::storage::EngineSource;
 use crate::sys::poll::wait_readable_for;
 use std::os::fd::AsRawFd;
@@ -36,6 +36,11 @@ pub enum DeviceError {
     /// The tier store could not be opened (metadata corrupt or for another geometry, ...).
     #[error(transparent)]
     Tier(#[from] TierError),
+    /// `tier-cold` names a file with data that no journal of this disk describes.
+    #[error(
+        "{0} holds data but is not this disk's cold tier (no tier journal); refusing to reuse it"
+    )]
+    ForeignColdFile(PathBuf),
     /// The tier policy thread could not start.
     #[error("cannot start the tier policy thread")]
     Policy(#[source] std::io::Error),
@@ -105,6 +110,13 @@ impl BlkDevice {
                     BackingSpec::File(path) => path.clone(),
                     BackingSpec::Null => PathBuf::new(),
                 };
+                // A cold file with data but no journal of ours is someone else's file: the
+                // start-up check would punch every range the (empty) journal does not name,
+                // zeroing it. Refuse it instead.
+                let cold_len = cold.metadata().map(|m| m.len()).unwrap_or(0);
+                if cold_len > 0 && !journal_path(&hot_path).exists() {
+                    return Err(DeviceError::ForeignColdFile(spec.cold.clone()));
+                }
                 Some(Arc::new(TierStore::open(
                     Arc::clone(hot),
                     &hot_path,

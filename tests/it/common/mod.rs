@@ -6,6 +6,7 @@ pub mod blk;
 pub mod control;
 pub mod daemon;
 pub mod guest;
+pub mod loopdev;
 pub mod memory;
 pub mod net;
 pub mod netns;
