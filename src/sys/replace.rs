@@ -4,7 +4,7 @@
 //! [`replace_file`] writes `<path>.tmp` (mode 0600), `fsync`s it, renames it over `path` and
 //! `fsync`s the directory. When it returns `Ok`, the new contents survive a crash; a crash
 //! before that leaves the old file intact (plus, at worst, a stale `.tmp` that the next
-//! replacement truncates).
+//! replacement removes). The temp file is never opened through a symlink.
 
 use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
@@ -43,11 +43,19 @@ pub fn replace_file(path: &Path, bytes: &[u8]) -> Result<(), ReplaceError> {
             source,
         }
     };
+    // A stale temp file (or anything a client placed at that name, a symlink included) is
+    // removed, not followed; the new one is created exclusively, so a link appearing in
+    // between makes this fail rather than write through it.
+    match std::fs::remove_file(&temp) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(failed("cannot remove the stale", &temp)(e)),
+    }
     let mut file = OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(&temp)
         .map_err(failed("cannot create", &temp))?;
     file.write_all(bytes)
@@ -81,6 +89,18 @@ mod tests {
     }
 
     #[test]
+    fn a_symlink_at_the_temporary_name_is_never_written_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        std::fs::write(&victim, b"someone else's").unwrap();
+        let path = dir.path().join("list.json");
+        std::os::unix::fs::symlink(&victim, temp_path(&path)).unwrap();
+        replace_file(&path, b"ours").unwrap();
+        assert_eq!(std::fs::read(&victim).unwrap(), b"someone else's");
+        assert_eq!(std::fs::read(&path).unwrap(), b"ours");
+    }
+
+    #[test]
     fn a_failed_replacement_leaves_the_old_file() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("list.json");
@@ -88,7 +108,7 @@ mod tests {
         // The temporary path is a directory: creating the file fails before any rename.
         std::fs::create_dir(temp_path(&path)).unwrap();
         let err = replace_file(&path, b"new").unwrap_err();
-        assert_eq!(err.action, "cannot create");
+        assert_eq!(err.action, "cannot remove the stale");
         assert_eq!(std::fs::read(&path).unwrap(), b"old");
     }
 }

@@ -25,6 +25,7 @@
 use std::collections::BTreeMap;
 use std::fs::{File, OpenOptions};
 use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use crate::sys::replace::replace_file;
@@ -253,11 +254,15 @@ impl Journal {
                 source,
             }
         };
+        // Never through a symlink: the path is derived from a client-given one, and the
+        // daemon would otherwise write wherever a link placed there points.
         let mut file = OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(path)
             .map_err(io("cannot open"))?;
         let mut bytes = Vec::new();
@@ -360,6 +365,7 @@ impl Journal {
         self.file = OpenOptions::new()
             .read(true)
             .write(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&self.path)
             .map_err(|source| JournalError::Io {
                 action: "cannot reopen",
