@@ -157,6 +157,9 @@ impl BlkDevice {
             volatile,
         };
         let shared = Arc::new(DeviceShared {
+            direct_align: config
+                .direct
+                .then(|| usize::try_from(config.logical_block_size).unwrap_or(4096)),
             serial: config.serial.clone(),
             logical_block_size: config.logical_block_size,
             poll: crate::devices::options::poll_config(

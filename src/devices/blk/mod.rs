@@ -11,6 +11,7 @@
 //! - [`info`]: typed description and counters (control plane and metrics);
 
 pub mod backend;
+pub mod bounce;
 pub mod config;
 pub mod device;
 pub mod info;

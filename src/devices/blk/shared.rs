@@ -44,6 +44,9 @@ pub struct DeviceShared {
     pub qos: QosHandle,
     /// What each queue's engine is built over.
     pub engine: EngineSource,
+    /// On a `direct` disk, the alignment O_DIRECT needs (the logical block size): unaligned
+    /// guest buffers go through a bounce buffer.
+    pub direct_align: Option<usize>,
     /// Counters, one per queue (they outlive connections).
     pub stats: Vec<Arc<QueueStats>>,
 }
@@ -74,6 +77,7 @@ impl DeviceShared {
             connected: Arc::new(AtomicBool::new(false)),
             qos: QosHandle::default(),
             engine,
+            direct_align: None,
             stats: (0..queues).map(|_| Arc::default()).collect(),
         }
     }

@@ -29,6 +29,7 @@ use virtio_bindings::virtio_blk::{VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTI
 use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 
+use super::bounce::{self, Bounce};
 use super::request::{self, Rejection, Request, RequestKind};
 use super::shared::DeviceShared;
 use super::stats::{OpClass, QueueStats};
@@ -84,6 +85,8 @@ struct InFlight {
     started: Instant,
     /// Keeps the guest mappings alive while the kernel may access them.
     memory: Arc<GuestMemory>,
+    /// The aligned stand-in for unaligned guest buffers on a `direct` disk.
+    bounce: Option<Bounce>,
 }
 
 /// A parsed request waiting for QoS tokens.
@@ -478,15 +481,39 @@ impl QueueWorker {
         self.execute(head, request, &memory);
     }
 
+    /// The iovecs to hand the engine: the guest's own, or on a `direct` disk with any
+    /// unaligned buffer an aligned bounce buffer kept in `bounce` until completion.
+    fn bounced(&self, iovecs: GuestIovecs, read: bool, bounce: &mut Option<Bounce>) -> GuestIovecs {
+        match self.shared.direct_align {
+            Some(align) if bounce::needed(&iovecs, align) => {
+                // SAFETY: `request::parse` built the iovecs from mapped guest memory that the
+                // request's slot keeps alive (an `Arc` of it) until the request completes;
+                // write buffers are readable by the descriptor directions parse checked.
+                let mut copy = unsafe { Bounce::new(iovecs, align, read) };
+                let aligned = copy.iovecs();
+                *bounce = Some(copy);
+                aligned
+            }
+            _ => iovecs,
+        }
+    }
+
     fn execute(&mut self, head: u16, request: Request, memory: &Arc<GuestMemory>) {
+        let mut bounce = None;
         let (class, ops): (OpClass, EngineOps) = match request.kind {
             RequestKind::Read { offset } => (
                 OpClass::Read,
-                smallvec![(OpKind::Read { offset }, request.iovecs)],
+                smallvec![(
+                    OpKind::Read { offset },
+                    self.bounced(request.iovecs, true, &mut bounce)
+                )],
             ),
             RequestKind::Write { offset } => (
                 OpClass::Write,
-                smallvec![(OpKind::Write { offset }, request.iovecs)],
+                smallvec![(
+                    OpKind::Write { offset },
+                    self.bounced(request.iovecs, false, &mut bounce)
+                )],
             ),
             RequestKind::Flush => {
                 if self.shared.flush_failed.load(Ordering::Acquire) {
@@ -573,6 +600,7 @@ impl QueueWorker {
             bytes: u64::from(request.data_len),
             started: Instant::now(),
             memory: Arc::clone(memory),
+            bounce,
         };
         let index = self.in_flight.insert(slot);
         self.stats.started();
@@ -633,6 +661,11 @@ impl QueueWorker {
             }
             if let Some(done) = self.in_flight.try_remove(index) {
                 let ok = done.code == VIRTIO_BLK_S_OK as u8;
+                if let (true, Some(copy)) = (ok, done.bounce) {
+                    // SAFETY: the guest buffers are mapped by `done.memory`, still held here;
+                    // read buffers are writable by the directions `request::parse` checked.
+                    unsafe { copy.finish() };
+                }
                 self.stats
                     .completed(done.class, done.bytes, ok, done.started.elapsed());
                 self.finished.push(Finished {
