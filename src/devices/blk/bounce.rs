@@ -116,13 +116,7 @@ impl Bounce {
 #[allow(clippy::unwrap_used, clippy::indexing_slicing)] // tests fail loudly by design
 mod tests {
     use super::*;
-
-    fn iov(buf: &mut [u8]) -> libc::iovec {
-        libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
-        }
-    }
+    use crate::storage::sync::tests::iov;
 
     #[test]
     fn unaligned_buffers_go_through_an_aligned_copy_both_ways() {
