@@ -15,6 +15,8 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use crate::sys::private_file::open_private;
+
 /// Errors opening a backing.
 #[derive(Debug, thiserror::Error)]
 pub enum BackingError {
@@ -172,18 +174,10 @@ pub fn open_backing(request: &OpenRequest<'_>) -> Result<BackingFile, BackingErr
 /// Opens (creating, mode 0600) and locks exclusively an append-style data file such as a cold
 /// tier; it must be a regular file.
 pub fn open_log(path: &Path) -> Result<File, BackingError> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-        .open(path)
-        .map_err(|source| BackingError::Open {
-            path: path.to_path_buf(),
-            source,
-        })?;
+    let file = open_private(path).map_err(|source| BackingError::Open {
+        path: path.to_path_buf(),
+        source,
+    })?;
     lock(&file, false).map_err(|e| match e.raw_os_error() {
         Some(libc::EWOULDBLOCK) => BackingError::Locked(path.to_path_buf()),
         _ => BackingError::Io {

@@ -3,6 +3,7 @@
 pub mod clock;
 pub mod peer;
 pub mod poll;
+pub mod private_file;
 pub mod replace;
 pub mod signals;
 pub mod socket;

@@ -23,11 +23,11 @@
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use std::collections::BTreeMap;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::Read;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use crate::sys::private_file::open_private;
 use crate::sys::replace::replace_file;
 
 /// Bytes per entry.
@@ -254,17 +254,7 @@ impl Journal {
                 source,
             }
         };
-        // Never through a symlink: the path is derived from a client-given one, and the
-        // daemon would otherwise write wherever a link placed there points.
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .mode(0o600)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(path)
-            .map_err(io("cannot open"))?;
+        let mut file = open_private(path).map_err(io("cannot open"))?;
         let mut bytes = Vec::new();
         file.read_to_end(&mut bytes).map_err(io("cannot read"))?;
         let (replayed, geometry) = replay(&bytes);
@@ -362,16 +352,11 @@ impl Journal {
             bytes.extend_from_slice(&entry.encode(seq as u64));
         }
         replace_file(&self.path, &bytes)?;
-        self.file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&self.path)
-            .map_err(|source| JournalError::Io {
-                action: "cannot reopen",
-                path: self.path.clone(),
-                source,
-            })?;
+        self.file = open_private(&self.path).map_err(|source| JournalError::Io {
+            action: "cannot reopen",
+            path: self.path.clone(),
+            source,
+        })?;
         self.next_seq = entries.len() as u64;
         Ok(())
     }
@@ -500,7 +485,10 @@ mod tests {
         .unwrap();
         drop(j);
         // A torn write: half an entry at the end.
-        let mut f = OpenOptions::new().append(true).open(&path).unwrap();
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&path)
+            .unwrap();
         f.write_all(&Entry::Hot { extent: 3 }.encode(3)[..20])
             .unwrap();
         drop(f);
