@@ -92,15 +92,21 @@ fn bare_frontend(socket: &std::path::Path) -> vhost::vhost_user::Frontend {
     frontend
 }
 
-#[test]
-fn a_memory_region_past_the_end_of_its_file_drops_that_front_end_only() {
-    use vhost::VhostBackend;
-    let mut daemon = Daemon::start(&[
+/// A daemon serving two null disks: `bad.sock` for the hostile front-end, `good.sock` for the
+/// neighbour that must keep working.
+fn bad_and_good_disks() -> Daemon {
+    Daemon::start(&[
         "--blk",
         "socket={dir}/bad.sock,path=null,size=1M",
         "--blk",
         "socket={dir}/good.sock,path=null,size=1M",
-    ]);
+    ])
+}
+
+#[test]
+fn a_memory_region_past_the_end_of_its_file_drops_that_front_end_only() {
+    use vhost::VhostBackend;
+    let mut daemon = bad_and_good_disks();
     let frontend = bare_frontend(&daemon.path("bad.sock"));
     // 8 MiB of memfd announced as 64 MiB: mapping it works, touching the rest would SIGBUS.
     let mem = crate::common::memory::TestMemory::new(&[(0, 8 << 20)]);
@@ -120,12 +126,7 @@ fn a_memory_region_past_the_end_of_its_file_drops_that_front_end_only() {
 fn a_call_fd_that_is_not_an_eventfd_drops_that_front_end_only() {
     use std::os::fd::{FromRawFd, IntoRawFd};
     use vhost::VhostBackend;
-    let mut daemon = Daemon::start(&[
-        "--blk",
-        "socket={dir}/bad.sock,path=null,size=1M",
-        "--blk",
-        "socket={dir}/good.sock,path=null,size=1M",
-    ]);
+    let mut daemon = bad_and_good_disks();
     let frontend = bare_frontend(&daemon.path("bad.sock"));
     let mem = crate::common::memory::TestMemory::new(&[(0, 8 << 20)]);
     frontend.set_mem_table(&mem.regions()).unwrap();
@@ -136,8 +137,11 @@ fn a_call_fd_that_is_not_an_eventfd_drops_that_front_end_only() {
         unsafe { vmm_sys_util::eventfd::EventFd::from_raw_fd(write.into_raw_fd()) };
     let _ = frontend.set_vring_call(0, &not_an_eventfd);
     daemon.wait_for_log("the descriptor is not an eventfd");
+    daemon.wait_for_log("bad: front-end disconnected");
     let mut good = crate::common::blk::BlkClient::connect(&daemon.path("good.sock"));
     good.read(0, 0, 512);
+    // The socket takes a well-behaved front-end again.
+    crate::common::blk::BlkClient::connect(&daemon.path("bad.sock")).read(0, 0, 512);
 }
 
 #[test]
