@@ -78,11 +78,12 @@ impl Port {
     fn deliver(&self, frame: &FrameRef<'_>, hash: usize) -> Result<(), Drop> {
         match &self.sink {
             PortSink::Guest(target) => {
-                let target = target
+                // Delivered under the read guard (only queue start/stop write it): no reference
+                // count round trip per frame.
+                let guard = target
                     .read()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .clone()
-                    .ok_or(Drop::LinkDown)?;
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let target = guard.as_ref().ok_or(Drop::LinkDown)?;
                 let limits = self.qos.as_ref().filter(|q| q.is_enabled());
                 let cost = Cost {
                     kind: CostKind::Rx,
