@@ -113,9 +113,6 @@ impl Poller {
         }
     }
 
-    /// A poll of `polled` found work: the window was right.
-    pub fn found(&mut self, _polled: Duration) {}
-
     /// A poll of `polled` found nothing.
     pub fn missed(&mut self, polled: Duration) {
         self.wasted = self.wasted.saturating_add(polled);
@@ -202,9 +199,7 @@ mod tests {
     /// covers it, else after a sleep. Returns the next window.
     fn cycle(p: &mut Poller, t: Instant, gap: Duration) -> Duration {
         let window = p.window(t);
-        if gap <= window {
-            p.found(gap);
-        } else {
+        if gap > window {
             p.missed(window);
             p.sleeping(t + window, window);
             p.woke(t + gap);

@@ -33,7 +33,7 @@ use super::bounce::{self, Bounce};
 use super::request::{self, Rejection, Request, RequestKind};
 use super::shared::DeviceShared;
 use super::stats::{OpClass, QueueStats};
-use crate::devices::poll::{spin, Look, PollMode, Poller};
+use crate::devices::poll::{spin, Look, PollMode, Poller, MAX_SPELL};
 use crate::qos::gate::Gate;
 use crate::qos::timer::TimerError;
 use crate::storage::{Completion, Engine, GuestIovecs, IoOp, OpKind};
@@ -156,9 +156,6 @@ impl LogLimiter {
     }
 }
 
-/// Longest a single kick may keep the worker polling before it goes back to its event loop.
-pub const MAX_POLL_SPELL: Duration = crate::devices::poll::MAX_SPELL;
-
 impl QueueWorker {
     /// A worker for queue `queue_index`, serving with `engine`.
     pub fn new(
@@ -252,7 +249,7 @@ impl QueueWorker {
     /// notifications still suppressed, before sleeping (`devices::poll`: an adaptive window
     /// by default, busy polling, or none, within a CPU budget): under load the guest stops
     /// kicking and the worker stops sleeping; an idle queue stops polling and costs nothing.
-    /// One call polls at most [`MAX_POLL_SPELL`], so queue-stop requests are never starved;
+    /// One call polls at most [`MAX_SPELL`], so queue-stop requests are never starved;
     /// busy polling then continues through the repoll event.
     pub fn process_queue(&mut self, vring: &CheckedVring) -> Result<(), WorkerError> {
         if vring.size_rejected() {
@@ -283,19 +280,16 @@ impl QueueWorker {
             }
             let now = Instant::now();
             let window = self.poller.window(now);
-            let spell_left = MAX_POLL_SPELL.saturating_sub(now.saturating_duration_since(started));
+            let spell_left = MAX_SPELL.saturating_sub(now.saturating_duration_since(started));
             let mut polled = Duration::ZERO;
             if !window.is_zero() && !spell_left.is_zero() {
                 let window = window.min(spell_left);
                 if self.poll_for_work(vring, &memory, window)? {
-                    self.poller.found(now.elapsed());
                     continue;
                 }
                 polled = now.elapsed();
                 self.poller.missed(polled);
-                if self.poller.mode() == PollMode::Busy
-                    && !self.poller.window(Instant::now()).is_zero()
-                {
+                if self.poller.mode() == PollMode::Busy && !self.poller.window(now).is_zero() {
                     // Keep busy polling, but through the event loop, so a queue stop gets in.
                     if let Err(e) = self.repoll.write(1) {
                         log::warn!(
@@ -332,6 +326,18 @@ impl QueueWorker {
 
     /// Takes requests off the ring (under one vring lock) until it is empty or QoS holds.
     /// Returns how many were taken.
+    /// Counts and (rate-limited) logs a head the driver should not have published.
+    fn skip_head(&mut self, head: u16, why: &str) {
+        self.stats.ring_error();
+        if let Some(suppressed) = self.refusal_log.allow() {
+            log::warn!(
+                "{}: queue {}: head {head} {why}; skipped ({suppressed} similar events not logged)",
+                self.shared.id,
+                self.queue_index
+            );
+        }
+    }
+
     fn pop_available(&mut self, vring: &CheckedVring, memory: &Arc<GuestMemory>) -> usize {
         let mut state = vring.get_mut();
         let mut popped = 0usize;
@@ -344,30 +350,14 @@ impl QueueWorker {
             if head >= state.get_queue().size() {
                 // A head beyond the ring: nothing can be read or returned for it. Skip it and
                 // serve what follows (the queue never stops silently behind one bad entry).
-                self.stats.ring_error();
-                if let Some(suppressed) = self.refusal_log.allow() {
-                    log::warn!(
-                        "{}: queue {}: head {head} is beyond the ring; skipped \
-                         ({suppressed} similar events not logged)",
-                        self.shared.id,
-                        self.queue_index
-                    );
-                }
+                self.skip_head(head, "is beyond the ring");
                 continue;
             }
             if !self.heads.claim(head) {
                 // The driver published a head we still hold: a broken ring. Serving it twice
                 // would complete one request twice and let a guest pile up unbounded work;
                 // skip it (the held request completes once) and keep serving the rest.
-                self.stats.ring_error();
-                if let Some(suppressed) = self.refusal_log.allow() {
-                    log::warn!(
-                        "{}: queue {}: head {head} published again while in flight; skipped \
-                         ({suppressed} similar events not logged)",
-                        self.shared.id,
-                        self.queue_index
-                    );
-                }
+                self.skip_head(head, "was published again while in flight");
                 continue;
             }
             self.start(head, chain, memory);

@@ -116,11 +116,7 @@ impl PairWorker {
     ) -> Result<Self, WorkerError> {
         let gate = Gate::new()?;
         let config = &shared.config;
-        let poller = Poller::new(crate::devices::options::poll_config(
-            config.poll_mode,
-            config.poll_us,
-            config.poll_budget,
-        ));
+        let poller = Poller::new(config.poll);
         let repoll = EventFd::new(EFD_NONBLOCK).map_err(WorkerError::Repoll)?;
         Ok(Self {
             pair,
@@ -434,12 +430,11 @@ impl PairWorker {
             let mut polled = Duration::ZERO;
             if !window.is_zero() && !spell_left.is_zero() && (sent > 0 || busy) {
                 if self.poll_for_tx(tx, &memory, window.min(spell_left)) {
-                    self.poller.found(now.elapsed());
                     continue;
                 }
                 polled = now.elapsed();
                 self.poller.missed(polled);
-                if busy && !self.poller.window(Instant::now()).is_zero() {
+                if busy && !self.poller.window(now).is_zero() {
                     // Keep busy polling, but through the event loop, so a queue stop gets in.
                     if let Err(e) = self.repoll.write(1) {
                         log::warn!("{} pair {}: repoll: {e}", self.shared.config.id, self.pair);
