@@ -120,16 +120,11 @@ impl CommonOptions {
 
     /// The polling settings these options describe.
     pub fn poll_config(&self) -> PollConfig {
-        poll_config(self.poll_mode, self.poll_us, self.poll_budget)
-    }
-}
-
-/// Polling settings from a device's options.
-pub fn poll_config(mode: PollMode, poll_us: u32, budget_percent: u8) -> PollConfig {
-    PollConfig {
-        mode,
-        max: std::time::Duration::from_micros(u64::from(poll_us)),
-        budget_percent,
+        PollConfig {
+            mode: self.poll_mode,
+            max: std::time::Duration::from_micros(u64::from(self.poll_us)),
+            budget_percent: self.poll_budget,
+        }
     }
 }
 

@@ -123,6 +123,7 @@ impl<T> Gate<T> {
     }
 
     /// Whether the timer is armed.
+    #[cfg(test)]
     pub fn timer_armed(&self) -> bool {
         self.timer.is_armed()
     }

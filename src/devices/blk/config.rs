@@ -60,7 +60,7 @@ pub struct TierSpec {
 }
 
 /// A validated virtio-blk device configuration.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BlkConfig {
     /// Name used in logs, stats and the control plane.
     pub id: String,
@@ -84,13 +84,8 @@ pub struct BlkConfig {
     pub engine: EngineKind,
     /// Logical block size reported to the guest (512 or 4096).
     pub logical_block_size: u32,
-    /// Largest window, in microseconds, a queue worker polls for new requests and completions
-    /// after the ring runs dry (adaptive mode; 0 disables polling).
-    pub poll_us: u32,
-    /// How the queues poll (`poll=adaptive|busy|off`).
-    pub poll_mode: crate::devices::poll::PollMode,
-    /// Most of each second a queue polls without finding work, in percent (`poll-budget`).
-    pub poll_budget: u8,
+    /// How the queues poll (`poll=`, `poll-us=`, `poll-budget=`).
+    pub poll: crate::devices::poll::PollConfig,
     /// Rate limits (none by default).
     pub qos: QosConfig,
     /// The QoS group whose limits also apply (`qos-group=NAME`).
@@ -109,21 +104,21 @@ impl BlkConfig {
 
     /// Builds a configuration from an option list, consuming every key.
     pub fn from_options(mut options: OptionList) -> Result<Self, BlkConfigError> {
-        let CommonOptions {
-            id,
-            socket,
-            queues,
-            queue_size,
-            poll_us,
-            poll_mode,
-            poll_budget,
-            qos_group,
-        } = CommonOptions::take(
+        let common = CommonOptions::take(
             &mut options,
             QueueLimits {
                 max_queues: MAX_QUEUES,
             },
         )?;
+        let poll = common.poll_config();
+        let CommonOptions {
+            id,
+            socket,
+            queues,
+            queue_size,
+            qos_group,
+            ..
+        } = common;
         let tier_hot = options.take_str("tier-hot");
         let tier_cold = options.take_str("tier-cold");
         let extent = options.take_size("extent")?;
@@ -220,9 +215,7 @@ impl BlkConfig {
             serial,
             engine,
             logical_block_size,
-            poll_us,
-            poll_mode,
-            poll_budget,
+            poll,
             qos,
             qos_group,
             tier,

@@ -162,11 +162,7 @@ impl BlkDevice {
                 .then(|| usize::try_from(config.logical_block_size).unwrap_or(4096)),
             serial: config.serial.clone(),
             logical_block_size: config.logical_block_size,
-            poll: crate::devices::options::poll_config(
-                config.poll_mode,
-                config.poll_us,
-                config.poll_budget,
-            ),
+            poll: config.poll,
             ..DeviceShared::new(&config.id, config.queues, config.queue_size, limits, source)
         });
         if let Err(e) = shared.set_qos(&config.qos) {
@@ -239,7 +235,7 @@ impl BlkDevice {
             serial: config.serial.clone(),
             engine: shared.engine_name(),
             logical_block_size: config.logical_block_size,
-            poll_us: config.poll_us,
+            poll_us: u32::try_from(config.poll.max.as_micros()).unwrap_or(u32::MAX),
             connected: self.is_connected(),
             flush_failed: shared.flush_failed.load(Ordering::Acquire),
         }

@@ -102,16 +102,6 @@ impl DeviceShared {
         self.qos.set_group(group);
     }
 
-    /// The device's own current tokens, by limit name.
-    pub fn qos_tokens(&self) -> Vec<(String, i64)> {
-        self.qos.tokens()
-    }
-
-    /// The current rate-limit settings.
-    pub fn qos_config(&self) -> QosConfig {
-        self.qos.config()
-    }
-
     /// The counters of queue `queue`.
     pub fn queue_stats(&self, queue: u16) -> Arc<QueueStats> {
         // Queue ids come from the worker set built from `queues`; a stray one gets fresh,

@@ -49,7 +49,7 @@ pub enum NetBackendSpec {
 }
 
 /// A validated virtio-net device configuration.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetConfig {
     /// Name used in logs, stats and the control plane.
     pub id: String,
@@ -58,7 +58,6 @@ pub struct NetConfig {
     /// Tap or switch.
     pub backend: NetBackendSpec,
     /// The guest's MAC: in the config space, and the only source a switch port accepts.
-    #[serde(serialize_with = "serialize_mac")]
     pub mac: Mac,
     /// Queue pairs offered (`VIRTIO_NET_F_MQ`).
     pub queue_pairs: u16,
@@ -72,13 +71,8 @@ pub struct NetConfig {
     pub qos: QosConfig,
     /// The QoS group whose limits also apply (`qos-group=NAME`).
     pub qos_group: Option<String>,
-    /// Largest window, in microseconds, a tx worker polls its ring after it runs dry
-    /// (adaptive mode; 0 disables). Saves the guest's kick and our wake-up while traffic flows.
-    pub poll_us: u32,
-    /// How the tx queues poll (`poll=adaptive|busy|off`).
-    pub poll_mode: crate::devices::poll::PollMode,
-    /// Most of each second a queue polls without finding work, in percent (`poll-budget`).
-    pub poll_budget: u8,
+    /// How the queues poll (`poll=`, `poll-us=`, `poll-budget=`).
+    pub poll: crate::devices::poll::PollConfig,
 }
 
 impl NetConfig {
@@ -89,21 +83,21 @@ impl NetConfig {
 
     /// Builds a configuration from an option list, consuming every key.
     pub fn from_options(mut options: OptionList) -> Result<Self, NetConfigError> {
-        let CommonOptions {
-            id,
-            socket,
-            queues: queue_pairs,
-            queue_size,
-            poll_us,
-            poll_mode,
-            poll_budget,
-            qos_group,
-        } = CommonOptions::take(
+        let common = CommonOptions::take(
             &mut options,
             QueueLimits {
                 max_queues: MAX_QUEUE_PAIRS,
             },
         )?;
+        let poll = common.poll_config();
+        let CommonOptions {
+            id,
+            socket,
+            queues: queue_pairs,
+            queue_size,
+            qos_group,
+            ..
+        } = common;
         let backend = match (options.take_str("tap"), options.take_str("switch")) {
             (Some(tap), None) => {
                 if tap.is_empty() || tap.len() >= libc::IFNAMSIZ || tap.contains('/') {
@@ -151,9 +145,7 @@ impl NetConfig {
             vlan,
             qos,
             qos_group,
-            poll_us,
-            poll_mode,
-            poll_budget,
+            poll,
         })
     }
 }
@@ -193,10 +185,6 @@ pub fn format_mac(mac: &Mac) -> String {
         .map(|b| format!("{b:02x}"))
         .collect::<Vec<_>>()
         .join(":")
-}
-
-fn serialize_mac<S: serde::Serializer>(mac: &Mac, serializer: S) -> Result<S::Ok, S::Error> {
-    serializer.serialize_str(&format_mac(mac))
 }
 
 /// A stable, locally administered unicast MAC from the id (FNV-1a of the id).
