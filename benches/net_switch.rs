@@ -7,6 +7,7 @@
 //! Criterion reports frames per second. Pin with `taskset` for stable numbers.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // a benchmark: fail loudly; criterion macros are undocumented
 
+#[allow(dead_code)] // the integration tests' harness; a bench uses a few of its helpers
 #[path = "../tests/it/common/mod.rs"]
 mod common;
 

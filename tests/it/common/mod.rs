@@ -1,6 +1,6 @@
 //! Shared test harness: run the real `novacrond` binary and drive it as a vhost-user
 //! front-end would (memfd guest memory, split virtqueues, the `vhost` crate's `Frontend`).
-#![allow(dead_code, clippy::panic)] // helpers for many test crates; they fail loudly by design
+#![allow(clippy::panic)] // test helpers fail loudly by design
 
 pub mod blk;
 pub mod control;

@@ -7,11 +7,9 @@ use std::path::Path;
 use super::blk::{BlkClient, ConnectOptions};
 
 pub const HDR: usize = 12;
-pub const F_CSUM: u64 = 1 << 0;
 pub const F_GUEST_CSUM: u64 = 1 << 1;
 pub const F_GUEST_TSO4: u64 = 1 << 7;
 pub const F_GUEST_TSO6: u64 = 1 << 8;
-pub const F_GUEST_ECN: u64 = 1 << 9;
 pub const F_MRG_RXBUF: u64 = 1 << 15;
 
 /// A connected virtio-net front-end with `pairs` queue pairs.
