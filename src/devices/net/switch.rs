@@ -19,6 +19,8 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use smallvec::SmallVec;
+
 /// A MAC address.
 pub type Mac = [u8; 6];
 
@@ -58,8 +60,9 @@ impl DropReason {
 pub enum Forward {
     /// To one port.
     Unicast(u32),
-    /// To each of these ports (possibly none).
-    Flood(Vec<u32>),
+    /// To each of these ports (possibly none); inline up to 8, so flooding a small switch
+    /// (ARP, broadcast) allocates nothing per frame.
+    Flood(SmallVec<[u32; 8]>),
     /// Nowhere.
     Drop(DropReason),
 }
@@ -267,7 +270,7 @@ mod tests {
         // A full table still forwards: unknown destinations flood.
         assert_eq!(
             s.forward(1, &frame(sprayed(MAX_LEARNT + 500), mac(1)), 2),
-            Forward::Flood(vec![9])
+            Forward::Flood(smallvec::smallvec![9])
         );
         // Entries age out as traffic flows on, without anyone calling `expire`.
         s.forward(1, &frame(BROADCAST, mac(1)), 400 * SEC);
@@ -280,11 +283,11 @@ mod tests {
         let mut s = three_ports();
         assert_eq!(
             s.forward(1, &frame(mac(2), mac(1)), 0),
-            Forward::Flood(vec![2, 3])
+            Forward::Flood(smallvec::smallvec![2, 3])
         );
         assert_eq!(
             s.forward(2, &frame(BROADCAST, mac(2)), 0),
-            Forward::Flood(vec![1, 3])
+            Forward::Flood(smallvec::smallvec![1, 3])
         );
         // Both sources are learnt now.
         assert_eq!(s.forward(1, &frame(mac(2), mac(1)), 1), Forward::Unicast(2));
@@ -292,7 +295,7 @@ mod tests {
         let multicast = [0x01, 0x00, 0x5e, 0, 0, 1];
         assert_eq!(
             s.forward(1, &frame(multicast, mac(1)), 1),
-            Forward::Flood(vec![2, 3])
+            Forward::Flood(smallvec::smallvec![2, 3])
         );
     }
 
@@ -308,7 +311,7 @@ mod tests {
         // Port 2 fell silent for the aging time: back to flooding.
         assert_eq!(
             s.forward(1, &frame(mac(2), mac(1)), 301 * SEC),
-            Forward::Flood(vec![2, 3])
+            Forward::Flood(smallvec::smallvec![2, 3])
         );
         s.expire(301 * SEC);
         assert_eq!(s.learnt(301 * SEC), 1, "only port 1's fresh entry is left");
@@ -355,7 +358,7 @@ mod tests {
         let outside = [0x02, 0xaa, 0, 0, 0, 1];
         assert_eq!(
             s.forward(9, &frame(mac(1), outside), 0),
-            Forward::Flood(vec![1, 2, 3])
+            Forward::Flood(smallvec::smallvec![1, 2, 3])
         );
         assert_eq!(
             s.forward(1, &frame(outside, mac(1)), 0),
@@ -378,12 +381,12 @@ mod tests {
         s.attach(3, port(3, Some(20)));
         assert_eq!(
             s.forward(1, &frame(BROADCAST, mac(1)), 0),
-            Forward::Flood(vec![2])
+            Forward::Flood(smallvec::smallvec![2])
         );
         // Port 3 (VLAN 20) cannot reach port 1 even by unicast to a learnt MAC.
         assert_eq!(
             s.forward(3, &frame(mac(1), mac(3)), 0),
-            Forward::Flood(vec![])
+            Forward::Flood(smallvec::smallvec![])
         );
     }
 
@@ -394,7 +397,7 @@ mod tests {
         s.detach(2);
         assert_eq!(
             s.forward(1, &frame(mac(2), mac(1)), 1),
-            Forward::Flood(vec![3])
+            Forward::Flood(smallvec::smallvec![3])
         );
     }
 }
