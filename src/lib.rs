@@ -17,6 +17,7 @@ pub mod lock;
 pub mod metrics;
 pub mod qos;
 pub mod registry;
+pub mod ring;
 pub mod state;
 pub mod storage;
 pub mod sys;

@@ -1,0 +1,108 @@
+//! A burst on one queue: chains taken from the avail ring and entries added to the used ring,
+//! with the queue's indices advanced locally and written back (and the used index published)
+//! once, when the burst ends.
+
+// Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
+// panic or wrap silently (checked, saturating or `get` instead).
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+
+use std::num::Wrapping;
+
+use virtio_queue::{Queue, QueueT};
+
+use super::map::MemMap;
+use super::split::{BrokenChain, RingError, SplitRing};
+use crate::devices::desc::Buffers;
+
+/// A burst on `queue`; ends with [`Burst::finish`] (or when dropped, without the signal
+/// answer): the indices go back into the `Queue` and what was used becomes visible.
+pub struct Burst<'q, 'a, 'm> {
+    queue: &'q mut Queue,
+    ring: SplitRing<'a, 'm>,
+    next_avail: Wrapping<u16>,
+    /// The avail index as last read (chains up to it may be taken without another read).
+    avail_end: Wrapping<u16>,
+    used_start: Wrapping<u16>,
+    next_used: Wrapping<u16>,
+    finished: bool,
+}
+
+impl<'q, 'a, 'm> Burst<'q, 'a, 'm> {
+    /// Starts a burst on `queue` through `map`.
+    pub fn new(queue: &'q mut Queue, map: &'a MemMap<'m>) -> Result<Self, RingError> {
+        let ring = SplitRing::new(map, queue)?;
+        let next_avail = Wrapping(queue.next_avail());
+        let next_used = Wrapping(queue.next_used());
+        Ok(Self {
+            queue,
+            ring,
+            next_avail,
+            avail_end: next_avail,
+            used_start: next_used,
+            next_used,
+            finished: false,
+        })
+    }
+
+    /// Chains available now (reads the driver's index).
+    pub fn available(&mut self) -> Result<u16, RingError> {
+        let pending = self.ring.pending(self.next_avail.0)?;
+        self.avail_end = self.next_avail + Wrapping(pending);
+        Ok(pending)
+    }
+
+    /// Takes the next chain into `out`: `None` when the ring is empty, else its head and
+    /// whether it could be walked (a broken chain is taken too: the caller returns it).
+    pub fn pop(
+        &mut self,
+        out: &mut Buffers,
+    ) -> Result<Option<(u16, Result<(), BrokenChain>)>, RingError> {
+        if self.next_avail == self.avail_end && self.available()? == 0 {
+            return Ok(None);
+        }
+        let head = self.ring.head(self.next_avail.0);
+        self.next_avail += Wrapping(1);
+        Ok(Some((head, self.ring.chain(head, out))))
+    }
+
+    /// Puts the last `count` chains taken back (they will be taken again).
+    pub fn unpop(&mut self, count: u16) {
+        self.next_avail -= Wrapping(count);
+    }
+
+    /// Returns `head` to the driver with `len` bytes written (visible when the burst ends).
+    pub fn used(&mut self, head: u16, len: u32) {
+        self.ring.write_used(self.next_used.0, head, len);
+        self.next_used += Wrapping(1);
+    }
+
+    /// Entries added to the used ring in this burst so far.
+    pub fn used_count(&self) -> u16 {
+        (self.next_used - self.used_start).0
+    }
+
+    /// Ends the burst; returns whether the driver wants an interrupt for what was used.
+    pub fn finish(mut self) -> bool {
+        self.flush()
+    }
+
+    fn flush(&mut self) -> bool {
+        if self.finished {
+            return false;
+        }
+        self.finished = true;
+        self.queue.set_next_avail(self.next_avail.0);
+        if self.next_used == self.used_start {
+            return false;
+        }
+        self.queue.set_next_used(self.next_used.0);
+        self.ring
+            .publish_used(self.used_start.0, self.next_used.0)
+    }
+}
+
+impl Drop for Burst<'_, '_, '_> {
+    fn drop(&mut self) {
+        self.flush();
+    }
+}
