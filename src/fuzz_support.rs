@@ -198,11 +198,15 @@ pub fn net_frame(data: &[u8]) {
     let _ = frame::rx_buffer(&mem, head, &buffers);
     // The same ring as an rx queue: gather, then commit what a frame of `need` bytes uses.
     queue.set_next_avail(0);
+    let map = crate::ring::map::MemMap::new(&mem);
+    let Ok(mut burst) = crate::ring::burst::Burst::new(&mut queue, &map) else {
+        return;
+    };
     let mut batch = rx::RxBatch::default();
     if let Ok(rx::Gathered::Ready) =
-        batch.gather(&mut queue, &mem, need % 0x20000, mergeable, |_| {})
+        batch.gather(&mut burst, &mem, need % 0x20000, mergeable, |_| {})
     {
-        let _ = batch.commit(&mut queue, &mem, need % 0x20000);
+        batch.commit(&mut burst, &mem, need % 0x20000);
     }
 }
 

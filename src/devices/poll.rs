@@ -168,7 +168,7 @@ pub fn spin<E>(window: Duration, mut look: impl FnMut() -> Result<Look, E>) -> R
         match look()? {
             Look::Work => return Ok(true),
             Look::Progress => idle_since = Instant::now(),
-            Look::Nothing => std::hint::spin_loop(),
+            Look::Nothing => std::thread::yield_now(),
         }
     }
     Ok(false)

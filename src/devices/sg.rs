@@ -200,26 +200,42 @@ pub fn copy_between(
     dst_offset: u64,
     len: u64,
 ) -> Result<u64, SgError> {
-    // The usual case: the frame is one buffer and fits the first destination buffer, each
-    // inside one memory region: one copy, no slice lists.
-    if let ([from], [to]) = (
-        split_spans(src, src_offset, len)?.as_slice(),
-        split_spans(dst, dst_offset, len)?.as_slice(),
+    // The usual case: the bytes lie in one span on each side, each inside one memory region:
+    // one copy, no slice lists (found without building any: this runs per frame).
+    if let (Some(from), Some(to)) = (
+        within_one(src, src_offset, len),
+        within_one(dst, dst_offset, len),
     ) {
-        if from.len == to.len {
-            let count = from.len as usize;
+        if let (Ok(count), true) = (usize::try_from(len), len > 0) {
             if let (Ok(a), Ok(b)) = (
-                GuestMemoryBackend::get_slice(src_mem, from.addr, count),
-                GuestMemoryBackend::get_slice(dst_mem, to.addr, count),
+                GuestMemoryBackend::get_slice(src_mem, from, count),
+                GuestMemoryBackend::get_slice(dst_mem, to, count),
             ) {
                 a.copy_to_volatile_slice(b);
-                return Ok(u64::from(from.len));
+                return Ok(len);
             }
         }
     }
     let from = stream_slices(src_mem, src, src_offset, len)?;
     let to = stream_slices(dst_mem, dst, dst_offset, len)?;
     Ok(copy_slices(&from, &to))
+}
+
+/// The guest address of stream bytes `offset..offset+len` if they lie in one span.
+fn within_one(spans: &[Span], offset: u64, len: u64) -> Option<GuestAddress> {
+    let mut offset = offset;
+    for span in spans {
+        let span_len = u64::from(span.len);
+        if offset < span_len {
+            return if len <= span_len.saturating_sub(offset) {
+                span.addr.checked_add(offset)
+            } else {
+                None
+            };
+        }
+        offset = offset.saturating_sub(span_len);
+    }
+    None
 }
 
 /// Copies `src` (bytes in our memory) into the stream at `offset`; returns bytes copied.

@@ -14,6 +14,9 @@ use super::map::MemMap;
 use super::split::{BrokenChain, RingError, SplitRing};
 use crate::devices::desc::Buffers;
 
+/// A chain taken: its head, and whether it could be walked.
+pub type Popped = (u16, Result<(), BrokenChain>);
+
 /// A burst on `queue`; ends with [`Burst::finish`] (or when dropped, without the signal
 /// answer): the indices go back into the `Queue` and what was used becomes visible.
 pub struct Burst<'q, 'a, 'm> {
@@ -53,10 +56,7 @@ impl<'q, 'a, 'm> Burst<'q, 'a, 'm> {
 
     /// Takes the next chain into `out`: `None` when the ring is empty, else its head and
     /// whether it could be walked (a broken chain is taken too: the caller returns it).
-    pub fn pop(
-        &mut self,
-        out: &mut Buffers,
-    ) -> Result<Option<(u16, Result<(), BrokenChain>)>, RingError> {
+    pub fn pop(&mut self, out: &mut Buffers) -> Result<Option<Popped>, RingError> {
         if self.next_avail == self.avail_end && self.available()? == 0 {
             return Ok(None);
         }
@@ -96,8 +96,7 @@ impl<'q, 'a, 'm> Burst<'q, 'a, 'm> {
             return false;
         }
         self.queue.set_next_used(self.next_used.0);
-        self.ring
-            .publish_used(self.used_start.0, self.next_used.0)
+        self.ring.publish_used(self.used_start.0, self.next_used.0)
     }
 }
 

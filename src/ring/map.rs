@@ -77,18 +77,6 @@ impl<'m> MemMap<'m> {
         None
     }
 
-    /// How many bytes from `gpa` onwards lie in the region holding `gpa` (0: unmapped), and
-    /// their host address.
-    pub fn contiguous(&self, gpa: u64) -> Option<(NonNull<u8>, u64)> {
-        let r = self
-            .regions
-            .iter()
-            .find(|r| gpa >= r.start && gpa - r.start < r.len)?;
-        let offset = gpa.checked_sub(r.start)?;
-        let host = Self::offset(r, offset)?;
-        Some((host, r.len.saturating_sub(offset)))
-    }
-
     #[inline]
     fn inside(r: &Region, gpa: u64, len: u64) -> Option<NonNull<u8>> {
         let offset = gpa.checked_sub(r.start)?;
@@ -138,7 +126,5 @@ mod tests {
             mem.get_host_address(GuestAddress(0x10800)).unwrap() as usize
         );
         assert!(map.host(0x10, 0).is_some());
-        assert_eq!(map.contiguous(0xff0).unwrap().1, 0x10);
-        assert!(map.contiguous(0x3000).is_none());
     }
 }

@@ -107,8 +107,18 @@ impl<'a, 'm> SplitRing<'a, 'm> {
         // Sizes: 16 per descriptor; avail = flags, idx, ring, used_event; used = flags, idx,
         // ring of 8-byte elements, avail_event. n <= 32768, so none of these overflow.
         let desc = area(map, queue.desc_table(), n.saturating_mul(DESC_SIZE), 16)?;
-        let avail = area(map, queue.avail_ring(), n.saturating_mul(2).saturating_add(6), 2)?;
-        let used = area(map, queue.used_ring(), n.saturating_mul(8).saturating_add(6), 4)?;
+        let avail = area(
+            map,
+            queue.avail_ring(),
+            n.saturating_mul(2).saturating_add(6),
+            2,
+        )?;
+        let used = area(
+            map,
+            queue.used_ring(),
+            n.saturating_mul(8).saturating_add(6),
+            4,
+        )?;
         Ok(Self {
             map,
             desc,

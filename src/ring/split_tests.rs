@@ -26,7 +26,8 @@ fn publish(mem: &GuestMemory, mock: &MockSplitQueue<GuestMemory>, heads: &[u16])
     let size = mock.create_queue::<Queue>().unwrap().size();
     for (i, h) in heads.iter().enumerate() {
         let slot = (idx.wrapping_add(i as u16) % size) as u64;
-        mem.write_obj(*h, avail.unchecked_add(4 + 2 * slot)).unwrap();
+        mem.write_obj(*h, avail.unchecked_add(4 + 2 * slot))
+            .unwrap();
     }
     mem.write_obj(idx.wrapping_add(heads.len() as u16), avail.unchecked_add(2))
         .unwrap();
@@ -54,7 +55,12 @@ fn random_direct_chains_read_as_virtio_queue_reads_them() {
         for i in 0..size {
             let flags = (rng.next() % 4) as u16; // NEXT and WRITE, never INDIRECT
             let next = (rng.next() % (u64::from(size) + 2)) as u16; // sometimes out of range
-            let d = desc(0x8_0000 + rng.next() % 0x1000, (rng.next() % 4096) as u32, flags, next);
+            let d = desc(
+                0x8_0000 + rng.next() % 0x1000,
+                (rng.next() % 4096) as u32,
+                flags,
+                next,
+            );
             mock.desc_table().store(i, d).unwrap();
         }
         let heads: Vec<u16> = (0..size)
@@ -104,16 +110,22 @@ fn an_indirect_table_is_walked_and_its_abuses_are_refused() {
     .enumerate()
     {
         let d = SplitDescriptor::from(*d);
-        let d = desc(d.addr().0, d.len(), d.flags() | if i < 2 { F_NEXT } else { 0 }, d.next());
-        mem.write_obj(d, GuestAddress(table + 16 * i as u64)).unwrap();
+        let d = desc(
+            d.addr().0,
+            d.len(),
+            d.flags() | if i < 2 { F_NEXT } else { 0 },
+            d.next(),
+        );
+        mem.write_obj(d, GuestAddress(table + 16 * i as u64))
+            .unwrap();
     }
     let cases: [(RawDescriptor, bool); 6] = [
         (desc(table, 48, F_INDIRECT, 0), true),
-        (desc(table, 40, F_INDIRECT, 0), false),            // not whole descriptors
-        (desc(table, 0, F_INDIRECT, 0), false),             // empty
-        (desc(table, 48, F_INDIRECT | F_NEXT, 1), false),   // indirect and next
-        (desc(0x20_0000, 48, F_INDIRECT, 0), false),        // unmapped table
-        (desc(0x10_0000 - 16, 32, F_INDIRECT, 0), false),   // runs off the end
+        (desc(table, 40, F_INDIRECT, 0), false), // not whole descriptors
+        (desc(table, 0, F_INDIRECT, 0), false),  // empty
+        (desc(table, 48, F_INDIRECT | F_NEXT, 1), false), // indirect and next
+        (desc(0x20_0000, 48, F_INDIRECT, 0), false), // unmapped table
+        (desc(0x10_0000 - 16, 32, F_INDIRECT, 0), false), // runs off the end
     ];
     let mut out = Buffers::new();
     for (i, (d, _)) in cases.iter().enumerate() {
@@ -134,11 +146,18 @@ fn an_indirect_table_is_walked_and_its_abuses_are_refused() {
         }
     }
     // A table that points into itself in a loop, and one nesting another table.
-    mem.write_obj(desc(0xa_0000, 1, F_NEXT, 1), GuestAddress(table)).unwrap();
-    mem.write_obj(desc(0xa_0000, 1, F_NEXT, 0), GuestAddress(table + 16)).unwrap();
-    mock.desc_table().store(6, desc(table, 32, F_INDIRECT, 0)).unwrap();
-    mem.write_obj(desc(table, 32, F_INDIRECT, 0), GuestAddress(table + 0x100)).unwrap();
-    mock.desc_table().store(7, desc(table + 0x100, 16, F_INDIRECT, 0)).unwrap();
+    mem.write_obj(desc(0xa_0000, 1, F_NEXT, 1), GuestAddress(table))
+        .unwrap();
+    mem.write_obj(desc(0xa_0000, 1, F_NEXT, 0), GuestAddress(table + 16))
+        .unwrap();
+    mock.desc_table()
+        .store(6, desc(table, 32, F_INDIRECT, 0))
+        .unwrap();
+    mem.write_obj(desc(table, 32, F_INDIRECT, 0), GuestAddress(table + 0x100))
+        .unwrap();
+    mock.desc_table()
+        .store(7, desc(table + 0x100, 16, F_INDIRECT, 0))
+        .unwrap();
     publish(&mem, &mock, &[6, 7]);
     assert_eq!(burst.pop(&mut out).unwrap().unwrap().1, Err(BrokenChain));
     assert_eq!(burst.pop(&mut out).unwrap().unwrap().1, Err(BrokenChain));
@@ -162,7 +181,10 @@ fn rings_that_are_misaligned_unmapped_or_run_ahead_are_refused() {
         RingError::Misaligned(0x1008)
     );
     queue.set_desc_table_address(Some(0xff80), Some(0)); // 256 bytes over two regions
-    assert_eq!(SplitRing::new(&map, &queue).unwrap_err(), RingError::Unmapped(0xff80));
+    assert_eq!(
+        SplitRing::new(&map, &queue).unwrap_err(),
+        RingError::Unmapped(0xff80)
+    );
     queue.set_desc_table_address(Some(0x1000), Some(0));
     let ring = SplitRing::new(&map, &queue).unwrap();
     mem.write_obj(17u16, GuestAddress(0x2002)).unwrap();
@@ -181,9 +203,13 @@ fn rings_that_are_misaligned_unmapped_or_run_ahead_are_refused() {
 /// 0x2000; chains `0..heads` each one writable buffer, all published.
 fn fixed_ring(mem: &GuestMemory, size: u16, heads: u16) -> Queue {
     for i in 0..heads {
-        mem.write_obj(desc(0x8_0000, 64, F_WRITE, 0), GuestAddress(16 * u64::from(i)))
+        mem.write_obj(
+            desc(0x8_0000, 64, F_WRITE, 0),
+            GuestAddress(16 * u64::from(i)),
+        )
+        .unwrap();
+        mem.write_obj(i, GuestAddress(0x1004 + 2 * u64::from(i)))
             .unwrap();
-        mem.write_obj(i, GuestAddress(0x1004 + 2 * u64::from(i))).unwrap();
     }
     mem.write_obj(heads, GuestAddress(0x1002)).unwrap();
     let mut queue = Queue::new(size).unwrap();
@@ -226,13 +252,18 @@ fn used_entries_appear_together_and_signal_as_event_idx_says() {
         burst.used(c, 30);
         assert!(burst.finish(), "used index 3 passes used_event 2");
     }
-    assert_eq!(queue.next_avail(), 3, "the chain put back is taken again later");
+    assert_eq!(
+        queue.next_avail(),
+        3,
+        "the chain put back is taken again later"
+    );
     let id: u32 = mem.read_obj(GuestAddress(0x2004 + 8 * 2)).unwrap();
     let len: u32 = mem.read_obj(GuestAddress(0x2008 + 8 * 2)).unwrap();
     assert_eq!((id, len), (2, 30));
     // Without EVENT_IDX the avail ring's NO_INTERRUPT flag decides.
     queue.set_event_idx(false);
-    mem.write_obj(AVAIL_NO_INTERRUPT, GuestAddress(0x1000)).unwrap();
+    mem.write_obj(AVAIL_NO_INTERRUPT, GuestAddress(0x1000))
+        .unwrap();
     let mut burst = Burst::new(&mut queue, &map).unwrap();
     let (d, _) = burst.pop(&mut out).unwrap().unwrap();
     burst.used(d, 0);
@@ -243,7 +274,9 @@ fn used_entries_appear_together_and_signal_as_event_idx_says() {
 fn a_dropped_burst_still_publishes_what_it_used() {
     let mem = memory();
     let mock = MockSplitQueue::new(&mem, 4);
-    mock.desc_table().store(0, desc(0x8_0000, 64, 0, 0)).unwrap();
+    mock.desc_table()
+        .store(0, desc(0x8_0000, 64, 0, 0))
+        .unwrap();
     publish(&mem, &mock, &[0]);
     let mut queue: Queue = mock.create_queue().unwrap();
     let map = MemMap::new(&mem);

@@ -24,6 +24,8 @@ use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
+use smallvec::SmallVec;
+
 use super::frame::FrameRef;
 use super::rx::RxTarget;
 use super::stats::{Direction, Drop, NetStats};
@@ -75,7 +77,17 @@ pub struct Port {
 }
 
 impl Port {
-    fn deliver(&self, frame: &FrameRef<'_>, hash: usize) -> Result<(), Drop> {
+    /// Delivers `frames[i]` for each `i` in `picks`, in order; drops are counted on this
+    /// port and in `hub`, deliveries in `hub`.
+    fn deliver_burst(&self, frames: &[FrameRef<'_>], picks: &[u16], hash: usize, hub: &NetStats) {
+        let len = |i: u16| frames.get(usize::from(i)).map_or(0, |f| u64::from(f.len()));
+        let outcome = |_: u16, bytes: u64, result: Result<(), Drop>| match result {
+            Ok(()) => hub.received(bytes),
+            Err(reason) => {
+                self.stats.dropped(Direction::Rx, reason);
+                hub.dropped(Direction::Rx, reason);
+            }
+        };
         match &self.sink {
             PortSink::Guest(target) => {
                 // Delivered under the read guard (only queue start/stop write it): no reference
@@ -83,34 +95,57 @@ impl Port {
                 let guard = target
                     .read()
                     .unwrap_or_else(std::sync::PoisonError::into_inner);
-                let target = guard.as_ref().ok_or(Drop::LinkDown)?;
-                let limits = self.qos.as_ref().filter(|q| q.is_enabled());
-                let cost = Cost {
-                    kind: CostKind::Rx,
-                    bytes: u64::from(frame.len()),
+                let Some(target) = guard.as_ref() else {
+                    picks
+                        .iter()
+                        .for_each(|&i| outcome(i, len(i), Err(Drop::LinkDown)));
+                    return;
                 };
-                if let Some(qos) = limits {
-                    // Over the receiver's limit: the switch drops (its policy for a port
-                    // that cannot take a frame now: a sender never waits) and counts.
-                    if let Err(wait) = admit(qos, Some(cost)) {
-                        self.stats.throttled(Direction::Rx, wait);
-                        return Err(Drop::Throttled);
+                let limits = self.qos.as_ref().filter(|q| q.is_enabled());
+                let cost = |i: u16| Cost {
+                    kind: CostKind::Rx,
+                    bytes: len(i),
+                };
+                let mut admitted: SmallVec<[u16; MAX_BURST]> = SmallVec::new();
+                match limits {
+                    None => admitted.extend_from_slice(picks),
+                    Some(qos) => {
+                        for &i in picks {
+                            // Over the receiver's limit: the switch drops (its policy for a
+                            // port that cannot take a frame now: a sender never waits).
+                            match admit(qos, Some(cost(i))) {
+                                Ok(()) => admitted.push(i),
+                                Err(wait) => {
+                                    self.stats.throttled(Direction::Rx, wait);
+                                    outcome(i, len(i), Err(Drop::Throttled));
+                                }
+                            }
+                        }
                     }
                 }
-                let delivered = target.deliver(frame, hash, &self.stats);
-                if let (Err(_), Some(qos)) = (&delivered, limits) {
-                    qos.refund(cost);
-                }
-                delivered
+                target.deliver_burst(frames, &admitted, hash, &self.stats, |i, result| {
+                    if let (Err(_), Some(qos)) = (&result, limits) {
+                        qos.refund(cost(i));
+                    }
+                    outcome(i, len(i), result);
+                });
             }
             PortSink::Uplink(tap) => {
-                lock(tap).send(frame)?;
-                self.stats.received(u64::from(frame.len()));
-                Ok(())
+                let mut tap = lock(tap);
+                for &i in picks {
+                    let Some(frame) = frames.get(usize::from(i)) else {
+                        continue;
+                    };
+                    let result = tap.send(frame).map(|()| self.stats.received(len(i)));
+                    outcome(i, len(i), result);
+                }
             }
         }
     }
 }
+
+/// Most frames a sender hands the switch at once.
+pub const MAX_BURST: usize = 64;
 
 /// A named switch: its forwarding table and ports.
 pub struct SwitchHub {
@@ -214,46 +249,83 @@ impl SwitchHub {
         lock(&self.table).learnt(crate::sys::clock::coarse_now_ns())
     }
 
-    /// Forwards a frame that entered on port `ingress`. Returns whether it went anywhere.
+    /// Forwards a frame that entered on port `ingress`; `Err` if the switch refused it.
     pub fn transmit(&self, ingress: &Port, frame: &FrameRef<'_>) -> Result<(), Drop> {
-        let eth = frame.ethernet_header();
-        // From here on the frame carries the header this decision was made on (read once).
-        let frame = &frame.with_ethernet(eth);
-        let len = usize::try_from(frame.len()).unwrap_or(usize::MAX);
-        // The forwarding core looks at the Ethernet header only; pass it with the real length
-        // so runts are still recognised.
-        let probe = eth.get(..len.min(eth.len())).unwrap_or_default();
-        let decision =
-            lock(&self.table).forward(ingress.number, probe, crate::sys::clock::coarse_now_ns());
-        self.stats.sent(u64::from(frame.len()));
-        let hash = usize::from(eth.get(11).copied().unwrap_or(0));
-        let single;
-        let targets: &[u32] = match &decision {
-            Forward::Drop(reason) => {
-                self.stats.dropped(Direction::Tx, Drop::Switch(*reason));
-                return Err(Drop::Switch(*reason));
+        let mut frames = [*frame];
+        let mut result = Ok(());
+        self.transmit_burst(ingress, &mut frames, |_, reason| result = Err(reason));
+        result
+    }
+
+    /// Forwards a burst of frames (at most [`MAX_BURST`]; the rest are refused) that entered
+    /// on port `ingress`, in order: the forwarding table is locked once, and each receiver
+    /// gets its frames in one delivery (one rx queue lock, one used-index store, at most one
+    /// interrupt). `refused(i, reason)` hears about each frame the switch itself dropped.
+    /// Each frame's Ethernet header is read once, here; the frame leaves with that copy.
+    pub fn transmit_burst(
+        &self,
+        ingress: &Port,
+        frames: &mut [FrameRef<'_>],
+        mut refused: impl FnMut(u16, Drop),
+    ) {
+        let (frames, over) = frames.split_at_mut(frames.len().min(MAX_BURST));
+        for (i, _) in over.iter().enumerate() {
+            refused(
+                u16::try_from(MAX_BURST.saturating_add(i)).unwrap_or(u16::MAX),
+                Drop::TooLarge,
+            );
+        }
+        let mut decisions: SmallVec<[Forward; MAX_BURST]> = SmallVec::new();
+        {
+            let now = crate::sys::clock::coarse_now_ns();
+            let mut table = lock(&self.table);
+            for frame in frames.iter_mut() {
+                let eth = frame.ethernet_header();
+                // From here on the frame carries the header this decision was made on.
+                *frame = frame.with_ethernet(eth);
+                let len = usize::try_from(frame.len()).unwrap_or(usize::MAX);
+                // The forwarding core looks at the Ethernet header only; pass it with the
+                // real length so runts are still recognised.
+                let probe = eth.get(..len.min(eth.len())).unwrap_or_default();
+                decisions.push(table.forward(ingress.number, probe, now));
             }
-            Forward::Unicast(port) => {
-                single = [*port];
-                &single
+        }
+        // (port, frame) pairs, sorted by port; the sort is stable, so each port gets its
+        // frames in the order they were sent.
+        let mut pairs: SmallVec<[(u32, u16); MAX_BURST]> = SmallVec::new();
+        for (i, (frame, decision)) in frames.iter().zip(&decisions).enumerate() {
+            let i = u16::try_from(i).unwrap_or(u16::MAX);
+            self.stats.sent(u64::from(frame.len()));
+            match decision {
+                Forward::Drop(reason) => {
+                    self.stats.dropped(Direction::Tx, Drop::Switch(*reason));
+                    refused(i, Drop::Switch(*reason));
+                }
+                Forward::Unicast(port) => pairs.push((*port, i)),
+                Forward::Flood(list) => pairs.extend(list.iter().map(|p| (*p, i))),
             }
-            Forward::Flood(list) => list,
-        };
+        }
+        pairs.sort_by_key(|&(port, _)| port);
         // Delivered under the ports' read lock (only attach/detach write it): no reference
         // counting per frame.
         let ports = self
             .ports
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        for port in targets.iter().filter_map(|n| ports.get(n)) {
-            if let Err(reason) = port.deliver(frame, hash) {
-                port.stats.dropped(Direction::Rx, reason);
-                self.stats.dropped(Direction::Rx, reason);
-            } else {
-                self.stats.received(u64::from(frame.len()));
-            }
+        let mut picks: SmallVec<[u16; MAX_BURST]> = SmallVec::new();
+        for run in pairs.chunk_by(|a, b| a.0 == b.0) {
+            let Some(port) = run.first().and_then(|(n, _)| ports.get(n)) else {
+                continue;
+            };
+            picks.clear();
+            picks.extend(run.iter().map(|&(_, i)| i));
+            let hash = picks
+                .first()
+                .and_then(|&i| frames.get(usize::from(i)))
+                .and_then(|f| f.checked_ethernet().and_then(|e| e.get(11).copied()))
+                .map_or(0, usize::from);
+            port.deliver_burst(frames, &picks, hash, &self.stats);
         }
-        Ok(())
     }
 }
 

@@ -147,8 +147,10 @@ impl FrameRef<'_> {
         }
     }
 
-    /// The frame linearised into our memory (with the checked Ethernet header, if any).
-    pub fn linearised(&self) -> Result<Vec<u8>, Drop> {
+    /// The frame linearised into `out` (replacing its contents; with the checked Ethernet
+    /// header, if any). `out` is reused by its owner: no allocation once it is large enough.
+    pub fn linearise_into(&self, out: &mut Vec<u8>) -> Result<(), Drop> {
+        out.clear();
         match self {
             FrameRef::Guest {
                 memory,
@@ -157,17 +159,17 @@ impl FrameRef<'_> {
                 eth,
                 ..
             } => {
-                let mut out = vec![0u8; *frame_len as usize];
-                read_stream(memory, spans, HEADER_LEN as u64, &mut out)?;
+                out.resize(*frame_len as usize, 0);
+                read_stream(memory, spans, HEADER_LEN as u64, out)?;
                 if let Some(eth) = eth {
                     for (dst, src) in out.iter_mut().zip(eth) {
                         *dst = *src;
                     }
                 }
-                Ok(out)
             }
-            FrameRef::Bytes { frame, .. } => Ok(frame.to_vec()),
+            FrameRef::Bytes { frame, .. } => out.extend_from_slice(frame),
         }
+        Ok(())
     }
 }
 

@@ -17,27 +17,31 @@
 // panic or wrap silently (checked, saturating or `get` instead).
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
-use std::num::Wrapping;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use vhost_user_backend::VringT;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::QueueT;
 use vm_memory::GuestAddressSpace;
 
 use super::frame::{rx_buffer, FrameRef, RxBuffer};
 use super::header::{complete_checksum, NetHeader, F_NEEDS_CSUM, HEADER_LEN};
 use super::spec::Negotiated;
 use super::stats::{Direction, Drop, NetStats};
-use crate::devices::desc::collect_buffers;
+use crate::devices::desc::Buffers;
 use crate::devices::sg::{copy_between, copy_in, write_stream};
-use crate::vring::{add_used_batch, AtomicGuestMemory, CheckedVring, GuestMemory};
+use crate::ring::burst::Burst;
+use crate::ring::map::MemMap;
+use crate::ring::split::RingError;
+use crate::vring::{AtomicGuestMemory, CheckedVring, GuestMemory};
 
 /// Chains taken for one frame.
 #[derive(Debug, Default)]
 pub struct RxBatch {
     buffers: Vec<RxBuffer>,
     capacity: u64,
+    /// Scratch for the chain being walked.
+    descs: Buffers,
 }
 
 /// What [`RxBatch::gather`] found.
@@ -62,74 +66,78 @@ impl RxBatch {
 
     /// Takes chains until they hold `need` bytes (header included). Without mergeable
     /// buffers one chain is taken, whatever its size: the caller checks it. `bad` is told
-    /// about each malformed chain (already returned to the guest with length 0).
+    /// about each malformed chain (returned to the guest with length 0).
     pub fn gather(
         &mut self,
-        queue: &mut Queue,
+        burst: &mut Burst<'_, '_, '_>,
         memory: &GuestMemory,
         need: u64,
         mergeable: bool,
         mut bad: impl FnMut(Drop),
-    ) -> Result<Gathered, virtio_queue::Error> {
+    ) -> Result<Gathered, RingError> {
         self.buffers.clear();
         self.capacity = 0;
         loop {
             if !self.buffers.is_empty() && (!mergeable || self.capacity >= need) {
                 return Ok(Gathered::Ready);
             }
-            let Some(chain) = queue.pop_descriptor_chain(memory) else {
-                self.put_back(queue);
+            let popped = match burst.pop(&mut self.descs) {
+                Ok(popped) => popped,
+                Err(e) => {
+                    self.put_back(burst);
+                    return Err(e);
+                }
+            };
+            let Some((head, walked)) = popped else {
+                self.put_back(burst);
                 return Ok(Gathered::Empty);
             };
-            let head = chain.head_index();
-            let checked = collect_buffers(chain)
+            let checked = walked
                 .map_err(|_| Drop::BrokenChain)
-                .and_then(|buffers| rx_buffer(memory, head, &buffers));
+                .and_then(|()| rx_buffer(memory, head, &self.descs));
             match checked {
                 Ok(buffer) => {
                     self.capacity = self.capacity.saturating_add(u64::from(buffer.capacity));
                     self.buffers.push(buffer);
                 }
                 Err(reason) => {
+                    // The chains before it cannot be put back past it: all go back empty.
                     bad(reason);
-                    let mut returned: smallvec::SmallVec<[(u16, u32); 8]> =
-                        self.buffers.drain(..).map(|b| (b.head, 0)).collect();
-                    returned.push((head, 0));
+                    for taken in self.buffers.drain(..) {
+                        burst.used(taken.head, 0);
+                    }
+                    burst.used(head, 0);
                     self.capacity = 0;
-                    add_used_batch(queue, memory, &returned)?;
                 }
             }
         }
     }
 
     /// Puts every chain taken back into the ring.
-    pub fn put_back(&mut self, queue: &mut Queue) {
-        rewind(queue, self.buffers.len());
+    pub fn put_back(&mut self, burst: &mut Burst<'_, '_, '_>) {
+        // At most a ring's worth of chains is ever taken, which fits in u16.
+        burst.unpop(u16::try_from(self.buffers.len()).unwrap_or(u16::MAX));
         self.buffers.clear();
         self.capacity = 0;
     }
 
     /// Returns the chains holding the first `len` bytes (header included) to the guest and
-    /// puts the rest back. Writes `num_buffers` into the header first. Returns whether the
-    /// guest wants a notification.
-    pub fn commit(
-        &mut self,
-        queue: &mut Queue,
-        memory: &GuestMemory,
-        len: u64,
-    ) -> Result<bool, virtio_queue::Error> {
-        let mut used: smallvec::SmallVec<[(u16, u32); 8]> = smallvec::SmallVec::new();
+    /// puts the rest back. Writes `num_buffers` into the header first. The used entries
+    /// become visible with the burst's other entries, in one index store (Linux reads a
+    /// mergeable frame's buffers at once and drops it if some are missing).
+    pub fn commit(&mut self, burst: &mut Burst<'_, '_, '_>, memory: &GuestMemory, len: u64) {
+        let mut count = 0u16;
         let mut left = len;
         for buffer in &self.buffers {
-            if left == 0 && !used.is_empty() {
+            if left == 0 && count > 0 {
                 break;
             }
             let take = left.min(u64::from(buffer.capacity));
             // `take <= capacity`, a u32.
-            used.push((buffer.head, u32::try_from(take).unwrap_or(u32::MAX)));
+            burst.used(buffer.head, u32::try_from(take).unwrap_or(u32::MAX));
             left = left.saturating_sub(take);
+            count = count.saturating_add(1);
         }
-        let count = u16::try_from(used.len()).unwrap_or(u16::MAX);
         if let Some(first) = self.buffers.first() {
             // `num_buffers` is the last field of the 12-byte header; the chain was checked
             // to hold the header, so this cannot fail on a valid map.
@@ -138,24 +146,12 @@ impl RxBatch {
                 log::debug!("rx header write failed");
             }
         }
-        let unused = self.buffers.len().saturating_sub(used.len());
-        // Rewind before publishing: the unused chains were taken after the used ones.
-        rewind(queue, unused);
+        // The unused chains were taken after the used ones: they go back into the ring.
+        let unused = self.buffers.len().saturating_sub(usize::from(count));
+        burst.unpop(u16::try_from(unused).unwrap_or(u16::MAX));
         self.buffers.clear();
         self.capacity = 0;
-        add_used_batch(queue, memory, &used)
     }
-}
-
-/// Moves the ring's next-avail index back by `count` chains.
-fn rewind(queue: &mut Queue, count: usize) {
-    if count == 0 {
-        return;
-    }
-    // At most a ring's worth of chains is ever taken, which fits in u16.
-    let count = Wrapping(u16::try_from(count).unwrap_or(u16::MAX));
-    let next = Wrapping(queue.next_avail()) - count;
-    queue.set_next_avail(next.0);
 }
 
 /// A guest's receive side as seen by senders: its rx queues, memory and offloads.
@@ -202,77 +198,132 @@ impl RxTarget {
 
     /// Copies `frame` into the guest's rx buffers and returns them.
     pub fn deliver(&self, frame: &FrameRef<'_>, hash: usize, stats: &NetStats) -> Result<(), Drop> {
+        let mut result = Err(Drop::LinkDown);
+        self.deliver_burst(std::slice::from_ref(frame), &[0], hash, stats, |_, r| {
+            result = r
+        });
+        result
+    }
+
+    /// Copies `frames[i]` for each `i` in `picks`, in that order, into the guest's rx buffers:
+    /// one lock of one rx queue (picked by `hash`), one used-index store and at most one
+    /// interrupt for all of them. `outcome` hears about each frame.
+    pub fn deliver_burst(
+        &self,
+        frames: &[FrameRef<'_>],
+        picks: &[u16],
+        hash: usize,
+        stats: &NetStats,
+        mut outcome: impl FnMut(u16, Result<(), Drop>),
+    ) {
         let negotiated = Negotiated::from_features(self.features.load(Ordering::Acquire));
-        let header = frame.header();
-        if header.is_gso() && !negotiated.accepts_gso(header.gso_type) {
-            return Err(Drop::GsoUnsupported);
-        }
-        if header.flags & F_NEEDS_CSUM != 0 && !negotiated.guest_csum {
-            let mut bytes = frame.linearised()?;
-            complete_checksum(&mut bytes, &header).map_err(|_| Drop::BadHeader)?;
-            let plain = NetHeader {
-                flags: 0,
-                csum_start: 0,
-                csum_offset: 0,
-                ..header
-            };
-            return self.deliver(
-                &FrameRef::Bytes {
-                    header: plain,
-                    frame: &bytes,
-                },
-                hash,
-                stats,
-            );
-        }
         let memory = self.memory.memory();
-        let frame_len = u64::from(frame.len());
-        let need = frame_len.saturating_add(HEADER_LEN as u64);
-        let mut state = self.lock_queue(hash).ok_or(Drop::LinkDown)?;
-        let signal = SCRATCH.with(|scratch| {
-            // One batch per sending thread, reused: no allocation per frame.
-            let mut batch = scratch.borrow_mut();
-            let gathered = batch.gather(
-                state.get_queue_mut(),
-                &memory,
-                need,
-                negotiated.mergeable_rx,
-                |reason| stats.dropped(Direction::Rx, reason),
-            );
-            match gathered {
-                Ok(Gathered::Ready) => {}
-                Ok(Gathered::Empty) => return Err(Drop::NoRxBuffers),
-                Err(_) => return Err(Drop::BrokenChain),
+        let map = MemMap::new(&memory);
+        let Some(mut state) = self.lock_queue(hash) else {
+            picks.iter().for_each(|&i| outcome(i, Err(Drop::LinkDown)));
+            return;
+        };
+        let mut burst = match Burst::new(state.get_queue_mut(), &map) {
+            Ok(burst) => burst,
+            Err(e) => {
+                log::debug!("rx ring refused: {e}");
+                picks
+                    .iter()
+                    .for_each(|&i| outcome(i, Err(Drop::BrokenChain)));
+                return;
             }
-            if batch.capacity() < need {
-                batch.put_back(state.get_queue_mut());
-                return Err(Drop::TooLarge);
+        };
+        SCRATCH.with(|scratch| {
+            // One scratch per sending thread, reused: no allocation per frame.
+            let mut scratch = scratch.borrow_mut();
+            for &i in picks {
+                let Some(frame) = frames.get(usize::from(i)) else {
+                    continue;
+                };
+                let result =
+                    deliver_one(&mut burst, &memory, frame, negotiated, &mut scratch, stats);
+                if result.is_ok() {
+                    stats.received(u64::from(frame.len()));
+                }
+                outcome(i, result);
             }
-            let out_header = NetHeader {
-                num_buffers: 1,
-                ..header
-            };
-            if fill(&memory, &batch, &out_header, frame) != Ok(frame_len) {
-                batch.put_back(state.get_queue_mut());
-                return Err(Drop::BadAddress);
-            }
-            batch
-                .commit(state.get_queue_mut(), &memory, need)
-                .map_err(|_| Drop::BrokenChain)
-        })?;
-        if signal {
+        });
+        if burst.finish() {
             if let Err(e) = state.signal_used_queue() {
                 log::debug!("rx notify failed: {e}");
             }
         }
-        stats.received(frame_len);
-        Ok(())
     }
 }
 
+/// A sending thread's reusable buffers for deliveries.
+#[derive(Default)]
+struct Scratch {
+    batch: RxBatch,
+    /// A frame linearised for a software checksum.
+    linear: Vec<u8>,
+}
+
 thread_local! {
-    /// The rx batch of the current sending thread.
-    static SCRATCH: std::cell::RefCell<RxBatch> = std::cell::RefCell::new(RxBatch::default());
+    /// The scratch of the current sending thread.
+    static SCRATCH: std::cell::RefCell<Scratch> = std::cell::RefCell::new(Scratch::default());
+}
+
+/// Copies one frame into the chains `burst` offers.
+fn deliver_one(
+    burst: &mut Burst<'_, '_, '_>,
+    memory: &GuestMemory,
+    frame: &FrameRef<'_>,
+    negotiated: Negotiated,
+    scratch: &mut Scratch,
+    stats: &NetStats,
+) -> Result<(), Drop> {
+    let Scratch { batch, linear } = scratch;
+    let header = frame.header();
+    if header.is_gso() && !negotiated.accepts_gso(header.gso_type) {
+        return Err(Drop::GsoUnsupported);
+    }
+    let checksummed;
+    let frame = if header.flags & F_NEEDS_CSUM != 0 && !negotiated.guest_csum {
+        frame.linearise_into(linear)?;
+        complete_checksum(linear, &header).map_err(|_| Drop::BadHeader)?;
+        checksummed = FrameRef::Bytes {
+            header: NetHeader {
+                flags: 0,
+                csum_start: 0,
+                csum_offset: 0,
+                ..header
+            },
+            frame: linear,
+        };
+        &checksummed
+    } else {
+        frame
+    };
+    let frame_len = u64::from(frame.len());
+    let need = frame_len.saturating_add(HEADER_LEN as u64);
+    let gathered = batch.gather(burst, memory, need, negotiated.mergeable_rx, |reason| {
+        stats.dropped(Direction::Rx, reason)
+    });
+    match gathered {
+        Ok(Gathered::Ready) => {}
+        Ok(Gathered::Empty) => return Err(Drop::NoRxBuffers),
+        Err(_) => return Err(Drop::BrokenChain),
+    }
+    if batch.capacity() < need {
+        batch.put_back(burst);
+        return Err(Drop::TooLarge);
+    }
+    let out_header = NetHeader {
+        num_buffers: 1,
+        ..frame.header()
+    };
+    if fill(memory, batch, &out_header, frame) != Ok(frame_len) {
+        batch.put_back(burst);
+        return Err(Drop::BadAddress);
+    }
+    batch.commit(burst, memory, need);
+    Ok(())
 }
 
 /// Writes header and frame into the batch's chains; returns the frame bytes copied.

@@ -21,7 +21,7 @@ use vhost_user_backend::VringT;
 use virtio_queue::QueueT;
 use vm_memory::GuestAddressSpace;
 
-use super::fabric::{Port, SwitchHub};
+use super::fabric::{Port, SwitchHub, MAX_BURST};
 use super::frame::FrameRef;
 use super::frame::{tx_frame, TxFrame};
 use super::header::{HEADER_LEN, MAX_GSO_FRAME};
@@ -31,15 +31,16 @@ use super::shared::NetShared;
 use super::spec::Negotiated;
 use super::stats::{Direction, Drop};
 use super::tap_queue::TapQueue;
-use crate::devices::desc::collect_buffers;
+use crate::devices::desc::Buffers;
 use crate::devices::sg::host_iovecs;
 use crate::qos::gate::Gate;
 use crate::qos::limiter::{Cost, CostKind};
 use crate::qos::timer::TimerError;
+use crate::ring::burst::Burst;
+use crate::ring::map::MemMap;
 use crate::storage::GuestIovecs;
-use crate::vring::{
-    has_available, needs_signal, AtomicGuestMemory, CheckedVring, EmptyPasses, GuestMemory,
-};
+use crate::vring::{has_available, AtomicGuestMemory, CheckedVring, EmptyPasses, GuestMemory};
+use smallvec::{smallvec, SmallVec};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
@@ -67,8 +68,11 @@ const RX_PROBE: Cost = Cost {
     bytes: 0,
 };
 
-/// Most tx chains handled per pass before the used ring is updated and the guest notified.
-const TX_BATCH: usize = 256;
+/// Most tx chains handled per burst (one used-index store and at most one interrupt each);
+/// the switch takes a burst this size at once.
+const TX_BURST: usize = MAX_BURST;
+/// Most frames read from the tap per burst of the rx ring.
+const RX_BURST: usize = 64;
 
 /// Where this pair's frames go.
 pub enum PairBackend {
@@ -95,6 +99,10 @@ pub struct PairWorker {
     /// Features the tap offloads were last set for.
     offloads_for: Option<u64>,
     batch: RxBatch,
+    /// The tx burst being sent, reused.
+    tx_frames: Vec<(u16, TxFrame)>,
+    /// Scratch for the chain being walked.
+    descs: Buffers,
     /// Scratch iovec list, reused per frame and emptied after each use.
     iovecs: GuestIovecs,
     /// When to poll the tx ring instead of sleeping.
@@ -126,6 +134,8 @@ impl PairWorker {
             negotiated: Negotiated::default(),
             offloads_for: None,
             batch: RxBatch::default(),
+            tx_frames: Vec::with_capacity(TX_BURST),
+            descs: Buffers::new(),
             iovecs: GuestIovecs::default(),
             gate,
             poller,
@@ -248,9 +258,12 @@ impl PairWorker {
             return Ok(());
         }
         let need = self.max_rx_len();
+        let memory = self.memory.memory();
+        let map = MemMap::new(&memory);
+        let stats = &self.shared.stats;
         let mut notify = false;
+        let mut held = None;
         loop {
-            let memory = self.memory.memory();
             let PairBackend::Tap(tap) = &mut self.backend else {
                 return Ok(());
             };
@@ -261,85 +274,116 @@ impl PairWorker {
             if !state.get_queue().ready() {
                 break;
             }
-            if self.gate.holds(|d| *d == Direction::Rx) {
-                break;
-            }
-            let limited = self.shared.qos.is_enabled();
-            if limited {
-                // One frame's worth of packet tokens now; its bytes once its size is known.
-                if let Err(wait) = self.gate.admit(&self.shared.qos, Some(RX_PROBE)) {
-                    drop(state);
-                    self.hold(Direction::Rx, wait);
+            let mut burst = match Burst::new(state.get_queue_mut(), &map) {
+                Ok(burst) => burst,
+                Err(e) => {
+                    stats.ring_error();
+                    log::debug!("{} pair {}: rx ring: {e}", self.shared.config.id, self.pair);
                     break;
                 }
-            }
-            let PairBackend::Tap(tap) = &mut self.backend else {
-                return Ok(());
             };
-            let stats = &self.shared.stats;
-            let gathered = self.batch.gather(
-                state.get_queue_mut(),
-                &memory,
-                need,
-                self.negotiated.mergeable_rx,
-                |reason| stats.dropped(Direction::Rx, reason),
-            )?;
-            if gathered == Gathered::Empty {
-                // No room: leave the frames in the tap and wait for the guest's kick.
-                if limited {
-                    self.shared.qos.refund(RX_PROBE);
-                }
-                stats.rx_stalled();
-                if state.get_queue_mut().enable_notification(&*memory)? {
-                    continue;
-                }
-                break;
-            }
-            self.iovecs.0.clear();
-            let mut mapped = true;
-            for buffer in self.batch.buffers() {
-                let len = u64::from(buffer.capacity);
-                if host_iovecs(&memory, &buffer.spans, 0, len, &mut self.iovecs.0).is_err() {
-                    mapped = false;
+            let mut taken = 0usize;
+            // Why this burst ended: the ring ran out (`Some(true)`), something else stops
+            // the pass (`Some(false)`), or it is full and another follows (`None`).
+            let mut ended = None;
+            while taken < RX_BURST {
+                if self.gate.holds(|d| *d == Direction::Rx) {
+                    ended = Some(false);
                     break;
                 }
-            }
-            let read = if mapped {
-                tap.read_frame(&self.iovecs)
-            } else {
-                None
-            };
-            self.iovecs.0.clear();
-            let Some(n) = read else {
-                // Tap empty (or gone): nothing used.
+                let limited = self.shared.qos.is_enabled();
                 if limited {
-                    self.shared.qos.refund(RX_PROBE);
+                    // One frame's worth of packet tokens now; its bytes once its size is known.
+                    if let Err(wait) = self.gate.admit(&self.shared.qos, Some(RX_PROBE)) {
+                        held = Some(wait);
+                        ended = Some(false);
+                        break;
+                    }
                 }
-                self.batch.put_back(state.get_queue_mut());
-                if !tap.is_up() {
-                    self.shared.set_link(false);
+                let refund = |qos: &crate::qos::handle::QosHandle| {
+                    if limited {
+                        qos.refund(RX_PROBE);
+                    }
+                };
+                let gathered = self.batch.gather(
+                    &mut burst,
+                    &memory,
+                    need,
+                    self.negotiated.mergeable_rx,
+                    |reason| stats.dropped(Direction::Rx, reason),
+                );
+                match gathered {
+                    Ok(Gathered::Ready) => {}
+                    Ok(Gathered::Empty) => {
+                        // No room: leave the frames in the tap and wait for the guest's kick.
+                        refund(&self.shared.qos);
+                        stats.rx_stalled();
+                        ended = Some(true);
+                        break;
+                    }
+                    Err(e) => {
+                        refund(&self.shared.qos);
+                        stats.ring_error();
+                        log::debug!("{} pair {}: rx ring: {e}", self.shared.config.id, self.pair);
+                        ended = Some(false);
+                        break;
+                    }
                 }
-                break;
-            };
-            let n = n as u64;
-            let truncated = n >= self.batch.capacity() && self.batch.capacity() < need;
-            let (used, delivered) = if truncated || n < HEADER_LEN as u64 {
-                stats.dropped(Direction::Rx, Drop::TooLarge);
-                (0, None)
-            } else {
-                (n, Some(n.saturating_sub(HEADER_LEN as u64)))
-            };
-            notify |= self.batch.commit(state.get_queue_mut(), &memory, used)?;
-            if let Some(bytes) = delivered {
-                stats.received(bytes);
-                if limited {
-                    self.shared.qos.charge_bytes(Cost {
-                        kind: CostKind::Rx,
-                        bytes,
-                    });
+                self.iovecs.0.clear();
+                let mut mapped = true;
+                for buffer in self.batch.buffers() {
+                    let len = u64::from(buffer.capacity);
+                    if host_iovecs(&memory, &buffer.spans, 0, len, &mut self.iovecs.0).is_err() {
+                        mapped = false;
+                        break;
+                    }
                 }
+                let read = if mapped {
+                    tap.read_frame(&self.iovecs)
+                } else {
+                    None
+                };
+                self.iovecs.0.clear();
+                let Some(n) = read else {
+                    // Tap empty (or gone): nothing used.
+                    refund(&self.shared.qos);
+                    self.batch.put_back(&mut burst);
+                    if !tap.is_up() {
+                        self.shared.set_link(false);
+                    }
+                    ended = Some(false);
+                    break;
+                };
+                let n = n as u64;
+                let truncated = n >= self.batch.capacity() && self.batch.capacity() < need;
+                let (used, delivered) = if truncated || n < HEADER_LEN as u64 {
+                    stats.dropped(Direction::Rx, Drop::TooLarge);
+                    (0, None)
+                } else {
+                    (n, Some(n.saturating_sub(HEADER_LEN as u64)))
+                };
+                self.batch.commit(&mut burst, &memory, used);
+                if let Some(bytes) = delivered {
+                    stats.received(bytes);
+                    if limited {
+                        self.shared.qos.charge_bytes(Cost {
+                            kind: CostKind::Rx,
+                            bytes,
+                        });
+                    }
+                }
+                taken = taken.saturating_add(1);
             }
-            drop(state);
+            notify |= burst.finish();
+            match ended {
+                // Ask for a kick; if buffers arrived meanwhile, go on.
+                Some(true) if state.get_queue_mut().enable_notification(&*memory)? => continue,
+                Some(_) => break,
+                None => continue,
+            }
+        }
+        if let Some(wait) = held {
+            self.hold(Direction::Rx, wait);
         }
         if notify {
             if let Err(e) = rx.signal_used_queue() {
@@ -367,41 +411,19 @@ impl PairWorker {
                 return Ok(());
             }
             let memory = self.memory.memory();
+            let map = MemMap::new(&memory);
             tx.disable_notification()?;
             let mut state = tx.get_mut();
-            let mut sent = 0usize;
-            let mut held = None;
-            while sent < TX_BATCH {
-                let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&*memory) else {
-                    break;
-                };
-                let head = chain.head_index();
-                let checked = collect_buffers(chain)
-                    .map_err(|_| Drop::BrokenChain)
-                    .and_then(|buffers| tx_frame(&memory, &buffers, self.shared.config.mtu));
-                if let Ok(frame) = &checked {
-                    let cost = Cost {
-                        kind: CostKind::Tx,
-                        bytes: u64::from(frame.frame_len),
-                    };
-                    if let Err(wait) = self.gate.admit(&self.shared.qos, Some(cost)) {
-                        // Over the limit: put the frame back and leave the ring alone until
-                        // the timer (the guest sees a full queue: back-pressure, no drop).
-                        let queue = state.get_queue_mut();
-                        queue.set_next_avail(queue.next_avail().wrapping_sub(1));
-                        held = Some(wait);
-                        break;
-                    }
+            let mut burst = match Burst::new(state.get_queue_mut(), &map) {
+                Ok(burst) => burst,
+                Err(e) => {
+                    self.shared.stats.ring_error();
+                    log::debug!("{} pair {}: tx ring: {e}", self.shared.config.id, self.pair);
+                    return Ok(());
                 }
-                let outcome = checked.and_then(|frame| self.send(&memory, &frame));
-                match outcome {
-                    Ok(bytes) => self.shared.stats.sent(bytes),
-                    Err(reason) => self.shared.stats.dropped(Direction::Tx, reason),
-                }
-                state.add_used(head, 0)?;
-                sent = sent.saturating_add(1);
-            }
-            if sent > 0 && needs_signal(&mut state, &memory)? {
+            };
+            let (sent, held) = self.tx_burst(&mut burst, &memory);
+            if burst.finish() {
                 if let Err(e) = state.signal_used_queue() {
                     log::debug!(
                         "{} pair {}: tx notify failed: {e}",
@@ -415,7 +437,7 @@ impl PairWorker {
                 self.hold(Direction::Tx, wait);
                 return Ok(());
             }
-            if sent == TX_BATCH {
+            if sent == TX_BURST {
                 continue;
             }
             if empty_passes.stalled(sent) {
@@ -462,28 +484,99 @@ impl PairWorker {
         matches!(spin(window, look), Ok(true))
     }
 
-    /// Sends one checked frame; returns its length.
-    fn send(&mut self, memory: &GuestMemory, frame: &TxFrame) -> Result<u64, Drop> {
-        let frame_ref = FrameRef::Guest {
-            memory,
-            spans: &frame.spans,
-            header: frame.header,
-            frame_len: frame.frame_len,
-            eth: None,
-        };
+    /// Takes up to [`TX_BURST`] chains from the tx ring, sends the good frames (to the tap
+    /// one `writev` each, into the switch as one burst) and returns every chain. Returns how
+    /// many chains were taken, and the wait if QoS stopped the burst.
+    fn tx_burst(
+        &mut self,
+        burst: &mut Burst<'_, '_, '_>,
+        memory: &GuestMemory,
+    ) -> (usize, Option<Duration>) {
+        let stats = &self.shared.stats;
+        let mtu = self.shared.config.mtu;
+        self.tx_frames.clear();
+        let mut taken = 0usize;
+        let mut held = None;
+        while taken < TX_BURST {
+            let (head, walked) = match burst.pop(&mut self.descs) {
+                Ok(Some(popped)) => popped,
+                Ok(None) => break,
+                Err(e) => {
+                    stats.ring_error();
+                    log::debug!("{} pair {}: tx ring: {e}", self.shared.config.id, self.pair);
+                    break;
+                }
+            };
+            let checked = walked
+                .map_err(|_| Drop::BrokenChain)
+                .and_then(|()| tx_frame(memory, &self.descs, mtu));
+            match checked {
+                Err(reason) => {
+                    stats.dropped(Direction::Tx, reason);
+                    burst.used(head, 0);
+                }
+                Ok(frame) => {
+                    let cost = Cost {
+                        kind: CostKind::Tx,
+                        bytes: u64::from(frame.frame_len),
+                    };
+                    if let Err(wait) = self.gate.admit(&self.shared.qos, Some(cost)) {
+                        // Over the limit: put the frame back and leave the ring alone until
+                        // the timer (the guest sees a full queue: back-pressure, no drop).
+                        burst.unpop(1);
+                        held = Some(wait);
+                        break;
+                    }
+                    self.tx_frames.push((head, frame));
+                }
+            }
+            taken = taken.saturating_add(1);
+        }
+        let guest = |frame| guest_frame(memory, frame);
         match &mut self.backend {
             PairBackend::Tap(tap) => {
-                let result = tap.send(&frame_ref);
+                for (_, frame) in &self.tx_frames {
+                    match tap.send(&guest(frame)) {
+                        Ok(()) => stats.sent(u64::from(frame.frame_len)),
+                        Err(reason) => stats.dropped(Direction::Tx, reason),
+                    }
+                }
                 if !tap.is_up() {
                     self.shared.set_link(false);
                 }
-                result?;
             }
             PairBackend::Switch { hub, port, .. } => {
-                hub.transmit(port, &frame_ref)?;
+                let mut frames: SmallVec<[FrameRef<'_>; MAX_BURST]> =
+                    self.tx_frames.iter().map(|(_, f)| guest(f)).collect();
+                let mut refused: SmallVec<[bool; MAX_BURST]> = smallvec![false; frames.len()];
+                hub.transmit_burst(port, &mut frames, |i, reason| {
+                    stats.dropped(Direction::Tx, reason);
+                    if let Some(r) = refused.get_mut(usize::from(i)) {
+                        *r = true;
+                    }
+                });
+                for ((_, frame), refused) in self.tx_frames.iter().zip(&refused) {
+                    if !refused {
+                        stats.sent(u64::from(frame.frame_len));
+                    }
+                }
             }
         }
-        Ok(u64::from(frame.frame_len))
+        for (head, _) in &self.tx_frames {
+            burst.used(*head, 0);
+        }
+        (taken, held)
+    }
+}
+
+/// A checked tx frame as the switch and the tap see it.
+fn guest_frame<'a>(memory: &'a GuestMemory, frame: &'a TxFrame) -> FrameRef<'a> {
+    FrameRef::Guest {
+        memory,
+        spans: &frame.spans,
+        header: frame.header,
+        frame_len: frame.frame_len,
+        eth: None,
     }
 }
 
