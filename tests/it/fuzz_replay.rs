@@ -47,6 +47,23 @@ fn net_frame_corpus_replays_without_panicking() {
 }
 
 #[test]
+fn ring_split_corpus_replays_without_panicking() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+    let mut replayed = 0;
+    for dir in ["seeds/ring_split", "corpus/ring_split"] {
+        let Ok(entries) = std::fs::read_dir(root.join(dir)) else {
+            continue;
+        };
+        for entry in entries {
+            let data = std::fs::read(entry.unwrap().path()).unwrap();
+            novacron::fuzz_support::ring_split(&data);
+            replayed += 1;
+        }
+    }
+    assert!(replayed >= 8, "only {replayed} ring fuzz inputs found");
+}
+
+#[test]
 fn blk_request_survives_structured_noise() {
     // A cheap stand-in for the fuzzer in CI: deterministic pseudo-random inputs of many sizes.
     let mut x: u64 = 0x2545_F491_4F6C_DD1D;
