@@ -264,8 +264,8 @@ pub fn ring_split(data: &[u8]) {
         let mut popped = 0u16;
         for _ in 0..8 {
             match input.u8() % 4 {
-                0 | 1 => match burst.pop(&mut ours) {
-                    Ok(Some((head, walked))) => {
+                0 | 1 => {
+                    if let Ok(Some((head, walked))) = burst.pop(&mut ours) {
                         popped += 1;
                         assert!(ours.len() <= 65536);
                         let theirs = reference.pop_descriptor_chain(&mem);
@@ -275,8 +275,7 @@ pub fn ring_split(data: &[u8]) {
                             _ => {}
                         }
                     }
-                    Ok(None) | Err(_) => {}
-                },
+                }
                 2 => {
                     let head = input.u16();
                     burst.used(head, input.u32());
