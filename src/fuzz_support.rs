@@ -167,7 +167,9 @@ pub fn net_frame(data: &[u8]) {
         let Ok(mut burst) = crate::ring::burst::Burst::new(&mut queue, &map) else {
             return;
         };
-        let Ok(Some((head, Ok(())))) = burst.pop(&mut buffers) else {
+        let popped = burst.pop(&mut buffers);
+        let _ = burst.finish();
+        let Ok(Some((head, Ok(())))) = popped else {
             return;
         };
         head
@@ -212,6 +214,7 @@ pub fn net_frame(data: &[u8]) {
     {
         batch.commit(&mut burst, &mem, need % 0x20000);
     }
+    let _ = burst.finish();
 }
 
 /// One fuzz iteration over our split-ring engine (`crate::ring`): rings placed anywhere

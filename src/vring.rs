@@ -259,6 +259,10 @@ pub fn has_available(vring: &CheckedVring, memory: &GuestMemory) -> bool {
 pub fn driver_wants_interrupts(queue: &virtio_queue::Queue, memory: &GuestMemory) -> bool {
     use vm_memory::Bytes;
     const NO_INTERRUPT: u16 = 1;
+    // The used-index store before this must be visible before the flag is read (see
+    // `ring::split::SplitRing::publish_used`): else a driver that just cleared the flag and
+    // re-read the old index sleeps without an interrupt.
+    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
     let flags: Result<u16, _> = memory.load(
         vm_memory::GuestAddress(queue.avail_ring()),
         std::sync::atomic::Ordering::Acquire,

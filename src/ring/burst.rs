@@ -17,12 +17,16 @@ use crate::devices::desc::Buffers;
 /// A chain taken: its head, and whether it could be walked.
 pub type Popped = (u16, Result<(), BrokenChain>);
 
-/// A burst on `queue`; ends with [`Burst::finish`] (or when dropped, without the signal
-/// answer): the indices go back into the `Queue` and what was used becomes visible.
+/// A burst on `queue`; ends with [`Burst::finish`], which says whether to interrupt the
+/// driver. Dropped unfinished (a bug: debug builds assert), it still writes the indices back
+/// and publishes what was used, so nothing is taken twice, but no interrupt decision is made.
+#[must_use = "a burst must end with finish(), which says whether to interrupt the driver"]
 pub struct Burst<'q, 'a, 'm> {
     queue: &'q mut Queue,
     ring: SplitRing<'a, 'm>,
     next_avail: Wrapping<u16>,
+    /// Where the burst started taking chains.
+    avail_start: Wrapping<u16>,
     /// The avail index as last read (chains up to it may be taken without another read).
     avail_end: Wrapping<u16>,
     used_start: Wrapping<u16>,
@@ -40,6 +44,7 @@ impl<'q, 'a, 'm> Burst<'q, 'a, 'm> {
             queue,
             ring,
             next_avail,
+            avail_start: next_avail,
             avail_end: next_avail,
             used_start: next_used,
             next_used,
@@ -47,11 +52,26 @@ impl<'q, 'a, 'm> Burst<'q, 'a, 'm> {
         })
     }
 
-    /// Chains available now (reads the driver's index).
+    /// Chains available now (reads the driver's index). A burst takes at most a ring's
+    /// worth: nothing it took is visible as used before it ends, so a driver that publishes
+    /// past `start + size` meanwhile has a broken ring (and could otherwise keep one burst
+    /// going for as long as it likes).
     pub fn available(&mut self) -> Result<u16, RingError> {
         let pending = self.ring.pending(self.next_avail.0)?;
-        self.avail_end = self.next_avail + Wrapping(pending);
+        let end = self.next_avail + Wrapping(pending);
+        if (end - self.avail_start).0 > self.ring.size() {
+            return Err(RingError::AvailIndex {
+                avail: end.0,
+                next: self.avail_start.0,
+            });
+        }
+        self.avail_end = end;
         Ok(pending)
+    }
+
+    /// The driver's avail index as last read.
+    pub fn avail_seen(&self) -> u16 {
+        self.avail_end.0
     }
 
     /// Takes the next chain into `out`: `None` when the ring is empty, else its head and
@@ -65,13 +85,21 @@ impl<'q, 'a, 'm> Burst<'q, 'a, 'm> {
         Ok(Some((head, self.ring.chain(head, out))))
     }
 
-    /// Puts the last `count` chains taken back (they will be taken again).
+    /// Puts the last `count` chains taken back (they will be taken again); never further
+    /// back than where the burst started.
     pub fn unpop(&mut self, count: u16) {
-        self.next_avail -= Wrapping(count);
+        let taken = (self.next_avail - self.avail_start).0;
+        debug_assert!(count <= taken, "unpop {count} of {taken}");
+        self.next_avail -= Wrapping(count.min(taken));
     }
 
     /// Returns `head` to the driver with `len` bytes written (visible when the burst ends).
+    /// A head outside the ring (a broken avail entry) is not returned: there is no such
+    /// descriptor, and an unknown id in the used ring breaks the driver's ring.
     pub fn used(&mut self, head: u16, len: u32) {
+        if head >= self.ring.size() {
+            return;
+        }
         self.ring.write_used(self.next_used.0, head, len);
         self.next_used += Wrapping(1);
     }
@@ -102,6 +130,10 @@ impl<'q, 'a, 'm> Burst<'q, 'a, 'm> {
 
 impl Drop for Burst<'_, '_, '_> {
     fn drop(&mut self) {
+        debug_assert!(
+            self.finished || std::thread::panicking(),
+            "burst dropped without finish()"
+        );
         self.flush();
     }
 }

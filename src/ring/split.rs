@@ -88,12 +88,18 @@ pub struct SplitRing<'a, 'm> {
     event_idx: bool,
 }
 
-/// The host address of a ring area of `len` bytes at `gpa` aligned to `align`.
+/// The host address of a ring area of `len` bytes at `gpa` aligned to `align` (both the
+/// guest address and the host address: a front-end may start a region at an odd guest
+/// address, and atomics on a misaligned host address are undefined behaviour).
 fn area(map: &MemMap<'_>, gpa: u64, len: u64, align: u64) -> Result<NonNull<u8>, RingError> {
     if gpa.checked_rem(align) != Some(0) {
         return Err(RingError::Misaligned(gpa));
     }
-    map.host(gpa, len).ok_or(RingError::Unmapped(gpa))
+    let host = map.host(gpa, len).ok_or(RingError::Unmapped(gpa))?;
+    if (host.as_ptr() as u64).checked_rem(align) != Some(0) {
+        return Err(RingError::Misaligned(gpa));
+    }
+    Ok(host)
 }
 
 impl<'a, 'm> SplitRing<'a, 'm> {
@@ -134,8 +140,13 @@ impl<'a, 'm> SplitRing<'a, 'm> {
         self.size
     }
 
-    /// `ptr + offset` for an offset the constructor proved inside the area.
+    /// `ptr + offset` for an offset the constructor proved inside the area (callers pass
+    /// offsets below `4 + 8 * size`, the largest area's length, or a table's checked length).
     fn at(ptr: NonNull<u8>, offset: u64) -> *mut u8 {
+        debug_assert!(
+            offset < 16 * 65536 + 8,
+            "ring offset {offset} out of any area"
+        );
         // SAFETY: every caller passes an offset below the area's length as checked in `new`
         // (slot indices are reduced modulo the size), so the pointer stays in the mapping.
         unsafe { ptr.as_ptr().add(offset as usize) }
@@ -178,6 +189,7 @@ impl<'a, 'm> SplitRing<'a, 'm> {
     }
 
     fn read_desc(table: NonNull<u8>, index: u16) -> Desc {
+        debug_assert!(u64::from(index) * DESC_SIZE < 16 * 65536);
         let p = Self::at(table, u64::from(index).saturating_mul(DESC_SIZE));
         // SAFETY: `index` is below the table's descriptor count (checked by the caller), so
         // the 16 bytes are inside the mapped table; an unaligned byte-array read has no
@@ -217,7 +229,10 @@ impl<'a, 'm> SplitRing<'a, 'm> {
                 }
                 table = self.map.host(d.addr, u64::from(d.len)).ok_or(BrokenChain)?;
                 count = u32::try_from(entries).map_err(|_| BrokenChain)?;
-                ttl = count;
+                // "A driver MUST NOT create a descriptor chain longer than the Queue Size"
+                // (virtio 1.2 §2.7.5.3.1), indirect tables included: a longer table is only
+                // walked up to the queue size, so a chain never costs more than a ring.
+                ttl = count.min(u32::from(self.size));
                 indirect = true;
                 index = 0;
                 continue;
@@ -257,12 +272,15 @@ impl<'a, 'm> SplitRing<'a, 'm> {
         let idx = Self::at(self.used, 2);
         // SAFETY: as in `load_u16`: inside the used ring, 2-aligned.
         unsafe { AtomicU16::from_ptr(idx.cast()) }.store(new.to_le(), Ordering::Release);
+        // The index store must be visible before the driver's flag or used_event is read (a
+        // Release store followed by an Acquire load may be reordered): the driver clears its
+        // flag or moves used_event, fences, then re-reads the used index; without this fence
+        // both sides can read the old values and the interrupt is lost.
+        fence(Ordering::SeqCst);
         if !self.event_idx {
             let flags = Self::load_u16(Self::at(self.avail, 0), Ordering::Acquire);
             return flags & AVAIL_NO_INTERRUPT == 0;
         }
-        // The index store must be visible before the driver's used_event is read.
-        fence(Ordering::SeqCst);
         let event_offset = u64::from(self.size).saturating_mul(2).saturating_add(4);
         let used_event = Wrapping(Self::load_u16(
             Self::at(self.avail, event_offset),

@@ -92,6 +92,7 @@ fn random_direct_chains_read_as_virtio_queue_reads_them() {
             }
         }
         assert!(burst.pop(&mut out).unwrap().is_none());
+        let _ = burst.finish();
     }
     assert!(checked > 500, "too few valid chains compared: {checked}");
 }
@@ -161,6 +162,7 @@ fn an_indirect_table_is_walked_and_its_abuses_are_refused() {
     publish(&mem, &mock, &[6, 7]);
     assert_eq!(burst.pop(&mut out).unwrap().unwrap().1, Err(BrokenChain));
     assert_eq!(burst.pop(&mut out).unwrap().unwrap().1, Err(BrokenChain));
+    let _ = burst.finish();
 }
 
 #[test]
@@ -271,21 +273,63 @@ fn used_entries_appear_together_and_signal_as_event_idx_says() {
 }
 
 #[test]
-fn a_dropped_burst_still_publishes_what_it_used() {
+fn a_burst_unwound_by_a_panic_still_publishes_what_it_used() {
     let mem = memory();
-    let mock = MockSplitQueue::new(&mem, 4);
-    mock.desc_table()
-        .store(0, desc(0x8_0000, 64, 0, 0))
-        .unwrap();
-    publish(&mem, &mock, &[0]);
-    let mut queue: Queue = mock.create_queue().unwrap();
+    let mut queue = fixed_ring(&mem, 4, 1);
     let map = MemMap::new(&mem);
-    let mut out = Buffers::new();
-    {
+    let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        let mut out = Buffers::new();
         let mut burst = Burst::new(&mut queue, &map).unwrap();
         let (h, _) = burst.pop(&mut out).unwrap().unwrap();
         burst.used(h, 1);
-    }
-    assert_eq!(mock.used().idx().load(), 1);
+        panic!("a bug mid-burst");
+    }));
+    assert!(unwound.is_err());
+    assert_eq!(mem.read_obj::<u16>(GuestAddress(0x2002)).unwrap(), 1);
     assert_eq!(queue.next_avail(), 1);
+}
+
+#[test]
+fn a_burst_takes_at_most_a_ring_however_fast_the_driver_publishes() {
+    let mem = memory();
+    let mut queue = fixed_ring(&mem, 4, 4);
+    let map = MemMap::new(&mem);
+    let mut out = Buffers::new();
+    let mut burst = Burst::new(&mut queue, &map).unwrap();
+    let mut taken = 0;
+    loop {
+        match burst.pop(&mut out) {
+            Ok(Some((head, _))) => {
+                taken += 1;
+                burst.used(head, 0);
+                // The driver sees nothing used yet, but publishes one more each time.
+                let idx: u16 = mem.read_obj(GuestAddress(0x1002)).unwrap();
+                mem.write_obj(idx.wrapping_add(1), GuestAddress(0x1002))
+                    .unwrap();
+            }
+            Ok(None) => panic!("the driver always has more"),
+            Err(RingError::AvailIndex { .. }) => break,
+            Err(e) => panic!("{e}"),
+        }
+    }
+    assert_eq!(taken, 4, "one ring's worth, then the ring is broken");
+    let _ = burst.finish();
+}
+
+#[test]
+fn a_head_outside_the_ring_is_never_returned() {
+    let mem = memory();
+    let mut queue = fixed_ring(&mem, 4, 2);
+    mem.write_obj(9u16, GuestAddress(0x1004)).unwrap(); // avail slot 0: head 9 of 4
+    let map = MemMap::new(&mem);
+    let mut out = Buffers::new();
+    let mut burst = Burst::new(&mut queue, &map).unwrap();
+    let (bad, walked) = burst.pop(&mut out).unwrap().unwrap();
+    assert_eq!((bad, walked), (9, Err(BrokenChain)));
+    burst.used(bad, 0);
+    let (good, _) = burst.pop(&mut out).unwrap().unwrap();
+    burst.used(good, 7);
+    let _ = burst.finish();
+    assert_eq!(mem.read_obj::<u16>(GuestAddress(0x2002)).unwrap(), 1);
+    assert_eq!(mem.read_obj::<u32>(GuestAddress(0x2004)).unwrap(), 1);
 }

@@ -191,6 +191,9 @@ impl RxTarget {
         let start = hash.checked_rem(count.max(1)).unwrap_or(0);
         (0..count).find_map(|i| {
             let vring = queues.get(start.saturating_add(i).checked_rem(count)?)?;
+            if vring.size_rejected() {
+                return None;
+            }
             let state = vring.get_mut();
             (state.get_queue().ready() && state.is_enabled()).then_some(state)
         })
@@ -236,14 +239,24 @@ impl RxTarget {
         SCRATCH.with(|scratch| {
             // One scratch per sending thread, reused: no allocation per frame.
             let mut scratch = scratch.borrow_mut();
+            // Once the ring has no room for a frame, the rest of this delivery is dropped
+            // without walking the ring again: a receiver posting tiny or broken buffers costs
+            // its senders one walk of its ring per delivery, not one per frame.
+            let mut full = None;
             for &i in picks {
                 let Some(frame) = frames.get(usize::from(i)) else {
                     continue;
                 };
-                let result =
-                    deliver_one(&mut burst, &memory, frame, negotiated, &mut scratch, stats);
-                if result.is_ok() {
-                    stats.received(u64::from(frame.len()));
+                let result = match full {
+                    Some(reason) => Err(reason),
+                    None => {
+                        deliver_one(&mut burst, &memory, frame, negotiated, &mut scratch, stats)
+                    }
+                };
+                match result {
+                    Ok(()) => stats.received(u64::from(frame.len())),
+                    Err(reason @ (Drop::NoRxBuffers | Drop::TooLarge)) => full = Some(reason),
+                    Err(_) => {}
                 }
                 outcome(i, result);
             }

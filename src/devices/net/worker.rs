@@ -38,6 +38,7 @@ use crate::qos::limiter::{Cost, CostKind};
 use crate::qos::timer::TimerError;
 use crate::ring::burst::Burst;
 use crate::ring::map::MemMap;
+use crate::ring::split::SplitRing;
 use crate::storage::GuestIovecs;
 use crate::vring::{has_available, AtomicGuestMemory, CheckedVring, EmptyPasses, GuestMemory};
 use smallvec::{smallvec, SmallVec};
@@ -271,7 +272,7 @@ impl PairWorker {
                 break;
             }
             let mut state = rx.get_mut();
-            if !state.get_queue().ready() {
+            if !state.get_queue().ready() || !state.is_enabled() {
                 break;
             }
             let mut burst = match Burst::new(state.get_queue_mut(), &map) {
@@ -374,11 +375,25 @@ impl PairWorker {
                 }
                 taken = taken.saturating_add(1);
             }
+            let seen = burst.avail_seen();
             notify |= burst.finish();
             match ended {
-                // Ask for a kick; if buffers arrived meanwhile, go on.
-                Some(true) if state.get_queue_mut().enable_notification(&*memory)? => continue,
-                Some(_) => break,
+                // Out of room: ask for a kick, and go on at once only if the driver posted
+                // more buffers than the ones just found too small (else a guest posting less
+                // room than a frame needs would keep this loop spinning).
+                Some(true) => {
+                    state.get_queue_mut().enable_notification(&*memory)?;
+                    let now = state
+                        .get_queue()
+                        .avail_idx(&*memory, std::sync::atomic::Ordering::Acquire)
+                        .map(|i| i.0)
+                        .unwrap_or(seen);
+                    if now != seen {
+                        continue;
+                    }
+                    break;
+                }
+                Some(false) => break,
                 None => continue,
             }
         }
@@ -407,20 +422,27 @@ impl PairWorker {
         self.poller.woke(started);
         let mut empty_passes = EmptyPasses::default();
         loop {
-            if !tx.get_ref().get_queue().ready() {
-                return Ok(());
+            {
+                let state = tx.get_ref();
+                if !state.get_queue().ready() || !state.is_enabled() {
+                    return Ok(());
+                }
             }
             let memory = self.memory.memory();
             let map = MemMap::new(&memory);
             tx.disable_notification()?;
             let mut state = tx.get_mut();
-            let mut burst = match Burst::new(state.get_queue_mut(), &map) {
-                Ok(burst) => burst,
-                Err(e) => {
-                    self.shared.stats.ring_error();
-                    log::debug!("{} pair {}: tx ring: {e}", self.shared.config.id, self.pair);
-                    return Ok(());
-                }
+            let refused = SplitRing::new(&map, state.get_queue()).err();
+            if let Some(e) = refused {
+                drop(state);
+                self.shared.stats.ring_error();
+                log::debug!("{} pair {}: tx ring: {e}", self.shared.config.id, self.pair);
+                // Kicks on: if the front-end fixes the ring, its next kick reaches us.
+                tx.enable_notification()?;
+                return Ok(());
+            }
+            let Ok(mut burst) = Burst::new(state.get_queue_mut(), &map) else {
+                return Ok(());
             };
             let (sent, held) = self.tx_burst(&mut burst, &memory);
             if burst.finish() {
