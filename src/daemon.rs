@@ -1,8 +1,15 @@
 //! The daemon: starts the configured devices (command line, then the state directory), serves
-//! the control socket, waits for SIGINT/SIGTERM/SIGHUP (or `daemon.shutdown`), then stops the
+//! the control socket, waits for SIGINT/SIGTERM (or `daemon.shutdown`), then stops the
 //! control socket and every device (each finishes its in-flight I/O and removes its socket).
 //! It never daemonizes itself: the supervisor (systemd, libvirt, the orchestrator) owns the
 //! process.
+//!
+//! Under systemd (`Type=notify`, through the `sd-notify` crate; nothing is sent without
+//! `NOTIFY_SOCKET`): `READY=1` once every device and the control socket serve, `STATUS=` with
+//! the device count, `WATCHDOG=1` at half of `WatchdogSec` from a thread that must take the
+//! registry lock first (a wedged control plane stops the pings and systemd restarts us), and
+//! `STOPPING=1` when shutdown begins. SIGHUP reloads nothing: configuration changes go
+//! through the control socket; it is logged and answered with a fresh `STATUS=`.
 
 // Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
 // panic or wrap silently (checked, saturating or `get` instead).
@@ -18,6 +25,7 @@ use crate::metrics::{MetricsError, MetricsServer};
 use crate::registry::{Registry, RegistryError};
 use crate::state::{StateError, StateStore};
 use crate::sys::signals;
+use sd_notify::NotifyState;
 
 /// Errors that stop the daemon.
 #[derive(Debug, thiserror::Error)]
@@ -116,13 +124,33 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         },
         None => None,
     };
+    for path in crate::sys::inherited::unclaimed() {
+        log::warn!(
+            "inherited socket {} matches no device or control socket; unused",
+            path.display()
+        );
+    }
     let devices = lock(&registry).ids().len();
     log::info!("novacrond ready: {devices} device(s)");
-    let waited = signals::wait_for_termination();
+    notify(&[NotifyState::Ready, NotifyState::Status(&status(&registry))]);
+    let watchdog = Watchdog::start(Arc::clone(&registry));
+    let waited = loop {
+        match signals::wait_for_termination() {
+            Ok(libc::SIGHUP) => {
+                log::info!(
+                    "SIGHUP: nothing to reload (configuration changes go through the control socket)"
+                );
+                notify(&[NotifyState::Status(&status(&registry))]);
+            }
+            other => break other,
+        }
+    };
     match &waited {
         Ok(signal) => log::info!("signal {signal}: stopping"),
         Err(e) => log::error!("waiting for signals failed: {e}; stopping"),
     }
+    notify(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
+    drop(watchdog);
     if let Some(control) = control {
         control.stop();
     }
@@ -132,6 +160,77 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     stop_registry(&registry);
     log::info!("novacrond stopped");
     waited.map(drop).map_err(DaemonError::Signals)
+}
+
+/// Tells the service manager `states`, if there is one; a failure is logged, never fatal.
+fn notify(states: &[NotifyState<'_>]) {
+    if let Err(e) = sd_notify::notify(states) {
+        log::warn!("cannot notify the service manager: {e}");
+    }
+}
+
+/// The service manager's one-line status.
+fn status(registry: &Mutex<Registry>) -> String {
+    let registry = lock(registry);
+    let failed = registry.failed_count();
+    let devices = registry.ids().len();
+    if failed > 0 {
+        format!("serving {devices} device(s); {failed} failed (see device.list)")
+    } else {
+        format!("serving {devices} device(s)")
+    }
+}
+
+/// Sends `WATCHDOG=1` at half the interval systemd asked for, as long as the registry lock
+/// can be taken (a control plane wedged on it stops the pings; systemd then restarts us).
+struct Watchdog {
+    stop: Option<std::sync::mpsc::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Watchdog {
+    fn start(registry: Arc<Mutex<Registry>>) -> Self {
+        let Some(interval) = sd_notify::watchdog_enabled() else {
+            return Self {
+                stop: None,
+                thread: None,
+            };
+        };
+        let period = interval / 2;
+        let (stop, stopped) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name("watchdog".into())
+            .spawn(move || {
+                while let Err(std::sync::mpsc::RecvTimeoutError::Timeout) =
+                    stopped.recv_timeout(period)
+                {
+                    let line = status(&registry);
+                    notify(&[NotifyState::Watchdog, NotifyState::Status(&line)]);
+                }
+            });
+        match thread {
+            Ok(thread) => Self {
+                stop: Some(stop),
+                thread: Some(thread),
+            },
+            Err(e) => {
+                log::error!("cannot start the watchdog thread: {e}; systemd will restart us");
+                Self {
+                    stop: None,
+                    thread: None,
+                }
+            }
+        }
+    }
+}
+
+impl Drop for Watchdog {
+    fn drop(&mut self) {
+        drop(self.stop.take());
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
 }
 
 fn stop_registry(registry: &Mutex<Registry>) {

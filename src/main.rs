@@ -36,19 +36,45 @@ struct Args {
     #[arg(long = "net", value_name = "SPEC")]
     net: Vec<String>,
 
-    /// vhost-user convention: socket of a single block device (with --blk-file).
-    #[arg(long, value_name = "PATH", requires = "blk_file")]
+    /// vhost-user backend convention: the device type this program serves with
+    /// --socket-path/--fd and reports with --print-capabilities. Default: `net` when the
+    /// program is invoked under a name containing "net" (the `vhost-user-net` link the
+    /// package installs), else `block`.
+    #[arg(long = "type", value_name = "block|net")]
+    backend_type: Option<BackendType>,
+
+    /// vhost-user backend convention: listen for the front-end on PATH (one device:
+    /// --blk-file for block, --tap or --switch for net).
+    #[arg(long, value_name = "PATH", conflicts_with = "fd")]
     socket_path: Option<String>,
 
-    /// vhost-user convention: backing file of the single block device.
-    #[arg(long, value_name = "PATH", requires = "socket_path")]
+    /// vhost-user backend convention: the listening socket is already open as fd FDNUM (it
+    /// must be bound to a path). Also: systemd socket activation (LISTEN_FDS) works for any
+    /// device or control socket whose path matches a passed socket.
+    #[arg(long, value_name = "FDNUM")]
+    fd: Option<i32>,
+
+    /// vhost-user convention (block): backing file of the device.
+    #[arg(long, value_name = "PATH")]
     blk_file: Option<String>,
 
-    /// vhost-user convention: serve the --blk-file device read-only.
+    /// vhost-user convention (block): serve the device read-only.
     #[arg(long, requires = "blk_file")]
     read_only: bool,
 
-    /// Print the vhost-user backend capabilities as JSON and exit.
+    /// Our extension of the convention (net): the tap the device uses.
+    #[arg(long, value_name = "IFNAME", conflicts_with = "switch")]
+    tap: Option<String>,
+
+    /// Our extension of the convention (net): the switch the device joins.
+    #[arg(long, value_name = "NAME")]
+    switch: Option<String>,
+
+    /// Our extension of the convention (net): the device's MAC.
+    #[arg(long, value_name = "MAC")]
+    mac: Option<String>,
+
+    /// Print the vhost-user backend capabilities of --type as JSON and exit.
     #[arg(long)]
     print_capabilities: bool,
 
@@ -82,17 +108,100 @@ struct Args {
     log_level: String,
 }
 
+/// The device types of the vhost-user backend conventions this program serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum BackendType {
+    /// vhost-user-blk.
+    #[value(alias = "blk")]
+    Block,
+    /// vhost-user-net.
+    Net,
+}
+
+impl BackendType {
+    /// The type `--type` names, else the one the program name implies.
+    fn of(args: &Args) -> Self {
+        args.backend_type.unwrap_or_else(|| {
+            let name = std::env::args_os()
+                .next()
+                .map(PathBuf::from)
+                .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+                .unwrap_or_default();
+            if name.contains("net") {
+                Self::Net
+            } else {
+                Self::Block
+            }
+        })
+    }
+
+    /// `--print-capabilities`, as QEMU's vhost-user.json schema defines it
+    /// (`VHostUserBackendCapabilities`): block names the two options the spec defines;
+    /// the spec defines no net feature names.
+    fn capabilities(self) -> &'static str {
+        match self {
+            Self::Block => r#"{"type":"block","features":["read-only","blk-file"]}"#,
+            Self::Net => r#"{"type":"net"}"#,
+        }
+    }
+}
+
+/// The one device of the backend conventions (`--socket-path`/`--fd`), as a `--blk` or
+/// `--net` spec.
+fn convention_device(args: &Args) -> anyhow::Result<Option<(BackendType, String)>> {
+    let socket = match (&args.socket_path, args.fd) {
+        (Some(path), None) => path.clone(),
+        (None, Some(fd)) => novacron::sys::inherited::adopt(fd)
+            .with_context(|| format!("--fd {fd}"))?
+            .to_string_lossy()
+            .into_owned(),
+        (None, None) => {
+            if args.blk_file.is_some() || args.tap.is_some() || args.switch.is_some() {
+                anyhow::bail!("--blk-file, --tap and --switch need --socket-path or --fd");
+            }
+            return Ok(None);
+        }
+        (Some(_), Some(_)) => anyhow::bail!("--socket-path and --fd exclude each other"),
+    };
+    let kind = BackendType::of(args);
+    let spec = match kind {
+        BackendType::Block => {
+            let file = args
+                .blk_file
+                .as_deref()
+                .context("a block backend needs --blk-file")?;
+            let mut spec = format!("socket={socket},path={file}");
+            if args.read_only {
+                spec.push_str(",readonly");
+            }
+            spec
+        }
+        BackendType::Net => {
+            let link = match (&args.tap, &args.switch) {
+                (Some(tap), None) => format!("tap={tap}"),
+                (None, Some(switch)) => format!("switch={switch}"),
+                _ => anyhow::bail!("a net backend needs --tap IFNAME or --switch NAME"),
+            };
+            let mut spec = format!("socket={socket},{link}");
+            if let Some(mac) = &args.mac {
+                spec.push_str(&format!(",mac={mac}"));
+            }
+            spec
+        }
+    };
+    Ok(Some((kind, spec)))
+}
+
 impl TryFrom<Args> for DaemonConfig {
     type Error = anyhow::Error;
 
     fn try_from(args: Args) -> anyhow::Result<Self> {
         let mut specs = args.blk.clone();
-        if let (Some(socket), Some(file)) = (&args.socket_path, &args.blk_file) {
-            let mut spec = format!("socket={socket},path={file}");
-            if args.read_only {
-                spec.push_str(",readonly");
-            }
-            specs.push(spec);
+        let mut net_specs = args.net.clone();
+        match convention_device(&args)? {
+            Some((BackendType::Block, spec)) => specs.push(spec),
+            Some((BackendType::Net, spec)) => net_specs.push(spec),
+            None => {}
         }
         let mut blk = Vec::with_capacity(specs.len());
         for spec in &specs {
@@ -100,8 +209,8 @@ impl TryFrom<Args> for DaemonConfig {
             BlkConfig::parse(spec).with_context(|| format!("--blk {spec}"))?;
             blk.push(OptionList::parse(spec)?.into_pairs());
         }
-        let mut net = Vec::with_capacity(args.net.len());
-        for spec in &args.net {
+        let mut net = Vec::with_capacity(net_specs.len());
+        for spec in &net_specs {
             NetConfig::parse(spec).with_context(|| format!("--net {spec}"))?;
             net.push(OptionList::parse(spec)?.into_pairs());
         }
@@ -138,17 +247,23 @@ impl TryFrom<Args> for DaemonConfig {
     }
 }
 
-/// Capabilities in the format of the vhost-user spec's "backend program conventions".
-const CAPABILITIES: &str = r#"{"type":"block","features":["read-only","blk-file"]}"#;
-
 fn run(args: Args) -> anyhow::Result<()> {
     if args.print_capabilities {
-        writeln!(std::io::stdout(), "{CAPABILITIES}")?;
+        writeln!(
+            std::io::stdout(),
+            "{}",
+            BackendType::of(&args).capabilities()
+        )?;
         return Ok(());
     }
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or(&args.log_level))
         .format_timestamp_micros()
         .init();
+    // Sockets systemd passed (socket activation), before anything opens an fd.
+    let activated = novacron::sys::inherited::adopt_systemd().context("socket activation")?;
+    if !activated.is_empty() {
+        log::info!("{} socket(s) from socket activation", activated.len());
+    }
     let config = DaemonConfig::try_from(args)?;
     daemon::run(config)?;
     Ok(())

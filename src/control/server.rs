@@ -79,6 +79,8 @@ pub struct ControlConfig {
 /// A running control server.
 pub struct ControlServer {
     socket: PathBuf,
+    /// Handed to us (socket activation): the path is not ours to remove.
+    inherited: bool,
     stop: Arc<AtomicBool>,
     waker: Arc<Waker>,
     thread: Option<JoinHandle<()>>,
@@ -98,17 +100,33 @@ impl ControlServer {
                 source,
             }
         };
-        prepare_directory(&config.socket)?;
-        crate::sys::socket::clear_stale(&config.socket).map_err(|e| {
-            ControlError::UnsafeDirectory {
-                path: config.socket.clone(),
-                reason: e.to_string(),
+        // Socket activation: systemd (or whoever started us) made the socket and owns its
+        // path and mode; peers are still checked by uid on every connection.
+        let inherited = crate::sys::inherited::take(&config.socket);
+        let is_inherited = inherited.is_some();
+        let listener = match inherited {
+            Some(listener) => {
+                listener
+                    .set_nonblocking(true)
+                    .map_err(io("cannot use inherited", &config.socket))?;
+                UnixListener::from_std(listener)
             }
-        })?;
-        let listener =
-            UnixListener::bind(&config.socket).map_err(io("cannot bind", &config.socket))?;
-        std::fs::set_permissions(&config.socket, std::fs::Permissions::from_mode(0o600))
-            .map_err(io("cannot chmod", &config.socket))?;
+            None => {
+                prepare_directory(&config.socket)?;
+                crate::sys::socket::clear_stale(&config.socket).map_err(|e| {
+                    ControlError::UnsafeDirectory {
+                        path: config.socket.clone(),
+                        reason: e.to_string(),
+                    }
+                })?;
+                let listener = UnixListener::bind(&config.socket)
+                    .map_err(io("cannot bind", &config.socket))?;
+                std::fs::set_permissions(&config.socket, std::fs::Permissions::from_mode(0o600))
+                    .map_err(io("cannot chmod", &config.socket))?;
+                listener
+            }
+        };
+
         let poll = Poll::new().map_err(io("cannot create poll for", &config.socket))?;
         let waker = Arc::new(
             Waker::new(poll.registry(), WAKER)
@@ -134,6 +152,7 @@ impl ControlServer {
         log::info!("control socket on {}", config.socket.display());
         Ok(Self {
             socket: config.socket,
+            inherited: is_inherited,
             stop,
             waker,
             thread: Some(thread),
@@ -151,7 +170,9 @@ impl ControlServer {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
-        let _ = std::fs::remove_file(&self.socket);
+        if !self.inherited {
+            let _ = std::fs::remove_file(&self.socket);
+        }
     }
 }
 

@@ -443,7 +443,12 @@ impl Registry {
             .ok_or_else(|| RegistryError::NotFound(id.to_string()))
     }
 
-    /// Ids of all devices.
+    /// How many recorded devices failed to start (kept for `device.retry`).
+    pub fn failed_count(&self) -> usize {
+        self.failed.len()
+    }
+
+    /// The ids of the running devices.
     pub fn ids(&self) -> Vec<String> {
         self.devices.keys().cloned().collect()
     }

@@ -1,6 +1,7 @@
 //! Thin wrappers over the few raw syscalls the daemon needs. Unsafe code for them lives here.
 
 pub mod clock;
+pub mod inherited;
 pub mod peer;
 pub mod poll;
 pub mod private_file;

@@ -1,12 +1,13 @@
-//! Termination signals handled synchronously: SIGINT and SIGTERM are blocked in every thread
-//! (blocked before any thread is spawned, so all inherit the mask) and the main thread waits
-//! for them with `sigwait`. No async signal handlers, so nothing runs in signal context.
+//! Termination signals handled synchronously: SIGINT, SIGTERM and SIGHUP are blocked in every
+//! thread (blocked before any thread is spawned, so all inherit the mask) and the main thread
+//! waits for them with `sigwait` (the daemon ends on the first two and logs the third). No
+//! async signal handlers, so nothing runs in signal context.
 
 // Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
 // panic or wrap silently (checked, saturating or `get` instead).
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
-/// Signals that end the daemon.
+/// Signals the main thread waits for (SIGHUP does not end the daemon; see `daemon`).
 const TERMINATION: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
 
 fn termination_set() -> libc::sigset_t {

@@ -26,6 +26,7 @@ mod polling;
 mod qos;
 mod resources;
 mod restart;
+mod systemd;
 mod tap;
 mod tier;
 mod tier_full;

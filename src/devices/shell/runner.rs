@@ -67,6 +67,9 @@ struct StopSignal {
 pub struct DeviceRunner {
     id: String,
     socket: PathBuf,
+    /// The listener was handed to us (socket activation, `--fd`): its path is not ours to
+    /// remove.
+    inherited: bool,
     stop: Arc<StopSignal>,
     thread: Option<JoinHandle<()>>,
 }
@@ -85,14 +88,20 @@ impl DeviceRunner {
             path: socket.to_path_buf(),
             source,
         };
-        if let Some(parent) = socket.parent().filter(|p| !p.as_os_str().is_empty()) {
-            std::fs::create_dir_all(parent).map_err(listen_error)?;
-        }
-        crate::sys::socket::clear_stale(socket).map_err(listen_error)?;
-        // Never unlink here: `clear_stale` removed only a dead socket; anything
-        // that appeared since makes bind fail rather than be replaced.
-        let listener =
-            Listener::new(socket, false).map_err(|e| listen_error(std::io::Error::other(e)))?;
+        let inherited = crate::sys::inherited::take(socket);
+        let is_inherited = inherited.is_some();
+        let listener = match inherited {
+            Some(listener) => Listener::from(listener),
+            None => {
+                if let Some(parent) = socket.parent().filter(|p| !p.as_os_str().is_empty()) {
+                    std::fs::create_dir_all(parent).map_err(listen_error)?;
+                }
+                crate::sys::socket::clear_stale(socket).map_err(listen_error)?;
+                // Never unlink here: `clear_stale` removed only a dead socket; anything
+                // that appeared since makes bind fail rather than be replaced.
+                Listener::new(socket, false).map_err(|e| listen_error(std::io::Error::other(e)))?
+            }
+        };
         listener
             .set_nonblocking(true)
             .map_err(|e| listen_error(std::io::Error::other(e)))?;
@@ -112,6 +121,7 @@ impl DeviceRunner {
         Ok(Self {
             id: id.to_string(),
             socket: socket.to_path_buf(),
+            inherited: is_inherited,
             stop,
             thread: Some(thread),
         })
@@ -136,7 +146,9 @@ impl DeviceRunner {
                 log::error!("{}: device thread panicked", self.id);
             }
         }
-        let _ = std::fs::remove_file(&self.socket);
+        if !self.inherited {
+            let _ = std::fs::remove_file(&self.socket);
+        }
     }
 }
 

@@ -43,11 +43,36 @@ impl Daemon {
         Self::spawn(dir, args, Some(netns), &[])
     }
 
+    /// Like [`Daemon::start_in_with_env`], handing the daemon open fds the way a service
+    /// manager does: each `(fd, target)` is duplicated to number `target` in the child, and
+    /// `LISTEN_PID` is set to the daemon's own pid when `listen_pid` (systemd socket
+    /// activation; `LISTEN_FDS` comes with `env`).
+    pub fn start_with_fds(
+        dir: tempfile::TempDir,
+        args: &[&str],
+        env: &[(&str, &str)],
+        fds: &[(std::os::fd::RawFd, std::os::fd::RawFd)],
+        listen_pid: bool,
+    ) -> Daemon {
+        Self::spawn_launch(dir, args, None, env, fds, listen_pid)
+    }
+
     fn spawn(
         dir: tempfile::TempDir,
         args: &[&str],
         netns: Option<&str>,
         env: &[(&str, &str)],
+    ) -> Daemon {
+        Self::spawn_launch(dir, args, netns, env, &[], false)
+    }
+
+    fn spawn_launch(
+        dir: tempfile::TempDir,
+        args: &[&str],
+        netns: Option<&str>,
+        env: &[(&str, &str)],
+        fds: &[(std::os::fd::RawFd, std::os::fd::RawFd)],
+        listen_pid: bool,
     ) -> Daemon {
         let mut args: Vec<String> = args
             .iter()
@@ -58,16 +83,53 @@ impl Daemon {
             args.push("--control".into());
             args.push(dir.path().join("control.sock").display().to_string());
         }
-        let mut command = match netns {
+        let mut command = match (netns, listen_pid) {
             // `ip netns exec` enters the namespace and execs the daemon (same pid).
-            Some(ns) => {
+            (Some(ns), _) => {
                 let mut c = Command::new("ip");
                 c.args(["netns", "exec", ns, env!("CARGO_BIN_EXE_novacrond")]);
                 c
             }
-            None => Command::new(env!("CARGO_BIN_EXE_novacrond")),
+            // The shell's pid is the daemon's after `exec`: what systemd puts in LISTEN_PID.
+            (None, true) => {
+                let mut c = Command::new("sh");
+                c.args([
+                    "-c",
+                    "LISTEN_PID=$$ exec \"$0\" \"$@\"",
+                    env!("CARGO_BIN_EXE_novacrond"),
+                ]);
+                c
+            }
+            (None, false) => Command::new(env!("CARGO_BIN_EXE_novacrond")),
         };
         command.envs(env.iter().copied());
+        if !fds.is_empty() {
+            use std::os::unix::process::CommandExt;
+            let fds = fds.to_vec();
+            // SAFETY: the closure runs in the forked child before exec and only calls fcntl
+            // and dup2 (async-signal-safe) on fds the test owns. Each source is first copied
+            // above 100 (a source may already sit on another's target number, or on its own,
+            // where dup2 would do nothing and leave close-on-exec set); dup2 clears
+            // close-on-exec on the final copies.
+            unsafe {
+                command.pre_exec(move || {
+                    let mut high = Vec::with_capacity(fds.len());
+                    for &(fd, _) in &fds {
+                        let copy = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 100);
+                        if copy < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                        high.push(copy);
+                    }
+                    for (&copy, &(_, target)) in high.iter().zip(&fds) {
+                        if libc::dup2(copy, target) < 0 {
+                            return Err(std::io::Error::last_os_error());
+                        }
+                    }
+                    Ok(())
+                });
+            }
+        }
         let mut child = command
             .args(&args)
             .env("RUST_LOG", "info")
@@ -155,6 +217,15 @@ impl Daemon {
         self.dir.path().join(name)
     }
 
+    /// Like [`Daemon::wait_for_log`], for a shared daemon (no new lines are consumed by others).
+    pub fn wait_for_log_line(&self, needle: &str) {
+        assert!(
+            self.seen.iter().any(|l| l.contains(needle)),
+            "no log line with `{needle}` before ready; saw {:?}",
+            self.seen
+        );
+    }
+
     /// Blocks until a log line containing `needle` appears (10 s at most); a line seen
     /// earlier counts.
     pub fn wait_for_log(&mut self, needle: &str) -> String {
@@ -183,6 +254,11 @@ impl Daemon {
                 }
             }
         }
+    }
+
+    /// Sends `sig` to the daemon.
+    pub fn signal(&self, sig: libc::c_int) {
+        signal(self.child.as_ref().expect("child"), sig);
     }
 
     /// Sends SIGTERM and waits for the exit status.
