@@ -196,7 +196,7 @@ impl Watchdog {
                 thread: None,
             };
         };
-        let period = interval / 2;
+        let period = interval.checked_div(2).unwrap_or(interval);
         let (stop, stopped) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::Builder::new()
             .name("watchdog".into())
