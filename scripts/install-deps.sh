@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building, the demo and the tests need on a Debian machine (run as root):
 # QEMU (TCG guests, qemu-storage-daemon), busybox-static and cpio (guest initramfs),
-# util-linux (losetup/mount for the durability test), python3 (the import-circle check);
+# util-linux (losetup/mount for the durability test), python3 (the import-circle check),
+# prometheus/promtool (the metrics test), dpkg-deb (the package test);
 # checks the Rust toolchain (rustup stable with rustfmt and clippy; it is not installed here).
 set -euo pipefail
 need_apt=()
@@ -17,6 +18,10 @@ have cc || need_apt+=(gcc)
 have taskset || need_apt+=(util-linux)
 have ip || need_apt+=(iproute2)
 have python3 || need_apt+=(python3)
+# Prometheus and promtool: the metrics test runs a real Prometheus and checks our rules.
+have prometheus || need_apt+=(prometheus)
+have promtool || need_apt+=(prometheus)
+have dpkg-deb || need_apt+=(dpkg)
 if [ "$(id -u)" != 0 ]; then
     echo "install-deps: run as root (apt-get, mount and losetup need it)" >&2
     exit 1

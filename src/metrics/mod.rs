@@ -24,6 +24,9 @@
 //! - tiering: `novacron_tier_extents{device,tier}`, `novacron_tier_bytes{device,tier}`,
 //!   `novacron_tier_moves_total{device,kind}`, `novacron_tier_cold_reads_total`,
 //!   `novacron_tier_corrupt_records_total`;
+//! - `novacron_device_failed{device,kind}`: 1 for each recorded device that could not start
+//!   (its backing missing or locked; see `device.list`, `device.retry`);
+//! - `novacron_blk_flush_errors_total`: failed FLUSH requests (durability at risk);
 //! - QoS: `novacron_qos_tokens{device,limit}`, `novacron_qos_group_tokens{group,limit}`,
 //!   `novacron_qos_group_members{group}`, `novacron_qos_group_waits_total{group}` (held-back
 //!   requests and frames are in the device families: `*_throttled_total`).
@@ -50,7 +53,18 @@ pub fn encode(snapshot: &Snapshot, mut encoder: DescriptorEncoder) -> std::fmt::
     crate::devices::net::metrics::encode_devices(&snapshot.net, &mut encoder)?;
     crate::devices::net::metrics::encode_switches(&snapshot.switches, &mut encoder)?;
     crate::qos::metrics::encode(&snapshot.qos, &snapshot.groups, &mut encoder)?;
-    crate::storage::tier::metrics::encode(&snapshot.tiers, &mut encoder)
+    crate::storage::tier::metrics::encode(&snapshot.tiers, &mut encoder)?;
+    family::gauge(
+        &mut encoder,
+        "novacron_device_failed",
+        "Recorded devices that could not start (device.list says why; device.retry).",
+        snapshot.failed.iter().map(|f| {
+            (
+                vec![("device", f.id.clone()), ("kind", f.kind.clone())],
+                1u64,
+            )
+        }),
+    )
 }
 
 /// Reads the registry on each scrape.

@@ -70,6 +70,8 @@ pub struct Snapshot {
     pub groups: Vec<GroupInfo>,
     /// Tiered disks.
     pub tiers: Vec<TierStatus>,
+    /// Recorded devices that failed to start.
+    pub failed: Vec<FailedInfo>,
 }
 
 impl Device {
@@ -145,6 +147,15 @@ impl Registry {
         }
         snapshot.switches = self.list_switches();
         snapshot.groups = self.list_groups();
+        snapshot.failed = self
+            .failed
+            .iter()
+            .map(|(id, failed)| FailedInfo {
+                id: id.clone(),
+                kind: failed.record.kind.clone(),
+                reason: failed.reason.clone(),
+            })
+            .collect();
         snapshot
     }
 }

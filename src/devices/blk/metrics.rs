@@ -59,6 +59,12 @@ pub fn encode(devices: &[BlkStats], encoder: &mut DescriptorEncoder) -> fmt::Res
         "Requests failed by the backing (guest saw IOERR).",
         queues(devices).map(|(l, s)| (l, s.io_errors)),
     )?;
+    counter(
+        encoder,
+        "novacron_blk_flush_errors",
+        "FLUSH requests that failed: writes acknowledged before them may not be durable.",
+        queues(devices).map(|(l, s)| (l, s.flush_errors)),
+    )?;
     gauge(
         encoder,
         "novacron_blk_in_flight",

@@ -68,6 +68,7 @@ pub struct QueueStats {
     bytes_read: AtomicU64,
     bytes_written: AtomicU64,
     io_errors: AtomicU64,
+    flush_errors: AtomicU64,
     rejected: [AtomicU64; Reason::ALL.len()],
     in_flight: AtomicU64,
     latency: [AtomicU64; LATENCY_BUCKETS],
@@ -89,6 +90,8 @@ pub struct QueueSnapshot {
     pub bytes_written: u64,
     /// Requests that failed in the backing (the guest got IOERR).
     pub io_errors: u64,
+    /// FLUSH requests that failed (writes the guest was told were durable may not be).
+    pub flush_errors: u64,
     /// Requests refused by validation, by reason.
     pub rejected: Vec<(String, u64)>,
     /// Requests submitted and not yet completed.
@@ -133,6 +136,9 @@ impl QueueStats {
         }
         if !ok {
             add(&self.io_errors, 1);
+            if class == OpClass::Flush {
+                add(&self.flush_errors, 1);
+            }
         } else if class == OpClass::Read {
             add(&self.bytes_read, bytes);
         } else if class == OpClass::Write {
@@ -191,6 +197,7 @@ impl QueueStats {
             bytes_read: load(&self.bytes_read),
             bytes_written: load(&self.bytes_written),
             io_errors: load(&self.io_errors),
+            flush_errors: load(&self.flush_errors),
             rejected: Reason::ALL
                 .iter()
                 .zip(&self.rejected)
@@ -261,5 +268,10 @@ mod tests {
         // 3 µs lands in the "< 4 µs" bucket; a huge latency in the last one.
         assert_eq!(snap.latency_us[2], (4, 1));
         assert_eq!(snap.latency_us[LATENCY_BUCKETS - 1].1, 1);
+        assert_eq!(snap.flush_errors, 0, "a failed write is not a failed flush");
+        stats.started();
+        stats.completed(OpClass::Flush, 0, false, Duration::ZERO);
+        let snap = stats.snapshot();
+        assert_eq!((snap.io_errors, snap.flush_errors), (2, 1));
     }
 }
