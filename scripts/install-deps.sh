@@ -2,7 +2,8 @@
 # Installs what building, the demo and the tests need on a Debian machine (run as root):
 # QEMU (TCG guests, qemu-storage-daemon), busybox-static and cpio (guest initramfs),
 # util-linux (losetup/mount for the durability test), python3 (the import-circle check),
-# prometheus/promtool (the metrics test), dpkg-deb (the package test);
+# prometheus/promtool (the metrics test), dpkg-deb (the package test), libvirt (the libvirt
+# test);
 # checks the Rust toolchain (rustup stable with rustfmt and clippy; it is not installed here).
 set -euo pipefail
 need_apt=()
@@ -22,6 +23,9 @@ have python3 || need_apt+=(python3)
 have prometheus || need_apt+=(prometheus)
 have promtool || need_apt+=(prometheus)
 have dpkg-deb || need_apt+=(dpkg)
+# libvirt (the libvirt test starts libvirtd itself: scripts/libvirt-up.sh).
+have libvirtd || need_apt+=(libvirt-daemon libvirt-daemon-driver-qemu)
+have virsh || need_apt+=(libvirt-clients)
 if [ "$(id -u)" != 0 ]; then
     echo "install-deps: run as root (apt-get, mount and losetup need it)" >&2
     exit 1

@@ -17,6 +17,7 @@ mod guest_blk;
 mod guest_net;
 mod guest_tier;
 mod isolation;
+mod libvirt;
 mod net_control;
 mod net_hostile;
 mod net_qos;
