@@ -137,7 +137,7 @@ fn a_libvirt_domain_uses_novacrond_disks_and_nics_hotplug_and_reconnect() {
         .expect("run scripts/libvirt-up.sh");
     assert!(status.success(), "libvirt-up.sh failed");
     let image = guest_image();
-    let mut ns = NetNs::new("nc-libvirt");
+    let ns = NetNs::new("nc-libvirt");
     let daemon = Daemon::start_in_netns(
         &ns.name,
         &[
