@@ -30,7 +30,8 @@ stdio_handler = "file"
 CONF
 fi
 if ! virsh -c qemu:///system version >/dev/null 2>&1; then
-    libvirtd -d -p /run/libvirt/novacron-libvirtd.pid
+    # Detached from our stdio: a daemon holding a test harness pipe would keep it open.
+    libvirtd -d -p /run/libvirt/novacron-libvirtd.pid </dev/null >>/var/log/libvirt/novacron-libvirtd.log 2>&1
     for _ in $(seq 100); do
         virsh -c qemu:///system version >/dev/null 2>&1 && break
         sleep 0.1
