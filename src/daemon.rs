@@ -56,6 +56,9 @@ pub enum DaemonError {
     /// Signal setup failed.
     #[error("cannot set up signal handling")]
     Signals(#[source] std::io::Error),
+    /// The sandbox could not be set up (`--sandbox off` runs without it).
+    #[error(transparent)]
+    Sandbox(#[from] crate::sandbox::SandboxError),
 }
 
 /// What the daemon serves.
@@ -73,12 +76,19 @@ pub struct DaemonConfig {
     pub metrics: Option<std::net::SocketAddr>,
     /// Whether host block devices may back disks.
     pub allow_block_devices: bool,
+    /// Whether to run sandboxed (`crate::sandbox`).
+    pub sandbox: bool,
 }
 
 /// Starts everything, blocks until told to stop, stops everything.
 pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     crate::storage::backing::allow_block_devices(config.allow_block_devices);
     signals::block_termination_signals().map_err(DaemonError::Signals)?;
+    if config.sandbox {
+        crate::sandbox::enter_daemon()?;
+    } else {
+        log::warn!("sandbox off (--sandbox off): no seccomp filters");
+    }
     let state = config
         .state_dir
         .as_deref()

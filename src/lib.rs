@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod qos;
 pub mod registry;
 pub mod ring;
+pub mod sandbox;
 pub mod state;
 pub mod storage;
 pub mod sys;

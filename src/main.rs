@@ -103,9 +103,23 @@ struct Args {
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
 
+    /// The sandbox (no_new_privs, seccomp filters per thread kind): `on` (default) or `off`
+    /// (debugging only).
+    #[arg(long, value_name = "on|off", default_value = "on")]
+    sandbox: OnOff,
+
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
     #[arg(long, default_value = "info")]
     log_level: String,
+}
+
+/// A switch on the command line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum OnOff {
+    /// On.
+    On,
+    /// Off.
+    Off,
 }
 
 /// The device types of the vhost-user backend conventions this program serves.
@@ -243,6 +257,7 @@ impl TryFrom<Args> for DaemonConfig {
             state_dir: args.state_dir,
             allow_block_devices: args.allow_block_devices,
             metrics,
+            sandbox: args.sandbox == OnOff::On,
         })
     }
 }

@@ -29,6 +29,7 @@ mod prometheus;
 mod qos;
 mod resources;
 mod restart;
+mod sandbox;
 mod systemd;
 mod tap;
 mod tier;

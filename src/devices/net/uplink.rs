@@ -121,6 +121,8 @@ impl std::ops::Drop for Uplink {
 }
 
 fn run(hub: &SwitchHub, port: &Port, poll_fd: std::os::fd::RawFd, stop: &EventFd) {
+    // Frames from the outside world go into guests from here: the worker filter.
+    crate::sandbox::enter_worker();
     let PortSink::Uplink(tap) = &port.sink else {
         return;
     };

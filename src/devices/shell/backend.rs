@@ -270,6 +270,8 @@ impl<D: Device> VhostUserBackend for DeviceBackend<D> {
         vrings: &[CheckedVring],
         thread_id: usize,
     ) -> std::io::Result<()> {
+        // This is a queue worker thread: guest-facing, so it runs under the narrower filter.
+        crate::sandbox::enter_worker();
         let id = u64::from(device_event);
         let position = usize::from(device_event);
         let event = if position < vrings.len() {

@@ -191,6 +191,20 @@ impl Daemon {
             .count()
     }
 
+    /// Each thread's name and `/proc/PID/task/TID/status`.
+    pub fn thread_status(&self) -> Vec<(String, String)> {
+        let pid = self.child.as_ref().expect("child").id();
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .expect("proc task")
+            .filter_map(Result::ok)
+            .filter_map(|task| {
+                let status = std::fs::read_to_string(task.path().join("status")).ok()?;
+                let name = std::fs::read_to_string(task.path().join("comm")).ok()?;
+                Some((name.trim().to_string(), status))
+            })
+            .collect()
+    }
+
     /// Threads of the daemon.
     pub fn thread_count(&self) -> usize {
         let pid = self.child.as_ref().expect("child").id();
