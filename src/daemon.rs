@@ -78,12 +78,18 @@ pub struct DaemonConfig {
     pub allow_block_devices: bool,
     /// Whether to run sandboxed (`crate::sandbox`).
     pub sandbox: bool,
+    /// Filesystem roots the daemon is limited to (Landlock); empty: no limit.
+    pub fs_roots: Vec<PathBuf>,
 }
 
 /// Starts everything, blocks until told to stop, stops everything.
 pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     crate::storage::backing::allow_block_devices(config.allow_block_devices);
     signals::block_termination_signals().map_err(DaemonError::Signals)?;
+    if !config.fs_roots.is_empty() {
+        // Before any thread exists: a Landlock domain covers the threads started after it.
+        crate::sandbox::enter_roots(&config.fs_roots)?;
+    }
     if config.sandbox {
         crate::sandbox::enter_daemon()?;
     } else {

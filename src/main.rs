@@ -108,6 +108,11 @@ struct Args {
     #[arg(long, value_name = "on|off", default_value = "on")]
     sandbox: OnOff,
 
+    /// Limit every file the daemon can reach (images, tiers, sockets, the state directory) to
+    /// beneath DIR (repeatable), enforced by the kernel (Landlock). Default: no limit.
+    #[arg(long = "fs-root", value_name = "DIR")]
+    fs_roots: Vec<PathBuf>,
+
     /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
     #[arg(long, default_value = "info")]
     log_level: String,
@@ -258,6 +263,7 @@ impl TryFrom<Args> for DaemonConfig {
             allow_block_devices: args.allow_block_devices,
             metrics,
             sandbox: args.sandbox == OnOff::On,
+            fs_roots: args.fs_roots.clone(),
         })
     }
 }

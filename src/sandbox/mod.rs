@@ -1,12 +1,12 @@
 //! The daemon's sandbox, on by default (`--sandbox off` for debugging): `PR_SET_NO_NEW_PRIVS`
-//! and seccomp filters per thread kind ([`seccomp`]). Installed once at start on every thread
-//! (TSYNC; later threads inherit it) and, on top, by each queue worker thread the first time
-//! it runs ([`enter_worker`]). What a forbidden call gets is `EPERM`.
+//! and seccomp filters per thread kind ([`seccomp`]), installed once at start on every thread
+//! (TSYNC; later threads inherit them) and, on top, by each queue worker thread the first time
+//! it runs ([`enter_worker`]); a forbidden call gets `EPERM`. With configured filesystem roots
+//! (`--fs-root`), Landlock limits every file the daemon can reach to them ([`landlock`]).
 //!
-//! Not here (yet): Landlock (there are no configured filesystem roots to limit the daemon to:
-//! control clients name image paths), io_uring ring restrictions, dropping root. See README
-//! "Sandbox".
+//! Not here (yet): io_uring ring restrictions, dropping root. See README "Sandbox".
 
+pub mod landlock;
 pub mod seccomp;
 
 use std::cell::Cell;
@@ -20,6 +20,9 @@ pub enum SandboxError {
     /// A filter could not be built or installed.
     #[error("seccomp: {0}")]
     Seccomp(String),
+    /// The Landlock ruleset could not be built or applied.
+    #[error("landlock: {0}")]
+    Landlock(String),
 }
 
 /// Whether workers install their filter (set once at start).
@@ -28,6 +31,25 @@ static ENABLED: AtomicBool = AtomicBool::new(false);
 thread_local! {
     /// This thread already runs under the worker filter.
     static WORKER_FILTERED: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Limits the daemon to the filesystem roots `roots` (Landlock). Call before any thread is
+/// started. Returns whether the kernel enforces it fully.
+pub fn enter_roots(roots: &[std::path::PathBuf]) -> Result<(), SandboxError> {
+    match landlock::restrict(roots)? {
+        ::landlock::RulesetStatus::FullyEnforced => {
+            log::info!("sandbox: files reachable only beneath {roots:?} (landlock)");
+        }
+        ::landlock::RulesetStatus::PartiallyEnforced => {
+            log::warn!("sandbox: landlock only partly enforced by this kernel (older ABI)");
+        }
+        ::landlock::RulesetStatus::NotEnforced => {
+            return Err(SandboxError::Landlock(
+                "this kernel does not enforce Landlock; --fs-root cannot be honoured".into(),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Installs the daemon filter on every thread of the process (and so on every later one).

@@ -65,3 +65,79 @@ fn sandbox_off_runs_unfiltered() {
         assert_eq!(field(&status, "Seccomp:"), "0", "thread {name}");
     }
 }
+
+#[test]
+fn with_fs_roots_nothing_outside_them_is_reachable() {
+    let outside = tempfile::tempdir().unwrap();
+    let victim = outside.path().join("victim.img");
+    let host_data = pattern(9, 1 << 20);
+    std::fs::write(&victim, &host_data).unwrap();
+    let base = tempfile::tempdir().unwrap();
+    let root = base.path().join("root");
+    std::fs::create_dir(&root).unwrap();
+    // A directory link inside the root pointing out of it (the final component of a path
+    // through it is a plain file, so only the roots stop it).
+    std::os::unix::fs::symlink(outside.path(), root.join("outdir")).unwrap();
+    let root_arg = root.display().to_string();
+    let mut daemon = Daemon::start(&[
+        "--fs-root",
+        &root_arg,
+        "--control",
+        &format!("{root_arg}/control.sock"),
+        "--blk",
+        &format!("socket={root_arg}/d0.sock,path={root_arg}/d0.img,size=1M"),
+    ]);
+    daemon.wait_for_log("files reachable only beneath");
+    let mut c = BlkClient::connect(&root.join("d0.sock"));
+    c.write(0, 0, &pattern(3, 4096));
+    assert!(
+        c.read(0, 0, 4096) == pattern(3, 4096),
+        "inside the root: served"
+    );
+    drop(c);
+    let add =
+        |control: &mut crate::common::control::Control, socket: &std::path::Path, path: &str| {
+            control.call(
+                "device.add",
+                serde_json::json!({
+                    "type": "blk",
+                    "socket": socket.display().to_string(),
+                    "path": path,
+                    "size": "1M",
+                }),
+            )
+        };
+    let candidates = [
+        victim.display().to_string(),
+        outside.path().join("new.img").display().to_string(),
+        root.join("outdir/victim.img").display().to_string(),
+    ];
+    let mut control = crate::common::control::Control::connect(&root.join("control.sock"));
+    for path in &candidates {
+        let refused = add(&mut control, &root.join("x.sock"), path);
+        assert!(refused.is_err(), "{path} was reachable: {refused:?}");
+    }
+    // A socket outside the roots cannot be made either.
+    let refused = add(
+        &mut control,
+        &outside.path().join("x.sock"),
+        &format!("{root_arg}/y.img"),
+    );
+    assert!(refused.is_err(), "a socket outside the roots: {refused:?}");
+    assert!(std::fs::read(&victim).unwrap() == host_data);
+    assert!(!outside.path().join("new.img").exists());
+    assert!(!outside.path().join("x.sock").exists());
+    assert_eq!(control.device_count(), 1);
+    drop(control);
+    drop(daemon);
+    // The same requests to a daemon without roots succeed: the refusals above are the roots'.
+    let free = Daemon::start(&[]);
+    let mut control = crate::common::control::Control::connect(&free.path("control.sock"));
+    for (i, path) in candidates.iter().enumerate() {
+        let socket = free.path(&format!("x{i}.sock"));
+        add(&mut control, &socket, path).unwrap();
+        control
+            .call("device.remove", serde_json::json!({"id": format!("x{i}")}))
+            .unwrap();
+    }
+}
