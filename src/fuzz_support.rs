@@ -301,6 +301,97 @@ pub fn ring_split(data: &[u8]) {
     assert_eq!(queue.next_used(), used);
 }
 
+/// One fuzz iteration over the vhost-user message relay (`devices::shell::relay`): the input
+/// is the byte stream a front-end sends (any headers, sizes, requests; no fds), relayed to a
+/// handler that echoes every message back as a reply. Never panics, never hangs: the relay
+/// ends when the front-end closes, whatever it sent.
+pub fn relay_messages(data: &[u8]) {
+    use std::io::{Read, Write};
+    use std::os::unix::net::UnixStream;
+    let data = &data[..data.len().min(64 << 10)];
+    let (Ok((mut qemu, front)), Ok((back, mut handler))) = (UnixStream::pair(), UnixStream::pair())
+    else {
+        return;
+    };
+    let relay = std::thread::spawn(move || {
+        let _ = crate::devices::shell::relay::relay(front, back, |_| {});
+    });
+    let echo = std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = handler.read(&mut buf) {
+            if n == 0 || handler.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+    });
+    let _ = qemu.write_all(data);
+    let _ = qemu.shutdown(std::net::Shutdown::Write);
+    let mut replies = Vec::new();
+    let _ = qemu.read_to_end(&mut replies);
+    drop(qemu);
+    let _ = relay.join();
+    let _ = echo.join();
+}
+
+/// One fuzz iteration over the control protocol: each input line is a request handled by the
+/// real dispatcher (`control::methods::handle_line`) against a fresh registry (null and file
+/// disks, switch ports). Every path in a request is moved under a private scratch directory
+/// and requests that would touch the host (taps, uplinks, daemon shutdown) are dropped, so
+/// the fuzzer can create devices without writing anywhere else. Never panics; everything it
+/// starts is stopped.
+pub fn control_lines(data: &[u8]) {
+    use std::sync::{Arc, Mutex, OnceLock};
+    static SCRATCH: OnceLock<Option<std::path::PathBuf>> = OnceLock::new();
+    let Some(scratch) = SCRATCH
+        .get_or_init(|| {
+            let dir = std::env::temp_dir().join(format!("novacron-fuzz-{}", std::process::id()));
+            std::fs::create_dir_all(&dir).ok().map(|()| dir)
+        })
+        .as_ref()
+    else {
+        return;
+    };
+    let registry = Arc::new(Mutex::new(crate::registry::Registry::new(None)));
+    for line in data.split(|b| *b == b'\n').take(16) {
+        let Some(line) = confine(line, scratch) else {
+            continue;
+        };
+        let _ = crate::control::methods::handle_line(&registry, &line);
+    }
+    crate::lock::lock(&registry).stop_all();
+}
+
+/// A request line with every string that looks like a path moved under `scratch`; `None` for
+/// requests that would reach outside the process (taps, uplinks, shutdown).
+fn confine(line: &[u8], scratch: &std::path::Path) -> Option<Vec<u8>> {
+    fn walk(value: &mut serde_json::Value, scratch: &std::path::Path) -> bool {
+        match value {
+            serde_json::Value::String(s) if s.contains('/') => {
+                let name: String = s
+                    .chars()
+                    .filter(|c| c.is_ascii_alphanumeric() || *c == '.')
+                    .take(32)
+                    .collect();
+                *s = scratch.join(format!("f{name}")).display().to_string();
+                true
+            }
+            serde_json::Value::Object(map) => {
+                if ["tap", "uplink"].iter().any(|k| map.contains_key(*k)) {
+                    return false;
+                }
+                if map.get("method").and_then(|m| m.as_str()) == Some("daemon.shutdown") {
+                    return false;
+                }
+                map.values_mut().all(|v| walk(v, scratch))
+            }
+            serde_json::Value::Array(items) => items.iter_mut().all(|v| walk(v, scratch)),
+            _ => true,
+        }
+    }
+    let mut value: serde_json::Value = serde_json::from_slice(line).ok()?;
+    walk(&mut value, scratch).then(|| value.to_string().into_bytes())
+}
+
 /// One fuzz iteration over the tier's on-disk parsers: the input as a cold record (header and
 /// bounded decompression) and as a metadata journal (replay). Never panics on any input;
 /// memory stays bounded by the extent size whatever the input claims.

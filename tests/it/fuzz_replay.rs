@@ -7,60 +7,49 @@ use std::path::Path;
 
 #[test]
 fn blk_request_corpus_replays_without_panicking() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
-    let mut replayed = 0;
-    for dir in [
-        "seeds/blk_request",
-        // cargo-fuzz's working corpus, when a local fuzzing run left one.
-        "corpus/blk_request",
-    ] {
-        let Ok(entries) = std::fs::read_dir(root.join(dir)) else {
-            continue;
-        };
-        for entry in entries {
-            let data = std::fs::read(entry.unwrap().path()).unwrap();
-            novacron::fuzz_support::blk_request(&data);
-            replayed += 1;
-        }
-    }
-    assert!(
-        replayed >= 8,
-        "only {replayed} fuzz inputs found: seeds missing"
-    );
+    let n = replay("blk_request", novacron::fuzz_support::blk_request);
+    assert!(n >= 8, "only {n} blk fuzz inputs found: seeds missing");
 }
 
 #[test]
 fn net_frame_corpus_replays_without_panicking() {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
-    let mut replayed = 0;
-    for dir in ["seeds/net_frame", "corpus/net_frame"] {
-        let Ok(entries) = std::fs::read_dir(root.join(dir)) else {
-            continue;
-        };
-        for entry in entries {
-            let data = std::fs::read(entry.unwrap().path()).unwrap();
-            novacron::fuzz_support::net_frame(&data);
-            replayed += 1;
-        }
-    }
-    assert!(replayed >= 8, "only {replayed} net fuzz inputs found");
+    let n = replay("net_frame", novacron::fuzz_support::net_frame);
+    assert!(n >= 8, "only {n} net fuzz inputs found: seeds missing");
 }
 
 #[test]
 fn ring_split_corpus_replays_without_panicking() {
+    let n = replay("ring_split", novacron::fuzz_support::ring_split);
+    assert!(n >= 8, "only {n} ring fuzz inputs found: seeds missing");
+}
+
+/// Replays `seeds/<target>` and `corpus/<target>` through `run`; returns how many.
+fn replay(target: &str, run: fn(&[u8])) -> usize {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
     let mut replayed = 0;
-    for dir in ["seeds/ring_split", "corpus/ring_split"] {
+    for dir in [format!("seeds/{target}"), format!("corpus/{target}")] {
         let Ok(entries) = std::fs::read_dir(root.join(dir)) else {
             continue;
         };
         for entry in entries {
             let data = std::fs::read(entry.unwrap().path()).unwrap();
-            novacron::fuzz_support::ring_split(&data);
+            run(&data);
             replayed += 1;
         }
     }
-    assert!(replayed >= 8, "only {replayed} ring fuzz inputs found");
+    replayed
+}
+
+#[test]
+fn relay_messages_corpus_replays_without_panicking() {
+    let n = replay("relay_messages", novacron::fuzz_support::relay_messages);
+    assert!(n >= 8, "only {n} relay fuzz inputs found");
+}
+
+#[test]
+fn control_lines_corpus_replays_without_panicking() {
+    let n = replay("control_lines", novacron::fuzz_support::control_lines);
+    assert!(n >= 8, "only {n} control fuzz inputs found");
 }
 
 #[test]
