@@ -31,6 +31,8 @@ pub struct Burst<'q, 'a, 'm> {
     avail_end: Wrapping<u16>,
     used_start: Wrapping<u16>,
     next_used: Wrapping<u16>,
+    /// The burst takes chains only up to `avail_end` (see [`Burst::up_to`]).
+    fixed_end: bool,
     finished: bool,
 }
 
@@ -48,8 +50,62 @@ impl<'q, 'a, 'm> Burst<'q, 'a, 'm> {
             avail_end: next_avail,
             used_start: next_used,
             next_used,
+            fixed_end: false,
             finished: false,
         })
+    }
+
+    /// Takes chains only up to avail index `end` (read before `map` was taken), never re-reading
+    /// the driver's index.
+    ///
+    /// Why: a chain's buffers may lie in a memory region the front-end added just before
+    /// publishing it (it waits for ADD_MEM_REG's reply, then posts). A map snapshot taken
+    /// *after* the index was read covers every chain published up to that index; a chain seen
+    /// later may need a newer map than this burst holds (it was refused as a bad address
+    /// under load before this), so it waits for the next burst.
+    pub fn up_to(&mut self, end: u16) -> Result<(), RingError> {
+        let pending = (Wrapping(end) - self.next_avail).0;
+        if pending > self.ring.size() {
+            return Err(RingError::AvailIndex {
+                avail: end,
+                next: self.next_avail.0,
+            });
+        }
+        self.avail_end = Wrapping(end);
+        self.fixed_end = true;
+        Ok(())
+    }
+
+    /// A burst that takes chains only up to avail index `end` ([`Burst::up_to`]); `None` (the
+    /// index could not be read) refuses the ring.
+    pub fn bounded(
+        queue: &'q mut Queue,
+        map: &'a MemMap<'m>,
+        end: Option<u16>,
+    ) -> Result<Self, RingError> {
+        let avail_ring = queue.avail_ring();
+        let mut burst = Self::new(queue, map)?;
+        let bounded = end
+            .ok_or(RingError::Unmapped(avail_ring))
+            .and_then(|end| burst.up_to(end));
+        match bounded {
+            Ok(()) => Ok(burst),
+            Err(e) => {
+                let _ = burst.finish();
+                Err(e)
+            }
+        }
+    }
+
+    /// Whether [`Burst::bounded`] would accept `queue` (without taking it).
+    pub fn check(queue: &Queue, map: &MemMap<'_>, end: Option<u16>) -> Result<(), RingError> {
+        let ring = SplitRing::new(map, queue)?;
+        let end = end.ok_or(RingError::Unmapped(queue.avail_ring()))?;
+        let next = queue.next_avail();
+        if end.wrapping_sub(next) > ring.size() {
+            return Err(RingError::AvailIndex { avail: end, next });
+        }
+        Ok(())
     }
 
     /// Chains available now (reads the driver's index). A burst takes at most a ring's
@@ -57,6 +113,9 @@ impl<'q, 'a, 'm> Burst<'q, 'a, 'm> {
     /// past `start + size` meanwhile has a broken ring (and could otherwise keep one burst
     /// going for as long as it likes).
     pub fn available(&mut self) -> Result<u16, RingError> {
+        if self.fixed_end {
+            return Ok((self.avail_end - self.next_avail).0);
+        }
         let pending = self.ring.pending(self.next_avail.0)?;
         let end = self.next_avail + Wrapping(pending);
         if (end - self.avail_start).0 > self.ring.size() {

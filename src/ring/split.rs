@@ -40,8 +40,9 @@ const F_INDIRECT: u16 = 4;
 /// `VRING_AVAIL_F_NO_INTERRUPT`.
 const AVAIL_NO_INTERRUPT: u16 = 1;
 
-/// Why a ring cannot be served.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+/// Why a ring cannot be served. (Not `Copy`: matching `Err(e)` on a result holding a burst
+/// must move it, so the burst's borrow of the queue ends there.)
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum RingError {
     /// Size zero or not a power of two.
     #[error("queue size {0} is not a power of two")]

@@ -333,3 +333,39 @@ fn a_head_outside_the_ring_is_never_returned() {
     assert_eq!(mem.read_obj::<u16>(GuestAddress(0x2002)).unwrap(), 1);
     assert_eq!(mem.read_obj::<u32>(GuestAddress(0x2004)).unwrap(), 1);
 }
+
+#[test]
+fn a_bounded_burst_takes_nothing_published_after_its_bound() {
+    let mem = memory();
+    let mut queue = fixed_ring(&mem, 8, 2);
+    let map = MemMap::new(&mem);
+    let mut out = Buffers::new();
+    // The driver publishes two more after the worker read index 2 and took its snapshot.
+    for i in 2..4u16 {
+        mem.write_obj(
+            desc(0x8_0000, 64, F_WRITE, 0),
+            GuestAddress(16 * u64::from(i)),
+        )
+        .unwrap();
+        mem.write_obj(i, GuestAddress(0x1004 + 2 * u64::from(i)))
+            .unwrap();
+    }
+    mem.write_obj(4u16, GuestAddress(0x1002)).unwrap();
+    let mut burst = Burst::bounded(&mut queue, &map, Some(2)).unwrap();
+    assert!(burst.pop(&mut out).unwrap().is_some());
+    assert!(burst.pop(&mut out).unwrap().is_some());
+    assert!(
+        burst.pop(&mut out).unwrap().is_none(),
+        "index 2 was the bound"
+    );
+    let _ = burst.finish();
+    assert_eq!(
+        queue.next_avail(),
+        2,
+        "the later two wait for the next burst"
+    );
+    // A bound more than a ring ahead, or none at all, refuses the ring.
+    assert!(Burst::bounded(&mut queue, &map, Some(11)).is_err());
+    assert!(Burst::bounded(&mut queue, &map, None).is_err());
+    assert!(Burst::check(&queue, &map, Some(4)).is_ok());
+}

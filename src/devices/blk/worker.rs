@@ -38,7 +38,8 @@ use crate::qos::gate::Gate;
 use crate::qos::timer::TimerError;
 use crate::storage::{Completion, Engine, GuestIovecs, IoOp, OpKind};
 use crate::vring::{
-    has_available, needs_signal, AtomicGuestMemory, CheckedVring, EmptyPasses, GuestMemory, HeadSet,
+    avail_index, has_available, needs_signal, AtomicGuestMemory, CheckedVring, EmptyPasses,
+    GuestMemory, HeadSet,
 };
 use std::os::fd::AsRawFd;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -266,7 +267,7 @@ impl QueueWorker {
             let memory = self.memory.memory().into_inner();
             vring.disable_notification()?;
             self.release_throttled();
-            let popped = self.pop_available(vring, &memory);
+            let popped = self.pop_available(vring);
             self.engine.submit()?;
             self.reap_and_complete(vring)?;
             if self.gate.is_holding() {
@@ -338,11 +339,21 @@ impl QueueWorker {
         }
     }
 
-    fn pop_available(&mut self, vring: &CheckedVring, memory: &Arc<GuestMemory>) -> usize {
+    fn pop_available(&mut self, vring: &CheckedVring) -> usize {
+        // The avail index first, then the memory map the requests are parsed with: a request
+        // published up to that index has its buffers in this map (the front-end added their
+        // region, got the reply, then published); one published later may need a newer map,
+        // so it waits for the next pass (it was refused as a bad address under load before).
+        let Some(end) = avail_index(vring, &self.memory) else {
+            return 0;
+        };
+        let memory = self.memory.memory().into_inner();
         let mut state = vring.get_mut();
+        let size = state.get_queue().size();
+        let limit = end.wrapping_sub(state.get_queue().next_avail()).min(size);
         let mut popped = 0usize;
-        while !self.gate.is_holding() {
-            let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&**memory) else {
+        while !self.gate.is_holding() && popped < usize::from(limit) {
+            let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&*memory) else {
                 break;
             };
             popped = popped.saturating_add(1);
@@ -360,7 +371,7 @@ impl QueueWorker {
                 self.skip_head(head, "was published again while in flight");
                 continue;
             }
-            self.start(head, chain, memory);
+            self.start(head, chain, &memory);
         }
         popped
     }

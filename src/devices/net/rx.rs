@@ -220,13 +220,18 @@ impl RxTarget {
         mut outcome: impl FnMut(u16, Result<(), Drop>),
     ) {
         let negotiated = Negotiated::from_features(self.features.load(Ordering::Acquire));
-        let memory = self.memory.memory();
-        let map = MemMap::new(&memory);
         let Some(mut state) = self.lock_queue(hash) else {
             picks.iter().for_each(|&i| outcome(i, Err(Drop::LinkDown)));
             return;
         };
-        let mut burst = match Burst::new(state.get_queue_mut(), &map) {
+        // The avail index before the memory snapshot (see `Burst::up_to`).
+        let end = state
+            .get_queue()
+            .avail_idx(&*self.memory.memory(), Ordering::Acquire)
+            .map(|i| i.0);
+        let memory = self.memory.memory();
+        let map = MemMap::new(&memory);
+        let mut burst = match Burst::bounded(state.get_queue_mut(), &map, end.ok()) {
             Ok(burst) => burst,
             Err(e) => {
                 log::debug!("rx ring refused: {e}");

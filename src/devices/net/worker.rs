@@ -38,9 +38,10 @@ use crate::qos::limiter::{Cost, CostKind};
 use crate::qos::timer::TimerError;
 use crate::ring::burst::Burst;
 use crate::ring::map::MemMap;
-use crate::ring::split::SplitRing;
 use crate::storage::GuestIovecs;
-use crate::vring::{has_available, AtomicGuestMemory, CheckedVring, EmptyPasses, GuestMemory};
+use crate::vring::{
+    avail_index, has_available, AtomicGuestMemory, CheckedVring, EmptyPasses, GuestMemory,
+};
 use smallvec::{smallvec, SmallVec};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
@@ -259,8 +260,6 @@ impl PairWorker {
             return Ok(());
         }
         let need = self.max_rx_len();
-        let memory = self.memory.memory();
-        let map = MemMap::new(&memory);
         let stats = &self.shared.stats;
         let mut notify = false;
         let mut held = None;
@@ -271,11 +270,17 @@ impl PairWorker {
             if !tap.is_up() {
                 break;
             }
+            // The avail index before the memory snapshot (see `Burst::up_to`).
+            let Some(end) = avail_index(rx, &self.memory) else {
+                break;
+            };
+            let memory = self.memory.memory();
+            let map = MemMap::new(&memory);
             let mut state = rx.get_mut();
             if !state.get_queue().ready() || !state.is_enabled() {
                 break;
             }
-            let mut burst = match Burst::new(state.get_queue_mut(), &map) {
+            let mut burst = match Burst::bounded(state.get_queue_mut(), &map, Some(end)) {
                 Ok(burst) => burst,
                 Err(e) => {
                     stats.ring_error();
@@ -428,12 +433,13 @@ impl PairWorker {
                     return Ok(());
                 }
             }
+            tx.disable_notification()?;
+            // The avail index before the memory snapshot (see `Burst::up_to`).
+            let end = avail_index(tx, &self.memory);
             let memory = self.memory.memory();
             let map = MemMap::new(&memory);
-            tx.disable_notification()?;
             let mut state = tx.get_mut();
-            let refused = SplitRing::new(&map, state.get_queue()).err();
-            if let Some(e) = refused {
+            if let Err(e) = Burst::check(state.get_queue(), &map, end) {
                 drop(state);
                 self.shared.stats.ring_error();
                 log::debug!("{} pair {}: tx ring: {e}", self.shared.config.id, self.pair);
@@ -441,7 +447,7 @@ impl PairWorker {
                 tx.enable_notification()?;
                 return Ok(());
             }
-            let Ok(mut burst) = Burst::new(state.get_queue_mut(), &map) else {
+            let Ok(mut burst) = Burst::bounded(state.get_queue_mut(), &map, end) else {
                 return Ok(());
             };
             let (sent, held) = self.tx_burst(&mut burst, &memory);
