@@ -364,15 +364,20 @@ pub fn control_lines(data: &[u8]) {
 /// A request line with every string that looks like a path moved under `scratch`; `None` for
 /// requests that would reach outside the process (taps, uplinks, shutdown).
 fn confine(line: &[u8], scratch: &std::path::Path) -> Option<Vec<u8>> {
+    /// Keys whose values name files (relative ones too: they would land in the cwd).
+    const PATH_KEYS: [&str; 4] = ["socket", "path", "tier-hot", "tier-cold"];
+    fn confined(s: &str, scratch: &std::path::Path) -> String {
+        let name: String = s
+            .chars()
+            .filter(|c| c.is_ascii_alphanumeric() || *c == '.')
+            .take(32)
+            .collect();
+        scratch.join(format!("f{name}")).display().to_string()
+    }
     fn walk(value: &mut serde_json::Value, scratch: &std::path::Path) -> bool {
         match value {
             serde_json::Value::String(s) if s.contains('/') => {
-                let name: String = s
-                    .chars()
-                    .filter(|c| c.is_ascii_alphanumeric() || *c == '.')
-                    .take(32)
-                    .collect();
-                *s = scratch.join(format!("f{name}")).display().to_string();
+                *s = confined(s, scratch);
                 true
             }
             serde_json::Value::Object(map) => {
@@ -381,6 +386,13 @@ fn confine(line: &[u8], scratch: &std::path::Path) -> Option<Vec<u8>> {
                 }
                 if map.get("method").and_then(|m| m.as_str()) == Some("daemon.shutdown") {
                     return false;
+                }
+                for (key, v) in map.iter_mut() {
+                    if let serde_json::Value::String(s) = v {
+                        if PATH_KEYS.contains(&key.as_str()) && s != "null" {
+                            *s = confined(s, scratch);
+                        }
+                    }
                 }
                 map.values_mut().all(|v| walk(v, scratch))
             }
