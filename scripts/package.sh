@@ -33,7 +33,8 @@ while [ $# -gt 0 ]; do
     esac
 done
 if [ -z "$bin_dir" ]; then
-    cargo build --release --locked --bin novacrond --bin novactl -p novacron -p novacron-ffi >/dev/null
+    cargo build --release --locked -p novacron --bin novacrond --bin novactl >/dev/null
+    cargo build --release --locked -p novacron-ffi --lib >/dev/null
     bin_dir=target/release
 fi
 rm -rf "$root"
@@ -45,9 +46,8 @@ ln -s ../../bin/novacrond "$root/usr/libexec/novacron/vhost-user-blk"
 ln -s ../../bin/novacrond "$root/usr/libexec/novacron/vhost-user-net"
 for f in packaging/qemu/*.json; do inst 644 "$f" "usr/share/qemu/vhost-user/$(basename "$f")"; done
 for f in packaging/systemd/*; do inst 644 "$f" "lib/systemd/system/$(basename "$f")"; done
-if [ -f "$bin_dir/libnovacron.so" ]; then
-    inst 644 "$bin_dir/libnovacron.so" usr/lib/x86_64-linux-gnu/libnovacron.so
-fi
+[ -f "$bin_dir/libnovacron.so" ] || { echo "package.sh: no $bin_dir/libnovacron.so" >&2; exit 1; }
+inst 644 "$bin_dir/libnovacron.so" usr/lib/x86_64-linux-gnu/libnovacron.so
 inst 644 ffi/include/novacron.h usr/include/novacron.h
 inst 644 packaging/prometheus/novacron-rules.yml usr/share/novacron/prometheus/novacron-rules.yml
 inst 644 packaging/grafana/novacron-dashboard.json usr/share/novacron/grafana/novacron-dashboard.json

@@ -56,6 +56,9 @@ pub enum DaemonError {
     /// Signal setup failed.
     #[error("cannot set up signal handling")]
     Signals(#[source] std::io::Error),
+    /// A socket passed by the service manager matches no device or control socket.
+    #[error("inherited socket {0} matches no device or control socket")]
+    Unclaimed(PathBuf),
     /// The sandbox could not be set up (`--sandbox off` runs without it).
     #[error(transparent)]
     Sandbox(#[from] crate::sandbox::SandboxError),
@@ -140,11 +143,18 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         },
         None => None,
     };
-    for path in crate::sys::inherited::unclaimed() {
-        log::warn!(
-            "inherited socket {} matches no device or control socket; unused",
-            path.display()
-        );
+    // A socket handed to us that nothing serves would accept front-ends and clients that
+    // then hang: a misconfiguration (e.g. `--control none` under novacrond.socket), refused.
+    let unclaimed = crate::sys::inherited::unclaimed();
+    if let Some(path) = unclaimed.first() {
+        if let Some(control) = control {
+            control.stop();
+        }
+        if let Some(metrics) = metrics {
+            metrics.stop();
+        }
+        stop_registry(&registry);
+        return Err(DaemonError::Unclaimed(path.clone()));
     }
     let devices = lock(&registry).ids().len();
     log::info!("novacrond ready: {devices} device(s)");
@@ -206,7 +216,7 @@ struct Watchdog {
 
 impl Watchdog {
     fn start(registry: Arc<Mutex<Registry>>) -> Self {
-        let Some(interval) = sd_notify::watchdog_enabled() else {
+        let Some(interval) = sd_notify::watchdog_enabled().filter(|i| !i.is_zero()) else {
             return Self {
                 stop: None,
                 thread: None,

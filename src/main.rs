@@ -78,9 +78,11 @@ struct Args {
     #[arg(long)]
     print_capabilities: bool,
 
-    /// Control socket (JSON-RPC); `none` disables it.
-    #[arg(long, value_name = "PATH", default_value = DEFAULT_CONTROL)]
-    control: String,
+    /// Control socket (JSON-RPC); `none` disables it. Default: /run/novacron/control.sock,
+    /// or none for a single device given with --socket-path/--fd (QEMU's backend-program
+    /// conventions: one backend process per device must not contend for the host's socket).
+    #[arg(long, value_name = "PATH")]
+    control: Option<String>,
 
     /// Extra uid allowed on the control socket (repeatable; root and our uid always are).
     #[arg(long = "control-allow-uid", value_name = "UID")]
@@ -237,8 +239,14 @@ impl TryFrom<Args> for DaemonConfig {
             .ok()
             .filter(|t| !t.is_zero())
             .context("--control-idle-timeout must be a positive number of seconds")?;
-        let control = (args.control != "none").then(|| ControlConfig {
-            socket: PathBuf::from(&args.control),
+        let conventions = args.socket_path.is_some() || args.fd.is_some();
+        let control_path = match &args.control {
+            Some(path) => path.clone(),
+            None if conventions => "none".to_string(),
+            None => DEFAULT_CONTROL.to_string(),
+        };
+        let control = (control_path != "none").then(|| ControlConfig {
+            socket: PathBuf::from(&control_path),
             allow_uids: args.control_allow_uid.clone(),
             idle_timeout,
         });

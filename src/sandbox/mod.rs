@@ -4,7 +4,8 @@
 //! it runs ([`enter_worker`]); a forbidden call gets `EPERM`. With configured filesystem roots
 //! (`--fs-root`), Landlock limits every file the daemon can reach to them ([`landlock`]).
 //!
-//! Not here (yet): io_uring ring restrictions, dropping root. See README "Sandbox".
+//! The disks' io_uring rings are restricted where they are created (`storage::uring`).
+//! Not here (yet): dropping root. See README "Sandbox".
 
 pub mod landlock;
 pub mod seccomp;
@@ -136,23 +137,44 @@ mod tests {
     }
 
     #[test]
-    fn workers_cannot_make_sockets_or_touch_the_file_tree() {
-        let (socket, unlink, read) = on_filtered_thread(ThreadKind::Worker, || {
+    fn workers_cannot_make_sockets_rings_or_directories() {
+        let (socket, ring, mkdir, read) = on_filtered_thread(ThreadKind::Worker, || {
             let socket = std::os::unix::net::UnixDatagram::unbound()
                 .err()
                 .and_then(|e| e.raw_os_error());
-            let unlink = std::fs::remove_file("/nonexistent/x")
+            let ring = io_uring::IoUring::new(2)
+                .err()
+                .and_then(|e| e.raw_os_error());
+            let mkdir = std::fs::create_dir("/nonexistent/x")
                 .err()
                 .and_then(|e| e.raw_os_error());
             let read = std::fs::read("/proc/self/status").is_ok();
-            (socket, unlink, read)
+            (socket, ring, mkdir, read)
         });
         assert_eq!(socket, Some(libc::EPERM));
         assert_eq!(
-            unlink,
+            ring,
             Some(libc::EPERM),
-            "refused before the path is even looked up"
+            "a fresh io_uring would bypass the filter"
+        );
+        assert_eq!(
+            mkdir,
+            Some(libc::EPERM),
+            "refused before the path is looked up"
         );
         assert!(read, "workers still read files");
+    }
+
+    #[test]
+    fn signals_reach_only_our_own_process() {
+        let (other, own) = on_filtered_thread(ThreadKind::Daemon, || {
+            // SAFETY: signal 0 only checks permission; pid 1 exists on every system.
+            let other = errno_of(unsafe { libc::syscall(libc::SYS_kill, 1, 0) });
+            // SAFETY: as above, to ourselves.
+            let own = errno_of(unsafe { libc::syscall(libc::SYS_kill, libc::getpid(), 0) });
+            (other, own)
+        });
+        assert_eq!(other, libc::EPERM, "kill of another process is refused");
+        assert_eq!(own, 0);
     }
 }

@@ -10,8 +10,14 @@
 //!   `keyctl`, `userfaultfd`, `unshare`/`setns`, `kexec`, `reboot`, raw sockets.
 //! - [`ThreadKind::Worker`]: added on each queue worker thread (guest-facing: what a guest
 //!   exploit would run as), on top of the daemon filter: no sockets at all (no `socket`,
-//!   `bind`, `listen`, `accept`, `connect`), no creating, renaming, removing or re-permissioning
-//!   files, no memfds. Workers still open `/dev/net/tun` (a tap coming back) and do file I/O.
+//!   `bind`, `listen`, `accept`, `connect`), no new io_uring rings or registrations (a fresh
+//!   ring would run opcodes seccomp never sees), no directories made or removed, no
+//!   permission or owner changes, no memfds, no further seccomp. Workers still open files
+//!   (`/dev/net/tun` when a tap comes back) and create, rename and remove them: a tiered
+//!   disk's journal compaction runs on the I/O path today (moving it to the policy thread
+//!   would let workers lose those too).
+//! - Everywhere: `kill`/`tgkill` only to our own process (a root daemon could otherwise
+//!   signal any process on the host).
 
 use std::collections::BTreeMap;
 
@@ -109,7 +115,8 @@ const DAEMON: &[i64] = &[
     libc::SYS_clock_nanosleep,
     libc::SYS_nanosleep,
     libc::SYS_gettimeofday,
-    // io_uring (its ops are checked by the kernel against the fds we registered, not here).
+    // io_uring: our rings are restricted to their opcodes when created
+    // (`storage::uring`); workers cannot create or register rings (below).
     libc::SYS_io_uring_setup,
     libc::SYS_io_uring_enter,
     libc::SYS_io_uring_register,
@@ -148,8 +155,6 @@ const DAEMON: &[i64] = &[
     libc::SYS_rt_sigreturn,
     libc::SYS_rt_sigtimedwait,
     libc::SYS_sigaltstack,
-    libc::SYS_kill,
-    libc::SYS_tgkill,
     libc::SYS_tkill,
     libc::SYS_getpid,
     libc::SYS_gettid,
@@ -192,19 +197,21 @@ const LEGACY: &[i64] = &[];
 
 /// The x86_64-only forms of calls taken away from workers.
 #[cfg(target_arch = "x86_64")]
-const LEGACY_NOT_FOR_WORKERS: &[i64] = &[
-    libc::SYS_mkdir,
-    libc::SYS_rmdir,
-    libc::SYS_unlink,
-    libc::SYS_rename,
-    libc::SYS_chmod,
-];
+const LEGACY_NOT_FOR_WORKERS: &[i64] = &[libc::SYS_mkdir, libc::SYS_rmdir, libc::SYS_chmod];
+
+/// x86_64-only forms workers keep (see the module doc: journal compaction).
+#[cfg(target_arch = "x86_64")]
+const LEGACY_FOR_ALL: &[i64] = &[libc::SYS_unlink, libc::SYS_rename];
+#[cfg(not(target_arch = "x86_64"))]
+const LEGACY_FOR_ALL: &[i64] = &[];
 #[cfg(not(target_arch = "x86_64"))]
 const LEGACY_NOT_FOR_WORKERS: &[i64] = &[];
 
 /// Taken away from worker threads (on top of the daemon filter).
 const NOT_FOR_WORKERS: &[i64] = &[
     libc::SYS_seccomp,
+    libc::SYS_io_uring_setup,
+    libc::SYS_io_uring_register,
     libc::SYS_socketpair,
     libc::SYS_bind,
     libc::SYS_listen,
@@ -212,9 +219,6 @@ const NOT_FOR_WORKERS: &[i64] = &[
     libc::SYS_accept4,
     libc::SYS_connect,
     libc::SYS_mkdirat,
-    libc::SYS_unlinkat,
-    libc::SYS_renameat,
-    libc::SYS_renameat2,
     libc::SYS_fchmod,
     libc::SYS_fchmodat,
     libc::SYS_fchown,
@@ -232,6 +236,7 @@ pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SandboxError> {
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = DAEMON
         .iter()
         .chain(LEGACY)
+        .chain(LEGACY_FOR_ALL)
         .chain(if kind == ThreadKind::Daemon {
             LEGACY_NOT_FOR_WORKERS
         } else {
@@ -240,6 +245,14 @@ pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SandboxError> {
         .filter(|s| kind == ThreadKind::Daemon || !NOT_FOR_WORKERS.contains(s))
         .map(|&s| (s, Vec::new()))
         .collect();
+    // kill(pid, sig) and tgkill(tgid, tid, sig) only with our own pid as the first argument.
+    let own = u64::from(std::process::id());
+    for call in [libc::SYS_kill, libc::SYS_tgkill] {
+        let rule = SeccompCondition::new(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, own)
+            .and_then(|c| SeccompRule::new(vec![c]))
+            .map_err(compile)?;
+        rules.insert(call, vec![rule]);
+    }
     if kind == ThreadKind::Daemon {
         let families = FAMILIES
             .iter()

@@ -194,7 +194,19 @@ impl<E: RunInline> Engine for Inline<E> {
     }
 }
 
-/// Reports whether io_uring can be used on this host (kernel support, seccomp, limits).
+/// Reports whether io_uring can be used on this host (kernel support, seccomp, limits), the
+/// way `uring::UringEngine` sets its rings up: created disabled and restricted (Linux 5.10+).
 pub fn uring_available() -> bool {
-    io_uring::IoUring::new(2).is_ok()
+    use io_uring::register::Restriction;
+    let Ok(ring) = io_uring::IoUring::<io_uring::squeue::Entry>::builder()
+        .setup_r_disabled()
+        .build(2)
+    else {
+        return false;
+    };
+    let mut restrictions = [Restriction::sqe_flags_allowed(0)];
+    ring.submitter()
+        .register_restrictions(&mut restrictions)
+        .and_then(|()| ring.submitter().register_enable_rings())
+        .is_ok()
 }

@@ -23,11 +23,13 @@ fn ring_split_corpus_replays_without_panicking() {
     assert!(n >= 8, "only {n} ring fuzz inputs found: seeds missing");
 }
 
-/// Replays `seeds/<target>` and `corpus/<target>` through `run`; returns how many.
+/// Replays the committed `seeds/<target>` through `run`; returns how many. (Not the local,
+/// git-ignored `corpus/`: CI and a developer's machine must replay the same inputs, and a
+/// fuzzer running meanwhile rewrites that directory.)
 fn replay(target: &str, run: fn(&[u8])) -> usize {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
     let mut replayed = 0;
-    for dir in [format!("seeds/{target}"), format!("corpus/{target}")] {
+    for dir in [format!("seeds/{target}")] {
         let Ok(entries) = std::fs::read_dir(root.join(dir)) else {
             continue;
         };
@@ -48,8 +50,22 @@ fn relay_messages_corpus_replays_without_panicking() {
 
 #[test]
 fn control_lines_corpus_replays_without_panicking() {
+    // Names in the working directory (the repository root under `cargo test`) before and
+    // after: the target must create files only in its scratch directory.
+    let listing = || -> std::collections::BTreeSet<std::ffi::OsString> {
+        std::fs::read_dir(".")
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect()
+    };
+    let before = listing();
     let n = replay("control_lines", novacron::fuzz_support::control_lines);
     assert!(n >= 8, "only {n} control fuzz inputs found");
+    let created: Vec<_> = listing().difference(&before).cloned().collect();
+    assert!(
+        created.is_empty(),
+        "the control fuzz target wrote {created:?}"
+    );
 }
 
 #[test]

@@ -187,15 +187,22 @@ fn serve<D: Device>(
 }
 
 /// A listener on a fresh abstract socket and a stream already connected to it.
+///
+/// The name carries 128 random bits: abstract sockets have no permissions, so a process in
+/// our network namespace that guessed the name could connect between our bind and our own
+/// connect and be accepted by the handler as the front-end (a predictable pid/counter name
+/// allowed exactly that).
 fn private_pair(id: &str) -> std::io::Result<(Listener, std::os::unix::net::UnixStream)> {
     use std::os::linux::net::SocketAddrExt;
     use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
-    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let name = format!(
-        "novacron-{}-{id}-{}",
-        std::process::id(),
-        NEXT.fetch_add(1, Ordering::Relaxed)
-    );
+    let mut random = [0u8; 16];
+    // SAFETY: `random` is a live, writable buffer of the length passed.
+    let got = unsafe { libc::getrandom(random.as_mut_ptr().cast(), random.len(), 0) };
+    if usize::try_from(got).ok() != Some(random.len()) {
+        return Err(std::io::Error::other("getrandom failed"));
+    }
+    let hex: String = random.iter().map(|b| format!("{b:02x}")).collect();
+    let name = format!("novacron-{id}-{hex}");
     let addr = SocketAddr::from_abstract_name(name.as_bytes())?;
     let listener = UnixListener::bind_addr(&addr)?;
     let stream = UnixStream::connect_addr(&addr)?;
