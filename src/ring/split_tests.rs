@@ -200,11 +200,9 @@ fn rings_that_are_misaligned_unmapped_or_run_ahead_are_refused() {
     assert_eq!(ring.pending(65535), Ok(1), "indices wrap");
 }
 
-/// A ring of `size` at fixed places (virtio-queue's mock lays its used ring over the avail
-/// ring's `used_event`, which this test needs): descriptors at 0, avail at 0x1000, used at
-/// 0x2000; chains `0..heads` each one writable buffer, all published.
-fn fixed_ring(mem: &GuestMemory, size: u16, heads: u16) -> Queue {
-    for i in 0..heads {
+/// Chains `heads` (one writable buffer each) written and published on the fixed ring.
+fn publish_fixed(mem: &GuestMemory, heads: std::ops::Range<u16>) {
+    for i in heads.clone() {
         mem.write_obj(
             desc(0x8_0000, 64, F_WRITE, 0),
             GuestAddress(16 * u64::from(i)),
@@ -213,7 +211,14 @@ fn fixed_ring(mem: &GuestMemory, size: u16, heads: u16) -> Queue {
         mem.write_obj(i, GuestAddress(0x1004 + 2 * u64::from(i)))
             .unwrap();
     }
-    mem.write_obj(heads, GuestAddress(0x1002)).unwrap();
+    mem.write_obj(heads.end, GuestAddress(0x1002)).unwrap();
+}
+
+/// A ring of `size` at fixed places (virtio-queue's mock lays its used ring over the avail
+/// ring's `used_event`, which this test needs): descriptors at 0, avail at 0x1000, used at
+/// 0x2000; chains `0..heads` each one writable buffer, all published.
+fn fixed_ring(mem: &GuestMemory, size: u16, heads: u16) -> Queue {
+    publish_fixed(mem, 0..heads);
     let mut queue = Queue::new(size).unwrap();
     queue.set_size(size);
     queue.set_desc_table_address(Some(0), Some(0));
@@ -341,16 +346,7 @@ fn a_bounded_burst_takes_nothing_published_after_its_bound() {
     let map = MemMap::new(&mem);
     let mut out = Buffers::new();
     // The driver publishes two more after the worker read index 2 and took its snapshot.
-    for i in 2..4u16 {
-        mem.write_obj(
-            desc(0x8_0000, 64, F_WRITE, 0),
-            GuestAddress(16 * u64::from(i)),
-        )
-        .unwrap();
-        mem.write_obj(i, GuestAddress(0x1004 + 2 * u64::from(i)))
-            .unwrap();
-    }
-    mem.write_obj(4u16, GuestAddress(0x1002)).unwrap();
+    publish_fixed(&mem, 2..4);
     let mut burst = Burst::bounded(&mut queue, &map, Some(2)).unwrap();
     assert!(burst.pop(&mut out).unwrap().is_some());
     assert!(burst.pop(&mut out).unwrap().is_some());

@@ -18,7 +18,7 @@ echo "boot number $runs on this disk; 16 MiB written, read back after dropping c
 df -h /mnt | tail -1
 umount /mnt
 # The NIC novacrond serves (a tap whose far end is a namespace the demo created).
-arg() { for w in $(cat /proc/cmdline); do case "$w" in "$1"=*) echo "${w#*=}" ;; esac; done; }
+. /tests/lib.sh
 if [ -d /sys/class/net/eth0 ]; then
     ip=$(arg novaip); peer=$(arg novapeer)
     echo "nic eth0: mac $(cat /sys/class/net/eth0/address), mtu $(cat /sys/class/net/eth0/mtu), $(ls -d /sys/class/net/eth0/queues/rx-* | wc -l) queue pair(s)"

@@ -4,7 +4,7 @@
 # hot-plugs (vdb) is written, read back and unplugged; then the guest waits to be destroyed.
 # Second boot (after `virsh destroy` + `virsh start`: the daemon saw QEMU vanish and come
 # back): the pattern is read back and the peer pinged again.
-arg() { for w in $(cat /proc/cmdline); do case "$w" in "$1"=*) echo "${w#*=}" ;; esac; done; }
+. /tests/lib.sh
 ip=$(arg novaip); peer=$(arg novapeer)
 test -b /dev/vda || { echo "no vda"; exit 2; }
 test -d /sys/class/net/eth0 || { echo "no eth0"; exit 2; }
@@ -27,14 +27,7 @@ else
     [ "$want" = "$got" ]
     boot=1
 fi
-ip link set lo up
-ip link set eth0 up
-ip addr add "$ip/24" dev eth0
-tries=0
-until ping -c 1 -W 1 "$peer" >/dev/null 2>&1; do
-    tries=$((tries + 1))
-    [ $tries -lt 120 ] || { echo "peer never answered"; exit 3; }
-done
+net_up_and_reach "$ip" "$peer"
 echo "ping ok"
 [ $boot = 2 ] && exit 0
 echo "READY-FOR-HOTPLUG"

@@ -3,19 +3,12 @@
 # same switch (net-switch.sh runs this as its client). Waits for the peer, pings it, downloads a
 # file over HTTP (the test compares the md5), uploads one (the peer answers with its md5).
 # Parameters come from the kernel command line: novaip, novapeer, novasize.
-arg() { for w in $(cat /proc/cmdline); do case "$w" in "$1"=*) echo "${w#*=}" ;; esac; done; }
+. /tests/lib.sh
 ip=$(arg novaip); peer=$(arg novapeer); size=$(arg novasize)
 test -d /sys/class/net/eth0 || { echo "no eth0"; ls /sys/class/net; exit 2; }
 echo "mac=$(cat /sys/class/net/eth0/address) mtu=$(cat /sys/class/net/eth0/mtu)"
 echo "queues=$(ls -d /sys/class/net/eth0/queues/rx-* | wc -l)"
-ip link set lo up
-ip link set eth0 up
-ip addr add "$ip/24" dev eth0
-tries=0
-until ping -c 1 -W 1 "$peer" >/dev/null 2>&1; do
-    tries=$((tries + 1))
-    [ $tries -lt 120 ] || { echo "peer never answered"; exit 3; }
-done
+net_up_and_reach "$ip" "$peer"
 ping -c 3 -W 5 "$peer"
 echo "ping ok"
 printf 'GET /blob HTTP/1.0\r\n\r\n' | nc "$peer" 8080 > /tmp/resp

@@ -1,7 +1,7 @@
 # Guest test: two guests on one novacrond switch. novarole=server serves a 4 MiB file over
 # HTTP and checks an upload with `nc -e md5sum`; novarole=client is net-peer.sh against it.
 # Parameters: novarole, novaip, novapeer, novasize.
-arg() { for w in $(cat /proc/cmdline); do case "$w" in "$1"=*) echo "${w#*=}" ;; esac; done; }
+. /tests/lib.sh
 role=$(arg novarole); ip=$(arg novaip); peer=$(arg novapeer); size=$(arg novasize)
 if [ "$role" != server ]; then
     . /tests/net-peer.sh
