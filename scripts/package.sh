@@ -2,7 +2,7 @@
 # Installs NovaCron the way the package does, into a staging root, and builds the Debian
 # package from it:
 #
-#   scripts/package.sh [--root DIR] [--bin-dir DIR] [--deb OUT.deb]
+#   scripts/package.sh [--root DIR] [--bin-dir DIR] [--lib-dir DIR] [--deb OUT.deb] [--fast]
 #
 #   /usr/bin/novacrond, /usr/bin/novactl
 #   /usr/libexec/novacron/vhost-user-blk, vhost-user-net   (links to novacrond: the
@@ -14,19 +14,21 @@
 #   /usr/share/novacron/prometheus/novacron-rules.yml, grafana/novacron-dashboard.json
 #   /usr/share/doc/novacron/instance.conf.example
 #
-# --bin-dir takes already built binaries (novacrond, novactl, libnovacron.so) from DIR
-# instead of building release ones; --fast builds an uncompressed .deb (tests). Default
+# --bin-dir takes already built binaries (novacrond, novactl) from DIR and --lib-dir
+# libnovacron.so (default: the bin dir) instead of building release ones; --fast builds an uncompressed .deb (tests). Default
 # root: target/pkgroot.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 root=target/pkgroot
 bin_dir=""
+lib_dir=""
 deb=""
 compress=(-Zxz)
 while [ $# -gt 0 ]; do
     case "$1" in
         --root) root="$2"; shift 2 ;;
         --bin-dir) bin_dir="$2"; shift 2 ;;
+        --lib-dir) lib_dir="$2"; shift 2 ;;
         --deb) deb="$2"; shift 2 ;;
         --fast) compress=(-Znone); shift ;;
         *) echo "package.sh: unknown argument $1" >&2; exit 2 ;;
@@ -46,8 +48,9 @@ ln -s ../../bin/novacrond "$root/usr/libexec/novacron/vhost-user-blk"
 ln -s ../../bin/novacrond "$root/usr/libexec/novacron/vhost-user-net"
 for f in packaging/qemu/*.json; do inst 644 "$f" "usr/share/qemu/vhost-user/$(basename "$f")"; done
 for f in packaging/systemd/*; do inst 644 "$f" "lib/systemd/system/$(basename "$f")"; done
-[ -f "$bin_dir/libnovacron.so" ] || { echo "package.sh: no $bin_dir/libnovacron.so" >&2; exit 1; }
-inst 644 "$bin_dir/libnovacron.so" usr/lib/x86_64-linux-gnu/libnovacron.so
+lib_dir="${lib_dir:-$bin_dir}"
+[ -f "$lib_dir/libnovacron.so" ] || { echo "package.sh: no $lib_dir/libnovacron.so" >&2; exit 1; }
+inst 644 "$lib_dir/libnovacron.so" usr/lib/x86_64-linux-gnu/libnovacron.so
 inst 644 ffi/include/novacron.h usr/include/novacron.h
 inst 644 packaging/prometheus/novacron-rules.yml usr/share/novacron/prometheus/novacron-rules.yml
 inst 644 packaging/grafana/novacron-dashboard.json usr/share/novacron/grafana/novacron-dashboard.json

@@ -10,16 +10,7 @@ use crate::common::daemon::Daemon;
 #[test]
 fn c_program_uses_libnovacron_against_the_daemon() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
-    // A separate target dir: the outer `cargo test` may still hold the main one.
-    let target = root.join("target/ffi-test");
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let status = Command::new(cargo)
-        .args(["build", "--quiet", "-p", "novacron-ffi", "--target-dir"])
-        .arg(&target)
-        .current_dir(root)
-        .status()
-        .unwrap();
-    assert!(status.success(), "building libnovacron failed");
+    let target = crate::common::ffi::build_libnovacron();
     let program = target.join("client");
     let status = Command::new("cc")
         .arg(root.join("ffi/tests/client.c"))

@@ -23,12 +23,15 @@ fn install() -> (tempfile::TempDir, PathBuf) {
     let root = dir.path().join("root");
     let deb = dir.path().join("novacron.deb");
     let bin_dir = Path::new(env!("CARGO_BIN_EXE_novacrond")).parent().unwrap();
+    let lib_dir = crate::common::ffi::build_libnovacron().join("debug");
     let status = Command::new("bash")
         .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/package.sh"))
         .arg("--root")
         .arg(&root)
         .arg("--bin-dir")
         .arg(bin_dir)
+        .arg("--lib-dir")
+        .arg(&lib_dir)
         .arg("--deb")
         .arg(&deb)
         .arg("--fast")
@@ -43,6 +46,7 @@ fn install() -> (tempfile::TempDir, PathBuf) {
     let listing = String::from_utf8_lossy(&listing.stdout);
     for path in [
         "./usr/bin/novacrond",
+        "./usr/lib/x86_64-linux-gnu/libnovacron.so",
         "./usr/libexec/novacron/vhost-user-blk",
         "./usr/share/qemu/vhost-user/50-novacrond-vhost-user-blk.json",
         "./usr/share/qemu/vhost-user/50-novacrond-vhost-user-net.json",

@@ -5,6 +5,7 @@
 pub mod blk;
 pub mod control;
 pub mod daemon;
+pub mod ffi;
 pub mod guest;
 pub mod loopdev;
 pub mod memory;
