@@ -78,9 +78,9 @@ impl Prometheus {
     }
 
     /// Polls `path` until `done(body)` (Prometheus works on its own clock: there is no event
-    /// to wait for but its answers); 60 s at most.
+    /// to wait for but its answers); 120 s at most (a recording group evaluates every 30 s).
     fn until(&self, path: &str, done: impl Fn(&str) -> bool) -> String {
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             let port: u16 = self.port.parse().unwrap();
             if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
@@ -134,8 +134,10 @@ fn a_real_prometheus_scrapes_the_daemon_and_sees_a_counter_move() {
         |v| v >= 10.0,
     );
     assert_eq!(writes, 10.0);
-    // Our rules are loaded and evaluate without errors.
-    let rules = prometheus.until("/api/v1/rules", |b| b.contains("NovacronFlushFailed"));
+    // Our rules are loaded and, once evaluated, healthy.
+    let rules = prometheus.until("/api/v1/rules", |b| {
+        b.contains("NovacronFlushFailed") && !b.contains("\"health\":\"unknown\"")
+    });
     assert!(!rules.contains("\"health\":\"err\""), "{rules}");
     let iops = prometheus.query_until("sum(novacron:blk_iops:rate1m{device=\"d0\"})", |v| v > 0.0);
     assert!(iops > 0.0);

@@ -37,7 +37,7 @@ fn the_daemon_tells_systemd_it_is_ready_alive_and_stopping() {
     manager
         .set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
-    let daemon = Daemon::start_in_with_env(
+    let mut daemon = Daemon::start_in_with_env(
         dir,
         &["--blk", "socket={dir}/d0.sock,path=null,size=1M"],
         &[
@@ -59,6 +59,7 @@ fn the_daemon_tells_systemd_it_is_ready_alive_and_stopping() {
     assert!(seen.iter().filter(|m| m.contains("WATCHDOG=1")).count() >= pings_before + 2);
     // SIGHUP reloads nothing and ends nothing: the daemon says so and keeps pinging.
     daemon.signal(libc::SIGHUP);
+    daemon.wait_for_log("SIGHUP: nothing to reload");
     until(&manager, "WATCHDOG=1", &mut seen);
     let mut c = BlkClient::connect(&daemon.path("d0.sock"));
     assert_eq!(
