@@ -103,6 +103,13 @@ pub fn unclaimed() -> Vec<PathBuf> {
     lock(&INHERITED).keys().cloned().collect()
 }
 
+/// Puts an inherited listener back (its device was removed): a device added later on the
+/// same path serves it again. The service manager still listens on its own copy, so binding
+/// the path anew would fail.
+pub fn give_back(path: &Path, listener: UnixListener) {
+    lock(&INHERITED).insert(path.to_path_buf(), listener);
+}
+
 /// The inherited listener bound to `path`, if any (once).
 pub fn take(path: &Path) -> Option<UnixListener> {
     lock(&INHERITED).remove(path)

@@ -100,6 +100,31 @@ fn sockets_from_socket_activation_are_served_and_left_to_the_manager() {
     drop(c);
     let mut control_client = Control::connect(&control_path);
     assert_eq!(control_client.device_count(), 1);
+    // Removed and added again on the same path: the inherited socket is served again (the
+    // manager still listens on its copy, so binding the path anew would fail).
+    let id = device_path
+        .file_stem()
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .to_string();
+    control_client
+        .call("device.remove", serde_json::json!({"id": id}))
+        .unwrap();
+    control_client
+        .call(
+            "device.add",
+            serde_json::json!({
+                "type": "blk",
+                "socket": device_path.display().to_string(),
+                "path": "null",
+                "size": "1M",
+            }),
+        )
+        .unwrap();
+    let mut c = BlkClient::connect(&device_path);
+    assert_eq!(c.read(0, 0, 512), vec![0u8; 512]);
+    drop(c);
     drop(control_client);
     let (status, dir) = daemon.terminate();
     assert!(status.success());

@@ -67,9 +67,9 @@ struct StopSignal {
 pub struct DeviceRunner {
     id: String,
     socket: PathBuf,
-    /// The listener was handed to us (socket activation, `--fd`): its path is not ours to
-    /// remove.
-    inherited: bool,
+    /// A copy of the listener when it was handed to us (socket activation, `--fd`): its path
+    /// is not ours to remove, and the copy goes back to `sys::inherited` at stop.
+    inherited: Option<std::os::unix::net::UnixListener>,
     stop: Arc<StopSignal>,
     thread: Option<JoinHandle<()>>,
 }
@@ -89,9 +89,12 @@ impl DeviceRunner {
             source,
         };
         let inherited = crate::sys::inherited::take(socket);
-        let is_inherited = inherited.is_some();
+        let mut kept = None;
         let listener = match inherited {
-            Some(listener) => Listener::from(listener),
+            Some(listener) => {
+                kept = Some(listener.try_clone().map_err(listen_error)?);
+                Listener::from(listener)
+            }
             None => {
                 if let Some(parent) = socket.parent().filter(|p| !p.as_os_str().is_empty()) {
                     std::fs::create_dir_all(parent).map_err(listen_error)?;
@@ -121,7 +124,7 @@ impl DeviceRunner {
         Ok(Self {
             id: id.to_string(),
             socket: socket.to_path_buf(),
-            inherited: is_inherited,
+            inherited: kept,
             stop,
             thread: Some(thread),
         })
@@ -146,8 +149,11 @@ impl DeviceRunner {
                 log::error!("{}: device thread panicked", self.id);
             }
         }
-        if !self.inherited {
-            let _ = std::fs::remove_file(&self.socket);
+        match self.inherited.take() {
+            Some(listener) => crate::sys::inherited::give_back(&self.socket, listener),
+            None => {
+                let _ = std::fs::remove_file(&self.socket);
+            }
         }
     }
 }
