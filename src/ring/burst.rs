@@ -163,11 +163,6 @@ impl<'q, 'a, 'm> Burst<'q, 'a, 'm> {
         self.next_used += Wrapping(1);
     }
 
-    /// Entries added to the used ring in this burst so far.
-    pub fn used_count(&self) -> u16 {
-        (self.next_used - self.used_start).0
-    }
-
     /// Ends the burst; returns whether the driver wants an interrupt for what was used.
     pub fn finish(mut self) -> bool {
         self.flush()

@@ -1,7 +1,7 @@
 //! Landlock (through the `landlock` crate): with configured filesystem roots
 //! (`--fs-root DIR`, repeatable) the daemon can reach files only beneath them — images, tiers,
 //! sockets, the state directory — plus what it needs of the system: `/dev/net/tun` (taps),
-//! `/dev/null`, read-only `/proc` (its own fds) and `/sys` (network interfaces). The kernel
+//! `/dev/null`, read-only `/proc/self` (its own fds) and `/sys` (network interfaces). The kernel
 //! checks every later open, so a symlink inside a root that points outside it leads nowhere,
 //! whatever path a control client names. Applied at start, before any thread exists (a
 //! Landlock domain covers the calling thread and the threads it creates later).
@@ -21,7 +21,7 @@ const ABI_WANTED: ABI = ABI::V5;
 /// System paths the daemon needs read-write, beneath no root.
 const SYSTEM_RW: [&str; 2] = ["/dev/net/tun", "/dev/null"];
 /// System paths the daemon needs read-only.
-const SYSTEM_RO: [&str; 2] = ["/proc", "/sys"];
+const SYSTEM_RO: [&str; 2] = ["/proc/self", "/sys"];
 
 /// Limits the calling thread (and every thread it starts afterwards) to `roots`.
 pub fn restrict(roots: &[PathBuf]) -> Result<RulesetStatus, SandboxError> {

@@ -199,7 +199,8 @@ impl RxTarget {
         })
     }
 
-    /// Copies `frame` into the guest's rx buffers and returns them.
+    /// Copies `frame` into the guest's rx buffers and returns them (one frame: tests).
+    #[cfg(test)]
     pub fn deliver(&self, frame: &FrameRef<'_>, hash: usize, stats: &NetStats) -> Result<(), Drop> {
         let mut result = Err(Drop::LinkDown);
         self.deliver_burst(std::slice::from_ref(frame), &[0], hash, stats, |_, r| {
