@@ -63,7 +63,8 @@ pub fn enter_daemon() -> Result<(), SandboxError> {
     Ok(())
 }
 
-/// Called on a queue worker thread before it serves anything: narrows its filter, once.
+/// Called on a queue worker thread (and a vhost-user relay thread) before it serves anything:
+/// narrows its filter, once.
 /// A failure is logged and the thread goes on under the daemon filter.
 pub fn enter_worker() {
     if !ENABLED.load(Ordering::Acquire) || WORKER_FILTERED.with(Cell::get) {

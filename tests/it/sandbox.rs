@@ -38,7 +38,8 @@ fn every_thread_is_filtered_and_queue_workers_twice() {
         assert_eq!(field(status, "Seccomp:"), "2", "thread {name} unfiltered");
         assert_eq!(field(status, "NoNewPrivs:"), "1", "thread {name}");
         let filters: u32 = field(status, "Seccomp_filters:").parse().unwrap();
-        if name.starts_with("vring_worker") || name.starts_with("d0") {
+        if name.starts_with("vring_worker") || name.starts_with("d0") || name.starts_with("relay-")
+        {
             if filters >= 2 {
                 workers += 1;
             }

@@ -259,6 +259,9 @@ fn serve_connection<D: Device>(
         std::thread::Builder::new()
             .name(format!("relay-{id}"))
             .spawn(move || {
+                // The relay parses whatever the front-end sends: it runs under the narrow
+                // (worker) filter too — it only moves messages and fds between two sockets.
+                crate::sandbox::enter_worker();
                 let channel = |stream| backend.device().backend_channel(stream);
                 if let Err(e) = super::relay::relay(front, back, channel) {
                     log::warn!("{id}: vhost-user relay: {e}");
