@@ -240,14 +240,13 @@ impl HeadSet {
     }
 }
 
-/// The driver's avail index, read through the memory map current now. Workers read it
-/// *before* taking the memory snapshot a pass uses (see `ring::burst::Burst::up_to`): every
-/// chain published up to this index has its buffers in that snapshot.
-pub fn avail_index(vring: &CheckedVring, memory: &AtomicGuestMemory) -> Option<u16> {
+/// The driver's avail index of `queue` (locked by the caller), read through the memory map
+/// current now. Workers read it *before* taking the memory snapshot a pass uses (see
+/// `ring::burst::Burst::up_to`): every chain published up to this index has its buffers in
+/// that snapshot.
+pub fn avail_index(queue: &virtio_queue::Queue, memory: &AtomicGuestMemory) -> Option<u16> {
     use vm_memory::GuestAddressSpace;
-    let state = vring.get_ref();
-    state
-        .get_queue()
+    queue
         .avail_idx(&*memory.memory(), std::sync::atomic::Ordering::Acquire)
         .ok()
         .map(|idx| idx.0)

@@ -97,17 +97,6 @@ impl<'q, 'a, 'm> Burst<'q, 'a, 'm> {
         }
     }
 
-    /// Whether [`Burst::bounded`] would accept `queue` (without taking it).
-    pub fn check(queue: &Queue, map: &MemMap<'_>, end: Option<u16>) -> Result<(), RingError> {
-        let ring = SplitRing::new(map, queue)?;
-        let end = end.ok_or(RingError::Unmapped(queue.avail_ring()))?;
-        let next = queue.next_avail();
-        if end.wrapping_sub(next) > ring.size() {
-            return Err(RingError::AvailIndex { avail: end, next });
-        }
-        Ok(())
-    }
-
     /// Chains available now (reads the driver's index). A burst takes at most a ring's
     /// worth: nothing it took is visible as used before it ends, so a driver that publishes
     /// past `start + size` meanwhile has a broken ring (and could otherwise keep one burst

@@ -344,11 +344,11 @@ impl QueueWorker {
         // published up to that index has its buffers in this map (the front-end added their
         // region, got the reply, then published); one published later may need a newer map,
         // so it waits for the next pass (it was refused as a bad address under load before).
-        let Some(end) = avail_index(vring, &self.memory) else {
+        let mut state = vring.get_mut();
+        let Some(end) = avail_index(state.get_queue(), &self.memory) else {
             return 0;
         };
         let memory = self.memory.memory().into_inner();
-        let mut state = vring.get_mut();
         let size = state.get_queue().size();
         let limit = end.wrapping_sub(state.get_queue().next_avail()).min(size);
         let mut popped = 0usize;

@@ -33,7 +33,7 @@ use crate::devices::sg::{copy_between, copy_in, write_stream};
 use crate::ring::burst::Burst;
 use crate::ring::map::MemMap;
 use crate::ring::split::RingError;
-use crate::vring::{AtomicGuestMemory, CheckedVring, GuestMemory};
+use crate::vring::{avail_index, AtomicGuestMemory, CheckedVring, GuestMemory};
 
 /// Chains taken for one frame.
 #[derive(Debug, Default)]
@@ -226,13 +226,10 @@ impl RxTarget {
             return;
         };
         // The avail index before the memory snapshot (see `Burst::up_to`).
-        let end = state
-            .get_queue()
-            .avail_idx(&*self.memory.memory(), Ordering::Acquire)
-            .map(|i| i.0);
+        let end = avail_index(state.get_queue(), &self.memory);
         let memory = self.memory.memory();
         let map = MemMap::new(&memory);
-        let mut burst = match Burst::bounded(state.get_queue_mut(), &map, end.ok()) {
+        let mut burst = match Burst::bounded(state.get_queue_mut(), &map, end) {
             Ok(burst) => burst,
             Err(e) => {
                 log::debug!("rx ring refused: {e}");

@@ -270,17 +270,15 @@ impl PairWorker {
             if !tap.is_up() {
                 break;
             }
-            // The avail index before the memory snapshot (see `Burst::up_to`).
-            let Some(end) = avail_index(rx, &self.memory) else {
-                break;
-            };
-            let memory = self.memory.memory();
-            let map = MemMap::new(&memory);
             let mut state = rx.get_mut();
             if !state.get_queue().ready() || !state.is_enabled() {
                 break;
             }
-            let mut burst = match Burst::bounded(state.get_queue_mut(), &map, Some(end)) {
+            // The avail index before the memory snapshot (see `Burst::up_to`).
+            let end = avail_index(state.get_queue(), &self.memory);
+            let memory = self.memory.memory();
+            let map = MemMap::new(&memory);
+            let mut burst = match Burst::bounded(state.get_queue_mut(), &map, end) {
                 Ok(burst) => burst,
                 Err(e) => {
                     stats.ring_error();
@@ -427,39 +425,41 @@ impl PairWorker {
         self.poller.woke(started);
         let mut empty_passes = EmptyPasses::default();
         loop {
-            {
-                let state = tx.get_ref();
-                if !state.get_queue().ready() || !state.is_enabled() {
-                    return Ok(());
-                }
+            // One lock of the ring per pass.
+            let mut state = tx.get_mut();
+            if !state.get_queue().ready() || !state.is_enabled() {
+                return Ok(());
             }
-            tx.disable_notification()?;
+            state.disable_notification()?;
             // The avail index before the memory snapshot (see `Burst::up_to`).
-            let end = avail_index(tx, &self.memory);
+            let end = avail_index(state.get_queue(), &self.memory);
             let memory = self.memory.memory();
             let map = MemMap::new(&memory);
-            let mut state = tx.get_mut();
-            if let Err(e) = Burst::check(state.get_queue(), &map, end) {
-                drop(state);
-                self.shared.stats.ring_error();
-                log::debug!("{} pair {}: tx ring: {e}", self.shared.config.id, self.pair);
-                // Kicks on: if the front-end fixes the ring, its next kick reaches us.
-                tx.enable_notification()?;
-                return Ok(());
-            }
-            let Ok(mut burst) = Burst::bounded(state.get_queue_mut(), &map, end) else {
-                return Ok(());
-            };
-            let (sent, held) = self.tx_burst(&mut burst, &memory);
-            if burst.finish() {
-                if let Err(e) = state.signal_used_queue() {
-                    log::debug!(
-                        "{} pair {}: tx notify failed: {e}",
-                        self.shared.config.id,
-                        self.pair
-                    );
+            let served = Burst::bounded(state.get_queue_mut(), &map, end).map(|mut burst| {
+                let sent_held = self.tx_burst(&mut burst, &memory);
+                (sent_held, burst.finish())
+            });
+            let (sent, held) = match served {
+                Ok((sent_held, signal)) => {
+                    if signal {
+                        if let Err(e) = state.signal_used_queue() {
+                            log::debug!(
+                                "{} pair {}: tx notify failed: {e}",
+                                self.shared.config.id,
+                                self.pair
+                            );
+                        }
+                    }
+                    sent_held
                 }
-            }
+                Err(e) => {
+                    self.shared.stats.ring_error();
+                    log::debug!("{} pair {}: tx ring: {e}", self.shared.config.id, self.pair);
+                    // Kicks on: if the front-end fixes the ring, its next kick reaches us.
+                    state.enable_notification()?;
+                    return Ok(());
+                }
+            };
             drop(state);
             if let Some(wait) = held {
                 self.hold(Direction::Tx, wait);
