@@ -71,9 +71,17 @@ pub fn enter_worker() {
         return;
     }
     WORKER_FILTERED.with(|f| f.set(true));
-    let applied = seccomp::filter(ThreadKind::Worker).and_then(|program| {
-        seccompiler::apply_filter(&program).map_err(|e| SandboxError::Seccomp(e.to_string()))
-    });
+    // Compiled once for all worker threads.
+    static PROGRAM: std::sync::OnceLock<Result<seccompiler::BpfProgram, String>> =
+        std::sync::OnceLock::new();
+    let program =
+        PROGRAM.get_or_init(|| seccomp::filter(ThreadKind::Worker).map_err(|e| e.to_string()));
+    let applied = program
+        .as_ref()
+        .map_err(|e| SandboxError::Seccomp(e.clone()))
+        .and_then(|program| {
+            seccompiler::apply_filter(program).map_err(|e| SandboxError::Seccomp(e.to_string()))
+        });
     if let Err(e) = applied {
         log::error!("sandbox: worker filter not installed: {e}");
     }
