@@ -30,6 +30,32 @@ fn still_serving(c: &mut BlkClient, seed: u64) {
 }
 
 /// Posts raw descriptors (already linked) with the first as head; returns used length.
+/// A well-formed request chain laid out at indices 0..3: header, `len` bytes of data
+/// (device-writable for a read), status.
+fn request_chain(header: u64, data: u64, len: u32, read: bool, status: u64) -> [Desc; 3] {
+    let data_flags = if read { F_NEXT | F_WRITE } else { F_NEXT };
+    [
+        Desc {
+            addr: header,
+            len: 16,
+            flags: F_NEXT,
+            next: 1,
+        },
+        Desc {
+            addr: data,
+            len,
+            flags: data_flags,
+            next: 2,
+        },
+        Desc {
+            addr: status,
+            len: 1,
+            flags: F_WRITE,
+            next: 0,
+        },
+    ]
+}
+
 fn post_raw(c: &mut BlkClient, descs: &[Desc]) -> u32 {
     let mem = &c.mem.mem;
     let q = &mut c.queues[0];
@@ -250,29 +276,7 @@ fn indirect_tables_valid_nested_and_malformed() {
     // A valid request through an indirect table.
     c.poke(data, &pattern(7, 4096));
     let h = c.header(T_OUT, 40);
-    write_table(
-        &c,
-        &[
-            Desc {
-                addr: h,
-                len: 16,
-                flags: F_NEXT,
-                next: 1,
-            },
-            Desc {
-                addr: data,
-                len: 4096,
-                flags: F_NEXT,
-                next: 2,
-            },
-            Desc {
-                addr: status,
-                len: 1,
-                flags: F_WRITE,
-                next: 0,
-            },
-        ],
-    );
+    write_table(&c, &request_chain(h, data, 4096, false, status));
     c.poke(status, &[0xff]);
     assert_eq!(
         post_raw(
@@ -466,26 +470,7 @@ fn a_head_published_again_while_in_flight_is_served_once() {
     let data = c.alloc(512);
     c.poke(data, &pattern(3, 512));
     let status = c.alloc(1);
-    let descs = [
-        Desc {
-            addr: header,
-            len: 16,
-            flags: F_NEXT,
-            next: 1,
-        },
-        Desc {
-            addr: data,
-            len: 512,
-            flags: F_NEXT,
-            next: 2,
-        },
-        Desc {
-            addr: status,
-            len: 1,
-            flags: F_WRITE,
-            next: 0,
-        },
-    ];
+    let descs = request_chain(header, data, 512, false, status);
     let head = {
         let mem = &c.mem.mem;
         let q = &mut c.queues[0];
@@ -527,26 +512,7 @@ fn a_head_beyond_the_ring_does_not_stop_the_requests_behind_it() {
     let header = c.header(T_IN, 0);
     let data = c.alloc(512);
     let status = c.alloc(1);
-    let descs = [
-        Desc {
-            addr: header,
-            len: 16,
-            flags: F_NEXT,
-            next: 1,
-        },
-        Desc {
-            addr: data,
-            len: 512,
-            flags: F_NEXT | F_WRITE,
-            next: 2,
-        },
-        Desc {
-            addr: status,
-            len: 1,
-            flags: F_WRITE,
-            next: 0,
-        },
-    ];
+    let descs = request_chain(header, data, 512, true, status);
     let head = {
         let mem = &c.mem.mem;
         let q = &mut c.queues[0];

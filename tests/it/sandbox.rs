@@ -33,24 +33,26 @@ fn every_thread_is_filtered_and_queue_workers_twice() {
     c.write(1, 8, &pattern(2, 4096));
     assert!(c.read(1, 0, 4096) == pattern(1, 4096), "data read back");
     let threads = daemon.thread_status();
-    let mut workers = 0;
+    let filters = |status: &str| -> u32 { field(status, "Seccomp_filters:").parse().unwrap() };
     for (name, status) in &threads {
         assert_eq!(field(status, "Seccomp:"), "2", "thread {name} unfiltered");
         assert_eq!(field(status, "NoNewPrivs:"), "1", "thread {name}");
-        let filters: u32 = field(status, "Seccomp_filters:").parse().unwrap();
-        if name.starts_with("vring_worker") || name.starts_with("d0") || name.starts_with("relay-")
-        {
-            if filters >= 2 {
-                workers += 1;
-            }
-        } else {
-            assert!(filters >= 1, "thread {name}");
-        }
+        assert!(filters(status) >= 1, "thread {name}");
     }
-    assert!(
-        workers >= 2,
-        "queue workers without their own filter: {threads:?}"
-    );
+    // The two queue workers and the connection's relay: each under the narrow filter too.
+    let narrowed = |prefix: &str| {
+        let matching: Vec<_> = threads
+            .iter()
+            .filter(|(n, _)| n.starts_with(prefix))
+            .collect();
+        assert!(!matching.is_empty(), "no {prefix} thread: {threads:?}");
+        for (name, status) in &matching {
+            assert!(filters(status) >= 2, "{name} lacks the narrow filter");
+        }
+        matching.len()
+    };
+    assert_eq!(narrowed("vring_worker"), 2, "{threads:?}");
+    narrowed("relay-");
     drop(c);
 }
 

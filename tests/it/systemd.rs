@@ -1,7 +1,9 @@
 //! Running under systemd, with the test playing systemd's side: the notify protocol (READY,
-//! STATUS, WATCHDOG at the interval asked for, STOPPING; SIGHUP logged and answered, not
-//! fatal) and socket activation (a device socket and the control socket handed over as
-//! fds 3 and 4, served, and left in place at exit because they belong to the manager).
+//! STATUS, repeated WATCHDOG pings when a watchdog interval is set — their spacing is not
+//! timed here —, STOPPING; SIGHUP logged and answered, not fatal) and socket activation (a
+//! device socket and the control socket handed over as fds 3 and 4, served, re-served after
+//! the device is removed and added again, and left in place at exit: they belong to the
+//! manager).
 #![allow(clippy::unwrap_used, clippy::expect_used)] // tests fail loudly by design
 
 use std::os::fd::AsRawFd;
@@ -80,7 +82,7 @@ fn sockets_from_socket_activation_are_served_and_left_to_the_manager() {
     let control_path = dir.path().join("control.sock");
     let device = UnixListener::bind(&device_path).unwrap();
     let control = UnixListener::bind(&control_path).unwrap();
-    let daemon = Daemon::start_with_fds(
+    let mut daemon = Daemon::start_with_fds(
         dir,
         &[
             "--blk",
@@ -92,7 +94,7 @@ fn sockets_from_socket_activation_are_served_and_left_to_the_manager() {
         &[(device.as_raw_fd(), 3), (control.as_raw_fd(), 4)],
         true,
     );
-    daemon.wait_for_log_line("2 socket(s) from socket activation");
+    daemon.wait_for_log("2 socket(s) from socket activation");
     let mut c = BlkClient::connect(&device_path);
     let data = pattern(7, 4096);
     c.write(0, 8, &data);

@@ -234,15 +234,6 @@ impl Daemon {
         self.dir.path().join(name)
     }
 
-    /// Like [`Daemon::wait_for_log`], for a shared daemon (no new lines are consumed by others).
-    pub fn wait_for_log_line(&self, needle: &str) {
-        assert!(
-            self.seen.iter().any(|l| l.contains(needle)),
-            "no log line with `{needle}` before ready; saw {:?}",
-            self.seen
-        );
-    }
-
     /// Blocks until a log line containing `needle` appears (10 s at most); a line seen
     /// earlier counts.
     pub fn wait_for_log(&mut self, needle: &str) -> String {
