@@ -197,6 +197,11 @@ impl Limiter {
                 continue;
             }
             let n = units(*unit, cost);
+            if n == 0 {
+                // Nothing to take (a flush against a byte limit): a bucket in debt must not
+                // hold back what costs it nothing.
+                continue;
+            }
             match bucket.try_take(n, now_ns) {
                 Ok(()) => taken.push((index, n)),
                 Err(wait) => {
@@ -382,6 +387,31 @@ mod tests {
             .is_err(),
             "and only one"
         );
+    }
+
+    #[test]
+    fn a_zero_byte_write_counts_as_an_operation_and_ignores_byte_debt() {
+        // A flush: one operation, no bytes.
+        let flush = Cost {
+            kind: CostKind::Write,
+            bytes: 0,
+        };
+        let mut l = Limiter::unlimited();
+        l.add("write-bps", Unit::Bytes, Direction::Write, rate(100), 0)
+            .unwrap();
+        l.charge_bytes(
+            Cost {
+                kind: CostKind::Write,
+                bytes: 1000,
+            },
+            0,
+        );
+        assert!(l.try_start(flush, 0).is_ok(), "byte debt holds no flush");
+        let mut l = Limiter::unlimited();
+        l.add("iops", Unit::Operations, Direction::Any, rate(10), 0)
+            .unwrap();
+        assert!(l.try_start(flush, 0).is_ok());
+        assert!(l.try_start(flush, 0).is_err(), "one operation each");
     }
 
     #[test]

@@ -134,6 +134,13 @@ pub trait Engine: Send {
     /// Ops pushed and not yet reaped.
     fn in_flight(&self) -> usize;
 
+    /// Bytes of backend work done beyond the ops' own bytes since the last call (a tiered
+    /// disk's promotions and decompressions on the I/O path), for the worker to charge to
+    /// QoS byte limits after the fact. Plain engines do none.
+    fn take_extra_work(&mut self) -> u64 {
+        0
+    }
+
     /// Blocks until every op pushed so far has completed, moving completions into `out`.
     fn drain(&mut self, out: &mut Vec<Completion>);
 }

@@ -8,7 +8,7 @@
 use std::time::{Duration, Instant};
 
 use crate::common::assert_rate;
-use crate::common::blk::{pattern, BlkClient, S_OK, T_IN, T_OUT};
+use crate::common::blk::{pattern, BlkClient, S_OK, T_DISCARD, T_IN, T_OUT, T_WRITE_ZEROES};
 use crate::common::control::Control;
 use crate::common::daemon::{novactl, Daemon};
 use serde_json::json;
@@ -142,8 +142,51 @@ fn a_request_larger_than_the_bucket_still_runs() {
     let mut c = BlkClient::connect(&daemon.path("q.sock"));
     let reply = c.request(0, T_IN, 0, &[], 1 << 20);
     assert_eq!(reply.status, S_OK);
-    // The next small request waits for the debt (~16 s) — flush is never held back.
+    // The next small request waits for the debt (~16 s); a flush moves no bytes, so a byte
+    // limit never holds it back.
     assert_eq!(c.flush(0), S_OK);
+}
+
+#[test]
+fn flushes_and_discards_are_charged() {
+    // Before: a flush cost nothing (never held back by an IOPS limit) and a discard or
+    // write-zeroes cost no bytes, so a guest could fsync or zero without limit.
+    let daemon = Daemon::start(&[
+        "--blk",
+        "socket={dir}/f.sock,path={dir}/f.img,size=8M,iops=10",
+        "--blk",
+        "socket={dir}/z.sock,path={dir}/z.img,size=8M,write-bps=64K",
+    ]);
+    let mut ctl = Control::connect(&daemon.path("control.sock"));
+    let tokens = |ctl: &mut Control, id: &str, limit: &str| {
+        ctl.call("qos.get", json!({"id": id})).unwrap()["tokens"][limit]
+            .as_i64()
+            .unwrap()
+    };
+    let mut f = BlkClient::connect(&daemon.path("f.sock"));
+    assert_eq!(tokens(&mut ctl, "f", "iops"), 1, "10/s: one token of room");
+    assert_eq!(f.flush(0), S_OK);
+    // 10 tokens a second: well under one more in the time a call takes.
+    assert_eq!(tokens(&mut ctl, "f", "iops"), 0, "the flush took the token");
+
+    let mut z = BlkClient::connect(&daemon.path("z.sock"));
+    // One segment: 8192 sectors (4 MiB) from sector 0.
+    let mut segment = Vec::new();
+    segment.extend_from_slice(&0u64.to_le_bytes());
+    segment.extend_from_slice(&8192u32.to_le_bytes());
+    segment.extend_from_slice(&0u32.to_le_bytes());
+    for kind in [T_DISCARD, T_WRITE_ZEROES] {
+        // A fresh bucket (full) for each: the first leaves ~64 s of debt.
+        ctl.call("qos.set", json!({"id": "z", "write-bps": "64K"}))
+            .unwrap();
+        let before = tokens(&mut ctl, "z", "write-bps");
+        assert_eq!(z.request(0, kind, 0, &segment, 0).status, S_OK);
+        let after = tokens(&mut ctl, "z", "write-bps");
+        assert!(
+            before - after > 4_000_000,
+            "request type {kind}: 4 MiB charged ({before} -> {after})"
+        );
+    }
 }
 
 #[test]

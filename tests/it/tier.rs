@@ -157,6 +157,34 @@ fn cold_extents_read_back_take_writes_and_discards_and_come_back() {
 }
 
 #[test]
+fn a_small_write_into_a_cold_extent_is_charged_the_promotion() {
+    // Before: a 512-byte write into a cold extent cost 512 bytes of QoS while the daemon
+    // decompressed and rewrote the whole extent (and synced twice).
+    let daemon = Daemon::start(&["--blk", SPEC]);
+    let mut c = BlkClient::connect(&daemon.path("t.sock"));
+    let mut ctl = Control::connect(&daemon.path("control.sock"));
+    let mut model = Model::new();
+    fill(&mut c, &mut model, 0..2);
+    demote_all(&mut ctl);
+    // 64 KiB/s: what refills during the write is a few hundred bytes.
+    ctl.call("qos.set", json!({"id": "t", "write-bps": "64K"}))
+        .unwrap();
+    let tokens = |ctl: &mut Control| {
+        ctl.call("qos.get", json!({"id": "t"})).unwrap()["tokens"]["write-bps"]
+            .as_i64()
+            .unwrap()
+    };
+    let before = tokens(&mut ctl);
+    model.write(&mut c, EXTENT + 512, &[7u8; 512]);
+    let after = tokens(&mut ctl);
+    assert!(
+        before - after > EXTENT as i64 / 2,
+        "a promotion of {EXTENT} bytes charged ({before} -> {after})"
+    );
+    model.verify(&mut c);
+}
+
+#[test]
 fn guest_writes_racing_background_moves_are_never_lost() {
     let mut daemon = Daemon::start(&["--blk", SPEC]);
     let mut ctl = Control::connect(&daemon.path("control.sock"));

@@ -389,8 +389,10 @@ fn to_iovecs(mem: &GuestMemoryMmap<()>, spans: &[Span]) -> Result<GuestIovecs, R
 }
 
 impl Request {
-    /// What the request costs against QoS limits; `None` for requests QoS never holds back
-    /// (flush and GET_ID: holding a flush would only delay durability, not save bandwidth).
+    /// What the request costs against QoS limits; `None` only for GET_ID (20 bytes from
+    /// memory). A flush is a write operation of no bytes (it counts against operation
+    /// limits: an fsync is the most expensive thing a guest can ask for); discard and
+    /// write-zeroes cost their range like a write of that length, as in QEMU's throttling.
     pub fn cost(&self) -> Option<Cost> {
         match self.kind {
             RequestKind::Read { .. } => Some(Cost {
@@ -401,11 +403,19 @@ impl Request {
                 kind: CostKind::Write,
                 bytes: u64::from(self.data_len),
             }),
-            RequestKind::Discard(_) | RequestKind::WriteZeroes(_) => Some(Cost {
+            RequestKind::Discard(ref ranges) | RequestKind::WriteZeroes(ref ranges) => {
+                Some(Cost {
+                    kind: CostKind::Write,
+                    bytes: ranges
+                        .iter()
+                        .fold(0u64, |sum, range| sum.saturating_add(range.len)),
+                })
+            }
+            RequestKind::Flush => Some(Cost {
                 kind: CostKind::Write,
                 bytes: 0,
             }),
-            RequestKind::Flush | RequestKind::GetId { .. } => None,
+            RequestKind::GetId { .. } => None,
         }
     }
 }

@@ -205,6 +205,25 @@ fn discard_and_write_zeroes_segments() {
             },
         ])
     );
+    // QoS charges the ranges like a write of their length (free zeroing would be a way
+    // around a byte limit).
+    assert_eq!(
+        req.cost(),
+        Some(Cost {
+            kind: CostKind::Write,
+            bytes: 4096 + 512
+        })
+    );
+    header(&mem, 0x8000, VIRTIO_BLK_T_FLUSH, 0);
+    let flush = parse_chain(&mem, &[(0x8000, 16, false), (0xa000, 1, true)], LIMITS).unwrap();
+    assert_eq!(
+        flush.cost(),
+        Some(Cost {
+            kind: CostKind::Write,
+            bytes: 0
+        }),
+        "a flush is an operation against IOPS limits"
+    );
     // Unmap flag on a discard is UNSUPP.
     header(&mem, 0x8000, VIRTIO_BLK_T_DISCARD, 0);
     let r = parse_chain(

@@ -35,6 +35,7 @@ use super::shared::DeviceShared;
 use super::stats::{OpClass, QueueStats};
 use crate::devices::poll::{spin, Look, PollMode, Poller, MAX_SPELL};
 use crate::qos::gate::Gate;
+use crate::qos::limiter::{Cost, CostKind};
 use crate::qos::timer::TimerError;
 use crate::storage::{Completion, Engine, GuestIovecs, IoOp, OpKind};
 use crate::vring::{
@@ -617,6 +618,14 @@ impl QueueWorker {
             // guest owns the buffers' contents; the device only accesses them as the
             // descriptor directions (checked by the parser) allow.
             unsafe { self.engine.push(op) };
+        }
+        let work = self.engine.take_extra_work();
+        if work > 0 {
+            // Charged after the fact (into debt if need be), so later requests wait for it.
+            self.shared.qos.charge_bytes(Cost {
+                kind: CostKind::Write,
+                bytes: work,
+            });
         }
     }
 

@@ -28,6 +28,8 @@ pub struct TierEngine {
     spill: HashMap<u64, std::ops::Range<u64>>,
     /// Bounce buffer of the cold read path, reused.
     chunk: Vec<u8>,
+    /// Tier work done for guest requests since [`Engine::take_extra_work`] last ran.
+    work: u64,
 }
 
 /// Largest piece of a cold read assembled at once (small in unit tests, to exercise pieces).
@@ -43,6 +45,7 @@ impl TierEngine {
             in_flight: Vec::new(),
             spill: HashMap::new(),
             chunk: Vec::new(),
+            work: 0,
         }
     }
 
@@ -95,8 +98,10 @@ impl TierEngine {
         while done < len {
             let piece = (len.saturating_sub(done)).min(COPY_CHUNK as u64) as usize;
             self.chunk.resize(piece, 0);
-            self.store
+            let work = self
+                .store
                 .read(offset.saturating_add(done), &mut self.chunk)?;
+            self.work = self.work.saturating_add(work);
             // SAFETY: per this function's contract; `chunk` is our own memory.
             let copied = unsafe { cursor.copy_in(&self.chunk) };
             if copied != piece {
@@ -139,7 +144,10 @@ impl Engine for TierEngine {
             }
         };
         let (extents, hot) = match self.store.begin_io(offset, len, access) {
-            Ok(begun) => begun,
+            Ok(begun) => {
+                self.work = self.work.saturating_add(begun.work);
+                (begun.extents, begun.hot)
+            }
             Err(e) => {
                 self.fail(op.tag, &e);
                 return;
@@ -190,6 +198,10 @@ impl Engine for TierEngine {
 
     fn in_flight(&self) -> usize {
         self.inner.in_flight().saturating_add(self.ready.len())
+    }
+
+    fn take_extra_work(&mut self) -> u64 {
+        std::mem::take(&mut self.work)
     }
 
     fn drain(&mut self, out: &mut Vec<Completion>) {

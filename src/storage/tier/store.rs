@@ -151,6 +151,19 @@ pub struct TierStats {
     pub compressed_bytes: AtomicU64,
 }
 
+/// Guest I/O started by [`TierStore::begin_io`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Begun {
+    /// The extents it touches (for [`TierStore::end_io`]).
+    pub extents: std::ops::Range<u64>,
+    /// Whether the hot file can serve it as it is.
+    pub hot: bool,
+    /// Bytes of tier work it caused (extents promoted before a write), which the queue
+    /// worker charges to the device's QoS byte limits: a 512-byte write into a cold extent
+    /// costs what it makes the host do.
+    pub work: u64,
+}
+
 /// What the I/O path reads and writes per extent without the lock.
 #[derive(Debug, Default)]
 pub(super) struct ExtentFlags {
@@ -365,7 +378,8 @@ impl TierStore {
 
     /// Starts guest I/O on `offset..offset+len`: counts it in flight on every extent it
     /// touches (and, for writes, bumps their generations). Returns the extents (for
-    /// [`TierStore::end_io`]) and whether the hot file can serve it as it is. A write or
+    /// [`TierStore::end_io`]), whether the hot file can serve it as it is, and the tier work
+    /// it caused. A write or
     /// partial zeroing of a cold extent promotes it first (a whole-extent zeroing drops its
     /// record), so writes are always served by the hot file; a read of a cold extent must go
     /// through [`TierStore::read`]. On error nothing stays counted.
@@ -374,7 +388,7 @@ impl TierStore {
         offset: u64,
         len: u64,
         access: Access,
-    ) -> Result<(std::ops::Range<u64>, bool), TierError> {
+    ) -> Result<Begun, TierError> {
         let span = self.span(offset, len);
         let writes = access != Access::Read;
         for extent in span.clone() {
@@ -391,7 +405,11 @@ impl TierStore {
         }
         let cold = |e: u64| self.flag(e).is_some_and(|f| f.cold.load(Ordering::SeqCst));
         if !span.clone().any(cold) {
-            return Ok((span, true));
+            return Ok(Begun {
+                extents: span,
+                hot: true,
+                work: 0,
+            });
         }
         if access == Access::Read {
             for extent in span.clone().filter(|&e| cold(e)) {
@@ -399,8 +417,13 @@ impl TierStore {
                     flags.cold_reads.fetch_add(1, Ordering::Relaxed);
                 }
             }
-            return Ok((span, false));
+            return Ok(Begun {
+                extents: span,
+                hot: false,
+                work: 0,
+            });
         }
+        let mut work = 0u64;
         let mut state = lock(&self.state);
         for extent in span.clone() {
             if !state.cold.contains_key(&extent) {
@@ -413,7 +436,9 @@ impl TierStore {
             let done = if covered {
                 self.drop_cold(&mut state, extent)
             } else {
-                self.promote_locked(&mut state, extent)
+                self.promote_locked(&mut state, extent).inspect(|()| {
+                    work = work.saturating_add(self.extent_len(extent));
+                })
             };
             if let Err(e) = done {
                 drop(state);
@@ -421,7 +446,11 @@ impl TierStore {
                 return Err(e);
             }
         }
-        Ok((span, true))
+        Ok(Begun {
+            extents: span,
+            hot: true,
+            work,
+        })
     }
 
     /// Guest I/O started with [`TierStore::begin_io`] completed.
@@ -434,8 +463,10 @@ impl TierStore {
     }
 
     /// Reads `offset..offset+len` into `out` from whichever tier holds each extent (the slow
-    /// path for ranges touching cold extents).
-    pub fn read(&self, offset: u64, out: &mut [u8]) -> Result<(), TierError> {
+    /// path for ranges touching cold extents). Returns the bytes of cold records it had to
+    /// decompress (cache misses), the tier work charged to the guest.
+    pub fn read(&self, offset: u64, out: &mut [u8]) -> Result<u64, TierError> {
+        let mut work = 0u64;
         let mut done = 0usize;
         while done < out.len() {
             let at = offset.saturating_add(done as u64);
@@ -446,7 +477,7 @@ impl TierStore {
             let dst = out
                 .get_mut(done..done.saturating_add(chunk))
                 .ok_or_else(|| io("read range")(std::io::ErrorKind::InvalidInput.into()))?;
-            match self.cold_extent(extent)? {
+            match self.cold_extent(extent, &mut work)? {
                 Some(data) => {
                     let src = data
                         .get(within as usize..(within as usize).saturating_add(chunk))
@@ -464,11 +495,16 @@ impl TierStore {
             }
             done = done.saturating_add(chunk);
         }
-        Ok(())
+        Ok(work)
     }
 
     /// The decompressed contents of `extent` if it is cold (from the cache when possible).
-    fn cold_extent(&self, extent: u64) -> Result<Option<Arc<Vec<u8>>>, TierError> {
+    /// `work` grows by the bytes decompressed on a cache miss.
+    fn cold_extent(
+        &self,
+        extent: u64,
+        work: &mut u64,
+    ) -> Result<Option<Arc<Vec<u8>>>, TierError> {
         let mut state = lock(&self.state);
         let Some(location) = state.cold.get(&extent).copied() else {
             return Ok(None);
@@ -481,6 +517,7 @@ impl TierStore {
             return Ok(Some(Arc::clone(data)));
         }
         let data = Arc::new(self.load_record(extent, location)?);
+        *work = work.saturating_add(data.len() as u64);
         if state.cache.len() >= CACHE_EXTENTS {
             state.cache.pop_front();
         }

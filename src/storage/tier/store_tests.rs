@@ -34,13 +34,15 @@ impl Disk {
         TierStore::open(Arc::new(hot), &hot_path, cold, SIZE, EXTENT, 3).unwrap()
     }
 
-    fn write(&self, store: &TierStore, offset: u64, data: &[u8]) {
-        let (extents, hot) = store
+    /// Writes through the I/O path; returns the tier work it caused.
+    fn write(&self, store: &TierStore, offset: u64, data: &[u8]) -> u64 {
+        let begun = store
             .begin_io(offset, data.len() as u64, Access::Write)
             .unwrap();
-        assert!(hot, "writes are always served by the hot file");
+        assert!(begun.hot, "writes are always served by the hot file");
         store.hot.write_all_at(data, offset).unwrap();
-        store.end_io(extents);
+        store.end_io(begun.extents);
+        begun.work
     }
 }
 
@@ -67,15 +69,25 @@ fn demote_read_write_promote_and_reopen_keep_every_byte() {
         assert_eq!(store.demote(e).unwrap(), Moved::Done);
     }
     assert_eq!(store.cold_extents(), vec![1, 2, 3]);
-    let (extents, hot) = store.begin_io(EXTENT, 10, Access::Read).unwrap();
-    store.end_io(extents);
-    assert!(!hot, "a cold extent is not served by the hot file");
+    let begun = store.begin_io(EXTENT, 10, Access::Read).unwrap();
+    store.end_io(begun.extents);
+    assert!(!begun.hot, "a cold extent is not served by the hot file");
+    assert_eq!(begun.work, 0, "reads decompress later, in `read`");
+    let mut first = vec![0u8; 10];
+    assert_eq!(
+        store.read(EXTENT, &mut first).unwrap(),
+        EXTENT,
+        "a cache miss decompresses the whole extent: the guest is charged for it"
+    );
+    assert_eq!(store.read(EXTENT, &mut first).unwrap(), 0, "cached");
     assert_eq!(read(&store, EXTENT, data.len()), data);
-    // A write into a cold extent promotes it first.
+    // A write into a cold extent promotes it first, and costs the whole extent.
     let patch = pattern(9, 4096);
-    disk.write(&store, 2 * EXTENT + 100, &patch);
+    assert_eq!(disk.write(&store, 2 * EXTENT + 100, &patch), EXTENT);
+    assert_eq!(disk.write(&store, 2 * EXTENT, &patch), 0, "hot now");
     let mut model = data.clone();
     model[(EXTENT + 100) as usize..(EXTENT + 100) as usize + 4096].copy_from_slice(&patch);
+    model[EXTENT as usize..EXTENT as usize + 4096].copy_from_slice(&patch);
     assert_eq!(store.cold_extents(), vec![1, 3]);
     assert_eq!(read(&store, EXTENT, model.len()), model);
     // Reopen without a clean close (a crash): same contents, same map.
@@ -94,11 +106,11 @@ fn a_write_racing_a_demotion_wins() {
     let store = disk.open();
     disk.write(&store, 0, &pattern(2, EXTENT as usize));
     // A write in flight: the demotion does not even start.
-    let (extents, _) = store.begin_io(0, 512, Access::Write).unwrap();
+    let extents = store.begin_io(0, 512, Access::Write).unwrap().extents;
     assert_eq!(store.demote(0).unwrap(), Moved::Raced);
     store.end_io(extents);
     // A read in flight holds a demotion back too (it would read a released hot copy).
-    let (extents, _) = store.begin_io(0, 512, Access::Read).unwrap();
+    let extents = store.begin_io(0, 512, Access::Read).unwrap().extents;
     assert_eq!(store.demote(0).unwrap(), Moved::Raced);
     store.end_io(extents);
     assert_eq!(store.demote(0).unwrap(), Moved::Done);
@@ -130,7 +142,7 @@ fn a_corrupt_record_fails_only_its_own_reads() {
     // Writing over it is refused too (its old contents cannot be read to merge).
     assert!(store.begin_io(0, 512, Access::Write).is_err());
     // Zeroing the whole extent does not need its contents: allowed, and it reads zeros.
-    let (extents, _) = store.begin_io(0, EXTENT, Access::Zero).unwrap();
+    let extents = store.begin_io(0, EXTENT, Access::Zero).unwrap().extents;
     store.end_io(extents);
     assert_eq!(read(&store, 0, 512), vec![0u8; 512]);
 }
