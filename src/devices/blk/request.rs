@@ -403,14 +403,12 @@ impl Request {
                 kind: CostKind::Write,
                 bytes: u64::from(self.data_len),
             }),
-            RequestKind::Discard(ref ranges) | RequestKind::WriteZeroes(ref ranges) => {
-                Some(Cost {
-                    kind: CostKind::Write,
-                    bytes: ranges
-                        .iter()
-                        .fold(0u64, |sum, range| sum.saturating_add(range.len)),
-                })
-            }
+            RequestKind::Discard(ref ranges) | RequestKind::WriteZeroes(ref ranges) => Some(Cost {
+                kind: CostKind::Write,
+                bytes: ranges
+                    .iter()
+                    .fold(0u64, |sum, range| sum.saturating_add(range.len)),
+            }),
             RequestKind::Flush => Some(Cost {
                 kind: CostKind::Write,
                 bytes: 0,

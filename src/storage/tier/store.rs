@@ -383,12 +383,7 @@ impl TierStore {
     /// partial zeroing of a cold extent promotes it first (a whole-extent zeroing drops its
     /// record), so writes are always served by the hot file; a read of a cold extent must go
     /// through [`TierStore::read`]. On error nothing stays counted.
-    pub fn begin_io(
-        &self,
-        offset: u64,
-        len: u64,
-        access: Access,
-    ) -> Result<Begun, TierError> {
+    pub fn begin_io(&self, offset: u64, len: u64, access: Access) -> Result<Begun, TierError> {
         let span = self.span(offset, len);
         let writes = access != Access::Read;
         for extent in span.clone() {
@@ -500,11 +495,7 @@ impl TierStore {
 
     /// The decompressed contents of `extent` if it is cold (from the cache when possible).
     /// `work` grows by the bytes decompressed on a cache miss.
-    fn cold_extent(
-        &self,
-        extent: u64,
-        work: &mut u64,
-    ) -> Result<Option<Arc<Vec<u8>>>, TierError> {
+    fn cold_extent(&self, extent: u64, work: &mut u64) -> Result<Option<Arc<Vec<u8>>>, TierError> {
         let mut state = lock(&self.state);
         let Some(location) = state.cold.get(&extent).copied() else {
             return Ok(None);
