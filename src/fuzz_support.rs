@@ -352,11 +352,18 @@ pub fn control_lines(data: &[u8]) {
         return;
     };
     let registry = Arc::new(Mutex::new(crate::registry::Registry::new(None)));
+    let notify: crate::control::methods::Notify = Arc::new(|| {});
     for line in data.split(|b| *b == b'\n').take(16) {
         let Some(line) = confine(line, scratch) else {
             continue;
         };
-        let _ = crate::control::methods::handle_line(&registry, &line);
+        if let crate::control::methods::Handled::Later { pending, .. } =
+            crate::control::methods::handle_line(&registry, &line, &notify)
+        {
+            // Deferred work (a tier batch) finishes before the next line, as a client
+            // waiting for its answer would see it.
+            let _ = pending.recv();
+        }
     }
     crate::lock::lock(&registry).stop_all();
 }

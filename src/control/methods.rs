@@ -40,16 +40,64 @@ use super::protocol::{parse_request, Response, RpcError, METHOD_NOT_FOUND, SERVE
 use crate::registry::{Registry, RegistryError};
 use crate::storage::tier::mover::BatchError;
 
-/// Handles one request line and builds its response.
-pub fn handle_line(registry: &Arc<Mutex<Registry>>, line: &[u8]) -> Response {
+/// Called from another thread when a deferred answer is ready (wakes the server's loop).
+pub type Notify = Arc<dyn Fn() + Send + Sync>;
+
+/// A deferred answer: the result arrives on the channel, and [`Notify`] is called after.
+pub type Pending = std::sync::mpsc::Receiver<Result<Value, RpcError>>;
+
+/// What a request line gets.
+pub enum Handled {
+    /// The response, ready now.
+    Now(Response),
+    /// Long work (a `tier.demote` with `wait`) runs on a thread of its own; the answer to
+    /// request `id` comes through `pending`. The server serves everyone else meanwhile.
+    Later {
+        /// The request's id.
+        id: Value,
+        /// Where the result arrives.
+        pending: Pending,
+    },
+}
+
+/// Handles one request line: its response, or where the response will come from.
+pub fn handle_line(registry: &Arc<Mutex<Registry>>, line: &[u8], notify: &Notify) -> Handled {
     let request = match parse_request(line) {
         Ok(request) => request,
-        Err(response) => return *response,
+        Err(response) => return Handled::Now(*response),
     };
     let id = request.id.clone();
-    match dispatch(registry, &request.method, request.params) {
-        Ok(result) => Response::ok(id, result),
-        Err(error) => Response::err(id, error),
+    let mut later = Later {
+        notify,
+        pending: None,
+    };
+    match dispatch(registry, &request.method, request.params, &mut later) {
+        Ok(result) => match later.pending {
+            Some(pending) => Handled::Later { id, pending },
+            None => Handled::Now(Response::ok(id, result)),
+        },
+        Err(error) => Handled::Now(Response::err(id, error)),
+    }
+}
+
+/// Lets a method answer later.
+struct Later<'a> {
+    notify: &'a Notify,
+    pending: Option<Pending>,
+}
+
+impl Later<'_> {
+    /// A sender for the deferred answer; the request is answered through it instead of by
+    /// the method's return value.
+    fn defer(&mut self) -> impl FnOnce(Result<Value, RpcError>) + Send + 'static {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.pending = Some(rx);
+        let notify = Arc::clone(self.notify);
+        move |result| {
+            // The client may be gone: then nobody waits for the answer.
+            let _ = tx.send(result);
+            notify();
+        }
     }
 }
 
@@ -57,6 +105,7 @@ fn dispatch(
     registry: &Arc<Mutex<Registry>>,
     method: &str,
     params: Value,
+    later: &mut Later<'_>,
 ) -> Result<Value, RpcError> {
     let mut params = Params::new(params)?;
     let result = match method {
@@ -196,10 +245,17 @@ fn dispatch(
                 }
             };
             if wait {
-                // Runs here, without the registry lock: other requests go on.
-                to_json(store.run_exclusive(&extents, down).map_err(refused)?)?
+                // Answered when the batch ends; the control thread serves others meanwhile.
+                let answer = later.defer();
+                store
+                    .start_batch(extents, down, move |progress| answer(to_json(progress)))
+                    .map_err(|e| {
+                        later.pending = None;
+                        refused(e)
+                    })?;
+                Value::Null
             } else {
-                store.start_batch(extents, down).map_err(refused)?;
+                store.start_batch(extents, down, |_| {}).map_err(refused)?;
                 json!({"started": true})
             }
         }

@@ -144,6 +144,12 @@ impl ControlServer {
             next_token: FIRST_CONNECTION,
             stop: Arc::clone(&stop),
             idle_timeout: config.idle_timeout,
+            notify: {
+                let waker = Arc::clone(&waker);
+                Arc::new(move || {
+                    let _ = waker.wake();
+                })
+            },
         };
         let thread = std::thread::Builder::new()
             .name("control".into())
@@ -235,6 +241,9 @@ struct Connection {
     closing: bool,
     /// Set for peers we will not serve: their first request gets this error, then we close.
     refused: Option<RpcError>,
+    /// A request answered later (its id and where the answer comes from): the connection's
+    /// next requests wait for it, so answers keep their order.
+    waiting: Option<(serde_json::Value, methods::Pending)>,
 }
 
 struct Server {
@@ -246,6 +255,8 @@ struct Server {
     next_token: usize,
     stop: Arc<AtomicBool>,
     idle_timeout: Duration,
+    /// Wakes this loop when a deferred answer is ready.
+    notify: methods::Notify,
 }
 
 impl Server {
@@ -273,7 +284,7 @@ impl Server {
             for event in events.iter() {
                 match event.token() {
                     LISTENER => self.accept(),
-                    WAKER => {}
+                    WAKER => self.answer_deferred(),
                     token => self.service(token),
                 }
             }
@@ -336,6 +347,7 @@ impl Server {
                     last_active: Instant::now(),
                     closing: false,
                     refused: refusal,
+                    waiting: None,
                 },
             );
         }
@@ -350,6 +362,9 @@ impl Server {
         // buffers stay bounded whatever it sends.
         let mut open = true;
         loop {
+            if !deliver_deferred(conn) {
+                break;
+            }
             if conn.output.len() >= MAX_OUTPUT || conn.closing {
                 break;
             }
@@ -377,9 +392,18 @@ impl Server {
                         conn.closing = true;
                         Response::err(serde_json::Value::Null, error.clone())
                     }
-                    None => methods::handle_line(&self.registry, line),
+                    None => match methods::handle_line(&self.registry, line, &self.notify) {
+                        methods::Handled::Now(response) => response,
+                        methods::Handled::Later { id, pending } => {
+                            conn.waiting = Some((id, pending));
+                            break;
+                        }
+                    },
                 };
                 conn.output.extend_from_slice(&encode(&response));
+            }
+            if conn.waiting.is_some() {
+                break;
             }
             if conn.input.len() > MAX_LINE && !conn.input.contains(&b'\n') {
                 let error = RpcError::new(
@@ -403,11 +427,25 @@ impl Server {
         }
     }
 
+    /// Serves again every connection whose deferred answer is ready.
+    fn answer_deferred(&mut self) {
+        let ready: Vec<Token> = self
+            .connections
+            .iter()
+            .filter(|(_, c)| c.waiting.is_some())
+            .map(|(t, _)| *t)
+            .collect();
+        for token in ready {
+            self.service(token);
+        }
+    }
+
     fn expire_idle(&mut self) {
+        // A client waiting for a deferred answer is not idle.
         let idle: Vec<Token> = self
             .connections
             .iter()
-            .filter(|(_, c)| c.last_active.elapsed() > self.idle_timeout)
+            .filter(|(_, c)| c.waiting.is_none() && c.last_active.elapsed() > self.idle_timeout)
             .map(|(t, _)| *t)
             .collect();
         for token in idle {
@@ -443,6 +481,26 @@ fn read_available(conn: &mut Connection) -> (bool, bool) {
             Err(_) => return (false, false),
         }
     }
+}
+
+/// Queues a deferred answer that has arrived; false while the connection still waits for it.
+fn deliver_deferred(conn: &mut Connection) -> bool {
+    let Some((id, pending)) = &conn.waiting else {
+        return true;
+    };
+    let response = match pending.try_recv() {
+        Ok(Ok(result)) => Response::ok(id.clone(), result),
+        Ok(Err(error)) => Response::err(id.clone(), error),
+        Err(std::sync::mpsc::TryRecvError::Empty) => return false,
+        Err(std::sync::mpsc::TryRecvError::Disconnected) => Response::err(
+            id.clone(),
+            RpcError::new(SERVER_ERROR, "io", "the work ended without an answer"),
+        ),
+    };
+    conn.output.extend_from_slice(&encode(&response));
+    conn.waiting = None;
+    conn.last_active = Instant::now();
+    true
 }
 
 /// Writes queued output; false when the socket failed.

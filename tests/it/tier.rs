@@ -185,6 +185,48 @@ fn a_small_write_into_a_cold_extent_is_charged_the_promotion() {
 }
 
 #[test]
+fn a_tier_batch_with_wait_leaves_the_control_socket_serving() {
+    // Before: `tier.demote` with `wait` ran on the only control thread; until the batch
+    // ended, no other client (nor shutdown) got an answer.
+    use std::io::{BufRead, BufReader, Write};
+    let dir = tempfile::tempdir().unwrap();
+    let gate = dir.path().join("gate");
+    nix_mkfifo(&gate);
+    let point = format!("batch-start@{}", gate.display());
+    let mut daemon =
+        Daemon::start_in_with_env(dir, &["--blk", SPEC], &[("NOVACRON_FAILPOINT", &point)]);
+    let mut c = BlkClient::connect(&daemon.path("t.sock"));
+    let mut model = Model::new();
+    fill(&mut c, &mut model, 0..4);
+    let mut waiting = std::os::unix::net::UnixStream::connect(daemon.path("control.sock")).unwrap();
+    waiting
+        .write_all(b"{\"jsonrpc\":\"2.0\",\"id\":7,\"method\":\"tier.demote\",\"params\":{\"id\":\"t\",\"all\":true,\"wait\":true}}\n")
+        .unwrap();
+    // The batch is held at its gate; another client is served all the same, and sees it run.
+    let mut ctl = Control::connect(&daemon.path("control.sock"));
+    daemon.wait_for_log("failpoint batch-start: waiting");
+    let status = ctl.call("tier.status", json!({"id": "t"})).unwrap();
+    assert_eq!(status["progress"]["running"], true, "{status}");
+    ctl.call("daemon.info", json!({})).unwrap();
+    // Open the gate: the first client gets its tally.
+    std::fs::write(&gate, b"").unwrap();
+    let mut line = String::new();
+    BufReader::new(&waiting).read_line(&mut line).unwrap();
+    let reply: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(reply["id"], 7, "{reply}");
+    assert_eq!(reply["result"]["moved"], 4, "{reply}");
+    model.verify(&mut c);
+}
+
+fn nix_mkfifo(path: &std::path::Path) {
+    let status = std::process::Command::new("mkfifo")
+        .arg(path)
+        .status()
+        .unwrap();
+    assert!(status.success(), "mkfifo {}", path.display());
+}
+
+#[test]
 fn guest_writes_racing_background_moves_are_never_lost() {
     let mut daemon = Daemon::start(&["--blk", SPEC]);
     let mut ctl = Control::connect(&daemon.path("control.sock"));

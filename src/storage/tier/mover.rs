@@ -34,22 +34,20 @@ impl TierStore {
         Ok(())
     }
 
-    /// Runs a batch on the caller's thread, if no other batch runs on this disk.
-    pub fn run_exclusive(&self, extents: &[u64], down: bool) -> Result<Progress, BatchError> {
-        self.claim_batch()?;
-        Ok(self.run_batch(extents, down))
-    }
-
     /// Runs a batch in the background (one thread per disk at most: a second batch is refused
-    /// while one runs); progress shows in [`TierStore::progress`].
-    pub fn start_batch(self: &Arc<Self>, extents: Vec<u64>, down: bool) -> Result<(), BatchError> {
+    /// while one runs); progress shows in [`TierStore::progress`], and `done` gets the final
+    /// tally on the batch's thread.
+    pub fn start_batch(
+        self: &Arc<Self>,
+        extents: Vec<u64>,
+        down: bool,
+        done: impl FnOnce(Progress) + Send + 'static,
+    ) -> Result<(), BatchError> {
         self.claim_batch()?;
         let store = Arc::clone(self);
         let spawned = std::thread::Builder::new()
             .name("tier-batch".into())
-            .spawn(move || {
-                store.run_batch(&extents, down);
-            });
+            .spawn(move || done(store.run_batch(&extents, down)));
         if let Err(e) = spawned {
             lock(&self.progress).running = false;
             return Err(BatchError::Thread(e));
@@ -115,6 +113,7 @@ impl TierStore {
     /// Moves `extents` one by one (`demote` when `down`), recording progress; returns the
     /// final tally. Errors end nothing: a failed extent is counted and the batch goes on.
     pub fn run_batch(&self, extents: &[u64], down: bool) -> Progress {
+        super::store::failpoint("batch-start");
         *lock(&self.progress) = Progress {
             operation: if down { "demote" } else { "promote" }.into(),
             total: extents.len() as u64,

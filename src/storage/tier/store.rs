@@ -75,14 +75,23 @@ pub enum TierError {
 
 /// Test-only crash injection: in a build with the `test-hooks` feature, when the environment
 /// variable `NOVACRON_FAILPOINT` names this point, the process aborts here (as a kill -9
-/// would stop it). Release builds without the feature never read the variable.
-fn failpoint(name: &str) {
+/// would stop it); when it says `NAME@PATH`, the point instead waits here until it can read
+/// `PATH` to its end (a FIFO the test opens and closes: a gate). Release builds without the
+/// feature never read the variable.
+pub(super) fn failpoint(name: &str) {
     static POINT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
     let point = POINT.get_or_init(|| {
         cfg!(feature = "test-hooks")
             .then(|| std::env::var("NOVACRON_FAILPOINT").ok())
             .flatten()
     });
+    if let Some((point, gate)) = point.as_deref().and_then(|p| p.split_once('@')) {
+        if point == name {
+            log::info!("failpoint {name}: waiting at {gate}");
+            let _ = std::fs::read(gate);
+        }
+        return;
+    }
     if point.as_deref() == Some(name) {
         log::error!("failpoint {name}: aborting");
         std::process::abort();
