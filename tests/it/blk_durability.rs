@@ -149,3 +149,46 @@ fn a_failed_flush_fails_every_later_flush() {
     let mut c = BlkClient::connect(&daemon.path("d.sock"));
     assert_eq!(c.flush(0), S_IOERR);
 }
+
+#[test]
+fn a_writeback_error_consumed_by_a_tier_promotion_still_fails_the_guests_flush() {
+    // Before: the promotion's fdatasync of the hot file took the writeback error of the
+    // guest's writes (Linux reports it once per file), so the guest's next FLUSH succeeded
+    // over lost data.
+    let disk = FailingDisk::new();
+    let spec = format!(
+        "socket={{dir}}/t.sock,tier-hot={},tier-cold={{dir}}/t.cold,size=64M,extent=64K",
+        disk.loop_device.display()
+    );
+    let daemon = Daemon::start(&["--allow-block-devices", "--blk", &spec]);
+    let mut c = BlkClient::connect(&daemon.path("t.sock"));
+    let mut ctl = crate::common::control::Control::connect(&daemon.path("control.sock"));
+    c.write(0, 0, &pattern(1, 64 << 10));
+    assert_eq!(c.flush(0), S_OK, "64 KiB fits the backing");
+    let call = |ctl: &mut crate::common::control::Control, method: &str| {
+        ctl.call(
+            method,
+            serde_json::json!({"id": "t", "extents": [0], "wait": true}),
+        )
+        .unwrap()
+    };
+    assert_eq!(call(&mut ctl, "tier.demote")["moved"], 1);
+    // 4 MiB into a backing that holds 1 MiB, not flushed: writeback fails.
+    for i in 1..65u64 {
+        c.write(0, i * 128, &pattern(i, 64 << 10));
+    }
+    let promoted = call(&mut ctl, "tier.promote");
+    assert_eq!(
+        promoted["failed"], 1,
+        "the promotion's sync saw the error: {promoted}"
+    );
+    assert_eq!(
+        c.flush(0),
+        S_IOERR,
+        "the guest's flush succeeded after the tier consumed its writeback error"
+    );
+    // The tier's journal sits beside the cold file, not on devtmpfs beside the device.
+    let beside_device = format!("{}.tiermap", disk.loop_device.display());
+    assert!(!Path::new(&beside_device).exists(), "{beside_device} created");
+    assert!(daemon.path("t.cold.tiermap").exists());
+}

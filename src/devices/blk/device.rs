@@ -114,12 +114,13 @@ impl BlkDevice {
                 // start-up check would punch every range the (empty) journal does not name,
                 // zeroing it. Refuse it instead.
                 let cold_len = cold.metadata().map(|m| m.len()).unwrap_or(0);
-                if cold_len > 0 && !journal_path(&hot_path).exists() {
+                let journal = journal_path(&hot_path, &spec.cold);
+                if cold_len > 0 && !journal.exists() {
                     return Err(DeviceError::ForeignColdFile(spec.cold.clone()));
                 }
                 Some(Arc::new(TierStore::open(
                     Arc::clone(hot),
-                    &hot_path,
+                    &journal,
                     cold,
                     capacity,
                     spec.extent_size,

@@ -138,6 +138,14 @@ impl Engine for TierEngine {
                 (offset, len, Access::Zero)
             }
             OpKind::Flush => {
+                if self.store.hot_sync_failed() {
+                    // A writeback error the tier's own sync consumed: it belongs to the guest.
+                    self.ready.push_back(Completion {
+                        tag: op.tag,
+                        result: Err(libc::EIO),
+                    });
+                    return;
+                }
                 // SAFETY: forwarded unchanged; the caller's guarantee carries over.
                 unsafe { self.inner.push(op) };
                 return;

@@ -1,5 +1,5 @@
 //! The tier metadata: which extents are cold and where their records are, kept as a journal
-//! of fixed-size, checksummed entries (`<hot file>.tiermap`).
+//! of fixed-size, checksummed entries (`<hot file>.tiermap`, or `<cold file>.tiermap` when the hot tier is a block device).
 //!
 //! ```text
 //! entry (48 bytes, little-endian)

@@ -227,32 +227,42 @@ pub struct TierStore {
     pub stats: TierStats,
     pub(super) progress: Mutex<Progress>,
     pub(super) policy: Mutex<TierPolicy>,
+    /// Set when an `fdatasync` of the hot file failed here (a promotion's): the kernel
+    /// reports a writeback error once per open file, and the guest's writes share this file,
+    /// so the guest's next FLUSH must fail in its place (see [`TierStore::hot_sync_failed`]).
+    hot_sync_failed: AtomicBool,
 }
 
-/// Where the journal of a tiered disk lives: next to its hot file.
-pub fn journal_path(hot: &Path) -> PathBuf {
-    let mut name = hot.as_os_str().to_os_string();
+/// Where the journal of a tiered disk lives: next to its hot file, or next to its cold file
+/// when the hot tier is a block device (a file beside `/dev/sdb` would land on devtmpfs and be
+/// gone after a reboot, and with it the map of every cold extent).
+pub fn journal_path(hot: &Path, cold: &Path) -> PathBuf {
+    let hot_is_file = std::fs::metadata(hot).map_or(true, |m| m.is_file());
+    let mut name = if hot_is_file { hot } else { cold }
+        .as_os_str()
+        .to_os_string();
     name.push(".tiermap");
     PathBuf::from(name)
 }
 
 impl TierStore {
     /// Opens a tiered disk over `hot` (sized to `capacity`) and `cold`, replaying the journal
-    /// and running the start-up check.
+    /// at `journal` (see [`journal_path`]) and running the start-up check.
     pub fn open(
         hot: Arc<File>,
-        hot_path: &Path,
+        journal: &Path,
         cold: File,
         capacity: u64,
         extent_size: u64,
         level: i32,
     ) -> Result<Self, TierError> {
         let extents = capacity.div_ceil(extent_size.max(1));
-        let (journal, replayed) = Journal::open(&journal_path(hot_path), extent_size, extents)?;
+        let journal_file = journal;
+        let (journal, replayed) = Journal::open(journal_file, extent_size, extents)?;
         if !replayed.clean && replayed.entries > 1 {
             log::warn!(
                 "{}: tier metadata not closed cleanly ({} torn bytes dropped): checking",
-                hot_path.display(),
+                journal_file.display(),
                 replayed.torn_bytes
             );
         }
@@ -286,6 +296,7 @@ impl TierStore {
                 heat_at: 0,
             }),
             stats: TierStats::default(),
+            hot_sync_failed: AtomicBool::new(false),
             progress: Mutex::new(Progress::default()),
             policy: Mutex::new(TierPolicy::default()),
         };
@@ -455,6 +466,12 @@ impl TierStore {
             hot: true,
             work,
         })
+    }
+
+    /// Whether a sync of the hot file failed inside the tier (the writeback error it consumed
+    /// may have been a guest write's): every later guest FLUSH must fail.
+    pub fn hot_sync_failed(&self) -> bool {
+        self.hot_sync_failed.load(Ordering::Acquire)
     }
 
     /// Guest I/O started with [`TierStore::begin_io`] completed.
@@ -668,8 +685,12 @@ impl TierStore {
         let start = extent.saturating_mul(self.extent_size);
         self.hot
             .write_all_at(&data, start)
-            .and_then(|()| self.hot.sync_data())
             .map_err(io("cannot write the hot tier"))?;
+        if let Err(e) = self.hot.sync_data() {
+            // The error may have been the guest's (its writes share the file): keep it.
+            self.hot_sync_failed.store(true, Ordering::Release);
+            return Err(io("cannot sync the hot tier")(e));
+        }
         failpoint("promote-after-hot");
         state.journal.append(&[Entry::Hot { extent }])?;
         state.cold.remove(&extent);

@@ -31,7 +31,15 @@ impl Disk {
             .truncate(false)
             .open(self.dir.path().join("d.cold"))
             .unwrap();
-        TierStore::open(Arc::new(hot), &hot_path, cold, SIZE, EXTENT, 3).unwrap()
+        TierStore::open(
+            Arc::new(hot),
+            &journal_path(&hot_path, &self.dir.path().join("d.cold")),
+            cold,
+            SIZE,
+            EXTENT,
+            3,
+        )
+        .unwrap()
     }
 
     /// Writes through the I/O path; returns the tier work it caused.
