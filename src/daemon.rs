@@ -62,6 +62,9 @@ pub enum DaemonError {
     /// The sandbox could not be set up (`--sandbox off` runs without it).
     #[error(transparent)]
     Sandbox(#[from] crate::sandbox::SandboxError),
+    /// The SIGBUS handler could not be installed.
+    #[error(transparent)]
+    Sigbus(crate::sys::sigbus::SigbusError),
 }
 
 /// What the daemon serves.
@@ -89,6 +92,9 @@ pub struct DaemonConfig {
 pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     crate::storage::backing::allow_block_devices(config.allow_block_devices);
     signals::block_termination_signals().map_err(DaemonError::Signals)?;
+    // Before any guest memory is mapped: a front-end shrinking its memory file must not end
+    // the daemon (see `sys::sigbus`).
+    crate::sys::sigbus::install().map_err(DaemonError::Sigbus)?;
     if !config.fs_roots.is_empty() {
         // Before any thread exists: a Landlock domain covers the threads started after it.
         crate::sandbox::enter_roots(&config.fs_roots)?;

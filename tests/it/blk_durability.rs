@@ -189,6 +189,9 @@ fn a_writeback_error_consumed_by_a_tier_promotion_still_fails_the_guests_flush()
     );
     // The tier's journal sits beside the cold file, not on devtmpfs beside the device.
     let beside_device = format!("{}.tiermap", disk.loop_device.display());
-    assert!(!Path::new(&beside_device).exists(), "{beside_device} created");
+    assert!(
+        !Path::new(&beside_device).exists(),
+        "{beside_device} created"
+    );
     assert!(daemon.path("t.cold.tiermap").exists());
 }

@@ -357,6 +357,39 @@ fn indirect_tables_valid_nested_and_malformed() {
 }
 
 #[test]
+fn a_front_end_shrinking_its_memory_file_does_not_end_the_daemon() {
+    // Before: the daemon's next access to the shrunk region raised SIGBUS, and the whole
+    // process (every tenant) died.
+    let mut d = Daemon::start(&[
+        "--blk",
+        "socket={dir}/bad.sock,path={dir}/bad.img,size=4M",
+        "--blk",
+        "socket={dir}/good.sock,path={dir}/good.img,size=4M",
+    ]);
+    let options = ConnectOptions {
+        memory: vec![(0, 32 << 20), (1 << 30, 64 << 10)],
+        ..Default::default()
+    };
+    let mut bad = BlkClient::connect_with(&d.path("bad.sock"), options);
+    let mut good = BlkClient::connect(&d.path("good.sock"));
+    // The request header lives in the second region, which the front-end then truncates.
+    let header = 1u64 << 30;
+    bad.poke(header, &[0u8; 16]);
+    bad.mem.truncate_region(1, 0);
+    let data = bad.alloc(4096);
+    let status = bad.alloc(1);
+    bad.poke(status, &[0xff]);
+    post_raw(&mut bad, &request_chain(header, data, 4096, true, status));
+    // The header read as zeros (a read of sector 0): answered, and everyone goes on.
+    assert_eq!(status_of(&bad, status), S_OK);
+    still_serving(&mut bad, 1);
+    good.write(0, 8, &pattern(2, 4096));
+    assert_eq!(good.read(0, 8, 4096), pattern(2, 4096));
+    drop(bad);
+    d.wait_for_log("bad: the front-end shrank its guest memory files under us");
+}
+
+#[test]
 fn other_devices_are_unaffected_by_a_hostile_one() {
     let d = Daemon::start(&[
         "--blk",

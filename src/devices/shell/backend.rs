@@ -111,6 +111,8 @@ pub struct DeviceBackend<D: Device> {
     device: Arc<D>,
     workers: Vec<Mutex<Option<D::Worker>>>,
     exit_events: ExitEvents,
+    /// This connection's guest memory in the SIGBUS table (`sys::sigbus`).
+    memory_owner: u64,
 }
 
 impl<D: Device> DeviceBackend<D> {
@@ -130,6 +132,7 @@ impl<D: Device> DeviceBackend<D> {
             device,
             workers,
             exit_events,
+            memory_owner: crate::sys::sigbus::new_owner(),
         })
     }
 
@@ -166,6 +169,14 @@ impl<D: Device> Drop for DeviceBackend<D> {
     fn drop(&mut self) {
         let workers = self.workers.iter().filter_map(|w| lock(w).take()).collect();
         self.device.disconnected(workers);
+        let faults = crate::sys::sigbus::faults(self.memory_owner);
+        if faults > 0 {
+            log::warn!(
+                "{}: the front-end shrank its guest memory files under us: {faults} access(es) \
+                 past their end read zeros instead of ending the daemon",
+                self.device.id()
+            );
+        }
     }
 }
 
@@ -219,9 +230,17 @@ impl<D: Device> VhostUserBackend for DeviceBackend<D> {
 
     fn update_memory(
         &self,
-        _memory: GuestMemoryAtomic<vm_memory::GuestMemoryMmap<()>>,
+        memory: GuestMemoryAtomic<vm_memory::GuestMemoryMmap<()>>,
     ) -> std::io::Result<()> {
-        // The handler swaps the mapping inside the atomic the workers were built with.
+        // The handler swaps the mapping inside the atomic the workers were built with; we
+        // only tell the SIGBUS handler where this front-end's memory now lies, so a file it
+        // shrinks later cannot end the daemon.
+        use vm_memory::{GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
+        for region in memory.memory().iter() {
+            let len = usize::try_from(region.len()).unwrap_or(usize::MAX);
+            crate::sys::sigbus::register(self.memory_owner, region.as_ptr() as usize, len)
+                .map_err(std::io::Error::other)?;
+        }
         log::debug!("{}: guest memory table updated", self.device.id());
         Ok(())
     }

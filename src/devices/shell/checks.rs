@@ -9,8 +9,8 @@
 //!   non-blocking: a pipe, or an eventfd the front-end filled to its limit, would block a
 //!   worker (and with it a switch sender) on a read or a write.
 //!
-//! Not covered here: a memfd shrunk after it was mapped (seals would forbid it; QEMU does not
-//! seal its memory), which still raises SIGBUS on the next access.
+//! A file shrunk after it was mapped (seals would forbid it; QEMU does not seal its memory)
+//! is handled where the fault happens: `sys::sigbus` maps zeros over the lost pages.
 
 use std::fs::File;
 use std::os::fd::AsRawFd;

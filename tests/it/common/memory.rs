@@ -62,6 +62,12 @@ impl TestMemory {
             .expect("new region")
     }
 
+    /// Shrinks region `index`'s file to `len` bytes (a hostile front-end: the daemon's next
+    /// access past the new end faults). The test must not touch that memory either after.
+    pub fn truncate_region(&self, index: usize, len: u64) {
+        self.files[index].set_len(len).expect("truncate memfd");
+    }
+
     /// The region table for SET_MEM_TABLE.
     pub fn regions(&self) -> Vec<VhostUserMemoryRegionInfo> {
         use vm_memory::GuestMemoryBackend;
