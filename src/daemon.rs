@@ -86,6 +86,8 @@ pub struct DaemonConfig {
     pub sandbox: bool,
     /// Filesystem roots the daemon is limited to (Landlock); empty: no limit.
     pub fs_roots: Vec<PathBuf>,
+    /// The user to run as (`--user`), looked up at start.
+    pub user: Option<String>,
 }
 
 /// Starts everything, blocks until told to stop, stops everything.
@@ -95,11 +97,25 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     // Before any guest memory is mapped: a front-end shrinking its memory file must not end
     // the daemon (see `sys::sigbus`).
     crate::sys::sigbus::install().map_err(DaemonError::Sigbus)?;
+    // Looked up before Landlock hides the user database.
+    let user = config
+        .user
+        .as_deref()
+        .map(crate::sandbox::privileges::User::lookup)
+        .transpose()?;
+    if user.is_some() && !config.sandbox {
+        return Err(crate::sandbox::SandboxError::Privileges(
+            "--user needs the sandbox (--sandbox on)".into(),
+        )
+        .into());
+    }
     if !config.fs_roots.is_empty() {
         // Before any thread exists: a Landlock domain covers the threads started after it.
         crate::sandbox::enter_roots(&config.fs_roots)?;
     }
     if config.sandbox {
+        // Capabilities are per thread: dropped here, before any thread exists.
+        crate::sandbox::privileges::drop_privileges(user)?;
         crate::sandbox::enter_daemon()?;
     } else {
         log::warn!("sandbox off (--sandbox off): no seccomp filters");

@@ -110,6 +110,13 @@ struct Args {
     #[arg(long, value_name = "on|off", default_value = "on")]
     sandbox: OnOff,
 
+    /// Run as this user (NAME, or UID:GID) after start-up, keeping only CAP_NET_ADMIN (for
+    /// taps); the user must be able to reach the images, sockets and state directory. Without
+    /// it a root daemon keeps CAP_NET_ADMIN and CAP_DAC_OVERRIDE and drops every other
+    /// capability. Needs the sandbox.
+    #[arg(long, value_name = "USER")]
+    user: Option<String>,
+
     /// Limit every file the daemon can reach (images, tiers, sockets, the state directory) to
     /// beneath DIR (repeatable), enforced by the kernel (Landlock). Default: no limit.
     #[arg(long = "fs-root", value_name = "DIR")]
@@ -272,6 +279,7 @@ impl TryFrom<Args> for DaemonConfig {
             metrics,
             sandbox: args.sandbox == OnOff::On,
             fs_roots: args.fs_roots.clone(),
+            user: args.user.clone(),
         })
     }
 }

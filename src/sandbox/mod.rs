@@ -4,10 +4,12 @@
 //! it runs ([`enter_worker`]); a forbidden call gets `EPERM`. With configured filesystem roots
 //! (`--fs-root`), Landlock limits every file the daemon can reach to them ([`landlock`]).
 //!
-//! The disks' io_uring rings are restricted where they are created (`storage::uring`).
-//! Not here (yet): dropping root. See README "Sandbox".
+//! Capabilities the daemon never needs are dropped at start, and `--user` runs it as an
+//! unprivileged user ([`privileges`]). The disks' io_uring rings are restricted where they are
+//! created (`storage::uring`). See README "Sandbox".
 
 pub mod landlock;
+pub mod privileges;
 pub mod seccomp;
 
 use std::cell::Cell;
@@ -24,6 +26,9 @@ pub enum SandboxError {
     /// The Landlock ruleset could not be built or applied.
     #[error("landlock: {0}")]
     Landlock(String),
+    /// Capabilities or the user could not be changed.
+    #[error("privileges: {0}")]
+    Privileges(String),
 }
 
 /// Whether workers install their filter (set once at start).

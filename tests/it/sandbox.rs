@@ -56,6 +56,80 @@ fn every_thread_is_filtered_and_queue_workers_twice() {
     drop(c);
 }
 
+/// CAP_NET_ADMIN (12) and CAP_DAC_OVERRIDE (1), as /proc shows capability sets.
+const ROOT_CAPS: &str = "0000000000001002";
+/// CAP_NET_ADMIN only.
+const USER_CAPS: &str = "0000000000001000";
+
+#[test]
+fn a_root_daemon_keeps_only_the_capabilities_it_needs() {
+    // Before: the daemon ran with every capability root has (CAP_SYS_ADMIN, CAP_SETUID, ...).
+    let daemon = Daemon::start(&["--blk", "socket={dir}/d0.sock,path={dir}/d0.img,size=1M"]);
+    let mut c = BlkClient::connect(&daemon.path("d0.sock"));
+    c.write(0, 0, &pattern(1, 4096));
+    for (name, status) in daemon.thread_status() {
+        for set in ["CapEff:", "CapPrm:", "CapBnd:"] {
+            assert_eq!(field(&status, set), ROOT_CAPS, "thread {name} {set}");
+        }
+        assert_eq!(
+            field(&status, "CapInh:"),
+            "0000000000000000",
+            "thread {name}"
+        );
+        assert_eq!(
+            field(&status, "CapAmb:"),
+            "0000000000000000",
+            "thread {name}"
+        );
+    }
+}
+
+#[test]
+fn with_user_the_daemon_runs_unprivileged_and_still_makes_taps() {
+    use crate::common::control::Control;
+    use crate::common::netns::NetNs;
+    const NOBODY: u32 = 65534;
+    let ns = NetNs::new("nc-user");
+    let dir = tempfile::tempdir().unwrap();
+    std::os::unix::fs::chown(dir.path(), Some(NOBODY), Some(NOBODY)).unwrap();
+    let daemon = Daemon::start_in_dir_and_netns(
+        dir,
+        &ns.name,
+        &[
+            "--user",
+            "nobody",
+            "--blk",
+            "socket={dir}/d0.sock,path={dir}/d0.img,size=1M",
+            "--net",
+            "socket={dir}/n0.sock,tap=ncuser0",
+        ],
+    );
+    for (name, status) in daemon.thread_status() {
+        let uids: Vec<&str> = field(&status, "Uid:").split_whitespace().collect();
+        assert_eq!(uids, ["65534"; 4], "thread {name}");
+        let gids: Vec<&str> = field(&status, "Gid:").split_whitespace().collect();
+        assert_eq!(gids, ["65534"; 4], "thread {name}");
+        assert_eq!(field(&status, "Groups:"), "65534", "thread {name}");
+        for set in ["CapEff:", "CapPrm:", "CapBnd:"] {
+            assert_eq!(field(&status, set), USER_CAPS, "thread {name} {set}");
+        }
+    }
+    // Files it creates are the user's; its disk serves.
+    let image = std::fs::metadata(daemon.path("d0.img")).unwrap();
+    assert_eq!(std::os::unix::fs::MetadataExt::uid(&image), NOBODY);
+    let mut c = BlkClient::connect(&daemon.path("d0.sock"));
+    c.write(0, 0, &pattern(3, 4096));
+    assert_eq!(c.read(0, 0, 4096), pattern(3, 4096));
+    // A tap made at run time, with the one capability kept.
+    let mut ctl = Control::connect(&daemon.path("control.sock"));
+    ctl.call(
+        "device.add",
+        serde_json::json!({"type": "net", "id": "n1", "socket": daemon.path("n1.sock"), "tap": "ncuser1"}),
+    )
+    .unwrap();
+    ns.ip(&["link", "show", "ncuser1"]);
+}
+
 #[test]
 fn sandbox_off_runs_unfiltered() {
     let daemon = Daemon::start(&[
@@ -143,4 +217,44 @@ fn with_fs_roots_nothing_outside_them_is_reachable() {
             .call("device.remove", serde_json::json!({"id": format!("x{i}")}))
             .unwrap();
     }
+}
+
+#[test]
+fn a_daemon_started_with_a_bounded_capability_set_still_starts() {
+    // systemd's CapabilityBoundingSet leaves no CAP_SETPCAP: the daemon must not try to drop
+    // from the bounding set what is already gone (that needs CAP_SETPCAP even so).
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new("setpriv")
+        .args([
+            "--bounding-set=-all,+net_admin,+dac_override",
+            "--inh-caps=-all",
+            env!("CARGO_BIN_EXE_novacrond"),
+            "--control",
+        ])
+        .arg(dir.path().join("c.sock"))
+        .arg("--blk")
+        .arg(format!(
+            "socket={},path=null,size=1M",
+            dir.path().join("d.sock").display()
+        ))
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("setpriv (util-linux) is required");
+    let stderr = BufReader::new(child.stderr.take().unwrap());
+    let mut seen = Vec::new();
+    for line in stderr.lines() {
+        let line = line.unwrap();
+        let ready = line.contains("novacrond ready");
+        seen.push(line);
+        if ready {
+            break;
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        seen.last().is_some_and(|l| l.contains("novacrond ready")),
+        "the daemon did not start: {seen:#?}"
+    );
 }

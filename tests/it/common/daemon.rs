@@ -43,6 +43,11 @@ impl Daemon {
         Self::spawn(dir, args, Some(netns), &[])
     }
 
+    /// Like [`Daemon::start_in_netns`] in a given directory.
+    pub fn start_in_dir_and_netns(dir: tempfile::TempDir, netns: &str, args: &[&str]) -> Daemon {
+        Self::spawn(dir, args, Some(netns), &[])
+    }
+
     /// Like [`Daemon::start_in_with_env`], handing the daemon open fds the way a service
     /// manager does: each `(fd, target)` is duplicated to number `target` in the child, and
     /// `LISTEN_PID` is set to the daemon's own pid when `listen_pid` (systemd socket
