@@ -314,7 +314,9 @@ pub fn relay_messages(data: &[u8]) {
         return;
     };
     let relay = std::thread::spawn(move || {
-        let _ = crate::devices::shell::relay::relay(front, back, |_| {});
+        // A blk-like device's slot: the inflight messages are answered by the relay too.
+        let slot = crate::devices::shell::inflight::InflightSlot::new(4, 256);
+        let _ = crate::devices::shell::relay::relay(front, back, |_| {}, Some(&slot));
     });
     let echo = std::thread::spawn(move || {
         let mut buf = [0u8; 4096];

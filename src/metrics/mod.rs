@@ -13,7 +13,7 @@
 //!   `novacron_blk_io_errors_total`, `novacron_blk_rejected_total{reason}`,
 //!   `novacron_blk_in_flight`, `novacron_blk_request_latency_seconds` (histogram),
 //!   `novacron_blk_throttled_total`, `novacron_blk_throttle_wait_seconds_total`,
-//!   `novacron_blk_ring_errors_total`, `novacron_blk_connected`;
+//!   `novacron_blk_ring_errors_total`, `novacron_blk_resubmitted_total`, `novacron_blk_connected`;
 //! - net devices (`device`) and switches (`switch`): `novacron_net_frames_total{direction}`,
 //!   `novacron_net_bytes_total{direction}`, `novacron_net_drops_total{direction,reason}`,
 //!   `novacron_net_rx_stalls_total`, `novacron_net_throttled_total{direction}`,

@@ -5,5 +5,6 @@
 //! virtio-queue's `Queue`, which vhost-user-backend owns.
 
 pub mod burst;
+pub mod inflight;
 pub mod map;
 pub mod split;

@@ -68,19 +68,32 @@ pub fn enter_daemon() -> Result<(), SandboxError> {
     Ok(())
 }
 
-/// Called on a queue worker thread (and a vhost-user relay thread) before it serves anything:
-/// narrows its filter, once.
+/// Called on a queue worker thread before it serves anything: narrows its filter, once.
 /// A failure is logged and the thread goes on under the daemon filter.
 pub fn enter_worker() {
+    // Compiled once for all worker threads.
+    static PROGRAM: std::sync::OnceLock<Result<seccompiler::BpfProgram, String>> =
+        std::sync::OnceLock::new();
+    narrow(ThreadKind::Worker, &PROGRAM);
+}
+
+/// Called on a vhost-user relay thread before it reads anything: the worker filter, with
+/// memfds allowed (`seccomp::ThreadKind::Relay`).
+pub fn enter_relay() {
+    static PROGRAM: std::sync::OnceLock<Result<seccompiler::BpfProgram, String>> =
+        std::sync::OnceLock::new();
+    narrow(ThreadKind::Relay, &PROGRAM);
+}
+
+fn narrow(
+    kind: ThreadKind,
+    compiled: &'static std::sync::OnceLock<Result<seccompiler::BpfProgram, String>>,
+) {
     if !ENABLED.load(Ordering::Acquire) || WORKER_FILTERED.with(Cell::get) {
         return;
     }
     WORKER_FILTERED.with(|f| f.set(true));
-    // Compiled once for all worker threads.
-    static PROGRAM: std::sync::OnceLock<Result<seccompiler::BpfProgram, String>> =
-        std::sync::OnceLock::new();
-    let program =
-        PROGRAM.get_or_init(|| seccomp::filter(ThreadKind::Worker).map_err(|e| e.to_string()));
+    let program = compiled.get_or_init(|| seccomp::filter(kind).map_err(|e| e.to_string()));
     let applied = program
         .as_ref()
         .map_err(|e| SandboxError::Seccomp(e.clone()))

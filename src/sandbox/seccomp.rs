@@ -16,6 +16,8 @@
 //!   (`/dev/net/tun` when a tap comes back) and create, rename and remove them: a tiered
 //!   disk's journal compaction runs on the I/O path today (moving it to the policy thread
 //!   would let workers lose those too).
+//! - [`ThreadKind::Relay`]: the vhost-user relay threads (they parse what front-ends send):
+//!   the worker filter, plus `memfd_create` for the inflight regions they hand out.
 //! - Everywhere: `kill`/`tgkill` only to our own process (a root daemon could otherwise
 //!   signal any process on the host).
 
@@ -35,6 +37,9 @@ pub enum ThreadKind {
     Daemon,
     /// A queue worker thread (in addition to the daemon filter).
     Worker,
+    /// A vhost-user relay thread: the worker filter, but memfds allowed (the inflight region
+    /// it creates for `GET_INFLIGHT_FD`).
+    Relay,
 }
 
 /// Syscalls every thread may make, besides `socket` (conditional, below).
@@ -242,7 +247,11 @@ pub fn filter(kind: ThreadKind) -> Result<BpfProgram, SandboxError> {
         } else {
             &[]
         })
-        .filter(|s| kind == ThreadKind::Daemon || !NOT_FOR_WORKERS.contains(s))
+        .filter(|s| {
+            kind == ThreadKind::Daemon
+                || !NOT_FOR_WORKERS.contains(s)
+                || (kind == ThreadKind::Relay && **s == libc::SYS_memfd_create)
+        })
         .map(|&s| (s, Vec::new()))
         .collect();
     // kill(pid, sig) and tgkill(tgid, tid, sig) only with our own pid as the first argument.

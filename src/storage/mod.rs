@@ -22,6 +22,7 @@ pub mod backing;
 pub mod iov;
 pub mod null;
 pub mod open;
+pub mod reorder;
 pub mod sync;
 pub mod tier;
 pub mod uring;

@@ -76,8 +76,13 @@ pub fn open_engine(source: &EngineSource, queue_size: u16) -> Result<Box<dyn Eng
         }
         (EngineKind::Sync, None) => Box::new(SyncEngine::new(Arc::clone(file))),
     };
-    Ok(match &source.tier {
+    let engine: Box<dyn Engine> = match &source.tier {
         Some(store) => Box::new(TierEngine::new(inner, Arc::clone(store))),
         None => inner,
+    };
+    Ok(if super::reorder::requested() {
+        Box::new(super::reorder::ReorderEngine::new(engine)?)
+    } else {
+        engine
     })
 }

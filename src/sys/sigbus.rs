@@ -113,7 +113,8 @@ pub fn install() -> Result<(), SigbusError> {
     Ok(())
 }
 
-/// Registers the host range `start..start+len` as guest memory of `owner`. Slots whose range
+/// Registers the host range `start..start+len` as guest memory of `owner` (0: memory of no
+/// one connection in particular, counted only in [`total_faults`]). Slots whose range
 /// is no longer mapped are reused first.
 pub fn register(owner: u64, start: usize, len: usize) -> Result<(), SigbusError> {
     if len == 0 {
@@ -159,6 +160,10 @@ fn mapped(start: usize, len: usize) -> bool {
 
 fn count(owner: u64) {
     TOTAL.fetch_add(1, Ordering::AcqRel);
+    if owner == 0 {
+        // Unowned ranges (inflight regions) count only in the total.
+        return;
+    }
     for (o, n) in &FAULTS {
         let claimed = o.compare_exchange(0, owner, Ordering::AcqRel, Ordering::Acquire);
         if claimed.is_ok() || claimed == Err(owner) {

@@ -15,6 +15,7 @@ mod ffi_c;
 mod fuzz_replay;
 mod guest_blk;
 mod guest_net;
+mod guest_restart;
 mod guest_tier;
 mod isolation;
 mod libvirt;

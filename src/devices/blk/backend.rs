@@ -35,6 +35,15 @@ pub enum BackendError {
     Worker(#[from] super::worker::WorkerSetupError),
 }
 
+/// Test builds only: `NOVACRON_TEST_NO_INFLIGHT=1` serves without inflight tracking, to show
+/// what it prevents (a crash under out-of-order completions). Release builds never read it.
+fn inflight_disabled() -> bool {
+    static DISABLED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *DISABLED.get_or_init(|| {
+        cfg!(feature = "test-hooks") && std::env::var_os("NOVACRON_TEST_NO_INFLIGHT").is_some()
+    })
+}
+
 /// Builds the workers of a connection: one per queue, each with its own engine.
 pub fn connect_workers(
     shared: &Arc<DeviceShared>,
@@ -79,10 +88,19 @@ impl Device for DeviceShared {
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::MQ
+        let features = VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+        if inflight_disabled() {
+            features
+        } else {
+            features | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+        }
+    }
+
+    fn inflight_slot(&self) -> Option<&crate::devices::shell::inflight::InflightSlot> {
+        (!inflight_disabled()).then_some(&self.inflight)
     }
 
     fn config_space(&self) -> Vec<u8> {

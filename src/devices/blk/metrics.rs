@@ -99,6 +99,12 @@ pub fn encode(devices: &[BlkStats], encoder: &mut DescriptorEncoder) -> fmt::Res
         "Kicks that found a broken available ring (corrupt index, head published twice).",
         queues(devices).map(|(l, s)| (l, s.ring_errors)),
     )?;
+    counter(
+        encoder,
+        "novacron_blk_resubmitted",
+        "Requests a previous daemon left in flight, resubmitted after its restart (inflight tracking).",
+        queues(devices).map(|(l, s)| (l, s.resubmitted)),
+    )?;
     let mut latency = encoder.encode_descriptor(
         "novacron_blk_request_latency_seconds",
         "Request latency from submission to completion.",

@@ -49,6 +49,9 @@ pub struct DeviceShared {
     pub direct_align: Option<usize>,
     /// Counters, one per queue (they outlive connections).
     pub stats: Vec<Arc<QueueStats>>,
+    /// The front-end's inflight region (`INFLIGHT_SHMFD`), read by each queue worker when its
+    /// queue starts.
+    pub inflight: crate::devices::shell::inflight::InflightSlot,
 }
 
 impl DeviceShared {
@@ -79,6 +82,7 @@ impl DeviceShared {
             engine,
             direct_align: None,
             stats: (0..queues).map(|_| Arc::default()).collect(),
+            inflight: crate::devices::shell::inflight::InflightSlot::new(queues, queue_size),
         }
     }
 

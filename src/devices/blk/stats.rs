@@ -77,6 +77,7 @@ pub struct QueueStats {
     throttled: AtomicU64,
     throttle_wait_ns: AtomicU64,
     ring_errors: AtomicU64,
+    resubmitted: AtomicU64,
 }
 
 /// A copy of one queue's counters.
@@ -108,6 +109,9 @@ pub struct QueueSnapshot {
     pub throttle_wait_ns: u64,
     /// Kicks on a ring whose available index claimed more buffers than it can hold.
     pub ring_errors: u64,
+    /// Requests a previous daemon process left in flight, resubmitted from the front-end's
+    /// inflight region.
+    pub resubmitted: u64,
 }
 
 /// Adds to a counter that only its queue's worker writes: a plain load and store (no locked
@@ -180,6 +184,11 @@ impl QueueStats {
         add(&self.ring_errors, 1);
     }
 
+    /// Requests left in flight by a previous process were resubmitted.
+    pub fn resubmitted(&self, count: usize) {
+        add(&self.resubmitted, count as u64);
+    }
+
     /// A kick arrived for a queue with an invalid configuration.
     pub fn misconfigured(&self) {
         add(&self.queue_misconfigured, 1);
@@ -222,6 +231,7 @@ impl QueueStats {
             throttled: load(&self.throttled),
             throttle_wait_ns: load(&self.throttle_wait_ns),
             ring_errors: load(&self.ring_errors),
+            resubmitted: load(&self.resubmitted),
         }
     }
 }

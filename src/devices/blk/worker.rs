@@ -33,10 +33,13 @@ use super::bounce::{self, Bounce};
 use super::request::{self, Rejection, Request, RequestKind};
 use super::shared::DeviceShared;
 use super::stats::{OpClass, QueueStats};
+use crate::devices::desc::Buffers;
 use crate::devices::poll::{spin, Look, PollMode, Poller, MAX_SPELL};
+use crate::devices::shell::inflight::InflightRegion;
 use crate::qos::gate::Gate;
 use crate::qos::limiter::{Cost, CostKind};
 use crate::qos::timer::TimerError;
+use crate::ring::inflight::InflightQueue;
 use crate::storage::{Completion, Engine, GuestIovecs, IoOp, OpKind};
 use crate::vring::{
     avail_index, has_available, needs_signal, AtomicGuestMemory, CheckedVring, EmptyPasses,
@@ -130,6 +133,11 @@ pub struct QueueWorker {
     gate: Gate<Deferred>,
     /// Heads taken off the ring and not yet returned (at most the queue size).
     heads: HeadSet,
+    /// The front-end's inflight record of this queue (`ring::inflight`), with the region
+    /// that maps it; looked up when the queue starts.
+    inflight: Option<(Arc<InflightRegion>, InflightQueue)>,
+    /// Whether the inflight region was looked up since the queue (re)started.
+    inflight_checked: bool,
 }
 
 /// Allows one log line per interval and counts what it held back.
@@ -186,6 +194,8 @@ impl QueueWorker {
             },
             gate: Gate::new()?,
             heads: HeadSet::default(),
+            inflight: None,
+            inflight_checked: false,
         })
     }
 
@@ -257,6 +267,9 @@ impl QueueWorker {
         if vring.size_rejected() {
             self.stats.misconfigured();
             return Ok(());
+        }
+        if !self.inflight_checked {
+            self.recover_inflight(vring);
         }
         let started = Instant::now();
         self.poller.woke(started);
@@ -359,10 +372,12 @@ impl QueueWorker {
             };
             popped = popped.saturating_add(1);
             let head = chain.head_index();
+            let next_avail = state.get_queue().next_avail();
             if head >= state.get_queue().size() {
                 // A head beyond the ring: nothing can be read or returned for it. Skip it and
                 // serve what follows (the queue never stops silently behind one bad entry).
                 self.skip_head(head, "is beyond the ring");
+                self.record_popped(next_avail);
                 continue;
             }
             if !self.heads.claim(head) {
@@ -370,11 +385,101 @@ impl QueueWorker {
                 // would complete one request twice and let a guest pile up unbounded work;
                 // skip it (the held request completes once) and keep serving the rest.
                 self.skip_head(head, "was published again while in flight");
+                self.record_popped(next_avail);
                 continue;
             }
+            // Recorded in flight before anything runs, then the avail position: a crash
+            // anywhere after resubmits it, never loses it (`ring::inflight`).
+            if let Some((_, inflight)) = &mut self.inflight {
+                inflight.begin(head);
+            }
+            self.record_popped(next_avail);
             self.start(head, chain, &memory);
         }
         popped
+    }
+
+    /// Records in the inflight region that the ring was taken up to `next_avail`.
+    fn record_popped(&self, next_avail: u16) {
+        if let Some((_, inflight)) = &self.inflight {
+            inflight.popped_to(next_avail);
+        }
+    }
+
+    /// At the queue's start: takes the front-end's inflight region for this queue, and
+    /// resubmits, in their original order, the requests a previous daemon took and did not
+    /// return (a crash), going on from the avail position it recorded.
+    fn recover_inflight(&mut self, vring: &CheckedVring) {
+        self.inflight_checked = true;
+        self.inflight = None;
+        let Some(region) = self.shared.inflight.current() else {
+            return;
+        };
+        let Some(mut queue) = region.queue(self.queue_index) else {
+            return;
+        };
+        let memory = self.memory.memory().into_inner();
+        let mut pending: Vec<(u16, Result<Buffers, request::Reason>)> = Vec::new();
+        {
+            let mut state = vring.get_mut();
+            let ring = state.get_queue_mut();
+            if ring.size() != region.queue_size() {
+                log::warn!(
+                    "{}: queue {}: inflight region made for queues of {}, the ring has {}: \
+                     not tracking",
+                    self.shared.id,
+                    self.queue_index,
+                    region.queue_size(),
+                    ring.size()
+                );
+                return;
+            }
+            let Ok(used) = ring.used_idx(&*memory, Ordering::Acquire) else {
+                return;
+            };
+            let recovery = queue.recover(used.0);
+            log::debug!(
+                "{}: queue {}: inflight region: used {} {recovery:?}",
+                self.shared.id,
+                self.queue_index,
+                used.0
+            );
+            if let Some(next_avail) = recovery.next_avail {
+                ring.set_next_avail(next_avail);
+                ring.set_next_used(used.0);
+            }
+            if !recovery.pending.is_empty() {
+                let map = crate::ring::map::MemMap::new(&memory);
+                let split = crate::ring::split::SplitRing::new(&map, ring);
+                for head in recovery.pending {
+                    let mut buffers = Buffers::new();
+                    let walked = match &split {
+                        Ok(split) => split
+                            .chain(head, &mut buffers)
+                            .map(|()| buffers)
+                            .map_err(|_| request::Reason::BrokenChain),
+                        Err(_) => Err(request::Reason::BrokenChain),
+                    };
+                    if self.heads.claim(head) {
+                        pending.push((head, walked));
+                    }
+                }
+            }
+        }
+        if !pending.is_empty() {
+            log::info!(
+                "{}: queue {}: resubmitting {} request(s) left in flight by the previous \
+                 process",
+                self.shared.id,
+                self.queue_index,
+                pending.len()
+            );
+            self.stats.resubmitted(pending.len());
+        }
+        self.inflight = Some((region, queue));
+        for (head, buffers) in pending {
+            self.start_buffers(head, buffers, &memory);
+        }
     }
 
     /// Spins until new buffers are available (true) or nothing happened for `window`.
@@ -434,13 +539,26 @@ impl QueueWorker {
                 self.heads.clear();
             }
         }
+        // The queue stops; at its next start the region is looked up again (a reset brings
+        // a new one).
+        self.inflight = None;
+        self.inflight_checked = false;
     }
 
     fn start<C>(&mut self, head: u16, chain: C, memory: &Arc<GuestMemory>)
     where
         C: Iterator<Item = virtio_queue::desc::split::Descriptor>,
     {
-        let parsed = request::collect_buffers(chain)
+        self.start_buffers(head, request::collect_buffers(chain), memory);
+    }
+
+    fn start_buffers(
+        &mut self,
+        head: u16,
+        buffers: Result<Buffers, request::Reason>,
+        memory: &Arc<GuestMemory>,
+    ) {
+        let parsed = buffers
             .map_err(|reason| Rejection {
                 status: None,
                 code: VIRTIO_BLK_S_IOERR as u8,
@@ -704,10 +822,16 @@ impl QueueWorker {
                 Some(addr) if memory.write_obj(done.code, addr).is_ok() => done.used_len,
                 _ => 0,
             };
+            if let Some((_, inflight)) = &self.inflight {
+                inflight.before_put(done.head);
+            }
             // One entry that cannot be returned (its used slot unwritable) must not keep the
             // others from being returned: count it and go on.
             if state.add_used(done.head, used_len).is_err() {
                 self.stats.ring_error();
+            }
+            if let Some((_, inflight)) = &self.inflight {
+                inflight.after_put(done.head, state.get_queue().next_used());
             }
         }
         if needs_signal(&mut state, &memory)? {

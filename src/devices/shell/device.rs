@@ -132,6 +132,12 @@ pub trait Device: Send + Sync + 'static {
     /// The front-end set up the backend-request channel (a duplicate of its socket).
     fn backend_channel(&self, _channel: UnixStream) {}
 
+    /// Where the front-end's inflight region goes, for a device that tracks requests in
+    /// flight across restarts (`INFLIGHT_SHMFD`); `None` (the default) for the others.
+    fn inflight_slot(&self) -> Option<&super::inflight::InflightSlot> {
+        None
+    }
+
     /// The connection ended; its workers (already stopped) are handed back.
     fn disconnected(&self, _workers: Vec<Self::Worker>) {}
 }

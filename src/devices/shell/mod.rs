@@ -17,6 +17,7 @@
 pub mod backend;
 pub mod checks;
 pub mod device;
+pub mod inflight;
 pub mod relay;
 pub mod runner;
 

@@ -21,6 +21,12 @@
 //! kept for the device: `vhost`'s `Backend` cannot send a config-change message, which a NIC
 //! sends when its link goes up or down ([`send_config_change`]).
 //!
+//! Fourth, inflight tracking: `GET_INFLIGHT_FD` and `SET_INFLIGHT_FD`, which the crate
+//! refuses, are answered here for devices that keep an [`InflightSlot`] (see
+//! `shell::inflight`); after a `SET_VRING_KICK` on such a device the queue is kicked once, so
+//! requests a previous process left in flight are resubmitted even if the guest, waiting for
+//! them, never kicks again.
+//!
 //! Everything else, file descriptors included, passes through unchanged.
 //!
 //! Only control messages take this path; the data path is shared memory and eventfds.
@@ -36,6 +42,8 @@ use std::os::unix::net::UnixStream;
 
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
+use super::inflight::{InflightSlot, GET_INFLIGHT_FD, SET_INFLIGHT_FD};
+
 /// vhost-user header: request, flags, payload size (each a little-endian u32).
 const HEADER_LEN: usize = 12;
 /// Largest payload the protocol allows (the `vhost` crate's `MAX_MSG_SIZE`).
@@ -43,6 +51,7 @@ const MAX_PAYLOAD: usize = 0x1000;
 /// Most file descriptors one message carries.
 const MAX_FDS: usize = 32;
 const SET_FEATURES: u32 = 2;
+const SET_VRING_KICK: u32 = 12;
 const SET_VRING_ENABLE: u32 = 18;
 const SET_BACKEND_REQ_FD: u32 = 21;
 const ADD_MEM_REG: u32 = 37;
@@ -71,6 +80,9 @@ pub enum RelayError {
     /// A message's descriptors failed the checks; the connection is dropped.
     #[error("front-end refused")]
     Refused(#[from] super::checks::CheckError),
+    /// An inflight message was refused; the connection is dropped.
+    #[error(transparent)]
+    Inflight(#[from] super::inflight::InflightError),
 }
 
 /// One message with the descriptors that came with it (closed when dropped).
@@ -196,12 +208,18 @@ fn ack(front: &mut UnixStream, message: &Message) -> Result<(), RelayError> {
 /// Relays between `front` (the front-end) and `back` (our handler) until either side closes.
 /// When the front-end sets up the backend-request channel (SET_BACKEND_REQ_FD), a duplicate of
 /// that socket is handed to `on_backend_channel` (for device-initiated messages such as a
-/// config-change notification, which `vhost-user-backend`'s `Backend` cannot send).
+/// config-change notification, which `vhost-user-backend`'s `Backend` cannot send). A device
+/// with `inflight` gets the inflight messages answered (its slot is cleared first: the new
+/// front-end brings its own region, or none).
 pub fn relay(
     mut front: UnixStream,
     mut back: UnixStream,
     mut on_backend_channel: impl FnMut(UnixStream),
+    inflight: Option<&InflightSlot>,
 ) -> Result<(), RelayError> {
+    if let Some(slot) = inflight {
+        slot.clear();
+    }
     let mut features_set = false;
     let mut early_enables: Vec<Vec<u8>> = Vec::new();
     let mut regions: std::collections::HashMap<[u8; 24], u32> = std::collections::HashMap::new();
@@ -298,6 +316,29 @@ pub fn relay(
                         write_message(&mut back, &message)?;
                     }
                 }
+                GET_INFLIGHT_FD if inflight.is_some() => {
+                    if let Some(slot) = inflight {
+                        let (payload, fd) = slot.get(&message.payload)?;
+                        let mut reply =
+                            Message::new(GET_INFLIGHT_FD, VERSION_1 | FLAG_REPLY, payload);
+                        reply.files.push(fd);
+                        write_message(&mut front, &reply)?;
+                    }
+                }
+                SET_INFLIGHT_FD if inflight.is_some() => {
+                    if let Some(slot) = inflight {
+                        slot.set(&message.payload, message.files.first())?;
+                        ack(&mut front, &message)?;
+                    }
+                }
+                SET_VRING_KICK if inflight.is_some_and(|s| s.current().is_some()) => {
+                    write_message(&mut back, &message)?;
+                    // One kick of our own: requests left in flight get resubmitted even if
+                    // the guest, waiting for them, has nothing new to kick about.
+                    if let Some(mut kick) = message.files.first() {
+                        let _ = kick.write(&1u64.to_ne_bytes());
+                    }
+                }
                 SET_FEATURES => {
                     features_set = true;
                     write_message(&mut back, &message)?;
@@ -357,7 +398,7 @@ mod tests {
     fn early_vring_enables_are_acked_held_and_replayed_after_set_features() {
         let (mut qemu, front) = UnixStream::pair().unwrap();
         let (back, mut handler) = UnixStream::pair().unwrap();
-        let relay = std::thread::spawn(move || relay(front, back, |_| {}));
+        let relay = std::thread::spawn(move || relay(front, back, |_| {}, None));
         let enable = [0u8, 0, 0, 0, 1, 0, 0, 0];
         // Early enable with NEED_REPLY: answered by the relay, not forwarded.
         qemu.write_all(&raw(SET_VRING_ENABLE, VERSION_1 | FLAG_NEED_REPLY, &enable))
@@ -397,7 +438,7 @@ mod tests {
     fn a_front_end_cannot_grow_the_relays_state() {
         let (mut qemu, front) = UnixStream::pair().unwrap();
         let (back, _handler) = UnixStream::pair().unwrap();
-        let relay = std::thread::spawn(move || relay(front, back, |_| {}));
+        let relay = std::thread::spawn(move || relay(front, back, |_| {}, None));
         let enable = [0u8, 0, 0, 0, 1, 0, 0, 0];
         for _ in 0..=MAX_EARLY_ENABLES {
             if qemu
@@ -414,7 +455,7 @@ mod tests {
     fn identical_memory_regions_reach_the_handler_once() {
         let (mut qemu, front) = UnixStream::pair().unwrap();
         let (back, mut handler) = UnixStream::pair().unwrap();
-        let relay = std::thread::spawn(move || relay(front, back, |_| {}));
+        let relay = std::thread::spawn(move || relay(front, back, |_| {}, None));
         let mut region = vec![0u8; 40];
         region[8] = 0x10; // guest address
         region[16] = 0x20; // size
@@ -449,12 +490,58 @@ mod tests {
     }
 
     #[test]
+    fn inflight_messages_are_answered_by_the_relay() {
+        let (mut qemu, front) = UnixStream::pair().unwrap();
+        let (back, mut handler) = UnixStream::pair().unwrap();
+        let slot = std::sync::Arc::new(InflightSlot::new(2, 256));
+        let relay = {
+            let slot = std::sync::Arc::clone(&slot);
+            std::thread::spawn(move || relay(front, back, |_| {}, Some(&slot)))
+        };
+        let mut asked = vec![0u8; 24];
+        asked[16] = 2; // queues
+        asked[18..20].copy_from_slice(&128u16.to_le_bytes());
+        qemu.write_all(&raw(GET_INFLIGHT_FD, VERSION_1, &asked))
+            .unwrap();
+        let reply = read_message(&mut qemu).unwrap().unwrap();
+        assert_eq!(reply.request(), GET_INFLIGHT_FD);
+        assert_eq!(reply.flags(), VERSION_1 | FLAG_REPLY);
+        assert_eq!(reply.payload.len(), 24);
+        assert_eq!(reply.files.len(), 1, "the region's fd");
+        let size = u64::from_le_bytes(reply.payload[..8].try_into().unwrap());
+        assert_eq!(reply.files[0].metadata().unwrap().len(), size);
+        // The front-end hands it back (as after our restart): acknowledged here.
+        qemu.send_with_fds(
+            &[raw(SET_INFLIGHT_FD, VERSION_1 | FLAG_NEED_REPLY, &reply.payload).as_slice()],
+            &[reply.files[0].as_raw_fd()],
+        )
+        .unwrap();
+        let ack = read_message(&mut qemu).unwrap().unwrap();
+        assert_eq!(
+            (ack.request(), ack.payload.as_slice()),
+            (SET_INFLIGHT_FD, &[0u8; 8][..])
+        );
+        assert!(slot.current().is_some());
+        // Neither reached the handler: the next thing it sees is the next message.
+        qemu.write_all(&raw(1, VERSION_1, &[])).unwrap();
+        assert_eq!(read_message(&mut handler).unwrap().unwrap().request(), 1);
+        // A region for more queues than the device has ends the connection.
+        asked[16] = 3;
+        qemu.write_all(&raw(GET_INFLIGHT_FD, VERSION_1, &asked))
+            .unwrap();
+        assert!(matches!(
+            relay.join().unwrap(),
+            Err(RelayError::Inflight(_))
+        ));
+    }
+
+    #[test]
     fn descriptors_pass_through_and_oversized_messages_end_the_relay() {
         let (qemu, front) = UnixStream::pair().unwrap();
         let (back, mut handler) = UnixStream::pair().unwrap();
-        let relay = std::thread::spawn(move || relay(front, back, |_| {}));
+        let relay = std::thread::spawn(move || relay(front, back, |_| {}, None));
         let file = tempfile::tempfile().unwrap();
-        // A request the relay does not look into (SET_INFLIGHT_FD) passes with its fd.
+        // A request the relay does not look into passes with its fd.
         qemu.send_with_fds(
             &[raw(24, VERSION_1, &[1, 2]).as_slice()],
             &[file.as_raw_fd()],

@@ -260,10 +260,12 @@ fn serve_connection<D: Device>(
             .name(format!("relay-{id}"))
             .spawn(move || {
                 // The relay parses whatever the front-end sends: it runs under the narrow
-                // (worker) filter too — it only moves messages and fds between two sockets.
-                crate::sandbox::enter_worker();
+                // (worker) filter too — it moves messages and fds between two sockets, and
+                // creates inflight regions (memfds).
+                crate::sandbox::enter_relay();
                 let channel = |stream| backend.device().backend_channel(stream);
-                if let Err(e) = super::relay::relay(front, back, channel) {
+                let inflight = backend.device().inflight_slot();
+                if let Err(e) = super::relay::relay(front, back, channel, inflight) {
                     log::warn!("{id}: vhost-user relay: {e}");
                 }
             })?

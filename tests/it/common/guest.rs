@@ -109,6 +109,16 @@ pub fn vhost_user_blk(id: &str, socket: &Path, queues: u16) -> Vec<String> {
     ]
 }
 
+/// Like [`vhost_user_blk`], with QEMU reconnecting (every second) when the daemon goes away.
+pub fn vhost_user_blk_reconnect(id: &str, socket: &Path, queues: u16) -> Vec<String> {
+    vec![
+        "-chardev".into(),
+        format!("socket,id={id},path={},reconnect=1", socket.display()),
+        "-device".into(),
+        format!("vhost-user-blk-pci,chardev={id},num-queues={queues}"),
+    ]
+}
+
 /// QEMU arguments attaching a vhost-user-net device on `socket` with `pairs` queue pairs.
 /// `vectors=0`: QEMU 7.2 crashes setting up MSI-X for vhost-user-net under TCG.
 pub fn vhost_user_net(id: &str, socket: &Path, pairs: u16, mac: &str) -> Vec<String> {
