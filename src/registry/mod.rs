@@ -128,6 +128,16 @@ impl Device {
         }
     }
 
+    /// Stops the device for good (`device.remove`): resources it made for itself (a
+    /// persistent tap) go too.
+    fn remove(self) {
+        self.qos().set_group(None);
+        match self {
+            Device::Blk(d) => d.stop(),
+            Device::Net(d) => d.remove(),
+        }
+    }
+
     pub(super) fn qos(&self) -> &QosHandle {
         match self {
             Device::Blk(d) => &d.shared().qos,
@@ -254,7 +264,7 @@ impl Registry {
                 return Err(e);
             }
         }
-        entry.device.stop();
+        entry.device.remove();
         Ok(())
     }
 

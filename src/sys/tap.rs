@@ -20,6 +20,8 @@ const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNSETOFFLOAD: libc::c_ulong = 0x4004_54d0;
 /// `_IOW('T', 216, int)`.
 const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
+/// `_IOW('T', 203, int)`.
+const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
 const IFF_TAP: libc::c_short = 0x0002;
 const IFF_NO_PI: libc::c_short = 0x1000;
 const IFF_VNET_HDR: libc::c_short = 0x4000;
@@ -57,6 +59,15 @@ struct IfReq {
     name: [libc::c_char; libc::IFNAMSIZ],
     flags: libc::c_short,
     _pad: [u8; 22],
+}
+
+/// Whether a network interface called `name` exists (in our network namespace).
+pub fn exists(name: &str) -> bool {
+    let Ok(name) = std::ffi::CString::new(name) else {
+        return false;
+    };
+    // SAFETY: if_nametoindex reads a NUL-terminated name; 0 means no such interface.
+    unsafe { libc::if_nametoindex(name.as_ptr()) != 0 }
 }
 
 /// An open tap queue.
@@ -108,6 +119,27 @@ impl Tap {
     /// The interface name.
     pub fn name(&self) -> &str {
         &self.name
+    }
+
+    /// Makes the interface outlive its last open fd (`on`), or go with it (`off`): a
+    /// persistent tap keeps its host-side addresses, bridge membership and firewall hooks
+    /// while the daemon restarts.
+    pub fn set_persist(&self, on: bool) -> Result<(), TapError> {
+        // SAFETY: TUNSETPERSIST takes its argument by value; no memory is passed.
+        let rc = unsafe {
+            libc::ioctl(
+                self.file.as_raw_fd(),
+                TUNSETPERSIST,
+                libc::c_ulong::from(on),
+            )
+        };
+        if rc < 0 {
+            return Err(TapError::Ioctl(
+                "TUNSETPERSIST",
+                std::io::Error::last_os_error(),
+            ));
+        }
+        Ok(())
     }
 
     /// The tap fd (non-blocking).

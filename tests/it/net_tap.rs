@@ -107,3 +107,71 @@ fn frames_cross_the_tap_and_the_port_survives_the_tap_being_deleted() {
     let reply = arp_round_trip(&mut client);
     assert_eq!(&reply[28..32], &TAP_IP);
 }
+
+/// `ip -n NS addr show dev TAP`, or `None` when the interface does not exist.
+fn tap_addresses(ns: &NetNs, tap: &str) -> Option<String> {
+    let out = std::process::Command::new("ip")
+        .args(["-n", &ns.name, "addr", "show", "dev", tap])
+        .output()
+        .unwrap();
+    out.status
+        .success()
+        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+#[test]
+fn a_tap_the_daemon_made_keeps_its_host_configuration_across_a_kill_9() {
+    // Before: the tap went with the daemon's fds, taking its address (and any bridge or
+    // firewall setup) with it; the restarted daemon made a bare new one.
+    let ns = NetNs::new("nc-persist");
+    let args = [
+        "--net",
+        "socket={dir}/p.sock,tap=ncpers0,mac=52:54:00:12:34:56",
+    ];
+    let daemon = Daemon::start_in_netns(&ns.name, &args);
+    ns.ip(&["addr", "add", "10.213.1.1/24", "dev", "ncpers0"]);
+    ns.ip(&["link", "set", "ncpers0", "up"]);
+    let dir = daemon.kill();
+    let kept = tap_addresses(&ns, "ncpers0").expect("the tap outlives the daemon");
+    assert!(kept.contains("10.213.1.1/24"), "{kept}");
+    // The restarted daemon attaches to it and frames flow with the old configuration.
+    let daemon = Daemon::start_in_dir_and_netns(dir, &ns.name, &args);
+    let mut client = NetClient::connect(&daemon.path("p.sock"), 1, 0);
+    let reply = arp_round_trip(&mut client);
+    assert_eq!(
+        &reply[28..32],
+        &TAP_IP,
+        "the kernel answered from the kept address"
+    );
+    drop(client);
+    // Removed for good: the tap the daemon made goes with the device.
+    let (ok, _, err) = novactl(&daemon, &["device", "remove", "p"]);
+    assert!(ok, "{err}");
+    assert!(
+        tap_addresses(&ns, "ncpers0").is_none(),
+        "the tap was left behind"
+    );
+    // A tap the management layer made is only attached to, and stays.
+    ns.ip(&[
+        "tuntap", "add", "mode", "tap", "name", "ncmgmt0", "vnet_hdr",
+    ]);
+    let (ok, _, err) = novactl(
+        &daemon,
+        &[
+            "device",
+            "add",
+            "net",
+            &format!(
+                "id=m,socket={},tap=ncmgmt0",
+                daemon.path("m.sock").display()
+            ),
+        ],
+    );
+    assert!(ok, "{err}");
+    let (ok, _, err) = novactl(&daemon, &["device", "remove", "m"]);
+    assert!(ok, "{err}");
+    assert!(
+        tap_addresses(&ns, "ncmgmt0").is_some(),
+        "the management's tap was removed"
+    );
+}

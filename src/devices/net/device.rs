@@ -47,6 +47,8 @@ pub enum NetDeviceError {
 pub struct NetDevice {
     shared: Arc<NetShared>,
     runner: Option<DeviceRunner>,
+    /// The tap this daemon made: persistent, removed with the device.
+    owned_tap: Option<String>,
 }
 
 impl NetDevice {
@@ -60,9 +62,11 @@ impl NetDevice {
         }
         let mut taps = Vec::new();
         let mut port = None;
+        let mut owned_tap = None;
         match &config.backend {
             NetBackendSpec::Tap(name) => {
                 let multi_queue = config.queue_pairs > 1;
+                let existed = crate::sys::tap::exists(name);
                 for _ in 0..config.queue_pairs {
                     let tap = TapQueue::open(name, multi_queue).map_err(|source| {
                         NetDeviceError::Tap {
@@ -72,6 +76,7 @@ impl NetDevice {
                     })?;
                     taps.push(Some(tap));
                 }
+                owned_tap = claim_tap(name, existed, &config.socket, taps.iter().flatten().next());
             }
             NetBackendSpec::Switch(name) => {
                 let hub = fabric.switch(name);
@@ -118,6 +123,7 @@ impl NetDevice {
         Ok(Self {
             shared,
             runner: Some(runner),
+            owned_tap,
         })
     }
 
@@ -170,9 +176,23 @@ impl NetDevice {
         self.shared.link_up()
     }
 
-    /// Disconnects the front-end, leaves the switch, closes the taps, removes the socket.
+    /// Disconnects the front-end, leaves the switch, closes the taps, removes the socket. A
+    /// tap the daemon made stays (persistent): a restart finds it as the host configured it.
     pub fn stop(mut self) {
         self.shutdown();
+    }
+
+    /// Like [`NetDevice::stop`], for good (`device.remove`): a tap the daemon made goes too.
+    pub fn remove(mut self) {
+        self.shutdown();
+        if let Some(name) = self.owned_tap.take() {
+            // Not persistent any more: it goes when our last fd of it closes.
+            match self.shared.set_tap_persist(false) {
+                Ok(()) => log::info!("tap {name}: removed with its device"),
+                Err(e) => log::warn!("tap {name}: cannot remove it: {e}"),
+            }
+            let _ = std::fs::remove_file(tap_marker(&self.shared.config.socket));
+        }
     }
 
     fn shutdown(&mut self) {
@@ -191,4 +211,45 @@ impl Drop for NetDevice {
             self.shutdown();
         }
     }
+}
+
+/// Where the daemon notes that it made tap `socket`'s device uses: beside the socket, which
+/// keeps its path across restarts (so a restarted daemon still knows the tap is its own).
+fn tap_marker(socket: &std::path::Path) -> std::path::PathBuf {
+    let mut name = socket.as_os_str().to_os_string();
+    name.push(".tap");
+    std::path::PathBuf::from(name)
+}
+
+/// Makes a tap the daemon just created persistent (its host-side configuration then survives
+/// a daemon restart) and notes it as ours; a tap that existed already is ours only if our
+/// note says so (made by an earlier run), else it is the management layer's and left alone.
+/// Returns the tap to remove with the device, if ours.
+fn claim_tap(
+    name: &str,
+    existed: bool,
+    socket: &std::path::Path,
+    queue: Option<&TapQueue>,
+) -> Option<String> {
+    let marker = tap_marker(socket);
+    if existed {
+        let ours = std::fs::read_to_string(&marker).is_ok_and(|noted| noted.trim() == name);
+        return ours.then(|| name.to_string());
+    }
+    let persisted = match queue {
+        Some(queue) => queue.set_persist(true),
+        None => return None,
+    };
+    if let Err(e) = persisted {
+        log::warn!("tap {name}: cannot make it persistent ({e}); it goes when the daemon stops");
+        return None;
+    }
+    if let Err(e) = std::fs::write(&marker, name) {
+        log::warn!(
+            "tap {name}: cannot note it as ours in {} ({e}); device.remove will leave it",
+            marker.display()
+        );
+    }
+    log::info!("tap {name}: created, persistent across daemon restarts");
+    Some(name.to_string())
 }

@@ -122,6 +122,18 @@ impl NetShared {
         lock(&self.taps).get_mut(usize::from(pair))?.take()
     }
 
+    /// Makes the device's tap persistent or not, through its first queue held here.
+    pub fn set_tap_persist(&self, on: bool) -> Result<(), crate::sys::tap::TapError> {
+        let taps = lock(&self.taps);
+        match taps.iter().flatten().next() {
+            Some(queue) => queue.set_persist(on),
+            None => Err(crate::sys::tap::TapError::Ioctl(
+                "TUNSETPERSIST",
+                std::io::Error::from_raw_os_error(libc::ENODEV),
+            )),
+        }
+    }
+
     /// Gives a tap queue back when the connection ends.
     pub fn return_tap(&self, pair: u16, tap: TapQueue) {
         if let Some(slot) = lock(&self.taps).get_mut(usize::from(pair)) {

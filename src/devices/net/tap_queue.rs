@@ -98,6 +98,17 @@ impl TapQueue {
         })
     }
 
+    /// Makes the tap persistent or not (`Tap::set_persist`), through this queue's fd.
+    pub fn set_persist(&self, on: bool) -> Result<(), TapError> {
+        match &self.tap {
+            Some(tap) => tap.set_persist(on),
+            None => Err(TapError::Ioctl(
+                "TUNSETPERSIST",
+                std::io::Error::from_raw_os_error(libc::ENODEV),
+            )),
+        }
+    }
+
     /// The fd the worker's event loop watches (level-triggered readable).
     pub fn poll_fd(&self) -> RawFd {
         self.epoll.as_raw_fd()
