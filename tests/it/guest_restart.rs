@@ -106,3 +106,78 @@ fn a_guest_survives_ten_kill_9s_under_out_of_order_completions() {
         );
     }
 }
+
+/// Bytes this daemon process delivered to the guest's NIC.
+fn delivered(daemon: &Daemon) -> u64 {
+    let mut ctl = Control::connect(&daemon.path("control.sock"));
+    let stats = ctl.call("device.stats", json!({"id": "n0"})).unwrap();
+    stats["total"]["rx_bytes"].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn a_download_over_a_tap_survives_a_kill_9_of_the_daemon() {
+    use crate::common::guest::{boot_with, vhost_user_net_with};
+    use crate::common::netns::{md5sum, NetNs};
+    const SIZE: usize = 24 << 20;
+    let mut ns = NetNs::new("nc-restart");
+    let args = [
+        "--net",
+        "socket={dir}/n0.sock,tap=ncrst0,mac=52:54:00:12:34:57",
+    ];
+    let daemon = Daemon::start_in_netns(&ns.name, &args);
+    ns.ip(&["addr", "add", "10.79.0.1/24", "dev", "ncrst0"]);
+    ns.ip(&["link", "set", "ncrst0", "up"]);
+    let www = daemon.path("www");
+    std::fs::create_dir(&www).unwrap();
+    let mut state = 0x2545_f491_4f6c_dd1du64;
+    let blob: Vec<u8> = (0..SIZE)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    std::fs::write(www.join("blob"), blob).unwrap();
+    let want = md5sum(&www.join("blob"));
+    let www = www.display().to_string();
+    ns.spawn(&["busybox", "httpd", "-f", "-p", "8080", "-h", &www]);
+    ns.wait_tcp("10.79.0.1:8080");
+    let devices = vhost_user_net_with(
+        "n0",
+        &daemon.path("n0.sock"),
+        1,
+        "52:54:00:12:34:57",
+        ",reconnect=1",
+    );
+    let guest = std::thread::spawn(move || {
+        boot_with(
+            "net-restart",
+            &devices,
+            &format!("novaip=10.79.0.2 novapeer=10.79.0.1 novasize={SIZE}"),
+        )
+    });
+    // Kill once a quarter of the file has reached the guest.
+    let deadline = Instant::now() + Duration::from_secs(150);
+    while delivered(&daemon) < (SIZE / 4) as u64 {
+        assert!(!guest.is_finished(), "the guest stopped before the kill");
+        assert!(Instant::now() < deadline, "the download never got going");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let dir = daemon.kill();
+    let killed_at = Instant::now();
+    let daemon = Daemon::start_in_dir_and_netns(dir, &ns.name, &args);
+    let run = guest.join().unwrap();
+    run.assert_passed();
+    assert!(
+        run.console.contains(&format!("download md5={want}")),
+        "the download across the restart is not the file: {}",
+        run.console
+    );
+    assert!(run.console.contains("ping after restart ok"));
+    assert!(
+        delivered(&daemon) > 0,
+        "the restarted daemon carried the rest"
+    );
+    eprintln!("download finished {:?} after the kill", killed_at.elapsed());
+}

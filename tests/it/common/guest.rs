@@ -122,10 +122,21 @@ pub fn vhost_user_blk_reconnect(id: &str, socket: &Path, queues: u16) -> Vec<Str
 /// QEMU arguments attaching a vhost-user-net device on `socket` with `pairs` queue pairs.
 /// `vectors=0`: QEMU 7.2 crashes setting up MSI-X for vhost-user-net under TCG.
 pub fn vhost_user_net(id: &str, socket: &Path, pairs: u16, mac: &str) -> Vec<String> {
+    vhost_user_net_with(id, socket, pairs, mac, "")
+}
+
+/// Like [`vhost_user_net`], with extra chardev options (`,reconnect=1`).
+pub fn vhost_user_net_with(
+    id: &str,
+    socket: &Path,
+    pairs: u16,
+    mac: &str,
+    chardev: &str,
+) -> Vec<String> {
     let mq = if pairs > 1 { ",mq=on" } else { "" };
     vec![
         "-chardev".into(),
-        format!("socket,id={id},path={}", socket.display()),
+        format!("socket,id={id},path={}{chardev}", socket.display()),
         "-netdev".into(),
         format!("vhost-user,id={id}net,chardev={id},queues={pairs}"),
         "-device".into(),
