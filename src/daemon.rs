@@ -88,7 +88,13 @@ pub struct DaemonConfig {
     pub fs_roots: Vec<PathBuf>,
     /// The user to run as (`--user`), looked up at start.
     pub user: Option<String>,
+    /// Started by a live upgrade (`--takeover`): resources the previous process still holds
+    /// are waited for at start.
+    pub takeover: bool,
 }
+
+/// How long a live upgrade's new process waits for the old one's images, taps and port.
+const TAKEOVER_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// Starts everything, blocks until told to stop, stops everything.
 pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
@@ -126,6 +132,11 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         .map(StateStore::open)
         .transpose()?;
     let mut registry = Registry::new(state);
+    if config.takeover {
+        // A live upgrade: the previous process drains and exits meanwhile; the images, taps
+        // and metrics port it holds are retried until it has (`sys::takeover`).
+        crate::sys::takeover::set_window(Some(TAKEOVER_WINDOW));
+    }
     // The state directory first: it holds the QoS groups command-line devices may name.
     let started = registry
         .restore()
@@ -165,6 +176,7 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         },
         None => None,
     };
+    crate::sys::takeover::set_window(None);
     // A socket handed to us that nothing serves would accept front-ends and clients that
     // then hang: a misconfiguration (e.g. `--control none` under novacrond.socket), refused.
     let unclaimed = crate::sys::inherited::unclaimed();

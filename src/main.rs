@@ -117,6 +117,11 @@ struct Args {
     #[arg(long, value_name = "USER")]
     user: Option<String>,
 
+    /// Started by a live upgrade (`novactl daemon upgrade`): wait up to a minute for the
+    /// images, taps and metrics port the previous process still holds.
+    #[arg(long, hide = true)]
+    takeover: bool,
+
     /// Limit every file the daemon can reach (images, tiers, sockets, the state directory) to
     /// beneath DIR (repeatable), enforced by the kernel (Landlock). Default: no limit.
     #[arg(long = "fs-root", value_name = "DIR")]
@@ -280,6 +285,7 @@ impl TryFrom<Args> for DaemonConfig {
             sandbox: args.sandbox == OnOff::On,
             fs_roots: args.fs_roots.clone(),
             user: args.user.clone(),
+            takeover: args.takeover,
         })
     }
 }

@@ -55,6 +55,13 @@ enum Command {
     Tier(TierCommand),
     /// Stop the daemon (devices finish in-flight I/O first).
     Shutdown,
+    /// Replace the running daemon with a new process (a new binary, by default the file it
+    /// runs): sockets are handed over, guests see a reconnect.
+    Upgrade {
+        /// The binary to run instead of the running one's file.
+        #[arg(long)]
+        binary: Option<std::path::PathBuf>,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -360,9 +367,34 @@ fn print_net_counters(named: &[(&str, &Value)]) -> std::io::Result<()> {
 }
 
 fn run(args: Args) -> anyhow::Result<()> {
+    if let Command::Upgrade { binary } = &args.command {
+        let done = novacron::control::upgrade::upgrade(
+            std::path::Path::new(&args.control),
+            binary.as_deref(),
+        )?;
+        if args.json {
+            writeln!(
+                std::io::stdout(),
+                "{}",
+                json!({"old-pid": done.old_pid, "new-pid": done.new_pid,
+                       "binary": done.binary, "seconds": done.took.as_secs_f64()})
+            )?;
+        } else {
+            writeln!(
+                std::io::stdout(),
+                "upgraded: pid {} -> pid {} ({}) in {:.2} s",
+                done.old_pid,
+                done.new_pid,
+                done.binary.display(),
+                done.took.as_secs_f64()
+            )?;
+        }
+        return Ok(());
+    }
     let (method, params) = match &args.command {
         Command::Info => ("daemon.info", json!({})),
         Command::Shutdown => ("daemon.shutdown", json!({})),
+        Command::Upgrade { .. } => return Ok(()),
         Command::Device(DeviceCommand::Add { kind, options }) => {
             ("device.add", options_to_params(kind, options)?)
         }

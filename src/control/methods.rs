@@ -30,6 +30,7 @@
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use std::collections::BTreeMap;
+use std::os::fd::AsFd;
 use std::sync::{Arc, Mutex};
 
 use crate::lock::lock;
@@ -50,6 +51,8 @@ pub type Pending = std::sync::mpsc::Receiver<Result<Value, RpcError>>;
 pub enum Handled {
     /// The response, ready now.
     Now(Response),
+    /// The response, ready now, with descriptors sent along with it (`daemon.handover`).
+    NowWithFds(Response, Vec<std::os::fd::OwnedFd>),
     /// Long work (a `tier.demote` with `wait`) runs on a thread of its own; the answer to
     /// request `id` comes through `pending`. The server serves everyone else meanwhile.
     Later {
@@ -70,10 +73,14 @@ pub fn handle_line(registry: &Arc<Mutex<Registry>>, line: &[u8], notify: &Notify
     let mut later = Later {
         notify,
         pending: None,
+        fds: Vec::new(),
     };
     match dispatch(registry, &request.method, request.params, &mut later) {
         Ok(result) => match later.pending {
             Some(pending) => Handled::Later { id, pending },
+            None if !later.fds.is_empty() => {
+                Handled::NowWithFds(Response::ok(id, result), later.fds)
+            }
             None => Handled::Now(Response::ok(id, result)),
         },
         Err(error) => Handled::Now(Response::err(id, error)),
@@ -84,6 +91,8 @@ pub fn handle_line(registry: &Arc<Mutex<Registry>>, line: &[u8], notify: &Notify
 struct Later<'a> {
     notify: &'a Notify,
     pending: Option<Pending>,
+    /// Descriptors to send with the answer.
+    fds: Vec<std::os::fd::OwnedFd>,
 }
 
 impl Later<'_> {
@@ -264,6 +273,7 @@ fn dispatch(
             let devices = lock(registry).ids().len();
             json!({
                 "name": "novacrond",
+                "pid": std::process::id(),
                 "version": env!("CARGO_PKG_VERSION"),
                 "device-types": crate::devices::kind::DeviceConfig::KINDS,
                 "engines": {
@@ -276,10 +286,59 @@ fn dispatch(
             })
         }
         "daemon.shutdown" => {
+            let successor = params.optional_u64("successor")?;
             params.finish()?;
+            if let Some(pid) = successor.and_then(|p| u32::try_from(p).ok()) {
+                // A live upgrade: the service manager follows the new process from now on
+                // (ignored without one).
+                if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::MainPid(pid)]) {
+                    log::warn!("cannot hand the service to pid {pid}: {e}");
+                }
+                log::info!("live upgrade: pid {pid} takes over; stopping");
+            }
             // The main thread waits for SIGTERM; this takes the same, orderly path.
             crate::sys::signals::request_termination();
             json!({})
+        }
+        "daemon.handover" => {
+            params.finish()?;
+            // A live upgrade (`novactl daemon upgrade`): the listening sockets (every device's,
+            // then the control socket's) and our stderr go to the successor, in that order.
+            let mut sockets = lock(registry).hand_over_sockets();
+            match super::handover::hand_over() {
+                Ok(control) => sockets.push(control),
+                Err(e) => {
+                    return Err(RpcError::new(
+                        SERVER_ERROR,
+                        "io",
+                        format!("cannot hand the control socket over: {e}"),
+                    ))
+                }
+            }
+            let stderr = std::io::stderr()
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| RpcError::new(SERVER_ERROR, "io", format!("stderr: {e}")))?;
+            let paths: Vec<String> = sockets
+                .iter()
+                .map(|(path, _)| path.display().to_string())
+                .collect();
+            later.fds = sockets.into_iter().map(|(_, fd)| fd).collect();
+            later.fds.push(stderr);
+            // What the successor's environment must carry: the service manager's socket,
+            // the log filter, and (test builds) the test hooks.
+            let env: serde_json::Map<String, Value> = std::env::vars()
+                .filter(|(key, _)| {
+                    key == "NOTIFY_SOCKET" || key == "RUST_LOG" || key.starts_with("NOVACRON_")
+                })
+                .map(|(key, value)| (key, Value::String(value)))
+                .collect();
+            json!({
+                "pid": std::process::id(),
+                "argv": std::env::args().collect::<Vec<_>>(),
+                "sockets": paths,
+                "env": env,
+            })
         }
         other => {
             return Err(RpcError::new(
@@ -328,6 +387,16 @@ impl Params {
                 "`{key}` must be a string"
             ))),
             None => Err(RpcError::invalid_params(format!("missing `{key}`"))),
+        }
+    }
+
+    fn optional_u64(&mut self, key: &str) -> Result<Option<u64>, RpcError> {
+        match self.0.remove(key) {
+            None | Some(Value::Null) => Ok(None),
+            Some(Value::Number(n)) if n.as_u64().is_some() => Ok(n.as_u64()),
+            Some(_) => Err(RpcError::invalid_params(format!(
+                "`{key}` must be a non-negative integer"
+            ))),
         }
     }
 

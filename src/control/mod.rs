@@ -3,6 +3,8 @@
 //! remove devices while VMs run and to read statistics; [`client`] is the one client of it.
 
 pub mod client;
+pub mod handover;
 pub mod methods;
 pub mod protocol;
 pub mod server;
+pub mod upgrade;

@@ -135,6 +135,7 @@ impl ControlServer {
         let stop = Arc::new(AtomicBool::new(false));
         let mut allow = config.allow_uids.clone();
         allow.extend([0, effective_uid()]);
+        super::handover::listening(&config.socket, std::os::fd::AsRawFd::as_raw_fd(&listener));
         let mut server = Server {
             poll,
             listener,
@@ -176,7 +177,8 @@ impl ControlServer {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
-        if !self.inherited {
+        super::handover::stopped();
+        if !self.inherited && !super::handover::handed_over() {
             let _ = std::fs::remove_file(&self.socket);
         }
     }
@@ -244,6 +246,8 @@ struct Connection {
     /// A request answered later (its id and where the answer comes from): the connection's
     /// next requests wait for it, so answers keep their order.
     waiting: Option<(serde_json::Value, methods::Pending)>,
+    /// Descriptors to send with the next bytes written (`daemon.handover`'s answer).
+    fds_out: Vec<std::os::fd::OwnedFd>,
 }
 
 struct Server {
@@ -348,6 +352,7 @@ impl Server {
                     closing: false,
                     refused: refusal,
                     waiting: None,
+                    fds_out: Vec::new(),
                 },
             );
         }
@@ -394,6 +399,10 @@ impl Server {
                     }
                     None => match methods::handle_line(&self.registry, line, &self.notify) {
                         methods::Handled::Now(response) => response,
+                        methods::Handled::NowWithFds(response, fds) => {
+                            conn.fds_out.extend(fds);
+                            response
+                        }
                         methods::Handled::Later { id, pending } => {
                             conn.waiting = Some((id, pending));
                             break;
@@ -505,6 +514,25 @@ fn deliver_deferred(conn: &mut Connection) -> bool {
 
 /// Writes queued output; false when the socket failed.
 fn write_pending(conn: &mut Connection) -> bool {
+    if !conn.fds_out.is_empty() && !conn.output.is_empty() {
+        use std::os::fd::{AsRawFd, FromRawFd};
+        use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+        // The std view of our socket, for SCM_RIGHTS; never closed through it.
+        // SAFETY: the fd is the connection's open socket, which `conn` keeps; ManuallyDrop
+        // keeps this second owner from closing it.
+        let stream = std::mem::ManuallyDrop::new(unsafe {
+            std::os::unix::net::UnixStream::from_raw_fd(conn.stream.as_raw_fd())
+        });
+        let fds: Vec<std::os::fd::RawFd> = conn.fds_out.iter().map(AsRawFd::as_raw_fd).collect();
+        match stream.send_with_fds(&[conn.output.as_slice()], &fds) {
+            Ok(n) => {
+                conn.output.drain(..n);
+                conn.fds_out.clear();
+            }
+            Err(e) if e.errno() == libc::EAGAIN => return true,
+            Err(_) => return false,
+        }
+    }
     while !conn.output.is_empty() {
         match conn.stream.write(&conn.output) {
             Ok(0) => return false,

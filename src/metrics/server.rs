@@ -55,7 +55,12 @@ impl MetricsServer {
     /// Serves `/metrics` on `addr` from `registry`.
     pub fn start(addr: SocketAddr, registry: Arc<Mutex<Registry>>) -> Result<Self, MetricsError> {
         let listener =
-            TcpListener::bind(addr).map_err(|source| MetricsError::Bind { addr, source })?;
+            // A live upgrade's previous process may still hold the port (`sys::takeover`).
+            crate::sys::takeover::retry_while_busy(
+                || TcpListener::bind(addr),
+                |e| e.kind() == std::io::ErrorKind::AddrInUse,
+            )
+            .map_err(|source| MetricsError::Bind { addr, source })?;
         let bound = listener.local_addr().unwrap_or(addr);
         let stop = Arc::new(EventFd::new(EFD_NONBLOCK).map_err(MetricsError::Thread)?);
         let exposition = super::exposition(registry);

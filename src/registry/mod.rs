@@ -463,6 +463,23 @@ impl Registry {
         self.devices.keys().cloned().collect()
     }
 
+    /// Copies of every running device's listening socket, by path, for a live upgrade's
+    /// successor; those paths are no longer removed when the devices stop.
+    pub fn hand_over_sockets(&self) -> Vec<(std::path::PathBuf, std::os::fd::OwnedFd)> {
+        self.devices
+            .iter()
+            .filter_map(|(id, entry)| {
+                let handed = match &entry.device {
+                    Device::Blk(d) => d.hand_over(),
+                    Device::Net(d) => d.hand_over(),
+                };
+                handed
+                    .map_err(|e| log::warn!("{id}: cannot hand its socket over: {e}"))
+                    .ok()
+            })
+            .collect()
+    }
+
     /// Stops every device (daemon shutdown); the state file is left as it is.
     pub fn stop_all(&mut self) {
         for (_, entry) in std::mem::take(&mut self.devices) {

@@ -201,13 +201,20 @@ pub fn open_log(path: &Path) -> Result<File, BackingError> {
 
 fn lock(file: &File, shared: bool) -> std::io::Result<()> {
     let operation = if shared { libc::LOCK_SH } else { libc::LOCK_EX } | libc::LOCK_NB;
-    // SAFETY: flock only reads the fd number, which `file` keeps open for the call.
-    let rc = unsafe { libc::flock(file.as_raw_fd(), operation) };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(std::io::Error::last_os_error())
-    }
+    // During a live upgrade's hand-over the previous process still holds the lock for a
+    // moment (`sys::takeover`).
+    crate::sys::takeover::retry_while_busy(
+        || {
+            // SAFETY: flock only reads the fd number, which `file` keeps open for the call.
+            let rc = unsafe { libc::flock(file.as_raw_fd(), operation) };
+            if rc == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        },
+        |e| e.raw_os_error() == Some(libc::EWOULDBLOCK),
+    )
 }
 
 #[cfg(test)]

@@ -9,4 +9,5 @@ pub mod replace;
 pub mod sigbus;
 pub mod signals;
 pub mod socket;
+pub mod takeover;
 pub mod tap;

@@ -101,15 +101,22 @@ impl Tap {
         for (dst, src) in req.name.iter_mut().zip(name.bytes()) {
             *dst = src as libc::c_char;
         }
-        // SAFETY: TUNSETIFF reads and writes a `struct ifreq`; `req` is a live, correctly
-        // laid out and sized (40 bytes) value, and the fd is the tun device we just opened.
-        let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) };
-        if rc < 0 {
-            return Err(TapError::Ioctl(
-                "TUNSETIFF",
-                std::io::Error::last_os_error(),
-            ));
-        }
+        // A live upgrade's previous process may still hold the tap (`sys::takeover`).
+        super::takeover::retry_while_busy(
+            || {
+                // SAFETY: TUNSETIFF reads and writes a `struct ifreq`; `req` is a live,
+                // correctly laid out and sized (40 bytes) value, and the fd is the tun device
+                // we just opened.
+                let rc = unsafe { libc::ioctl(file.as_raw_fd(), TUNSETIFF, &mut req) };
+                if rc < 0 {
+                    Err(std::io::Error::last_os_error())
+                } else {
+                    Ok(())
+                }
+            },
+            |e| e.raw_os_error() == Some(libc::EBUSY),
+        )
+        .map_err(|e| TapError::Ioctl("TUNSETIFF", e))?;
         Ok(Self {
             file,
             name: name.to_string(),

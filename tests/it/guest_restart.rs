@@ -80,12 +80,23 @@ fn a_guest_survives_ten_kill_9s_under_out_of_order_completions() {
     let guest = std::thread::spawn(move || boot("blk-crash", &devices));
     let deadline = Instant::now() + Duration::from_secs(150);
     let mut resubmitted = 0;
+    let mut pauses = Vec::new();
     for _ in 0..KILLS {
         // Each kill lands once this process has served a stream of guest requests.
         resubmitted += served(&daemon, &guest, deadline);
         let dir = daemon.kill();
+        let killed = Instant::now();
         daemon = Daemon::start_in_with_env(dir, &["--blk", SPEC], &env());
+        pauses.push(first_completion(&daemon, deadline) - killed);
     }
+    pauses.sort();
+    eprintln!(
+        "guest I/O pause after a kill -9 (to the new process's first completion): min {:?}, \
+         median {:?}, max {:?}",
+        pauses[0],
+        pauses[pauses.len() / 2],
+        pauses[pauses.len() - 1]
+    );
     // Serve a stream after the last restart too, then tell the guest to stop.
     resubmitted += served(&daemon, &guest, deadline);
     let image = std::fs::OpenOptions::new()
@@ -180,4 +191,64 @@ fn a_download_over_a_tap_survives_a_kill_9_of_the_daemon() {
         "the restarted daemon carried the rest"
     );
     eprintln!("download finished {:?} after the kill", killed_at.elapsed());
+}
+
+/// Waits until the daemon answering on `daemon`'s control socket has completed a request;
+/// returns when.
+fn first_completion(daemon: &Daemon, deadline: Instant) -> Instant {
+    loop {
+        if completed(daemon).0 > 0 {
+            return Instant::now();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no request completed after the switch"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+#[test]
+fn a_live_upgrade_under_guest_io_is_a_reconnect() {
+    use crate::common::daemon::novactl;
+    const UPGRADES: usize = 3;
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start_in_with_env(dir, &["--blk", SPEC], &env());
+    let devices = vhost_user_blk_reconnect("c", &daemon.path("c.sock"), 2);
+    let guest = std::thread::spawn(move || boot("blk-crash", &devices));
+    let deadline = Instant::now() + Duration::from_secs(150);
+    let mut pids = Vec::new();
+    let mut pauses = Vec::new();
+    for _ in 0..UPGRADES {
+        served(&daemon, &guest, deadline);
+        let start = Instant::now();
+        let (ok, out, err) = novactl(&daemon, &["--json", "upgrade"]);
+        assert!(ok, "upgrade failed: {err}");
+        let done: serde_json::Value = serde_json::from_str(&out).unwrap();
+        let new_pid = done["new-pid"].as_u64().unwrap();
+        assert_ne!(Some(new_pid), pids.last().copied(), "a new process");
+        pids.push(new_pid);
+        // The counters are the new process's: the first request it completes ends the pause.
+        pauses.push(first_completion(&daemon, deadline) - start);
+    }
+    served(&daemon, &guest, deadline);
+    let image = std::fs::OpenOptions::new()
+        .write(true)
+        .open(daemon.path("c.img"))
+        .unwrap();
+    let mut marker = vec![0u8; 4096];
+    marker[..13].copy_from_slice(b"NOVACRON-STOP");
+    image.write_all_at(&marker, (64 << 20) - 4096).unwrap();
+    let run = guest.join().unwrap();
+    // The last process is not the harness's child: stop it by the control socket.
+    let (ok, _, err) = novactl(&daemon, &["shutdown"]);
+    assert!(ok, "{err}");
+    run.assert_passed();
+    assert!(run.console.contains("crash-writers ok"), "{}", run.console);
+    assert!(
+        !run.console.contains("I/O error"),
+        "the guest saw an I/O error: {}",
+        run.console
+    );
+    eprintln!("{UPGRADES} live upgrades (pids {pids:?}); guest I/O pauses: {pauses:?}");
 }

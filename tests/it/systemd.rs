@@ -100,6 +100,7 @@ fn sockets_from_socket_activation_are_served_and_left_to_the_manager() {
     c.write(0, 8, &data);
     assert_eq!(c.read(0, 8, 4096), data);
     drop(c);
+    daemon.wait_for_log("activated: front-end disconnected");
     let mut control_client = Control::connect(&control_path);
     assert_eq!(control_client.device_count(), 1);
     // Removed and added again on the same path: the inherited socket is served again (the

@@ -207,6 +207,11 @@ impl BlkDevice {
         &self.config
     }
 
+    /// A copy of the listening socket for a live upgrade's successor (see `DeviceRunner`).
+    pub fn hand_over(&self) -> std::io::Result<(std::path::PathBuf, std::os::fd::OwnedFd)> {
+        self.runner.hand_over()
+    }
+
     /// Whether a front-end is connected.
     pub fn is_connected(&self) -> bool {
         self.shared.connected.load(Ordering::Acquire)

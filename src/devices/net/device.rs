@@ -132,6 +132,14 @@ impl NetDevice {
         &self.shared.config
     }
 
+    /// A copy of the listening socket for a live upgrade's successor (see `DeviceRunner`).
+    pub fn hand_over(&self) -> std::io::Result<(std::path::PathBuf, std::os::fd::OwnedFd)> {
+        match &self.runner {
+            Some(runner) => runner.hand_over(),
+            None => Err(std::io::Error::from_raw_os_error(libc::ENOTCONN)),
+        }
+    }
+
     /// Whether a front-end is connected.
     pub fn is_connected(&self) -> bool {
         self.shared.connected.load(Ordering::Acquire)

@@ -72,6 +72,10 @@ pub struct DeviceRunner {
     inherited: Option<std::os::unix::net::UnixListener>,
     stop: Arc<StopSignal>,
     thread: Option<JoinHandle<()>>,
+    /// The listening socket's fd, open while the thread runs (for a live upgrade's hand-over).
+    listen_fd: std::os::fd::RawFd,
+    /// Handed to a successor process (live upgrade): its path is no longer ours to remove.
+    handed_over: AtomicBool,
 }
 
 impl DeviceRunner {
@@ -101,13 +105,18 @@ impl DeviceRunner {
                 }
                 crate::sys::socket::clear_stale(socket).map_err(listen_error)?;
                 // Never unlink here: `clear_stale` removed only a dead socket; anything
-                // that appeared since makes bind fail rather than be replaced.
-                Listener::new(socket, false).map_err(|e| listen_error(std::io::Error::other(e)))?
+                // that appeared since makes bind fail rather than be replaced. Bound here
+                // rather than by `Listener::new`, whose drop removes the path: whether the
+                // path goes at stop is ours to decide (not after a live upgrade's hand-over).
+                Listener::from(
+                    std::os::unix::net::UnixListener::bind(socket).map_err(listen_error)?,
+                )
             }
         };
         listener
             .set_nonblocking(true)
             .map_err(|e| listen_error(std::io::Error::other(e)))?;
+        let listen_fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
         let stop = Arc::new(StopSignal {
             requested: AtomicBool::new(false),
             eventfd: EventFd::new(EFD_NONBLOCK).map_err(RunnerError::Thread)?,
@@ -127,7 +136,25 @@ impl DeviceRunner {
             inherited: kept,
             stop,
             thread: Some(thread),
+            listen_fd,
+            handed_over: AtomicBool::new(false),
         })
+    }
+
+    /// A copy of the listening socket for a successor process (live upgrade); from now on the
+    /// socket's path is not removed when this device stops.
+    pub fn hand_over(&self) -> std::io::Result<(PathBuf, std::os::fd::OwnedFd)> {
+        // SAFETY: F_DUPFD_CLOEXEC duplicates `listen_fd`, which the device thread keeps open
+        // until `shutdown` joins it (the registry lock, held by our caller, orders the two);
+        // the new fd is owned at once.
+        let copy = unsafe { libc::fcntl(self.listen_fd, libc::F_DUPFD_CLOEXEC, 3) };
+        if copy < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        self.handed_over.store(true, Ordering::Release);
+        // SAFETY: `copy` is a new descriptor nobody else owns.
+        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(copy) };
+        Ok((self.socket.clone(), fd))
     }
 
     /// Disconnects the front-end, stops listening and removes the socket.
@@ -151,6 +178,8 @@ impl DeviceRunner {
         }
         match self.inherited.take() {
             Some(listener) => crate::sys::inherited::give_back(&self.socket, listener),
+            // A successor process listens on it now.
+            None if self.handed_over.load(Ordering::Acquire) => {}
             None => {
                 let _ = std::fs::remove_file(&self.socket);
             }

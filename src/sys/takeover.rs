@@ -1,0 +1,75 @@
+//! A live upgrade's hand-over window (`--takeover`): while the previous daemon process
+//! drains and exits, the images it locked and the taps it holds are busy; during start-up the
+//! new process retries those (for a bounded time) instead of failing the device. Outside the
+//! window nothing waits: a busy image or tap is an error, as always.
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::lock::lock;
+
+/// Until when busy resources are retried (`None`: not at all).
+static UNTIL: Mutex<Option<Instant>> = Mutex::new(None);
+
+/// How often a busy resource is tried again.
+const RETRY: Duration = Duration::from_millis(20);
+
+/// Opens (`Some(how long)`) or closes (`None`) the window.
+pub fn set_window(window: Option<Duration>) {
+    *lock(&UNTIL) = window.and_then(|w| Instant::now().checked_add(w));
+}
+
+/// Runs `attempt` until it succeeds, fails with an error `busy` does not recognise, or the
+/// window closes.
+pub fn retry_while_busy<T, E>(
+    mut attempt: impl FnMut() -> Result<T, E>,
+    busy: impl Fn(&E) -> bool,
+) -> Result<T, E> {
+    loop {
+        match attempt() {
+            Err(e) if busy(&e) && lock(&UNTIL).is_some_and(|until| Instant::now() < until) => {
+                // No event tells us when another process closes its fd: poll, briefly.
+                std::thread::sleep(RETRY);
+            }
+            other => return other,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn busy_resources_are_retried_only_inside_the_window() {
+        let mut tries = 0;
+        let busy = |e: &i32| *e == libc::EBUSY;
+        set_window(None);
+        let r: Result<(), i32> = retry_while_busy(
+            || {
+                tries += 1;
+                Err(libc::EBUSY)
+            },
+            busy,
+        );
+        assert_eq!((r, tries), (Err(libc::EBUSY), 1));
+        set_window(Some(Duration::from_secs(10)));
+        let mut tries = 0;
+        let r = retry_while_busy(
+            || {
+                tries += 1;
+                if tries < 3 {
+                    Err(libc::EBUSY)
+                } else {
+                    Ok(tries)
+                }
+            },
+            busy,
+        );
+        assert_eq!(r, Ok(3));
+        // Other errors are not retried.
+        let r: Result<(), i32> = retry_while_busy(|| Err(libc::ENOENT), busy);
+        assert_eq!(r, Err(libc::ENOENT));
+        set_window(None);
+    }
+}
