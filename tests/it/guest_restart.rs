@@ -118,10 +118,10 @@ fn a_guest_survives_ten_kill_9s_under_out_of_order_completions() {
     }
 }
 
-/// Bytes this daemon process delivered to the guest's NIC.
-fn delivered(daemon: &Daemon) -> u64 {
+/// Bytes this daemon process delivered to the guest's NIC `id`.
+fn delivered_to(daemon: &Daemon, id: &str) -> u64 {
     let mut ctl = Control::connect(&daemon.path("control.sock"));
-    let stats = ctl.call("device.stats", json!({"id": "n0"})).unwrap();
+    let stats = ctl.call("device.stats", json!({"id": id})).unwrap();
     stats["total"]["rx_bytes"].as_u64().unwrap_or(0)
 }
 
@@ -153,7 +153,9 @@ fn a_download_over_a_tap_survives_a_kill_9_of_the_daemon() {
     let want = md5sum(&www.join("blob"));
     let www = www.display().to_string();
     ns.spawn(&["busybox", "httpd", "-f", "-p", "8080", "-h", &www]);
+    ns.spawn(&["busybox", "nc", "-ll", "-p", "9000", "-e", "md5sum"]);
     ns.wait_tcp("10.79.0.1:8080");
+    ns.wait_tcp("10.79.0.1:9000");
     let devices = vhost_user_net_with(
         "n0",
         &daemon.path("n0.sock"),
@@ -170,7 +172,7 @@ fn a_download_over_a_tap_survives_a_kill_9_of_the_daemon() {
     });
     // Kill once a quarter of the file has reached the guest.
     let deadline = Instant::now() + Duration::from_secs(150);
-    while delivered(&daemon) < (SIZE / 4) as u64 {
+    while delivered_to(&daemon, "n0") < (SIZE / 4) as u64 {
         assert!(!guest.is_finished(), "the guest stopped before the kill");
         assert!(Instant::now() < deadline, "the download never got going");
         std::thread::sleep(Duration::from_millis(20));
@@ -187,7 +189,7 @@ fn a_download_over_a_tap_survives_a_kill_9_of_the_daemon() {
     );
     assert!(run.console.contains("ping after restart ok"));
     assert!(
-        delivered(&daemon) > 0,
+        delivered_to(&daemon, "n0") > 0,
         "the restarted daemon carried the rest"
     );
     eprintln!("download finished {:?} after the kill", killed_at.elapsed());
@@ -251,4 +253,70 @@ fn a_live_upgrade_under_guest_io_is_a_reconnect() {
         run.console
     );
     eprintln!("{UPGRADES} live upgrades (pids {pids:?}); guest I/O pauses: {pauses:?}");
+}
+
+#[test]
+fn a_transfer_between_two_guests_on_a_switch_survives_a_kill_9_of_the_daemon() {
+    use crate::common::guest::{boot_with, vhost_user_net_with};
+    const SIZE: usize = 12 << 20;
+    let args = [
+        "--net",
+        "socket={dir}/a.sock,switch=r1,mac=52:54:00:00:01:0a",
+        "--net",
+        "socket={dir}/b.sock,switch=r1,mac=52:54:00:00:01:0b",
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let daemon = Daemon::start_in(dir, &args);
+    let nic = |id: &str, mac: &str| {
+        vhost_user_net_with(
+            id,
+            &daemon.path(&format!("{id}.sock")),
+            1,
+            mac,
+            ",reconnect=1",
+        )
+    };
+    let server = nic("a", "52:54:00:00:01:0a");
+    let client = nic("b", "52:54:00:00:01:0b");
+    let server = std::thread::spawn(move || {
+        boot_with(
+            "net-switch",
+            &server,
+            &format!("novarole=server novaip=10.80.0.1 novasize={SIZE}"),
+        )
+    });
+    let client = std::thread::spawn(move || {
+        boot_with(
+            "net-restart",
+            &client,
+            &format!("novaip=10.80.0.2 novapeer=10.80.0.1 novasize={SIZE}"),
+        )
+    });
+    // Kill once a quarter of the file has crossed the switch to the client.
+    let deadline = Instant::now() + Duration::from_secs(170);
+    while delivered_to(&daemon, "b") < (SIZE / 4) as u64 {
+        assert!(!client.is_finished(), "the client stopped before the kill");
+        assert!(Instant::now() < deadline, "the transfer never got going");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let dir = daemon.kill();
+    let daemon = Daemon::start_in(dir, &args);
+    let client = client.join().unwrap();
+    let server = server.join().unwrap();
+    server.assert_passed();
+    client.assert_passed();
+    let served = server
+        .console
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("serve md5="))
+        .expect("server printed its md5")
+        .to_string();
+    assert!(
+        client.console.contains(&format!("download md5={served}")),
+        "the transfer across the restart is not the file"
+    );
+    assert!(
+        delivered_to(&daemon, "b") > 0,
+        "the restarted switch carried the rest"
+    );
 }
