@@ -95,6 +95,8 @@ pub struct DaemonConfig {
 
 /// How long a live upgrade's new process waits for the old one's images, taps and port.
 const TAKEOVER_WINDOW: std::time::Duration = std::time::Duration::from_secs(60);
+/// How long any start waits for them (a crashed predecessor's still being released).
+const RESTART_WINDOW: std::time::Duration = std::time::Duration::from_secs(3);
 
 /// Starts everything, blocks until told to stop, stops everything.
 pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
@@ -132,11 +134,15 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         .map(StateStore::open)
         .transpose()?;
     let mut registry = Registry::new(state);
-    if config.takeover {
-        // A live upgrade: the previous process drains and exits meanwhile; the images, taps
-        // and metrics port it holds are retried until it has (`sys::takeover`).
-        crate::sys::takeover::set_window(Some(TAKEOVER_WINDOW));
-    }
+    // A live upgrade: the previous process drains and exits meanwhile; the images, taps and
+    // metrics port it holds are retried until it has (`sys::takeover`). After a crash, the
+    // kernel may still be releasing the dead process's image locks (its io_uring is torn down
+    // asynchronously): a short window covers that too.
+    crate::sys::takeover::set_window(Some(if config.takeover {
+        TAKEOVER_WINDOW
+    } else {
+        RESTART_WINDOW
+    }));
     // The state directory first: it holds the QoS groups command-line devices may name.
     let started = registry
         .restore()

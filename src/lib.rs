@@ -14,6 +14,7 @@ pub mod devices;
 #[doc(hidden)]
 pub mod fuzz_support;
 pub mod lock;
+pub mod log_limit;
 pub mod metrics;
 pub mod qos;
 pub mod registry;

@@ -1,7 +1,10 @@
-//! A live upgrade's hand-over window (`--takeover`): while the previous daemon process
-//! drains and exits, the images it locked and the taps it holds are busy; during start-up the
-//! new process retries those (for a bounded time) instead of failing the device. Outside the
-//! window nothing waits: a busy image or tap is an error, as always.
+//! The start-up window for busy resources. During a live upgrade (`--takeover`, a minute) the
+//! previous daemon process drains and exits while the new one starts: the images it locked,
+//! the taps and the metrics port it holds are busy until then. After a crash (any start, 3 s)
+//! the kernel may still be releasing the dead process's image locks (its io_uring is torn
+//! down asynchronously). Inside the window the new process retries those instead of failing
+//! the device; outside it (devices added at run time) nothing waits: a busy image or tap is an
+//! error, as always.
 
 use std::sync::Mutex;
 use std::time::{Duration, Instant};

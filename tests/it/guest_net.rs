@@ -6,23 +6,13 @@
 
 use crate::common::daemon::{novactl, Daemon};
 use crate::common::guest::{boot_with, vhost_user_net};
-use crate::common::netns::{md5sum, NetNs};
+use crate::common::netns::NetNs;
 
 const SIZE: usize = 4 << 20;
 
 /// A 4 MiB file of pseudo-random bytes; returns its md5.
 fn blob(path: &std::path::Path) -> String {
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    let data: Vec<u8> = (0..SIZE)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect();
-    std::fs::write(path, data).unwrap();
-    md5sum(path)
+    crate::common::netns::random_file(path, SIZE)
 }
 
 fn stats(daemon: &Daemon, id: &str) -> serde_json::Value {
@@ -107,12 +97,7 @@ fn two_guests_on_one_switch_ping_and_transfer() {
     let server = server.join().unwrap();
     server.assert_passed();
     client.assert_passed();
-    let served = server
-        .console
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("serve md5="))
-        .expect("server printed its md5")
-        .to_string();
+    let served = server.value_of("serve md5=");
     assert!(
         client.console.contains(&format!("download md5={served}")),
         "download corrupted"

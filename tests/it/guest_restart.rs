@@ -48,6 +48,18 @@ fn completed(daemon: &Daemon) -> (u64, u64) {
     (requests, resubmitted)
 }
 
+/// Tells the guest's writers to finish: NOVACRON-STOP in the disk's last 4 KiB, which the
+/// guest polls with O_DIRECT reads.
+fn stop_writers(daemon: &Daemon) {
+    let image = std::fs::OpenOptions::new()
+        .write(true)
+        .open(daemon.path("c.img"))
+        .unwrap();
+    let mut marker = vec![0u8; 4096];
+    marker[..13].copy_from_slice(b"NOVACRON-STOP");
+    image.write_all_at(&marker, (64 << 20) - 4096).unwrap();
+}
+
 /// Waits until this daemon process has served a stream of guest requests; returns how many
 /// it resubmitted.
 fn served(
@@ -99,13 +111,7 @@ fn a_guest_survives_ten_kill_9s_under_out_of_order_completions() {
     );
     // Serve a stream after the last restart too, then tell the guest to stop.
     resubmitted += served(&daemon, &guest, deadline);
-    let image = std::fs::OpenOptions::new()
-        .write(true)
-        .open(daemon.path("c.img"))
-        .unwrap();
-    let mut marker = vec![0u8; 4096];
-    marker[..13].copy_from_slice(b"NOVACRON-STOP");
-    image.write_all_at(&marker, (64 << 20) - 4096).unwrap();
+    stop_writers(&daemon);
     let run = guest.join().unwrap();
     run.assert_passed();
     assert!(run.console.contains("crash-writers ok"), "{}", run.console);
@@ -115,6 +121,22 @@ fn a_guest_survives_ten_kill_9s_under_out_of_order_completions() {
             resubmitted > 0,
             "no kill found a request in flight: the test proves nothing"
         );
+    }
+}
+
+/// Waits until this daemon process has delivered `bytes` to NIC `id` (mid-transfer), while
+/// `guest` runs.
+fn wait_delivered(
+    daemon: &Daemon,
+    id: &str,
+    bytes: u64,
+    guest: &std::thread::JoinHandle<crate::common::guest::GuestRun>,
+) {
+    let deadline = Instant::now() + Duration::from_secs(170);
+    while delivered_to(daemon, id) < bytes {
+        assert!(!guest.is_finished(), "the guest stopped before the kill");
+        assert!(Instant::now() < deadline, "the transfer never got going");
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -128,7 +150,7 @@ fn delivered_to(daemon: &Daemon, id: &str) -> u64 {
 #[test]
 fn a_download_over_a_tap_survives_a_kill_9_of_the_daemon() {
     use crate::common::guest::{boot_with, vhost_user_net_with};
-    use crate::common::netns::{md5sum, NetNs};
+    use crate::common::netns::{random_file, NetNs};
     const SIZE: usize = 24 << 20;
     let mut ns = NetNs::new("nc-restart");
     let args = [
@@ -140,17 +162,7 @@ fn a_download_over_a_tap_survives_a_kill_9_of_the_daemon() {
     ns.ip(&["link", "set", "ncrst0", "up"]);
     let www = daemon.path("www");
     std::fs::create_dir(&www).unwrap();
-    let mut state = 0x2545_f491_4f6c_dd1du64;
-    let blob: Vec<u8> = (0..SIZE)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect();
-    std::fs::write(www.join("blob"), blob).unwrap();
-    let want = md5sum(&www.join("blob"));
+    let want = random_file(&www.join("blob"), SIZE);
     let www = www.display().to_string();
     ns.spawn(&["busybox", "httpd", "-f", "-p", "8080", "-h", &www]);
     ns.spawn(&["busybox", "nc", "-ll", "-p", "9000", "-e", "md5sum"]);
@@ -171,12 +183,7 @@ fn a_download_over_a_tap_survives_a_kill_9_of_the_daemon() {
         )
     });
     // Kill once a quarter of the file has reached the guest.
-    let deadline = Instant::now() + Duration::from_secs(150);
-    while delivered_to(&daemon, "n0") < (SIZE / 4) as u64 {
-        assert!(!guest.is_finished(), "the guest stopped before the kill");
-        assert!(Instant::now() < deadline, "the download never got going");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_delivered(&daemon, "n0", (SIZE / 4) as u64, &guest);
     let dir = daemon.kill();
     let killed_at = Instant::now();
     let daemon = Daemon::start_in_dir_and_netns(dir, &ns.name, &args);
@@ -187,7 +194,7 @@ fn a_download_over_a_tap_survives_a_kill_9_of_the_daemon() {
         "the download across the restart is not the file: {}",
         run.console
     );
-    assert!(run.console.contains("ping after restart ok"));
+    assert!(run.console.contains("transfer after restart ok"));
     assert!(
         delivered_to(&daemon, "n0") > 0,
         "the restarted daemon carried the rest"
@@ -234,13 +241,7 @@ fn a_live_upgrade_under_guest_io_is_a_reconnect() {
         pauses.push(first_completion(&daemon, deadline) - start);
     }
     served(&daemon, &guest, deadline);
-    let image = std::fs::OpenOptions::new()
-        .write(true)
-        .open(daemon.path("c.img"))
-        .unwrap();
-    let mut marker = vec![0u8; 4096];
-    marker[..13].copy_from_slice(b"NOVACRON-STOP");
-    image.write_all_at(&marker, (64 << 20) - 4096).unwrap();
+    stop_writers(&daemon);
     let run = guest.join().unwrap();
     // The last process is not the harness's child: stop it by the control socket.
     let (ok, _, err) = novactl(&daemon, &["shutdown"]);
@@ -293,24 +294,14 @@ fn a_transfer_between_two_guests_on_a_switch_survives_a_kill_9_of_the_daemon() {
         )
     });
     // Kill once a quarter of the file has crossed the switch to the client.
-    let deadline = Instant::now() + Duration::from_secs(170);
-    while delivered_to(&daemon, "b") < (SIZE / 4) as u64 {
-        assert!(!client.is_finished(), "the client stopped before the kill");
-        assert!(Instant::now() < deadline, "the transfer never got going");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_delivered(&daemon, "b", (SIZE / 4) as u64, &client);
     let dir = daemon.kill();
     let daemon = Daemon::start_in(dir, &args);
     let client = client.join().unwrap();
     let server = server.join().unwrap();
     server.assert_passed();
     client.assert_passed();
-    let served = server
-        .console
-        .lines()
-        .find_map(|l| l.trim().strip_prefix("serve md5="))
-        .expect("server printed its md5")
-        .to_string();
+    let served = server.value_of("serve md5=");
     assert!(
         client.console.contains(&format!("download md5={served}")),
         "the transfer across the restart is not the file"

@@ -36,6 +36,7 @@ use super::stats::{OpClass, QueueStats};
 use crate::devices::desc::Buffers;
 use crate::devices::poll::{spin, Look, PollMode, Poller, MAX_SPELL};
 use crate::devices::shell::inflight::InflightRegion;
+use crate::log_limit::LogLimiter;
 use crate::qos::gate::Gate;
 use crate::qos::limiter::{Cost, CostKind};
 use crate::qos::timer::TimerError;
@@ -129,6 +130,8 @@ pub struct QueueWorker {
     repoll: EventFd,
     /// Keeps a guest that floods bad requests from flooding the log.
     refusal_log: LogLimiter,
+    /// The same for requests that fail in the backing (a failing disk fails them all).
+    failure_log: LogLimiter,
     /// Requests waiting for QoS tokens.
     gate: Gate<Deferred>,
     /// Heads taken off the ring and not yet returned (at most the queue size).
@@ -138,32 +141,6 @@ pub struct QueueWorker {
     inflight: Option<(Arc<InflightRegion>, InflightQueue)>,
     /// Whether the inflight region was looked up since the queue (re)started.
     inflight_checked: bool,
-}
-
-/// Allows one log line per interval and counts what it held back.
-#[derive(Debug)]
-struct LogLimiter {
-    last: Option<Instant>,
-    suppressed: u64,
-}
-
-impl LogLimiter {
-    const INTERVAL: Duration = Duration::from_secs(1);
-
-    /// `Some(suppressed since the last line)` when a line may be logged now.
-    fn allow(&mut self) -> Option<u64> {
-        let now = Instant::now();
-        match self.last {
-            Some(last) if now.duration_since(last) < Self::INTERVAL => {
-                self.suppressed = self.suppressed.saturating_add(1);
-                None
-            }
-            _ => {
-                self.last = Some(now);
-                Some(std::mem::take(&mut self.suppressed))
-            }
-        }
-    }
 }
 
 impl QueueWorker {
@@ -188,10 +165,8 @@ impl QueueWorker {
             vring: None,
             poller,
             repoll: EventFd::new(EFD_NONBLOCK).map_err(WorkerSetupError::Repoll)?,
-            refusal_log: LogLimiter {
-                last: None,
-                suppressed: 0,
-            },
+            refusal_log: LogLimiter::default(),
+            failure_log: LogLimiter::default(),
             gate: Gate::new()?,
             heads: HeadSet::default(),
             inflight: None,
@@ -774,9 +749,9 @@ impl QueueWorker {
                         self.shared.id,
                         std::io::Error::from_raw_os_error(errno)
                     );
-                } else {
+                } else if let Some(suppressed) = self.failure_log.allow() {
                     log::warn!(
-                        "{}: {} failed: {}",
+                        "{}: {} failed: {} ({suppressed} similar failures not logged)",
                         self.shared.id,
                         slot.class.name(),
                         std::io::Error::from_raw_os_error(errno)

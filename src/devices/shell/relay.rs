@@ -59,6 +59,8 @@ const REM_MEM_REG: u32 = 38;
 const VERSION_1: u32 = 0x1;
 /// Most queue enables held before SET_FEATURES (two per queue pair of the largest device).
 const MAX_EARLY_ENABLES: usize = 256;
+/// Most queues whose kick fds the relay keeps (inflight devices).
+const MAX_KICKS: usize = 256;
 /// Most distinct memory regions tracked (vhost-user's slot limit is far below).
 const MAX_REGIONS: usize = 512;
 const FLAG_REPLY: u32 = 0x4;
@@ -220,6 +222,9 @@ pub fn relay(
     if let Some(slot) = inflight {
         slot.clear();
     }
+    // Each queue's kick fd (inflight devices), to kick again when the queue is enabled:
+    // vhost-user-backend drops a kick that arrives while its ring is still disabled.
+    let mut kicks: Vec<Option<File>> = Vec::new();
     let mut features_set = false;
     let mut early_enables: Vec<Vec<u8>> = Vec::new();
     let mut regions: std::collections::HashMap<[u8; 24], u32> = std::collections::HashMap::new();
@@ -333,10 +338,39 @@ pub fn relay(
                 }
                 SET_VRING_KICK if inflight.is_some_and(|s| s.current().is_some()) => {
                     write_message(&mut back, &message)?;
-                    // One kick of our own: requests left in flight get resubmitted even if
-                    // the guest, waiting for them, has nothing new to kick about.
-                    if let Some(mut kick) = message.files.first() {
-                        let _ = kick.write(&1u64.to_ne_bytes());
+                    // One kick of our own (and another at SET_VRING_ENABLE): requests left
+                    // in flight get resubmitted, and ones published while we were away get
+                    // served, even if the guest, waiting for them, never kicks again.
+                    if let Some(kick) = message.files.first() {
+                        let _ = (&*kick).write(&1u64.to_ne_bytes());
+                        let index = message
+                            .payload
+                            .first()
+                            .map_or(usize::MAX, |&i| usize::from(i));
+                        if index < MAX_KICKS {
+                            if kicks.len() <= index {
+                                kicks.resize_with(index.saturating_add(1), || None);
+                            }
+                            if let Some(slot) = kicks.get_mut(index) {
+                                *slot = kick.try_clone().ok();
+                            }
+                        }
+                    }
+                }
+                SET_VRING_ENABLE if !kicks.is_empty() => {
+                    write_message(&mut back, &message)?;
+                    let field = |at: usize| {
+                        message
+                            .payload
+                            .get(at..at.saturating_add(4))
+                            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+                            .map(u32::from_le_bytes)
+                    };
+                    if let (Some(index), Some(1)) = (field(0), field(4)) {
+                        let kick = usize::try_from(index).ok().and_then(|i| kicks.get(i));
+                        if let Some(Some(kick)) = kick {
+                            let _ = (&*kick).write(&1u64.to_ne_bytes());
+                        }
                     }
                 }
                 SET_FEATURES => {

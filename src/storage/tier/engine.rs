@@ -30,6 +30,8 @@ pub struct TierEngine {
     chunk: Vec<u8>,
     /// Tier work done for guest requests since [`Engine::take_extra_work`] last ran.
     work: u64,
+    /// A guest repeating a failing request must not flood the log.
+    failure_log: crate::log_limit::LogLimiter,
 }
 
 /// Largest piece of a cold read assembled at once (small in unit tests, to exercise pieces).
@@ -46,6 +48,7 @@ impl TierEngine {
             spill: HashMap::new(),
             chunk: Vec::new(),
             work: 0,
+            failure_log: crate::log_limit::LogLimiter::default(),
         }
     }
 
@@ -116,7 +119,9 @@ impl TierEngine {
     }
 
     fn fail(&mut self, tag: u64, error: &super::store::TierError) {
-        log::warn!("tier: {error}");
+        if let Some(suppressed) = self.failure_log.allow() {
+            log::warn!("tier: {error} ({suppressed} similar errors not logged)");
+        }
         self.ready.push_back(Completion {
             tag,
             result: Err(libc::EIO),

@@ -39,6 +39,16 @@ pub struct GuestRun {
 }
 
 impl GuestRun {
+    /// What follows `prefix` on the console line that starts with it (a value the guest
+    /// printed, such as `serve md5=`); panics if no line does.
+    pub fn value_of(&self, prefix: &str) -> String {
+        self.console
+            .lines()
+            .find_map(|l| l.trim().strip_prefix(prefix))
+            .unwrap_or_else(|| panic!("the guest printed no `{prefix}`"))
+            .to_string()
+    }
+
     /// Panics with the console unless the guest test exited 0.
     pub fn assert_passed(&self) {
         assert!(

@@ -93,6 +93,22 @@ fn run(program: &str, args: &[&str]) {
     assert!(status.success(), "{program} {args:?} failed");
 }
 
+/// Writes `size` pseudo-random bytes to `path` (a file for a guest to download); returns its
+/// md5.
+pub fn random_file(path: &std::path::Path, size: usize) -> String {
+    let mut state = 0x9e37_79b9_7f4a_7c15u64;
+    let data: Vec<u8> = (0..size)
+        .map(|_| {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state as u8
+        })
+        .collect();
+    std::fs::write(path, data).expect("write the file");
+    md5sum(path)
+}
+
 /// md5 of a file, as `md5sum` prints it.
 pub fn md5sum(path: &std::path::Path) -> String {
     let out = Command::new("md5sum").arg(path).output().expect("md5sum");
