@@ -185,7 +185,19 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
     crate::sys::takeover::set_window(None);
     // A socket handed to us that nothing serves would accept front-ends and clients that
     // then hang: a misconfiguration (e.g. `--control none` under novacrond.socket), refused.
-    let unclaimed = crate::sys::inherited::unclaimed();
+    let mut unclaimed = crate::sys::inherited::unclaimed();
+    if config.takeover {
+        // A live upgrade: the predecessor handed over every socket it served; one whose
+        // device did not come back (added at run time without --state-dir) must not take
+        // every other tenant's down with the start. Its front-end finds nobody listening.
+        for path in unclaimed.drain(..) {
+            log::warn!(
+                "live upgrade: no device for handed-over socket {}; closed",
+                path.display()
+            );
+            drop(crate::sys::inherited::take(&path));
+        }
+    }
     if let Some(path) = unclaimed.first() {
         if let Some(control) = control {
             control.stop();

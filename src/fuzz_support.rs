@@ -360,7 +360,7 @@ pub fn control_lines(data: &[u8]) {
             continue;
         };
         if let crate::control::methods::Handled::Later { pending, .. } =
-            crate::control::methods::handle_line(&registry, &line, &notify)
+            crate::control::methods::handle_line(&registry, &line, &notify, false)
         {
             // Deferred work (a tier batch) finishes before the next line, as a client
             // waiting for its answer would see it.

@@ -372,6 +372,9 @@ fn run(args: Args) -> anyhow::Result<()> {
             std::path::Path::new(&args.control),
             binary.as_deref(),
         )?;
+        if let Some(note) = &done.note {
+            writeln!(std::io::stderr(), "novactl: {note}")?;
+        }
         if args.json {
             writeln!(
                 std::io::stdout(),

@@ -23,6 +23,11 @@ pub fn stopped() {
     *lock(&LISTENING) = None;
 }
 
+/// A successor takes over: the socket's path is its now (not removed at stop).
+pub fn keep_socket() {
+    HANDED_OVER.store(true, Ordering::Release);
+}
+
 /// Whether the socket was handed to a successor (its path is then not ours to remove).
 pub fn handed_over() -> bool {
     HANDED_OVER.load(Ordering::Acquire)
@@ -40,7 +45,6 @@ pub fn hand_over() -> std::io::Result<(PathBuf, std::os::fd::OwnedFd)> {
     if copy < 0 {
         return Err(std::io::Error::last_os_error());
     }
-    HANDED_OVER.store(true, Ordering::Release);
     // SAFETY: `copy` is a new descriptor nobody else owns.
     let owned = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(copy) };
     Ok((path.clone(), owned))

@@ -41,6 +41,16 @@ use super::protocol::{parse_request, Response, RpcError, METHOD_NOT_FOUND, SERVE
 use crate::registry::{Registry, RegistryError};
 use crate::storage::tier::mover::BatchError;
 
+/// Most sockets one `daemon.handover` carries (the kernel's SCM_MAX_FD is 253, stderr too).
+const MAX_HANDOVER_SOCKETS: usize = 250;
+
+/// Whether process `pid` is in our cgroup (a live upgrade's successor under our service).
+fn same_cgroup(pid: u32) -> bool {
+    let ours = std::fs::read_to_string("/proc/self/cgroup");
+    let theirs = std::fs::read_to_string(format!("/proc/{pid}/cgroup"));
+    matches!((ours, theirs), (Ok(a), Ok(b)) if a == b)
+}
+
 /// Called from another thread when a deferred answer is ready (wakes the server's loop).
 pub type Notify = Arc<dyn Fn() + Send + Sync>;
 
@@ -63,8 +73,15 @@ pub enum Handled {
     },
 }
 
-/// Handles one request line: its response, or where the response will come from.
-pub fn handle_line(registry: &Arc<Mutex<Registry>>, line: &[u8], notify: &Notify) -> Handled {
+/// Handles one request line: its response, or where the response will come from. `trusted`:
+/// the client is root or the daemon's own uid, and may hand the daemon over to a successor
+/// (`daemon.handover`, `daemon.shutdown` with `successor`).
+pub fn handle_line(
+    registry: &Arc<Mutex<Registry>>,
+    line: &[u8],
+    notify: &Notify,
+    trusted: bool,
+) -> Handled {
     let request = match parse_request(line) {
         Ok(request) => request,
         Err(response) => return Handled::Now(*response),
@@ -74,6 +91,7 @@ pub fn handle_line(registry: &Arc<Mutex<Registry>>, line: &[u8], notify: &Notify
         notify,
         pending: None,
         fds: Vec::new(),
+        trusted,
     };
     match dispatch(registry, &request.method, request.params, &mut later) {
         Ok(result) => match later.pending {
@@ -93,6 +111,22 @@ struct Later<'a> {
     pending: Option<Pending>,
     /// Descriptors to send with the answer.
     fds: Vec<std::os::fd::OwnedFd>,
+    /// Whether the client may hand the daemon over.
+    trusted: bool,
+}
+
+impl Later<'_> {
+    fn require_trusted(&self, what: &str) -> Result<(), RpcError> {
+        if self.trusted {
+            Ok(())
+        } else {
+            Err(RpcError::new(
+                SERVER_ERROR,
+                "unauthorized",
+                format!("{what} is for root or the daemon's own uid (one at a time)"),
+            ))
+        }
+    }
 }
 
 impl Later<'_> {
@@ -288,11 +322,21 @@ fn dispatch(
         "daemon.shutdown" => {
             let successor = params.optional_u64("successor")?;
             params.finish()?;
-            if let Some(pid) = successor.and_then(|p| u32::try_from(p).ok()) {
-                // A live upgrade: the service manager follows the new process from now on
-                // (ignored without one).
-                if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::MainPid(pid)]) {
-                    log::warn!("cannot hand the service to pid {pid}: {e}");
+            if let Some(pid) = successor {
+                later.require_trusted("a successor")?;
+                let pid = u32::try_from(pid)
+                    .map_err(|_| RpcError::invalid_params("`successor` is not a pid"))?;
+                // The handed-over sockets are the successor's now: not removed at stop.
+                lock(registry).keep_sockets();
+                super::handover::keep_socket();
+                // The service manager follows the new process from now on, if it is in our
+                // service's cgroup (novactl puts it there); any other pid is not told.
+                if same_cgroup(pid) {
+                    if let Err(e) = sd_notify::notify(&[sd_notify::NotifyState::MainPid(pid)]) {
+                        log::warn!("cannot hand the service to pid {pid}: {e}");
+                    }
+                } else {
+                    log::warn!("successor pid {pid} is not in our cgroup: systemd not told");
                 }
                 log::info!("live upgrade: pid {pid} takes over; stopping");
             }
@@ -302,6 +346,7 @@ fn dispatch(
         }
         "daemon.handover" => {
             params.finish()?;
+            later.require_trusted("daemon.handover")?;
             // A live upgrade (`novactl daemon upgrade`): the listening sockets (every device's,
             // then the control socket's) and our stderr go to the successor, in that order.
             let mut sockets = lock(registry).hand_over_sockets();
@@ -319,6 +364,16 @@ fn dispatch(
                 .as_fd()
                 .try_clone_to_owned()
                 .map_err(|e| RpcError::new(SERVER_ERROR, "io", format!("stderr: {e}")))?;
+            if sockets.len() > MAX_HANDOVER_SOCKETS {
+                return Err(RpcError::new(
+                    SERVER_ERROR,
+                    "too-large",
+                    format!(
+                        "{} sockets: one message carries at most {MAX_HANDOVER_SOCKETS}",
+                        sockets.len()
+                    ),
+                ));
+            }
             let paths: Vec<String> = sockets
                 .iter()
                 .map(|(path, _)| path.display().to_string())

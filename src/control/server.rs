@@ -248,6 +248,8 @@ struct Connection {
     waiting: Option<(serde_json::Value, methods::Pending)>,
     /// Descriptors to send with the next bytes written (`daemon.handover`'s answer).
     fds_out: Vec<std::os::fd::OwnedFd>,
+    /// The peer is root or our own uid (may hand the daemon over).
+    trusted: bool,
 }
 
 struct Server {
@@ -306,6 +308,9 @@ impl Server {
                     return;
                 }
             };
+            let peer_uid = peer_credentials(&stream).map(|c| c.uid).ok();
+            // Root and our own uid may also hand the daemon over (live upgrade).
+            let trusted = peer_uid.is_some_and(|uid| uid == 0 || uid == effective_uid());
             let refusal = match peer_credentials(&stream) {
                 Ok(cred) if self.allow.contains(&cred.uid) => None,
                 Ok(cred) => {
@@ -353,6 +358,7 @@ impl Server {
                     refused: refusal,
                     waiting: None,
                     fds_out: Vec::new(),
+                    trusted,
                 },
             );
         }
@@ -397,7 +403,12 @@ impl Server {
                         conn.closing = true;
                         Response::err(serde_json::Value::Null, error.clone())
                     }
-                    None => match methods::handle_line(&self.registry, line, &self.notify) {
+                    None => match methods::handle_line(
+                        &self.registry,
+                        line,
+                        &self.notify,
+                        conn.trusted && conn.fds_out.is_empty(),
+                    ) {
                         methods::Handled::Now(response) => response,
                         methods::Handled::NowWithFds(response, fds) => {
                             conn.fds_out.extend(fds);

@@ -66,6 +66,8 @@ pub struct Upgraded {
     pub binary: PathBuf,
     /// From the hand-over until the new process answered.
     pub took: Duration,
+    /// Something the operator should know (the new process outside the service's cgroup).
+    pub note: Option<String>,
 }
 
 /// Sends one request line; reads one answer line with the descriptors that came with it.
@@ -184,17 +186,22 @@ pub fn upgrade(control: &Path, binary: Option<&Path>) -> Result<Upgraded, Upgrad
         }
     }
     let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
-    // SAFETY: the closure runs in the forked child before exec and only calls setsid, fcntl
-    // and dup2 (async-signal-safe) on descriptors this process owns: each is first copied
-    // above the target range (a source may sit on another's target number), then moved to
-    // 3, 4, ... (dup2 clears close-on-exec there).
+    let count = libc::c_int::try_from(raw.len()).unwrap_or(libc::c_int::MAX);
+    // Allocated here: the child may not allocate between fork and exec.
+    let mut high: Vec<libc::c_int> = Vec::with_capacity(raw.len());
+    // SAFETY: the closure runs in the forked child before exec and only calls setsid, fcntl,
+    // dup2 and close_range (async-signal-safe) on descriptors this process owns, into `high`,
+    // whose capacity was reserved before the fork (no allocation): each is first copied above
+    // the target range (a source may sit on another's target number), then moved to 3, 4, ...
+    // (dup2 clears close-on-exec there); everything above is marked close-on-exec, so no
+    // other descriptor of ours (the received ones, a control connection) reaches the daemon.
     unsafe {
         command.pre_exec(move || {
             if libc::setsid() < 0 {
                 return Err(std::io::Error::last_os_error());
             }
-            let base = 3 + raw.len() as libc::c_int + 100;
-            let mut high = Vec::with_capacity(raw.len());
+            let base = 3 + count + 100;
+            high.clear();
             for &fd in &raw {
                 let copy = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, base);
                 if copy < 0 {
@@ -207,11 +214,21 @@ pub fn upgrade(control: &Path, binary: Option<&Path>) -> Result<Upgraded, Upgrad
                     return Err(std::io::Error::last_os_error());
                 }
             }
+            let first = libc::c_uint::try_from(3 + count).unwrap_or(libc::c_uint::MAX);
+            if libc::close_range(
+                first,
+                libc::c_uint::MAX,
+                libc::CLOSE_RANGE_CLOEXEC as libc::c_int,
+            ) < 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
             Ok(())
         });
     }
     let mut child = command.spawn().map_err(io("start the new binary"))?;
     let new_pid = child.id();
+    let note = join_cgroup_of(old_pid, new_pid);
     drop(fds);
     // The old process hands the service over, finishes its I/O and exits.
     request(&mut old, "daemon.shutdown", json!({"successor": new_pid}))?;
@@ -227,6 +244,7 @@ pub fn upgrade(control: &Path, binary: Option<&Path>) -> Result<Upgraded, Upgrad
                 new_pid,
                 binary,
                 took: started.elapsed(),
+                note,
             });
         }
         if Instant::now() > deadline {
@@ -237,6 +255,18 @@ pub fn upgrade(control: &Path, binary: Option<&Path>) -> Result<Upgraded, Upgrad
         // The control socket has no "new owner" event to wait on: ask again shortly.
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+/// Moves process `new` into process `old`'s cgroup (v2): under systemd, the service's, so the
+/// unit's limits apply to it and systemd accepts it as the service's main process.
+/// Returns why it could not, if it could not.
+fn join_cgroup_of(old: u64, new: u32) -> Option<String> {
+    let cgroups = std::fs::read_to_string(format!("/proc/{old}/cgroup")).ok()?;
+    let path = cgroups.lines().find_map(|l| l.strip_prefix("0::"))?;
+    let procs = format!("/sys/fs/cgroup{path}/cgroup.procs");
+    std::fs::write(&procs, new.to_string())
+        .err()
+        .map(|e| format!("pid {new} stays outside the daemon's cgroup ({procs}: {e})"))
 }
 
 /// Whether the daemon answering on `control` is process `pid`.

@@ -463,8 +463,18 @@ impl Registry {
         self.devices.keys().cloned().collect()
     }
 
+    /// A live upgrade's successor takes over: the devices' socket paths are its now.
+    pub fn keep_sockets(&self) {
+        for entry in self.devices.values() {
+            match &entry.device {
+                Device::Blk(d) => d.keep_socket(),
+                Device::Net(d) => d.keep_socket(),
+            }
+        }
+    }
+
     /// Copies of every running device's listening socket, by path, for a live upgrade's
-    /// successor; those paths are no longer removed when the devices stop.
+    /// successor.
     pub fn hand_over_sockets(&self) -> Vec<(std::path::PathBuf, std::os::fd::OwnedFd)> {
         self.devices
             .iter()

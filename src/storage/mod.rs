@@ -97,6 +97,15 @@ pub struct Completion {
     pub result: Result<(), i32>,
 }
 
+/// Work an engine did beyond its ops' own bytes (see [`Engine::take_extra_work`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ExtraWork {
+    /// Bytes read on the guest's behalf (cold records decompressed for its reads).
+    pub read: u64,
+    /// Bytes written on the guest's behalf (extents promoted before its writes).
+    pub write: u64,
+}
+
 /// An I/O engine bound to one backing and used by one queue worker.
 pub trait Engine: Send {
     /// Short name for logs and `daemon.info`.
@@ -135,11 +144,11 @@ pub trait Engine: Send {
     /// Ops pushed and not yet reaped.
     fn in_flight(&self) -> usize;
 
-    /// Bytes of backend work done beyond the ops' own bytes since the last call (a tiered
-    /// disk's promotions and decompressions on the I/O path), for the worker to charge to
-    /// QoS byte limits after the fact. Plain engines do none.
-    fn take_extra_work(&mut self) -> u64 {
-        0
+    /// Backend work done beyond the ops' own bytes since the last call (a tiered disk's
+    /// promotions and decompressions on the I/O path), for the worker to charge to QoS byte
+    /// limits after the fact. Plain engines do none.
+    fn take_extra_work(&mut self) -> ExtraWork {
+        ExtraWork::default()
     }
 
     /// Blocks until every op pushed so far has completed, moving completions into `out`.

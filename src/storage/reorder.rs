@@ -143,7 +143,7 @@ impl Engine for ReorderEngine {
         out.extend(self.held.drain(..).map(|(c, _)| c));
     }
 
-    fn take_extra_work(&mut self) -> u64 {
+    fn take_extra_work(&mut self) -> super::ExtraWork {
         self.inner.take_extra_work()
     }
 }

@@ -27,6 +27,8 @@ use std::sync::Mutex;
 
 /// Ranges tracked at once (regions of every connected front-end; QEMU uses a few each).
 const SLOTS: usize = 1024;
+/// Ranges one owner may hold (a front-end cannot take every slot from the others).
+const PER_OWNER: usize = 64;
 
 /// Errors installing the handler or registering a range.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +39,9 @@ pub enum SigbusError {
     /// Every slot holds a mapped range.
     #[error("too many guest memory regions mapped ({SLOTS})")]
     Full,
+    /// This owner already holds its share of slots.
+    #[error("too many memory regions for one front-end ({PER_OWNER})")]
+    OwnerFull,
 }
 
 struct Slot {
@@ -58,16 +63,22 @@ impl Slot {
         }
     }
 
-    /// `(start, len, owner)` if the slot holds a range, read consistently.
+    /// `(start, len, owner)` if the slot holds a range, read consistently (a slot being
+    /// rewritten is waited for: a writer holds it for a handful of stores).
     fn read(&self) -> Option<(usize, usize, u64)> {
-        let before = self.seq.load(Ordering::Acquire);
-        if before % 2 == 1 {
-            return None;
+        loop {
+            let before = self.seq.load(Ordering::Acquire);
+            if before % 2 == 1 {
+                std::hint::spin_loop();
+                continue;
+            }
+            let start = self.start.load(Ordering::Acquire);
+            let len = self.len.load(Ordering::Acquire);
+            let owner = self.owner.load(Ordering::Acquire);
+            if self.seq.load(Ordering::Acquire) == before {
+                return (len > 0).then_some((start, len, owner));
+            }
         }
-        let start = self.start.load(Ordering::Acquire);
-        let len = self.len.load(Ordering::Acquire);
-        let owner = self.owner.load(Ordering::Acquire);
-        (len > 0 && self.seq.load(Ordering::Acquire) == before).then_some((start, len, owner))
     }
 
     /// Rewrites the slot (callers hold `WRITER`).
@@ -122,6 +133,7 @@ pub fn register(owner: u64, start: usize, len: usize) -> Result<(), SigbusError>
     }
     let _writer = crate::lock::lock(&WRITER);
     let mut free = None;
+    let mut held = 0usize;
     for slot in &TABLE {
         match slot.read() {
             Some((s, l, o)) if s == start && l == len && o == owner => return Ok(()),
@@ -129,13 +141,29 @@ pub fn register(owner: u64, start: usize, len: usize) -> Result<(), SigbusError>
                 slot.write(0, 0, 0);
                 free = free.or(Some(slot));
             }
-            Some(_) => {}
+            Some((_, _, o)) => held = held.saturating_add(usize::from(o == owner && owner != 0)),
             None => free = free.or(Some(slot)),
         }
+    }
+    if held >= PER_OWNER {
+        return Err(SigbusError::OwnerFull);
     }
     let slot = free.ok_or(SigbusError::Full)?;
     slot.write(start, len, owner);
     Ok(())
+}
+
+/// Forgets `owner`'s ranges (its connection ended; its mappings go with it).
+pub fn unregister(owner: u64) {
+    if owner == 0 {
+        return;
+    }
+    let _writer = crate::lock::lock(&WRITER);
+    for slot in &TABLE {
+        if slot.read().is_some_and(|(_, _, o)| o == owner) {
+            slot.write(0, 0, 0);
+        }
+    }
 }
 
 /// Faults absorbed in `owner`'s memory so far.
@@ -173,15 +201,18 @@ fn count(owner: u64) {
     }
 }
 
-/// Maps a private zero page (or huge page, for hugetlbfs regions) over the page holding
-/// `addr`, staying inside `start..start+len`.
+/// Maps private zero pages over the rest of the range from the page holding `addr` (its
+/// file is gone from there on, or at least there): one mapping, however many pages fault
+/// later, so a guest aiming at every page cannot pile up mappings to the kernel's limit.
+/// Page size 4 KiB, else 2 MiB or 1 GiB for hugetlbfs regions.
 fn replace_page(addr: usize, start: usize, len: usize) -> bool {
     let end = start.saturating_add(len);
     for size in [4usize << 10, 2 << 20, 1 << 30] {
         let page = addr & !(size - 1);
-        if page < start || page.saturating_add(size) > end {
+        if page < start || page >= end || (end - page) % size != 0 {
             continue;
         }
+        let size = end - page;
         // SAFETY: the range lies inside a guest memory mapping of ours whose file no longer
         // backs it (every access there faults); replacing those pages with private anonymous
         // memory changes no memory that any code could use, and MAP_FIXED only ever replaces

@@ -372,3 +372,55 @@ fn idle_control_connections_are_closed() {
         "novacrond"
     );
 }
+
+#[test]
+fn only_root_or_the_daemons_uid_may_hand_the_daemon_over() {
+    // Before: any allowed uid could call daemon.handover and receive every device's listening
+    // socket (and accept another tenant's reconnecting front-end), or name any pid as the
+    // service's successor.
+    let daemon = Daemon::start(&[
+        "--control-allow-uid",
+        "65534",
+        "--blk",
+        "socket={dir}/h.sock,path=null,size=1M",
+    ]);
+    let socket = daemon.path("control.sock");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o777)).unwrap();
+    std::fs::set_permissions(daemon.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let as_nobody = |request: &str| {
+        let script = format!(
+            "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); \
+             s.sendall(b'{request}\\n'); print(s.recv(4096).decode())"
+        );
+        let out = Command::new("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "/usr/bin/python3",
+                "-c",
+            ])
+            .arg(&script)
+            .arg(&socket)
+            .output()
+            .expect("setpriv and python3 are required");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let info = as_nobody(r#"{"jsonrpc":"2.0","id":1,"method":"daemon.info"}"#);
+    assert!(
+        info.contains("novacrond"),
+        "an allowed uid is served: {info}"
+    );
+    for request in [
+        r#"{"jsonrpc":"2.0","id":1,"method":"daemon.handover"}"#,
+        r#"{"jsonrpc":"2.0","id":1,"method":"daemon.shutdown","params":{"successor":1}}"#,
+    ] {
+        let answer = as_nobody(request);
+        assert!(answer.contains("unauthorized"), "{request}: {answer}");
+    }
+    // Still running, socket still there.
+    let (ok, _, err) = novactl(&daemon, &["info"]);
+    assert!(ok, "{err}");
+    assert!(daemon.path("h.sock").exists());
+}

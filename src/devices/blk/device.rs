@@ -115,6 +115,7 @@ impl BlkDevice {
                 // zeroing it. Refuse it instead.
                 let cold_len = cold.metadata().map(|m| m.len()).unwrap_or(0);
                 let journal = journal_path(&hot_path, &spec.cold);
+                adopt_legacy_journal(&hot_path, &journal);
                 if cold_len > 0 && !journal.exists() {
                     return Err(DeviceError::ForeignColdFile(spec.cold.clone()));
                 }
@@ -212,6 +213,11 @@ impl BlkDevice {
         self.runner.hand_over()
     }
 
+    /// A successor takes over: the socket's path is its now.
+    pub fn keep_socket(&self) {
+        self.runner.keep_socket();
+    }
+
     /// Whether a front-end is connected.
     pub fn is_connected(&self) -> bool {
         self.shared.connected.load(Ordering::Acquire)
@@ -276,5 +282,35 @@ impl BlkDevice {
                 );
             }
         }
+    }
+}
+
+/// Before this release a tier whose hot side is a block device kept its journal beside the
+/// device (`/dev/sdX.tiermap`, on devtmpfs: gone at reboot). If that journal is still there
+/// and the new place (beside the cold file) is empty, it moves.
+fn adopt_legacy_journal(hot: &std::path::Path, journal: &std::path::Path) {
+    let mut legacy = hot.as_os_str().to_os_string();
+    legacy.push(".tiermap");
+    let legacy = PathBuf::from(legacy);
+    if legacy == journal || journal.exists() || !legacy.exists() {
+        return;
+    }
+    let copied = std::fs::copy(&legacy, journal)
+        .and_then(|_| std::fs::File::open(journal))
+        .and_then(|f| f.sync_all());
+    match copied {
+        Ok(()) => {
+            let _ = std::fs::remove_file(&legacy);
+            log::info!(
+                "tier journal moved from {} to {}",
+                legacy.display(),
+                journal.display()
+            );
+        }
+        Err(e) => log::error!(
+            "cannot move the tier journal {} to {}: {e}",
+            legacy.display(),
+            journal.display()
+        ),
     }
 }

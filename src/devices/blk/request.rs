@@ -388,11 +388,17 @@ fn to_iovecs(mem: &GuestMemoryMmap<()>, spans: &[Span]) -> Result<GuestIovecs, R
     Ok(GuestIovecs(iovecs))
 }
 
+/// Most bytes one discard or write-zeroes request is charged.
+pub const ZEROING_BYTES_CAP: u64 = 1 << 20;
+
 impl Request {
     /// What the request costs against QoS limits; `None` only for GET_ID (20 bytes from
     /// memory). A flush is a write operation of no bytes (it counts against operation
     /// limits: an fsync is the most expensive thing a guest can ask for); discard and
-    /// write-zeroes cost their range like a write of that length, as in QEMU's throttling.
+    /// write-zeroes are a write operation and the bytes of their ranges up to
+    /// [`ZEROING_BYTES_CAP`]: the host's work is metadata (`fallocate`), not a copy of that
+    /// length, and one `mkfs` discarding a whole disk must not put the device (or its QoS
+    /// group) minutes into debt.
     pub fn cost(&self) -> Option<Cost> {
         match self.kind {
             RequestKind::Read { .. } => Some(Cost {

@@ -205,8 +205,8 @@ fn discard_and_write_zeroes_segments() {
             },
         ])
     );
-    // QoS charges the ranges like a write of their length (free zeroing would be a way
-    // around a byte limit).
+    // QoS charges the ranges' bytes, up to a cap (free zeroing would be a way around a byte
+    // limit; a whole-disk discard must not cost minutes).
     assert_eq!(
         req.cost(),
         Some(Cost {

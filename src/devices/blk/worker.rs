@@ -419,13 +419,22 @@ impl QueueWorker {
                 self.queue_index,
                 used.0
             );
-            if let Some(next_avail) = recovery.next_avail {
+            let map = crate::ring::map::MemMap::new(&memory);
+            let split = crate::ring::split::SplitRing::new(&map, ring);
+            if let Some(mut next_avail) = recovery.next_avail {
+                // A crash between marking a head and recording its avail entry as taken
+                // leaves the entry at the recorded position holding the newest marked head:
+                // it was taken (and is resubmitted below), so go on past it. Otherwise it
+                // could be taken again once its resubmitted copy has completed.
+                if let (Ok(split), Some(&newest)) = (&split, recovery.pending.last()) {
+                    if split.avail_idx() != next_avail && split.head(next_avail) == newest {
+                        next_avail = next_avail.wrapping_add(1);
+                    }
+                }
                 ring.set_next_avail(next_avail);
                 ring.set_next_used(used.0);
             }
             if !recovery.pending.is_empty() {
-                let map = crate::ring::map::MemMap::new(&memory);
-                let split = crate::ring::split::SplitRing::new(&map, ring);
                 for head in recovery.pending {
                     let mut buffers = Buffers::new();
                     let walked = match &split {
@@ -713,12 +722,11 @@ impl QueueWorker {
             unsafe { self.engine.push(op) };
         }
         let work = self.engine.take_extra_work();
-        if work > 0 {
-            // Charged after the fact (into debt if need be), so later requests wait for it.
-            self.shared.qos.charge_bytes(Cost {
-                kind: CostKind::Write,
-                bytes: work,
-            });
+        // Charged after the fact (into debt if need be), so later requests wait for it.
+        for (kind, bytes) in [(CostKind::Read, work.read), (CostKind::Write, work.write)] {
+            if bytes > 0 {
+                self.shared.qos.charge_bytes(Cost { kind, bytes });
+            }
         }
     }
 

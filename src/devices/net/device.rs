@@ -140,6 +140,13 @@ impl NetDevice {
         }
     }
 
+    /// A successor takes over: the socket's path is its now.
+    pub fn keep_socket(&self) {
+        if let Some(runner) = &self.runner {
+            runner.keep_socket();
+        }
+    }
+
     /// Whether a front-end is connected.
     pub fn is_connected(&self) -> bool {
         self.shared.connected.load(Ordering::Acquire)
@@ -196,10 +203,13 @@ impl NetDevice {
         if let Some(name) = self.owned_tap.take() {
             // Not persistent any more: it goes when our last fd of it closes.
             match self.shared.set_tap_persist(false) {
-                Ok(()) => log::info!("tap {name}: removed with its device"),
+                Ok(()) => {
+                    log::info!("tap {name}: removed with its device");
+                    let _ = std::fs::remove_file(tap_marker(&self.shared.config.socket));
+                }
+                // Still persistent: keep the note, so a later run can still remove it.
                 Err(e) => log::warn!("tap {name}: cannot remove it: {e}"),
             }
-            let _ = std::fs::remove_file(tap_marker(&self.shared.config.socket));
         }
     }
 
@@ -229,6 +239,35 @@ fn tap_marker(socket: &std::path::Path) -> std::path::PathBuf {
     std::path::PathBuf::from(name)
 }
 
+/// Reads the note, never through a symlink (the socket's directory may be writable by others).
+fn read_marker(marker: &std::path::Path) -> Option<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut text = String::new();
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(marker)
+        .and_then(|f| f.take(64).read_to_string(&mut text))
+        .ok()
+        .map(|_| text)
+}
+
+/// Writes the note (mode 0600), never through a symlink: a link planted there fails the
+/// write instead of truncating what it points at.
+fn write_marker(marker: &std::path::Path, name: &str) -> std::io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(marker)?
+        .write_all(name.as_bytes())
+}
+
 /// Makes a tap the daemon just created persistent (its host-side configuration then survives
 /// a daemon restart) and notes it as ours; a tap that existed already is ours only if our
 /// note says so (made by an earlier run), else it is the management layer's and left alone.
@@ -241,7 +280,7 @@ fn claim_tap(
 ) -> Option<String> {
     let marker = tap_marker(socket);
     if existed {
-        let ours = std::fs::read_to_string(&marker).is_ok_and(|noted| noted.trim() == name);
+        let ours = read_marker(&marker).is_some_and(|noted| noted.trim() == name);
         return ours.then(|| name.to_string());
     }
     let persisted = match queue {
@@ -252,7 +291,7 @@ fn claim_tap(
         log::warn!("tap {name}: cannot make it persistent ({e}); it goes when the daemon stops");
         return None;
     }
-    if let Err(e) = std::fs::write(&marker, name) {
+    if let Err(e) = write_marker(&marker, name) {
         log::warn!(
             "tap {name}: cannot note it as ours in {} ({e}); device.remove will leave it",
             marker.display()

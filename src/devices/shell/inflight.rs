@@ -31,6 +31,8 @@ pub const GET_INFLIGHT_FD: u32 = 31;
 pub const SET_INFLIGHT_FD: u32 = 32;
 /// `VhostUserInflight`: mmap_size, mmap_offset (u64), num_queues, queue_size (u16), padded.
 pub const PAYLOAD_LEN: usize = 24;
+/// `statfs.f_type` of hugetlbfs.
+const HUGETLBFS_MAGIC: libc::c_long = 0x9584_58f6;
 
 /// Why an inflight message was refused (the connection is then dropped).
 #[derive(Debug, thiserror::Error)]
@@ -127,6 +129,19 @@ impl InflightRegion {
         if !meta.is_file() {
             return Err(InflightError::Region("the fd is not a regular file".into()));
         }
+        // Not hugetlbfs: its mappings are rounded up to huge pages, which `Drop` would not
+        // unmap whole (the region is small; a normal page size serves it).
+        // SAFETY: fstatfs fills the zeroed struct for an fd we hold.
+        let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
+        // SAFETY: as above; `fs` is a live, writable statfs.
+        if unsafe { libc::fstatfs(file.as_raw_fd(), &mut fs) } != 0 {
+            return Err(io("inspect the fd's filesystem")(
+                std::io::Error::last_os_error(),
+            ));
+        }
+        if fs.f_type == HUGETLBFS_MAGIC {
+            return Err(InflightError::Region("a hugetlbfs file".into()));
+        }
         let end = offset.checked_add(needed as u64);
         if !end.is_some_and(|end| end <= meta.len()) {
             return Err(InflightError::Region(format!(
@@ -195,8 +210,14 @@ impl InflightRegion {
 
 impl Drop for InflightRegion {
     fn drop(&mut self) {
-        // SAFETY: unmapping exactly the mapping made in `map`; no view outlives the region.
-        unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) };
+        // SAFETY: unmapping exactly the mapping made in `map` (a normal-page file, so its
+        // length is what was mapped); no view outlives the region.
+        if unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) } != 0 {
+            log::error!(
+                "inflight region: munmap: {}",
+                std::io::Error::last_os_error()
+            );
+        }
     }
 }
 

@@ -72,8 +72,9 @@ pub struct DeviceRunner {
     inherited: Option<std::os::unix::net::UnixListener>,
     stop: Arc<StopSignal>,
     thread: Option<JoinHandle<()>>,
-    /// The listening socket's fd, open while the thread runs (for a live upgrade's hand-over).
-    listen_fd: std::os::fd::RawFd,
+    /// Our own copy of the listening socket (for a live upgrade's hand-over): open as long as
+    /// the runner, whatever happens to the thread's.
+    listen_copy: std::os::fd::OwnedFd,
     /// Handed to a successor process (live upgrade): its path is no longer ours to remove.
     handed_over: AtomicBool,
 }
@@ -116,7 +117,21 @@ impl DeviceRunner {
         listener
             .set_nonblocking(true)
             .map_err(|e| listen_error(std::io::Error::other(e)))?;
-        let listen_fd = std::os::fd::AsRawFd::as_raw_fd(&listener);
+        // SAFETY: F_DUPFD_CLOEXEC duplicates the listener's fd, open here; the copy is owned
+        // at once.
+        let copy = unsafe {
+            libc::fcntl(
+                std::os::fd::AsRawFd::as_raw_fd(&listener),
+                libc::F_DUPFD_CLOEXEC,
+                3,
+            )
+        };
+        if copy < 0 {
+            return Err(listen_error(std::io::Error::last_os_error()));
+        }
+        // SAFETY: `copy` is a new descriptor nobody else owns.
+        let listen_copy =
+            unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(copy) };
         let stop = Arc::new(StopSignal {
             requested: AtomicBool::new(false),
             eventfd: EventFd::new(EFD_NONBLOCK).map_err(RunnerError::Thread)?,
@@ -136,25 +151,19 @@ impl DeviceRunner {
             inherited: kept,
             stop,
             thread: Some(thread),
-            listen_fd,
+            listen_copy,
             handed_over: AtomicBool::new(false),
         })
     }
 
-    /// A copy of the listening socket for a successor process (live upgrade); from now on the
-    /// socket's path is not removed when this device stops.
+    /// A copy of the listening socket for a successor process (live upgrade).
     pub fn hand_over(&self) -> std::io::Result<(PathBuf, std::os::fd::OwnedFd)> {
-        // SAFETY: F_DUPFD_CLOEXEC duplicates `listen_fd`, which the device thread keeps open
-        // until `shutdown` joins it (the registry lock, held by our caller, orders the two);
-        // the new fd is owned at once.
-        let copy = unsafe { libc::fcntl(self.listen_fd, libc::F_DUPFD_CLOEXEC, 3) };
-        if copy < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        Ok((self.socket.clone(), self.listen_copy.try_clone()?))
+    }
+
+    /// A successor takes over: the socket's path is its now (not removed at stop).
+    pub fn keep_socket(&self) {
         self.handed_over.store(true, Ordering::Release);
-        // SAFETY: `copy` is a new descriptor nobody else owns.
-        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(copy) };
-        Ok((self.socket.clone(), fd))
     }
 
     /// Disconnects the front-end, stops listening and removes the socket.

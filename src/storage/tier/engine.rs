@@ -29,7 +29,7 @@ pub struct TierEngine {
     /// Bounce buffer of the cold read path, reused.
     chunk: Vec<u8>,
     /// Tier work done for guest requests since [`Engine::take_extra_work`] last ran.
-    work: u64,
+    work: crate::storage::ExtraWork,
     /// A guest repeating a failing request must not flood the log.
     failure_log: crate::log_limit::LogLimiter,
 }
@@ -47,7 +47,7 @@ impl TierEngine {
             in_flight: Vec::new(),
             spill: HashMap::new(),
             chunk: Vec::new(),
-            work: 0,
+            work: crate::storage::ExtraWork::default(),
             failure_log: crate::log_limit::LogLimiter::default(),
         }
     }
@@ -104,7 +104,7 @@ impl TierEngine {
             let work = self
                 .store
                 .read(offset.saturating_add(done), &mut self.chunk)?;
-            self.work = self.work.saturating_add(work);
+            self.work.read = self.work.read.saturating_add(work);
             // SAFETY: per this function's contract; `chunk` is our own memory.
             let copied = unsafe { cursor.copy_in(&self.chunk) };
             if copied != piece {
@@ -158,7 +158,7 @@ impl Engine for TierEngine {
         };
         let (extents, hot) = match self.store.begin_io(offset, len, access) {
             Ok(begun) => {
-                self.work = self.work.saturating_add(begun.work);
+                self.work.write = self.work.write.saturating_add(begun.work);
                 (begun.extents, begun.hot)
             }
             Err(e) => {
@@ -213,7 +213,7 @@ impl Engine for TierEngine {
         self.inner.in_flight().saturating_add(self.ready.len())
     }
 
-    fn take_extra_work(&mut self) -> u64 {
+    fn take_extra_work(&mut self) -> crate::storage::ExtraWork {
         std::mem::take(&mut self.work)
     }
 
