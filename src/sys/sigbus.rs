@@ -97,6 +97,14 @@ static FAULTS: [(AtomicU64, AtomicU64); SLOTS] =
     [const { (AtomicU64::new(0), AtomicU64::new(0)) }; SLOTS];
 static TOTAL: AtomicU64 = AtomicU64::new(0);
 static NEXT_OWNER: AtomicU64 = AtomicU64::new(1);
+/// Until when (CLOCK_MONOTONIC, ns) a memory-table update may have mapped guest memory that
+/// is not registered yet (vhost-user-backend publishes a new table before it calls
+/// `update_memory`, where it is registered): a fault on a page in no slot is then absorbed
+/// too, page by page. The daemon maps no other file that can shrink, so nothing genuine is
+/// masked.
+static UPDATING_UNTIL_NS: AtomicU64 = AtomicU64::new(0);
+/// How long that window stays open after a memory message is forwarded.
+const UPDATE_WINDOW_NS: u64 = 1_000_000_000;
 /// Serializes writers (registrations run in normal context; the handler never takes it).
 static WRITER: Mutex<()> = Mutex::new(());
 
@@ -164,6 +172,27 @@ pub fn unregister(owner: u64) {
             slot.write(0, 0, 0);
         }
     }
+}
+
+/// A memory-table message is about to reach the handler (called by the relay before it
+/// forwards SET_MEM_TABLE or ADD_MEM_REG): see [`UPDATING_UNTIL_NS`].
+pub fn memory_update_coming() {
+    let until = monotonic_ns().saturating_add(UPDATE_WINDOW_NS);
+    UPDATING_UNTIL_NS.fetch_max(until, Ordering::AcqRel);
+}
+
+/// CLOCK_MONOTONIC in ns (async-signal-safe).
+fn monotonic_ns() -> u64 {
+    let mut now = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec, a live local; it is async-signal-safe.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut now) };
+    u64::try_from(now.tv_sec)
+        .unwrap_or(0)
+        .saturating_mul(1_000_000_000)
+        .saturating_add(u64::try_from(now.tv_nsec).unwrap_or(0))
 }
 
 /// Faults absorbed in `owner`'s memory so far.
@@ -245,6 +274,17 @@ extern "C" fn on_sigbus(signal: libc::c_int, info: *mut libc::siginfo_t, _: *mut
             if addr.checked_sub(start).is_some_and(|d| d < len) && replace_page(addr, start, len) {
                 count(owner);
                 return;
+            }
+        }
+        // Memory mapped by an update not registered yet: this page only (the range is not
+        // known), 4 KiB or a huge page.
+        if monotonic_ns() < UPDATING_UNTIL_NS.load(Ordering::Acquire) {
+            for size in [4usize << 10, 2 << 20, 1 << 30] {
+                let page = addr & !(size - 1);
+                if replace_page(page, page, size) {
+                    count(0);
+                    return;
+                }
             }
         }
     }

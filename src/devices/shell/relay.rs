@@ -51,6 +51,7 @@ const MAX_PAYLOAD: usize = 0x1000;
 /// Most file descriptors one message carries.
 const MAX_FDS: usize = 32;
 const SET_FEATURES: u32 = 2;
+const SET_MEM_TABLE: u32 = 5;
 const SET_VRING_KICK: u32 = 12;
 const SET_VRING_ENABLE: u32 = 18;
 const SET_BACKEND_REQ_FD: u32 = 21;
@@ -287,7 +288,12 @@ pub fn relay(
                     }
                     write_message(&mut back, &message)?;
                 }
+                SET_MEM_TABLE => {
+                    crate::sys::sigbus::memory_update_coming();
+                    write_message(&mut back, &message)?;
+                }
                 ADD_MEM_REG => {
+                    crate::sys::sigbus::memory_update_coming();
                     let new =
                         region_key(&message.payload).is_some_and(|k| !regions.contains_key(&k));
                     if new && regions.len() >= MAX_REGIONS {
