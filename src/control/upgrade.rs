@@ -21,7 +21,7 @@
 //! What the successor gets back: command-line devices from the command line, devices added
 //! at run time from `--state-dir` (without one they are not carried over).
 
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
@@ -271,21 +271,7 @@ fn join_cgroup_of(old: u64, new: u32) -> Option<String> {
 
 /// Whether the daemon answering on `control` is process `pid`.
 fn answers_as(control: &Path, pid: u32) -> bool {
-    let Ok(mut stream) = UnixStream::connect(control) else {
-        return false;
-    };
-    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
-    let line = b"{\"jsonrpc\":\"2.0\",\"id\":1,\"method\":\"daemon.info\"}\n";
-    if stream.write_all(line).is_err() {
-        return false;
-    }
-    let mut reader = std::io::BufReader::new(&stream);
-    let mut answer = String::new();
-    if reader.read_line(&mut answer).is_err() {
-        return false;
-    }
-    serde_json::from_str::<Value>(&answer)
-        .ok()
-        .and_then(|v| v["result"]["pid"].as_u64())
-        == Some(u64::from(pid))
+    super::client::Client::connect(control, Some(Duration::from_secs(2)))
+        .and_then(|mut client| client.call("daemon.info", json!({})))
+        .is_ok_and(|info| info["pid"].as_u64() == Some(u64::from(pid)))
 }

@@ -51,6 +51,8 @@ struct Slot {
     /// 0: free.
     len: AtomicUsize,
     owner: AtomicU64,
+    /// Faults absorbed in this range since it was registered.
+    faults: AtomicU64,
 }
 
 impl Slot {
@@ -60,6 +62,7 @@ impl Slot {
             start: AtomicUsize::new(0),
             len: AtomicUsize::new(0),
             owner: AtomicU64::new(0),
+            faults: AtomicU64::new(0),
         }
     }
 
@@ -87,14 +90,12 @@ impl Slot {
         self.start.store(start, Ordering::Release);
         self.len.store(len, Ordering::Release);
         self.owner.store(owner, Ordering::Release);
+        self.faults.store(0, Ordering::Release);
         self.seq.fetch_add(1, Ordering::AcqRel);
     }
 }
 
 static TABLE: [Slot; SLOTS] = [const { Slot::new() }; SLOTS];
-/// Faults absorbed, per owner: `(owner, count)` pairs in slots of their own (owner 0: free).
-static FAULTS: [(AtomicU64, AtomicU64); SLOTS] =
-    [const { (AtomicU64::new(0), AtomicU64::new(0)) }; SLOTS];
 static TOTAL: AtomicU64 = AtomicU64::new(0);
 static NEXT_OWNER: AtomicU64 = AtomicU64::new(1);
 /// Until when (CLOCK_MONOTONIC, ns) a memory-table update may have mapped guest memory that
@@ -195,12 +196,13 @@ fn monotonic_ns() -> u64 {
         .saturating_add(u64::try_from(now.tv_nsec).unwrap_or(0))
 }
 
-/// Faults absorbed in `owner`'s memory so far.
+/// Faults absorbed in `owner`'s registered memory so far (read it before [`unregister`]).
 pub fn faults(owner: u64) -> u64 {
-    FAULTS
+    TABLE
         .iter()
-        .find(|(o, _)| o.load(Ordering::Acquire) == owner)
-        .map_or(0, |(_, n)| n.load(Ordering::Acquire))
+        .filter(|slot| slot.read().is_some_and(|(_, _, o)| o == owner))
+        .map(|slot| slot.faults.load(Ordering::Acquire))
+        .fold(0, u64::saturating_add)
 }
 
 /// Faults absorbed in all guest memory so far.
@@ -213,21 +215,6 @@ fn mapped(start: usize, len: usize) -> bool {
     // SAFETY: MS_ASYNC msync only inspects the mappings of the range (no write-back on
     // Linux); an unmapped range is reported with ENOMEM, nothing is touched.
     unsafe { libc::msync(start as *mut libc::c_void, len, libc::MS_ASYNC) == 0 }
-}
-
-fn count(owner: u64) {
-    TOTAL.fetch_add(1, Ordering::AcqRel);
-    if owner == 0 {
-        // Unowned ranges (inflight regions) count only in the total.
-        return;
-    }
-    for (o, n) in &FAULTS {
-        let claimed = o.compare_exchange(0, owner, Ordering::AcqRel, Ordering::Acquire);
-        if claimed.is_ok() || claimed == Err(owner) {
-            n.fetch_add(1, Ordering::AcqRel);
-            return;
-        }
-    }
 }
 
 /// Maps private zero pages over the rest of the range from the page holding `addr` (its
@@ -268,11 +255,12 @@ extern "C" fn on_sigbus(signal: libc::c_int, info: *mut libc::siginfo_t, _: *mut
     let (code, addr) = unsafe { ((*info).si_code, (*info).si_addr() as usize) };
     if code == libc::BUS_ADRERR {
         for slot in &TABLE {
-            let Some((start, len, owner)) = slot.read() else {
+            let Some((start, len, _)) = slot.read() else {
                 continue;
             };
             if addr.checked_sub(start).is_some_and(|d| d < len) && replace_page(addr, start, len) {
-                count(owner);
+                slot.faults.fetch_add(1, Ordering::AcqRel);
+                TOTAL.fetch_add(1, Ordering::AcqRel);
                 return;
             }
         }
@@ -282,7 +270,7 @@ extern "C" fn on_sigbus(signal: libc::c_int, info: *mut libc::siginfo_t, _: *mut
             for size in [4usize << 10, 2 << 20, 1 << 30] {
                 let page = addr & !(size - 1);
                 if replace_page(page, page, size) {
-                    count(0);
+                    TOTAL.fetch_add(1, Ordering::AcqRel);
                     return;
                 }
             }

@@ -95,13 +95,7 @@ fn two_guests_on_one_switch_ping_and_transfer() {
         &format!("novarole=client novaip=10.78.0.2 novapeer=10.78.0.1 novasize={SIZE}"),
     );
     let server = server.join().unwrap();
-    server.assert_passed();
-    client.assert_passed();
-    let served = server.value_of("serve md5=");
-    assert!(
-        client.console.contains(&format!("download md5={served}")),
-        "download corrupted"
-    );
+    client.assert_downloaded_from(&server, "switch transfer");
     assert!(client.console.contains("ping ok"));
     let a = stats(&daemon, "a");
     let b = stats(&daemon, "b");

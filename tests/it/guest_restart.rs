@@ -340,13 +340,7 @@ fn a_transfer_between_two_guests_on_a_switch_survives_a_kill_9_of_the_daemon() {
     let daemon = Daemon::start_in(dir, &args);
     let client = client.join().unwrap();
     let server = server.join().unwrap();
-    server.assert_passed();
-    client.assert_passed();
-    let served = server.value_of("serve md5=");
-    assert!(
-        client.console.contains(&format!("download md5={served}")),
-        "the transfer across the restart is not the file"
-    );
+    client.assert_downloaded_from(&server, "the transfer across the restart");
     assert!(
         delivered_to(&daemon, "b") > 0,
         "the restarted switch carried the rest"

@@ -258,6 +258,7 @@ impl QueueWorker {
             self.release_throttled();
             let popped = self.pop_available(vring);
             self.engine.submit()?;
+            self.charge_extra_work();
             self.reap_and_complete(vring)?;
             if self.gate.is_holding() {
                 // Over the limit: leave the rest in the ring (back-pressure) until the timer.
@@ -372,6 +373,18 @@ impl QueueWorker {
             self.start(head, chain, &memory);
         }
         popped
+    }
+
+    /// Charges the engine's work beyond the requests' own bytes (a tier's promotions and
+    /// decompressions) to the device's QoS, after the fact and into debt if need be, so the
+    /// requests behind wait for it. Once per pass, not per request.
+    fn charge_extra_work(&mut self) {
+        let work = self.engine.take_extra_work();
+        for (kind, bytes) in [(CostKind::Read, work.read), (CostKind::Write, work.write)] {
+            if bytes > 0 {
+                self.shared.qos.charge_bytes(Cost { kind, bytes });
+            }
+        }
     }
 
     /// Records in the inflight region that the ring was taken up to `next_avail`.
@@ -720,13 +733,6 @@ impl QueueWorker {
             // guest owns the buffers' contents; the device only accesses them as the
             // descriptor directions (checked by the parser) allow.
             unsafe { self.engine.push(op) };
-        }
-        let work = self.engine.take_extra_work();
-        // Charged after the fact (into debt if need be), so later requests wait for it.
-        for (kind, bytes) in [(CostKind::Read, work.read), (CostKind::Write, work.write)] {
-            if bytes > 0 {
-                self.shared.qos.charge_bytes(Cost { kind, bytes });
-            }
         }
     }
 

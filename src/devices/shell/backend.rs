@@ -169,8 +169,8 @@ impl<D: Device> Drop for DeviceBackend<D> {
     fn drop(&mut self) {
         let workers = self.workers.iter().filter_map(|w| lock(w).take()).collect();
         self.device.disconnected(workers);
-        crate::sys::sigbus::unregister(self.memory_owner);
         let faults = crate::sys::sigbus::faults(self.memory_owner);
+        crate::sys::sigbus::unregister(self.memory_owner);
         if faults > 0 {
             log::warn!(
                 "{}: the front-end shrank its guest memory files under us: {faults} access(es) \

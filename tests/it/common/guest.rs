@@ -49,6 +49,18 @@ impl GuestRun {
             .to_string()
     }
 
+    /// Both guests passed, and this client downloaded exactly what `server` served (the md5
+    /// each printed); `what` names the transfer in the failure.
+    pub fn assert_downloaded_from(&self, server: &GuestRun, what: &str) {
+        server.assert_passed();
+        self.assert_passed();
+        let served = server.value_of("serve md5=");
+        assert!(
+            self.console.contains(&format!("download md5={served}")),
+            "{what}: the download is not the served file"
+        );
+    }
+
     /// Panics with the console unless the guest test exited 0.
     pub fn assert_passed(&self) {
         assert!(
