@@ -132,19 +132,21 @@ impl Tap {
     /// persistent tap keeps its host-side addresses, bridge membership and firewall hooks
     /// while the daemon restarts.
     pub fn set_persist(&self, on: bool) -> Result<(), TapError> {
-        // SAFETY: TUNSETPERSIST takes its argument by value; no memory is passed.
-        let rc = unsafe {
-            libc::ioctl(
-                self.file.as_raw_fd(),
-                TUNSETPERSIST,
-                libc::c_ulong::from(on),
-            )
-        };
+        self.ioctl_by_value("TUNSETPERSIST", TUNSETPERSIST, libc::c_ulong::from(on))
+    }
+
+    /// An ioctl whose argument is passed by value (no memory): `name` for the error.
+    fn ioctl_by_value(
+        &self,
+        name: &'static str,
+        request: libc::c_ulong,
+        arg: libc::c_ulong,
+    ) -> Result<(), TapError> {
+        // SAFETY: `request` is one of the tun ioctls that take their argument by value, so no
+        // memory is read or written; the fd is our open tun device.
+        let rc = unsafe { libc::ioctl(self.file.as_raw_fd(), request, arg) };
         if rc < 0 {
-            return Err(TapError::Ioctl(
-                "TUNSETPERSIST",
-                std::io::Error::last_os_error(),
-            ));
+            return Err(TapError::Ioctl(name, std::io::Error::last_os_error()));
         }
         Ok(())
     }
@@ -169,21 +171,7 @@ impl Tap {
 
     /// Tells the tap which offloads the guest accepts (`offload::*` flags).
     pub fn set_offload(&self, flags: u32) -> Result<(), TapError> {
-        // SAFETY: TUNSETOFFLOAD takes the flags by value; no memory is passed.
-        let rc = unsafe {
-            libc::ioctl(
-                self.file.as_raw_fd(),
-                TUNSETOFFLOAD,
-                libc::c_ulong::from(flags),
-            )
-        };
-        if rc < 0 {
-            return Err(TapError::Ioctl(
-                "TUNSETOFFLOAD",
-                std::io::Error::last_os_error(),
-            ));
-        }
-        Ok(())
+        self.ioctl_by_value("TUNSETOFFLOAD", TUNSETOFFLOAD, libc::c_ulong::from(flags))
     }
 }
 
