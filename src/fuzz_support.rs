@@ -136,8 +136,13 @@ pub fn blk_request(data: &[u8]) {
         Limits { capacity, readonly },
         crate::storage::EngineSource::default(),
     ));
-    let Ok(mut worker) = QueueWorker::new(0, shared, Box::new(NullEngine::default()), atomic)
-    else {
+    let Ok(mut worker) = QueueWorker::new(
+        0,
+        shared,
+        Box::new(NullEngine::default()),
+        atomic,
+        Default::default(),
+    ) else {
         return;
     };
     worker.remember_vring(&vring);
@@ -316,7 +321,13 @@ pub fn relay_messages(data: &[u8]) {
     let relay = std::thread::spawn(move || {
         // A blk-like device's slot: the inflight messages are answered by the relay too.
         let slot = crate::devices::shell::inflight::InflightSlot::new(4, 256);
-        let _ = crate::devices::shell::relay::relay(front, back, |_| {}, Some(&slot));
+        let _ = crate::devices::shell::relay::relay(
+            front,
+            back,
+            |_| {},
+            Some(&slot),
+            &crate::ring::dirty::DirtyLog::default(),
+        );
     });
     let echo = std::thread::spawn(move || {
         let mut buf = [0u8; 4096];

@@ -93,3 +93,36 @@ impl TestQueue {
             .collect()
     }
 }
+
+/// A dirty log over `bytes` of log (a temp file) and the file, to read the bits back.
+pub fn test_log(bytes: u64) -> (std::sync::Arc<crate::ring::dirty::DirtyLog>, std::fs::File) {
+    let file = tempfile::tempfile().unwrap();
+    file.set_len(bytes).unwrap();
+    let mut payload = bytes.to_le_bytes().to_vec();
+    payload.extend_from_slice(&0u64.to_le_bytes());
+    let log = std::sync::Arc::new(crate::ring::dirty::DirtyLog::default());
+    log.set_map(
+        crate::ring::dirty::LogMap::from_message(&payload, file.try_clone().unwrap()).unwrap(),
+    );
+    (log, file)
+}
+
+/// Every page of `now` that differs from `before` must have its bit set in `log`; returns
+/// how many pages changed.
+pub fn assert_changes_logged(before: &[u8], now: &[u8], log: &mut std::fs::File) -> usize {
+    use std::io::{Read, Seek};
+    log.rewind().unwrap();
+    let mut bits = Vec::new();
+    log.read_to_end(&mut bits).unwrap();
+    let mut changed = 0;
+    for (page, (a, b)) in before.chunks(4096).zip(now.chunks(4096)).enumerate() {
+        if a != b {
+            changed += 1;
+            assert!(
+                bits.get(page / 8).is_some_and(|b| b & (1 << (page % 8)) != 0),
+                "page {page} was written but not logged"
+            );
+        }
+    }
+    changed
+}

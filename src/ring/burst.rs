@@ -10,6 +10,7 @@ use std::num::Wrapping;
 
 use virtio_queue::{Queue, QueueT};
 
+use super::dirty::{mark_used_ring, LogMap};
 use super::map::MemMap;
 use super::split::{BrokenChain, RingError, SplitRing};
 use crate::devices::desc::Buffers;
@@ -34,6 +35,8 @@ pub struct Burst<'q, 'a, 'm> {
     /// The burst takes chains only up to `avail_end` (see [`Burst::up_to`]).
     fixed_end: bool,
     finished: bool,
+    /// The dirty-page log to mark the used ring in, while a migration runs.
+    log: Option<&'a LogMap>,
 }
 
 impl<'q, 'a, 'm> Burst<'q, 'a, 'm> {
@@ -52,7 +55,20 @@ impl<'q, 'a, 'm> Burst<'q, 'a, 'm> {
             next_used,
             fixed_end: false,
             finished: false,
+            log: None,
         })
+    }
+
+    /// Marks what the burst writes into the used ring in `log` (`ring::dirty`); the caller
+    /// marks the buffers it writes, through [`Burst::log`].
+    pub fn with_log(mut self, log: Option<&'a LogMap>) -> Self {
+        self.log = log;
+        self
+    }
+
+    /// The dirty-page log this burst marks, if logging is on.
+    pub fn log(&self) -> Option<&'a LogMap> {
+        self.log
     }
 
     /// Takes chains only up to avail index `end` (read before `map` was taken), never re-reading
@@ -167,7 +183,11 @@ impl<'q, 'a, 'm> Burst<'q, 'a, 'm> {
             return false;
         }
         self.queue.set_next_used(self.next_used.0);
-        self.ring.publish_used(self.used_start.0, self.next_used.0)
+        let notify = self.ring.publish_used(self.used_start.0, self.next_used.0);
+        if let Some(log) = self.log {
+            mark_used_ring(log, self.queue.used_ring(), self.ring.size());
+        }
+        notify
     }
 }
 

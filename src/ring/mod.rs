@@ -5,6 +5,7 @@
 //! virtio-queue's `Queue`, which vhost-user-backend owns.
 
 pub mod burst;
+pub mod dirty;
 pub mod inflight;
 pub mod map;
 pub mod split;

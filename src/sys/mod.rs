@@ -6,6 +6,7 @@ pub mod peer;
 pub mod poll;
 pub mod private_file;
 pub mod replace;
+pub mod shared_map;
 pub mod sigbus;
 pub mod signals;
 pub mod socket;

@@ -16,6 +16,7 @@ use super::shared::DeviceShared;
 use super::spec;
 use super::worker::QueueWorker;
 use crate::devices::shell::{Device, Event, SetupError, Worker, WorkerFd};
+use crate::ring::dirty::DirtyLog;
 use crate::vring::{AtomicGuestMemory, CheckedVring};
 
 /// Errors setting up a connection's workers.
@@ -48,6 +49,7 @@ fn inflight_disabled() -> bool {
 pub fn connect_workers(
     shared: &Arc<DeviceShared>,
     memory: &AtomicGuestMemory,
+    log: &Arc<DirtyLog>,
 ) -> Result<Vec<QueueWorker>, BackendError> {
     (0..shared.queues)
         .map(|queue| {
@@ -59,6 +61,7 @@ pub fn connect_workers(
                 Arc::clone(shared),
                 engine,
                 memory.clone(),
+                Arc::clone(log),
             )?)
         })
         .collect()
@@ -110,8 +113,9 @@ impl Device for DeviceShared {
     fn connect(
         self: &Arc<Self>,
         memory: AtomicGuestMemory,
+        log: Arc<DirtyLog>,
     ) -> Result<Vec<Option<QueueWorker>>, SetupError> {
-        Ok(connect_workers(self, &memory)?
+        Ok(connect_workers(self, &memory, &log)?
             .into_iter()
             .map(Some)
             .collect())

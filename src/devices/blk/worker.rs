@@ -40,6 +40,7 @@ use crate::log_limit::LogLimiter;
 use crate::qos::gate::Gate;
 use crate::qos::limiter::{Cost, CostKind};
 use crate::qos::timer::TimerError;
+use crate::ring::dirty::{mark_used_ring, DirtyLog};
 use crate::ring::inflight::InflightQueue;
 use crate::storage::{Completion, Engine, GuestIovecs, IoOp, OpKind};
 use crate::vring::{
@@ -93,7 +94,13 @@ struct InFlight {
     memory: Arc<GuestMemory>,
     /// The aligned stand-in for unaligned guest buffers on a `direct` disk.
     bounce: Option<Bounce>,
+    /// A read's guest buffers (host address, length), marked in the dirty-page log when it
+    /// completes if a migration is running by then (it may have started since).
+    written: Written,
 }
+
+/// Host ranges a request writes; inline for the usual few segments.
+type Written = smallvec::SmallVec<[(usize, usize); 4]>;
 
 /// A parsed request waiting for QoS tokens.
 struct Deferred {
@@ -119,6 +126,8 @@ pub struct QueueWorker {
     stats: Arc<QueueStats>,
     engine: Box<dyn Engine>,
     memory: AtomicGuestMemory,
+    /// The connection's dirty-page log (live migration).
+    log: Arc<DirtyLog>,
     in_flight: Slab<InFlight>,
     completions: Vec<Completion>,
     finished: Vec<Finished>,
@@ -150,6 +159,7 @@ impl QueueWorker {
         shared: Arc<DeviceShared>,
         engine: Box<dyn Engine>,
         memory: AtomicGuestMemory,
+        log: Arc<DirtyLog>,
     ) -> Result<Self, WorkerSetupError> {
         let stats = shared.queue_stats(queue_index);
         let poller = Poller::new(shared.poll);
@@ -159,6 +169,7 @@ impl QueueWorker {
             stats,
             engine,
             memory,
+            log,
             in_flight: Slab::new(),
             completions: Vec::new(),
             finished: Vec::new(),
@@ -617,14 +628,21 @@ impl QueueWorker {
 
     fn execute(&mut self, head: u16, request: Request, memory: &Arc<GuestMemory>) {
         let mut bounce = None;
+        let mut written = Written::new();
         let (class, ops): (OpClass, EngineOps) = match request.kind {
-            RequestKind::Read { offset } => (
-                OpClass::Read,
+            RequestKind::Read { offset } => (OpClass::Read, {
+                written.extend(
+                    request
+                        .iovecs
+                        .0
+                        .iter()
+                        .map(|v| (v.iov_base as usize, v.iov_len)),
+                );
                 smallvec![(
                     OpKind::Read { offset },
                     self.bounced(request.iovecs, true, &mut bounce)
-                )],
-            ),
+                )]
+            }),
             RequestKind::Write { offset } => (
                 OpClass::Write,
                 smallvec![(
@@ -688,7 +706,12 @@ impl QueueWorker {
                     *dst = *src;
                 }
                 let code = match memory.write_slice(&id, buffer) {
-                    Ok(()) => VIRTIO_BLK_S_OK as u8,
+                    Ok(()) => {
+                        if let Some(log) = self.log.current() {
+                            log.mark(buffer.0, id.len() as u64);
+                        }
+                        VIRTIO_BLK_S_OK as u8
+                    }
                     Err(_) => VIRTIO_BLK_S_IOERR as u8,
                 };
                 self.stats.started();
@@ -718,6 +741,7 @@ impl QueueWorker {
             started: Instant::now(),
             memory: Arc::clone(memory),
             bounce,
+            written,
         };
         let index = self.in_flight.insert(slot);
         self.stats.started();
@@ -745,6 +769,7 @@ impl QueueWorker {
     fn complete_engine_ops(&mut self) {
         // Borrowed out and put back so the buffer keeps its capacity across batches.
         let mut completions = std::mem::take(&mut self.completions);
+        let log = self.log.current();
         for completion in completions.drain(..) {
             let index = usize::try_from(completion.tag).unwrap_or(usize::MAX);
             let Some(slot) = self.in_flight.get_mut(index) else {
@@ -783,6 +808,12 @@ impl QueueWorker {
                     // read buffers are writable by the directions `request::parse` checked.
                     unsafe { copy.finish() };
                 }
+                if let (true, Some(log)) = (ok, &log) {
+                    // After the data is in guest memory (engine, tier copy or bounce).
+                    for &(host, len) in &done.written {
+                        log.mark_host(&done.memory, host, len);
+                    }
+                }
                 self.stats
                     .completed(done.class, done.bytes, ok, done.started.elapsed());
                 self.finished.push(Finished {
@@ -802,13 +833,19 @@ impl QueueWorker {
             return Ok(());
         }
         let memory = self.memory.memory();
+        let log = self.log.current();
         // One vring lock for the whole batch: used entries, then the notification decision.
         let mut state = vring.get_mut();
         for done in self.finished.drain(..) {
             // The head goes back to the driver whatever happens to its used entry.
             self.heads.release(done.head);
             let used_len = match done.status {
-                Some(addr) if memory.write_obj(done.code, addr).is_ok() => done.used_len,
+                Some(addr) if memory.write_obj(done.code, addr).is_ok() => {
+                    if let Some(log) = &log {
+                        log.mark(addr.0, 1);
+                    }
+                    done.used_len
+                }
                 _ => 0,
             };
             if let Some((_, inflight)) = &self.inflight {
@@ -822,6 +859,10 @@ impl QueueWorker {
             if let Some((_, inflight)) = &self.inflight {
                 inflight.after_put(done.head, state.get_queue().next_used());
             }
+        }
+        if let Some(log) = &log {
+            let queue = state.get_queue();
+            mark_used_ring(log, queue.used_ring(), queue.size());
         }
         if needs_signal(&mut state, &memory)? {
             state.signal_used_queue().map_err(WorkerError::Signal)?;

@@ -19,6 +19,7 @@ use super::shared::NetShared;
 use super::spec;
 use super::worker::{PairBackend, PairWorker};
 use crate::devices::shell::{Device, Event, SetupError, Worker, WorkerFd};
+use crate::ring::dirty::DirtyLog;
 use crate::vring::{AtomicGuestMemory, CheckedVring};
 
 impl Device for NetShared {
@@ -64,10 +65,15 @@ impl Device for NetShared {
     fn connect(
         self: &Arc<Self>,
         memory: AtomicGuestMemory,
+        log: Arc<DirtyLog>,
     ) -> Result<Vec<Option<PairWorker>>, SetupError> {
-        let rx_target = self
-            .switch_port()
-            .map(|_| Arc::new(RxTarget::new(memory.clone(), self.acked_features_cell())));
+        let rx_target = self.switch_port().map(|_| {
+            Arc::new(RxTarget::new(
+                memory.clone(),
+                self.acked_features_cell(),
+                Arc::clone(&log),
+            ))
+        });
         let mut workers = Vec::with_capacity(usize::from(self.config.queue_pairs));
         for pair in 0..self.config.queue_pairs {
             let backend = match (&rx_target, self.switch_port()) {
@@ -83,6 +89,7 @@ impl Device for NetShared {
                     pair,
                     Arc::clone(self),
                     memory.clone(),
+                    Arc::clone(&log),
                     backend,
                 )?),
                 None => None,

@@ -31,6 +31,7 @@ use super::stats::{Direction, Drop, NetStats};
 use crate::devices::desc::Buffers;
 use crate::devices::sg::{copy_between, copy_in, write_stream};
 use crate::ring::burst::Burst;
+use crate::ring::dirty::{DirtyLog, LogMap};
 use crate::ring::map::MemMap;
 use crate::ring::split::RingError;
 use crate::vring::{avail_index, AtomicGuestMemory, CheckedVring, GuestMemory};
@@ -133,6 +134,9 @@ impl RxBatch {
                 break;
             }
             let take = left.min(u64::from(buffer.capacity));
+            if let Some(log) = burst.log() {
+                mark_spans(log, &buffer.spans, take);
+            }
             // `take <= capacity`, a u32.
             burst.used(buffer.head, u32::try_from(take).unwrap_or(u32::MAX));
             left = left.saturating_sub(take);
@@ -154,6 +158,19 @@ impl RxBatch {
     }
 }
 
+/// Marks the first `len` bytes of `spans` dirty (they were written).
+fn mark_spans(log: &LogMap, spans: &[crate::devices::sg::Span], len: u64) {
+    let mut left = len;
+    for span in spans {
+        if left == 0 {
+            break;
+        }
+        let take = left.min(u64::from(span.len));
+        log.mark(span.addr.0, take);
+        left = left.saturating_sub(take);
+    }
+}
+
 /// A guest's receive side as seen by senders: its rx queues, memory and offloads.
 pub struct RxTarget {
     /// The rx vring of each queue pair, set once when the connection's vrings are created.
@@ -161,15 +178,18 @@ pub struct RxTarget {
     memory: AtomicGuestMemory,
     /// The device's acked feature bits (shared with it; decoded per frame, no lock).
     features: Arc<AtomicU64>,
+    /// The receiver's dirty-page log (live migration).
+    log: Arc<DirtyLog>,
 }
 
 impl RxTarget {
     /// A receive side whose rx queues are given later ([`RxTarget::set_queues`]).
-    pub fn new(memory: AtomicGuestMemory, features: Arc<AtomicU64>) -> Self {
+    pub fn new(memory: AtomicGuestMemory, features: Arc<AtomicU64>, log: Arc<DirtyLog>) -> Self {
         Self {
             queues: std::sync::OnceLock::new(),
             memory,
             features,
+            log,
         }
     }
 
@@ -229,8 +249,9 @@ impl RxTarget {
         let end = avail_index(state.get_queue(), &self.memory);
         let memory = self.memory.memory();
         let map = MemMap::new(&memory);
+        let log = self.log.current();
         let mut burst = match Burst::bounded(state.get_queue_mut(), &map, end) {
-            Ok(burst) => burst,
+            Ok(burst) => burst.with_log(log.as_deref()),
             Err(e) => {
                 log::debug!("rx ring refused: {e}");
                 picks

@@ -37,6 +37,7 @@ use crate::qos::gate::Gate;
 use crate::qos::limiter::{Cost, CostKind};
 use crate::qos::timer::TimerError;
 use crate::ring::burst::Burst;
+use crate::ring::dirty::DirtyLog;
 use crate::ring::map::MemMap;
 use crate::storage::GuestIovecs;
 use crate::vring::{
@@ -101,6 +102,8 @@ pub struct PairWorker {
     /// Features the tap offloads were last set for.
     offloads_for: Option<u64>,
     batch: RxBatch,
+    /// The connection's dirty-page log (live migration): rx frames and used rings.
+    log: Arc<DirtyLog>,
     /// The tx burst being sent, reused.
     tx_frames: Vec<(u16, TxFrame)>,
     /// Scratch for the chain being walked.
@@ -122,6 +125,7 @@ impl PairWorker {
         pair: u16,
         shared: Arc<NetShared>,
         memory: AtomicGuestMemory,
+        log: Arc<DirtyLog>,
         backend: PairBackend,
     ) -> Result<Self, WorkerError> {
         let gate = Gate::new()?;
@@ -132,6 +136,7 @@ impl PairWorker {
             pair,
             shared,
             memory,
+            log,
             backend,
             negotiated: Negotiated::default(),
             offloads_for: None,
@@ -278,8 +283,9 @@ impl PairWorker {
             let end = avail_index(state.get_queue(), &self.memory);
             let memory = self.memory.memory();
             let map = MemMap::new(&memory);
+            let log = self.log.current();
             let mut burst = match Burst::bounded(state.get_queue_mut(), &map, end) {
-                Ok(burst) => burst,
+                Ok(burst) => burst.with_log(log.as_deref()),
                 Err(e) => {
                     stats.ring_error();
                     log::debug!("{} pair {}: rx ring: {e}", self.shared.config.id, self.pair);
@@ -435,7 +441,9 @@ impl PairWorker {
             let end = avail_index(state.get_queue(), &self.memory);
             let memory = self.memory.memory();
             let map = MemMap::new(&memory);
-            let served = Burst::bounded(state.get_queue_mut(), &map, end).map(|mut burst| {
+            let log = self.log.current();
+            let served = Burst::bounded(state.get_queue_mut(), &map, end).map(|burst| {
+                let mut burst = burst.with_log(log.as_deref());
                 let sent_held = self.tx_burst(&mut burst, &memory);
                 (sent_held, burst.finish())
             });

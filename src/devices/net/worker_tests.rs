@@ -33,6 +33,18 @@ struct Guest {
 
 impl Guest {
     fn attach(hub: &Arc<SwitchHub>, id: &str, last: u8, pairs: u16, qos: &str) -> Self {
+        Self::attach_logged(hub, id, last, pairs, qos, Arc::default())
+    }
+
+    /// [`Guest::attach`] with a dirty-page log for its connection.
+    fn attach_logged(
+        hub: &Arc<SwitchHub>,
+        id: &str,
+        last: u8,
+        pairs: u16,
+        qos: &str,
+        log: Arc<crate::ring::dirty::DirtyLog>,
+    ) -> Self {
         let mac = [0x52, 0x54, 0, 0, 0, last];
         let spec = format!(
             "socket=/nonexistent/{id}.sock,switch=t,queues={pairs},mac=52:54:00:00:00:{last:02x}"
@@ -75,7 +87,7 @@ impl Guest {
             })
             .collect();
         let workers: Vec<PairWorker> = shared
-            .connect(atomic)
+            .connect(atomic, log)
             .unwrap()
             .into_iter()
             .map(Option::unwrap)
@@ -239,4 +251,49 @@ fn a_receiver_gets_the_ethernet_header_the_switch_checked_not_a_second_read() {
         &checked[..],
         "the checked source MAC, and the rest of the frame"
     );
+}
+
+#[test]
+fn frames_and_used_entries_written_into_guests_are_marked_in_their_dirty_logs() {
+    use crate::devices::testing::{assert_changes_logged, test_log};
+    let hub = Arc::new(SwitchHub::new("t"));
+    let (log_a, mut bits_a) = test_log(4096);
+    let (log_b, mut bits_b) = test_log(4096);
+    log_a.set_logging(true);
+    log_b.set_logging(true);
+    let mut a = Guest::attach_logged(&hub, "a", 0x0a, 1, "", log_a);
+    let mut b = Guest::attach_logged(&hub, "b", 0x0b, 1, "", log_b);
+    b.post_rx(0, 8);
+    let snapshot = |g: &Guest| {
+        let mut m = vec![0u8; 4 << 20];
+        g.mem.read_slice(&mut m, GuestAddress(0)).unwrap();
+        m
+    };
+    let frames: Vec<Vec<u8>> = (0..6u8)
+        .map(|i| {
+            let mut f = frame(b.mac, a.mac, 0x40 + i);
+            f.extend(std::iter::repeat_n(i, usize::from(i) * 250));
+            f
+        })
+        .collect();
+    // Posting is the guest's own writing: snapshots are taken after it, so only what the
+    // device writes differs.
+    let before_b = snapshot(&b);
+    for f in &frames {
+        let at = a.alloc(12 + f.len() as u64);
+        a.mem.write_slice(&[0u8; 12], GuestAddress(at)).unwrap();
+        a.mem.write_slice(f, GuestAddress(at + 12)).unwrap();
+        a.queues[0].1.post(&[(at, 12 + f.len() as u32, false)]);
+    }
+    let sent_a = snapshot(&a);
+    a.kick(0, Event::Queue(1));
+    assert_eq!(a.queues[0].1.used().len(), frames.len(), "all sent");
+    assert_eq!(b.queues[0].0.used().len(), frames.len(), "all received");
+    let changed_b = assert_changes_logged(&before_b, &snapshot(&b), &mut bits_b);
+    assert!(
+        changed_b >= 3,
+        "rx buffers and the used ring changed ({changed_b})"
+    );
+    let changed_a = assert_changes_logged(&sent_a, &snapshot(&a), &mut bits_a);
+    assert!(changed_a >= 1, "the tx used ring changed");
 }

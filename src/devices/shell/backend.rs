@@ -14,7 +14,8 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use vhost_user_backend::VhostUserBackend;
+use vhost_user_backend::{VhostUserBackend, VringT};
+use virtio_queue::QueueT;
 use vm_memory::GuestMemoryAtomic;
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
@@ -23,6 +24,7 @@ use vmm_sys_util::event::{
 
 use super::device::{Device, Event, SetupError, Worker, WorkerFd};
 use crate::lock::lock;
+use crate::ring::dirty::{mark_used_ring, DirtyLog, VHOST_F_LOG_ALL};
 use crate::vring::{AtomicGuestMemory, CheckedVring};
 
 /// The most config bytes vhost-user lets a front-end ask for.
@@ -113,6 +115,11 @@ pub struct DeviceBackend<D: Device> {
     exit_events: ExitEvents,
     /// This connection's guest memory in the SIGBUS table (`sys::sigbus`).
     memory_owner: u64,
+    /// This connection's dirty-page log (live migration): mapped by the relay, switched on
+    /// and off by the acked features, marked by the workers.
+    log: Arc<DirtyLog>,
+    /// The connection's vrings (for the used-ring mark at a queue stop).
+    vrings: std::sync::OnceLock<Vec<CheckedVring>>,
 }
 
 impl<D: Device> DeviceBackend<D> {
@@ -121,8 +128,9 @@ impl<D: Device> DeviceBackend<D> {
         // Exit events first: once `connect` has taken resources (taps), only our `Drop`
         // gives them back.
         let exit_events = ExitEvents::new(device.workers())?;
+        let log = Arc::new(DirtyLog::default());
         let mut workers: Vec<_> = device
-            .connect(memory)?
+            .connect(memory, Arc::clone(&log))?
             .into_iter()
             .map(Mutex::new)
             .collect();
@@ -133,7 +141,20 @@ impl<D: Device> DeviceBackend<D> {
             workers,
             exit_events,
             memory_owner: crate::sys::sigbus::new_owner(),
+            log,
+            vrings: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Records the connection's vrings (once, when they are created) and tells the device.
+    pub fn vrings_created(&self, vrings: &[CheckedVring]) {
+        let _ = self.vrings.set(vrings.to_vec());
+        self.device.vrings_created(vrings);
+    }
+
+    /// The connection's dirty-page log.
+    pub fn dirty_log(&self) -> &DirtyLog {
+        &self.log
     }
 
     /// The device this connection serves.
@@ -196,7 +217,8 @@ impl<D: Device> VhostUserBackend for DeviceBackend<D> {
     }
 
     fn features(&self) -> u64 {
-        self.device.features()
+        // Every device logs its writes for live migration (`ring::dirty`).
+        self.device.features() | VHOST_F_LOG_ALL
     }
 
     fn acked_features(&self, features: u64) {
@@ -204,11 +226,14 @@ impl<D: Device> VhostUserBackend for DeviceBackend<D> {
             "{}: front-end acked features {features:#x}",
             self.device.id()
         );
-        self.device.acked_features(features);
+        let logging = features & VHOST_F_LOG_ALL != 0;
+        self.log.set_logging(logging);
+        self.device.acked_features(features & !VHOST_F_LOG_ALL);
+        self.device.logging(logging);
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        self.device.protocol_features()
+        self.device.protocol_features() | VhostUserProtocolFeatures::LOG_SHMFD
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -279,6 +304,15 @@ impl<D: Device> VhostUserBackend for DeviceBackend<D> {
             if let Some(worker) = guard.as_mut() {
                 worker.stop_queue(position);
             }
+        }
+        // The worker has returned everything; nothing is written into this ring until it
+        // starts again. Mark the whole used ring (the last `avail_event` writes included)
+        // before the front-end's final log sync, which follows this stop.
+        let vring = self.vrings.get().and_then(|v| v.get(queue));
+        if let (Some(log), Some(vring)) = (self.log.current(), vring) {
+            let state = vring.get_ref();
+            let queue = state.get_queue();
+            mark_used_ring(&log, queue.used_ring(), queue.size());
         }
         Ok(())
     }

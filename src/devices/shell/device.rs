@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 
+use crate::ring::dirty::DirtyLog;
 use crate::vring::{AtomicGuestMemory, CheckedVring};
 
 /// The kinds of fds a worker thread watches besides its queues' kick fds.
@@ -121,10 +122,16 @@ pub trait Device: Send + Sync + 'static {
     fn config_space(&self) -> Vec<u8>;
 
     /// Builds a new connection's workers (`None`: a worker slot with nothing to serve).
+    /// Every write they make into guest memory is marked in `log` while it is on
+    /// (`ring::dirty`).
     fn connect(
         self: &Arc<Self>,
         memory: AtomicGuestMemory,
+        log: Arc<DirtyLog>,
     ) -> Result<Vec<Option<Self::Worker>>, SetupError>;
+
+    /// The front-end switched dirty logging on (a live migration started) or off.
+    fn logging(&self, _on: bool) {}
 
     /// The connection's vrings, in queue order, as soon as they exist (before any message).
     fn vrings_created(&self, _vrings: &[CheckedVring]) {}

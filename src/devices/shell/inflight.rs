@@ -19,11 +19,11 @@
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
-use std::ptr::NonNull;
 use std::sync::{Arc, Mutex};
 
 use crate::lock::lock;
 use crate::ring::inflight::{queue_region_size, InflightQueue};
+use crate::sys::shared_map::SharedMapping;
 
 /// `VHOST_USER_GET_INFLIGHT_FD`.
 pub const GET_INFLIGHT_FD: u32 = 31;
@@ -31,8 +31,6 @@ pub const GET_INFLIGHT_FD: u32 = 31;
 pub const SET_INFLIGHT_FD: u32 = 32;
 /// `VhostUserInflight`: mmap_size, mmap_offset (u64), num_queues, queue_size (u16), padded.
 pub const PAYLOAD_LEN: usize = 24;
-/// `statfs.f_type` of hugetlbfs.
-const HUGETLBFS_MAGIC: libc::c_long = 0x9584_58f6;
 
 /// Why an inflight message was refused (the connection is then dropped).
 #[derive(Debug, thiserror::Error)]
@@ -72,18 +70,10 @@ fn io(action: &'static str) -> impl FnOnce(std::io::Error) -> InflightError {
 
 /// One mapped inflight region (unmapped when the last user drops it).
 pub struct InflightRegion {
-    base: NonNull<u8>,
-    len: usize,
+    mapping: SharedMapping,
     queues: u16,
     queue_size: u16,
-    file: File,
 }
-
-// SAFETY: the mapping is shared memory owned by this value until Drop; the per-queue views
-// access it only through atomics.
-unsafe impl Send for InflightRegion {}
-// SAFETY: as above: no `&mut` access to the mapping exists, only atomics through the views.
-unsafe impl Sync for InflightRegion {}
 
 impl InflightRegion {
     /// A fresh, zeroed region for `queues` queues of `queue_size` (GET_INFLIGHT_FD).
@@ -125,65 +115,13 @@ impl InflightRegion {
                 "{len} bytes for {queues} queue(s) of {queue_size} (needs {needed})"
             )));
         }
-        let meta = file.metadata().map_err(io("inspect the fd"))?;
-        if !meta.is_file() {
-            return Err(InflightError::Region("the fd is not a regular file".into()));
-        }
-        // Not hugetlbfs: its mappings are rounded up to huge pages, which `Drop` would not
-        // unmap whole (the region is small; a normal page size serves it).
-        // SAFETY: fstatfs fills the zeroed struct for an fd we hold.
-        let mut fs: libc::statfs = unsafe { std::mem::zeroed() };
-        // SAFETY: as above; `fs` is a live, writable statfs.
-        if unsafe { libc::fstatfs(file.as_raw_fd(), &mut fs) } != 0 {
-            return Err(io("inspect the fd's filesystem")(
-                std::io::Error::last_os_error(),
-            ));
-        }
-        if fs.f_type == HUGETLBFS_MAGIC {
-            return Err(InflightError::Region("a hugetlbfs file".into()));
-        }
-        let end = offset.checked_add(needed as u64);
-        if !end.is_some_and(|end| end <= meta.len()) {
-            return Err(InflightError::Region(format!(
-                "offset {offset} + {needed} bytes past the file's {} bytes",
-                meta.len()
-            )));
-        }
-        let page = 4096u64;
-        let offset_ok = offset.checked_rem(page) == Some(0);
-        let offset = libc::off_t::try_from(offset).ok().filter(|_| offset_ok);
-        let Some(offset) = offset else {
-            return Err(InflightError::Region("offset not page-aligned".into()));
-        };
-        // SAFETY: a new shared mapping of `needed` bytes of a regular file we hold, at a
-        // page-aligned offset inside it (checked above); nothing else is mapped there.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                needed,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                offset,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(io("mmap")(std::io::Error::last_os_error()));
-        }
-        let Some(base) = NonNull::new(ptr.cast::<u8>()) else {
-            return Err(InflightError::Region("mmap returned null".into()));
-        };
-        let region = Self {
-            base,
-            len: needed,
+        let mapping = SharedMapping::map(file, offset, needed)
+            .map_err(|e| InflightError::Region(e.to_string()))?;
+        Ok(Self {
+            mapping,
             queues,
             queue_size,
-            file,
-        };
-        // A file the front-end shrinks later must not end the daemon.
-        crate::sys::sigbus::register(0, base.as_ptr() as usize, needed)
-            .map_err(|e| InflightError::Region(e.to_string()))?;
-        Ok(region)
+        })
     }
 
     /// The view of queue `index` (`None` past the region's queues).
@@ -194,30 +132,17 @@ impl InflightRegion {
             return None;
         }
         let offset = usize::from(index).checked_mul(queue_region_size(self.queue_size))?;
-        if offset.checked_add(queue_region_size(self.queue_size))? > self.len {
+        if offset.checked_add(queue_region_size(self.queue_size))? > self.mapping.len() {
             return None;
         }
         // SAFETY: the offset and the queue's bytes lie inside the mapping (checked), which is
         // page-aligned, so the base is 64-aligned; the caller keeps the region alive.
-        Some(unsafe { InflightQueue::new(self.base.add(offset), self.queue_size) })
+        Some(unsafe { InflightQueue::new(self.mapping.base().add(offset), self.queue_size) })
     }
 
     /// The queue size the region was made for.
     pub fn queue_size(&self) -> u16 {
         self.queue_size
-    }
-}
-
-impl Drop for InflightRegion {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly the mapping made in `map` (a normal-page file, so its
-        // length is what was mapped); no view outlives the region.
-        if unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) } != 0 {
-            log::error!(
-                "inflight region: munmap: {}",
-                std::io::Error::last_os_error()
-            );
-        }
     }
 }
 
@@ -316,9 +241,13 @@ impl InflightSlot {
         let asked = decode(payload)?;
         self.check(asked.queues, asked.queue_size)?;
         let region = InflightRegion::create(asked.queues, asked.queue_size)?;
-        let fd = region.file.try_clone().map_err(io("duplicate the fd"))?;
+        let fd = region
+            .mapping
+            .file()
+            .try_clone()
+            .map_err(io("duplicate the fd"))?;
         let reply = encode(&Payload {
-            mmap_size: region.len as u64,
+            mmap_size: region.mapping.len() as u64,
             mmap_offset: 0,
             queues: asked.queues,
             queue_size: asked.queue_size,

@@ -43,6 +43,7 @@ use std::os::unix::net::UnixStream;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use super::inflight::{InflightSlot, GET_INFLIGHT_FD, SET_INFLIGHT_FD};
+use crate::ring::dirty::{DirtyLog, LogMap};
 
 /// vhost-user header: request, flags, payload size (each a little-endian u32).
 const HEADER_LEN: usize = 12;
@@ -52,6 +53,8 @@ const MAX_PAYLOAD: usize = 0x1000;
 const MAX_FDS: usize = 32;
 const SET_FEATURES: u32 = 2;
 const SET_MEM_TABLE: u32 = 5;
+const SET_LOG_BASE: u32 = 6;
+const SET_LOG_FD: u32 = 7;
 const SET_VRING_KICK: u32 = 12;
 const SET_VRING_ENABLE: u32 = 18;
 const SET_BACKEND_REQ_FD: u32 = 21;
@@ -76,6 +79,9 @@ pub enum RelayError {
     /// A message was malformed (size over the protocol limit).
     #[error("malformed vhost-user message (payload of {0} bytes)")]
     Malformed(u32),
+    /// A request that must carry a file descriptor came without one.
+    #[error("vhost-user request {0} without its file descriptor")]
+    MissingFd(u32),
     /// The front-end sent more of something than any front-end needs; the connection is
     /// dropped rather than the relay's memory grown.
     #[error("too many {0}")]
@@ -86,6 +92,9 @@ pub enum RelayError {
     /// An inflight message was refused; the connection is dropped.
     #[error(transparent)]
     Inflight(#[from] super::inflight::InflightError),
+    /// A dirty-log message was refused; the connection is dropped.
+    #[error(transparent)]
+    Log(#[from] crate::ring::dirty::DirtyError),
 }
 
 /// One message with the descriptors that came with it (closed when dropped).
@@ -213,12 +222,14 @@ fn ack(front: &mut UnixStream, message: &Message) -> Result<(), RelayError> {
 /// that socket is handed to `on_backend_channel` (for device-initiated messages such as a
 /// config-change notification, which `vhost-user-backend`'s `Backend` cannot send). A device
 /// with `inflight` gets the inflight messages answered (its slot is cleared first: the new
-/// front-end brings its own region, or none).
+/// front-end brings its own region, or none). The dirty-page log the front-end hands over
+/// (`SET_LOG_BASE`) goes into `log`.
 pub fn relay(
     mut front: UnixStream,
     mut back: UnixStream,
     mut on_backend_channel: impl FnMut(UnixStream),
     inflight: Option<&InflightSlot>,
+    log: &DirtyLog,
 ) -> Result<(), RelayError> {
     if let Some(slot) = inflight {
         slot.clear();
@@ -326,6 +337,25 @@ pub fn relay(
                     } else {
                         write_message(&mut back, &message)?;
                     }
+                }
+                SET_LOG_BASE => {
+                    // Answered here (vhost-user-backend would need a bitmap type in every
+                    // guest memory access): map it, then acknowledge, always (the front-end
+                    // waits for this reply before it starts the migration's first pass).
+                    let Some(file) = message.files.into_iter().next() else {
+                        break Err(RelayError::MissingFd(SET_LOG_BASE));
+                    };
+                    log.set_map(LogMap::from_message(&message.payload, file)?);
+                    let reply = Message::new(
+                        SET_LOG_BASE,
+                        VERSION_1 | FLAG_REPLY,
+                        0u64.to_le_bytes().to_vec(),
+                    );
+                    write_message(&mut front, &reply)?;
+                }
+                SET_LOG_FD => {
+                    // A notification fd for log changes; nothing here uses it (closed).
+                    ack(&mut front, &message)?;
                 }
                 GET_INFLIGHT_FD if inflight.is_some() => {
                     if let Some(slot) = inflight {
@@ -438,7 +468,8 @@ mod tests {
     fn early_vring_enables_are_acked_held_and_replayed_after_set_features() {
         let (mut qemu, front) = UnixStream::pair().unwrap();
         let (back, mut handler) = UnixStream::pair().unwrap();
-        let relay = std::thread::spawn(move || relay(front, back, |_| {}, None));
+        let relay =
+            std::thread::spawn(move || relay(front, back, |_| {}, None, &DirtyLog::default()));
         let enable = [0u8, 0, 0, 0, 1, 0, 0, 0];
         // Early enable with NEED_REPLY: answered by the relay, not forwarded.
         qemu.write_all(&raw(SET_VRING_ENABLE, VERSION_1 | FLAG_NEED_REPLY, &enable))
@@ -478,7 +509,8 @@ mod tests {
     fn a_front_end_cannot_grow_the_relays_state() {
         let (mut qemu, front) = UnixStream::pair().unwrap();
         let (back, _handler) = UnixStream::pair().unwrap();
-        let relay = std::thread::spawn(move || relay(front, back, |_| {}, None));
+        let relay =
+            std::thread::spawn(move || relay(front, back, |_| {}, None, &DirtyLog::default()));
         let enable = [0u8, 0, 0, 0, 1, 0, 0, 0];
         for _ in 0..=MAX_EARLY_ENABLES {
             if qemu
@@ -495,7 +527,8 @@ mod tests {
     fn identical_memory_regions_reach_the_handler_once() {
         let (mut qemu, front) = UnixStream::pair().unwrap();
         let (back, mut handler) = UnixStream::pair().unwrap();
-        let relay = std::thread::spawn(move || relay(front, back, |_| {}, None));
+        let relay =
+            std::thread::spawn(move || relay(front, back, |_| {}, None, &DirtyLog::default()));
         let mut region = vec![0u8; 40];
         region[8] = 0x10; // guest address
         region[16] = 0x20; // size
@@ -536,7 +569,9 @@ mod tests {
         let slot = std::sync::Arc::new(InflightSlot::new(2, 256));
         let relay = {
             let slot = std::sync::Arc::clone(&slot);
-            std::thread::spawn(move || relay(front, back, |_| {}, Some(&slot)))
+            std::thread::spawn(move || {
+                relay(front, back, |_| {}, Some(&slot), &DirtyLog::default())
+            })
         };
         let mut asked = vec![0u8; 24];
         asked[16] = 2; // queues
@@ -579,7 +614,8 @@ mod tests {
     fn descriptors_pass_through_and_oversized_messages_end_the_relay() {
         let (qemu, front) = UnixStream::pair().unwrap();
         let (back, mut handler) = UnixStream::pair().unwrap();
-        let relay = std::thread::spawn(move || relay(front, back, |_| {}, None));
+        let relay =
+            std::thread::spawn(move || relay(front, back, |_| {}, None, &DirtyLog::default()));
         let file = tempfile::tempfile().unwrap();
         // A request the relay does not look into passes with its fd.
         qemu.send_with_fds(

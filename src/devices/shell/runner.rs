@@ -267,7 +267,7 @@ fn serve_connection<D: Device>(
     // Declared after `backend`, so dropped before it on every path: the crate's handlers go
     // first, then the backend (which closes the exit fds the crate took).
     let mut daemon = daemon.map_err(|e| format!("{e}"))?;
-    backend.device().vrings_created(&vrings);
+    backend.vrings_created(&vrings);
     // The vrings hold the front-end's kick and call fds: keep no copy past the session.
     drop(vrings);
     for (index, handler) in daemon.get_epoll_handlers().iter().enumerate() {
@@ -303,7 +303,8 @@ fn serve_connection<D: Device>(
                 crate::sandbox::enter_relay();
                 let channel = |stream| backend.device().backend_channel(stream);
                 let inflight = backend.device().inflight_slot();
-                if let Err(e) = super::relay::relay(front, back, channel, inflight) {
+                let log = backend.dirty_log();
+                if let Err(e) = super::relay::relay(front, back, channel, inflight, log) {
                     log::warn!("{id}: vhost-user relay: {e}");
                 }
             })?
