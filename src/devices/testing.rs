@@ -119,7 +119,8 @@ pub fn assert_changes_logged(before: &[u8], now: &[u8], log: &mut std::fs::File)
         if a != b {
             changed += 1;
             assert!(
-                bits.get(page / 8).is_some_and(|b| b & (1 << (page % 8)) != 0),
+                bits.get(page / 8)
+                    .is_some_and(|b| b & (1 << (page % 8)) != 0),
                 "page {page} was written but not logged"
             );
         }

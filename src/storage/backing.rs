@@ -80,6 +80,9 @@ pub struct OpenRequest<'a> {
     pub readonly: bool,
     /// Open with `O_DIRECT`.
     pub direct: bool,
+    /// Take the lock now (false: the destination of a migration, which takes it later;
+    /// `storage::image_lock`).
+    pub lock: bool,
 }
 
 /// An opened, locked backing file.
@@ -133,10 +136,12 @@ pub fn open_backing(request: &OpenRequest<'_>) -> Result<BackingFile, BackingErr
     if opened.is_block_device() && !ALLOW_BLOCK_DEVICES.load(std::sync::atomic::Ordering::Acquire) {
         return Err(BackingError::BlockDeviceNotAllowed(path.to_path_buf()));
     }
-    lock(&file, request.readonly).map_err(|e| match e.raw_os_error() {
-        Some(libc::EWOULDBLOCK) => BackingError::Locked(path.to_path_buf()),
-        _ => with_path(e),
-    })?;
+    if request.lock {
+        lock(&file, request.readonly).map_err(|e| match e.raw_os_error() {
+            Some(libc::EWOULDBLOCK) => BackingError::Locked(path.to_path_buf()),
+            _ => with_path(e),
+        })?;
+    }
     let file_type = file.metadata().map_err(with_path)?.file_type();
     let is_block_device = file_type.is_block_device();
     if !file_type.is_file() && !is_block_device {
@@ -228,6 +233,7 @@ mod tests {
             size,
             readonly: false,
             direct: false,
+            lock: true,
         }
     }
 

@@ -19,6 +19,7 @@
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 pub mod backing;
+pub mod image_lock;
 pub mod iov;
 pub mod null;
 pub mod open;

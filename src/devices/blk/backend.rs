@@ -102,6 +102,12 @@ impl Device for DeviceShared {
         }
     }
 
+    fn logging(&self, on: bool) {
+        if let Some(image) = &self.image {
+            image.set_migrating(on);
+        }
+    }
+
     fn inflight_slot(&self) -> Option<&crate::devices::shell::inflight::InflightSlot> {
         (!inflight_disabled()).then_some(&self.inflight)
     }

@@ -74,6 +74,9 @@ pub struct BlkConfig {
     pub readonly: bool,
     /// Open the backing with `O_DIRECT` (bypass the host page cache).
     pub direct: bool,
+    /// The destination of a live migration (`incoming=on`): the image may still be held by
+    /// the source device; this one takes it when its front-end starts (`storage::image_lock`).
+    pub incoming: bool,
     /// Number of virtqueues offered (`VIRTIO_BLK_F_MQ`).
     pub queues: u16,
     /// Largest queue size the front-end may configure.
@@ -168,6 +171,7 @@ impl BlkConfig {
         let size = options.take_size("size")?;
         let readonly = options.take_bool("readonly")?.unwrap_or(false);
         let direct = options.take_bool("direct")?.unwrap_or(false);
+        let incoming = options.take_bool("incoming")?.unwrap_or(false);
         let serial = options.take_str("serial").unwrap_or_else(|| id.clone());
         let engine = match options.take_str("engine").as_deref() {
             None | Some("uring") => EngineKind::Uring,
@@ -210,6 +214,7 @@ impl BlkConfig {
             size,
             readonly,
             direct,
+            incoming,
             queues,
             queue_size,
             serial,

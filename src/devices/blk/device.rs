@@ -20,6 +20,7 @@ use super::request::Limits;
 use super::shared::DeviceShared;
 use crate::devices::shell::runner::{DeviceRunner, RunnerError};
 use crate::storage::backing::{open_backing, open_log, BackingError, OpenRequest};
+use crate::storage::image_lock::ImageLock;
 use crate::storage::tier::store::{journal_path, TierError, TierStore};
 use crate::storage::EngineSource;
 use crate::sys::poll::wait_readable_for;
@@ -99,7 +100,15 @@ impl BlkDevice {
                     size: config.size,
                     readonly: config.readonly,
                     direct: config.direct,
+                    lock: !config.incoming,
                 })?;
+                if config.incoming {
+                    log::info!(
+                        "{}: incoming migration: {} is taken when the front-end starts",
+                        config.id,
+                        path.display()
+                    );
+                }
                 (Some(Arc::new(backing.file)), backing.size)
             }
         };
@@ -152,6 +161,13 @@ impl BlkDevice {
             );
             crate::storage::volatile::Cache::default()
         });
+        let image = file.as_ref().map(|file| {
+            Arc::new(ImageLock::new(
+                Arc::clone(file),
+                config.readonly,
+                !config.incoming,
+            ))
+        });
         let source = EngineSource {
             kind: file.is_some().then_some(engine),
             file,
@@ -165,6 +181,7 @@ impl BlkDevice {
             serial: config.serial.clone(),
             logical_block_size: config.logical_block_size,
             poll: config.poll,
+            image,
             ..DeviceShared::new(&config.id, config.queues, config.queue_size, limits, source)
         });
         if let Err(e) = shared.set_qos(&config.qos) {

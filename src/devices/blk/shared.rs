@@ -52,6 +52,9 @@ pub struct DeviceShared {
     /// The front-end's inflight region (`INFLIGHT_SHMFD`), read by each queue worker when its
     /// queue starts.
     pub inflight: crate::devices::shell::inflight::InflightSlot,
+    /// The image's lock, which follows the running side of a live migration (`None`: the
+    /// null device).
+    pub image: Option<Arc<crate::storage::image_lock::ImageLock>>,
 }
 
 impl DeviceShared {
@@ -83,6 +86,7 @@ impl DeviceShared {
             direct_align: None,
             stats: (0..queues).map(|_| Arc::default()).collect(),
             inflight: crate::devices::shell::inflight::InflightSlot::new(queues, queue_size),
+            image: None,
         }
     }
 

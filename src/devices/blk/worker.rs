@@ -99,6 +99,18 @@ struct InFlight {
     written: Written,
 }
 
+/// The stats class of a request.
+fn class_of(kind: &RequestKind) -> OpClass {
+    match kind {
+        RequestKind::Read { .. } => OpClass::Read,
+        RequestKind::Write { .. } => OpClass::Write,
+        RequestKind::Flush => OpClass::Flush,
+        RequestKind::Discard(_) => OpClass::Discard,
+        RequestKind::WriteZeroes(_) => OpClass::WriteZeroes,
+        RequestKind::GetId { .. } => OpClass::GetId,
+    }
+}
+
 /// Host ranges a request writes; inline for the usual few segments.
 type Written = smallvec::SmallVec<[(usize, usize); 4]>;
 
@@ -148,8 +160,9 @@ pub struct QueueWorker {
     /// The front-end's inflight record of this queue (`ring::inflight`), with the region
     /// that maps it; looked up when the queue starts.
     inflight: Option<(Arc<InflightRegion>, InflightQueue)>,
-    /// Whether the inflight region was looked up since the queue (re)started.
-    inflight_checked: bool,
+    /// Whether the queue's start was handled (image lock, inflight recovery) since it
+    /// (re)started.
+    started: bool,
 }
 
 impl QueueWorker {
@@ -181,7 +194,7 @@ impl QueueWorker {
             gate: Gate::new()?,
             heads: HeadSet::default(),
             inflight: None,
-            inflight_checked: false,
+            started: false,
         })
     }
 
@@ -254,8 +267,8 @@ impl QueueWorker {
             self.stats.misconfigured();
             return Ok(());
         }
-        if !self.inflight_checked {
-            self.recover_inflight(vring);
+        if !self.started {
+            self.start_queue(vring);
         }
         let started = Instant::now();
         self.poller.woke(started);
@@ -405,11 +418,33 @@ impl QueueWorker {
         }
     }
 
+    /// At the queue's start: takes the image (the running side of a migration writes it;
+    /// `storage::image_lock`), then recovers what a previous process left in flight.
+    fn start_queue(&mut self, vring: &CheckedVring) {
+        self.started = true;
+        if let Some(image) = &self.shared.image {
+            let had = image.is_held();
+            if !image.queue_started() {
+                log::warn!(
+                    "{}: queue {}: the image is held by another device or process (a migration \
+                     source still running?); requests fail until it is released",
+                    self.shared.id,
+                    self.queue_index
+                );
+            } else if !had {
+                log::info!(
+                    "{}: took the image: this side of the migration now serves it",
+                    self.shared.id
+                );
+            }
+        }
+        self.recover_inflight(vring);
+    }
+
     /// At the queue's start: takes the front-end's inflight region for this queue, and
     /// resubmits, in their original order, the requests a previous daemon took and did not
     /// return (a crash), going on from the avail position it recorded.
     fn recover_inflight(&mut self, vring: &CheckedVring) {
-        self.inflight_checked = true;
         self.inflight = None;
         let Some(region) = self.shared.inflight.current() else {
             return;
@@ -550,7 +585,17 @@ impl QueueWorker {
         // The queue stops; at its next start the region is looked up again (a reset brings
         // a new one).
         self.inflight = None;
-        self.inflight_checked = false;
+        if std::mem::take(&mut self.started) {
+            if let Some(image) = &self.shared.image {
+                if image.queue_stopped() {
+                    log::info!(
+                        "{}: migration switchover: every queue stopped, the image is released \
+                         for the destination",
+                        self.shared.id
+                    );
+                }
+            }
+        }
     }
 
     fn start<C>(&mut self, head: u16, chain: C, memory: &Arc<GuestMemory>)
@@ -627,6 +672,24 @@ impl QueueWorker {
     }
 
     fn execute(&mut self, head: u16, request: Request, memory: &Arc<GuestMemory>) {
+        if self
+            .shared
+            .image
+            .as_ref()
+            .is_some_and(|image| !image.ensure_held())
+        {
+            // The other side of a migration still holds the image: serve nothing.
+            self.stats.started();
+            self.stats
+                .completed(class_of(&request.kind), 0, false, std::time::Duration::ZERO);
+            self.finished.push(Finished {
+                head,
+                status: Some(request.status),
+                code: VIRTIO_BLK_S_IOERR as u8,
+                used_len: 1,
+            });
+            return;
+        }
         let mut bounce = None;
         let mut written = Written::new();
         let (class, ops): (OpClass, EngineOps) = match request.kind {
