@@ -2,7 +2,8 @@
 # random data with O_DIRECT and read it back with O_DIRECT, round after round, while the host
 # kills the daemon (kill -9) and starts it again under them. Every read must match what was
 # written: a request lost, completed twice or executed stale shows as a mismatch or a hang.
-# The host ends the run by writing NOVACRON-STOP into the disk's last 4 KiB. Runs under `sh -e`.
+# The host ends the run by writing NOVACRON-STOP into the disk's last 4 KiB. Each writer
+# prints its progress every 20 rounds. Runs under `sh -e`.
 dev=/dev/vda
 test -b "$dev" || { echo "no $dev"; exit 2; }
 last=$(( $(cat /sys/block/vda/size) / 8 - 1 ))
@@ -20,6 +21,8 @@ writer() {
             || { echo "writer $id: read failed in round $round"; return 1; }
         cmp -s /tmp/w$id /tmp/r$id || { echo "writer $id: MISMATCH in round $round"; return 1; }
         round=$(( round + 1 ))
+        # Progress the host can wait for (a migration test waits for it on each side).
+        if [ $(( round % 20 )) = 0 ]; then echo "writer $id: round $round"; fi
     done
     echo "writer $id: $round rounds verified"
 }

@@ -10,7 +10,6 @@
 //! behaves as before it: QEMU rewinds the ring to the used index), to show the failure.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail loudly by design
 
-use std::os::unix::fs::FileExt;
 use std::time::{Duration, Instant};
 
 use serde_json::json;
@@ -18,6 +17,7 @@ use serde_json::json;
 use crate::common::control::Control;
 use crate::common::daemon::Daemon;
 use crate::common::guest::{boot, vhost_user_blk_reconnect};
+use crate::common::writers::{completed_on, stop_writers_in};
 
 const SPEC: &str = "socket={dir}/c.sock,path={dir}/c.img,size=64M,queues=2";
 const KILLS: usize = 10;
@@ -30,34 +30,14 @@ fn env() -> Vec<(&'static str, &'static str)> {
     env
 }
 
-/// Requests this daemon process completed on the disk so far, and how many of them it
-/// resubmitted from the inflight region.
+/// Requests this daemon process completed on disk `c`, and how many it resubmitted.
 fn completed(daemon: &Daemon) -> (u64, u64) {
-    let mut ctl = Control::connect(&daemon.path("control.sock"));
-    let stats = ctl.call("device.stats", json!({"id": "c"})).unwrap();
-    let queues = stats["queues"].as_array().expect("per-queue stats");
-    let requests = queues
-        .iter()
-        .flat_map(|q| q["requests"].as_array().expect("requests by type").iter())
-        .filter_map(|row| row[1].as_u64())
-        .sum();
-    let resubmitted = queues
-        .iter()
-        .map(|q| q["resubmitted"].as_u64().expect("resubmitted"))
-        .sum();
-    (requests, resubmitted)
+    completed_on(daemon, "c")
 }
 
-/// Tells the guest's writers to finish: NOVACRON-STOP in the disk's last 4 KiB, which the
-/// guest polls with O_DIRECT reads.
+/// Tells the guest's writers to finish.
 fn stop_writers(daemon: &Daemon) {
-    let image = std::fs::OpenOptions::new()
-        .write(true)
-        .open(daemon.path("c.img"))
-        .unwrap();
-    let mut marker = vec![0u8; 4096];
-    marker[..13].copy_from_slice(b"NOVACRON-STOP");
-    image.write_all_at(&marker, (64 << 20) - 4096).unwrap();
+    stop_writers_in(&daemon.path("c.img"), 64 << 20);
 }
 
 /// Waits until this daemon process has served a stream of guest requests; returns how many

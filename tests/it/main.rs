@@ -14,6 +14,7 @@ mod control;
 mod ffi_c;
 mod fuzz_replay;
 mod guest_blk;
+mod guest_migrate;
 mod guest_net;
 mod guest_restart;
 mod guest_tier;

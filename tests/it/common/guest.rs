@@ -76,42 +76,47 @@ pub fn boot(name: &str, devices: &[String]) -> GuestRun {
     boot_with(name, devices, "")
 }
 
+/// The QEMU command for a guest running test `name` with kernel parameters `params`
+/// (devices and I/O left to the caller).
+pub fn qemu_command(name: &str, params: &str) -> Command {
+    let image = guest_image();
+    let mut cmd = Command::new("qemu-system-x86_64");
+    cmd.args([
+        "-accel", "tcg", "-machine", "q35", "-cpu", "max", "-smp", "2", "-m", "512M",
+    ])
+    .args(["-nographic", "-no-reboot", "-nodefaults"])
+    .args([
+        "-object",
+        "memory-backend-memfd,id=mem,size=512M,share=on",
+        "-numa",
+        "node,memdev=mem",
+    ])
+    .arg("-kernel")
+    .arg(image.join("vmlinuz"))
+    .arg("-initrd")
+    .arg(image.join("initramfs.gz"))
+    .args([
+        "-append",
+        &format!("console=ttyS0 quiet panic=-1 novatest={name} {params}"),
+    ])
+    .stdin(Stdio::null());
+    cmd
+}
+
 /// Like [`boot`], with `key=value` words added to the kernel command line for the test.
 pub fn boot_with(name: &str, devices: &[String], params: &str) -> GuestRun {
-    let image = guest_image();
-    let qemu = "qemu-system-x86_64";
+    let qemu = qemu_command(name, params);
     let mut cmd = Command::new("timeout");
-    cmd.args(["--kill-after=5", "180", qemu])
-        .args([
-            "-accel", "tcg", "-machine", "q35", "-cpu", "max", "-smp", "2", "-m", "512M",
-        ])
-        .args([
-            "-nographic",
-            "-no-reboot",
-            "-nodefaults",
-            "-serial",
-            "stdio",
-        ])
-        .args([
-            "-object",
-            "memory-backend-memfd,id=mem,size=512M,share=on",
-            "-numa",
-            "node,memdev=mem",
-        ])
-        .arg("-kernel")
-        .arg(image.join("vmlinuz"))
-        .arg("-initrd")
-        .arg(image.join("initramfs.gz"))
-        .args([
-            "-append",
-            &format!("console=ttyS0 quiet panic=-1 novatest={name} {params}"),
-        ])
+    cmd.args(["--kill-after=5", "180"])
+        .arg(qemu.get_program())
+        .args(qemu.get_args())
+        .args(["-serial", "stdio"])
         .args(devices)
         .stdin(Stdio::null());
     let start = Instant::now();
     let output = cmd
         .output()
-        .unwrap_or_else(|e| panic!("cannot run {qemu}: {e} (install qemu-system-x86)"));
+        .unwrap_or_else(|e| panic!("cannot run qemu-system-x86_64: {e} (install qemu-system-x86)"));
     let console = String::from_utf8_lossy(&output.stdout).into_owned()
         + &String::from_utf8_lossy(&output.stderr);
     eprintln!("--- guest console ({name}) ---\n{console}\n--- end ---");

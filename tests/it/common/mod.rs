@@ -11,7 +11,9 @@ pub mod loopdev;
 pub mod memory;
 pub mod net;
 pub mod netns;
+pub mod qemu;
 pub mod virtq;
+pub mod writers;
 
 /// Asserts a throttled run took its ideal time `ideal` (what the token bucket allows) within
 /// ±10%. The upper bound also allows `baseline`, the same work measured without a limit in

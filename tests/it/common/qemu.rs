@@ -1,0 +1,175 @@
+//! A guest whose QEMU runs in the background and is driven over QMP: live migration from one
+//! QEMU process to another.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use super::guest::{qemu_command, GuestRun};
+
+/// A QEMU process with a QMP socket and its console in a file.
+pub struct Qemu {
+    child: Child,
+    qmp: PathBuf,
+    console: PathBuf,
+    started: Instant,
+}
+
+impl Qemu {
+    /// Starts a guest running test `name` (`params` on its kernel command line) with
+    /// `devices`, QMP and console files named `tag` in `dir`; `incoming` makes it the
+    /// destination of a migration arriving on that unix socket.
+    pub fn spawn(
+        name: &str,
+        params: &str,
+        devices: &[String],
+        dir: &Path,
+        tag: &str,
+        incoming: Option<&Path>,
+    ) -> Qemu {
+        let qmp = dir.join(format!("{tag}.qmp"));
+        let console = dir.join(format!("{tag}.console"));
+        let mut cmd = qemu_command(name, params);
+        cmd.args(["-serial", &format!("file:{}", console.display())])
+            .args([
+                "-qmp",
+                &format!("unix:{},server=on,wait=off", qmp.display()),
+            ])
+            .args(devices)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        if let Some(uri) = incoming {
+            cmd.args(["-incoming", &format!("unix:{}", uri.display())]);
+        }
+        let child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot run qemu-system-x86_64: {e}"));
+        let qemu = Qemu {
+            child,
+            qmp,
+            console,
+            started: Instant::now(),
+        };
+        if incoming.is_some() {
+            // QMP answers from the main loop, which runs once the incoming socket listens.
+            qemu.qmp("query-status", json!({}));
+        }
+        qemu
+    }
+
+    /// Runs QMP command `command` with `arguments`; returns its `return` value (panics on
+    /// an error reply).
+    pub fn qmp(&self, command: &str, arguments: Value) -> Value {
+        qmp(&self.qmp, command, arguments)
+    }
+
+    /// What the guest printed so far.
+    pub fn console(&self) -> String {
+        std::fs::read_to_string(&self.console).unwrap_or_default()
+    }
+
+    /// Whether QEMU has exited.
+    pub fn exited(&mut self) -> bool {
+        self.child.try_wait().ok().flatten().is_some()
+    }
+
+    /// Waits for the guest to power off (its test ended) and returns its console.
+    pub fn wait(mut self, timeout: Duration) -> GuestRun {
+        let deadline = Instant::now() + timeout;
+        while !self.exited() {
+            assert!(
+                Instant::now() < deadline,
+                "the guest did not finish; console:\n{}",
+                self.console()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let console = self.console();
+        eprintln!(
+            "--- guest console ({}) ---\n{console}\n--- end ---",
+            self.qmp.display()
+        );
+        GuestRun {
+            console,
+            elapsed: self.started.elapsed(),
+        }
+    }
+}
+
+impl Drop for Qemu {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One QMP command on the monitor at `socket` (QEMU or qemu-storage-daemon). Waits for the
+/// socket to appear (the process creates it as it starts).
+pub fn qmp(socket: &Path, command: &str, arguments: Value) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let stream = loop {
+        match UnixStream::connect(socket) {
+            Ok(s) => break s,
+            Err(e) => {
+                assert!(Instant::now() < deadline, "QMP {}: {e}", socket.display());
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    };
+    stream
+        .set_read_timeout(Some(Duration::from_secs(60)))
+        .unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    let mut lines = BufReader::new(stream).lines();
+    let mut reply = |message: Value| -> Value {
+        writeln!(writer, "{message}").unwrap();
+        loop {
+            let line = lines.next().expect("QMP closed").expect("QMP read");
+            let value: Value = serde_json::from_str(&line).unwrap();
+            if let Some(error) = value.get("error") {
+                panic!("QMP {command}: {error}");
+            }
+            if let Some(ret) = value.get("return") {
+                return ret.clone();
+            }
+        }
+    };
+    reply(json!({"execute": "qmp_capabilities"}));
+    reply(json!({"execute": command, "arguments": arguments}))
+}
+
+/// Migration figures QEMU reports (milliseconds).
+#[derive(Debug, Clone, Copy)]
+pub struct Migrated {
+    pub downtime_ms: u64,
+    pub total_ms: u64,
+}
+
+/// Migrates `source` to the QEMU listening on unix socket `to`; waits until QEMU says it
+/// completed (panics if it failed).
+pub fn migrate(source: &Qemu, to: &Path) -> Migrated {
+    source.qmp("migrate", json!({"uri": format!("unix:{}", to.display())}));
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let info = source.qmp("query-migrate", json!({}));
+        match info["status"].as_str() {
+            Some("completed") => {
+                return Migrated {
+                    downtime_ms: info["downtime"].as_u64().unwrap_or(0),
+                    total_ms: info["total-time"].as_u64().unwrap_or(0),
+                }
+            }
+            Some("failed") | Some("cancelled") => panic!("migration ended: {info}"),
+            _ => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "migration did not finish: {info}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

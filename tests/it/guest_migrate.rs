@@ -1,0 +1,264 @@
+//! Live migration of real guests (QEMU TCG, two QEMU processes on this host) whose disks and
+//! NICs novacrond serves: dirty-page logging, the switchover, the image handed from the source
+//! device to the destination device in a second daemon process, and a cancelled migration.
+//!
+//! The disk workload is the guest's `blk-crash` test: four writers write 256 KiB of fresh data
+//! with O_DIRECT and read it back, round after round, on both sides of the migration; any lost
+//! or stale write shows as a mismatch. Downtime and total time are reported next to
+//! qemu-storage-daemon's on the same workload (two exports of one image, as FIELD-NOTES
+//! describes).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail loudly by design
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::common::daemon::{start_failure, Daemon};
+use crate::common::guest::vhost_user_blk;
+use crate::common::qemu::{migrate, qmp, Migrated, Qemu};
+use crate::common::writers::{completed_on, stop_writers_in};
+
+const SIZE: u64 = 64 << 20;
+
+/// One side's disk server.
+enum Server {
+    Novacron(Daemon),
+    Qsd { child: Child, socket: PathBuf },
+}
+
+impl Server {
+    fn socket(&self) -> PathBuf {
+        match self {
+            Server::Novacron(daemon) => daemon.path("c.sock"),
+            Server::Qsd { socket, .. } => socket.clone(),
+        }
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if let Server::Qsd { child, .. } = self {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Which server the scenario runs against.
+#[derive(Clone, Copy, Debug)]
+enum Peer {
+    Novacron,
+    Qsd,
+}
+
+/// Starts `peer`'s server for `image` in `dir` (`incoming`: the migration's destination).
+fn serve(peer: Peer, image: &Path, dir: &Path, incoming: bool) -> Server {
+    match peer {
+        Peer::Novacron => {
+            let spec = format!(
+                "socket={{dir}}/c.sock,path={},size={SIZE},queues=2,id=c{}",
+                image.display(),
+                if incoming { ",incoming=on" } else { "" }
+            );
+            let dir = tempfile::tempdir_in(dir).unwrap();
+            Server::Novacron(Daemon::start_in(dir, &["--blk", &spec]))
+        }
+        Peer::Qsd => {
+            let tag = if incoming { "dst" } else { "src" };
+            let socket = dir.join(format!("qsd-{tag}.sock"));
+            let monitor = dir.join(format!("qsd-{tag}.qmp"));
+            let child = Command::new("qemu-storage-daemon")
+                .args([
+                    "--blockdev",
+                    &format!(
+                        "driver=file,node-name=n0,filename={},aio=io_uring,locking=off",
+                        image.display()
+                    ),
+                    "--object",
+                    "iothread,id=io0",
+                    "--export",
+                    &format!(
+                        "type=vhost-user-blk,id=e0,node-name=n0,addr.type=unix,addr.path={},\
+                         writable=on,num-queues=2,iothread=io0",
+                        socket.display()
+                    ),
+                    "--chardev",
+                    &format!("socket,id=m,path={},server=on,wait=off", monitor.display()),
+                    "--monitor",
+                    "chardev=m",
+                ])
+                .stdin(Stdio::null())
+                .spawn()
+                .unwrap_or_else(|e| panic!("cannot run qemu-storage-daemon: {e}"));
+            // The export listens once the monitor answers.
+            qmp(&monitor, "query-block-exports", json!({}));
+            Server::Qsd { child, socket }
+        }
+    }
+}
+
+/// A device of a third, unrelated user on `image` is refused (the image is in use).
+fn assert_refused(image: &Path) {
+    let socket = image.with_extension("unrelated.sock");
+    let err = start_failure(&[
+        "--control",
+        "none",
+        "--blk",
+        &format!("socket={},path={}", socket.display(), image.display()),
+    ]);
+    assert!(err.contains("in use"), "{err}");
+}
+
+/// Waits until the guest's console shows `count` more progress lines than `from` had.
+fn wait_progress(guest: &mut Qemu, count: usize, what: &str) {
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let progress = |c: &str| c.matches(": round ").count();
+    let start = progress(&guest.console());
+    loop {
+        let console = guest.console();
+        assert!(
+            !console.contains("MISMATCH") && !console.contains("failed"),
+            "{what}: the guest failed:\n{console}"
+        );
+        if progress(&console) >= start + count {
+            return;
+        }
+        assert!(!guest.exited(), "{what}: the guest stopped:\n{console}");
+        assert!(Instant::now() < deadline, "{what}: no progress:\n{console}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// The disk scenario: a guest under write+verify load migrates from a QEMU on `peer`'s source
+/// server to a QEMU on its destination server, goes on writing there, and finishes clean.
+/// `checks` runs once the destination serves (with the two servers).
+fn migrate_disk(peer: Peer, checks: impl FnOnce(&Server, &Server, &Path)) -> Migrated {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("c.img");
+    std::fs::File::create(&image)
+        .unwrap()
+        .set_len(SIZE)
+        .unwrap();
+    let source = serve(peer, &image, dir.path(), false);
+    let dest = serve(peer, &image, dir.path(), true);
+    let mut guest = Qemu::spawn(
+        "blk-crash",
+        "",
+        &vhost_user_blk("c", &source.socket(), 2),
+        dir.path(),
+        "source",
+        None,
+    );
+    wait_progress(&mut guest, 4, "before the migration");
+    let channel = dir.path().join("migrate.sock");
+    let mut arrived = Qemu::spawn(
+        "blk-crash",
+        "",
+        &vhost_user_blk("c", &dest.socket(), 2),
+        dir.path(),
+        "dest",
+        Some(&channel),
+    );
+    let migrated = migrate(&guest, &channel);
+    // The destination goes on where the source stopped.
+    wait_progress(&mut arrived, 4, "after the migration");
+    guest.qmp("quit", json!({}));
+    drop(guest);
+    checks(&source, &dest, &image);
+    stop_writers_in(&image, SIZE);
+    let run = arrived.wait(Duration::from_secs(120));
+    run.assert_passed();
+    assert!(run.console.contains("crash-writers ok"), "{}", run.console);
+    assert!(!run.console.contains("I/O error"), "{}", run.console);
+    migrated
+}
+
+#[test]
+fn a_guest_writing_its_disk_migrates_to_a_second_daemon_on_the_same_image() {
+    let ours = migrate_disk(Peer::Novacron, |source, dest, image| {
+        let (Server::Novacron(source), Server::Novacron(dest)) = (source, dest) else {
+            unreachable!()
+        };
+        assert!(completed_on(dest, "c").0 > 0, "the destination served");
+        let served_by_source = completed_on(source, "c").0;
+        assert!(served_by_source > 0, "the source served before");
+        // The destination holds the image now: an unrelated device is refused.
+        assert_refused(image);
+        // The source serves nothing after the switchover (its guest is gone).
+        assert_eq!(completed_on(source, "c").0, served_by_source);
+    });
+    let theirs = migrate_disk(Peer::Qsd, |_, _, _| {});
+    eprintln!(
+        "migration under 4-writer O_DIRECT load (TCG, 512 MiB guest):\n\
+         peer                   downtime ms   total ms\n\
+         novacrond              {:>11}   {:>8}\n\
+         qemu-storage-daemon    {:>11}   {:>8}",
+        ours.downtime_ms, ours.total_ms, theirs.downtime_ms, theirs.total_ms
+    );
+}
+
+#[test]
+fn a_cancelled_migration_leaves_the_source_running_and_correct() {
+    let dir = tempfile::tempdir().unwrap();
+    let image = dir.path().join("c.img");
+    let source = serve(Peer::Novacron, &image, dir.path(), false);
+    let dest = serve(Peer::Novacron, &image, dir.path(), true);
+    let mut guest = Qemu::spawn(
+        "blk-crash",
+        "",
+        &vhost_user_blk("c", &source.socket(), 2),
+        dir.path(),
+        "source",
+        None,
+    );
+    wait_progress(&mut guest, 4, "before the migration");
+    let channel = dir.path().join("migrate.sock");
+    let arrived = Qemu::spawn(
+        "blk-crash",
+        "",
+        &vhost_user_blk("c", &dest.socket(), 2),
+        dir.path(),
+        "dest",
+        Some(&channel),
+    );
+    // Slow enough to be cancelled midway: 512 MiB at 8 MiB/s.
+    guest.qmp("migrate-set-parameters", json!({"max-bandwidth": 8 << 20}));
+    guest.qmp(
+        "migrate",
+        json!({"uri": format!("unix:{}", channel.display())}),
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let info = guest.qmp("query-migrate", json!({}));
+        if info["status"] == "active" && info["ram"]["transferred"].as_u64() > Some(16 << 20) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "migration never got going: {info}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    guest.qmp("migrate_cancel", json!({}));
+    loop {
+        let info = guest.qmp("query-migrate", json!({}));
+        if info["status"] == "cancelled" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "migration not cancelled: {info}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    drop(arrived);
+    // The source goes on, and still owns its image.
+    wait_progress(&mut guest, 8, "after the cancel");
+    assert_refused(&image);
+    if let Server::Novacron(dest) = &dest {
+        assert_eq!(completed_on(dest, "c").0, 0, "the destination never served");
+    }
+    stop_writers_in(&image, SIZE);
+    let run = guest.wait(Duration::from_secs(120));
+    run.assert_passed();
+    assert!(run.console.contains("crash-writers ok"), "{}", run.console);
+}
