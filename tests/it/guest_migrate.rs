@@ -179,7 +179,7 @@ fn migrate_disk(peer: Peer, checks: impl FnOnce(&Server, &Server, &Path)) -> Mig
 fn a_guest_writing_its_disk_migrates_to_a_second_daemon_on_the_same_image() {
     let ours = migrate_disk(Peer::Novacron, |source, dest, image| {
         let (Server::Novacron(source), Server::Novacron(dest)) = (source, dest) else {
-            unreachable!()
+            panic!("both sides are novacrond")
         };
         assert!(completed_on(dest, "c").0 > 0, "the destination served");
         let served_by_source = completed_on(source, "c").0;
