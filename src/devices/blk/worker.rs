@@ -163,6 +163,9 @@ pub struct QueueWorker {
     /// Whether the queue's start was handled (image lock, inflight recovery) since it
     /// (re)started.
     started: bool,
+    /// Interrupt the driver at the next return whatever EVENT_IDX says (see
+    /// [`QueueWorker::start_queue`]).
+    force_signal: bool,
 }
 
 impl QueueWorker {
@@ -195,6 +198,7 @@ impl QueueWorker {
             heads: HeadSet::default(),
             inflight: None,
             started: false,
+            force_signal: false,
         })
     }
 
@@ -439,6 +443,18 @@ impl QueueWorker {
             }
         }
         self.recover_inflight(vring);
+        // A previous process (killed, or upgraded away) may have published used entries and
+        // died before their interrupt, or signalled a call fd the front-end had already let
+        // go. With EVENT_IDX the driver's `used_event` then stays behind the used index we
+        // start from, and virtio-queue, which assumes everything before that index was
+        // signalled, never interrupts the driver again: the queue hangs (issue 13's rare
+        // stall). So interrupt once now, and once more at the first return (in case the
+        // call fd comes later), as libvhost-user does after a start. A spurious interrupt
+        // costs the driver one look at the ring.
+        self.force_signal = true;
+        if let Err(e) = vring.signal_used_queue() {
+            log::debug!("{}: queue {}: {e}", self.shared.id, self.queue_index);
+        }
     }
 
     /// At the queue's start: takes the front-end's inflight region for this queue, and
@@ -488,6 +504,9 @@ impl QueueWorker {
                 if let (Ok(split), Some(&newest)) = (&split, recovery.pending.last()) {
                     if split.avail_idx() != next_avail && split.head(next_avail) == newest {
                         next_avail = next_avail.wrapping_add(1);
+                        // Recorded at once: if this process dies before it takes anything
+                        // else, the next one must not take that entry again either.
+                        queue.popped_to(next_avail);
                     }
                 }
                 ring.set_next_avail(next_avail);
@@ -927,7 +946,7 @@ impl QueueWorker {
             let queue = state.get_queue();
             mark_used_ring(log, queue.used_ring(), queue.size());
         }
-        if needs_signal(&mut state, &memory)? {
+        if std::mem::take(&mut self.force_signal) | needs_signal(&mut state, &memory)? {
             state.signal_used_queue().map_err(WorkerError::Signal)?;
         }
         Ok(())

@@ -241,3 +241,27 @@ fn every_write_into_guest_memory_is_marked_in_the_dirty_log() {
     let changed = crate::devices::testing::assert_changes_logged(&before, &now, &mut bits);
     assert!(changed >= 10, "the I/O changed pages ({changed})");
 }
+
+#[test]
+fn a_starting_queue_interrupts_the_driver_once_whatever_event_idx_says() {
+    // A previous process may have published used entries and died before interrupting
+    // (issue 13's stall): the first pass of a (re)started queue interrupts the driver even
+    // with nothing to return, and its first return interrupts whatever `used_event` says.
+    use std::os::fd::{AsRawFd, FromRawFd};
+    use vmm_sys_util::eventfd::EventFd;
+    let mut rig = Rig::new("");
+    rig.queue.vring.set_queue_event_idx(true);
+    let call = EventFd::new(libc::EFD_NONBLOCK).unwrap();
+    // SAFETY: a duplicate of our own eventfd, owned by the File from here on.
+    let dup = unsafe { std::fs::File::from_raw_fd(libc::dup(call.as_raw_fd())) };
+    rig.queue.vring.set_call(Some(dup));
+    rig.kick();
+    assert!(rig.queue.used().is_empty());
+    assert!(
+        call.read().is_ok_and(|n| n > 0),
+        "a starting queue did not interrupt the driver"
+    );
+    // Later passes interrupt only as EVENT_IDX asks: nothing to return, no interrupt.
+    rig.kick();
+    assert!(call.read().is_err(), "interrupted with nothing new");
+}
