@@ -327,6 +327,7 @@ pub fn relay_messages(data: &[u8]) {
             |_| {},
             Some(&slot),
             &crate::ring::dirty::DirtyLog::default(),
+            &|_| {},
         );
     });
     let echo = std::thread::spawn(move || {

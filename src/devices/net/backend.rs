@@ -51,6 +51,11 @@ impl Device for NetShared {
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::BACKEND_REQ
+            | VhostUserProtocolFeatures::RARP
+    }
+
+    fn announce(&self, mac: [u8; 6]) {
+        NetShared::announce(self, mac);
     }
 
     fn acked_features(&self, features: u64) {

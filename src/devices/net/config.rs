@@ -67,6 +67,9 @@ pub struct NetConfig {
     pub mtu: u16,
     /// Access VLAN of a switch port.
     pub vlan: Option<u16>,
+    /// The destination of a live migration (`incoming=on`): a switch port may share its MAC
+    /// with the source's port while both exist (`fabric::SwitchHub::attach`).
+    pub incoming: bool,
     /// Rate limits (`tx-pps`, `tx-bps`, `rx-pps`, `rx-bps`, with bursts).
     pub qos: QosConfig,
     /// The QoS group whose limits also apply (`qos-group=NAME`).
@@ -120,6 +123,7 @@ impl NetConfig {
         };
         let mtu = options.take::<u16>("mtu")?.unwrap_or(1500);
         let vlan = options.take::<u16>("vlan")?;
+        let incoming = options.take_bool("incoming")?.unwrap_or(false);
         let qos = QosConfig::from_options_for(&mut options, Family::Net)
             .map_err(|e| invalid(e.to_string()))?;
         options.finish()?;
@@ -143,6 +147,7 @@ impl NetConfig {
             queue_size,
             mtu,
             vlan,
+            incoming,
             qos,
             qos_group,
             poll,

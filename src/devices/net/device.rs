@@ -87,6 +87,7 @@ impl NetDevice {
                         vlan: config.vlan,
                         uplink: false,
                     },
+                    config.incoming,
                     PortSink::Guest(RwLock::new(None)),
                     Arc::clone(&stats),
                     Some(Arc::clone(&qos)),

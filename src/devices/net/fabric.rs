@@ -179,10 +179,17 @@ impl SwitchHub {
     /// Attaches a port; returns it. A guest port's MAC must be unique on the switch: two
     /// ports claiming one MAC would each be allowed to send as the other (anti-spoofing checks
     /// the port's own MAC) and would steal each other's traffic.
+    ///
+    /// The one exception is a live migration on this switch: the destination's port, declared
+    /// `incoming`, may share its MAC with one other port (the source's) while both exist. Only
+    /// one of the two has a running guest at any time (QEMU stops the source before the
+    /// destination starts); frames to the MAC follow the last port it was seen on, so it moves
+    /// to the destination with its first frame (the RARP QEMU has us send at the switchover).
     pub fn attach(
         &self,
         name: &str,
         config: PortConfig,
+        incoming: bool,
         sink: PortSink,
         stats: Arc<NetStats>,
         qos: Option<Arc<QosHandle>>,
@@ -192,14 +199,22 @@ impl SwitchHub {
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         if !config.uplink {
-            if let Some(other) = ports
+            let mut same = ports
                 .values()
-                .find(|p| !p.config.uplink && p.config.mac == config.mac)
-            {
-                return Err(AttachError::MacInUse {
-                    mac: mac_text(&config.mac),
-                    port: other.name.clone(),
-                });
+                .filter(|p| !p.config.uplink && p.config.mac == config.mac);
+            if let Some(other) = same.next() {
+                if !incoming || same.next().is_some() {
+                    return Err(AttachError::MacInUse {
+                        mac: mac_text(&config.mac),
+                        port: other.name.clone(),
+                    });
+                }
+                log::info!(
+                    "switch {}: {name} shares MAC {} with {} (incoming migration)",
+                    self.name,
+                    mac_text(&config.mac),
+                    other.name
+                );
             }
         }
         let number = self.next_port.fetch_add(1, Ordering::Relaxed);

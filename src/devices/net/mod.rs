@@ -15,8 +15,10 @@
 //! - [`fabric`]: named switches, ports, guest-to-guest delivery, uplinks;
 //! - [`uplink`]: a switch's tap uplink and its reader thread;
 //! - [`header`]: the virtio-net header and its checks;
-//! - [`switch`]: the L2 switch's forwarding decisions.
+//! - [`switch`]: the L2 switch's forwarding decisions;
+//! - [`announce`]: the RARP a migrated NIC announces its MAC with.
 
+pub mod announce;
 pub mod backend;
 pub mod config;
 pub mod device;

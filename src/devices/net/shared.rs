@@ -12,9 +12,12 @@ use std::sync::{Arc, Mutex};
 
 use super::config::NetConfig;
 use super::fabric::{Port, PortSink, SwitchHub};
+use super::frame::FrameRef;
+use super::header::{NetHeader, HEADER_LEN};
 use super::rx::RxTarget;
 use super::spec::ConfigSpace;
 use super::stats::NetStats;
+use super::switch::Mac;
 use super::tap_queue::TapQueue;
 use crate::lock::lock;
 use crate::qos::handle::QosHandle;
@@ -35,6 +38,9 @@ pub struct NetShared {
     port: Option<(Arc<SwitchHub>, Arc<Port>)>,
     /// The front-end's backend-request channel, for config-change notifications.
     backend_channel: Mutex<Option<std::os::unix::net::UnixStream>>,
+    /// A duplicate of the first tap queue's fd, to send the migration announcement on while
+    /// the queues themselves belong to a connection's workers.
+    announce_tap: Option<std::fs::File>,
 }
 
 impl NetShared {
@@ -46,7 +52,14 @@ impl NetShared {
         taps: Vec<Option<TapQueue>>,
         port: Option<(Arc<SwitchHub>, Arc<Port>)>,
     ) -> Self {
+        let announce_tap = taps.iter().flatten().next().and_then(|tap| {
+            // SAFETY: F_DUPFD_CLOEXEC on the tap queue's open fd; the new fd is owned at once.
+            let fd = unsafe { libc::fcntl(tap.poll_fd(), libc::F_DUPFD_CLOEXEC, 0) };
+            // SAFETY: a fresh descriptor nobody else owns (checked non-negative).
+            (fd >= 0).then(|| unsafe { <std::fs::File as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+        });
         Self {
+            announce_tap,
             config,
             stats,
             connected: Arc::new(AtomicBool::new(false)),
@@ -158,6 +171,45 @@ impl NetShared {
                 .clone(),
             PortSink::Uplink(_) => None,
         }
+    }
+
+    /// Announces the guest's MAC where it now lives (`VHOST_USER_SEND_RARP`, after a live
+    /// migration): a RARP broadcast into the switch from this port (peers and the switch learn
+    /// the port at once), or out of the tap (the host's bridge learns it). Only the device's own
+    /// MAC is announced: the front-end cannot make us send as another.
+    pub fn announce(&self, mac: Mac) {
+        if mac != self.config.mac {
+            log::warn!(
+                "{}: front-end asked to announce MAC {}, not this device's; ignored",
+                self.config.id,
+                super::config::format_mac(&mac)
+            );
+            return;
+        }
+        let frame = super::announce::rarp(mac);
+        if let Some((hub, port)) = &self.port {
+            let sent = FrameRef::Bytes {
+                header: NetHeader::default(),
+                frame: &frame,
+            };
+            if let Err(reason) = hub.transmit(port, &sent) {
+                log::warn!("{}: announcement refused: {reason:?}", self.config.id);
+            }
+        } else if let Some(tap) = &self.announce_tap {
+            // A zeroed virtio-net header (no offloads), then the frame.
+            let mut bytes = [0u8; HEADER_LEN + super::announce::RARP_LEN];
+            if let Some(body) = bytes.get_mut(HEADER_LEN..) {
+                body.copy_from_slice(&frame);
+            }
+            if let Err(e) = std::io::Write::write(&mut &*tap, &bytes) {
+                log::warn!("{}: announcement on the tap: {e}", self.config.id);
+            }
+        }
+        log::info!(
+            "{}: announced MAC {} (migration)",
+            self.config.id,
+            super::config::format_mac(&mac)
+        );
     }
 
     /// Connects (or with `None` disconnects) the switch port's receive side.

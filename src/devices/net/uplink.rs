@@ -61,6 +61,7 @@ impl Uplink {
                 vlan: None,
                 uplink: true,
             },
+            false,
             PortSink::Uplink(Mutex::new(tap)),
             Arc::new(NetStats::default()),
             None,

@@ -36,6 +36,11 @@ impl Guest {
         Self::attach_logged(hub, id, last, pairs, qos, Arc::default())
     }
 
+    /// A port that is the destination of a migration (`incoming=on`).
+    fn attach_incoming(hub: &Arc<SwitchHub>, id: &str, last: u8) -> Result<Self, String> {
+        Self::try_attach(hub, id, last, 1, "", Arc::default(), ",incoming=on")
+    }
+
     /// [`Guest::attach`] with a dirty-page log for its connection.
     fn attach_logged(
         hub: &Arc<SwitchHub>,
@@ -45,9 +50,21 @@ impl Guest {
         qos: &str,
         log: Arc<crate::ring::dirty::DirtyLog>,
     ) -> Self {
+        Self::try_attach(hub, id, last, pairs, qos, log, "").unwrap()
+    }
+
+    fn try_attach(
+        hub: &Arc<SwitchHub>,
+        id: &str,
+        last: u8,
+        pairs: u16,
+        qos: &str,
+        log: Arc<crate::ring::dirty::DirtyLog>,
+        extra: &str,
+    ) -> Result<Self, String> {
         let mac = [0x52, 0x54, 0, 0, 0, last];
         let spec = format!(
-            "socket=/nonexistent/{id}.sock,switch=t,queues={pairs},mac=52:54:00:00:00:{last:02x}"
+            "socket=/nonexistent/{id}.sock,switch=t,queues={pairs},mac=52:54:00:00:00:{last:02x}{extra}"
         );
         let config = NetConfig::parse(&spec).unwrap();
         let stats = Arc::new(NetStats::default());
@@ -65,11 +82,12 @@ impl Guest {
                     vlan: None,
                     uplink: false,
                 },
+                config.incoming,
                 PortSink::Guest(RwLock::new(None)),
                 Arc::clone(&stats),
                 Some(Arc::clone(&handle)),
             )
-            .unwrap();
+            .map_err(|e| e.to_string())?;
         let shared = Arc::new(NetShared::new(
             config,
             stats,
@@ -97,14 +115,14 @@ impl Guest {
             .flat_map(|(rx, tx)| [rx.vring.clone(), tx.vring.clone()])
             .collect();
         shared.vrings_created(&vrings);
-        Self {
+        Ok(Self {
             mem,
             mac,
             shared,
             queues,
             workers,
             next: DATA,
-        }
+        })
     }
 
     fn alloc(&mut self, len: u64) -> u64 {
@@ -296,4 +314,37 @@ fn frames_and_used_entries_written_into_guests_are_marked_in_their_dirty_logs() 
     );
     let changed_a = assert_changes_logged(&sent_a, &snapshot(&a), &mut bits_a);
     assert!(changed_a >= 1, "the tx used ring changed");
+}
+
+#[test]
+fn a_migrating_port_shares_its_mac_and_takes_its_traffic_when_it_announces() {
+    let hub = Arc::new(SwitchHub::new("t"));
+    let mut source = Guest::attach(&hub, "src", 0x0a, 1, "");
+    let mut peer = Guest::attach(&hub, "peer", 0x0b, 1, "");
+    // Only a declared migration destination may share a MAC, and only with one port.
+    assert!(Guest::try_attach(&hub, "x", 0x0a, 1, "", Arc::default(), "").is_err());
+    let mut dest = Guest::attach_incoming(&hub, "dst", 0x0a).unwrap();
+    assert!(Guest::attach_incoming(&hub, "y", 0x0a).is_err());
+    source.post_rx(0, 4);
+    dest.post_rx(0, 4);
+    peer.post_rx(0, 4);
+    let got = |g: &Guest| g.queues[0].0.used().len();
+    // Before the switchover, the MAC lives on the source (once the switch has seen it).
+    source.send(0, &frame(peer.mac, source.mac, 1));
+    let (at_source, at_dest) = (got(&source), got(&dest));
+    peer.send(0, &frame(source.mac, peer.mac, 2));
+    assert_eq!(got(&source), at_source + 1);
+    assert_eq!(got(&dest), at_dest);
+    // The destination announces (QEMU's SEND_RARP): the peer hears the broadcast, and the
+    // MAC's traffic goes to the destination from then on.
+    let at_peer = got(&peer);
+    dest.shared.announce(dest.mac);
+    assert_eq!(got(&peer), at_peer + 1, "the RARP was flooded");
+    let at_source = got(&source);
+    peer.send(0, &frame(dest.mac, peer.mac, 3));
+    assert_eq!(got(&dest), at_dest + 1);
+    assert_eq!(got(&source), at_source, "nothing more for the source");
+    // A front-end cannot announce a MAC that is not its device's.
+    dest.shared.announce([0x52, 0x54, 0, 0, 0, 0x0b]);
+    assert_eq!(got(&peer), at_peer + 1);
 }

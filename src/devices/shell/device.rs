@@ -133,6 +133,10 @@ pub trait Device: Send + Sync + 'static {
     /// The front-end switched dirty logging on (a live migration started) or off.
     fn logging(&self, _on: bool) {}
 
+    /// The front-end asks us to announce the guest's MAC (`VHOST_USER_SEND_RARP`, after a
+    /// live migration; only offered by NICs).
+    fn announce(&self, _mac: [u8; 6]) {}
+
     /// The connection's vrings, in queue order, as soon as they exist (before any message).
     fn vrings_created(&self, _vrings: &[CheckedVring]) {}
 

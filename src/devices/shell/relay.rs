@@ -57,6 +57,7 @@ const SET_LOG_BASE: u32 = 6;
 const SET_LOG_FD: u32 = 7;
 const SET_VRING_KICK: u32 = 12;
 const SET_VRING_ENABLE: u32 = 18;
+const SEND_RARP: u32 = 19;
 const SET_BACKEND_REQ_FD: u32 = 21;
 const ADD_MEM_REG: u32 = 37;
 const REM_MEM_REG: u32 = 38;
@@ -223,13 +224,14 @@ fn ack(front: &mut UnixStream, message: &Message) -> Result<(), RelayError> {
 /// config-change notification, which `vhost-user-backend`'s `Backend` cannot send). A device
 /// with `inflight` gets the inflight messages answered (its slot is cleared first: the new
 /// front-end brings its own region, or none). The dirty-page log the front-end hands over
-/// (`SET_LOG_BASE`) goes into `log`.
+/// (`SET_LOG_BASE`) goes into `log`; `announce` hears `SEND_RARP`'s MAC.
 pub fn relay(
     mut front: UnixStream,
     mut back: UnixStream,
     mut on_backend_channel: impl FnMut(UnixStream),
     inflight: Option<&InflightSlot>,
     log: &DirtyLog,
+    announce: &dyn Fn([u8; 6]),
 ) -> Result<(), RelayError> {
     if let Some(slot) = inflight {
         slot.clear();
@@ -353,6 +355,18 @@ pub fn relay(
                     );
                     write_message(&mut front, &reply)?;
                 }
+                SEND_RARP => {
+                    // The guest's MAC in the first 6 bytes of a u64 (vhost-user-backend
+                    // refuses the message): the device announces it after a migration.
+                    if let Some(mac) = message
+                        .payload
+                        .get(..6)
+                        .and_then(|b| <[u8; 6]>::try_from(b).ok())
+                    {
+                        announce(mac);
+                    }
+                    ack(&mut front, &message)?;
+                }
                 SET_LOG_FD => {
                     // A notification fd for log changes; nothing here uses it (closed).
                     ack(&mut front, &message)?;
@@ -468,8 +482,9 @@ mod tests {
     fn early_vring_enables_are_acked_held_and_replayed_after_set_features() {
         let (mut qemu, front) = UnixStream::pair().unwrap();
         let (back, mut handler) = UnixStream::pair().unwrap();
-        let relay =
-            std::thread::spawn(move || relay(front, back, |_| {}, None, &DirtyLog::default()));
+        let relay = std::thread::spawn(move || {
+            relay(front, back, |_| {}, None, &DirtyLog::default(), &|_| {})
+        });
         let enable = [0u8, 0, 0, 0, 1, 0, 0, 0];
         // Early enable with NEED_REPLY: answered by the relay, not forwarded.
         qemu.write_all(&raw(SET_VRING_ENABLE, VERSION_1 | FLAG_NEED_REPLY, &enable))
@@ -509,8 +524,9 @@ mod tests {
     fn a_front_end_cannot_grow_the_relays_state() {
         let (mut qemu, front) = UnixStream::pair().unwrap();
         let (back, _handler) = UnixStream::pair().unwrap();
-        let relay =
-            std::thread::spawn(move || relay(front, back, |_| {}, None, &DirtyLog::default()));
+        let relay = std::thread::spawn(move || {
+            relay(front, back, |_| {}, None, &DirtyLog::default(), &|_| {})
+        });
         let enable = [0u8, 0, 0, 0, 1, 0, 0, 0];
         for _ in 0..=MAX_EARLY_ENABLES {
             if qemu
@@ -527,8 +543,9 @@ mod tests {
     fn identical_memory_regions_reach_the_handler_once() {
         let (mut qemu, front) = UnixStream::pair().unwrap();
         let (back, mut handler) = UnixStream::pair().unwrap();
-        let relay =
-            std::thread::spawn(move || relay(front, back, |_| {}, None, &DirtyLog::default()));
+        let relay = std::thread::spawn(move || {
+            relay(front, back, |_| {}, None, &DirtyLog::default(), &|_| {})
+        });
         let mut region = vec![0u8; 40];
         region[8] = 0x10; // guest address
         region[16] = 0x20; // size
@@ -570,7 +587,14 @@ mod tests {
         let relay = {
             let slot = std::sync::Arc::clone(&slot);
             std::thread::spawn(move || {
-                relay(front, back, |_| {}, Some(&slot), &DirtyLog::default())
+                relay(
+                    front,
+                    back,
+                    |_| {},
+                    Some(&slot),
+                    &DirtyLog::default(),
+                    &|_| {},
+                )
             })
         };
         let mut asked = vec![0u8; 24];
@@ -614,8 +638,9 @@ mod tests {
     fn descriptors_pass_through_and_oversized_messages_end_the_relay() {
         let (qemu, front) = UnixStream::pair().unwrap();
         let (back, mut handler) = UnixStream::pair().unwrap();
-        let relay =
-            std::thread::spawn(move || relay(front, back, |_| {}, None, &DirtyLog::default()));
+        let relay = std::thread::spawn(move || {
+            relay(front, back, |_| {}, None, &DirtyLog::default(), &|_| {})
+        });
         let file = tempfile::tempfile().unwrap();
         // A request the relay does not look into passes with its fd.
         qemu.send_with_fds(

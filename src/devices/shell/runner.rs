@@ -304,7 +304,9 @@ fn serve_connection<D: Device>(
                 let channel = |stream| backend.device().backend_channel(stream);
                 let inflight = backend.device().inflight_slot();
                 let log = backend.dirty_log();
-                if let Err(e) = super::relay::relay(front, back, channel, inflight, log) {
+                let announce = |mac| backend.device().announce(mac);
+                if let Err(e) = super::relay::relay(front, back, channel, inflight, log, &announce)
+                {
                     log::warn!("{id}: vhost-user relay: {e}");
                 }
             })?
