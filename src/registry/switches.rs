@@ -167,6 +167,9 @@ impl Registry {
                 ))),
                 None => Ok(()),
             },
+            // A migration's destination port may share the source's MAC; the switch allows
+            // exactly that one pair when the port attaches (`fabric::SwitchHub::attach`).
+            NetBackendSpec::Switch(_) if config.incoming => Ok(()),
             NetBackendSpec::Switch(name) => {
                 let taken = self.fabric.get(name).and_then(|hub| {
                     hub.ports()

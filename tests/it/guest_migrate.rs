@@ -161,11 +161,10 @@ fn migrate_disk(peer: Peer, checks: impl FnOnce(&Server, &Server, &Path)) -> Mig
         "dest",
         Some(&channel),
     );
-    let migrated = migrate(&guest, &channel);
+    let migrated = migrate(&mut guest, &channel);
     // The destination goes on where the source stopped.
     wait_progress(&mut arrived, 4, "after the migration");
-    guest.qmp("quit", json!({}));
-    drop(guest);
+    guest.quit();
     checks(&source, &dest, &image);
     stop_writers_in(&image, SIZE);
     let run = arrived.wait(Duration::from_secs(120));
@@ -261,4 +260,82 @@ fn a_cancelled_migration_leaves_the_source_running_and_correct() {
     let run = guest.wait(Duration::from_secs(120));
     run.assert_passed();
     assert!(run.console.contains("crash-writers ok"), "{}", run.console);
+}
+
+/// Bytes the daemon delivered to NIC `id`.
+fn delivered_to(daemon: &Daemon, id: &str) -> u64 {
+    let mut ctl = crate::common::control::Control::connect(&daemon.path("control.sock"));
+    let stats = ctl.call("device.stats", json!({ "id": id })).unwrap();
+    stats["total"]["rx_bytes"].as_u64().unwrap_or(0)
+}
+
+#[test]
+fn a_guest_downloading_from_another_over_the_switch_migrates_mid_transfer() {
+    use crate::common::guest::{boot_with, vhost_user_net};
+    const TRANSFER: usize = 16 << 20;
+    const CLIENT_MAC: &str = "52:54:00:00:02:0b";
+    // The client's port, and its migration destination's port with the same MAC. Both
+    // receive at most 4 MB/s, so the download (several seconds) straddles the migration
+    // (about one) whatever the machine's speed.
+    let args = [
+        "--net",
+        "socket={dir}/a.sock,switch=m1,mac=52:54:00:00:02:0a,id=a",
+        "--net",
+        "socket={dir}/b.sock,switch=m1,mac=52:54:00:00:02:0b,id=b,rx-bps=4M",
+        "--net",
+        "socket={dir}/b2.sock,switch=m1,mac=52:54:00:00:02:0b,id=b2,incoming=on,rx-bps=4M",
+    ];
+    let daemon = Daemon::start(&args);
+    let server = vhost_user_net("a", &daemon.path("a.sock"), 1, "52:54:00:00:02:0a");
+    let server = std::thread::spawn(move || {
+        boot_with(
+            "net-switch",
+            &server,
+            &format!("novarole=server novaip=10.81.0.1 novasize={TRANSFER}"),
+        )
+    });
+    let params = format!("novaip=10.81.0.2 novapeer=10.81.0.1 novasize={TRANSFER}");
+    let dir = tempfile::tempdir().unwrap();
+    let mut client = Qemu::spawn(
+        "net-restart",
+        &params,
+        &vhost_user_net("b", &daemon.path("b.sock"), 1, CLIENT_MAC),
+        dir.path(),
+        "source",
+        None,
+    );
+    let channel = dir.path().join("migrate.sock");
+    let arrived = Qemu::spawn(
+        "net-restart",
+        &params,
+        &vhost_user_net("b2", &daemon.path("b2.sock"), 1, CLIENT_MAC),
+        dir.path(),
+        "dest",
+        Some(&channel),
+    );
+    // Migrate once a sixteenth of the file has crossed the switch (the destination QEMU is
+    // up first: the transfer takes seconds).
+    let deadline = Instant::now() + Duration::from_secs(170);
+    while delivered_to(&daemon, "b") < (TRANSFER / 16) as u64 {
+        assert!(
+            !client.exited(),
+            "the client stopped:\n{}",
+            client.console()
+        );
+        assert!(Instant::now() < deadline, "the transfer never got going");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let before = delivered_to(&daemon, "b");
+    let migrated = migrate(&mut client, &channel);
+    eprintln!("--- source console ---\n{}\n--- end ---", client.quit());
+    let run = arrived.wait(Duration::from_secs(170));
+    let server = server.join().unwrap();
+    run.assert_downloaded_from(&server, "the transfer across the migration");
+    let after = delivered_to(&daemon, "b2");
+    assert!(after > 0, "the destination port carried the rest");
+    eprintln!(
+        "switch transfer migrated after {before} bytes: downtime {} ms, total {} ms; the \
+         destination port received {after} bytes",
+        migrated.downtime_ms, migrated.total_ms
+    );
 }

@@ -67,6 +67,13 @@ impl Qemu {
         qmp(&self.qmp, command, arguments)
     }
 
+    /// Ends a QEMU whose guest moved away (its process is paused after a migration).
+    pub fn quit(mut self) -> String {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        self.console()
+    }
+
     /// What the guest printed so far.
     pub fn console(&self) -> String {
         std::fs::read_to_string(&self.console).unwrap_or_default()
@@ -74,7 +81,12 @@ impl Qemu {
 
     /// Whether QEMU has exited.
     pub fn exited(&mut self) -> bool {
-        self.child.try_wait().ok().flatten().is_some()
+        self.exit_status().is_some()
+    }
+
+    /// QEMU's exit status, once it has exited.
+    pub fn exit_status(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
     }
 
     /// Waits for the guest to power off (its test ended) and returns its console.
@@ -151,10 +163,13 @@ pub struct Migrated {
 
 /// Migrates `source` to the QEMU listening on unix socket `to`; waits until QEMU says it
 /// completed (panics if it failed).
-pub fn migrate(source: &Qemu, to: &Path) -> Migrated {
+pub fn migrate(source: &mut Qemu, to: &Path) -> Migrated {
     source.qmp("migrate", json!({"uri": format!("unix:{}", to.display())}));
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
+        if let Some(status) = source.exit_status() {
+            panic!("the source QEMU ended mid-migration: {status}");
+        }
         let info = source.qmp("query-migrate", json!({}));
         match info["status"].as_str() {
             Some("completed") => {
