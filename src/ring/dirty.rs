@@ -24,11 +24,10 @@
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{PoisonError, RwLock, RwLockReadGuard};
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
-use crate::lock::lock;
 use crate::sys::shared_map::{MapError, SharedMapping};
 use crate::vring::GuestMemory;
 
@@ -55,7 +54,7 @@ pub enum DirtyError {
 
 /// The front-end's log, mapped.
 pub struct LogMap {
-    mapping: SharedMapping,
+    mapping: Option<SharedMapping>,
     /// Marks that fell outside the log (a log smaller than guest memory: QEMU's bug or a
     /// hostile front-end; the write itself went through).
     beyond: AtomicU64,
@@ -78,19 +77,28 @@ impl LogMap {
         }
         let len = usize::try_from(size).map_err(|_| DirtyError::TooLarge(size))?;
         Ok(Self {
-            mapping: SharedMapping::map(file, offset, len)?,
+            mapping: Some(SharedMapping::map(file, offset, len)?),
             beyond: AtomicU64::new(0),
         })
     }
 
+    /// A log with no pages (every mark falls beyond it).
+    fn unmapped() -> Self {
+        Self {
+            mapping: None,
+            beyond: AtomicU64::new(0),
+        }
+    }
+
     fn byte(&self, index: u64) -> Option<&AtomicU8> {
+        let mapping = self.mapping.as_ref()?;
         let index = usize::try_from(index).ok()?;
-        if index >= self.mapping.len() {
+        if index >= mapping.len() {
             return None;
         }
         // SAFETY: `index` is inside the mapping (checked), which lives as long as `self`;
         // the memory is shared with the front-end, so it is only ever accessed atomically.
-        Some(unsafe { &*self.mapping.base().as_ptr().add(index).cast::<AtomicU8>() })
+        Some(unsafe { &*mapping.base().as_ptr().add(index).cast::<AtomicU8>() })
     }
 
     /// Marks every page of guest-physical `gpa..gpa+len` dirty.
@@ -154,17 +162,44 @@ impl LogMap {
 }
 
 /// One connection's log: the front-end's map and whether logging is on.
+///
+/// A worker holds the map for one pass ([`DirtyLog::current`] returns a read guard). A new
+/// `SET_LOG_BASE` (QEMU grows the log when guest memory grows) waits for those passes before
+/// it is answered: QEMU syncs and drops the old log right after our reply, so a mark made in
+/// the old map after that would be lost, and with it a page the destination needs.
 #[derive(Default)]
 pub struct DirtyLog {
     /// `VHOST_F_LOG_ALL` is acked.
     logging: AtomicBool,
-    map: Mutex<Option<Arc<LogMap>>>,
+    map: RwLock<Option<LogMap>>,
+}
+
+/// The mapped log, held for one pass.
+pub struct LogGuard<'a>(RwLockReadGuard<'a, Option<LogMap>>);
+
+impl std::ops::Deref for LogGuard<'_> {
+    type Target = LogMap;
+
+    fn deref(&self) -> &LogMap {
+        // `current` only builds a guard over a mapped log.
+        match self.0.as_ref() {
+            Some(map) => map,
+            None => unreachable_map(),
+        }
+    }
+}
+
+/// `LogGuard` is only built over `Some`; kept out of line so the deref stays small.
+#[cold]
+fn unreachable_map() -> &'static LogMap {
+    static NONE: std::sync::OnceLock<LogMap> = std::sync::OnceLock::new();
+    NONE.get_or_init(LogMap::unmapped)
 }
 
 impl DirtyLog {
-    /// Takes the front-end's (new) log; the old one is unmapped once no writer holds it.
+    /// Takes the front-end's (new) log, once no pass holds the old one (then unmapped).
     pub fn set_map(&self, map: LogMap) {
-        *lock(&self.map) = Some(Arc::new(map));
+        *self.map.write().unwrap_or_else(PoisonError::into_inner) = Some(map);
     }
 
     /// The front-end acked (or dropped) `VHOST_F_LOG_ALL`.
@@ -173,12 +208,13 @@ impl DirtyLog {
     }
 
     /// The log to mark, while logging is on and a log is mapped. Take it once per pass
-    /// (after the pass's writes, before its completions are published).
-    pub fn current(&self) -> Option<Arc<LogMap>> {
+    /// (before the pass's writes are published, held until its marks are made).
+    pub fn current(&self) -> Option<LogGuard<'_>> {
         if !self.logging.load(Ordering::Acquire) {
             return None;
         }
-        lock(&self.map).clone()
+        let guard = self.map.read().unwrap_or_else(PoisonError::into_inner);
+        guard.is_some().then_some(LogGuard(guard))
     }
 }
 

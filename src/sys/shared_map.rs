@@ -42,6 +42,8 @@ pub struct SharedMapping {
     base: NonNull<u8>,
     len: usize,
     file: File,
+    /// The range's registration with the SIGBUS handler (dropped with the mapping).
+    owner: u64,
 }
 
 // SAFETY: the mapping is owned by this value until Drop; users access it through atomics
@@ -102,8 +104,13 @@ impl SharedMapping {
         let Some(base) = NonNull::new(ptr.cast::<u8>()) else {
             return Err(MapError::Refused("mmap returned null".into()));
         };
-        let mapping = Self { base, len, file };
-        crate::sys::sigbus::register(0, base.as_ptr() as usize, len)
+        let mapping = Self {
+            base,
+            len,
+            file,
+            owner: crate::sys::sigbus::new_owner(),
+        };
+        crate::sys::sigbus::register(mapping.owner, base.as_ptr() as usize, len)
             .map_err(|e| MapError::Refused(e.to_string()))?;
         Ok(mapping)
     }
@@ -131,6 +138,8 @@ impl SharedMapping {
 
 impl Drop for SharedMapping {
     fn drop(&mut self) {
+        // Unregistered first: the range may be mapped again by someone else at once.
+        crate::sys::sigbus::unregister(self.owner);
         // SAFETY: unmapping exactly the mapping made in `map` (a normal-page file, so its
         // length is what was mapped); users keep the value alive while they use the memory.
         if unsafe { libc::munmap(self.base.as_ptr().cast(), self.len) } != 0 {

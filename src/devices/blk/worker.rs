@@ -851,7 +851,8 @@ impl QueueWorker {
     fn complete_engine_ops(&mut self) {
         // Borrowed out and put back so the buffer keeps its capacity across batches.
         let mut completions = std::mem::take(&mut self.completions);
-        let log = self.log.current();
+        let dirty = Arc::clone(&self.log);
+        let log = dirty.current();
         for completion in completions.drain(..) {
             let index = usize::try_from(completion.tag).unwrap_or(usize::MAX);
             let Some(slot) = self.in_flight.get_mut(index) else {
@@ -915,7 +916,8 @@ impl QueueWorker {
             return Ok(());
         }
         let memory = self.memory.memory();
-        let log = self.log.current();
+        let dirty = Arc::clone(&self.log);
+        let log = dirty.current();
         // One vring lock for the whole batch: used entries, then the notification decision.
         let mut state = vring.get_mut();
         for done in self.finished.drain(..) {

@@ -249,7 +249,8 @@ impl RxTarget {
         let end = avail_index(state.get_queue(), &self.memory);
         let memory = self.memory.memory();
         let map = MemMap::new(&memory);
-        let log = self.log.current();
+        let dirty = Arc::clone(&self.log);
+        let log = dirty.current();
         let mut burst = match Burst::bounded(state.get_queue_mut(), &map, end) {
             Ok(burst) => burst.with_log(log.as_deref()),
             Err(e) => {

@@ -283,7 +283,8 @@ impl PairWorker {
             let end = avail_index(state.get_queue(), &self.memory);
             let memory = self.memory.memory();
             let map = MemMap::new(&memory);
-            let log = self.log.current();
+            let dirty = Arc::clone(&self.log);
+            let log = dirty.current();
             let mut burst = match Burst::bounded(state.get_queue_mut(), &map, end) {
                 Ok(burst) => burst.with_log(log.as_deref()),
                 Err(e) => {
@@ -441,7 +442,8 @@ impl PairWorker {
             let end = avail_index(state.get_queue(), &self.memory);
             let memory = self.memory.memory();
             let map = MemMap::new(&memory);
-            let log = self.log.current();
+            let dirty = Arc::clone(&self.log);
+            let log = dirty.current();
             let served = Burst::bounded(state.get_queue_mut(), &map, end).map(|burst| {
                 let mut burst = burst.with_log(log.as_deref());
                 let sent_held = self.tx_burst(&mut burst, &memory);
