@@ -271,6 +271,24 @@ fn delivered_to(daemon: &Daemon, id: &str) -> u64 {
 
 #[test]
 fn a_guest_downloading_from_another_over_the_switch_migrates_mid_transfer() {
+    migrate_switch_transfer(Phase::Download);
+}
+
+#[test]
+fn a_guest_uploading_to_another_over_the_switch_migrates_mid_transfer() {
+    migrate_switch_transfer(Phase::Upload);
+}
+
+/// When the switch-transfer scenario migrates the client.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Phase {
+    /// A sixteenth into its download.
+    Download,
+    /// Once its download is in (its 4 MiB upload, at 1 MB/s, follows).
+    Upload,
+}
+
+fn migrate_switch_transfer(phase: Phase) {
     use crate::common::guest::{boot_with, vhost_user_net};
     const TRANSFER: usize = 16 << 20;
     const CLIENT_MAC: &str = "52:54:00:00:02:0b";
@@ -281,9 +299,10 @@ fn a_guest_downloading_from_another_over_the_switch_migrates_mid_transfer() {
         "--net",
         "socket={dir}/a.sock,switch=m1,mac=52:54:00:00:02:0a,id=a",
         "--net",
-        "socket={dir}/b.sock,switch=m1,mac=52:54:00:00:02:0b,id=b,rx-bps=4M",
+        "socket={dir}/b.sock,switch=m1,mac=52:54:00:00:02:0b,id=b,rx-bps=4M,tx-bps=1M",
         "--net",
-        "socket={dir}/b2.sock,switch=m1,mac=52:54:00:00:02:0b,id=b2,incoming=on,rx-bps=4M",
+        "socket={dir}/b2.sock,switch=m1,mac=52:54:00:00:02:0b,id=b2,incoming=on,rx-bps=4M,\
+         tx-bps=1M",
     ];
     let daemon = Daemon::start(&args);
     let server = vhost_user_net("a", &daemon.path("a.sock"), 1, "52:54:00:00:02:0a");
@@ -313,10 +332,14 @@ fn a_guest_downloading_from_another_over_the_switch_migrates_mid_transfer() {
         "dest",
         Some(&channel),
     );
-    // Migrate once a sixteenth of the file has crossed the switch (the destination QEMU is
-    // up first: the transfer takes seconds).
+    // Migrate once a sixteenth of the file has crossed the switch, or all of it (the
+    // destination QEMU is up first: the transfer takes seconds).
     let deadline = Instant::now() + Duration::from_secs(170);
-    while delivered_to(&daemon, "b") < (TRANSFER / 16) as u64 {
+    let at = match phase {
+        Phase::Download => TRANSFER / 16,
+        Phase::Upload => TRANSFER,
+    };
+    while delivered_to(&daemon, "b") < at as u64 {
         assert!(
             !client.exited(),
             "the client stopped:\n{}",
@@ -327,15 +350,22 @@ fn a_guest_downloading_from_another_over_the_switch_migrates_mid_transfer() {
     }
     let before = delivered_to(&daemon, "b");
     let migrated = migrate(&mut client, &channel);
-    eprintln!("--- source console ---\n{}\n--- end ---", client.quit());
-    let run = arrived.wait(Duration::from_secs(170));
+    let before_switch = client.quit();
+    eprintln!("--- source console ---\n{before_switch}\n--- end ---");
+    let mut run = arrived.wait(Duration::from_secs(170));
     let server = server.join().unwrap();
+    // The guest's whole story: what it printed before the switchover, then after.
+    run.console = before_switch + &run.console;
     run.assert_downloaded_from(&server, "the transfer across the migration");
     let after = delivered_to(&daemon, "b2");
     assert!(after > 0, "the destination port carried the rest");
+    assert!(
+        run.console.contains("upload want="),
+        "the upload ran on the destination"
+    );
     eprintln!(
-        "switch transfer migrated after {before} bytes: downtime {} ms, total {} ms; the \
-         destination port received {after} bytes",
+        "switch transfer migrated ({phase:?}) after {before} bytes: downtime {} ms, total {} \
+         ms; the destination port received {after} bytes",
         migrated.downtime_ms, migrated.total_ms
     );
 }
