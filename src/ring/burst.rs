@@ -10,7 +10,7 @@ use std::num::Wrapping;
 
 use virtio_queue::{Queue, QueueT};
 
-use super::dirty::{mark_used_ring, LogMap};
+use super::dirty::DirtyLog;
 use super::map::MemMap;
 use super::split::{BrokenChain, RingError, SplitRing};
 use crate::devices::desc::Buffers;
@@ -36,7 +36,7 @@ pub struct Burst<'q, 'a, 'm> {
     fixed_end: bool,
     finished: bool,
     /// The dirty-page log to mark the used ring in, while a migration runs.
-    log: Option<&'a LogMap>,
+    log: Option<&'a DirtyLog>,
 }
 
 impl<'q, 'a, 'm> Burst<'q, 'a, 'm> {
@@ -61,13 +61,13 @@ impl<'q, 'a, 'm> Burst<'q, 'a, 'm> {
 
     /// Marks what the burst writes into the used ring in `log` (`ring::dirty`); the caller
     /// marks the buffers it writes, through [`Burst::log`].
-    pub fn with_log(mut self, log: Option<&'a LogMap>) -> Self {
+    pub fn with_log(mut self, log: Option<&'a DirtyLog>) -> Self {
         self.log = log;
         self
     }
 
-    /// The dirty-page log this burst marks, if logging is on.
-    pub fn log(&self) -> Option<&'a LogMap> {
+    /// The dirty-page log this burst marks.
+    pub fn log(&self) -> Option<&'a DirtyLog> {
         self.log
     }
 
@@ -185,7 +185,7 @@ impl<'q, 'a, 'm> Burst<'q, 'a, 'm> {
         self.queue.set_next_used(self.next_used.0);
         let notify = self.ring.publish_used(self.used_start.0, self.next_used.0);
         if let Some(log) = self.log {
-            mark_used_ring(log, self.queue.used_ring(), self.ring.size());
+            log.mark_used_ring(self.queue.used_ring(), self.ring.size());
         }
         notify
     }

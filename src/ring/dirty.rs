@@ -24,7 +24,7 @@
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering};
-use std::sync::{PoisonError, RwLock, RwLockReadGuard};
+use std::sync::{PoisonError, RwLock};
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
@@ -54,7 +54,7 @@ pub enum DirtyError {
 
 /// The front-end's log, mapped.
 pub struct LogMap {
-    mapping: Option<SharedMapping>,
+    mapping: SharedMapping,
     /// Marks that fell outside the log (a log smaller than guest memory: QEMU's bug or a
     /// hostile front-end; the write itself went through).
     beyond: AtomicU64,
@@ -77,21 +77,13 @@ impl LogMap {
         }
         let len = usize::try_from(size).map_err(|_| DirtyError::TooLarge(size))?;
         Ok(Self {
-            mapping: Some(SharedMapping::map(file, offset, len)?),
+            mapping: SharedMapping::map(file, offset, len)?,
             beyond: AtomicU64::new(0),
         })
     }
 
-    /// A log with no pages (every mark falls beyond it).
-    fn unmapped() -> Self {
-        Self {
-            mapping: None,
-            beyond: AtomicU64::new(0),
-        }
-    }
-
     fn byte(&self, index: u64) -> Option<&AtomicU8> {
-        let mapping = self.mapping.as_ref()?;
+        let mapping = &self.mapping;
         let index = usize::try_from(index).ok()?;
         if index >= mapping.len() {
             return None;
@@ -163,10 +155,13 @@ impl LogMap {
 
 /// One connection's log: the front-end's map and whether logging is on.
 ///
-/// A worker holds the map for one pass ([`DirtyLog::current`] returns a read guard). A new
-/// `SET_LOG_BASE` (QEMU grows the log when guest memory grows) waits for those passes before
-/// it is answered: QEMU syncs and drops the old log right after our reply, so a mark made in
-/// the old map after that would be lost, and with it a page the destination needs.
+/// Writers mark through it ([`DirtyLog::mark`] and friends), each mark under a short read
+/// guard taken after the bytes landed, so a mark is never made on a snapshot older than its
+/// write (logging switched on mid-pass is seen), and never holds a guard across anything else
+/// (a switch sender delivering into another port's memory marks that port's log after its
+/// own). A new `SET_LOG_BASE` (QEMU grows the log when guest memory grows) waits for marks in
+/// progress before it is answered: QEMU syncs and drops the old log right after our reply.
+/// While logging is off a mark costs one atomic load.
 #[derive(Default)]
 pub struct DirtyLog {
     /// `VHOST_F_LOG_ALL` is acked.
@@ -174,30 +169,8 @@ pub struct DirtyLog {
     map: RwLock<Option<LogMap>>,
 }
 
-/// The mapped log, held for one pass.
-pub struct LogGuard<'a>(RwLockReadGuard<'a, Option<LogMap>>);
-
-impl std::ops::Deref for LogGuard<'_> {
-    type Target = LogMap;
-
-    fn deref(&self) -> &LogMap {
-        // `current` only builds a guard over a mapped log.
-        match self.0.as_ref() {
-            Some(map) => map,
-            None => unreachable_map(),
-        }
-    }
-}
-
-/// `LogGuard` is only built over `Some`; kept out of line so the deref stays small.
-#[cold]
-fn unreachable_map() -> &'static LogMap {
-    static NONE: std::sync::OnceLock<LogMap> = std::sync::OnceLock::new();
-    NONE.get_or_init(LogMap::unmapped)
-}
-
 impl DirtyLog {
-    /// Takes the front-end's (new) log, once no pass holds the old one (then unmapped).
+    /// Takes the front-end's (new) log, once no mark holds the old one (then unmapped).
     pub fn set_map(&self, map: LogMap) {
         *self.map.write().unwrap_or_else(PoisonError::into_inner) = Some(map);
     }
@@ -207,23 +180,51 @@ impl DirtyLog {
         self.logging.store(on, Ordering::Release);
     }
 
-    /// The log to mark, while logging is on and a log is mapped. Take it once per pass
-    /// (before the pass's writes are published, held until its marks are made).
-    pub fn current(&self) -> Option<LogGuard<'_>> {
-        if !self.logging.load(Ordering::Acquire) {
-            return None;
-        }
-        let guard = self.map.read().unwrap_or_else(PoisonError::into_inner);
-        guard.is_some().then_some(LogGuard(guard))
+    /// Whether writes are being logged now.
+    pub fn is_logging(&self) -> bool {
+        self.logging.load(Ordering::Acquire)
     }
-}
 
-/// Marks the used ring of a queue with `size` entries at `used_ring` (flags, idx, the
-/// entries and `avail_event`), as written.
-pub fn mark_used_ring(log: &LogMap, used_ring: u64, size: u16) {
-    // 2 + 2 bytes of header, 8 per entry, 2 of avail_event.
-    let len = 6u64.saturating_add(8u64.saturating_mul(u64::from(size)));
-    log.mark(used_ring, len);
+    fn with_map(&self, mark: impl FnOnce(&LogMap)) {
+        if !self.is_logging() {
+            return;
+        }
+        if let Some(map) = self
+            .map
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+        {
+            mark(map);
+        }
+    }
+
+    /// Marks guest-physical `gpa..gpa+len`, written, if logging is on.
+    pub fn mark(&self, gpa: u64, len: u64) {
+        self.with_map(|map| map.mark(gpa, len));
+    }
+
+    /// Marks the guest pages behind host range `host..host+len` of `memory`, if logging is on.
+    pub fn mark_host(&self, memory: &GuestMemory, host: usize, len: usize) {
+        self.with_map(|map| map.mark_host(memory, host, len));
+    }
+
+    /// Marks the used ring of a queue with `size` entries at `used_ring` (flags, idx, the
+    /// entries and `avail_event`), if logging is on.
+    pub fn mark_used_ring(&self, used_ring: u64, size: u16) {
+        // 2 + 2 bytes of header, 8 per entry, 2 of avail_event.
+        let len = 6u64.saturating_add(8u64.saturating_mul(u64::from(size)));
+        self.mark(used_ring, len);
+    }
+
+    /// Marks outside the log so far (a log smaller than guest memory).
+    pub fn beyond(&self) -> u64 {
+        self.map
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .as_ref()
+            .map_or(0, LogMap::beyond)
+    }
 }
 
 #[cfg(test)]
@@ -292,13 +293,17 @@ mod tests {
     #[test]
     fn logging_is_off_until_acked_and_hostile_payloads_are_refused() {
         let log = DirtyLog::default();
-        assert!(log.current().is_none());
+        log.mark(0, 4096); // no map, logging off: nothing
         log.set_logging(true);
-        assert!(log.current().is_none(), "no map yet");
-        log.set_map(log_of(64).0);
-        assert!(log.current().is_some());
+        log.mark(0, 4096); // no map yet: nothing
+        let (map, mut file) = log_of(64);
+        log.set_map(map);
         log.set_logging(false);
-        assert!(log.current().is_none());
+        log.mark(0, 4096);
+        assert_eq!(bits(&mut file)[0], 0, "logging off: nothing marked");
+        log.set_logging(true);
+        log.mark_used_ring(0x2c00, 256); // 2054 bytes from 0x2c00: pages 2 and 3
+        assert_eq!(bits(&mut file)[0], 0b0000_1100, "the used ring's two pages");
         let file = tempfile::tempfile().unwrap();
         file.set_len(64).unwrap();
         let clone = || file.try_clone().unwrap();

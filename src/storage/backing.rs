@@ -176,20 +176,23 @@ pub fn open_backing(request: &OpenRequest<'_>) -> Result<BackingFile, BackingErr
     })
 }
 
-/// Opens (creating, mode 0600) and locks exclusively an append-style data file such as a cold
-/// tier; it must be a regular file.
-pub fn open_log(path: &Path) -> Result<File, BackingError> {
+/// Opens (creating, mode 0600) and, when `locked`, locks exclusively an append-style data file
+/// such as a cold tier; it must be a regular file. (Unlocked: a migration's destination, which
+/// takes the lock with the image: `storage::tier::handover`.)
+pub fn open_log(path: &Path, locked: bool) -> Result<File, BackingError> {
     let file = open_private(path).map_err(|source| BackingError::Open {
         path: path.to_path_buf(),
         source,
     })?;
-    lock(&file, false).map_err(|e| match e.raw_os_error() {
-        Some(libc::EWOULDBLOCK) => BackingError::Locked(path.to_path_buf()),
-        _ => BackingError::Io {
-            path: path.to_path_buf(),
-            source: e,
-        },
-    })?;
+    if locked {
+        lock(&file, false).map_err(|e| match e.raw_os_error() {
+            Some(libc::EWOULDBLOCK) => BackingError::Locked(path.to_path_buf()),
+            _ => BackingError::Io {
+                path: path.to_path_buf(),
+                source: e,
+            },
+        })?;
+    }
     let is_file = file
         .metadata()
         .map_err(|source| BackingError::Io {

@@ -16,6 +16,9 @@
 //!   it serves nothing: every request fails with an I/O error until it can (checked again on
 //!   each request, one `flock` call).
 //!
+//! A tiered disk's store goes with the lock: deactivated (no more moves or journal entries)
+//! before the release, activated (its journal replayed, as at start-up) when taken.
+//!
 //! A migration that fails after the switchover restarts the source's queues, which take the
 //! lock back (the destination never started). An unrelated device on the image is still
 //! refused at creation, `incoming` or not only changes who holds the lock at creation.
@@ -23,13 +26,21 @@
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, AtomicU16, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
+
+use crate::lock::lock;
+use crate::storage::tier::store::TierStore;
 
 /// The lock on one device's image, and the device's side of a migration.
 pub struct ImageLock {
     file: Arc<File>,
     readonly: bool,
     held: AtomicBool,
+    /// Serializes taking and releasing (with the tier hand-over inside): a queue sees `held`
+    /// only once the tier is ready.
+    change: Mutex<()>,
+    /// A tiered disk's store, handed over with the image (`tier::handover`).
+    tier: Option<Arc<TierStore>>,
     /// Queues started and not stopped.
     running: AtomicU16,
     /// The front-end has dirty logging on (a migration runs).
@@ -37,12 +48,15 @@ pub struct ImageLock {
 }
 
 impl ImageLock {
-    /// The lock on `file`, already taken (`held`) or not (an incoming migration).
-    pub fn new(file: Arc<File>, readonly: bool, held: bool) -> Self {
+    /// The lock on `file`, already taken (`held`) or not (an incoming migration); a tiered
+    /// disk's `tier` store is activated when the lock is taken, deactivated when released.
+    pub fn new(file: Arc<File>, readonly: bool, held: bool, tier: Option<Arc<TierStore>>) -> Self {
         Self {
             file,
             readonly,
             held: AtomicBool::new(held),
+            change: Mutex::new(()),
+            tier,
             running: AtomicU16::new(0),
             migrating: AtomicBool::new(false),
         }
@@ -53,8 +67,13 @@ impl ImageLock {
         self.held.load(Ordering::Acquire)
     }
 
-    /// Takes the lock if it is not held; whether it is held afterwards.
+    /// Takes the lock if it is not held (and a tiered disk's store, replaying its journal);
+    /// whether it is held afterwards.
     pub fn ensure_held(&self) -> bool {
+        if self.is_held() {
+            return true;
+        }
+        let _change = lock(&self.change);
         if self.is_held() {
             return true;
         }
@@ -64,11 +83,23 @@ impl ImageLock {
             libc::LOCK_EX
         } | libc::LOCK_NB;
         // SAFETY: flock only reads the fd number, which `self.file` keeps open.
-        let taken = unsafe { libc::flock(self.file.as_raw_fd(), operation) } == 0;
-        if taken {
-            self.held.store(true, Ordering::Release);
+        if unsafe { libc::flock(self.file.as_raw_fd(), operation) } != 0 {
+            return false;
         }
-        taken
+        if let Some(tier) = &self.tier {
+            if let Err(e) = tier.activate() {
+                log::error!("the tiered disk cannot be taken over: {e}");
+                self.unlock();
+                return false;
+            }
+        }
+        self.held.store(true, Ordering::Release);
+        true
+    }
+
+    fn unlock(&self) -> bool {
+        // SAFETY: flock only reads the fd number, which `self.file` keeps open.
+        unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_UN) == 0 }
     }
 
     /// The front-end switched dirty logging on or off.
@@ -89,15 +120,19 @@ impl ImageLock {
             .running
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
             .unwrap_or(0);
-        if before != 1 || !self.migrating.load(Ordering::Acquire) || !self.is_held() {
+        if before != 1 || !self.migrating.load(Ordering::Acquire) {
             return false;
         }
-        // SAFETY: flock only reads the fd number, which `self.file` keeps open.
-        let released = unsafe { libc::flock(self.file.as_raw_fd(), libc::LOCK_UN) } == 0;
-        if released {
-            self.held.store(false, Ordering::Release);
+        let _change = lock(&self.change);
+        if !self.is_held() {
+            return false;
         }
-        released
+        // A tiered disk stops moving and journalling first: the other side replays it.
+        if let Some(tier) = &self.tier {
+            tier.deactivate();
+        }
+        self.held.store(false, Ordering::Release);
+        self.unlock()
     }
 }
 
@@ -129,8 +164,8 @@ mod tests {
         std::fs::write(&path, [0u8; 4096]).unwrap();
         let source_file = open(&path);
         assert!(lock_now(&source_file));
-        let source = ImageLock::new(Arc::clone(&source_file), false, true);
-        let dest = ImageLock::new(open(&path), false, false);
+        let source = ImageLock::new(Arc::clone(&source_file), false, true, None);
+        let dest = ImageLock::new(open(&path), false, false, None);
         // Both queues of the source run; the destination cannot start while they do.
         assert!(source.queue_started() && source.queue_started());
         assert!(!dest.ensure_held(), "the source holds the image");

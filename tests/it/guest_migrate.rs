@@ -21,6 +21,8 @@ use crate::common::qemu::{migrate, qmp, Migrated, Qemu};
 use crate::common::writers::{completed_on, stop_writers_in};
 
 const SIZE: u64 = 64 << 20;
+/// Where the host writes data the guest never touches, and how much.
+const UNTOUCHED: (u64, usize) = (32 << 20, 1 << 20);
 
 /// One side's disk server.
 enum Server {
@@ -47,19 +49,29 @@ impl Drop for Server {
 }
 
 /// Which server the scenario runs against.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 enum Peer {
     Novacron,
+    /// novacrond with the image as a tiered disk's hot file (cold file beside it).
+    NovacronTiered,
     Qsd,
 }
 
 /// Starts `peer`'s server for `image` in `dir` (`incoming`: the migration's destination).
 fn serve(peer: Peer, image: &Path, dir: &Path, incoming: bool) -> Server {
     match peer {
-        Peer::Novacron => {
+        Peer::Novacron | Peer::NovacronTiered => {
+            let disk = if peer == Peer::NovacronTiered {
+                format!(
+                    "tier-hot={},tier-cold={}.cold,extent=64K",
+                    image.display(),
+                    image.display()
+                )
+            } else {
+                format!("path={}", image.display())
+            };
             let spec = format!(
-                "socket={{dir}}/c.sock,path={},size={SIZE},queues=2,id=c{}",
-                image.display(),
+                "socket={{dir}}/c.sock,{disk},size={SIZE},queues=2,id=c{}",
                 if incoming { ",incoming=on" } else { "" }
             );
             let dir = tempfile::tempdir_in(dir).unwrap();
@@ -99,6 +111,17 @@ fn serve(peer: Peer, image: &Path, dir: &Path, incoming: bool) -> Server {
     }
 }
 
+/// Calls tier method `method` with `params` (plus the disk's id) on a novacrond server.
+fn tier_call(server: &Server, method: &str, mut params: serde_json::Value) -> serde_json::Value {
+    let Server::Novacron(daemon) = server else {
+        panic!("{method}: not a novacrond server")
+    };
+    params["id"] = json!("c");
+    let mut ctl = crate::common::control::Control::connect(&daemon.path("control.sock"));
+    ctl.call(method, params)
+        .unwrap_or_else(|e| panic!("{method}: {e}"))
+}
+
 /// A device of a third, unrelated user on `image` is refused (the image is in use).
 fn assert_refused(image: &Path) {
     let socket = image.with_extension("unrelated.sock");
@@ -134,13 +157,18 @@ fn wait_progress(guest: &mut Qemu, count: usize, what: &str) {
 /// The disk scenario: a guest under write+verify load migrates from a QEMU on `peer`'s source
 /// server to a QEMU on its destination server, goes on writing there, and finishes clean.
 /// `checks` runs once the destination serves (with the two servers).
-fn migrate_disk(peer: Peer, checks: impl FnOnce(&Server, &Server, &Path)) -> Migrated {
+/// `checks` gets the two servers, the image and how many requests the source had served when
+/// the migration completed (novacrond only).
+fn migrate_disk(peer: Peer, checks: impl FnOnce(&Server, &Server, &Path, Option<u64>)) -> Migrated {
     let dir = tempfile::tempdir().unwrap();
     let image = dir.path().join("c.img");
-    std::fs::File::create(&image)
-        .unwrap()
-        .set_len(SIZE)
-        .unwrap();
+    let file = std::fs::File::create(&image).unwrap();
+    file.set_len(SIZE).unwrap();
+    // Data the guest never touches (its writers use the first 4 MiB): on a tiered disk it
+    // goes cold before the migration and must read back after it.
+    let untouched = crate::common::netns::random_bytes(UNTOUCHED.1);
+    std::os::unix::fs::FileExt::write_all_at(&file, &untouched, UNTOUCHED.0).unwrap();
+    drop(file);
     let source = serve(peer, &image, dir.path(), false);
     let dest = serve(peer, &image, dir.path(), true);
     let mut guest = Qemu::spawn(
@@ -161,11 +189,35 @@ fn migrate_disk(peer: Peer, checks: impl FnOnce(&Server, &Server, &Path)) -> Mig
         "dest",
         Some(&channel),
     );
+    if peer == Peer::NovacronTiered {
+        // Everything cold (the writers promote what they touch again), then a demotion of
+        // everything left running into the migration: moves race the switchover.
+        tier_call(&source, "tier.demote", json!({"all": true, "wait": true}));
+        tier_call(&source, "tier.demote", json!({"all": true}));
+    }
     let migrated = migrate(&mut guest, &channel);
+    let source_served = match &source {
+        Server::Novacron(daemon) => Some(completed_on(daemon, "c").0),
+        Server::Qsd { .. } => None,
+    };
     // The destination goes on where the source stopped.
     wait_progress(&mut arrived, 4, "after the migration");
     guest.quit();
-    checks(&source, &dest, &image);
+    checks(&source, &dest, &image, source_served);
+    if peer == Peer::NovacronTiered {
+        // The destination took the source's map: the untouched data is cold there, and comes
+        // back intact (the stop marker goes into the hot file, so everything comes back).
+        let moved = tier_call(&dest, "tier.promote", json!({"all": true, "wait": true}));
+        let extents = (UNTOUCHED.1 as u64 / (64 << 10)) as u64;
+        assert!(
+            moved["moved"].as_u64() >= Some(extents),
+            "the destination did not see the cold extents: {moved}"
+        );
+        let mut back = vec![0u8; UNTOUCHED.1];
+        let hot = std::fs::File::open(&image).unwrap();
+        std::os::unix::fs::FileExt::read_exact_at(&hot, &mut back, UNTOUCHED.0).unwrap();
+        assert!(back == untouched, "cold data changed across the migration");
+    }
     stop_writers_in(&image, SIZE);
     let run = arrived.wait(Duration::from_secs(120));
     run.assert_passed();
@@ -176,25 +228,39 @@ fn migrate_disk(peer: Peer, checks: impl FnOnce(&Server, &Server, &Path)) -> Mig
 
 #[test]
 fn a_guest_writing_its_disk_migrates_to_a_second_daemon_on_the_same_image() {
-    let ours = migrate_disk(Peer::Novacron, |source, dest, image| {
+    let ours = migrate_disk(Peer::Novacron, |source, dest, image, at_switchover| {
         let (Server::Novacron(source), Server::Novacron(dest)) = (source, dest) else {
             panic!("both sides are novacrond")
         };
         assert!(completed_on(dest, "c").0 > 0, "the destination served");
-        let served_by_source = completed_on(source, "c").0;
-        assert!(served_by_source > 0, "the source served before");
+        assert!(at_switchover > Some(0), "the source served before");
+        // The source served nothing more while the destination made progress.
+        assert_eq!(Some(completed_on(source, "c").0), at_switchover);
         // The destination holds the image now: an unrelated device is refused.
         assert_refused(image);
-        // The source serves nothing after the switchover (its guest is gone).
-        assert_eq!(completed_on(source, "c").0, served_by_source);
     });
-    let theirs = migrate_disk(Peer::Qsd, |_, _, _| {});
+    let theirs = migrate_disk(Peer::Qsd, |_, _, _, _| {});
     eprintln!(
         "migration under 4-writer O_DIRECT load (TCG, 512 MiB guest):\n\
          peer                   downtime ms   total ms\n\
          novacrond              {:>11}   {:>8}\n\
          qemu-storage-daemon    {:>11}   {:>8}",
         ours.downtime_ms, ours.total_ms, theirs.downtime_ms, theirs.total_ms
+    );
+}
+
+#[test]
+fn a_guest_writing_its_tiered_disk_migrates_to_a_second_daemon() {
+    let migrated = migrate_disk(Peer::NovacronTiered, |source, dest, _, at_switchover| {
+        let (Server::Novacron(source), Server::Novacron(dest)) = (source, dest) else {
+            panic!("both sides are novacrond")
+        };
+        assert!(completed_on(dest, "c").0 > 0, "the destination served");
+        assert_eq!(Some(completed_on(source, "c").0), at_switchover);
+    });
+    eprintln!(
+        "tiered disk migration: downtime {} ms, total {} ms",
+        migrated.downtime_ms, migrated.total_ms
     );
 }
 
@@ -262,6 +328,13 @@ fn a_cancelled_migration_leaves_the_source_running_and_correct() {
     assert!(run.console.contains("crash-writers ok"), "{}", run.console);
 }
 
+/// Bytes NIC `id` sent through the daemon.
+fn sent_by(daemon: &Daemon, id: &str) -> u64 {
+    let mut ctl = crate::common::control::Control::connect(&daemon.path("control.sock"));
+    let stats = ctl.call("device.stats", json!({ "id": id })).unwrap();
+    stats["total"]["tx_bytes"].as_u64().unwrap_or(0)
+}
+
 /// Bytes the daemon delivered to NIC `id`.
 fn delivered_to(daemon: &Daemon, id: &str) -> u64 {
     let mut ctl = crate::common::control::Control::connect(&daemon.path("control.sock"));
@@ -293,15 +366,15 @@ fn migrate_switch_transfer(phase: Phase) {
     const TRANSFER: usize = 16 << 20;
     const CLIENT_MAC: &str = "52:54:00:00:02:0b";
     // The client's port, and its migration destination's port with the same MAC. Both
-    // receive at most 4 MB/s, so the download (several seconds) straddles the migration
-    // (about one) whatever the machine's speed.
+    // receive at most 2 MB/s and send at most 1 MB/s, so the download (8 s) and the upload
+    // (4 s) each outlast the migration (about one) whatever the machine's speed.
     let args = [
         "--net",
         "socket={dir}/a.sock,switch=m1,mac=52:54:00:00:02:0a,id=a",
         "--net",
-        "socket={dir}/b.sock,switch=m1,mac=52:54:00:00:02:0b,id=b,rx-bps=4M,tx-bps=1M",
+        "socket={dir}/b.sock,switch=m1,mac=52:54:00:00:02:0b,id=b,rx-bps=2M,tx-bps=1M",
         "--net",
-        "socket={dir}/b2.sock,switch=m1,mac=52:54:00:00:02:0b,id=b2,incoming=on,rx-bps=4M,\
+        "socket={dir}/b2.sock,switch=m1,mac=52:54:00:00:02:0b,id=b2,incoming=on,rx-bps=2M,\
          tx-bps=1M",
     ];
     let daemon = Daemon::start(&args);
@@ -354,15 +427,29 @@ fn migrate_switch_transfer(phase: Phase) {
     eprintln!("--- source console ---\n{before_switch}\n--- end ---");
     let mut run = arrived.wait(Duration::from_secs(170));
     let server = server.join().unwrap();
+    // The transfer straddled the switchover: the phase ended on the destination, whose port
+    // carried a good part of it.
+    let ended_there = match phase {
+        Phase::Download => "download md5=",
+        Phase::Upload => "upload want=",
+    };
+    assert!(
+        run.console.contains(ended_there),
+        "the {phase:?} ended before the switchover ({} ms); source console:\n{before_switch}",
+        migrated.total_ms
+    );
+    let after = delivered_to(&daemon, "b2");
+    let carried = match phase {
+        Phase::Download => after,
+        Phase::Upload => sent_by(&daemon, "b2"),
+    };
+    assert!(
+        carried >= 1 << 20,
+        "the destination port carried only {carried} bytes of the {phase:?}"
+    );
     // The guest's whole story: what it printed before the switchover, then after.
     run.console = before_switch + &run.console;
     run.assert_downloaded_from(&server, "the transfer across the migration");
-    let after = delivered_to(&daemon, "b2");
-    assert!(after > 0, "the destination port carried the rest");
-    assert!(
-        run.console.contains("upload want="),
-        "the upload ran on the destination"
-    );
     eprintln!(
         "switch transfer migrated ({phase:?}) after {before} bytes: downtime {} ms, total {} \
          ms; the destination port received {after} bytes",

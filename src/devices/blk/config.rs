@@ -204,14 +204,6 @@ impl BlkConfig {
         if backing == BackingSpec::Null && size.is_none() {
             return Err(invalid("path=null needs size="));
         }
-        if tier.is_some() && incoming {
-            // The destination would replay the journal (and run the start-up check, which
-            // punches space the journal does not name) while the source still moves extents.
-            return Err(invalid(
-                "incoming=on is not supported for tiered disks yet (the tier map cannot be \
-                 handed over while the source runs)",
-            ));
-        }
         if tier.is_some() && (readonly || backing == BackingSpec::Null) {
             return Err(invalid("a tiered disk is a writable file disk"));
         }
@@ -286,12 +278,13 @@ mod tests {
     }
 
     #[test]
-    fn an_incoming_tiered_disk_is_refused() {
-        let err = BlkConfig::parse("socket=/s.sock,tier-hot=/i.img,tier-cold=/c,incoming=on");
-        assert!(err.unwrap_err().to_string().contains("incoming=on"));
-        assert!(
-            BlkConfig::parse("socket=/s.sock,path=/i.img,incoming=on").is_ok_and(|c| c.incoming)
-        );
+    fn incoming_is_an_option_of_plain_and_tiered_disks() {
+        for spec in [
+            "socket=/s.sock,path=/i.img,incoming=on",
+            "socket=/s.sock,tier-hot=/i.img,tier-cold=/c,incoming=on",
+        ] {
+            assert!(BlkConfig::parse(spec).is_ok_and(|c| c.incoming), "{spec}");
+        }
     }
 
     #[test]

@@ -114,7 +114,7 @@ impl BlkDevice {
         };
         let tier = match (&config.tier, &file) {
             (Some(spec), Some(hot)) => {
-                let cold = open_log(&spec.cold)?;
+                let cold = open_log(&spec.cold, !config.incoming)?;
                 let hot_path = match &config.backing {
                     BackingSpec::File(path) => path.clone(),
                     BackingSpec::Null => PathBuf::new(),
@@ -124,18 +124,31 @@ impl BlkDevice {
                 // zeroing it. Refuse it instead.
                 let cold_len = cold.metadata().map(|m| m.len()).unwrap_or(0);
                 let journal = journal_path(&hot_path, &spec.cold);
-                adopt_legacy_journal(&hot_path, &journal);
-                if cold_len > 0 && !journal.exists() {
-                    return Err(DeviceError::ForeignColdFile(spec.cold.clone()));
+                if config.incoming {
+                    // The source serves (and moves) it now: touch nothing until the image is
+                    // ours (`storage::tier::handover`).
+                    Some(Arc::new(TierStore::open_inactive(
+                        Arc::clone(hot),
+                        &journal,
+                        cold,
+                        capacity,
+                        spec.extent_size,
+                        spec.zstd_level,
+                    )))
+                } else {
+                    adopt_legacy_journal(&hot_path, &journal);
+                    if cold_len > 0 && !journal.exists() {
+                        return Err(DeviceError::ForeignColdFile(spec.cold.clone()));
+                    }
+                    Some(Arc::new(TierStore::open(
+                        Arc::clone(hot),
+                        &journal,
+                        cold,
+                        capacity,
+                        spec.extent_size,
+                        spec.zstd_level,
+                    )?))
                 }
-                Some(Arc::new(TierStore::open(
-                    Arc::clone(hot),
-                    &journal,
-                    cold,
-                    capacity,
-                    spec.extent_size,
-                    spec.zstd_level,
-                )?))
             }
             _ => None,
         };
@@ -166,6 +179,7 @@ impl BlkDevice {
                 Arc::clone(file),
                 config.readonly,
                 !config.incoming,
+                tier.clone(),
             ))
         });
         let source = EngineSource {

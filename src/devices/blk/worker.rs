@@ -40,7 +40,7 @@ use crate::log_limit::LogLimiter;
 use crate::qos::gate::Gate;
 use crate::qos::limiter::{Cost, CostKind};
 use crate::qos::timer::TimerError;
-use crate::ring::dirty::{mark_used_ring, DirtyLog};
+use crate::ring::dirty::DirtyLog;
 use crate::ring::inflight::InflightQueue;
 use crate::storage::{Completion, Engine, GuestIovecs, IoOp, OpKind};
 use crate::vring::{
@@ -269,6 +269,12 @@ impl QueueWorker {
     pub fn process_queue(&mut self, vring: &CheckedVring) -> Result<(), WorkerError> {
         if vring.size_rejected() {
             self.stats.misconfigured();
+            return Ok(());
+        }
+        if !vring.get_ref().get_queue().ready() {
+            // Stopped (GET_VRING_BASE) with an event still queued (a kick, the QoS timer, a
+            // busy-poll repoll): nothing may be taken or written, and the queue must not
+            // count as started again (it would take a migrated image back).
             return Ok(());
         }
         if !self.started {
@@ -789,9 +795,7 @@ impl QueueWorker {
                 }
                 let code = match memory.write_slice(&id, buffer) {
                     Ok(()) => {
-                        if let Some(log) = self.log.current() {
-                            log.mark(buffer.0, id.len() as u64);
-                        }
+                        self.log.mark(buffer.0, id.len() as u64);
                         VIRTIO_BLK_S_OK as u8
                     }
                     Err(_) => VIRTIO_BLK_S_IOERR as u8,
@@ -851,8 +855,6 @@ impl QueueWorker {
     fn complete_engine_ops(&mut self) {
         // Borrowed out and put back so the buffer keeps its capacity across batches.
         let mut completions = std::mem::take(&mut self.completions);
-        let dirty = Arc::clone(&self.log);
-        let log = dirty.current();
         for completion in completions.drain(..) {
             let index = usize::try_from(completion.tag).unwrap_or(usize::MAX);
             let Some(slot) = self.in_flight.get_mut(index) else {
@@ -891,11 +893,10 @@ impl QueueWorker {
                     // read buffers are writable by the directions `request::parse` checked.
                     unsafe { copy.finish() };
                 }
-                if let (true, Some(log)) = (ok, &log) {
-                    // After the data is in guest memory (engine, tier copy or bounce).
-                    for &(host, len) in &done.written {
-                        log.mark_host(&done.memory, host, len);
-                    }
+                // After the data is in guest memory (engine, tier copy or bounce); a failed
+                // read may have written part of it too.
+                for &(host, len) in &done.written {
+                    self.log.mark_host(&done.memory, host, len);
                 }
                 self.stats
                     .completed(done.class, done.bytes, ok, done.started.elapsed());
@@ -916,8 +917,6 @@ impl QueueWorker {
             return Ok(());
         }
         let memory = self.memory.memory();
-        let dirty = Arc::clone(&self.log);
-        let log = dirty.current();
         // One vring lock for the whole batch: used entries, then the notification decision.
         let mut state = vring.get_mut();
         for done in self.finished.drain(..) {
@@ -925,9 +924,7 @@ impl QueueWorker {
             self.heads.release(done.head);
             let used_len = match done.status {
                 Some(addr) if memory.write_obj(done.code, addr).is_ok() => {
-                    if let Some(log) = &log {
-                        log.mark(addr.0, 1);
-                    }
+                    self.log.mark(addr.0, 1);
                     done.used_len
                 }
                 _ => 0,
@@ -944,14 +941,26 @@ impl QueueWorker {
                 inflight.after_put(done.head, state.get_queue().next_used());
             }
         }
-        if let Some(log) = &log {
+        {
             let queue = state.get_queue();
-            mark_used_ring(log, queue.used_ring(), queue.size());
+            self.log.mark_used_ring(queue.used_ring(), queue.size());
         }
         if std::mem::take(&mut self.force_signal) | needs_signal(&mut state, &memory)? {
             state.signal_used_queue().map_err(WorkerError::Signal)?;
         }
         Ok(())
+    }
+}
+
+impl Drop for QueueWorker {
+    fn drop(&mut self) {
+        // A connection that ended without stopping its queue (the front-end died): the queue
+        // no longer runs, for the image lock's count of running queues.
+        if self.started {
+            if let Some(image) = &self.shared.image {
+                image.queue_stopped();
+            }
+        }
     }
 }
 

@@ -31,7 +31,7 @@ use super::stats::{Direction, Drop, NetStats};
 use crate::devices::desc::Buffers;
 use crate::devices::sg::{copy_between, copy_in, write_stream};
 use crate::ring::burst::Burst;
-use crate::ring::dirty::{DirtyLog, LogMap};
+use crate::ring::dirty::DirtyLog;
 use crate::ring::map::MemMap;
 use crate::ring::split::RingError;
 use crate::vring::{avail_index, AtomicGuestMemory, CheckedVring, GuestMemory};
@@ -134,9 +134,6 @@ impl RxBatch {
                 break;
             }
             let take = left.min(u64::from(buffer.capacity));
-            if let Some(log) = burst.log() {
-                mark_spans(log, &buffer.spans, take);
-            }
             // `take <= capacity`, a u32.
             burst.used(buffer.head, u32::try_from(take).unwrap_or(u32::MAX));
             left = left.saturating_sub(take);
@@ -150,6 +147,15 @@ impl RxBatch {
                 log::debug!("rx header write failed");
             }
         }
+        // Every byte is in now (num_buffers last): mark what was written.
+        if let Some(log) = burst.log() {
+            let mut left = len;
+            for buffer in self.buffers.iter().take(usize::from(count)) {
+                let take = left.min(u64::from(buffer.capacity));
+                mark_spans(log, &buffer.spans, take);
+                left = left.saturating_sub(take);
+            }
+        }
         // The unused chains were taken after the used ones: they go back into the ring.
         let unused = self.buffers.len().saturating_sub(usize::from(count));
         burst.unpop(u16::try_from(unused).unwrap_or(u16::MAX));
@@ -159,7 +165,7 @@ impl RxBatch {
 }
 
 /// Marks the first `len` bytes of `spans` dirty (they were written).
-fn mark_spans(log: &LogMap, spans: &[crate::devices::sg::Span], len: u64) {
+fn mark_spans(log: &DirtyLog, spans: &[crate::devices::sg::Span], len: u64) {
     let mut left = len;
     for span in spans {
         if left == 0 {
@@ -249,10 +255,8 @@ impl RxTarget {
         let end = avail_index(state.get_queue(), &self.memory);
         let memory = self.memory.memory();
         let map = MemMap::new(&memory);
-        let dirty = Arc::clone(&self.log);
-        let log = dirty.current();
         let mut burst = match Burst::bounded(state.get_queue_mut(), &map, end) {
-            Ok(burst) => burst.with_log(log.as_deref()),
+            Ok(burst) => burst.with_log(Some(&self.log)),
             Err(e) => {
                 log::debug!("rx ring refused: {e}");
                 picks

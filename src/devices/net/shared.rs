@@ -22,6 +22,9 @@ use super::tap_queue::TapQueue;
 use crate::lock::lock;
 use crate::qos::handle::QosHandle;
 
+/// Most migration announcements (RARPs) a device sends per second.
+const MAX_ANNOUNCES_PER_SECOND: u32 = 8;
+
 /// State shared by a device's connections and workers.
 pub struct NetShared {
     /// The device's configuration.
@@ -41,6 +44,8 @@ pub struct NetShared {
     /// A duplicate of the first tap queue's fd, to send the migration announcement on while
     /// the queues themselves belong to a connection's workers.
     announce_tap: Option<std::fs::File>,
+    /// Announcements sent in the current second (a front-end may not flood the switch).
+    announced: Mutex<(std::time::Instant, u32)>,
 }
 
 impl NetShared {
@@ -60,6 +65,7 @@ impl NetShared {
         });
         Self {
             announce_tap,
+            announced: Mutex::new((std::time::Instant::now(), 0)),
             config,
             stats,
             connected: Arc::new(AtomicBool::new(false)),
@@ -185,6 +191,19 @@ impl NetShared {
                 super::config::format_mac(&mac)
             );
             return;
+        }
+        {
+            // QEMU announces a handful of times over a second or so; more is a flood.
+            let mut window = lock(&self.announced);
+            if window.0.elapsed() >= std::time::Duration::from_secs(1) {
+                *window = (std::time::Instant::now(), 0);
+            }
+            if window.1 >= MAX_ANNOUNCES_PER_SECOND {
+                self.stats
+                    .dropped(super::stats::Direction::Tx, super::stats::Drop::Throttled);
+                return;
+            }
+            window.1 = window.1.saturating_add(1);
         }
         let frame = super::announce::rarp(mac);
         if let Some((hub, port)) = &self.port {

@@ -284,9 +284,8 @@ impl PairWorker {
             let memory = self.memory.memory();
             let map = MemMap::new(&memory);
             let dirty = Arc::clone(&self.log);
-            let log = dirty.current();
             let mut burst = match Burst::bounded(state.get_queue_mut(), &map, end) {
-                Ok(burst) => burst.with_log(log.as_deref()),
+                Ok(burst) => burst.with_log(Some(&dirty)),
                 Err(e) => {
                     stats.ring_error();
                     log::debug!("{} pair {}: rx ring: {e}", self.shared.config.id, self.pair);
@@ -443,9 +442,8 @@ impl PairWorker {
             let memory = self.memory.memory();
             let map = MemMap::new(&memory);
             let dirty = Arc::clone(&self.log);
-            let log = dirty.current();
             let served = Burst::bounded(state.get_queue_mut(), &map, end).map(|burst| {
-                let mut burst = burst.with_log(log.as_deref());
+                let mut burst = burst.with_log(Some(&dirty));
                 let sent_held = self.tx_burst(&mut burst, &memory);
                 (sent_held, burst.finish())
             });

@@ -24,7 +24,7 @@ use vmm_sys_util::event::{
 
 use super::device::{Device, Event, SetupError, Worker, WorkerFd};
 use crate::lock::lock;
-use crate::ring::dirty::{mark_used_ring, DirtyLog, VHOST_F_LOG_ALL};
+use crate::ring::dirty::{DirtyLog, VHOST_F_LOG_ALL};
 use crate::vring::{AtomicGuestMemory, CheckedVring};
 
 /// The most config bytes vhost-user lets a front-end ask for.
@@ -309,10 +309,10 @@ impl<D: Device> VhostUserBackend for DeviceBackend<D> {
         // starts again. Mark the whole used ring (the last `avail_event` writes included)
         // before the front-end's final log sync, which follows this stop.
         let vring = self.vrings.get().and_then(|v| v.get(queue));
-        if let (Some(log), Some(vring)) = (self.log.current(), vring) {
+        if let Some(vring) = vring {
             let state = vring.get_ref();
             let queue = state.get_queue();
-            mark_used_ring(&log, queue.used_ring(), queue.size());
+            self.log.mark_used_ring(queue.used_ring(), queue.size());
         }
         Ok(())
     }

@@ -54,6 +54,8 @@ const MAX_FDS: usize = 32;
 const SET_FEATURES: u32 = 2;
 const SET_MEM_TABLE: u32 = 5;
 const SET_LOG_BASE: u32 = 6;
+const SET_VRING_ADDR: u32 = 9;
+const GET_VRING_BASE: u32 = 11;
 const SET_LOG_FD: u32 = 7;
 const SET_VRING_KICK: u32 = 12;
 const SET_VRING_ENABLE: u32 = 18;
@@ -120,6 +122,14 @@ impl Message {
 
     fn flags(&self) -> u32 {
         self.field(1)
+    }
+
+    /// The payload's little-endian u32 at byte `at`.
+    fn field_at(&self, at: usize) -> Option<u32> {
+        self.payload
+            .get(at..at.saturating_add(4))
+            .and_then(|b| <[u8; 4]>::try_from(b).ok())
+            .map(u32::from_le_bytes)
     }
 
     fn new(request: u32, flags: u32, payload: Vec<u8>) -> Self {
@@ -242,6 +252,8 @@ pub fn relay(
     let mut features_set = false;
     let mut early_enables: Vec<Vec<u8>> = Vec::new();
     let mut regions: std::collections::HashMap<[u8; 24], u32> = std::collections::HashMap::new();
+    // Each running ring's addresses (SET_VRING_ADDR, until its GET_VRING_BASE).
+    let mut ring_addrs: std::collections::HashMap<u32, [u8; 24]> = std::collections::HashMap::new();
     let result = loop {
         let mut fds = [
             libc::pollfd {
@@ -355,6 +367,35 @@ pub fn relay(
                     );
                     write_message(&mut front, &reply)?;
                 }
+                SET_VRING_ADDR => {
+                    let index = message.field_at(0);
+                    let addrs: Option<[u8; 24]> =
+                        message.payload.get(8..32).and_then(|b| b.try_into().ok());
+                    match (index, addrs) {
+                        (Some(index), Some(addrs)) if ring_addrs.get(&index) == Some(&addrs) => {
+                            // The same running ring with its log flag changed (a migration
+                            // starts or ends). Nothing for us to redo (used rings are logged by
+                            // address whatever the flag says), and passing it on would make
+                            // vhost-user-backend re-read the used index from guest memory
+                            // while a worker publishes: the index would go back and entries
+                            // would be overwritten.
+                            ack(&mut front, &message)?;
+                        }
+                        (Some(index), Some(addrs)) => {
+                            if ring_addrs.len() < MAX_KICKS || ring_addrs.contains_key(&index) {
+                                ring_addrs.insert(index, addrs);
+                            }
+                            write_message(&mut back, &message)?;
+                        }
+                        _ => write_message(&mut back, &message)?,
+                    }
+                }
+                GET_VRING_BASE => {
+                    if let Some(index) = message.field_at(0) {
+                        ring_addrs.remove(&index);
+                    }
+                    write_message(&mut back, &message)?;
+                }
                 SEND_RARP => {
                     // The guest's MAC in the first 6 bytes of a u64 (vhost-user-backend
                     // refuses the message): the device announces it after a migration.
@@ -409,14 +450,7 @@ pub fn relay(
                 }
                 SET_VRING_ENABLE if !kicks.is_empty() => {
                     write_message(&mut back, &message)?;
-                    let field = |at: usize| {
-                        message
-                            .payload
-                            .get(at..at.saturating_add(4))
-                            .and_then(|b| <[u8; 4]>::try_from(b).ok())
-                            .map(u32::from_le_bytes)
-                    };
-                    if let (Some(index), Some(1)) = (field(0), field(4)) {
+                    if let (Some(index), Some(1)) = (message.field_at(0), message.field_at(4)) {
                         let kick = usize::try_from(index).ok().and_then(|i| kicks.get(i));
                         if let Some(Some(kick)) = kick {
                             let _ = (&*kick).write(&1u64.to_ne_bytes());
@@ -516,6 +550,38 @@ mod tests {
         let mut passed = [0u8; 20];
         handler.read_exact(&mut passed).unwrap();
         assert_eq!(&passed[..], &raw(SET_VRING_ENABLE, VERSION_1, &enable)[..]);
+        drop(qemu);
+        relay.join().unwrap().unwrap();
+    }
+
+    #[test]
+    fn a_running_rings_address_repeated_with_its_log_flag_stays_here() {
+        let (mut qemu, front) = UnixStream::pair().unwrap();
+        let (back, mut handler) = UnixStream::pair().unwrap();
+        let relay = std::thread::spawn(move || {
+            relay(front, back, |_| {}, None, &DirtyLog::default(), &|_| {})
+        });
+        let mut addr = vec![0u8; 40];
+        addr[8] = 0x10; // descriptor table
+        let flags = VERSION_1 | FLAG_NEED_REPLY;
+        qemu.write_all(&raw(SET_VRING_ADDR, VERSION_1, &addr))
+            .unwrap();
+        // Migration starts: the same addresses with VHOST_VRING_F_LOG, acknowledged here.
+        let mut logged = addr.clone();
+        logged[4] = 1;
+        qemu.write_all(&raw(SET_VRING_ADDR, flags, &logged))
+            .unwrap();
+        let ack = read_message(&mut qemu).unwrap().unwrap();
+        assert_eq!(ack.request(), SET_VRING_ADDR);
+        // After the ring stops, the same addresses are a new start: passed on.
+        qemu.write_all(&raw(GET_VRING_BASE, VERSION_1, &[0; 8]))
+            .unwrap();
+        qemu.write_all(&raw(SET_VRING_ADDR, VERSION_1, &addr))
+            .unwrap();
+        let seen: Vec<u32> = (0..3)
+            .map(|_| read_message(&mut handler).unwrap().unwrap().request())
+            .collect();
+        assert_eq!(seen, vec![SET_VRING_ADDR, GET_VRING_BASE, SET_VRING_ADDR]);
         drop(qemu);
         relay.join().unwrap().unwrap();
     }

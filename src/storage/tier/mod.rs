@@ -9,11 +9,13 @@
 //! - [`engine`]: the I/O engine wrapping the hot file's engine;
 //! - [`mover`]: move batches with progress, the policy's periodic check;
 //! - [`policy`]: heat and the automatic policy (byte budget, idle time, repeated reads);
-//! - [`status`]: the typed status `tier.status` and `/metrics` report.
+//! - [`status`]: the typed status `tier.status` and `/metrics` report;
+//! - [`handover`]: handing the disk between the two sides of a live migration.
 //!
 //! The on-disk format and the durability rules are in the README ("Tiered disks").
 
 pub mod engine;
+pub mod handover;
 pub mod journal;
 pub mod metrics;
 pub mod mover;

@@ -34,7 +34,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use super::journal::{ColdLocation, Entry, Journal, JournalError};
 use super::policy::TierPolicy;
@@ -62,6 +62,9 @@ pub enum TierError {
         #[source]
         source: std::io::Error,
     },
+    /// The store is handed over to the other side of a live migration (no journal here).
+    #[error("the tiered disk is not active here (a live migration's other side owns it)")]
+    Inactive,
     /// A cold record is corrupt: that read fails, nothing else.
     #[error("extent {extent}: {source}")]
     Record {
@@ -98,7 +101,7 @@ pub(super) fn failpoint(name: &str) {
     }
 }
 
-fn io(action: &'static str) -> impl FnOnce(std::io::Error) -> TierError {
+pub(super) fn io(action: &'static str) -> impl FnOnce(std::io::Error) -> TierError {
     move |source| TierError::Io { action, source }
 }
 
@@ -204,10 +207,11 @@ pub enum Access {
 }
 
 pub(super) struct State {
-    cold: BTreeMap<u64, ColdLocation>,
-    journal: Journal,
-    cold_end: u64,
-    cache: VecDeque<(u64, u64, Arc<Vec<u8>>)>,
+    pub(super) cold: BTreeMap<u64, ColdLocation>,
+    /// `None` while the store is inactive (`TierStore::deactivate`): nothing can be journalled.
+    pub(super) journal: Option<Journal>,
+    pub(super) cold_end: u64,
+    pub(super) cache: VecDeque<(u64, u64, Arc<Vec<u8>>)>,
     /// Access heat (decays, see `policy`), as of `heat_at`.
     pub(super) heat: Vec<f64>,
     pub(super) heat_at: u64,
@@ -215,22 +219,33 @@ pub(super) struct State {
 
 /// A tiered disk's hot and cold files and extent map.
 pub struct TierStore {
-    hot: Arc<File>,
-    cold: File,
+    pub(super) hot: Arc<File>,
+    pub(super) cold: File,
     pub(super) extent_size: u64,
-    extents: u64,
-    capacity: u64,
-    level: i32,
+    pub(super) extents: u64,
+    pub(super) capacity: u64,
+    pub(super) level: i32,
     pub(super) state: Mutex<State>,
     pub(super) flags: Vec<ExtentFlags>,
     /// Counters.
     pub stats: TierStats,
     pub(super) progress: Mutex<Progress>,
     pub(super) policy: Mutex<TierPolicy>,
+    /// The journal's path, to replay it again when a live migration hands the disk back.
+    pub(super) journal_path: PathBuf,
+    /// Whether this process owns the tier (false between a migration's switchover and the
+    /// image coming back). Moves hold it shared for their whole run; handing over takes it
+    /// exclusively, so no move is half done on either side.
+    pub(super) active: RwLock<bool>,
     /// Set when an `fdatasync` of the hot file failed here (a promotion's): the kernel
     /// reports a writeback error once per open file, and the guest's writes share this file,
     /// so the guest's next FLUSH must fail in its place (see [`TierStore::hot_sync_failed`]).
-    hot_sync_failed: AtomicBool,
+    pub(super) hot_sync_failed: AtomicBool,
+}
+
+/// The journal of an active store.
+fn journal(state: &mut State) -> Result<&mut Journal, TierError> {
+    state.journal.as_mut().ok_or(TierError::Inactive)
 }
 
 /// Where the journal of a tiered disk lives: next to its hot file, or next to its cold file
@@ -289,7 +304,7 @@ impl TierStore {
                 .collect(),
             state: Mutex::new(State {
                 cold: replayed.cold,
-                journal,
+                journal: Some(journal),
                 cold_end,
                 cache: VecDeque::new(),
                 heat: vec![0.0; count],
@@ -299,6 +314,8 @@ impl TierStore {
             hot_sync_failed: AtomicBool::new(false),
             progress: Mutex::new(Progress::default()),
             policy: Mutex::new(TierPolicy::default()),
+            journal_path: journal_file.to_path_buf(),
+            active: RwLock::new(true),
         };
         store.check()?;
         store.find_holes();
@@ -306,7 +323,7 @@ impl TierStore {
     }
 
     /// The start-up check: hot copies of cold extents released, unreferenced cold space freed.
-    fn check(&self) -> Result<(), TierError> {
+    pub(super) fn check(&self) -> Result<(), TierError> {
         let state = lock(&self.state);
         for &extent in state.cold.keys() {
             self.punch_hot(extent)?;
@@ -331,7 +348,7 @@ impl TierStore {
     }
 
     /// Notes which hot extents are holes (never written): one `SEEK_DATA` per extent, once.
-    fn find_holes(&self) {
+    pub(super) fn find_holes(&self) {
         let state = lock(&self.state);
         for extent in 0..self.extents {
             let start = extent.saturating_mul(self.extent_size);
@@ -581,6 +598,10 @@ impl TierStore {
 
     /// Moves `extent` to the cold tier.
     pub fn demote(&self, extent: u64) -> Result<Moved, TierError> {
+        let active = self.active.read().unwrap_or_else(PoisonError::into_inner);
+        if !*active {
+            return Err(TierError::Inactive);
+        }
         let len = self.extent_len(extent);
         let Some(flags) = self.flag(extent) else {
             return Ok(Moved::Skipped);
@@ -641,7 +662,7 @@ impl TierStore {
             len: record_len,
             generation,
         };
-        if let Err(e) = state.journal.append(&[Entry::Cold { extent, location }]) {
+        if let Err(e) = journal(&mut state)?.append(&[Entry::Cold { extent, location }]) {
             flags.cold.store(false, Ordering::SeqCst);
             drop(state);
             let _ = self.punch_cold(offset, u64::from(record_len));
@@ -662,6 +683,10 @@ impl TierStore {
 
     /// Moves `extent` back to the hot tier.
     pub fn promote(&self, extent: u64) -> Result<Moved, TierError> {
+        let active = self.active.read().unwrap_or_else(PoisonError::into_inner);
+        if !*active {
+            return Err(TierError::Inactive);
+        }
         let mut state = lock(&self.state);
         if !state.cold.contains_key(&extent) {
             return Ok(Moved::Skipped);
@@ -692,7 +717,7 @@ impl TierStore {
             return Err(io("cannot sync the hot tier")(e));
         }
         failpoint("promote-after-hot");
-        state.journal.append(&[Entry::Hot { extent }])?;
+        journal(state)?.append(&[Entry::Hot { extent }])?;
         state.cold.remove(&extent);
         if let Some(flags) = self.flag(extent) {
             flags.cold.store(false, Ordering::SeqCst);
@@ -710,7 +735,7 @@ impl TierStore {
         let Some(location) = state.cold.get(&extent).copied() else {
             return Ok(());
         };
-        state.journal.append(&[Entry::Hot { extent }])?;
+        journal(state)?.append(&[Entry::Hot { extent }])?;
         state.cold.remove(&extent);
         if let Some(flags) = self.flag(extent) {
             flags.cold.store(false, Ordering::SeqCst);
@@ -721,11 +746,13 @@ impl TierStore {
     }
 
     fn maybe_compact(&self, state: &mut State) -> Result<(), TierError> {
-        if state.journal.len() > COMPACT_AFTER {
+        if state
+            .journal
+            .as_ref()
+            .is_some_and(|j| j.len() > COMPACT_AFTER)
+        {
             let cold = state.cold.clone();
-            state
-                .journal
-                .compact(self.extent_size, self.extents, &cold)?;
+            journal(state)?.compact(self.extent_size, self.extents, &cold)?;
         }
         Ok(())
     }
@@ -777,7 +804,11 @@ impl TierStore {
 
     /// Marks the metadata clean (orderly shutdown).
     pub fn close(&self) -> Result<(), TierError> {
-        lock(&self.state).journal.append(&[Entry::Clean])?;
+        // An inactive store's journal belongs to the other side of a migration: not ours to
+        // mark clean.
+        if let Some(journal) = lock(&self.state).journal.as_mut() {
+            journal.append(&[Entry::Clean])?;
+        }
         Ok(())
     }
 

@@ -15,6 +15,11 @@ impl Disk {
     }
 
     fn open(&self) -> TierStore {
+        self.open_as(false)
+    }
+
+    /// Opens the disk as a migration's destination would (`incoming`: inactive) or normally.
+    fn open_as(&self, incoming: bool) -> TierStore {
         let hot_path = self.dir.path().join("d.hot");
         let hot = std::fs::OpenOptions::new()
             .read(true)
@@ -31,15 +36,11 @@ impl Disk {
             .truncate(false)
             .open(self.dir.path().join("d.cold"))
             .unwrap();
-        TierStore::open(
-            Arc::new(hot),
-            &journal_path(&hot_path, &self.dir.path().join("d.cold")),
-            cold,
-            SIZE,
-            EXTENT,
-            3,
-        )
-        .unwrap()
+        let journal = journal_path(&hot_path, &self.dir.path().join("d.cold"));
+        if incoming {
+            return TierStore::open_inactive(Arc::new(hot), &journal, cold, SIZE, EXTENT, 3);
+        }
+        TierStore::open(Arc::new(hot), &journal, cold, SIZE, EXTENT, 3).unwrap()
     }
 
     /// Writes through the I/O path; returns the tier work it caused.
@@ -215,4 +216,43 @@ fn the_engine_reads_a_range_across_both_tiers_in_pieces() {
     assert_eq!(done[0].result, Ok(()));
     assert_eq!(out, data[start as usize..(start + len) as usize]);
     assert!(store.stats.cold_reads.load(Ordering::Relaxed) > 0);
+}
+
+#[test]
+fn a_live_migration_hands_the_tier_over_and_back_without_losing_a_byte() {
+    let disk = Disk::new();
+    let source = disk.open();
+    let data = pattern(5, (4 * EXTENT) as usize);
+    disk.write(&source, 0, &data);
+    assert_eq!(source.demote(1).unwrap(), Moved::Done);
+    // The destination exists while the source runs: it has touched nothing.
+    let dest = disk.open_as(true);
+    assert!(!dest.is_active());
+    assert!(matches!(dest.demote(0), Err(TierError::Inactive)));
+    assert_eq!(
+        source.demote(2).unwrap(),
+        Moved::Done,
+        "the source goes on moving"
+    );
+    // Switchover: the source stops, the destination replays what the source left.
+    source.deactivate();
+    assert!(matches!(source.demote(0), Err(TierError::Inactive)));
+    source.close().unwrap(); // not the source's journal any more: nothing appended
+    dest.activate().unwrap();
+    assert_eq!(dest.cold_extents(), vec![1, 2]);
+    assert_eq!(read(&dest, 0, data.len()), data);
+    assert_eq!(dest.demote(3).unwrap(), Moved::Done);
+    assert_eq!(dest.promote(1).unwrap(), Moved::Done);
+    // And back (the VM migrates home): the source sees the destination's moves.
+    dest.deactivate();
+    source.activate().unwrap();
+    assert_eq!(source.cold_extents(), vec![2, 3]);
+    assert_eq!(read(&source, 0, data.len()), data);
+    drop(source);
+    drop(dest);
+    assert_eq!(
+        read(&disk.open(), 0, data.len()),
+        data,
+        "a fresh start agrees"
+    );
 }

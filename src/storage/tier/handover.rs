@@ -1,0 +1,123 @@
+//! Handing a tiered disk between the two sides of a live migration: the destination opens it
+//! without touching it ([`TierStore::open_inactive`]), the source stops journalling and moving
+//! at the switchover ([`TierStore::deactivate`]), and whichever side then owns the image
+//! replays the journal as at start-up ([`TierStore::activate`]). The image lock
+//! (`storage::image_lock`) decides when.
+
+use std::collections::{BTreeMap, VecDeque};
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
+
+use super::journal::Journal;
+use super::policy::TierPolicy;
+use super::store::{io, ExtentFlags, Progress, State, TierError, TierStats, TierStore};
+use crate::lock::lock;
+
+impl TierStore {
+    /// A tiered disk that another process serves now (the destination of a live migration,
+    /// `incoming=on`): nothing is read, replayed, checked or punched until
+    /// [`TierStore::activate`] (the source may be writing all of it meanwhile).
+    pub fn open_inactive(
+        hot: Arc<File>,
+        journal: &Path,
+        cold: File,
+        capacity: u64,
+        extent_size: u64,
+        level: i32,
+    ) -> Self {
+        let extents = capacity.div_ceil(extent_size.max(1));
+        let count = usize::try_from(extents).unwrap_or(0);
+        Self {
+            hot,
+            cold,
+            extent_size,
+            extents,
+            capacity,
+            level,
+            flags: (0..count).map(|_| ExtentFlags::default()).collect(),
+            state: Mutex::new(State {
+                cold: BTreeMap::new(),
+                journal: None,
+                cold_end: 0,
+                cache: VecDeque::new(),
+                heat: vec![0.0; count],
+                heat_at: 0,
+            }),
+            stats: TierStats::default(),
+            hot_sync_failed: AtomicBool::new(false),
+            progress: Mutex::new(Progress::default()),
+            policy: Mutex::new(TierPolicy::default()),
+            journal_path: journal.to_path_buf(),
+            active: RwLock::new(false),
+        }
+    }
+
+    /// Hands the tier over (a live migration's switchover): waits for a move in progress,
+    /// then journals nothing more and moves nothing until [`TierStore::activate`]. Every
+    /// journal entry so far is already durable (each append is synced).
+    pub fn deactivate(&self) {
+        let mut active = self.active.write().unwrap_or_else(PoisonError::into_inner);
+        *active = false;
+        let mut state = lock(&self.state);
+        state.journal = None;
+        state.cache.clear();
+        // The cold file's lock goes with the image's.
+        // SAFETY: flock only reads the fd number, which `self.cold` keeps open.
+        unsafe { libc::flock(self.cold.as_raw_fd(), libc::LOCK_UN) };
+    }
+
+    /// Takes the tier (back): replays the journal the other side left, as at start-up (with
+    /// the start-up check), and moves extents again.
+    pub fn activate(&self) -> Result<(), TierError> {
+        let mut active = self.active.write().unwrap_or_else(PoisonError::into_inner);
+        // SAFETY: flock only reads the fd number, which `self.cold` keeps open.
+        if unsafe { libc::flock(self.cold.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(io("the cold tier is in use elsewhere")(
+                std::io::Error::last_os_error(),
+            ));
+        }
+        let replayed = self.replay_for_activation();
+        if let Err(e) = replayed {
+            // SAFETY: as above.
+            unsafe { libc::flock(self.cold.as_raw_fd(), libc::LOCK_UN) };
+            return Err(e);
+        }
+        *active = true;
+        Ok(())
+    }
+
+    /// Whether this process owns the tier now.
+    pub fn is_active(&self) -> bool {
+        *self.active.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Replays the journal into the map and runs the start-up check (`activate`'s work).
+    fn replay_for_activation(&self) -> Result<(), TierError> {
+        let (journal, replayed) =
+            Journal::open(&self.journal_path, self.extent_size, self.extents)?;
+        let cold_end = self
+            .cold
+            .metadata()
+            .map_err(io("cannot stat the cold tier"))?
+            .len();
+        {
+            let mut state = lock(&self.state);
+            for (extent, flags) in self.flags.iter().enumerate() {
+                flags.cold.store(
+                    replayed.cold.contains_key(&(extent as u64)),
+                    Ordering::SeqCst,
+                );
+            }
+            state.cold = replayed.cold;
+            state.journal = Some(journal);
+            state.cold_end = cold_end;
+            state.cache.clear();
+        }
+        self.check()?;
+        self.find_holes();
+        Ok(())
+    }
+}
