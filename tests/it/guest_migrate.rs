@@ -208,7 +208,7 @@ fn migrate_disk(peer: Peer, checks: impl FnOnce(&Server, &Server, &Path, Option<
         // The destination took the source's map: the untouched data is cold there, and comes
         // back intact (the stop marker goes into the hot file, so everything comes back).
         let moved = tier_call(&dest, "tier.promote", json!({"all": true, "wait": true}));
-        let extents = (UNTOUCHED.1 as u64 / (64 << 10)) as u64;
+        let extents = UNTOUCHED.1 as u64 / (64 << 10);
         assert!(
             moved["moved"].as_u64() >= Some(extents),
             "the destination did not see the cold extents: {moved}"
