@@ -154,6 +154,34 @@ fn wait_progress(guest: &mut Qemu, count: usize, what: &str) {
     }
 }
 
+/// A guest writing its disk on `source` (once it is under way), and a QEMU waiting for it on
+/// `dest`, listening on the returned migration socket in `dir`.
+fn writing_guest_and_destination(
+    source: &Server,
+    dest: &Server,
+    dir: &Path,
+) -> (Qemu, Qemu, PathBuf) {
+    let mut guest = Qemu::spawn(
+        "blk-crash",
+        "",
+        &vhost_user_blk("c", &source.socket(), 2),
+        dir,
+        "source",
+        None,
+    );
+    wait_progress(&mut guest, 4, "before the migration");
+    let channel = dir.join("migrate.sock");
+    let arrived = Qemu::spawn(
+        "blk-crash",
+        "",
+        &vhost_user_blk("c", &dest.socket(), 2),
+        dir,
+        "dest",
+        Some(&channel),
+    );
+    (guest, arrived, channel)
+}
+
 /// The disk scenario: a guest under write+verify load migrates from a QEMU on `peer`'s source
 /// server to a QEMU on its destination server, goes on writing there, and finishes clean.
 /// `checks` runs once the destination serves (with the two servers).
@@ -171,24 +199,8 @@ fn migrate_disk(peer: Peer, checks: impl FnOnce(&Server, &Server, &Path, Option<
     drop(file);
     let source = serve(peer, &image, dir.path(), false);
     let dest = serve(peer, &image, dir.path(), true);
-    let mut guest = Qemu::spawn(
-        "blk-crash",
-        "",
-        &vhost_user_blk("c", &source.socket(), 2),
-        dir.path(),
-        "source",
-        None,
-    );
-    wait_progress(&mut guest, 4, "before the migration");
-    let channel = dir.path().join("migrate.sock");
-    let mut arrived = Qemu::spawn(
-        "blk-crash",
-        "",
-        &vhost_user_blk("c", &dest.socket(), 2),
-        dir.path(),
-        "dest",
-        Some(&channel),
-    );
+    let (mut guest, mut arrived, channel) =
+        writing_guest_and_destination(&source, &dest, dir.path());
     if peer == Peer::NovacronTiered {
         // Everything cold (the writers promote what they touch again), then a demotion of
         // everything left running into the migration: moves race the switchover.
@@ -270,24 +282,7 @@ fn a_cancelled_migration_leaves_the_source_running_and_correct() {
     let image = dir.path().join("c.img");
     let source = serve(Peer::Novacron, &image, dir.path(), false);
     let dest = serve(Peer::Novacron, &image, dir.path(), true);
-    let mut guest = Qemu::spawn(
-        "blk-crash",
-        "",
-        &vhost_user_blk("c", &source.socket(), 2),
-        dir.path(),
-        "source",
-        None,
-    );
-    wait_progress(&mut guest, 4, "before the migration");
-    let channel = dir.path().join("migrate.sock");
-    let arrived = Qemu::spawn(
-        "blk-crash",
-        "",
-        &vhost_user_blk("c", &dest.socket(), 2),
-        dir.path(),
-        "dest",
-        Some(&channel),
-    );
+    let (mut guest, arrived, channel) = writing_guest_and_destination(&source, &dest, dir.path());
     // Slow enough to be cancelled midway: 512 MiB at 8 MiB/s.
     guest.qmp("migrate-set-parameters", json!({"max-bandwidth": 8 << 20}));
     guest.qmp(

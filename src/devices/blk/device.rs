@@ -124,31 +124,26 @@ impl BlkDevice {
                 // zeroing it. Refuse it instead.
                 let cold_len = cold.metadata().map(|m| m.len()).unwrap_or(0);
                 let journal = journal_path(&hot_path, &spec.cold);
-                if config.incoming {
-                    // The source serves (and moves) it now: touch nothing until the image is
-                    // ours (`storage::tier::handover`).
-                    Some(Arc::new(TierStore::open_inactive(
-                        Arc::clone(hot),
-                        &journal,
-                        cold,
-                        capacity,
-                        spec.extent_size,
-                        spec.zstd_level,
-                    )))
-                } else {
+                if !config.incoming {
                     adopt_legacy_journal(&hot_path, &journal);
                     if cold_len > 0 && !journal.exists() {
                         return Err(DeviceError::ForeignColdFile(spec.cold.clone()));
                     }
-                    Some(Arc::new(TierStore::open(
-                        Arc::clone(hot),
-                        &journal,
-                        cold,
-                        capacity,
-                        spec.extent_size,
-                        spec.zstd_level,
-                    )?))
                 }
+                let store = TierStore::open_inactive(
+                    Arc::clone(hot),
+                    &journal,
+                    cold,
+                    capacity,
+                    spec.extent_size,
+                    spec.zstd_level,
+                );
+                // An incoming migration's source serves (and moves) it now: touch nothing
+                // until the image is ours (`storage::tier::handover`).
+                if !config.incoming {
+                    store.activate()?;
+                }
+                Some(Arc::new(store))
             }
             _ => None,
         };

@@ -696,6 +696,19 @@ impl QueueWorker {
         }
     }
 
+    /// Completes request `head` at once with an I/O error (counted as a failed `class`).
+    fn fail_now(&mut self, head: u16, status: GuestAddress, class: OpClass) {
+        self.stats.started();
+        self.stats
+            .completed(class, 0, false, std::time::Duration::ZERO);
+        self.finished.push(Finished {
+            head,
+            status: Some(status),
+            code: VIRTIO_BLK_S_IOERR as u8,
+            used_len: 1,
+        });
+    }
+
     fn execute(&mut self, head: u16, request: Request, memory: &Arc<GuestMemory>) {
         if self
             .shared
@@ -704,15 +717,7 @@ impl QueueWorker {
             .is_some_and(|image| !image.ensure_held())
         {
             // The other side of a migration still holds the image: serve nothing.
-            self.stats.started();
-            self.stats
-                .completed(class_of(&request.kind), 0, false, std::time::Duration::ZERO);
-            self.finished.push(Finished {
-                head,
-                status: Some(request.status),
-                code: VIRTIO_BLK_S_IOERR as u8,
-                used_len: 1,
-            });
+            self.fail_now(head, request.status, class_of(&request.kind));
             return;
         }
         let mut bounce = None;
@@ -742,15 +747,7 @@ impl QueueWorker {
                 if self.shared.flush_failed.load(Ordering::Acquire) {
                     // fsyncgate: after one failed flush, data may already be gone; never
                     // report a later flush as success.
-                    self.stats.started();
-                    self.stats
-                        .completed(OpClass::Flush, 0, false, std::time::Duration::ZERO);
-                    self.finished.push(Finished {
-                        head,
-                        status: Some(request.status),
-                        code: VIRTIO_BLK_S_IOERR as u8,
-                        used_len: 1,
-                    });
+                    self.fail_now(head, request.status, OpClass::Flush);
                     return;
                 }
                 (

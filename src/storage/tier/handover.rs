@@ -69,8 +69,9 @@ impl TierStore {
         unsafe { libc::flock(self.cold.as_raw_fd(), libc::LOCK_UN) };
     }
 
-    /// Takes the tier (back): replays the journal the other side left, as at start-up (with
-    /// the start-up check), and moves extents again.
+    /// Takes the tier: replays the journal (the one the other side of a migration left, or
+    /// the last run's at start-up), runs the start-up check, locks the cold file, and moves
+    /// extents again.
     pub fn activate(&self) -> Result<(), TierError> {
         let mut active = self.active.write().unwrap_or_else(PoisonError::into_inner);
         // SAFETY: flock only reads the fd number, which `self.cold` keeps open.
@@ -98,6 +99,13 @@ impl TierStore {
     fn replay_for_activation(&self) -> Result<(), TierError> {
         let (journal, replayed) =
             Journal::open(&self.journal_path, self.extent_size, self.extents)?;
+        if !replayed.clean && replayed.entries > 1 {
+            log::warn!(
+                "{}: tier metadata not closed cleanly ({} torn bytes dropped): checking",
+                self.journal_path.display(),
+                replayed.torn_bytes
+            );
+        }
         let cold_end = self
             .cold
             .metadata()

@@ -271,54 +271,8 @@ impl TierStore {
         extent_size: u64,
         level: i32,
     ) -> Result<Self, TierError> {
-        let extents = capacity.div_ceil(extent_size.max(1));
-        let journal_file = journal;
-        let (journal, replayed) = Journal::open(journal_file, extent_size, extents)?;
-        if !replayed.clean && replayed.entries > 1 {
-            log::warn!(
-                "{}: tier metadata not closed cleanly ({} torn bytes dropped): checking",
-                journal_file.display(),
-                replayed.torn_bytes
-            );
-        }
-        let cold_end = cold
-            .metadata()
-            .map_err(io("cannot stat the cold tier"))?
-            .len();
-        let count = usize::try_from(extents).unwrap_or(0);
-        let store = Self {
-            hot,
-            cold,
-            extent_size,
-            extents,
-            capacity,
-            level,
-            flags: (0..count)
-                .map(|e| {
-                    let flags = ExtentFlags::default();
-                    flags
-                        .cold
-                        .store(replayed.cold.contains_key(&(e as u64)), Ordering::SeqCst);
-                    flags
-                })
-                .collect(),
-            state: Mutex::new(State {
-                cold: replayed.cold,
-                journal: Some(journal),
-                cold_end,
-                cache: VecDeque::new(),
-                heat: vec![0.0; count],
-                heat_at: 0,
-            }),
-            stats: TierStats::default(),
-            hot_sync_failed: AtomicBool::new(false),
-            progress: Mutex::new(Progress::default()),
-            policy: Mutex::new(TierPolicy::default()),
-            journal_path: journal_file.to_path_buf(),
-            active: RwLock::new(true),
-        };
-        store.check()?;
-        store.find_holes();
+        let store = Self::open_inactive(hot, journal, cold, capacity, extent_size, level);
+        store.activate()?;
         Ok(store)
     }
 
