@@ -207,7 +207,7 @@ fn migrate_disk(peer: Peer, checks: impl FnOnce(&Server, &Server, &Path, Option<
         tier_call(&source, "tier.demote", json!({"all": true, "wait": true}));
         tier_call(&source, "tier.demote", json!({"all": true}));
     }
-    let migrated = migrate(&mut guest, &channel);
+    let migrated = migrate(&mut guest, &arrived, &channel);
     let source_served = match &source {
         Server::Novacron(daemon) => Some(completed_on(daemon, "c").0),
         Server::Qsd { .. } => None,
@@ -378,7 +378,7 @@ fn migrate_switch_transfer(phase: Phase) {
         boot_with(
             "net-switch",
             &server,
-            &format!("novarole=server novaip=10.81.0.1 novasize={TRANSFER}"),
+            &format!("novarole=server novaip=10.81.0.1 novapeer=10.81.0.2 novasize={TRANSFER}"),
         )
     });
     let params = format!("novaip=10.81.0.2 novapeer=10.81.0.1 novasize={TRANSFER}");
@@ -417,7 +417,7 @@ fn migrate_switch_transfer(phase: Phase) {
         std::thread::sleep(Duration::from_millis(10));
     }
     let before = delivered_to(&daemon, "b");
-    let migrated = migrate(&mut client, &channel);
+    let migrated = migrate(&mut client, &arrived, &channel);
     let before_switch = client.quit();
     eprintln!("--- source console ---\n{before_switch}\n--- end ---");
     let mut run = arrived.wait(Duration::from_secs(170));
@@ -445,9 +445,12 @@ fn migrate_switch_transfer(phase: Phase) {
     // The guest's whole story: what it printed before the switchover, then after.
     run.console = before_switch + &run.console;
     run.assert_downloaded_from(&server, "the transfer across the migration");
+    let pings = server.value_of("ping: ");
+    assert!(pings.contains("packet loss"), "{pings}");
     eprintln!(
         "switch transfer migrated ({phase:?}) after {before} bytes: downtime {} ms, total {} \
-         ms; the destination port received {after} bytes",
+         ms; the destination port received {after} bytes; the peer's pings (10/s) throughout: \
+         {pings}",
         migrated.downtime_ms, migrated.total_ms
     );
 }

@@ -77,20 +77,23 @@ pub fn boot(name: &str, devices: &[String]) -> GuestRun {
 }
 
 /// The QEMU command for a guest running test `name` with kernel parameters `params`
-/// (devices and I/O left to the caller).
-pub fn qemu_command(name: &str, params: &str) -> Command {
+/// (devices and I/O left to the caller); guest RAM is a memfd, or the file `memory` (to look
+/// at it from outside).
+pub fn qemu_command(name: &str, params: &str, memory: Option<&Path>) -> Command {
     let image = guest_image();
+    let backend = match memory {
+        Some(path) => format!(
+            "memory-backend-file,id=mem,size=512M,share=on,mem-path={}",
+            path.display()
+        ),
+        None => "memory-backend-memfd,id=mem,size=512M,share=on".to_string(),
+    };
     let mut cmd = Command::new("qemu-system-x86_64");
     cmd.args([
         "-accel", "tcg", "-machine", "q35", "-cpu", "max", "-smp", "2", "-m", "512M",
     ])
     .args(["-nographic", "-no-reboot", "-nodefaults"])
-    .args([
-        "-object",
-        "memory-backend-memfd,id=mem,size=512M,share=on",
-        "-numa",
-        "node,memdev=mem",
-    ])
+    .args(["-object", &backend, "-numa", "node,memdev=mem"])
     .arg("-kernel")
     .arg(image.join("vmlinuz"))
     .arg("-initrd")
@@ -105,7 +108,7 @@ pub fn qemu_command(name: &str, params: &str) -> Command {
 
 /// Like [`boot`], with `key=value` words added to the kernel command line for the test.
 pub fn boot_with(name: &str, devices: &[String], params: &str) -> GuestRun {
-    let qemu = qemu_command(name, params);
+    let qemu = qemu_command(name, params, None);
     let mut cmd = Command::new("timeout");
     cmd.args(["--kill-after=5", "180"])
         .arg(qemu.get_program())

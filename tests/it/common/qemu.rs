@@ -11,18 +11,20 @@ use serde_json::{json, Value};
 
 use super::guest::{qemu_command, GuestRun};
 
-/// A QEMU process with a QMP socket and its console in a file.
+/// A QEMU process with a QMP socket, its console and its guest RAM in files.
 pub struct Qemu {
     child: Child,
     qmp: PathBuf,
     console: PathBuf,
+    memory: PathBuf,
     started: Instant,
 }
 
 impl Qemu {
     /// Starts a guest running test `name` (`params` on its kernel command line) with
-    /// `devices`, QMP and console files named `tag` in `dir`; `incoming` makes it the
-    /// destination of a migration arriving on that unix socket.
+    /// `devices`, QMP, console and guest RAM files named `tag` in `dir`; `incoming` makes it
+    /// the destination of a migration arriving on that unix socket, paused on arrival until
+    /// [`migrate`] has compared the two guests' memory.
     pub fn spawn(
         name: &str,
         params: &str,
@@ -33,7 +35,8 @@ impl Qemu {
     ) -> Qemu {
         let qmp = dir.join(format!("{tag}.qmp"));
         let console = dir.join(format!("{tag}.console"));
-        let mut cmd = qemu_command(name, params);
+        let memory = dir.join(format!("{tag}.ram"));
+        let mut cmd = qemu_command(name, params, Some(&memory));
         cmd.args(["-serial", &format!("file:{}", console.display())])
             .args([
                 "-qmp",
@@ -43,7 +46,7 @@ impl Qemu {
             .stdout(Stdio::null())
             .stderr(Stdio::inherit());
         if let Some(uri) = incoming {
-            cmd.args(["-incoming", &format!("unix:{}", uri.display())]);
+            cmd.args(["-incoming", &format!("unix:{}", uri.display()), "-S"]);
         }
         let child = cmd
             .spawn()
@@ -52,6 +55,7 @@ impl Qemu {
             child,
             qmp,
             console,
+            memory,
             started: Instant::now(),
         };
         if incoming.is_some() {
@@ -161,9 +165,11 @@ pub struct Migrated {
     pub total_ms: u64,
 }
 
-/// Migrates `source` to the QEMU listening on unix socket `to`; waits until QEMU says it
-/// completed (panics if it failed).
-pub fn migrate(source: &mut Qemu, to: &Path) -> Migrated {
+/// Migrates `source` to `dest`, listening on unix socket `to`; waits until QEMU says it
+/// completed (panics if it failed). Both guests are paused then: their memory must be the
+/// same, byte for byte (a page the backend wrote without logging it would differ), before
+/// the destination runs on.
+pub fn migrate(source: &mut Qemu, dest: &Qemu, to: &Path) -> Migrated {
     source.qmp("migrate", json!({"uri": format!("unix:{}", to.display())}));
     let deadline = Instant::now() + Duration::from_secs(120);
     loop {
@@ -173,10 +179,12 @@ pub fn migrate(source: &mut Qemu, to: &Path) -> Migrated {
         let info = source.qmp("query-migrate", json!({}));
         match info["status"].as_str() {
             Some("completed") => {
+                assert_same_memory(&source.memory, &dest.memory);
+                dest.qmp("cont", json!({}));
                 return Migrated {
                     downtime_ms: info["downtime"].as_u64().unwrap_or(0),
                     total_ms: info["total-time"].as_u64().unwrap_or(0),
-                }
+                };
             }
             Some("failed") | Some("cancelled") => panic!("migration ended: {info}"),
             _ => {}
@@ -187,4 +195,31 @@ pub fn migrate(source: &mut Qemu, to: &Path) -> Migrated {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// The two guest RAM files hold the same bytes; panics naming the pages that differ.
+fn assert_same_memory(a: &Path, b: &Path) {
+    use std::io::Read;
+    let mut a = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(a).unwrap());
+    let mut b = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(b).unwrap());
+    let (mut pa, mut pb) = (vec![0u8; 4096], vec![0u8; 4096]);
+    let mut differ = Vec::new();
+    for page in 0u64.. {
+        let got = a.read(&mut pa).unwrap();
+        if got == 0 {
+            break;
+        }
+        a.read_exact(&mut pa[got..]).unwrap();
+        b.read_exact(&mut pb).unwrap();
+        if pa != pb {
+            differ.push(format!("{:#x}", page * 4096));
+        }
+    }
+    assert!(
+        differ.is_empty(),
+        "{} guest page(s) differ between source and destination after the migration (first: \
+         {:?})",
+        differ.len(),
+        &differ[..differ.len().min(16)]
+    );
 }
