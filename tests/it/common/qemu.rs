@@ -213,6 +213,17 @@ fn assert_same_memory(a: &Path, b: &Path) {
         b.read_exact(&mut pb).unwrap();
         if pa != pb {
             differ.push(format!("{:#x}", page * 4096));
+            if differ.len() <= 4 {
+                let at = pa.iter().zip(&pb).position(|(x, y)| x != y).unwrap_or(0);
+                let end = (at + 48).min(4096);
+                let changed = pa.iter().zip(&pb).filter(|(x, y)| x != y).count();
+                eprintln!(
+                    "page {:#x}: {changed} byte(s) differ, first at +{at:#x}\n  source {:02x?}\n  dest   {:02x?}",
+                    page * 4096,
+                    &pa[at..end],
+                    &pb[at..end]
+                );
+            }
         }
     }
     assert!(
