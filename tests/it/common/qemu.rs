@@ -158,17 +158,32 @@ pub fn qmp(socket: &Path, command: &str, arguments: Value) -> Value {
     reply(json!({"execute": command, "arguments": arguments}))
 }
 
-/// Migration figures QEMU reports (milliseconds).
-#[derive(Debug, Clone, Copy)]
+/// Migration figures QEMU reports (milliseconds), and the guest pages whose bytes differed
+/// between source and destination at the switchover.
+#[derive(Debug, Clone)]
 pub struct Migrated {
     pub downtime_ms: u64,
     pub total_ms: u64,
+    pub differing_pages: Vec<String>,
+}
+
+impl Migrated {
+    /// Panics unless source and destination RAM were the same, byte for byte.
+    pub fn assert_same_memory(&self) {
+        assert!(
+            self.differing_pages.is_empty(),
+            "{} guest page(s) differ between source and destination after the migration \
+             (first: {:?})",
+            self.differing_pages.len(),
+            &self.differing_pages[..self.differing_pages.len().min(16)]
+        );
+    }
 }
 
 /// Migrates `source` to `dest`, listening on unix socket `to`; waits until QEMU says it
-/// completed (panics if it failed). Both guests are paused then: their memory must be the
-/// same, byte for byte (a page the backend wrote without logging it would differ), before
-/// the destination runs on.
+/// completed (panics if it failed). Both guests are paused then: their memory is compared
+/// byte for byte (a page the backend wrote without logging it would differ; the caller
+/// checks [`Migrated::assert_same_memory`]) before the destination runs on.
 pub fn migrate(source: &mut Qemu, dest: &Qemu, to: &Path) -> Migrated {
     source.qmp("migrate", json!({"uri": format!("unix:{}", to.display())}));
     let deadline = Instant::now() + Duration::from_secs(120);
@@ -179,11 +194,12 @@ pub fn migrate(source: &mut Qemu, dest: &Qemu, to: &Path) -> Migrated {
         let info = source.qmp("query-migrate", json!({}));
         match info["status"].as_str() {
             Some("completed") => {
-                assert_same_memory(&source.memory, &dest.memory);
+                let differing_pages = differing_pages(&source.memory, &dest.memory);
                 dest.qmp("cont", json!({}));
                 return Migrated {
                     downtime_ms: info["downtime"].as_u64().unwrap_or(0),
                     total_ms: info["total-time"].as_u64().unwrap_or(0),
+                    differing_pages,
                 };
             }
             Some("failed") | Some("cancelled") => panic!("migration ended: {info}"),
@@ -197,8 +213,9 @@ pub fn migrate(source: &mut Qemu, dest: &Qemu, to: &Path) -> Migrated {
     }
 }
 
-/// The two guest RAM files hold the same bytes; panics naming the pages that differ.
-fn assert_same_memory(a: &Path, b: &Path) {
+/// The pages (guest addresses) whose bytes differ between the two guest RAM files; the first
+/// few are shown on stderr.
+fn differing_pages(a: &Path, b: &Path) -> Vec<String> {
     use std::io::Read;
     let mut a = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(a).unwrap());
     let mut b = std::io::BufReader::with_capacity(1 << 20, std::fs::File::open(b).unwrap());
@@ -226,11 +243,5 @@ fn assert_same_memory(a: &Path, b: &Path) {
             }
         }
     }
-    assert!(
-        differ.is_empty(),
-        "{} guest page(s) differ between source and destination after the migration (first: \
-         {:?})",
-        differ.len(),
-        &differ[..differ.len().min(16)]
-    );
+    differ
 }
