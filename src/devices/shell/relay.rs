@@ -54,7 +54,9 @@ const MAX_FDS: usize = 32;
 const SET_FEATURES: u32 = 2;
 const SET_MEM_TABLE: u32 = 5;
 const SET_LOG_BASE: u32 = 6;
+const RESET_OWNER: u32 = 4;
 const SET_VRING_ADDR: u32 = 9;
+const RESET_DEVICE: u32 = 34;
 const GET_VRING_BASE: u32 = 11;
 const SET_LOG_FD: u32 = 7;
 const SET_VRING_KICK: u32 = 12;
@@ -293,6 +295,14 @@ pub fn relay(
             {
                 log::warn!("front-end message refused, dropping the connection: {e}");
                 break Err(e.into());
+            }
+            if matches!(
+                message.request(),
+                SET_MEM_TABLE | ADD_MEM_REG | REM_MEM_REG | RESET_OWNER | RESET_DEVICE
+            ) {
+                // Ring addresses are translated through the memory table, and a reset
+                // forgets them: the next SET_VRING_ADDR is a new start, whatever it says.
+                ring_addrs.clear();
             }
             match message.request() {
                 SET_VRING_ENABLE if !features_set => {
@@ -573,15 +583,26 @@ mod tests {
             .unwrap();
         let ack = read_message(&mut qemu).unwrap().unwrap();
         assert_eq!(ack.request(), SET_VRING_ADDR);
-        // After the ring stops, the same addresses are a new start: passed on.
-        qemu.write_all(&raw(GET_VRING_BASE, VERSION_1, &[0; 8]))
-            .unwrap();
-        qemu.write_all(&raw(SET_VRING_ADDR, VERSION_1, &addr))
-            .unwrap();
-        let seen: Vec<u32> = (0..3)
+        // After the ring stops, or a reset, the same addresses are a new start: passed on.
+        for message in [
+            raw(GET_VRING_BASE, VERSION_1, &[0; 8]),
+            raw(SET_VRING_ADDR, VERSION_1, &addr),
+            raw(RESET_DEVICE, VERSION_1, &[]),
+            raw(SET_VRING_ADDR, VERSION_1, &addr),
+        ] {
+            qemu.write_all(&message).unwrap();
+        }
+        let seen: Vec<u32> = (0..5)
             .map(|_| read_message(&mut handler).unwrap().unwrap().request())
             .collect();
-        assert_eq!(seen, vec![SET_VRING_ADDR, GET_VRING_BASE, SET_VRING_ADDR]);
+        let want = [
+            SET_VRING_ADDR,
+            GET_VRING_BASE,
+            SET_VRING_ADDR,
+            RESET_DEVICE,
+            SET_VRING_ADDR,
+        ];
+        assert_eq!(seen, want);
         drop(qemu);
         relay.join().unwrap().unwrap();
     }
