@@ -339,11 +339,15 @@ fn delivered_to(daemon: &Daemon, id: &str) -> u64 {
 }
 
 #[test]
+#[ignore = "issue 12, open: under load the migrated guest's RAM differs from the source's \
+            and its kernel may crash (see the README); run with --ignored"]
 fn a_guest_downloading_from_another_over_the_switch_migrates_mid_transfer() {
     migrate_switch_transfer(Phase::Download);
 }
 
 #[test]
+#[ignore = "issue 12, open: under load the migrated guest's RAM differs from the source's \
+            and its kernel may crash (see the README); run with --ignored"]
 fn a_guest_uploading_to_another_over_the_switch_migrates_mid_transfer() {
     migrate_switch_transfer(Phase::Upload);
 }
@@ -419,18 +423,7 @@ fn migrate_switch_transfer(phase: Phase) {
     }
     let before = delivered_to(&daemon, "b");
     let migrated = migrate(&mut client, &arrived, &channel);
-    if !migrated.differing_pages.is_empty() {
-        // Seen in some runs with other guests loading the machine, never on the disk tests;
-        // the pages dumped held kernel data (pointers, counters), not packet bytes, and
-        // marking every page at the stop makes it go away. Suspected in QEMU 7.2's TCG dirty
-        // tracking with this two-guest workload, not proven: reported, not failed, until a
-        // trace of the daemon's writes settles it (issue 12's note).
-        eprintln!(
-            "OPEN OBSERVATION: {} guest page(s) differ after the NIC migration: {:?}",
-            migrated.differing_pages.len(),
-            &migrated.differing_pages[..migrated.differing_pages.len().min(16)]
-        );
-    }
+    migrated.assert_same_memory();
     let before_switch = client.quit();
     eprintln!("--- source console ---\n{before_switch}\n--- end ---");
     let mut run = arrived.wait(Duration::from_secs(170));
