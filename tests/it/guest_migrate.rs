@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
+use crate::common::control::nic_bytes;
 use crate::common::daemon::{start_failure, Daemon};
 use crate::common::guest::vhost_user_blk;
 use crate::common::qemu::{migrate, qmp, Migrated, Qemu};
@@ -122,6 +123,22 @@ fn tier_call(server: &Server, method: &str, mut params: serde_json::Value) -> se
         .unwrap_or_else(|e| panic!("{method}: {e}"))
 }
 
+/// Both sides are novacrond: the source served before the switchover (`at_switchover`
+/// requests) and nothing after it, while the destination served.
+fn assert_handed_over(source: &Server, dest: &Server, at_switchover: Option<u64>) {
+    let (Server::Novacron(source), Server::Novacron(dest)) = (source, dest) else {
+        panic!("both sides are novacrond")
+    };
+    assert!(completed_on(dest, "c").0 > 0, "the destination served");
+    assert!(at_switchover > Some(0), "the source served before");
+    assert_eq!(Some(completed_on(source, "c").0), at_switchover);
+}
+
+/// [`assert_handed_over`] as `migrate_disk`'s check.
+fn assert_handed_over_with(source: &Server, dest: &Server, _: &Path, at_switchover: Option<u64>) {
+    assert_handed_over(source, dest, at_switchover);
+}
+
 /// A device of a third, unrelated user on `image` is refused (the image is in use).
 fn assert_refused(image: &Path) {
     let socket = image.with_extension("unrelated.sock");
@@ -194,7 +211,7 @@ fn migrate_disk(peer: Peer, checks: impl FnOnce(&Server, &Server, &Path, Option<
     file.set_len(SIZE).unwrap();
     // Data the guest never touches (its writers use the first 4 MiB): on a tiered disk it
     // goes cold before the migration and must read back after it.
-    let untouched = crate::common::netns::random_bytes(UNTOUCHED.1);
+    let untouched = crate::common::blk::pattern(7, UNTOUCHED.1);
     std::os::unix::fs::FileExt::write_all_at(&file, &untouched, UNTOUCHED.0).unwrap();
     drop(file);
     let source = serve(peer, &image, dir.path(), false);
@@ -242,13 +259,7 @@ fn migrate_disk(peer: Peer, checks: impl FnOnce(&Server, &Server, &Path, Option<
 #[test]
 fn a_guest_writing_its_disk_migrates_to_a_second_daemon_on_the_same_image() {
     let ours = migrate_disk(Peer::Novacron, |source, dest, image, at_switchover| {
-        let (Server::Novacron(source), Server::Novacron(dest)) = (source, dest) else {
-            panic!("both sides are novacrond")
-        };
-        assert!(completed_on(dest, "c").0 > 0, "the destination served");
-        assert!(at_switchover > Some(0), "the source served before");
-        // The source served nothing more while the destination made progress.
-        assert_eq!(Some(completed_on(source, "c").0), at_switchover);
+        assert_handed_over(source, dest, at_switchover);
         // The destination holds the image now: an unrelated device is refused.
         assert_refused(image);
     });
@@ -264,13 +275,7 @@ fn a_guest_writing_its_disk_migrates_to_a_second_daemon_on_the_same_image() {
 
 #[test]
 fn a_guest_writing_its_tiered_disk_migrates_to_a_second_daemon() {
-    let migrated = migrate_disk(Peer::NovacronTiered, |source, dest, _, at_switchover| {
-        let (Server::Novacron(source), Server::Novacron(dest)) = (source, dest) else {
-            panic!("both sides are novacrond")
-        };
-        assert!(completed_on(dest, "c").0 > 0, "the destination served");
-        assert_eq!(Some(completed_on(source, "c").0), at_switchover);
-    });
+    let migrated = migrate_disk(Peer::NovacronTiered, assert_handed_over_with);
     eprintln!(
         "tiered disk migration: downtime {} ms, total {} ms",
         migrated.downtime_ms, migrated.total_ms
@@ -322,20 +327,6 @@ fn a_cancelled_migration_leaves_the_source_running_and_correct() {
     let run = guest.wait(Duration::from_secs(120));
     run.assert_passed();
     assert!(run.console.contains("crash-writers ok"), "{}", run.console);
-}
-
-/// Bytes NIC `id` sent through the daemon.
-fn sent_by(daemon: &Daemon, id: &str) -> u64 {
-    let mut ctl = crate::common::control::Control::connect(&daemon.path("control.sock"));
-    let stats = ctl.call("device.stats", json!({ "id": id })).unwrap();
-    stats["total"]["tx_bytes"].as_u64().unwrap_or(0)
-}
-
-/// Bytes the daemon delivered to NIC `id`.
-fn delivered_to(daemon: &Daemon, id: &str) -> u64 {
-    let mut ctl = crate::common::control::Control::connect(&daemon.path("control.sock"));
-    let stats = ctl.call("device.stats", json!({ "id": id })).unwrap();
-    stats["total"]["rx_bytes"].as_u64().unwrap_or(0)
 }
 
 #[test]
@@ -412,7 +403,7 @@ fn migrate_switch_transfer(phase: Phase) {
         Phase::Download => TRANSFER / 16,
         Phase::Upload => TRANSFER,
     };
-    while delivered_to(&daemon, "b") < at as u64 {
+    while nic_bytes(&daemon, "b", "rx_bytes") < at as u64 {
         assert!(
             !client.exited(),
             "the client stopped:\n{}",
@@ -421,7 +412,7 @@ fn migrate_switch_transfer(phase: Phase) {
         assert!(Instant::now() < deadline, "the transfer never got going");
         std::thread::sleep(Duration::from_millis(10));
     }
-    let before = delivered_to(&daemon, "b");
+    let before = nic_bytes(&daemon, "b", "rx_bytes");
     let migrated = migrate(&mut client, &arrived, &channel);
     migrated.assert_same_memory();
     let before_switch = client.quit();
@@ -439,10 +430,10 @@ fn migrate_switch_transfer(phase: Phase) {
         "the {phase:?} ended before the switchover ({} ms); source console:\n{before_switch}",
         migrated.total_ms
     );
-    let after = delivered_to(&daemon, "b2");
+    let after = nic_bytes(&daemon, "b2", "rx_bytes");
     let carried = match phase {
         Phase::Download => after,
-        Phase::Upload => sent_by(&daemon, "b2"),
+        Phase::Upload => nic_bytes(&daemon, "b2", "tx_bytes"),
     };
     assert!(
         carried >= 1 << 20,

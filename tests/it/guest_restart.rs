@@ -12,9 +12,6 @@
 
 use std::time::{Duration, Instant};
 
-use serde_json::json;
-
-use crate::common::control::Control;
 use crate::common::daemon::Daemon;
 use crate::common::guest::{boot, vhost_user_blk_reconnect};
 use crate::common::writers::{completed_on, stop_writers_in};
@@ -148,9 +145,7 @@ fn wait_delivered(
 
 /// Bytes this daemon process delivered to the guest's NIC `id`.
 fn delivered_to(daemon: &Daemon, id: &str) -> u64 {
-    let mut ctl = Control::connect(&daemon.path("control.sock"));
-    let stats = ctl.call("device.stats", json!({"id": id})).unwrap();
-    stats["total"]["rx_bytes"].as_u64().unwrap_or(0)
+    crate::common::control::nic_bytes(daemon, id, "rx_bytes")
 }
 
 #[test]

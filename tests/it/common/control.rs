@@ -62,3 +62,11 @@ pub fn scrape(port: &str, path: &str) -> String {
     stream.read_to_string(&mut response).expect("response");
     response
 }
+
+/// Counter `key` (`rx_bytes`, `tx_bytes`, ...) of NIC `id`, all queue pairs, as `daemon`
+/// reports it now.
+pub fn nic_bytes(daemon: &super::daemon::Daemon, id: &str, key: &str) -> u64 {
+    let mut ctl = Control::connect(&daemon.path("control.sock"));
+    let stats = ctl.call("device.stats", json!({ "id": id })).unwrap();
+    stats["total"][key].as_u64().unwrap_or(0)
+}

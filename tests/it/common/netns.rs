@@ -96,21 +96,8 @@ fn run(program: &str, args: &[&str]) {
 /// Writes `size` pseudo-random bytes to `path` (a file for a guest to download); returns its
 /// md5.
 pub fn random_file(path: &std::path::Path, size: usize) -> String {
-    std::fs::write(path, random_bytes(size)).expect("write the file");
+    std::fs::write(path, super::blk::pattern(1, size)).expect("write the file");
     md5sum(path)
-}
-
-/// `size` pseudo-random bytes (xorshift: incompressible enough for a cold tier).
-pub fn random_bytes(size: usize) -> Vec<u8> {
-    let mut state = 0x9e37_79b9_7f4a_7c15u64;
-    (0..size)
-        .map(|_| {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state as u8
-        })
-        .collect()
 }
 
 /// md5 of a file, as `md5sum` prints it.
