@@ -199,6 +199,14 @@ impl<D: Device> Drop for DeviceBackend<D> {
                 self.device.id()
             );
         }
+        let beyond = self.log.beyond();
+        if beyond > 0 {
+            log::warn!(
+                "{}: the front-end's dirty log was smaller than guest memory: {beyond} write(s) \
+                 could not be logged (a migration may have missed those pages)",
+                self.device.id()
+            );
+        }
     }
 }
 
