@@ -271,13 +271,14 @@ impl QueueWorker {
             self.stats.misconfigured();
             return Ok(());
         }
-        if !vring.get_ref().get_queue().ready() {
-            // Stopped (GET_VRING_BASE) with an event still queued (a kick, the QoS timer, a
-            // busy-poll repoll): nothing may be taken or written, and the queue must not
-            // count as started again (it would take a migrated image back).
-            return Ok(());
-        }
         if !self.started {
+            if !vring.get_ref().get_queue().ready() {
+                // Stopped (GET_VRING_BASE drained it) with an event still queued (a kick,
+                // the QoS timer, a busy-poll repoll): the queue must not count as started
+                // again (it would take a migrated image back). Checked only here, once per
+                // start, not on every pass.
+                return Ok(());
+            }
             self.start_queue(vring);
         }
         let started = Instant::now();
