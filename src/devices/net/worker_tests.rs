@@ -33,7 +33,7 @@ struct Guest {
 
 impl Guest {
     fn attach(hub: &Arc<SwitchHub>, id: &str, last: u8, pairs: u16, qos: &str) -> Self {
-        Self::attach_logged(hub, id, last, pairs, qos, Arc::default())
+        Self::try_attach(hub, id, last, pairs, qos, Arc::default(), "").unwrap()
     }
 
     /// A port that is the destination of a migration (`incoming=on`).
@@ -41,18 +41,8 @@ impl Guest {
         Self::try_attach(hub, id, last, 1, "", Arc::default(), ",incoming=on")
     }
 
-    /// [`Guest::attach`] with a dirty-page log for its connection.
-    fn attach_logged(
-        hub: &Arc<SwitchHub>,
-        id: &str,
-        last: u8,
-        pairs: u16,
-        qos: &str,
-        log: Arc<crate::ring::dirty::DirtyLog>,
-    ) -> Self {
-        Self::try_attach(hub, id, last, pairs, qos, log, "").unwrap()
-    }
-
+    /// A guest whose connection has dirty-page log `log`, with `extra` options (`,k=v`);
+    /// `Err` if the switch refuses the port.
     fn try_attach(
         hub: &Arc<SwitchHub>,
         id: &str,
@@ -279,8 +269,8 @@ fn frames_and_used_entries_written_into_guests_are_marked_in_their_dirty_logs() 
     let (log_b, mut bits_b) = test_log(4096);
     log_a.set_logging(true);
     log_b.set_logging(true);
-    let mut a = Guest::attach_logged(&hub, "a", 0x0a, 1, "", log_a);
-    let mut b = Guest::attach_logged(&hub, "b", 0x0b, 1, "", log_b);
+    let mut a = Guest::try_attach(&hub, "a", 0x0a, 1, "", log_a, "").unwrap();
+    let mut b = Guest::try_attach(&hub, "b", 0x0b, 1, "", log_b, "").unwrap();
     b.post_rx(0, 8);
     let snapshot = |g: &Guest| {
         let mut m = vec![0u8; 4 << 20];
