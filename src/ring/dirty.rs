@@ -180,6 +180,14 @@ impl DirtyLog {
         self.logging.store(on, Ordering::Release);
     }
 
+    /// Whether the front-end has handed over a log (`SET_LOG_BASE`).
+    pub fn has_map(&self) -> bool {
+        self.map
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .is_some()
+    }
+
     /// Whether writes are being logged now.
     pub fn is_logging(&self) -> bool {
         self.logging.load(Ordering::Acquire)

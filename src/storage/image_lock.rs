@@ -113,13 +113,22 @@ impl ImageLock {
         self.ensure_held()
     }
 
+    /// A queue's front-end went away without stopping it: it no longer runs, but nothing is
+    /// handed over (a front-end that vanishes mid-migration is no switchover).
+    pub fn queue_gone(&self) {
+        self.running_down();
+    }
+
+    fn running_down(&self) -> u16 {
+        self.running
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
+            .unwrap_or(0)
+    }
+
     /// A queue stopped (everything it had is returned). The last one to stop while a
     /// migration runs hands the image over: returns true if the lock was released.
     pub fn queue_stopped(&self) -> bool {
-        let before = self
-            .running
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| n.checked_sub(1))
-            .unwrap_or(0);
+        let before = self.running_down();
         if before != 1 || !self.migrating.load(Ordering::Acquire) {
             return false;
         }
@@ -172,8 +181,12 @@ mod tests {
         // A stop without a migration (guest reboot) keeps the lock.
         assert!(!source.queue_stopped());
         assert!(source.queue_started());
-        // Migration: the last queue to stop hands the image over.
+        // A front-end that vanishes mid-migration hands nothing over.
         source.set_migrating(true);
+        assert!(source.queue_started());
+        source.queue_gone();
+        assert!(source.is_held());
+        // Migration: the last queue to stop hands the image over.
         assert!(!source.queue_stopped(), "one queue still runs");
         assert!(source.queue_stopped(), "the last one releases");
         assert!(!source.is_held());

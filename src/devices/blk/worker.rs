@@ -953,10 +953,11 @@ impl QueueWorker {
 impl Drop for QueueWorker {
     fn drop(&mut self) {
         // A connection that ended without stopping its queue (the front-end died): the queue
-        // no longer runs, for the image lock's count of running queues.
+        // no longer runs, for the image lock's count of running queues; nothing is handed
+        // over.
         if self.started {
             if let Some(image) = &self.shared.image {
-                image.queue_stopped();
+                image.queue_gone();
             }
         }
     }

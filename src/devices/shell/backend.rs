@@ -188,6 +188,8 @@ impl<D: Device> DeviceBackend<D> {
 
 impl<D: Device> Drop for DeviceBackend<D> {
     fn drop(&mut self) {
+        // Whatever this front-end was doing, the next one starts without a migration.
+        self.device.logging(false);
         let workers = self.workers.iter().filter_map(|w| lock(w).take()).collect();
         self.device.disconnected(workers);
         let faults = crate::sys::sigbus::faults(self.memory_owner);
@@ -237,7 +239,9 @@ impl<D: Device> VhostUserBackend for DeviceBackend<D> {
         let logging = features & VHOST_F_LOG_ALL != 0;
         self.log.set_logging(logging);
         self.device.acked_features(features & !VHOST_F_LOG_ALL);
-        self.device.logging(logging);
+        // A migration is running only with a log to fill (QEMU hands it over first); a
+        // front-end that merely acks every feature offered is not migrating.
+        self.device.logging(logging && self.log.has_map());
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
