@@ -117,6 +117,11 @@ pub fn run(config: DaemonConfig) -> Result<(), DaemonError> {
         )
         .into());
     }
+    if (config.sandbox || !config.fs_roots.is_empty()) && crate::storage::rbd::lib::preload() {
+        // Before Landlock hides the libraries and seccomp the loader's calls: an `rbd:` disk
+        // added later finds librbd loaded. Not installed: only `rbd:` disks fail, clearly.
+        log::info!("librbd loaded: rbd: disks can be served");
+    }
     if !config.fs_roots.is_empty() {
         // Before any thread exists: a Landlock domain covers the threads started after it.
         crate::sandbox::enter_roots(&config.fs_roots)?;

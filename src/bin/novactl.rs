@@ -238,6 +238,13 @@ enum DeviceCommand {
         /// Device id.
         id: String,
     },
+    /// Grow a disk (an rbd: image, an image file or the null device); the guest is told.
+    Resize {
+        /// Device id.
+        id: String,
+        /// New size in bytes, or with a K/M/G/T suffix.
+        size: String,
+    },
 }
 
 fn call(control: &str, method: &str, params: Value) -> anyhow::Result<Value> {
@@ -407,6 +414,9 @@ fn run(args: Args) -> anyhow::Result<()> {
         Command::Device(DeviceCommand::Ls) => ("device.list", json!({})),
         Command::Device(DeviceCommand::Get { id }) => ("device.get", json!({"id": id})),
         Command::Device(DeviceCommand::Retry { id }) => ("device.retry", json!({"id": id})),
+        Command::Device(DeviceCommand::Resize { id, size }) => {
+            ("device.resize", json!({"id": id, "size": size}))
+        }
         Command::Device(DeviceCommand::Stats { id }) => ("device.stats", json!({"id": id})),
         Command::Qos(QosCommand::Get { id }) => ("qos.get", json!({"id": id})),
         Command::Qos(QosCommand::Set { id, settings }) => {

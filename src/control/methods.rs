@@ -184,6 +184,14 @@ fn dispatch(
             registry.retry(&id).map_err(registry_error)?;
             to_json(registry.describe(&id).map_err(registry_error)?)?
         }
+        "device.resize" => {
+            let id = params.string("id")?;
+            let size = params.size("size")?;
+            params.finish()?;
+            let mut registry = lock(registry);
+            registry.resize(&id, size).map_err(registry_error)?;
+            to_json(registry.describe(&id).map_err(registry_error)?)?
+        }
         "device.stats" => {
             let id = params.string("id")?;
             params.finish()?;
@@ -441,6 +449,17 @@ impl Params {
             Some(_) => Err(RpcError::invalid_params(format!(
                 "`{key}` must be a string"
             ))),
+            None => Err(RpcError::invalid_params(format!("missing `{key}`"))),
+        }
+    }
+
+    /// A size: bytes as a number, or a string with an optional K/M/G/T suffix.
+    fn size(&mut self, key: &str) -> Result<u64, RpcError> {
+        match self.0.remove(key) {
+            Some(Value::Number(n)) if n.as_u64().is_some() => Ok(n.as_u64().unwrap_or(0)),
+            Some(Value::String(s)) => crate::config::options::parse_size(&s)
+                .map_err(|e| RpcError::invalid_params(format!("`{key}`: {e}"))),
+            Some(_) => Err(RpcError::invalid_params(format!("`{key}` must be a size"))),
             None => Err(RpcError::invalid_params(format!("missing `{key}`"))),
         }
     }

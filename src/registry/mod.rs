@@ -412,6 +412,28 @@ impl Registry {
         }
     }
 
+    /// Grows disk `id` to `size` bytes; a recorded `size=` follows, so a restart finds the
+    /// image as it is now.
+    pub fn resize(&mut self, id: &str, size: u64) -> Result<(), RegistryError> {
+        let entry = self.entry(id)?;
+        let Device::Blk(device) = &entry.device else {
+            return Err(RegistryError::InvalidOption(format!(
+                "device `{id}` is not a disk"
+            )));
+        };
+        device
+            .resize(size)
+            .map_err(|e| RegistryError::InvalidOption(error_chain(&e)))?;
+        if entry.record.options.contains_key("size") {
+            let options = with_changes(
+                &entry.record.options,
+                BTreeMap::from([("size".to_string(), Some(size.to_string()))]),
+            );
+            self.record_options(id, options)?;
+        }
+        Ok(())
+    }
+
     fn save(&self) -> Result<(), RegistryError> {
         if self.restoring {
             return Ok(());
@@ -517,7 +539,7 @@ fn record_id(record: &DeviceRecord, n: usize) -> String {
 }
 
 /// An error and its causes, one line.
-pub fn error_chain(error: &RegistryError) -> String {
+pub fn error_chain(error: &(dyn std::error::Error + 'static)) -> String {
     let mut text = error.to_string();
     let mut source = std::error::Error::source(error);
     while let Some(cause) = source {

@@ -194,6 +194,8 @@ const LEGACY: &[i64] = &[
     libc::SYS_poll,
     libc::SYS_select,
     libc::SYS_epoll_wait,
+    // librados' messenger (an `rbd:` disk's cluster connection) still uses the old form.
+    libc::SYS_epoll_create,
     libc::SYS_dup2,
     libc::SYS_arch_prctl,
 ];

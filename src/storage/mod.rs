@@ -23,6 +23,7 @@ pub mod image_lock;
 pub mod iov;
 pub mod null;
 pub mod open;
+pub mod rbd;
 pub mod reorder;
 pub mod sync;
 pub mod tier;

@@ -1,11 +1,13 @@
 //! The one place an engine is chosen: [`EngineKind`] from the configuration, [`open_engine`]
-//! building a queue worker's engine over the device's backing (null, sync or io_uring), wrapped
+//! building a queue worker's engine over the device's backing (null, sync, io_uring or rbd), wrapped
 //! in the tier engine for a tiered disk.
 
 use std::fs::File;
 use std::sync::Arc;
 
 use super::null::NullEngine;
+use super::rbd::engine::RbdEngine;
+use super::rbd::image::RbdImage;
 use super::sync::SyncEngine;
 use super::tier::engine::TierEngine;
 use super::tier::store::TierStore;
@@ -44,11 +46,16 @@ pub struct EngineSource {
     pub tier: Option<Arc<TierStore>>,
     /// Test-only: the device's modelled volatile write cache ([`super::volatile`]).
     pub volatile: Option<super::volatile::Cache>,
+    /// An image on a Ceph cluster (instead of `file`).
+    pub rbd: Option<Arc<RbdImage>>,
 }
 
 impl EngineSource {
     /// The engine's name as reported to users ("null" for the null device).
     pub fn name(&self) -> &'static str {
+        if self.rbd.is_some() {
+            return "rbd";
+        }
         if self.file.is_some() && self.volatile.is_some() {
             return "volatile-cache";
         }
@@ -62,6 +69,10 @@ impl EngineSource {
 
 /// A new engine for one queue worker; `queue_size` sizes io_uring's rings.
 pub fn open_engine(source: &EngineSource, queue_size: u16) -> Result<Box<dyn Engine>, EngineError> {
+    if let Some(image) = &source.rbd {
+        let engine = RbdEngine::new(Arc::clone(image)).map_err(EngineError::Setup)?;
+        return with_reorder(Box::new(engine));
+    }
     let (Some(file), Some(kind)) = (&source.file, source.kind) else {
         return Ok(Box::new(NullEngine::default()));
     };
@@ -80,6 +91,11 @@ pub fn open_engine(source: &EngineSource, queue_size: u16) -> Result<Box<dyn Eng
         Some(store) => Box::new(TierEngine::new(inner, Arc::clone(store))),
         None => inner,
     };
+    with_reorder(engine)
+}
+
+/// `engine`, behind the test-only reordering wrapper when it is asked for.
+fn with_reorder(engine: Box<dyn Engine>) -> Result<Box<dyn Engine>, EngineError> {
     Ok(if super::reorder::requested() {
         Box::new(super::reorder::ReorderEngine::new(engine)?)
     } else {

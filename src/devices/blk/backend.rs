@@ -87,14 +87,15 @@ impl Device for DeviceShared {
     }
 
     fn features(&self) -> u64 {
-        spec::device_features(self.limits.readonly)
+        spec::device_features(self.readonly)
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
         let features = VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::BACKEND_REQ;
         if inflight_disabled() {
             features
         } else {
@@ -125,6 +126,14 @@ impl Device for DeviceShared {
             .into_iter()
             .map(Some)
             .collect())
+    }
+
+    fn backend_channel(&self, channel: std::os::unix::net::UnixStream) {
+        self.backend_channel.set(&self.id, Some(channel));
+    }
+
+    fn disconnected(&self, _workers: Vec<QueueWorker>) {
+        self.backend_channel.set(&self.id, None);
     }
 }
 

@@ -44,6 +44,20 @@ pub enum BackingSpec {
     File(PathBuf),
     /// Reads return zeros, writes are dropped: measures the data path alone.
     Null,
+    /// An image on a Ceph cluster (`path=rbd:POOL/IMAGE[@SNAP]`, `ceph-conf=`, `ceph-id=`,
+    /// `ceph-keyring=`).
+    Rbd(Box<crate::storage::rbd::RbdSpec>),
+}
+
+impl BackingSpec {
+    /// The `path=` as users see it.
+    pub fn display(&self) -> String {
+        match self {
+            BackingSpec::Null => "null".to_string(),
+            BackingSpec::File(p) => p.display().to_string(),
+            BackingSpec::Rbd(spec) => spec.display(),
+        }
+    }
 }
 
 /// A tiered disk: hot extents in `hot` (the device's backing), cold ones compressed in `cold`.
@@ -163,13 +177,37 @@ impl BlkConfig {
             }
             _ => return Err(invalid("a tiered disk needs both tier-hot= and tier-cold=")),
         };
+        let ceph_conf = options.take_str("ceph-conf");
+        let ceph_id = options.take_str("ceph-id");
+        let ceph_keyring = options.take_str("ceph-keyring");
         let backing = match path.as_str() {
             "null" => BackingSpec::Null,
             "" => return Err(invalid("path must not be empty")),
+            rbd if rbd.starts_with(crate::storage::rbd::RbdSpec::PREFIX) => {
+                let mut spec =
+                    crate::storage::rbd::RbdSpec::parse(rbd).map_err(|e| invalid(e.to_string()))?;
+                if ceph_id.as_deref().is_some_and(|id| {
+                    id.is_empty() || id.len() > 64 || id.chars().any(|c| c.is_control())
+                }) {
+                    return Err(invalid("ceph-id must be 1 to 64 bytes"));
+                }
+                spec.conf = ceph_conf.clone().map(PathBuf::from);
+                spec.id = ceph_id.clone();
+                spec.keyring = ceph_keyring.clone().map(PathBuf::from);
+                BackingSpec::Rbd(Box::new(spec))
+            }
             other => BackingSpec::File(PathBuf::from(other)),
         };
+        if !matches!(backing, BackingSpec::Rbd(_))
+            && (ceph_conf.is_some() || ceph_id.is_some() || ceph_keyring.is_some())
+        {
+            return Err(invalid(
+                "ceph-conf=, ceph-id= and ceph-keyring= are for rbd: paths",
+            ));
+        }
         let size = options.take_size("size")?;
-        let readonly = options.take_bool("readonly")?.unwrap_or(false);
+        let snapshot = matches!(&backing, BackingSpec::Rbd(spec) if spec.snapshot.is_some());
+        let readonly = options.take_bool("readonly")?.unwrap_or(false) || snapshot;
         let direct = options.take_bool("direct")?.unwrap_or(false);
         let incoming = options.take_bool("incoming")?.unwrap_or(false);
         let serial = options.take_str("serial").unwrap_or_else(|| id.clone());
@@ -204,8 +242,14 @@ impl BlkConfig {
         if backing == BackingSpec::Null && size.is_none() {
             return Err(invalid("path=null needs size="));
         }
-        if tier.is_some() && (readonly || backing == BackingSpec::Null) {
+        if tier.is_some() && (readonly || !matches!(backing, BackingSpec::File(_))) {
             return Err(invalid("a tiered disk is a writable file disk"));
+        }
+        if matches!(backing, BackingSpec::Rbd(_)) && (size.is_some() || direct) {
+            return Err(invalid(
+                "an rbd: disk takes its size from the image (create or resize it with `rbd`), \
+                 and direct= does not apply",
+            ));
         }
         Ok(Self {
             id,
@@ -288,6 +332,27 @@ mod tests {
     }
 
     #[test]
+    fn an_rbd_disk() {
+        let config = BlkConfig::parse(
+            "socket=/s.sock,path=rbd:vms/disk0,ceph-conf=/etc/ceph/c.conf,ceph-id=novacron,\
+             ceph-keyring=/etc/ceph/k",
+        )
+        .unwrap();
+        let BackingSpec::Rbd(spec) = &config.backing else {
+            panic!("not rbd: {:?}", config.backing);
+        };
+        assert_eq!((spec.pool.as_str(), spec.image.as_str()), ("vms", "disk0"));
+        assert_eq!(spec.id.as_deref(), Some("novacron"));
+        assert_eq!(
+            spec.conf.as_deref(),
+            Some(std::path::Path::new("/etc/ceph/c.conf"))
+        );
+        assert!(!config.readonly);
+        let snap = BlkConfig::parse("socket=/s.sock,path=rbd:vms/disk0@gold").unwrap();
+        assert!(snap.readonly, "a snapshot is served read-only");
+    }
+
+    #[test]
     fn bad_values_are_refused() {
         for spec in [
             "path=/img",
@@ -311,6 +376,12 @@ mod tests {
             "socket=/s.sock,tier-hot=/h,tier-cold=/c,zstd-level=20,size=1G",
             "socket=/s.sock,path=/img,extent=1M",
             "socket=/s.sock,path=/img,tier-idle-for=10m",
+            "socket=/s.sock,path=/img,ceph-id=admin",
+            "socket=/s.sock,path=rbd:vms/d,size=1G",
+            "socket=/s.sock,path=rbd:vms/d,direct=on",
+            "socket=/s.sock,path=rbd:vms/d,ceph-id=",
+            "socket=/s.sock,path=rbd:vms",
+            "socket=/s.sock,tier-hot=rbd:vms/d,tier-cold=/c",
         ] {
             assert!(BlkConfig::parse(spec).is_err(), "accepted {spec}");
         }

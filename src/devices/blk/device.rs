@@ -21,6 +21,8 @@ use super::shared::DeviceShared;
 use crate::devices::shell::runner::{DeviceRunner, RunnerError};
 use crate::storage::backing::{open_backing, open_log, BackingError, OpenRequest};
 use crate::storage::image_lock::ImageLock;
+use crate::storage::rbd::image::RbdImage;
+use crate::storage::rbd::RbdError;
 use crate::storage::tier::store::{journal_path, TierError, TierStore};
 use crate::storage::EngineSource;
 use crate::sys::poll::wait_readable_for;
@@ -48,6 +50,15 @@ pub enum DeviceError {
     /// The socket or its thread could not be set up.
     #[error(transparent)]
     Runner(#[from] RunnerError),
+    /// The RBD image could not be opened or resized.
+    #[error(transparent)]
+    Rbd(#[from] RbdError),
+    /// A resize this disk cannot take.
+    #[error("{0}")]
+    Resize(String),
+    /// Growing the backing file failed.
+    #[error("cannot grow the backing file")]
+    Grow(#[source] std::io::Error),
 }
 
 /// Runs a tiered disk's automatic policy once a second until `stop` is signalled.
@@ -92,8 +103,15 @@ pub struct BlkDevice {
 impl BlkDevice {
     /// Opens the backing, listens on the socket and starts accepting front-ends.
     pub fn start(config: BlkConfig) -> Result<Self, DeviceError> {
+        let mut rbd = None;
         let (file, capacity) = match &config.backing {
             BackingSpec::Null => (None, config.size.unwrap_or(0)),
+            BackingSpec::Rbd(spec) => {
+                let image = RbdImage::open(spec, config.readonly)?;
+                let size = image.size()?;
+                rbd = Some(Arc::new(image));
+                (None, size)
+            }
             BackingSpec::File(path) => {
                 let backing = open_backing(&OpenRequest {
                     path,
@@ -117,7 +135,7 @@ impl BlkDevice {
                 let cold = open_log(&spec.cold, !config.incoming)?;
                 let hot_path = match &config.backing {
                     BackingSpec::File(path) => path.clone(),
-                    BackingSpec::Null => PathBuf::new(),
+                    BackingSpec::Null | BackingSpec::Rbd(_) => PathBuf::new(),
                 };
                 // A cold file with data but no journal of ours is someone else's file: the
                 // start-up check would punch every range the (empty) journal does not name,
@@ -182,6 +200,7 @@ impl BlkDevice {
             file,
             tier,
             volatile,
+            rbd,
         };
         let shared = Arc::new(DeviceShared {
             direct_align: config
@@ -205,10 +224,7 @@ impl BlkDevice {
         log::info!(
             "{}: serving {} ({} bytes, {} queue(s), engine {}) on {}",
             config.id,
-            match &config.backing {
-                BackingSpec::Null => "null".to_string(),
-                BackingSpec::File(p) => p.display().to_string(),
-            },
+            config.backing.display(),
             capacity,
             config.queues,
             shared.engine_name(),
@@ -254,6 +270,53 @@ impl BlkDevice {
         &self.shared
     }
 
+    /// Grows the disk to `size` bytes (a multiple of the logical block size) and tells the
+    /// guest through its front-end. Shrinking is refused: the guest may have data there.
+    /// RBD images, plain image files and the null device can grow; block devices, tiered
+    /// and read-only disks cannot.
+    pub fn resize(&self, size: u64) -> Result<(), DeviceError> {
+        let refuse = |why: &str| Err(DeviceError::Resize(format!("{}: {why}", self.config.id)));
+        let current = self.shared.capacity();
+        if size < current {
+            return refuse("shrinking a disk under a guest is refused");
+        }
+        if size.checked_rem(u64::from(self.config.logical_block_size)) != Some(0) {
+            return refuse("the size must be a multiple of the logical block size");
+        }
+        if self.config.readonly || self.config.tier.is_some() {
+            return refuse("read-only and tiered disks cannot be resized");
+        }
+        match (&self.config.backing, &self.shared.engine) {
+            (
+                BackingSpec::Rbd(_),
+                EngineSource {
+                    rbd: Some(image), ..
+                },
+            ) => image.resize(size)?,
+            (
+                BackingSpec::File(_),
+                EngineSource {
+                    file: Some(file), ..
+                },
+            ) => {
+                let metadata = file.metadata().map_err(DeviceError::Grow)?;
+                if !metadata.file_type().is_file() {
+                    return refuse("a block device's size is the device's own");
+                }
+                file.set_len(size).map_err(DeviceError::Grow)?;
+                file.sync_all().map_err(DeviceError::Grow)?;
+            }
+            _ => {}
+        }
+        if !self.shared.set_capacity(size) {
+            log::info!(
+                "{}: no front-end channel; the guest sees {size} bytes at its next start",
+                self.config.id
+            );
+        }
+        Ok(())
+    }
+
     /// The device's description.
     pub fn info(&self) -> BlkInfo {
         let config = &self.config;
@@ -261,11 +324,8 @@ impl BlkDevice {
         BlkInfo {
             id: config.id.clone(),
             socket: config.socket.clone(),
-            path: match &config.backing {
-                BackingSpec::Null => "null".to_string(),
-                BackingSpec::File(p) => p.display().to_string(),
-            },
-            size: shared.limits.capacity,
+            path: config.backing.display(),
+            size: shared.capacity(),
             readonly: config.readonly,
             direct: config.direct,
             queues: config.queues,

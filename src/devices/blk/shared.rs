@@ -6,7 +6,7 @@
 // panic or wrap silently (checked, saturating or `get` instead).
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use super::request::Limits;
@@ -30,8 +30,10 @@ pub struct DeviceShared {
     pub queues: u16,
     /// Largest queue size.
     pub queue_size: u16,
-    /// What validation checks against.
-    pub limits: Limits,
+    /// Capacity in bytes (a multiple of 512); changes on a resize ([`Self::set_capacity`]).
+    pub capacity: AtomicU64,
+    /// Writes, discards and write-zeroes are refused.
+    pub readonly: bool,
     /// Logical block size.
     pub logical_block_size: u32,
     /// Set by the first failed flush; every later flush fails.
@@ -55,6 +57,8 @@ pub struct DeviceShared {
     /// The image's lock, which follows the running side of a live migration (`None`: the
     /// null device).
     pub image: Option<Arc<crate::storage::image_lock::ImageLock>>,
+    /// The front-end's backend-request channel (capacity-change notifications).
+    pub backend_channel: crate::devices::shell::channel::BackendChannel,
 }
 
 impl DeviceShared {
@@ -73,7 +77,8 @@ impl DeviceShared {
             serial: id.to_string(),
             queues,
             queue_size,
-            limits,
+            capacity: AtomicU64::new(limits.capacity),
+            readonly: limits.readonly,
             logical_block_size: 512,
             flush_failed: AtomicBool::new(false),
             poll: PollConfig {
@@ -87,7 +92,33 @@ impl DeviceShared {
             stats: (0..queues).map(|_| Arc::default()).collect(),
             inflight: crate::devices::shell::inflight::InflightSlot::new(queues, queue_size),
             image: None,
+            backend_channel: Default::default(),
         }
+    }
+
+    /// What validation checks against now.
+    pub fn limits(&self) -> Limits {
+        Limits {
+            capacity: self.capacity(),
+            readonly: self.readonly,
+        }
+    }
+
+    /// Capacity in bytes.
+    pub fn capacity(&self) -> u64 {
+        self.capacity.load(Ordering::Acquire)
+    }
+
+    /// A resize: requests are checked against `bytes` (rounded down to 512) from the next
+    /// one on, and the front-end is told to re-read the config space (which tells the guest).
+    /// Returns whether it was told (no channel: the guest sees the size at its next start).
+    pub fn set_capacity(&self, bytes: u64) -> bool {
+        let old = self.capacity.swap(bytes & !511, Ordering::AcqRel);
+        if old == bytes & !511 {
+            return true;
+        }
+        log::info!("{}: capacity {old} -> {} bytes", self.id, bytes & !511);
+        self.backend_channel.config_changed(&self.id)
     }
 
     /// A new engine for one queue worker.
@@ -137,7 +168,7 @@ impl DeviceShared {
             .saturating_sub(2)
             .clamp(1, MAX_IOVECS_U32.saturating_sub(2));
         ConfigSpace {
-            capacity_sectors: self.limits.capacity >> SECTOR_SHIFT,
+            capacity_sectors: self.capacity() >> SECTOR_SHIFT,
             seg_max,
             logical_block_size: self.logical_block_size,
             num_queues: self.queues,

@@ -643,7 +643,7 @@ impl QueueWorker {
                 code: VIRTIO_BLK_S_IOERR as u8,
                 reason,
             })
-            .and_then(|buffers| request::parse(memory, &buffers, self.shared.limits));
+            .and_then(|buffers| request::parse(memory, &buffers, self.shared.limits()));
         match parsed {
             Ok(request) => self.admit(head, request, memory),
             Err(rejection) => {

@@ -19,6 +19,7 @@ use super::spec::ConfigSpace;
 use super::stats::NetStats;
 use super::switch::Mac;
 use super::tap_queue::TapQueue;
+use crate::devices::shell::channel::BackendChannel;
 use crate::lock::lock;
 use crate::qos::handle::QosHandle;
 
@@ -40,7 +41,7 @@ pub struct NetShared {
     taps: Mutex<Vec<Option<TapQueue>>>,
     port: Option<(Arc<SwitchHub>, Arc<Port>)>,
     /// The front-end's backend-request channel, for config-change notifications.
-    backend_channel: Mutex<Option<std::os::unix::net::UnixStream>>,
+    backend_channel: BackendChannel,
     /// A duplicate of the first tap queue's fd, to send the migration announcement on while
     /// the queues themselves belong to a connection's workers.
     announce_tap: Option<std::fs::File>,
@@ -74,7 +75,7 @@ impl NetShared {
             acked_features: Arc::new(AtomicU64::new(0)),
             taps: Mutex::new(taps),
             port,
-            backend_channel: Mutex::new(None),
+            backend_channel: BackendChannel::default(),
         }
     }
 
@@ -102,23 +103,13 @@ impl NetShared {
                 self.config.id,
                 if up { "up" } else { "down" }
             );
-            if let Some(channel) = lock(&self.backend_channel).as_mut() {
-                if let Err(e) = crate::devices::shell::relay::send_config_change(channel) {
-                    log::warn!("{}: cannot notify the config change: {e}", self.config.id);
-                }
-            }
+            self.backend_channel.config_changed(&self.config.id);
         }
     }
 
     /// Keeps (or with `None` drops) the front-end's backend-request channel.
     pub fn set_backend_channel(&self, channel: Option<std::os::unix::net::UnixStream>) {
-        if let Some(channel) = &channel {
-            // Never let a front-end that does not read its channel block a worker.
-            if let Err(e) = channel.set_nonblocking(true) {
-                log::warn!("{}: backend channel: {e}", self.config.id);
-            }
-        }
-        *lock(&self.backend_channel) = channel;
+        self.backend_channel.set(&self.config.id, channel);
     }
 
     /// Whether the link is up.

@@ -12,9 +12,11 @@
 //! - [`backend`]: [`backend::DeviceBackend`], the `VhostUserBackend` over them;
 //! - [`runner`]: the socket's life (listen, accept, reconnect, stop);
 //! - [`relay`]: the vhost-user message relay in front of the crate's handler;
+//! - [`channel`]: the backend-request channel a device sends its own messages on;
 //! - [`checks`]: what the relay checks in a front-end's messages (memory files, eventfds).
 
 pub mod backend;
+pub mod channel;
 pub mod checks;
 pub mod device;
 pub mod inflight;
