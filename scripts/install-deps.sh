@@ -3,7 +3,8 @@
 # QEMU (TCG guests, qemu-storage-daemon), busybox-static and cpio (guest initramfs),
 # util-linux (losetup/mount for the durability test), python3 (the import-circle check),
 # prometheus/promtool (the metrics test), dpkg-deb (the package test), libvirt (the libvirt
-# test);
+# test), Ceph (a single-node cluster for the rbd: tests: scripts/ceph-cluster.sh; librbd1 for
+# the daemon's rbd engine; qemu-block-extra for qemu-storage-daemon's rbd driver);
 # checks the Rust toolchain (rustup stable with rustfmt and clippy; it is not installed here).
 set -euo pipefail
 need_apt=()
@@ -26,6 +27,14 @@ have dpkg-deb || need_apt+=(dpkg)
 # libvirt (the libvirt test starts libvirtd itself: scripts/libvirt-up.sh).
 have libvirtd || need_apt+=(libvirt-daemon libvirt-daemon-driver-qemu)
 have virsh || need_apt+=(libvirt-clients)
+# Ceph, installed as Debian installs it (with its recommends: the manager's modules).
+need_ceph=()
+have ceph-mon || need_ceph+=(ceph-mon)
+have ceph-mgr || need_ceph+=(ceph-mgr)
+have ceph-osd || need_ceph+=(ceph-osd)
+have rbd || need_ceph+=(ceph-common)
+[ -e /usr/lib/x86_64-linux-gnu/librbd.so.1 ] || need_ceph+=(librbd1)
+[ -e /usr/lib/x86_64-linux-gnu/qemu/block-rbd.so ] || need_ceph+=(qemu-block-extra)
 if [ "$(id -u)" != 0 ]; then
     echo "install-deps: run as root (apt-get, mount and losetup need it)" >&2
     exit 1
@@ -34,6 +43,9 @@ fi
 apt-get update -qq
 if [ ${#need_apt[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+if [ ${#need_ceph[@]} -gt 0 ]; then
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need_ceph[@]}" >/dev/null
 fi
 # The Rust toolchain is not an apt package here: Debian's cargo/rustc are older than the
 # crate's rust-version. Use rustup's stable toolchain with rustfmt and clippy.

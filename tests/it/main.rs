@@ -29,6 +29,7 @@ mod packaging;
 mod polling;
 mod prometheus;
 mod qos;
+mod rbd;
 mod resources;
 mod restart;
 mod sandbox;

@@ -3,6 +3,7 @@
 #![allow(clippy::panic)] // test helpers fail loudly by design
 
 pub mod blk;
+pub mod ceph;
 pub mod control;
 pub mod daemon;
 pub mod ffi;

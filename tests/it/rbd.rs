@@ -1,0 +1,203 @@
+//! Disks on a Ceph cluster (`path=rbd:POOL/IMAGE`): the cluster is the single-node one
+//! `scripts/ceph-cluster.sh` starts (`common::ceph`). A third-party front-end (libblkio) and
+//! real guests use the disks; another client (`rbd export`) checks what reached the cluster;
+//! a stopped OSD stalls a guest's I/O without an error; a snapshot is served read-only; a
+//! disk grows under a running guest.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // tests fail loudly by design
+
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+
+use crate::common::ceph::cluster;
+use crate::common::control::Control;
+use crate::common::daemon::Daemon;
+use crate::common::guest::{boot, vhost_user_blk};
+use crate::common::qemu::Qemu;
+
+const MIB: u64 = 1 << 20;
+
+#[test]
+fn libblkio_random_writes_flush_read_back_rbd() {
+    let ceph = cluster();
+    let _healthy = ceph.shared();
+    let image = ceph.new_image("blkio", 64);
+    let spec = format!("socket={{dir}}/d.sock,{},queues=2", ceph.disk(&image));
+    let daemon = Daemon::start(&["--blk", &spec]);
+    let written = crate::blkio_frontend::random_writes_flush_read_back(&daemon, 2, 64 * MIB);
+    // What another client reads from the cluster.
+    let exported = ceph.export(&image);
+    for (offset, want) in written {
+        let at = usize::try_from(offset).unwrap();
+        assert!(
+            exported[at..at + want.len()] == want[..],
+            "block at {offset} wrong in the cluster"
+        );
+    }
+}
+
+#[test]
+fn a_guest_uses_an_rbd_disk_across_a_reboot() {
+    let ceph = cluster();
+    let _healthy = ceph.shared();
+    let image = ceph.new_image("guest", 64);
+    let spec = format!(
+        "socket={{dir}}/vda.sock,{},queues=2,serial=NOVA-RBD",
+        ceph.disk(&image)
+    );
+    let mut daemon = Daemon::start(&["--blk", &spec]);
+    let devices = vhost_user_blk("vda", &daemon.path("vda.sock"), 2);
+    let first = boot("blk-data", &devices);
+    first.assert_passed();
+    for marker in [
+        "serial=NOVA-RBD",
+        "size-sectors=131072",
+        "small-writes ok",
+        "discard ok",
+        "filesystem ok",
+        "guest-data ok",
+    ] {
+        assert!(first.console.contains(marker), "missing `{marker}`");
+    }
+    daemon.wait_for_log("front-end disconnected");
+    let second = boot("blk-remount", &devices);
+    second.assert_passed();
+    assert!(second.console.contains("guest-remount ok"));
+    let mut ctl = Control::connect(&daemon.path("control.sock"));
+    let info = ctl.call("device.get", json!({"id": "vda"})).unwrap();
+    assert_eq!(info["engine"], "rbd", "{info}");
+    assert_eq!(info["path"], format!("rbd:rbd/{image}"), "{info}");
+}
+
+/// Progress lines (`writer N: round M`) the guest printed so far.
+fn rounds(guest: &Qemu) -> usize {
+    guest.console().matches(": round ").count()
+}
+
+fn wait_rounds(guest: &mut Qemu, more_than: usize, within: Duration, what: &str) -> usize {
+    let deadline = Instant::now() + within;
+    loop {
+        let console = guest.console();
+        assert!(
+            !console.contains("MISMATCH") && !console.contains("failed"),
+            "{what}: the guest failed:\n{console}"
+        );
+        let now = rounds(guest);
+        if now > more_than {
+            return now;
+        }
+        assert!(!guest.exited(), "{what}: the guest stopped:\n{console}");
+        assert!(Instant::now() < deadline, "{what}: no progress:\n{console}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn a_stopped_osd_stalls_the_guest_and_its_io_resumes_without_an_error() {
+    let ceph = cluster();
+    let _alone = ceph.exclusive();
+    let image = ceph.new_image("fault", 64);
+    let spec = format!("socket={{dir}}/c.sock,{},queues=2,id=c", ceph.disk(&image));
+    let daemon = Daemon::start(&["--blk", &spec]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut guest = Qemu::spawn(
+        "blk-crash",
+        "",
+        &vhost_user_blk("c", &daemon.path("c.sock"), 2),
+        dir.path(),
+        "guest",
+        None,
+    );
+    let before = wait_rounds(&mut guest, 3, Duration::from_secs(180), "before the fault");
+    ceph.osd(false);
+    // The fault lasts 10 s: writers caught mid-round wait (a round is a few hundred ms here),
+    // so at most the rounds already past their last request finish.
+    let stalled_at = rounds(&guest);
+    std::thread::sleep(Duration::from_secs(10));
+    let during = rounds(&guest) - stalled_at;
+    let in_flight = crate::common::writers::completed_on(&daemon, "c").0;
+    ceph.osd(true);
+    wait_rounds(
+        &mut guest,
+        stalled_at + 8,
+        Duration::from_secs(180),
+        "after the fault",
+    );
+    ceph.write_at(&image, 64 * MIB - 4096, &stop_marker());
+    let run = guest.wait(Duration::from_secs(120));
+    run.assert_passed();
+    assert!(run.console.contains("crash-writers ok"), "{}", run.console);
+    assert!(!run.console.contains("I/O error"), "{}", run.console);
+    assert!(
+        during <= 4,
+        "I/O went on while the OSD was down ({during} rounds, {before} before)"
+    );
+    eprintln!("rounds: {before} before the fault, {during} during it; {in_flight} requests served before the OSD came back");
+}
+
+fn stop_marker() -> Vec<u8> {
+    let mut marker = vec![0u8; 4096];
+    marker[..13].copy_from_slice(b"NOVACRON-STOP");
+    marker
+}
+
+#[test]
+fn a_snapshot_is_served_read_only() {
+    let ceph = cluster();
+    let _healthy = ceph.shared();
+    let image = ceph.new_image("snap", 16);
+    let data = crate::common::blk::pattern(5, 1 << 20);
+    ceph.write_at(&image, 0, &data);
+    ceph.rbd(&["snap", "create", &format!("rbd/{image}@gold")]);
+    ceph.write_at(&image, 0, &vec![0xee; 1 << 20]);
+    let spec = format!(
+        "socket={{dir}}/d.sock,{}",
+        ceph.disk(&format!("{image}@gold"))
+    );
+    let daemon = Daemon::start(&["--blk", &spec]);
+    let read = crate::blkio_frontend::read_from_read_only(&daemon, 0, 1 << 20);
+    assert!(read == data, "the snapshot's data did not read back");
+    let mut ctl = Control::connect(&daemon.path("control.sock"));
+    let info = ctl.call("device.get", json!({"id": "d"})).unwrap();
+    assert_eq!(info["readonly"], true, "{info}");
+}
+
+#[test]
+fn an_rbd_disk_grows_under_a_running_guest() {
+    let ceph = cluster();
+    let _healthy = ceph.shared();
+    let image = ceph.new_image("grow", 64);
+    let spec = format!("socket={{dir}}/vda.sock,{}", ceph.disk(&image));
+    let daemon = Daemon::start(&["--blk", &spec]);
+    let dir = tempfile::tempdir().unwrap();
+    let mut guest = Qemu::spawn(
+        "blk-resize",
+        "",
+        &vhost_user_blk("vda", &daemon.path("vda.sock"), 1),
+        dir.path(),
+        "guest",
+        None,
+    );
+    let deadline = Instant::now() + Duration::from_secs(180);
+    while !guest.console().contains("waiting-for-resize") {
+        assert!(!guest.exited(), "the guest stopped:\n{}", guest.console());
+        assert!(Instant::now() < deadline, "{}", guest.console());
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let mut ctl = Control::connect(&daemon.path("control.sock"));
+    let shrink = ctl.call("device.resize", json!({"id": "vda", "size": "32M"}));
+    assert!(shrink.is_err(), "a shrink was accepted: {shrink:?}");
+    let info = ctl
+        .call("device.resize", json!({"id": "vda", "size": "96M"}))
+        .unwrap();
+    assert_eq!(info["size"], 96 * MIB, "{info}");
+    assert_eq!(ceph.size(&image), 96 * MIB, "the image did not grow");
+    let run = guest.wait(Duration::from_secs(120));
+    run.assert_passed();
+    assert!(
+        run.console.contains("resized-sectors=196608"),
+        "{}",
+        run.console
+    );
+    assert!(run.console.contains("resize ok"), "{}", run.console);
+}
