@@ -26,7 +26,7 @@ const SIZE: u64 = 64 << 20;
 const UNTOUCHED: (u64, usize) = (32 << 20, 1 << 20);
 
 /// One side's disk server.
-enum Server {
+pub(crate) enum Server {
     Novacron(Daemon),
     Qsd { child: Child, socket: PathBuf },
 }
@@ -152,7 +152,7 @@ fn assert_refused(image: &Path) {
 }
 
 /// Waits until the guest's console shows `count` more progress lines than `from` had.
-fn wait_progress(guest: &mut Qemu, count: usize, what: &str) {
+pub(crate) fn wait_progress(guest: &mut Qemu, count: usize, what: &str) {
     let deadline = Instant::now() + Duration::from_secs(180);
     let progress = |c: &str| c.matches(": round ").count();
     let start = progress(&guest.console());
@@ -173,7 +173,7 @@ fn wait_progress(guest: &mut Qemu, count: usize, what: &str) {
 
 /// A guest writing its disk on `source` (once it is under way), and a QEMU waiting for it on
 /// `dest`, listening on the returned migration socket in `dir`.
-fn writing_guest_and_destination(
+pub(crate) fn writing_guest_and_destination(
     source: &Server,
     dest: &Server,
     dir: &Path,

@@ -13,7 +13,8 @@ use crate::common::ceph::cluster;
 use crate::common::control::Control;
 use crate::common::daemon::Daemon;
 use crate::common::guest::{boot, vhost_user_blk};
-use crate::common::qemu::Qemu;
+use crate::common::qemu::{migrate, Qemu};
+use crate::guest_migrate::{wait_progress, writing_guest_and_destination, Server};
 
 const MIB: u64 = 1 << 20;
 
@@ -200,4 +201,44 @@ fn an_rbd_disk_grows_under_a_running_guest() {
         run.console
     );
     assert!(run.console.contains("resize ok"), "{}", run.console);
+}
+
+#[test]
+fn a_guest_writing_its_rbd_disk_migrates_between_two_daemons() {
+    // The standard cross-host setup: both daemons open the same image (librbd's exclusive
+    // lock moves to the destination with its first write).
+    let ceph = cluster();
+    let _healthy = ceph.shared();
+    let image = ceph.new_image("migrate", 64);
+    let spec = |incoming: &str| {
+        format!(
+            "socket={{dir}}/c.sock,{},queues=2,id=c{incoming}",
+            ceph.disk(&image)
+        )
+    };
+    let source = Server::Novacron(Daemon::start(&["--blk", &spec("")]));
+    let dest = Server::Novacron(Daemon::start(&["--blk", &spec(",incoming=on")]));
+    let dir = tempfile::tempdir().unwrap();
+    let (mut guest, mut arrived, channel) =
+        writing_guest_and_destination(&source, &dest, dir.path());
+    let migrated = migrate(&mut guest, &arrived, &channel);
+    migrated.assert_same_memory();
+    wait_progress(&mut arrived, 4, "after the migration");
+    guest.quit();
+    let Server::Novacron(dest_daemon) = &dest else {
+        unreachable!()
+    };
+    assert!(
+        crate::common::writers::completed_on(dest_daemon, "c").0 > 0,
+        "the destination served nothing"
+    );
+    ceph.write_at(&image, 64 * MIB - 4096, &stop_marker());
+    let run = arrived.wait(Duration::from_secs(120));
+    run.assert_passed();
+    assert!(run.console.contains("crash-writers ok"), "{}", run.console);
+    assert!(!run.console.contains("I/O error"), "{}", run.console);
+    eprintln!(
+        "rbd disk migration: downtime {} ms, total {} ms",
+        migrated.downtime_ms, migrated.total_ms
+    );
 }
