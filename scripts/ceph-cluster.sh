@@ -401,9 +401,9 @@ cmd_start() {
     for bin in ceph ceph-mon ceph-mgr ceph-osd ceph-authtool monmaptool rbd uuidgen setsid flock; do
         command -v "$bin" >/dev/null || die "$bin not found (apt-get install ceph-mon ceph-mgr ceph-osd ceph-common)"
     done
-    if [ -e "$dir" ]; then
-        [ -d "$dir" ] && [ -z "$(ls -A "$dir")" ] || die "$dir exists and is not empty"
-    fi
+    # DIR must be new: `stop` removes it whole, so it must never be a directory we adopted.
+    mkdir -p -- "$(dirname -- "$dir")"
+    mkdir -- "$dir" 2>/dev/null || die "$dir exists (give a new directory)"
     local t0=$SECONDS
     mkdir -p "$dir"/{mon,mgr,osd,log,run,pid,crash}
     touch "$marker"
@@ -482,9 +482,8 @@ cmd_stop() {
         return 0
     fi
     if [ ! -e "$marker" ]; then
-        # Not (or no longer) a cluster of ours: only an empty directory is ours to remove.
-        rmdir -- "$dir" 2>/dev/null || die "$dir is not a cluster made by this script"
-        return 0
+        # Not (or no longer) a cluster of ours: left as it is.
+        die "$dir is not a cluster made by this script"
     fi
     lock_dir
     [ -e "$marker" ] || return 0  # stopped while we waited for the lock

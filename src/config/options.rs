@@ -100,6 +100,11 @@ impl OptionList {
         }
     }
 
+    /// Whether `key` was given (and not taken yet).
+    pub fn contains(&self, key: &str) -> bool {
+        self.values.contains_key(key)
+    }
+
     /// Takes a boolean: `on|off|true|false|yes|no|1|0`.
     pub fn take_bool(&mut self, key: &str) -> Result<Option<bool>, OptionError> {
         match self.values.remove(key) {

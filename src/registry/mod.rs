@@ -204,6 +204,9 @@ impl Registry {
         if let DeviceConfig::Net(net) = &config {
             self.check_net_unique(net)?;
         }
+        if let DeviceConfig::Blk(blk) = &config {
+            self.check_rbd_unique(blk)?;
+        }
         if self.devices.contains_key(&id) || self.failed.contains_key(&id) {
             return Err(RegistryError::Exists(format!("device `{id}` exists")));
         }
@@ -412,24 +415,75 @@ impl Registry {
         }
     }
 
-    /// Grows disk `id` to `size` bytes; a recorded `size=` follows, so a restart finds the
-    /// image as it is now.
+    /// Refuses a second device on an RBD image this daemon already serves (files are
+    /// refused by their lock; an RBD image's exclusive lock is cooperative and would let two
+    /// guests write it in turn). A migration's destination (`incoming=on`) is the exception.
+    fn check_rbd_unique(
+        &self,
+        config: &crate::devices::blk::config::BlkConfig,
+    ) -> Result<(), RegistryError> {
+        use crate::devices::blk::config::BackingSpec;
+        let BackingSpec::Rbd(spec) = &config.backing else {
+            return Ok(());
+        };
+        if config.incoming {
+            return Ok(());
+        }
+        let same = |other: &crate::storage::rbd::RbdSpec| {
+            other.pool == spec.pool
+                && other.namespace == spec.namespace
+                && other.image == spec.image
+                && other.snapshot == spec.snapshot
+                && other.conf == spec.conf
+        };
+        for (other, entry) in &self.devices {
+            if let Device::Blk(device) = &entry.device {
+                if let BackingSpec::Rbd(theirs) = &device.config().backing {
+                    if same(theirs) && !device.config().incoming && spec.snapshot.is_none() {
+                        return Err(RegistryError::Exists(format!(
+                            "{} is served by device `{other}`",
+                            spec.display()
+                        )));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Grows disk `id` to `size` bytes. A `size=` option follows: recorded before the disk
+    /// grows (and put back if it cannot), so a restart finds the image as it is. A disk
+    /// given `size=` on the command line is refused: the restart would ask for the old size.
     pub fn resize(&mut self, id: &str, size: u64) -> Result<(), RegistryError> {
         let entry = self.entry(id)?;
-        let Device::Blk(device) = &entry.device else {
+        if !matches!(entry.device, Device::Blk(_)) {
             return Err(RegistryError::InvalidOption(format!(
                 "device `{id}` is not a disk"
             )));
-        };
-        device
-            .resize(size)
-            .map_err(|e| RegistryError::InvalidOption(error_chain(&e)))?;
-        if entry.record.options.contains_key("size") {
+        }
+        let previous = entry.record.options.clone();
+        if previous.contains_key("size") {
+            if !entry.persistent {
+                return Err(RegistryError::InvalidOption(format!(
+                    "{id} was given size= on the command line; change it there and restart"
+                )));
+            }
             let options = with_changes(
-                &entry.record.options,
+                &previous,
                 BTreeMap::from([("size".to_string(), Some(size.to_string()))]),
             );
             self.record_options(id, options)?;
+        }
+        let entry = self.entry(id)?;
+        let Device::Blk(device) = &entry.device else {
+            return Ok(());
+        };
+        if let Err(e) = device.resize(size) {
+            let message = error_chain(&e);
+            if previous.contains_key("size") {
+                self.record_options(id, previous)?;
+            }
+            return Err(RegistryError::InvalidOption(message));
         }
         Ok(())
     }

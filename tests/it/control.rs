@@ -424,3 +424,38 @@ fn only_root_or_the_daemons_uid_may_hand_the_daemon_over() {
     assert!(ok, "{err}");
     assert!(daemon.path("h.sock").exists());
 }
+
+#[test]
+fn a_file_disk_grows_through_the_control_socket_and_keeps_its_size_across_a_restart() {
+    let args = ["--state-dir", "{dir}/state"];
+    let daemon = Daemon::start(&args);
+    let mut ctl = Control::connect(&daemon.path("control.sock"));
+    ctl.call("device.add", add_params(&daemon, "g")).unwrap();
+    // Shrinking, a size that is not whole blocks and a disk given size= on the command line
+    // are refused.
+    assert_eq!(
+        ctl.error_kind("device.resize", json!({"id": "g", "size": "4M"})),
+        "invalid-params"
+    );
+    assert_eq!(
+        ctl.error_kind("device.resize", json!({"id": "g", "size": 12_000_001})),
+        "invalid-params"
+    );
+    let grown = ctl
+        .call("device.resize", json!({"id": "g", "size": "12M"}))
+        .unwrap();
+    assert_eq!(grown["size"], 12 << 20, "{grown}");
+    let image = daemon.path("g.img");
+    assert_eq!(std::fs::metadata(&image).unwrap().len(), 12 << 20);
+    drop(ctl);
+    let (_, dir) = daemon.terminate();
+    // The recorded size= followed: the restarted daemon opens the grown image.
+    let daemon = Daemon::start_in(dir, &args);
+    let mut ctl = Control::connect(&daemon.path("control.sock"));
+    let info = ctl.call("device.get", json!({"id": "g"})).unwrap();
+    assert_eq!(info["size"], 12 << 20, "{info}");
+    drop(ctl);
+    let cli = Daemon::start(&["--blk", "socket={dir}/c.sock,path={dir}/c.img,size=4M"]);
+    let (ok, _, err) = novactl(&cli, &["device", "resize", "c", "8M"]);
+    assert!(!ok && err.contains("command line"), "{err}");
+}

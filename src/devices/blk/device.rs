@@ -286,13 +286,20 @@ impl BlkDevice {
         if self.config.readonly || self.config.tier.is_some() {
             return refuse("read-only and tiered disks cannot be resized");
         }
+        // Checked against the backing's own size too: another client (a migration peer,
+        // an administrator) may have grown it beyond what this device knows.
         match (&self.config.backing, &self.shared.engine) {
             (
                 BackingSpec::Rbd(_),
                 EngineSource {
                     rbd: Some(image), ..
                 },
-            ) => image.resize(size)?,
+            ) => {
+                if size < image.size()? {
+                    return refuse("the image is already larger");
+                }
+                image.grow(size)?;
+            }
             (
                 BackingSpec::File(_),
                 EngineSource {
@@ -302,6 +309,9 @@ impl BlkDevice {
                 let metadata = file.metadata().map_err(DeviceError::Grow)?;
                 if !metadata.file_type().is_file() {
                     return refuse("a block device's size is the device's own");
+                }
+                if size < metadata.len() {
+                    return refuse("the image file is already larger");
                 }
                 file.set_len(size).map_err(DeviceError::Grow)?;
                 file.sync_all().map_err(DeviceError::Grow)?;

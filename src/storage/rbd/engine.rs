@@ -15,38 +15,59 @@
 // panic or wrap silently (checked, saturating or `get` instead).
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
+use std::collections::VecDeque;
 use std::ffi::{c_int, c_void};
 use std::os::fd::{AsRawFd, RawFd};
+use std::ptr::NonNull;
 use std::sync::{Arc, Mutex};
 
 use slab::Slab;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::image::RbdImage;
-use super::lib::{AioCompletion, WRITE_ZEROES_THICK};
+use super::lib::{AioCompletion, Api, WRITE_ZEROES_THICK};
 use crate::storage::{Completion, Engine, GuestIovecs, IoOp, OpKind};
+
+/// Bytes of reads and writes one engine keeps in librbd at a time. librbd copies a write's
+/// data (and reads into its own buffers) until the op completes, so without a bound a guest
+/// posting a ring of huge requests would make the daemon allocate without limit. Ops past
+/// the budget wait in the engine, in order, and go as earlier ones complete.
+pub const IN_FLIGHT_BYTES: u64 = 64 << 20;
 
 /// What completion callbacks share with their engine.
 struct Done {
+    api: &'static Api,
     /// (slot, librbd's return value) of finished ops, in completion order.
     results: Mutex<Vec<(usize, isize)>>,
-    /// Raised after each result is recorded.
+    /// Raised when a result lands in an empty list (the worker then takes them all).
     eventfd: EventFd,
 }
 
-/// The callback argument of one op: which engine, which slot. Reused from op to op.
+/// The callback argument of one op: which engine, which slot. Allocated once and reused
+/// from op to op; librbd holds its address while the op runs.
 struct Token {
     done: Arc<Done>,
     slot: usize,
 }
 
+/// A token's address, owned by the engine (created by `Box::into_raw`, freed in `Drop`).
+struct TokenPtr(NonNull<Token>);
+
+// SAFETY: a token is written only by its engine while no op of its is in flight, and read
+// only by the one librbd callback of the op it was given to; moving the engine (and its
+// pointers) to another thread changes neither.
+unsafe impl Send for TokenPtr {}
+
 /// An op librbd is working on.
 struct Slot {
     tag: u64,
+    kind: OpKind,
     /// The guest buffers librbd reads or writes until the op completes.
     _iovecs: GuestIovecs,
-    /// Its callback argument; returned to the pool once the op is reaped.
-    token: Box<Token>,
+    /// Bytes it transfers (what a read must return; its share of the budget).
+    bytes: u64,
+    /// Its callback argument; back to the spares once the op is reaped.
+    token: TokenPtr,
 }
 
 /// librbd's completion callback (`rbd_callback_t`).
@@ -61,22 +82,27 @@ unsafe extern "C" fn complete(completion: AioCompletion, arg: *mut c_void) {
     // token and even drop itself, while this thread still raises the eventfd.
     let done = Arc::clone(&token.done);
     let slot = token.slot;
-    let Ok(api) = super::lib::api() else {
-        return; // unreachable: the op was submitted through this same loaded API
-    };
     // SAFETY: `completion` is the live completion librbd passes to its own callback; it is
     // read and released once, here, and never used again.
     let ret = unsafe {
-        let ret = (api.rbd_aio_get_return_value)(completion);
-        (api.rbd_aio_release)(completion);
+        let ret = (done.api.rbd_aio_get_return_value)(completion);
+        (done.api.rbd_aio_release)(completion);
         ret
     };
-    done.results
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .push((slot, ret));
-    if let Err(e) = done.eventfd.write(1) {
-        log::error!("rbd completion eventfd: {e}");
+    let first = {
+        let mut results = done
+            .results
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        results.push((slot, ret));
+        results.len() == 1
+    };
+    // One wake-up per batch: results already waiting mean the worker has a wake-up coming
+    // and takes them all (it empties the list under the same lock).
+    if first {
+        if let Err(e) = done.eventfd.write(1) {
+            log::error!("rbd completion eventfd: {e}");
+        }
     }
 }
 
@@ -85,59 +111,81 @@ pub struct RbdEngine {
     image: Arc<RbdImage>,
     done: Arc<Done>,
     slots: Slab<Slot>,
-    /// Callback arguments not in use, kept so an op costs no allocation of ours. Boxed: the
-    /// box's address is the argument librbd hands back, so it must not move.
-    #[allow(clippy::vec_box)]
-    spare_tokens: Vec<Box<Token>>,
+    /// Callback arguments not in use, kept so an op costs no allocation of ours.
+    spare_tokens: Vec<TokenPtr>,
+    /// Ops waiting for budget, in arrival order.
+    waiting: VecDeque<IoOp>,
+    /// Bytes of the ops in `slots`.
+    in_flight_bytes: u64,
     /// Ops finished without librbd (empty transfers) or refused by it at submission.
     ready: Vec<Completion>,
     /// Scratch for taking results out from under the lock.
     taken: Vec<(usize, isize)>,
 }
 
+fn op_bytes(op: &IoOp) -> u64 {
+    match op.kind {
+        OpKind::Read { .. } | OpKind::Write { .. } => op
+            .iovecs
+            .iter()
+            .fold(0u64, |sum, iov| sum.saturating_add(iov.iov_len as u64)),
+        _ => 0,
+    }
+}
+
 impl RbdEngine {
     /// An engine submitting to `image`.
     pub fn new(image: Arc<RbdImage>) -> std::io::Result<Self> {
         Ok(Self {
-            image,
             done: Arc::new(Done {
+                api: image.api(),
                 results: Mutex::new(Vec::new()),
                 eventfd: EventFd::new(EFD_NONBLOCK)?,
             }),
+            image,
             slots: Slab::new(),
             spare_tokens: Vec::new(),
+            waiting: VecDeque::new(),
+            in_flight_bytes: 0,
             ready: Vec::new(),
             taken: Vec::new(),
         })
     }
 
-    /// Submits `op` under a fresh completion; `Err(errno)` when librbd refused it.
+    /// A token for slot `index`: a spare one, or a new one.
+    fn token_for(&mut self, index: usize) -> TokenPtr {
+        let token = self.spare_tokens.pop().unwrap_or_else(|| {
+            TokenPtr(NonNull::from(Box::leak(Box::new(Token {
+                done: Arc::clone(&self.done),
+                slot: 0,
+            }))))
+        });
+        // SAFETY: a spare or new token: no op of it is in flight, so no callback reads it.
+        unsafe { (*token.0.as_ptr()).slot = index };
+        token
+    }
+
+    /// Submits `op` (of `bytes` bytes) under a fresh completion; `Err(errno)` when librbd
+    /// refused it.
     ///
     /// # Safety
     /// As for [`Engine::push`]: the iovecs stay valid until the op is reaped.
-    unsafe fn submit_op(&mut self, op: IoOp) -> Result<(), i32> {
+    unsafe fn submit_op(&mut self, op: IoOp, bytes: u64) -> Result<(), i32> {
         let api = self.image.api();
         let image = self.image.handle();
+        let iov_count = c_int::try_from(op.iovecs.len()).map_err(|_| libc::EINVAL)?;
         let index = self.slots.vacant_key();
-        let mut token = self.spare_tokens.pop().unwrap_or_else(|| {
-            Box::new(Token {
-                done: Arc::clone(&self.done),
-                slot: 0,
-            })
-        });
-        token.slot = index;
-        let arg = std::ptr::from_ref::<Token>(&token)
-            .cast_mut()
-            .cast::<c_void>();
+        let token = self.token_for(index);
         let mut completion: AioCompletion = std::ptr::null_mut();
-        // SAFETY: `arg` points into `token`, which is moved into the slab below (a box: its
-        // address does not move) and kept until the op's result has been taken.
-        let ret = unsafe { (api.rbd_aio_create_completion)(arg, complete, &mut completion) };
+        // SAFETY: the argument is the token's heap address, which stays valid (and its slot
+        // field unchanged) until this op's result has been taken in `collect`.
+        let ret = unsafe {
+            (api.rbd_aio_create_completion)(token.0.as_ptr().cast(), complete, &mut completion)
+        };
         if ret < 0 {
             self.spare_tokens.push(token);
             return Err(ret.checked_neg().unwrap_or(libc::EIO));
         }
-        let iov_count = c_int::try_from(op.iovecs.len()).unwrap_or(c_int::MAX);
         // SAFETY: (every arm) the image is open for as long as `self.image` is held; the
         // iovecs point at guest memory that the caller keeps mapped and untouched until this
         // op is reaped, and the array itself stays in the slot until then (librbd may read it
@@ -151,8 +199,12 @@ impl RbdEngine {
                     (api.rbd_aio_writev)(image, op.iovecs.as_ptr(), iov_count, offset, completion)
                 }
                 OpKind::Flush => (api.rbd_aio_flush)(image, completion),
+                // librbd skips the parts of a discard that are not aligned to its
+                // granularity; a discarded range must read back as zeros, so it is a
+                // write-zeroes that may deallocate.
                 OpKind::Discard { offset, len } => {
-                    (api.rbd_aio_discard)(image, offset, len, completion)
+                    let len = usize::try_from(len).unwrap_or(usize::MAX);
+                    (api.rbd_aio_write_zeroes)(image, offset, len, completion, 0, 0)
                 }
                 OpKind::WriteZeroes { offset, len, unmap } => {
                     let len = usize::try_from(len).unwrap_or(usize::MAX);
@@ -170,11 +222,58 @@ impl RbdEngine {
         }
         let inserted = self.slots.insert(Slot {
             tag: op.tag,
+            kind: op.kind,
             _iovecs: op.iovecs,
+            bytes,
             token,
         });
         debug_assert_eq!(inserted, index);
+        self.in_flight_bytes = self.in_flight_bytes.saturating_add(bytes);
         Ok(())
+    }
+
+    /// Starts `op` now if the budget allows (or nothing else is in flight), else queues it.
+    ///
+    /// # Safety
+    /// As for [`Engine::push`].
+    unsafe fn start_or_wait(&mut self, op: IoOp) {
+        let bytes = op_bytes(&op);
+        let fits = self.in_flight_bytes.saturating_add(bytes) <= IN_FLIGHT_BYTES;
+        if !self.waiting.is_empty() || (!fits && !self.slots.is_empty()) {
+            self.waiting.push_back(op);
+            return;
+        }
+        let tag = op.tag;
+        // SAFETY: forwarded from the caller.
+        if let Err(errno) = unsafe { self.submit_op(op, bytes) } {
+            self.ready.push(Completion {
+                tag,
+                result: Err(errno),
+            });
+        }
+    }
+
+    /// Starts waiting ops while the budget allows.
+    fn start_waiting(&mut self) {
+        while let Some(op) = self.waiting.front() {
+            let bytes = op_bytes(op);
+            let fits = self.in_flight_bytes.saturating_add(bytes) <= IN_FLIGHT_BYTES;
+            if !fits && !self.slots.is_empty() {
+                return;
+            }
+            let Some(op) = self.waiting.pop_front() else {
+                return;
+            };
+            let tag = op.tag;
+            // SAFETY: the op was pushed under `push`'s contract, which holds until it is
+            // reaped; it has not been.
+            if let Err(errno) = unsafe { self.submit_op(op, bytes) } {
+                self.ready.push(Completion {
+                    tag,
+                    result: Err(errno),
+                });
+            }
+        }
     }
 
     /// Moves recorded results into `ready`.
@@ -193,10 +292,16 @@ impl RbdEngine {
                 continue;
             };
             self.spare_tokens.push(slot.token);
-            let result = if ret < 0 {
-                Err(i32::try_from(ret.unsigned_abs()).unwrap_or(libc::EIO))
-            } else {
-                Ok(())
+            self.in_flight_bytes = self.in_flight_bytes.saturating_sub(slot.bytes);
+            let result = match (ret, slot.kind) {
+                (r, _) if r < 0 => Err(i32::try_from(r.unsigned_abs()).unwrap_or(libc::EIO)),
+                // librbd trims a transfer at the image's end (an image shrunk behind our
+                // back): anything but the whole transfer is an error, never a success.
+                (r, OpKind::Read { .. }) if r.unsigned_abs() as u64 != slot.bytes => Err(libc::EIO),
+                (r, OpKind::Write { .. }) if r != 0 && r.unsigned_abs() as u64 != slot.bytes => {
+                    Err(libc::EIO)
+                }
+                _ => Ok(()),
             };
             self.ready.push(Completion {
                 tag: slot.tag,
@@ -221,14 +326,16 @@ impl Engine for RbdEngine {
             });
             return;
         }
-        let tag = op.tag;
-        // SAFETY: forwarded from the caller of `push`.
-        if let Err(errno) = unsafe { self.submit_op(op) } {
+        if op_bytes(&op) > IN_FLIGHT_BYTES {
+            // Far beyond what a guest driver sends (Linux: a few MiB): refused, not split.
             self.ready.push(Completion {
-                tag,
-                result: Err(errno),
+                tag: op.tag,
+                result: Err(libc::EINVAL),
             });
+            return;
         }
+        // SAFETY: forwarded from the caller of `push`.
+        unsafe { self.start_or_wait(op) };
     }
 
     fn completion_fd(&self) -> Option<RawFd> {
@@ -250,18 +357,23 @@ impl Engine for RbdEngine {
 
     fn reap(&mut self, out: &mut Vec<Completion>) {
         self.collect();
+        self.start_waiting();
         out.append(&mut self.ready);
     }
 
     fn in_flight(&self) -> usize {
-        self.slots.len().saturating_add(self.ready.len())
+        self.slots
+            .len()
+            .saturating_add(self.ready.len())
+            .saturating_add(self.waiting.len())
     }
 
     fn drain(&mut self, out: &mut Vec<Completion>) {
-        while !self.slots.is_empty() {
+        while !self.slots.is_empty() || !self.waiting.is_empty() {
             self.collect();
+            self.start_waiting();
             if self.slots.is_empty() {
-                break;
+                continue;
             }
             // Bounded waits: a result recorded between `collect` and the wait raised the
             // eventfd, which keeps it readable.
@@ -276,6 +388,12 @@ impl Engine for RbdEngine {
                 Err(e) => log::error!("{}: waiting for librbd: {e}", self.image.name()),
             }
         }
+        // A drain is a queue stop (a pause, a migration's switchover, a disconnect): what the
+        // guest wrote must be in the cluster, not in this process's cache, before another
+        // client (the migration's destination) reads the image.
+        if let Err(e) = self.image.flush() {
+            log::error!("{e}");
+        }
         out.append(&mut self.ready);
     }
 }
@@ -286,5 +404,10 @@ impl Drop for RbdEngine {
         // worker's mapping (and the tokens the callbacks read) go away.
         let mut discarded = Vec::new();
         self.drain(&mut discarded);
+        for token in self.spare_tokens.drain(..) {
+            // SAFETY: every op is reaped (drained above), so every token is a spare no
+            // callback reads any more; each came from `Box::leak` and is freed once.
+            drop(unsafe { Box::from_raw(token.0.as_ptr()) });
+        }
     }
 }

@@ -74,18 +74,27 @@ fn check(call: impl FnOnce() -> String, ret: i64) -> Result<(), RbdError> {
 }
 
 impl Cluster {
-    /// The connection for `key`, made now unless a live one is shared.
+    /// The connection for `key`, made now unless a live one is shared. The registry lock is
+    /// not held while connecting (up to [`CONNECT_TIMEOUT_S`]): two devices connecting with
+    /// the same key at once may each make one, and the later one is shared from then on.
     fn get(key: ClusterKey) -> Result<Arc<Cluster>, RbdError> {
         static CLUSTERS: Mutex<Option<HashMap<ClusterKey, Weak<Cluster>>>> = Mutex::new(None);
-        let mut clusters = CLUSTERS
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let clusters = clusters.get_or_insert_with(HashMap::new);
-        clusters.retain(|_, cluster| cluster.strong_count() > 0);
-        if let Some(cluster) = clusters.get(&key).and_then(Weak::upgrade) {
+        let lock = || {
+            CLUSTERS
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        if let Some(cluster) = lock()
+            .as_ref()
+            .and_then(|clusters| clusters.get(&key))
+            .and_then(Weak::upgrade)
+        {
             return Ok(cluster);
         }
         let cluster = Arc::new(Self::connect(&key)?);
+        let mut clusters = lock();
+        let clusters = clusters.get_or_insert_with(HashMap::new);
+        clusters.retain(|_, cluster| cluster.strong_count() > 0);
         clusters.insert(key, Arc::downgrade(&cluster));
         Ok(cluster)
     }
@@ -119,8 +128,16 @@ impl Cluster {
         if key.conf.is_some() {
             check(|| format!("reading {:?}", key.conf), ret.into())?;
         }
+        // Set after the file, so a `ceph-conf=` cannot change them: no admin socket or log
+        // file of librados' choosing (it would create or append to whatever path the file
+        // names), and submissions never blocking the guest's queue worker.
         let timeout = CONNECT_TIMEOUT_S.to_string();
-        let mut options = vec![("client_mount_timeout", timeout)];
+        let mut options = vec![
+            ("client_mount_timeout", timeout),
+            ("admin_socket", String::new()),
+            ("log_file", String::new()),
+            ("rbd_non_blocking_aio", "true".to_string()),
+        ];
         if let Some(keyring) = &key.keyring {
             options.push(("keyring", keyring.to_string_lossy().into_owned()));
         }
@@ -164,27 +181,33 @@ impl RbdImage {
     /// Connects (or shares a connection) and opens the image; read-only when `readonly` or
     /// a snapshot is named.
     pub fn open(spec: &RbdSpec, readonly: bool) -> Result<Self, RbdError> {
+        // Paths as the file system resolves them: `/a/ceph.conf` and `/a//ceph.conf` share
+        // one connection (each connection costs about fifteen threads).
+        let canonical = |path: &Option<PathBuf>| {
+            path.as_ref()
+                .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()))
+        };
         let cluster = Cluster::get(ClusterKey {
-            conf: spec.conf.clone(),
+            conf: canonical(&spec.conf),
             id: spec.id.clone(),
-            keyring: spec.keyring.clone(),
+            keyring: canonical(&spec.keyring),
         })?;
         let api = cluster.api;
         let pool = c_string("pool", &spec.pool)?;
-        let mut ioctx: Ioctx = std::ptr::null_mut();
-        // SAFETY: the cluster is connected; `pool` is NUL-terminated; `ioctx` is an
-        // out-pointer.
-        let ret = unsafe { (api.rados_ioctx_create)(cluster.handle, pool.as_ptr(), &mut ioctx) };
-        check(|| format!("opening pool {}", spec.pool), ret.into())?;
         let namespace = c_string("namespace", &spec.namespace)?;
-        // SAFETY: `ioctx` was just created; the namespace is NUL-terminated (copied).
-        unsafe { (api.rados_ioctx_set_namespace)(ioctx, namespace.as_ptr()) };
         let name = c_string("image", &spec.image)?;
         let snap = spec
             .snapshot
             .as_deref()
             .map(|s| c_string("snapshot", s))
             .transpose()?;
+        let mut ioctx: Ioctx = std::ptr::null_mut();
+        // SAFETY: the cluster is connected; `pool` is NUL-terminated; `ioctx` is an
+        // out-pointer.
+        let ret = unsafe { (api.rados_ioctx_create)(cluster.handle, pool.as_ptr(), &mut ioctx) };
+        check(|| format!("opening pool {}", spec.pool), ret.into())?;
+        // SAFETY: `ioctx` was just created; the namespace is NUL-terminated (copied).
+        unsafe { (api.rados_ioctx_set_namespace)(ioctx, namespace.as_ptr()) };
         let snap_ptr = snap.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
         let readonly = readonly || spec.snapshot.is_some();
         let open = if readonly {
@@ -245,10 +268,21 @@ impl RbdImage {
         Ok(size)
     }
 
-    /// Grows or shrinks the image to `size` bytes.
-    pub fn resize(&self, size: u64) -> Result<(), RbdError> {
-        // SAFETY: the image is open; librbd serialises the resize with in-flight I/O.
-        let ret = unsafe { (self.api.rbd_resize)(self.image, size) };
+    /// Writes back librbd's cache (blocking): what a completed write left there reaches the
+    /// cluster before this returns.
+    pub fn flush(&self) -> Result<(), RbdError> {
+        // SAFETY: the image is open; a synchronous flush has no buffers of ours.
+        let ret = unsafe { (self.api.rbd_flush)(self.image) };
+        check(|| format!("flushing {}", self.name), ret.into())
+    }
+
+    /// Grows the image to `size` bytes; librbd refuses a shrink (another client may have
+    /// grown the image beyond what this device knows).
+    pub fn grow(&self, size: u64) -> Result<(), RbdError> {
+        // SAFETY: the image is open; librbd serialises the resize with in-flight I/O; no
+        // progress callback.
+        let ret =
+            unsafe { (self.api.rbd_resize2)(self.image, size, false, None, std::ptr::null_mut()) };
         check(|| format!("resizing {} to {size}", self.name), ret.into())
     }
 }

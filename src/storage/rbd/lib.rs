@@ -23,6 +23,9 @@ pub type AioCompletion = *mut c_void;
 /// `rbd_callback_t`.
 pub type Callback = unsafe extern "C" fn(AioCompletion, *mut c_void);
 
+/// `librbd_progress_fn_t`.
+pub type ProgressCallback = unsafe extern "C" fn(u64, u64, *mut c_void) -> c_int;
+
 /// `RBD_WRITE_ZEROES_FLAG_THICK_PROVISION`: zero the range without deallocating it.
 pub const WRITE_ZEROES_THICK: c_int = 1;
 
@@ -42,7 +45,8 @@ pub struct Api {
         unsafe extern "C" fn(Ioctx, *const c_char, *mut Image, *const c_char) -> c_int,
     pub rbd_close: unsafe extern "C" fn(Image) -> c_int,
     pub rbd_get_size: unsafe extern "C" fn(Image, *mut u64) -> c_int,
-    pub rbd_resize: unsafe extern "C" fn(Image, u64) -> c_int,
+    pub rbd_resize2:
+        unsafe extern "C" fn(Image, u64, bool, Option<ProgressCallback>, *mut c_void) -> c_int,
     pub rbd_aio_create_completion:
         unsafe extern "C" fn(*mut c_void, Callback, *mut AioCompletion) -> c_int,
     pub rbd_aio_get_return_value: unsafe extern "C" fn(AioCompletion) -> isize,
@@ -52,7 +56,7 @@ pub struct Api {
     pub rbd_aio_writev:
         unsafe extern "C" fn(Image, *const libc::iovec, c_int, u64, AioCompletion) -> c_int,
     pub rbd_aio_flush: unsafe extern "C" fn(Image, AioCompletion) -> c_int,
-    pub rbd_aio_discard: unsafe extern "C" fn(Image, u64, u64, AioCompletion) -> c_int,
+    pub rbd_flush: unsafe extern "C" fn(Image) -> c_int,
     pub rbd_aio_write_zeroes:
         unsafe extern "C" fn(Image, u64, usize, AioCompletion, c_int, c_int) -> c_int,
     /// Keeps both libraries mapped for as long as the pointers above are used (forever).
@@ -106,14 +110,14 @@ fn load() -> Result<Api, String> {
         rbd_open_read_only: symbol!(rbd, rbd_open_read_only),
         rbd_close: symbol!(rbd, rbd_close),
         rbd_get_size: symbol!(rbd, rbd_get_size),
-        rbd_resize: symbol!(rbd, rbd_resize),
+        rbd_resize2: symbol!(rbd, rbd_resize2),
         rbd_aio_create_completion: symbol!(rbd, rbd_aio_create_completion),
         rbd_aio_get_return_value: symbol!(rbd, rbd_aio_get_return_value),
         rbd_aio_release: symbol!(rbd, rbd_aio_release),
         rbd_aio_readv: symbol!(rbd, rbd_aio_readv),
         rbd_aio_writev: symbol!(rbd, rbd_aio_writev),
         rbd_aio_flush: symbol!(rbd, rbd_aio_flush),
-        rbd_aio_discard: symbol!(rbd, rbd_aio_discard),
+        rbd_flush: symbol!(rbd, rbd_flush),
         rbd_aio_write_zeroes: symbol!(rbd, rbd_aio_write_zeroes),
         _libraries: (rados, rbd),
     })

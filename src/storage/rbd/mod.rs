@@ -13,9 +13,11 @@
 //!   op's completion callback runs on a librbd thread, queues the result and raises the
 //!   worker's eventfd, which is in the worker's epoll set like io_uring's.
 //!
-//! Durability is librbd's: a write is acknowledged once the OSDs hold it (with the librbd
-//! cache in its default writethrough-until-flush mode, an acknowledged write is in the
-//! cluster, and after a completed flush every earlier write is). The image is locked by
+//! Durability: librbd's cache runs in its default writethrough-until-flush mode. Until the
+//! guest's first flush a completed write is in the cluster; after it, a completed write may
+//! sit in this process's cache (a volatile write cache, as virtio-blk's FLUSH feature
+//! declares) and a completed flush puts every earlier completed write in the cluster. Every
+//! queue stop (pause, migration switchover, disconnect) flushes the cache too. The image is locked by
 //! librbd's own exclusive-lock feature (RBD images have it by default), which is handed
 //! between two clients cooperatively — what a live migration between two hosts needs — so
 //! an `rbd:` disk has no `flock`-style image lock of ours.
