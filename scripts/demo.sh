@@ -4,7 +4,12 @@
 # against them and prints what the guest sees. The NIC is a tap inside a network namespace the
 # demo creates (the host side is 10.99.0.1 there, serving a page over HTTP); nothing leaves
 # that namespace. The image is kept, so a second run finds the file the first one wrote.
+#
+# `scripts/demo.sh --rbd`: the disk is an image on a throwaway single-node Ceph cluster
+# (scripts/ceph-cluster.sh, loopback only), removed with the cluster at the end.
 set -euo pipefail
+rbd_demo=""
+[ "${1:-}" = --rbd ] && rbd_demo=1
 cd "$(dirname "$0")/.."
 bash scripts/install-deps.sh
 cargo build --release --locked
@@ -14,15 +19,25 @@ sock="$PWD/target/demo/disk0.sock"
 nic="$PWD/target/demo/nic0.sock"
 ns="novademo-$$"
 ip netns add "$ns"
+ceph_dir="/tmp/novademo-ceph-$$"
 cleanup() {
     kill ${httpd:-} ${daemon:-} 2>/dev/null || true
     wait ${daemon:-} 2>/dev/null || true
     ip netns del "$ns" 2>/dev/null || true
+    [ -z "$rbd_demo" ] || bash scripts/ceph-cluster.sh stop "$ceph_dir" >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
+disk="path=$PWD/target/demo/disk0.img,size=256M"
+if [ -n "$rbd_demo" ]; then
+    echo "== starting a single-node Ceph cluster in $ceph_dir =="
+    bash scripts/ceph-cluster.sh start "$ceph_dir" --owner $$ >/dev/null
+    rbd -c "$ceph_dir/ceph.conf" --id novacron create rbd/demo-disk0 --size 256M
+    disk="path=rbd:rbd/demo-disk0,ceph-conf=$ceph_dir/ceph.conf,ceph-id=novacron"
+    disk+=",ceph-keyring=$ceph_dir/ceph.client.novacron.keyring"
+fi
 # The daemon runs in the namespace so its tap is created there; its sockets are ordinary files.
 ip netns exec "$ns" ./target/release/novacrond --control "$PWD/target/demo/control.sock" \
-    --blk "socket=$sock,path=$PWD/target/demo/disk0.img,size=256M,queues=2,serial=DEMO-DISK0" \
+    --blk "socket=$sock,$disk,queues=2,serial=DEMO-DISK0" \
     --net "socket=$nic,tap=demotap0,mac=52:54:00:de:00:01,queues=2" \
     2> target/demo/novacrond.log &
 daemon=$!
