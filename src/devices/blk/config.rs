@@ -60,11 +60,21 @@ impl BackingSpec {
     }
 }
 
+/// Where a tiered disk's cold records go.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ColdSpec {
+    /// A local file (`tier-cold=/path`).
+    File(PathBuf),
+    /// RADOS objects (`tier-cold=rados:POOL[/NAMESPACE]/PREFIX`, with `ceph-*` options).
+    Rados(Box<crate::storage::rbd::objects::ObjectsSpec>),
+}
+
 /// A tiered disk: hot extents in `hot` (the device's backing), cold ones compressed in `cold`.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct TierSpec {
-    /// The cold tier file.
-    pub cold: PathBuf,
+    /// The cold tier.
+    pub cold: ColdSpec,
     /// Extent size in bytes (a power of two, 64 KiB..=64 MiB).
     pub extent_size: u64,
     /// zstd level for demotions.
@@ -139,6 +149,15 @@ impl BlkConfig {
         } = common;
         let tier_hot = options.take_str("tier-hot");
         let tier_cold = options.take_str("tier-cold");
+        let ceph_conf = options.take_str("ceph-conf");
+        let ceph_id = options.take_str("ceph-id");
+        let ceph_keyring = options.take_str("ceph-keyring");
+        if ceph_id
+            .as_deref()
+            .is_some_and(|id| id.is_empty() || id.len() > 64 || id.chars().any(|c| c.is_control()))
+        {
+            return Err(invalid("ceph-id must be 1 to 64 bytes"));
+        }
         let extent = options.take_size("extent")?;
         let zstd_level = options.take::<i32>("zstd-level")?;
         let policy = crate::storage::tier::policy::TierPolicy::from_options(&mut options)?;
@@ -169,8 +188,18 @@ impl BlkConfig {
                 if cold.is_empty() {
                     return Err(invalid("tier-cold must not be empty"));
                 }
+                let cold = if cold.starts_with(crate::storage::rbd::objects::ObjectsSpec::PREFIX) {
+                    let mut spec = crate::storage::rbd::objects::ObjectsSpec::parse(&cold)
+                        .map_err(|e| invalid(e.to_string()))?;
+                    spec.conf = ceph_conf.clone().map(PathBuf::from);
+                    spec.id = ceph_id.clone();
+                    spec.keyring = ceph_keyring.clone().map(PathBuf::from);
+                    ColdSpec::Rados(Box::new(spec))
+                } else {
+                    ColdSpec::File(PathBuf::from(cold))
+                };
                 Some(TierSpec {
-                    cold: PathBuf::from(cold),
+                    cold,
                     extent_size,
                     zstd_level,
                     policy,
@@ -178,20 +207,12 @@ impl BlkConfig {
             }
             _ => return Err(invalid("a tiered disk needs both tier-hot= and tier-cold=")),
         };
-        let ceph_conf = options.take_str("ceph-conf");
-        let ceph_id = options.take_str("ceph-id");
-        let ceph_keyring = options.take_str("ceph-keyring");
         let backing = match path.as_str() {
             "null" => BackingSpec::Null,
             "" => return Err(invalid("path must not be empty")),
             rbd if rbd.starts_with(crate::storage::rbd::RbdSpec::PREFIX) => {
                 let mut spec =
                     crate::storage::rbd::RbdSpec::parse(rbd).map_err(|e| invalid(e.to_string()))?;
-                if ceph_id.as_deref().is_some_and(|id| {
-                    id.is_empty() || id.len() > 64 || id.chars().any(|c| c.is_control())
-                }) {
-                    return Err(invalid("ceph-id must be 1 to 64 bytes"));
-                }
                 spec.conf = ceph_conf.clone().map(PathBuf::from);
                 spec.id = ceph_id.clone();
                 spec.keyring = ceph_keyring.clone().map(PathBuf::from);
@@ -199,11 +220,17 @@ impl BlkConfig {
             }
             other => BackingSpec::File(PathBuf::from(other)),
         };
-        if !matches!(backing, BackingSpec::Rbd(_))
-            && (ceph_conf.is_some() || ceph_id.is_some() || ceph_keyring.is_some())
-        {
+        let on_ceph = matches!(backing, BackingSpec::Rbd(_))
+            || matches!(
+                &tier,
+                Some(TierSpec {
+                    cold: ColdSpec::Rados(_),
+                    ..
+                })
+            );
+        if !on_ceph && (ceph_conf.is_some() || ceph_id.is_some() || ceph_keyring.is_some()) {
             return Err(invalid(
-                "ceph-conf=, ceph-id= and ceph-keyring= are for rbd: paths",
+                "ceph-conf=, ceph-id= and ceph-keyring= are for rbd: paths and rados: cold tiers",
             ));
         }
         if matches!(backing, BackingSpec::Rbd(_)) && !poll_given {
@@ -323,7 +350,23 @@ mod tests {
         .unwrap();
         assert_eq!(config.backing, BackingSpec::File("/nvme/vm1.hot".into()));
         let tier = config.tier.unwrap();
-        assert_eq!(tier.cold, PathBuf::from("/hdd/vm1.cold"));
+        assert_eq!(tier.cold, ColdSpec::File(PathBuf::from("/hdd/vm1.cold")));
+        let config = BlkConfig::parse(
+            "socket=/s.sock,tier-hot=/nvme/vm1.hot,tier-cold=rados:cold/vm1,size=20G,ceph-id=nc",
+        )
+        .unwrap();
+        let Some(TierSpec {
+            cold: ColdSpec::Rados(objects),
+            ..
+        }) = config.tier
+        else {
+            panic!("not a rados cold tier: {:?}", config.tier);
+        };
+        assert_eq!(
+            (objects.pool.as_str(), objects.prefix.as_str()),
+            ("cold", "vm1")
+        );
+        assert_eq!(objects.id.as_deref(), Some("nc"));
         assert_eq!((tier.extent_size, tier.zstd_level), (4 << 20, 3));
     }
 

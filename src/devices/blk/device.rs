@@ -14,7 +14,7 @@
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
-use super::config::{BackingSpec, BlkConfig};
+use super::config::{BackingSpec, BlkConfig, ColdSpec};
 use super::info::{BlkInfo, BlkStats, BlkTotals};
 use super::request::Limits;
 use super::shared::DeviceShared;
@@ -22,7 +22,9 @@ use crate::devices::shell::runner::{DeviceRunner, RunnerError};
 use crate::storage::backing::{open_backing, open_log, BackingError, OpenRequest};
 use crate::storage::image_lock::ImageLock;
 use crate::storage::rbd::image::RbdImage;
+use crate::storage::rbd::objects::ObjectStore;
 use crate::storage::rbd::RbdError;
+use crate::storage::tier::cold::ColdTier;
 use crate::storage::tier::store::{journal_path, TierError, TierStore};
 use crate::storage::EngineSource;
 use crate::sys::poll::wait_readable_for;
@@ -39,11 +41,14 @@ pub enum DeviceError {
     /// The tier store could not be opened (metadata corrupt or for another geometry, ...).
     #[error(transparent)]
     Tier(#[from] TierError),
-    /// `tier-cold` names a file with data that no journal of this disk describes.
+    /// `tier-cold` names a file (or objects) with data that no journal of this disk describes.
     #[error(
         "{0} holds data but is not this disk's cold tier (no tier journal); refusing to reuse it"
     )]
-    ForeignColdFile(PathBuf),
+    ForeignColdFile(String),
+    /// A RADOS cold tier needs its journal beside a hot file.
+    #[error("a rados: cold tier needs a hot tier that is a file (its journal goes beside it)")]
+    RadosNeedsHotFile,
     /// The tier policy thread could not start.
     #[error("cannot start the tier policy thread")]
     Policy(#[source] std::io::Error),
@@ -72,18 +77,22 @@ fn start_policy_thread(
         let id = id.to_string();
         std::thread::Builder::new()
             .name(format!("tier-policy-{id}"))
-            .spawn(move || loop {
-                match wait_readable_for(stop.as_raw_fd(), std::time::Duration::from_secs(1)) {
-                    Ok(false) => {}
-                    Ok(true) => break,
-                    Err(e) => {
-                        log::error!("{id}: tier policy: {e}");
-                        break;
+            .spawn(move || {
+                let mut renewed = std::time::Instant::now();
+                loop {
+                    store.keep_cold_lock(&mut renewed);
+                    match wait_readable_for(stop.as_raw_fd(), std::time::Duration::from_secs(1)) {
+                        Ok(false) => {}
+                        Ok(true) => break,
+                        Err(e) => {
+                            log::error!("{id}: tier policy: {e}");
+                            break;
+                        }
                     }
-                }
-                let (down, up) = store.apply_policy();
-                if down > 0 || up > 0 {
-                    log::info!("{id}: tier policy demoted {down} and promoted {up} extent(s)");
+                    let (down, up) = store.apply_policy();
+                    if down > 0 || up > 0 {
+                        log::info!("{id}: tier policy demoted {down} and promoted {up} extent(s)");
+                    }
                 }
             })
             .map_err(DeviceError::Policy)?
@@ -132,20 +141,18 @@ impl BlkDevice {
         };
         let tier = match (&config.tier, &file) {
             (Some(spec), Some(hot)) => {
-                let cold = open_log(&spec.cold, !config.incoming)?;
                 let hot_path = match &config.backing {
                     BackingSpec::File(path) => path.clone(),
                     BackingSpec::Null | BackingSpec::Rbd(_) => PathBuf::new(),
                 };
-                // A cold file with data but no journal of ours is someone else's file: the
-                // start-up check would punch every range the (empty) journal does not name,
-                // zeroing it. Refuse it instead.
-                let cold_len = cold.metadata().map(|m| m.len()).unwrap_or(0);
-                let journal = journal_path(&hot_path, &spec.cold);
+                let (cold, journal, cold_name) = open_cold(&spec.cold, &hot_path, config.incoming)?;
                 if !config.incoming {
                     adopt_legacy_journal(&hot_path, &journal);
-                    if cold_len > 0 && !journal.exists() {
-                        return Err(DeviceError::ForeignColdFile(spec.cold.clone()));
+                    // A cold tier with data but no journal of ours is someone else's: the
+                    // start-up check would free every record the (empty) journal does not
+                    // name. Refuse it instead.
+                    if cold.end().unwrap_or(0) > 0 && !journal.exists() {
+                        return Err(DeviceError::ForeignColdFile(cold_name));
                     }
                 }
                 let store = TierStore::open_inactive(
@@ -377,6 +384,35 @@ impl BlkDevice {
                     self.config.id
                 );
             }
+        }
+    }
+}
+
+/// Opens a tiered disk's cold tier; returns it, its journal's path and its name for errors.
+fn open_cold(
+    spec: &ColdSpec,
+    hot: &std::path::Path,
+    incoming: bool,
+) -> Result<(ColdTier, PathBuf, String), DeviceError> {
+    match spec {
+        ColdSpec::File(path) => {
+            let cold = open_log(path, !incoming)?;
+            Ok((
+                ColdTier::File(cold),
+                journal_path(hot, path),
+                path.display().to_string(),
+            ))
+        }
+        ColdSpec::Rados(objects) => {
+            if !std::fs::metadata(hot).is_ok_and(|m| m.is_file()) {
+                return Err(DeviceError::RadosNeedsHotFile);
+            }
+            let store = ObjectStore::open(objects)?;
+            Ok((
+                ColdTier::Rados(store),
+                journal_path(hot, hot),
+                objects.display(),
+            ))
         }
     }
 }

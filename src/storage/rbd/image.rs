@@ -24,16 +24,36 @@ pub const CONNECT_TIMEOUT_S: u32 = 15;
 
 /// What identifies a shareable connection.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-struct ClusterKey {
+pub(super) struct ClusterKey {
     conf: Option<PathBuf>,
     id: Option<String>,
     keyring: Option<PathBuf>,
 }
 
+impl ClusterKey {
+    /// The key for these connection options. Paths as the file system resolves them:
+    /// `/a/ceph.conf` and `/a//ceph.conf` share one connection (each costs ~15 threads).
+    pub(super) fn of(
+        conf: &Option<PathBuf>,
+        id: &Option<String>,
+        keyring: &Option<PathBuf>,
+    ) -> Self {
+        let canonical = |path: &Option<PathBuf>| {
+            path.as_ref()
+                .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()))
+        };
+        Self {
+            conf: canonical(conf),
+            id: id.clone(),
+            keyring: canonical(keyring),
+        }
+    }
+}
+
 /// One librados client, connected.
-struct Cluster {
-    api: &'static Api,
-    handle: Rados,
+pub(super) struct Cluster {
+    pub(super) api: &'static Api,
+    pub(super) handle: Rados,
 }
 
 // SAFETY: a connected `rados_t` may be used from any thread (librados is thread-safe); the
@@ -51,7 +71,7 @@ impl Drop for Cluster {
     }
 }
 
-fn c_string(what: &str, value: &str) -> Result<CString, RbdError> {
+pub(super) fn c_string(what: &str, value: &str) -> Result<CString, RbdError> {
     CString::new(value).map_err(|_| RbdError::Call {
         call: format!("{what} `{value}`"),
         source: std::io::Error::from_raw_os_error(libc::EINVAL),
@@ -62,7 +82,7 @@ fn path_string(what: &str, path: &std::path::Path) -> Result<CString, RbdError> 
     c_string(what, &path.to_string_lossy())
 }
 
-fn check(call: impl FnOnce() -> String, ret: i64) -> Result<(), RbdError> {
+pub(super) fn check(call: impl FnOnce() -> String, ret: i64) -> Result<(), RbdError> {
     if ret < 0 {
         Err(RbdError::Call {
             call: call(),
@@ -77,7 +97,7 @@ impl Cluster {
     /// The connection for `key`, made now unless a live one is shared. The registry lock is
     /// not held while connecting (up to [`CONNECT_TIMEOUT_S`]): two devices connecting with
     /// the same key at once may each make one, and the later one is shared from then on.
-    fn get(key: ClusterKey) -> Result<Arc<Cluster>, RbdError> {
+    pub(super) fn get(key: ClusterKey) -> Result<Arc<Cluster>, RbdError> {
         static CLUSTERS: Mutex<Option<HashMap<ClusterKey, Weak<Cluster>>>> = Mutex::new(None);
         let lock = || {
             CLUSTERS
@@ -181,17 +201,7 @@ impl RbdImage {
     /// Connects (or shares a connection) and opens the image; read-only when `readonly` or
     /// a snapshot is named.
     pub fn open(spec: &RbdSpec, readonly: bool) -> Result<Self, RbdError> {
-        // Paths as the file system resolves them: `/a/ceph.conf` and `/a//ceph.conf` share
-        // one connection (each connection costs about fifteen threads).
-        let canonical = |path: &Option<PathBuf>| {
-            path.as_ref()
-                .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()))
-        };
-        let cluster = Cluster::get(ClusterKey {
-            conf: canonical(&spec.conf),
-            id: spec.id.clone(),
-            keyring: canonical(&spec.keyring),
-        })?;
+        let cluster = Cluster::get(ClusterKey::of(&spec.conf, &spec.id, &spec.keyring))?;
         let api = cluster.api;
         let pool = c_string("pool", &spec.pool)?;
         let namespace = c_string("namespace", &spec.namespace)?;

@@ -16,6 +16,8 @@ use super::RbdError;
 pub type Rados = *mut c_void;
 /// `rados_ioctx_t`.
 pub type Ioctx = *mut c_void;
+/// `rados_list_ctx_t`.
+pub type ListCtx = *mut c_void;
 /// `rbd_image_t`.
 pub type Image = *mut c_void;
 /// `rbd_completion_t`.
@@ -40,6 +42,30 @@ pub struct Api {
     pub rados_ioctx_create: unsafe extern "C" fn(Rados, *const c_char, *mut Ioctx) -> c_int,
     pub rados_ioctx_destroy: unsafe extern "C" fn(Ioctx),
     pub rados_ioctx_set_namespace: unsafe extern "C" fn(Ioctx, *const c_char),
+    pub rados_write_full: unsafe extern "C" fn(Ioctx, *const c_char, *const c_char, usize) -> c_int,
+    pub rados_read: unsafe extern "C" fn(Ioctx, *const c_char, *mut c_char, usize, u64) -> c_int,
+    pub rados_remove: unsafe extern "C" fn(Ioctx, *const c_char) -> c_int,
+    pub rados_stat:
+        unsafe extern "C" fn(Ioctx, *const c_char, *mut u64, *mut libc::time_t) -> c_int,
+    pub rados_nobjects_list_open: unsafe extern "C" fn(Ioctx, *mut ListCtx) -> c_int,
+    pub rados_nobjects_list_next: unsafe extern "C" fn(
+        ListCtx,
+        *mut *const c_char,
+        *mut *const c_char,
+        *mut *const c_char,
+    ) -> c_int,
+    pub rados_nobjects_list_close: unsafe extern "C" fn(ListCtx),
+    pub rados_lock_exclusive: unsafe extern "C" fn(
+        Ioctx,
+        *const c_char,
+        *const c_char,
+        *const c_char,
+        *const c_char,
+        *mut libc::timeval,
+        u8,
+    ) -> c_int,
+    pub rados_unlock:
+        unsafe extern "C" fn(Ioctx, *const c_char, *const c_char, *const c_char) -> c_int,
     pub rbd_open: unsafe extern "C" fn(Ioctx, *const c_char, *mut Image, *const c_char) -> c_int,
     pub rbd_open_read_only:
         unsafe extern "C" fn(Ioctx, *const c_char, *mut Image, *const c_char) -> c_int,
@@ -106,6 +132,15 @@ fn load() -> Result<Api, String> {
         rados_ioctx_create: symbol!(rados, rados_ioctx_create),
         rados_ioctx_destroy: symbol!(rados, rados_ioctx_destroy),
         rados_ioctx_set_namespace: symbol!(rados, rados_ioctx_set_namespace),
+        rados_write_full: symbol!(rados, rados_write_full),
+        rados_read: symbol!(rados, rados_read),
+        rados_remove: symbol!(rados, rados_remove),
+        rados_stat: symbol!(rados, rados_stat),
+        rados_nobjects_list_open: symbol!(rados, rados_nobjects_list_open),
+        rados_nobjects_list_next: symbol!(rados, rados_nobjects_list_next),
+        rados_nobjects_list_close: symbol!(rados, rados_nobjects_list_close),
+        rados_lock_exclusive: symbol!(rados, rados_lock_exclusive),
+        rados_unlock: symbol!(rados, rados_unlock),
         rbd_open: symbol!(rbd, rbd_open),
         rbd_open_read_only: symbol!(rbd, rbd_open_read_only),
         rbd_close: symbol!(rbd, rbd_close),

@@ -8,6 +8,7 @@
 //! - [`lib`]: librbd/librados loaded at run time, their C functions declared once.
 //! - [`image`]: one cluster connection and open image per device ([`image::RbdImage`]),
 //!   shared by its queues; size and resize.
+//! - [`objects`]: RADOS objects as a tiered disk's cold tier.
 //! - [`engine`]: the [`crate::storage::Engine`] over an image, one per queue worker. The
 //!   guest's iovecs go to librbd as they are (scatter-gather, no copy on our side); each
 //!   op's completion callback runs on a librbd thread, queues the result and raises the
@@ -25,6 +26,7 @@
 pub mod engine;
 pub mod image;
 pub mod lib;
+pub mod objects;
 
 /// Errors opening or changing an RBD image.
 #[derive(Debug, thiserror::Error)]

@@ -6,11 +6,11 @@
 
 use std::collections::{BTreeMap, VecDeque};
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
+use super::cold::ColdTier;
 use super::journal::Journal;
 use super::policy::TierPolicy;
 use super::store::{io, ExtentFlags, Progress, State, TierError, TierStats, TierStore};
@@ -23,7 +23,7 @@ impl TierStore {
     pub fn open_inactive(
         hot: Arc<File>,
         journal: &Path,
-        cold: File,
+        cold: impl Into<ColdTier>,
         capacity: u64,
         extent_size: u64,
         level: i32,
@@ -32,7 +32,7 @@ impl TierStore {
         let count = usize::try_from(extents).unwrap_or(0);
         Self {
             hot,
-            cold,
+            cold: cold.into(),
             extent_size,
             extents,
             capacity,
@@ -64,9 +64,8 @@ impl TierStore {
         let mut state = lock(&self.state);
         state.journal = None;
         state.cache.clear();
-        // The cold file's lock goes with the image's.
-        // SAFETY: flock only reads the fd number, which `self.cold` keeps open.
-        unsafe { libc::flock(self.cold.as_raw_fd(), libc::LOCK_UN) };
+        // The cold tier's lock goes with the image's.
+        self.cold.unlock();
     }
 
     /// Takes the tier: replays the journal (the one the other side of a migration left, or
@@ -74,20 +73,35 @@ impl TierStore {
     /// extents again.
     pub fn activate(&self) -> Result<(), TierError> {
         let mut active = self.active.write().unwrap_or_else(PoisonError::into_inner);
-        // SAFETY: flock only reads the fd number, which `self.cold` keeps open.
-        if unsafe { libc::flock(self.cold.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            return Err(io("the cold tier is in use elsewhere")(
-                std::io::Error::last_os_error(),
-            ));
+        // A RADOS lock a crashed predecessor left expires within its duration.
+        let wait = std::time::Duration::from_secs(
+            crate::storage::rbd::objects::LOCK_SECONDS
+                .unsigned_abs()
+                .saturating_add(5),
+        );
+        match self.cold.lock_within(wait) {
+            Ok(true) => {}
+            Ok(false) => {
+                return Err(io("the cold tier is in use elsewhere")(
+                    std::io::Error::from_raw_os_error(libc::EWOULDBLOCK),
+                ))
+            }
+            Err(e) => return Err(io("cannot lock the cold tier")(e)),
         }
         let replayed = self.replay_for_activation();
         if let Err(e) = replayed {
-            // SAFETY: as above.
-            unsafe { libc::flock(self.cold.as_raw_fd(), libc::LOCK_UN) };
+            self.cold.unlock();
             return Err(e);
         }
         *active = true;
         Ok(())
+    }
+
+    /// Keeps the cold tier's lock while active (the policy thread calls this each second).
+    pub fn keep_cold_lock(&self, last: &mut std::time::Instant) {
+        if self.is_active() {
+            self.cold.keep(last);
+        }
     }
 
     /// Whether this process owns the tier now.
@@ -106,11 +120,7 @@ impl TierStore {
                 replayed.torn_bytes
             );
         }
-        let cold_end = self
-            .cold
-            .metadata()
-            .map_err(io("cannot stat the cold tier"))?
-            .len();
+        let cold_end = self.cold.end().map_err(io("cannot stat the cold tier"))?;
         {
             let mut state = lock(&self.state);
             for (extent, flags) in self.flags.iter().enumerate() {

@@ -14,6 +14,7 @@
 //!
 //! The on-disk format and the durability rules are in the README ("Tiered disks").
 
+pub mod cold;
 pub mod engine;
 pub mod handover;
 pub mod journal;

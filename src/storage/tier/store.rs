@@ -36,6 +36,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
+use super::cold::ColdTier;
 use super::journal::{ColdLocation, Entry, Journal, JournalError};
 use super::policy::TierPolicy;
 use super::record::{self, RecordError};
@@ -220,7 +221,7 @@ pub(super) struct State {
 /// A tiered disk's hot and cold files and extent map.
 pub struct TierStore {
     pub(super) hot: Arc<File>,
-    pub(super) cold: File,
+    pub(super) cold: ColdTier,
     pub(super) extent_size: u64,
     pub(super) extents: u64,
     pub(super) capacity: u64,
@@ -266,7 +267,7 @@ impl TierStore {
     pub fn open(
         hot: Arc<File>,
         journal: &Path,
-        cold: File,
+        cold: impl Into<ColdTier>,
         capacity: u64,
         extent_size: u64,
         level: i32,
@@ -288,16 +289,9 @@ impl TierStore {
             .map(|l| (l.offset, l.offset.saturating_add(u64::from(l.len))))
             .collect();
         used.sort_unstable();
-        let mut at = 0u64;
-        for (start, end) in used
-            .into_iter()
-            .chain(std::iter::once((state.cold_end, state.cold_end)))
-        {
-            if start > at {
-                self.punch_cold(at, start.saturating_sub(at))?;
-            }
-            at = at.max(end);
-        }
+        self.cold
+            .free_unused(&used, state.cold_end)
+            .map_err(io("cannot free cold space"))?;
         Ok(())
     }
 
@@ -587,10 +581,7 @@ impl TierStore {
             state.cold_end = offset.saturating_add(bytes.len() as u64);
             offset
         };
-        let written = self
-            .cold
-            .write_all_at(&bytes, offset)
-            .and_then(|()| self.cold.sync_data());
+        let written = self.cold.write_record(&bytes, offset);
         if let Err(e) = written {
             // Cold tier full or failing: the hot copy stays, the guest notices nothing.
             self.stats.failed.fetch_add(1, Ordering::Relaxed);
@@ -726,8 +717,9 @@ impl TierStore {
         if len == 0 {
             return Ok(());
         }
-        fallocate(self.cold.as_raw_fd(), PUNCH_HOLE, offset, len)
-            .map_err(errno("cannot free cold space"))
+        self.cold
+            .free(offset, len)
+            .map_err(io("cannot free cold space"))
     }
 
     /// Extents idle (not read or written) for at least `idle_ns`, hot and holding data first.
@@ -762,6 +754,8 @@ impl TierStore {
         // mark clean.
         if let Some(journal) = lock(&self.state).journal.as_mut() {
             journal.append(&[Entry::Clean])?;
+            // Ours to let go (a RADOS lock would otherwise outlive us by its duration).
+            self.cold.unlock();
         }
         Ok(())
     }

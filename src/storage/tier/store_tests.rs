@@ -126,6 +126,14 @@ fn a_write_racing_a_demotion_wins() {
     assert_eq!(store.stats.failed.load(Ordering::Relaxed), 0);
 }
 
+/// The cold file of a store made by [`Disk::open`].
+fn cold_file(store: &TierStore) -> &std::fs::File {
+    match &store.cold {
+        crate::storage::tier::cold::ColdTier::File(file) => file,
+        crate::storage::tier::cold::ColdTier::Rados(_) => panic!("a file-backed test store"),
+    }
+}
+
 #[test]
 fn a_corrupt_record_fails_only_its_own_reads() {
     let disk = Disk::new();
@@ -137,7 +145,9 @@ fn a_corrupt_record_fails_only_its_own_reads() {
     let mut byte = [0u8; 1];
     let at = location.offset + location.len as u64 - 5;
     store.cold.read_exact_at(&mut byte, at).unwrap();
-    store.cold.write_all_at(&[byte[0] ^ 0x40], at).unwrap();
+    cold_file(&store)
+        .write_all_at(&[byte[0] ^ 0x40], at)
+        .unwrap();
     let mut out = vec![0u8; 512];
     assert!(matches!(
         store.read(0, &mut out),
@@ -165,15 +175,15 @@ fn space_leaked_by_a_crash_is_reclaimed_at_start() {
     store.demote(0).unwrap();
     // A crash after a record was written but before its journal entry: unreferenced bytes.
     let junk = vec![0x5au8; 256 << 10];
-    let end = store.cold.metadata().unwrap().len();
-    store.cold.write_all_at(&junk, end).unwrap();
-    store.cold.sync_all().unwrap();
+    let end = cold_file(&store).metadata().unwrap().len();
+    cold_file(&store).write_all_at(&junk, end).unwrap();
+    cold_file(&store).sync_all().unwrap();
     drop(store);
     let before = std::fs::metadata(disk.dir.path().join("d.cold"))
         .unwrap()
         .blocks();
     let store = disk.open();
-    let after = store.cold.metadata().unwrap().blocks();
+    let after = cold_file(&store).metadata().unwrap().blocks();
     assert!(
         after + 400 < before,
         "leaked space not reclaimed: {before} -> {after} blocks"
