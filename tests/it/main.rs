@@ -35,5 +35,5 @@ mod restart;
 mod sandbox;
 mod systemd;
 mod tap;
-mod tier;
+pub(crate) mod tier;
 mod tier_full;

@@ -263,10 +263,22 @@ fn guest_writes_racing_background_moves_are_never_lost() {
     }
 }
 
-fn crash_at(point: &str, promote: bool) {
+/// Every step of a move a crash can interrupt (failpoint, and whether the move is a
+/// promotion).
+pub(crate) const CRASH_POINTS: [(&str, bool); 4] = [
+    ("demote-after-record", false),
+    ("demote-after-journal", false),
+    ("promote-after-hot", true),
+    ("promote-after-journal", true),
+];
+
+/// A tiered disk `spec` (id `t`, 4 MiB in 64 KiB extents) is filled, the daemon is aborted
+/// at failpoint `point` in the first move, restarted: every byte is as written, and
+/// everything still moves both ways.
+pub(crate) fn crash_at(spec: &str, point: &str, promote: bool) {
     let mut model = Model::new();
     let dir = tempfile::tempdir().unwrap();
-    let mut daemon = Daemon::start_in(dir, &["--blk", SPEC]);
+    let mut daemon = Daemon::start_in(dir, &["--blk", spec]);
     {
         let mut c = BlkClient::connect(&daemon.path("t.sock"));
         fill(&mut c, &mut model, 0..8);
@@ -277,7 +289,7 @@ fn crash_at(point: &str, promote: bool) {
     }
     daemon.wait_for_log("t: front-end disconnected");
     let (_, dir) = daemon.terminate();
-    let daemon = Daemon::start_in_with_env(dir, &["--blk", SPEC], &[("NOVACRON_FAILPOINT", point)]);
+    let daemon = Daemon::start_in_with_env(dir, &["--blk", spec], &[("NOVACRON_FAILPOINT", point)]);
     let verb = if promote { "promote" } else { "demote" };
     // The failpoint aborts the daemon in the middle of the first move (novactl sees the
     // connection drop).
@@ -287,7 +299,7 @@ fn crash_at(point: &str, promote: bool) {
         "the move finished although the failpoint should have stopped it"
     );
     let dir = daemon.wait_crash();
-    let daemon = Daemon::start_in(dir, &["--blk", SPEC]);
+    let daemon = Daemon::start_in(dir, &["--blk", spec]);
     let mut c = BlkClient::connect(&daemon.path("t.sock"));
     model.verify(&mut c);
     // And the disk is fully usable: move everything both ways, still the same bytes.
@@ -304,14 +316,9 @@ fn crash_at(point: &str, promote: bool) {
 
 #[test]
 fn a_crash_at_every_step_of_a_move_loses_nothing() {
-    for (point, promote) in [
-        ("demote-after-record", false),
-        ("demote-after-journal", false),
-        ("promote-after-hot", true),
-        ("promote-after-journal", true),
-    ] {
+    for (point, promote) in CRASH_POINTS {
         eprintln!("crash point {point}");
-        crash_at(point, promote);
+        crash_at(SPEC, point, promote);
     }
 }
 

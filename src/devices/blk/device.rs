@@ -407,7 +407,7 @@ fn open_cold(
             if !std::fs::metadata(hot).is_ok_and(|m| m.is_file()) {
                 return Err(DeviceError::RadosNeedsHotFile);
             }
-            let store = ObjectStore::open(objects)?;
+            let store = ObjectStore::open(objects, &hot.to_string_lossy())?;
             Ok((
                 ColdTier::Rados(store),
                 journal_path(hot, hot),

@@ -66,6 +66,28 @@ pub struct Api {
     ) -> c_int,
     pub rados_unlock:
         unsafe extern "C" fn(Ioctx, *const c_char, *const c_char, *const c_char) -> c_int,
+    #[allow(clippy::type_complexity)]
+    pub rados_list_lockers: unsafe extern "C" fn(
+        Ioctx,
+        *const c_char,
+        *const c_char,
+        *mut c_int,
+        *mut c_char,
+        *mut usize,
+        *mut c_char,
+        *mut usize,
+        *mut c_char,
+        *mut usize,
+        *mut c_char,
+        *mut usize,
+    ) -> isize,
+    pub rados_break_lock: unsafe extern "C" fn(
+        Ioctx,
+        *const c_char,
+        *const c_char,
+        *const c_char,
+        *const c_char,
+    ) -> c_int,
     pub rbd_open: unsafe extern "C" fn(Ioctx, *const c_char, *mut Image, *const c_char) -> c_int,
     pub rbd_open_read_only:
         unsafe extern "C" fn(Ioctx, *const c_char, *mut Image, *const c_char) -> c_int,
@@ -141,6 +163,8 @@ fn load() -> Result<Api, String> {
         rados_nobjects_list_close: symbol!(rados, rados_nobjects_list_close),
         rados_lock_exclusive: symbol!(rados, rados_lock_exclusive),
         rados_unlock: symbol!(rados, rados_unlock),
+        rados_list_lockers: symbol!(rados, rados_list_lockers),
+        rados_break_lock: symbol!(rados, rados_break_lock),
         rbd_open: symbol!(rbd, rbd_open),
         rbd_open_read_only: symbol!(rbd, rbd_open_read_only),
         rbd_close: symbol!(rbd, rbd_close),

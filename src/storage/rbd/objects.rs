@@ -108,8 +108,10 @@ unsafe impl Send for ObjectStore {}
 unsafe impl Sync for ObjectStore {}
 
 impl ObjectStore {
-    /// Connects (or shares a connection) and opens the pool.
-    pub fn open(spec: &ObjectsSpec) -> Result<Self, RbdError> {
+    /// Connects (or shares a connection) and opens the pool. `owner` names this tier's
+    /// owner on this host (the hot file's path): it goes into the lock's cookie, so a lock
+    /// left by a dead daemon of this host for this disk can be recognised and broken.
+    pub fn open(spec: &ObjectsSpec, owner: &str) -> Result<Self, RbdError> {
         let cluster = Cluster::get(ClusterKey::of(&spec.conf, &spec.id, &spec.keyring))?;
         let api = cluster.api;
         let pool = c_string("pool", &spec.pool)?;
@@ -120,7 +122,7 @@ impl ObjectStore {
         check(|| format!("opening pool {}", spec.pool), ret.into())?;
         // SAFETY: `ioctx` was just created; the namespace is NUL-terminated (copied).
         unsafe { (api.rados_ioctx_set_namespace)(ioctx, namespace.as_ptr()) };
-        let cookie = format!("{}-{:x}", std::process::id(), rand_u64());
+        let cookie = format!("{}-{:x}", owner_tag(owner), rand_u64());
         Ok(Self {
             api,
             ioctx,
@@ -293,6 +295,86 @@ impl ObjectStore {
         }
     }
 
+    /// Breaks a lock on this tier that a dead daemon of this host left for the same disk
+    /// (its cookie starts with our owner tag). The caller holds the disk's hot file locked,
+    /// so no live process of this host owns the tier. Returns whether one was broken.
+    pub fn break_stale(&self) -> std::io::Result<bool> {
+        let object = self.lock_object();
+        let mut exclusive: std::ffi::c_int = 0;
+        let (mut tag, mut clients, mut cookies, mut addrs) = (
+            vec![0u8; 256],
+            vec![0u8; 4096],
+            vec![0u8; 4096],
+            vec![0u8; 4096],
+        );
+        let (mut tag_len, mut clients_len, mut cookies_len, mut addrs_len) =
+            (tag.len(), clients.len(), cookies.len(), addrs.len());
+        // SAFETY: the ioctx is open; every buffer is valid for writes of the length passed
+        // with it, and librados writes at most that many bytes (ERANGE otherwise).
+        let ret = unsafe {
+            (self.api.rados_list_lockers)(
+                self.ioctx,
+                object.as_ptr(),
+                LOCK_NAME.as_ptr(),
+                &mut exclusive,
+                tag.as_mut_ptr().cast(),
+                &mut tag_len,
+                clients.as_mut_ptr().cast(),
+                &mut clients_len,
+                cookies.as_mut_ptr().cast(),
+                &mut cookies_len,
+                addrs.as_mut_ptr().cast(),
+                &mut addrs_len,
+            )
+        };
+        if ret < 0 {
+            return Err(Self::io_error(i64::try_from(ret).unwrap_or(-5)));
+        }
+        let split = |buf: &[u8], len: usize| -> Vec<std::ffi::CString> {
+            buf.get(..len.min(buf.len()))
+                .unwrap_or_default()
+                .split(|&b| b == 0)
+                .filter(|part| !part.is_empty())
+                .filter_map(|part| std::ffi::CString::new(part).ok())
+                .collect()
+        };
+        let ours = self.cookie.to_string_lossy();
+        let tag_prefix = ours.rsplit_once('-').map_or("", |(tag, _)| tag).to_string();
+        let mut broken = false;
+        for (client, cookie) in split(&clients, clients_len)
+            .into_iter()
+            .zip(split(&cookies, cookies_len))
+        {
+            let theirs = cookie.to_string_lossy();
+            let same_owner = theirs
+                .rsplit_once('-')
+                .is_some_and(|(tag, _)| tag == tag_prefix);
+            if !same_owner || theirs == ours {
+                continue;
+            }
+            // SAFETY: the ioctx is open; every string is NUL-terminated.
+            let ret = unsafe {
+                (self.api.rados_break_lock)(
+                    self.ioctx,
+                    object.as_ptr(),
+                    LOCK_NAME.as_ptr(),
+                    client.as_ptr(),
+                    cookie.as_ptr(),
+                )
+            };
+            if ret < 0 && ret != -libc::ENOENT {
+                return Err(Self::io_error(ret.into()));
+            }
+            log::warn!(
+                "{}: broke the lock a previous daemon of this host left ({})",
+                self.name,
+                client.to_string_lossy()
+            );
+            broken = true;
+        }
+        Ok(broken)
+    }
+
     /// Releases the tier's lock (not held: fine).
     pub fn unlock(&self) {
         let object = self.lock_object();
@@ -321,6 +403,23 @@ impl Drop for ObjectStore {
         // SAFETY: created in `open`, used by nothing else now; destroyed once.
         unsafe { (self.api.rados_ioctx_destroy)(self.ioctx) };
     }
+}
+
+/// This host and disk, as a lock cookie prefix (no `-` at the end: the random part follows
+/// the last one).
+fn owner_tag(owner: &str) -> String {
+    let mut host = [0u8; 256];
+    // SAFETY: gethostname writes at most `len` bytes into the buffer.
+    let rc = unsafe { libc::gethostname(host.as_mut_ptr().cast(), host.len()) };
+    let host = if rc == 0 {
+        let end = host.iter().position(|&b| b == 0).unwrap_or(host.len());
+        String::from_utf8_lossy(host.get(..end).unwrap_or_default()).into_owned()
+    } else {
+        String::new()
+    };
+    // Hashed: the cookie stays short and holds no path.
+    let digest = crc32c::crc32c(format!("{host}\0{owner}").as_bytes());
+    format!("{host}:{digest:08x}")
 }
 
 /// A per-process random number for the lock cookie.

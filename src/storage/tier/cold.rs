@@ -116,7 +116,14 @@ impl ColdTier {
                     }
                 }
             }
-            ColdTier::Rados(objects) => objects.lock(),
+            ColdTier::Rados(objects) => {
+                if objects.lock()? {
+                    return Ok(true);
+                }
+                // A daemon of this host that died serving this disk (the caller holds the
+                // hot file, so none lives) may have left the lock: break it and try again.
+                Ok(objects.break_stale()? && objects.lock()?)
+            }
         }
     }
 

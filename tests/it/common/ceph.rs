@@ -173,3 +173,48 @@ impl Cluster {
         );
     }
 }
+
+impl Cluster {
+    /// `tier-cold=` and connection options for a cold tier of RADOS objects named `prefix.*`
+    /// in pool `rbd`.
+    pub fn cold_tier(&self, prefix: &str) -> String {
+        format!(
+            "tier-cold=rados:rbd/{prefix},ceph-conf={},ceph-id=novacron,ceph-keyring={}",
+            self.conf.display(),
+            self.dir.join("ceph.client.novacron.keyring").display()
+        )
+    }
+
+    /// The record objects (`prefix.<16 hex digits>`) in pool `rbd`.
+    pub fn records(&self, prefix: &str) -> usize {
+        let out = Command::new("rados")
+            .arg("-c")
+            .arg(&self.conf)
+            .args(["--id", "novacron", "-p", "rbd", "ls"])
+            .output()
+            .expect("run rados");
+        assert!(
+            out.status.success(),
+            "rados ls: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|name| {
+                name.strip_prefix(prefix)
+                    .and_then(|rest| rest.strip_prefix('.'))
+                    .is_some_and(|hex| hex.len() == 16)
+            })
+            .count()
+    }
+
+    /// A fresh object-name prefix.
+    pub fn new_prefix(&self, tag: &str) -> String {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        format!(
+            "{tag}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        )
+    }
+}
