@@ -120,7 +120,19 @@ impl TierStore {
                 replayed.torn_bytes
             );
         }
-        let cold_end = self.cold.end().map_err(io("cannot stat the cold tier"))?;
+        // Past every record the tier holds and every record the journal names (one that is
+        // missing must not have its place reused: the journal still points there).
+        let named_end = replayed
+            .cold
+            .values()
+            .map(|l| l.offset.saturating_add(u64::from(l.len)))
+            .max()
+            .unwrap_or(0);
+        let cold_end = self
+            .cold
+            .end()
+            .map_err(io("cannot stat the cold tier"))?
+            .max(named_end);
         {
             let mut state = lock(&self.state);
             for (extent, flags) in self.flags.iter().enumerate() {
