@@ -309,6 +309,19 @@ fn a_cold_tier_of_rados_objects_holds_one_object_per_cold_extent_across_restarts
     let daemon = Daemon::start_in(dir, &["--blk", &spec]);
     let mut c = BlkClient::connect(&daemon.path("t.sock"));
     assert!(c.read(0, 0, 4 << 20) == data, "cold data changed");
+    // Another disk naming these objects as its cold tier (no journal of its own) is refused:
+    // its start-up sweep would remove them.
+    let foreign = rados_tiered(&prefix)
+        .replace("{dir}", daemon.dir.path().to_str().unwrap())
+        .replace("t.sock", "u.sock")
+        .replace("t.hot", "u.hot");
+    let refused = crate::common::daemon::start_failure(&["--control", "none", "--blk", &foreign]);
+    assert!(refused.contains("holds data"), "{refused}");
+    assert_eq!(
+        ceph.records(&prefix),
+        64,
+        "the refused disk touched the objects"
+    );
     let mut ctl = Control::connect(&daemon.path("control.sock"));
     ctl.call(
         "tier.promote",
@@ -331,4 +344,53 @@ fn a_crash_at_every_step_of_a_move_to_rados_loses_nothing_and_leaks_no_object() 
         // the one a crash between record and journal leaked (the start-up sweep removes it).
         assert_eq!(ceph.records(&prefix), 0, "{point}: objects left behind");
     }
+}
+
+#[test]
+fn a_rados_cold_tier_whose_lock_is_broken_stops_moving() {
+    let ceph = cluster();
+    let _healthy = ceph.shared();
+    let prefix = ceph.new_prefix("fence");
+    let mut daemon = Daemon::start(&["--blk", &rados_tiered(&prefix)]);
+    let lock_object = format!("{prefix}.lock");
+    let listed: serde_json::Value =
+        serde_json::from_slice(&ceph.rados(&["lock", "list", &lock_object, "--format", "json"]))
+            .unwrap();
+    assert!(
+        listed["locks"].as_array().is_some_and(|l| !l.is_empty()),
+        "the tier is not locked: {listed}"
+    );
+    let info: serde_json::Value = serde_json::from_slice(&ceph.rados(&[
+        "lock",
+        "info",
+        &lock_object,
+        "novacron-tier",
+        "--format",
+        "json",
+    ]))
+    .unwrap();
+    let locker = &info["lockers"][0];
+    let (client, cookie) = (
+        locker["name"].as_str().unwrap().to_string(),
+        locker["cookie"].as_str().unwrap().to_string(),
+    );
+    // Another owner takes the tier (as a host that broke a lock it thought stale would).
+    ceph.rados(&[
+        "lock",
+        "break",
+        &lock_object,
+        "novacron-tier",
+        &client,
+        "--lock-cookie",
+        &cookie,
+    ]);
+    // The next renewal fails and the tier stops: no move runs any more.
+    daemon.wait_for_log("the cold tier is no longer ours");
+    let mut ctl = Control::connect(&daemon.path("control.sock"));
+    let batch = ctl
+        .call("tier.demote", json!({"id": "t", "all": true, "wait": true}))
+        .unwrap();
+    assert_eq!(batch["moved"], 0, "a move ran without the lock: {batch}");
+    assert_eq!(batch["failed"], batch["total"], "{batch}");
+    assert_eq!(ceph.records(&prefix), 0);
 }

@@ -77,22 +77,19 @@ fn start_policy_thread(
         let id = id.to_string();
         std::thread::Builder::new()
             .name(format!("tier-policy-{id}"))
-            .spawn(move || {
-                let mut renewed = std::time::Instant::now();
-                loop {
-                    store.keep_cold_lock(&mut renewed);
-                    match wait_readable_for(stop.as_raw_fd(), std::time::Duration::from_secs(1)) {
-                        Ok(false) => {}
-                        Ok(true) => break,
-                        Err(e) => {
-                            log::error!("{id}: tier policy: {e}");
-                            break;
-                        }
+            .spawn(move || loop {
+                store.fence_if_lost();
+                match wait_readable_for(stop.as_raw_fd(), std::time::Duration::from_secs(1)) {
+                    Ok(false) => {}
+                    Ok(true) => break,
+                    Err(e) => {
+                        log::error!("{id}: tier policy: {e}");
+                        break;
                     }
-                    let (down, up) = store.apply_policy();
-                    if down > 0 || up > 0 {
-                        log::info!("{id}: tier policy demoted {down} and promoted {up} extent(s)");
-                    }
+                }
+                let (down, up) = store.apply_policy();
+                if down > 0 || up > 0 {
+                    log::info!("{id}: tier policy demoted {down} and promoted {up} extent(s)");
                 }
             })
             .map_err(DeviceError::Policy)?
@@ -151,7 +148,13 @@ impl BlkDevice {
                     // A cold tier with data but no journal of ours is someone else's: the
                     // start-up check would free every record the (empty) journal does not
                     // name. Refuse it instead.
-                    if cold.end().unwrap_or(0) > 0 && !journal.exists() {
+                    let holds_data = cold.end().map_err(|e| {
+                        DeviceError::Tier(TierError::Io {
+                            action: "cannot list the cold tier",
+                            source: e,
+                        })
+                    })? > 0;
+                    if holds_data && !journal.exists() {
                         return Err(DeviceError::ForeignColdFile(cold_name));
                     }
                 }
@@ -407,7 +410,7 @@ fn open_cold(
             if !std::fs::metadata(hot).is_ok_and(|m| m.is_file()) {
                 return Err(DeviceError::RadosNeedsHotFile);
             }
-            let store = ObjectStore::open(objects, &hot.to_string_lossy())?;
+            let store = ObjectStore::open(objects, hot)?;
             Ok((
                 ColdTier::Rados(store),
                 journal_path(hot, hot),

@@ -4,6 +4,10 @@
 //! durably at an offset it allocates, read back, freed, and the start-up sweep of records no
 //! journal entry names.
 
+// Offsets and lengths come from the journal and the cluster: no indexing or arithmetic that
+// can panic or wrap silently.
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
+
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
@@ -63,12 +67,7 @@ impl ColdTier {
     pub fn end(&self) -> std::io::Result<u64> {
         match self {
             ColdTier::File(file) => Ok(file.metadata()?.len()),
-            ColdTier::Rados(objects) => Ok(objects
-                .records()?
-                .iter()
-                .map(|&(offset, size)| offset.saturating_add(size))
-                .max()
-                .unwrap_or(0)),
+            ColdTier::Rados(objects) => objects.end(),
         }
     }
 
@@ -87,11 +86,13 @@ impl ColdTier {
                 Ok(())
             }
             ColdTier::Rados(objects) => {
-                for (offset, _) in objects.records()? {
-                    if used
+                // Only below `end` (what the start-up saw): a record written later is not
+                // ours to judge.
+                for offset in objects.record_offsets()? {
+                    let named = used
                         .binary_search_by_key(&offset, |&(start, _)| start)
-                        .is_err()
-                    {
+                        .is_ok();
+                    if offset < end && !named {
                         objects.remove(offset)?;
                     }
                 }
@@ -142,19 +143,12 @@ impl ColdTier {
         }
     }
 
-    /// Keeps an owned tier owned: renews a RADOS lock when it is due (a file's lock lasts
-    /// as long as the file is open). Called about once a second by the tier's policy
-    /// thread.
-    pub fn keep(&self, last: &mut std::time::Instant) {
-        if let ColdTier::Rados(objects) = self {
-            if last.elapsed() >= crate::storage::rbd::objects::LOCK_RENEW {
-                *last = std::time::Instant::now();
-                match objects.lock() {
-                    Ok(true) => {}
-                    Ok(false) => log::error!("{}: the cold tier's lock was taken", objects.name()),
-                    Err(e) => log::error!("{}: renewing the lock: {e}", objects.name()),
-                }
-            }
+    /// Whether ownership was lost: a RADOS lock whose renewal failed (another daemon may
+    /// own the tier now). A file's lock cannot be lost while the file is open.
+    pub fn lost(&self) -> bool {
+        match self {
+            ColdTier::File(_) => false,
+            ColdTier::Rados(objects) => objects.lost(),
         }
     }
 

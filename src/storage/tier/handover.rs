@@ -97,10 +97,17 @@ impl TierStore {
         Ok(())
     }
 
-    /// Keeps the cold tier's lock while active (the policy thread calls this each second).
-    pub fn keep_cold_lock(&self, last: &mut std::time::Instant) {
-        if self.is_active() {
-            self.cold.keep(last);
+    /// Stops an active tier whose cold tier's lock was lost (its renewal failed: another
+    /// daemon may own the tier): no more moves, journal entries or sweeps here. Reads of
+    /// cold extents go on; writes into them fail (they need a promotion). Called each second
+    /// by the tier's policy thread.
+    pub fn fence_if_lost(&self) {
+        if self.cold.lost() && self.is_active() {
+            log::error!(
+                "{}: the cold tier is no longer ours: moves stop",
+                self.journal_path.display()
+            );
+            self.deactivate();
         }
     }
 

@@ -547,7 +547,7 @@ impl TierStore {
     /// Moves `extent` to the cold tier.
     pub fn demote(&self, extent: u64) -> Result<Moved, TierError> {
         let active = self.active.read().unwrap_or_else(PoisonError::into_inner);
-        if !*active {
+        if !*active || self.cold.lost() {
             return Err(TierError::Inactive);
         }
         let len = self.extent_len(extent);
@@ -629,7 +629,7 @@ impl TierStore {
     /// Moves `extent` back to the hot tier.
     pub fn promote(&self, extent: u64) -> Result<Moved, TierError> {
         let active = self.active.read().unwrap_or_else(PoisonError::into_inner);
-        if !*active {
+        if !*active || self.cold.lost() {
             return Err(TierError::Inactive);
         }
         let mut state = lock(&self.state);
@@ -669,7 +669,11 @@ impl TierStore {
         }
         state.cache.retain(|(e, _, _)| *e != extent);
         failpoint("promote-after-journal");
-        self.punch_cold(location.offset, u64::from(location.len))?;
+        // The move is committed (journalled): a record that cannot be freed now is only
+        // leaked space, which the next start-up sweep frees; not the guest's failure.
+        if let Err(e) = self.punch_cold(location.offset, u64::from(location.len)) {
+            log::warn!("tier: extent {extent}: {e} (freed at the next start)");
+        }
         self.maybe_compact(state)?;
         self.stats.promoted.fetch_add(1, Ordering::Relaxed);
         Ok(())
@@ -686,7 +690,9 @@ impl TierStore {
             flags.cold.store(false, Ordering::SeqCst);
         }
         state.cache.retain(|(e, _, _)| *e != extent);
-        self.punch_cold(location.offset, u64::from(location.len))?;
+        if let Err(e) = self.punch_cold(location.offset, u64::from(location.len)) {
+            log::warn!("tier: extent {extent}: {e} (freed at the next start)");
+        }
         Ok(())
     }
 

@@ -185,6 +185,23 @@ impl Cluster {
         )
     }
 
+    /// Runs the `rados` CLI on pool `rbd` (as client.novacron); panics on failure.
+    pub fn rados(&self, args: &[&str]) -> Vec<u8> {
+        let out = Command::new("rados")
+            .arg("-c")
+            .arg(&self.conf)
+            .args(["--id", "novacron", "-p", "rbd"])
+            .args(args)
+            .output()
+            .expect("run rados");
+        assert!(
+            out.status.success(),
+            "rados {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        out.stdout
+    }
+
     /// The record objects (`prefix.<16 hex digits>`) in pool `rbd`.
     pub fn records(&self, prefix: &str) -> usize {
         let out = Command::new("rados")
