@@ -434,7 +434,7 @@ impl Registry {
                 && other.namespace == spec.namespace
                 && other.image == spec.image
                 && other.snapshot == spec.snapshot
-                && other.conf == spec.conf
+                && other.client.conf == spec.client.conf
         };
         for (other, entry) in &self.devices {
             if let Device::Blk(device) = &entry.device {

@@ -13,7 +13,7 @@ mod blkio_frontend;
 mod control;
 mod ffi_c;
 mod fuzz_replay;
-mod guest_blk;
+pub(crate) mod guest_blk;
 mod guest_migrate;
 mod guest_net;
 mod guest_restart;

@@ -12,7 +12,7 @@ use serde_json::json;
 use crate::common::ceph::cluster;
 use crate::common::control::Control;
 use crate::common::daemon::Daemon;
-use crate::common::guest::{boot, vhost_user_blk};
+use crate::common::guest::vhost_user_blk;
 use crate::common::qemu::{migrate, Qemu};
 use crate::guest_migrate::{wait_progress, writing_guest_and_destination, Server};
 
@@ -50,28 +50,7 @@ fn a_guest_uses_an_rbd_disk_across_a_reboot() {
     let ceph = cluster();
     let _healthy = ceph.shared();
     let image = ceph.new_image("guest", 64);
-    let spec = format!(
-        "socket={{dir}}/vda.sock,{},queues=2,serial=NOVA-RBD",
-        ceph.disk(&image)
-    );
-    let mut daemon = Daemon::start(&["--blk", &spec]);
-    let devices = vhost_user_blk("vda", &daemon.path("vda.sock"), 2);
-    let first = boot("blk-data", &devices);
-    first.assert_passed();
-    for marker in [
-        "serial=NOVA-RBD",
-        "size-sectors=131072",
-        "small-writes ok",
-        "discard ok",
-        "filesystem ok",
-        "guest-data ok",
-    ] {
-        assert!(first.console.contains(marker), "missing `{marker}`");
-    }
-    daemon.wait_for_log("front-end disconnected");
-    let second = boot("blk-remount", &devices);
-    second.assert_passed();
-    assert!(second.console.contains("guest-remount ok"));
+    let daemon = crate::guest_blk::guest_round_trip_on(&ceph.disk(&image), "NOVA-RBD");
     let mut ctl = Control::connect(&daemon.path("control.sock"));
     let info = ctl.call("device.get", json!({"id": "vda"})).unwrap();
     assert_eq!(info["engine"], "rbd", "{info}");

@@ -158,6 +158,11 @@ impl BlkConfig {
         {
             return Err(invalid("ceph-id must be 1 to 64 bytes"));
         }
+        let client = crate::storage::rbd::CephClient {
+            conf: ceph_conf.clone().map(PathBuf::from),
+            id: ceph_id.clone(),
+            keyring: ceph_keyring.clone().map(PathBuf::from),
+        };
         let extent = options.take_size("extent")?;
         let zstd_level = options.take::<i32>("zstd-level")?;
         let policy = crate::storage::tier::policy::TierPolicy::from_options(&mut options)?;
@@ -191,9 +196,7 @@ impl BlkConfig {
                 let cold = if cold.starts_with(crate::storage::rbd::objects::ObjectsSpec::PREFIX) {
                     let mut spec = crate::storage::rbd::objects::ObjectsSpec::parse(&cold)
                         .map_err(|e| invalid(e.to_string()))?;
-                    spec.conf = ceph_conf.clone().map(PathBuf::from);
-                    spec.id = ceph_id.clone();
-                    spec.keyring = ceph_keyring.clone().map(PathBuf::from);
+                    spec.client = client.clone();
                     ColdSpec::Rados(Box::new(spec))
                 } else {
                     ColdSpec::File(PathBuf::from(cold))
@@ -213,9 +216,7 @@ impl BlkConfig {
             rbd if rbd.starts_with(crate::storage::rbd::RbdSpec::PREFIX) => {
                 let mut spec =
                     crate::storage::rbd::RbdSpec::parse(rbd).map_err(|e| invalid(e.to_string()))?;
-                spec.conf = ceph_conf.clone().map(PathBuf::from);
-                spec.id = ceph_id.clone();
-                spec.keyring = ceph_keyring.clone().map(PathBuf::from);
+                spec.client = client.clone();
                 BackingSpec::Rbd(Box::new(spec))
             }
             other => BackingSpec::File(PathBuf::from(other)),
@@ -366,7 +367,7 @@ mod tests {
             (objects.pool.as_str(), objects.prefix.as_str()),
             ("cold", "vm1")
         );
-        assert_eq!(objects.id.as_deref(), Some("nc"));
+        assert_eq!(objects.client.id.as_deref(), Some("nc"));
         assert_eq!((tier.extent_size, tier.zstd_level), (4 << 20, 3));
     }
 
@@ -391,9 +392,9 @@ mod tests {
             panic!("not rbd: {:?}", config.backing);
         };
         assert_eq!((spec.pool.as_str(), spec.image.as_str()), ("vms", "disk0"));
-        assert_eq!(spec.id.as_deref(), Some("novacron"));
+        assert_eq!(spec.client.id.as_deref(), Some("novacron"));
         assert_eq!(
-            spec.conf.as_deref(),
+            spec.client.conf.as_deref(),
             Some(std::path::Path::new("/etc/ceph/c.conf"))
         );
         assert!(!config.readonly);

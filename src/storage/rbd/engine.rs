@@ -232,25 +232,14 @@ impl RbdEngine {
         Ok(())
     }
 
-    /// Starts `op` now if the budget allows (or nothing else is in flight), else queues it.
+    /// Starts `op` now if the budget allows (or nothing else is in flight), else queues it
+    /// behind the ops already waiting.
     ///
     /// # Safety
     /// As for [`Engine::push`].
     unsafe fn start_or_wait(&mut self, op: IoOp) {
-        let bytes = op_bytes(&op);
-        let fits = self.in_flight_bytes.saturating_add(bytes) <= IN_FLIGHT_BYTES;
-        if !self.waiting.is_empty() || (!fits && !self.slots.is_empty()) {
-            self.waiting.push_back(op);
-            return;
-        }
-        let tag = op.tag;
-        // SAFETY: forwarded from the caller.
-        if let Err(errno) = unsafe { self.submit_op(op, bytes) } {
-            self.ready.push(Completion {
-                tag,
-                result: Err(errno),
-            });
-        }
+        self.waiting.push_back(op);
+        self.start_waiting();
     }
 
     /// Starts waiting ops while the budget allows.

@@ -33,19 +33,15 @@ pub(super) struct ClusterKey {
 impl ClusterKey {
     /// The key for these connection options. Paths as the file system resolves them:
     /// `/a/ceph.conf` and `/a//ceph.conf` share one connection (each costs ~15 threads).
-    pub(super) fn of(
-        conf: &Option<PathBuf>,
-        id: &Option<String>,
-        keyring: &Option<PathBuf>,
-    ) -> Self {
+    pub(super) fn of(client: &super::CephClient) -> Self {
         let canonical = |path: &Option<PathBuf>| {
             path.as_ref()
                 .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()))
         };
         Self {
-            conf: canonical(conf),
-            id: id.clone(),
-            keyring: canonical(keyring),
+            conf: canonical(&client.conf),
+            id: client.id.clone(),
+            keyring: canonical(&client.keyring),
         }
     }
 }
@@ -201,7 +197,7 @@ impl RbdImage {
     /// Connects (or shares a connection) and opens the image; read-only when `readonly` or
     /// a snapshot is named.
     pub fn open(spec: &RbdSpec, readonly: bool) -> Result<Self, RbdError> {
-        let cluster = Cluster::get(ClusterKey::of(&spec.conf, &spec.id, &spec.keyring))?;
+        let cluster = Cluster::get(ClusterKey::of(&spec.client))?;
         let api = cluster.api;
         let pool = c_string("pool", &spec.pool)?;
         let namespace = c_string("namespace", &spec.namespace)?;

@@ -70,11 +70,19 @@ pub struct RbdSpec {
     pub image: String,
     /// A snapshot to serve read-only.
     pub snapshot: Option<String>,
-    /// `ceph.conf` (`ceph-conf=`; librados' default search when `None`).
+    /// How to reach the cluster.
+    pub client: CephClient,
+}
+
+/// How to reach a cluster (`ceph-conf=`, `ceph-id=`, `ceph-keyring=`); devices with equal
+/// ones share one connection.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash, serde::Serialize)]
+pub struct CephClient {
+    /// `ceph.conf` (librados' default search when `None`).
     pub conf: Option<std::path::PathBuf>,
-    /// The client id, without `client.` (`ceph-id=`; librados' default `admin` when `None`).
+    /// The client id, without `client.` (librados' default `admin` when `None`).
     pub id: Option<String>,
-    /// A keyring file (`ceph-keyring=`; else the one `ceph.conf` names).
+    /// A keyring file (else the one `ceph.conf` names).
     pub keyring: Option<std::path::PathBuf>,
 }
 
@@ -121,9 +129,7 @@ impl RbdSpec {
             namespace: namespace.to_string(),
             image: image.to_string(),
             snapshot,
-            conf: None,
-            id: None,
-            keyring: None,
+            client: CephClient::default(),
         })
     }
 

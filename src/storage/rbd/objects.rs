@@ -47,12 +47,8 @@ pub struct ObjectsSpec {
     pub namespace: String,
     /// The objects' name prefix (one tier per prefix).
     pub prefix: String,
-    /// `ceph.conf`.
-    pub conf: Option<std::path::PathBuf>,
-    /// The client id.
-    pub id: Option<String>,
-    /// A keyring file.
-    pub keyring: Option<std::path::PathBuf>,
+    /// How to reach the cluster.
+    pub client: super::CephClient,
 }
 
 impl ObjectsSpec {
@@ -81,9 +77,7 @@ impl ObjectsSpec {
             pool: spec.pool,
             namespace: spec.namespace,
             prefix: spec.image,
-            conf: None,
-            id: None,
-            keyring: None,
+            client: super::CephClient::default(),
         })
     }
 
@@ -213,7 +207,7 @@ impl ObjectStore {
     /// its identity on this machine goes into the lock's cookie, so a lock left by a dead
     /// daemon of this machine for this disk can be recognised and broken.
     pub fn open(spec: &ObjectsSpec, owner: &std::path::Path) -> Result<Self, RbdError> {
-        let cluster = Cluster::get(ClusterKey::of(&spec.conf, &spec.id, &spec.keyring))?;
+        let cluster = Cluster::get(ClusterKey::of(&spec.client))?;
         let api = cluster.api;
         let pool = c_string("pool", &spec.pool)?;
         let namespace = c_string("namespace", &spec.namespace)?;

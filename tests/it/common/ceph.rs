@@ -144,9 +144,11 @@ impl Cluster {
         use novacron::storage::rbd::{engine::RbdEngine, image::RbdImage, RbdSpec};
         use novacron::storage::{Engine, IoOp, OpKind};
         let mut spec = RbdSpec::parse(&format!("rbd:rbd/{image}")).unwrap();
-        spec.conf = Some(self.conf.clone());
-        spec.id = Some("novacron".into());
-        spec.keyring = Some(self.dir.join("ceph.client.novacron.keyring"));
+        spec.client = novacron::storage::rbd::CephClient {
+            conf: Some(self.conf.clone()),
+            id: Some("novacron".into()),
+            keyring: Some(self.dir.join("ceph.client.novacron.keyring")),
+        };
         let opened = std::sync::Arc::new(RbdImage::open(&spec, false).expect("open the image"));
         let mut engine = RbdEngine::new(opened).unwrap();
         let mut buffer = data.to_vec();
