@@ -19,19 +19,21 @@ sock="$PWD/target/demo/disk0.sock"
 nic="$PWD/target/demo/nic0.sock"
 ns="novademo-$$"
 ip netns add "$ns"
+ip -n "$ns" link set lo up
 ceph_dir="/tmp/novademo-ceph-$$"
 cleanup() {
     kill ${httpd:-} ${daemon:-} 2>/dev/null || true
     wait ${daemon:-} 2>/dev/null || true
+    [ -z "$rbd_demo" ] || ip netns exec "$ns" bash scripts/ceph-cluster.sh stop "$ceph_dir" >/dev/null 2>&1 || true
     ip netns del "$ns" 2>/dev/null || true
-    [ -z "$rbd_demo" ] || bash scripts/ceph-cluster.sh stop "$ceph_dir" >/dev/null 2>&1 || true
 }
 trap cleanup EXIT
 disk="path=$PWD/target/demo/disk0.img,size=256M"
 if [ -n "$rbd_demo" ]; then
+    # In the demo's namespace, like the daemon: its loopback is where the cluster listens.
     echo "== starting a single-node Ceph cluster in $ceph_dir =="
-    bash scripts/ceph-cluster.sh start "$ceph_dir" --owner $$ >/dev/null
-    rbd -c "$ceph_dir/ceph.conf" --id novacron create rbd/demo-disk0 --size 256M
+    ip netns exec "$ns" bash scripts/ceph-cluster.sh start "$ceph_dir" --owner $$ >/dev/null
+    ip netns exec "$ns" rbd -c "$ceph_dir/ceph.conf" --id novacron create rbd/demo-disk0 --size 256M
     disk="path=rbd:rbd/demo-disk0,ceph-conf=$ceph_dir/ceph.conf,ceph-id=novacron"
     disk+=",ceph-keyring=$ceph_dir/ceph.client.novacron.keyring"
 fi
@@ -43,7 +45,6 @@ ip netns exec "$ns" ./target/release/novacrond --control "$PWD/target/demo/contr
 daemon=$!
 for _ in $(seq 100); do [ -S "$sock" ] && [ -S "$nic" ] && break; sleep 0.1; done
 [ -S "$nic" ] || { cat target/demo/novacrond.log; exit 1; }
-ip -n "$ns" link set lo up
 ip -n "$ns" addr add 10.99.0.1/24 dev demotap0
 ip -n "$ns" link set demotap0 up
 echo "hello from the host side of the tap, $(date -u +%FT%TZ)" > target/demo/www/index.html
