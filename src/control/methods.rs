@@ -38,7 +38,10 @@ use crate::lock::lock;
 use serde_json::{json, Map, Value};
 
 use super::protocol::{parse_request, Response, RpcError, METHOD_NOT_FOUND, SERVER_ERROR};
+use crate::config::options::OptionList;
+use crate::devices::kind::DeviceConfig;
 use crate::registry::{Registry, RegistryError};
+use crate::storage::rbd::CephClient;
 use crate::storage::tier::mover::BatchError;
 
 /// Most sockets one `daemon.handover` carries (the kernel's SCM_MAX_FD is 253, stderr too).
@@ -155,6 +158,18 @@ fn dispatch(
         "device.add" => {
             let kind = params.string("type")?;
             let options = params.rest_as_options()?;
+            let clients = ceph_clients(&kind, &options);
+            if !clients.is_empty() {
+                // A disk on a Ceph cluster connects on a thread of its own, without the
+                // registry, and is answered later: a slow or unreachable cluster (up to 15 s)
+                // holds this request only, not the control thread and every other client.
+                let answer = later.defer();
+                if let Err(e) = add_after_connecting(registry, kind, options, clients, answer) {
+                    later.pending = None;
+                    return Err(e);
+                }
+                return Ok(Value::Null);
+            }
             let mut registry = lock(registry);
             let id = registry.add(&kind, options, true).map_err(registry_error)?;
             to_json(registry.describe(&id).map_err(registry_error)?)?
@@ -412,6 +427,73 @@ fn dispatch(
         }
     };
     Ok(result)
+}
+
+/// The Ceph clients a `device.add` would connect with (none for most devices, and none
+/// for options that do not parse: the registry reports those as usual).
+fn ceph_clients(kind: &str, options: &BTreeMap<String, String>) -> Vec<CephClient> {
+    match DeviceConfig::parse(kind, OptionList::from_pairs(options.clone())) {
+        Ok(DeviceConfig::Blk(config)) => config.ceph_clients().into_iter().cloned().collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// At most this many `device.add`s wait for a Ceph cluster at once (each on its own thread).
+const MAX_CONNECTING: usize = 4;
+
+/// Connects to `clients` on a thread of its own, then adds the device (the registry lock is
+/// taken only then, and the open reuses the connections) and answers through `answer`.
+fn add_after_connecting(
+    registry: &Arc<Mutex<Registry>>,
+    kind: String,
+    options: BTreeMap<String, String>,
+    clients: Vec<CephClient>,
+    answer: impl FnOnce(Result<Value, RpcError>) + Send + 'static,
+) -> Result<(), RpcError> {
+    static CONNECTING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    use std::sync::atomic::Ordering;
+    if CONNECTING.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTING {
+        CONNECTING.fetch_sub(1, Ordering::AcqRel);
+        return Err(RpcError::new(
+            SERVER_ERROR,
+            "busy",
+            format!("{MAX_CONNECTING} devices are already connecting to a cluster"),
+        ));
+    }
+    let registry = Arc::clone(registry);
+    let spawned = std::thread::Builder::new()
+        .name("device-add".into())
+        .spawn(move || {
+            let connected: Result<Vec<_>, _> = clients
+                .iter()
+                .map(crate::storage::rbd::image::connect_ahead)
+                .collect();
+            let result = match connected {
+                Err(e) => Err(RpcError::new(
+                    SERVER_ERROR,
+                    "io",
+                    format!("cannot connect to the cluster: {e}"),
+                )),
+                Ok(_connected) => {
+                    let mut registry = lock(&registry);
+                    registry
+                        .add(&kind, options, true)
+                        .and_then(|id| registry.describe(&id))
+                        .map_err(registry_error)
+                        .and_then(to_json)
+                }
+            };
+            CONNECTING.fetch_sub(1, Ordering::AcqRel);
+            answer(result);
+        });
+    spawned.map(drop).map_err(|e| {
+        CONNECTING.fetch_sub(1, Ordering::AcqRel);
+        RpcError::new(
+            SERVER_ERROR,
+            "io",
+            format!("cannot start the connection: {e}"),
+        )
+    })
 }
 
 /// A typed result as the JSON the client sees.

@@ -33,7 +33,17 @@ fn libblkio_random_writes_flush_read_back_rbd() {
         let (key, value) = option.split_once('=').unwrap();
         second[key] = json!(value);
     }
-    assert_eq!(ctl.error_kind("device.add", second), "exists");
+    assert_eq!(ctl.error_kind("device.add", second.clone()), "exists");
+    // Added at run time (connected off the control thread, answered later), it serves.
+    let other = ceph.new_image("runtime", 16);
+    for option in ceph.disk(&other).split(',') {
+        let (key, value) = option.split_once('=').unwrap();
+        second[key] = json!(value);
+    }
+    second["id"] = json!("e");
+    let added = ctl.call("device.add", second).unwrap();
+    assert_eq!(added["engine"], "rbd", "{added}");
+    assert_eq!(added["size"], 16 * MIB, "{added}");
     // What another client reads from the cluster.
     let exported = ceph.export(&image);
     for (offset, want) in written {
@@ -372,4 +382,52 @@ fn a_rados_cold_tier_whose_lock_is_broken_stops_moving() {
     assert_eq!(batch["moved"], 0, "a move ran without the lock: {batch}");
     assert_eq!(batch["failed"], batch["total"], "{batch}");
     assert_eq!(ceph.records(&prefix), 0);
+}
+
+#[test]
+fn an_unreachable_cluster_holds_only_the_device_add_that_names_it() {
+    // No cluster needed: a ceph.conf naming a monitor that is not there.
+    let daemon = Daemon::start(&["--blk", "socket={dir}/d.sock,path=null,size=1M"]);
+    let conf = daemon.path("nowhere.conf");
+    std::fs::write(
+        &conf,
+        "[global]\nmon_host = v2:127.0.0.1:9\nauth_client_required = none\n",
+    )
+    .unwrap();
+    let control = daemon.path("control.sock");
+    let pending = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let adding = {
+        let (control, pending) = (control.clone(), std::sync::Arc::clone(&pending));
+        let socket = daemon.path("e.sock");
+        std::thread::spawn(move || {
+            let mut ctl = Control::connect(&control);
+            let added = ctl.call(
+                "device.add",
+                json!({"type": "blk", "socket": socket, "path": "rbd:rbd/x",
+                       "ceph-conf": conf, "ceph-id": "nobody"}),
+            );
+            pending.store(false, std::sync::atomic::Ordering::SeqCst);
+            added
+        })
+    };
+    // While that add waits for the cluster (up to 15 s), other clients are answered: count
+    // the answers that came back while it was still pending, one a second.
+    let mut ctl = Control::connect(&control);
+    let mut answered_while_pending = 0;
+    while pending.load(std::sync::atomic::Ordering::SeqCst) {
+        assert_eq!(ctl.device_count(), 1);
+        if pending.load(std::sync::atomic::Ordering::SeqCst) {
+            answered_while_pending += 1;
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let added = adding.join().unwrap();
+    let error = added.expect_err("a device on an unreachable cluster was added");
+    eprintln!("add error: {error}");
+    assert_eq!(error["data"]["kind"], "io", "{error}");
+    assert!(
+        answered_while_pending >= 5,
+        "the control plane was held: {answered_while_pending} answers during the add"
+    );
+    assert_eq!(ctl.device_count(), 1);
 }

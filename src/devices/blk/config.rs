@@ -124,6 +124,22 @@ pub struct BlkConfig {
 pub use crate::devices::options::{DEFAULT_POLL_US, MAX_POLL_US};
 
 impl BlkConfig {
+    /// The Ceph clients this disk connects with (its `rbd:` image, its `rados:` cold tier).
+    pub fn ceph_clients(&self) -> Vec<&crate::storage::rbd::CephClient> {
+        let mut clients = Vec::new();
+        if let BackingSpec::Rbd(spec) = &self.backing {
+            clients.push(&spec.client);
+        }
+        if let Some(TierSpec {
+            cold: ColdSpec::Rados(objects),
+            ..
+        }) = &self.tier
+        {
+            clients.push(&objects.client);
+        }
+        clients
+    }
+
     /// Parses a `--blk` specification.
     pub fn parse(spec: &str) -> Result<Self, BlkConfigError> {
         Self::from_options(OptionList::parse(spec)?)

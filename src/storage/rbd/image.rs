@@ -46,6 +46,17 @@ impl ClusterKey {
     }
 }
 
+/// A cluster connection made ahead of a device's start ([`connect_ahead`]); while it is
+/// held, opening an image with the same client options reuses it instead of connecting.
+pub struct Connected(#[allow(dead_code)] Arc<Cluster>);
+
+/// Connects (or finds the shared connection) for `client` now. The control plane calls this
+/// before it takes the registry lock, so a slow or unreachable cluster (up to
+/// [`CONNECT_TIMEOUT_S`]) holds only the request that names it, not every other client.
+pub fn connect_ahead(client: &super::CephClient) -> Result<Connected, RbdError> {
+    Cluster::get(ClusterKey::of(client)).map(Connected)
+}
+
 /// One librados client, connected.
 pub(super) struct Cluster {
     pub(super) api: &'static Api,
