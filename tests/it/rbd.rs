@@ -67,29 +67,6 @@ fn a_guest_uses_an_rbd_disk_across_a_reboot() {
     assert_eq!(info["path"], format!("rbd:rbd/{image}"), "{info}");
 }
 
-/// Progress lines (`writer N: round M`) the guest printed so far.
-fn rounds(guest: &Qemu) -> usize {
-    guest.console().matches(": round ").count()
-}
-
-fn wait_rounds(guest: &mut Qemu, more_than: usize, within: Duration, what: &str) -> usize {
-    let deadline = Instant::now() + within;
-    loop {
-        let console = guest.console();
-        assert!(
-            !console.contains("MISMATCH") && !console.contains("failed"),
-            "{what}: the guest failed:\n{console}"
-        );
-        let now = rounds(guest);
-        if now > more_than {
-            return now;
-        }
-        assert!(!guest.exited(), "{what}: the guest stopped:\n{console}");
-        assert!(Instant::now() < deadline, "{what}: no progress:\n{console}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 #[test]
 fn a_stopped_osd_stalls_the_guest_and_its_io_resumes_without_an_error() {
     let ceph = cluster();
@@ -106,7 +83,7 @@ fn a_stopped_osd_stalls_the_guest_and_its_io_resumes_without_an_error() {
         "guest",
         None,
     );
-    let before = wait_rounds(&mut guest, 3, Duration::from_secs(180), "before the fault");
+    wait_progress(&mut guest, 4, "before the fault");
     ceph.osd(false);
     // The guest's requests reach the daemon and stay there: in flight, not failed.
     let mut ctl = Control::connect(&daemon.path("control.sock"));
@@ -125,7 +102,6 @@ fn a_stopped_osd_stalls_the_guest_and_its_io_resumes_without_an_error() {
         std::thread::sleep(Duration::from_millis(100));
     }
     let (written, _, _) = totals(&mut ctl);
-    let stalled_at = rounds(&guest);
     // The outage lasts 10 s. No write may complete meanwhile (the workload never flushes, so
     // librbd's cache stays write-through; reads of cached data may still complete).
     std::thread::sleep(Duration::from_secs(10));
@@ -140,25 +116,18 @@ fn a_stopped_osd_stalls_the_guest_and_its_io_resumes_without_an_error() {
         "requests were dropped while the OSD was down"
     );
     assert_eq!(errors, 0, "requests failed while the OSD was down");
-    wait_rounds(
-        &mut guest,
-        stalled_at + 8,
-        Duration::from_secs(180),
-        "after the fault",
+    wait_progress(&mut guest, 8, "after the fault");
+    ceph.write_at(
+        &image,
+        64 * MIB - 4096,
+        &crate::common::writers::stop_marker(),
     );
-    ceph.write_at(&image, 64 * MIB - 4096, &stop_marker());
     let run = guest.wait(Duration::from_secs(120));
     run.assert_passed();
     assert!(run.console.contains("crash-writers ok"), "{}", run.console);
     assert!(!run.console.contains("I/O error"), "{}", run.console);
     assert_eq!(totals(&mut ctl).2, 0, "requests failed after the fault");
-    eprintln!("{before} rounds before the fault; {in_flight} requests waited through it");
-}
-
-fn stop_marker() -> Vec<u8> {
-    let mut marker = vec![0u8; 4096];
-    marker[..13].copy_from_slice(b"NOVACRON-STOP");
-    marker
+    eprintln!("{in_flight} requests waited through the fault");
 }
 
 #[test]
@@ -252,7 +221,11 @@ fn a_guest_writing_its_rbd_disk_migrates_between_two_daemons() {
         stats["total"]["bytes-written"].as_u64() > Some(0),
         "the destination wrote nothing: {stats}"
     );
-    ceph.write_at(&image, 64 * MIB - 4096, &stop_marker());
+    ceph.write_at(
+        &image,
+        64 * MIB - 4096,
+        &crate::common::writers::stop_marker(),
+    );
     let run = arrived.wait(Duration::from_secs(120));
     run.assert_passed();
     assert!(run.console.contains("crash-writers ok"), "{}", run.console);

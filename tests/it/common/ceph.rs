@@ -17,8 +17,20 @@ pub struct Cluster {
     faults: RwLock<()>,
 }
 
-fn script() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/ceph-cluster.sh")
+/// Runs `scripts/ceph-cluster.sh ACTION DIR EXTRA...`; panics with its stderr on failure.
+fn script(action: &str, dir: &Path, extra: &[&str]) {
+    let out = Command::new("bash")
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/ceph-cluster.sh"))
+        .arg(action)
+        .arg(dir)
+        .args(extra)
+        .output()
+        .expect("run scripts/ceph-cluster.sh");
+    assert!(
+        out.status.success(),
+        "ceph-cluster.sh {action} (scripts/install-deps.sh installs Ceph):\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// The cluster, started on first use (a missing Ceph fails loudly: CI installs it).
@@ -27,19 +39,7 @@ pub fn cluster() -> &'static Cluster {
     CLUSTER.get_or_init(|| {
         let dir = PathBuf::from(format!("/tmp/nc-ceph-{}", std::process::id()));
         let started = std::time::Instant::now();
-        let out = Command::new("bash")
-            .arg(script())
-            .arg("start")
-            .arg(&dir)
-            .arg("--owner")
-            .arg(std::process::id().to_string())
-            .output()
-            .expect("run scripts/ceph-cluster.sh");
-        assert!(
-            out.status.success(),
-            "the Ceph cluster did not start (scripts/install-deps.sh installs Ceph):\n{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        script("start", &dir, &["--owner", &std::process::id().to_string()]);
         eprintln!("ceph cluster up in {:?}", started.elapsed());
         Cluster {
             conf: dir.join("ceph.conf"),
@@ -66,28 +66,44 @@ impl Cluster {
 
     /// The `--blk` options reaching `image` in pool `rbd` as the unprivileged client.
     pub fn disk(&self, image: &str) -> String {
-        format!(
-            "path=rbd:rbd/{image},ceph-conf={},ceph-id=novacron,ceph-keyring={}",
-            self.conf.display(),
-            self.dir.join("ceph.client.novacron.keyring").display()
-        )
+        format!("path=rbd:rbd/{image},{}", self.client_options())
     }
 
-    /// Runs the `rbd` CLI (as client.novacron); panics on failure; returns its stdout.
-    pub fn rbd(&self, args: &[&str]) -> Vec<u8> {
-        let out = Command::new("rbd")
+    /// Runs Ceph's CLI `program` (`rbd`, `rados`) as client.novacron with `args`; panics on
+    /// failure; returns its stdout.
+    fn cli(&self, program: &str, args: &[&str]) -> Vec<u8> {
+        let out = Command::new(program)
             .arg("-c")
             .arg(&self.conf)
             .args(["--id", "novacron"])
             .args(args)
             .output()
-            .expect("run rbd");
+            .unwrap_or_else(|e| panic!("run {program}: {e}"));
         assert!(
             out.status.success(),
-            "rbd {args:?}: {}",
+            "{program} {args:?}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
         out.stdout
+    }
+
+    /// Runs the `rbd` CLI (as client.novacron); panics on failure; returns its stdout.
+    pub fn rbd(&self, args: &[&str]) -> Vec<u8> {
+        self.cli("rbd", args)
+    }
+
+    /// Runs the `rados` CLI on pool `rbd` (as client.novacron); panics on failure.
+    pub fn rados(&self, args: &[&str]) -> Vec<u8> {
+        self.cli("rados", &[&["-p", "rbd"], args].concat())
+    }
+
+    /// The connection options of client.novacron (`ceph-conf`, `ceph-id`, `ceph-keyring`).
+    fn client_options(&self) -> String {
+        format!(
+            "ceph-conf={},ceph-id=novacron,ceph-keyring={}",
+            self.conf.display(),
+            self.dir.join("ceph.client.novacron.keyring").display()
+        )
     }
 
     /// A new, empty image of `size_mib` MiB with a unique name.
@@ -122,18 +138,7 @@ impl Cluster {
 
     /// Stops the OSD (I/O blocks) or starts it again (returns once PGs are clean).
     pub fn osd(&self, up: bool) {
-        let action = if up { "osd-start" } else { "osd-stop" };
-        let out = Command::new("bash")
-            .arg(script())
-            .arg(action)
-            .arg(&self.dir)
-            .output()
-            .expect("run scripts/ceph-cluster.sh");
-        assert!(
-            out.status.success(),
-            "{action}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        script(if up { "osd-start" } else { "osd-stop" }, &self.dir, &[]);
     }
 }
 
@@ -180,44 +185,13 @@ impl Cluster {
     /// `tier-cold=` and connection options for a cold tier of RADOS objects named `prefix.*`
     /// in pool `rbd`.
     pub fn cold_tier(&self, prefix: &str) -> String {
-        format!(
-            "tier-cold=rados:rbd/{prefix},ceph-conf={},ceph-id=novacron,ceph-keyring={}",
-            self.conf.display(),
-            self.dir.join("ceph.client.novacron.keyring").display()
-        )
-    }
-
-    /// Runs the `rados` CLI on pool `rbd` (as client.novacron); panics on failure.
-    pub fn rados(&self, args: &[&str]) -> Vec<u8> {
-        let out = Command::new("rados")
-            .arg("-c")
-            .arg(&self.conf)
-            .args(["--id", "novacron", "-p", "rbd"])
-            .args(args)
-            .output()
-            .expect("run rados");
-        assert!(
-            out.status.success(),
-            "rados {args:?}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        out.stdout
+        format!("tier-cold=rados:rbd/{prefix},{}", self.client_options())
     }
 
     /// The record objects (`prefix.<16 hex digits>`) in pool `rbd`.
     pub fn records(&self, prefix: &str) -> usize {
-        let out = Command::new("rados")
-            .arg("-c")
-            .arg(&self.conf)
-            .args(["--id", "novacron", "-p", "rbd", "ls"])
-            .output()
-            .expect("run rados");
-        assert!(
-            out.status.success(),
-            "rados ls: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout)
+        let out = self.rados(&["ls"]);
+        String::from_utf8_lossy(&out)
             .lines()
             .filter(|name| {
                 name.strip_prefix(prefix)

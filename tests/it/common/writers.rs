@@ -31,7 +31,13 @@ pub fn completed_on(daemon: &Daemon, id: &str) -> (u64, u64) {
 /// image, which the guest polls with O_DIRECT reads.
 pub fn stop_writers_in(image: &Path, size: u64) {
     let image = std::fs::OpenOptions::new().write(true).open(image).unwrap();
+    image.write_all_at(&stop_marker(), size - 4096).unwrap();
+}
+
+/// The 4 KiB the writers stop on, for the disk's last 4 KiB (written by other means for a
+/// disk that is not a file).
+pub fn stop_marker() -> Vec<u8> {
     let mut marker = vec![0u8; 4096];
     marker[..13].copy_from_slice(b"NOVACRON-STOP");
-    image.write_all_at(&marker, size - 4096).unwrap();
+    marker
 }
