@@ -451,9 +451,15 @@ fn add_after_connecting(
     answer: impl FnOnce(Result<Value, RpcError>) + Send + 'static,
 ) -> Result<(), RpcError> {
     static CONNECTING: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-    use std::sync::atomic::Ordering;
-    if CONNECTING.fetch_add(1, Ordering::AcqRel) >= MAX_CONNECTING {
-        CONNECTING.fetch_sub(1, Ordering::AcqRel);
+    /// One of the [`MAX_CONNECTING`] places, given back when dropped (on every path).
+    struct Place;
+    impl Drop for Place {
+        fn drop(&mut self) {
+            CONNECTING.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        }
+    }
+    let place = Place;
+    if CONNECTING.fetch_add(1, std::sync::atomic::Ordering::AcqRel) >= MAX_CONNECTING {
         return Err(RpcError::new(
             SERVER_ERROR,
             "busy",
@@ -483,11 +489,11 @@ fn add_after_connecting(
                         .and_then(to_json)
                 }
             };
-            CONNECTING.fetch_sub(1, Ordering::AcqRel);
+            drop(place);
             answer(result);
         });
+    // A thread that could not start dropped its closure, and the place with it.
     spawned.map(drop).map_err(|e| {
-        CONNECTING.fetch_sub(1, Ordering::AcqRel);
         RpcError::new(
             SERVER_ERROR,
             "io",

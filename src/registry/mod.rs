@@ -423,32 +423,36 @@ impl Registry {
         config: &crate::devices::blk::config::BlkConfig,
     ) -> Result<(), RegistryError> {
         use crate::devices::blk::config::BackingSpec;
+        // A destination and a snapshot (read-only) may share the image.
         let BackingSpec::Rbd(spec) = &config.backing else {
             return Ok(());
         };
-        if config.incoming {
+        if config.incoming || spec.snapshot.is_some() {
             return Ok(());
         }
-        let same = |other: &crate::storage::rbd::RbdSpec| {
-            other.pool == spec.pool
-                && other.namespace == spec.namespace
-                && other.image == spec.image
-                && other.snapshot == spec.snapshot
-                && other.client.conf == spec.client.conf
-        };
-        for (other, entry) in &self.devices {
-            if let Device::Blk(device) = &entry.device {
-                if let BackingSpec::Rbd(theirs) = &device.config().backing {
-                    if same(theirs) && !device.config().incoming && spec.snapshot.is_none() {
-                        return Err(RegistryError::Exists(format!(
-                            "{} is served by device `{other}`",
-                            spec.display()
-                        )));
-                    }
+        let serving = self.devices.iter().find(|(_, entry)| match &entry.device {
+            Device::Blk(device) => match &device.config().backing {
+                BackingSpec::Rbd(theirs) => {
+                    !device.config().incoming
+                        && theirs.snapshot.is_none()
+                        && (
+                            &theirs.pool,
+                            &theirs.namespace,
+                            &theirs.image,
+                            &theirs.client.conf,
+                        ) == (&spec.pool, &spec.namespace, &spec.image, &spec.client.conf)
                 }
-            }
+                _ => false,
+            },
+            Device::Net(_) => false,
+        });
+        match serving {
+            Some((other, _)) => Err(RegistryError::Exists(format!(
+                "{} is served by device `{other}`",
+                spec.display()
+            ))),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Grows disk `id` to `size` bytes. A `size=` option follows: recorded before the disk

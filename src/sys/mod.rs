@@ -5,6 +5,7 @@ pub mod inherited;
 pub mod peer;
 pub mod poll;
 pub mod private_file;
+pub mod random;
 pub mod replace;
 pub mod shared_map;
 pub mod sigbus;

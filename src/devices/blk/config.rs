@@ -165,20 +165,18 @@ impl BlkConfig {
         } = common;
         let tier_hot = options.take_str("tier-hot");
         let tier_cold = options.take_str("tier-cold");
-        let ceph_conf = options.take_str("ceph-conf");
-        let ceph_id = options.take_str("ceph-id");
-        let ceph_keyring = options.take_str("ceph-keyring");
-        if ceph_id
+        let client = crate::storage::rbd::CephClient {
+            conf: options.take_str("ceph-conf").map(PathBuf::from),
+            id: options.take_str("ceph-id"),
+            keyring: options.take_str("ceph-keyring").map(PathBuf::from),
+        };
+        if client
+            .id
             .as_deref()
             .is_some_and(|id| id.is_empty() || id.len() > 64 || id.chars().any(|c| c.is_control()))
         {
             return Err(invalid("ceph-id must be 1 to 64 bytes"));
         }
-        let client = crate::storage::rbd::CephClient {
-            conf: ceph_conf.clone().map(PathBuf::from),
-            id: ceph_id.clone(),
-            keyring: ceph_keyring.clone().map(PathBuf::from),
-        };
         let extent = options.take_size("extent")?;
         let zstd_level = options.take::<i32>("zstd-level")?;
         let policy = crate::storage::tier::policy::TierPolicy::from_options(&mut options)?;
@@ -245,7 +243,7 @@ impl BlkConfig {
                     ..
                 })
             );
-        if !on_ceph && (ceph_conf.is_some() || ceph_id.is_some() || ceph_keyring.is_some()) {
+        if !on_ceph && client != crate::storage::rbd::CephClient::default() {
             return Err(invalid(
                 "ceph-conf=, ceph-id= and ceph-keyring= are for rbd: paths and rados: cold tiers",
             ));

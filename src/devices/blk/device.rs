@@ -158,19 +158,14 @@ impl BlkDevice {
                         return Err(DeviceError::ForeignColdFile(cold_name));
                     }
                 }
-                let store = TierStore::open_inactive(
-                    Arc::clone(hot),
-                    &journal,
-                    cold,
-                    capacity,
-                    spec.extent_size,
-                    spec.zstd_level,
-                );
+                let (hot, extent, level) = (Arc::clone(hot), spec.extent_size, spec.zstd_level);
                 // An incoming migration's source serves (and moves) it now: touch nothing
                 // until the image is ours (`storage::tier::handover`).
-                if !config.incoming {
-                    store.activate()?;
-                }
+                let store = if config.incoming {
+                    TierStore::open_inactive(hot, &journal, cold, capacity, extent, level)
+                } else {
+                    TierStore::open(hot, &journal, cold, capacity, extent, level)?
+                };
                 Some(Arc::new(store))
             }
             _ => None,

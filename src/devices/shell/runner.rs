@@ -239,12 +239,7 @@ fn serve<D: Device>(
 fn private_pair(id: &str) -> std::io::Result<(Listener, std::os::unix::net::UnixStream)> {
     use std::os::linux::net::SocketAddrExt;
     use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
-    let mut random = [0u8; 16];
-    // SAFETY: `random` is a live, writable buffer of the length passed.
-    let got = unsafe { libc::getrandom(random.as_mut_ptr().cast(), random.len(), 0) };
-    if usize::try_from(got).ok() != Some(random.len()) {
-        return Err(std::io::Error::other("getrandom failed"));
-    }
+    let random = crate::sys::random::bytes::<16>()?;
     let hex: String = random.iter().map(|b| format!("{b:02x}")).collect();
     let name = format!("novacron-{id}-{hex}");
     let addr = SocketAddr::from_abstract_name(name.as_bytes())?;

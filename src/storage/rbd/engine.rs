@@ -113,8 +113,8 @@ pub struct RbdEngine {
     slots: Slab<Slot>,
     /// Callback arguments not in use, kept so an op costs no allocation of ours.
     spare_tokens: Vec<TokenPtr>,
-    /// Ops waiting for budget, in arrival order.
-    waiting: VecDeque<IoOp>,
+    /// Ops waiting for budget, in arrival order, with their bytes.
+    waiting: VecDeque<(IoOp, u64)>,
     /// Bytes of the ops in `slots`.
     in_flight_bytes: u64,
     /// Ops finished without librbd (empty transfers) or refused by it at submission.
@@ -171,7 +171,7 @@ impl RbdEngine {
     /// # Safety
     /// As for [`Engine::push`]: the iovecs stay valid until the op is reaped.
     unsafe fn submit_op(&mut self, op: IoOp, bytes: u64) -> Result<(), i32> {
-        let api = self.image.api();
+        let api = self.done.api;
         let image = self.image.handle();
         let iov_count = c_int::try_from(op.iovecs.len()).map_err(|_| libc::EINVAL)?;
         let index = self.slots.vacant_key();
@@ -184,7 +184,7 @@ impl RbdEngine {
         };
         if ret < 0 {
             self.spare_tokens.push(token);
-            return Err(ret.checked_neg().unwrap_or(libc::EIO));
+            return Err(super::errno_code(ret.into()));
         }
         // SAFETY: (every arm) the image is open for as long as `self.image` is held; the
         // iovecs point at guest memory that the caller keeps mapped and untouched until this
@@ -218,7 +218,7 @@ impl RbdEngine {
             // SAFETY: the completion was not handed to librbd's I/O path; released once.
             unsafe { (api.rbd_aio_release)(completion) };
             self.spare_tokens.push(token);
-            return Err(ret.checked_neg().unwrap_or(libc::EIO));
+            return Err(super::errno_code(ret.into()));
         }
         let inserted = self.slots.insert(Slot {
             tag: op.tag,
@@ -232,25 +232,14 @@ impl RbdEngine {
         Ok(())
     }
 
-    /// Starts `op` now if the budget allows (or nothing else is in flight), else queues it
-    /// behind the ops already waiting.
-    ///
-    /// # Safety
-    /// As for [`Engine::push`].
-    unsafe fn start_or_wait(&mut self, op: IoOp) {
-        self.waiting.push_back(op);
-        self.start_waiting();
-    }
-
     /// Starts waiting ops while the budget allows.
     fn start_waiting(&mut self) {
-        while let Some(op) = self.waiting.front() {
-            let bytes = op_bytes(op);
+        while let Some(&(_, bytes)) = self.waiting.front() {
             let fits = self.in_flight_bytes.saturating_add(bytes) <= IN_FLIGHT_BYTES;
             if !fits && !self.slots.is_empty() {
                 return;
             }
-            let Some(op) = self.waiting.pop_front() else {
+            let Some((op, _)) = self.waiting.pop_front() else {
                 return;
             };
             let tag = op.tag;
@@ -283,7 +272,7 @@ impl RbdEngine {
             self.spare_tokens.push(slot.token);
             self.in_flight_bytes = self.in_flight_bytes.saturating_sub(slot.bytes);
             let result = match (ret, slot.kind) {
-                (r, _) if r < 0 => Err(i32::try_from(r.unsigned_abs()).unwrap_or(libc::EIO)),
+                (r, _) if r < 0 => Err(super::errno_code(i64::try_from(r).unwrap_or(-1))),
                 // librbd trims a transfer at the image's end (an image shrunk behind our
                 // back): anything but the whole transfer is an error, never a success.
                 (r, OpKind::Read { .. }) if r.unsigned_abs() as u64 != slot.bytes => Err(libc::EIO),
@@ -306,25 +295,24 @@ impl Engine for RbdEngine {
     }
 
     unsafe fn push(&mut self, op: IoOp) {
-        let empty = matches!(op.kind, OpKind::Read { .. } | OpKind::Write { .. })
-            && op.iovecs.iter().all(|iov| iov.iov_len == 0);
-        if empty {
-            self.ready.push(Completion {
-                tag: op.tag,
-                result: Ok(()),
-            });
-            return;
-        }
-        if op_bytes(&op) > IN_FLIGHT_BYTES {
+        let transfer = matches!(op.kind, OpKind::Read { .. } | OpKind::Write { .. });
+        let bytes = op_bytes(&op);
+        let refused = match bytes {
+            0 if transfer => Some(Ok(())),
             // Far beyond what a guest driver sends (Linux: a few MiB): refused, not split.
+            b if b > IN_FLIGHT_BYTES => Some(Err(libc::EINVAL)),
+            _ => None,
+        };
+        if let Some(result) = refused {
             self.ready.push(Completion {
                 tag: op.tag,
-                result: Err(libc::EINVAL),
+                result,
             });
             return;
         }
-        // SAFETY: forwarded from the caller of `push`.
-        unsafe { self.start_or_wait(op) };
+        // In arrival order, behind anything already waiting for budget.
+        self.waiting.push_back((op, bytes));
+        self.start_waiting();
     }
 
     fn completion_fd(&self) -> Option<RawFd> {

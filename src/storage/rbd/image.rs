@@ -13,48 +13,25 @@
 
 use std::collections::HashMap;
 use std::ffi::CString;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex, Weak};
 
 use super::lib::{self, Api, Image, Ioctx, Rados};
-use super::{errno, RbdError, RbdSpec};
+use super::{errno, CephClient, RbdError, RbdSpec};
 
 /// Seconds a new connection may take to reach the monitors and authenticate.
 pub const CONNECT_TIMEOUT_S: u32 = 15;
 
-/// What identifies a shareable connection.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub(super) struct ClusterKey {
-    conf: Option<PathBuf>,
-    id: Option<String>,
-    keyring: Option<PathBuf>,
-}
-
-impl ClusterKey {
-    /// The key for these connection options. Paths as the file system resolves them:
-    /// `/a/ceph.conf` and `/a//ceph.conf` share one connection (each costs ~15 threads).
-    pub(super) fn of(client: &super::CephClient) -> Self {
-        let canonical = |path: &Option<PathBuf>| {
-            path.as_ref()
-                .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.clone()))
-        };
-        Self {
-            conf: canonical(&client.conf),
-            id: client.id.clone(),
-            keyring: canonical(&client.keyring),
-        }
-    }
-}
-
 /// A cluster connection made ahead of a device's start ([`connect_ahead`]); while it is
 /// held, opening an image with the same client options reuses it instead of connecting.
-pub struct Connected(#[allow(dead_code)] Arc<Cluster>);
+pub struct Connected {
+    _cluster: Arc<Cluster>,
+}
 
 /// Connects (or finds the shared connection) for `client` now. The control plane calls this
 /// before it takes the registry lock, so a slow or unreachable cluster (up to
 /// [`CONNECT_TIMEOUT_S`]) holds only the request that names it, not every other client.
-pub fn connect_ahead(client: &super::CephClient) -> Result<Connected, RbdError> {
-    Cluster::get(ClusterKey::of(client)).map(Connected)
+pub fn connect_ahead(client: &CephClient) -> Result<Connected, RbdError> {
+    Cluster::get(client).map(|cluster| Connected { _cluster: cluster })
 }
 
 /// One librados client, connected.
@@ -104,8 +81,9 @@ impl Cluster {
     /// The connection for `key`, made now unless a live one is shared. The registry lock is
     /// not held while connecting (up to [`CONNECT_TIMEOUT_S`]): two devices connecting with
     /// the same key at once may each make one, and the later one is shared from then on.
-    pub(super) fn get(key: ClusterKey) -> Result<Arc<Cluster>, RbdError> {
-        static CLUSTERS: Mutex<Option<HashMap<ClusterKey, Weak<Cluster>>>> = Mutex::new(None);
+    pub(super) fn get(client: &CephClient) -> Result<Arc<Cluster>, RbdError> {
+        static CLUSTERS: Mutex<Option<HashMap<CephClient, Weak<Cluster>>>> = Mutex::new(None);
+        let key = client.canonical();
         let lock = || {
             CLUSTERS
                 .lock()
@@ -126,7 +104,7 @@ impl Cluster {
         Ok(cluster)
     }
 
-    fn connect(key: &ClusterKey) -> Result<Cluster, RbdError> {
+    fn connect(key: &CephClient) -> Result<Cluster, RbdError> {
         let api = lib::api()?;
         let name = format!("client.{}", key.id.as_deref().unwrap_or("admin"));
         let name_c = c_string("client name", &name)?;
@@ -192,7 +170,6 @@ pub struct RbdImage {
     ioctx: Ioctx,
     /// What `display` prints: `rbd:pool/image[@snap]`.
     name: String,
-    readonly: bool,
     /// Keeps the connection up for as long as the image and ioctx are.
     _cluster: Arc<Cluster>,
 }
@@ -208,7 +185,7 @@ impl RbdImage {
     /// Connects (or shares a connection) and opens the image; read-only when `readonly` or
     /// a snapshot is named.
     pub fn open(spec: &RbdSpec, readonly: bool) -> Result<Self, RbdError> {
-        let cluster = Cluster::get(ClusterKey::of(&spec.client))?;
+        let cluster = Cluster::get(&spec.client)?;
         let api = cluster.api;
         let pool = c_string("pool", &spec.pool)?;
         let namespace = c_string("namespace", &spec.namespace)?;
@@ -246,7 +223,6 @@ impl RbdImage {
             image,
             ioctx,
             name: spec.display(),
-            readonly,
             _cluster: cluster,
         };
         let size = opened.size()?;
@@ -269,11 +245,6 @@ impl RbdImage {
     /// `rbd:pool/image[@snap]`.
     pub fn name(&self) -> &str {
         &self.name
-    }
-
-    /// Whether the image was opened read-only (asked for, or a snapshot).
-    pub fn readonly(&self) -> bool {
-        self.readonly
     }
 
     /// The image's size now, in bytes.

@@ -21,7 +21,7 @@
 use std::ffi::{c_char, CStr, CString};
 use std::sync::{Arc, Condvar, Mutex};
 
-use super::image::{c_string, check, Cluster, ClusterKey};
+use super::image::{c_string, check, Cluster};
 use super::lib::{Api, Ioctx, ListCtx};
 use super::{errno, RbdError};
 
@@ -207,7 +207,7 @@ impl ObjectStore {
     /// its identity on this machine goes into the lock's cookie, so a lock left by a dead
     /// daemon of this machine for this disk can be recognised and broken.
     pub fn open(spec: &ObjectsSpec, owner: &std::path::Path) -> Result<Self, RbdError> {
-        let cluster = Cluster::get(ClusterKey::of(&spec.client))?;
+        let cluster = Cluster::get(&spec.client)?;
         let api = cluster.api;
         let pool = c_string("pool", &spec.pool)?;
         let namespace = c_string("namespace", &spec.namespace)?;
@@ -222,7 +222,12 @@ impl ObjectStore {
         });
         // SAFETY: `ioctx` was just created; the namespace is NUL-terminated (copied).
         unsafe { (api.rados_ioctx_set_namespace)(ioctx, namespace.as_ptr()) };
-        let cookie = format!("{}-{:x}", owner_tag(owner), rand_u64());
+        // Random, so no other process (of any host) ever holds the same cookie.
+        let random = crate::sys::random::bytes::<8>().map_err(|source| RbdError::Call {
+            call: "drawing a lock cookie".into(),
+            source,
+        })?;
+        let cookie = format!("{}-{:x}", owner_tag(owner), u64::from_le_bytes(random));
         let lock = Arc::new(Lock {
             pool: Arc::clone(&pool),
             object: c_string("object", &format!("{}.lock", spec.prefix))?,
@@ -580,19 +585,6 @@ fn owner_tag(owner: &std::path::Path) -> String {
     });
     let identity = format!("{machine}\0{}\0{dev}\0{ino}", path.display());
     format!("{:08x}", crc32c::crc32c(identity.as_bytes()))
-}
-
-/// A per-process random number for the lock cookie.
-fn rand_u64() -> u64 {
-    let mut bytes = [0u8; 8];
-    // SAFETY: getrandom writes at most `len` bytes into the buffer.
-    let got = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
-    if got != 8 {
-        return std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.subsec_nanos().into());
-    }
-    u64::from_le_bytes(bytes)
 }
 
 #[cfg(test)]
