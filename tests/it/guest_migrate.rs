@@ -153,22 +153,15 @@ fn assert_refused(image: &Path) {
 
 /// Waits until the guest's console shows `count` more progress lines than `from` had.
 pub(crate) fn wait_progress(guest: &mut Qemu, count: usize, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(180);
     let progress = |c: &str| c.matches(": round ").count();
     let start = progress(&guest.console());
-    loop {
-        let console = guest.console();
+    guest.wait_console(what, Duration::from_secs(180), |console| {
         assert!(
             !console.contains("MISMATCH") && !console.contains("failed"),
             "{what}: the guest failed:\n{console}"
         );
-        if progress(&console) >= start + count {
-            return;
-        }
-        assert!(!guest.exited(), "{what}: the guest stopped:\n{console}");
-        assert!(Instant::now() < deadline, "{what}: no progress:\n{console}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
+        progress(console) >= start + count
+    });
 }
 
 /// A guest writing its disk on `source` (once it is under way), and a QEMU waiting for it on

@@ -12,6 +12,7 @@
 
 use std::time::{Duration, Instant};
 
+use crate::common::control::nic_bytes;
 use crate::common::daemon::Daemon;
 use crate::common::guest::{boot, vhost_user_blk_reconnect};
 use crate::common::writers::{completed_on, stop_writers_in};
@@ -136,16 +137,11 @@ fn wait_delivered(
     guest: &std::thread::JoinHandle<crate::common::guest::GuestRun>,
 ) {
     let deadline = Instant::now() + Duration::from_secs(170);
-    while delivered_to(daemon, id) < bytes {
+    while nic_bytes(daemon, id, "rx_bytes") < bytes {
         assert!(!guest.is_finished(), "the guest stopped before the kill");
         assert!(Instant::now() < deadline, "the transfer never got going");
         std::thread::sleep(Duration::from_millis(20));
     }
-}
-
-/// Bytes this daemon process delivered to the guest's NIC `id`.
-fn delivered_to(daemon: &Daemon, id: &str) -> u64 {
-    crate::common::control::nic_bytes(daemon, id, "rx_bytes")
 }
 
 #[test]
@@ -197,7 +193,7 @@ fn a_download_over_a_tap_survives_a_kill_9_of_the_daemon() {
     );
     assert!(run.console.contains("transfer after restart ok"));
     assert!(
-        delivered_to(&daemon, "n0") > 0,
+        nic_bytes(&daemon, "n0", "rx_bytes") > 0,
         "the restarted daemon carried the rest"
     );
     eprintln!("download finished {:?} after the kill", killed_at.elapsed());
@@ -312,7 +308,7 @@ fn a_transfer_between_two_guests_on_a_switch_survives_a_kill_9_of_the_daemon() {
     let server = server.join().unwrap();
     client.assert_downloaded_from(&server, "the transfer across the restart");
     assert!(
-        delivered_to(&daemon, "b") > 0,
+        nic_bytes(&daemon, "b", "rx_bytes") > 0,
         "the restarted switch carried the rest"
     );
 }

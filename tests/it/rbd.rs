@@ -28,19 +28,17 @@ fn libblkio_random_writes_flush_read_back_rbd() {
     let written = crate::blkio_frontend::random_writes_flush_read_back(&daemon, 2, 64 * MIB);
     // A second device on the same image is refused (two guests would write it in turn).
     let mut ctl = Control::connect(&daemon.path("control.sock"));
-    let mut second = json!({"type": "blk", "socket": daemon.path("e.sock")});
-    for option in ceph.disk(&image).split(',') {
-        let (key, value) = option.split_once('=').unwrap();
-        second[key] = json!(value);
-    }
-    assert_eq!(ctl.error_kind("device.add", second.clone()), "exists");
+    let add = |image: &str| {
+        let mut params = json!({"type": "blk", "id": "e", "socket": daemon.path("e.sock")});
+        for option in ceph.disk(image).split(',') {
+            let (key, value) = option.split_once('=').unwrap();
+            params[key] = json!(value);
+        }
+        params
+    };
+    assert_eq!(ctl.error_kind("device.add", add(&image)), "exists");
     // Added at run time (connected off the control thread, answered later), it serves.
-    let other = ceph.new_image("runtime", 16);
-    for option in ceph.disk(&other).split(',') {
-        let (key, value) = option.split_once('=').unwrap();
-        second[key] = json!(value);
-    }
-    second["id"] = json!("e");
+    let second = add(&ceph.new_image("runtime", 16));
     let added = ctl.call("device.add", second).unwrap();
     assert_eq!(added["engine"], "rbd", "{added}");
     assert_eq!(added["size"], 16 * MIB, "{added}");
@@ -167,12 +165,9 @@ fn an_rbd_disk_grows_under_a_running_guest() {
         "guest",
         None,
     );
-    let deadline = Instant::now() + Duration::from_secs(180);
-    while !guest.console().contains("waiting-for-resize") {
-        assert!(!guest.exited(), "the guest stopped:\n{}", guest.console());
-        assert!(Instant::now() < deadline, "{}", guest.console());
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    guest.wait_console("the guest's first size", Duration::from_secs(180), |c| {
+        c.contains("waiting-for-resize")
+    });
     let mut ctl = Control::connect(&daemon.path("control.sock"));
     let shrink = ctl.call("device.resize", json!({"id": "vda", "size": "32M"}));
     assert!(shrink.is_err(), "a shrink was accepted: {shrink:?}");

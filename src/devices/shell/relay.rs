@@ -608,6 +608,43 @@ mod tests {
     }
 
     #[test]
+    fn send_rarp_announces_the_mac_here_and_is_acknowledged() {
+        let (mut qemu, front) = UnixStream::pair().unwrap();
+        let (back, mut handler) = UnixStream::pair().unwrap();
+        let (heard, macs) = std::sync::mpsc::channel();
+        let relay = std::thread::spawn(move || {
+            let announce = move |mac| heard.send(mac).unwrap();
+            relay(front, back, |_| {}, None, &DirtyLog::default(), &announce)
+        });
+        let mac = [0x52, 0x54, 0, 0, 2, 0x0b];
+        let mut payload = mac.to_vec();
+        payload.extend_from_slice(&[0, 0]);
+        qemu.write_all(&raw(SEND_RARP, VERSION_1 | FLAG_NEED_REPLY, &payload))
+            .unwrap();
+        let ack = read_message(&mut qemu).unwrap().unwrap();
+        assert_eq!(ack.request(), SEND_RARP);
+        // Announced before the acknowledgement went out.
+        assert_eq!(macs.try_recv().ok(), Some(mac));
+        // A short payload announces nothing (and is still answered); the handler, which
+        // refuses SEND_RARP, never sees either.
+        qemu.write_all(&raw(SEND_RARP, VERSION_1 | FLAG_NEED_REPLY, &[1, 2]))
+            .unwrap();
+        assert_eq!(
+            read_message(&mut qemu).unwrap().unwrap().request(),
+            SEND_RARP
+        );
+        qemu.write_all(&raw(GET_VRING_BASE, VERSION_1, &[0; 8]))
+            .unwrap();
+        assert_eq!(
+            read_message(&mut handler).unwrap().unwrap().request(),
+            GET_VRING_BASE
+        );
+        drop(qemu);
+        relay.join().unwrap().unwrap();
+        assert!(macs.try_recv().is_err(), "a short payload was announced");
+    }
+
+    #[test]
     fn a_front_end_cannot_grow_the_relays_state() {
         let (mut qemu, front) = UnixStream::pair().unwrap();
         let (back, _handler) = UnixStream::pair().unwrap();

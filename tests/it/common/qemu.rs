@@ -83,6 +83,26 @@ impl Qemu {
         std::fs::read_to_string(&self.console).unwrap_or_default()
     }
 
+    /// Polls the console until `done(console)` holds (returns that console); panics with the
+    /// console when QEMU exits first or `within` passes. `what` names the wait.
+    pub fn wait_console(
+        &mut self,
+        what: &str,
+        within: Duration,
+        mut done: impl FnMut(&str) -> bool,
+    ) -> String {
+        let deadline = Instant::now() + within;
+        loop {
+            let console = self.console();
+            if done(&console) {
+                return console;
+            }
+            assert!(!self.exited(), "{what}: the guest stopped:\n{console}");
+            assert!(Instant::now() < deadline, "{what}: timed out:\n{console}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// Whether QEMU has exited.
     pub fn exited(&mut self) -> bool {
         self.exit_status().is_some()
