@@ -183,18 +183,11 @@ impl NetShared {
             );
             return;
         }
-        {
-            // QEMU announces a handful of times over a second or so; more is a flood.
-            let mut window = lock(&self.announced);
-            if window.0.elapsed() >= std::time::Duration::from_secs(1) {
-                *window = (std::time::Instant::now(), 0);
-            }
-            if window.1 >= MAX_ANNOUNCES_PER_SECOND {
-                self.stats
-                    .dropped(super::stats::Direction::Tx, super::stats::Drop::Throttled);
-                return;
-            }
-            window.1 = window.1.saturating_add(1);
+        // QEMU announces a handful of times over a second or so; more is a flood.
+        if !admit_announcement(&mut lock(&self.announced), std::time::Instant::now()) {
+            self.stats
+                .dropped(super::stats::Direction::Tx, super::stats::Drop::Throttled);
+            return;
         }
         let frame = super::announce::rarp(mac);
         if let Some((hub, port)) = &self.port {
@@ -231,5 +224,42 @@ impl NetShared {
                     .unwrap_or_else(std::sync::PoisonError::into_inner) = target;
             }
         }
+    }
+}
+
+/// Whether one more announcement fits `window` (its start and how many it has let through)
+/// at `now`: at most [`MAX_ANNOUNCES_PER_SECOND`] per window of a second.
+fn admit_announcement(window: &mut (std::time::Instant, u32), now: std::time::Instant) -> bool {
+    if now.saturating_duration_since(window.0) >= std::time::Duration::from_secs(1) {
+        *window = (now, 0);
+    }
+    if window.1 >= MAX_ANNOUNCES_PER_SECOND {
+        return false;
+    }
+    window.1 = window.1.saturating_add(1);
+    true
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn at_most_eight_announcements_a_second() {
+        let start = Instant::now();
+        let mut window = (start, 0);
+        let admitted = (0..9)
+            .filter(|_| admit_announcement(&mut window, start))
+            .count();
+        assert_eq!(admitted, 8);
+        assert!(!admit_announcement(
+            &mut window,
+            start + Duration::from_millis(999)
+        ));
+        assert!(admit_announcement(
+            &mut window,
+            start + Duration::from_secs(1)
+        ));
     }
 }
