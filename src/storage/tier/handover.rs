@@ -68,17 +68,19 @@ impl TierStore {
         self.cold.unlock();
     }
 
-    /// Takes the tier: replays the journal (the one the other side of a migration left, or
-    /// the last run's at start-up), runs the start-up check, locks the cold file, and moves
-    /// extents again.
+    /// Takes the tier at a migration's switchover: replays the journal the other side left,
+    /// runs the start-up check, locks the cold tier and moves extents again. It runs on a
+    /// queue's path, so it never waits for a lock: a tier still held elsewhere is an error
+    /// now, and the next request tries again.
     pub fn activate(&self) -> Result<(), TierError> {
+        self.activate_within(std::time::Duration::ZERO)
+    }
+
+    /// Like [`TierStore::activate`], waiting up to `wait` for another holder of the cold
+    /// tier's lock to let go (at start-up: a RADOS lock a crashed predecessor on another
+    /// machine left expires within its duration).
+    pub(super) fn activate_within(&self, wait: std::time::Duration) -> Result<(), TierError> {
         let mut active = self.active.write().unwrap_or_else(PoisonError::into_inner);
-        // A RADOS lock a crashed predecessor left expires within its duration.
-        let wait = std::time::Duration::from_secs(
-            crate::storage::rbd::objects::LOCK_SECONDS
-                .unsigned_abs()
-                .saturating_add(5),
-        );
         match self.cold.lock_within(wait) {
             Ok(true) => {}
             Ok(false) => {

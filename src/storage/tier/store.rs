@@ -273,7 +273,13 @@ impl TierStore {
         level: i32,
     ) -> Result<Self, TierError> {
         let store = Self::open_inactive(hot, journal, cold, capacity, extent_size, level);
-        store.activate()?;
+        // At start-up only: wait out a RADOS lock a crashed daemon elsewhere left.
+        let wait = std::time::Duration::from_secs(
+            crate::storage::rbd::objects::LOCK_SECONDS
+                .unsigned_abs()
+                .saturating_add(5),
+        );
+        store.activate_within(wait)?;
         Ok(store)
     }
 
