@@ -10,4 +10,5 @@ cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 python3 scripts/check-imports.py
 bash scripts/build-guest.sh target/guest >/dev/null
+bash scripts/migration-qemu.sh target/qemu-migration
 cargo test --locked --workspace --all-targets --features novacron/test-hooks

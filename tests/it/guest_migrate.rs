@@ -323,15 +323,11 @@ fn a_cancelled_migration_leaves_the_source_running_and_correct() {
 }
 
 #[test]
-#[ignore = "issue 12, open: under load the migrated guest's RAM differs from the source's \
-            and its kernel may crash (see the README); run with --ignored"]
 fn a_guest_downloading_from_another_over_the_switch_migrates_mid_transfer() {
     migrate_switch_transfer(Phase::Download);
 }
 
 #[test]
-#[ignore = "issue 12, open: under load the migrated guest's RAM differs from the source's \
-            and its kernel may crash (see the README); run with --ignored"]
 fn a_guest_uploading_to_another_over_the_switch_migrates_mid_transfer() {
     migrate_switch_transfer(Phase::Upload);
 }

@@ -1,5 +1,6 @@
 //! A guest whose QEMU runs in the background and is driven over QMP: live migration from one
-//! QEMU process to another.
+//! QEMU process to another. These guests run the migration QEMU
+//! ([`super::guest::migration_qemu`]).
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -9,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
 
-use super::guest::{qemu_command, GuestRun};
+use super::guest::{guest_command, migration_qemu, GuestRun};
 
 /// A QEMU process with a QMP socket, its console and its guest RAM in files.
 pub struct Qemu {
@@ -36,7 +37,7 @@ impl Qemu {
         let qmp = dir.join(format!("{tag}.qmp"));
         let console = dir.join(format!("{tag}.console"));
         let memory = dir.join(format!("{tag}.ram"));
-        let mut cmd = qemu_command(name, params, Some(&memory));
+        let mut cmd = guest_command(migration_qemu(), name, params, Some(&memory));
         cmd.args(["-serial", &format!("file:{}", console.display())])
             .args([
                 "-qmp",
@@ -50,7 +51,7 @@ impl Qemu {
         }
         let child = cmd
             .spawn()
-            .unwrap_or_else(|e| panic!("cannot run qemu-system-x86_64: {e}"));
+            .unwrap_or_else(|e| panic!("cannot run {:?}: {e}", cmd.get_program()));
         let qemu = Qemu {
             child,
             qmp,
@@ -187,27 +188,12 @@ pub struct Migrated {
     pub differing_pages: Vec<String>,
 }
 
-/// Differing pages tolerated by [`Migrated::assert_same_memory`]. QEMU 7.2 under TCG has been
-/// seen (once in many runs) to leave one page stale on the destination that no device
-/// writes: a guest user stack page, guest pointers on both sides. A backend that writes guest
-/// memory without logging it leaves every page it wrote near the switchover stale (the
-/// disk workload reads 4 x 256 KiB per round: dozens of pages), far above this.
-const QEMU_STALE_PAGES: usize = 2;
-
 impl Migrated {
-    /// Panics unless source and destination RAM were the same, byte for byte, but for at
-    /// most [`QEMU_STALE_PAGES`] pages (printed loudly: see the constant).
+    /// Panics unless source and destination RAM were the same, byte for byte (the first
+    /// differing pages' bytes are printed on stderr).
     pub fn assert_same_memory(&self) {
-        if !self.differing_pages.is_empty() {
-            eprintln!(
-                "WARNING: {} guest page(s) differ after the migration: {:?} (tolerated up to \
-                 {QEMU_STALE_PAGES}: QEMU TCG's own stale pages; the bytes are printed above)",
-                self.differing_pages.len(),
-                self.differing_pages
-            );
-        }
         assert!(
-            self.differing_pages.len() <= QEMU_STALE_PAGES,
+            self.differing_pages.is_empty(),
             "{} guest page(s) differ between source and destination after the migration \
              (first: {:?})",
             self.differing_pages.len(),
