@@ -13,7 +13,12 @@
 # any vhost-user backend that maps at most 8 regions (DPDK's own limit of 8 per table).
 #
 # Rows: novacrond with adaptive polling (the default), novacrond with poll=busy (a dedicated
-# core, like DPDK's), DPDK; each with the element's CPU use in cores over the run.
+# core, like DPDK's; busy queues are polled by one thread, `shell::group`), DPDK; each with
+# the element's CPU use in cores over the run and packets per CPU-second.
+#
+# Two loads: `fwd` (the loop above, through two ports) and `drain` (a testpmd `txonly`
+# front-end on one port; novacrond's port is alone on its switch and drops what it reads,
+# DPDK's net_vhost runs `rxonly`; the rate is what the front-end got into the ring).
 #
 # Usage: scripts/compare-dpdk.sh [ROUNDS=3] [SECONDS=6]
 set -euo pipefail
@@ -43,21 +48,28 @@ trap cleanup EXIT
 
 wait_socket() { for _ in $(seq 100); do [ -S "$1" ] && return 0; sleep 0.05; done; echo "no socket $1" >&2; exit 1; }
 
-start_element() { # which
+start_element() { # which load
     rm -f "$work"/*.sock
     if [ "$1" = novacrond ] || [ "$1" = busy ]; then
         poll=adaptive; [ "$1" = busy ] && poll=busy
+        second=(--net "socket=$work/b.sock,switch=cmp,mac=02:00:00:00:00:02,poll=$poll")
+        [ "$2" = drain ] && second=()
         # A log that runs away must never fill the disk: cap it at 100 MB.
         (ulimit -f 200000; exec taskset -c 1 "$novacrond" --log-level warn --control none \
             --net "socket=$work/a.sock,switch=cmp,mac=02:00:00:00:00:01,poll=$poll" \
-            --net "socket=$work/b.sock,switch=cmp,mac=02:00:00:00:00:02,poll=$poll" 2>>"$work/novacrond.log") &
+            "${second[@]}" 2>>"$work/novacrond.log") &
+    elif [ "$2" = drain ]; then
+        dpdk-testpmd --lcores '0@1,1@1' --no-pci --single-file-segments --file-prefix=nc-cmp-be \
+            --vdev "net_vhost0,iface=$work/a.sock,queues=1" \
+            -- --forward-mode=rxonly --auto-start --nb-cores=1 --stats-period=3600 >>"$work/dpdk-backend.log" 2>&1 &
     else
         dpdk-testpmd --lcores '0@1,1@1' --no-pci --single-file-segments --file-prefix=nc-cmp-be \
             --vdev "net_vhost0,iface=$work/a.sock,queues=1" --vdev "net_vhost1,iface=$work/b.sock,queues=1" \
             -- --forward-mode=io --auto-start --nb-cores=1 --stats-period=3600 >>"$work/dpdk-backend.log" 2>&1 &
     fi
     element_pid=$!
-    wait_socket "$work/a.sock"; wait_socket "$work/b.sock"
+    wait_socket "$work/a.sock"
+    [ "$2" = drain ] || wait_socket "$work/b.sock"
 }
 
 drive() { # frame size -> packets/s summed over both ports (median of the last readings)
@@ -69,22 +81,31 @@ drive() { # frame size -> packets/s summed over both ports (median of the last r
         | awk '/Rx-pps:/ { v[n++] = $2 } END { s = 0; c = 0; for (i = n - 2 * 3; i < n; i++) if (i >= 4) { s += v[i]; c++ } if (c) printf "%d\n", 2 * s / c; else print 0 }' || true
 }
 
+drain() { # frame size -> packets/s the txonly front-end got into the element's ring
+    timeout $((secs + 4)) dpdk-testpmd --lcores '0@0,1@0' --no-pci --single-file-segments --file-prefix=nc-cmp-fe \
+        --vdev "net_virtio_user0,path=$work/a.sock,queues=1,mac=02:00:00:00:00:01" \
+        -- --forward-mode=txonly --eth-peer=0,02:00:00:00:00:09 \
+        --auto-start --txpkts="$1" --stats-period=1 --nb-cores=1 2>&1 \
+        | awk '/Tx-pps:/ { v[n++] = $2 } END { s = 0; c = 0; for (i = n - 3; i < n; i++) if (i >= 2) { s += v[i]; c++ } if (c) printf "%d\n", s / c; else print 0 }' || true
+}
+
 median() { sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
 ratio() { awk -v n="$1" -v d="$2" 'BEGIN { if (d > 0) printf "%.3f", n / d; else print "-" }'; }
 
 # novacrond = adaptive polling (the default), busy = poll=busy on both ports, dpdk = net_vhost
 # (which busy-polls its core). "cpu" is the element's CPU use during the run, in cores.
-printf "%-6s %-10s %14s %6s %14s %8s\n" "frame" "element" "pps" "cpu" "dpdk pps" "ratio"
+printf "%-6s %-6s %-10s %12s %6s %12s %12s %7s\n" "load" "frame" "element" "pps" "cpu" "pkts/cpu-s" "dpdk pps" "ratio"
 hz=$(getconf CLK_TCK)
+for load in fwd drain; do
 for size in 64 1518; do
     for which in novacrond busy dpdk; do : > "$work/$which-$size"; : > "$work/$which-$size.cpu"; done
     for r in $(seq "$rounds"); do
         order="novacrond busy dpdk"; [ $((r % 2)) -eq 0 ] && order="dpdk busy novacrond"
         for which in $order; do
-            start_element "$which"
+            start_element "$which" "$load"
             before=$(cpu_ticks "$element_pid"); t0=$(date +%s.%N)
-            drive "$size" >> "$work/$which-$size"
+            if [ "$load" = drain ]; then drain "$size"; else drive "$size"; fi >> "$work/$which-$size"
             after=$(cpu_ticks "$element_pid"); t1=$(date +%s.%N)
             awk -v a="$after" -v b="$before" -v hz="$hz" -v t0="$t0" -v t1="$t1" \
                 'BEGIN { printf "%.2f\n", (a - b) / hz / (t1 - t0) }' >> "$work/$which-$size.cpu"
@@ -94,6 +115,8 @@ for size in 64 1518; do
     d=$(median < "$work/dpdk-$size")
     for which in novacrond busy dpdk; do
         p=$(median < "$work/$which-$size"); c=$(median < "$work/$which-$size.cpu")
-        printf "%-6s %-10s %14s %6s %14s %8s\n" "$size" "$which" "$p" "$c" "$d" "$(ratio "$p" "$d")"
+        per=$(awk -v p="$p" -v c="$c" 'BEGIN { if (c > 0) printf "%d", p / c; else print "-" }')
+        printf "%-6s %-6s %-10s %12s %6s %12s %12s %7s\n" "$load" "$size" "$which" "$p" "$c" "$per" "$d" "$(ratio "$p" "$d")"
     done
+done
 done

@@ -98,3 +98,51 @@ fn busy_polling_stays_within_its_budget() {
     // The device still serves at once.
     c.read(0, 8, 4096);
 }
+
+#[test]
+fn busy_switch_ports_are_polled_by_one_thread_within_their_budget() {
+    use crate::common::net::{ethernet, NetClient};
+    const A: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0x0a];
+    const B: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0x0b];
+    let daemon = Daemon::start(&[
+        "--net",
+        "socket={dir}/a.sock,switch=s,mac=52:54:00:00:00:0a,poll=busy,poll-budget=10",
+        "--net",
+        "socket={dir}/b.sock,switch=s,mac=52:54:00:00:00:0b,poll=busy,poll-budget=10",
+    ]);
+    let mut a = NetClient::connect(&daemon.path("a.sock"), 1, 0);
+    let mut b = NetClient::connect(&daemon.path("b.sock"), 1, 0);
+    a.post_rx(0, 64, 2048);
+    b.post_rx(0, 64, 2048);
+    // Both directions, a few rounds: the ports join the busy-poll group after their first
+    // frame, and frames keep flowing through it.
+    for round in 0..16u8 {
+        let there = ethernet(B, A, 0x0800, &[round; 60]);
+        a.send(0, &there);
+        assert_eq!(b.recv(0).frame, there);
+        let back = ethernet(A, B, 0x0800, &[round; 1400]);
+        b.send(0, &back);
+        assert_eq!(a.recv(0).frame, back);
+    }
+    // One thread polls both ports: named `busy-poll`, and the only one that does.
+    let names = daemon.thread_names();
+    assert_eq!(
+        names.iter().filter(|n| *n == "busy-poll").count(),
+        1,
+        "{names:?}"
+    );
+    // Idle now: the group polls on, but both ports stop at 10% of each second.
+    let spent = cpu_over(&daemon, Duration::from_secs(2));
+    assert!(
+        spent <= Duration::from_millis(600),
+        "busy polling used {spent:?} of CPU in 2 s with two ports at 10% each"
+    );
+    assert!(
+        spent >= Duration::from_millis(20),
+        "nothing polled: {spent:?}"
+    );
+    // Back on kicks, they still forward at once.
+    let late = ethernet(B, A, 0x0800, &[0xee; 60]);
+    a.send(0, &late);
+    assert_eq!(b.recv(0).frame, late);
+}

@@ -18,7 +18,7 @@ use super::rx::RxTarget;
 use super::shared::NetShared;
 use super::spec;
 use super::worker::{PairBackend, PairWorker};
-use crate::devices::shell::{Device, Event, SetupError, Worker, WorkerFd};
+use crate::devices::shell::{Device, Event, Pass, SetupError, Worker, WorkerFd};
 use crate::ring::dirty::DirtyLog;
 use crate::vring::{AtomicGuestMemory, CheckedVring};
 
@@ -157,6 +157,21 @@ impl Worker for PairWorker {
             fds.push((WorkerFd::Tap, fd));
         }
         fds
+    }
+
+    fn wants_group(&mut self) -> bool {
+        PairWorker::wants_group(self)
+    }
+
+    fn joined_group(&mut self) {
+        PairWorker::joined_group(self);
+    }
+
+    fn group_pass(&mut self, vrings: &[CheckedVring]) -> Pass {
+        match vrings.get(1) {
+            Some(tx) => PairWorker::group_pass(self, tx),
+            None => Pass::Leave,
+        }
     }
 
     fn stop_queue(&mut self, _position: usize) {

@@ -77,6 +77,16 @@ const TX_BURST: usize = MAX_BURST;
 /// Most frames read from the tap per burst of the rx ring.
 const RX_BURST: usize = 64;
 
+/// What one tx burst did.
+enum TxPass {
+    /// This many chains were taken.
+    Sent(usize),
+    /// QoS holds the ring (the timer resumes it).
+    Held,
+    /// The ring is stopped or broken (kicks are on for a broken one).
+    Stopped,
+}
+
 /// Where this pair's frames go.
 pub enum PairBackend {
     /// A tap queue (owned by the worker for the connection's lifetime).
@@ -114,6 +124,10 @@ pub struct PairWorker {
     poller: Poller,
     /// Wakes the worker's own event loop again between busy-polling spells.
     repoll: EventFd,
+    /// The busy-poll group polls the tx ring (`shell::group`): no spinning of our own.
+    in_group: bool,
+    /// When the group last looked at the tx ring (fruitless looks count against the budget).
+    last_look: Instant,
     /// QoS: the directions waiting for tokens (tx: a frame was put back in the ring; rx:
     /// frames wait in the tap) and the timer that wakes the worker for them.
     gate: Gate<Direction>,
@@ -147,6 +161,8 @@ impl PairWorker {
             gate,
             poller,
             repoll,
+            in_group: false,
+            last_look: Instant::now(),
         })
     }
 
@@ -229,8 +245,11 @@ impl PairWorker {
         self.refresh_features();
         match &self.backend {
             PairBackend::Tap(_) => self.receive_from_tap(rx),
-            // Other ports' threads fill a switch port's rx queue.
-            PairBackend::Switch { .. } => Ok(()),
+            // Other ports' threads fill a switch port's rx queue as they send, and drop what
+            // finds it full: a kick is news to no one. Ask the driver for no more (a polling
+            // driver refilling its ring otherwise kicks at every refill, and each kick wakes
+            // this thread for nothing).
+            PairBackend::Switch { .. } => Ok(rx.disable_notification()?),
         }
     }
 
@@ -431,53 +450,19 @@ impl PairWorker {
         self.poller.woke(started);
         let mut empty_passes = EmptyPasses::default();
         loop {
-            // One lock of the ring per pass.
-            let mut state = tx.get_mut();
-            if !state.get_queue().ready() || !state.is_enabled() {
-                return Ok(());
-            }
-            state.disable_notification()?;
-            // The avail index before the memory snapshot (see `Burst::up_to`).
-            let end = avail_index(state.get_queue(), &self.memory);
-            let memory = self.memory.memory();
-            let map = MemMap::new(&memory);
-            let dirty = Arc::clone(&self.log);
-            let served = Burst::bounded(state.get_queue_mut(), &map, end).map(|burst| {
-                let mut burst = burst.with_log(Some(&dirty));
-                let sent_held = self.tx_burst(&mut burst, &memory);
-                (sent_held, burst.finish())
-            });
-            let (sent, held) = match served {
-                Ok((sent_held, signal)) => {
-                    if signal {
-                        if let Err(e) = state.signal_used_queue() {
-                            log::debug!(
-                                "{} pair {}: tx notify failed: {e}",
-                                self.shared.config.id,
-                                self.pair
-                            );
-                        }
-                    }
-                    sent_held
-                }
-                Err(e) => {
-                    self.shared.stats.ring_error();
-                    log::debug!("{} pair {}: tx ring: {e}", self.shared.config.id, self.pair);
-                    // Kicks on: if the front-end fixes the ring, its next kick reaches us.
-                    state.enable_notification()?;
-                    return Ok(());
-                }
+            let sent = match self.tx_pass(tx)? {
+                TxPass::Sent(sent) => sent,
+                TxPass::Held | TxPass::Stopped => return Ok(()),
             };
-            drop(state);
-            if let Some(wait) = held {
-                self.hold(Direction::Tx, wait);
-                return Ok(());
-            }
             if sent == TX_BURST {
                 continue;
             }
             if empty_passes.stalled(sent) {
                 self.shared.stats.ring_error();
+                return Ok(());
+            }
+            if self.in_group {
+                // The busy-poll group looks at the ring from here; kicks stay off.
                 return Ok(());
             }
             // Poll for more (`devices::poll`): after sending in adaptive mode, always when busy.
@@ -487,6 +472,7 @@ impl PairWorker {
             let busy = self.poller.mode() == PollMode::Busy;
             let mut polled = Duration::ZERO;
             if !window.is_zero() && !spell_left.is_zero() && (sent > 0 || busy) {
+                let memory = self.memory.memory();
                 if self.poll_for_tx(tx, &memory, window.min(spell_left)) {
                     continue;
                 }
@@ -505,6 +491,105 @@ impl PairWorker {
                 return Ok(());
             }
         }
+    }
+
+    /// Busy mode, not yet polled by the busy-poll group, and within its poll budget.
+    pub fn wants_group(&mut self) -> bool {
+        self.poller.mode() == PollMode::Busy
+            && !self.in_group
+            && !self.poller.window(Instant::now()).is_zero()
+    }
+
+    /// The busy-poll group polls the tx ring from now on.
+    pub fn joined_group(&mut self) {
+        self.in_group = true;
+        self.last_look = Instant::now();
+    }
+
+    /// One look at the tx ring for the busy-poll group: a burst if the guest queued frames;
+    /// else the time since the last look counts against the poll budget, and once the budget
+    /// is spent the ring goes back to kicks.
+    pub fn group_pass(&mut self, tx: &CheckedVring) -> crate::devices::shell::Pass {
+        use crate::devices::shell::Pass;
+        if !self.in_group {
+            return Pass::Leave;
+        }
+        let now = Instant::now();
+        let since = now.saturating_duration_since(self.last_look);
+        self.last_look = now;
+        if has_available(tx, &self.memory.memory()) {
+            return match self.tx_pass(tx) {
+                Ok(TxPass::Sent(_)) => Pass::Worked,
+                Ok(TxPass::Held | TxPass::Stopped) => self.leave_group(),
+                Err(e) => {
+                    log::debug!("{} pair {}: tx: {e}", self.shared.config.id, self.pair);
+                    self.leave_group()
+                }
+            };
+        }
+        self.poller.missed(since);
+        if self.poller.window(now).is_zero() || !tx.get_ref().get_queue().ready() {
+            // Budget spent (or the queue stopped): back to kicks.
+            // Frames that came meanwhile keep it in the group (they were no fruitless look).
+            return match tx.enable_notification() {
+                Ok(true) => Pass::Worked,
+                Ok(false) | Err(_) => self.leave_group(),
+            };
+        }
+        Pass::Idle
+    }
+
+    fn leave_group(&mut self) -> crate::devices::shell::Pass {
+        self.in_group = false;
+        self.poller.sleeping(Instant::now(), Duration::ZERO);
+        crate::devices::shell::Pass::Leave
+    }
+
+    /// One burst from the tx ring (notifications off).
+    fn tx_pass(&mut self, tx: &CheckedVring) -> Result<TxPass, WorkerError> {
+        // One lock of the ring per pass.
+        let mut state = tx.get_mut();
+        if !state.get_queue().ready() || !state.is_enabled() {
+            return Ok(TxPass::Stopped);
+        }
+        state.disable_notification()?;
+        // The avail index before the memory snapshot (see `Burst::up_to`).
+        let end = avail_index(state.get_queue(), &self.memory);
+        let memory = self.memory.memory();
+        let map = MemMap::new(&memory);
+        let dirty = Arc::clone(&self.log);
+        let served = Burst::bounded(state.get_queue_mut(), &map, end).map(|burst| {
+            let mut burst = burst.with_log(Some(&dirty));
+            let sent_held = self.tx_burst(&mut burst, &memory);
+            (sent_held, burst.finish())
+        });
+        let (sent, held) = match served {
+            Ok((sent_held, signal)) => {
+                if signal {
+                    if let Err(e) = state.signal_used_queue() {
+                        log::debug!(
+                            "{} pair {}: tx notify failed: {e}",
+                            self.shared.config.id,
+                            self.pair
+                        );
+                    }
+                }
+                sent_held
+            }
+            Err(e) => {
+                self.shared.stats.ring_error();
+                log::debug!("{} pair {}: tx ring: {e}", self.shared.config.id, self.pair);
+                // Kicks on: if the front-end fixes the ring, its next kick reaches us.
+                state.enable_notification()?;
+                return Ok(TxPass::Stopped);
+            }
+        };
+        drop(state);
+        if let Some(wait) = held {
+            self.hold(Direction::Tx, wait);
+            return Ok(TxPass::Held);
+        }
+        Ok(TxPass::Sent(sent))
     }
 
     /// Spins (notifications off) until the guest queues more frames (true) or `window`

@@ -13,7 +13,7 @@ use crate::devices::net::fabric::{PortSink, SwitchHub};
 use crate::devices::net::shared::NetShared;
 use crate::devices::net::stats::NetStats;
 use crate::devices::net::switch::PortConfig;
-use crate::devices::shell::{Device, Event, Worker};
+use crate::devices::shell::{Device, Event, Pass, Worker};
 use crate::devices::testing::{memory, TestQueue};
 use crate::qos::config::{Family, QosConfig};
 use crate::qos::handle::QosHandle;
@@ -337,4 +337,52 @@ fn a_migrating_port_shares_its_mac_and_takes_its_traffic_when_it_announces() {
     // A front-end cannot announce a MAC that is not its device's.
     dest.shared.announce([0x52, 0x54, 0, 0, 0, 0x0b]);
     assert_eq!(got(&peer), at_peer + 1);
+}
+
+#[test]
+fn a_busy_port_in_the_poll_group_forwards_frames_posted_without_a_kick() {
+    let hub = Arc::new(SwitchHub::new("t"));
+    let mut a = Guest::try_attach(&hub, "a", 0x0a, 1, "", Arc::default(), ",poll=busy").unwrap();
+    let mut b = Guest::attach(&hub, "b", 0x0b, 1, "");
+    b.post_rx(0, 4);
+    let vrings = [a.queues[0].0.vring.clone(), a.queues[0].1.vring.clone()];
+    // The first frame comes with a kick; the worker then asks for the group.
+    let first = a.send(0, &frame(b.mac, a.mac, 1));
+    assert_eq!(a.queues[0].1.used(), vec![(first, 0)]);
+    assert!(
+        Worker::wants_group(&mut a.workers[0]),
+        "busy mode asks for the group"
+    );
+    Worker::joined_group(&mut a.workers[0]);
+    assert!(
+        !Worker::wants_group(&mut a.workers[0]),
+        "once a member, not again"
+    );
+    // Nothing queued: an idle look.
+    assert_eq!(Worker::group_pass(&mut a.workers[0], &vrings), Pass::Idle);
+    // A frame posted with no kick at all is forwarded by the group's next pass.
+    let at = a.alloc(12 + 64);
+    let sent = frame(b.mac, a.mac, 2);
+    a.mem.write_slice(&[0u8; 12], GuestAddress(at)).unwrap();
+    a.mem.write_slice(&sent, GuestAddress(at + 12)).unwrap();
+    let head = a.queues[0].1.post(&[(at, 12 + sent.len() as u32, false)]);
+    assert_eq!(Worker::group_pass(&mut a.workers[0], &vrings), Pass::Worked);
+    assert_eq!(
+        a.queues[0].1.used(),
+        vec![(first, 0), (head, 0)],
+        "tx chain returned"
+    );
+    assert_eq!(b.queues[0].0.used().len(), 2, "both frames reached b");
+    // A stopped queue leaves the group (kicks take over when it starts again).
+    a.queues[0]
+        .1
+        .vring
+        .get_mut()
+        .get_queue_mut()
+        .set_ready(false);
+    assert_eq!(Worker::group_pass(&mut a.workers[0], &vrings), Pass::Leave);
+    assert!(
+        Worker::wants_group(&mut a.workers[0]),
+        "a later event joins again"
+    );
 }

@@ -23,6 +23,7 @@ use vmm_sys_util::event::{
 };
 
 use super::device::{Device, Event, SetupError, Worker, WorkerFd};
+use super::group::Pass;
 use crate::lock::lock;
 use crate::ring::dirty::{DirtyLog, VHOST_F_LOG_ALL};
 use crate::vring::{AtomicGuestMemory, CheckedVring};
@@ -120,6 +121,8 @@ pub struct DeviceBackend<D: Device> {
     log: Arc<DirtyLog>,
     /// The connection's vrings (for the used-ring mark at a queue stop).
     vrings: std::sync::OnceLock<Vec<CheckedVring>>,
+    /// This backend, for the busy-poll group's members (which must not keep it alive).
+    this: std::sync::OnceLock<std::sync::Weak<Self>>,
 }
 
 impl<D: Device> DeviceBackend<D> {
@@ -143,7 +146,56 @@ impl<D: Device> DeviceBackend<D> {
             memory_owner: crate::sys::sigbus::new_owner(),
             log,
             vrings: std::sync::OnceLock::new(),
+            this: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Gives the backend its own handle (once it is in an `Arc`), so workers can join the
+    /// busy-poll group.
+    pub fn set_this(self: &Arc<Self>) {
+        let _ = self.this.set(Arc::downgrade(self));
+    }
+
+    /// Puts worker `thread` (locked: `worker`) in the busy-poll group if it asks to be.
+    fn join_group(&self, thread: usize, worker: &mut D::Worker) {
+        if !worker.wants_group() {
+            return;
+        }
+        let Some(this) = self.this.get().cloned() else {
+            return;
+        };
+        // The member holds the backend weakly: a connection that ends leaves the group at
+        // its next pass. (If it ends during a pass, the backend is dropped on the group
+        // thread, which runs under the same filter as the queue threads.)
+        let joined = super::group::join(Box::new(move || match this.upgrade() {
+            Some(backend) => backend.group_pass(thread),
+            None => Pass::Leave,
+        }));
+        if joined {
+            worker.joined_group();
+        }
+    }
+
+    /// One pass of worker `thread` for the busy-poll group; skipped while its own thread
+    /// (an event, a queue stop) holds it.
+    fn group_pass(&self, thread: usize) -> Pass {
+        let Some(slot) = self.workers.get(thread) else {
+            return Pass::Leave;
+        };
+        let mut guard = match slot.try_lock() {
+            Ok(guard) => guard,
+            Err(std::sync::TryLockError::WouldBlock) => return Pass::Idle,
+            Err(std::sync::TryLockError::Poisoned(_)) => return Pass::Leave,
+        };
+        let (Some(worker), Some(vrings)) = (guard.as_mut(), self.vrings.get()) else {
+            return Pass::Leave;
+        };
+        let per = self.device.queues_per_worker();
+        let first = thread.saturating_mul(per);
+        match vrings.get(first..first.saturating_add(per)) {
+            Some(own) => worker.group_pass(own),
+            None => Pass::Leave,
+        }
     }
 
     /// Records the connection's vrings (once, when they are created) and tells the device.
@@ -359,6 +411,7 @@ impl<D: Device> VhostUserBackend for DeviceBackend<D> {
         if let Err(e) = worker.handle(event, vrings) {
             log::error!("{}: worker {thread_id}: {e}", self.device.id());
         }
+        self.join_group(thread_id, worker);
         Ok(())
     }
 }

@@ -17,6 +17,7 @@ use std::sync::Arc;
 
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 
+use super::group::Pass;
 use crate::ring::dirty::DirtyLog;
 use crate::vring::{AtomicGuestMemory, CheckedVring};
 
@@ -89,6 +90,21 @@ pub trait Worker: Send + 'static {
     /// The front-end stops the worker's queue at `position` (GET_VRING_BASE): nothing may be
     /// written into that ring afterwards, so finish what is in flight.
     fn stop_queue(&mut self, _position: usize) {}
+
+    /// Whether the busy-poll group ([`super::group`]) should poll this worker's queues from
+    /// now on (busy mode, not a member yet). Asked after each event, under the worker's lock.
+    fn wants_group(&mut self) -> bool {
+        false
+    }
+
+    /// The group polls this worker now: leave notifications off and stop spinning alone.
+    fn joined_group(&mut self) {}
+
+    /// One pass for the busy-poll group: serve what the queues hold, never block or spin.
+    /// [`Pass::Leave`] hands the queues back to kicks (notifications on).
+    fn group_pass(&mut self, _vrings: &[CheckedVring]) -> Pass {
+        Pass::Leave
+    }
 }
 
 /// A device kind, as the vhost-user shell sees it.

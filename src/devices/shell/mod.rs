@@ -13,15 +13,18 @@
 //! - [`runner`]: the socket's life (listen, accept, reconnect, stop);
 //! - [`relay`]: the vhost-user message relay in front of the crate's handler;
 //! - [`channel`]: the backend-request channel a device sends its own messages on;
+//! - [`group`]: the busy-poll thread that polls every `poll=busy` queue in turn;
 //! - [`checks`]: what the relay checks in a front-end's messages (memory files, eventfds).
 
 pub mod backend;
 pub mod channel;
 pub mod checks;
 pub mod device;
+pub mod group;
 pub mod inflight;
 pub mod relay;
 pub mod runner;
 
 pub use backend::read_config_window;
 pub use device::{Device, Event, SetupError, Worker, WorkerFd};
+pub use group::Pass;

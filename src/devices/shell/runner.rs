@@ -257,6 +257,7 @@ fn serve_connection<D: Device>(
 ) -> Result<(), Box<dyn std::error::Error + Send + Sync>> {
     let memory = GuestMemoryAtomic::new(GuestMemoryMmap::<()>::new());
     let backend = Arc::new(DeviceBackend::new(Arc::clone(device), memory.clone())?);
+    backend.set_this();
     let (daemon, vrings) =
         collect_created(|| VhostUserDaemon::new(id.to_string(), Arc::clone(&backend), memory));
     // Declared after `backend`, so dropped before it on every path: the crate's handlers go

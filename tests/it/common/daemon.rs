@@ -221,6 +221,16 @@ impl Daemon {
             .count()
     }
 
+    /// The names of the daemon's threads.
+    pub fn thread_names(&self) -> Vec<String> {
+        let pid = self.child.as_ref().expect("child").id();
+        std::fs::read_dir(format!("/proc/{pid}/task"))
+            .expect("proc task")
+            .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("comm")).ok())
+            .map(|name| name.trim().to_string())
+            .collect()
+    }
+
     /// User + system CPU time the daemon has used.
     pub fn cpu_time(&self) -> std::time::Duration {
         let pid = self.child.as_ref().expect("child").id();
