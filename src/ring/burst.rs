@@ -39,6 +39,9 @@ pub struct Burst<'q, 'a, 'm> {
     log: Option<&'a DirtyLog>,
 }
 
+/// How many chains ahead of the one being served a burst asks the CPU to fetch buffers.
+pub const PREFETCH_AHEAD: u16 = 4;
+
 impl<'q, 'a, 'm> Burst<'q, 'a, 'm> {
     /// Starts a burst on `queue` through `map`.
     pub fn new(queue: &'q mut Queue, map: &'a MemMap<'m>) -> Result<Self, RingError> {
@@ -64,6 +67,11 @@ impl<'q, 'a, 'm> Burst<'q, 'a, 'm> {
     pub fn with_log(mut self, log: Option<&'a DirtyLog>) -> Self {
         self.log = log;
         self
+    }
+
+    /// The memory map the burst translates through (for the caller's own copies).
+    pub fn map(&self) -> &'a MemMap<'m> {
+        self.ring.map()
     }
 
     /// The dirty-page log this burst marks.
@@ -147,6 +155,23 @@ impl<'q, 'a, 'm> Burst<'q, 'a, 'm> {
         let head = self.ring.head(self.next_avail.0);
         self.next_avail += Wrapping(1);
         Ok(Some((head, self.ring.chain(head, out))))
+    }
+
+    /// Hints the CPU to fetch the first buffers of the next [`PREFETCH_AHEAD`] chains (at
+    /// the start of a burst; then [`Burst::prefetch`] one more before each chain).
+    pub fn prefetch_first(&self, write: bool) {
+        for ahead in 0..PREFETCH_AHEAD {
+            self.prefetch(ahead, write);
+        }
+    }
+
+    /// Hints the CPU to fetch the first buffer of the chain `ahead` positions past the next
+    /// one, if the driver published it (see [`SplitRing::prefetch`]).
+    pub fn prefetch(&self, ahead: u16, write: bool) {
+        if ahead < (self.avail_end - self.next_avail).0 {
+            self.ring
+                .prefetch((self.next_avail + Wrapping(ahead)).0, write);
+        }
     }
 
     /// Puts the last `count` chains taken back (they will be taken again); never further

@@ -77,6 +77,34 @@ impl<'m> MemMap<'m> {
         None
     }
 
+    /// Copies guest bytes `gpa..gpa+dst.len()` into `dst`; false (nothing copied) unless
+    /// they lie in one mapped region.
+    #[inline]
+    pub fn read(&self, gpa: u64, dst: &mut [u8]) -> bool {
+        let Some(src) = self.host(gpa, dst.len() as u64) else {
+            return false;
+        };
+        // SAFETY: `host` checked that `dst.len()` bytes from `src` lie inside one region
+        // mapped for as long as the memory snapshot this map borrows; `dst` is our own
+        // memory, never guest memory, so the two cannot overlap. The guest may change the
+        // bytes meanwhile: the caller gets some value of each byte and checks what it got.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst.as_mut_ptr(), dst.len()) };
+        true
+    }
+
+    /// Writes `src` into guest bytes `gpa..gpa+src.len()`; false (nothing written) unless
+    /// they lie in one mapped region.
+    #[inline]
+    pub fn write(&self, gpa: u64, src: &[u8]) -> bool {
+        let Some(dst) = self.host(gpa, src.len() as u64) else {
+            return false;
+        };
+        // SAFETY: as in `read`, with the roles swapped: `dst` is inside one mapped region,
+        // `src` is our own memory.
+        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), dst.as_ptr(), src.len()) };
+        true
+    }
+
     #[inline]
     fn inside(r: &Region, gpa: u64, len: u64) -> Option<NonNull<u8>> {
         let offset = gpa.checked_sub(r.start)?;
@@ -94,6 +122,25 @@ impl<'m> MemMap<'m> {
         // length), so the result stays inside one allocation and is not null.
         Some(unsafe { NonNull::new_unchecked(r.host.as_ptr().add(offset)) })
     }
+}
+
+/// Copies `len` guest bytes from `src` (in `from`'s memory) to `dst` (in `to`'s), guest memory
+/// to guest memory with one `memmove`; false (nothing copied) unless each range lies in one
+/// mapped region.
+#[inline]
+pub fn copy(from: &MemMap<'_>, src: u64, to: &MemMap<'_>, dst: u64, len: u64) -> bool {
+    let (Some(a), Some(b), Ok(count)) =
+        (from.host(src, len), to.host(dst, len), usize::try_from(len))
+    else {
+        return false;
+    };
+    // SAFETY: `host` checked both ranges lie inside regions mapped for as long as the two
+    // memory snapshots the maps borrow. They may overlap (two NICs of one guest on one
+    // switch, a hostile guest pointing one's rx buffer at the other's tx frame): `ptr::copy`
+    // is a memmove. The guest may change the bytes meanwhile, which changes only what the
+    // receiver gets.
+    unsafe { std::ptr::copy(a.as_ptr(), b.as_ptr(), count) };
+    true
 }
 
 #[cfg(test)]
@@ -126,5 +173,42 @@ mod tests {
             mem.get_host_address(GuestAddress(0x10800)).unwrap() as usize
         );
         assert!(map.host(0x10, 0).is_some());
+    }
+
+    #[test]
+    fn reads_writes_and_copies_stay_inside_one_region() {
+        use vm_memory::Bytes;
+        let mem =
+            GuestMemory::from_ranges(&[(GuestAddress(0), 0x1000), (GuestAddress(0x1000), 0x1000)])
+                .unwrap();
+        let map = MemMap::new(&mem);
+        assert!(map.write(0x10, b"hello"));
+        let mut got = [0u8; 5];
+        assert!(map.read(0x10, &mut got));
+        assert_eq!(&got, b"hello");
+        assert!(!map.write(0xffe, b"xyz"), "crosses two regions");
+        assert!(!map.read(0x1ffe, &mut got), "past the end");
+        let mut back = [0u8; 3];
+        mem.read_slice(&mut back, GuestAddress(0xffe)).unwrap();
+        assert_eq!(back, [0, 0, 0], "a refused write writes nothing");
+        // Guest to guest, overlapping ranges included (memmove).
+        assert!(copy(&map, 0x10, &map, 0x12, 5));
+        let mut moved = [0u8; 7];
+        mem.read_slice(&mut moved, GuestAddress(0x10)).unwrap();
+        assert_eq!(&moved, b"hehello");
+        let other = GuestMemory::from_ranges(&[(GuestAddress(0), 0x1000)]).unwrap();
+        let other_map = MemMap::new(&other);
+        assert!(copy(&map, 0x12, &other_map, 0x100, 5));
+        let mut there = [0u8; 5];
+        other.read_slice(&mut there, GuestAddress(0x100)).unwrap();
+        assert_eq!(&there, b"hello");
+        assert!(
+            !copy(&map, 0xffe, &other_map, 0, 4),
+            "source crosses regions"
+        );
+        assert!(
+            !copy(&map, 0, &other_map, 0xffe, 4),
+            "destination past the end"
+        );
     }
 }

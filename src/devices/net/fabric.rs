@@ -28,7 +28,7 @@ use smallvec::SmallVec;
 
 use super::frame::FrameRef;
 use super::rx::RxTarget;
-use super::stats::{Direction, Drop, NetStats};
+use super::stats::{Direction, Drop, NetStats, Tally};
 use super::switch::{Forward, Mac, PortConfig, Switch};
 use super::tap_queue::TapQueue;
 use crate::lock::lock;
@@ -81,13 +81,31 @@ impl Port {
     /// port and in `hub`, deliveries in `hub`.
     fn deliver_burst(&self, frames: &[FrameRef<'_>], picks: &[u16], hash: usize, hub: &NetStats) {
         let len = |i: u16| frames.get(usize::from(i)).map_or(0, |f| u64::from(f.len()));
+        // The hub's deliveries are added once for the burst (see `NetStats::sent_tally`).
+        let delivered = std::cell::Cell::new(Tally::default());
         let outcome = |_: u16, bytes: u64, result: Result<(), Drop>| match result {
-            Ok(()) => hub.received(bytes),
+            Ok(()) => {
+                let mut tally = delivered.get();
+                tally.add(bytes);
+                delivered.set(tally);
+            }
             Err(reason) => {
                 self.stats.dropped(Direction::Rx, reason);
                 hub.dropped(Direction::Rx, reason);
             }
         };
+        self.deliver_counted(frames, picks, hash, len, outcome);
+        hub.received_tally(delivered.get());
+    }
+
+    fn deliver_counted(
+        &self,
+        frames: &[FrameRef<'_>],
+        picks: &[u16],
+        hash: usize,
+        len: impl Fn(u16) -> u64,
+        outcome: impl Fn(u16, u64, Result<(), Drop>),
+    ) {
         match &self.sink {
             PortSink::Guest(target) => {
                 // Delivered under the read guard (only queue start/stop write it): no reference
@@ -308,9 +326,10 @@ impl SwitchHub {
         // (port, frame) pairs, sorted by port; the sort is stable, so each port gets its
         // frames in the order they were sent.
         let mut pairs: SmallVec<[(u32, u16); MAX_BURST]> = SmallVec::new();
+        let mut sent = Tally::default();
         for (i, (frame, decision)) in frames.iter().zip(&decisions).enumerate() {
             let i = u16::try_from(i).unwrap_or(u16::MAX);
-            self.stats.sent(u64::from(frame.len()));
+            sent.add(u64::from(frame.len()));
             match decision {
                 Forward::Drop(reason) => {
                     self.stats.dropped(Direction::Tx, Drop::Switch(*reason));
@@ -320,6 +339,7 @@ impl SwitchHub {
                 Forward::Flood(list) => pairs.extend(list.iter().map(|p| (*p, i))),
             }
         }
+        self.stats.sent_tally(sent);
         pairs.sort_by_key(|&(port, _)| port);
         // Delivered under the ports' read lock (only attach/detach write it): no reference
         // counting per frame.

@@ -20,6 +20,7 @@ use super::stats::Drop;
 use crate::devices::desc::Buffer;
 use crate::devices::sg::{read_stream, SgError};
 pub use crate::devices::sg::{Span, Spans, MAX_IOVECS};
+use crate::ring::map::MemMap;
 use crate::vring::GuestMemory;
 
 impl From<SgError> for Drop {
@@ -61,6 +62,8 @@ pub enum FrameRef<'a> {
     Guest {
         /// The sender's memory.
         memory: &'a GuestMemory,
+        /// The sender's burst map of that memory, for copies without a region search.
+        map: Option<&'a MemMap<'a>>,
         /// The chain.
         spans: &'a [Span],
         /// The checked header (our copy).
@@ -106,9 +109,23 @@ impl FrameRef<'_> {
             FrameRef::Guest {
                 eth: Some(checked), ..
             } => eth = *checked,
-            FrameRef::Guest { memory, spans, .. } => {
-                // A frame shorter than 14 bytes leaves zeros; the switch refuses it by length.
-                let _ = read_stream(memory, spans, HEADER_LEN as u64, &mut eth);
+            FrameRef::Guest {
+                memory, map, spans, ..
+            } => {
+                // The usual chain: header and Ethernet header in its first buffer.
+                let first = spans
+                    .first()
+                    .filter(|s| s.len as usize >= HEADER_LEN.saturating_add(eth.len()))
+                    .and_then(|s| s.addr.checked_add(HEADER_LEN as u64));
+                let mapped = match (map, first) {
+                    (Some(map), Some(at)) => map.read(at.raw_value(), &mut eth),
+                    _ => false,
+                };
+                if !mapped {
+                    // A frame shorter than 14 bytes leaves zeros; the switch refuses it by
+                    // length.
+                    let _ = read_stream(memory, spans, HEADER_LEN as u64, &mut eth);
+                }
             }
             FrameRef::Bytes { frame, .. } => {
                 for (dst, src) in eth.iter_mut().zip(frame.iter()) {
@@ -124,12 +141,14 @@ impl FrameRef<'_> {
         match self {
             FrameRef::Guest {
                 memory,
+                map,
                 spans,
                 header,
                 frame_len,
                 ..
             } => FrameRef::Guest {
                 memory,
+                map,
                 spans,
                 header,
                 frame_len,
@@ -175,10 +194,20 @@ impl FrameRef<'_> {
 
 /// Checks a transmit chain for a link with `mtu`.
 pub fn tx_frame(mem: &GuestMemory, buffers: &[Buffer], mtu: u16) -> Result<TxFrame, Drop> {
+    tx_frame_in(mem, &MemMap::new(mem), buffers, mtu)
+}
+
+/// [`tx_frame`] through `map`, a burst's map of `mem` (no region search per buffer).
+pub fn tx_frame_in(
+    mem: &GuestMemory,
+    map: &MemMap<'_>,
+    buffers: &[Buffer],
+    mtu: u16,
+) -> Result<TxFrame, Drop> {
     if buffers.iter().any(|b| b.writable) {
         return Err(Drop::BadLayout);
     }
-    let (spans, total) = mapped_spans(mem, buffers)?;
+    let (spans, total) = mapped_spans(mem, map, buffers)?;
     let frame_len = total
         .checked_sub(HEADER_LEN as u64)
         .ok_or(Drop::ShortHeader)?;
@@ -186,7 +215,10 @@ pub fn tx_frame(mem: &GuestMemory, buffers: &[Buffer], mtu: u16) -> Result<TxFra
         return Err(Drop::TooLarge);
     }
     let mut raw = [0u8; HEADER_LEN];
-    read_stream(mem, &spans, 0, &mut raw)?;
+    let first = spans.first().filter(|s| s.len as usize >= HEADER_LEN);
+    if !first.is_some_and(|s| map.read(s.addr.raw_value(), &mut raw)) {
+        read_stream(mem, &spans, 0, &mut raw)?;
+    }
     let header = NetHeader::parse(&raw).map_err(|_| Drop::ShortHeader)?;
     let frame_len = u32::try_from(frame_len).map_err(|_| Drop::TooLarge)?;
     header.check(frame_len as usize, mtu).map_err(|e| match e {
@@ -202,10 +234,20 @@ pub fn tx_frame(mem: &GuestMemory, buffers: &[Buffer], mtu: u16) -> Result<TxFra
 
 /// Checks a receive chain.
 pub fn rx_buffer(mem: &GuestMemory, head: u16, buffers: &[Buffer]) -> Result<RxBuffer, Drop> {
+    rx_buffer_in(mem, &MemMap::new(mem), head, buffers)
+}
+
+/// [`rx_buffer`] through `map`, a burst's map of `mem`.
+pub fn rx_buffer_in(
+    mem: &GuestMemory,
+    map: &MemMap<'_>,
+    head: u16,
+    buffers: &[Buffer],
+) -> Result<RxBuffer, Drop> {
     if buffers.iter().any(|b| !b.writable) {
         return Err(Drop::BadLayout);
     }
-    let (spans, total) = mapped_spans(mem, buffers)?;
+    let (spans, total) = mapped_spans(mem, map, buffers)?;
     if total < HEADER_LEN as u64 {
         return Err(Drop::ShortHeader);
     }
@@ -217,8 +259,13 @@ pub fn rx_buffer(mem: &GuestMemory, head: u16, buffers: &[Buffer]) -> Result<RxB
     })
 }
 
-/// The buffers as spans, each checked to lie in guest memory; and their total length.
-fn mapped_spans(mem: &GuestMemory, buffers: &[Buffer]) -> Result<(Spans, u64), Drop> {
+/// The buffers as spans, each checked to lie in guest memory (in one region of `map`, or
+/// across adjacent regions as vm-memory sees them); and their total length.
+fn mapped_spans(
+    mem: &GuestMemory,
+    map: &MemMap<'_>,
+    buffers: &[Buffer],
+) -> Result<(Spans, u64), Drop> {
     let mut spans = Spans::new();
     let mut total = 0u64;
     for buffer in buffers.iter().filter(|b| b.len > 0) {
@@ -226,7 +273,11 @@ fn mapped_spans(mem: &GuestMemory, buffers: &[Buffer]) -> Result<(Spans, u64), D
             .addr
             .checked_add(u64::from(buffer.len).saturating_sub(1))
             .ok_or(Drop::BadAddress)?;
-        if !mem.check_range(buffer.addr, buffer.len as usize) || last < buffer.addr {
+        let inside = map
+            .host(buffer.addr.raw_value(), u64::from(buffer.len))
+            .is_some()
+            || mem.check_range(buffer.addr, buffer.len as usize);
+        if !inside || last < buffer.addr {
             return Err(Drop::BadAddress);
         }
         spans.push(Span {

@@ -22,17 +22,17 @@ use std::sync::Arc;
 
 use vhost_user_backend::VringT;
 use virtio_queue::QueueT;
-use vm_memory::GuestAddressSpace;
+use vm_memory::{Address, GuestAddressSpace};
 
-use super::frame::{rx_buffer, FrameRef, RxBuffer};
+use super::frame::{rx_buffer_in, FrameRef, RxBuffer};
 use super::header::{complete_checksum, NetHeader, F_NEEDS_CSUM, HEADER_LEN};
 use super::spec::Negotiated;
-use super::stats::{Direction, Drop, NetStats};
+use super::stats::{Direction, Drop, NetStats, Tally};
 use crate::devices::desc::Buffers;
 use crate::devices::sg::{copy_between, copy_in, write_stream};
-use crate::ring::burst::Burst;
+use crate::ring::burst::{Burst, PREFETCH_AHEAD};
 use crate::ring::dirty::DirtyLog;
-use crate::ring::map::MemMap;
+use crate::ring::map::{copy, MemMap};
 use crate::ring::split::RingError;
 use crate::vring::{avail_index, AtomicGuestMemory, CheckedVring, GuestMemory};
 
@@ -78,6 +78,7 @@ impl RxBatch {
     ) -> Result<Gathered, RingError> {
         self.buffers.clear();
         self.capacity = 0;
+        let map = burst.map();
         loop {
             if !self.buffers.is_empty() && (!mergeable || self.capacity >= need) {
                 return Ok(Gathered::Ready);
@@ -95,7 +96,7 @@ impl RxBatch {
             };
             let checked = walked
                 .map_err(|_| Drop::BrokenChain)
-                .and_then(|()| rx_buffer(memory, head, &self.descs));
+                .and_then(|()| rx_buffer_in(memory, map, head, &self.descs));
             match checked {
                 Ok(buffer) => {
                     self.capacity = self.capacity.saturating_add(u64::from(buffer.capacity));
@@ -272,7 +273,10 @@ impl RxTarget {
             // without walking the ring again: a receiver posting tiny or broken buffers costs
             // its senders one walk of its ring per delivery, not one per frame.
             let mut full = None;
+            let mut tally = Tally::default();
+            burst.prefetch_first(true);
             for &i in picks {
+                burst.prefetch(PREFETCH_AHEAD, true);
                 let Some(frame) = frames.get(usize::from(i)) else {
                     continue;
                 };
@@ -283,12 +287,13 @@ impl RxTarget {
                     }
                 };
                 match result {
-                    Ok(()) => stats.received(u64::from(frame.len())),
+                    Ok(()) => tally.add(u64::from(frame.len())),
                     Err(reason @ (Drop::NoRxBuffers | Drop::TooLarge)) => full = Some(reason),
                     Err(_) => {}
                 }
                 outcome(i, result);
             }
+            stats.received_tally(tally);
         });
         if burst.finish() {
             if let Err(e) = state.signal_used_queue() {
@@ -360,7 +365,7 @@ fn deliver_one(
         num_buffers: 1,
         ..frame.header()
     };
-    if fill(memory, batch, &out_header, frame) != Ok(frame_len) {
+    if fill(memory, burst.map(), batch, &out_header, frame) != Ok(frame_len) {
         batch.put_back(burst);
         return Err(Drop::BadAddress);
     }
@@ -371,11 +376,15 @@ fn deliver_one(
 /// Writes header and frame into the batch's chains; returns the frame bytes copied.
 fn fill(
     memory: &GuestMemory,
+    map: &MemMap<'_>,
     batch: &RxBatch,
     header: &NetHeader,
     frame: &FrameRef<'_>,
 ) -> Result<u64, Drop> {
     let first = batch.buffers().first().ok_or(Drop::NoRxBuffers)?;
+    if let Some(done) = fill_mapped(map, first, header, frame) {
+        return Ok(done);
+    }
     write_stream(memory, &first.spans, 0, &header.to_bytes())?;
     let done = copy_frame(memory, batch, frame)?;
     // The receiver gets the Ethernet header the switch checked, not whatever the sender's
@@ -394,6 +403,52 @@ fn fill(
         }
     }
     Ok(done)
+}
+
+/// [`fill`] for the usual case, in three copies and no region search: a guest frame in one
+/// buffer of its sender (header included), to one receive buffer with room for it all, each
+/// inside one region of its burst's map. `None`: not that case (or not mapped so), and the
+/// caller copies the general way (which writes every byte again).
+fn fill_mapped(
+    map: &MemMap<'_>,
+    first: &RxBuffer,
+    header: &NetHeader,
+    frame: &FrameRef<'_>,
+) -> Option<u64> {
+    let FrameRef::Guest {
+        map: Some(from),
+        spans: [src],
+        frame_len,
+        eth,
+        ..
+    } = frame
+    else {
+        return None;
+    };
+    let [dst] = first.spans.as_slice() else {
+        return None;
+    };
+    let len = u64::from(*frame_len);
+    let need = len.checked_add(HEADER_LEN as u64)?;
+    if u64::from(src.len) < need || u64::from(dst.len) < need {
+        return None;
+    }
+    let (src, dst) = (src.addr.raw_value(), dst.addr.raw_value());
+    let (src_frame, dst_frame) = (
+        src.checked_add(HEADER_LEN as u64)?,
+        dst.checked_add(HEADER_LEN as u64)?,
+    );
+    if !map.write(dst, &header.to_bytes()) || !copy(from, src_frame, map, dst_frame, len) {
+        return None;
+    }
+    // The receiver gets the Ethernet header the switch checked (see `fill`).
+    if let Some(eth) = eth {
+        let n = usize::try_from(len).unwrap_or(usize::MAX).min(eth.len());
+        if !map.write(dst_frame, eth.get(..n)?) {
+            return None;
+        }
+    }
+    Some(len)
 }
 
 /// Copies the frame's bytes into the batch's chains after the header; returns how many.

@@ -118,6 +118,23 @@ pub enum Direction {
     Rx,
 }
 
+/// Frames and bytes counted locally over a burst, added to the shared counters once.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Tally {
+    /// Frames.
+    pub frames: u64,
+    /// Their bytes.
+    pub bytes: u64,
+}
+
+impl Tally {
+    /// Counts one frame of `bytes`.
+    pub fn add(&mut self, bytes: u64) {
+        self.frames = self.frames.saturating_add(1);
+        self.bytes = self.bytes.saturating_add(bytes);
+    }
+}
+
 fn add(counter: &AtomicU64, n: u64) {
     counter.fetch_add(n, Ordering::Relaxed);
 }
@@ -125,14 +142,29 @@ fn add(counter: &AtomicU64, n: u64) {
 impl NetStats {
     /// A frame of `bytes` (without the virtio-net header) left the guest.
     pub fn sent(&self, bytes: u64) {
-        add(&self.tx_frames, 1);
-        add(&self.tx_bytes, bytes);
+        self.sent_tally(Tally { frames: 1, bytes });
     }
 
     /// A frame of `bytes` reached the guest.
     pub fn received(&self, bytes: u64) {
-        add(&self.rx_frames, 1);
-        add(&self.rx_bytes, bytes);
+        self.received_tally(Tally { frames: 1, bytes });
+    }
+
+    /// A burst's frames left the guest (one atomic add per counter per burst: each is a
+    /// full barrier on x86, which waits for the burst's stores into guest memory to drain).
+    pub fn sent_tally(&self, tally: Tally) {
+        if tally.frames > 0 {
+            add(&self.tx_frames, tally.frames);
+            add(&self.tx_bytes, tally.bytes);
+        }
+    }
+
+    /// A burst's frames reached the guest (see [`NetStats::sent_tally`]).
+    pub fn received_tally(&self, tally: Tally) {
+        if tally.frames > 0 {
+            add(&self.rx_frames, tally.frames);
+            add(&self.rx_bytes, tally.bytes);
+        }
     }
 
     /// A frame was dropped.

@@ -23,20 +23,20 @@ use vm_memory::GuestAddressSpace;
 
 use super::fabric::{Port, SwitchHub, MAX_BURST};
 use super::frame::FrameRef;
-use super::frame::{tx_frame, TxFrame};
+use super::frame::{tx_frame_in, TxFrame};
 use super::header::{HEADER_LEN, MAX_GSO_FRAME};
 use super::rx::RxTarget;
 use super::rx::{Gathered, RxBatch};
 use super::shared::NetShared;
 use super::spec::Negotiated;
-use super::stats::{Direction, Drop};
+use super::stats::{Direction, Drop, Tally};
 use super::tap_queue::TapQueue;
 use crate::devices::desc::Buffers;
 use crate::devices::sg::host_iovecs;
 use crate::qos::gate::Gate;
 use crate::qos::limiter::{Cost, CostKind};
 use crate::qos::timer::TimerError;
-use crate::ring::burst::Burst;
+use crate::ring::burst::{Burst, PREFETCH_AHEAD};
 use crate::ring::dirty::DirtyLog;
 use crate::ring::map::MemMap;
 use crate::storage::GuestIovecs;
@@ -615,10 +615,13 @@ impl PairWorker {
     ) -> (usize, Option<Duration>) {
         let stats = &self.shared.stats;
         let mtu = self.shared.config.mtu;
+        let map = burst.map();
         self.tx_frames.clear();
         let mut taken = 0usize;
         let mut held = None;
+        burst.prefetch_first(false);
         while taken < TX_BURST {
+            burst.prefetch(PREFETCH_AHEAD, false);
             let (head, walked) = match burst.pop(&mut self.descs) {
                 Ok(Some(popped)) => popped,
                 Ok(None) => break,
@@ -630,7 +633,7 @@ impl PairWorker {
             };
             let checked = walked
                 .map_err(|_| Drop::BrokenChain)
-                .and_then(|()| tx_frame(memory, &self.descs, mtu));
+                .and_then(|()| tx_frame_in(memory, map, &self.descs, mtu));
             match checked {
                 Err(reason) => {
                     stats.dropped(Direction::Tx, reason);
@@ -653,7 +656,7 @@ impl PairWorker {
             }
             taken = taken.saturating_add(1);
         }
-        let guest = |frame| guest_frame(memory, frame);
+        let guest = |frame| guest_frame(memory, map, frame);
         match &mut self.backend {
             PairBackend::Tap(tap) => {
                 for (_, frame) in &self.tx_frames {
@@ -676,11 +679,13 @@ impl PairWorker {
                         *r = true;
                     }
                 });
+                let mut sent = Tally::default();
                 for ((_, frame), refused) in self.tx_frames.iter().zip(&refused) {
                     if !refused {
-                        stats.sent(u64::from(frame.frame_len));
+                        sent.add(u64::from(frame.frame_len));
                     }
                 }
+                stats.sent_tally(sent);
             }
         }
         for (head, _) in &self.tx_frames {
@@ -691,9 +696,14 @@ impl PairWorker {
 }
 
 /// A checked tx frame as the switch and the tap see it.
-fn guest_frame<'a>(memory: &'a GuestMemory, frame: &'a TxFrame) -> FrameRef<'a> {
+fn guest_frame<'a>(
+    memory: &'a GuestMemory,
+    map: &'a MemMap<'a>,
+    frame: &'a TxFrame,
+) -> FrameRef<'a> {
     FrameRef::Guest {
         memory,
+        map: Some(map),
         spans: &frame.spans,
         header: frame.header,
         frame_len: frame.frame_len,

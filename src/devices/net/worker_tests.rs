@@ -221,44 +221,53 @@ fn over_its_tx_limit_a_frame_goes_back_in_the_ring_not_on_the_wire() {
 fn a_receiver_gets_the_ethernet_header_the_switch_checked_not_a_second_read() {
     // The sender's memory says one source MAC; the header the switch read (and checked
     // against anti-spoofing) says another. What lands in the receiver is the checked one:
-    // a sender's other vCPU rewriting its buffer after the check changes nothing.
-    let hub = Arc::new(SwitchHub::new("t"));
-    let mut a = Guest::attach(&hub, "a", 0x0a, 1, "");
-    let mut b = Guest::attach(&hub, "b", 0x0b, 1, "");
-    let buffers = b.post_rx(0, 1);
-    let rewritten = frame(b.mac, [0x52, 0x54, 0, 0, 0, 0x66], 7);
-    let at = a.alloc(12 + rewritten.len() as u64);
-    a.mem.write_slice(&[0u8; 12], GuestAddress(at)).unwrap();
-    a.mem
-        .write_slice(&rewritten, GuestAddress(at + 12))
-        .unwrap();
-    let spans = [crate::devices::sg::Span {
-        addr: GuestAddress(at),
-        len: 12 + rewritten.len() as u32,
-    }];
-    let checked = frame(b.mac, a.mac, 7);
-    let eth: [u8; 14] = checked[..14].try_into().unwrap();
-    let sent = FrameRef::Guest {
-        memory: a.mem,
-        spans: &spans,
-        header: crate::devices::net::header::NetHeader::default(),
-        frame_len: rewritten.len() as u32,
-        eth: Some(eth),
-    };
-    b.shared
-        .port_target()
-        .unwrap()
-        .deliver(&sent, 0, &b.shared.stats)
-        .unwrap();
-    let mut got = vec![0u8; 12 + checked.len()];
-    b.mem
-        .read_slice(&mut got, GuestAddress(buffers[0].1))
-        .unwrap();
-    assert_eq!(
-        &got[12..],
-        &checked[..],
-        "the checked source MAC, and the rest of the frame"
-    );
+    // a sender's other vCPU rewriting its buffer after the check changes nothing. Through
+    // the sender's burst map (one copy per part) and without one (vm-memory).
+    for mapped in [true, false] {
+        let hub = Arc::new(SwitchHub::new("t"));
+        let a = Guest::attach(&hub, "a", 0x0a, 1, "");
+        let mut b = Guest::attach(&hub, "b", 0x0b, 1, "");
+        let buffers = b.post_rx(0, 1);
+        // What the sender's memory holds by delivery time: its other vCPU rewrote the
+        // source MAC after the switch read and checked the header.
+        let mut rewritten = frame(b.mac, a.mac, 7);
+        rewritten[6..12].copy_from_slice(&[0x52, 0x54, 0, 0, 0, 0x66]);
+        let at = DATA;
+        a.mem.write_slice(&[0u8; 12], GuestAddress(at)).unwrap();
+        a.mem
+            .write_slice(&rewritten, GuestAddress(at + 12))
+            .unwrap();
+        let spans = [crate::devices::sg::Span {
+            addr: GuestAddress(at),
+            len: 12 + rewritten.len() as u32,
+        }];
+        let checked = frame(b.mac, a.mac, 7);
+        let eth: [u8; 14] = checked[..14].try_into().unwrap();
+        let map = crate::ring::map::MemMap::new(a.mem);
+        let sent = FrameRef::Guest {
+            memory: a.mem,
+            map: mapped.then_some(&map),
+            spans: &spans,
+            header: crate::devices::net::header::NetHeader::default(),
+            frame_len: rewritten.len() as u32,
+            eth: Some(eth),
+        };
+        b.shared
+            .port_target()
+            .unwrap()
+            .deliver(&sent, 0, &b.shared.stats)
+            .unwrap();
+        let mut got = vec![0u8; 12 + checked.len()];
+        b.mem
+            .read_slice(&mut got, GuestAddress(buffers[0].1))
+            .unwrap();
+        assert_eq!(
+            &got[12..],
+            &checked[..],
+            "the checked source MAC, and the rest of the frame (mapped: {mapped})"
+        );
+        assert_eq!(got[..12], [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0], "header, num_buffers 1");
+    }
 }
 
 #[test]
