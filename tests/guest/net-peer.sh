@@ -8,6 +8,8 @@ ip=$(arg novaip); peer=$(arg novapeer); size=$(arg novasize)
 test -d /sys/class/net/eth0 || { echo "no eth0"; ls /sys/class/net; exit 2; }
 echo "mac=$(cat /sys/class/net/eth0/address) mtu=$(cat /sys/class/net/eth0/mtu)"
 echo "queues=$(ls -d /sys/class/net/eth0/queues/rx-* | wc -l)"
+# The virtio features the driver accepted, bit 0 first.
+echo "features=$(cat /sys/class/net/eth0/device/features)"
 net_up_and_reach "$ip" "$peer"
 ping -c 3 -W 5 "$peer"
 echo "ping ok"

@@ -430,6 +430,14 @@ fn migrate_switch_transfer(phase: Phase) {
     );
     // The guest's whole story: what it printed before the switchover, then after.
     run.console = before_switch + &run.console;
+    // The guest took VIRTIO_NET_F_GUEST_ANNOUNCE (bit 21): QEMU had it announce itself at
+    // the destination (gratuitous ARP from its own addresses) rather than send a RARP for it.
+    let features = run.value_of("features=");
+    assert_eq!(
+        features.as_bytes().get(21),
+        Some(&b'1'),
+        "GUEST_ANNOUNCE not negotiated: {features}"
+    );
     run.assert_downloaded_from(&server, "the transfer across the migration");
     let pings = server.value_of("ping: ");
     assert!(pings.contains("packet loss"), "{pings}");

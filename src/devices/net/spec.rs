@@ -11,10 +11,11 @@
 
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::{
-    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4,
-    VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
-    VIRTIO_NET_F_MAC, VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU,
-    VIRTIO_NET_F_STATUS, VIRTIO_NET_S_LINK_UP,
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_ANNOUNCE, VIRTIO_NET_F_GUEST_CSUM,
+    VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_MAC,
+    VIRTIO_NET_F_MQ, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU, VIRTIO_NET_F_STATUS,
+    VIRTIO_NET_S_LINK_UP,
 };
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 
@@ -44,6 +45,13 @@ pub fn device_features() -> u64 {
         VIRTIO_NET_F_MRG_RXBUF,
         VIRTIO_NET_F_STATUS,
         VIRTIO_NET_F_MQ,
+        // After a live migration the guest announces itself (gratuitous ARP, IPv6 neighbour
+        // advertisements: its IP addresses, not just its MAC). QEMU runs that exchange (config
+        // status and the control queue's ANNOUNCE_ACK) itself and only offers it to the guest
+        // if the backend does; a guest that takes it gets no SEND_RARP (QEMU sends RARP in
+        // its stead only for guests that cannot announce). Like MQ, it needs the front-end's
+        // control queue.
+        VIRTIO_NET_F_GUEST_ANNOUNCE,
         VHOST_USER_F_PROTOCOL_FEATURES,
     ]
     .iter()

@@ -266,7 +266,11 @@ fn a_receiver_gets_the_ethernet_header_the_switch_checked_not_a_second_read() {
             &checked[..],
             "the checked source MAC, and the rest of the frame (mapped: {mapped})"
         );
-        assert_eq!(got[..12], [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0], "header, num_buffers 1");
+        assert_eq!(
+            got[..12],
+            [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0],
+            "header, num_buffers 1"
+        );
     }
 }
 
