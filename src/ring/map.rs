@@ -135,10 +135,13 @@ pub fn copy(from: &MemMap<'_>, src: u64, to: &MemMap<'_>, dst: u64, len: u64) ->
         return false;
     };
     // SAFETY: `host` checked both ranges lie inside regions mapped for as long as the two
-    // memory snapshots the maps borrow. They may overlap (two NICs of one guest on one
-    // switch, a hostile guest pointing one's rx buffer at the other's tx frame): `ptr::copy`
-    // is a memmove. The guest may change the bytes meanwhile, which changes only what the
-    // receiver gets.
+    // memory snapshots the maps borrow. The two may be the same bytes seen through one
+    // mapping (overlapping ranges of one map: `ptr::copy` is a memmove), or through two
+    // mappings of one guest's memory (two NICs of one guest on one switch, a hostile guest
+    // pointing one's rx buffer at the other's tx frame), which memmove cannot see: the
+    // receiver may then get scrambled bytes of that guest's own, and nothing is read or
+    // written outside the two checked ranges. The guest may change the bytes meanwhile,
+    // which changes only what the receiver gets.
     unsafe { std::ptr::copy(a.as_ptr(), b.as_ptr(), count) };
     true
 }

@@ -338,16 +338,31 @@ mod tests;
 fn prefetch_line(at: *const u8, write: bool) {
     #[cfg(target_arch = "x86_64")]
     {
-        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_ET0, _MM_HINT_T0};
+        use std::arch::x86_64::{_mm_prefetch, _MM_HINT_T0};
+        // `_MM_HINT_ET0` compiles to a read prefetch without the `prfchw` target feature (not
+        // in the x86_64 baseline, and std cannot detect it): ask for PREFETCHW itself where
+        // CPUID says the CPU has it (leaf 0x8000_0001, ECX bit 8; read once).
+        static PREFETCHW: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        let has_prefetchw = *PREFETCHW.get_or_init(|| {
+            // Leaf 0x8000_0000 says whether 0x8000_0001 may be asked.
+            let max = std::arch::x86_64::__cpuid(0x8000_0000).eax;
+            max >= 0x8000_0001 && std::arch::x86_64::__cpuid(0x8000_0001).ecx & (1 << 8) != 0
+        });
+        if write && has_prefetchw {
+            // SAFETY: PREFETCHW is a hint: it never faults, whatever the address, writes
+            // nothing, touches no register but its address operand, and the CPU has it.
+            unsafe {
+                std::arch::asm!(
+                    "prefetchw [{0}]",
+                    in(reg) at,
+                    options(nostack, preserves_flags, readonly)
+                );
+            }
+            return;
+        }
         // SAFETY: a prefetch is a hint: it never faults, whatever the address, and writes
         // nothing; SSE (which `_mm_prefetch` needs) is part of the x86_64 baseline.
-        unsafe {
-            if write {
-                _mm_prefetch::<_MM_HINT_ET0>(at.cast());
-            } else {
-                _mm_prefetch::<_MM_HINT_T0>(at.cast());
-            }
-        }
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(at.cast()) };
     }
     #[cfg(not(target_arch = "x86_64"))]
     let _ = (at, write);

@@ -77,6 +77,19 @@ pub fn enter_worker() {
     narrow(ThreadKind::Worker, &PROGRAM);
 }
 
+/// Whether this thread runs under a worker (or relay) filter: a thread it starts inherits
+/// that filter ([`inherit_worker`]).
+pub fn worker_filtered() -> bool {
+    WORKER_FILTERED.with(Cell::get)
+}
+
+/// Called first on a thread started by one that ran under the worker filter (seccomp filters
+/// are inherited): it runs under it already, and may not install another (`seccomp` is not
+/// on the worker list), so it only records that.
+pub fn inherit_worker() {
+    WORKER_FILTERED.with(|f| f.set(true));
+}
+
 /// Called on a vhost-user relay thread before it reads anything: the worker filter, with
 /// memfds allowed (`seccomp::ThreadKind::Relay`).
 pub fn enter_relay() {

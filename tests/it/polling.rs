@@ -146,3 +146,31 @@ fn busy_switch_ports_are_polled_by_one_thread_within_their_budget() {
     a.send(0, &late);
     assert_eq!(b.recv(0).frame, late);
 }
+
+#[test]
+fn a_busy_switch_port_whose_front_end_vanishes_serves_the_next_one() {
+    use crate::common::net::{ethernet, NetClient};
+    const A: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0x0a];
+    const B: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0x0b];
+    let daemon = Daemon::start(&[
+        "--net",
+        "socket={dir}/a.sock,switch=s,mac=52:54:00:00:00:0a,poll=busy",
+        "--net",
+        "socket={dir}/b.sock,switch=s,mac=52:54:00:00:00:0b,poll=busy",
+    ]);
+    let mut b = NetClient::connect(&daemon.path("b.sock"), 1, 0);
+    b.post_rx(0, 256, 2048);
+    // Each front-end of A sends, receives, then goes away without stopping its queues (its
+    // port is in the busy-poll group all the while); the next one must get its frames.
+    for round in 0..6u8 {
+        let mut a = NetClient::connect(&daemon.path("a.sock"), 1, 0);
+        a.post_rx(0, 16, 2048);
+        let there = ethernet(B, A, 0x0800, &[round; 60]);
+        a.send(0, &there);
+        assert_eq!(b.recv(0).frame, there, "round {round}: A to B");
+        let back = ethernet(A, B, 0x0800, &[round; 100]);
+        b.send(0, &back);
+        assert_eq!(a.recv(0).frame, back, "round {round}: B to A");
+        drop(a);
+    }
+}

@@ -159,8 +159,10 @@ impl Worker for PairWorker {
         fds
     }
 
-    fn wants_group(&mut self) -> bool {
-        PairWorker::wants_group(self)
+    fn wants_group(&mut self, vrings: &[CheckedVring]) -> bool {
+        vrings
+            .get(1)
+            .is_some_and(|tx| PairWorker::wants_group(self, tx))
     }
 
     fn joined_group(&mut self) {
@@ -174,7 +176,8 @@ impl Worker for PairWorker {
         }
     }
 
-    fn stop_queue(&mut self, _position: usize) {
+    fn stop_queue(&mut self, position: usize) {
+        PairWorker::stop_queue(self, position);
         // Nothing to drain: nothing is in flight between calls. Tx chains are returned to the
         // used ring before `handle` returns, and rx chains are taken and committed (or put
         // back) within one call; switch senders check the ring is ready under its lock.

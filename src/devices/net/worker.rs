@@ -493,10 +493,12 @@ impl PairWorker {
         }
     }
 
-    /// Busy mode, not yet polled by the busy-poll group, and within its poll budget.
-    pub fn wants_group(&mut self) -> bool {
+    /// Busy mode, not yet polled by the busy-poll group, its tx ring started, and within its
+    /// poll budget.
+    pub fn wants_group(&mut self, tx: &CheckedVring) -> bool {
         self.poller.mode() == PollMode::Busy
             && !self.in_group
+            && serving(tx)
             && !self.poller.window(Instant::now()).is_zero()
     }
 
@@ -506,42 +508,69 @@ impl PairWorker {
         self.last_look = Instant::now();
     }
 
+    /// The front-end stops queue `position` (GET_VRING_BASE): the group touches the tx ring
+    /// no more (a restart's kick joins it again).
+    pub fn stop_queue(&mut self, position: usize) {
+        if position == 1 {
+            self.in_group = false;
+        }
+    }
+
     /// One look at the tx ring for the busy-poll group: a burst if the guest queued frames;
     /// else the time since the last look counts against the poll budget, and once the budget
-    /// is spent the ring goes back to kicks.
+    /// is spent the ring goes back to kicks. A ring that is stopped, disabled or refused is
+    /// left untouched.
     pub fn group_pass(&mut self, tx: &CheckedVring) -> crate::devices::shell::Pass {
         use crate::devices::shell::Pass;
-        if !self.in_group {
+        if !self.in_group || !serving(tx) {
+            self.in_group = false;
             return Pass::Leave;
         }
-        let now = Instant::now();
-        let since = now.saturating_duration_since(self.last_look);
-        self.last_look = now;
-        if has_available(tx, &self.memory.memory()) {
-            return match self.tx_pass(tx) {
-                Ok(TxPass::Sent(_)) => Pass::Worked,
-                Ok(TxPass::Held | TxPass::Stopped) => self.leave_group(),
+        let since = Instant::now().saturating_duration_since(self.last_look);
+        let worked = if has_available(tx, &self.memory.memory()) {
+            match self.tx_pass(tx) {
+                Ok(TxPass::Sent(sent)) => sent > 0,
+                // QoS holds the ring: its timer resumes it on the worker's own thread.
+                Ok(TxPass::Held) => {
+                    self.in_group = false;
+                    return Pass::Leave;
+                }
+                // Stopped meanwhile (not ours to touch), or refused (kicks already on).
+                Ok(TxPass::Stopped) => {
+                    self.in_group = false;
+                    return Pass::Leave;
+                }
                 Err(e) => {
                     log::debug!("{} pair {}: tx: {e}", self.shared.config.id, self.pair);
-                    self.leave_group()
+                    return self.leave_group(tx);
                 }
-            };
+            }
+        } else {
+            false
+        };
+        // Looks after this one count from here: this pass's own work is no fruitless polling.
+        let now = Instant::now();
+        self.last_look = now;
+        if worked {
+            return Pass::Worked;
         }
         self.poller.missed(since);
-        if self.poller.window(now).is_zero() || !tx.get_ref().get_queue().ready() {
-            // Budget spent (or the queue stopped): back to kicks.
-            // Frames that came meanwhile keep it in the group (they were no fruitless look).
-            return match tx.enable_notification() {
-                Ok(true) => Pass::Worked,
-                Ok(false) | Err(_) => self.leave_group(),
-            };
+        if self.poller.window(now).is_zero() {
+            return self.leave_group(tx);
         }
         Pass::Idle
     }
 
-    fn leave_group(&mut self) -> crate::devices::shell::Pass {
+    /// Back to kicks: notifications on, and frames that came meanwhile (which will bring no
+    /// kick) are served by the worker's own thread through its repoll event.
+    fn leave_group(&mut self, tx: &CheckedVring) -> crate::devices::shell::Pass {
         self.in_group = false;
         self.poller.sleeping(Instant::now(), Duration::ZERO);
+        if matches!(tx.enable_notification(), Ok(true)) {
+            if let Err(e) = self.repoll.write(1) {
+                log::warn!("{} pair {}: repoll: {e}", self.shared.config.id, self.pair);
+            }
+        }
         crate::devices::shell::Pass::Leave
     }
 
@@ -693,6 +722,15 @@ impl PairWorker {
         }
         (taken, held)
     }
+}
+
+/// Whether the worker may serve `tx` now: started (ready), enabled, and not refused.
+fn serving(tx: &CheckedVring) -> bool {
+    if tx.size_rejected() {
+        return false;
+    }
+    let state = tx.get_ref();
+    state.get_queue().ready() && state.is_enabled()
 }
 
 /// A checked tx frame as the switch and the tap see it.

@@ -363,12 +363,12 @@ fn a_busy_port_in_the_poll_group_forwards_frames_posted_without_a_kick() {
     let first = a.send(0, &frame(b.mac, a.mac, 1));
     assert_eq!(a.queues[0].1.used(), vec![(first, 0)]);
     assert!(
-        Worker::wants_group(&mut a.workers[0]),
+        Worker::wants_group(&mut a.workers[0], &vrings),
         "busy mode asks for the group"
     );
     Worker::joined_group(&mut a.workers[0]);
     assert!(
-        !Worker::wants_group(&mut a.workers[0]),
+        !Worker::wants_group(&mut a.workers[0], &vrings),
         "once a member, not again"
     );
     // Nothing queued: an idle look.
@@ -386,16 +386,33 @@ fn a_busy_port_in_the_poll_group_forwards_frames_posted_without_a_kick() {
         "tx chain returned"
     );
     assert_eq!(b.queues[0].0.used().len(), 2, "both frames reached b");
-    // A stopped queue leaves the group (kicks take over when it starts again).
+    // A stopped queue leaves the group without being touched, and a stopped queue does
+    // not join; once it runs again, an event joins it again.
     a.queues[0]
         .1
         .vring
         .get_mut()
         .get_queue_mut()
         .set_ready(false);
+    let before = a.queues[0].1.used();
     assert_eq!(Worker::group_pass(&mut a.workers[0], &vrings), Pass::Leave);
+    assert_eq!(a.queues[0].1.used(), before);
     assert!(
-        Worker::wants_group(&mut a.workers[0]),
+        !Worker::wants_group(&mut a.workers[0], &vrings),
+        "stopped: no group"
+    );
+    a.queues[0]
+        .1
+        .vring
+        .get_mut()
+        .get_queue_mut()
+        .set_ready(true);
+    assert!(
+        Worker::wants_group(&mut a.workers[0], &vrings),
         "a later event joins again"
     );
+    // GET_VRING_BASE on the tx queue ends the membership too.
+    Worker::joined_group(&mut a.workers[0]);
+    Worker::stop_queue(&mut a.workers[0], 1);
+    assert_eq!(Worker::group_pass(&mut a.workers[0], &vrings), Pass::Leave);
 }

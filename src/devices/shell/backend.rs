@@ -119,10 +119,13 @@ pub struct DeviceBackend<D: Device> {
     /// This connection's dirty-page log (live migration): mapped by the relay, switched on
     /// and off by the acked features, marked by the workers.
     log: Arc<DirtyLog>,
-    /// The connection's vrings (for the used-ring mark at a queue stop).
-    vrings: std::sync::OnceLock<Vec<CheckedVring>>,
+    /// The connection's vrings (for the used-ring mark at a queue stop, and the busy-poll
+    /// group); emptied at [`DeviceBackend::close`].
+    vrings: std::sync::RwLock<Vec<CheckedVring>>,
     /// This backend, for the busy-poll group's members (which must not keep it alive).
     this: std::sync::OnceLock<std::sync::Weak<Self>>,
+    /// The connection ended ([`DeviceBackend::close`]).
+    closed: std::sync::atomic::AtomicBool,
 }
 
 impl<D: Device> DeviceBackend<D> {
@@ -145,9 +148,57 @@ impl<D: Device> DeviceBackend<D> {
             exit_events,
             memory_owner: crate::sys::sigbus::new_owner(),
             log,
-            vrings: std::sync::OnceLock::new(),
+            vrings: std::sync::RwLock::new(Vec::new()),
             this: std::sync::OnceLock::new(),
+            closed: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Ends the connection, on the caller's thread: the workers (stopped, or taken from the
+    /// busy-poll group between two passes) go back to the device, which may hand their taps
+    /// and switch port to the next connection at once. Whoever still holds the backend (a
+    /// group member in the middle of a pass) finds it closed and leaves; dropping it later
+    /// releases nothing the next connection needs. Idempotent; `Drop` calls it too.
+    pub fn close(&self) {
+        if self.closed.swap(true, std::sync::atomic::Ordering::AcqRel) {
+            return;
+        }
+        // Whatever this front-end was doing, the next one starts without a migration.
+        self.device.logging(false);
+        let workers = self.workers.iter().filter_map(|w| lock(w).take()).collect();
+        self.device.disconnected(workers);
+        // The vrings hold the guest memory: unmapped here, not on whichever thread drops the
+        // last reference to the backend.
+        std::mem::take(&mut *self.vrings_mut());
+        let faults = crate::sys::sigbus::faults(self.memory_owner);
+        crate::sys::sigbus::unregister(self.memory_owner);
+        if faults > 0 {
+            log::warn!(
+                "{}: the front-end shrank its guest memory files under us: {faults} access(es) \
+                 past their end read zeros instead of ending the daemon",
+                self.device.id()
+            );
+        }
+        let beyond = self.log.beyond();
+        if beyond > 0 {
+            log::warn!(
+                "{}: the front-end's dirty log was smaller than guest memory: {beyond} write(s) \
+                 could not be logged (a migration may have missed those pages)",
+                self.device.id()
+            );
+        }
+    }
+
+    fn vrings(&self) -> std::sync::RwLockReadGuard<'_, Vec<CheckedVring>> {
+        self.vrings
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn vrings_mut(&self) -> std::sync::RwLockWriteGuard<'_, Vec<CheckedVring>> {
+        self.vrings
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Gives the backend its own handle (once it is in an `Arc`), so workers can join the
@@ -157,16 +208,15 @@ impl<D: Device> DeviceBackend<D> {
     }
 
     /// Puts worker `thread` (locked: `worker`) in the busy-poll group if it asks to be.
-    fn join_group(&self, thread: usize, worker: &mut D::Worker) {
-        if !worker.wants_group() {
+    fn join_group(&self, thread: usize, worker: &mut D::Worker, vrings: &[CheckedVring]) {
+        if !worker.wants_group(vrings) {
             return;
         }
         let Some(this) = self.this.get().cloned() else {
             return;
         };
-        // The member holds the backend weakly: a connection that ends leaves the group at
-        // its next pass. (If it ends during a pass, the backend is dropped on the group
-        // thread, which runs under the same filter as the queue threads.)
+        // The member holds the backend weakly, and a closed backend ([`Self::close`], on the
+        // runner's thread) makes it leave: the group never tears a connection down.
         let joined = super::group::join(Box::new(move || match this.upgrade() {
             Some(backend) => backend.group_pass(thread),
             None => Pass::Leave,
@@ -179,6 +229,9 @@ impl<D: Device> DeviceBackend<D> {
     /// One pass of worker `thread` for the busy-poll group; skipped while its own thread
     /// (an event, a queue stop) holds it.
     fn group_pass(&self, thread: usize) -> Pass {
+        if self.closed.load(std::sync::atomic::Ordering::Acquire) {
+            return Pass::Leave;
+        }
         let Some(slot) = self.workers.get(thread) else {
             return Pass::Leave;
         };
@@ -187,9 +240,10 @@ impl<D: Device> DeviceBackend<D> {
             Err(std::sync::TryLockError::WouldBlock) => return Pass::Idle,
             Err(std::sync::TryLockError::Poisoned(_)) => return Pass::Leave,
         };
-        let (Some(worker), Some(vrings)) = (guard.as_mut(), self.vrings.get()) else {
+        let Some(worker) = guard.as_mut() else {
             return Pass::Leave;
         };
+        let vrings = self.vrings();
         let per = self.device.queues_per_worker();
         let first = thread.saturating_mul(per);
         match vrings.get(first..first.saturating_add(per)) {
@@ -200,7 +254,7 @@ impl<D: Device> DeviceBackend<D> {
 
     /// Records the connection's vrings (once, when they are created) and tells the device.
     pub fn vrings_created(&self, vrings: &[CheckedVring]) {
-        let _ = self.vrings.set(vrings.to_vec());
+        *self.vrings_mut() = vrings.to_vec();
         self.device.vrings_created(vrings);
     }
 
@@ -240,27 +294,7 @@ impl<D: Device> DeviceBackend<D> {
 
 impl<D: Device> Drop for DeviceBackend<D> {
     fn drop(&mut self) {
-        // Whatever this front-end was doing, the next one starts without a migration.
-        self.device.logging(false);
-        let workers = self.workers.iter().filter_map(|w| lock(w).take()).collect();
-        self.device.disconnected(workers);
-        let faults = crate::sys::sigbus::faults(self.memory_owner);
-        crate::sys::sigbus::unregister(self.memory_owner);
-        if faults > 0 {
-            log::warn!(
-                "{}: the front-end shrank its guest memory files under us: {faults} access(es) \
-                 past their end read zeros instead of ending the daemon",
-                self.device.id()
-            );
-        }
-        let beyond = self.log.beyond();
-        if beyond > 0 {
-            log::warn!(
-                "{}: the front-end's dirty log was smaller than guest memory: {beyond} write(s) \
-                 could not be logged (a migration may have missed those pages)",
-                self.device.id()
-            );
-        }
+        self.close();
     }
 }
 
@@ -372,8 +406,8 @@ impl<D: Device> VhostUserBackend for DeviceBackend<D> {
         // The worker has returned everything; nothing is written into this ring until it
         // starts again. Mark the whole used ring (the last `avail_event` writes included)
         // before the front-end's final log sync, which follows this stop.
-        let vring = self.vrings.get().and_then(|v| v.get(queue));
-        if let Some(vring) = vring {
+        let vrings = self.vrings();
+        if let Some(vring) = vrings.get(queue) {
             let state = vring.get_ref();
             let queue = state.get_queue();
             self.log.mark_used_ring(queue.used_ring(), queue.size());
@@ -411,7 +445,7 @@ impl<D: Device> VhostUserBackend for DeviceBackend<D> {
         if let Err(e) = worker.handle(event, vrings) {
             log::error!("{}: worker {thread_id}: {e}", self.device.id());
         }
-        self.join_group(thread_id, worker);
+        self.join_group(thread_id, worker, vrings);
         Ok(())
     }
 }

@@ -91,17 +91,21 @@ pub trait Worker: Send + 'static {
     /// written into that ring afterwards, so finish what is in flight.
     fn stop_queue(&mut self, _position: usize) {}
 
-    /// Whether the busy-poll group ([`super::group`]) should poll this worker's queues from
-    /// now on (busy mode, not a member yet). Asked after each event, under the worker's lock.
-    fn wants_group(&mut self) -> bool {
+    /// Whether the busy-poll group ([`super::group`]) should poll this worker's queues
+    /// (`vrings`) from now on: busy mode, not a member yet, and its queue started. Asked
+    /// after each event, under the worker's lock.
+    fn wants_group(&mut self, _vrings: &[CheckedVring]) -> bool {
         false
     }
 
     /// The group polls this worker now: leave notifications off and stop spinning alone.
     fn joined_group(&mut self) {}
 
-    /// One pass for the busy-poll group: serve what the queues hold, never block or spin.
-    /// [`Pass::Leave`] hands the queues back to kicks (notifications on).
+    /// One pass for the busy-poll group: serve what the queues hold, without spinning or
+    /// waiting for work (it takes the short ring and switch locks a delivery takes). It
+    /// touches no queue that is stopped, disabled or refused. [`Pass::Leave`] hands a
+    /// started queue back to kicks (notifications on, and the worker's own thread woken if
+    /// work is already waiting).
     fn group_pass(&mut self, _vrings: &[CheckedVring]) -> Pass {
         Pass::Leave
     }

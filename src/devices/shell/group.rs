@@ -12,11 +12,12 @@
 //! core, 32% of the element's time went to the scheduler (`finish_task_switch`). One thread
 //! polling every member never sleeps or switches while any of them is busy.
 //!
-//! A member is a closure doing one pass over its queues that never blocks: it skips a worker
-//! whose own event thread holds it, and says whether it did work, found none, or leaves (its
+//! A member is a closure doing one pass over its queues that never waits for work or for its
+//! worker (it skips a worker whose own event thread holds it; it does take the short ring and
+//! switch locks any delivery takes), and says whether it did work, found none, or leaves (its
 //! connection ended, its queue stopped, or its poll budget ran out and it went back to kicks;
-//! its next event joins it again). The group thread is started by the first join and sleeps
-//! while it has no member.
+//! its next event joins it again). A member that panics is dropped, and the others go on. The
+//! group thread is started by the first join and sleeps while it has no member.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Condvar, Mutex, OnceLock};
@@ -53,9 +54,11 @@ fn group() -> Option<&'static Joining> {
             any: AtomicBool::new(false),
             wake: Condvar::new(),
         }));
+        // Started from a queue thread, it inherits that thread's worker filter.
+        let inherited = crate::sandbox::worker_filtered();
         match std::thread::Builder::new()
             .name("busy-poll".to_string())
-            .spawn(move || run(joining))
+            .spawn(move || run(joining, inherited))
         {
             Ok(_) => Some(joining),
             Err(e) => {
@@ -77,9 +80,13 @@ pub fn join(member: Member) -> bool {
     true
 }
 
-fn run(joining: &'static Joining) {
+fn run(joining: &'static Joining, inherited: bool) {
     // It serves guest queues: the worker filter, as on every queue thread.
-    crate::sandbox::enter_worker();
+    if inherited {
+        crate::sandbox::inherit_worker();
+    } else {
+        crate::sandbox::enter_worker();
+    }
     let mut members: Vec<Member> = Vec::new();
     loop {
         if members.is_empty() || joining.any.load(Ordering::Acquire) {
@@ -94,13 +101,22 @@ fn run(joining: &'static Joining) {
             members.append(&mut waiting);
         }
         let mut worked = false;
-        members.retain_mut(|member| match member() {
-            Pass::Worked => {
-                worked = true;
-                true
+        members.retain_mut(|member| {
+            // One tenant's bug must not end every tenant's polling: a member that panics
+            // leaves (its worker's lock is poisoned, so its queue is served no more).
+            let pass = std::panic::catch_unwind(std::panic::AssertUnwindSafe(&mut *member));
+            match pass {
+                Ok(Pass::Worked) => {
+                    worked = true;
+                    true
+                }
+                Ok(Pass::Idle) => true,
+                Ok(Pass::Leave) => false,
+                Err(_) => {
+                    log::error!("busy-poll: a member panicked; it leaves the group");
+                    false
+                }
             }
-            Pass::Idle => true,
-            Pass::Leave => false,
         });
         if !worked {
             std::hint::spin_loop();
@@ -159,5 +175,24 @@ mod tests {
         assert!(done_rx
             .recv_timeout(std::time::Duration::from_millis(50))
             .is_err());
+    }
+
+    #[test]
+    fn a_member_that_panics_leaves_and_the_others_go_on() {
+        assert!(join(Box::new(|| panic!("a tenant's bug"))));
+        let (done_tx, done_rx) = mpsc::channel();
+        let mut passes = 0u32;
+        assert!(join(Box::new(move || {
+            passes += 1;
+            if passes == 3 {
+                done_tx.send(passes).unwrap();
+                return Pass::Leave;
+            }
+            Pass::Worked
+        })));
+        assert_eq!(
+            done_rx.recv_timeout(std::time::Duration::from_secs(10)),
+            Ok(3)
+        );
     }
 }

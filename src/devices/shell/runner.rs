@@ -326,9 +326,12 @@ fn serve_connection<D: Device>(
         log::error!("{id}: relay thread panicked");
     }
     drop(front_handle);
-    // Dropping the daemon joins its worker threads; dropping the last backend reference then
-    // lets the workers release what they hold (engines drain, taps go back to the device).
+    // Dropping the daemon joins its worker threads; closing the backend then lets the
+    // workers release what they hold (engines drain, taps go back to the device), here and
+    // now, before the next front-end is accepted (a busy-poll group member may still hold a
+    // reference to the backend for the rest of its pass; it finds the backend closed).
     drop(daemon);
+    backend.close();
     drop(backend);
     log::info!("{id}: front-end disconnected");
     match result {
