@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crate::common::blk::{BlkClient, ConnectOptions};
 use crate::common::daemon::Daemon;
+use crate::common::net::{ethernet, NetClient};
 
 /// The daemon's CPU time over `window`.
 fn cpu_over(daemon: &Daemon, window: Duration) -> Duration {
@@ -99,17 +100,29 @@ fn busy_polling_stays_within_its_budget() {
     c.read(0, 8, 4096);
 }
 
+const A: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0x0a];
+const B: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0x0b];
+
+/// A daemon with two `poll=busy` ports A and B on one switch, both with `options`.
+fn busy_ports(options: &str) -> Daemon {
+    let a = format!("socket={{dir}}/a.sock,switch=s,mac=52:54:00:00:00:0a,poll=busy{options}");
+    let b = format!("socket={{dir}}/b.sock,switch=s,mac=52:54:00:00:00:0b,poll=busy{options}");
+    Daemon::start(&["--net", &a, "--net", &b])
+}
+
+/// A frame from A to B and one back, each checked on arrival.
+fn exchange(a: &mut NetClient, b: &mut NetClient, round: u8) {
+    let there = ethernet(B, A, 0x0800, &[round; 60]);
+    a.send(0, &there);
+    assert_eq!(b.recv(0).frame, there, "round {round}: A to B");
+    let back = ethernet(A, B, 0x0800, &[round; 1400]);
+    b.send(0, &back);
+    assert_eq!(a.recv(0).frame, back, "round {round}: B to A");
+}
+
 #[test]
 fn busy_switch_ports_are_polled_by_one_thread_within_their_budget() {
-    use crate::common::net::{ethernet, NetClient};
-    const A: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0x0a];
-    const B: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0x0b];
-    let daemon = Daemon::start(&[
-        "--net",
-        "socket={dir}/a.sock,switch=s,mac=52:54:00:00:00:0a,poll=busy,poll-budget=10",
-        "--net",
-        "socket={dir}/b.sock,switch=s,mac=52:54:00:00:00:0b,poll=busy,poll-budget=10",
-    ]);
+    let daemon = busy_ports(",poll-budget=10");
     let mut a = NetClient::connect(&daemon.path("a.sock"), 1, 0);
     let mut b = NetClient::connect(&daemon.path("b.sock"), 1, 0);
     a.post_rx(0, 64, 2048);
@@ -117,12 +130,7 @@ fn busy_switch_ports_are_polled_by_one_thread_within_their_budget() {
     // Both directions, a few rounds: the ports join the busy-poll group after their first
     // frame, and frames keep flowing through it.
     for round in 0..16u8 {
-        let there = ethernet(B, A, 0x0800, &[round; 60]);
-        a.send(0, &there);
-        assert_eq!(b.recv(0).frame, there);
-        let back = ethernet(A, B, 0x0800, &[round; 1400]);
-        b.send(0, &back);
-        assert_eq!(a.recv(0).frame, back);
+        exchange(&mut a, &mut b, round);
     }
     // One thread polls both ports: named `busy-poll`, and the only one that does.
     let names = daemon.thread_names();
@@ -149,15 +157,7 @@ fn busy_switch_ports_are_polled_by_one_thread_within_their_budget() {
 
 #[test]
 fn a_busy_switch_port_whose_front_end_vanishes_serves_the_next_one() {
-    use crate::common::net::{ethernet, NetClient};
-    const A: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0x0a];
-    const B: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0x0b];
-    let daemon = Daemon::start(&[
-        "--net",
-        "socket={dir}/a.sock,switch=s,mac=52:54:00:00:00:0a,poll=busy",
-        "--net",
-        "socket={dir}/b.sock,switch=s,mac=52:54:00:00:00:0b,poll=busy",
-    ]);
+    let daemon = busy_ports("");
     let mut b = NetClient::connect(&daemon.path("b.sock"), 1, 0);
     b.post_rx(0, 256, 2048);
     // Each front-end of A sends, receives, then goes away without stopping its queues (its
@@ -165,12 +165,7 @@ fn a_busy_switch_port_whose_front_end_vanishes_serves_the_next_one() {
     for round in 0..6u8 {
         let mut a = NetClient::connect(&daemon.path("a.sock"), 1, 0);
         a.post_rx(0, 16, 2048);
-        let there = ethernet(B, A, 0x0800, &[round; 60]);
-        a.send(0, &there);
-        assert_eq!(b.recv(0).frame, there, "round {round}: A to B");
-        let back = ethernet(A, B, 0x0800, &[round; 100]);
-        b.send(0, &back);
-        assert_eq!(a.recv(0).frame, back, "round {round}: B to A");
+        exchange(&mut a, &mut b, round);
         drop(a);
     }
 }
