@@ -7,6 +7,8 @@
 //! [`control`] (the JSON-RPC control socket), [`sys`] (the few raw syscalls). Storage
 //! tiering (formats, moves, policies) is an engine wrapper in [`storage::tier`].
 
+#[cfg(test)]
+pub(crate) mod alloc_count;
 pub mod config;
 pub mod control;
 pub mod daemon;

@@ -179,6 +179,9 @@ impl QueueWorker {
     ) -> Result<Self, WorkerSetupError> {
         let stats = shared.queue_stats(queue_index);
         let poller = Poller::new(shared.poll);
+        // Per-queue state sized for a full queue once: a new peak of requests in flight
+        // allocates nothing on the request path.
+        let depth = usize::from(shared.queue_size);
         Ok(Self {
             queue_index,
             shared,
@@ -186,9 +189,9 @@ impl QueueWorker {
             engine,
             memory,
             log,
-            in_flight: Slab::new(),
-            completions: Vec::new(),
-            finished: Vec::new(),
+            in_flight: Slab::with_capacity(depth),
+            completions: Vec::with_capacity(depth),
+            finished: Vec::with_capacity(depth),
             vring: None,
             poller,
             repoll: EventFd::new(EFD_NONBLOCK).map_err(WorkerSetupError::Repoll)?,
