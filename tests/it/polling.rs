@@ -92,12 +92,30 @@ fn busy_polling_stays_within_its_budget() {
         spent <= Duration::from_millis(300),
         "busy polling used {spent:?} of CPU in 2 s with a 10% budget"
     );
-    assert!(
-        spent >= Duration::from_millis(20),
-        "busy polling did not poll: {spent:?} of CPU in 2 s"
-    );
+    // (No lower bound: the budget counts wall time, so on a loaded machine the CPU it
+    // amounts to can be anything down to nothing. That busy mode polls at all is shown by
+    // the test below, by its behaviour.)
     // The device still serves at once.
     c.read(0, 8, 4096);
+}
+
+#[test]
+fn a_busy_queue_finds_a_request_posted_without_a_kick() {
+    let daemon = Daemon::start(&["--blk", "socket={dir}/b.sock,path=null,size=1M,poll=busy"]);
+    let mut c = BlkClient::connect(&daemon.path("b.sock"));
+    c.read(0, 0, 4096);
+    // No kick: only a queue that polls (and has no budget to run out of) serves it.
+    let header = c.header(crate::common::blk::T_IN, 8);
+    let data = c.alloc(4096);
+    let status = c.alloc(1);
+    c.poke(status, &[0xff]);
+    let head = c.post_quiet(
+        0,
+        &[(header, 16, false), (data, 4096, true), (status, 1, true)],
+    );
+    let used = c.wait(0, 1);
+    assert_eq!(used[0].0, head);
+    assert_eq!(c.peek(status, 1)[0], 0, "served OK");
 }
 
 const A: [u8; 6] = [0x52, 0x54, 0, 0, 0, 0x0a];
@@ -144,10 +162,6 @@ fn busy_switch_ports_are_polled_by_one_thread_within_their_budget() {
     assert!(
         spent <= Duration::from_millis(600),
         "busy polling used {spent:?} of CPU in 2 s with two ports at 10% each"
-    );
-    assert!(
-        spent >= Duration::from_millis(20),
-        "nothing polled: {spent:?}"
     );
     // Back on kicks, they still forward at once.
     let late = ethernet(B, A, 0x0800, &[0xee; 60]);

@@ -252,6 +252,12 @@ impl BlkClient {
         self.queues[q].post(mem, buffers)
     }
 
+    /// Posts `buffers` on queue `q` without a kick (only a polling device finds them).
+    pub fn post_quiet(&mut self, q: usize, buffers: &[(u64, u32, bool)]) -> u16 {
+        let mem = &self.mem.mem;
+        self.queues[q].post_quiet(mem, buffers)
+    }
+
     /// Waits for `count` completions on queue `q`.
     pub fn wait(&mut self, q: usize, count: usize) -> Vec<(u16, u32)> {
         let mem = &self.mem.mem;

@@ -32,6 +32,8 @@ pub struct Virtq {
     avail_idx: u16,
     used_idx: u16,
     next_desc: u16,
+    /// Publish without kicking ([`Virtq::post_quiet`]).
+    quiet: bool,
 }
 
 impl Virtq {
@@ -50,6 +52,7 @@ impl Virtq {
             avail_idx: 0,
             used_idx: 0,
             next_desc: 0,
+            quiet: false,
         }
     }
 
@@ -108,7 +111,15 @@ impl Virtq {
         head
     }
 
-    /// Puts `head` in the available ring and kicks.
+    /// Like [`Self::post`], without the kick (only a device that polls finds it).
+    pub fn post_quiet(&mut self, mem: &GuestMemoryMmap<()>, buffers: &[(u64, u32, bool)]) -> u16 {
+        self.quiet = true;
+        let head = self.post(mem, buffers);
+        self.quiet = false;
+        head
+    }
+
+    /// Puts `head` in the available ring and kicks (unless posting quietly).
     pub fn publish(&mut self, mem: &GuestMemoryMmap<()>, head: u16) {
         let slot = self.avail + 4 + 2 * u64::from(self.avail_idx % self.size);
         mem.write_obj(head, GuestAddress(slot)).unwrap();
@@ -121,7 +132,9 @@ impl Virtq {
         mem.write_obj(self.used_idx, GuestAddress(used_event))
             .unwrap();
         fence(Ordering::SeqCst);
-        self.kick.write(1).unwrap();
+        if !self.quiet {
+            self.kick.write(1).unwrap();
+        }
     }
 
     /// Puts `heads` in the available ring with one index update, then kicks (any value: a
