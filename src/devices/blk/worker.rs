@@ -143,6 +143,9 @@ pub struct QueueWorker {
     in_flight: Slab<InFlight>,
     completions: Vec<Completion>,
     finished: Vec<Finished>,
+    /// When the current pop pass started: the start time of the requests it starts (one
+    /// clock read per pass, not one per request).
+    clock: Option<Instant>,
     /// The vring this worker serves, learnt at the first event, for queue-stop draining.
     vring: Option<CheckedVring>,
     /// When to poll instead of sleeping.
@@ -189,6 +192,7 @@ impl QueueWorker {
             engine,
             memory,
             log,
+            clock: None,
             in_flight: Slab::with_capacity(depth),
             completions: Vec::with_capacity(depth),
             finished: Vec::with_capacity(depth),
@@ -380,6 +384,8 @@ impl QueueWorker {
         let size = state.get_queue().size();
         let limit = end.wrapping_sub(state.get_queue().next_avail()).min(size);
         let mut popped = 0usize;
+        // One clock read for the requests this pass starts (their latency counts from it).
+        self.clock = Some(Instant::now());
         while !self.gate.is_holding() && popped < usize::from(limit) {
             let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&*memory) else {
                 break;
@@ -410,6 +416,7 @@ impl QueueWorker {
             self.record_popped(next_avail);
             self.start(head, chain, &memory);
         }
+        self.clock = None;
         popped
     }
 
@@ -825,7 +832,7 @@ impl QueueWorker {
             code: VIRTIO_BLK_S_OK as u8,
             class,
             bytes: u64::from(request.data_len),
-            started: Instant::now(),
+            started: self.clock.unwrap_or_else(Instant::now),
             memory: Arc::clone(memory),
             bounce,
             written,
@@ -856,6 +863,8 @@ impl QueueWorker {
     fn complete_engine_ops(&mut self) {
         // Borrowed out and put back so the buffer keeps its capacity across batches.
         let mut completions = std::mem::take(&mut self.completions);
+        // One clock read for the batch: each request's latency ends here.
+        let now = Instant::now();
         for completion in completions.drain(..) {
             let index = usize::try_from(completion.tag).unwrap_or(usize::MAX);
             let Some(slot) = self.in_flight.get_mut(index) else {
@@ -899,8 +908,12 @@ impl QueueWorker {
                 for &(host, len) in &done.written {
                     self.log.mark_host(&done.memory, host, len);
                 }
-                self.stats
-                    .completed(done.class, done.bytes, ok, done.started.elapsed());
+                self.stats.completed(
+                    done.class,
+                    done.bytes,
+                    ok,
+                    now.saturating_duration_since(done.started),
+                );
                 self.finished.push(Finished {
                     head: done.head,
                     status: Some(done.status),
