@@ -184,7 +184,10 @@ impl QueueWorker {
         let poller = Poller::new(shared.poll);
         // Per-queue state sized for a full queue once: a new peak of requests in flight
         // allocates nothing on the request path.
-        let depth = usize::from(shared.queue_size);
+        // Capped: the configured maximum (up to 32768, on up to 64 queues) is not what the
+        // front-end sets, and reserving it all up front would cost address space (and, under
+        // strict overcommit, an abort) for nothing; a deeper queue grows these once.
+        let depth = usize::from(shared.queue_size).min(1024);
         Ok(Self {
             queue_index,
             shared,
@@ -385,7 +388,7 @@ impl QueueWorker {
         let limit = end.wrapping_sub(state.get_queue().next_avail()).min(size);
         let mut popped = 0usize;
         // One clock read for the requests this pass starts (their latency counts from it).
-        self.clock = Some(Instant::now());
+        self.clock = (limit > 0).then(Instant::now);
         while !self.gate.is_holding() && popped < usize::from(limit) {
             let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&*memory) else {
                 break;
@@ -443,6 +446,7 @@ impl QueueWorker {
     /// `storage::image_lock`), then recovers what a previous process left in flight.
     fn start_queue(&mut self, vring: &CheckedVring) {
         self.started = true;
+        self.clock = None;
         if let Some(image) = &self.shared.image {
             let had = image.is_held();
             if !image.queue_started() {
@@ -682,6 +686,8 @@ impl QueueWorker {
     }
 
     fn execute_deferred(&mut self, deferred: Deferred) {
+        // Not part of a pop pass: its latency counts from now (never from a pass's clock).
+        self.clock = None;
         let Deferred {
             head,
             request,
@@ -863,6 +869,10 @@ impl QueueWorker {
     fn complete_engine_ops(&mut self) {
         // Borrowed out and put back so the buffer keeps its capacity across batches.
         let mut completions = std::mem::take(&mut self.completions);
+        if completions.is_empty() {
+            self.completions = completions;
+            return;
+        }
         // One clock read for the batch: each request's latency ends here.
         let now = Instant::now();
         for completion in completions.drain(..) {
