@@ -104,6 +104,21 @@ impl Rig {
         self.worker.handle(Event::Queue(0), &vrings).unwrap();
     }
 
+    /// Kicks, then serves engine completions until every status byte in `statuses` is
+    /// written.
+    fn kick_and_complete(&mut self, statuses: &[u64]) {
+        use crate::devices::shell::WorkerFd;
+        self.kick();
+        let vrings = [self.queue.vring.clone()];
+        while statuses.iter().any(|&s| self.status(s) == 0xff) {
+            let fd = self.worker.completion_fd().unwrap();
+            crate::sys::poll::wait_readable_for(fd, std::time::Duration::from_secs(5)).unwrap();
+            self.worker
+                .handle(Event::Fd(WorkerFd::Completion), &vrings)
+                .unwrap();
+        }
+    }
+
     fn status(&self, at: u64) -> u8 {
         self.mem.read_obj(GuestAddress(at)).unwrap()
     }
@@ -181,7 +196,6 @@ fn after_a_failed_flush_every_later_flush_fails() {
 
 #[test]
 fn every_write_into_guest_memory_is_marked_in_the_dirty_log() {
-    use crate::devices::shell::WorkerFd;
     const MEM: usize = 4 << 20;
     let (mem, atomic) = memory(MEM);
     let queue = TestQueue::new(mem, &atomic, 0, 64);
@@ -225,15 +239,7 @@ fn every_write_into_guest_memory_is_marked_in_the_dirty_log() {
         rig.mem.read_slice(&mut b, GuestAddress(0)).unwrap();
         b
     };
-    rig.kick();
-    let vrings = [rig.queue.vring.clone()];
-    let fd = rig.worker.completion_fd().unwrap();
-    while statuses.iter().any(|&s| rig.status(s) == 0xff) {
-        crate::sys::poll::wait_readable_for(fd, std::time::Duration::from_secs(5)).unwrap();
-        rig.worker
-            .handle(Event::Fd(WorkerFd::Completion), &vrings)
-            .unwrap();
-    }
+    rig.kick_and_complete(&statuses);
     assert!(
         statuses.iter().all(|&s| rig.status(s) == 0),
         "all succeeded"
@@ -275,7 +281,6 @@ fn requests_allocate_nothing_once_the_queue_is_warm() {
     // kicks and their completions must not touch the heap (per-queue state is sized for a
     // full queue, iovec lists are reused). (The test queue cannot wrap a chain around its descriptor table: 5 rounds
     // stay inside 256 entries.)
-    use crate::devices::shell::WorkerFd;
     let image = tempfile::tempfile().unwrap();
     image.set_len(1 << 20).unwrap();
     let uring = crate::storage::uring::UringEngine::new(Arc::new(image), 64).unwrap();
@@ -285,7 +290,6 @@ fn requests_allocate_nothing_once_the_queue_is_warm() {
     ];
     for (name, engine) in engines {
         let mut rig = Rig::with_engine("", 256, engine);
-        let vrings = [rig.queue.vring.clone()];
         let mut counts = Vec::new();
         for round in 0..5u64 {
             let mut statuses = Vec::new();
@@ -294,17 +298,8 @@ fn requests_allocate_nothing_once_the_queue_is_warm() {
                 let data = (kind != T_FLUSH).then_some((4096, kind == T_IN));
                 statuses.push(rig.post(kind, round * 64 + i * 8, data).1);
             }
-            let ((), allocations) = crate::alloc_count::allocations_during(|| {
-                rig.kick();
-                while statuses.iter().any(|&s| rig.status(s) == 0xff) {
-                    let fd = rig.worker.completion_fd().unwrap();
-                    crate::sys::poll::wait_readable_for(fd, std::time::Duration::from_secs(5))
-                        .unwrap();
-                    rig.worker
-                        .handle(Event::Fd(WorkerFd::Completion), &vrings)
-                        .unwrap();
-                }
-            });
+            let ((), allocations) =
+                crate::alloc_count::allocations_during(|| rig.kick_and_complete(&statuses));
             assert!(
                 statuses.iter().all(|&s| rig.status(s) == 0),
                 "{name}: all OK"
