@@ -526,17 +526,14 @@ impl PairWorker {
             self.in_group = false;
             return Pass::Leave;
         }
-        let since = Instant::now().saturating_duration_since(self.last_look);
+        let now = Instant::now();
+        let since = now.saturating_duration_since(self.last_look);
         let worked = if has_available(tx, &self.memory.memory()) {
             match self.tx_pass(tx) {
                 Ok(TxPass::Sent(sent)) => sent > 0,
-                // QoS holds the ring: its timer resumes it on the worker's own thread.
-                Ok(TxPass::Held) => {
-                    self.in_group = false;
-                    return Pass::Leave;
-                }
-                // Stopped meanwhile (not ours to touch), or refused (kicks already on).
-                Ok(TxPass::Stopped) => {
+                // QoS holds the ring (its timer resumes it on the worker's own thread), or it
+                // stopped meanwhile (not ours to touch) or was refused (kicks already on).
+                Ok(TxPass::Held | TxPass::Stopped) => {
                     self.in_group = false;
                     return Pass::Leave;
                 }
@@ -548,12 +545,13 @@ impl PairWorker {
         } else {
             false
         };
-        // Looks after this one count from here: this pass's own work is no fruitless polling.
-        let now = Instant::now();
-        self.last_look = now;
         if worked {
+            // Looks after this one count from its end: a pass's own work is no fruitless
+            // polling. (An idle look reads the clock once.)
+            self.last_look = Instant::now();
             return Pass::Worked;
         }
+        self.last_look = now;
         self.poller.missed(since);
         if self.poller.window(now).is_zero() {
             return self.leave_group(tx);

@@ -102,6 +102,15 @@ impl CephClient {
     }
 }
 
+/// `SCHEME` + `POOL[/NAMESPACE]/NAME`: how an image and a cold tier's objects are named.
+pub(crate) fn pool_path(scheme: &str, pool: &str, namespace: &str, name: &str) -> String {
+    if namespace.is_empty() {
+        format!("{scheme}{pool}/{name}")
+    } else {
+        format!("{scheme}{pool}/{namespace}/{name}")
+    }
+}
+
 impl RbdSpec {
     /// The prefix that marks a `path=` as an RBD image.
     pub const PREFIX: &'static str = "rbd:";
@@ -151,12 +160,7 @@ impl RbdSpec {
 
     /// `POOL[/NAMESPACE]/IMAGE[@SNAP]`, for logs and `device.get`.
     pub fn display(&self) -> String {
-        let mut out = format!("{}{}/", Self::PREFIX, self.pool);
-        if !self.namespace.is_empty() {
-            out.push_str(&self.namespace);
-            out.push('/');
-        }
-        out.push_str(&self.image);
+        let mut out = pool_path(Self::PREFIX, &self.pool, &self.namespace, &self.image);
         if let Some(snap) = &self.snapshot {
             out.push('@');
             out.push_str(snap);
@@ -188,6 +192,7 @@ mod tests {
         let spec = RbdSpec::parse("rbd:vms/disk0").unwrap();
         assert_eq!((spec.pool.as_str(), spec.image.as_str()), ("vms", "disk0"));
         assert!(spec.namespace.is_empty() && spec.snapshot.is_none());
+        assert_eq!(spec.display(), "rbd:vms/disk0");
         let spec = RbdSpec::parse("rbd:vms/tenant1/disk0@golden").unwrap();
         assert_eq!(spec.namespace, "tenant1");
         assert_eq!(spec.snapshot.as_deref(), Some("golden"));

@@ -83,13 +83,7 @@ impl ObjectsSpec {
 
     /// `rados:POOL[/NAMESPACE]/PREFIX`.
     pub fn display(&self) -> String {
-        let mut out = format!("{}{}/", Self::PREFIX, self.pool);
-        if !self.namespace.is_empty() {
-            out.push_str(&self.namespace);
-            out.push('/');
-        }
-        out.push_str(&self.prefix);
-        out
+        super::pool_path(Self::PREFIX, &self.pool, &self.namespace, &self.prefix)
     }
 }
 
@@ -599,6 +593,7 @@ mod tests {
             (spec.pool.as_str(), spec.prefix.as_str()),
             ("cold", "vm1-disk0")
         );
+        assert_eq!(spec.display(), "rados:cold/vm1-disk0");
         let spec = ObjectsSpec::parse("rados:cold/tenant1/vm1").unwrap();
         assert_eq!(spec.namespace, "tenant1");
         assert_eq!(spec.display(), "rados:cold/tenant1/vm1");
