@@ -17,7 +17,7 @@ use std::sync::{Arc, MutexGuard};
 
 use vhost_user_backend::{VringMutex, VringState, VringStateGuard, VringStateMutGuard, VringT};
 use virtio_queue::{Error as QueueError, QueueT};
-use vm_memory::{Address, GuestMemoryAtomic, GuestMemoryMmap};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 
 /// The guest memory type every device uses.
 pub type GuestMemory = GuestMemoryMmap<()>;
@@ -260,114 +260,6 @@ pub fn has_available(vring: &CheckedVring, memory: &GuestMemory) -> bool {
         .avail_idx(memory, std::sync::atomic::Ordering::Acquire)
         .map(|idx| idx.0 != queue.next_avail())
         .unwrap_or(false)
-}
-
-/// Without EVENT_IDX: whether the driver left `VRING_AVAIL_F_NO_INTERRUPT` clear.
-///
-/// Why this exists: virtio-queue's `needs_notification` ignores that flag ("not supported
-/// yet") and always says yes. Polling drivers (DPDK's virtio PMD) set it; signalling them
-/// anyway costs an eventfd write per batch for nothing. The flag is only a hint (virtio 1.2
-/// §2.7.7), so skipping the interrupt when it is set is always allowed.
-pub fn driver_wants_interrupts(queue: &virtio_queue::Queue, memory: &GuestMemory) -> bool {
-    use vm_memory::Bytes;
-    const NO_INTERRUPT: u16 = 1;
-    // The used-index store before this must be visible before the flag is read (see
-    // `ring::split::SplitRing::publish_used`): else a driver that just cleared the flag and
-    // re-read the old index sleeps without an interrupt.
-    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-    let flags: Result<u16, _> = memory.load(
-        vm_memory::GuestAddress(queue.avail_ring()),
-        std::sync::atomic::Ordering::Acquire,
-    );
-    flags.map_or(true, |f| u16::from_le(f) & NO_INTERRUPT == 0)
-}
-
-/// Whether the driver wants an interrupt for what was just added to the used ring: the
-/// EVENT_IDX rule when negotiated (virtio-queue), the NO_INTERRUPT flag otherwise.
-pub fn needs_signal(
-    state: &mut vhost_user_backend::VringState<AtomicGuestMemory>,
-    memory: &GuestMemory,
-) -> Result<bool, QueueError> {
-    if state.get_queue().event_idx_enabled() {
-        state.needs_notification()
-    } else {
-        Ok(driver_wants_interrupts(state.get_queue(), memory))
-    }
-}
-
-/// Adds several used elements and makes them visible to the driver with a single used-index
-/// store; returns whether the driver asked to be notified.
-///
-/// Why this exists: virtio-queue's `add_used` publishes the used index after every element.
-/// A mergeable receive frame spread over several buffers must appear whole: Linux reads the
-/// first buffer's `num_buffers` and fetches the rest at once, dropping the frame ("buffers
-/// missing") if they are not there yet. QEMU (`virtqueue_fill` + `virtqueue_flush`) and
-/// vhost-net (`vhost_add_used_n`) publish such frames in one step too.
-pub fn add_used_batch(
-    queue: &mut virtio_queue::Queue,
-    memory: &GuestMemory,
-    entries: &[(u16, u32)],
-) -> Result<bool, QueueError> {
-    use std::num::Wrapping;
-    use vm_memory::{Bytes, GuestAddress};
-    const USED_HEADER: u64 = 4;
-    const USED_ELEMENT: u64 = 8;
-    let size = queue.size();
-    if size == 0 {
-        return Err(QueueError::InvalidSize);
-    }
-    let used_ring = GuestAddress(queue.used_ring());
-    let old = Wrapping(queue.next_used());
-    let mut next = old;
-    for &(head, len) in entries {
-        if head >= size {
-            return Err(QueueError::InvalidDescriptorIndex);
-        }
-        let slot = u64::from(next.0.checked_rem(size).unwrap_or(0));
-        let offset = slot
-            .checked_mul(USED_ELEMENT)
-            .and_then(|o| o.checked_add(USED_HEADER))
-            .ok_or(QueueError::AddressOverflow)?;
-        let addr = used_ring
-            .checked_add(offset)
-            .ok_or(QueueError::AddressOverflow)?;
-        let mut element = [0u8; 8];
-        let (id, length) = element.split_at_mut(4);
-        id.copy_from_slice(&u32::from(head).to_le_bytes());
-        length.copy_from_slice(&len.to_le_bytes());
-        memory
-            .write_slice(&element, addr)
-            .map_err(QueueError::GuestMemory)?;
-        next += Wrapping(1);
-    }
-    queue.set_next_used(next.0);
-    let idx_addr = used_ring
-        .checked_add(2)
-        .ok_or(QueueError::AddressOverflow)?;
-    memory
-        .store(
-            u16::to_le(next.0),
-            idx_addr,
-            std::sync::atomic::Ordering::Release,
-        )
-        .map_err(QueueError::GuestMemory)?;
-    if !queue.event_idx_enabled() {
-        return Ok(driver_wants_interrupts(queue, memory));
-    }
-    // Make the index store visible before reading the driver's used_event.
-    std::sync::atomic::fence(std::sync::atomic::Ordering::SeqCst);
-    let event_offset = u64::from(size)
-        .checked_mul(2)
-        .and_then(|o| o.checked_add(USED_HEADER))
-        .ok_or(QueueError::AddressOverflow)?;
-    let event_addr = GuestAddress(queue.avail_ring())
-        .checked_add(event_offset)
-        .ok_or(QueueError::AddressOverflow)?;
-    let used_event: u16 = memory
-        .load(event_addr, std::sync::atomic::Ordering::Acquire)
-        .map_err(QueueError::GuestMemory)?;
-    let used_event = Wrapping(u16::from_le(used_event));
-    Ok(next - used_event - Wrapping(1) < next - old)
 }
 
 #[cfg(test)]

@@ -146,6 +146,21 @@ impl<'q, 'a, 'm> Burst<'q, 'a, 'm> {
         self.avail_end.0
     }
 
+    /// The queue's size.
+    pub fn size(&self) -> u16 {
+        self.ring.size()
+    }
+
+    /// The avail position of the next chain to take (every entry before it was taken).
+    pub fn next_avail(&self) -> u16 {
+        self.next_avail.0
+    }
+
+    /// The used index once the burst is finished (counting the entries added so far).
+    pub fn next_used(&self) -> u16 {
+        self.next_used.0
+    }
+
     /// Takes the next chain into `out`: `None` when the ring is empty, else its head and
     /// whether it could be walked (a broken chain is taken too: the caller returns it).
     pub fn pop(&mut self, out: &mut Buffers) -> Result<Option<Popped>, RingError> {

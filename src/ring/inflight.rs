@@ -17,14 +17,17 @@
 //!    skips an avail entry (a head beyond the ring, a head published twice: we skip those and
 //!    serve what follows). We record it instead, in the header's `features` word, which only
 //!    the backend uses: bit 63 set, position in the low 16 bits;
-//! 3. [`InflightQueue::before_put`] (`last_batch_head = head`), then the used entry and used
-//!    index are published, then [`InflightQueue::after_put`] (`inflight = 0`, then
-//!    `used_idx` = the ring's new used index).
+//! 3. completions are returned in batches: the used entries are written and the used index
+//!    published once (`ring::burst`), then [`InflightQueue::returned`] for each head
+//!    (`inflight = 0`), then [`InflightQueue::used_to`] (`used_idx` = the ring's new used
+//!    index). libvhost-user marks `last_batch_head` before each single entry instead; a batch
+//!    needs more than one head, and the used ring already holds them.
 //!
 //! After a crash, [`InflightQueue::recover`] compares the header's `used_idx` with the used
-//! index in guest memory: if they differ, the crash fell between publishing an entry and
-//! clearing it, so `last_batch_head` is cleared. What is still marked in flight is then
-//! exactly what was taken and not returned: resubmitted by counter. A crash between `begin`
+//! index in guest memory: if the ring is ahead, the crash fell between publishing a batch and
+//! recording it, and the heads in the used entries between the two indices (the driver
+//! never writes the used ring) are cleared. What is still marked in flight is then exactly
+//! what was taken and not returned: resubmitted by counter. A crash between `begin`
 //! and `popped_to` leaves a head both marked and not yet counted as taken: the device sees it
 //! published again while resubmitted and skips the duplicate.
 //!
@@ -174,8 +177,9 @@ impl InflightQueue {
     }
 
     /// Reads what a previous process left: see the module docs. `used_idx` is the used
-    /// index in guest memory now.
-    pub fn recover(&mut self, used_idx: u16) -> Recovery {
+    /// index in guest memory now, `used_id` the descriptor id in a used-ring position (`None`:
+    /// the ring cannot be read).
+    pub fn recover(&mut self, used_idx: u16, used_id: impl Fn(u16) -> Option<u32>) -> Recovery {
         let version = self.load_u16(8);
         let desc_num = self.load_u16(10);
         if version != VERSION || desc_num != self.size {
@@ -185,12 +189,21 @@ impl InflightQueue {
                 ..Recovery::default()
             };
         }
-        if self.load_u16(14) != used_idx {
-            // The crash fell between publishing the last entry and clearing it.
-            let last = self.load_u16(12);
-            if last < self.size {
-                if let Some(flag) = self.u8_at(Self::entry(last)) {
-                    flag.store(0, Ordering::Release);
+        let recorded = self.load_u16(14);
+        if recorded != used_idx {
+            // The crash fell between publishing a batch and recording it: what the used ring
+            // holds between the two indices was returned. More than a ring apart, the record
+            // is not ours (or the ring was reset): nothing to clear.
+            let published = used_idx.wrapping_sub(recorded);
+            if published <= self.size {
+                for position in (0..published).map(|i| recorded.wrapping_add(i)) {
+                    let head = used_id(position).and_then(|id| u16::try_from(id).ok());
+                    if let Some(flag) = head
+                        .filter(|&h| h < self.size)
+                        .and_then(|h| self.u8_at(Self::entry(h)))
+                    {
+                        flag.store(0, Ordering::Release);
+                    }
                 }
             }
             self.store_u16(14, used_idx);
@@ -226,18 +239,18 @@ impl InflightQueue {
         self.store_u64(0, AVAIL_VALID | u64::from(next_avail));
     }
 
-    /// `head`'s used entry is about to be published.
-    pub fn before_put(&self, head: u16) {
-        self.store_u16(12, head);
-    }
-
-    /// `head`'s used entry was published; the ring's used index is now `used_idx`.
-    pub fn after_put(&self, head: u16, used_idx: u16) {
+    /// `head` was returned: its used entry is published (the used index covers it).
+    pub fn returned(&self, head: u16) {
         if head < self.size {
             if let Some(flag) = self.u8_at(Self::entry(head)) {
                 flag.store(0, Ordering::Release);
             }
         }
+    }
+
+    /// Every head returned so far was cleared ([`InflightQueue::returned`]); the ring's used
+    /// index is now `used_idx`.
+    pub fn used_to(&self, used_idx: u16) {
         self.store_u16(14, used_idx);
     }
 }
@@ -279,25 +292,25 @@ mod tests {
     fn a_fresh_region_is_reset_and_reports_nothing() {
         let mut region = Region::new(8);
         let mut q = region.queue(8);
-        let r = q.recover(5);
+        let r = q.recover(5, |_| None);
         assert!(r.fresh);
         assert!(r.pending.is_empty());
         assert_eq!(r.next_avail, None);
         // A region left for another queue size is not trusted either.
         q.begin(3);
         let mut other = region.queue(4);
-        assert!(other.recover(5).fresh);
+        assert!(other.recover(5, |_| None).fresh);
     }
 
-    /// Runs `steps` on a fresh queue, then recovers in a new "process" with the used index
-    /// the ring shows.
-    fn crash_after(steps: impl FnOnce(&mut InflightQueue), ring_used: u16) -> Recovery {
+    /// Runs `steps` on a fresh queue, then recovers in a new "process" with the used ring
+    /// holding `used` (ids from position 0; the used index is its length).
+    fn crash_after(steps: impl FnOnce(&mut InflightQueue), used: &[u32]) -> Recovery {
         let mut region = Region::new(8);
         let mut q = region.queue(8);
-        q.recover(0);
+        q.recover(0, |_| None);
         steps(&mut q);
         let mut again = region.queue(8);
-        again.recover(ring_used)
+        again.recover(used.len() as u16, |p| used.get(usize::from(p)).copied())
     }
 
     #[test]
@@ -309,10 +322,10 @@ mod tests {
                 }
                 q.popped_to(3);
                 // The second request completes first.
-                q.before_put(1);
-                q.after_put(1, 1);
+                q.returned(1);
+                q.used_to(1);
             },
-            1,
+            &[1],
         );
         assert_eq!(
             r.pending,
@@ -323,28 +336,60 @@ mod tests {
     }
 
     #[test]
-    fn a_crash_between_publishing_and_clearing_does_not_complete_twice() {
+    fn a_crash_between_publishing_and_recording_does_not_complete_twice() {
+        // A batch of two published (the ring shows them), the crash before either is cleared.
+        let batch = |q: &mut InflightQueue| {
+            for head in [2, 5, 7] {
+                q.begin(head);
+            }
+            q.popped_to(3);
+        };
+        assert_eq!(crash_after(batch, &[7, 2]).pending, vec![5]);
+        // ...or after clearing one of them.
         let r = crash_after(
             |q| {
-                q.begin(2);
-                q.begin(5);
-                q.popped_to(2);
-                q.before_put(5);
-                // Used entry and index published (ring shows 1), then the crash.
+                batch(q);
+                q.returned(7);
             },
-            1,
+            &[7, 2],
         );
-        assert_eq!(r.pending, vec![2]);
-        // Before publishing, the head is still pending.
+        assert_eq!(r.pending, vec![5]);
+        // A later batch: only the entries past the recorded index are cleared by recovery.
         let r = crash_after(
             |q| {
-                q.begin(2);
-                q.popped_to(1);
-                q.before_put(2);
+                batch(q);
+                q.returned(7);
+                q.used_to(1);
+                // Head 7 taken again and still in flight; 2 published, not recorded.
+                q.begin(7);
+                q.popped_to(4);
             },
-            0,
+            &[7, 2],
         );
-        assert_eq!(r.pending, vec![2]);
+        assert_eq!(r.pending, vec![5, 7]);
+        // Before publishing, the heads are still pending.
+        assert_eq!(crash_after(batch, &[]).pending, vec![2, 5, 7]);
+    }
+
+    #[test]
+    fn recovery_trusts_no_used_entry_it_cannot_use() {
+        let batch = |q: &mut InflightQueue| {
+            for head in [0, 3] {
+                q.begin(head);
+            }
+            q.popped_to(2);
+        };
+        // Ids beyond the ring or beyond u16 clear nothing.
+        assert_eq!(crash_after(batch, &[8, 65536 + 3]).pending, vec![0, 3]);
+        // A used index more than a ring ahead of the record is not a batch of ours.
+        let ids: Vec<u32> = vec![3; 9];
+        assert_eq!(crash_after(batch, &ids).pending, vec![0, 3]);
+        // An unreadable ring clears nothing either.
+        let mut region = Region::new(8);
+        let mut q = region.queue(8);
+        q.recover(0, |_| None);
+        batch(&mut q);
+        assert_eq!(region.queue(8).recover(2, |_| None).pending, vec![0, 3]);
     }
 
     #[test]
@@ -359,7 +404,7 @@ mod tests {
                 q.begin(7);
                 q.popped_to(3);
             },
-            0,
+            &[],
         );
         assert_eq!(r.pending, vec![0, 7]);
         assert_eq!(r.next_avail, Some(3));
@@ -369,26 +414,27 @@ mod tests {
     fn counters_go_on_after_recovery_and_garbage_stays_in_bounds() {
         let mut region = Region::new(8);
         let mut q = region.queue(8);
-        q.recover(0);
+        q.recover(0, |_| None);
         q.begin(1);
         q.begin(2);
         let mut again = region.queue(8);
-        assert_eq!(again.recover(0).pending, vec![1, 2]);
+        assert_eq!(again.recover(0, |_| None).pending, vec![1, 2]);
         again.begin(0);
         let mut third = region.queue(8);
         assert_eq!(
-            third.recover(0).pending,
+            third.recover(0, |_| None).pending,
             vec![1, 2, 0],
             "taken after the others"
         );
         // Out-of-range heads from a confused caller or a hostile region change nothing.
         third.begin(8);
-        third.after_put(100, 0);
+        third.returned(100);
+        third.used_to(0);
         for byte in region.0.iter_mut() {
             *byte = u64::MAX;
         }
         let mut garbage = region.queue(8);
-        let r = garbage.recover(3);
+        let r = garbage.recover(3, |_| None);
         assert!(r.fresh, "version and size do not match: reset");
     }
 }

@@ -33,19 +33,21 @@ use super::bounce::{self, Bounce};
 use super::request::{self, Rejection, Request, RequestKind};
 use super::shared::DeviceShared;
 use super::stats::{OpClass, QueueStats};
-use crate::devices::desc::Buffers;
+use crate::devices::desc::{Buffer, Buffers};
 use crate::devices::poll::{spin, Look, PollMode, Poller, MAX_SPELL};
 use crate::devices::shell::inflight::InflightRegion;
 use crate::log_limit::LogLimiter;
 use crate::qos::gate::Gate;
 use crate::qos::limiter::{Cost, CostKind};
 use crate::qos::timer::TimerError;
+use crate::ring::burst::Burst;
 use crate::ring::dirty::DirtyLog;
 use crate::ring::inflight::InflightQueue;
+use crate::ring::map::MemMap;
+use crate::ring::split::SplitRing;
 use crate::storage::{Completion, Engine, GuestIovecs, IoOp, OpKind};
 use crate::vring::{
-    avail_index, has_available, needs_signal, AtomicGuestMemory, CheckedVring, EmptyPasses,
-    GuestMemory, HeadSet,
+    avail_index, has_available, AtomicGuestMemory, CheckedVring, EmptyPasses, GuestMemory, HeadSet,
 };
 use std::os::fd::AsRawFd;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
@@ -143,6 +145,8 @@ pub struct QueueWorker {
     in_flight: Slab<InFlight>,
     completions: Vec<Completion>,
     finished: Vec<Finished>,
+    /// The chain being parsed (reused: a pass allocates nothing for it).
+    descs: Buffers,
     /// When the current pop pass started: the start time of the requests it starts (one
     /// clock read per pass, not one per request).
     clock: Option<Instant>,
@@ -199,6 +203,7 @@ impl QueueWorker {
             in_flight: Slab::with_capacity(depth),
             completions: Vec::with_capacity(depth),
             finished: Vec::with_capacity(depth),
+            descs: Buffers::new(),
             vring: None,
             poller,
             repoll: EventFd::new(EFD_NONBLOCK).map_err(WorkerSetupError::Repoll)?,
@@ -378,25 +383,27 @@ impl QueueWorker {
         // The avail index first, then the memory map the requests are parsed with: a request
         // published up to that index has its buffers in this map (the front-end added their
         // region, got the reply, then published); one published later may need a newer map,
-        // so it waits for the next pass (it was refused as a bad address under load before).
+        // so it waits for the next pass (`Burst::up_to`).
         let mut state = vring.get_mut();
-        let Some(end) = avail_index(state.get_queue(), &self.memory) else {
+        let end = avail_index(state.get_queue(), &self.memory);
+        let memory = self.memory.memory().into_inner();
+        let map = MemMap::new(&memory);
+        // A ring that cannot be served (unmapped, misaligned, an avail index more than a ring
+        // ahead) takes nothing: the caller counts it once it stays that way.
+        let Ok(mut burst) = Burst::bounded(state.get_queue_mut(), &map, end) else {
             return 0;
         };
-        let memory = self.memory.memory().into_inner();
-        let size = state.get_queue().size();
-        let limit = end.wrapping_sub(state.get_queue().next_avail()).min(size);
+        let mut descs = std::mem::take(&mut self.descs);
         let mut popped = 0usize;
         // One clock read for the requests this pass starts (their latency counts from it).
-        self.clock = (limit > 0).then(Instant::now);
-        while !self.gate.is_holding() && popped < usize::from(limit) {
-            let Some(chain) = state.get_queue_mut().pop_descriptor_chain(&*memory) else {
+        self.clock = (burst.available().unwrap_or(0) > 0).then(Instant::now);
+        while !self.gate.is_holding() {
+            let Ok(Some((head, walked))) = burst.pop(&mut descs) else {
                 break;
             };
             popped = popped.saturating_add(1);
-            let head = chain.head_index();
-            let next_avail = state.get_queue().next_avail();
-            if head >= state.get_queue().size() {
+            let next_avail = burst.next_avail();
+            if head >= burst.size() {
                 // A head beyond the ring: nothing can be read or returned for it. Skip it and
                 // serve what follows (the queue never stops silently behind one bad entry).
                 self.skip_head(head, "is beyond the ring");
@@ -417,8 +424,14 @@ impl QueueWorker {
                 inflight.begin(head);
             }
             self.record_popped(next_avail);
-            self.start(head, chain, &memory);
+            let buffers = walked
+                .map(|()| descs.as_slice())
+                .map_err(|_| request::Reason::BrokenChain);
+            self.start_buffers(head, buffers, &memory);
         }
+        // Nothing is used in a pop burst (completions go back in `return_finished`).
+        let _ = burst.finish();
+        self.descs = descs;
         self.clock = None;
         popped
     }
@@ -508,15 +521,17 @@ impl QueueWorker {
             let Ok(used) = ring.used_idx(&*memory, Ordering::Acquire) else {
                 return;
             };
-            let recovery = queue.recover(used.0);
+            let map = MemMap::new(&memory);
+            let split = SplitRing::new(&map, ring);
+            let recovery = queue.recover(used.0, |position| {
+                split.as_ref().ok().map(|split| split.used_id(position))
+            });
             log::debug!(
                 "{}: queue {}: inflight region: used {} {recovery:?}",
                 self.shared.id,
                 self.queue_index,
                 used.0
             );
-            let map = crate::ring::map::MemMap::new(&memory);
-            let split = crate::ring::split::SplitRing::new(&map, ring);
             if let Some(mut next_avail) = recovery.next_avail {
                 // A crash between marking a head and recording its avail entry as taken
                 // leaves the entry at the recorded position holding the newest marked head:
@@ -561,7 +576,7 @@ impl QueueWorker {
         }
         self.inflight = Some((region, queue));
         for (head, buffers) in pending {
-            self.start_buffers(head, buffers, &memory);
+            self.start_buffers(head, buffers.as_deref().map_err(|r| *r), &memory);
         }
     }
 
@@ -638,17 +653,10 @@ impl QueueWorker {
         }
     }
 
-    fn start<C>(&mut self, head: u16, chain: C, memory: &Arc<GuestMemory>)
-    where
-        C: Iterator<Item = virtio_queue::desc::split::Descriptor>,
-    {
-        self.start_buffers(head, request::collect_buffers(chain), memory);
-    }
-
     fn start_buffers(
         &mut self,
         head: u16,
-        buffers: Result<Buffers, request::Reason>,
+        buffers: Result<&[Buffer], request::Reason>,
         memory: &Arc<GuestMemory>,
     ) {
         let parsed = buffers
@@ -657,7 +665,7 @@ impl QueueWorker {
                 code: VIRTIO_BLK_S_IOERR as u8,
                 reason,
             })
-            .and_then(|buffers| request::parse(memory, &buffers, self.shared.limits()));
+            .and_then(|buffers| request::parse(memory, buffers, self.shared.limits()));
         match parsed {
             Ok(request) => self.admit(head, request, memory),
             Err(rejection) => {
@@ -936,41 +944,53 @@ impl QueueWorker {
         self.completions = completions;
     }
 
+    /// Returns what finished to the driver in one burst: status bytes, used entries, one
+    /// used-index store, then (with an inflight region) the heads cleared and the new used
+    /// index recorded (`ring::inflight`), and at most one interrupt.
     fn return_finished(&mut self, vring: &CheckedVring) -> Result<(), WorkerError> {
         if self.finished.is_empty() {
             return Ok(());
         }
-        let memory = self.memory.memory();
-        // One vring lock for the whole batch: used entries, then the notification decision.
+        let memory = self.memory.memory().into_inner();
+        let map = MemMap::new(&memory);
         let mut state = vring.get_mut();
-        for done in self.finished.drain(..) {
-            // The head goes back to the driver whatever happens to its used entry.
-            self.heads.release(done.head);
-            let used_len = match done.status {
-                Some(addr) if memory.write_obj(done.code, addr).is_ok() => {
-                    self.log.mark(addr.0, 1);
-                    done.used_len
+        let notify = match Burst::new(state.get_queue_mut(), &map) {
+            Ok(burst) => {
+                let mut burst = burst.with_log(Some(&self.log));
+                for done in &self.finished {
+                    let used_len = match done.status {
+                        Some(addr) if map.write(addr.0, &[done.code]) => {
+                            self.log.mark(addr.0, 1);
+                            done.used_len
+                        }
+                        _ => 0,
+                    };
+                    burst.used(done.head, used_len);
                 }
-                _ => 0,
-            };
-            if let Some((_, inflight)) = &self.inflight {
-                inflight.before_put(done.head);
+                let used_idx = burst.next_used();
+                let notify = burst.finish();
+                if let Some((_, inflight)) = &self.inflight {
+                    for done in &self.finished {
+                        inflight.returned(done.head);
+                    }
+                    inflight.used_to(used_idx);
+                }
+                notify
             }
-            // One entry that cannot be returned (its used slot unwritable) must not keep the
-            // others from being returned: count it and go on.
-            if state.add_used(done.head, used_len).is_err() {
+            Err(_) => {
+                // The used ring cannot be written (the front-end moved or unmapped it):
+                // nothing can be returned; count it. The heads go back to the driver's side of
+                // the books all the same (a reset ring starts empty).
                 self.stats.ring_error();
+                false
             }
-            if let Some((_, inflight)) = &self.inflight {
-                inflight.after_put(done.head, state.get_queue().next_used());
-            }
+        };
+        for done in self.finished.drain(..) {
+            self.heads.release(done.head);
         }
-        {
-            let queue = state.get_queue();
-            self.log.mark_used_ring(queue.used_ring(), queue.size());
-        }
-        if std::mem::take(&mut self.force_signal) | needs_signal(&mut state, &memory)? {
-            state.signal_used_queue().map_err(WorkerError::Signal)?;
+        drop(state);
+        if std::mem::take(&mut self.force_signal) | notify {
+            vring.signal_used_queue().map_err(WorkerError::Signal)?;
         }
         Ok(())
     }

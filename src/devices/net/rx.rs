@@ -4,7 +4,8 @@
 //! then return exactly the chains used, with `num_buffers` set, in one step.
 //!
 //! Without `VIRTIO_NET_F_MRG_RXBUF` a frame must fit one chain. With it, a frame may span
-//! several chains; they are published together (see [`add_used_batch`]). Chains taken but not
+//! several chains; they are published together (one used-index store per burst,
+//! `ring::burst`: Linux drops a frame whose later buffers are not visible yet). Chains taken but not
 //! needed are put back (the ring's next-avail index is rewound), so nothing the guest posted is
 //! wasted. A malformed chain is returned with length 0 and counted; chains taken before it in
 //! the same batch go back with length 0 too (they cannot be put back past it) — this only

@@ -298,7 +298,7 @@ mod tests {
         // A request taken on queue 1 under the first connection...
         let region = slot.current().unwrap();
         let mut q = region.queue(1).unwrap();
-        q.recover(0);
+        q.recover(0, |_| None);
         q.begin(17);
         drop(region);
         // ...is found by the next one, which brings the same fd back.
@@ -306,7 +306,10 @@ mod tests {
         assert!(slot.current().is_none());
         slot.set(&reply, Some(&fd)).unwrap();
         let region = slot.current().unwrap();
-        assert_eq!(region.queue(1).unwrap().recover(0).pending, vec![17]);
+        assert_eq!(
+            region.queue(1).unwrap().recover(0, |_| None).pending,
+            vec![17]
+        );
         assert!(region.queue(2).is_none());
         // The memfd cannot shrink under anyone's mapping.
         assert!(fd.set_len(0).is_err());
