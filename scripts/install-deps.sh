@@ -2,7 +2,7 @@
 # Installs what building, the demo and the tests need on a Debian machine (run as root):
 # QEMU (TCG guests, qemu-storage-daemon), busybox-static and cpio (guest initramfs),
 # util-linux (losetup/mount for the durability test), python3 (the import-circle check),
-# prometheus/promtool (the metrics test), dpkg-deb (the package test), libvirt (the libvirt
+# prometheus/promtool (the metrics test), dpdk-testpmd (the DPDK front-end test), dpkg-deb (the package test), libvirt (the libvirt
 # test), Ceph (a single-node cluster for the rbd: tests: scripts/ceph-cluster.sh; librbd1 for
 # the daemon's rbd engine; qemu-block-extra for qemu-storage-daemon's rbd driver);
 # checks the Rust toolchain (rustup stable with rustfmt and clippy; it is not installed here).
@@ -24,6 +24,9 @@ have python3 || need_apt+=(python3)
 have prometheus || need_apt+=(prometheus)
 have promtool || need_apt+=(prometheus)
 have dpkg-deb || need_apt+=(dpkg)
+# DPDK's testpmd: a front-end that is not ours (virtio_user) for the switch test, and the
+# peer of scripts/compare-dpdk.sh.
+have dpdk-testpmd || need_apt+=(dpdk-dev)
 # libvirt (the libvirt test starts libvirtd itself: scripts/libvirt-up.sh).
 have libvirtd || need_apt+=(libvirt-daemon libvirt-daemon-driver-qemu)
 have virsh || need_apt+=(libvirt-clients)

@@ -11,6 +11,7 @@ mod blk_hostile;
 mod blk_io;
 mod blkio_frontend;
 mod control;
+mod dpdk_frontend;
 mod ffi_c;
 mod fuzz_replay;
 pub(crate) mod guest_blk;

@@ -317,6 +317,9 @@ impl QueueWorker {
             }
             if empty_passes.stalled(popped) {
                 self.ring_unusable(vring);
+                // Kicks back on (the driver's next publication brings the next look): a ring
+                // left with kicks off would never be looked at again.
+                let _ = vring.enable_notification()?;
                 return Ok(());
             }
             let now = Instant::now();

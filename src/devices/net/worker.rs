@@ -454,12 +454,19 @@ impl PairWorker {
                 TxPass::Sent(sent) => sent,
                 TxPass::Held | TxPass::Stopped => return Ok(()),
             };
-            if sent == TX_BURST {
-                continue;
-            }
+            // Counted before a full burst goes round again: a full burst between two empty
+            // passes (a wake-up that found the ring drained, then the driver's next batch)
+            // is progress, not a stall. (It once counted as one, and the ring was left with
+            // kicks off: the driver never kicked again and the queue stopped for good.)
             if empty_passes.stalled(sent) {
                 self.shared.stats.ring_error();
+                // Kicks back on, whatever the ring shows: the driver's next publication
+                // brings the next look (bounded work per kick on a ring that stays broken).
+                let _ = tx.enable_notification()?;
                 return Ok(());
+            }
+            if sent == TX_BURST {
+                continue;
             }
             if self.in_group {
                 // The busy-poll group looks at the ring from here; kicks stay off.
