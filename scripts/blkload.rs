@@ -1,7 +1,8 @@
 //! `blkload`: a vhost-user-blk load generator built on libblkio (the `blkio` crate), used by
 //! `scripts/compare-qsd.sh` to drive novacrond and qemu-storage-daemon with the very same
-//! client. Keeps `--qd` requests in flight on one queue for `--seconds`, random offsets,
-//! and prints one JSON line: IOPS and latency percentiles. `--poll on` makes the client
+//! client. Keeps `--qd` requests in flight on each of `--queues` queues (default 1; one thread
+//! per queue) for `--seconds`, random offsets, and prints one JSON line: IOPS (all queues)
+//! and latency percentiles. `--poll on` makes the client
 //! busy-poll completions (no interrupts), so the backend's own cost decides the result.
 //!
 //! `cargo run --release --example blkload -- --socket S --rw randread --bs 4096 --qd 32 --seconds 5`
@@ -20,6 +21,8 @@ struct Args {
     seconds: f64,
     /// Busy-poll the used ring instead of sleeping on interrupts (libblkio poll queue).
     poll: bool,
+    /// Queues, each driven by its own thread with `qd` requests in flight.
+    queues: usize,
 }
 
 fn parse_args() -> Args {
@@ -30,6 +33,7 @@ fn parse_args() -> Args {
         qd: 1,
         seconds: 5.0,
         poll: false,
+        queues: 1,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -41,11 +45,19 @@ fn parse_args() -> Args {
             "--qd" => args.qd = value.parse().unwrap(),
             "--seconds" => args.seconds = value.parse().unwrap(),
             "--poll" => args.poll = value == "on",
+            "--queues" => args.queues = value.parse().unwrap(),
             other => panic!("unknown flag {other}"),
         }
     }
     assert!(!args.socket.is_empty(), "--socket is required");
     args
+}
+
+/// What one queue's thread measured.
+struct Measured {
+    latencies: Vec<u32>,
+    counted: u64,
+    measured: Duration,
 }
 
 fn main() {
@@ -54,26 +66,66 @@ fn main() {
     blkio.set_str("path", &args.socket).unwrap();
     blkio.connect().unwrap();
     let capacity = blkio.get_u64("capacity").unwrap();
+    let queues = i32::try_from(args.queues).unwrap();
     if args.poll {
         blkio.set_i32("num-queues", 0).unwrap();
-        blkio.set_i32("num-poll-queues", 1).unwrap();
+        blkio.set_i32("num-poll-queues", queues).unwrap();
     } else {
-        blkio.set_i32("num-queues", 1).unwrap();
+        blkio.set_i32("num-queues", queues).unwrap();
     }
     let mut started = blkio.start().unwrap();
-    let region = blkio.alloc_mem_region(args.qd * args.bs).unwrap();
+    let per_queue = args.qd * args.bs;
+    let region = blkio.alloc_mem_region(per_queue * args.queues).unwrap();
     blkio.map_mem_region(&region).unwrap();
     let base = region.addr as *mut u8;
-    // SAFETY: the region is qd*bs bytes, mapped, and only used as I/O buffers here.
-    unsafe { std::ptr::write_bytes(base, 0xA5, args.qd * args.bs) };
-    let q = if args.poll {
-        &mut started.poll_queues[0]
+    // SAFETY: the region is queues*qd*bs bytes, mapped, and only used as I/O buffers here.
+    unsafe { std::ptr::write_bytes(base, 0xA5, per_queue * args.queues) };
+    let qs = if args.poll {
+        std::mem::take(&mut started.poll_queues)
     } else {
-        &mut started.queues[0]
+        std::mem::take(&mut started.queues)
     };
+    let args = &args;
+    let results: Vec<Measured> = std::thread::scope(|scope| {
+        let threads: Vec<_> = qs
+            .into_iter()
+            .enumerate()
+            .map(|(i, q)| {
+                // Each queue's buffers: its own qd*bs slice of the region.
+                let buffers = base as usize + i * per_queue;
+                scope.spawn(move || drive(args, q, buffers, capacity, i as u64))
+            })
+            .collect();
+        threads.into_iter().map(|t| t.join().unwrap()).collect()
+    });
+    let counted: u64 = results.iter().map(|m| m.counted).sum();
+    let iops: f64 = results
+        .iter()
+        .map(|m| m.counted as f64 / m.measured.as_secs_f64().max(1e-9))
+        .sum();
+    let mut latencies: Vec<u32> = results.into_iter().flat_map(|m| m.latencies).collect();
+    latencies.sort_unstable();
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+            .map_or(0.0, |&ns| f64::from(ns) / 1000.0)
+    };
+    println!(
+        "{{\"iops\":{:.0},\"p50_us\":{:.1},\"p99_us\":{:.1},\"requests\":{}}}",
+        iops,
+        pct(0.50),
+        pct(0.99),
+        counted
+    );
+    drop(started);
+}
 
+/// Keeps `qd` requests in flight on `q` (buffers at address `buffers`) for the run.
+fn drive(args: &Args, mut q: blkio::Blkioq, buffers: usize, capacity: u64, seed: u64) -> Measured {
+    let q = &mut q;
+    let base = buffers as *mut u8;
     let blocks = capacity / args.bs as u64;
-    let mut rng: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut rng: u64 = 0x9E37_79B9_7F4A_7C15 ^ (seed.wrapping_mul(0x2545_F491_4F6C_DD1D));
     let mut next_offset = || {
         rng ^= rng << 13;
         rng ^= rng >> 7;
@@ -81,7 +133,8 @@ fn main() {
         (rng % blocks) * args.bs as u64
     };
     let submit = |q: &mut blkio::Blkioq, slot: usize, offset: u64| {
-        // SAFETY: slot < qd, so the buffer lies in the region; one request per slot at a time.
+        // SAFETY: slot < qd, so the buffer lies in this queue's slice of the region; one
+        // request per slot at a time.
         let buf = unsafe { base.add(slot * args.bs) };
         if args.write {
             q.write(offset, buf, args.bs, slot, ReqFlags::empty());
@@ -129,18 +182,9 @@ fn main() {
             break;
         }
     }
-    let measured = measure_start.map_or(Duration::ZERO, |s| s.elapsed());
-    latencies.sort_unstable();
-    let pct = |p: f64| {
-        latencies
-            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
-            .map_or(0.0, |&ns| f64::from(ns) / 1000.0)
-    };
-    println!(
-        "{{\"iops\":{:.0},\"p50_us\":{:.1},\"p99_us\":{:.1},\"requests\":{}}}",
-        counted as f64 / measured.as_secs_f64(),
-        pct(0.50),
-        pct(0.99),
-        counted
-    );
+    Measured {
+        latencies,
+        counted,
+        measured: measure_start.map_or(Duration::ZERO, |s| s.elapsed()),
+    }
 }

@@ -6,7 +6,8 @@
 # which takes the client's wake-up cost out so the backend's own cost decides). The daemon is
 # pinned to CPU 1 and the load generator to CPU 0; runs are interleaved (A B B A ...), ROUNDS
 # of each, SECONDS long; the table shows medians and novacrond/qsd ratios (>1 means novacrond
-# is faster for IOPS, lower is better for latency).
+# is faster for IOPS, lower is better for latency), the CPU each daemon used (cores, all its
+# threads, from /proc/PID/stat), requests per CPU-second, and the spread of the runs.
 #
 # Usage: scripts/compare-qsd.sh [ROUNDS=3] [SECONDS=5]
 set -euo pipefail
@@ -56,6 +57,10 @@ start_daemon() { # which backing
     exit 1
 }
 
+cpu_ticks() { # utime + stime of the daemon (all its threads), in clock ticks
+    awk '{print $14 + $15}' "/proc/$daemon_pid/stat"
+}
+
 results="$work/results.txt"
 : > "$results"
 for backing in null file; do
@@ -69,10 +74,12 @@ for backing in null file; do
                     start_daemon "$which" "$backing"
                     poll=off
                     [ "$client" = poll ] && poll=on
+                    before="$(cpu_ticks)"
                     out="$(taskset -c 0 ./target/release/examples/blkload --socket "$work/$which.sock" \
                         --rw "$rw" --bs 4096 --qd "$qd" --seconds "$secs" --poll "$poll")"
+                    after="$(cpu_ticks)"
                     stop_daemon
-                    echo "$backing $rw $qd $client $which $out" >> "$results"
+                    echo "$backing $rw $qd $client $which $((after - before)) $out" >> "$results"
                     echo "  $backing $rw qd=$qd $client $which: $out" >&2
                 done
             done
@@ -81,18 +88,26 @@ for backing in null file; do
     done
 done
 
-python3 - "$results" <<'PY'
+python3 - "$results" "$secs" "$(getconf CLK_TCK)" <<'PY'
 import json, statistics, sys
+secs, hz = float(sys.argv[2]), float(sys.argv[3])
 rows = {}
 for line in open(sys.argv[1]):
-    backing, rw, qd, client, which, js = line.split(' ', 5)
-    rows.setdefault((backing, rw, int(qd), client), {}).setdefault(which, []).append(json.loads(js))
+    backing, rw, qd, client, which, ticks, js = line.split(' ', 6)
+    run = json.loads(js)
+    # The daemon's CPU over the run (a busy backend shows as a full core whatever it serves).
+    run['cpu'] = int(ticks) / hz / secs
+    run['kreq_cpu_s'] = run['iops'] / max(run['cpu'], 1e-3) / 1e3
+    rows.setdefault((backing, rw, int(qd), client), {}).setdefault(which, []).append(run)
 med = lambda runs, k: statistics.median(r[k] for r in runs)
+spread = lambda runs: f"{min(r['iops'] for r in runs) / 1e3:,.0f}-{max(r['iops'] for r in runs) / 1e3:,.0f}k"
 print(f"{'backing':8}{'load':11}{'qd':>4} {'client':>6} | {'novacrond IOPS':>15}{'qsd IOPS':>11}{'ratio':>7} | "
-      f"{'p50 us n/q':>14}{'p99 us n/q':>16}")
+      f"{'p50 us n/q':>14}{'p99 us n/q':>16} | {'cpu n/q':>10} {'kreq/cpu-s n/q':>15} | spread n / q")
 for (backing, rw, qd, client), r in sorted(rows.items()):
     n, q = r['novacrond'], r['qsd']
     ni, qi = med(n, 'iops'), med(q, 'iops')
     print(f"{backing:8}{rw:11}{qd:>4} {client:>6} | {ni:>15,.0f}{qi:>11,.0f}{ni/qi:>7.2f} | "
-          f"{med(n,'p50_us'):>6.1f}/{med(q,'p50_us'):<7.1f}{med(n,'p99_us'):>7.1f}/{med(q,'p99_us'):<8.1f}")
+          f"{med(n,'p50_us'):>6.1f}/{med(q,'p50_us'):<7.1f}{med(n,'p99_us'):>7.1f}/{med(q,'p99_us'):<8.1f} | "
+          f"{med(n,'cpu'):>4.2f}/{med(q,'cpu'):<5.2f} {med(n,'kreq_cpu_s'):>7,.0f}/{med(q,'kreq_cpu_s'):<7,.0f} | "
+          f"{spread(n)} / {spread(q)}")
 PY

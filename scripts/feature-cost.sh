@@ -1,0 +1,166 @@
+#!/usr/bin/env bash
+# What scaling out and switching features on cost, measured in one run (issue "Line-rate data
+# path", item 6); every row is a ratio of two configurations of novacrond run interleaved
+# (A B B A ...), ROUNDS of each, SECONDS long, medians:
+#
+#  blk-queues  aggregate IOPS with 2 queues vs 1 (libblkio `blkload --queues N`, QD 32 on
+#              each queue, interrupt-driven client, null device and a page-cached file).
+#              Daemon and client share both CPUs here: with one CPU for the daemon, a
+#              second queue has no core to run on.
+#  blk-qos     a QoS limit that never binds (iops=100M, bps=1T) vs none: null device, QD 32,
+#              polling and interrupt-driven client; daemon on CPU 1, client on CPU 0.
+#  net-pairs   packets/s with 2 queue pairs vs 1: dpdk-testpmd mac-forwarding through two
+#              switch ports (as in compare-dpdk.sh), --rxq/--txq 2, 64-byte frames; element on
+#              CPU 1, testpmd on CPU 0; the daemon's busy threads (a worker per pair in the
+#              adaptive mode) show both pairs carry traffic.
+#  net-qos     a tx-pps limit that never binds (100M) vs none: a testpmd `txonly` front-end
+#              into one switch port, 64-byte frames, novacrond's own rx counters.
+#
+# A tiered disk's hot extents against a plain disk: scripts/tier-bench.sh.
+#
+# Usage: scripts/feature-cost.sh [ROUNDS=3] [SECONDS=4]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+rounds="${1:-3}"
+secs="${2:-4}"
+command -v dpdk-testpmd >/dev/null || DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends dpdk-dev >/dev/null
+cargo build --release --locked --bin novacrond --bin novactl --example blkload >/dev/null 2>&1
+novacrond="$(realpath ./target/release/novacrond)"
+work="$PWD/target/feature-cost"
+rm -rf "$work"
+mkdir -p "$work"
+img="$work/file.img"
+dd if=/dev/urandom of="$img" bs=1M count=1024 status=none
+cat "$img" > /dev/null
+if [ "$(cat /proc/sys/vm/nr_hugepages)" -lt 1024 ]; then echo 1024 > /proc/sys/vm/nr_hugepages; fi
+mkdir -p /dev/hugepages
+mountpoint -q /dev/hugepages || mount -t hugetlbfs nodev /dev/hugepages
+
+pid=""
+stop() {
+    if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; wait "$pid" 2>/dev/null || true; fi
+    pid=""
+    rm -f /dev/hugepages/nc-fc-* 2>/dev/null || true
+}
+trap stop EXIT
+wait_socket() { for _ in $(seq 100); do [ -S "$1" ] && return 0; sleep 0.05; done; echo "no socket $1" >&2; exit 1; }
+start() { # cpus, then novacrond arguments
+    local cpus="$1"; shift
+    rm -f "$work"/*.sock
+    # A log that runs away must never fill the disk: cap it at 100 MB.
+    (ulimit -f 200000; exec taskset -c "$cpus" "$novacrond" --log-level warn --control "$work/c.sock" "$@" 2>>"$work/novacrond.log") &
+    pid=$!
+    wait_socket "$work/c.sock"
+}
+median() { sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
+ratio() { awk -v n="$1" -v d="$2" 'BEGIN { if (d > 0) printf "%.3f", n / d; else print "-" }'; }
+field() { python3 -c "import json, sys; print(json.load(sys.stdin)[sys.argv[1]])" "$1"; }
+stats() { ./target/release/novactl --control "$work/c.sock" --json device stats "$1"; }
+
+# row NAME A-LABEL B-LABEL: prints the medians of $work/NAME.a and .b and their ratio b/a.
+row() {
+    local a b
+    a=$(median < "$work/$1.a"); b=$(median < "$work/$1.b")
+    printf "%-34s %14s %14s %8s  (%s -> %s)\n" "$1" "$a" "$b" "$(ratio "$b" "$a")" "$2" "$3"
+}
+printf "%-34s %14s %14s %8s\n" "row" "A" "B" "B/A"
+
+# --- blk: 2 queues vs 1 -----------------------------------------------------------------------
+blk_queues() { # backing queues -> IOPS
+    local spec="path=null,size=8G"; [ "$1" = file ] && spec="path=$img"
+    start 0,1 --blk "socket=$work/d.sock,$spec,queues=2"
+    taskset -c 0,1 ./target/release/examples/blkload --socket "$work/d.sock" --rw randread \
+        --bs 4096 --qd 32 --seconds "$secs" --queues "$2" | field iops
+    stop
+}
+for backing in null file; do
+    : > "$work/blk-queues-$backing.a"; : > "$work/blk-queues-$backing.b"
+    for r in $(seq "$rounds"); do
+        order="1 2"; [ $((r % 2)) -eq 0 ] && order="2 1"
+        for q in $order; do
+            if [ "$q" = 1 ]; then blk_queues "$backing" 1 >> "$work/blk-queues-$backing.a"
+            else blk_queues "$backing" 2 >> "$work/blk-queues-$backing.b"; fi
+        done
+    done
+    row "blk-queues-$backing" "1 queue" "2 queues"
+done
+
+# --- blk: a QoS limit that never binds ------------------------------------------------------
+blk_qos() { # client limit -> IOPS
+    local opt=""; [ -n "$2" ] && opt=",$2"
+    start 1 --blk "socket=$work/d.sock,path=null,size=8G$opt"
+    local poll=off; [ "$1" = poll ] && poll=on
+    taskset -c 0 ./target/release/examples/blkload --socket "$work/d.sock" --rw randread \
+        --bs 4096 --qd 32 --seconds "$secs" --poll "$poll" | field iops
+    stop
+}
+for client in poll irq; do
+    : > "$work/blk-qos-$client.a"; : > "$work/blk-qos-$client.b"
+    for r in $(seq "$rounds"); do
+        order="a b"; [ $((r % 2)) -eq 0 ] && order="b a"
+        for which in $order; do
+            if [ "$which" = a ]; then blk_qos "$client" "" >> "$work/blk-qos-$client.a"
+            else blk_qos "$client" "iops=100000000,bps=1000000000000" >> "$work/blk-qos-$client.b"; fi
+        done
+    done
+    row "blk-qos-$client" "no limit" "iops=100M,bps=1T"
+done
+
+# --- net: 2 queue pairs vs 1 ----------------------------------------------------------------
+net_pairs() { # poll pairs -> packets/s summed over both ports; per-pair tx frames to $work/pairs
+    start 1 --net "socket=$work/a.sock,switch=fc,mac=02:00:00:00:00:01,queues=2,poll=$1" \
+        --net "socket=$work/b.sock,switch=fc,mac=02:00:00:00:00:02,queues=2,poll=$1"
+    wait_socket "$work/a.sock"; wait_socket "$work/b.sock"
+    timeout $((secs + 4)) dpdk-testpmd --lcores '0@0,1@0' --no-pci --single-file-segments --file-prefix=nc-fc-fe \
+        --vdev "net_virtio_user0,path=$work/a.sock,queues=$2,mac=02:00:00:00:00:01" \
+        --vdev "net_virtio_user1,path=$work/b.sock,queues=$2,mac=02:00:00:00:00:02" \
+        -- --forward-mode=mac --eth-peer=0,02:00:00:00:00:02 --eth-peer=1,02:00:00:00:00:01 \
+        --rxq="$2" --txq="$2" --auto-start --tx-first --txpkts=64 --stats-period=1 --nb-cores=1 2>&1 \
+        | awk '/Rx-pps:/ { v[n++] = $2 } END { s = 0; c = 0; for (i = n - 2 * 3; i < n; i++) if (i >= 4) { s += v[i]; c++ } if (c) printf "%d\n", 2 * s / c; else print 0 }' || true
+    # The daemon's threads that ran (name:CPU ticks): a worker per queue pair, or busy-poll.
+    for t in /proc/"$pid"/task/*; do
+        awk '{ gsub(/[()]/, "", $2); if ($14 + $15 > 0) printf "%s:%d ", $2, $14 + $15 }' "$t/stat"
+    done >> "$work/pairs-$1-$2"
+    echo >> "$work/pairs-$1-$2"
+    stop
+}
+for poll in adaptive busy; do
+    : > "$work/net-pairs-$poll.a"; : > "$work/net-pairs-$poll.b"
+    for r in $(seq "$rounds"); do
+        order="1 2"; [ $((r % 2)) -eq 0 ] && order="2 1"
+        for q in $order; do
+            if [ "$q" = 1 ]; then net_pairs "$poll" 1 >> "$work/net-pairs-$poll.a"
+            else net_pairs "$poll" 2 >> "$work/net-pairs-$poll.b"; fi
+        done
+    done
+    row "net-pairs-$poll" "1 pair" "2 pairs"
+    echo "    daemon threads that ran (name:ticks), 2 pairs, last run: $(tail -1 "$work/pairs-$poll-2")"
+done
+
+# --- net: a QoS limit that never binds ------------------------------------------------------
+net_qos() { # limit -> frames/s the port took from its tx ring
+    local opt=""; [ -n "$1" ] && opt=",$1"
+    start 1 --net "socket=$work/a.sock,switch=fq,mac=02:00:00:00:00:01$opt"
+    wait_socket "$work/a.sock"
+    timeout $((secs + 6)) dpdk-testpmd --lcores '0@0,1@0' --no-pci --single-file-segments --file-prefix=nc-fc-fe \
+        --vdev "net_virtio_user0,path=$work/a.sock,queues=1,mac=02:00:00:00:00:01" \
+        -- --forward-mode=txonly --txpkts=64 --auto-start --nb-cores=1 --stats-period=3600 >/dev/null 2>&1 &
+    local load=$!
+    sleep 2 # warm-up (a rate, not a synchronization: the counters are read over a window)
+    local f0 f1
+    f0=$(stats a | field tx_frames)
+    sleep "$secs"
+    f1=$(stats a | field tx_frames)
+    kill "$load" 2>/dev/null || true; wait "$load" 2>/dev/null || true
+    stop
+    echo $(((f1 - f0) / secs))
+}
+: > "$work/net-qos.a"; : > "$work/net-qos.b"
+for r in $(seq "$rounds"); do
+    order="a b"; [ $((r % 2)) -eq 0 ] && order="b a"
+    for which in $order; do
+        if [ "$which" = a ]; then net_qos "" >> "$work/net-qos.a"
+        else net_qos "tx-pps=100000000" >> "$work/net-qos.b"; fi
+    done
+done
+row "net-qos" "no limit" "tx-pps=100M"
