@@ -86,6 +86,12 @@ impl TokenBucket {
         Err(self.wait_for(needed))
     }
 
+    /// Whether `n` tokens fit the bucket at all (a take of more is capped at the capacity:
+    /// right for one request, too generous for a batch of them).
+    pub fn holds(&self, n: u64) -> bool {
+        i128::from(n).saturating_mul(SCALE) <= self.capacity
+    }
+
     /// Takes `n` tokens whatever the level, going into debt if needed (for a cost known only
     /// after the work was done, e.g. the size of a frame already received).
     pub fn take_anyway(&mut self, n: u64, now_ns: u64) {

@@ -56,9 +56,14 @@ impl DeviceQos {
 
     /// Gives back a charge made by [`DeviceQos::try_start`] for work that did not happen.
     pub fn refund(&mut self, cost: Cost) {
-        self.limiter.refund(cost);
+        self.refund_n(cost, 1);
+    }
+
+    /// [`DeviceQos::refund`] of a batch charged by [`DeviceQos::try_start_n`].
+    pub fn refund_n(&mut self, cost: Cost, ops: u64) {
+        self.limiter.refund_n(cost, ops);
         if let Some(group) = &self.group {
-            group.refund(cost);
+            group.refund_n(cost, ops);
         }
     }
 
@@ -72,10 +77,21 @@ impl DeviceQos {
 
     /// Charges `cost` to the device and its group, or neither; on refusal, how long to wait.
     pub fn try_start(&mut self, member: u64, cost: Cost, now_ns: u64) -> Result<(), Duration> {
-        self.limiter.try_start(cost, now_ns)?;
+        self.try_start_n(member, cost, 1, now_ns)
+    }
+
+    /// [`DeviceQos::try_start`] for a batch of `ops` operations (`cost.bytes` in all).
+    pub fn try_start_n(
+        &mut self,
+        member: u64,
+        cost: Cost,
+        ops: u64,
+        now_ns: u64,
+    ) -> Result<(), Duration> {
+        self.limiter.try_start_n(cost, ops, now_ns)?;
         if let Some(group) = &self.group {
-            if let Err(wait) = group.try_start(member, cost, now_ns) {
-                self.limiter.refund(cost);
+            if let Err(wait) = group.try_start_n(member, cost, ops, now_ns) {
+                self.limiter.refund_n(cost, ops);
                 return Err(wait);
             }
         }

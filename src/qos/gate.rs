@@ -27,12 +27,29 @@ use super::limiter::Cost;
 use super::timer::{QosTimer, TimerError};
 
 /// Charges `cost` against `qos` now, or says how long to wait (charging nothing). Work that
-/// costs nothing (`None`) and devices without limits pass with one atomic load.
-pub fn admit(qos: &QosHandle, cost: Option<Cost>) -> Result<(), Duration> {
+/// costs nothing (`None`) and devices without limits pass with one atomic load. `now` is the
+/// caller's pass clock (`sys::clock::now_ns` base): read here on first use, then reused for
+/// the rest of the pass (a clock read per frame was a seventh of a 64-byte frame's cost).
+pub fn admit(qos: &QosHandle, cost: Option<Cost>, now: &mut Option<u64>) -> Result<(), Duration> {
     match cost {
-        Some(cost) if qos.is_enabled() => qos.try_start(cost),
+        Some(cost) if qos.is_enabled() => {
+            let at = *now.get_or_insert_with(crate::sys::clock::now_ns);
+            qos.try_start_at(cost, at)
+        }
         _ => Ok(()),
     }
+}
+
+/// Charges a batch of `ops` items costing `cost` in all (`cost.bytes` summed) against `qos`
+/// at once; true if it did. False charges nothing and arms nothing: the caller then admits
+/// the items one by one (with [`admit`] or [`Gate::admit`]), exactly as if it had not tried.
+/// Devices without limits pass with one atomic load.
+pub fn admit_batch(qos: &QosHandle, cost: Cost, ops: u64, now: &mut Option<u64>) -> bool {
+    if ops == 0 || !qos.is_enabled() {
+        return true;
+    }
+    let at = *now.get_or_insert_with(crate::sys::clock::now_ns);
+    qos.try_start_many_at(cost, ops, at).is_ok()
 }
 
 /// Work held back, and since when.
@@ -76,8 +93,14 @@ impl<T> Gate<T> {
 
     /// Admits work costing `cost` now, or arms the timer and returns how long it was armed
     /// for; the caller then holds the work ([`Gate::hold`]) or puts it back where it came from.
-    pub fn admit(&mut self, qos: &QosHandle, cost: Option<Cost>) -> Result<(), Duration> {
-        admit(qos, cost).map_err(|wait| self.timer.arm(wait))
+    /// `now`: the pass clock, as in [`admit`].
+    pub fn admit(
+        &mut self,
+        qos: &QosHandle,
+        cost: Option<Cost>,
+        now: &mut Option<u64>,
+    ) -> Result<(), Duration> {
+        admit(qos, cost, now).map_err(|wait| self.timer.arm(wait))
     }
 
     /// Holds `item` until the timer.
@@ -97,8 +120,9 @@ impl<T> Gate<T> {
     ) -> Vec<Held<T>> {
         self.timer.clear();
         let mut ready = Vec::new();
+        let mut now = None;
         while let Some(front) = self.held.front() {
-            match admit(qos, cost_of(&front.item)) {
+            match admit(qos, cost_of(&front.item), &mut now) {
                 Ok(()) => ready.extend(self.held.pop_front()),
                 Err(wait) => {
                     self.timer.arm(wait);
@@ -156,10 +180,10 @@ mod tests {
         let mut gate: Gate<u32> = Gate::new().unwrap();
         let free = QosHandle::default();
         for _ in 0..1000 {
-            assert!(gate.admit(&free, READ).is_ok());
+            assert!(gate.admit(&free, READ, &mut None).is_ok());
         }
         let tight = limited("iops=1,iops-burst=1");
-        assert!(gate.admit(&tight, None).is_ok());
+        assert!(gate.admit(&tight, None, &mut None).is_ok());
     }
 
     #[test]
@@ -168,7 +192,7 @@ mod tests {
         let mut gate: Gate<u32> = Gate::new().unwrap();
         // Spend the burst; the first refusal says to wait about one token's time (1 ms).
         let wait = (0..100_000)
-            .find_map(|_| gate.admit(&qos, READ).err())
+            .find_map(|_| gate.admit(&qos, READ, &mut None).err())
             .unwrap();
         assert!(
             wait > Duration::ZERO && wait <= Duration::from_millis(2),
@@ -190,10 +214,10 @@ mod tests {
     fn release_all_ignores_limits() {
         let qos = limited("iops=1,iops-burst=1");
         let mut gate: Gate<u32> = Gate::new().unwrap();
-        assert!(gate.admit(&qos, READ).is_ok());
+        assert!(gate.admit(&qos, READ, &mut None).is_ok());
         gate.hold(7);
         gate.hold(8);
-        assert!(gate.admit(&qos, READ).is_err());
+        assert!(gate.admit(&qos, READ, &mut None).is_err());
         assert!(gate.timer_armed());
         let all: Vec<u32> = gate.release_all().into_iter().map(|h| h.item).collect();
         assert_eq!(all, vec![7, 8]);

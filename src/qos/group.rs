@@ -71,12 +71,29 @@ impl SharedLimiter {
     /// Charges `cost` for `member` if the group allows it now and it is this member's turn;
     /// otherwise queues the member and returns how long to wait.
     pub fn try_start(&self, member: u64, cost: Cost, now_ns: u64) -> Result<(), Duration> {
+        self.try_start_n(member, cost, 1, now_ns)
+    }
+
+    /// [`SharedLimiter::try_start`] for a batch of `ops` operations (`cost.bytes` in all).
+    /// A refused batch is only a probe: the member is not queued and no refusal is counted
+    /// (the caller then admits the items one by one, which does both).
+    pub fn try_start_n(
+        &self,
+        member: u64,
+        cost: Cost,
+        ops: u64,
+        now_ns: u64,
+    ) -> Result<(), Duration> {
+        let probe = ops > 1;
         let mut state = self.lock();
         state
             .waiting
             .retain(|&(_, asked)| now_ns.saturating_sub(asked) < STALE.as_nanos() as u64);
         let head = state.waiting.front().map(|&(m, _)| m);
         if head.is_some_and(|head| head != member) {
+            if probe {
+                return Err(Duration::ZERO);
+            }
             let wait = match state.limiter.try_start(cost, now_ns) {
                 // Tokens are there, but they belong to the member whose turn it is.
                 Ok(()) => {
@@ -89,7 +106,7 @@ impl SharedLimiter {
             self.count_refusal();
             return Err(wait);
         }
-        match state.limiter.try_start(cost, now_ns) {
+        match state.limiter.try_start_n(cost, ops, now_ns) {
             Ok(()) => {
                 if head == Some(member) {
                     state.waiting.pop_front();
@@ -97,8 +114,10 @@ impl SharedLimiter {
                 Ok(())
             }
             Err(wait) => {
-                enqueue(&mut state.waiting, member, now_ns);
-                self.count_refusal();
+                if !probe {
+                    enqueue(&mut state.waiting, member, now_ns);
+                    self.count_refusal();
+                }
                 Err(wait)
             }
         }
@@ -127,6 +146,11 @@ impl SharedLimiter {
     /// Gives back what a started request was charged (its own limits refused it after all).
     pub fn refund(&self, cost: Cost) {
         self.lock().limiter.refund(cost);
+    }
+
+    /// [`SharedLimiter::refund`] of a batch of `ops` operations.
+    pub fn refund_n(&self, cost: Cost, ops: u64) {
+        self.lock().limiter.refund_n(cost, ops);
     }
 
     /// Forgets `member` (device removed or left the group).

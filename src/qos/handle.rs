@@ -59,12 +59,30 @@ impl QosHandle {
 
     /// Charges `cost` now, or says how long to wait (charging nothing).
     pub fn try_start(&self, cost: Cost) -> Result<(), Duration> {
-        lock(&self.state).try_start(self.member, cost, now_ns())
+        self.try_start_at(cost, now_ns())
+    }
+
+    /// [`QosHandle::try_start`] at time `now_ns` ([`now_ns`]'s base): a pass of work reads
+    /// the clock once for all its requests or frames (the buckets refill by the time
+    /// passed; a pass lasts microseconds).
+    pub fn try_start_at(&self, cost: Cost, now_ns: u64) -> Result<(), Duration> {
+        lock(&self.state).try_start(self.member, cost, now_ns)
+    }
+
+    /// A batch of `ops` requests or frames (`cost.bytes` in all) charged at once, or nothing
+    /// (then the caller admits them one by one): one lock per pass instead of one per item.
+    pub fn try_start_many_at(&self, cost: Cost, ops: u64, now_ns: u64) -> Result<(), Duration> {
+        lock(&self.state).try_start_n(self.member, cost, ops, now_ns)
     }
 
     /// Gives back a charge for work that did not happen after all.
     pub fn refund(&self, cost: Cost) {
         lock(&self.state).refund(cost);
+    }
+
+    /// Gives back a batch charged by [`QosHandle::try_start_many_at`].
+    pub fn refund_many(&self, cost: Cost, ops: u64) {
+        lock(&self.state).refund_n(cost, ops);
     }
 
     /// Charges bytes known only after the fact (a received frame's size), into debt if need

@@ -171,9 +171,14 @@ impl Limiter {
 
     /// Gives back what a started request was charged (used when a second limiter refuses it).
     pub fn refund(&mut self, cost: Cost) {
+        self.refund_n(cost, 1);
+    }
+
+    /// [`Limiter::refund`] of a batch: `ops` operations of `cost.bytes` bytes in all.
+    pub fn refund_n(&mut self, cost: Cost, ops: u64) {
         for (unit, direction, bucket) in &mut self.buckets {
             if applies(*direction, cost) {
-                bucket.give_back(units(*unit, cost));
+                bucket.give_back(units(*unit, cost, ops));
             }
         }
     }
@@ -191,18 +196,31 @@ impl Limiter {
     /// Charges `cost` if every applicable bucket allows it now; otherwise charges nothing and
     /// returns how long to wait before trying again.
     pub fn try_start(&mut self, cost: Cost, now_ns: u64) -> Result<(), Duration> {
+        self.try_start_n(cost, 1, now_ns)
+    }
+
+    /// [`Limiter::try_start`] for a batch: `ops` operations of `cost.bytes` bytes in all,
+    /// charged together or not at all. A batch larger than some bucket's capacity is refused
+    /// (wait zero): the caller admits its items one by one instead.
+    pub fn try_start_n(&mut self, cost: Cost, ops: u64, now_ns: u64) -> Result<(), Duration> {
         let mut taken: SmallVec<[(usize, u64); 12]> = SmallVec::new();
         for (index, (unit, direction, bucket)) in self.buckets.iter_mut().enumerate() {
             if !applies(*direction, cost) {
                 continue;
             }
-            let n = units(*unit, cost);
+            let n = units(*unit, cost, ops);
             if n == 0 {
                 // Nothing to take (a flush against a byte limit): a bucket in debt must not
                 // hold back what costs it nothing.
                 continue;
             }
-            match bucket.try_take(n, now_ns) {
+            let fits = ops <= 1 || bucket.holds(n);
+            let took = if fits {
+                bucket.try_take(n, now_ns)
+            } else {
+                Err(Duration::ZERO)
+            };
+            match took {
                 Ok(()) => taken.push((index, n)),
                 Err(wait) => {
                     for (index, n) in taken {
@@ -228,9 +246,9 @@ fn applies(direction: Direction, cost: Cost) -> bool {
     }
 }
 
-fn units(unit: Unit, cost: Cost) -> u64 {
+fn units(unit: Unit, cost: Cost, ops: u64) -> u64 {
     match unit {
-        Unit::Operations => 1,
+        Unit::Operations => ops,
         Unit::Bytes => cost.bytes,
     }
 }
@@ -261,6 +279,42 @@ mod tests {
             }
         }
         started
+    }
+
+    #[test]
+    fn a_batch_is_charged_whole_or_not_at_all_and_never_beyond_a_bucket() {
+        let mut l = Limiter::unlimited();
+        // 100 ms of room at 1000/s: 100 operations, 1 MiB/s: 104,857 bytes.
+        l.add("iops", Unit::Operations, Direction::Any, rate(1000), 0)
+            .unwrap();
+        l.add("bps", Unit::Bytes, Direction::Any, rate(1 << 20), 0)
+            .unwrap();
+        let read = |bytes| Cost {
+            kind: CostKind::Read,
+            bytes,
+        };
+        assert!(l.try_start_n(read(64 * 512), 64, 0).is_ok());
+        // 36 operations left: 40 more are refused and nothing is charged...
+        assert!(l.try_start_n(read(40 * 512), 40, 0).is_err());
+        assert!(
+            l.try_start_n(read(36 * 512), 36, 0).is_ok(),
+            "the 36 are still there"
+        );
+        assert!(l.try_start(read(512), 0).is_err());
+        // A batch larger than a bucket is refused outright (its items go one by one), where
+        // one request larger than the bucket waits for a full bucket.
+        let mut fresh = Limiter::unlimited();
+        fresh
+            .add("iops", Unit::Operations, Direction::Any, rate(1000), 0)
+            .unwrap();
+        assert_eq!(
+            fresh.try_start_n(read(0), 101, 0),
+            Err(Duration::ZERO),
+            "101 > 100 tokens: never one charge"
+        );
+        assert!(fresh.try_start_n(read(0), 100, 0).is_ok());
+        fresh.refund_n(read(0), 100);
+        assert!(fresh.try_start_n(read(0), 100, 0).is_ok(), "refunded whole");
     }
 
     #[test]

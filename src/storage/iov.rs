@@ -22,6 +22,9 @@ unsafe impl Send for GuestIovecs {}
 /// 256 x 64 iovecs = 256 KiB per thread at most).
 const POOL_LISTS: usize = 256;
 const POOL_LARGEST: usize = 64;
+/// Room every new list gets at least, so a recycled list fits the next request (most need
+/// one to a few iovecs) and is not grown.
+const LIST_MIN: usize = 8;
 
 thread_local! {
     /// Empty lists this thread freed, for the next requests it parses: a worker completes
@@ -43,7 +46,7 @@ impl GuestIovecs {
                 list.reserve(n);
                 Self(list)
             }
-            None => Self(Vec::with_capacity(n)),
+            None => Self(Vec::with_capacity(n.max(LIST_MIN))),
         }
     }
 }
@@ -59,6 +62,11 @@ impl Drop for GuestIovecs {
         // frees the list instead.
         let _ = POOL.try_with(|pool| {
             if let Ok(mut pool) = pool.try_borrow_mut() {
+                if pool.capacity() == 0 {
+                    // Once per thread, the pool at its full size: never grown list by list
+                    // (a deeper queue would otherwise allocate at each new peak).
+                    pool.reserve_exact(POOL_LISTS);
+                }
                 if pool.len() < POOL_LISTS {
                     pool.push(list);
                 }

@@ -7,9 +7,14 @@ use std::time::Instant;
 
 /// Nanoseconds since the first call in this process (monotonic; saturates after ~584 years).
 pub fn now_ns() -> u64 {
+    ns_at(Instant::now())
+}
+
+/// `at` on the [`now_ns`] time base (a clock read once for a whole pass of work).
+pub fn ns_at(at: Instant) -> u64 {
     static BASE: OnceLock<Instant> = OnceLock::new();
     let base = *BASE.get_or_init(Instant::now);
-    u64::try_from(base.elapsed().as_nanos()).unwrap_or(u64::MAX)
+    u64::try_from(at.saturating_duration_since(base).as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// `CLOCK_MONOTONIC_COARSE` in nanoseconds: the last tick's time, read without a clock

@@ -37,7 +37,7 @@ use crate::devices::desc::{Buffer, Buffers};
 use crate::devices::poll::{spin, Look, PollMode, Poller, MAX_SPELL};
 use crate::devices::shell::inflight::InflightRegion;
 use crate::log_limit::LogLimiter;
-use crate::qos::gate::Gate;
+use crate::qos::gate::{admit_batch, Gate};
 use crate::qos::limiter::{Cost, CostKind};
 use crate::qos::timer::TimerError;
 use crate::ring::burst::Burst;
@@ -133,6 +133,10 @@ struct Finished {
     used_len: u32,
 }
 
+/// Requests a pop pass parses before QoS admits them in one charge: at most this many are
+/// taken off the ring beyond the first one the limits refuse (they wait held, in order).
+const ADMIT_CHUNK: usize = 32;
+
 /// Serves one virtqueue.
 pub struct QueueWorker {
     queue_index: u16,
@@ -147,6 +151,10 @@ pub struct QueueWorker {
     finished: Vec<Finished>,
     /// The chain being parsed (reused: a pass allocates nothing for it).
     descs: Buffers,
+    /// The requests a pop pass parsed, admitted by QoS together at its end.
+    pass: Vec<(u16, Request)>,
+    /// Whether a pop pass is collecting requests into `pass` (else each is admitted at once).
+    collecting: bool,
     /// When the current pop pass started: the start time of the requests it starts (one
     /// clock read per pass, not one per request).
     clock: Option<Instant>,
@@ -204,6 +212,8 @@ impl QueueWorker {
             completions: Vec::with_capacity(depth),
             finished: Vec::with_capacity(depth),
             descs: Buffers::new(),
+            pass: Vec::with_capacity(depth),
+            collecting: false,
             vring: None,
             poller,
             repoll: EventFd::new(EFD_NONBLOCK).map_err(WorkerSetupError::Repoll)?,
@@ -245,7 +255,14 @@ impl QueueWorker {
     /// Runs `request` now, or holds it back if the device's limits say so. Requests behind
     /// held ones wait too (arrival order).
     fn admit(&mut self, head: u16, request: Request, memory: &Arc<GuestMemory>) {
-        if !self.gate.is_holding() && self.gate.admit(&self.shared.qos, request.cost()).is_ok() {
+        // The pass clock when there is one (one clock read per pass, not per request).
+        let mut now = self.clock.map(crate::sys::clock::ns_at);
+        if !self.gate.is_holding()
+            && self
+                .gate
+                .admit(&self.shared.qos, request.cost(), &mut now)
+                .is_ok()
+        {
             self.execute(head, request, memory);
             return;
         }
@@ -398,6 +415,7 @@ impl QueueWorker {
         };
         let mut descs = std::mem::take(&mut self.descs);
         let mut popped = 0usize;
+        self.collecting = true;
         // One clock read for the requests this pass starts (their latency counts from it).
         self.clock = (burst.available().unwrap_or(0) > 0).then(Instant::now);
         while !self.gate.is_holding() {
@@ -431,12 +449,78 @@ impl QueueWorker {
                 .map(|()| descs.as_slice())
                 .map_err(|_| request::Reason::BrokenChain);
             self.start_buffers(head, buffers, &memory);
+            if self.pass.len() >= ADMIT_CHUNK {
+                // Admitted (or held) now: a queue at its QoS limit stops taking requests off
+                // the ring within a chunk (back-pressure: the rest stay in the ring).
+                self.admit_pass(&memory);
+            }
         }
         // Nothing is used in a pop burst (completions go back in `return_finished`).
         let _ = burst.finish();
+        drop(state);
         self.descs = descs;
+        self.collecting = false;
+        self.admit_pass(&memory);
         self.clock = None;
         popped
+    }
+
+    /// Admits the requests the pass parsed: with QoS, in one charge per kind (reads, writes)
+    /// when the limits allow them all (one lock and no clock read per request), else one by
+    /// one in ring order, the first refused and everything behind it held (`admit`).
+    fn admit_pass(&mut self, memory: &Arc<GuestMemory>) {
+        let mut pass = std::mem::take(&mut self.pass);
+        let mut now = self.clock.map(crate::sys::clock::ns_at);
+        let admitted = !self.gate.is_holding() && self.admit_batch(&pass, &mut now);
+        for (head, request) in pass.drain(..) {
+            if admitted {
+                self.execute(head, request, memory);
+            } else {
+                self.admit(head, request, memory);
+            }
+        }
+        self.pass = pass;
+    }
+
+    /// Charges `pass` to QoS as one batch of reads and one of writes, or charges nothing.
+    fn admit_batch(&self, pass: &[(u16, Request)], now: &mut Option<u64>) -> bool {
+        let qos = &self.shared.qos;
+        if !qos.is_enabled() {
+            return true;
+        }
+        let mut reads = (
+            0u64,
+            Cost {
+                kind: CostKind::Read,
+                bytes: 0,
+            },
+        );
+        let mut writes = (
+            0u64,
+            Cost {
+                kind: CostKind::Write,
+                bytes: 0,
+            },
+        );
+        for cost in pass.iter().filter_map(|(_, request)| request.cost()) {
+            let sum = if cost.kind == CostKind::Read {
+                &mut reads
+            } else {
+                &mut writes
+            };
+            sum.0 = sum.0.saturating_add(1);
+            sum.1.bytes = sum.1.bytes.saturating_add(cost.bytes);
+        }
+        if !admit_batch(qos, reads.1, reads.0, now) {
+            return false;
+        }
+        if !admit_batch(qos, writes.1, writes.0, now) {
+            if reads.0 > 0 {
+                qos.refund_many(reads.1, reads.0);
+            }
+            return false;
+        }
+        true
     }
 
     /// Charges the engine's work beyond the requests' own bytes (a tier's promotions and
@@ -670,6 +754,7 @@ impl QueueWorker {
             })
             .and_then(|buffers| request::parse(memory, buffers, self.shared.limits()));
         match parsed {
+            Ok(request) if self.collecting => self.pass.push((head, request)),
             Ok(request) => self.admit(head, request, memory),
             Err(rejection) => {
                 self.stats.rejected(rejection.reason);

@@ -159,21 +159,34 @@ fn a_bad_request_is_refused_with_ioerr_and_the_next_one_still_runs() {
 
 #[test]
 fn qos_holds_requests_in_order_and_a_queue_stop_answers_every_one_it_took() {
-    // One request's worth of tokens: the first runs, the second is held (and the worker
-    // stops taking requests off the ring: back-pressure), the third stays in the ring.
-    let mut rig = Rig::new("iops=1,iops-burst=1");
-    let (first, _) = rig.post(T_IN, 0, Some((512, true)));
-    let (second, second_status) = rig.post(T_IN, 1, Some((512, true)));
-    let (_third, _) = rig.post(T_IN, 2, Some((512, true)));
+    // One request's worth of tokens. The worker parses a chunk of requests before QoS
+    // admits them: the first runs, the rest of the chunk is held in order, and the worker
+    // stops taking requests off the ring (back-pressure): the two behind the chunk stay in
+    // the ring.
+    let mut rig = Rig::with_queue("iops=1,iops-burst=1", 256);
+    let posted: Vec<(u16, u64)> = (0..super::ADMIT_CHUNK as u64 + 2)
+        .map(|i| rig.post(T_IN, i, Some((512, true))))
+        .collect();
     rig.kick();
+    let first = posted[0].0;
     assert_eq!(rig.queue.used(), vec![(first, 513)]);
-    assert_eq!(rig.shared.stats()[0].throttled, 1);
-    // GET_VRING_BASE: what the worker took must be answered, limits or not; what it left in
-    // the ring stays there for the next front-end.
+    let held = super::ADMIT_CHUNK - 1;
+    assert_eq!(rig.shared.stats()[0].throttled, held as u64);
+    // GET_VRING_BASE: what the worker took must be answered, limits or not, in order; what
+    // it left in the ring stays there for the next front-end.
     rig.worker.stop_queue(0);
-    assert_eq!(rig.queue.used(), vec![(first, 513), (second, 513)]);
-    assert_eq!(rig.status(second_status), 0);
-    assert_eq!(rig.queue.vring.queue_next_avail(), 2);
+    let answered: Vec<(u16, u32)> = posted[..super::ADMIT_CHUNK]
+        .iter()
+        .map(|&(head, _)| (head, 513))
+        .collect();
+    assert_eq!(rig.queue.used(), answered);
+    for &(_, status) in &posted[..super::ADMIT_CHUNK] {
+        assert_eq!(rig.status(status), 0);
+    }
+    assert_eq!(
+        rig.queue.vring.queue_next_avail(),
+        super::ADMIT_CHUNK as u16
+    );
     assert!(
         !rig.worker.gate.timer_armed(),
         "nothing held after the stop: an armed timer would wake the worker for nothing"

@@ -128,10 +128,11 @@ impl Port {
                 match limits {
                     None => admitted.extend_from_slice(picks),
                     Some(qos) => {
+                        let mut now = None;
                         for &i in picks {
                             // Over the receiver's limit: the switch drops (its policy for a
                             // port that cannot take a frame now: a sender never waits).
-                            match admit(qos, Some(cost(i))) {
+                            match admit(qos, Some(cost(i)), &mut now) {
                                 Ok(()) => admitted.push(i),
                                 Err(wait) => {
                                     self.stats.throttled(Direction::Rx, wait);

@@ -33,7 +33,7 @@ use super::stats::{Direction, Drop, Tally};
 use super::tap_queue::TapQueue;
 use crate::devices::desc::Buffers;
 use crate::devices::sg::host_iovecs;
-use crate::qos::gate::Gate;
+use crate::qos::gate::{admit_batch, Gate};
 use crate::qos::limiter::{Cost, CostKind};
 use crate::qos::timer::TimerError;
 use crate::ring::burst::{Burst, PREFETCH_AHEAD};
@@ -116,6 +116,10 @@ pub struct PairWorker {
     log: Arc<DirtyLog>,
     /// The tx burst being sent, reused.
     tx_frames: Vec<(u16, TxFrame)>,
+    /// The burst's position of each of `tx_frames` (for putting back what QoS refuses).
+    tx_positions: Vec<u16>,
+    /// The burst's chains that carry no frame to send: position, head, why.
+    tx_bad: Vec<(u16, u16, Drop)>,
     /// Scratch for the chain being walked.
     descs: Buffers,
     /// Scratch iovec list, reused per frame and emptied after each use.
@@ -156,6 +160,8 @@ impl PairWorker {
             offloads_for: None,
             batch: RxBatch::default(),
             tx_frames: Vec::with_capacity(TX_BURST),
+            tx_positions: Vec::with_capacity(TX_BURST),
+            tx_bad: Vec::with_capacity(TX_BURST),
             descs: Buffers::new(),
             iovecs: GuestIovecs::default(),
             gate,
@@ -312,6 +318,7 @@ impl PairWorker {
                 }
             };
             let mut taken = 0usize;
+            let mut qos_now = None;
             // Why this burst ended: the ring ran out (`Some(true)`), something else stops
             // the pass (`Some(false)`), or it is full and another follows (`None`).
             let mut ended = None;
@@ -323,7 +330,10 @@ impl PairWorker {
                 let limited = self.shared.qos.is_enabled();
                 if limited {
                     // One frame's worth of packet tokens now; its bytes once its size is known.
-                    if let Err(wait) = self.gate.admit(&self.shared.qos, Some(RX_PROBE)) {
+                    if let Err(wait) =
+                        self.gate
+                            .admit(&self.shared.qos, Some(RX_PROBE), &mut qos_now)
+                    {
                         held = Some(wait);
                         ended = Some(false);
                         break;
@@ -651,8 +661,11 @@ impl PairWorker {
         let mtu = self.shared.config.mtu;
         let map = burst.map();
         self.tx_frames.clear();
+        self.tx_positions.clear();
+        self.tx_bad.clear();
         let mut taken = 0usize;
         let mut held = None;
+        let mut bytes = 0u64;
         burst.prefetch_first(false);
         while taken < TX_BURST {
             burst.prefetch(PREFETCH_AHEAD, false);
@@ -665,30 +678,55 @@ impl PairWorker {
                     break;
                 }
             };
+            // TX_BURST fits a u16.
+            let position = u16::try_from(taken).unwrap_or(u16::MAX);
             let checked = walked
                 .map_err(|_| Drop::BrokenChain)
                 .and_then(|()| tx_frame_in(memory, map, &self.descs, mtu));
             match checked {
-                Err(reason) => {
-                    stats.dropped(Direction::Tx, reason);
-                    burst.used(head, 0);
-                }
+                Err(reason) => self.tx_bad.push((position, head, reason)),
                 Ok(frame) => {
-                    let cost = Cost {
-                        kind: CostKind::Tx,
-                        bytes: u64::from(frame.frame_len),
-                    };
-                    if let Err(wait) = self.gate.admit(&self.shared.qos, Some(cost)) {
-                        // Over the limit: put the frame back and leave the ring alone until
-                        // the timer (the guest sees a full queue: back-pressure, no drop).
-                        burst.unpop(1);
-                        held = Some(wait);
-                        break;
-                    }
+                    bytes = bytes.saturating_add(u64::from(frame.frame_len));
                     self.tx_frames.push((head, frame));
+                    self.tx_positions.push(position);
                 }
             }
             taken = taken.saturating_add(1);
+        }
+        // QoS: the whole burst in one charge when it fits (one lock, one clock read); else
+        // frame by frame in ring order, and from the first frame refused on, every chain goes
+        // back to the ring until the timer (the guest sees a full queue: back-pressure, no
+        // drop).
+        let qos = &self.shared.qos;
+        let cost = |bytes| Cost {
+            kind: CostKind::Tx,
+            bytes,
+        };
+        let mut now = None;
+        let frames = self.tx_frames.len() as u64;
+        if !admit_batch(qos, cost(bytes), frames, &mut now) {
+            let refused = self.tx_frames.iter().position(|(_, frame)| {
+                let single = Some(cost(u64::from(frame.frame_len)));
+                match self.gate.admit(qos, single, &mut now) {
+                    Ok(()) => false,
+                    Err(wait) => {
+                        held = Some(wait);
+                        true
+                    }
+                }
+            });
+            if let Some(k) = refused {
+                let from = self.tx_positions.get(k).copied().unwrap_or(0);
+                let back = taken.saturating_sub(usize::from(from));
+                burst.unpop(u16::try_from(back).unwrap_or(u16::MAX));
+                taken = usize::from(from);
+                self.tx_frames.truncate(k);
+                self.tx_bad.retain(|&(position, _, _)| position < from);
+            }
+        }
+        for &(_, head, reason) in &self.tx_bad {
+            stats.dropped(Direction::Tx, reason);
+            burst.used(head, 0);
         }
         let guest = |frame| guest_frame(memory, map, frame);
         match &mut self.backend {
