@@ -11,8 +11,8 @@
 #              polling and interrupt-driven client; daemon on CPU 1, client on CPU 0.
 #  net-pairs   packets/s with 2 queue pairs vs 1: dpdk-testpmd mac-forwarding through two
 #              switch ports (as in compare-dpdk.sh), --rxq/--txq 2, 64-byte frames; element on
-#              CPU 1, testpmd on CPU 0; the daemon's busy threads (a worker per pair in the
-#              adaptive mode) show both pairs carry traffic.
+#              CPU 1, testpmd on CPU 0 (tests/it/dpdk_frontend.rs checks both directions of
+#              both pairs keep flowing).
 #  net-qos     a tx-pps limit that never binds (100M) vs none: a testpmd `txonly` front-end
 #              into one switch port, 64-byte frames, novacrond's own rx counters.
 #
@@ -55,6 +55,7 @@ start() { # cpus, then novacrond arguments
 median() { sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 ratio() { awk -v n="$1" -v d="$2" 'BEGIN { if (d > 0) printf "%.3f", n / d; else print "-" }'; }
 field() { python3 -c "import json, sys; print(json.load(sys.stdin)[sys.argv[1]])" "$1"; }
+total() { python3 -c "import json, sys; print(json.load(sys.stdin)['total'][sys.argv[1]])" "$1"; }
 stats() { ./target/release/novactl --control "$work/c.sock" --json device stats "$1"; }
 
 # row NAME A-LABEL B-LABEL: prints the medians of $work/NAME.a and .b and their ratio b/a.
@@ -107,7 +108,7 @@ for client in poll irq; do
 done
 
 # --- net: 2 queue pairs vs 1 ----------------------------------------------------------------
-net_pairs() { # poll pairs -> packets/s summed over both ports; per-pair tx frames to $work/pairs
+net_pairs() { # poll pairs -> packets/s summed over both ports
     start 1 --net "socket=$work/a.sock,switch=fc,mac=02:00:00:00:00:01,queues=2,poll=$1" \
         --net "socket=$work/b.sock,switch=fc,mac=02:00:00:00:00:02,queues=2,poll=$1"
     wait_socket "$work/a.sock"; wait_socket "$work/b.sock"
@@ -117,11 +118,6 @@ net_pairs() { # poll pairs -> packets/s summed over both ports; per-pair tx fram
         -- --forward-mode=mac --eth-peer=0,02:00:00:00:00:02 --eth-peer=1,02:00:00:00:00:01 \
         --rxq="$2" --txq="$2" --auto-start --tx-first --txpkts=64 --stats-period=1 --nb-cores=1 2>&1 \
         | awk '/Rx-pps:/ { v[n++] = $2 } END { s = 0; c = 0; for (i = n - 2 * 3; i < n; i++) if (i >= 4) { s += v[i]; c++ } if (c) printf "%d\n", 2 * s / c; else print 0 }' || true
-    # The daemon's threads that ran (name:CPU ticks): a worker per queue pair, or busy-poll.
-    for t in /proc/"$pid"/task/*; do
-        awk '{ gsub(/[()]/, "", $2); if ($14 + $15 > 0) printf "%s:%d ", $2, $14 + $15 }' "$t/stat"
-    done >> "$work/pairs-$1-$2"
-    echo >> "$work/pairs-$1-$2"
     stop
 }
 for poll in adaptive busy; do
@@ -134,7 +130,6 @@ for poll in adaptive busy; do
         done
     done
     row "net-pairs-$poll" "1 pair" "2 pairs"
-    echo "    daemon threads that ran (name:ticks), 2 pairs, last run: $(tail -1 "$work/pairs-$poll-2")"
 done
 
 # --- net: a QoS limit that never binds ------------------------------------------------------
@@ -148,9 +143,9 @@ net_qos() { # limit -> frames/s the port took from its tx ring
     local load=$!
     sleep 2 # warm-up (a rate, not a synchronization: the counters are read over a window)
     local f0 f1
-    f0=$(stats a | field tx_frames)
+    f0=$(stats a | total tx_frames)
     sleep "$secs"
-    f1=$(stats a | field tx_frames)
+    f1=$(stats a | total tx_frames)
     kill "$load" 2>/dev/null || true; wait "$load" 2>/dev/null || true
     stop
     echo $(((f1 - f0) / secs))

@@ -1,8 +1,10 @@
 //! Descriptor chains reduced to plain buffers, shared by every device's parser.
 //!
-//! The walk itself (indirect tables, loops, chain length limits) is virtio-queue's; this only
-//! notices when the walk stopped early, which virtio-queue signals by ending the iterator on a
-//! descriptor that still has `NEXT` set.
+//! Both devices' queues walk chains with `ring::split` into [`Buffers`]. [`collect_buffers`]
+//! reduces virtio-queue's own walk to the same form: the reference our ring engine is tested
+//! and fuzzed against (`ring::split` tests, the `ring_split` fuzz target), and the parser's
+//! unit tests' way of building requests. It only notices when the walk stopped early, which
+//! virtio-queue signals by ending the iterator on a descriptor that still has `NEXT` set.
 
 // Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
 // panic or wrap silently (checked, saturating or `get` instead).
