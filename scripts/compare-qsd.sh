@@ -74,12 +74,13 @@ for backing in null file; do
                     start_daemon "$which" "$backing"
                     poll=off
                     [ "$client" = poll ] && poll=on
-                    before="$(cpu_ticks)"
+                    before="$(cpu_ticks)"; t0=$(date +%s.%N)
                     out="$(taskset -c 0 ./target/release/examples/blkload --socket "$work/$which.sock" \
                         --rw "$rw" --bs 4096 --qd "$qd" --seconds "$secs" --poll "$poll")"
-                    after="$(cpu_ticks)"
+                    after="$(cpu_ticks)"; t1=$(date +%s.%N)
                     stop_daemon
-                    echo "$backing $rw $qd $client $which $((after - before)) $out" >> "$results"
+                    wall=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", b - a }')
+                    echo "$backing $rw $qd $client $which $((after - before)) $wall $out" >> "$results"
                     echo "  $backing $rw qd=$qd $client $which: $out" >&2
                 done
             done
@@ -88,15 +89,16 @@ for backing in null file; do
     done
 done
 
-python3 - "$results" "$secs" "$(getconf CLK_TCK)" <<'PY'
+python3 - "$results" "$(getconf CLK_TCK)" <<'PY'
 import json, statistics, sys
-secs, hz = float(sys.argv[2]), float(sys.argv[3])
+hz = float(sys.argv[2])
 rows = {}
 for line in open(sys.argv[1]):
-    backing, rw, qd, client, which, ticks, js = line.split(' ', 6)
+    backing, rw, qd, client, which, ticks, wall, js = line.split(' ', 7)
     run = json.loads(js)
-    # The daemon's CPU over the run (a busy backend shows as a full core whatever it serves).
-    run['cpu'] = int(ticks) / hz / secs
+    # The daemon's CPU, in cores, over the client's whole run (connect, warm-up and the
+    # measured seconds; a busy backend shows as a full core whatever it serves).
+    run['cpu'] = int(ticks) / hz / float(wall)
     run['kreq_cpu_s'] = run['iops'] / max(run['cpu'], 1e-3) / 1e3
     rows.setdefault((backing, rw, int(qd), client), {}).setdefault(which, []).append(run)
 med = lambda runs, k: statistics.median(r[k] for r in runs)

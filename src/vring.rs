@@ -169,9 +169,9 @@ impl VringT<AtomicGuestMemory> for CheckedVring {
 }
 
 /// Detects a ring that keeps saying buffers wait while none can be taken: stopped
-/// (GET_VRING_BASE) or corrupt (an avail index more than a ring ahead, which virtio-queue
-/// refuses to walk, logging each time). A worker that looped on such a ring would spin
-/// forever; after two empty passes in a row it should stop until the next kick.
+/// (GET_VRING_BASE) or corrupt (an avail index more than a ring ahead, which `ring::burst`
+/// refuses). A worker that looped on such a ring would spin forever; after two empty passes
+/// in a row it should stop, kicks on, until the next kick.
 #[derive(Debug, Default)]
 pub struct EmptyPasses(u32);
 

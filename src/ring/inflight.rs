@@ -4,10 +4,12 @@
 //! restarted daemon resubmits exactly those, in the order they were taken, and never
 //! completes one twice.
 //!
-//! The layout per queue follows libvhost-user's (QEMU never reads it; only we do): a 16-byte
+//! The layout per queue is libvhost-user's (QEMU never reads it; only we do): a 16-byte
 //! header `{u64 features, u16 version, u16 desc_num, u16 last_batch_head, u16 used_idx}`, then
 //! one 16-byte entry per descriptor `{u8 inflight, 5 bytes padding, u16 next, u64 counter}`;
-//! queues follow each other every [`queue_region_size`] bytes.
+//! queues follow each other every [`queue_region_size`] bytes. Its meaning differs in two
+//! places, so we write version 2 (see `VERSION`): `features` holds our avail record, and
+//! `last_batch_head` is unused (batches are recovered from the used ring).
 //!
 //! The protocol, per request:
 //! 1. [`InflightQueue::begin`] when its head is taken off the avail ring: a fresh counter
@@ -49,8 +51,14 @@ const ENTRY: usize = 16;
 const ALIGN: usize = 64;
 /// Set in the header's `features` word when it holds our next-avail record.
 const AVAIL_VALID: u64 = 1 << 63;
-/// The layout version we write.
-const VERSION: u16 = 1;
+/// The layout version we write: 2 since used entries are published in batches (step 3 in the
+/// module docs). A version-1 region (one entry per publication, `last_batch_head` marked) is
+/// still read: its crash window holds at most one entry, which the used-ring reading clears
+/// just the same. A binary that only knows version 1 resets a version-2 region instead of
+/// misreading it (after a downgrade, what was in flight is not resubmitted).
+const VERSION: u16 = 2;
+/// The oldest layout version we read.
+const OLDEST_READ: u16 = 1;
 
 /// Bytes one queue of `queue_size` descriptors takes (libvhost-user's formula, which leaves
 /// room for the 16-byte header: `16·n + 2` rounded up to 64 is at least `16·n + 16`).
@@ -182,7 +190,7 @@ impl InflightQueue {
     pub fn recover(&mut self, used_idx: u16, used_id: impl Fn(u16) -> Option<u32>) -> Recovery {
         let version = self.load_u16(8);
         let desc_num = self.load_u16(10);
-        if version != VERSION || desc_num != self.size {
+        if !(OLDEST_READ..=VERSION).contains(&version) || desc_num != self.size {
             self.reset(used_idx);
             return Recovery {
                 fresh: true,
@@ -193,21 +201,31 @@ impl InflightQueue {
         if recorded != used_idx {
             // The crash fell between publishing a batch and recording it: what the used ring
             // holds between the two indices was returned. More than a ring apart, the record
-            // is not ours (or the ring was reset): nothing to clear.
+            // is not ours (or the ring was reset): nothing to clear. A used ring that cannot
+            // be read leaves the record as it is (a later process may read it; moving the
+            // index on would lose the only trace of the batch).
             let published = used_idx.wrapping_sub(recorded);
-            if published <= self.size {
-                for position in (0..published).map(|i| recorded.wrapping_add(i)) {
-                    let head = used_id(position).and_then(|id| u16::try_from(id).ok());
-                    if let Some(flag) = head
-                        .filter(|&h| h < self.size)
-                        .and_then(|h| self.u8_at(Self::entry(h)))
+            let ids: Option<Vec<u32>> = if published <= self.size {
+                (0..published)
+                    .map(|i| used_id(recorded.wrapping_add(i)))
+                    .collect()
+            } else {
+                Some(Vec::new())
+            };
+            if let Some(ids) = ids {
+                for head in ids.into_iter().filter_map(|id| u16::try_from(id).ok()) {
+                    if let Some(flag) = (head < self.size)
+                        .then(|| self.u8_at(Self::entry(head)))
+                        .flatten()
                     {
                         flag.store(0, Ordering::Release);
                     }
                 }
+                self.store_u16(14, used_idx);
             }
-            self.store_u16(14, used_idx);
         }
+        // Recorded in the current layout from here on.
+        self.store_u16(8, VERSION);
         let mut pending: Vec<(u64, u16)> = (0..self.size)
             .filter_map(|head| self.entry_counter(head).map(|c| (c, head)))
             .collect();
@@ -384,12 +402,34 @@ mod tests {
         // A used index more than a ring ahead of the record is not a batch of ours.
         let ids: Vec<u32> = vec![3; 9];
         assert_eq!(crash_after(batch, &ids).pending, vec![0, 3]);
-        // An unreadable ring clears nothing either.
+        // An unreadable ring clears nothing either, and leaves the record for a process that
+        // can read it.
         let mut region = Region::new(8);
         let mut q = region.queue(8);
         q.recover(0, |_| None);
         batch(&mut q);
         assert_eq!(region.queue(8).recover(2, |_| None).pending, vec![0, 3]);
+        let ids = [3u32, 0];
+        let readable = |p: u16| ids.get(usize::from(p)).copied();
+        assert!(region.queue(8).recover(2, readable).pending.is_empty());
+    }
+
+    #[test]
+    fn a_version_1_region_is_read_and_rewritten_as_version_2() {
+        let mut region = Region::new(8);
+        let mut q = region.queue(8);
+        q.recover(0, |_| None);
+        q.begin(5);
+        q.popped_to(1);
+        // As the previous layout version left it: version 1 in bytes 8..10 of the header.
+        region.0[1] = (region.0[1] & !0xffff) | 1;
+        let r = region.queue(8).recover(0, |_| None);
+        assert!(!r.fresh, "version 1 is read");
+        assert_eq!(r.pending, vec![5]);
+        assert_eq!(region.0[1] & 0xffff, u64::from(VERSION));
+        // An unknown version is reset.
+        region.0[1] = (region.0[1] & !0xffff) | 3;
+        assert!(region.queue(8).recover(0, |_| None).fresh);
     }
 
     #[test]

@@ -31,7 +31,9 @@ struct Region {
 /// Guest memory as host addresses, valid while the memory it was built from is borrowed.
 #[derive(Debug)]
 pub struct MemMap<'m> {
-    regions: SmallVec<[Region; 8]>,
+    // Inline for up to 32 regions (vhost-user front-ends use 8 unless they configure more
+    // memory slots): building the map allocates nothing.
+    regions: SmallVec<[Region; 32]>,
     last: Cell<usize>,
     _memory: PhantomData<&'m GuestMemory>,
 }

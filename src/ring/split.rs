@@ -15,8 +15,8 @@
 //! memory region (as DPDK's vhost library also requires; QEMU places rings in one RAM
 //! block), or the ring is refused; an avail index more than a ring ahead is a broken ring;
 //! a chain's head and every `next` are checked against the table, a chain is at most a table
-//! long (no loops), an indirect table must be the chain's only descriptor, a whole number of
-//! descriptors, mapped in one region, and may not nest. Buffers themselves are not checked
+//! long (no loops), an indirect table must end the chain (after zero or more direct
+//! descriptors), be a whole number of descriptors, mapped in one region, and may not nest. Buffers themselves are not checked
 //! here (the device's parser maps them).
 
 // Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
@@ -225,8 +225,10 @@ impl<'a, 'm> SplitRing<'a, 'm> {
             ttl = ttl.checked_sub(1).ok_or(BrokenChain)?;
             let d = Self::read_desc(table, index);
             if d.flags & F_INDIRECT != 0 {
-                // Only as the chain's sole descriptor, never inside a table.
-                if indirect || !out.is_empty() || d.flags & F_NEXT != 0 {
+                // The last descriptor of the chain (after zero or more direct ones: the device
+                // MUST handle that, virtio 1.2 §2.7.5.3.2), never with NEXT, never inside a
+                // table.
+                if indirect || d.flags & F_NEXT != 0 {
                     return Err(BrokenChain);
                 }
                 let entries = u64::from(d.len) / DESC_SIZE;
@@ -235,10 +237,12 @@ impl<'a, 'm> SplitRing<'a, 'm> {
                 }
                 table = self.map.host(d.addr, u64::from(d.len)).ok_or(BrokenChain)?;
                 count = u32::try_from(entries).map_err(|_| BrokenChain)?;
-                // "A driver MUST NOT create a descriptor chain longer than the Queue Size"
-                // (virtio 1.2 §2.7.5.3.1), indirect tables included: a longer table is only
-                // walked up to the queue size, so a chain never costs more than a ring.
-                ttl = count.min(u32::from(self.size));
+                // A table is walked to its length (at most 65536 descriptors, 1 MiB: bounded),
+                // not to the queue size: Linux sizes a disk's tables by `seg_max`, which may
+                // exceed a small ring (QEMU's vhost-user-blk defaults to 128 entries), and
+                // virtio-queue walks them whole too. Each descriptor is visited once: a loop
+                // runs out of `ttl`.
+                ttl = count;
                 indirect = true;
                 index = 0;
                 continue;

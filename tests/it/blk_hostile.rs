@@ -454,8 +454,8 @@ fn bad_vhost_user_setup_is_refused() {
 
 #[test]
 fn a_corrupt_avail_index_does_not_make_the_worker_spin() {
-    // The guest claims 1000 new buffers on a 256-entry ring. virtio-queue refuses to walk it;
-    // the worker must then stop trying (and count it), not loop on "more available".
+    // The guest claims 1000 new buffers on a 256-entry ring. The ring engine refuses to walk
+    // it; the worker must then stop trying (and count it), not loop on "more available".
     let d = Daemon::start(&[
         "--blk",
         "socket={dir}/bad.sock,path={dir}/bad.img,size=4M",

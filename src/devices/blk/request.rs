@@ -167,8 +167,10 @@ pub struct Limits {
 
 pub use crate::devices::desc::{Buffer, Buffers};
 
-/// Collects a chain's buffers; `Err(BrokenChain)` if the walk stopped while the last descriptor
-/// still pointed to a next one (loop, over-long chain, broken or nested indirect table).
+/// Collects a chain walked by virtio-queue (the parser's unit tests build requests this way;
+/// the queue itself walks with `ring::split`); `Err(BrokenChain)` if the walk stopped while
+/// the last descriptor still pointed to a next one (loop, over-long chain, broken or nested
+/// indirect table).
 pub fn collect_buffers(
     chain: impl Iterator<Item = virtio_queue::desc::split::Descriptor>,
 ) -> Result<Buffers, Reason> {

@@ -385,8 +385,6 @@ impl QueueWorker {
         }
     }
 
-    /// Takes requests off the ring (under one vring lock) until it is empty or QoS holds.
-    /// Returns how many were taken.
     /// Counts and (rate-limited) logs a head the driver should not have published.
     fn skip_head(&mut self, head: u16, why: &str) {
         self.stats.ring_error();
@@ -399,6 +397,8 @@ impl QueueWorker {
         }
     }
 
+    /// Takes requests off the ring (under one vring lock) until it is empty or QoS holds, and
+    /// admits them in chunks (`admit_pass`). Returns how many were taken.
     fn pop_available(&mut self, vring: &CheckedVring) -> usize {
         // The avail index first, then the memory map the requests are parsed with: a request
         // published up to that index has its buffers in this map (the front-end added their
@@ -567,9 +567,9 @@ impl QueueWorker {
         // A previous process (killed, or upgraded away) may have published used entries and
         // died before their interrupt, or signalled a call fd the front-end had already let
         // go. With EVENT_IDX the driver's `used_event` then stays behind the used index we
-        // start from, and virtio-queue, which assumes everything before that index was
-        // signalled, never interrupts the driver again: the queue hangs (issue 13's rare
-        // stall). So interrupt once now, and once more at the first return (in case the
+        // start from, and the EVENT_IDX rule (which only asks whether `used_event` lies
+        // inside the entries a return adds) never interrupts the driver again: the queue
+        // hangs (issue 13's rare stall). So interrupt once now, and once more at the first return (in case the
         // call fd comes later), as libvhost-user does after a start. A spurious interrupt
         // costs the driver one look at the ring.
         self.force_signal = true;
@@ -610,8 +610,18 @@ impl QueueWorker {
             };
             let map = MemMap::new(&memory);
             let split = SplitRing::new(&map, ring);
+            // The ids in the used ring, through vm-memory: only the used ring has to be
+            // readable (not the whole ring in one region, as `SplitRing` needs).
+            let (used_ring, size) = (ring.used_ring(), u64::from(ring.size()));
             let recovery = queue.recover(used.0, |position| {
-                split.as_ref().ok().map(|split| split.used_id(position))
+                let slot = u64::from(position).checked_rem(size)?;
+                let at = used_ring
+                    .checked_add(4)?
+                    .checked_add(slot.checked_mul(8)?)?;
+                memory
+                    .read_obj::<u32>(GuestAddress(at))
+                    .ok()
+                    .map(u32::from_le)
             });
             log::debug!(
                 "{}: queue {}: inflight region: used {} {recovery:?}",
@@ -1042,21 +1052,23 @@ impl QueueWorker {
         let memory = self.memory.memory().into_inner();
         let map = MemMap::new(&memory);
         let mut state = vring.get_mut();
-        let notify = match Burst::new(state.get_queue_mut(), &map) {
-            Ok(burst) => {
-                let mut burst = burst.with_log(Some(&self.log));
-                for done in &self.finished {
-                    let used_len = match done.status {
-                        Some(addr) if map.write(addr.0, &[done.code]) => {
-                            self.log.mark(addr.0, 1);
-                            done.used_len
-                        }
-                        _ => 0,
-                    };
-                    burst.used(done.head, used_len);
-                }
-                let used_idx = burst.next_used();
-                let notify = burst.finish();
+        let published = Burst::new(state.get_queue_mut(), &map).map(|burst| {
+            let mut burst = burst.with_log(Some(&self.log));
+            for done in &self.finished {
+                let used_len = match done.status {
+                    Some(addr) if map.write(addr.0, &[done.code]) => {
+                        self.log.mark(addr.0, 1);
+                        done.used_len
+                    }
+                    _ => 0,
+                };
+                burst.used(done.head, used_len);
+            }
+            let used_idx = burst.next_used();
+            (used_idx, burst.finish())
+        });
+        let notify = match published {
+            Ok((used_idx, notify)) => {
                 if let Some((_, inflight)) = &self.inflight {
                     for done in &self.finished {
                         inflight.returned(done.head);
@@ -1066,11 +1078,32 @@ impl QueueWorker {
                 notify
             }
             Err(_) => {
-                // The used ring cannot be written (the front-end moved or unmapped it):
-                // nothing can be returned; count it. The heads go back to the driver's side of
-                // the books all the same (a reset ring starts empty).
-                self.stats.ring_error();
-                false
+                // The ring cannot be served as a whole (not in one region, or no longer
+                // mapped): each entry goes back through vm-memory, which needs only the used
+                // ring (virtio-queue's `add_used`: one index store per entry, so the inflight
+                // record, written after all of them, covers them as one batch).
+                for done in &self.finished {
+                    let used_len = match done.status {
+                        Some(addr) if memory.write_obj(done.code, addr).is_ok() => {
+                            self.log.mark(addr.0, 1);
+                            done.used_len
+                        }
+                        _ => 0,
+                    };
+                    if state.add_used(done.head, used_len).is_err() {
+                        self.stats.ring_error();
+                    }
+                }
+                let queue = state.get_queue();
+                self.log.mark_used_ring(queue.used_ring(), queue.size());
+                if let Some((_, inflight)) = &self.inflight {
+                    for done in &self.finished {
+                        inflight.returned(done.head);
+                    }
+                    inflight.used_to(queue.next_used());
+                }
+                // No interrupt decision without the ring: interrupt (harmless if unwanted).
+                true
             }
         };
         for done in self.finished.drain(..) {

@@ -335,8 +335,8 @@ impl<D: Device> VhostUserBackend for DeviceBackend<D> {
     }
 
     fn set_event_idx(&self, enabled: bool) {
-        // virtio-queue applies EVENT_IDX inside the rings; workers use the same
-        // disable/enable-notification calls either way.
+        // virtio-queue's `Queue` records it: its disable/enable-notification calls write
+        // avail_event or the used flags, and `ring::split` reads it for the interrupt decision.
         log::debug!("{}: EVENT_IDX {}", self.device.id(), enabled);
     }
 
