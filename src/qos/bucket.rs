@@ -63,8 +63,10 @@ impl TokenBucket {
 
     fn refill(&mut self, now_ns: u64) {
         let Some(elapsed) = now_ns.checked_sub(self.last_ns) else {
-            // A clock that went backwards: nothing to add, re-base.
-            self.last_ns = now_ns;
+            // An older time than the last one seen (threads sharing the bucket read the clock
+            // once per pass, outside its lock): nothing to add, and the bucket stays at the
+            // newer time. (Going back to it would credit the same interval again on the next
+            // newer reading: tokens out of nothing.)
             return;
         };
         self.last_ns = now_ns;
@@ -194,10 +196,17 @@ mod tests {
         let mut b = TokenBucket::new(1000, 1000, 5 * SEC);
         assert!(b.try_take(1000, 5 * SEC).is_ok());
         assert_eq!(b.tokens(4 * SEC), 0, "backwards: no refill");
+        // Not re-based at the earlier reading: the half second from 4 s to 4.5 s lies before
+        // the newest time seen (5 s) and is not credited again.
         assert_eq!(
             b.tokens(4 * SEC + SEC / 2),
+            0,
+            "nothing out of an older reading"
+        );
+        assert_eq!(
+            b.tokens(5 * SEC + SEC / 2),
             500,
-            "re-based at the earlier reading"
+            "time after the newest reading"
         );
     }
 

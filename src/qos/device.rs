@@ -67,6 +67,15 @@ impl DeviceQos {
         }
     }
 
+    /// Charges `cost` as one operation to the device and its group whatever their levels
+    /// (into debt if need be).
+    pub fn charge_anyway(&mut self, cost: Cost, now_ns: u64) {
+        self.limiter.charge_anyway(cost, 1, now_ns);
+        if let Some(group) = &self.group {
+            group.charge_anyway(cost, now_ns);
+        }
+    }
+
     /// Charges bytes known only afterwards to the device and its group (into debt if need be).
     pub fn charge_bytes(&mut self, cost: Cost, now_ns: u64) {
         self.limiter.charge_bytes(cost, now_ns);
@@ -77,20 +86,23 @@ impl DeviceQos {
 
     /// Charges `cost` to the device and its group, or neither; on refusal, how long to wait.
     pub fn try_start(&mut self, member: u64, cost: Cost, now_ns: u64) -> Result<(), Duration> {
-        self.try_start_n(member, cost, 1, now_ns)
+        self.try_start_n(member, cost, 1, now_ns, false)
     }
 
-    /// [`DeviceQos::try_start`] for a batch of `ops` operations (`cost.bytes` in all).
+    /// [`DeviceQos::try_start`] for a batch of `ops` operations (`cost.bytes` in all); a
+    /// `probe` (a whole burst tried at once) leaves the group's turns as they were when
+    /// refused ([`SharedLimiter::try_start_n`]).
     pub fn try_start_n(
         &mut self,
         member: u64,
         cost: Cost,
         ops: u64,
         now_ns: u64,
+        probe: bool,
     ) -> Result<(), Duration> {
         self.limiter.try_start_n(cost, ops, now_ns)?;
         if let Some(group) = &self.group {
-            if let Err(wait) = group.try_start_n(member, cost, ops, now_ns) {
+            if let Err(wait) = group.try_start_n(member, cost, ops, now_ns, probe) {
                 self.limiter.refund_n(cost, ops);
                 return Err(wait);
             }

@@ -71,29 +71,32 @@ impl SharedLimiter {
     /// Charges `cost` for `member` if the group allows it now and it is this member's turn;
     /// otherwise queues the member and returns how long to wait.
     pub fn try_start(&self, member: u64, cost: Cost, now_ns: u64) -> Result<(), Duration> {
-        self.try_start_n(member, cost, 1, now_ns)
+        self.try_start_n(member, cost, 1, now_ns, false)
     }
 
-    /// [`SharedLimiter::try_start`] for a batch of `ops` operations (`cost.bytes` in all).
-    /// A refused batch is only a probe: the member is not queued and no refusal is counted
-    /// (the caller then admits the items one by one, which does both).
+    /// [`SharedLimiter::try_start`] for a batch of `ops` operations (`cost.bytes` in all),
+    /// or, with `probe`, an attempt to charge a whole burst at once. A probe is taken only
+    /// while no member waits for its turn (else turns go item by item: a batch would take a
+    /// whole burst in one turn), and a refused probe changes nothing: the member is not
+    /// queued and no refusal is counted (the caller then admits the items one by one, which
+    /// does both).
     pub fn try_start_n(
         &self,
         member: u64,
         cost: Cost,
         ops: u64,
         now_ns: u64,
+        probe: bool,
     ) -> Result<(), Duration> {
-        let probe = ops > 1;
         let mut state = self.lock();
         state
             .waiting
             .retain(|&(_, asked)| now_ns.saturating_sub(asked) < STALE.as_nanos() as u64);
         let head = state.waiting.front().map(|&(m, _)| m);
+        if probe && head.is_some() {
+            return Err(Duration::ZERO);
+        }
         if head.is_some_and(|head| head != member) {
-            if probe {
-                return Err(Duration::ZERO);
-            }
             let wait = match state.limiter.try_start(cost, now_ns) {
                 // Tokens are there, but they belong to the member whose turn it is.
                 Ok(()) => {
@@ -136,6 +139,11 @@ impl SharedLimiter {
     /// The group's current tokens by limit name.
     pub fn tokens(&self, now_ns: u64) -> Vec<(String, i64)> {
         self.lock().limiter.tokens(now_ns)
+    }
+
+    /// Charges one operation whatever the level (see [`Limiter::charge_anyway`]).
+    pub fn charge_anyway(&self, cost: Cost, now_ns: u64) {
+        self.lock().limiter.charge_anyway(cost, 1, now_ns);
     }
 
     /// Charges bytes known only afterwards (see [`Limiter::charge_bytes`]).
@@ -260,6 +268,36 @@ mod tests {
         assert!(
             g.try_start(4, cost, 2_000_000_000).is_ok(),
             "stale member 3 still blocks"
+        );
+    }
+
+    #[test]
+    fn a_probe_waits_its_turn_and_changes_nothing_when_refused() {
+        let g = group("iops=100"); // room: 10
+        let cost = Cost {
+            kind: CostKind::Read,
+            bytes: 0,
+        };
+        // Nobody waits: a burst of 8 is charged at once.
+        assert!(g.try_start_n(1, cost, 8, 0, true).is_ok());
+        // 2 left: a probe of 4 is refused, without queueing the member or counting a wait.
+        assert!(g.try_start_n(1, cost, 4, 0, true).is_err());
+        assert_eq!(g.refusals(), 0);
+        assert!(g.try_start(2, cost, 0).is_ok());
+        assert!(g.try_start(2, cost, 0).is_ok());
+        assert!(
+            g.try_start(2, cost, 0).is_err(),
+            "member 2 now waits its turn"
+        );
+        assert_eq!(g.refusals(), 1);
+        // Someone waits: probes are refused even with tokens there (turns go item by item).
+        let later = 50_000_000; // 5 tokens later, before member 2 counts as gone (STALE)
+        assert_eq!(g.try_start_n(1, cost, 2, later, true), Err(Duration::ZERO));
+        assert_eq!(g.refusals(), 1);
+        assert!(g.try_start(2, cost, later).is_ok(), "member 2's turn");
+        assert!(
+            g.try_start_n(1, cost, 2, later, true).is_ok(),
+            "no one waits"
         );
     }
 }

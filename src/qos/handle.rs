@@ -72,12 +72,19 @@ impl QosHandle {
     /// A batch of `ops` requests or frames (`cost.bytes` in all) charged at once, or nothing
     /// (then the caller admits them one by one): one lock per pass instead of one per item.
     pub fn try_start_many_at(&self, cost: Cost, ops: u64, now_ns: u64) -> Result<(), Duration> {
-        lock(&self.state).try_start_n(self.member, cost, ops, now_ns)
+        lock(&self.state).try_start_n(self.member, cost, ops, now_ns, true)
     }
 
     /// Gives back a charge for work that did not happen after all.
     pub fn refund(&self, cost: Cost) {
         lock(&self.state).refund(cost);
+    }
+
+    /// Charges work that ran without waiting (answered on a queue stop) into debt: the
+    /// requests behind it wait for it, so a guest cannot get work past its limits by
+    /// stopping its queues.
+    pub fn charge_anyway(&self, cost: Cost) {
+        lock(&self.state).charge_anyway(cost, now_ns());
     }
 
     /// Gives back a batch charged by [`QosHandle::try_start_many_at`].

@@ -183,6 +183,17 @@ impl Limiter {
         }
     }
 
+    /// Charges `ops` operations and the bytes of `cost` to every applicable bucket whatever
+    /// its level (into debt if need be): for work that had to run without waiting (requests
+    /// answered on a queue stop).
+    pub fn charge_anyway(&mut self, cost: Cost, ops: u64, now_ns: u64) {
+        for (unit, direction, bucket) in &mut self.buckets {
+            if applies(*direction, cost) {
+                bucket.take_anyway(units(*unit, cost, ops), now_ns);
+            }
+        }
+    }
+
     /// Charges the bytes of `cost` to the applicable byte buckets whatever their level (into
     /// debt if need be): for costs known only afterwards. Operation buckets are untouched.
     pub fn charge_bytes(&mut self, cost: Cost, now_ns: u64) {

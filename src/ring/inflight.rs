@@ -52,10 +52,10 @@ const ALIGN: usize = 64;
 /// Set in the header's `features` word when it holds our next-avail record.
 const AVAIL_VALID: u64 = 1 << 63;
 /// The layout version we write: 2 since used entries are published in batches (step 3 in the
-/// module docs). A version-1 region (one entry per publication, `last_batch_head` marked) is
-/// still read: its crash window holds at most one entry, which the used-ring reading clears
-/// just the same. A binary that only knows version 1 resets a version-2 region instead of
-/// misreading it (after a downgrade, what was in flight is not resubmitted).
+/// module docs). A version-1 region is still read (the used-ring reading clears a crash
+/// window of one entry, as libvhost-user's layout had, or of a batch, as builds between the
+/// two versions wrote). A binary that only knows version 1 resets a version-2 region instead
+/// of misreading it (after a downgrade, what was in flight is not resubmitted).
 const VERSION: u16 = 2;
 /// The oldest layout version we read.
 const OLDEST_READ: u16 = 1;

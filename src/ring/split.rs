@@ -34,6 +34,8 @@ use super::map::MemMap;
 use crate::devices::desc::{Buffer, Buffers};
 
 const DESC_SIZE: u64 = 16;
+/// Most descriptors of an indirect table walked on a ring smaller than this (see `chain`).
+pub const MAX_TABLE_WALK: u32 = 1026;
 const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
 const F_INDIRECT: u16 = 4;
@@ -237,12 +239,13 @@ impl<'a, 'm> SplitRing<'a, 'm> {
                 }
                 table = self.map.host(d.addr, u64::from(d.len)).ok_or(BrokenChain)?;
                 count = u32::try_from(entries).map_err(|_| BrokenChain)?;
-                // A table is walked to its length (at most 65536 descriptors, 1 MiB: bounded),
-                // not to the queue size: Linux sizes a disk's tables by `seg_max`, which may
-                // exceed a small ring (QEMU's vhost-user-blk defaults to 128 entries), and
-                // virtio-queue walks them whole too. Each descriptor is visited once: a loop
-                // runs out of `ttl`.
-                ttl = count;
+                // A table is walked up to the queue size or MAX_TABLE_WALK descriptors,
+                // whichever is larger: Linux sizes a disk's tables by `seg_max` (ours is at
+                // most 1022, plus header and status), which may exceed a small ring (QEMU's
+                // vhost-user-blk defaults to 128 entries); no device here needs a longer chain,
+                // and a guest's 64 Ki-entry table would cost a walk of 64 Ki reads per chain.
+                // A loop runs out of `ttl`.
+                ttl = count.min(u32::from(self.size).max(MAX_TABLE_WALK));
                 indirect = true;
                 index = 0;
                 continue;

@@ -416,7 +416,8 @@ impl Request {
                 kind: CostKind::Write,
                 bytes: ranges
                     .iter()
-                    .fold(0u64, |sum, range| sum.saturating_add(range.len)),
+                    .fold(0u64, |sum, range| sum.saturating_add(range.len))
+                    .min(ZEROING_BYTES_CAP),
             }),
             RequestKind::Flush => Some(Cost {
                 kind: CostKind::Write,

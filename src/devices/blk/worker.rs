@@ -336,7 +336,7 @@ impl QueueWorker {
                 self.ring_unusable(vring);
                 // Kicks back on (the driver's next publication brings the next look): a ring
                 // left with kicks off would never be looked at again.
-                let _ = vring.enable_notification()?;
+                let _ = vring.enable_notification();
                 return Ok(());
             }
             let now = Instant::now();
@@ -714,8 +714,15 @@ impl QueueWorker {
     /// Waits for every in-flight request and returns them to the guest (queue stop). Called
     /// from the front-end's thread, which has no vring at hand: uses the remembered one.
     pub fn drain_detached(&mut self) {
-        // Nothing popped may stay unanswered: start what QoS held back, limits or not.
+        // Nothing popped may stay unanswered: start what QoS held back, limits or not, and
+        // charge it into debt (a guest resetting its device must not get work past its
+        // limits).
         for held in self.gate.release_all() {
+            if let Some(cost) = held.item.request.cost() {
+                if self.shared.qos.is_enabled() {
+                    self.shared.qos.charge_anyway(cost);
+                }
+            }
             self.execute_deferred(held.item);
         }
         if let Err(e) = self.engine.submit() {
