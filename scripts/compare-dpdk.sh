@@ -99,22 +99,22 @@ printf "%-6s %-6s %-10s %12s %6s %12s %12s %7s\n" "load" "frame" "element" "pps"
 hz=$(getconf CLK_TCK)
 for load in fwd drain; do
 for size in 64 1518; do
-    for which in novacrond busy dpdk; do : > "$work/$which-$size"; : > "$work/$which-$size.cpu"; done
+    for which in novacrond busy dpdk; do : > "$work/$load-$which-$size"; : > "$work/$load-$which-$size.cpu"; done
     for r in $(seq "$rounds"); do
         order="novacrond busy dpdk"; [ $((r % 2)) -eq 0 ] && order="dpdk busy novacrond"
         for which in $order; do
             start_element "$which" "$load"
             before=$(cpu_ticks "$element_pid"); t0=$(date +%s.%N)
-            if [ "$load" = drain ]; then drain "$size"; else drive "$size"; fi >> "$work/$which-$size"
+            if [ "$load" = drain ]; then drain "$size"; else drive "$size"; fi >> "$work/$load-$which-$size"
             after=$(cpu_ticks "$element_pid"); t1=$(date +%s.%N)
             awk -v a="$after" -v b="$before" -v hz="$hz" -v t0="$t0" -v t1="$t1" \
-                'BEGIN { printf "%.2f\n", (a - b) / hz / (t1 - t0) }' >> "$work/$which-$size.cpu"
+                'BEGIN { printf "%.2f\n", (a - b) / hz / (t1 - t0) }' >> "$work/$load-$which-$size.cpu"
             cleanup
         done
     done
-    d=$(median < "$work/dpdk-$size")
+    d=$(median < "$work/$load-dpdk-$size")
     for which in novacrond busy dpdk; do
-        p=$(median < "$work/$which-$size"); c=$(median < "$work/$which-$size.cpu")
+        p=$(median < "$work/$load-$which-$size"); c=$(median < "$work/$load-$which-$size.cpu")
         per=$(awk -v p="$p" -v c="$c" 'BEGIN { if (c > 0) printf "%d", p / c; else print "-" }')
         printf "%-6s %-6s %-10s %12s %6s %12s %12s %7s\n" "$load" "$size" "$which" "$p" "$c" "$per" "$d" "$(ratio "$p" "$d")"
     done
