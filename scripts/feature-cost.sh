@@ -64,6 +64,19 @@ row() {
     a=$(median < "$work/$1.a"); b=$(median < "$work/$1.b")
     printf "%-34s %14s %14s %8s  (%s -> %s)\n" "$1" "$a" "$b" "$(ratio "$b" "$a")" "$2" "$3"
 }
+# interleave NAME A-LABEL B-LABEL A-COMMAND B-COMMAND: ROUNDS runs of each command (A B, then
+# B A, ...), each printing one number, then the row.
+interleave() {
+    local name="$1" r which order
+    : > "$work/$name.a"; : > "$work/$name.b"
+    for r in $(seq "$rounds"); do
+        order="a b"; [ $((r % 2)) -eq 0 ] && order="b a"
+        for which in $order; do
+            if [ "$which" = a ]; then eval "$4" >> "$work/$name.a"; else eval "$5" >> "$work/$name.b"; fi
+        done
+    done
+    row "$name" "$2" "$3"
+}
 printf "%-34s %14s %14s %8s\n" "row" "A" "B" "B/A"
 
 # --- blk: 2 queues vs 1 -----------------------------------------------------------------------
@@ -75,15 +88,7 @@ blk_queues() { # backing queues -> IOPS
     stop
 }
 for backing in null file; do
-    : > "$work/blk-queues-$backing.a"; : > "$work/blk-queues-$backing.b"
-    for r in $(seq "$rounds"); do
-        order="1 2"; [ $((r % 2)) -eq 0 ] && order="2 1"
-        for q in $order; do
-            if [ "$q" = 1 ]; then blk_queues "$backing" 1 >> "$work/blk-queues-$backing.a"
-            else blk_queues "$backing" 2 >> "$work/blk-queues-$backing.b"; fi
-        done
-    done
-    row "blk-queues-$backing" "1 queue" "2 queues"
+    interleave "blk-queues-$backing" "1 queue" "2 queues" "blk_queues $backing 1" "blk_queues $backing 2"
 done
 
 # --- blk: a QoS limit that never binds ------------------------------------------------------
@@ -96,15 +101,8 @@ blk_qos() { # client limit -> IOPS
     stop
 }
 for client in poll irq; do
-    : > "$work/blk-qos-$client.a"; : > "$work/blk-qos-$client.b"
-    for r in $(seq "$rounds"); do
-        order="a b"; [ $((r % 2)) -eq 0 ] && order="b a"
-        for which in $order; do
-            if [ "$which" = a ]; then blk_qos "$client" "" >> "$work/blk-qos-$client.a"
-            else blk_qos "$client" "iops=100000000,bps=1000000000000" >> "$work/blk-qos-$client.b"; fi
-        done
-    done
-    row "blk-qos-$client" "no limit" "iops=100M,bps=1T"
+    interleave "blk-qos-$client" "no limit" "iops=100M,bps=1T" \
+        "blk_qos $client ''" "blk_qos $client iops=100000000,bps=1000000000000"
 done
 
 # --- net: 2 queue pairs vs 1 ----------------------------------------------------------------
@@ -121,15 +119,7 @@ net_pairs() { # poll pairs -> packets/s summed over both ports
     stop
 }
 for poll in adaptive busy; do
-    : > "$work/net-pairs-$poll.a"; : > "$work/net-pairs-$poll.b"
-    for r in $(seq "$rounds"); do
-        order="1 2"; [ $((r % 2)) -eq 0 ] && order="2 1"
-        for q in $order; do
-            if [ "$q" = 1 ]; then net_pairs "$poll" 1 >> "$work/net-pairs-$poll.a"
-            else net_pairs "$poll" 2 >> "$work/net-pairs-$poll.b"; fi
-        done
-    done
-    row "net-pairs-$poll" "1 pair" "2 pairs"
+    interleave "net-pairs-$poll" "1 pair" "2 pairs" "net_pairs $poll 1" "net_pairs $poll 2"
 done
 
 # --- net: a QoS limit that never binds ------------------------------------------------------
@@ -150,12 +140,4 @@ net_qos() { # limit -> frames/s the port took from its tx ring
     stop
     echo $(((f1 - f0) / secs))
 }
-: > "$work/net-qos.a"; : > "$work/net-qos.b"
-for r in $(seq "$rounds"); do
-    order="a b"; [ $((r % 2)) -eq 0 ] && order="b a"
-    for which in $order; do
-        if [ "$which" = a ]; then net_qos "" >> "$work/net-qos.a"
-        else net_qos "tx-pps=100000000" >> "$work/net-qos.b"; fi
-    done
-done
-row "net-qos" "no limit" "tx-pps=100M"
+interleave net-qos "no limit" "tx-pps=100M" "net_qos ''" "net_qos tx-pps=100000000"

@@ -57,14 +57,9 @@ impl QosHandle {
         self.enabled.load(Ordering::Acquire)
     }
 
-    /// Charges `cost` now, or says how long to wait (charging nothing).
-    pub fn try_start(&self, cost: Cost) -> Result<(), Duration> {
-        self.try_start_at(cost, now_ns())
-    }
-
-    /// [`QosHandle::try_start`] at time `now_ns` ([`now_ns`]'s base): a pass of work reads
-    /// the clock once for all its requests or frames (the buckets refill by the time
-    /// passed; a pass lasts microseconds).
+    /// Charges `cost` at time `now_ns` ([`now_ns`]'s base), or says how long to wait
+    /// (charging nothing). A pass of work reads the clock once for all its requests or
+    /// frames (the buckets refill by the time passed; a pass lasts microseconds).
     pub fn try_start_at(&self, cost: Cost, now_ns: u64) -> Result<(), Duration> {
         lock(&self.state).try_start(self.member, cost, now_ns)
     }
@@ -93,7 +88,7 @@ impl QosHandle {
     }
 
     /// Charges bytes known only after the fact (a received frame's size), into debt if need
-    /// be; the next [`QosHandle::try_start`] waits until the debt is repaid.
+    /// be; the next [`QosHandle::try_start_at`] waits until the debt is repaid.
     pub fn charge_bytes(&self, cost: Cost) {
         lock(&self.state).charge_bytes(cost, now_ns());
     }

@@ -305,17 +305,6 @@ impl<'a, 'm> SplitRing<'a, 'm> {
         unsafe { std::ptr::write_volatile(p.cast::<[u8; 8]>(), element) };
     }
 
-    /// The descriptor id in used element `position` as it is in memory now (written by a
-    /// device, possibly a previous process; the driver may have changed it: unchecked).
-    pub fn used_id(&self, position: u16) -> u32 {
-        let offset = self.slot(position).saturating_mul(8).saturating_add(4);
-        let p = Self::at(self.used, offset);
-        // SAFETY: as in `write_used`: the slot is inside the mapped used ring; byte array,
-        // no alignment requirement.
-        let id = unsafe { std::ptr::read_volatile(p.cast::<[u8; 4]>()) };
-        u32::from_le_bytes(id)
-    }
-
     /// Makes used entries up to `new` visible (one index store) after `old`; returns whether
     /// the driver wants an interrupt for them (EVENT_IDX's `used_event` when negotiated,
     /// else the avail ring's NO_INTERRUPT flag).

@@ -167,16 +167,6 @@ pub struct Limits {
 
 pub use crate::devices::desc::{Buffer, Buffers};
 
-/// Collects a chain walked by virtio-queue (the parser's unit tests build requests this way;
-/// the queue itself walks with `ring::split`); `Err(BrokenChain)` if the walk stopped while
-/// the last descriptor still pointed to a next one (loop, over-long chain, broken or nested
-/// indirect table).
-pub fn collect_buffers(
-    chain: impl Iterator<Item = virtio_queue::desc::split::Descriptor>,
-) -> Result<Buffers, Reason> {
-    crate::devices::desc::collect_buffers(chain).map_err(|_| Reason::BrokenChain)
-}
-
 /// Validates a request. `serial_len`-independent: GET_ID only checks the buffer size here.
 pub fn parse(
     mem: &GuestMemoryMmap<()>,

@@ -7,6 +7,14 @@ use virtio_queue::QueueT;
 use vm_memory::Bytes;
 use vm_memory::GuestMemoryMmap;
 
+/// A chain walked by virtio-queue, as the parser takes it (the queue itself walks with
+/// `ring::split`; `devices::desc::collect_buffers` is the shared reduction).
+fn collect_buffers(
+    chain: impl Iterator<Item = virtio_queue::desc::split::Descriptor>,
+) -> Result<Buffers, Reason> {
+    crate::devices::desc::collect_buffers(chain).map_err(|_| Reason::BrokenChain)
+}
+
 const LIMITS: Limits = Limits {
     capacity: 1 << 20,
     readonly: false,

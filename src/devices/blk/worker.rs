@@ -151,10 +151,8 @@ pub struct QueueWorker {
     finished: Vec<Finished>,
     /// The chain being parsed (reused: a pass allocates nothing for it).
     descs: Buffers,
-    /// The requests a pop pass parsed, admitted by QoS together at its end.
+    /// The requests a pop pass parsed, admitted by QoS together (`admit_pass`).
     pass: Vec<(u16, Request)>,
-    /// Whether a pop pass is collecting requests into `pass` (else each is admitted at once).
-    collecting: bool,
     /// When the current pop pass started: the start time of the requests it starts (one
     /// clock read per pass, not one per request).
     clock: Option<Instant>,
@@ -213,7 +211,6 @@ impl QueueWorker {
             finished: Vec::with_capacity(depth),
             descs: Buffers::new(),
             pass: Vec::with_capacity(depth),
-            collecting: false,
             vring: None,
             poller,
             repoll: EventFd::new(EFD_NONBLOCK).map_err(WorkerSetupError::Repoll)?,
@@ -415,7 +412,6 @@ impl QueueWorker {
         };
         let mut descs = std::mem::take(&mut self.descs);
         let mut popped = 0usize;
-        self.collecting = true;
         // One clock read for the requests this pass starts (their latency counts from it).
         self.clock = (burst.available().unwrap_or(0) > 0).then(Instant::now);
         while !self.gate.is_holding() {
@@ -448,7 +444,9 @@ impl QueueWorker {
             let buffers = walked
                 .map(|()| descs.as_slice())
                 .map_err(|_| request::Reason::BrokenChain);
-            self.start_buffers(head, buffers, &memory);
+            if let Some(request) = self.parse_or_refuse(head, buffers, &memory) {
+                self.pass.push((head, request));
+            }
             if self.pass.len() >= ADMIT_CHUNK {
                 // Admitted (or held) now: a queue at its QoS limit stops taking requests off
                 // the ring within a chunk (back-pressure: the rest stay in the ring).
@@ -459,7 +457,6 @@ impl QueueWorker {
         let _ = burst.finish();
         drop(state);
         self.descs = descs;
-        self.collecting = false;
         self.admit_pass(&memory);
         self.clock = None;
         popped
@@ -673,7 +670,11 @@ impl QueueWorker {
         }
         self.inflight = Some((region, queue));
         for (head, buffers) in pending {
-            self.start_buffers(head, buffers.as_deref().map_err(|r| *r), &memory);
+            if let Some(request) =
+                self.parse_or_refuse(head, buffers.as_deref().map_err(|r| *r), &memory)
+            {
+                self.admit(head, request, &memory);
+            }
         }
     }
 
@@ -757,12 +758,14 @@ impl QueueWorker {
         }
     }
 
-    fn start_buffers(
+    /// The request `buffers` hold, or `None` once it is refused (counted, logged within
+    /// limits, and queued to go back with its status).
+    fn parse_or_refuse(
         &mut self,
         head: u16,
         buffers: Result<&[Buffer], request::Reason>,
         memory: &Arc<GuestMemory>,
-    ) {
+    ) -> Option<Request> {
         let parsed = buffers
             .map_err(|reason| Rejection {
                 status: None,
@@ -771,8 +774,7 @@ impl QueueWorker {
             })
             .and_then(|buffers| request::parse(memory, buffers, self.shared.limits()));
         match parsed {
-            Ok(request) if self.collecting => self.pass.push((head, request)),
-            Ok(request) => self.admit(head, request, memory),
+            Ok(request) => Some(request),
             Err(rejection) => {
                 self.stats.rejected(rejection.reason);
                 if let Some(suppressed) = self.refusal_log.allow() {
@@ -794,6 +796,7 @@ impl QueueWorker {
                     code: rejection.code,
                     used_len: u32::from(rejection.status.is_some()),
                 });
+                None
             }
         }
     }
@@ -1059,60 +1062,46 @@ impl QueueWorker {
         let memory = self.memory.memory().into_inner();
         let map = MemMap::new(&memory);
         let mut state = vring.get_mut();
+        // The status byte (through the map: one byte always lies in one region); the used
+        // length to return with it.
+        let write_status = |done: &Finished| match done.status {
+            Some(addr) if map.write(addr.0, &[done.code]) => {
+                self.log.mark(addr.0, 1);
+                done.used_len
+            }
+            _ => 0,
+        };
         let published = Burst::new(state.get_queue_mut(), &map).map(|burst| {
             let mut burst = burst.with_log(Some(&self.log));
             for done in &self.finished {
-                let used_len = match done.status {
-                    Some(addr) if map.write(addr.0, &[done.code]) => {
-                        self.log.mark(addr.0, 1);
-                        done.used_len
-                    }
-                    _ => 0,
-                };
-                burst.used(done.head, used_len);
+                burst.used(done.head, write_status(done));
             }
-            let used_idx = burst.next_used();
-            (used_idx, burst.finish())
+            (burst.next_used(), burst.finish())
         });
-        let notify = match published {
-            Ok((used_idx, notify)) => {
-                if let Some((_, inflight)) = &self.inflight {
-                    for done in &self.finished {
-                        inflight.returned(done.head);
-                    }
-                    inflight.used_to(used_idx);
-                }
-                notify
-            }
+        let (used_idx, notify) = match published {
+            Ok(published) => published,
             Err(_) => {
                 // The ring cannot be served as a whole (not in one region, or no longer
                 // mapped): each entry goes back through vm-memory, which needs only the used
                 // ring (virtio-queue's `add_used`: one index store per entry, so the inflight
-                // record, written after all of them, covers them as one batch).
+                // record, written after all of them, covers them as one batch). No interrupt
+                // decision without the ring: interrupt (harmless if unwanted).
                 for done in &self.finished {
-                    let used_len = match done.status {
-                        Some(addr) if memory.write_obj(done.code, addr).is_ok() => {
-                            self.log.mark(addr.0, 1);
-                            done.used_len
-                        }
-                        _ => 0,
-                    };
-                    if state.add_used(done.head, used_len).is_err() {
+                    if state.add_used(done.head, write_status(done)).is_err() {
                         self.stats.ring_error();
                     }
                 }
                 let queue = state.get_queue();
                 self.log.mark_used_ring(queue.used_ring(), queue.size());
-                if let Some((_, inflight)) = &self.inflight {
-                    for done in &self.finished {
-                        inflight.returned(done.head);
-                    }
-                    inflight.used_to(queue.next_used());
-                }
-                // No interrupt decision without the ring: interrupt (harmless if unwanted).
-                true
+                (queue.next_used(), true)
             }
         };
+        if let Some((_, inflight)) = &self.inflight {
+            for done in &self.finished {
+                inflight.returned(done.head);
+            }
+            inflight.used_to(used_idx);
+        }
         for done in self.finished.drain(..) {
             self.heads.release(done.head);
         }

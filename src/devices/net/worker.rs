@@ -115,9 +115,7 @@ pub struct PairWorker {
     /// The connection's dirty-page log (live migration): rx frames and used rings.
     log: Arc<DirtyLog>,
     /// The tx burst being sent, reused.
-    tx_frames: Vec<(u16, TxFrame)>,
-    /// The burst's position of each of `tx_frames` (for putting back what QoS refuses).
-    tx_positions: Vec<u16>,
+    tx_frames: Vec<TxSlot>,
     /// The burst's chains that carry no frame to send: position, head, why.
     tx_bad: Vec<(u16, u16, Drop)>,
     /// Scratch for the chain being walked.
@@ -160,7 +158,6 @@ impl PairWorker {
             offloads_for: None,
             batch: RxBatch::default(),
             tx_frames: Vec::with_capacity(TX_BURST),
-            tx_positions: Vec::with_capacity(TX_BURST),
             tx_bad: Vec::with_capacity(TX_BURST),
             descs: Buffers::new(),
             iovecs: GuestIovecs::default(),
@@ -661,7 +658,6 @@ impl PairWorker {
         let mtu = self.shared.config.mtu;
         let map = burst.map();
         self.tx_frames.clear();
-        self.tx_positions.clear();
         self.tx_bad.clear();
         let mut taken = 0usize;
         let mut held = None;
@@ -687,8 +683,11 @@ impl PairWorker {
                 Err(reason) => self.tx_bad.push((position, head, reason)),
                 Ok(frame) => {
                     bytes = bytes.saturating_add(u64::from(frame.frame_len));
-                    self.tx_frames.push((head, frame));
-                    self.tx_positions.push(position);
+                    self.tx_frames.push(TxSlot {
+                        head,
+                        position,
+                        frame,
+                    });
                 }
             }
             taken = taken.saturating_add(1);
@@ -705,7 +704,7 @@ impl PairWorker {
         let mut now = None;
         let frames = self.tx_frames.len() as u64;
         if !admit_batch(qos, cost(bytes), frames, &mut now) {
-            let refused = self.tx_frames.iter().position(|(_, frame)| {
+            let refused = self.tx_frames.iter().position(|TxSlot { frame, .. }| {
                 let single = Some(cost(u64::from(frame.frame_len)));
                 match self.gate.admit(qos, single, &mut now) {
                     Ok(()) => false,
@@ -716,7 +715,7 @@ impl PairWorker {
                 }
             });
             if let Some(k) = refused {
-                let from = self.tx_positions.get(k).copied().unwrap_or(0);
+                let from = self.tx_frames.get(k).map_or(0, |slot| slot.position);
                 let back = taken.saturating_sub(usize::from(from));
                 burst.unpop(u16::try_from(back).unwrap_or(u16::MAX));
                 taken = usize::from(from);
@@ -731,7 +730,7 @@ impl PairWorker {
         let guest = |frame| guest_frame(memory, map, frame);
         match &mut self.backend {
             PairBackend::Tap(tap) => {
-                for (_, frame) in &self.tx_frames {
+                for TxSlot { frame, .. } in &self.tx_frames {
                     match tap.send(&guest(frame)) {
                         Ok(()) => stats.sent(u64::from(frame.frame_len)),
                         Err(reason) => stats.dropped(Direction::Tx, reason),
@@ -742,8 +741,11 @@ impl PairWorker {
                 }
             }
             PairBackend::Switch { hub, port, .. } => {
-                let mut frames: SmallVec<[FrameRef<'_>; MAX_BURST]> =
-                    self.tx_frames.iter().map(|(_, f)| guest(f)).collect();
+                let mut frames: SmallVec<[FrameRef<'_>; MAX_BURST]> = self
+                    .tx_frames
+                    .iter()
+                    .map(|slot| guest(&slot.frame))
+                    .collect();
                 let mut refused: SmallVec<[bool; MAX_BURST]> = smallvec![false; frames.len()];
                 hub.transmit_burst(port, &mut frames, |i, reason| {
                     stats.dropped(Direction::Tx, reason);
@@ -752,7 +754,7 @@ impl PairWorker {
                     }
                 });
                 let mut sent = Tally::default();
-                for ((_, frame), refused) in self.tx_frames.iter().zip(&refused) {
+                for (TxSlot { frame, .. }, refused) in self.tx_frames.iter().zip(&refused) {
                     if !refused {
                         sent.add(u64::from(frame.frame_len));
                     }
@@ -760,11 +762,19 @@ impl PairWorker {
                 stats.sent_tally(sent);
             }
         }
-        for (head, _) in &self.tx_frames {
-            burst.used(*head, 0);
+        for slot in &self.tx_frames {
+            burst.used(slot.head, 0);
         }
         (taken, held)
     }
+}
+
+/// A checked frame of the tx burst: its chain's head and position in the burst.
+struct TxSlot {
+    head: u16,
+    /// Chains taken before it in this burst (what goes back to the ring if QoS refuses it).
+    position: u16,
+    frame: TxFrame,
 }
 
 /// Whether the worker may serve `tx` now: started (ready), enabled, and not refused.
