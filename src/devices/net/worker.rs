@@ -64,11 +64,13 @@ pub enum WorkerError {
     Repoll(#[source] std::io::Error),
 }
 
-/// What a frame from the tap costs before its size is known: one packet, no bytes (its
-/// bytes are charged once read, possibly into debt).
+/// What a frame from the tap costs before its size is known: one packet and one byte (the
+/// rest of its bytes is charged once read, possibly into debt). The byte makes a byte
+/// bucket in debt hold the next frame back: a zero-byte cost passes any byte bucket (a
+/// flush against a byte limit costs nothing), and `rx-bps` on a tap once never held.
 const RX_PROBE: Cost = Cost {
     kind: CostKind::Rx,
-    bytes: 0,
+    bytes: 1,
 };
 
 /// Most tx chains handled per burst (one used-index store and at most one interrupt each);
@@ -402,9 +404,10 @@ impl PairWorker {
                 if let Some(bytes) = delivered {
                     stats.received(bytes);
                     if limited {
+                        // The probe paid for one byte already.
                         self.shared.qos.charge_bytes(Cost {
                             kind: CostKind::Rx,
-                            bytes,
+                            bytes: bytes.saturating_sub(RX_PROBE.bytes),
                         });
                     }
                 }
