@@ -180,6 +180,20 @@ impl<'q, 'a, 'm> Burst<'q, 'a, 'm> {
         }
     }
 
+    /// Hints the CPU to fetch the descriptors of the next `count` chains the driver published
+    /// and the used-ring lines their entries will go to: one overlapped wait for the whole
+    /// burst's ring lines instead of one miss per descriptor line in turn.
+    pub fn prefetch_rings(&self, count: u16) {
+        let count = count.min((self.avail_end - self.next_avail).0);
+        for i in 0..count {
+            self.ring.prefetch_desc((self.next_avail + Wrapping(i)).0);
+        }
+        // Used elements are 8 bytes: one line holds 8 of them.
+        for i in (0..count).step_by(8).chain(count.checked_sub(1)) {
+            self.ring.prefetch_used((self.next_used + Wrapping(i)).0);
+        }
+    }
+
     /// Hints the CPU to fetch the first buffer of the chain `ahead` positions past the next
     /// one, if the driver published it (see [`SplitRing::prefetch`]).
     pub fn prefetch(&self, ahead: u16, write: bool) {

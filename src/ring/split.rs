@@ -265,6 +265,27 @@ impl<'a, 'm> SplitRing<'a, 'm> {
         }
     }
 
+    /// A hint, never a failure: asks the CPU to start fetching the descriptor the chain at
+    /// avail `position` starts with (nothing for a head outside the table). A burst asks for
+    /// all its chains' descriptors at once, so their cross-core misses overlap instead of
+    /// each stalling the walk (or [`SplitRing::prefetch`]) in turn.
+    pub fn prefetch_desc(&self, position: u16) {
+        let head = self.head(position);
+        if head < self.size {
+            prefetch_line(
+                Self::at(self.desc, u64::from(head).saturating_mul(DESC_SIZE)),
+                false,
+            );
+        }
+    }
+
+    /// A hint: asks the CPU to fetch, for writing, the used-ring line of used position
+    /// `position`.
+    pub fn prefetch_used(&self, position: u16) {
+        let offset = self.slot(position).saturating_mul(8).saturating_add(4);
+        prefetch_line(Self::at(self.used, offset), true);
+    }
+
     /// A hint, never a failure: asks the CPU to start fetching the first bytes (two cache
     /// lines: a virtio-net header and a small frame) of the buffer the chain at avail
     /// `position` starts with, for reading or (`write`) for writing. Their lines were last

@@ -313,15 +313,30 @@ impl SwitchHub {
         {
             let now = crate::sys::clock::coarse_now_ns();
             let mut table = lock(&self.table);
+            // The previous frame's Ethernet header and probe length: a frame with the same
+            // ones gets the same decision without a second look-up. (`forward` depends only
+            // on the ingress port, those bytes, the clock, fixed for the burst, and the table,
+            // which the previous frame's learning already left as this one's would.)
+            let mut previous: Option<([u8; 14], usize)> = None;
             for frame in frames.iter_mut() {
                 let eth = frame.ethernet_header();
                 // From here on the frame carries the header this decision was made on.
                 *frame = frame.with_ethernet(eth);
                 let len = usize::try_from(frame.len()).unwrap_or(usize::MAX);
-                // The forwarding core looks at the Ethernet header only; pass it with the
-                // real length so runts are still recognised.
-                let probe = eth.get(..len.min(eth.len())).unwrap_or_default();
-                decisions.push(table.forward(ingress.number, probe, now));
+                let probe_len = len.min(eth.len());
+                let repeat = previous == Some((eth, probe_len));
+                let decision = match decisions.last() {
+                    Some(last) if repeat => last.clone(),
+                    // The forwarding core looks at the Ethernet header only; pass it with the
+                    // real length so runts are still recognised.
+                    _ => table.forward(
+                        ingress.number,
+                        eth.get(..probe_len).unwrap_or_default(),
+                        now,
+                    ),
+                };
+                decisions.push(decision);
+                previous = Some((eth, probe_len));
             }
         }
         // (port, frame) pairs, sorted by port; the sort is stable, so each port gets its

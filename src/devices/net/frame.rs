@@ -34,7 +34,7 @@ impl From<SgError> for Drop {
 }
 
 /// A checked transmit chain.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct TxFrame {
     /// The header as read once from the guest and checked.
     pub header: NetHeader,
@@ -45,7 +45,7 @@ pub struct TxFrame {
 }
 
 /// A checked receive chain.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct RxBuffer {
     /// The descriptor head to return it with.
     pub head: u16,
@@ -194,20 +194,25 @@ impl FrameRef<'_> {
 
 /// Checks a transmit chain for a link with `mtu`.
 pub fn tx_frame(mem: &GuestMemory, buffers: &[Buffer], mtu: u16) -> Result<TxFrame, Drop> {
-    tx_frame_in(mem, &MemMap::new(mem), buffers, mtu)
+    let mut frame = TxFrame::default();
+    tx_frame_into(mem, &MemMap::new(mem), buffers, mtu, &mut frame)?;
+    Ok(frame)
 }
 
-/// [`tx_frame`] through `map`, a burst's map of `mem` (no region search per buffer).
-pub fn tx_frame_in(
+/// [`tx_frame`] through `map`, a burst's map of `mem` (no region search per buffer), into
+/// `out` (a slot the caller reuses: the frame, its ~150 bytes of inline spans included, is
+/// written in place, not moved through return values; on an error `out` holds garbage).
+pub fn tx_frame_into(
     mem: &GuestMemory,
     map: &MemMap<'_>,
     buffers: &[Buffer],
     mtu: u16,
-) -> Result<TxFrame, Drop> {
+    out: &mut TxFrame,
+) -> Result<(), Drop> {
     if buffers.iter().any(|b| b.writable) {
         return Err(Drop::BadLayout);
     }
-    let (spans, total) = mapped_spans(mem, map, buffers)?;
+    let total = mapped_spans(mem, map, buffers, &mut out.spans)?;
     let frame_len = total
         .checked_sub(HEADER_LEN as u64)
         .ok_or(Drop::ShortHeader)?;
@@ -215,9 +220,9 @@ pub fn tx_frame_in(
         return Err(Drop::TooLarge);
     }
     let mut raw = [0u8; HEADER_LEN];
-    let first = spans.first().filter(|s| s.len as usize >= HEADER_LEN);
+    let first = out.spans.first().filter(|s| s.len as usize >= HEADER_LEN);
     if !first.is_some_and(|s| map.read(s.addr.raw_value(), &mut raw)) {
-        read_stream(mem, &spans, 0, &mut raw)?;
+        read_stream(mem, &out.spans, 0, &mut raw)?;
     }
     let header = NetHeader::parse(&raw).map_err(|_| Drop::ShortHeader)?;
     let frame_len = u32::try_from(frame_len).map_err(|_| Drop::TooLarge)?;
@@ -225,48 +230,50 @@ pub fn tx_frame_in(
         super::header::HeaderError::TooLarge(_) => Drop::TooLarge,
         _ => Drop::BadHeader,
     })?;
-    Ok(TxFrame {
-        header,
-        spans,
-        frame_len,
-    })
+    out.header = header;
+    out.frame_len = frame_len;
+    Ok(())
 }
 
 /// Checks a receive chain.
 pub fn rx_buffer(mem: &GuestMemory, head: u16, buffers: &[Buffer]) -> Result<RxBuffer, Drop> {
-    rx_buffer_in(mem, &MemMap::new(mem), head, buffers)
+    let mut buffer = RxBuffer::default();
+    rx_buffer_into(mem, &MemMap::new(mem), head, buffers, &mut buffer)?;
+    Ok(buffer)
 }
 
-/// [`rx_buffer`] through `map`, a burst's map of `mem`.
-pub fn rx_buffer_in(
+/// [`rx_buffer`] through `map`, a burst's map of `mem`, into `out` (reused in place, as in
+/// [`tx_frame_into`]).
+pub fn rx_buffer_into(
     mem: &GuestMemory,
     map: &MemMap<'_>,
     head: u16,
     buffers: &[Buffer],
-) -> Result<RxBuffer, Drop> {
+    out: &mut RxBuffer,
+) -> Result<(), Drop> {
     if buffers.iter().any(|b| !b.writable) {
         return Err(Drop::BadLayout);
     }
-    let (spans, total) = mapped_spans(mem, map, buffers)?;
+    let total = mapped_spans(mem, map, buffers, &mut out.spans)?;
     if total < HEADER_LEN as u64 {
         return Err(Drop::ShortHeader);
     }
-    Ok(RxBuffer {
-        head,
-        spans,
-        // Every buffer length is a u32, but a chain can sum past it: cap, we never fill more.
-        capacity: u32::try_from(total).unwrap_or(u32::MAX),
-    })
+    out.head = head;
+    // Every buffer length is a u32, but a chain can sum past it: cap, we never fill more.
+    out.capacity = u32::try_from(total).unwrap_or(u32::MAX);
+    Ok(())
 }
 
-/// The buffers as spans, each checked to lie in guest memory (in one region of `map`, or
-/// across adjacent regions as vm-memory sees them); and their total length.
+/// The buffers as `spans` (cleared first), each checked to lie in guest memory (in one
+/// region of `map`, or across adjacent regions as vm-memory sees them); returns their total
+/// length.
 fn mapped_spans(
     mem: &GuestMemory,
     map: &MemMap<'_>,
     buffers: &[Buffer],
-) -> Result<(Spans, u64), Drop> {
-    let mut spans = Spans::new();
+    spans: &mut Spans,
+) -> Result<u64, Drop> {
+    spans.clear();
     let mut total = 0u64;
     for buffer in buffers.iter().filter(|b| b.len > 0) {
         let last = buffer
@@ -286,7 +293,7 @@ fn mapped_spans(
         });
         total = total.saturating_add(u64::from(buffer.len));
     }
-    Ok((spans, total))
+    Ok(total)
 }
 
 #[cfg(test)]

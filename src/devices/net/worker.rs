@@ -23,7 +23,7 @@ use vm_memory::GuestAddressSpace;
 
 use super::fabric::{Port, SwitchHub, MAX_BURST};
 use super::frame::FrameRef;
-use super::frame::{tx_frame_in, TxFrame};
+use super::frame::{tx_frame_into, TxFrame};
 use super::header::{HEADER_LEN, MAX_GSO_FRAME};
 use super::rx::RxTarget;
 use super::rx::{Gathered, RxBatch};
@@ -116,8 +116,10 @@ pub struct PairWorker {
     batch: RxBatch,
     /// The connection's dirty-page log (live migration): rx frames and used rings.
     log: Arc<DirtyLog>,
-    /// The tx burst being sent, reused.
+    /// The tx burst being sent: the first `tx_len` slots of a burst's worth, each filled in
+    /// place and reused.
     tx_frames: Vec<TxSlot>,
+    tx_len: usize,
     /// The burst's chains that carry no frame to send: position, head, why.
     tx_bad: Vec<(u16, u16, Drop)>,
     /// Scratch for the chain being walked.
@@ -159,7 +161,10 @@ impl PairWorker {
             negotiated: Negotiated::default(),
             offloads_for: None,
             batch: RxBatch::default(),
-            tx_frames: Vec::with_capacity(TX_BURST),
+            tx_frames: std::iter::repeat_with(TxSlot::default)
+                .take(TX_BURST)
+                .collect(),
+            tx_len: 0,
             tx_bad: Vec::with_capacity(TX_BURST),
             descs: Buffers::new(),
             iovecs: GuestIovecs::default(),
@@ -660,11 +665,12 @@ impl PairWorker {
         let stats = &self.shared.stats;
         let mtu = self.shared.config.mtu;
         let map = burst.map();
-        self.tx_frames.clear();
+        self.tx_len = 0;
         self.tx_bad.clear();
         let mut taken = 0usize;
         let mut held = None;
         let mut bytes = 0u64;
+        burst.prefetch_rings(TX_BURST as u16);
         burst.prefetch_first(false);
         while taken < TX_BURST {
             burst.prefetch(PREFETCH_AHEAD, false);
@@ -679,18 +685,21 @@ impl PairWorker {
             };
             // TX_BURST fits a u16.
             let position = u16::try_from(taken).unwrap_or(u16::MAX);
+            // At most TX_BURST chains are taken: there is always a free slot.
+            let Some(slot) = self.tx_frames.get_mut(self.tx_len) else {
+                burst.unpop(1);
+                break;
+            };
             let checked = walked
                 .map_err(|_| Drop::BrokenChain)
-                .and_then(|()| tx_frame_in(memory, map, &self.descs, mtu));
+                .and_then(|()| tx_frame_into(memory, map, &self.descs, mtu, &mut slot.frame));
             match checked {
                 Err(reason) => self.tx_bad.push((position, head, reason)),
-                Ok(frame) => {
-                    bytes = bytes.saturating_add(u64::from(frame.frame_len));
-                    self.tx_frames.push(TxSlot {
-                        head,
-                        position,
-                        frame,
-                    });
+                Ok(()) => {
+                    bytes = bytes.saturating_add(u64::from(slot.frame.frame_len));
+                    slot.head = head;
+                    slot.position = position;
+                    self.tx_len = self.tx_len.saturating_add(1);
                 }
             }
             taken = taken.saturating_add(1);
@@ -705,9 +714,10 @@ impl PairWorker {
             bytes,
         };
         let mut now = None;
-        let frames = self.tx_frames.len() as u64;
+        let frames = self.tx_len as u64;
         if !admit_batch(qos, cost(bytes), frames, &mut now) {
-            let refused = self.tx_frames.iter().position(|TxSlot { frame, .. }| {
+            let burst_frames = self.tx_frames.get(..self.tx_len).unwrap_or_default();
+            let refused = burst_frames.iter().position(|TxSlot { frame, .. }| {
                 let single = Some(cost(u64::from(frame.frame_len)));
                 match self.gate.admit(qos, single, &mut now) {
                     Ok(()) => false,
@@ -718,11 +728,11 @@ impl PairWorker {
                 }
             });
             if let Some(k) = refused {
-                let from = self.tx_frames.get(k).map_or(0, |slot| slot.position);
+                let from = burst_frames.get(k).map_or(0, |slot| slot.position);
                 let back = taken.saturating_sub(usize::from(from));
                 burst.unpop(u16::try_from(back).unwrap_or(u16::MAX));
                 taken = usize::from(from);
-                self.tx_frames.truncate(k);
+                self.tx_len = k;
                 self.tx_bad.retain(|&(position, _, _)| position < from);
             }
         }
@@ -731,9 +741,10 @@ impl PairWorker {
             burst.used(head, 0);
         }
         let guest = |frame| guest_frame(memory, map, frame);
+        let burst_frames = self.tx_frames.get(..self.tx_len).unwrap_or_default();
         match &mut self.backend {
             PairBackend::Tap(tap) => {
-                for TxSlot { frame, .. } in &self.tx_frames {
+                for TxSlot { frame, .. } in burst_frames {
                     match tap.send(&guest(frame)) {
                         Ok(()) => stats.sent(u64::from(frame.frame_len)),
                         Err(reason) => stats.dropped(Direction::Tx, reason),
@@ -744,11 +755,8 @@ impl PairWorker {
                 }
             }
             PairBackend::Switch { hub, port, .. } => {
-                let mut frames: SmallVec<[FrameRef<'_>; MAX_BURST]> = self
-                    .tx_frames
-                    .iter()
-                    .map(|slot| guest(&slot.frame))
-                    .collect();
+                let mut frames: SmallVec<[FrameRef<'_>; MAX_BURST]> =
+                    burst_frames.iter().map(|slot| guest(&slot.frame)).collect();
                 let mut refused: SmallVec<[bool; MAX_BURST]> = smallvec![false; frames.len()];
                 hub.transmit_burst(port, &mut frames, |i, reason| {
                     stats.dropped(Direction::Tx, reason);
@@ -757,7 +765,7 @@ impl PairWorker {
                     }
                 });
                 let mut sent = Tally::default();
-                for (TxSlot { frame, .. }, refused) in self.tx_frames.iter().zip(&refused) {
+                for (TxSlot { frame, .. }, refused) in burst_frames.iter().zip(&refused) {
                     if !refused {
                         sent.add(u64::from(frame.frame_len));
                     }
@@ -765,7 +773,7 @@ impl PairWorker {
                 stats.sent_tally(sent);
             }
         }
-        for slot in &self.tx_frames {
+        for slot in burst_frames {
             burst.used(slot.head, 0);
         }
         (taken, held)
@@ -773,6 +781,7 @@ impl PairWorker {
 }
 
 /// A checked frame of the tx burst: its chain's head and position in the burst.
+#[derive(Default)]
 struct TxSlot {
     head: u16,
     /// Chains taken before it in this burst (what goes back to the ring if QoS refuses it).

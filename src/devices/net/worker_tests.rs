@@ -143,6 +143,16 @@ impl Guest {
             .collect()
     }
 
+    /// Posts a frame on pair `pair`'s tx queue without a kick; returns its head.
+    fn post_tx(&mut self, pair: usize, frame: &[u8]) -> u16 {
+        let at = self.alloc(12 + frame.len() as u64);
+        self.mem.write_slice(&[0u8; 12], GuestAddress(at)).unwrap();
+        self.mem.write_slice(frame, GuestAddress(at + 12)).unwrap();
+        self.queues[pair]
+            .1
+            .post(&[(at, 12 + frame.len() as u32, false)])
+    }
+
     fn kick(&mut self, pair: usize, event: Event) {
         let vrings = [
             self.queues[pair].0.vring.clone(),
@@ -178,6 +188,42 @@ fn a_frame_sent_on_one_port_lands_whole_in_the_other_guests_rx_buffer() {
     assert_eq!(&got[12..], &sent[..], "frame bytes intact");
     assert_eq!(a.shared.stats.snapshot().tx_frames, 1);
     assert_eq!(b.shared.stats.snapshot().rx_frames, 1);
+}
+
+#[test]
+fn a_burst_decides_each_frame_on_its_own_header_though_repeats_reuse_the_decision() {
+    let hub = Arc::new(SwitchHub::new("t"));
+    // A MAC ending in 00 and EtherType 0: the good header's last four bytes are zeros, so
+    // a 10-byte runt of its first bytes reads as the same 14 bytes (zero-filled).
+    let mut a = Guest::attach(&hub, "a", 0x00, 1, "");
+    let mut b = Guest::attach(&hub, "b", 0x0b, 1, "");
+    b.post_rx(0, 8);
+    let mut good = frame(b.mac, a.mac, 1);
+    good[12..14].fill(0);
+    let spoofed = frame(b.mac, [0x52, 0x54, 0, 0, 0, 0x0c], 2);
+    // One burst: repeats, a spoofed source between them, and a runt whose bytes are the
+    // start of the good header (same 14 bytes read, shorter: a different decision).
+    for f in [
+        &good,
+        &good,
+        &spoofed,
+        &spoofed,
+        &good,
+        &good[..10].to_vec(),
+        &good,
+    ] {
+        a.post_tx(0, f);
+    }
+    a.kick(0, Event::Queue(1));
+    assert_eq!(a.queues[0].1.used().len(), 7, "every chain returned");
+    assert_eq!(
+        b.queues[0].0.used().len(),
+        4,
+        "the four good frames delivered"
+    );
+    let drops = hub.stats.snapshot().tx_drops;
+    assert_eq!(drops["spoofed"], 2, "{drops:?}");
+    assert_eq!(drops["runt"], 1, "{drops:?}");
 }
 
 #[test]
