@@ -163,7 +163,15 @@ impl RxBatch {
             // `num_buffers` is the last field of the 12-byte header; the chain was checked
             // to hold the header, so this cannot fail on a valid map.
             let offset = (HEADER_LEN as u64).saturating_sub(2);
-            if write_stream(memory, &first.spans, offset, &count.to_le_bytes()).is_err() {
+            let bytes = count.to_le_bytes();
+            // Through the burst's map when the first span holds the header (no region search).
+            let mapped = first
+                .spans
+                .first()
+                .filter(|span| u64::from(span.len) >= HEADER_LEN as u64)
+                .and_then(|span| span.addr.raw_value().checked_add(offset))
+                .is_some_and(|at| burst.map().write(at, &bytes));
+            if !mapped && write_stream(memory, &first.spans, offset, &bytes).is_err() {
                 log::debug!("rx header write failed");
             }
         }
