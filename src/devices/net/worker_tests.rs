@@ -123,12 +123,7 @@ impl Guest {
 
     /// Posts a frame (with a plain 12-byte header) on pair `pair`'s tx queue and kicks it.
     fn send(&mut self, pair: usize, frame: &[u8]) -> u16 {
-        let at = self.alloc(12 + frame.len() as u64);
-        self.mem.write_slice(&[0u8; 12], GuestAddress(at)).unwrap();
-        self.mem.write_slice(frame, GuestAddress(at + 12)).unwrap();
-        let head = self.queues[pair]
-            .1
-            .post(&[(at, 12 + frame.len() as u32, false)]);
+        let head = self.post_tx(pair, frame);
         self.kick(pair, Event::Queue(1));
         head
     }
