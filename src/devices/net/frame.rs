@@ -273,6 +273,12 @@ fn mapped_spans(
     buffers: &[Buffer],
     spans: &mut Spans,
 ) -> Result<u64, Drop> {
+    if spans.spilled() {
+        // A reused slot gives back what a long chain made it allocate: otherwise every slot
+        // would keep the largest list a guest ever sent it (up to a 1026-entry indirect
+        // table's worth each, in every queue's and every sender thread's slots).
+        *spans = Spans::new();
+    }
     spans.clear();
     let mut total = 0u64;
     for buffer in buffers.iter().filter(|b| b.len > 0) {
@@ -352,6 +358,26 @@ mod tests {
         let frame = tx_frame(&mem, &chain, 1500).unwrap();
         assert_eq!(frame.header, header);
         assert_eq!(frame.frame_len, 60);
+    }
+
+    #[test]
+    fn a_reused_slot_keeps_no_heap_from_a_long_chain() {
+        let mem = memory();
+        put_header(&mem, 0x100, NetHeader::default());
+        let map = MemMap::new(&mem);
+        let mut slot = TxFrame::default();
+        // Header, then 20 one-byte buffers: more spans than a slot holds inline.
+        let long: Vec<Buffer> = std::iter::once(readable(0x100, 12))
+            .chain((0..20).map(|i| readable(0x1000 + i, 1)))
+            .collect();
+        tx_frame_into(&mem, &map, &long, 1500, &mut slot).unwrap();
+        assert!(slot.spans.spilled());
+        tx_frame_into(&mem, &map, &[readable(0x100, 12 + 60)], 1500, &mut slot).unwrap();
+        assert!(
+            !slot.spans.spilled(),
+            "the long chain's list was given back"
+        );
+        assert_eq!(slot.frame_len, 60);
     }
 
     #[test]

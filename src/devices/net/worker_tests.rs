@@ -222,6 +222,35 @@ fn a_burst_decides_each_frame_on_its_own_header_though_repeats_reuse_the_decisio
 }
 
 #[test]
+fn a_broken_chain_between_good_ones_leaves_no_trace_in_the_slots() {
+    let hub = Arc::new(SwitchHub::new("t"));
+    let mut a = Guest::attach(&hub, "a", 0x0a, 1, "");
+    let mut b = Guest::attach(&hub, "b", 0x0b, 1, "");
+    b.post_rx(0, 8);
+    // Two bursts: the first fills slots 0 and 1; in the second, slot 1 is half-filled by a
+    // device-writable (refused) chain before the next good frame takes it.
+    for fill in [1u8, 2] {
+        a.post_tx(0, &frame(b.mac, a.mac, fill));
+    }
+    a.kick(0, Event::Queue(1));
+    a.post_tx(0, &frame(b.mac, a.mac, 3));
+    let at = a.alloc(12 + 60);
+    let broken = a.queues[0].1.post(&[(at, 72, true)]);
+    a.post_tx(0, &frame(b.mac, a.mac, 4));
+    a.kick(0, Event::Queue(1));
+    let used = a.queues[0].1.used();
+    assert_eq!(used.len(), 5, "every chain returned once: {used:?}");
+    assert_eq!(used.iter().filter(|(h, _)| *h == broken).count(), 1);
+    let got = b.queues[0].0.used();
+    assert_eq!(
+        got.len(),
+        4,
+        "four good frames, the broken one not: {got:?}"
+    );
+    assert_eq!(a.shared.stats.snapshot().tx_drops["bad-layout"], 1);
+}
+
+#[test]
 fn the_second_queue_pair_carries_traffic_too() {
     let hub = Arc::new(SwitchHub::new("t"));
     let mut a = Guest::attach(&hub, "a", 0x0a, 2, "");
