@@ -12,6 +12,7 @@
 use smallvec::SmallVec;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, VolatileSlice};
 
+use crate::ring::map::MemMap;
 use crate::vring::GuestMemory;
 
 /// Why a stream could not be walked.
@@ -180,6 +181,44 @@ pub fn write_stream(
         Ok(())
     } else {
         Err(SgError::Short)
+    }
+}
+
+/// Where stream bytes `offset..offset+len` lie if the first span holds them all (the usual
+/// case for a header: a chain's first buffer holds it).
+fn in_first_span(spans: &[Span], offset: u64, len: usize) -> Option<u64> {
+    let first = spans.first()?;
+    let end = offset.checked_add(u64::try_from(len).ok()?)?;
+    (end <= u64::from(first.len)).then_some(first.addr.raw_value().checked_add(offset)?)
+}
+
+/// [`read_stream`] through `map`, a burst's map of `mem`, when the first span holds the
+/// bytes (no region search per call); else as [`read_stream`].
+pub fn read_stream_in(
+    mem: &GuestMemory,
+    map: &MemMap<'_>,
+    spans: &[Span],
+    offset: u64,
+    dst: &mut [u8],
+) -> Result<(), SgError> {
+    match in_first_span(spans, offset, dst.len()) {
+        Some(at) if map.read(at, dst) => Ok(()),
+        _ => read_stream(mem, spans, offset, dst),
+    }
+}
+
+/// [`write_stream`] through `map` when the first span holds the bytes (as
+/// [`read_stream_in`]).
+pub fn write_stream_in(
+    mem: &GuestMemory,
+    map: &MemMap<'_>,
+    spans: &[Span],
+    offset: u64,
+    src: &[u8],
+) -> Result<(), SgError> {
+    match in_first_span(spans, offset, src.len()) {
+        Some(at) if map.write(at, src) => Ok(()),
+        _ => write_stream(mem, spans, offset, src),
     }
 }
 

@@ -18,7 +18,7 @@ use vm_memory::{Address, GuestMemoryBackend};
 use super::header::{NetHeader, HEADER_LEN, MAX_GSO_FRAME};
 use super::stats::Drop;
 use crate::devices::desc::Buffer;
-use crate::devices::sg::{read_stream, SgError};
+use crate::devices::sg::{read_stream, read_stream_in, SgError};
 pub use crate::devices::sg::{Span, Spans, MAX_IOVECS};
 use crate::ring::map::MemMap;
 use crate::vring::GuestMemory;
@@ -112,20 +112,11 @@ impl FrameRef<'_> {
             FrameRef::Guest {
                 memory, map, spans, ..
             } => {
-                // The usual chain: header and Ethernet header in its first buffer.
-                let first = spans
-                    .first()
-                    .filter(|s| s.len as usize >= HEADER_LEN.saturating_add(eth.len()))
-                    .and_then(|s| s.addr.checked_add(HEADER_LEN as u64));
-                let mapped = match (map, first) {
-                    (Some(map), Some(at)) => map.read(at.raw_value(), &mut eth),
-                    _ => false,
+                // A frame shorter than 14 bytes leaves zeros; the switch refuses it by length.
+                let _ = match map {
+                    Some(map) => read_stream_in(memory, map, spans, HEADER_LEN as u64, &mut eth),
+                    None => read_stream(memory, spans, HEADER_LEN as u64, &mut eth),
                 };
-                if !mapped {
-                    // A frame shorter than 14 bytes leaves zeros; the switch refuses it by
-                    // length.
-                    let _ = read_stream(memory, spans, HEADER_LEN as u64, &mut eth);
-                }
             }
             FrameRef::Bytes { frame, .. } => {
                 for (dst, src) in eth.iter_mut().zip(frame.iter()) {
@@ -220,10 +211,7 @@ pub fn tx_frame_into(
         return Err(Drop::TooLarge);
     }
     let mut raw = [0u8; HEADER_LEN];
-    let first = out.spans.first().filter(|s| s.len as usize >= HEADER_LEN);
-    if !first.is_some_and(|s| map.read(s.addr.raw_value(), &mut raw)) {
-        read_stream(mem, &out.spans, 0, &mut raw)?;
-    }
+    read_stream_in(mem, map, &out.spans, 0, &mut raw)?;
     let header = NetHeader::parse(&raw).map_err(|_| Drop::ShortHeader)?;
     let frame_len = u32::try_from(frame_len).map_err(|_| Drop::TooLarge)?;
     header.check(frame_len as usize, mtu).map_err(|e| match e {
@@ -358,6 +346,35 @@ mod tests {
         let frame = tx_frame(&mem, &chain, 1500).unwrap();
         assert_eq!(frame.header, header);
         assert_eq!(frame.frame_len, 60);
+    }
+
+    #[test]
+    fn stream_reads_and_writes_take_the_map_or_fall_back_to_the_spans() {
+        use crate::devices::sg::{read_stream_in, write_stream_in};
+        let mem = memory();
+        let map = MemMap::new(&mem);
+        let spans = [
+            Span {
+                addr: GuestAddress(0x100),
+                len: 4,
+            },
+            Span {
+                addr: GuestAddress(0x200),
+                len: 8,
+            },
+        ];
+        // Inside the first span (through the map), then across both (through vm-memory).
+        write_stream_in(&mem, &map, &spans, 1, &[1, 2]).unwrap();
+        write_stream_in(&mem, &map, &spans, 3, &[3, 4, 5]).unwrap();
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x101)).unwrap(), 1);
+        assert_eq!(mem.read_obj::<u8>(GuestAddress(0x201)).unwrap(), 5);
+        let mut got = [0u8; 5];
+        read_stream_in(&mem, &map, &spans, 1, &mut got).unwrap();
+        assert_eq!(got, [1, 2, 3, 4, 5]);
+        assert_eq!(
+            read_stream_in(&mem, &map, &spans, 10, &mut got),
+            Err(SgError::Short)
+        );
     }
 
     #[test]

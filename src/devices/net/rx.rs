@@ -30,7 +30,7 @@ use super::header::{complete_checksum, NetHeader, F_NEEDS_CSUM, HEADER_LEN};
 use super::spec::Negotiated;
 use super::stats::{Direction, Drop, NetStats, Tally};
 use crate::devices::desc::Buffers;
-use crate::devices::sg::{copy_between, copy_in, write_stream};
+use crate::devices::sg::{copy_between, copy_in, write_stream_in};
 use crate::ring::burst::{Burst, PREFETCH_AHEAD};
 use crate::ring::dirty::DirtyLog;
 use crate::ring::map::{copy, MemMap};
@@ -164,14 +164,7 @@ impl RxBatch {
             // to hold the header, so this cannot fail on a valid map.
             let offset = (HEADER_LEN as u64).saturating_sub(2);
             let bytes = count.to_le_bytes();
-            // Through the burst's map when the first span holds the header (no region search).
-            let mapped = first
-                .spans
-                .first()
-                .filter(|span| u64::from(span.len) >= HEADER_LEN as u64)
-                .and_then(|span| span.addr.raw_value().checked_add(offset))
-                .is_some_and(|at| burst.map().write(at, &bytes));
-            if !mapped && write_stream(memory, &first.spans, offset, &bytes).is_err() {
+            if write_stream_in(memory, burst.map(), &first.spans, offset, &bytes).is_err() {
                 log::debug!("rx header write failed");
             }
         }
@@ -413,7 +406,7 @@ fn fill(
     if let Some(done) = fill_mapped(map, first, header, frame) {
         return Ok(done);
     }
-    write_stream(memory, &first.spans, 0, &header.to_bytes())?;
+    write_stream_in(memory, map, &first.spans, 0, &header.to_bytes())?;
     let done = copy_frame(memory, batch, frame)?;
     // The receiver gets the Ethernet header the switch checked, not whatever the sender's
     // memory holds by now.
