@@ -60,15 +60,51 @@ pub fn host_iovecs(
         let count = usize::try_from(part.len).map_err(|_| SgError::BadAddress)?;
         for slice in GuestMemoryBackend::get_slices(mem, part.addr, count) {
             let slice = slice.map_err(|_| SgError::BadAddress)?;
-            if out.len() >= MAX_IOVECS {
-                return Err(SgError::TooManySegments);
-            }
-            out.push(libc::iovec {
-                iov_base: slice.ptr_guard_mut().as_ptr().cast(),
-                iov_len: slice.len(),
-            });
+            push_iovec(out, slice.ptr_guard_mut().as_ptr().cast(), slice.len())?;
         }
     }
+    Ok(())
+}
+
+/// [`host_iovecs`], each piece translated through `map` (a burst's map of `mem`) when it lies
+/// in one mapped region (no region search per piece), else through `mem` as there.
+pub fn host_iovecs_in(
+    mem: &GuestMemory,
+    map: &MemMap<'_>,
+    spans: &[Span],
+    offset: u64,
+    len: u64,
+    out: &mut Vec<libc::iovec>,
+) -> Result<(), SgError> {
+    for part in Pieces::new(spans, offset, len) {
+        let part = part?;
+        let Some(host) = map.host(part.addr.raw_value(), u64::from(part.len)) else {
+            let count = usize::try_from(part.len).map_err(|_| SgError::BadAddress)?;
+            for slice in GuestMemoryBackend::get_slices(mem, part.addr, count) {
+                let slice = slice.map_err(|_| SgError::BadAddress)?;
+                push_iovec(out, slice.ptr_guard_mut().as_ptr().cast(), slice.len())?;
+            }
+            continue;
+        };
+        let count = usize::try_from(part.len).map_err(|_| SgError::BadAddress)?;
+        push_iovec(out, host.as_ptr().cast(), count)?;
+    }
+    Ok(())
+}
+
+/// Appends one iovec, at most [`MAX_IOVECS`] in all.
+fn push_iovec(
+    out: &mut Vec<libc::iovec>,
+    base: *mut libc::c_void,
+    len: usize,
+) -> Result<(), SgError> {
+    if out.len() >= MAX_IOVECS {
+        return Err(SgError::TooManySegments);
+    }
+    out.push(libc::iovec {
+        iov_base: base,
+        iov_len: len,
+    });
     Ok(())
 }
 
@@ -204,6 +240,21 @@ pub fn read_stream_in(
     match in_first_span(spans, offset, dst.len()) {
         Some(at) if map.read(at, dst) => Ok(()),
         _ => read_stream(mem, spans, offset, dst),
+    }
+}
+
+/// [`read_at`] through `map`, a burst's map of `mem`, when the first span holds the bytes;
+/// else as [`read_at`].
+pub fn read_at_in(
+    mem: &GuestMemory,
+    map: &MemMap<'_>,
+    spans: &[Span],
+    offset: u64,
+    dst: &mut [u8],
+) -> Result<usize, SgError> {
+    match in_first_span(spans, offset, dst.len()) {
+        Some(at) if map.read(at, dst) => Ok(dst.len()),
+        _ => read_at(mem, spans, offset, dst),
     }
 }
 

@@ -14,6 +14,7 @@
 
 use crate::devices::sg::{self, SgError, Span, Spans};
 use crate::qos::limiter::{Cost, CostKind};
+use crate::ring::map::MemMap;
 use crate::storage::GuestIovecs;
 use vm_memory::{Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
@@ -173,6 +174,18 @@ pub fn parse(
     buffers: &[Buffer],
     limits: Limits,
 ) -> Result<Request, Rejection> {
+    parse_in(mem, &MemMap::new(mem), buffers, limits)
+}
+
+/// [`parse`] with `map`, a burst's map of `mem`: the header, the status byte and the data
+/// buffers are translated through it (no region search per request; `mem` where a buffer
+/// does not lie in one mapped region).
+pub fn parse_in(
+    mem: &GuestMemoryMmap<()>,
+    map: &MemMap<'_>,
+    buffers: &[Buffer],
+    limits: Limits,
+) -> Result<Request, Rejection> {
     let mut readable = Spans::new();
     let mut writable = Spans::new();
     let mut misordered = false;
@@ -191,7 +204,7 @@ pub fn parse(
             readable.push(span);
         }
     }
-    let status = status_of(mem, &writable).ok_or(Rejection {
+    let status = status_of(mem, map, &writable).ok_or(Rejection {
         status: None,
         code: VIRTIO_BLK_S_IOERR as u8,
         reason: Reason::NoStatus,
@@ -202,8 +215,8 @@ pub fn parse(
     }
 
     let mut header = [0u8; HEADER_LEN];
-    let header_len =
-        sg::read_at(mem, &readable, 0, &mut header).map_err(|_| fail(Reason::BadAddress))?;
+    let header_len = sg::read_at_in(mem, map, &readable, 0, &mut header)
+        .map_err(|_| fail(Reason::BadAddress))?;
     if header_len < HEADER_LEN {
         return Err(fail(Reason::ShortHeader));
     }
@@ -212,23 +225,31 @@ pub fn parse(
         header[8], header[9], header[10], header[11], header[12], header[13], header[14],
         header[15],
     ]);
-    let readable_data = skip(&readable, HEADER_LEN as u64).map_err(fail)?;
-    let writable_data = take(&writable, sg::total(&writable).saturating_sub(1)).map_err(fail)?;
+    // The data: the writable bytes before the status (reads), the readable bytes after the
+    // header (writes). Cut as stream offsets, not copied into span lists of their own.
+    let readable_data = (
+        HEADER_LEN as u64,
+        sg::total(&readable).saturating_sub(HEADER_LEN as u64),
+    );
+    let writable_data = (0, sg::total(&writable).saturating_sub(1));
 
-    let (kind, data, used_data) = match request_type {
+    let (kind, (spans, offset, len), used_data) = match request_type {
         VIRTIO_BLK_T_IN => {
-            let offset = data_range(sector, sg::total(&writable_data), limits).map_err(fail)?;
-            (RequestKind::Read { offset }, writable_data, true)
+            let offset = data_range(sector, writable_data.1, limits).map_err(fail)?;
+            let data = (writable.as_slice(), writable_data.0, writable_data.1);
+            (RequestKind::Read { offset }, data, true)
         }
         VIRTIO_BLK_T_OUT => {
             if limits.readonly {
                 return Err(fail(Reason::ReadOnly));
             }
-            let offset = data_range(sector, sg::total(&readable_data), limits).map_err(fail)?;
-            (RequestKind::Write { offset }, readable_data, false)
+            let offset = data_range(sector, readable_data.1, limits).map_err(fail)?;
+            let data = (readable.as_slice(), readable_data.0, readable_data.1);
+            (RequestKind::Write { offset }, data, false)
         }
-        VIRTIO_BLK_T_FLUSH => (RequestKind::Flush, Spans::new(), false),
+        VIRTIO_BLK_T_FLUSH => (RequestKind::Flush, (&[] as &[Span], 0, 0), false),
         VIRTIO_BLK_T_GET_ID => {
+            let writable_data = take(&writable, writable_data.1).map_err(fail)?;
             if sg::total(&writable_data) < u64::from(VIRTIO_BLK_ID_BYTES) {
                 return Err(fail(Reason::IdBufferTooSmall));
             }
@@ -251,6 +272,7 @@ pub fn parse(
                 return Err(fail(Reason::ReadOnly));
             }
             let discard = request_type == VIRTIO_BLK_T_DISCARD;
+            let readable_data = skip(&readable, readable_data.0).map_err(fail)?;
             let ranges = parse_segments(mem, &readable_data, discard, limits).map_err(
                 |(code, reason)| Rejection {
                     status: Some(status),
@@ -263,7 +285,7 @@ pub fn parse(
             } else {
                 RequestKind::WriteZeroes(ranges)
             };
-            (kind, Spans::new(), false)
+            (kind, (&[] as &[Span], 0, 0), false)
         }
         _ => {
             return Err(Rejection {
@@ -273,9 +295,8 @@ pub fn parse(
             })
         }
     };
-    let data_len = sg::total(&data);
-    let data_len = u32::try_from(data_len).map_err(|_| fail(Reason::BadLength))?;
-    let iovecs = to_iovecs(mem, &data).map_err(fail)?;
+    let data_len = u32::try_from(len).map_err(|_| fail(Reason::BadLength))?;
+    let iovecs = to_iovecs(mem, map, spans, offset, len).map_err(fail)?;
     let used_len = if used_data {
         data_len.saturating_add(1)
     } else {
@@ -299,10 +320,15 @@ fn reject(status: Option<GuestAddress>, reason: Reason) -> Rejection {
 }
 
 /// The address of the last writable byte, if it lies in guest memory.
-fn status_of(mem: &GuestMemoryMmap<()>, writable: &[Span]) -> Option<GuestAddress> {
+fn status_of(
+    mem: &GuestMemoryMmap<()>,
+    map: &MemMap<'_>,
+    writable: &[Span],
+) -> Option<GuestAddress> {
     let last = writable.last()?;
     let addr = last.addr.checked_add(u64::from(last.len.checked_sub(1)?))?;
-    GuestMemoryBackend::address_in_range(mem, addr).then_some(addr)
+    (map.host(addr.raw_value(), 1).is_some() || GuestMemoryBackend::address_in_range(mem, addr))
+        .then_some(addr)
 }
 
 /// The spans after the first `n` bytes.
@@ -370,11 +396,18 @@ fn parse_segments(
     Ok(ranges)
 }
 
-/// Host iovecs for the spans, split at memory-region boundaries, every byte checked mapped.
-fn to_iovecs(mem: &GuestMemoryMmap<()>, spans: &[Span]) -> Result<GuestIovecs, Reason> {
+/// Host iovecs for stream bytes `offset..offset+len` of the spans, split at memory-region
+/// boundaries, every byte checked mapped.
+fn to_iovecs(
+    mem: &GuestMemoryMmap<()>,
+    map: &MemMap<'_>,
+    spans: &[Span],
+    offset: u64,
+    len: u64,
+) -> Result<GuestIovecs, Reason> {
     // A list this thread freed before, when it has one: no allocation per request.
     let mut iovecs = GuestIovecs::with_capacity(spans.len());
-    sg::host_iovecs(mem, spans, 0, sg::total(spans), &mut iovecs.0).map_err(|e| match e {
+    sg::host_iovecs_in(mem, map, spans, offset, len, &mut iovecs.0).map_err(|e| match e {
         SgError::TooManySegments => Reason::BadLength,
         SgError::BadAddress | SgError::Short => Reason::BadAddress,
     })?;

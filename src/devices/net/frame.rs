@@ -378,6 +378,62 @@ mod tests {
     }
 
     #[test]
+    fn iovecs_and_reads_through_the_map_match_the_ones_through_vm_memory() {
+        use crate::devices::sg::{host_iovecs_in, read_at, read_at_in, MAX_IOVECS};
+        let mem = memory();
+        let map = MemMap::new(&mem);
+        let spans = [
+            Span {
+                addr: GuestAddress(0x100),
+                len: 16,
+            },
+            // Crosses from the first region into the second: vm-memory splits it.
+            Span {
+                addr: GuestAddress(0xfff0),
+                len: 0x20,
+            },
+        ];
+        for (offset, len) in [(0, 48), (4, 40), (16, 32), (20, 1), (0, 100)] {
+            let (mut through_map, mut through_mem) = (Vec::new(), Vec::new());
+            host_iovecs_in(&mem, &map, &spans, offset, len, &mut through_map).unwrap();
+            host_iovecs(&mem, &spans, offset, len, &mut through_mem).unwrap();
+            let pairs = |v: &[libc::iovec]| -> Vec<(usize, usize)> {
+                v.iter().map(|i| (i.iov_base as usize, i.iov_len)).collect()
+            };
+            assert_eq!(pairs(&through_map), pairs(&through_mem), "{offset}+{len}");
+        }
+        let mut out = vec![
+            libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0
+            };
+            MAX_IOVECS
+        ];
+        assert_eq!(
+            host_iovecs_in(&mem, &map, &spans, 0, 1, &mut out),
+            Err(SgError::TooManySegments)
+        );
+        let outside = [Span {
+            addr: GuestAddress(0x1f000),
+            len: 0x2000,
+        }];
+        assert_eq!(
+            host_iovecs_in(&mem, &map, &outside, 0, 0x2000, &mut Vec::new()),
+            Err(SgError::BadAddress)
+        );
+        mem.write_slice(&[7; 48], GuestAddress(0x100)).unwrap();
+        let (mut a, mut b) = ([0u8; 20], [0u8; 20]);
+        assert_eq!(read_at_in(&mem, &map, &spans, 0, &mut a[..8]).unwrap(), 8);
+        assert_eq!(
+            read_at_in(&mem, &map, &spans, 30, &mut a).unwrap(),
+            18,
+            "short"
+        );
+        assert_eq!(read_at(&mem, &spans, 30, &mut b).unwrap(), 18);
+        assert_eq!(a, b);
+    }
+
+    #[test]
     fn a_reused_slot_keeps_no_heap_from_a_long_chain() {
         let mem = memory();
         put_header(&mem, 0x100, NetHeader::default());
