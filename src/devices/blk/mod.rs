@@ -14,6 +14,7 @@ pub mod backend;
 pub mod bounce;
 pub mod config;
 pub mod device;
+pub mod in_flight;
 pub mod info;
 pub mod metrics;
 pub mod request;

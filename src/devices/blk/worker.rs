@@ -8,18 +8,15 @@
 //!                               status + used ring      ◀── completions (eventfd)
 //! ```
 //!
-//! Every accepted request has an explicit [`InFlight`] record (head, queue, start time,
-//! outstanding engine ops) until its completion, which is what restart-without-loss will build
-//! on. A request's guest memory snapshot (`Arc<GuestMemory>`) lives in that record, so the
-//! mappings its iovecs point into stay valid even if the front-end replaces the memory table
-//! while the kernel is still transferring.
+//! Every accepted request has a record in the queue's in-flight table (head, start time,
+//! outstanding engine ops; `in_flight`) until its completion. The table pins the request's
+//! guest memory snapshot, so the mappings its iovecs point into stay valid even if the
+//! front-end replaces the memory table while the kernel is still transferring.
 
 // Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
 // panic or wrap silently (checked, saturating or `get` instead).
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
-use slab::Slab;
-use smallvec::{smallvec, SmallVec};
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -30,6 +27,7 @@ use virtio_queue::QueueT;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace};
 
 use super::bounce::{self, Bounce};
+use super::in_flight::{Started, Table};
 use super::request::{self, Rejection, Request, RequestKind};
 use super::shared::DeviceShared;
 use super::stats::{OpClass, QueueStats};
@@ -40,7 +38,7 @@ use crate::log_limit::LogLimiter;
 use crate::qos::gate::{admit_batch, Gate};
 use crate::qos::limiter::{Cost, CostKind};
 use crate::qos::timer::TimerError;
-use crate::ring::burst::Burst;
+use crate::ring::burst::{Burst, PREFETCH_AHEAD};
 use crate::ring::dirty::DirtyLog;
 use crate::ring::inflight::InflightQueue;
 use crate::ring::map::MemMap;
@@ -77,30 +75,6 @@ pub enum WorkerSetupError {
     Repoll(#[source] std::io::Error),
 }
 
-/// The engine ops of one request: one for everything but multi-range discards.
-type EngineOps = SmallVec<[(OpKind, GuestIovecs); 1]>;
-
-/// A request handed to the engine and not yet returned to the guest.
-#[derive(Debug)]
-struct InFlight {
-    head: u16,
-    status: GuestAddress,
-    used_len: u32,
-    /// Engine ops still outstanding (discard/write-zeroes may have several).
-    pending: u32,
-    code: u8,
-    class: OpClass,
-    bytes: u64,
-    started: Instant,
-    /// Keeps the guest mappings alive while the kernel may access them.
-    memory: Arc<GuestMemory>,
-    /// The aligned stand-in for unaligned guest buffers on a `direct` disk.
-    bounce: Option<Bounce>,
-    /// A read's guest buffers (host address, length), marked in the dirty-page log when it
-    /// completes if a migration is running by then (it may have started since).
-    written: Written,
-}
-
 /// The stats class of a request.
 fn class_of(kind: &RequestKind) -> OpClass {
     match kind {
@@ -112,9 +86,6 @@ fn class_of(kind: &RequestKind) -> OpClass {
         RequestKind::GetId { .. } => OpClass::GetId,
     }
 }
-
-/// Host ranges a request writes; inline for the usual few segments.
-type Written = smallvec::SmallVec<[(usize, usize); 4]>;
 
 /// A parsed request waiting for QoS tokens.
 struct Deferred {
@@ -146,7 +117,7 @@ pub struct QueueWorker {
     memory: AtomicGuestMemory,
     /// The connection's dirty-page log (live migration).
     log: Arc<DirtyLog>,
-    in_flight: Slab<InFlight>,
+    in_flight: Table,
     completions: Vec<Completion>,
     finished: Vec<Finished>,
     /// The chain being parsed (reused: a pass allocates nothing for it).
@@ -206,7 +177,7 @@ impl QueueWorker {
             memory,
             log,
             clock: None,
-            in_flight: Slab::with_capacity(depth),
+            in_flight: Table::with_capacity(depth),
             completions: Vec::with_capacity(depth),
             finished: Vec::with_capacity(depth),
             descs: Buffers::new(),
@@ -413,8 +384,15 @@ impl QueueWorker {
         let mut descs = std::mem::take(&mut self.descs);
         let mut popped = 0usize;
         // One clock read for the requests this pass starts (their latency counts from it).
-        self.clock = (burst.available().unwrap_or(0) > 0).then(Instant::now);
+        let available = burst.available().unwrap_or(0);
+        self.clock = (available > 0).then(Instant::now);
+        // The driver's core just wrote the ring entries and headers: ask for all of them at
+        // once so the cross-core misses overlap (a chunk's descriptors and used lines, then
+        // each request's header a few chains ahead).
+        burst.prefetch_rings(available.min(ADMIT_CHUNK as u16));
+        burst.prefetch_first(false);
         while !self.gate.is_holding() {
+            burst.prefetch(PREFETCH_AHEAD, false);
             let Ok(Some((head, walked))) = burst.pop(&mut descs) else {
                 break;
             };
@@ -444,8 +422,14 @@ impl QueueWorker {
             let buffers = walked
                 .map(|()| descs.as_slice())
                 .map_err(|_| request::Reason::BrokenChain);
-            if let Some(request) = self.parse_or_refuse(head, buffers, &memory) {
-                self.pass.push((head, request));
+            if let Some(request) = self.parse_or_refuse(head, buffers, &memory, &map) {
+                if self.pass.is_empty() && !self.shared.qos.is_enabled() {
+                    // No limits: nothing to charge as a batch, start it now (in ring order:
+                    // nothing of this pass waits before it).
+                    self.execute(head, request, &memory);
+                } else {
+                    self.pass.push((head, request));
+                }
             }
             if self.pass.len() >= ADMIT_CHUNK {
                 // Admitted (or held) now: a queue at its QoS limit stops taking requests off
@@ -669,9 +653,10 @@ impl QueueWorker {
             self.stats.resubmitted(pending.len());
         }
         self.inflight = Some((region, queue));
+        let map = MemMap::new(&memory);
         for (head, buffers) in pending {
             if let Some(request) =
-                self.parse_or_refuse(head, buffers.as_deref().map_err(|r| *r), &memory)
+                self.parse_or_refuse(head, buffers.as_deref().map_err(|r| *r), &memory, &map)
             {
                 self.admit(head, request, &memory);
             }
@@ -731,6 +716,8 @@ impl QueueWorker {
         }
         self.engine.drain(&mut self.completions);
         self.complete_engine_ops();
+        // Nothing is in flight: the memory snapshot kept for the next request goes too.
+        self.in_flight.release_idle();
         match self.vring.clone() {
             Some(vring) => {
                 if let Err(e) = self.return_finished(&vring) {
@@ -765,6 +752,7 @@ impl QueueWorker {
         head: u16,
         buffers: Result<&[Buffer], request::Reason>,
         memory: &Arc<GuestMemory>,
+        map: &MemMap<'_>,
     ) -> Option<Request> {
         let parsed = buffers
             .map_err(|reason| Rejection {
@@ -772,7 +760,7 @@ impl QueueWorker {
                 code: VIRTIO_BLK_S_IOERR as u8,
                 reason,
             })
-            .and_then(|buffers| request::parse(memory, buffers, self.shared.limits()));
+            .and_then(|buffers| request::parse_in(memory, map, buffers, self.shared.limits()));
         match parsed {
             Ok(request) => Some(request),
             Err(rejection) => {
@@ -812,23 +800,6 @@ impl QueueWorker {
         self.execute(head, request, &memory);
     }
 
-    /// The iovecs to hand the engine: the guest's own, or on a `direct` disk with any
-    /// unaligned buffer an aligned bounce buffer kept in `bounce` until completion.
-    fn bounced(&self, iovecs: GuestIovecs, read: bool, bounce: &mut Option<Bounce>) -> GuestIovecs {
-        match self.shared.direct_align {
-            Some(align) if bounce::needed(&iovecs, align) => {
-                // SAFETY: `request::parse` built the iovecs from mapped guest memory that the
-                // request's slot keeps alive (an `Arc` of it) until the request completes;
-                // write buffers are readable by the descriptor directions parse checked.
-                let mut copy = unsafe { Bounce::new(iovecs, align, read) };
-                let aligned = copy.iovecs();
-                *bounce = Some(copy);
-                aligned
-            }
-            _ => iovecs,
-        }
-    }
-
     /// Completes request `head` at once with an I/O error (counted as a failed `class`).
     fn fail_now(&mut self, head: u16, status: GuestAddress, class: OpClass) {
         self.stats.started();
@@ -843,6 +814,7 @@ impl QueueWorker {
     }
 
     fn execute(&mut self, head: u16, request: Request, memory: &Arc<GuestMemory>) {
+        let class = class_of(&request.kind);
         if self
             .shared
             .image
@@ -850,130 +822,125 @@ impl QueueWorker {
             .is_some_and(|image| !image.ensure_held())
         {
             // The other side of a migration still holds the image: serve nothing.
-            self.fail_now(head, request.status, class_of(&request.kind));
+            self.fail_now(head, request.status, class);
             return;
         }
-        let mut bounce = None;
-        let mut written = Written::new();
-        let (class, ops): (OpClass, EngineOps) = match request.kind {
-            RequestKind::Read { offset } => (OpClass::Read, {
-                written.extend(
-                    request
-                        .iovecs
-                        .0
-                        .iter()
-                        .map(|v| (v.iov_base as usize, v.iov_len)),
-                );
-                smallvec![(
-                    OpKind::Read { offset },
-                    self.bounced(request.iovecs, true, &mut bounce)
-                )]
-            }),
-            RequestKind::Write { offset } => (
-                OpClass::Write,
-                smallvec![(
-                    OpKind::Write { offset },
-                    self.bounced(request.iovecs, false, &mut bounce)
-                )],
-            ),
+        let Request {
+            kind,
+            iovecs,
+            data_len,
+            status,
+            used_len,
+        } = request;
+        let ops = match kind {
+            RequestKind::Read { offset } => Ops::One(OpKind::Read { offset }, iovecs),
+            RequestKind::Write { offset } => Ops::One(OpKind::Write { offset }, iovecs),
             RequestKind::Flush => {
                 if self.shared.flush_failed.load(Ordering::Acquire) {
                     // fsyncgate: after one failed flush, data may already be gone; never
                     // report a later flush as success.
-                    self.fail_now(head, request.status, OpClass::Flush);
+                    self.fail_now(head, status, OpClass::Flush);
                     return;
                 }
-                (
-                    OpClass::Flush,
-                    smallvec![(OpKind::Flush, GuestIovecs::default())],
-                )
+                Ops::One(OpKind::Flush, GuestIovecs::default())
             }
-            RequestKind::Discard(ranges) => (
-                OpClass::Discard,
-                ranges
-                    .iter()
-                    .map(|r| {
-                        (
-                            OpKind::Discard {
-                                offset: r.offset,
-                                len: r.len,
-                            },
-                            GuestIovecs::default(),
-                        )
-                    })
-                    .collect(),
-            ),
-            RequestKind::WriteZeroes(ranges) => (
-                OpClass::WriteZeroes,
-                ranges
-                    .iter()
-                    .map(|r| {
-                        let kind = OpKind::WriteZeroes {
-                            offset: r.offset,
-                            len: r.len,
-                            unmap: r.unmap,
-                        };
-                        (kind, GuestIovecs::default())
-                    })
-                    .collect(),
-            ),
+            RequestKind::Discard(ranges) => Ops::Ranges(ranges, false),
+            RequestKind::WriteZeroes(ranges) => Ops::Ranges(ranges, true),
             RequestKind::GetId { buffer } => {
-                let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
-                let serial = self.shared.serial.as_bytes();
-                for (dst, src) in id.iter_mut().zip(serial) {
-                    *dst = *src;
-                }
-                let code = match memory.write_slice(&id, buffer) {
-                    Ok(()) => {
-                        self.log.mark(buffer.0, id.len() as u64);
-                        VIRTIO_BLK_S_OK as u8
-                    }
-                    Err(_) => VIRTIO_BLK_S_IOERR as u8,
-                };
-                self.stats.started();
-                self.stats.completed(
-                    OpClass::GetId,
-                    0,
-                    code == VIRTIO_BLK_S_OK as u8,
-                    std::time::Duration::ZERO,
-                );
-                self.finished.push(Finished {
-                    head,
-                    status: Some(request.status),
-                    code,
-                    used_len: request.used_len,
-                });
+                self.serve_get_id(head, status, used_len, buffer, memory);
                 return;
             }
         };
-        let slot = InFlight {
+        let started = Started {
             head,
-            status: request.status,
-            used_len: request.used_len,
-            pending: u32::try_from(ops.len()).unwrap_or(u32::MAX),
-            code: VIRTIO_BLK_S_OK as u8,
+            status,
+            used_len,
+            pending: match &ops {
+                Ops::One(..) => 1,
+                Ops::Ranges(ranges, _) => u32::try_from(ranges.len()).unwrap_or(u32::MAX),
+            },
             class,
-            bytes: u64::from(request.data_len),
+            bytes: u64::from(data_len),
             started: self.clock.unwrap_or_else(Instant::now),
-            memory: Arc::clone(memory),
-            bounce,
-            written,
         };
-        let index = self.in_flight.insert(slot);
+        let Some((tag, record)) = self.in_flight.start(started, memory) else {
+            self.fail_now(head, status, class);
+            return;
+        };
         self.stats.started();
-        for (kind, iovecs) in ops {
-            let op = IoOp {
-                kind,
-                iovecs,
-                tag: index as u64,
-            };
+        let mut push = |kind, iovecs| {
             // SAFETY: the iovecs were built by `request::parse` from guest memory regions of
-            // `memory`; the slot at `index` holds an `Arc` of that memory until every op of
-            // the request has completed, so the mappings outlive the kernel's access. The
-            // guest owns the buffers' contents; the device only accesses them as the
-            // descriptor directions (checked by the parser) allow.
-            unsafe { self.engine.push(op) };
+            // `memory`; the request's record pins that memory until every op of the request
+            // has completed, so the mappings outlive the kernel's access. The guest owns the
+            // buffers' contents; the device only accesses them as the descriptor directions
+            // (checked by the parser) allow.
+            unsafe { self.engine.push(IoOp { kind, iovecs, tag }) };
+        };
+        match ops {
+            Ops::One(kind, iovecs) => {
+                let read = matches!(kind, OpKind::Read { .. });
+                if read {
+                    record
+                        .written
+                        .extend(iovecs.0.iter().map(|v| (v.iov_base as usize, v.iov_len)));
+                }
+                let iovecs = bounced(self.shared.direct_align, iovecs, read, &mut record.bounce);
+                push(kind, iovecs);
+            }
+            Ops::Ranges(ranges, zeroes) => {
+                for r in ranges {
+                    let kind = if zeroes {
+                        OpKind::WriteZeroes {
+                            offset: r.offset,
+                            len: r.len,
+                            unmap: r.unmap,
+                        }
+                    } else {
+                        OpKind::Discard {
+                            offset: r.offset,
+                            len: r.len,
+                        }
+                    };
+                    push(kind, GuestIovecs::default());
+                }
+            }
         }
+    }
+
+    /// GET_ID: the serial into the guest's buffer, at once.
+    fn serve_get_id(
+        &mut self,
+        head: u16,
+        status: GuestAddress,
+        used_len: u32,
+        buffer: GuestAddress,
+        memory: &Arc<GuestMemory>,
+    ) {
+        let mut id = [0u8; VIRTIO_BLK_ID_BYTES as usize];
+        let serial = self.shared.serial.as_bytes();
+        for (dst, src) in id.iter_mut().zip(serial) {
+            *dst = *src;
+        }
+        let code = match memory.write_slice(&id, buffer) {
+            Ok(()) => {
+                self.log.mark(buffer.0, id.len() as u64);
+                VIRTIO_BLK_S_OK as u8
+            }
+            Err(_) => VIRTIO_BLK_S_IOERR as u8,
+        };
+        self.stats.started();
+        self.stats.completed(
+            OpClass::GetId,
+            0,
+            code == VIRTIO_BLK_S_OK as u8,
+            std::time::Duration::ZERO,
+        );
+        self.finished.push(Finished {
+            head,
+            status: Some(status),
+            code,
+            used_len,
+        });
     }
 
     fn reap_and_complete(&mut self, vring: &CheckedVring) -> Result<(), WorkerError> {
@@ -992,17 +959,17 @@ impl QueueWorker {
         // One clock read for the batch: each request's latency ends here.
         let now = Instant::now();
         for completion in completions.drain(..) {
-            let index = usize::try_from(completion.tag).unwrap_or(usize::MAX);
-            let Some(slot) = self.in_flight.get_mut(index) else {
+            let Some((record, memory)) = self.in_flight.get_mut(completion.tag) else {
                 log::error!(
-                    "{}: completion for unknown request slot {index}",
-                    self.shared.id
+                    "{}: completion for unknown request slot {}",
+                    self.shared.id,
+                    completion.tag
                 );
                 continue;
             };
             if let Err(errno) = completion.result {
-                slot.code = VIRTIO_BLK_S_IOERR as u8;
-                if slot.class == OpClass::Flush {
+                record.code = VIRTIO_BLK_S_IOERR as u8;
+                if record.request.class == OpClass::Flush {
                     self.shared.flush_failed.store(true, Ordering::Release);
                     log::error!(
                         "{}: flush failed ({}); every later flush will fail",
@@ -1013,41 +980,41 @@ impl QueueWorker {
                     log::warn!(
                         "{}: {} failed: {} ({suppressed} similar failures not logged)",
                         self.shared.id,
-                        slot.class.name(),
+                        record.request.class.name(),
                         std::io::Error::from_raw_os_error(errno)
                     );
                 }
             }
-            slot.pending = slot.pending.saturating_sub(1);
-            if slot.pending > 0 {
+            record.request.pending = record.request.pending.saturating_sub(1);
+            if record.request.pending > 0 {
                 continue;
             }
-            if let Some(done) = self.in_flight.try_remove(index) {
-                let ok = done.code == VIRTIO_BLK_S_OK as u8;
-                if let (true, Some(copy)) = (ok, done.bounce) {
-                    // SAFETY: the guest buffers are mapped by `done.memory`, still held here;
-                    // read buffers are writable by the directions `request::parse` checked.
-                    unsafe { copy.finish() };
-                }
-                // After the data is in guest memory (engine, tier copy or bounce); a failed
-                // read may have written part of it too.
-                for &(host, len) in &done.written {
-                    self.log.mark_host(&done.memory, host, len);
-                }
-                self.stats.completed(
-                    done.class,
-                    done.bytes,
-                    ok,
-                    now.saturating_duration_since(done.started),
-                );
-                self.finished.push(Finished {
-                    head: done.head,
-                    status: Some(done.status),
-                    code: done.code,
-                    used_len: if ok { done.used_len } else { 1 },
-                });
-                drop(done.memory);
+            let ok = record.code == VIRTIO_BLK_S_OK as u8;
+            if let (true, Some(copy)) = (ok, record.bounce.take()) {
+                // SAFETY: the guest buffers are mapped by `memory`, which the record pins
+                // until `finish`; read buffers are writable by the directions
+                // `request::parse` checked.
+                unsafe { copy.finish() };
             }
+            // After the data is in guest memory (engine, tier copy or bounce); a failed read
+            // may have written part of it too.
+            for &(host, len) in &record.written {
+                self.log.mark_host(memory, host, len);
+            }
+            let request = record.request;
+            self.stats.completed(
+                request.class,
+                request.bytes,
+                ok,
+                now.saturating_duration_since(request.started),
+            );
+            self.finished.push(Finished {
+                head: request.head,
+                status: Some(request.status),
+                code: record.code,
+                used_len: if ok { request.used_len } else { 1 },
+            });
+            self.in_flight.finish(completion.tag);
         }
         self.completions = completions;
     }
@@ -1110,6 +1077,35 @@ impl QueueWorker {
             vring.signal_used_queue().map_err(WorkerError::Signal)?;
         }
         Ok(())
+    }
+}
+
+/// A request's engine ops: one for everything but discards and write-zeroes, which have one
+/// per range (`true`: write-zeroes).
+enum Ops {
+    One(OpKind, GuestIovecs),
+    Ranges(Vec<request::ByteRange>, bool),
+}
+
+/// The iovecs to hand the engine: the guest's own, or on a `direct` disk (`align`) with any
+/// unaligned buffer an aligned bounce buffer kept in `bounce` until completion.
+fn bounced(
+    align: Option<usize>,
+    iovecs: GuestIovecs,
+    read: bool,
+    bounce: &mut Option<Bounce>,
+) -> GuestIovecs {
+    match align {
+        Some(align) if bounce::needed(&iovecs, align) => {
+            // SAFETY: `request::parse` built the iovecs from mapped guest memory that the
+            // request's record pins until the request completes; write buffers are readable
+            // by the descriptor directions parse checked.
+            let mut copy = unsafe { Bounce::new(iovecs, align, read) };
+            let aligned = copy.iovecs();
+            *bounce = Some(copy);
+            aligned
+        }
+        _ => iovecs,
     }
 }
 
