@@ -56,12 +56,7 @@ pub fn host_iovecs(
     // The hot path of every block request and tap frame: pieces are cut lazily and pushed
     // straight out, with no intermediate list.
     for part in Pieces::new(spans, offset, len) {
-        let part = part?;
-        let count = usize::try_from(part.len).map_err(|_| SgError::BadAddress)?;
-        for slice in GuestMemoryBackend::get_slices(mem, part.addr, count) {
-            let slice = slice.map_err(|_| SgError::BadAddress)?;
-            push_iovec(out, slice.ptr_guard_mut().as_ptr().cast(), slice.len())?;
-        }
+        push_slices(mem, part?, out)?;
     }
     Ok(())
 }
@@ -78,16 +73,20 @@ pub fn host_iovecs_in(
 ) -> Result<(), SgError> {
     for part in Pieces::new(spans, offset, len) {
         let part = part?;
-        let Some(host) = map.host(part.addr.raw_value(), u64::from(part.len)) else {
-            let count = usize::try_from(part.len).map_err(|_| SgError::BadAddress)?;
-            for slice in GuestMemoryBackend::get_slices(mem, part.addr, count) {
-                let slice = slice.map_err(|_| SgError::BadAddress)?;
-                push_iovec(out, slice.ptr_guard_mut().as_ptr().cast(), slice.len())?;
-            }
-            continue;
-        };
-        let count = usize::try_from(part.len).map_err(|_| SgError::BadAddress)?;
-        push_iovec(out, host.as_ptr().cast(), count)?;
+        match map.host(part.addr.raw_value(), u64::from(part.len)) {
+            Some(host) => push_iovec(out, host.as_ptr().cast(), part.len as usize)?,
+            None => push_slices(mem, part, out)?,
+        }
+    }
+    Ok(())
+}
+
+/// Appends the iovecs of `part`, split where it crosses memory regions.
+fn push_slices(mem: &GuestMemory, part: Span, out: &mut Vec<libc::iovec>) -> Result<(), SgError> {
+    let count = usize::try_from(part.len).map_err(|_| SgError::BadAddress)?;
+    for slice in GuestMemoryBackend::get_slices(mem, part.addr, count) {
+        let slice = slice.map_err(|_| SgError::BadAddress)?;
+        push_iovec(out, slice.ptr_guard_mut().as_ptr().cast(), slice.len())?;
     }
     Ok(())
 }

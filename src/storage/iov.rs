@@ -13,9 +13,9 @@
 pub struct GuestIovecs(pub Vec<libc::iovec>);
 
 // SAFETY: the iovecs are plain addresses in guest memory. Whoever holds them also holds that
-// memory's mapping alive (the worker keeps an `Arc` of the guest memory per request until its
-// completion) and is the only one to hand them to an engine or the kernel; which thread holds
-// them changes neither. This is the one place raw guest pointers become `Send`.
+// memory's mapping alive (the blk worker's in-flight table pins the request's guest memory
+// snapshot until its completion) and is the only one to hand them to an engine or the kernel;
+// which thread holds them changes neither. This is the one place raw guest pointers become `Send`.
 unsafe impl Send for GuestIovecs {}
 
 /// Most freed lists a thread keeps for reuse, and the largest one it keeps (bounded memory:

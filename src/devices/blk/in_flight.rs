@@ -7,10 +7,10 @@
 //!
 //! A request keeps the guest-memory snapshot its iovecs point into mapped until it completes
 //! (the front-end may replace the memory table meanwhile). The table counts the requests per
-//! snapshot with plain integers and holds one `Arc` per snapshot, not one atomic increment and
-//! decrement per request. The newest snapshot stays held while no request uses it (the worker
-//! holds it anyway through its `GuestMemoryAtomic`) until a newer one is pinned or the queue
-//! stops ([`Table::release_idle`]); older snapshots are let go with their last request.
+//! snapshot with plain integers and holds one `Arc` per snapshot in use, not one atomic
+//! increment and decrement per request; a snapshot is let go with its last request (an idle
+//! queue pins nothing, so a table the front-end replaced or a region it removed is unmapped
+//! as soon as no request uses it).
 //!
 //! Bounded: at most as many records as requests were in flight at once (the worker's head set
 //! caps that at the queue size), and a record gives back any heap a long request made it
@@ -151,19 +151,10 @@ impl Table {
         }
     }
 
-    /// Lets go of the newest snapshot if no request uses it (the queue stops).
-    pub fn release_idle(&mut self) {
-        self.pins.release_idle();
-    }
-
-    /// Requests in flight.
-    pub fn len(&self) -> usize {
+    /// Requests in flight (for tests).
+    #[cfg(test)]
+    fn len(&self) -> usize {
         self.records.len().saturating_sub(self.free.len())
-    }
-
-    /// Whether no request is in flight.
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
     }
 
     /// Snapshots held (for tests).
@@ -173,7 +164,8 @@ impl Table {
     }
 }
 
-/// Memory snapshots and how many requests use each, oldest first.
+/// Memory snapshots in use and how many requests use each, in the order first pinned (a
+/// request QoS held back may pin an older snapshot after a newer one).
 #[derive(Debug, Default)]
 struct Pins {
     held: Vec<Pin>,
@@ -196,8 +188,6 @@ impl Pins {
                 return newest.generation;
             }
         }
-        // A newer snapshot: the newest one so far is kept only while requests use it.
-        self.release_idle();
         let generation = self.next;
         self.next = self.next.wrapping_add(1);
         self.held.push(Pin {
@@ -216,9 +206,8 @@ impl Pins {
             .map(|p| &p.memory)
     }
 
-    /// Counts one user fewer of `generation`; an older snapshot goes with its last user.
+    /// Counts one user fewer of `generation`; the snapshot goes with its last user.
     fn unpin(&mut self, generation: u64) {
-        let newest = self.held.len().saturating_sub(1);
         let Some(position) = self.held.iter().rposition(|p| p.generation == generation) else {
             return;
         };
@@ -226,14 +215,8 @@ impl Pins {
             return;
         };
         pin.users = pin.users.saturating_sub(1);
-        if pin.users == 0 && position != newest {
+        if pin.users == 0 {
             self.held.remove(position);
-        }
-    }
-
-    fn release_idle(&mut self) {
-        if self.held.last().is_some_and(|p| p.users == 0) {
-            self.held.pop();
         }
     }
 }
@@ -282,7 +265,7 @@ mod tests {
     }
 
     #[test]
-    fn a_finished_record_keeps_no_heap_and_no_bounce() {
+    fn a_finished_record_keeps_no_heap_and_starts_over_ok() {
         let mem = memory();
         let mut table = Table::default();
         let (tag, record) = table.start(started(1), &mem).unwrap();
@@ -293,18 +276,18 @@ mod tests {
         let (again, record) = table.start(started(2), &mem).unwrap();
         assert_eq!(again, tag);
         assert!(record.written.is_empty() && !record.written.spilled());
-        assert!(record.bounce.is_none());
         assert_eq!(record.code, 0);
     }
 
     #[test]
-    fn snapshots_are_held_while_used_and_old_ones_go_with_their_last_request() {
+    fn snapshots_are_held_while_used_and_go_with_their_last_request() {
         let old = memory();
         let new = memory();
         let mut table = Table::default();
         let (a, _) = table.start(started(1), &old).unwrap();
         let (b, _) = table.start(started(2), &old).unwrap();
         assert_eq!(Arc::strong_count(&old), 2, "one Arc for both requests");
+        // The front-end replaced the memory table: c uses the new one.
         let (c, _) = table.start(started(3), &new).unwrap();
         assert_eq!(table.snapshots(), 2);
         assert!(Arc::ptr_eq(table.get_mut(a).unwrap().1, &old));
@@ -315,30 +298,17 @@ mod tests {
         assert_eq!(
             Arc::strong_count(&old),
             1,
-            "the old snapshot went with its last request"
+            "the old table went with its last request"
         );
+        // A request QoS held back with the old table starts after a newer one.
+        let (d, _) = table.start(started(4), &old).unwrap();
+        assert!(Arc::ptr_eq(table.get_mut(d).unwrap().1, &old));
+        assert!(Arc::ptr_eq(table.get_mut(c).unwrap().1, &new));
         table.finish(c);
-        assert_eq!(
-            Arc::strong_count(&new),
-            2,
-            "the newest stays held while idle"
-        );
-        table.release_idle();
-        assert_eq!(Arc::strong_count(&new), 1, "and goes when the queue stops");
-        assert!(table.is_empty());
-    }
-
-    #[test]
-    fn an_idle_newest_snapshot_goes_when_a_newer_one_comes() {
-        let first = memory();
-        let second = memory();
-        let mut table = Table::default();
-        let (a, _) = table.start(started(1), &first).unwrap();
-        table.finish(a);
-        assert_eq!(Arc::strong_count(&first), 2);
-        let (b, _) = table.start(started(2), &second).unwrap();
-        assert_eq!(Arc::strong_count(&first), 1);
-        assert_eq!(table.snapshots(), 1);
-        assert!(Arc::ptr_eq(table.get_mut(b).unwrap().1, &second));
+        table.finish(d);
+        assert_eq!(Arc::strong_count(&new), 1, "an idle queue pins no table");
+        assert_eq!(Arc::strong_count(&old), 1);
+        assert_eq!(table.snapshots(), 0);
+        assert_eq!(table.len(), 0);
     }
 }

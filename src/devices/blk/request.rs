@@ -169,6 +169,8 @@ pub struct Limits {
 pub use crate::devices::desc::{Buffer, Buffers};
 
 /// Validates a request. `serial_len`-independent: GET_ID only checks the buffer size here.
+/// The convenience form of [`parse_in`] (it maps the memory for this one request; the worker
+/// parses through its pass's map).
 pub fn parse(
     mem: &GuestMemoryMmap<()>,
     buffers: &[Buffer],
@@ -227,29 +229,26 @@ pub fn parse_in(
     ]);
     // The data: the writable bytes before the status (reads), the readable bytes after the
     // header (writes). Cut as stream offsets, not copied into span lists of their own.
-    let readable_data = (
-        HEADER_LEN as u64,
-        sg::total(&readable).saturating_sub(HEADER_LEN as u64),
-    );
-    let writable_data = (0, sg::total(&writable).saturating_sub(1));
+    let read_len = sg::total(&writable).saturating_sub(1);
+    let write_len = sg::total(&readable).saturating_sub(HEADER_LEN as u64);
 
     let (kind, (spans, offset, len), used_data) = match request_type {
         VIRTIO_BLK_T_IN => {
-            let offset = data_range(sector, writable_data.1, limits).map_err(fail)?;
-            let data = (writable.as_slice(), writable_data.0, writable_data.1);
+            let offset = data_range(sector, read_len, limits).map_err(fail)?;
+            let data = (writable.as_slice(), 0, read_len);
             (RequestKind::Read { offset }, data, true)
         }
         VIRTIO_BLK_T_OUT => {
             if limits.readonly {
                 return Err(fail(Reason::ReadOnly));
             }
-            let offset = data_range(sector, readable_data.1, limits).map_err(fail)?;
-            let data = (readable.as_slice(), readable_data.0, readable_data.1);
+            let offset = data_range(sector, write_len, limits).map_err(fail)?;
+            let data = (readable.as_slice(), HEADER_LEN as u64, write_len);
             (RequestKind::Write { offset }, data, false)
         }
         VIRTIO_BLK_T_FLUSH => (RequestKind::Flush, (&[] as &[Span], 0, 0), false),
         VIRTIO_BLK_T_GET_ID => {
-            let writable_data = take(&writable, writable_data.1).map_err(fail)?;
+            let writable_data = take(&writable, read_len).map_err(fail)?;
             if sg::total(&writable_data) < u64::from(VIRTIO_BLK_ID_BYTES) {
                 return Err(fail(Reason::IdBufferTooSmall));
             }
@@ -272,7 +271,7 @@ pub fn parse_in(
                 return Err(fail(Reason::ReadOnly));
             }
             let discard = request_type == VIRTIO_BLK_T_DISCARD;
-            let readable_data = skip(&readable, readable_data.0).map_err(fail)?;
+            let readable_data = skip(&readable, HEADER_LEN as u64).map_err(fail)?;
             let ranges = parse_segments(mem, &readable_data, discard, limits).map_err(
                 |(code, reason)| Rejection {
                     status: Some(status),

@@ -366,7 +366,8 @@ impl QueueWorker {
     }
 
     /// Takes requests off the ring (under one vring lock) until it is empty or QoS holds, and
-    /// admits them in chunks (`admit_pass`). Returns how many were taken.
+    /// starts them: at once on a device without limits, else admitted in chunks
+    /// (`admit_pass`). Returns how many were taken.
     fn pop_available(&mut self, vring: &CheckedVring) -> usize {
         // The avail index first, then the memory map the requests are parsed with: a request
         // published up to that index has its buffers in this map (the front-end added their
@@ -716,8 +717,6 @@ impl QueueWorker {
         }
         self.engine.drain(&mut self.completions);
         self.complete_engine_ops();
-        // Nothing is in flight: the memory snapshot kept for the next request goes too.
-        self.in_flight.release_idle();
         match self.vring.clone() {
             Some(vring) => {
                 if let Err(e) = self.return_finished(&vring) {
@@ -869,8 +868,9 @@ impl QueueWorker {
         };
         self.stats.started();
         let mut push = |kind, iovecs| {
-            // SAFETY: the iovecs were built by `request::parse` from guest memory regions of
-            // `memory`; the request's record pins that memory until every op of the request
+            // SAFETY: the iovecs were built by `request::parse_in` from guest memory regions of
+            // `memory` (or point into the record's bounce buffer, kept until the request
+            // completes); the request's record pins that memory until every op of the request
             // has completed, so the mappings outlive the kernel's access. The guest owns the
             // buffers' contents; the device only accesses them as the descriptor directions
             // (checked by the parser) allow.
@@ -961,7 +961,7 @@ impl QueueWorker {
         for completion in completions.drain(..) {
             let Some((record, memory)) = self.in_flight.get_mut(completion.tag) else {
                 log::error!(
-                    "{}: completion for unknown request slot {}",
+                    "{}: completion for unknown request tag {}",
                     self.shared.id,
                     completion.tag
                 );
@@ -993,7 +993,7 @@ impl QueueWorker {
             if let (true, Some(copy)) = (ok, record.bounce.take()) {
                 // SAFETY: the guest buffers are mapped by `memory`, which the record pins
                 // until `finish`; read buffers are writable by the directions
-                // `request::parse` checked.
+                // `request::parse_in` checked.
                 unsafe { copy.finish() };
             }
             // After the data is in guest memory (engine, tier copy or bounce); a failed read
@@ -1097,7 +1097,7 @@ fn bounced(
 ) -> GuestIovecs {
     match align {
         Some(align) if bounce::needed(&iovecs, align) => {
-            // SAFETY: `request::parse` built the iovecs from mapped guest memory that the
+            // SAFETY: `request::parse_in` built the iovecs from mapped guest memory that the
             // request's record pins until the request completes; write buffers are readable
             // by the descriptor directions parse checked.
             let mut copy = unsafe { Bounce::new(iovecs, align, read) };
