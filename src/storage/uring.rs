@@ -7,6 +7,10 @@
 //! continued by resubmitting the rest; a read that returns 0 (end of file) zero-fills the rest.
 //! A full submission ring is not an error: the op waits in `backlog` and goes in the next batch.
 //!
+//! A read pushed while the engine has nothing else queued or in flight (queue depth 1) is
+//! first served from the page cache at once (`preadv2` with `RWF_NOWAIT`, on files not opened
+//! `O_DIRECT`); what the cache does not hold goes through the ring.
+//!
 //! The ring is not ordered (no IOSQE_IO_DRAIN): a flush covers the writes that had completed
 //! when it was pushed, which is exactly what virtio-blk promises the guest.
 
@@ -44,6 +48,9 @@ pub struct UringEngine {
     slots: Slab<Slot>,
     /// Slots whose (next) SQE did not fit in the submission ring yet.
     backlog: VecDeque<usize>,
+    /// The file is read through the page cache (not `O_DIRECT`): a lone read may be served
+    /// from it at once (`read_cached`).
+    buffered: bool,
     /// Ops finished without the kernel (zero-length transfers).
     ready: Vec<Completion>,
     /// Scratch space for CQEs, kept to avoid an allocation per reap.
@@ -88,8 +95,12 @@ impl UringEngine {
         submitter
             .register_enable_rings()
             .map_err(EngineError::Setup)?;
+        // SAFETY: F_GETFL only reads the fd's status flags.
+        let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+        let buffered = flags >= 0 && flags & libc::O_DIRECT == 0;
         Ok(Self {
             ring,
+            buffered,
             file,
             eventfd,
             // Sized for a full ring once, so a new peak of requests in flight allocates
@@ -201,6 +212,46 @@ impl UringEngine {
         }
     }
 
+    /// Serves as much of a read as the page cache holds at once, with `preadv2(RWF_NOWAIT)`
+    /// (which never waits for the disk: it stops short, or fails with EAGAIN, at the first
+    /// page not cached); returns whether the read is complete. Whatever it leaves, and any
+    /// error, goes to the ring as usual (which reports errors).
+    ///
+    /// Why: for one request alone (queue depth 1), a read from the page cache through the
+    /// ring costs about twice the copy it does (the SQE, the inline completion, the eventfd
+    /// signal, the CQE reap: 0.8 of 3.5 µs per request measured on a polled QD 1 load).
+    /// Batches still go through the ring, where one `io_uring_enter` serves them all.
+    ///
+    /// # Safety
+    /// As for [`Engine::push`]: the slot's iovecs are writable guest buffers, mapped for the
+    /// duration of this call.
+    unsafe fn read_cached(&self, slot: &mut Slot, offset: u64) -> bool {
+        let fd = self.file.as_raw_fd();
+        while !slot.cursor.is_complete() {
+            let Some(position) = offset
+                .checked_add(slot.cursor.done())
+                .and_then(|p| i64::try_from(p).ok())
+            else {
+                return false;
+            };
+            let remaining = slot.cursor.remaining();
+            let count = i32::try_from(remaining.len()).unwrap_or(i32::MAX);
+            // SAFETY: `remaining` is the cursor's live iovec array; the buffers are writable
+            // guest memory by the caller's contract. RWF_NOWAIT makes the call return instead
+            // of waiting for I/O.
+            let n =
+                unsafe { libc::preadv2(fd, remaining.as_ptr(), count, position, libc::RWF_NOWAIT) };
+            match n {
+                // End of file: the rest reads as zeros (as the ring path does).
+                // SAFETY: read buffers are writable by the caller's contract.
+                0 => unsafe { slot.cursor.zero_remaining() },
+                n if n > 0 => slot.cursor.advance(n.unsigned_abs()),
+                _ => return false,
+            }
+        }
+        true
+    }
+
     fn collect(&mut self) {
         // Reuse one buffer: this runs for every reap, possibly every few microseconds.
         let mut cqes = std::mem::take(&mut self.cqe_buffer);
@@ -223,14 +274,23 @@ impl Engine for UringEngine {
     }
 
     unsafe fn push(&mut self, op: IoOp) {
-        let slot = Slot {
+        let mut slot = Slot {
             kind: op.kind,
             cursor: IovCursor::new(op.iovecs),
             tag: op.tag,
         };
         let zero_length = matches!(slot.kind, OpKind::Read { .. } | OpKind::Write { .. })
             && slot.cursor.is_complete();
-        if zero_length {
+        let lone_cached_read = |engine: &Self, slot: &mut Slot| match slot.kind {
+            OpKind::Read { offset }
+                if engine.buffered && engine.slots.is_empty() && engine.backlog.is_empty() =>
+            {
+                // SAFETY: the caller's contract for `push`.
+                unsafe { engine.read_cached(slot, offset) }
+            }
+            _ => false,
+        };
+        if zero_length || lone_cached_read(self, &mut slot) {
             self.ready.push(Completion {
                 tag: slot.tag,
                 result: Ok(()),
@@ -370,6 +430,61 @@ mod tests {
     #[test]
     fn uring_engine_contract() {
         engine_contract(|file| Box::new(UringEngine::new(file, 8).unwrap()));
+    }
+
+    #[test]
+    fn a_lone_read_of_cached_data_completes_in_push_and_reads_behind_other_ops_use_the_ring() {
+        use std::os::unix::fs::FileExt;
+        let file = Arc::new(tempfile::tempfile().unwrap());
+        // 1000 bytes: just written, so in the page cache.
+        file.write_all_at(&[7u8; 1000], 0).unwrap();
+        let mut engine = UringEngine::new(Arc::clone(&file), 8).unwrap();
+        assert!(engine.buffered);
+        let mut buf = [1u8; 1024];
+        // SAFETY: `buf` outlives the reap below and is not touched meanwhile.
+        unsafe {
+            engine.push(IoOp {
+                kind: OpKind::Read { offset: 512 },
+                iovecs: vec![iov(&mut buf)].into(),
+                tag: 1,
+            })
+        };
+        assert!(engine.slots.is_empty(), "served without the ring");
+        let mut out = Vec::new();
+        engine.reap(&mut out);
+        assert_eq!(
+            out,
+            vec![Completion {
+                tag: 1,
+                result: Ok(())
+            }]
+        );
+        // 488 bytes of the file, then zeros past its end.
+        assert!(buf[..488].iter().all(|&b| b == 7));
+        assert!(buf[488..].iter().all(|&b| b == 0));
+
+        // Behind an op in the ring, a read goes into the ring too (in its batch).
+        let mut data = [9u8; 512];
+        let mut back = [0u8; 512];
+        // SAFETY: both buffers outlive the drain below.
+        unsafe {
+            engine.push(IoOp {
+                kind: OpKind::Write { offset: 0 },
+                iovecs: vec![iov(&mut data)].into(),
+                tag: 2,
+            });
+            engine.push(IoOp {
+                kind: OpKind::Read { offset: 0 },
+                iovecs: vec![iov(&mut back)].into(),
+                tag: 3,
+            });
+        }
+        assert_eq!(engine.slots.len(), 2);
+        engine.submit().unwrap();
+        out.clear();
+        engine.drain(&mut out);
+        assert_eq!(out.len(), 2);
+        assert!(out.iter().all(|c| c.result.is_ok()));
     }
 
     #[test]
