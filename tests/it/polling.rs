@@ -140,7 +140,7 @@ fn exchange(a: &mut NetClient, b: &mut NetClient, round: u8) {
 
 #[test]
 fn busy_switch_ports_are_polled_by_one_thread_within_their_budget() {
-    let daemon = busy_ports(",poll-budget=10");
+    let mut daemon = busy_ports(",poll-budget=10");
     let mut a = NetClient::connect(&daemon.path("a.sock"), 1, 0);
     let mut b = NetClient::connect(&daemon.path("b.sock"), 1, 0);
     a.post_rx(0, 64, 2048);
@@ -149,6 +149,12 @@ fn busy_switch_ports_are_polled_by_one_thread_within_their_budget() {
     // frame, and frames keep flowing through it.
     for round in 0..16u8 {
         exchange(&mut a, &mut b, round);
+    }
+    // A worker joins at the end of its first busy spell, which may outlast the exchanges:
+    // wait for the group to say it polls both.
+    let joined = daemon.wait_for_log("joined the group");
+    if !joined.contains("(2 polled)") {
+        daemon.wait_for_next_log("(2 polled)");
     }
     // One thread polls both ports: named `busy-poll`, and the only one that does.
     let names = daemon.thread_names();

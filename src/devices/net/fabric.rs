@@ -29,7 +29,7 @@ use smallvec::SmallVec;
 use super::frame::FrameRef;
 use super::rx::RxTarget;
 use super::stats::{Direction, Drop, NetStats, Tally};
-use super::switch::{Forward, Mac, PortConfig, Switch};
+use super::switch::{DropReason, Forward, Mac, PortConfig, Switch};
 use super::tap_queue::TapQueue;
 use crate::lock::lock;
 use crate::qos::gate::admit;
@@ -309,7 +309,10 @@ impl SwitchHub {
                 Drop::TooLarge,
             );
         }
+        // Each distinct decision once, and each frame's index into them: a run of frames
+        // with the same header shares one decision (no copy of a flood list per frame).
         let mut decisions: SmallVec<[Forward; MAX_BURST]> = SmallVec::new();
+        let mut chosen: SmallVec<[u8; MAX_BURST]> = SmallVec::new();
         {
             let now = crate::sys::clock::coarse_now_ns();
             let mut table = lock(&self.table);
@@ -321,21 +324,21 @@ impl SwitchHub {
             for frame in frames.iter_mut() {
                 let eth = frame.ethernet_header();
                 // From here on the frame carries the header this decision was made on.
-                *frame = frame.with_ethernet(eth);
+                frame.set_ethernet(eth);
                 let len = usize::try_from(frame.len()).unwrap_or(usize::MAX);
                 let probe_len = len.min(eth.len());
-                let repeat = previous == Some((eth, probe_len));
-                let decision = match decisions.last() {
-                    Some(last) if repeat => last.clone(),
+                let repeat = previous == Some((eth, probe_len)) && !decisions.is_empty();
+                if !repeat {
                     // The forwarding core looks at the Ethernet header only; pass it with the
                     // real length so runts are still recognised.
-                    _ => table.forward(
+                    decisions.push(table.forward(
                         ingress.number,
                         eth.get(..probe_len).unwrap_or_default(),
                         now,
-                    ),
-                };
-                decisions.push(decision);
+                    ));
+                }
+                // At most MAX_BURST (a u8) decisions.
+                chosen.push(u8::try_from(decisions.len().saturating_sub(1)).unwrap_or(u8::MAX));
                 previous = Some((eth, probe_len));
             }
         }
@@ -343,16 +346,18 @@ impl SwitchHub {
         // frames in the order they were sent.
         let mut pairs: SmallVec<[(u32, u16); MAX_BURST]> = SmallVec::new();
         let mut sent = Tally::default();
-        for (i, (frame, decision)) in frames.iter().zip(&decisions).enumerate() {
+        for (i, (frame, &choice)) in frames.iter().zip(&chosen).enumerate() {
             let i = u16::try_from(i).unwrap_or(u16::MAX);
             sent.add(u64::from(frame.len()));
-            match decision {
-                Forward::Drop(reason) => {
+            match decisions.get(usize::from(choice)) {
+                Some(Forward::Drop(reason)) => {
                     self.stats.dropped(Direction::Tx, Drop::Switch(*reason));
                     refused(i, Drop::Switch(*reason));
                 }
-                Forward::Unicast(port) => pairs.push((*port, i)),
-                Forward::Flood(list) => pairs.extend(list.iter().map(|p| (*p, i))),
+                Some(Forward::Unicast(port)) => pairs.push((*port, i)),
+                Some(Forward::Flood(list)) => pairs.extend(list.iter().map(|p| (*p, i))),
+                // Every frame chose a decision made before it.
+                None => refused(i, Drop::Switch(DropReason::UnknownPort)),
             }
         }
         self.stats.sent_tally(sent);

@@ -127,25 +127,11 @@ impl FrameRef<'_> {
         eth
     }
 
-    /// The same frame with its Ethernet header fixed to `checked` (read once by the switch).
-    pub fn with_ethernet(self, checked: [u8; 14]) -> Self {
-        match self {
-            FrameRef::Guest {
-                memory,
-                map,
-                spans,
-                header,
-                frame_len,
-                ..
-            } => FrameRef::Guest {
-                memory,
-                map,
-                spans,
-                header,
-                frame_len,
-                eth: Some(checked),
-            },
-            bytes @ FrameRef::Bytes { .. } => bytes,
+    /// Records `checked` as the frame's Ethernet header (a guest frame's; frames in our
+    /// memory cannot change under us), in place.
+    pub fn set_ethernet(&mut self, checked: [u8; 14]) {
+        if let FrameRef::Guest { eth, .. } = self {
+            *eth = Some(checked);
         }
     }
 

@@ -98,7 +98,16 @@ fn run(joining: &'static Joining, inherited: bool) {
                 };
             }
             joining.any.store(false, Ordering::Release);
+            let joined = waiting.len();
             members.append(&mut waiting);
+            drop(waiting);
+            if joined > 0 {
+                // Once per queue start at most: bounded by the queues front-ends start.
+                log::info!(
+                    "busy-poll: {joined} queue(s) joined the group ({} polled)",
+                    members.len()
+                );
+            }
         }
         let mut worked = false;
         members.retain_mut(|member| {
