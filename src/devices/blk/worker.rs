@@ -12,6 +12,11 @@
 //! outstanding engine ops; `in_flight`) until its completion. The table pins the request's
 //! guest memory snapshot, so the mappings its iovecs point into stay valid even if the
 //! front-end replaces the memory table while the kernel is still transferring.
+//!
+//! The worker is one type in four files: this one (events, the pop pass, parsing, starting
+//! requests), `worker_admit.rs` (QoS admission), `worker_complete.rs` (completions and the
+//! return to the driver) and `worker_start.rs` (a queue's start: image lock, inflight
+//! recovery).
 
 // Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
 // panic or wrap silently (checked, saturating or `get` instead).
@@ -85,14 +90,6 @@ fn class_of(kind: &RequestKind) -> OpClass {
         RequestKind::WriteZeroes(_) => OpClass::WriteZeroes,
         RequestKind::GetId { .. } => OpClass::GetId,
     }
-}
-
-/// A parsed request waiting for QoS tokens.
-struct Deferred {
-    head: u16,
-    request: Request,
-    /// Keeps the request's guest mappings alive.
-    memory: Arc<GuestMemory>,
 }
 
 /// A request ready to be returned to the guest.
@@ -207,39 +204,6 @@ impl QueueWorker {
         self.gate.clear_timer();
         self.release_throttled();
         self.process_queue(vring)
-    }
-
-    /// Starts the waiting requests the limiter now allows.
-    fn release_throttled(&mut self) {
-        if !self.gate.is_holding() {
-            return;
-        }
-        for held in self.gate.release(&self.shared.qos, |d| d.request.cost()) {
-            self.stats.throttle_waited(held.since.elapsed());
-            self.execute_deferred(held.item);
-        }
-    }
-
-    /// Runs `request` now, or holds it back if the device's limits say so. Requests behind
-    /// held ones wait too (arrival order).
-    fn admit(&mut self, head: u16, request: Request, memory: &Arc<GuestMemory>) {
-        // The pass clock when there is one (one clock read per pass, not per request).
-        let mut now = self.clock.map(crate::sys::clock::ns_at);
-        if !self.gate.is_holding()
-            && self
-                .gate
-                .admit(&self.shared.qos, request.cost(), &mut now)
-                .is_ok()
-        {
-            self.execute(head, request, memory);
-            return;
-        }
-        self.stats.throttled();
-        self.gate.hold(Deferred {
-            head,
-            request,
-            memory: Arc::clone(memory),
-        });
     }
 
     /// The engine's completion eventfd, to be added to the worker thread's epoll set.
@@ -447,220 +411,10 @@ impl QueueWorker {
         popped
     }
 
-    /// Admits the requests the pass parsed: with QoS, in one charge per kind (reads, writes)
-    /// when the limits allow them all (one lock and no clock read per request), else one by
-    /// one in ring order, the first refused and everything behind it held (`admit`).
-    fn admit_pass(&mut self, memory: &Arc<GuestMemory>) {
-        let mut pass = std::mem::take(&mut self.pass);
-        let mut now = self.clock.map(crate::sys::clock::ns_at);
-        let admitted = !self.gate.is_holding() && self.admit_batch(&pass, &mut now);
-        for (head, request) in pass.drain(..) {
-            if admitted {
-                self.execute(head, request, memory);
-            } else {
-                self.admit(head, request, memory);
-            }
-        }
-        self.pass = pass;
-    }
-
-    /// Charges `pass` to QoS as one batch of reads and one of writes, or charges nothing.
-    fn admit_batch(&self, pass: &[(u16, Request)], now: &mut Option<u64>) -> bool {
-        let qos = &self.shared.qos;
-        if !qos.is_enabled() {
-            return true;
-        }
-        let mut reads = (
-            0u64,
-            Cost {
-                kind: CostKind::Read,
-                bytes: 0,
-            },
-        );
-        let mut writes = (
-            0u64,
-            Cost {
-                kind: CostKind::Write,
-                bytes: 0,
-            },
-        );
-        for cost in pass.iter().filter_map(|(_, request)| request.cost()) {
-            let sum = if cost.kind == CostKind::Read {
-                &mut reads
-            } else {
-                &mut writes
-            };
-            sum.0 = sum.0.saturating_add(1);
-            sum.1.bytes = sum.1.bytes.saturating_add(cost.bytes);
-        }
-        if !admit_batch(qos, reads.1, reads.0, now) {
-            return false;
-        }
-        if !admit_batch(qos, writes.1, writes.0, now) {
-            if reads.0 > 0 {
-                qos.refund_many(reads.1, reads.0);
-            }
-            return false;
-        }
-        true
-    }
-
-    /// Charges the engine's work beyond the requests' own bytes (a tier's promotions and
-    /// decompressions) to the device's QoS, after the fact and into debt if need be, so the
-    /// requests behind wait for it. Once per pass, not per request.
-    fn charge_extra_work(&mut self) {
-        let work = self.engine.take_extra_work();
-        for (kind, bytes) in [(CostKind::Read, work.read), (CostKind::Write, work.write)] {
-            if bytes > 0 {
-                self.shared.qos.charge_bytes(Cost { kind, bytes });
-            }
-        }
-    }
-
     /// Records in the inflight region that the ring was taken up to `next_avail`.
     fn record_popped(&self, next_avail: u16) {
         if let Some((_, inflight)) = &self.inflight {
             inflight.popped_to(next_avail);
-        }
-    }
-
-    /// At the queue's start: takes the image (the running side of a migration writes it;
-    /// `storage::image_lock`), then recovers what a previous process left in flight.
-    fn start_queue(&mut self, vring: &CheckedVring) {
-        self.started = true;
-        self.clock = None;
-        if let Some(image) = &self.shared.image {
-            let had = image.is_held();
-            if !image.queue_started() {
-                log::warn!(
-                    "{}: queue {}: the image is held by another device or process (a migration \
-                     source still running?); requests fail until it is released",
-                    self.shared.id,
-                    self.queue_index
-                );
-            } else if !had {
-                log::info!(
-                    "{}: took the image: this side of the migration now serves it",
-                    self.shared.id
-                );
-            }
-        }
-        self.recover_inflight(vring);
-        // A previous process (killed, or upgraded away) may have published used entries and
-        // died before their interrupt, or signalled a call fd the front-end had already let
-        // go. With EVENT_IDX the driver's `used_event` then stays behind the used index we
-        // start from, and the EVENT_IDX rule (which only asks whether `used_event` lies
-        // inside the entries a return adds) never interrupts the driver again: the queue
-        // hangs (issue 13's rare stall). So interrupt once now, and once more at the first return (in case the
-        // call fd comes later), as libvhost-user does after a start. A spurious interrupt
-        // costs the driver one look at the ring.
-        self.force_signal = true;
-        if let Err(e) = vring.signal_used_queue() {
-            log::debug!("{}: queue {}: {e}", self.shared.id, self.queue_index);
-        }
-    }
-
-    /// At the queue's start: takes the front-end's inflight region for this queue, and
-    /// resubmits, in their original order, the requests a previous daemon took and did not
-    /// return (a crash), going on from the avail position it recorded.
-    fn recover_inflight(&mut self, vring: &CheckedVring) {
-        self.inflight = None;
-        let Some(region) = self.shared.inflight.current() else {
-            return;
-        };
-        let Some(mut queue) = region.queue(self.queue_index) else {
-            return;
-        };
-        let memory = self.memory.memory().into_inner();
-        let mut pending: Vec<(u16, Result<Buffers, request::Reason>)> = Vec::new();
-        {
-            let mut state = vring.get_mut();
-            let ring = state.get_queue_mut();
-            if ring.size() != region.queue_size() {
-                log::warn!(
-                    "{}: queue {}: inflight region made for queues of {}, the ring has {}: \
-                     not tracking",
-                    self.shared.id,
-                    self.queue_index,
-                    region.queue_size(),
-                    ring.size()
-                );
-                return;
-            }
-            let Ok(used) = ring.used_idx(&*memory, Ordering::Acquire) else {
-                return;
-            };
-            let map = MemMap::new(&memory);
-            let split = SplitRing::new(&map, ring);
-            // The ids in the used ring, through vm-memory: only the used ring has to be
-            // readable (not the whole ring in one region, as `SplitRing` needs).
-            let (used_ring, size) = (ring.used_ring(), u64::from(ring.size()));
-            let recovery = queue.recover(used.0, |position| {
-                let slot = u64::from(position).checked_rem(size)?;
-                let at = used_ring
-                    .checked_add(4)?
-                    .checked_add(slot.checked_mul(8)?)?;
-                memory
-                    .read_obj::<u32>(GuestAddress(at))
-                    .ok()
-                    .map(u32::from_le)
-            });
-            log::debug!(
-                "{}: queue {}: inflight region: used {} {recovery:?}",
-                self.shared.id,
-                self.queue_index,
-                used.0
-            );
-            if let Some(mut next_avail) = recovery.next_avail {
-                // A crash between marking a head and recording its avail entry as taken
-                // leaves the entry at the recorded position holding the newest marked head:
-                // it was taken (and is resubmitted below), so go on past it. Otherwise it
-                // could be taken again once its resubmitted copy has completed.
-                if let (Ok(split), Some(&newest)) = (&split, recovery.pending.last()) {
-                    if split.avail_idx() != next_avail && split.head(next_avail) == newest {
-                        next_avail = next_avail.wrapping_add(1);
-                        // Recorded at once: if this process dies before it takes anything
-                        // else, the next one must not take that entry again either.
-                        queue.popped_to(next_avail);
-                    }
-                }
-                ring.set_next_avail(next_avail);
-                ring.set_next_used(used.0);
-            }
-            if !recovery.pending.is_empty() {
-                for head in recovery.pending {
-                    let mut buffers = Buffers::new();
-                    let walked = match &split {
-                        Ok(split) => split
-                            .chain(head, &mut buffers)
-                            .map(|()| buffers)
-                            .map_err(|_| request::Reason::BrokenChain),
-                        Err(_) => Err(request::Reason::BrokenChain),
-                    };
-                    if self.heads.claim(head) {
-                        pending.push((head, walked));
-                    }
-                }
-            }
-        }
-        if !pending.is_empty() {
-            log::info!(
-                "{}: queue {}: resubmitting {} request(s) left in flight by the previous \
-                 process",
-                self.shared.id,
-                self.queue_index,
-                pending.len()
-            );
-            self.stats.resubmitted(pending.len());
-        }
-        self.inflight = Some((region, queue));
-        let map = MemMap::new(&memory);
-        for (head, buffers) in pending {
-            if let Some(request) =
-                self.parse_or_refuse(head, buffers.as_deref().map_err(|r| *r), &memory, &map)
-            {
-                self.admit(head, request, &memory);
-            }
         }
     }
 
@@ -786,17 +540,6 @@ impl QueueWorker {
                 None
             }
         }
-    }
-
-    fn execute_deferred(&mut self, deferred: Deferred) {
-        // Not part of a pop pass: its latency counts from now (never from a pass's clock).
-        self.clock = None;
-        let Deferred {
-            head,
-            request,
-            memory,
-        } = deferred;
-        self.execute(head, request, &memory);
     }
 
     /// Completes request `head` at once with an I/O error (counted as a failed `class`).
@@ -942,142 +685,6 @@ impl QueueWorker {
             used_len,
         });
     }
-
-    fn reap_and_complete(&mut self, vring: &CheckedVring) -> Result<(), WorkerError> {
-        self.engine.reap(&mut self.completions);
-        self.complete_engine_ops();
-        self.return_finished(vring)
-    }
-
-    fn complete_engine_ops(&mut self) {
-        // Borrowed out and put back so the buffer keeps its capacity across batches.
-        let mut completions = std::mem::take(&mut self.completions);
-        if completions.is_empty() {
-            self.completions = completions;
-            return;
-        }
-        // One clock read for the batch: each request's latency ends here.
-        let now = Instant::now();
-        for completion in completions.drain(..) {
-            let Some((record, memory)) = self.in_flight.get_mut(completion.tag) else {
-                log::error!(
-                    "{}: completion for unknown request tag {}",
-                    self.shared.id,
-                    completion.tag
-                );
-                continue;
-            };
-            if let Err(errno) = completion.result {
-                record.code = VIRTIO_BLK_S_IOERR as u8;
-                if record.request.class == OpClass::Flush {
-                    self.shared.flush_failed.store(true, Ordering::Release);
-                    log::error!(
-                        "{}: flush failed ({}); every later flush will fail",
-                        self.shared.id,
-                        std::io::Error::from_raw_os_error(errno)
-                    );
-                } else if let Some(suppressed) = self.failure_log.allow() {
-                    log::warn!(
-                        "{}: {} failed: {} ({suppressed} similar failures not logged)",
-                        self.shared.id,
-                        record.request.class.name(),
-                        std::io::Error::from_raw_os_error(errno)
-                    );
-                }
-            }
-            record.request.pending = record.request.pending.saturating_sub(1);
-            if record.request.pending > 0 {
-                continue;
-            }
-            let ok = record.code == VIRTIO_BLK_S_OK as u8;
-            if let (true, Some(copy)) = (ok, record.bounce.take()) {
-                // SAFETY: the guest buffers are mapped by `memory`, which the record pins
-                // until `finish`; read buffers are writable by the directions
-                // `request::parse_in` checked.
-                unsafe { copy.finish() };
-            }
-            // After the data is in guest memory (engine, tier copy or bounce); a failed read
-            // may have written part of it too.
-            for &(host, len) in &record.written {
-                self.log.mark_host(memory, host, len);
-            }
-            let request = record.request;
-            self.stats.completed(
-                request.class,
-                request.bytes,
-                ok,
-                now.saturating_duration_since(request.started),
-            );
-            self.finished.push(Finished {
-                head: request.head,
-                status: Some(request.status),
-                code: record.code,
-                used_len: if ok { request.used_len } else { 1 },
-            });
-            self.in_flight.finish(completion.tag);
-        }
-        self.completions = completions;
-    }
-
-    /// Returns what finished to the driver in one burst: status bytes, used entries, one
-    /// used-index store, then (with an inflight region) the heads cleared and the new used
-    /// index recorded (`ring::inflight`), and at most one interrupt.
-    fn return_finished(&mut self, vring: &CheckedVring) -> Result<(), WorkerError> {
-        if self.finished.is_empty() {
-            return Ok(());
-        }
-        let memory = self.memory.memory().into_inner();
-        let map = MemMap::new(&memory);
-        let mut state = vring.get_mut();
-        // The status byte (through the map: one byte always lies in one region); the used
-        // length to return with it.
-        let write_status = |done: &Finished| match done.status {
-            Some(addr) if map.write(addr.0, &[done.code]) => {
-                self.log.mark(addr.0, 1);
-                done.used_len
-            }
-            _ => 0,
-        };
-        let published = Burst::new(state.get_queue_mut(), &map).map(|burst| {
-            let mut burst = burst.with_log(Some(&self.log));
-            for done in &self.finished {
-                burst.used(done.head, write_status(done));
-            }
-            (burst.next_used(), burst.finish())
-        });
-        let (used_idx, notify) = match published {
-            Ok(published) => published,
-            Err(_) => {
-                // The ring cannot be served as a whole (not in one region, or no longer
-                // mapped): each entry goes back through vm-memory, which needs only the used
-                // ring (virtio-queue's `add_used`: one index store per entry, so the inflight
-                // record, written after all of them, covers them as one batch). No interrupt
-                // decision without the ring: interrupt (harmless if unwanted).
-                for done in &self.finished {
-                    if state.add_used(done.head, write_status(done)).is_err() {
-                        self.stats.ring_error();
-                    }
-                }
-                let queue = state.get_queue();
-                self.log.mark_used_ring(queue.used_ring(), queue.size());
-                (queue.next_used(), true)
-            }
-        };
-        if let Some((_, inflight)) = &self.inflight {
-            for done in &self.finished {
-                inflight.returned(done.head);
-            }
-            inflight.used_to(used_idx);
-        }
-        for done in self.finished.drain(..) {
-            self.heads.release(done.head);
-        }
-        drop(state);
-        if std::mem::take(&mut self.force_signal) | notify {
-            vring.signal_used_queue().map_err(WorkerError::Signal)?;
-        }
-        Ok(())
-    }
 }
 
 /// A request's engine ops: one for everything but discards and write-zeroes, which have one
@@ -1121,6 +728,15 @@ impl Drop for QueueWorker {
         }
     }
 }
+
+#[path = "worker_admit.rs"]
+mod admit;
+#[path = "worker_complete.rs"]
+mod complete;
+#[path = "worker_start.rs"]
+mod start;
+
+use admit::Deferred;
 
 #[cfg(test)]
 #[allow(
