@@ -32,6 +32,11 @@ use super::iov::IovCursor;
 use super::sync::{write_zeroes_mode, PUNCH_HOLE};
 use super::{Completion, Engine, EngineError, IoOp, OpKind};
 
+/// Lone reads in a row that missed the page cache before the engine stops trying it first.
+const COLD_AFTER: u32 = 8;
+/// While the cache keeps missing, one lone read in this many still tries it.
+const COLD_PROBE: u32 = 64;
+
 /// An op the kernel may be working on.
 #[derive(Debug)]
 struct Slot {
@@ -48,9 +53,13 @@ pub struct UringEngine {
     slots: Slab<Slot>,
     /// Slots whose (next) SQE did not fit in the submission ring yet.
     backlog: VecDeque<usize>,
-    /// The file is read through the page cache (not `O_DIRECT`): a lone read may be served
-    /// from it at once (`read_cached`).
+    /// The file is read through the page cache (not `O_DIRECT`) and its filesystem takes
+    /// `RWF_NOWAIT`: a lone read may be served from the cache at once (`read_cached`).
     buffered: bool,
+    /// Lone reads in a row that found nothing in the page cache: past [`COLD_AFTER`], only
+    /// one in [`COLD_PROBE`] tries the cache first (a cold image does not pay a second
+    /// syscall per read).
+    cache_misses: u32,
     /// Ops finished without the kernel (zero-length transfers).
     ready: Vec<Completion>,
     /// Scratch space for CQEs, kept to avoid an allocation per reap.
@@ -101,6 +110,7 @@ impl UringEngine {
         Ok(Self {
             ring,
             buffered,
+            cache_misses: 0,
             file,
             eventfd,
             // Sized for a full ring once, so a new peak of requests in flight allocates
@@ -220,12 +230,21 @@ impl UringEngine {
     /// Why: for one request alone (queue depth 1), a read from the page cache through the
     /// ring costs about twice the copy it does (the SQE, the inline completion, the eventfd
     /// signal, the CQE reap: 0.8 of 3.5 µs per request measured on a polled QD 1 load).
-    /// Batches still go through the ring, where one `io_uring_enter` serves them all.
+    /// Only the first read of a batch can find the engine idle; the rest of the batch goes
+    /// through the ring, where one `io_uring_enter` serves it all. The copy runs in `push`,
+    /// so under the caller's vring lock (as the sync engine's I/O does); `RWF_NOWAIT` keeps
+    /// it from waiting for the disk, though an atime update or a fault on a guest buffer
+    /// can still block briefly, as io_uring's own inline attempt can.
     ///
     /// # Safety
     /// As for [`Engine::push`]: the slot's iovecs are writable guest buffers, mapped for the
     /// duration of this call.
-    unsafe fn read_cached(&self, slot: &mut Slot, offset: u64) -> bool {
+    unsafe fn read_cached(&mut self, slot: &mut Slot, offset: u64) -> bool {
+        let cold = self.cache_misses >= COLD_AFTER;
+        self.cache_misses = self.cache_misses.saturating_add(1);
+        if cold && self.cache_misses % COLD_PROBE != 0 {
+            return false;
+        }
         let fd = self.file.as_raw_fd();
         while !slot.cursor.is_complete() {
             let Some(position) = offset
@@ -246,8 +265,17 @@ impl UringEngine {
                 // SAFETY: read buffers are writable by the caller's contract.
                 0 => unsafe { slot.cursor.zero_remaining() },
                 n if n > 0 => slot.cursor.advance(n.unsigned_abs()),
-                _ => return false,
+                _ => {
+                    let errno = std::io::Error::last_os_error().raw_os_error();
+                    if matches!(errno, Some(libc::EOPNOTSUPP) | Some(libc::EINVAL)) {
+                        // The filesystem does not take RWF_NOWAIT (NFS, FUSE...): never again.
+                        self.buffered = false;
+                    }
+                    return false;
+                }
             }
+            // Some of it came from the cache.
+            self.cache_misses = 0;
         }
         true
     }
@@ -281,7 +309,7 @@ impl Engine for UringEngine {
         };
         let zero_length = matches!(slot.kind, OpKind::Read { .. } | OpKind::Write { .. })
             && slot.cursor.is_complete();
-        let lone_cached_read = |engine: &Self, slot: &mut Slot| match slot.kind {
+        let lone_cached_read = |engine: &mut Self, slot: &mut Slot| match slot.kind {
             OpKind::Read { offset }
                 if engine.buffered && engine.slots.is_empty() && engine.backlog.is_empty() =>
             {
@@ -440,6 +468,12 @@ mod tests {
         file.write_all_at(&[7u8; 1000], 0).unwrap();
         let mut engine = UringEngine::new(Arc::clone(&file), 8).unwrap();
         assert!(engine.buffered);
+        // Whether this filesystem takes RWF_NOWAIT at all (the engine finds out the same way).
+        let mut probe = [0u8; 1];
+        let probe_iov = iov(&mut probe);
+        // SAFETY: one iovec over `probe`, alive for the call.
+        let takes_nowait =
+            unsafe { libc::preadv2(file.as_raw_fd(), &probe_iov, 1, 0, libc::RWF_NOWAIT) } == 1;
         let mut buf = [1u8; 1024];
         // SAFETY: `buf` outlives the reap below and is not touched meanwhile.
         unsafe {
@@ -449,9 +483,16 @@ mod tests {
                 tag: 1,
             })
         };
-        assert!(engine.slots.is_empty(), "served without the ring");
         let mut out = Vec::new();
-        engine.reap(&mut out);
+        if takes_nowait {
+            assert!(engine.slots.is_empty(), "served without the ring");
+            engine.reap(&mut out);
+        } else {
+            // Not served from the cache, and never tried again on this file.
+            assert!(!engine.buffered);
+            engine.submit().unwrap();
+            engine.drain(&mut out);
+        }
         assert_eq!(
             out,
             vec![Completion {
@@ -485,6 +526,44 @@ mod tests {
         engine.drain(&mut out);
         assert_eq!(out.len(), 2);
         assert!(out.iter().all(|c| c.result.is_ok()));
+    }
+
+    #[test]
+    fn after_reads_in_a_row_miss_the_cache_only_one_in_64_tries_it_first() {
+        use std::os::unix::fs::FileExt;
+        let file = Arc::new(tempfile::tempfile().unwrap());
+        file.write_all_at(&[7u8; 4096], 0).unwrap();
+        let mut engine = UringEngine::new(file, 8).unwrap();
+        // As if the last reads had all missed.
+        engine.cache_misses = COLD_AFTER;
+        let mut buf = [0u8; 512];
+        let mut through_ring = 0;
+        for tag in 0..COLD_PROBE {
+            // SAFETY: `buf` outlives the drain below (one read at a time).
+            unsafe {
+                engine.push(IoOp {
+                    kind: OpKind::Read { offset: 0 },
+                    iovecs: vec![iov(&mut buf)].into(),
+                    tag: u64::from(tag),
+                })
+            };
+            through_ring += usize::from(!engine.slots.is_empty());
+            engine.submit().unwrap();
+            let mut out = Vec::new();
+            engine.drain(&mut out);
+            engine.reap(&mut out);
+            assert_eq!(out.len(), 1);
+            if engine.cache_misses == 0 {
+                // The probe found the cache warm: lone reads try it first again.
+                assert_eq!(through_ring, usize::try_from(tag).unwrap());
+                return;
+            }
+        }
+        // Only possible where the filesystem refuses RWF_NOWAIT: then it is never tried.
+        assert!(
+            !engine.buffered,
+            "{through_ring} of {COLD_PROBE} reads went through the ring"
+        );
     }
 
     #[test]

@@ -8,7 +8,8 @@
 //! A request keeps the guest-memory snapshot its iovecs point into mapped until it completes
 //! (the front-end may replace the memory table meanwhile). The table counts the requests per
 //! snapshot with plain integers and holds one `Arc` per snapshot in use, not one atomic
-//! increment and decrement per request; a snapshot is let go with its last request (an idle
+//! increment and decrement per request while requests overlap (at queue depth 1 each
+//! request still takes and lets go of it); a snapshot is let go with its last request (an idle
 //! queue pins nothing, so a table the front-end replaced or a region it removed is unmapped
 //! as soon as no request uses it).
 //!

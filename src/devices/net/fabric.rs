@@ -165,6 +165,8 @@ impl Port {
 
 /// Most frames a sender hands the switch at once.
 pub const MAX_BURST: usize = 64;
+// A burst's frames index its decisions with a `u8` (`SwitchHub::transmit_burst`).
+const _: () = assert!(MAX_BURST <= 256);
 
 /// A named switch: its forwarding table and ports.
 pub struct SwitchHub {
@@ -309,8 +311,8 @@ impl SwitchHub {
                 Drop::TooLarge,
             );
         }
-        // Each distinct decision once, and each frame's index into them: a run of frames
-        // with the same header shares one decision (no copy of a flood list per frame).
+        // Each decision once per run of frames with the same header, and each frame's index
+        // into them (no copy of a flood list per frame).
         let mut decisions: SmallVec<[Forward; MAX_BURST]> = SmallVec::new();
         let mut chosen: SmallVec<[u8; MAX_BURST]> = SmallVec::new();
         {
@@ -357,7 +359,11 @@ impl SwitchHub {
                 Some(Forward::Unicast(port)) => pairs.push((*port, i)),
                 Some(Forward::Flood(list)) => pairs.extend(list.iter().map(|p| (*p, i))),
                 // Every frame chose a decision made before it.
-                None => refused(i, Drop::Switch(DropReason::UnknownPort)),
+                None => {
+                    self.stats
+                        .dropped(Direction::Tx, Drop::Switch(DropReason::UnknownPort));
+                    refused(i, Drop::Switch(DropReason::UnknownPort));
+                }
             }
         }
         self.stats.sent_tally(sent);

@@ -88,6 +88,8 @@ fn run(joining: &'static Joining, inherited: bool) {
         crate::sandbox::enter_worker();
     }
     let mut members: Vec<Member> = Vec::new();
+    // The most members polled at once so far (logged when it grows).
+    let mut most = 0usize;
     loop {
         if members.is_empty() || joining.any.load(Ordering::Acquire) {
             let mut waiting = lock(&joining.members);
@@ -101,12 +103,11 @@ fn run(joining: &'static Joining, inherited: bool) {
             let joined = waiting.len();
             members.append(&mut waiting);
             drop(waiting);
-            if joined > 0 {
-                // Once per queue start at most: bounded by the queues front-ends start.
-                log::info!(
-                    "busy-poll: {joined} queue(s) joined the group ({} polled)",
-                    members.len()
-                );
+            if members.len() > most {
+                // Only at a new high of members: queues leave and rejoin at a tenant's will
+                // (a QoS hold, a ring error, a spent budget), and that must not flood the log.
+                most = members.len();
+                log::info!("busy-poll: {joined} queue(s) joined the group ({most} polled)");
             }
         }
         let mut worked = false;
