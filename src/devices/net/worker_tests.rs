@@ -222,6 +222,42 @@ fn a_burst_decides_each_frame_on_its_own_header_though_repeats_reuse_the_decisio
 }
 
 #[test]
+fn runs_of_flood_and_unicast_decisions_in_one_burst_each_reach_their_own_ports() {
+    let hub = Arc::new(SwitchHub::new("t"));
+    let mut a = Guest::attach(&hub, "a", 0x0a, 1, "");
+    let mut b = Guest::attach(&hub, "b", 0x0b, 1, "");
+    let mut c = Guest::attach(&hub, "c", 0x0c, 1, "");
+    a.post_rx(0, 2);
+    b.post_rx(0, 16);
+    c.post_rx(0, 16);
+    // b speaks first, so the switch knows where b is (its broadcast reaches a and c).
+    b.send(0, &frame([0xff; 6], b.mac, 9));
+    // One burst of runs: broadcasts (one flood decision, reused), unicasts to b, frames to
+    // four different unknown MACs (four flood decisions), broadcasts again.
+    let broadcast = frame([0xff; 6], a.mac, 1);
+    let mut burst = vec![broadcast.clone(); 3];
+    burst.extend(vec![frame(b.mac, a.mac, 2); 4]);
+    burst.extend((0..4u8).map(|i| frame([0x52, 0x54, 0, 0, 1, i], a.mac, 3)));
+    burst.extend(vec![broadcast; 3]);
+    for f in &burst {
+        a.post_tx(0, f);
+    }
+    a.kick(0, Event::Queue(1));
+    assert_eq!(a.queues[0].1.used().len(), 14, "every chain returned");
+    assert_eq!(
+        b.queues[0].0.used().len(),
+        14,
+        "b got the floods and its unicasts"
+    );
+    assert_eq!(
+        c.queues[0].0.used().len(),
+        1 + 10,
+        "c got b's broadcast and the floods, none of b's unicasts"
+    );
+    assert!(hub.stats.snapshot().tx_drops.values().all(|&n| n == 0));
+}
+
+#[test]
 fn a_broken_chain_between_good_ones_leaves_no_trace_in_the_slots() {
     let hub = Arc::new(SwitchHub::new("t"));
     let mut a = Guest::attach(&hub, "a", 0x0a, 1, "");
