@@ -236,9 +236,11 @@ pub fn read_stream_in(
     offset: u64,
     dst: &mut [u8],
 ) -> Result<(), SgError> {
-    match in_first_span(spans, offset, dst.len()) {
-        Some(at) if map.read(at, dst) => Ok(()),
-        _ => read_stream(mem, spans, offset, dst),
+    let len = dst.len();
+    if read_at_in(mem, map, spans, offset, dst)? == len {
+        Ok(())
+    } else {
+        Err(SgError::Short)
     }
 }
 

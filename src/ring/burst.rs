@@ -172,18 +172,19 @@ impl<'q, 'a, 'm> Burst<'q, 'a, 'm> {
         Ok(Some((head, self.ring.chain(head, out))))
     }
 
-    /// Hints the CPU to fetch the first buffers of the next [`PREFETCH_AHEAD`] chains (at
-    /// the start of a burst; then [`Burst::prefetch`] one more before each chain).
-    pub fn prefetch_first(&self, write: bool) {
+    /// At the start of a burst of up to `count` chains: hints the CPU to fetch their
+    /// descriptors and the used-ring lines their entries will go to (one overlapped wait for
+    /// the burst's ring lines instead of one miss per descriptor line in turn), and the first
+    /// buffers of the next [`PREFETCH_AHEAD`] chains, for reading or (`write`) for writing.
+    /// Then [`Burst::prefetch`] one more chain ahead before each pop.
+    pub fn prefetch_start(&self, count: u16, write: bool) {
+        self.prefetch_rings(count);
         for ahead in 0..PREFETCH_AHEAD {
             self.prefetch(ahead, write);
         }
     }
 
-    /// Hints the CPU to fetch the descriptors of the next `count` chains the driver published
-    /// and the used-ring lines their entries will go to: one overlapped wait for the whole
-    /// burst's ring lines instead of one miss per descriptor line in turn.
-    pub fn prefetch_rings(&self, count: u16) {
+    fn prefetch_rings(&self, count: u16) {
         let count = count.min((self.avail_end - self.next_avail).0);
         for i in 0..count {
             self.ring.prefetch_desc((self.next_avail + Wrapping(i)).0);

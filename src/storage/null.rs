@@ -34,7 +34,7 @@ impl RunInline for Null {
 #[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)] // tests may panic
 mod tests {
     use super::*;
-    use crate::storage::sync::tests::iov;
+    use crate::storage::sync::tests::op;
     use crate::storage::Engine;
 
     #[test]
@@ -43,16 +43,8 @@ mod tests {
         let mut buf = [5u8; 64];
         // SAFETY: `buf` outlives the reap.
         unsafe {
-            engine.push(IoOp {
-                kind: OpKind::Read { offset: 0 },
-                iovecs: vec![iov(&mut buf)].into(),
-                tag: 1,
-            });
-            engine.push(IoOp {
-                kind: OpKind::Write { offset: 0 },
-                iovecs: vec![iov(&mut buf)].into(),
-                tag: 2,
-            });
+            engine.push(op(OpKind::Read { offset: 0 }, &mut buf, 1));
+            engine.push(op(OpKind::Write { offset: 0 }, &mut buf, 2));
         }
         let mut out = Vec::new();
         engine.reap(&mut out);

@@ -154,6 +154,15 @@ pub(crate) mod tests {
         }
     }
 
+    /// An op of `kind` over `buf` alone, tagged `tag`.
+    pub(crate) fn op(kind: OpKind, buf: &mut [u8], tag: u64) -> IoOp {
+        IoOp {
+            kind,
+            iovecs: vec![iov(buf)].into(),
+            tag,
+        }
+    }
+
     /// Runs the engine contract checks shared by every file engine.
     pub(crate) fn engine_contract(make: fn(Arc<File>) -> Box<dyn Engine>) {
         let mut tmp = tempfile::tempfile().unwrap();

@@ -311,7 +311,8 @@ impl Engine for UringEngine {
             && slot.cursor.is_complete();
         let lone_cached_read = |engine: &mut Self, slot: &mut Slot| match slot.kind {
             OpKind::Read { offset }
-                if engine.buffered && engine.slots.is_empty() && engine.backlog.is_empty() =>
+                // (The backlog holds slots' indexes: no slot, no backlog.)
+                if engine.buffered && engine.slots.is_empty() =>
             {
                 // SAFETY: the caller's contract for `push`.
                 unsafe { engine.read_cached(slot, offset) }
@@ -409,7 +410,7 @@ impl Drop for UringEngine {
 #[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)] // tests may panic
 mod tests {
     use super::*;
-    use crate::storage::sync::tests::{engine_contract, iov};
+    use crate::storage::sync::tests::{engine_contract, iov, op};
 
     /// Submits `entry` straight into the engine's ring; returns its completion result.
     fn raw_submit(engine: &mut UringEngine, entry: squeue::Entry) -> i32 {
@@ -476,13 +477,7 @@ mod tests {
             unsafe { libc::preadv2(file.as_raw_fd(), &probe_iov, 1, 0, libc::RWF_NOWAIT) } == 1;
         let mut buf = [1u8; 1024];
         // SAFETY: `buf` outlives the reap below and is not touched meanwhile.
-        unsafe {
-            engine.push(IoOp {
-                kind: OpKind::Read { offset: 512 },
-                iovecs: vec![iov(&mut buf)].into(),
-                tag: 1,
-            })
-        };
+        unsafe { engine.push(op(OpKind::Read { offset: 512 }, &mut buf, 1)) };
         let mut out = Vec::new();
         if takes_nowait {
             assert!(engine.slots.is_empty(), "served without the ring");
@@ -509,16 +504,8 @@ mod tests {
         let mut back = [0u8; 512];
         // SAFETY: both buffers outlive the drain below.
         unsafe {
-            engine.push(IoOp {
-                kind: OpKind::Write { offset: 0 },
-                iovecs: vec![iov(&mut data)].into(),
-                tag: 2,
-            });
-            engine.push(IoOp {
-                kind: OpKind::Read { offset: 0 },
-                iovecs: vec![iov(&mut back)].into(),
-                tag: 3,
-            });
+            engine.push(op(OpKind::Write { offset: 0 }, &mut data, 2));
+            engine.push(op(OpKind::Read { offset: 0 }, &mut back, 3));
         }
         assert_eq!(engine.slots.len(), 2);
         engine.submit().unwrap();
@@ -540,13 +527,7 @@ mod tests {
         let mut through_ring = 0;
         for tag in 0..COLD_PROBE {
             // SAFETY: `buf` outlives the drain below (one read at a time).
-            unsafe {
-                engine.push(IoOp {
-                    kind: OpKind::Read { offset: 0 },
-                    iovecs: vec![iov(&mut buf)].into(),
-                    tag: u64::from(tag),
-                })
-            };
+            unsafe { engine.push(op(OpKind::Read { offset: 0 }, &mut buf, u64::from(tag))) };
             through_ring += usize::from(!engine.slots.is_empty());
             engine.submit().unwrap();
             let mut out = Vec::new();
@@ -575,13 +556,13 @@ mod tests {
         for (i, buf) in buffers.iter_mut().enumerate() {
             // SAFETY: `buffers` outlives the drain below and is not touched meanwhile.
             unsafe {
-                engine.push(IoOp {
-                    kind: OpKind::Read {
+                engine.push(op(
+                    OpKind::Read {
                         offset: i as u64 * 512,
                     },
-                    iovecs: vec![iov(buf)].into(),
-                    tag: i as u64,
-                })
+                    buf,
+                    i as u64,
+                ))
             };
         }
         engine.submit().unwrap();

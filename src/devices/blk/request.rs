@@ -168,9 +168,8 @@ pub struct Limits {
 
 pub use crate::devices::desc::{Buffer, Buffers};
 
-/// Validates a request. `serial_len`-independent: GET_ID only checks the buffer size here.
-/// The convenience form of [`parse_in`] (it maps the memory for this one request; the worker
-/// parses through its pass's map).
+/// The tests' convenience form of [`parse_in`] (it maps the memory for this one request).
+#[cfg(test)]
 pub fn parse(
     mem: &GuestMemoryMmap<()>,
     buffers: &[Buffer],
@@ -179,9 +178,10 @@ pub fn parse(
     parse_in(mem, &MemMap::new(mem), buffers, limits)
 }
 
-/// [`parse`] with `map`, a burst's map of `mem`: the header, the status byte and the data
-/// buffers are translated through it (no region search per request; `mem` where a buffer
-/// does not lie in one mapped region).
+/// Validates a request. `serial_len`-independent: GET_ID only checks the buffer size here.
+/// `map` is the pass's map of `mem`: the header, the status byte and the data buffers are
+/// translated through it (no region search per request; `mem` where a buffer does not lie
+/// in one mapped region).
 pub fn parse_in(
     mem: &GuestMemoryMmap<()>,
     map: &MemMap<'_>,

@@ -354,8 +354,7 @@ impl QueueWorker {
         // The driver's core just wrote the ring entries and headers: ask for all of them at
         // once so the cross-core misses overlap (a chunk's descriptors and used lines, then
         // each request's header a few chains ahead).
-        burst.prefetch_rings(available.min(ADMIT_CHUNK as u16));
-        burst.prefetch_first(false);
+        burst.prefetch_start(available.min(ADMIT_CHUNK as u16), false);
         while !self.gate.is_holding() {
             burst.prefetch(PREFETCH_AHEAD, false);
             let Ok(Some((head, walked))) = burst.pop(&mut descs) else {

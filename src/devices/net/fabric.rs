@@ -329,7 +329,7 @@ impl SwitchHub {
                 frame.set_ethernet(eth);
                 let len = usize::try_from(frame.len()).unwrap_or(usize::MAX);
                 let probe_len = len.min(eth.len());
-                let repeat = previous == Some((eth, probe_len)) && !decisions.is_empty();
+                let repeat = previous == Some((eth, probe_len));
                 if !repeat {
                     // The forwarding core looks at the Ethernet header only; pass it with the
                     // real length so runts are still recognised.

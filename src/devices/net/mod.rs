@@ -29,6 +29,7 @@ pub mod info;
 pub mod metrics;
 pub mod rx;
 pub mod shared;
+pub mod slots;
 pub mod spec;
 pub mod stats;
 pub mod switch;

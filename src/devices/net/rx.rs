@@ -27,6 +27,7 @@ use vm_memory::{Address, GuestAddressSpace};
 
 use super::frame::{rx_buffer_into, FrameRef, RxBuffer};
 use super::header::{complete_checksum, NetHeader, F_NEEDS_CSUM, HEADER_LEN};
+use super::slots::Slots;
 use super::spec::Negotiated;
 use super::stats::{Direction, Drop, NetStats, Tally};
 use crate::devices::desc::Buffers;
@@ -40,11 +41,9 @@ use crate::vring::{avail_index, AtomicGuestMemory, CheckedVring, GuestMemory};
 /// Chains taken for one frame.
 #[derive(Debug, Default)]
 pub struct RxBatch {
-    /// The chains taken are the first `len`; the slots are filled in place and reused (an
-    /// `RxBuffer` carries ~150 bytes of inline spans: moving one per chain showed in
-    /// profiles).
-    buffers: Vec<RxBuffer>,
-    len: usize,
+    /// The chains taken, filled in place in reused slots (they grow to the most chains one
+    /// frame ever took: at most a ring).
+    buffers: Slots<RxBuffer>,
     capacity: u64,
     /// Scratch for the chain being walked.
     descs: Buffers,
@@ -62,12 +61,12 @@ pub enum Gathered {
 impl RxBatch {
     /// The chains taken so far.
     pub fn buffers(&self) -> &[RxBuffer] {
-        self.buffers.get(..self.len).unwrap_or_default()
+        self.buffers.used()
     }
 
     /// Forgets the chains taken (their slots stay for reuse).
     fn reset(&mut self) {
-        self.len = 0;
+        self.buffers.clear();
         self.capacity = 0;
     }
 
@@ -90,7 +89,7 @@ impl RxBatch {
         self.reset();
         let map = burst.map();
         loop {
-            if self.len > 0 && (!mergeable || self.capacity >= need) {
+            if !self.buffers.is_empty() && (!mergeable || self.capacity >= need) {
                 return Ok(Gathered::Ready);
             }
             let popped = match burst.pop(&mut self.descs) {
@@ -104,23 +103,14 @@ impl RxBatch {
                 self.put_back(burst);
                 return Ok(Gathered::Empty);
             };
-            if self.buffers.len() <= self.len {
-                // The slots grow to the most chains one frame ever took (at most a ring).
-                self.buffers.push(RxBuffer::default());
-            }
-            let Some(slot) = self.buffers.get_mut(self.len) else {
-                // Not reached (a slot was just made): give the chains back, take nothing.
-                burst.unpop(1);
-                self.put_back(burst);
-                return Ok(Gathered::Empty);
-            };
+            let slot = self.buffers.next_free();
             let checked = walked
                 .map_err(|_| Drop::BrokenChain)
                 .and_then(|()| rx_buffer_into(memory, map, head, &self.descs, slot));
             match checked {
                 Ok(()) => {
                     self.capacity = self.capacity.saturating_add(u64::from(slot.capacity));
-                    self.len = self.len.saturating_add(1);
+                    self.buffers.keep();
                 }
                 Err(reason) => {
                     // The chains before it cannot be put back past it: all go back empty.
@@ -138,7 +128,7 @@ impl RxBatch {
     /// Puts every chain taken back into the ring.
     pub fn put_back(&mut self, burst: &mut Burst<'_, '_, '_>) {
         // At most a ring's worth of chains is ever taken, which fits in u16.
-        burst.unpop(u16::try_from(self.len).unwrap_or(u16::MAX));
+        burst.unpop(u16::try_from(self.buffers.len()).unwrap_or(u16::MAX));
         self.reset();
     }
 
@@ -178,7 +168,7 @@ impl RxBatch {
             }
         }
         // The unused chains were taken after the used ones: they go back into the ring.
-        let unused = self.len.saturating_sub(usize::from(count));
+        let unused = self.buffers.len().saturating_sub(usize::from(count));
         burst.unpop(u16::try_from(unused).unwrap_or(u16::MAX));
         self.reset();
     }
@@ -294,8 +284,7 @@ impl RxTarget {
             let mut full = None;
             let mut tally = Tally::default();
             // A frame takes one chain unless it is larger than the receiver's buffers.
-            burst.prefetch_rings(u16::try_from(picks.len()).unwrap_or(u16::MAX));
-            burst.prefetch_first(true);
+            burst.prefetch_start(u16::try_from(picks.len()).unwrap_or(u16::MAX), true);
             for &i in picks {
                 burst.prefetch(PREFETCH_AHEAD, true);
                 let Some(frame) = frames.get(usize::from(i)) else {

@@ -28,6 +28,7 @@ use super::header::{HEADER_LEN, MAX_GSO_FRAME};
 use super::rx::RxTarget;
 use super::rx::{Gathered, RxBatch};
 use super::shared::NetShared;
+use super::slots::Slots;
 use super::spec::Negotiated;
 use super::stats::{Direction, Drop, Tally};
 use super::tap_queue::TapQueue;
@@ -116,10 +117,8 @@ pub struct PairWorker {
     batch: RxBatch,
     /// The connection's dirty-page log (live migration): rx frames and used rings.
     log: Arc<DirtyLog>,
-    /// The tx burst being sent: the first `tx_len` slots of a burst's worth, each filled in
-    /// place and reused.
-    tx_frames: Vec<TxSlot>,
-    tx_len: usize,
+    /// The tx burst being sent, each frame filled in place in a reused slot.
+    tx_frames: Slots<TxSlot>,
     /// The burst's chains that carry no frame to send: position, head, why.
     tx_bad: Vec<(u16, u16, Drop)>,
     /// Scratch for the chain being walked.
@@ -161,10 +160,7 @@ impl PairWorker {
             negotiated: Negotiated::default(),
             offloads_for: None,
             batch: RxBatch::default(),
-            tx_frames: std::iter::repeat_with(TxSlot::default)
-                .take(TX_BURST)
-                .collect(),
-            tx_len: 0,
+            tx_frames: Slots::with_slots(TX_BURST),
             tx_bad: Vec::with_capacity(TX_BURST),
             descs: Buffers::new(),
             iovecs: GuestIovecs::default(),
@@ -665,13 +661,12 @@ impl PairWorker {
         let stats = &self.shared.stats;
         let mtu = self.shared.config.mtu;
         let map = burst.map();
-        self.tx_len = 0;
+        self.tx_frames.clear();
         self.tx_bad.clear();
         let mut taken = 0usize;
         let mut held = None;
         let mut bytes = 0u64;
-        burst.prefetch_rings(TX_BURST as u16);
-        burst.prefetch_first(false);
+        burst.prefetch_start(TX_BURST as u16, false);
         while taken < TX_BURST {
             burst.prefetch(PREFETCH_AHEAD, false);
             let (head, walked) = match burst.pop(&mut self.descs) {
@@ -685,11 +680,7 @@ impl PairWorker {
             };
             // TX_BURST fits a u16.
             let position = u16::try_from(taken).unwrap_or(u16::MAX);
-            // At most TX_BURST chains are taken: there is always a free slot.
-            let Some(slot) = self.tx_frames.get_mut(self.tx_len) else {
-                burst.unpop(1);
-                break;
-            };
+            let slot = self.tx_frames.next_free();
             let checked = walked
                 .map_err(|_| Drop::BrokenChain)
                 .and_then(|()| tx_frame_into(memory, map, &self.descs, mtu, &mut slot.frame));
@@ -699,7 +690,7 @@ impl PairWorker {
                     bytes = bytes.saturating_add(u64::from(slot.frame.frame_len));
                     slot.head = head;
                     slot.position = position;
-                    self.tx_len = self.tx_len.saturating_add(1);
+                    self.tx_frames.keep();
                 }
             }
             taken = taken.saturating_add(1);
@@ -714,9 +705,9 @@ impl PairWorker {
             bytes,
         };
         let mut now = None;
-        let frames = self.tx_len as u64;
+        let frames = self.tx_frames.len() as u64;
         if !admit_batch(qos, cost(bytes), frames, &mut now) {
-            let burst_frames = self.tx_frames.get(..self.tx_len).unwrap_or_default();
+            let burst_frames = self.tx_frames.used();
             let refused = burst_frames.iter().position(|TxSlot { frame, .. }| {
                 let single = Some(cost(u64::from(frame.frame_len)));
                 match self.gate.admit(qos, single, &mut now) {
@@ -732,7 +723,7 @@ impl PairWorker {
                 let back = taken.saturating_sub(usize::from(from));
                 burst.unpop(u16::try_from(back).unwrap_or(u16::MAX));
                 taken = usize::from(from);
-                self.tx_len = k;
+                self.tx_frames.truncate(k);
                 self.tx_bad.retain(|&(position, _, _)| position < from);
             }
         }
@@ -741,7 +732,7 @@ impl PairWorker {
             burst.used(head, 0);
         }
         let guest = |frame| guest_frame(memory, map, frame);
-        let burst_frames = self.tx_frames.get(..self.tx_len).unwrap_or_default();
+        let burst_frames = self.tx_frames.used();
         match &mut self.backend {
             PairBackend::Tap(tap) => {
                 for TxSlot { frame, .. } in burst_frames {
