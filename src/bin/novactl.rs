@@ -296,6 +296,14 @@ fn text(value: &Value) -> String {
     match value {
         Value::String(s) => s.clone(),
         Value::Null => "-".into(),
+        Value::Array(items) if items.iter().all(Value::is_string) => {
+            let names: Vec<&str> = items.iter().filter_map(Value::as_str).collect();
+            if names.is_empty() {
+                "-".into()
+            } else {
+                names.join(",")
+            }
+        }
         other => other.to_string(),
     }
 }

@@ -172,6 +172,7 @@ impl NetDevice {
             vlan: config.vlan,
             link_up: self.link_up(),
             connected: self.is_connected(),
+            features: super::spec::negotiated_names(self.shared.acked_features()),
         }
     }
 

@@ -32,6 +32,8 @@ pub struct NetInfo {
     pub link_up: bool,
     /// A front-end is connected.
     pub connected: bool,
+    /// The features the current (or last) front-end took that shape the data path.
+    pub features: Vec<&'static str>,
 }
 
 /// A net device's counters.

@@ -9,7 +9,7 @@
 // panic or wrap silently (checked, saturating or `get` instead).
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
-use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_config::{VIRTIO_F_IN_ORDER, VIRTIO_F_VERSION_1};
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_ANNOUNCE, VIRTIO_NET_F_GUEST_CSUM,
     VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
@@ -30,6 +30,11 @@ pub const CONFIG_LEN: usize = 12;
 pub fn device_features() -> u64 {
     [
         VIRTIO_F_VERSION_1,
+        // Every chain goes back in the order it was taken (tx: refused frames in their place;
+        // rx: a frame's buffers, then chains not needed go back to the ring). A driver that
+        // takes it frees tx buffers by position, without reading the used entries (DPDK's
+        // virtio driver, Linux from 6.17).
+        VIRTIO_F_IN_ORDER,
         VIRTIO_RING_F_EVENT_IDX,
         VIRTIO_RING_F_INDIRECT_DESC,
         VIRTIO_NET_F_CSUM,
@@ -56,6 +61,29 @@ pub fn device_features() -> u64 {
     ]
     .iter()
     .fold(0u64, |acc, bit| acc | 1 << bit)
+}
+
+/// The names of the features in `features` that change how the data path treats the
+/// guest (`device.get` shows them).
+pub fn negotiated_names(features: u64) -> Vec<&'static str> {
+    [
+        (VIRTIO_F_IN_ORDER, "in-order"),
+        (VIRTIO_RING_F_EVENT_IDX, "event-idx"),
+        (VIRTIO_RING_F_INDIRECT_DESC, "indirect-desc"),
+        (VIRTIO_NET_F_MRG_RXBUF, "mergeable-rx"),
+        (VIRTIO_NET_F_MQ, "multiqueue"),
+        (VIRTIO_NET_F_CSUM, "csum"),
+        (VIRTIO_NET_F_GUEST_CSUM, "guest-csum"),
+        (VIRTIO_NET_F_HOST_TSO4, "host-tso4"),
+        (VIRTIO_NET_F_HOST_TSO6, "host-tso6"),
+        (VIRTIO_NET_F_GUEST_TSO4, "guest-tso4"),
+        (VIRTIO_NET_F_GUEST_TSO6, "guest-tso6"),
+        (VIRTIO_NET_F_GUEST_ANNOUNCE, "guest-announce"),
+    ]
+    .into_iter()
+    .filter(|&(bit, _)| features & (1u64 << bit) != 0)
+    .map(|(_, name)| name)
+    .collect()
 }
 
 /// What the guest accepted, as the data path needs it.
@@ -179,6 +207,14 @@ mod tests {
             ..space
         };
         assert_eq!(down.read(6, 2), vec![0, 0]);
+    }
+
+    #[test]
+    fn in_order_is_offered_and_named_when_taken() {
+        assert_ne!(device_features() & 1 << VIRTIO_F_IN_ORDER, 0);
+        let taken = 1 << VIRTIO_F_IN_ORDER | 1 << VIRTIO_NET_F_MRG_RXBUF | 1 << VIRTIO_F_VERSION_1;
+        assert_eq!(negotiated_names(taken), ["in-order", "mergeable-rx"]);
+        assert!(negotiated_names(0).is_empty());
     }
 
     #[test]

@@ -727,9 +727,8 @@ impl PairWorker {
                 self.tx_bad.retain(|&(position, _, _)| position < from);
             }
         }
-        for &(_, head, reason) in &self.tx_bad {
+        for &(_, _, reason) in &self.tx_bad {
             stats.dropped(Direction::Tx, reason);
-            burst.used(head, 0);
         }
         let guest = |frame| guest_frame(memory, map, frame);
         let burst_frames = self.tx_frames.used();
@@ -764,8 +763,17 @@ impl PairWorker {
                 stats.sent_tally(sent);
             }
         }
+        // Every chain goes back in the order it was taken, refused ones included: we offer
+        // VIRTIO_F_IN_ORDER, and a driver that took it frees its buffers by position.
+        let mut bad = self.tx_bad.iter().peekable();
         for slot in burst_frames {
+            while let Some(&(_, head, _)) = bad.next_if(|&&(at, _, _)| at < slot.position) {
+                burst.used(head, 0);
+            }
             burst.used(slot.head, 0);
+        }
+        for &(_, head, _) in bad {
+            burst.used(head, 0);
         }
         (taken, held)
     }

@@ -266,18 +266,23 @@ fn a_broken_chain_between_good_ones_leaves_no_trace_in_the_slots() {
     // Two bursts: the first fills slots 0 and 1; in the second, slot 1 is half-filled by a
     // chain too short for the header (refused after its spans were written into the slot)
     // before the next good frame takes it.
+    let mut posted = Vec::new();
     for fill in [1u8, 2] {
-        a.post_tx(0, &frame(b.mac, a.mac, fill));
+        posted.push(a.post_tx(0, &frame(b.mac, a.mac, fill)));
     }
     a.kick(0, Event::Queue(1));
-    a.post_tx(0, &frame(b.mac, a.mac, 3));
+    posted.push(a.post_tx(0, &frame(b.mac, a.mac, 3)));
     let at = a.alloc(64);
     let broken = a.queues[0].1.post(&[(at, 8, false)]);
-    a.post_tx(0, &frame(b.mac, a.mac, 4));
+    posted.push(broken);
+    posted.push(a.post_tx(0, &frame(b.mac, a.mac, 4)));
     a.kick(0, Event::Queue(1));
     let used = a.queues[0].1.used();
     assert_eq!(used.len(), 5, "every chain returned once: {used:?}");
     assert_eq!(used.iter().filter(|(h, _)| *h == broken).count(), 1);
+    // In the order they were posted (VIRTIO_F_IN_ORDER), the broken one in its place.
+    let heads: Vec<u16> = used.iter().map(|&(h, _)| h).collect();
+    assert_eq!(heads, posted, "{used:?}");
     let got = b.queues[0].0.used();
     assert_eq!(
         got.len(),
