@@ -74,6 +74,16 @@ impl<'q, 'a, 'm> Burst<'q, 'a, 'm> {
         self.ring.map()
     }
 
+    /// Kicks off while we poll ([`SplitRing::suppress_kicks`]); the flag's store is marked in
+    /// the dirty-page log like the burst's other used-ring writes.
+    pub fn suppress_kicks(&self) {
+        if self.ring.suppress_kicks() {
+            if let Some(log) = self.log {
+                log.mark_used_ring(self.queue.used_ring(), self.ring.size());
+            }
+        }
+    }
+
     /// The dirty-page log this burst marks.
     pub fn log(&self) -> Option<&'a DirtyLog> {
         self.log

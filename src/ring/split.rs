@@ -41,6 +41,8 @@ const F_WRITE: u16 = 2;
 const F_INDIRECT: u16 = 4;
 /// `VRING_AVAIL_F_NO_INTERRUPT`.
 const AVAIL_NO_INTERRUPT: u16 = 1;
+/// `VRING_USED_F_NO_NOTIFY`.
+const USED_NO_NOTIFY: u16 = 1;
 
 /// Why a ring cannot be served. (Not `Copy`: matching `Err(e)` on a result holding a burst
 /// must move it, so the burst's borrow of the queue ends there.)
@@ -311,6 +313,28 @@ impl<'a, 'm> SplitRing<'a, 'm> {
         for offset in [0usize, 64].into_iter().take(lines) {
             prefetch_line(start.as_ptr().wrapping_add(offset), write);
         }
+    }
+
+    /// Asks the driver not to kick (`VRING_USED_F_NO_NOTIFY`) while we poll; returns whether
+    /// the flag was written. With EVENT_IDX there is nothing to do: the driver kicks only
+    /// when the index passes `avail_event`, which we move only when we want kicks back.
+    ///
+    /// virtio-queue's `disable_notification` stores the flag on every call, through a memory
+    /// snapshot and a region search; called once per pass, that store took the used ring's
+    /// first line from the driver's cache each time (its kick check reads it). Here the flag
+    /// is stored only when it is not already set.
+    pub fn suppress_kicks(&self) -> bool {
+        if self.event_idx {
+            return false;
+        }
+        let flags = Self::at(self.used, 0);
+        if Self::load_u16(flags, Ordering::Relaxed) == USED_NO_NOTIFY {
+            return false;
+        }
+        // SAFETY: as in `load_u16`: the used ring's flags, inside the area, 2-aligned.
+        unsafe { AtomicU16::from_ptr(flags.cast()) }
+            .store(USED_NO_NOTIFY.to_le(), Ordering::Relaxed);
+        true
     }
 
     /// Writes used element `(head, len)` at used position `position` (not yet visible).

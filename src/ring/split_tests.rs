@@ -278,6 +278,33 @@ fn used_entries_appear_together_and_signal_as_event_idx_says() {
 }
 
 #[test]
+fn kicks_are_suppressed_with_one_store_and_left_alone_under_event_idx() {
+    let mem = memory();
+    let mut queue = fixed_ring(&mem, 16, 0);
+    let flags = GuestAddress(0x2000);
+    let map = MemMap::new(&mem);
+    let ring = SplitRing::new(&map, &queue).unwrap();
+    assert!(ring.suppress_kicks(), "the flag is written");
+    assert_eq!(mem.read_obj::<u16>(flags).unwrap(), USED_NO_NOTIFY);
+    assert!(!ring.suppress_kicks(), "already set: no second store");
+    // The driver's view after a queue reset: flags cleared, kicks wanted again.
+    mem.write_obj(0u16, flags).unwrap();
+    assert!(ring.suppress_kicks());
+    assert_eq!(mem.read_obj::<u16>(flags).unwrap(), USED_NO_NOTIFY);
+    // Under EVENT_IDX the flags are not ours to use.
+    mem.write_obj(0u16, flags).unwrap();
+    queue.set_event_idx(true);
+    let ring = SplitRing::new(&map, &queue).unwrap();
+    assert!(!ring.suppress_kicks());
+    assert_eq!(mem.read_obj::<u16>(flags).unwrap(), 0);
+    // virtio-queue turns them back on as it always did.
+    queue.set_event_idx(false);
+    mem.write_obj(USED_NO_NOTIFY, flags).unwrap();
+    queue.enable_notification(&mem).unwrap();
+    assert_eq!(mem.read_obj::<u16>(flags).unwrap(), 0);
+}
+
+#[test]
 fn a_burst_unwound_by_a_panic_still_publishes_what_it_used() {
     let mem = memory();
     let mut queue = fixed_ring(&mem, 4, 1);

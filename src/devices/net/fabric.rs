@@ -26,7 +26,7 @@ use std::sync::{Arc, Mutex, RwLock};
 
 use smallvec::SmallVec;
 
-use super::frame::FrameRef;
+use super::frame::{FrameRef, Frames};
 use super::rx::RxTarget;
 use super::stats::{Direction, Drop, NetStats, Tally};
 use super::switch::{DropReason, Forward, Mac, PortConfig, Switch};
@@ -79,8 +79,18 @@ pub struct Port {
 impl Port {
     /// Delivers `frames[i]` for each `i` in `picks`, in order; drops are counted on this
     /// port and in `hub`, deliveries in `hub`.
-    fn deliver_burst(&self, frames: &[FrameRef<'_>], picks: &[u16], hash: usize, hub: &NetStats) {
-        let len = |i: u16| frames.get(usize::from(i)).map_or(0, |f| u64::from(f.len()));
+    fn deliver_burst<F: Frames + ?Sized>(
+        &self,
+        frames: &F,
+        picks: &[u16],
+        hash: usize,
+        hub: &NetStats,
+    ) {
+        let len = |i: u16| {
+            frames
+                .frame(usize::from(i))
+                .map_or(0, |f| u64::from(f.len()))
+        };
         // The hub's deliveries are added once for the burst (see `NetStats::sent_tally`).
         let delivered = std::cell::Cell::new(Tally::default());
         let outcome = |_: u16, bytes: u64, result: Result<(), Drop>| match result {
@@ -98,9 +108,9 @@ impl Port {
         hub.received_tally(delivered.get());
     }
 
-    fn deliver_counted(
+    fn deliver_counted<F: Frames + ?Sized>(
         &self,
-        frames: &[FrameRef<'_>],
+        frames: &F,
         picks: &[u16],
         hash: usize,
         len: impl Fn(u16) -> u64,
@@ -152,10 +162,10 @@ impl Port {
             PortSink::Uplink(tap) => {
                 let mut tap = lock(tap);
                 for &i in picks {
-                    let Some(frame) = frames.get(usize::from(i)) else {
+                    let Some(frame) = frames.frame(usize::from(i)) else {
                         continue;
                     };
-                    let result = tap.send(frame).map(|()| self.stats.received(len(i)));
+                    let result = tap.send(&frame).map(|()| self.stats.received(len(i)));
                     outcome(i, len(i), result);
                 }
             }
@@ -287,9 +297,10 @@ impl SwitchHub {
 
     /// Forwards a frame that entered on port `ingress`; `Err` if the switch refused it.
     pub fn transmit(&self, ingress: &Port, frame: &FrameRef<'_>) -> Result<(), Drop> {
-        let mut frames = [*frame];
         let mut result = Ok(());
-        self.transmit_burst(ingress, &mut frames, |_, reason| result = Err(reason));
+        self.transmit_burst(ingress, std::slice::from_ref(frame), |_, reason| {
+            result = Err(reason);
+        });
         result
     }
 
@@ -298,23 +309,21 @@ impl SwitchHub {
     /// gets its frames in one delivery (one rx queue lock, one used-index store, at most one
     /// interrupt). `refused(i, reason)` hears about each frame the switch itself dropped.
     /// Each frame's Ethernet header is read once, here; the frame leaves with that copy.
-    pub fn transmit_burst(
+    pub fn transmit_burst<F: Frames + ?Sized>(
         &self,
         ingress: &Port,
-        frames: &mut [FrameRef<'_>],
+        frames: &F,
         mut refused: impl FnMut(u16, Drop),
     ) {
-        let (frames, over) = frames.split_at_mut(frames.len().min(MAX_BURST));
-        for (i, _) in over.iter().enumerate() {
-            refused(
-                u16::try_from(MAX_BURST.saturating_add(i)).unwrap_or(u16::MAX),
-                Drop::TooLarge,
-            );
+        let count = frames.count().min(MAX_BURST);
+        for i in MAX_BURST..frames.count() {
+            refused(u16::try_from(i).unwrap_or(u16::MAX), Drop::TooLarge);
         }
         // Each decision once per run of frames with the same header, and each frame's index
         // into them (no copy of a flood list per frame).
         let mut decisions: SmallVec<[Forward; MAX_BURST]> = SmallVec::new();
         let mut chosen: SmallVec<[u8; MAX_BURST]> = SmallVec::new();
+        let mut sent = Tally::default();
         {
             let now = crate::sys::clock::coarse_now_ns();
             let mut table = lock(&self.table);
@@ -323,11 +332,16 @@ impl SwitchHub {
             // on the ingress port, those bytes, the clock, fixed for the burst, and the table,
             // which the previous frame's learning already left as this one's would.)
             let mut previous: Option<([u8; 14], usize)> = None;
-            for frame in frames.iter_mut() {
+            for i in 0..count {
+                let Some(frame) = frames.frame(i) else {
+                    // Not a frame: refused below as choosing no decision.
+                    chosen.push(u8::MAX);
+                    continue;
+                };
+                // The header the frame was checked with, and leaves with.
                 let eth = frame.ethernet_header();
-                // From here on the frame carries the header this decision was made on.
-                frame.set_ethernet(eth);
                 let len = usize::try_from(frame.len()).unwrap_or(usize::MAX);
+                sent.add(u64::from(frame.len()));
                 let probe_len = len.min(eth.len());
                 let repeat = previous == Some((eth, probe_len));
                 if !repeat {
@@ -347,10 +361,8 @@ impl SwitchHub {
         // (port, frame) pairs, sorted by port; the sort is stable, so each port gets its
         // frames in the order they were sent.
         let mut pairs: SmallVec<[(u32, u16); MAX_BURST]> = SmallVec::new();
-        let mut sent = Tally::default();
-        for (i, (frame, &choice)) in frames.iter().zip(&chosen).enumerate() {
+        for (i, &choice) in chosen.iter().enumerate() {
             let i = u16::try_from(i).unwrap_or(u16::MAX);
-            sent.add(u64::from(frame.len()));
             match decisions.get(usize::from(choice)) {
                 Some(Forward::Drop(reason)) => {
                     self.stats.dropped(Direction::Tx, Drop::Switch(*reason));
@@ -381,10 +393,11 @@ impl SwitchHub {
             };
             picks.clear();
             picks.extend(run.iter().map(|&(_, i)| i));
+            // The rx queue: by the first frame's source MAC (its last byte).
             let hash = picks
                 .first()
-                .and_then(|&i| frames.get(usize::from(i)))
-                .and_then(|f| f.checked_ethernet().and_then(|e| e.get(11).copied()))
+                .and_then(|&i| frames.frame(usize::from(i)))
+                .and_then(|f| f.ethernet_header().get(11).copied())
                 .map_or(0, usize::from);
             port.deliver_burst(frames, &picks, hash, &self.stats);
         }

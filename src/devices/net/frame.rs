@@ -42,6 +42,9 @@ pub struct TxFrame {
     pub spans: Spans,
     /// Frame length: the chain's bytes after the header.
     pub frame_len: u32,
+    /// The frame's Ethernet header, read once with the virtio header (zeros past the end of
+    /// a shorter frame): what the switch decides on and what leaves with the frame.
+    pub eth: [u8; 14],
 }
 
 /// A checked receive chain.
@@ -58,23 +61,17 @@ pub struct RxBuffer {
 /// A frame on its way through a switch.
 #[derive(Debug, Clone, Copy)]
 pub enum FrameRef<'a> {
-    /// In a sending guest's tx buffers: the whole chain, header first.
+    /// In a sending guest's tx buffers, as checked: the chain (header first), our copies of
+    /// its virtio and Ethernet headers. Whatever leaves carries those copies, not a second
+    /// read (the sender's other vCPUs could change the source MAC or add a VLAN tag in
+    /// between).
     Guest {
         /// The sender's memory.
         memory: &'a GuestMemory,
         /// The sender's burst map of that memory, for copies without a region search.
         map: Option<&'a MemMap<'a>>,
-        /// The chain.
-        spans: &'a [Span],
-        /// The checked header (our copy).
-        header: NetHeader,
-        /// Bytes after the header.
-        frame_len: u32,
-        /// The Ethernet header the switch decided on, read once from guest memory: whatever
-        /// leaves the switch carries these bytes, not a second read (the sender's other vCPUs
-        /// could change the source MAC or add a VLAN tag in between). `None` before the
-        /// switch has looked (a tap device's own traffic).
-        eth: Option<[u8; 14]>,
+        /// The checked chain.
+        frame: &'a TxFrame,
     },
     /// In our memory (from an uplink tap, or after a software checksum).
     Bytes {
@@ -89,7 +86,8 @@ impl FrameRef<'_> {
     /// The (checked) virtio-net header.
     pub fn header(&self) -> NetHeader {
         match self {
-            FrameRef::Guest { header, .. } | FrameRef::Bytes { header, .. } => *header,
+            FrameRef::Guest { frame, .. } => frame.header,
+            FrameRef::Bytes { header, .. } => *header,
         }
     }
 
@@ -97,48 +95,31 @@ impl FrameRef<'_> {
     #[allow(clippy::len_without_is_empty)] // a frame is never empty once checked
     pub fn len(&self) -> u32 {
         match self {
-            FrameRef::Guest { frame_len, .. } => *frame_len,
+            FrameRef::Guest { frame, .. } => frame.frame_len,
             FrameRef::Bytes { frame, .. } => u32::try_from(frame.len()).unwrap_or(u32::MAX),
         }
     }
 
-    /// The first bytes of the Ethernet frame (for the forwarding decision).
+    /// The first bytes of the Ethernet frame (for the forwarding decision; zeros past the end
+    /// of a shorter frame).
     pub fn ethernet_header(&self) -> [u8; 14] {
-        let mut eth = [0u8; 14];
         match self {
-            FrameRef::Guest {
-                eth: Some(checked), ..
-            } => eth = *checked,
-            FrameRef::Guest {
-                memory, map, spans, ..
-            } => {
-                // A frame shorter than 14 bytes leaves zeros; the switch refuses it by length.
-                let _ = match map {
-                    Some(map) => read_stream_in(memory, map, spans, HEADER_LEN as u64, &mut eth),
-                    None => read_stream(memory, spans, HEADER_LEN as u64, &mut eth),
-                };
-            }
+            FrameRef::Guest { frame, .. } => frame.eth,
             FrameRef::Bytes { frame, .. } => {
+                let mut eth = [0u8; 14];
                 for (dst, src) in eth.iter_mut().zip(frame.iter()) {
                     *dst = *src;
                 }
+                eth
             }
         }
-        eth
     }
 
-    /// Records `checked` as the frame's Ethernet header (a guest frame's; frames in our
-    /// memory cannot change under us), in place.
-    pub fn set_ethernet(&mut self, checked: [u8; 14]) {
-        if let FrameRef::Guest { eth, .. } = self {
-            *eth = Some(checked);
-        }
-    }
-
-    /// The checked Ethernet header a guest frame must leave the switch with, if any.
+    /// The checked Ethernet header a guest frame must leave the switch with (its first
+    /// `min(len, 14)` bytes count); frames in our memory cannot change under us.
     pub fn checked_ethernet(&self) -> Option<&[u8; 14]> {
         match self {
-            FrameRef::Guest { eth, .. } => eth.as_ref(),
+            FrameRef::Guest { frame, .. } => Some(&frame.eth),
             FrameRef::Bytes { .. } => None,
         }
     }
@@ -148,24 +129,38 @@ impl FrameRef<'_> {
     pub fn linearise_into(&self, out: &mut Vec<u8>) -> Result<(), Drop> {
         out.clear();
         match self {
-            FrameRef::Guest {
-                memory,
-                spans,
-                frame_len,
-                eth,
-                ..
-            } => {
-                out.resize(*frame_len as usize, 0);
-                read_stream(memory, spans, HEADER_LEN as u64, out)?;
-                if let Some(eth) = eth {
-                    for (dst, src) in out.iter_mut().zip(eth) {
-                        *dst = *src;
-                    }
+            FrameRef::Guest { memory, frame, .. } => {
+                out.resize(frame.frame_len as usize, 0);
+                read_stream(memory, &frame.spans, HEADER_LEN as u64, out)?;
+                for (dst, src) in out.iter_mut().zip(&frame.eth) {
+                    *dst = *src;
                 }
             }
             FrameRef::Bytes { frame, .. } => out.extend_from_slice(frame),
         }
         Ok(())
+    }
+}
+
+/// The frames of a burst, by index, as [`SwitchHub::transmit_burst`] reads them: a slice
+/// of frames, or a sender's checked tx slots seen as frames without building a list of them
+/// per burst.
+///
+/// [`SwitchHub::transmit_burst`]: super::fabric::SwitchHub::transmit_burst
+pub trait Frames {
+    /// How many.
+    fn count(&self) -> usize;
+    /// Frame `i`.
+    fn frame(&self, i: usize) -> Option<FrameRef<'_>>;
+}
+
+impl Frames for [FrameRef<'_>] {
+    fn count(&self) -> usize {
+        self.len()
+    }
+
+    fn frame(&self, i: usize) -> Option<FrameRef<'_>> {
+        self.get(i).copied()
     }
 }
 
@@ -196,9 +191,20 @@ pub fn tx_frame_into(
     if frame_len > MAX_GSO_FRAME as u64 {
         return Err(Drop::TooLarge);
     }
-    let mut raw = [0u8; HEADER_LEN];
-    read_stream_in(mem, map, &out.spans, 0, &mut raw)?;
-    let header = NetHeader::parse(&raw).map_err(|_| Drop::ShortHeader)?;
+    // The virtio header and the Ethernet header in one read (both are in the first buffer
+    // of any sane driver's chain); zeros stay past the end of a frame shorter than 14 bytes.
+    let mut raw = [0u8; HEADER_LEN + 14];
+    let want = usize::try_from(total).map_or(raw.len(), |total| total.min(raw.len()));
+    read_stream_in(
+        mem,
+        map,
+        &out.spans,
+        0,
+        raw.get_mut(..want).unwrap_or_default(),
+    )?;
+    let (virtio, eth) = raw.split_at(HEADER_LEN);
+    let header = NetHeader::parse(virtio).map_err(|_| Drop::ShortHeader)?;
+    out.eth = eth.try_into().map_err(|_| Drop::ShortHeader)?;
     let frame_len = u32::try_from(frame_len).map_err(|_| Drop::TooLarge)?;
     header.check(frame_len as usize, mtu).map_err(|e| match e {
         super::header::HeaderError::TooLarge(_) => Drop::TooLarge,
@@ -329,9 +335,31 @@ mod tests {
             readable(0x200, 4),
             readable(0x300, 5 + 60),
         ];
+        let eth: Vec<u8> = (1..=14).collect();
+        mem.write_slice(&eth, GuestAddress(0x305)).unwrap();
         let frame = tx_frame(&mem, &chain, 1500).unwrap();
         assert_eq!(frame.header, header);
         assert_eq!(frame.frame_len, 60);
+        assert_eq!(
+            frame.eth[..],
+            eth[..],
+            "read with the header, across buffers"
+        );
+    }
+
+    #[test]
+    fn the_ethernet_header_is_read_with_the_virtio_header_and_zero_past_a_runt() {
+        let mem = memory();
+        put_header(&mem, 0x100, NetHeader::default());
+        let eth: Vec<u8> = (1..=14).collect();
+        mem.write_slice(&eth, GuestAddress(0x100 + HEADER_LEN as u64))
+            .unwrap();
+        let whole = tx_frame(&mem, &[readable(0x100, 12 + 60)], 1500).unwrap();
+        assert_eq!(whole.eth[..], eth[..]);
+        // A 5-byte runt: its bytes, then zeros (the switch refuses it by length).
+        let runt = tx_frame(&mem, &[readable(0x100, 12 + 5)], 1500).unwrap();
+        assert_eq!(runt.frame_len, 5);
+        assert_eq!(runt.eth, [1, 2, 3, 4, 5, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
     }
 
     #[test]

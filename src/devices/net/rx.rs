@@ -25,7 +25,7 @@ use vhost_user_backend::VringT;
 use virtio_queue::QueueT;
 use vm_memory::{Address, GuestAddressSpace};
 
-use super::frame::{rx_buffer_into, FrameRef, RxBuffer};
+use super::frame::{rx_buffer_into, FrameRef, Frames, RxBuffer};
 use super::header::{complete_checksum, NetHeader, F_NEEDS_CSUM, HEADER_LEN};
 use super::slots::Slots;
 use super::spec::Negotiated;
@@ -248,9 +248,9 @@ impl RxTarget {
     /// Copies `frames[i]` for each `i` in `picks`, in that order, into the guest's rx buffers:
     /// one lock of one rx queue (picked by `hash`), one used-index store and at most one
     /// interrupt for all of them. `outcome` hears about each frame.
-    pub fn deliver_burst(
+    pub fn deliver_burst<F: Frames + ?Sized>(
         &self,
-        frames: &[FrameRef<'_>],
+        frames: &F,
         picks: &[u16],
         hash: usize,
         stats: &NetStats,
@@ -287,13 +287,13 @@ impl RxTarget {
             burst.prefetch_start(u16::try_from(picks.len()).unwrap_or(u16::MAX), true);
             for &i in picks {
                 burst.prefetch(PREFETCH_AHEAD, true);
-                let Some(frame) = frames.get(usize::from(i)) else {
+                let Some(frame) = frames.frame(usize::from(i)) else {
                     continue;
                 };
                 let result = match full {
                     Some(reason) => Err(reason),
                     None => {
-                        deliver_one(&mut burst, &memory, frame, negotiated, &mut scratch, stats)
+                        deliver_one(&mut burst, &memory, &frame, negotiated, &mut scratch, stats)
                     }
                 };
                 match result {
@@ -427,18 +427,16 @@ fn fill_mapped(
 ) -> Option<u64> {
     let FrameRef::Guest {
         map: Some(from),
-        spans: [src],
-        frame_len,
-        eth,
+        frame: sent,
         ..
     } = frame
     else {
         return None;
     };
-    let [dst] = first.spans.as_slice() else {
+    let ([src], [dst]) = (sent.spans.as_slice(), first.spans.as_slice()) else {
         return None;
     };
-    let len = u64::from(*frame_len);
+    let len = u64::from(sent.frame_len);
     let need = len.checked_add(HEADER_LEN as u64)?;
     if u64::from(src.len) < need || u64::from(dst.len) < need {
         return None;
@@ -452,11 +450,11 @@ fn fill_mapped(
         return None;
     }
     // The receiver gets the Ethernet header the switch checked (see `fill`).
-    if let Some(eth) = eth {
-        let n = usize::try_from(len).unwrap_or(usize::MAX).min(eth.len());
-        if !map.write(dst_frame, eth.get(..n)?) {
-            return None;
-        }
+    let n = usize::try_from(len)
+        .unwrap_or(usize::MAX)
+        .min(sent.eth.len());
+    if !map.write(dst_frame, sent.eth.get(..n)?) {
+        return None;
     }
     Some(len)
 }
@@ -475,11 +473,11 @@ fn copy_frame(memory: &GuestMemory, batch: &RxBatch, frame: &FrameRef<'_>) -> Re
         let copied = match frame {
             FrameRef::Guest {
                 memory: src_memory,
-                spans,
+                frame: sent,
                 ..
             } => copy_between(
                 src_memory,
-                spans,
+                &sent.spans,
                 (HEADER_LEN as u64).saturating_add(done),
                 memory,
                 &buffer.spans,

@@ -191,29 +191,23 @@ impl TapQueue {
             iov_base: header.as_ptr() as *mut libc::c_void,
             iov_len: HEADER_LEN,
         });
-        // A frame the switch checked leaves with the Ethernet header it checked (our copy),
-        // the rest straight from guest memory.
-        let checked = frame.checked_ethernet().copied();
+        // A guest's frame leaves with the Ethernet header checked with it (our copy), the
+        // rest straight from guest memory.
         let mapped = match frame {
-            FrameRef::Guest {
-                memory,
-                spans,
-                frame_len,
-                ..
-            } => {
+            FrameRef::Guest { memory, frame, .. } => {
                 let mut from = 0u64;
-                if let Some(eth) = checked.as_ref().filter(|_| *frame_len >= 14) {
+                if frame.frame_len >= 14 {
                     self.iovecs.0.push(libc::iovec {
-                        iov_base: eth.as_ptr() as *mut libc::c_void,
-                        iov_len: eth.len(),
+                        iov_base: frame.eth.as_ptr() as *mut libc::c_void,
+                        iov_len: frame.eth.len(),
                     });
                     from = 14;
                 }
                 host_iovecs(
                     memory,
-                    spans,
+                    &frame.spans,
                     (HEADER_LEN as u64).saturating_add(from),
-                    u64::from(*frame_len).saturating_sub(from),
+                    u64::from(frame.frame_len).saturating_sub(from),
                     &mut self.iovecs.0,
                 )
                 .map_err(Drop::from)

@@ -22,8 +22,7 @@ use virtio_queue::QueueT;
 use vm_memory::GuestAddressSpace;
 
 use super::fabric::{Port, SwitchHub, MAX_BURST};
-use super::frame::FrameRef;
-use super::frame::{tx_frame_into, TxFrame};
+use super::frame::{tx_frame_into, FrameRef, Frames, TxFrame};
 use super::header::{HEADER_LEN, MAX_GSO_FRAME};
 use super::rx::RxTarget;
 use super::rx::{Gathered, RxBatch};
@@ -597,7 +596,6 @@ impl PairWorker {
         if !state.get_queue().ready() || !state.is_enabled() {
             return Ok(TxPass::Stopped);
         }
-        state.disable_notification()?;
         // The avail index before the memory snapshot (see `Burst::up_to`).
         let end = avail_index(state.get_queue(), &self.memory);
         let memory = self.memory.memory();
@@ -605,6 +603,7 @@ impl PairWorker {
         let dirty = Arc::clone(&self.log);
         let served = Burst::bounded(state.get_queue_mut(), &map, end).map(|burst| {
             let mut burst = burst.with_log(Some(&dirty));
+            burst.suppress_kicks();
             let sent_held = self.tx_burst(&mut burst, &memory);
             (sent_held, burst.finish())
         });
@@ -730,12 +729,13 @@ impl PairWorker {
         for &(_, _, reason) in &self.tx_bad {
             stats.dropped(Direction::Tx, reason);
         }
-        let guest = |frame| guest_frame(memory, map, frame);
         let burst_frames = self.tx_frames.used();
         match &mut self.backend {
             PairBackend::Tap(tap) => {
                 for TxSlot { frame, .. } in burst_frames {
-                    match tap.send(&guest(frame)) {
+                    // To its own tap, a frame goes as the guest wrote it (two iovecs, not
+                    // three: the Ethernet header is not ours to hold on to here).
+                    match tap.send(&guest_frame(memory, map, frame)) {
                         Ok(()) => stats.sent(u64::from(frame.frame_len)),
                         Err(reason) => stats.dropped(Direction::Tx, reason),
                     }
@@ -745,10 +745,13 @@ impl PairWorker {
                 }
             }
             PairBackend::Switch { hub, port, .. } => {
-                let mut frames: SmallVec<[FrameRef<'_>; MAX_BURST]> =
-                    burst_frames.iter().map(|slot| guest(&slot.frame)).collect();
-                let mut refused: SmallVec<[bool; MAX_BURST]> = smallvec![false; frames.len()];
-                hub.transmit_burst(port, &mut frames, |i, reason| {
+                let frames = SlotFrames {
+                    memory,
+                    map,
+                    slots: burst_frames,
+                };
+                let mut refused: SmallVec<[bool; MAX_BURST]> = smallvec![false; burst_frames.len()];
+                hub.transmit_burst(port, &frames, |i, reason| {
                     stats.dropped(Direction::Tx, reason);
                     if let Some(r) = refused.get_mut(usize::from(i)) {
                         *r = true;
@@ -806,10 +809,26 @@ fn guest_frame<'a>(
     FrameRef::Guest {
         memory,
         map: Some(map),
-        spans: &frame.spans,
-        header: frame.header,
-        frame_len: frame.frame_len,
-        eth: None,
+        frame,
+    }
+}
+
+/// A burst's checked tx slots as the switch reads them (each frame made on demand: no list
+/// of frames built per burst).
+struct SlotFrames<'a> {
+    memory: &'a GuestMemory,
+    map: &'a MemMap<'a>,
+    slots: &'a [TxSlot],
+}
+
+impl Frames for SlotFrames<'_> {
+    fn count(&self) -> usize {
+        self.slots.len()
+    }
+
+    fn frame(&self, i: usize) -> Option<FrameRef<'_>> {
+        let slot = self.slots.get(i)?;
+        Some(guest_frame(self.memory, self.map, &slot.frame))
     }
 }
 

@@ -349,20 +349,21 @@ fn a_receiver_gets_the_ethernet_header_the_switch_checked_not_a_second_read() {
         a.mem
             .write_slice(&rewritten, GuestAddress(at + 12))
             .unwrap();
-        let spans = [crate::devices::sg::Span {
+        let checked = frame(b.mac, a.mac, 7);
+        let mut tx = TxFrame {
+            frame_len: rewritten.len() as u32,
+            eth: checked[..14].try_into().unwrap(),
+            ..TxFrame::default()
+        };
+        tx.spans.push(crate::devices::sg::Span {
             addr: GuestAddress(at),
             len: 12 + rewritten.len() as u32,
-        }];
-        let checked = frame(b.mac, a.mac, 7);
-        let eth: [u8; 14] = checked[..14].try_into().unwrap();
+        });
         let map = crate::ring::map::MemMap::new(a.mem);
         let sent = FrameRef::Guest {
             memory: a.mem,
             map: mapped.then_some(&map),
-            spans: &spans,
-            header: crate::devices::net::header::NetHeader::default(),
-            frame_len: rewritten.len() as u32,
-            eth: Some(eth),
+            frame: &tx,
         };
         b.shared
             .port_target()
