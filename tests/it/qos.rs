@@ -256,7 +256,10 @@ fn novactl_sets_and_shows_limits() {
     assert!(ok);
     let (ok, out, _) = novactl(&daemon, &["qos", "group", "ls"]);
     // Members listed by name (a list of names prints as `a,b`).
-    let g1 = out.lines().find(|l| l.starts_with("g1")).unwrap_or_default();
+    let g1 = out
+        .lines()
+        .find(|l| l.starts_with("g1"))
+        .unwrap_or_default();
     assert!(ok && g1.trim_end().ends_with(" q"), "{out}");
     let (ok, _, err) = novactl(&daemon, &["qos", "group", "rm", "g1"]);
     assert!(!ok && err.contains("busy"), "{err}");

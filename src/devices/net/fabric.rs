@@ -176,7 +176,7 @@ impl Port {
 /// Most frames a sender hands the switch at once.
 pub const MAX_BURST: usize = 64;
 // A burst's frames index its decisions with a `u8` (`SwitchHub::transmit_burst`).
-const _: () = assert!(MAX_BURST <= 256);
+const _: () = assert!(MAX_BURST < 256);
 
 /// A named switch: its forwarding table and ports.
 pub struct SwitchHub {
@@ -308,7 +308,8 @@ impl SwitchHub {
     /// on port `ingress`, in order: the forwarding table is locked once, and each receiver
     /// gets its frames in one delivery (one rx queue lock, one used-index store, at most one
     /// interrupt). `refused(i, reason)` hears about each frame the switch itself dropped.
-    /// Each frame's Ethernet header is read once, here; the frame leaves with that copy.
+    /// Each frame's Ethernet header was read once, with its virtio header, when its chain was
+    /// checked; the decision is made on that copy and the frame leaves with it.
     pub fn transmit_burst<F: Frames + ?Sized>(
         &self,
         ingress: &Port,
@@ -370,7 +371,8 @@ impl SwitchHub {
                 }
                 Some(Forward::Unicast(port)) => pairs.push((*port, i)),
                 Some(Forward::Flood(list)) => pairs.extend(list.iter().map(|p| (*p, i))),
-                // Every frame chose a decision made before it.
+                // Every frame chose a decision made before it (`u8::MAX`, above any index
+                // since MAX_BURST < 256, marks an index the view had no frame for).
                 None => {
                     self.stats
                         .dropped(Direction::Tx, Drop::Switch(DropReason::UnknownPort));

@@ -192,7 +192,8 @@ pub fn tx_frame_into(
         return Err(Drop::TooLarge);
     }
     // The virtio header and the Ethernet header in one read (both are in the first buffer
-    // of any sane driver's chain); zeros stay past the end of a frame shorter than 14 bytes.
+    // of most drivers' chains; otherwise the read walks the spans); zeros stay past the end of
+    // a frame shorter than 14 bytes.
     let mut raw = [0u8; HEADER_LEN + 14];
     let want = usize::try_from(total).map_or(raw.len(), |total| total.min(raw.len()));
     read_stream_in(

@@ -30,10 +30,10 @@ pub const CONFIG_LEN: usize = 12;
 pub fn device_features() -> u64 {
     [
         VIRTIO_F_VERSION_1,
-        // Every chain goes back in the order it was taken (tx: refused frames in their place;
-        // rx: a frame's buffers, then chains not needed go back to the ring). A driver that
-        // takes it frees tx buffers by position, without reading the used entries (DPDK's
-        // virtio driver, Linux from 6.17).
+        // Every chain goes back in the order it was taken, one used entry each (tx: refused
+        // frames in their place; rx: a frame's buffers, then chains not needed go back to
+        // the ring). DPDK's virtio driver takes it and then frees tx buffers by position
+        // (the used index only); a driver that reads the entries finds them in avail order.
         VIRTIO_F_IN_ORDER,
         VIRTIO_RING_F_EVENT_IDX,
         VIRTIO_RING_F_INDIRECT_DESC,
@@ -78,6 +78,8 @@ pub fn negotiated_names(features: u64) -> Vec<&'static str> {
         (VIRTIO_NET_F_HOST_TSO6, "host-tso6"),
         (VIRTIO_NET_F_GUEST_TSO4, "guest-tso4"),
         (VIRTIO_NET_F_GUEST_TSO6, "guest-tso6"),
+        (VIRTIO_NET_F_HOST_ECN, "host-ecn"),
+        (VIRTIO_NET_F_GUEST_ECN, "guest-ecn"),
         (VIRTIO_NET_F_GUEST_ANNOUNCE, "guest-announce"),
     ]
     .into_iter()

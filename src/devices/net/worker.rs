@@ -733,8 +733,7 @@ impl PairWorker {
         match &mut self.backend {
             PairBackend::Tap(tap) => {
                 for TxSlot { frame, .. } in burst_frames {
-                    // To its own tap, a frame goes as the guest wrote it (two iovecs, not
-                    // three: the Ethernet header is not ours to hold on to here).
+                    // Our copies of its virtio and Ethernet headers, then the guest's bytes.
                     match tap.send(&guest_frame(memory, map, frame)) {
                         Ok(()) => stats.sent(u64::from(frame.frame_len)),
                         Err(reason) => stats.dropped(Direction::Tx, reason),

@@ -27,6 +27,9 @@
 //! requests a previous process left in flight are resubmitted even if the guest, waiting for
 //! them, never kicks again.
 //!
+//! Fifth, every queue is kicked when `SET_VRING_ENABLE` enables it: whatever its driver
+//! published while it was disabled is served, though we may have left it asking for no kicks.
+//!
 //! Everything else, file descriptors included, passes through unchanged.
 //!
 //! Only control messages take this path; the data path is shared memory and eventfds.
@@ -68,7 +71,7 @@ const REM_MEM_REG: u32 = 38;
 const VERSION_1: u32 = 0x1;
 /// Most queue enables held before SET_FEATURES (two per queue pair of the largest device).
 const MAX_EARLY_ENABLES: usize = 256;
-/// Most queues whose kick fds the relay keeps (inflight devices).
+/// Most queues whose kick fds the relay keeps.
 const MAX_KICKS: usize = 256;
 /// Most distinct memory regions tracked (vhost-user's slot limit is far below).
 const MAX_REGIONS: usize = 512;
@@ -248,8 +251,10 @@ pub fn relay(
     if let Some(slot) = inflight {
         slot.clear();
     }
-    // Each queue's kick fd (inflight devices), to kick again when the queue is enabled:
-    // vhost-user-backend drops a kick that arrives while its ring is still disabled.
+    // Each queue's kick fd, to kick when the queue is enabled: vhost-user-backend drops a
+    // kick that arrives while its ring is disabled, and a ring disabled while we polled it
+    // keeps the kicks-off flag (or EVENT_IDX's stale avail_event) we left in it, so its driver
+    // may never kick again by itself (a guest's `ethtool -L` down and up).
     let mut kicks: Vec<Option<File>> = Vec::new();
     let mut features_set = false;
     let mut early_enables: Vec<Vec<u8>> = Vec::new();
@@ -437,13 +442,16 @@ pub fn relay(
                         ack(&mut front, &message)?;
                     }
                 }
-                SET_VRING_KICK if inflight.is_some_and(|s| s.current().is_some()) => {
+                SET_VRING_KICK => {
                     write_message(&mut back, &message)?;
-                    // One kick of our own (and another at SET_VRING_ENABLE): requests left
-                    // in flight get resubmitted, and ones published while we were away get
-                    // served, even if the guest, waiting for them, never kicks again.
+                    // Inflight devices: one kick of our own, so requests left in flight get
+                    // resubmitted and ones published while we were away get served, even if
+                    // the guest, waiting for them, never kicks again. Every device: the fd is
+                    // kept to kick again at SET_VRING_ENABLE.
                     if let Some(kick) = message.files.first() {
-                        let _ = (&*kick).write(&1u64.to_ne_bytes());
+                        if inflight.is_some_and(|s| s.current().is_some()) {
+                            let _ = (&*kick).write(&1u64.to_ne_bytes());
+                        }
                         let index = message
                             .payload
                             .first()
@@ -510,279 +518,5 @@ pub fn send_config_change(channel: &mut UnixStream) -> std::io::Result<()> {
 
 #[cfg(test)]
 #[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)] // tests may panic
-mod tests {
-    use super::*;
-
-    fn raw(request: u32, flags: u32, payload: &[u8]) -> Vec<u8> {
-        let mut out = Vec::new();
-        out.extend_from_slice(&request.to_le_bytes());
-        out.extend_from_slice(&flags.to_le_bytes());
-        out.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-        out.extend_from_slice(payload);
-        out
-    }
-
-    #[test]
-    fn early_vring_enables_are_acked_held_and_replayed_after_set_features() {
-        let (mut qemu, front) = UnixStream::pair().unwrap();
-        let (back, mut handler) = UnixStream::pair().unwrap();
-        let relay = std::thread::spawn(move || {
-            relay(front, back, |_| {}, None, &DirtyLog::default(), &|_| {})
-        });
-        let enable = [0u8, 0, 0, 0, 1, 0, 0, 0];
-        // Early enable with NEED_REPLY: answered by the relay, not forwarded.
-        qemu.write_all(&raw(SET_VRING_ENABLE, VERSION_1 | FLAG_NEED_REPLY, &enable))
-            .unwrap();
-        let mut reply = [0u8; 20];
-        qemu.read_exact(&mut reply).unwrap();
-        assert_eq!(
-            &reply[..],
-            &raw(SET_VRING_ENABLE, VERSION_1 | FLAG_REPLY, &[0; 8])[..]
-        );
-        // A normal request passes through, then SET_FEATURES and the held enable follow it.
-        qemu.write_all(&raw(1, VERSION_1, &[])).unwrap();
-        qemu.write_all(&raw(SET_FEATURES, VERSION_1, &[7; 8]))
-            .unwrap();
-        let mut seen = vec![0u8; 12 + 20 + 20];
-        handler.read_exact(&mut seen).unwrap();
-        assert_eq!(&seen[..12], &raw(1, VERSION_1, &[])[..]);
-        assert_eq!(&seen[12..32], &raw(SET_FEATURES, VERSION_1, &[7; 8])[..]);
-        assert_eq!(&seen[32..], &raw(SET_VRING_ENABLE, VERSION_1, &enable)[..]);
-        // Replies go back; later enables pass straight through.
-        handler
-            .write_all(&raw(1, VERSION_1 | FLAG_REPLY, &[9; 8]))
-            .unwrap();
-        let mut back_reply = [0u8; 20];
-        qemu.read_exact(&mut back_reply).unwrap();
-        assert_eq!(back_reply[12..], [9; 8]);
-        qemu.write_all(&raw(SET_VRING_ENABLE, VERSION_1, &enable))
-            .unwrap();
-        let mut passed = [0u8; 20];
-        handler.read_exact(&mut passed).unwrap();
-        assert_eq!(&passed[..], &raw(SET_VRING_ENABLE, VERSION_1, &enable)[..]);
-        drop(qemu);
-        relay.join().unwrap().unwrap();
-    }
-
-    #[test]
-    fn a_running_rings_address_repeated_with_its_log_flag_stays_here() {
-        let (mut qemu, front) = UnixStream::pair().unwrap();
-        let (back, mut handler) = UnixStream::pair().unwrap();
-        let relay = std::thread::spawn(move || {
-            relay(front, back, |_| {}, None, &DirtyLog::default(), &|_| {})
-        });
-        let mut addr = vec![0u8; 40];
-        addr[8] = 0x10; // descriptor table
-        let flags = VERSION_1 | FLAG_NEED_REPLY;
-        qemu.write_all(&raw(SET_VRING_ADDR, VERSION_1, &addr))
-            .unwrap();
-        // Migration starts: the same addresses with VHOST_VRING_F_LOG, acknowledged here.
-        let mut logged = addr.clone();
-        logged[4] = 1;
-        qemu.write_all(&raw(SET_VRING_ADDR, flags, &logged))
-            .unwrap();
-        let ack = read_message(&mut qemu).unwrap().unwrap();
-        assert_eq!(ack.request(), SET_VRING_ADDR);
-        // After the ring stops, or a reset, the same addresses are a new start: passed on.
-        for message in [
-            raw(GET_VRING_BASE, VERSION_1, &[0; 8]),
-            raw(SET_VRING_ADDR, VERSION_1, &addr),
-            raw(RESET_DEVICE, VERSION_1, &[]),
-            raw(SET_VRING_ADDR, VERSION_1, &addr),
-        ] {
-            qemu.write_all(&message).unwrap();
-        }
-        let seen: Vec<u32> = (0..5)
-            .map(|_| read_message(&mut handler).unwrap().unwrap().request())
-            .collect();
-        let want = [
-            SET_VRING_ADDR,
-            GET_VRING_BASE,
-            SET_VRING_ADDR,
-            RESET_DEVICE,
-            SET_VRING_ADDR,
-        ];
-        assert_eq!(seen, want);
-        drop(qemu);
-        relay.join().unwrap().unwrap();
-    }
-
-    #[test]
-    fn send_rarp_announces_the_mac_here_and_is_acknowledged() {
-        let (mut qemu, front) = UnixStream::pair().unwrap();
-        let (back, mut handler) = UnixStream::pair().unwrap();
-        let (heard, macs) = std::sync::mpsc::channel();
-        let relay = std::thread::spawn(move || {
-            let announce = move |mac| heard.send(mac).unwrap();
-            relay(front, back, |_| {}, None, &DirtyLog::default(), &announce)
-        });
-        let mac = [0x52, 0x54, 0, 0, 2, 0x0b];
-        let mut payload = mac.to_vec();
-        payload.extend_from_slice(&[0, 0]);
-        qemu.write_all(&raw(SEND_RARP, VERSION_1 | FLAG_NEED_REPLY, &payload))
-            .unwrap();
-        let ack = read_message(&mut qemu).unwrap().unwrap();
-        assert_eq!(ack.request(), SEND_RARP);
-        // Announced before the acknowledgement went out.
-        assert_eq!(macs.try_recv().ok(), Some(mac));
-        // A short payload announces nothing (and is still answered); the handler, which
-        // refuses SEND_RARP, never sees either.
-        qemu.write_all(&raw(SEND_RARP, VERSION_1 | FLAG_NEED_REPLY, &[1, 2]))
-            .unwrap();
-        assert_eq!(
-            read_message(&mut qemu).unwrap().unwrap().request(),
-            SEND_RARP
-        );
-        qemu.write_all(&raw(GET_VRING_BASE, VERSION_1, &[0; 8]))
-            .unwrap();
-        assert_eq!(
-            read_message(&mut handler).unwrap().unwrap().request(),
-            GET_VRING_BASE
-        );
-        drop(qemu);
-        relay.join().unwrap().unwrap();
-        assert!(macs.try_recv().is_err(), "a short payload was announced");
-    }
-
-    #[test]
-    fn a_front_end_cannot_grow_the_relays_state() {
-        let (mut qemu, front) = UnixStream::pair().unwrap();
-        let (back, _handler) = UnixStream::pair().unwrap();
-        let relay = std::thread::spawn(move || {
-            relay(front, back, |_| {}, None, &DirtyLog::default(), &|_| {})
-        });
-        let enable = [0u8, 0, 0, 0, 1, 0, 0, 0];
-        for _ in 0..=MAX_EARLY_ENABLES {
-            if qemu
-                .write_all(&raw(SET_VRING_ENABLE, VERSION_1, &enable))
-                .is_err()
-            {
-                break;
-            }
-        }
-        assert!(matches!(relay.join().unwrap(), Err(RelayError::Excess(_))));
-    }
-
-    #[test]
-    fn identical_memory_regions_reach_the_handler_once() {
-        let (mut qemu, front) = UnixStream::pair().unwrap();
-        let (back, mut handler) = UnixStream::pair().unwrap();
-        let relay = std::thread::spawn(move || {
-            relay(front, back, |_| {}, None, &DirtyLog::default(), &|_| {})
-        });
-        let mut region = vec![0u8; 40];
-        region[8] = 0x10; // guest address
-        region[16] = 0x20; // size
-        let flags = VERSION_1 | FLAG_NEED_REPLY;
-        // Each ADD_MEM_REG carries its memory file (at least as large as the region).
-        let memory = tempfile::tempfile().unwrap();
-        memory.set_len(0x1000).unwrap();
-        for _ in 0..2 {
-            qemu.send_with_fds(
-                &[raw(ADD_MEM_REG, flags, &region).as_slice()],
-                &[memory.as_raw_fd()],
-            )
-            .unwrap();
-        }
-        let mut ack = [0u8; 20];
-        qemu.read_exact(&mut ack).unwrap(); // the duplicate is answered by the relay
-        assert_eq!(
-            &ack[..],
-            &raw(ADD_MEM_REG, VERSION_1 | FLAG_REPLY, &[0; 8])[..]
-        );
-        qemu.write_all(&raw(REM_MEM_REG, flags, &region)).unwrap();
-        qemu.read_exact(&mut ack).unwrap(); // one user left: answered by the relay
-        qemu.write_all(&raw(REM_MEM_REG, flags, &region)).unwrap();
-        qemu.write_all(&raw(1, VERSION_1, &[])).unwrap();
-        let mut seen = vec![0u8; 52 + 52 + 12];
-        handler.read_exact(&mut seen).unwrap();
-        assert_eq!(&seen[..52], &raw(ADD_MEM_REG, flags, &region)[..]);
-        assert_eq!(&seen[52..104], &raw(REM_MEM_REG, flags, &region)[..]);
-        assert_eq!(&seen[104..], &raw(1, VERSION_1, &[])[..]);
-        drop(qemu);
-        relay.join().unwrap().unwrap();
-    }
-
-    #[test]
-    fn inflight_messages_are_answered_by_the_relay() {
-        let (mut qemu, front) = UnixStream::pair().unwrap();
-        let (back, mut handler) = UnixStream::pair().unwrap();
-        let slot = std::sync::Arc::new(InflightSlot::new(2, 256));
-        let relay = {
-            let slot = std::sync::Arc::clone(&slot);
-            std::thread::spawn(move || {
-                relay(
-                    front,
-                    back,
-                    |_| {},
-                    Some(&slot),
-                    &DirtyLog::default(),
-                    &|_| {},
-                )
-            })
-        };
-        let mut asked = vec![0u8; 24];
-        asked[16] = 2; // queues
-        asked[18..20].copy_from_slice(&128u16.to_le_bytes());
-        qemu.write_all(&raw(GET_INFLIGHT_FD, VERSION_1, &asked))
-            .unwrap();
-        let reply = read_message(&mut qemu).unwrap().unwrap();
-        assert_eq!(reply.request(), GET_INFLIGHT_FD);
-        assert_eq!(reply.flags(), VERSION_1 | FLAG_REPLY);
-        assert_eq!(reply.payload.len(), 24);
-        assert_eq!(reply.files.len(), 1, "the region's fd");
-        let size = u64::from_le_bytes(reply.payload[..8].try_into().unwrap());
-        assert_eq!(reply.files[0].metadata().unwrap().len(), size);
-        // The front-end hands it back (as after our restart): acknowledged here.
-        qemu.send_with_fds(
-            &[raw(SET_INFLIGHT_FD, VERSION_1 | FLAG_NEED_REPLY, &reply.payload).as_slice()],
-            &[reply.files[0].as_raw_fd()],
-        )
-        .unwrap();
-        let ack = read_message(&mut qemu).unwrap().unwrap();
-        assert_eq!(
-            (ack.request(), ack.payload.as_slice()),
-            (SET_INFLIGHT_FD, &[0u8; 8][..])
-        );
-        assert!(slot.current().is_some());
-        // Neither reached the handler: the next thing it sees is the next message.
-        qemu.write_all(&raw(1, VERSION_1, &[])).unwrap();
-        assert_eq!(read_message(&mut handler).unwrap().unwrap().request(), 1);
-        // A region for more queues than the device has ends the connection.
-        asked[16] = 3;
-        qemu.write_all(&raw(GET_INFLIGHT_FD, VERSION_1, &asked))
-            .unwrap();
-        assert!(matches!(
-            relay.join().unwrap(),
-            Err(RelayError::Inflight(_))
-        ));
-    }
-
-    #[test]
-    fn descriptors_pass_through_and_oversized_messages_end_the_relay() {
-        let (qemu, front) = UnixStream::pair().unwrap();
-        let (back, mut handler) = UnixStream::pair().unwrap();
-        let relay = std::thread::spawn(move || {
-            relay(front, back, |_| {}, None, &DirtyLog::default(), &|_| {})
-        });
-        let file = tempfile::tempfile().unwrap();
-        // A request the relay does not look into passes with its fd.
-        qemu.send_with_fds(
-            &[raw(24, VERSION_1, &[1, 2]).as_slice()],
-            &[file.as_raw_fd()],
-        )
-        .unwrap();
-        let got = read_message(&mut handler).unwrap().unwrap();
-        assert_eq!(
-            (got.request(), got.payload.as_slice(), got.files.len()),
-            (24, &[1u8, 2][..], 1)
-        );
-        let mut qemu = qemu;
-        qemu.write_all(&raw(6, VERSION_1, &[])[..8]).unwrap();
-        qemu.write_all(&(0x2000u32).to_le_bytes()).unwrap();
-        assert!(matches!(
-            relay.join().unwrap(),
-            Err(RelayError::Malformed(0x2000))
-        ));
-    }
-}
+#[path = "relay_tests.rs"]
+mod tests;
