@@ -330,6 +330,46 @@ fn over_its_tx_limit_a_frame_goes_back_in_the_ring_not_on_the_wire() {
 }
 
 #[test]
+fn a_burst_cut_by_qos_returns_what_went_before_in_ring_order_and_puts_the_rest_back() {
+    // In one burst: a broken chain, a frame the limit admits, one it refuses, another broken
+    // chain and a good frame behind it. What goes back to the guest is what came before the
+    // refused frame, in ring order (VIRTIO_F_IN_ORDER); from it on, every chain stays in the
+    // ring, the broken one behind it too (it is dropped when its turn comes).
+    let hub = Arc::new(SwitchHub::new("t"));
+    let mut a = Guest::attach(&hub, "a", 0x0a, 1, "tx-pps=1,tx-pps-burst=1");
+    let mut b = Guest::attach(&hub, "b", 0x0b, 1, "");
+    b.post_rx(0, 4);
+    let broken = |a: &mut Guest| {
+        let at = a.alloc(64);
+        a.queues[0].1.post(&[(at, 8, false)])
+    };
+    let first_broken = broken(&mut a);
+    let admitted = a.post_tx(0, &frame(b.mac, a.mac, 1));
+    let _refused = a.post_tx(0, &frame(b.mac, a.mac, 2));
+    let _second_broken = broken(&mut a);
+    let _behind = a.post_tx(0, &frame(b.mac, a.mac, 3));
+    a.kick(0, Event::Queue(1));
+    assert_eq!(
+        a.queues[0].1.used(),
+        vec![(first_broken, 0), (admitted, 0)],
+        "what came before the refused frame, in ring order"
+    );
+    assert_eq!(
+        a.queues[0].1.vring.queue_next_avail(),
+        2,
+        "three chains back in the ring"
+    );
+    assert_eq!(b.queues[0].0.used().len(), 1, "one frame on the wire");
+    let stats = a.shared.stats.snapshot();
+    assert_eq!(
+        stats.tx_drops.get("short-header"),
+        Some(&1),
+        "only the first broken chain"
+    );
+    assert_eq!(stats.tx_throttled, 1);
+}
+
+#[test]
 fn a_receiver_gets_the_ethernet_header_the_switch_checked_not_a_second_read() {
     // The sender's memory says one source MAC; the header the switch read (and checked
     // against anti-spoofing) says another. What lands in the receiver is the checked one:
