@@ -9,7 +9,7 @@ use vhost_user_backend::VringT;
 use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
-use vm_memory::{GuestAddress, GuestMemoryAtomic};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic};
 
 use crate::vring::{AtomicGuestMemory, CheckedVring, GuestMemory};
 
@@ -28,6 +28,7 @@ pub fn memory(size: usize) -> (&'static GuestMemory, AtomicGuestMemory) {
 /// A split ring in test memory and the vring a worker serves it through.
 pub struct TestQueue {
     mock: MockSplitQueue<'static, GuestMemory>,
+    mem: &'static GuestMemory,
     /// The vring, as `vhost-user-backend` would hand it to a worker.
     pub vring: CheckedVring,
     next_desc: u16,
@@ -51,6 +52,7 @@ impl TestQueue {
         vring.set_enabled(true);
         Self {
             mock,
+            mem,
             vring,
             next_desc: 0,
             size,
@@ -75,6 +77,20 @@ impl TestQueue {
         self.mock.add_desc_chains(&raw, head).expect("post chain");
         self.next_desc = (head + count) % self.size;
         head
+    }
+
+    /// The used ring's flags (`VRING_USED_F_NO_NOTIFY`: the device asks for no kicks).
+    pub fn used_flags(&self) -> u16 {
+        self.mem
+            .read_obj(self.mock.used_addr())
+            .expect("used flags")
+    }
+
+    /// Sets the used ring's flags (as a device that asked for no kicks left them).
+    pub fn set_used_flags(&self, flags: u16) {
+        self.mem
+            .write_obj(flags, self.mock.used_addr())
+            .expect("used flags");
     }
 
     /// Every used entry so far, as `(head, length)`.

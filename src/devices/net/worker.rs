@@ -540,6 +540,12 @@ impl PairWorker {
     pub fn group_pass(&mut self, tx: &CheckedVring) -> crate::devices::shell::Pass {
         use crate::devices::shell::Pass;
         if !self.in_group || !serving(tx) {
+            if self.in_group && !tx.size_rejected() {
+                let mut state = tx.get_mut();
+                if state.get_queue().ready() && !state.is_enabled() {
+                    kicks_back_on(&mut state);
+                }
+            }
             self.in_group = false;
             return Pass::Leave;
         }
@@ -594,6 +600,9 @@ impl PairWorker {
         // One lock of the ring per pass.
         let mut state = tx.get_mut();
         if !state.get_queue().ready() || !state.is_enabled() {
+            if state.get_queue().ready() {
+                kicks_back_on(&mut state);
+            }
             return Ok(TxPass::Stopped);
         }
         // The avail index before the memory snapshot (see `Burst::up_to`).
@@ -788,6 +797,18 @@ struct TxSlot {
     /// Chains taken before it in this burst (what goes back to the ring if QoS refuses it).
     position: u16,
     frame: TxFrame,
+}
+
+/// A tx ring found started but disabled (SET_VRING_ENABLE 0, e.g. a guest's `ethtool -L`
+/// down): kicks back on before we stop looking at it. We may have left it asking for none
+/// (the no-kick flag, or EVENT_IDX's `avail_event` behind the driver), and once it is enabled
+/// again nothing but a kick brings us back to it. (A started ring may be written: the flag
+/// is ours; vhost-user-backend re-arms the kick fd at enable, and a kick that came meanwhile
+/// waits in it.)
+fn kicks_back_on(state: &mut vhost_user_backend::VringState<crate::vring::AtomicGuestMemory>) {
+    if let Err(e) = state.enable_notification() {
+        log::debug!("tx ring disabled: kicks not turned back on: {e}");
+    }
 }
 
 /// Whether the worker may serve `tx` now: started (ready), enabled, and not refused.

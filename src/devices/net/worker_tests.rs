@@ -370,6 +370,27 @@ fn a_burst_cut_by_qos_returns_what_went_before_in_ring_order_and_puts_the_rest_b
 }
 
 #[test]
+fn a_tx_ring_found_disabled_gets_its_kicks_back_before_the_worker_stops_looking() {
+    // The worker left the ring asking for no kicks (it was polling), then the front-end
+    // disabled it (SET_VRING_ENABLE 0). Once enabled again, only a kick brings the worker
+    // back: the flag must not stay set.
+    let hub = Arc::new(SwitchHub::new("t"));
+    let mut a = Guest::attach(&hub, "a", 0x0a, 1, "");
+    let tx = &a.queues[0].1;
+    tx.set_used_flags(1);
+    tx.vring.set_enabled(false);
+    a.post_tx(0, &frame([2, 0, 0, 0, 0, 9], a.mac, 1));
+    a.kick(0, Event::Queue(1));
+    let tx = &a.queues[0].1;
+    assert_eq!(tx.used_flags(), 0, "kicks back on");
+    assert!(tx.used().is_empty(), "a disabled ring is not served");
+    // Enabled again: its next kick serves what it published meanwhile.
+    tx.vring.set_enabled(true);
+    a.kick(0, Event::Queue(1));
+    assert_eq!(a.queues[0].1.used().len(), 1);
+}
+
+#[test]
 fn a_receiver_gets_the_ethernet_header_the_switch_checked_not_a_second_read() {
     // The sender's memory says one source MAC; the header the switch read (and checked
     // against anti-spoofing) says another. What lands in the receiver is the checked one:

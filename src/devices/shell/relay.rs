@@ -27,9 +27,6 @@
 //! requests a previous process left in flight are resubmitted even if the guest, waiting for
 //! them, never kicks again.
 //!
-//! Fifth, every queue is kicked when `SET_VRING_ENABLE` enables it: whatever its driver
-//! published while it was disabled is served, though we may have left it asking for no kicks.
-//!
 //! Everything else, file descriptors included, passes through unchanged.
 //!
 //! Only control messages take this path; the data path is shared memory and eventfds.
@@ -71,7 +68,7 @@ const REM_MEM_REG: u32 = 38;
 const VERSION_1: u32 = 0x1;
 /// Most queue enables held before SET_FEATURES (two per queue pair of the largest device).
 const MAX_EARLY_ENABLES: usize = 256;
-/// Most queues whose kick fds the relay keeps.
+/// Most queues whose kick fds the relay keeps (inflight devices).
 const MAX_KICKS: usize = 256;
 /// Most distinct memory regions tracked (vhost-user's slot limit is far below).
 const MAX_REGIONS: usize = 512;
@@ -251,10 +248,7 @@ pub fn relay(
     if let Some(slot) = inflight {
         slot.clear();
     }
-    // Each queue's kick fd, to kick when the queue is enabled: vhost-user-backend drops a
-    // kick that arrives while its ring is disabled, and a ring disabled while we polled it
-    // keeps the kicks-off flag (or EVENT_IDX's stale avail_event) we left in it, so its driver
-    // may never kick again by itself (a guest's `ethtool -L` down and up).
+    // Each queue's kick fd (inflight devices), to kick again when the queue is enabled.
     let mut kicks: Vec<Option<File>> = Vec::new();
     let mut features_set = false;
     let mut early_enables: Vec<Vec<u8>> = Vec::new();
@@ -442,16 +436,13 @@ pub fn relay(
                         ack(&mut front, &message)?;
                     }
                 }
-                SET_VRING_KICK => {
+                SET_VRING_KICK if inflight.is_some_and(|s| s.current().is_some()) => {
                     write_message(&mut back, &message)?;
-                    // Inflight devices: one kick of our own, so requests left in flight get
-                    // resubmitted and ones published while we were away get served, even if
-                    // the guest, waiting for them, never kicks again. Every device: the fd is
-                    // kept to kick again at SET_VRING_ENABLE.
+                    // One kick of our own (and another at SET_VRING_ENABLE): requests left
+                    // in flight get resubmitted, and ones published while we were away get
+                    // served, even if the guest, waiting for them, never kicks again.
                     if let Some(kick) = message.files.first() {
-                        if inflight.is_some_and(|s| s.current().is_some()) {
-                            let _ = (&*kick).write(&1u64.to_ne_bytes());
-                        }
+                        let _ = (&*kick).write(&1u64.to_ne_bytes());
                         let index = message
                             .payload
                             .first()

@@ -53,60 +53,6 @@ fn early_vring_enables_are_acked_held_and_replayed_after_set_features() {
 }
 
 #[test]
-fn every_queue_is_kicked_when_it_is_enabled() {
-    use std::os::fd::FromRawFd;
-    let (mut qemu, front) = UnixStream::pair().unwrap();
-    let (back, mut handler) = UnixStream::pair().unwrap();
-    // No inflight slot (a NIC): no kick at SET_VRING_KICK, one at each enable.
-    let relay =
-        std::thread::spawn(move || relay(front, back, |_| {}, None, &DirtyLog::default(), &|_| {}));
-    // SAFETY: eventfd has no preconditions; the fd is owned by `kick` from here on.
-    let kick = unsafe { File::from_raw_fd(libc::eventfd(0, libc::EFD_NONBLOCK)) };
-    qemu.write_all(&raw(SET_FEATURES, VERSION_1, &[0; 8]))
-        .unwrap();
-    qemu.send_with_fds(
-        &[raw(SET_VRING_KICK, VERSION_1, &[1, 0, 0, 0, 0, 0, 0, 0]).as_slice()],
-        &[kick.as_raw_fd()],
-    )
-    .unwrap();
-    let count = |mut file: &File| {
-        let mut value = [0u8; 8];
-        file.read(&mut value)
-            .map_or(0, |_| u64::from_ne_bytes(value))
-    };
-    let disable = [1u8, 0, 0, 0, 0, 0, 0, 0];
-    let enable = [1u8, 0, 0, 0, 1, 0, 0, 0];
-    for payload in [disable, enable, enable] {
-        qemu.write_all(&raw(SET_VRING_ENABLE, VERSION_1, &payload))
-            .unwrap();
-    }
-    let seen: Vec<u32> = (0..5)
-        .map(|_| read_message(&mut handler).unwrap().unwrap().request())
-        .collect();
-    assert_eq!(
-        seen,
-        [
-            SET_FEATURES,
-            SET_VRING_KICK,
-            SET_VRING_ENABLE,
-            SET_VRING_ENABLE,
-            SET_VRING_ENABLE
-        ]
-    );
-    // The relay kicks after passing an enable on: one more message through it, and the
-    // last kick is done.
-    qemu.write_all(&raw(1, VERSION_1, &[])).unwrap();
-    assert_eq!(read_message(&mut handler).unwrap().unwrap().request(), 1);
-    assert_eq!(
-        count(&kick),
-        2,
-        "one kick per enable, none at SET_VRING_KICK or disable"
-    );
-    drop(qemu);
-    relay.join().unwrap().unwrap();
-}
-
-#[test]
 fn a_running_rings_address_repeated_with_its_log_flag_stays_here() {
     let (mut qemu, front) = UnixStream::pair().unwrap();
     let (back, mut handler) = UnixStream::pair().unwrap();
