@@ -328,6 +328,7 @@ pub fn relay_messages(data: &[u8]) {
             Some(&slot),
             &crate::ring::dirty::DirtyLog::default(),
             &|_| {},
+            crate::sys::kick::Kicker::new().ok(),
         );
     });
     let echo = std::thread::spawn(move || {

@@ -2,6 +2,7 @@
 
 pub mod clock;
 pub mod inherited;
+pub mod kick;
 pub mod peer;
 pub mod poll;
 pub mod private_file;

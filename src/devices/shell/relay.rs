@@ -23,9 +23,11 @@
 //!
 //! Fourth, inflight tracking: `GET_INFLIGHT_FD` and `SET_INFLIGHT_FD`, which the crate
 //! refuses, are answered here for devices that keep an [`InflightSlot`] (see
-//! `shell::inflight`); after a `SET_VRING_KICK` on such a device the queue is kicked once, so
-//! requests a previous process left in flight are resubmitted even if the guest, waiting for
-//! them, never kicks again.
+//! `shell::inflight`); after a `SET_VRING_KICK` on such a device the queue is kicked once (and
+//! again when it is enabled), so requests a previous process left in flight are resubmitted
+//! even if the guest, waiting for them, never kicks again. Those kicks go through a
+//! restricted io_uring with a timeout (`sys::kick`), never a plain write: the front-end owns
+//! the eventfd and could make a write block this thread for good.
 //!
 //! Everything else, file descriptors included, passes through unchanged.
 //!
@@ -44,6 +46,7 @@ use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use super::inflight::{InflightSlot, GET_INFLIGHT_FD, SET_INFLIGHT_FD};
 use crate::ring::dirty::{DirtyLog, LogMap};
+use crate::sys::kick::{Kicker, KICK_TIMEOUT};
 
 /// vhost-user header: request, flags, payload size (each a little-endian u32).
 const HEADER_LEN: usize = 12;
@@ -244,6 +247,7 @@ pub fn relay(
     inflight: Option<&InflightSlot>,
     log: &DirtyLog,
     announce: &dyn Fn([u8; 6]),
+    mut kicker: Option<Kicker>,
 ) -> Result<(), RelayError> {
     if let Some(slot) = inflight {
         slot.clear();
@@ -442,7 +446,7 @@ pub fn relay(
                     // in flight get resubmitted, and ones published while we were away get
                     // served, even if the guest, waiting for them, never kicks again.
                     if let Some(kick) = message.files.first() {
-                        let _ = (&*kick).write(&1u64.to_ne_bytes());
+                        kick_queue(kicker.as_mut(), kick);
                         let index = message
                             .payload
                             .first()
@@ -462,7 +466,7 @@ pub fn relay(
                     if let (Some(index), Some(1)) = (message.field_at(0), message.field_at(4)) {
                         let kick = usize::try_from(index).ok().and_then(|i| kicks.get(i));
                         if let Some(Some(kick)) = kick {
-                            let _ = (&*kick).write(&1u64.to_ne_bytes());
+                            kick_queue(kicker.as_mut(), kick);
                         }
                     }
                 }
@@ -490,6 +494,19 @@ pub fn relay(
     let _ = front.shutdown(std::net::Shutdown::Both);
     let _ = back.shutdown(std::net::Shutdown::Both);
     result
+}
+
+/// Kicks a queue through its front-end's kick eventfd, giving up after [`KICK_TIMEOUT`]: the
+/// front-end owns that fd and can make a plain write block for good (`sys::kick`), and this
+/// thread must stay free to end the connection.
+fn kick_queue(kicker: Option<&mut Kicker>, kick: &File) {
+    let Some(kicker) = kicker else {
+        log::debug!("no kick ring: queue not kicked");
+        return;
+    };
+    if let Err(e) = kicker.kick(kick, KICK_TIMEOUT) {
+        log::debug!("queue kick given up: {e}");
+    }
 }
 
 /// Sends VHOST_USER_BACKEND_CONFIG_CHANGE_MSG (no reply asked) on a backend channel.

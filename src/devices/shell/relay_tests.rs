@@ -15,8 +15,17 @@ fn raw(request: u32, flags: u32, payload: &[u8]) -> Vec<u8> {
 fn early_vring_enables_are_acked_held_and_replayed_after_set_features() {
     let (mut qemu, front) = UnixStream::pair().unwrap();
     let (back, mut handler) = UnixStream::pair().unwrap();
-    let relay =
-        std::thread::spawn(move || relay(front, back, |_| {}, None, &DirtyLog::default(), &|_| {}));
+    let relay = std::thread::spawn(move || {
+        relay(
+            front,
+            back,
+            |_| {},
+            None,
+            &DirtyLog::default(),
+            &|_| {},
+            None,
+        )
+    });
     let enable = [0u8, 0, 0, 0, 1, 0, 0, 0];
     // Early enable with NEED_REPLY: answered by the relay, not forwarded.
     qemu.write_all(&raw(SET_VRING_ENABLE, VERSION_1 | FLAG_NEED_REPLY, &enable))
@@ -56,8 +65,17 @@ fn early_vring_enables_are_acked_held_and_replayed_after_set_features() {
 fn a_running_rings_address_repeated_with_its_log_flag_stays_here() {
     let (mut qemu, front) = UnixStream::pair().unwrap();
     let (back, mut handler) = UnixStream::pair().unwrap();
-    let relay =
-        std::thread::spawn(move || relay(front, back, |_| {}, None, &DirtyLog::default(), &|_| {}));
+    let relay = std::thread::spawn(move || {
+        relay(
+            front,
+            back,
+            |_| {},
+            None,
+            &DirtyLog::default(),
+            &|_| {},
+            None,
+        )
+    });
     let mut addr = vec![0u8; 40];
     addr[8] = 0x10; // descriptor table
     let flags = VERSION_1 | FLAG_NEED_REPLY;
@@ -101,7 +119,15 @@ fn send_rarp_announces_the_mac_here_and_is_acknowledged() {
     let (heard, macs) = std::sync::mpsc::channel();
     let relay = std::thread::spawn(move || {
         let announce = move |mac| heard.send(mac).unwrap();
-        relay(front, back, |_| {}, None, &DirtyLog::default(), &announce)
+        relay(
+            front,
+            back,
+            |_| {},
+            None,
+            &DirtyLog::default(),
+            &announce,
+            None,
+        )
     });
     let mac = [0x52, 0x54, 0, 0, 2, 0x0b];
     let mut payload = mac.to_vec();
@@ -135,8 +161,17 @@ fn send_rarp_announces_the_mac_here_and_is_acknowledged() {
 fn a_front_end_cannot_grow_the_relays_state() {
     let (mut qemu, front) = UnixStream::pair().unwrap();
     let (back, _handler) = UnixStream::pair().unwrap();
-    let relay =
-        std::thread::spawn(move || relay(front, back, |_| {}, None, &DirtyLog::default(), &|_| {}));
+    let relay = std::thread::spawn(move || {
+        relay(
+            front,
+            back,
+            |_| {},
+            None,
+            &DirtyLog::default(),
+            &|_| {},
+            None,
+        )
+    });
     let enable = [0u8, 0, 0, 0, 1, 0, 0, 0];
     for _ in 0..=MAX_EARLY_ENABLES {
         if qemu
@@ -153,8 +188,17 @@ fn a_front_end_cannot_grow_the_relays_state() {
 fn identical_memory_regions_reach_the_handler_once() {
     let (mut qemu, front) = UnixStream::pair().unwrap();
     let (back, mut handler) = UnixStream::pair().unwrap();
-    let relay =
-        std::thread::spawn(move || relay(front, back, |_| {}, None, &DirtyLog::default(), &|_| {}));
+    let relay = std::thread::spawn(move || {
+        relay(
+            front,
+            back,
+            |_| {},
+            None,
+            &DirtyLog::default(),
+            &|_| {},
+            None,
+        )
+    });
     let mut region = vec![0u8; 40];
     region[8] = 0x10; // guest address
     region[16] = 0x20; // size
@@ -203,6 +247,7 @@ fn inflight_messages_are_answered_by_the_relay() {
                 Some(&slot),
                 &DirtyLog::default(),
                 &|_| {},
+                crate::sys::kick::Kicker::new().ok(),
             )
         })
     };
@@ -233,6 +278,68 @@ fn inflight_messages_are_answered_by_the_relay() {
     // Neither reached the handler: the next thing it sees is the next message.
     qemu.write_all(&raw(1, VERSION_1, &[])).unwrap();
     assert_eq!(read_message(&mut handler).unwrap().unwrap().request(), 1);
+    // Queue 0's kick fd gets a kick of our own (requests left in flight are resubmitted),
+    // and another when it is enabled. Queue 1's is blocking and full (a hostile front-end
+    // cleared O_NONBLOCK and filled the counter): its kick is given up, and the relay goes on.
+    let eventfd = || {
+        use std::os::fd::FromRawFd;
+        // SAFETY: eventfd has no preconditions.
+        let fd = unsafe { libc::eventfd(0, 0) };
+        assert!(fd >= 0);
+        // SAFETY: a fresh fd, owned from here on.
+        unsafe { File::from_raw_fd(fd) }
+    };
+    let (good, mut full) = (eventfd(), eventfd());
+    full.write_all(&(u64::MAX - 1).to_ne_bytes()).unwrap();
+    qemu.write_all(&raw(SET_FEATURES, VERSION_1, &[0; 8]))
+        .unwrap();
+    for (queue, fd) in [(0u8, &good), (1, &full)] {
+        qemu.send_with_fds(
+            &[raw(SET_VRING_KICK, VERSION_1, &[queue, 0, 0, 0, 0, 0, 0, 0]).as_slice()],
+            &[fd.as_raw_fd()],
+        )
+        .unwrap();
+    }
+    handler
+        .set_read_timeout(Some(std::time::Duration::from_secs(10)))
+        .unwrap();
+    let mut passed: Vec<u32> = (0..3)
+        .map(|_| read_message(&mut handler).unwrap().unwrap().request())
+        .collect();
+    // The relay made queue 1's fd non-blocking when it passed it on; the front-end clears
+    // that again (the open file is shared), so a plain write of the next kick would block.
+    // SAFETY: F_SETFL on an fd we own.
+    let cleared = unsafe { libc::fcntl(full.as_raw_fd(), libc::F_SETFL, 0) };
+    assert_eq!(cleared, 0);
+    for queue in [0u8, 1] {
+        qemu.write_all(&raw(
+            SET_VRING_ENABLE,
+            VERSION_1,
+            &[queue, 0, 0, 0, 1, 0, 0, 0],
+        ))
+        .unwrap();
+    }
+    qemu.write_all(&raw(1, VERSION_1, &[])).unwrap();
+    passed.extend((0..3).map(|_| read_message(&mut handler).unwrap().unwrap().request()));
+    assert_eq!(
+        passed,
+        [
+            SET_FEATURES,
+            SET_VRING_KICK,
+            SET_VRING_KICK,
+            SET_VRING_ENABLE,
+            SET_VRING_ENABLE,
+            1
+        ],
+        "a kick fd that cannot take a kick holds nothing up"
+    );
+    let mut value = [0u8; 8];
+    (&good).read_exact(&mut value).unwrap();
+    assert_eq!(
+        u64::from_ne_bytes(value),
+        2,
+        "one kick at SET_VRING_KICK, one at enable"
+    );
     // A region for more queues than the device has ends the connection.
     asked[16] = 3;
     qemu.write_all(&raw(GET_INFLIGHT_FD, VERSION_1, &asked))
@@ -247,8 +354,17 @@ fn inflight_messages_are_answered_by_the_relay() {
 fn descriptors_pass_through_and_oversized_messages_end_the_relay() {
     let (qemu, front) = UnixStream::pair().unwrap();
     let (back, mut handler) = UnixStream::pair().unwrap();
-    let relay =
-        std::thread::spawn(move || relay(front, back, |_| {}, None, &DirtyLog::default(), &|_| {}));
+    let relay = std::thread::spawn(move || {
+        relay(
+            front,
+            back,
+            |_| {},
+            None,
+            &DirtyLog::default(),
+            &|_| {},
+            None,
+        )
+    });
     let file = tempfile::tempfile().unwrap();
     // A request the relay does not look into passes with its fd.
     qemu.send_with_fds(

@@ -287,6 +287,14 @@ fn serve_connection<D: Device>(
     daemon.start(&mut inner).map_err(|e| format!("{e}"))?;
     // Accepted: the private listener has done its job.
     drop(inner);
+    // The ring the relay kicks inflight devices' queues through (made here: the relay's own
+    // filter forbids creating rings).
+    let kicker = match backend.device().inflight_slot() {
+        Some(_) => crate::sys::kick::Kicker::new()
+            .map_err(|e| log::warn!("{id}: no kick ring, queues not kicked at start: {e}"))
+            .ok(),
+        None => None,
+    };
     let relay = {
         let id = id.to_string();
         let backend = Arc::clone(&backend);
@@ -301,8 +309,9 @@ fn serve_connection<D: Device>(
                 let inflight = backend.device().inflight_slot();
                 let log = backend.dirty_log();
                 let announce = |mac| backend.device().announce(mac);
-                if let Err(e) = super::relay::relay(front, back, channel, inflight, log, &announce)
-                {
+                let relayed =
+                    super::relay::relay(front, back, channel, inflight, log, &announce, kicker);
+                if let Err(e) = relayed {
                     log::warn!("{id}: vhost-user relay: {e}");
                 }
             })?
