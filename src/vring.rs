@@ -5,6 +5,9 @@
 //! old one. The backend would then walk rings of a size the front-end never allocated. This
 //! wrapper records the bad size instead; the worker sees [`CheckedVring::size_rejected`] and
 //! refuses to touch the queue (and counts it) until the front-end sets a valid size.
+//!
+//! It also reads kicks without blocking whatever the front-end does to the shared kick fd
+//! (`sys::kick::consume`).
 
 // Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
 // panic or wrap silently (checked, saturating or `get` instead).
@@ -156,7 +159,14 @@ impl VringT<AtomicGuestMemory> for CheckedVring {
     }
 
     fn read_kick(&self) -> io::Result<bool> {
-        self.inner.read_kick()
+        // Not the crate's read: it reads the kick fd with the ring locked and blocks if the
+        // front-end (which shares the fd) cleared O_NONBLOCK and read the counter to zero
+        // first, holding the lock, and every other tenant's sender into this queue, for good.
+        let state = self.inner.get_ref();
+        if let Some(kick) = state.get_kick() {
+            crate::sys::kick::consume(kick)?;
+        }
+        Ok(state.is_enabled())
     }
 
     fn set_call(&self, file: Option<File>) {
@@ -266,6 +276,35 @@ pub fn has_available(vring: &CheckedVring, memory: &GuestMemory) -> bool {
 #[allow(clippy::indexing_slicing, clippy::arithmetic_side_effects)] // tests may panic
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_kick_read_never_blocks_on_a_front_ends_blocking_empty_eventfd() {
+        use std::io::Write;
+        use std::os::fd::FromRawFd;
+        let (_, atomic) = crate::devices::testing::memory(1 << 20);
+        let vring = CheckedVring::new(atomic, 16).unwrap();
+        // SAFETY: eventfd has no preconditions; the fd is owned by `kick` from here on.
+        let kick = unsafe { File::from_raw_fd(libc::eventfd(0, 0)) };
+        let mut ours = kick.try_clone().unwrap();
+        vring.set_kick(Some(kick));
+        vring.set_enabled(true);
+        // Blocking mode, counter zero (the front-end read it first): a plain read would hang
+        // there with the ring locked (the test fails after 10 s instead of hanging).
+        let (done, result) = std::sync::mpsc::channel();
+        let reader = vring.clone();
+        std::thread::spawn(move || {
+            let _ = done.send(reader.read_kick().unwrap());
+            ours.write_all(&1u64.to_ne_bytes()).unwrap();
+            let _ = done.send(reader.read_kick().unwrap());
+            let _ = done.send(reader.read_kick().unwrap());
+        });
+        for _ in 0..3 {
+            let enabled = result
+                .recv_timeout(std::time::Duration::from_secs(10))
+                .expect("the kick read returned");
+            assert!(enabled);
+        }
+    }
 
     #[test]
     fn a_head_is_held_once_until_released() {

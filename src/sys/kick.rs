@@ -91,6 +91,64 @@ impl Kicker {
     }
 }
 
+/// What [`consume`] found.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Consumed {
+    /// The counter was read (and reset).
+    Kicks(u64),
+    /// It was zero: nothing to read (not an error: the front-end may read its own fd).
+    None,
+}
+
+/// Reads (and resets) eventfd `fd`'s counter without blocking, whatever the file's
+/// `O_NONBLOCK` flag says: a kick fd is shared with the front-end, which may clear that flag
+/// and read the counter to zero between our `epoll` wake-up and our read, and a blocking read
+/// there would hold the queue's lock (and every sender into that queue) for good.
+/// `preadv2(RWF_NOWAIT)` is refused by kernels whose eventfd has no `read_iter` (before
+/// 6.8): those get a `poll` first, which narrows that window but cannot close it.
+pub fn consume(fd: &impl AsRawFd) -> std::io::Result<Consumed> {
+    let mut value = [0u8; 8];
+    let iov = libc::iovec {
+        iov_base: value.as_mut_ptr().cast(),
+        iov_len: value.len(),
+    };
+    // SAFETY: one iovec over `value`, which outlives the call; offset -1 is the file
+    // position (an eventfd has none).
+    let n = unsafe { libc::preadv2(fd.as_raw_fd(), &iov, 1, -1, libc::RWF_NOWAIT) };
+    if n == 8 {
+        return Ok(Consumed::Kicks(u64::from_ne_bytes(value)));
+    }
+    let error = std::io::Error::last_os_error();
+    match error.raw_os_error() {
+        Some(libc::EAGAIN) => Ok(Consumed::None),
+        Some(libc::EOPNOTSUPP | libc::EINVAL) => consume_after_poll(fd),
+        _ if n >= 0 => Err(std::io::Error::other("short eventfd read")),
+        _ => Err(error),
+    }
+}
+
+fn consume_after_poll(fd: &impl AsRawFd) -> std::io::Result<Consumed> {
+    let mut poll = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one pollfd, a zero timeout.
+    if unsafe { libc::poll(&mut poll, 1, 0) } <= 0 || poll.revents & libc::POLLIN == 0 {
+        return Ok(Consumed::None);
+    }
+    let mut value = [0u8; 8];
+    // SAFETY: 8 bytes into `value`.
+    let n = unsafe { libc::read(fd.as_raw_fd(), value.as_mut_ptr().cast(), 8) };
+    match n {
+        8 => Ok(Consumed::Kicks(u64::from_ne_bytes(value))),
+        _ if std::io::Error::last_os_error().raw_os_error() == Some(libc::EAGAIN) => {
+            Ok(Consumed::None)
+        }
+        _ => Err(std::io::Error::last_os_error()),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -135,6 +193,15 @@ mod tests {
         let mut value = [0u8; 8];
         fd.read_exact(&mut value).unwrap();
         assert_eq!(u64::from_ne_bytes(value), u64::MAX - 1, "nothing added");
+    }
+
+    #[test]
+    fn consuming_an_empty_blocking_eventfd_does_not_block() {
+        let mut fd = eventfd(0);
+        assert_eq!(consume(&fd).unwrap(), Consumed::None);
+        fd.write_all(&3u64.to_ne_bytes()).unwrap();
+        assert_eq!(consume(&fd).unwrap(), Consumed::Kicks(3));
+        assert_eq!(consume(&fd).unwrap(), Consumed::None, "read and reset");
     }
 
     #[test]
