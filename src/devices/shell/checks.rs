@@ -7,7 +7,11 @@
 //!   the first access there raises SIGBUS, which would kill the whole daemon.
 //! - Kick, call and error fds (`SET_VRING_KICK/CALL/ERR`) must be eventfds, and are made
 //!   non-blocking: a pipe, or an eventfd the front-end filled to its limit, would block a
-//!   worker (and with it a switch sender) on a read or a write.
+//!   worker (and with it a switch sender) on a read or a write. The flag belongs to the open
+//!   file, which the front-end shares and may clear again: kicks are therefore read with
+//!   `RWF_NOWAIT` (`sys::kick::consume`) and the relay's own kicks have a timeout
+//!   (`sys::kick::Kicker`); a call fd's write still trusts the flag (an open hazard: a
+//!   front-end that clears it and fills its counter can block the thread that signals it).
 //!
 //! A file shrunk after it was mapped (seals would forbid it; QEMU does not seal its memory)
 //! is handled where the fault happens: `sys::sigbus` maps zeros over the lost pages.
