@@ -281,8 +281,8 @@ mod tests {
     fn a_kick_read_never_blocks_on_a_front_ends_blocking_empty_eventfd() {
         use std::io::Write;
         use std::os::fd::FromRawFd;
-        let (_, atomic) = crate::devices::testing::memory(1 << 20);
-        let vring = CheckedVring::new(atomic, 16).unwrap();
+        let memory = GuestMemory::from_ranges(&[(vm_memory::GuestAddress(0), 1 << 20)]).unwrap();
+        let vring = CheckedVring::new(GuestMemoryAtomic::new(memory), 16).unwrap();
         // SAFETY: eventfd has no preconditions; the fd is owned by `kick` from here on.
         let kick = unsafe { File::from_raw_fd(libc::eventfd(0, 0)) };
         let mut ours = kick.try_clone().unwrap();
