@@ -15,6 +15,7 @@
 
 use std::fs::File;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, MutexGuard};
 
@@ -32,6 +33,8 @@ pub type AtomicGuestMemory = GuestMemoryAtomic<GuestMemory>;
 pub struct CheckedVring {
     inner: VringMutex<AtomicGuestMemory>,
     size_rejected: Arc<AtomicBool>,
+    /// The current call fd was found blocking (`signal_locked`).
+    call_refused: Arc<AtomicBool>,
 }
 
 thread_local! {
@@ -56,6 +59,36 @@ pub fn collect_created<R>(f: impl FnOnce() -> R) -> (R, Vec<CheckedVring>) {
 }
 
 impl CheckedVring {
+    /// Signals the front-end that used entries are published (its call eventfd), with the
+    /// ring's state already locked (`state`, from this vring), unless it made that eventfd
+    /// blocking.
+    ///
+    /// Why: the call fd is the front-end's, and `O_NONBLOCK` (set when it was handed to us,
+    /// `shell::checks`) belongs to the open file, which the front-end shares. One that clears
+    /// the flag and fills the counter makes a write block until it reads, which may be never,
+    /// and the writer may be another tenant's sender (a switch port's rx queue) or the
+    /// busy-poll thread. QEMU, DPDK and cloud-hypervisor make their eventfds non-blocking and
+    /// leave them so: a call fd once found blocking gets no more writes until the front-end
+    /// sets a new one (SET_VRING_CALL). The check and the write are two steps: a front-end
+    /// that clears the flag in between, on its first try (a cleared flag seen once ends the
+    /// queue's signals), still blocks the writer: an open hazard, narrowed to one race.
+    pub fn signal_locked(&self, state: &VringState<AtomicGuestMemory>) -> io::Result<()> {
+        if self.call_refused.load(Ordering::Acquire) {
+            return Err(io::Error::other("call eventfd refused (made blocking)"));
+        }
+        if let Some(call) = state.get_call() {
+            // SAFETY: F_GETFL only reads the status flags of an fd the state owns.
+            let flags = unsafe { libc::fcntl(call.as_raw_fd(), libc::F_GETFL) };
+            if flags < 0 || flags & libc::O_NONBLOCK == 0 {
+                self.call_refused.store(true, Ordering::Release);
+                return Err(io::Error::other(
+                    "the front-end made its call eventfd blocking: refused",
+                ));
+            }
+        }
+        state.signal_used_queue()
+    }
+
     /// Whether the front-end's last SET_VRING_NUM was refused.
     pub fn size_rejected(&self) -> bool {
         self.size_rejected.load(Ordering::Acquire)
@@ -75,6 +108,7 @@ impl VringT<AtomicGuestMemory> for CheckedVring {
         let vring = Self {
             inner: VringMutex::new(mem, max_queue_size)?,
             size_rejected: Arc::new(AtomicBool::new(false)),
+            call_refused: Arc::new(AtomicBool::new(false)),
         };
         CREATED.with(|c| {
             if let Some(created) = c.borrow_mut().as_mut() {
@@ -97,7 +131,7 @@ impl VringT<AtomicGuestMemory> for CheckedVring {
     }
 
     fn signal_used_queue(&self) -> io::Result<()> {
-        self.inner.signal_used_queue()
+        self.signal_locked(&self.inner.get_ref())
     }
 
     fn enable_notification(&self) -> Result<bool, QueueError> {
@@ -170,7 +204,9 @@ impl VringT<AtomicGuestMemory> for CheckedVring {
     }
 
     fn set_call(&self, file: Option<File>) {
-        self.inner.set_call(file)
+        // A new call fd (made non-blocking by `shell::checks`) is signalled again.
+        self.inner.set_call(file);
+        self.call_refused.store(false, Ordering::Release);
     }
 
     fn set_err(&self, file: Option<File>) {
@@ -304,6 +340,55 @@ mod tests {
                 .expect("the kick read returned");
             assert!(enabled);
         }
+    }
+
+    #[test]
+    fn a_call_fd_made_blocking_gets_no_write_until_a_new_one_is_set() {
+        use std::io::{Read, Write};
+        use std::os::fd::FromRawFd;
+        let eventfd = |flags| {
+            // SAFETY: eventfd has no preconditions; the fd is owned by the File.
+            let fd = unsafe { libc::eventfd(0, flags) };
+            assert!(fd >= 0);
+            // SAFETY: a fresh fd, owned from here on.
+            unsafe { File::from_raw_fd(fd) }
+        };
+        let count = |mut file: &File| {
+            let mut value = [0u8; 8];
+            file.read_exact(&mut value)
+                .map_or(0, |()| u64::from_ne_bytes(value))
+        };
+        let memory = GuestMemory::from_ranges(&[(vm_memory::GuestAddress(0), 1 << 20)]).unwrap();
+        let vring = CheckedVring::new(GuestMemoryAtomic::new(memory), 16).unwrap();
+        let good = eventfd(libc::EFD_NONBLOCK);
+        vring.set_call(Some(good.try_clone().unwrap()));
+        vring.signal_used_queue().unwrap();
+        assert_eq!(count(&good), 1);
+        // The front-end cleared O_NONBLOCK and filled the counter: a write would block for
+        // good (the test fails after 10 s instead of hanging).
+        let mut hostile = eventfd(0);
+        hostile.write_all(&(u64::MAX - 1).to_ne_bytes()).unwrap();
+        vring.set_call(Some(hostile.try_clone().unwrap()));
+        let (done, result) = std::sync::mpsc::channel();
+        let signaller = vring.clone();
+        std::thread::spawn(move || {
+            let _ = done.send(signaller.signal_used_queue().is_err());
+            let _ = done.send(signaller.signal_used_queue().is_err());
+        });
+        for _ in 0..2 {
+            let refused = result
+                .recv_timeout(std::time::Duration::from_secs(10))
+                .expect("the signal returned");
+            assert!(refused);
+        }
+        // Even made non-blocking again, this fd stays refused; a new one is signalled.
+        // SAFETY: F_SETFL on an fd we own.
+        let set = unsafe { libc::fcntl(hostile.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+        assert_eq!(set, 0);
+        assert!(vring.signal_used_queue().is_err());
+        vring.set_call(Some(good.try_clone().unwrap()));
+        vring.signal_used_queue().unwrap();
+        assert_eq!(count(&good), 1);
     }
 
     #[test]

@@ -61,9 +61,6 @@ pub enum WorkerError {
     /// The queue's rings could not be read or written.
     #[error("virtqueue access failed")]
     Queue(#[from] virtio_queue::Error),
-    /// Signalling the guest failed.
-    #[error("cannot signal the used ring")]
-    Signal(#[source] std::io::Error),
     /// The engine could not submit.
     #[error(transparent)]
     Engine(#[from] crate::storage::EngineError),

@@ -142,7 +142,12 @@ impl QueueWorker {
         }
         drop(state);
         if std::mem::take(&mut self.force_signal) | notify {
-            vring.signal_used_queue().map_err(WorkerError::Signal)?;
+            // A failed signal (a full counter: one is pending; a call fd the front-end made
+            // blocking: refused) is the front-end's business, not an error of this worker
+            // (which would log at error level on every batch).
+            if let Err(e) = vring.signal_used_queue() {
+                log::debug!("{}: queue {}: signal: {e}", self.shared.id, self.queue_index);
+            }
         }
         Ok(())
     }

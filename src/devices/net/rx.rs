@@ -221,7 +221,10 @@ impl RxTarget {
     fn lock_queue(
         &self,
         hash: usize,
-    ) -> Option<std::sync::MutexGuard<'_, vhost_user_backend::VringState<AtomicGuestMemory>>> {
+    ) -> Option<(
+        &CheckedVring,
+        std::sync::MutexGuard<'_, vhost_user_backend::VringState<AtomicGuestMemory>>,
+    )> {
         let queues = self.queues.get()?;
         let count = queues.len();
         let start = hash.checked_rem(count.max(1)).unwrap_or(0);
@@ -231,7 +234,7 @@ impl RxTarget {
                 return None;
             }
             let state = vring.get_mut();
-            (state.get_queue().ready() && state.is_enabled()).then_some(state)
+            (state.get_queue().ready() && state.is_enabled()).then_some((vring, state))
         })
     }
 
@@ -257,7 +260,7 @@ impl RxTarget {
         mut outcome: impl FnMut(u16, Result<(), Drop>),
     ) {
         let negotiated = Negotiated::from_features(self.features.load(Ordering::Acquire));
-        let Some(mut state) = self.lock_queue(hash) else {
+        let Some((vring, mut state)) = self.lock_queue(hash) else {
             picks.iter().for_each(|&i| outcome(i, Err(Drop::LinkDown)));
             return;
         };
@@ -306,7 +309,7 @@ impl RxTarget {
             stats.received_tally(tally);
         });
         if burst.finish() {
-            if let Err(e) = state.signal_used_queue() {
+            if let Err(e) = vring.signal_locked(&state) {
                 log::debug!("rx notify failed: {e}");
             }
         }

@@ -619,7 +619,7 @@ impl PairWorker {
         let (sent, held) = match served {
             Ok((sent_held, signal)) => {
                 if signal {
-                    if let Err(e) = state.signal_used_queue() {
+                    if let Err(e) = tx.signal_locked(&state) {
                         log::debug!(
                             "{} pair {}: tx notify failed: {e}",
                             self.shared.config.id,

@@ -9,9 +9,10 @@
 //!   non-blocking: a pipe, or an eventfd the front-end filled to its limit, would block a
 //!   worker (and with it a switch sender) on a read or a write. The flag belongs to the open
 //!   file, which the front-end shares and may clear again: kicks are therefore read with
-//!   `RWF_NOWAIT` (`sys::kick::consume`) and the relay's own kicks have a timeout
-//!   (`sys::kick::Kicker`); a call fd's write still trusts the flag (an open hazard: a
-//!   front-end that clears it and fills its counter can block the thread that signals it).
+//!   `RWF_NOWAIT` (`sys::kick::consume`), the relay's own kicks have a timeout
+//!   (`sys::kick::Kicker`), and a call fd is checked before each write and refused for good
+//!   once found blocking (`CheckedVring::signal_locked`; one race is left: a flag cleared
+//!   between that check and the write, on the front-end's first try).
 //!
 //! A file shrunk after it was mapped (seals would forbid it; QEMU does not seal its memory)
 //! is handled where the fault happens: `sys::sigbus` maps zeros over the lost pages.
