@@ -146,7 +146,11 @@ impl QueueWorker {
             // blocking: refused) is the front-end's business, not an error of this worker
             // (which would log at error level on every batch).
             if let Err(e) = vring.signal_used_queue() {
-                log::debug!("{}: queue {}: signal: {e}", self.shared.id, self.queue_index);
+                log::debug!(
+                    "{}: queue {}: signal: {e}",
+                    self.shared.id,
+                    self.queue_index
+                );
             }
         }
         Ok(())
