@@ -16,7 +16,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
 use std::sync::{Arc, MutexGuard};
 
 use vhost_user_backend::{VringMutex, VringState, VringStateGuard, VringStateMutGuard, VringT};
@@ -33,8 +33,10 @@ pub type AtomicGuestMemory = GuestMemoryAtomic<GuestMemory>;
 pub struct CheckedVring {
     inner: VringMutex<AtomicGuestMemory>,
     size_rejected: Arc<AtomicBool>,
-    /// The current call fd was found blocking (`signal_locked`).
-    call_refused: Arc<AtomicBool>,
+    /// The call fd (its number, -1: none) found blocking (`signal_locked`): compared with
+    /// the current one under the ring's lock, so a new call fd is never refused for the old
+    /// one's sake, whenever `set_call` clears this.
+    call_refused: Arc<AtomicI32>,
 }
 
 thread_local! {
@@ -73,14 +75,15 @@ impl CheckedVring {
     /// that clears the flag in between, on its first try (a cleared flag seen once ends the
     /// queue's signals), still blocks the writer: an open hazard, narrowed to one race.
     pub fn signal_locked(&self, state: &VringState<AtomicGuestMemory>) -> io::Result<()> {
-        if self.call_refused.load(Ordering::Acquire) {
-            return Err(io::Error::other("call eventfd refused (made blocking)"));
-        }
         if let Some(call) = state.get_call() {
+            let fd = call.as_raw_fd();
+            if self.call_refused.load(Ordering::Acquire) == fd {
+                return Err(io::Error::other("call eventfd refused (made blocking)"));
+            }
             // SAFETY: F_GETFL only reads the status flags of an fd the state owns.
-            let flags = unsafe { libc::fcntl(call.as_raw_fd(), libc::F_GETFL) };
+            let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
             if flags < 0 || flags & libc::O_NONBLOCK == 0 {
-                self.call_refused.store(true, Ordering::Release);
+                self.call_refused.store(fd, Ordering::Release);
                 return Err(io::Error::other(
                     "the front-end made its call eventfd blocking: refused",
                 ));
@@ -108,7 +111,7 @@ impl VringT<AtomicGuestMemory> for CheckedVring {
         let vring = Self {
             inner: VringMutex::new(mem, max_queue_size)?,
             size_rejected: Arc::new(AtomicBool::new(false)),
-            call_refused: Arc::new(AtomicBool::new(false)),
+            call_refused: Arc::new(AtomicI32::new(-1)),
         };
         CREATED.with(|c| {
             if let Some(created) = c.borrow_mut().as_mut() {
@@ -206,7 +209,7 @@ impl VringT<AtomicGuestMemory> for CheckedVring {
     fn set_call(&self, file: Option<File>) {
         // A new call fd (made non-blocking by `shell::checks`) is signalled again.
         self.inner.set_call(file);
-        self.call_refused.store(false, Ordering::Release);
+        self.call_refused.store(-1, Ordering::Release);
     }
 
     fn set_err(&self, file: Option<File>) {

@@ -28,13 +28,27 @@ pub enum KickError {
     /// The write failed or was cancelled by the timeout (`-errno`).
     #[error("kick write: errno {0}")]
     Write(i32),
+    /// The ring is out of step (entries possibly still queued): not used again.
+    #[error("kick ring broken")]
+    Broken,
 }
+
+/// The value every kick adds: a static, so a write the kernel has not finished (a kick
+/// given up on, still being cancelled) never reads freed memory.
+static ONE: [u8; 8] = 1u64.to_ne_bytes();
 
 /// A small io_uring for kicks, restricted before it is enabled to a write linked to a
 /// timeout (io_uring's own sandbox: the relay thread that uses it may not create rings, and
 /// this one can do nothing else).
 pub struct Kicker {
     ring: IoUring,
+    /// The timeout the next kick links (read by the kernel when the entry is submitted).
+    limit: Box<types::Timespec>,
+    /// Each kick's completions carry its number: a late one from an earlier kick is skipped.
+    seq: u64,
+    /// A kick went wrong in a way that may leave entries in flight: the ring is not used
+    /// again (kicks are then given up).
+    broken: bool,
 }
 
 impl Kicker {
@@ -49,45 +63,103 @@ impl Kicker {
         ];
         submitter.register_restrictions(&mut restrictions)?;
         submitter.register_enable_rings()?;
-        Ok(Self { ring })
+        Ok(Self {
+            ring,
+            limit: Box::new(types::Timespec::new()),
+            seq: 0,
+            broken: false,
+        })
     }
 
     /// Adds 1 to eventfd `fd`'s counter, waiting at most `timeout` for room.
     pub fn kick(&mut self, fd: &impl AsRawFd, timeout: Duration) -> Result<(), KickError> {
-        let value = 1u64.to_ne_bytes();
-        let spec = types::Timespec::new()
+        if self.broken {
+            return Err(KickError::Broken);
+        }
+        let result = self.kick_once(fd, timeout);
+        if matches!(result, Err(KickError::Ring(_) | KickError::Broken)) {
+            self.broken = true;
+        }
+        result
+    }
+
+    fn kick_once(&mut self, fd: &impl AsRawFd, timeout: Duration) -> Result<(), KickError> {
+        self.seq = self.seq.wrapping_add(2);
+        let (write_id, limit_id) = (self.seq, self.seq.wrapping_add(1));
+        *self.limit = types::Timespec::new()
             .sec(timeout.as_secs())
             .nsec(timeout.subsec_nanos());
-        let write = opcode::Write::new(types::Fd(fd.as_raw_fd()), value.as_ptr(), 8)
+        let write = opcode::Write::new(types::Fd(fd.as_raw_fd()), ONE.as_ptr(), 8)
             .build()
             .flags(squeue::Flags::IO_LINK)
-            .user_data(1);
-        let limit = opcode::LinkTimeout::new(&spec).build().user_data(2);
-        // SAFETY: `value` and `spec` outlive the submission: both entries complete before
-        // this function returns (`submit_and_wait(2)` below), and nothing else refers to them.
+            .user_data(write_id);
+        let limit = opcode::LinkTimeout::new(&*self.limit)
+            .build()
+            .user_data(limit_id);
+        // SAFETY: the write reads `ONE`, a static; the timeout reads `*self.limit`, boxed in
+        // this `Kicker`, when it is submitted (the kernel copies it then), and a `Kicker`
+        // whose entries may still be queued is marked broken and never submits again. Both
+        // entries are pushed together (the queue holds 2 and is empty between kicks: every
+        // kick waits for both its completions, else the ring is broken).
         unsafe {
             let mut queue = self.ring.submission();
-            queue
-                .push(&write)
-                .map_err(|_| std::io::Error::other("kick queue full"))?;
-            queue
-                .push(&limit)
-                .map_err(|_| std::io::Error::other("kick queue full"))?;
-        }
-        // Both entries always complete: the write (done, failed or cancelled) and its timeout
-        // (fired, or cancelled by the write's completion).
-        self.ring.submit_and_wait(2)?;
-        let mut written = -libc::EIO;
-        for entry in self.ring.completion() {
-            if entry.user_data() == 1 {
-                written = entry.result();
+            if queue.push(&write).is_err() || queue.push(&limit).is_err() {
+                return Err(KickError::Broken);
             }
         }
-        if written == 8 {
-            Ok(())
-        } else {
-            Err(KickError::Write(written.saturating_neg()))
+        if self.ring.submit()? != 2 {
+            return Err(KickError::Broken);
         }
+        // Both always complete: the write (done, failed or cancelled by the timeout) and the
+        // timeout (fired, or cancelled by the write's completion). A wait cut short (a stop
+        // signal, a debugger) returns early: wait again, a bounded number of times.
+        let mut written = None;
+        let mut seen = 0;
+        for _ in 0..1000 {
+            for entry in self.ring.completion() {
+                if entry.user_data() == write_id {
+                    written = Some(entry.result());
+                    seen += 1;
+                } else if entry.user_data() == limit_id {
+                    seen += 1;
+                }
+            }
+            if seen >= 2 {
+                return match written {
+                    Some(8) => Ok(()),
+                    Some(result) => Err(KickError::Write(result.saturating_neg())),
+                    None => Err(KickError::Broken),
+                };
+            }
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(KickError::Ring(e)),
+            }
+        }
+        Err(KickError::Broken)
+    }
+}
+
+/// Kicks eventfd `fd` without a ring (a host without io_uring): a plain write, only while
+/// the fd is non-blocking (a front-end that clears the flag between this check and the
+/// write still blocks the caller: the race the ring closes).
+pub fn kick_without_ring(fd: &impl AsRawFd) -> Result<(), KickError> {
+    // SAFETY: F_GETFL only reads the status flags of an fd the caller holds.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    if flags < 0 || flags & libc::O_NONBLOCK == 0 {
+        return Err(KickError::Write(libc::EWOULDBLOCK));
+    }
+    // SAFETY: 8 bytes from a static.
+    let n = unsafe { libc::write(fd.as_raw_fd(), ONE.as_ptr().cast(), 8) };
+    if n == 8 {
+        Ok(())
+    } else {
+        Err(KickError::Write(
+            std::io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO),
+        ))
     }
 }
 
@@ -104,8 +176,8 @@ pub enum Consumed {
 /// `O_NONBLOCK` flag says: a kick fd is shared with the front-end, which may clear that flag
 /// and read the counter to zero between our `epoll` wake-up and our read, and a blocking read
 /// there would hold the queue's lock (and every sender into that queue) for good.
-/// `preadv2(RWF_NOWAIT)` is refused by kernels whose eventfd has no `read_iter` (before
-/// 6.8): those get a `poll` first, which narrows that window but cannot close it.
+/// `preadv2(RWF_NOWAIT)` is refused by kernels whose eventfd does not support it (older
+/// ones): those get a `poll` first, which narrows that window but cannot close it.
 pub fn consume(fd: &impl AsRawFd) -> std::io::Result<Consumed> {
     let mut value = [0u8; 8];
     let iov = libc::iovec {
@@ -118,11 +190,13 @@ pub fn consume(fd: &impl AsRawFd) -> std::io::Result<Consumed> {
     if n == 8 {
         return Ok(Consumed::Kicks(u64::from_ne_bytes(value)));
     }
+    if n >= 0 {
+        return Err(std::io::Error::other("short eventfd read"));
+    }
     let error = std::io::Error::last_os_error();
     match error.raw_os_error() {
         Some(libc::EAGAIN) => Ok(Consumed::None),
         Some(libc::EOPNOTSUPP | libc::EINVAL) => consume_after_poll(fd),
-        _ if n >= 0 => Err(std::io::Error::other("short eventfd read")),
         _ => Err(error),
     }
 }
@@ -198,10 +272,33 @@ mod tests {
     #[test]
     fn consuming_an_empty_blocking_eventfd_does_not_block() {
         let mut fd = eventfd(0);
-        assert_eq!(consume(&fd).unwrap(), Consumed::None);
+        let (done, result) = std::sync::mpsc::channel();
+        let reader = fd.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let _ = done.send(consume(&reader).unwrap());
+        });
+        let first = result
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the read returned");
+        assert_eq!(first, Consumed::None);
         fd.write_all(&3u64.to_ne_bytes()).unwrap();
         assert_eq!(consume(&fd).unwrap(), Consumed::Kicks(3));
         assert_eq!(consume(&fd).unwrap(), Consumed::None, "read and reset");
+    }
+
+    #[test]
+    fn without_a_ring_only_a_non_blocking_fd_is_kicked() {
+        let mut fd = eventfd(libc::EFD_NONBLOCK);
+        kick_without_ring(&fd).unwrap();
+        let mut value = [0u8; 8];
+        fd.read_exact(&mut value).unwrap();
+        assert_eq!(u64::from_ne_bytes(value), 1);
+        // Made blocking by its owner: not written at all (a full counter would block).
+        let blocking = eventfd(0);
+        assert!(matches!(
+            kick_without_ring(&blocking),
+            Err(KickError::Write(libc::EWOULDBLOCK))
+        ));
     }
 
     #[test]

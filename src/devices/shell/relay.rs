@@ -500,11 +500,12 @@ pub fn relay(
 /// front-end owns that fd and can make a plain write block for good (`sys::kick`), and this
 /// thread must stay free to end the connection.
 fn kick_queue(kicker: Option<&mut Kicker>, kick: &File) {
-    let Some(kicker) = kicker else {
-        log::debug!("no kick ring: queue not kicked");
-        return;
+    let kicked = match kicker {
+        Some(kicker) => kicker.kick(kick, KICK_TIMEOUT),
+        // A host without io_uring: a plain write while the fd is non-blocking (one race left).
+        None => crate::sys::kick::kick_without_ring(kick),
     };
-    if let Err(e) = kicker.kick(kick, KICK_TIMEOUT) {
+    if let Err(e) = kicked {
         log::debug!("queue kick given up: {e}");
     }
 }

@@ -291,7 +291,7 @@ fn serve_connection<D: Device>(
     // filter forbids creating rings).
     let kicker = match backend.device().inflight_slot() {
         Some(_) => crate::sys::kick::Kicker::new()
-            .map_err(|e| log::warn!("{id}: no kick ring, queues not kicked at start: {e}"))
+            .map_err(|e| log::warn!("{id}: no kick ring, queues kicked by plain writes: {e}"))
             .ok(),
         None => None,
     };
