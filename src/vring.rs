@@ -316,79 +316,57 @@ pub fn has_available(vring: &CheckedVring, memory: &GuestMemory) -> bool {
 mod tests {
     use super::*;
 
+    use crate::sys::kick::testing::{count, eventfd, fill, within_10s};
+
+    fn vring() -> CheckedVring {
+        let memory = GuestMemory::from_ranges(&[(vm_memory::GuestAddress(0), 1 << 20)]).unwrap();
+        CheckedVring::new(GuestMemoryAtomic::new(memory), 16).unwrap()
+    }
+
     #[test]
     fn a_kick_read_never_blocks_on_a_front_ends_blocking_empty_eventfd() {
         use std::io::Write;
-        use std::os::fd::FromRawFd;
-        let memory = GuestMemory::from_ranges(&[(vm_memory::GuestAddress(0), 1 << 20)]).unwrap();
-        let vring = CheckedVring::new(GuestMemoryAtomic::new(memory), 16).unwrap();
-        // SAFETY: eventfd has no preconditions; the fd is owned by `kick` from here on.
-        let kick = unsafe { File::from_raw_fd(libc::eventfd(0, 0)) };
+        let vring = vring();
+        let kick = eventfd(0);
         let mut ours = kick.try_clone().unwrap();
         vring.set_kick(Some(kick));
         vring.set_enabled(true);
         // Blocking mode, counter zero (the front-end read it first): a plain read would hang
-        // there with the ring locked (the test fails after 10 s instead of hanging).
-        let (done, result) = std::sync::mpsc::channel();
+        // there with the ring locked.
         let reader = vring.clone();
-        std::thread::spawn(move || {
-            let _ = done.send(reader.read_kick().unwrap());
-            ours.write_all(&1u64.to_ne_bytes()).unwrap();
-            let _ = done.send(reader.read_kick().unwrap());
-            let _ = done.send(reader.read_kick().unwrap());
-        });
-        for _ in 0..3 {
-            let enabled = result
-                .recv_timeout(std::time::Duration::from_secs(10))
-                .expect("the kick read returned");
-            assert!(enabled);
-        }
+        assert!(within_10s(move || reader.read_kick().unwrap()));
+        ours.write_all(&1u64.to_ne_bytes()).unwrap();
+        assert!(vring.read_kick().unwrap());
+        assert_eq!(count(&ours), 0, "consumed");
+        let reader = vring.clone();
+        assert!(
+            within_10s(move || reader.read_kick().unwrap()),
+            "empty again"
+        );
     }
 
     #[test]
     fn a_call_fd_made_blocking_gets_no_write_until_a_new_one_is_set() {
-        use std::io::{Read, Write};
-        use std::os::fd::FromRawFd;
-        let eventfd = |flags| {
-            // SAFETY: eventfd has no preconditions; the fd is owned by the File.
-            let fd = unsafe { libc::eventfd(0, flags) };
-            assert!(fd >= 0);
-            // SAFETY: a fresh fd, owned from here on.
-            unsafe { File::from_raw_fd(fd) }
-        };
-        let count = |mut file: &File| {
-            let mut value = [0u8; 8];
-            file.read_exact(&mut value)
-                .map_or(0, |()| u64::from_ne_bytes(value))
-        };
-        let memory = GuestMemory::from_ranges(&[(vm_memory::GuestAddress(0), 1 << 20)]).unwrap();
-        let vring = CheckedVring::new(GuestMemoryAtomic::new(memory), 16).unwrap();
+        let vring = vring();
         let good = eventfd(libc::EFD_NONBLOCK);
         vring.set_call(Some(good.try_clone().unwrap()));
         vring.signal_used_queue().unwrap();
         assert_eq!(count(&good), 1);
         // The front-end cleared O_NONBLOCK and filled the counter: a write would block for
-        // good (the test fails after 10 s instead of hanging).
-        let mut hostile = eventfd(0);
-        hostile.write_all(&(u64::MAX - 1).to_ne_bytes()).unwrap();
+        // good.
+        let hostile = eventfd(0);
+        fill(&hostile);
         vring.set_call(Some(hostile.try_clone().unwrap()));
-        let (done, result) = std::sync::mpsc::channel();
-        let signaller = vring.clone();
-        std::thread::spawn(move || {
-            let _ = done.send(signaller.signal_used_queue().is_err());
-            let _ = done.send(signaller.signal_used_queue().is_err());
-        });
         for _ in 0..2 {
-            let refused = result
-                .recv_timeout(std::time::Duration::from_secs(10))
-                .expect("the signal returned");
-            assert!(refused);
+            let signaller = vring.clone();
+            assert!(within_10s(move || signaller.signal_used_queue().is_err()));
         }
         // Even made non-blocking again, this fd stays refused; a new one is signalled.
         // SAFETY: F_SETFL on an fd we own.
         let set = unsafe { libc::fcntl(hostile.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
         assert_eq!(set, 0);
         assert!(vring.signal_used_queue().is_err());
+        assert_eq!(count(&hostile), u64::MAX - 1, "never written");
         vring.set_call(Some(good.try_clone().unwrap()));
         vring.signal_used_queue().unwrap();
         assert_eq!(count(&good), 1);

@@ -223,14 +223,15 @@ fn consume_after_poll(fd: &impl AsRawFd) -> std::io::Result<Consumed> {
     }
 }
 
+/// Eventfds and bounded waits for tests of code that must not block on them.
 #[cfg(test)]
-mod tests {
-    use super::*;
+pub mod testing {
     use std::fs::File;
-    use std::io::{Read, Write};
     use std::os::fd::FromRawFd;
+    use std::time::Duration;
 
-    fn eventfd(flags: libc::c_int) -> File {
+    /// A fresh eventfd (`flags`: `EFD_NONBLOCK` or 0, the mode a hostile front-end picks).
+    pub fn eventfd(flags: libc::c_int) -> File {
         // SAFETY: eventfd has no preconditions.
         let fd = unsafe { libc::eventfd(0, flags) };
         assert!(fd >= 0, "eventfd: {}", std::io::Error::last_os_error());
@@ -238,49 +239,69 @@ mod tests {
         unsafe { File::from_raw_fd(fd) }
     }
 
+    /// The counter, read and reset without blocking (0 when empty).
+    pub fn count(file: &File) -> u64 {
+        match super::consume(file).expect("eventfd read") {
+            super::Consumed::Kicks(n) => n,
+            super::Consumed::None => 0,
+        }
+    }
+
+    /// Fills the counter to its maximum: one more write of 1 would block.
+    pub fn fill(file: &File) {
+        use std::io::Write;
+        (&*file)
+            .write_all(&(u64::MAX - 1).to_ne_bytes())
+            .expect("fill eventfd");
+    }
+
+    /// `f()`, run on its own thread; panics if it has not returned within 10 s (a call that
+    /// blocks fails the test instead of hanging it).
+    pub fn within_10s<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (done, result) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = done.send(f());
+        });
+        result
+            .recv_timeout(Duration::from_secs(10))
+            .expect("returned within 10 s")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::testing::{count, eventfd, fill, within_10s};
+    use super::*;
+
     #[test]
     fn a_kick_adds_one() {
-        let mut fd = eventfd(0);
+        let fd = eventfd(0);
         Kicker::new().unwrap().kick(&fd, KICK_TIMEOUT).unwrap();
-        let mut value = [0u8; 8];
-        fd.read_exact(&mut value).unwrap();
-        assert_eq!(u64::from_ne_bytes(value), 1);
+        assert_eq!(count(&fd), 1);
     }
 
     #[test]
     fn a_full_blocking_eventfd_costs_the_timeout_not_the_thread() {
         // Blocking mode (the front-end cleared O_NONBLOCK) and a full counter: a plain write
         // would block until a read that never comes.
-        let mut fd = eventfd(0);
-        fd.write_all(&(u64::MAX - 1).to_ne_bytes()).unwrap();
-        let (done, result) = std::sync::mpsc::channel();
+        let fd = eventfd(0);
+        fill(&fd);
         let kicked = fd.try_clone().unwrap();
         let mut kicker = Kicker::new().unwrap();
-        std::thread::spawn(move || {
-            let _ = done.send(kicker.kick(&kicked, Duration::from_millis(20)).is_err());
-        });
-        // Generous: the kick gives up after 20 ms; a hang fails here instead of hanging.
-        let gave_up = result
-            .recv_timeout(Duration::from_secs(10))
-            .expect("the kick returned");
+        let gave_up = within_10s(move || kicker.kick(&kicked, Duration::from_millis(20)).is_err());
         assert!(gave_up, "no room: the kick is given up");
-        let mut value = [0u8; 8];
-        fd.read_exact(&mut value).unwrap();
-        assert_eq!(u64::from_ne_bytes(value), u64::MAX - 1, "nothing added");
+        assert_eq!(count(&fd), u64::MAX - 1, "nothing added");
     }
 
     #[test]
     fn consuming_an_empty_blocking_eventfd_does_not_block() {
+        use std::io::Write;
         let mut fd = eventfd(0);
-        let (done, result) = std::sync::mpsc::channel();
         let reader = fd.try_clone().unwrap();
-        std::thread::spawn(move || {
-            let _ = done.send(consume(&reader).unwrap());
-        });
-        let first = result
-            .recv_timeout(Duration::from_secs(10))
-            .expect("the read returned");
-        assert_eq!(first, Consumed::None);
+        assert_eq!(
+            within_10s(move || consume(&reader).unwrap()),
+            Consumed::None
+        );
         fd.write_all(&3u64.to_ne_bytes()).unwrap();
         assert_eq!(consume(&fd).unwrap(), Consumed::Kicks(3));
         assert_eq!(consume(&fd).unwrap(), Consumed::None, "read and reset");
@@ -288,17 +309,16 @@ mod tests {
 
     #[test]
     fn without_a_ring_only_a_non_blocking_fd_is_kicked() {
-        let mut fd = eventfd(libc::EFD_NONBLOCK);
+        let fd = eventfd(libc::EFD_NONBLOCK);
         kick_without_ring(&fd).unwrap();
-        let mut value = [0u8; 8];
-        fd.read_exact(&mut value).unwrap();
-        assert_eq!(u64::from_ne_bytes(value), 1);
+        assert_eq!(count(&fd), 1);
         // Made blocking by its owner: not written at all (a full counter would block).
         let blocking = eventfd(0);
         assert!(matches!(
             kick_without_ring(&blocking),
             Err(KickError::Write(libc::EWOULDBLOCK))
         ));
+        assert_eq!(count(&blocking), 0);
     }
 
     #[test]
@@ -311,12 +331,10 @@ mod tests {
         kicker.ring.submit_and_wait(1).unwrap();
         let refused = kicker.ring.completion().next().unwrap().result();
         assert_eq!(refused, -libc::EACCES);
-        let mut fd = eventfd(0);
+        let fd = eventfd(0);
         for _ in 0..3 {
             kicker.kick(&fd, KICK_TIMEOUT).unwrap();
         }
-        let mut value = [0u8; 8];
-        fd.read_exact(&mut value).unwrap();
-        assert_eq!(u64::from_ne_bytes(value), 3);
+        assert_eq!(count(&fd), 3);
     }
 }

@@ -11,10 +11,15 @@ fn raw(request: u32, flags: u32, payload: &[u8]) -> Vec<u8> {
     out
 }
 
-#[test]
-fn early_vring_enables_are_acked_held_and_replayed_after_set_features() {
-    let (mut qemu, front) = UnixStream::pair().unwrap();
-    let (back, mut handler) = UnixStream::pair().unwrap();
+/// A relay for a device without inflight tracking, between a scripted front-end (`qemu`) and
+/// handler, on its own thread.
+fn plain_relay() -> (
+    UnixStream,
+    UnixStream,
+    std::thread::JoinHandle<Result<(), RelayError>>,
+) {
+    let (qemu, front) = UnixStream::pair().unwrap();
+    let (back, handler) = UnixStream::pair().unwrap();
     let relay = std::thread::spawn(move || {
         relay(
             front,
@@ -26,6 +31,12 @@ fn early_vring_enables_are_acked_held_and_replayed_after_set_features() {
             None,
         )
     });
+    (qemu, handler, relay)
+}
+
+#[test]
+fn early_vring_enables_are_acked_held_and_replayed_after_set_features() {
+    let (mut qemu, mut handler, relay) = plain_relay();
     let enable = [0u8, 0, 0, 0, 1, 0, 0, 0];
     // Early enable with NEED_REPLY: answered by the relay, not forwarded.
     qemu.write_all(&raw(SET_VRING_ENABLE, VERSION_1 | FLAG_NEED_REPLY, &enable))
@@ -63,19 +74,7 @@ fn early_vring_enables_are_acked_held_and_replayed_after_set_features() {
 
 #[test]
 fn a_running_rings_address_repeated_with_its_log_flag_stays_here() {
-    let (mut qemu, front) = UnixStream::pair().unwrap();
-    let (back, mut handler) = UnixStream::pair().unwrap();
-    let relay = std::thread::spawn(move || {
-        relay(
-            front,
-            back,
-            |_| {},
-            None,
-            &DirtyLog::default(),
-            &|_| {},
-            None,
-        )
-    });
+    let (mut qemu, mut handler, relay) = plain_relay();
     let mut addr = vec![0u8; 40];
     addr[8] = 0x10; // descriptor table
     let flags = VERSION_1 | FLAG_NEED_REPLY;
@@ -159,19 +158,7 @@ fn send_rarp_announces_the_mac_here_and_is_acknowledged() {
 
 #[test]
 fn a_front_end_cannot_grow_the_relays_state() {
-    let (mut qemu, front) = UnixStream::pair().unwrap();
-    let (back, _handler) = UnixStream::pair().unwrap();
-    let relay = std::thread::spawn(move || {
-        relay(
-            front,
-            back,
-            |_| {},
-            None,
-            &DirtyLog::default(),
-            &|_| {},
-            None,
-        )
-    });
+    let (mut qemu, _handler, relay) = plain_relay();
     let enable = [0u8, 0, 0, 0, 1, 0, 0, 0];
     for _ in 0..=MAX_EARLY_ENABLES {
         if qemu
@@ -186,19 +173,7 @@ fn a_front_end_cannot_grow_the_relays_state() {
 
 #[test]
 fn identical_memory_regions_reach_the_handler_once() {
-    let (mut qemu, front) = UnixStream::pair().unwrap();
-    let (back, mut handler) = UnixStream::pair().unwrap();
-    let relay = std::thread::spawn(move || {
-        relay(
-            front,
-            back,
-            |_| {},
-            None,
-            &DirtyLog::default(),
-            &|_| {},
-            None,
-        )
-    });
+    let (mut qemu, mut handler, relay) = plain_relay();
     let mut region = vec![0u8; 40];
     region[8] = 0x10; // guest address
     region[16] = 0x20; // size
@@ -281,16 +256,9 @@ fn inflight_messages_are_answered_by_the_relay() {
     // Queue 0's kick fd gets a kick of our own (requests left in flight are resubmitted),
     // and another when it is enabled. Queue 1's is blocking and full (a hostile front-end
     // cleared O_NONBLOCK and filled the counter): its kick is given up, and the relay goes on.
-    let eventfd = || {
-        use std::os::fd::FromRawFd;
-        // SAFETY: eventfd has no preconditions.
-        let fd = unsafe { libc::eventfd(0, 0) };
-        assert!(fd >= 0);
-        // SAFETY: a fresh fd, owned from here on.
-        unsafe { File::from_raw_fd(fd) }
-    };
-    let (good, mut full) = (eventfd(), eventfd());
-    full.write_all(&(u64::MAX - 1).to_ne_bytes()).unwrap();
+    use crate::sys::kick::testing::{count, eventfd, fill};
+    let (good, full) = (eventfd(0), eventfd(0));
+    fill(&full);
     qemu.write_all(&raw(SET_FEATURES, VERSION_1, &[0; 8]))
         .unwrap();
     for (queue, fd) in [(0u8, &good), (1, &full)] {
@@ -333,13 +301,8 @@ fn inflight_messages_are_answered_by_the_relay() {
         ],
         "a kick fd that cannot take a kick holds nothing up"
     );
-    let mut value = [0u8; 8];
-    (&good).read_exact(&mut value).unwrap();
-    assert_eq!(
-        u64::from_ne_bytes(value),
-        2,
-        "one kick at SET_VRING_KICK, one at enable"
-    );
+    assert_eq!(count(&good), 2, "one kick at SET_VRING_KICK, one at enable");
+    assert_eq!(count(&full), u64::MAX - 1, "no kick landed in the full one");
     // A region for more queues than the device has ends the connection.
     asked[16] = 3;
     qemu.write_all(&raw(GET_INFLIGHT_FD, VERSION_1, &asked))
@@ -352,19 +315,7 @@ fn inflight_messages_are_answered_by_the_relay() {
 
 #[test]
 fn descriptors_pass_through_and_oversized_messages_end_the_relay() {
-    let (qemu, front) = UnixStream::pair().unwrap();
-    let (back, mut handler) = UnixStream::pair().unwrap();
-    let relay = std::thread::spawn(move || {
-        relay(
-            front,
-            back,
-            |_| {},
-            None,
-            &DirtyLog::default(),
-            &|_| {},
-            None,
-        )
-    });
+    let (qemu, mut handler, relay) = plain_relay();
     let file = tempfile::tempfile().unwrap();
     // A request the relay does not look into passes with its fd.
     qemu.send_with_fds(
