@@ -4,7 +4,9 @@
 //! them all. Cases: 64-byte frames, 1500-byte frames, and 64 KiB TSO frames (a GSO header,
 //! delivered into 4 KiB mergeable buffers). One copy per frame, guest memory to guest memory.
 //!
-//! Criterion reports frames per second. Pin with `taskset` for stable numbers.
+//! Criterion reports frames per second; after each case the bench prints what the daemon moved
+//! per CPU-second of its own (its `/proc` CPU time over the case), the per-core rate. Pin with
+//! `taskset` for stable numbers.
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)] // a benchmark: fail loudly; criterion macros are undocumented
 
 #[allow(dead_code)] // the integration tests' harness; a bench uses a few of its helpers
@@ -102,8 +104,13 @@ fn bench(criterion: &mut Criterion) {
             .collect();
         let tx_len = (HDR + frame.len()) as u32;
         group.throughput(Throughput::Elements(case.batch as u64));
+        // The daemon's own CPU time over every batch of the case (warm-up included): what it
+        // moves per CPU-second, whatever the test front-end's kicks and waits cost.
+        let cpu_before = daemon.cpu_time();
+        let mut frames = 0u64;
         group.bench_function(case.name, |bencher| {
             bencher.iter_custom(|iters| {
+                frames += iters * case.batch as u64;
                 let start = Instant::now();
                 for _ in 0..iters {
                     for &at in &rx {
@@ -118,6 +125,15 @@ fn bench(criterion: &mut Criterion) {
                 start.elapsed()
             })
         });
+        let cpu = (daemon.cpu_time() - cpu_before).as_secs_f64();
+        if cpu > 0.0 {
+            let per_cpu_s = frames as f64 / cpu;
+            let gbit = per_cpu_s * frame.len() as f64 * 8.0 / 1e9;
+            eprintln!(
+                "net-switch/{}: daemon {per_cpu_s:.0} frames per CPU-second ({gbit:.1} Gbit/s of frame bytes per core; {frames} frames in {cpu:.2} CPU-s)",
+                case.name
+            );
+        }
     }
     group.finish();
 }
