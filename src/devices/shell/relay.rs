@@ -510,8 +510,22 @@ fn kick_queue(kicker: Option<&mut Kicker>, kick: &File) {
     }
 }
 
-/// Sends VHOST_USER_BACKEND_CONFIG_CHANGE_MSG (no reply asked) on a backend channel.
-pub fn send_config_change(channel: &mut UnixStream) -> std::io::Result<()> {
+/// What became of a config-change message.
+#[derive(Debug)]
+pub enum Sent {
+    /// All of it went.
+    Whole,
+    /// None of it went (the front-end's socket buffer is full): the channel is still framed.
+    Nothing(std::io::Error),
+    /// Part of it went, or the channel failed: its framing is lost, drop it.
+    Broken(std::io::Error),
+}
+
+/// Sends VHOST_USER_BACKEND_CONFIG_CHANGE_MSG (no reply asked) on a backend channel, in one
+/// `send(MSG_DONTWAIT)`: it never blocks, whatever the socket's file flags say (the front-end
+/// holds the other end and shares the open file: it can clear `O_NONBLOCK` on it), and never
+/// raises SIGPIPE.
+pub fn send_config_change(channel: &UnixStream) -> Sent {
     const CONFIG_CHANGE_MSG: u32 = 2;
     let mut header = [0u8; HEADER_LEN];
     for (dst, src) in header.iter_mut().zip(
@@ -522,7 +536,30 @@ pub fn send_config_change(channel: &mut UnixStream) -> std::io::Result<()> {
     ) {
         *dst = src;
     }
-    channel.write_all(&header)
+    // SAFETY: the buffer is valid for its length; the fd is the stream's, open while borrowed.
+    let sent = unsafe {
+        libc::send(
+            channel.as_raw_fd(),
+            header.as_ptr().cast(),
+            header.len(),
+            libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+        )
+    };
+    match usize::try_from(sent) {
+        Ok(n) if n == header.len() => Sent::Whole,
+        Ok(n) => Sent::Broken(std::io::Error::other(format!(
+            "sent {n} of {} bytes",
+            header.len()
+        ))),
+        Err(_) => {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::WouldBlock {
+                Sent::Nothing(e)
+            } else {
+                Sent::Broken(e)
+            }
+        }
+    }
 }
 
 #[cfg(test)]
