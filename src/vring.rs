@@ -16,7 +16,7 @@
 use std::fs::File;
 use std::io;
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicI32, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, MutexGuard};
 
 use vhost_user_backend::{VringMutex, VringState, VringStateGuard, VringStateMutGuard, VringT};
@@ -33,10 +33,9 @@ pub type AtomicGuestMemory = GuestMemoryAtomic<GuestMemory>;
 pub struct CheckedVring {
     inner: VringMutex<AtomicGuestMemory>,
     size_rejected: Arc<AtomicBool>,
-    /// The call fd (its number, -1: none) found blocking (`signal_locked`): compared with
-    /// the current one under the ring's lock, so a new call fd is never refused for the old
-    /// one's sake, whenever `set_call` clears this.
-    call_refused: Arc<AtomicI32>,
+    /// Set once a call fd of this ring was found blocking or full (`signal_locked`): from
+    /// then on no call fd of this ring is written, new ones included.
+    call_refused: Arc<AtomicBool>,
 }
 
 thread_local! {
@@ -70,26 +69,36 @@ impl CheckedVring {
     /// the flag and fills the counter makes a write block until it reads, which may be never,
     /// and the writer may be another tenant's sender (a switch port's rx queue) or the
     /// busy-poll thread. QEMU, DPDK and cloud-hypervisor make their eventfds non-blocking and
-    /// leave them so: a call fd once found blocking gets no more writes until the front-end
-    /// sets a new one (SET_VRING_CALL). The check and the write are two steps: a front-end
-    /// that clears the flag in between, on its first try (a cleared flag seen once ends the
-    /// queue's signals), still blocks the writer: an open hazard, narrowed to one race.
+    /// leave them so, and never let a counter near its maximum (2^64 - 2: no number of real
+    /// interrupts gets there). So the first call fd found blocking, or full (the write says
+    /// EAGAIN), ends this ring's signals for good, new call fds included: the front-end broke
+    /// its own queue, and may not try again (the check and the write are two steps, and a
+    /// front-end that clears the flag in between blocks the writer; refusing every later fd
+    /// leaves it that one race per ring, not one per SET_VRING_CALL). Eventfds take no
+    /// `RWF_NOWAIT` write (EOPNOTSUPP as of Linux 6.18), which would close the race.
     pub fn signal_locked(&self, state: &VringState<AtomicGuestMemory>) -> io::Result<()> {
         if let Some(call) = state.get_call() {
-            let fd = call.as_raw_fd();
-            if self.call_refused.load(Ordering::Acquire) == fd {
-                return Err(io::Error::other("call eventfd refused (made blocking)"));
+            if self.call_refused.load(Ordering::Acquire) {
+                return Err(io::Error::other(
+                    "call eventfds refused (one was made blocking or full)",
+                ));
             }
             // SAFETY: F_GETFL only reads the status flags of an fd the state owns.
-            let flags = unsafe { libc::fcntl(fd, libc::F_GETFL) };
+            let flags = unsafe { libc::fcntl(call.as_raw_fd(), libc::F_GETFL) };
             if flags < 0 || flags & libc::O_NONBLOCK == 0 {
-                self.call_refused.store(fd, Ordering::Release);
+                self.call_refused.store(true, Ordering::Release);
                 return Err(io::Error::other(
                     "the front-end made its call eventfd blocking: refused",
                 ));
             }
         }
-        state.signal_used_queue()
+        let signalled = state.signal_used_queue();
+        if let Err(e) = &signalled {
+            if e.kind() == io::ErrorKind::WouldBlock {
+                self.call_refused.store(true, Ordering::Release);
+            }
+        }
+        signalled
     }
 
     /// Whether the front-end's last SET_VRING_NUM was refused.
@@ -111,7 +120,7 @@ impl VringT<AtomicGuestMemory> for CheckedVring {
         let vring = Self {
             inner: VringMutex::new(mem, max_queue_size)?,
             size_rejected: Arc::new(AtomicBool::new(false)),
-            call_refused: Arc::new(AtomicI32::new(-1)),
+            call_refused: Arc::new(AtomicBool::new(false)),
         };
         CREATED.with(|c| {
             if let Some(created) = c.borrow_mut().as_mut() {
@@ -207,9 +216,9 @@ impl VringT<AtomicGuestMemory> for CheckedVring {
     }
 
     fn set_call(&self, file: Option<File>) {
-        // A new call fd (made non-blocking by `shell::checks`) is signalled again.
+        // Made non-blocking by `shell::checks`; once one was refused, so is this one
+        // (`signal_locked`).
         self.inner.set_call(file);
-        self.call_refused.store(-1, Ordering::Release);
     }
 
     fn set_err(&self, file: Option<File>) {
@@ -346,7 +355,7 @@ mod tests {
     }
 
     #[test]
-    fn a_call_fd_made_blocking_gets_no_write_until_a_new_one_is_set() {
+    fn a_call_fd_made_blocking_ends_the_rings_signals() {
         let vring = vring();
         let good = eventfd(libc::EFD_NONBLOCK);
         vring.set_call(Some(good.try_clone().unwrap()));
@@ -361,15 +370,31 @@ mod tests {
             let signaller = vring.clone();
             assert!(within_10s(move || signaller.signal_used_queue().is_err()));
         }
-        // Even made non-blocking again, this fd stays refused; a new one is signalled.
+        // Even made non-blocking again, this fd stays refused, and so does a new one (the
+        // front-end gets no second try at the race between the check and the write).
         // SAFETY: F_SETFL on an fd we own.
         let set = unsafe { libc::fcntl(hostile.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
         assert_eq!(set, 0);
         assert!(vring.signal_used_queue().is_err());
         assert_eq!(count(&hostile), u64::MAX - 1, "never written");
         vring.set_call(Some(good.try_clone().unwrap()));
-        vring.signal_used_queue().unwrap();
-        assert_eq!(count(&good), 1);
+        assert!(vring.signal_used_queue().is_err());
+        assert_eq!(count(&good), 0, "a new call fd is refused too");
+    }
+
+    #[test]
+    fn a_full_call_fd_ends_the_rings_signals() {
+        // Non-blocking, but the front-end filled the counter: the write says EAGAIN, and the
+        // ring is signalled no more (no retry at every completion).
+        let vring = vring();
+        let full = eventfd(libc::EFD_NONBLOCK);
+        fill(&full);
+        vring.set_call(Some(full.try_clone().unwrap()));
+        assert!(vring.signal_used_queue().is_err());
+        let good = eventfd(libc::EFD_NONBLOCK);
+        vring.set_call(Some(good.try_clone().unwrap()));
+        assert!(vring.signal_used_queue().is_err());
+        assert_eq!(count(&good), 0);
     }
 
     #[test]
