@@ -62,6 +62,12 @@ impl<'q, 'a, 'm> Burst<'q, 'a, 'm> {
         })
     }
 
+    /// Chains longer than `max` descriptors are broken (`SplitRing::limit_walk`).
+    pub fn limit_walk(mut self, max: u32) -> Self {
+        self.ring.limit_walk(max);
+        self
+    }
+
     /// Marks what the burst writes into the used ring in `log` (`ring::dirty`); the caller
     /// marks the buffers it writes, through [`Burst::log`].
     pub fn with_log(mut self, log: Option<&'a DirtyLog>) -> Self {

@@ -91,6 +91,9 @@ pub struct SplitRing<'a, 'm> {
     used: NonNull<u8>,
     size: u16,
     event_idx: bool,
+    /// Most descriptors one chain walk reads (direct and indirect together), if the device
+    /// sets a limit ([`SplitRing::limit_walk`]).
+    max_walk: u32,
 }
 
 /// The host address of a ring area of `len` bytes at `gpa` aligned to `align` (both the
@@ -142,7 +145,16 @@ impl<'a, 'm> SplitRing<'a, 'm> {
             used,
             size,
             event_idx: queue.event_idx_enabled(),
+            max_walk: u32::MAX,
         })
+    }
+
+    /// Chains for which more than `max` descriptors would be read (each direct one, an
+    /// indirect one and every entry of its table) are broken: the walk stops reading there. For devices whose chains are short by nature (a NIC's: Linux
+    /// sends at most `MAX_SKB_FRAGS` + 2), so that a guest's ring of table-long chains cannot
+    /// make every walk of it, on a sender's thread, read a ring times a table of descriptors.
+    pub fn limit_walk(&mut self, max: u32) {
+        self.max_walk = max.max(1);
     }
 
     /// The queue size.
@@ -225,8 +237,10 @@ impl<'a, 'm> SplitRing<'a, 'm> {
         let mut ttl = count;
         let mut indirect = false;
         let mut index = head;
+        let mut budget = self.max_walk;
         loop {
             ttl = ttl.checked_sub(1).ok_or(BrokenChain)?;
+            budget = budget.checked_sub(1).ok_or(BrokenChain)?;
             let d = Self::read_desc(table, index);
             if d.flags & F_INDIRECT != 0 {
                 // The last descriptor of the chain (after zero or more direct ones: the device

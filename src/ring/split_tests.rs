@@ -434,3 +434,39 @@ fn direct_descriptors_may_lead_into_an_indirect_table_longer_than_the_ring() {
     assert_eq!((head, walked), (2, Err(BrokenChain)));
     let _ = burst.finish();
 }
+
+#[test]
+fn a_walk_limit_breaks_longer_chains_and_keeps_shorter_ones() {
+    // The same chain (a header, the indirect descriptor, then a table of 20: 22 descriptors
+    // read) walked under a limit of 22 and of 21: whole, then broken, read no further.
+    let mem = memory();
+    let mock = MockSplitQueue::new(&mem, 8);
+    let table = 0x9_0000u64;
+    for i in 0..20u16 {
+        let flags = if i < 19 { F_NEXT } else { F_WRITE };
+        let d = desc(0xa_0000 + u64::from(i) * 0x100, 16, flags, i + 1);
+        mem.write_obj(d, GuestAddress(table + 16 * u64::from(i)))
+            .unwrap();
+    }
+    mock.desc_table()
+        .store(0, desc(0xb_0000, 16, F_NEXT, 1))
+        .unwrap();
+    mock.desc_table()
+        .store(1, desc(table, 20 * 16, F_INDIRECT, 0))
+        .unwrap();
+    publish(&mem, &mock, &[0, 0]);
+    let mut queue: Queue = mock.create_queue().unwrap();
+    let map = MemMap::new(&mem);
+    let mut out = Buffers::new();
+    {
+        let mut burst = Burst::new(&mut queue, &map).unwrap().limit_walk(22);
+        let (head, walked) = burst.pop(&mut out).unwrap().unwrap();
+        assert_eq!((head, walked, out.len()), (0, Ok(()), 21), "at the limit: whole");
+        let _ = burst.finish();
+    }
+    let mut burst = Burst::new(&mut queue, &map).unwrap().limit_walk(21);
+    let (head, walked) = burst.pop(&mut out).unwrap().unwrap();
+    assert_eq!((head, walked), (0, Err(BrokenChain)), "one past the limit: broken");
+    assert!(out.len() <= 20, "read no further than the limit: {}", out.len());
+    let _ = burst.finish();
+}

@@ -28,7 +28,7 @@ use vm_memory::{Address, GuestAddressSpace};
 use super::frame::{rx_buffer_into, FrameRef, Frames, RxBuffer};
 use super::header::{complete_checksum, NetHeader, F_NEEDS_CSUM, HEADER_LEN};
 use super::slots::Slots;
-use super::spec::Negotiated;
+use super::spec::{Negotiated, MAX_CHAIN_DESCRIPTORS, MAX_FRAME_CHAINS};
 use super::stats::{Direction, Drop, NetStats, Tally};
 use crate::devices::desc::Buffers;
 use crate::devices::sg::{copy_between, copy_in, write_stream_in};
@@ -88,10 +88,18 @@ impl RxBatch {
     ) -> Result<Gathered, RingError> {
         self.reset();
         let map = burst.map();
+        // Chains taken for this frame, broken ones included (bounded: `MAX_FRAME_CHAINS`).
+        let mut taken = 0usize;
         loop {
             if !self.buffers.is_empty() && (!mergeable || self.capacity >= need) {
                 return Ok(Gathered::Ready);
             }
+            if taken >= MAX_FRAME_CHAINS {
+                // Its chains are too small or broken: treated as a full ring.
+                self.put_back(burst);
+                return Ok(Gathered::Empty);
+            }
+            taken = taken.saturating_add(1);
             let popped = match burst.pop(&mut self.descs) {
                 Ok(popped) => popped,
                 Err(e) => {
@@ -269,7 +277,9 @@ impl RxTarget {
         let memory = self.memory.memory();
         let map = MemMap::new(&memory);
         let mut burst = match Burst::bounded(state.get_queue_mut(), &map, end) {
-            Ok(burst) => burst.with_log(Some(&self.log)),
+            Ok(burst) => burst
+                .with_log(Some(&self.log))
+                .limit_walk(MAX_CHAIN_DESCRIPTORS),
             Err(e) => {
                 log::debug!("rx ring refused: {e}");
                 picks
@@ -504,4 +514,54 @@ fn copy_frame(memory: &GuestMemory, batch: &RxBatch, frame: &FrameRef<'_>) -> Re
         }
     }
     Ok(done)
+}
+
+#[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)]
+mod tests {
+    use super::*;
+    use virtio_queue::desc::split::Descriptor as SplitDescriptor;
+    use virtio_queue::desc::RawDescriptor;
+    use virtio_queue::mock::MockSplitQueue;
+    use virtio_queue::Queue;
+    use vm_memory::{Bytes, GuestAddress};
+
+    /// A 256-entry rx ring of `chains` one-buffer chains of 512 bytes, all published.
+    fn ring(mem: &GuestMemory, chains: u16) -> Queue {
+        let mock = MockSplitQueue::new(mem, 256);
+        for i in 0..chains {
+            let d = SplitDescriptor::new(0x10_0000 + u64::from(i) * 512, 512, 2, 0);
+            mock.desc_table().store(i, RawDescriptor::from(d)).unwrap();
+            let slot = mock.avail_addr().0 + 4 + 2 * u64::from(i);
+            mem.write_obj(i, GuestAddress(slot)).unwrap();
+        }
+        mem.write_obj(chains, GuestAddress(mock.avail_addr().0 + 2))
+            .unwrap();
+        mock.create_queue().unwrap()
+    }
+
+    #[test]
+    fn a_frame_takes_at_most_max_frame_chains_then_the_ring_counts_as_full() {
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap();
+        let mut queue = ring(&mem, 200);
+        let map = MemMap::new(&mem);
+        let mut burst = Burst::new(&mut queue, &map).unwrap();
+        let mut batch = RxBatch::default();
+        let per = 512u64;
+        // Exactly MAX_FRAME_CHAINS chains: taken.
+        let need = per * MAX_FRAME_CHAINS as u64;
+        let got = batch.gather(&mut burst, &mem, need, true, |_| {});
+        assert_eq!(got, Ok(Gathered::Ready));
+        assert_eq!(batch.buffers().len(), MAX_FRAME_CHAINS);
+        batch.put_back(&mut burst);
+        // One byte more would take one chain more: the walk stops and puts everything back.
+        let got = batch.gather(&mut burst, &mem, need + 1, true, |_| {});
+        assert_eq!(got, Ok(Gathered::Empty));
+        assert_eq!(burst.next_avail(), 0, "every chain put back");
+        let _ = burst.finish();
+    }
 }

@@ -28,7 +28,7 @@ use super::rx::RxTarget;
 use super::rx::{Gathered, RxBatch};
 use super::shared::NetShared;
 use super::slots::Slots;
-use super::spec::Negotiated;
+use super::spec::{Negotiated, MAX_CHAIN_DESCRIPTORS};
 use super::stats::{Direction, Drop, Tally};
 use super::tap_queue::TapQueue;
 use crate::devices::desc::Buffers;
@@ -309,7 +309,9 @@ impl PairWorker {
             let map = MemMap::new(&memory);
             let dirty = Arc::clone(&self.log);
             let mut burst = match Burst::bounded(state.get_queue_mut(), &map, end) {
-                Ok(burst) => burst.with_log(Some(&dirty)),
+                Ok(burst) => burst
+                    .with_log(Some(&dirty))
+                    .limit_walk(MAX_CHAIN_DESCRIPTORS),
                 Err(e) => {
                     stats.ring_error();
                     log::debug!("{} pair {}: rx ring: {e}", self.shared.config.id, self.pair);
@@ -611,7 +613,9 @@ impl PairWorker {
         let map = MemMap::new(&memory);
         let dirty = Arc::clone(&self.log);
         let served = Burst::bounded(state.get_queue_mut(), &map, end).map(|burst| {
-            let mut burst = burst.with_log(Some(&dirty));
+            let mut burst = burst
+                .with_log(Some(&dirty))
+                .limit_walk(MAX_CHAIN_DESCRIPTORS);
             burst.suppress_kicks();
             let sent_held = self.tx_burst(&mut burst, &memory);
             (sent_held, burst.finish())
