@@ -461,12 +461,24 @@ fn a_walk_limit_breaks_longer_chains_and_keeps_shorter_ones() {
     {
         let mut burst = Burst::new(&mut queue, &map).unwrap().limit_walk(22);
         let (head, walked) = burst.pop(&mut out).unwrap().unwrap();
-        assert_eq!((head, walked, out.len()), (0, Ok(()), 21), "at the limit: whole");
+        assert_eq!(
+            (head, walked, out.len()),
+            (0, Ok(()), 21),
+            "at the limit: whole"
+        );
         let _ = burst.finish();
     }
     let mut burst = Burst::new(&mut queue, &map).unwrap().limit_walk(21);
     let (head, walked) = burst.pop(&mut out).unwrap().unwrap();
-    assert_eq!((head, walked), (0, Err(BrokenChain)), "one past the limit: broken");
-    assert!(out.len() <= 20, "read no further than the limit: {}", out.len());
+    assert_eq!(
+        (head, walked),
+        (0, Err(BrokenChain)),
+        "one past the limit: broken"
+    );
+    assert!(
+        out.len() <= 20,
+        "read no further than the limit: {}",
+        out.len()
+    );
     let _ = burst.finish();
 }

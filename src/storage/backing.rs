@@ -113,7 +113,10 @@ pub fn open_backing(request: &OpenRequest<'_>) -> Result<BackingFile, BackingErr
         path: path.to_path_buf(),
         source,
     };
-    let mut flags = libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    // O_NONBLOCK: a control client may name a FIFO, whose open would wait for a writer (the
+    // control thread, holding the registry, with it). Cleared below once the file is known
+    // to be a regular file or a block device.
+    let mut flags = libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK;
     if request.direct {
         flags |= libc::O_DIRECT;
     }
@@ -133,8 +136,19 @@ pub fn open_backing(request: &OpenRequest<'_>) -> Result<BackingFile, BackingErr
     // Checked on what was opened (no race with the path changing): nothing has been read,
     // written or locked yet.
     let opened = file.metadata().map_err(with_path)?.file_type();
+    if !opened.is_file() && !opened.is_block_device() {
+        return Err(BackingError::NotAFileOrBlockDevice(path.to_path_buf()));
+    }
     if opened.is_block_device() && !ALLOW_BLOCK_DEVICES.load(std::sync::atomic::Ordering::Acquire) {
         return Err(BackingError::BlockDeviceNotAllowed(path.to_path_buf()));
+    }
+    // SAFETY: F_GETFL/F_SETFL on the fd we just opened and own.
+    let cleared = unsafe {
+        let status = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
+        status >= 0 && libc::fcntl(file.as_raw_fd(), libc::F_SETFL, status & !libc::O_NONBLOCK) == 0
+    };
+    if !cleared {
+        return Err(with_path(std::io::Error::last_os_error()));
     }
     if request.lock {
         lock(&file, request.readonly).map_err(|e| match e.raw_os_error() {
@@ -238,6 +252,30 @@ mod tests {
             direct: false,
             lock: true,
         }
+    }
+
+    #[test]
+    fn a_fifo_is_refused_without_waiting_for_a_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("fifo");
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let (done, result) = std::sync::mpsc::channel();
+        let opening = path.clone();
+        std::thread::spawn(move || {
+            let mut request = request(&opening, None);
+            request.readonly = true;
+            let _ = done.send(matches!(
+                open_backing(&request),
+                Err(BackingError::NotAFileOrBlockDevice(_))
+            ));
+        });
+        assert_eq!(
+            result.recv_timeout(std::time::Duration::from_secs(10)),
+            Ok(true),
+            "refused at once, no writer needed"
+        );
     }
 
     #[test]

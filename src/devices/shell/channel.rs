@@ -73,7 +73,11 @@ mod tests {
         ours.set_nonblocking(false).unwrap();
         // SAFETY: F_GETFL on an open fd.
         let flags = unsafe { libc::fcntl(ours.as_raw_fd(), libc::F_GETFL) };
-        assert_eq!(flags & libc::O_NONBLOCK, 0, "the front-end made it blocking");
+        assert_eq!(
+            flags & libc::O_NONBLOCK,
+            0,
+            "the front-end made it blocking"
+        );
         let mut sent = 0usize;
         ours.set_nonblocking(true).unwrap();
         while let Ok(n) = std::io::Write::write(&mut &ours, &[0u8; 4096]) {
