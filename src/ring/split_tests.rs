@@ -392,31 +392,37 @@ fn a_bounded_burst_takes_nothing_published_after_its_bound() {
     assert!(Burst::bounded(&mut queue, &map, None).is_err());
 }
 
-#[test]
-fn direct_descriptors_may_lead_into_an_indirect_table_longer_than_the_ring() {
-    // A disk's request: a direct header descriptor, then an indirect table of 20 entries on an
-    // 8-entry ring (Linux sizes tables by seg_max, which may exceed a small ring).
-    let mem = memory();
-    let mock = MockSplitQueue::new(&mem, 8);
-    let table = 0x9_0000u64;
+/// Head 0: a direct header descriptor, then (descriptor 1) an indirect table of 20 entries
+/// at `TABLE`, the last one device-writable.
+const TABLE: u64 = 0x9_0000;
+fn header_and_table(mem: &GuestMemory, mock: &MockSplitQueue<GuestMemory>) {
     for i in 0..20u16 {
         let flags = if i < 19 { F_NEXT } else { F_WRITE };
         let d = desc(0xa_0000 + u64::from(i) * 0x100, 16, flags, i + 1);
-        mem.write_obj(d, GuestAddress(table + 16 * u64::from(i)))
+        mem.write_obj(d, GuestAddress(TABLE + 16 * u64::from(i)))
             .unwrap();
     }
     mock.desc_table()
         .store(0, desc(0xb_0000, 16, F_NEXT, 1))
         .unwrap();
     mock.desc_table()
-        .store(1, desc(table, 20 * 16, F_INDIRECT, 0))
+        .store(1, desc(TABLE, 20 * 16, F_INDIRECT, 0))
         .unwrap();
+}
+
+#[test]
+fn direct_descriptors_may_lead_into_an_indirect_table_longer_than_the_ring() {
+    // A disk's request: a direct header descriptor, then an indirect table of 20 entries on an
+    // 8-entry ring (Linux sizes tables by seg_max, which may exceed a small ring).
+    let mem = memory();
+    let mock = MockSplitQueue::new(&mem, 8);
+    header_and_table(&mem, &mock);
     // An indirect descriptor that is not the chain's last is refused.
     mock.desc_table()
         .store(2, desc(0xb_0000, 16, F_NEXT, 3))
         .unwrap();
     mock.desc_table()
-        .store(3, desc(table, 20 * 16, F_INDIRECT | F_NEXT, 4))
+        .store(3, desc(TABLE, 20 * 16, F_INDIRECT | F_NEXT, 4))
         .unwrap();
     mock.desc_table().store(4, desc(0xb_0000, 1, 0, 0)).unwrap();
     publish(&mem, &mock, &[0, 2]);
@@ -441,19 +447,7 @@ fn a_walk_limit_breaks_longer_chains_and_keeps_shorter_ones() {
     // read) walked under a limit of 22 and of 21: whole, then broken, read no further.
     let mem = memory();
     let mock = MockSplitQueue::new(&mem, 8);
-    let table = 0x9_0000u64;
-    for i in 0..20u16 {
-        let flags = if i < 19 { F_NEXT } else { F_WRITE };
-        let d = desc(0xa_0000 + u64::from(i) * 0x100, 16, flags, i + 1);
-        mem.write_obj(d, GuestAddress(table + 16 * u64::from(i)))
-            .unwrap();
-    }
-    mock.desc_table()
-        .store(0, desc(0xb_0000, 16, F_NEXT, 1))
-        .unwrap();
-    mock.desc_table()
-        .store(1, desc(table, 20 * 16, F_INDIRECT, 0))
-        .unwrap();
+    header_and_table(&mem, &mock);
     publish(&mem, &mock, &[0, 0]);
     let mut queue: Queue = mock.create_queue().unwrap();
     let map = MemMap::new(&mem);
