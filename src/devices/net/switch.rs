@@ -89,6 +89,9 @@ pub struct Switch {
     aging_ns: u64,
     /// When aged entries were last swept out.
     swept_ns: u64,
+    /// Sweeps so far (tests check a full table is not swept per frame).
+    #[cfg(test)]
+    sweeps: u32,
 }
 
 /// Most MACs one switch learns. Anything behind an uplink can send from any number of source
@@ -97,6 +100,9 @@ pub struct Switch {
 pub const MAX_LEARNT: usize = 16384;
 
 const BROADCAST: Mac = [0xff; 6];
+
+/// How often a full table may be swept for aged entries.
+const FULL_SWEEP_NS: u64 = 1_000_000_000;
 
 fn is_multicast(mac: &Mac) -> bool {
     mac[0] & 1 == 1
@@ -110,6 +116,8 @@ impl Switch {
             table: HashMap::with_hasher(ahash::RandomState::new()),
             aging_ns,
             swept_ns: 0,
+            #[cfg(test)]
+            sweeps: 0,
         }
     }
 
@@ -145,7 +153,12 @@ impl Switch {
             return;
         }
         if self.table.len() >= MAX_LEARNT {
-            self.expire(now_ns);
+            // Full: swept at most once a second (a spray of new sources behind an uplink must
+            // not make every frame scan the whole table under the switch's lock).
+            if now_ns.saturating_sub(self.swept_ns) >= FULL_SWEEP_NS {
+                self.expire(now_ns);
+                self.swept_ns = now_ns;
+            }
             if self.table.len() >= MAX_LEARNT {
                 return;
             }
@@ -155,6 +168,10 @@ impl Switch {
 
     /// Drops entries older than the aging time.
     pub fn expire(&mut self, now_ns: u64) {
+        #[cfg(test)]
+        {
+            self.sweeps += 1;
+        }
         let aging = self.aging_ns;
         self.table
             .retain(|_, (_, seen)| now_ns.saturating_sub(*seen) < aging);
@@ -181,7 +198,9 @@ impl Switch {
         if !config.uplink && src != config.mac {
             return Forward::Drop(DropReason::Spoofed);
         }
-        if *ethertype == [0x81, 0x00] {
+        // 802.1Q, 802.1ad and the older 0x9100 QinQ tag: none enters a VLAN-less port's
+        // traffic (a tag a network behind an uplink could act on).
+        if matches!(*ethertype, [0x81, 0x00] | [0x88, 0xa8] | [0x91, 0x00]) {
             return Forward::Drop(DropReason::TaggedOnAccess);
         }
         let vlan = config.vlan.unwrap_or(0);
@@ -260,8 +279,13 @@ mod tests {
             [0x02, 0x99, b[0], b[1], b[2], b[3]]
         };
         for i in 0..MAX_LEARNT + 1000 {
-            s.forward(9, &frame(BROADCAST, sprayed(i)), 1);
+            s.forward(9, &frame(BROADCAST, sprayed(i)), 1 + i as u64);
         }
+        assert!(
+            s.sweeps <= 1,
+            "a full table is not swept for each new source: {} sweeps",
+            s.sweeps
+        );
         assert_eq!(
             s.table.len(),
             MAX_LEARNT,
@@ -329,13 +353,15 @@ mod tests {
             s.forward(1, &frame(mac(2), BROADCAST), 0),
             Forward::Drop(DropReason::BadSource)
         );
-        let mut tagged = frame(mac(2), mac(1));
-        tagged[12] = 0x81;
-        tagged[13] = 0x00;
-        assert_eq!(
-            s.forward(1, &tagged, 0),
-            Forward::Drop(DropReason::TaggedOnAccess)
-        );
+        for tpid in [[0x81, 0x00], [0x88, 0xa8], [0x91, 0x00]] {
+            let mut tagged = frame(mac(2), mac(1));
+            tagged[12..14].copy_from_slice(&tpid);
+            assert_eq!(
+                s.forward(1, &tagged, 0),
+                Forward::Drop(DropReason::TaggedOnAccess),
+                "{tpid:02x?}"
+            );
+        }
         assert_eq!(
             s.forward(7, &frame(mac(2), mac(1)), 0),
             Forward::Drop(DropReason::UnknownPort)
