@@ -36,6 +36,8 @@ pub struct CheckedVring {
     /// Set once a call fd of this ring was found blocking or full (`signal_locked`): from
     /// then on no call fd of this ring is written, new ones included.
     call_refused: Arc<AtomicBool>,
+    /// Refused queue sizes are the front-end's to repeat: one line a second.
+    size_log: Arc<std::sync::Mutex<crate::log_limit::LogLimiter>>,
 }
 
 thread_local! {
@@ -71,7 +73,8 @@ impl CheckedVring {
     /// busy-poll thread. QEMU, DPDK and cloud-hypervisor make their eventfds non-blocking and
     /// leave them so, and never let a counter near its maximum (2^64 - 2: no number of real
     /// interrupts gets there). So the first call fd found blocking, or full (the write says
-    /// EAGAIN), ends this ring's signals for good, new call fds included: the front-end broke
+    /// EAGAIN), ends this ring's signals for the connection (rings are made per connection),
+    /// new call fds included: the front-end broke
     /// its own queue, and may not try again (the check and the write are two steps, and a
     /// front-end that clears the flag in between blocks the writer; refusing every later fd
     /// leaves it that one race per ring, not one per SET_VRING_CALL). Eventfds take no
@@ -121,6 +124,7 @@ impl VringT<AtomicGuestMemory> for CheckedVring {
             inner: VringMutex::new(mem, max_queue_size)?,
             size_rejected: Arc::new(AtomicBool::new(false)),
             call_refused: Arc::new(AtomicBool::new(false)),
+            size_log: Arc::default(),
         };
         CREATED.with(|c| {
             if let Some(created) = c.borrow_mut().as_mut() {
@@ -187,7 +191,17 @@ impl VringT<AtomicGuestMemory> for CheckedVring {
             self.size_rejected.store(false, Ordering::Release);
             self.inner.set_queue_size(num);
         } else {
-            log::error!("front-end set queue size {num}, not a power of two: queue disabled");
+            let allowed = self
+                .size_log
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .allow();
+            if let Some(suppressed) = allowed {
+                log::error!(
+                    "front-end set queue size {num}, not a power of two: queue disabled \
+                     ({suppressed} similar not logged)"
+                );
+            }
             self.size_rejected.store(true, Ordering::Release);
         }
     }

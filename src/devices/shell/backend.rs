@@ -126,6 +126,9 @@ pub struct DeviceBackend<D: Device> {
     this: std::sync::OnceLock<std::sync::Weak<Self>>,
     /// The connection ended ([`DeviceBackend::close`]).
     closed: std::sync::atomic::AtomicBool,
+    /// Worker errors are the tenant's to repeat (a memory table that no longer covers a ring
+    /// fails at every kick): one line a second.
+    error_log: Mutex<crate::log_limit::LogLimiter>,
 }
 
 impl<D: Device> DeviceBackend<D> {
@@ -151,6 +154,7 @@ impl<D: Device> DeviceBackend<D> {
             vrings: std::sync::RwLock::new(Vec::new()),
             this: std::sync::OnceLock::new(),
             closed: std::sync::atomic::AtomicBool::new(false),
+            error_log: Mutex::new(crate::log_limit::LogLimiter::default()),
         })
     }
 
@@ -443,7 +447,17 @@ impl<D: Device> VhostUserBackend for DeviceBackend<D> {
         // A broken ring is the guest's (or front-end's) doing: log it and keep the thread,
         // since an error here would end the worker's event loop for good.
         if let Err(e) = worker.handle(event, vrings) {
-            log::error!("{}: worker {thread_id}: {e}", self.device.id());
+            let allowed = self
+                .error_log
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .allow();
+            if let Some(suppressed) = allowed {
+                log::error!(
+                    "{}: worker {thread_id}: {e} ({suppressed} similar errors not logged)",
+                    self.device.id()
+                );
+            }
         }
         self.join_group(thread_id, worker, vrings);
         Ok(())
