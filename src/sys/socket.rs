@@ -21,14 +21,69 @@ pub fn clear_stale(path: &Path) -> std::io::Result<()> {
             "the path exists and is not a socket; refusing to replace it",
         ));
     }
-    match std::os::unix::net::UnixStream::connect(path) {
-        Ok(_) => Err(Error::new(
+    let in_use = || {
+        Error::new(
             ErrorKind::AddrInUse,
             "another process is listening on this socket",
-        )),
+        )
+    };
+    match connect_nonblocking(path) {
+        Ok(()) => Err(in_use()),
+        // A listener whose backlog is full: alive (a blocking connect would wait for it, on
+        // the control thread, for as long as its owner likes).
+        Err(e) if e.kind() == ErrorKind::WouldBlock => Err(in_use()),
         Err(e) if e.kind() == ErrorKind::ConnectionRefused => std::fs::remove_file(path),
         Err(e) => Err(e),
     }
+}
+
+/// Connects a non-blocking unix stream socket to `path` (then closes it).
+fn connect_nonblocking(path: &Path) -> std::io::Result<()> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    // SAFETY: sockaddr_un is plain data; all zeroes is a valid value.
+    let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+    addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+    let bytes = path.as_os_str().as_bytes();
+    // Room for the terminating NUL.
+    if bytes.len() >= addr.sun_path.len() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "socket path too long",
+        ));
+    }
+    for (dst, &src) in addr.sun_path.iter_mut().zip(bytes) {
+        *dst = src as libc::c_char;
+    }
+    // SAFETY: socket(2) with constant arguments; the fd is owned at once.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd nobody else owns.
+    let socket = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: `addr` is a valid sockaddr_un of the size given; the fd is open.
+    let rc = unsafe {
+        libc::connect(
+            std::os::fd::AsRawFd::as_raw_fd(&socket),
+            std::ptr::addr_of!(addr).cast(),
+            std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        return Ok(());
+    }
+    let e = std::io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::EINPROGRESS) {
+        return Ok(());
+    }
+    Err(e)
 }
 
 #[cfg(test)]
@@ -55,6 +110,26 @@ mod tests {
         // A socket someone listens on: refused.
         assert!(clear_stale(&live).is_err());
         assert!(live.exists());
+        // One whose backlog is full: alive, refused at once (a blocking connect would wait).
+        let full = dir.path().join("full.sock");
+        let busy = std::os::unix::net::UnixListener::bind(&full).unwrap();
+        let mut queued = 0u32;
+        while let Ok(()) = connect_nonblocking(&full) {
+            // Each connected socket closes at once, but stays in the backlog until accepted.
+            queued += 1;
+            assert!(queued < 100_000, "the backlog never filled");
+        }
+        let (done, result) = std::sync::mpsc::channel();
+        let path = full.clone();
+        std::thread::spawn(move || {
+            let _ = done.send(clear_stale(&path).map_err(|e| e.kind()));
+        });
+        assert_eq!(
+            result.recv_timeout(std::time::Duration::from_secs(10)),
+            Ok(Err(std::io::ErrorKind::AddrInUse))
+        );
+        assert!(full.exists());
+        drop(busy);
         // A dead one: removed.
         drop(listener);
         clear_stale(&live).unwrap();

@@ -170,7 +170,7 @@ impl Switch {
     pub fn expire(&mut self, now_ns: u64) {
         #[cfg(test)]
         {
-            self.sweeps += 1;
+            self.sweeps = self.sweeps.saturating_add(1);
         }
         let aging = self.aging_ns;
         self.table
