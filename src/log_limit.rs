@@ -30,6 +30,20 @@ impl LogLimiter {
     }
 }
 
+/// A limiter shared between threads (a connection's workers, a ring's message handler).
+#[derive(Debug, Default)]
+pub struct SharedLogLimiter(std::sync::Mutex<LogLimiter>);
+
+impl SharedLogLimiter {
+    /// As [`LogLimiter::allow`].
+    pub fn allow(&self) -> Option<u64> {
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .allow()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

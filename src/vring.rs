@@ -37,7 +37,7 @@ pub struct CheckedVring {
     /// then on no call fd of this ring is written, new ones included.
     call_refused: Arc<AtomicBool>,
     /// Refused queue sizes are the front-end's to repeat: one line a second.
-    size_log: Arc<std::sync::Mutex<crate::log_limit::LogLimiter>>,
+    size_log: Arc<crate::log_limit::SharedLogLimiter>,
 }
 
 thread_local! {
@@ -191,12 +191,7 @@ impl VringT<AtomicGuestMemory> for CheckedVring {
             self.size_rejected.store(false, Ordering::Release);
             self.inner.set_queue_size(num);
         } else {
-            let allowed = self
-                .size_log
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .allow();
-            if let Some(suppressed) = allowed {
+            if let Some(suppressed) = self.size_log.allow() {
                 log::error!(
                     "front-end set queue size {num}, not a power of two: queue disabled \
                      ({suppressed} similar not logged)"

@@ -128,7 +128,7 @@ pub struct DeviceBackend<D: Device> {
     closed: std::sync::atomic::AtomicBool,
     /// Worker errors are the tenant's to repeat (a memory table that no longer covers a ring
     /// fails at every kick): one line a second.
-    error_log: Mutex<crate::log_limit::LogLimiter>,
+    error_log: crate::log_limit::SharedLogLimiter,
 }
 
 impl<D: Device> DeviceBackend<D> {
@@ -154,7 +154,7 @@ impl<D: Device> DeviceBackend<D> {
             vrings: std::sync::RwLock::new(Vec::new()),
             this: std::sync::OnceLock::new(),
             closed: std::sync::atomic::AtomicBool::new(false),
-            error_log: Mutex::new(crate::log_limit::LogLimiter::default()),
+            error_log: crate::log_limit::SharedLogLimiter::default(),
         })
     }
 
@@ -447,12 +447,7 @@ impl<D: Device> VhostUserBackend for DeviceBackend<D> {
         // A broken ring is the guest's (or front-end's) doing: log it and keep the thread,
         // since an error here would end the worker's event loop for good.
         if let Err(e) = worker.handle(event, vrings) {
-            let allowed = self
-                .error_log
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .allow();
-            if let Some(suppressed) = allowed {
+            if let Some(suppressed) = self.error_log.allow() {
                 log::error!(
                     "{}: worker {thread_id}: {e} ({suppressed} similar errors not logged)",
                     self.device.id()
