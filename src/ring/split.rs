@@ -149,8 +149,8 @@ impl<'a, 'm> SplitRing<'a, 'm> {
         })
     }
 
-    /// Chains for which more than `max` descriptors would be read (each direct one, an
-    /// indirect one and every entry of its table) are broken: the walk stops reading there. For devices whose chains are short by nature (a NIC's: Linux
+    /// Chains of more than `max` buffers (direct descriptors and indirect table entries; the
+    /// indirect descriptor itself is not counted) are broken: the walk stops reading there. For devices whose chains are short by nature (a NIC's: Linux
     /// sends at most `MAX_SKB_FRAGS` + 2), so that a guest's ring of table-long chains cannot
     /// make every walk of it, on a sender's thread, read a ring times a table of descriptors.
     pub fn limit_walk(&mut self, max: u32) {
@@ -240,7 +240,6 @@ impl<'a, 'm> SplitRing<'a, 'm> {
         let mut budget = self.max_walk;
         loop {
             ttl = ttl.checked_sub(1).ok_or(BrokenChain)?;
-            budget = budget.checked_sub(1).ok_or(BrokenChain)?;
             let d = Self::read_desc(table, index);
             if d.flags & F_INDIRECT != 0 {
                 // The last descriptor of the chain (after zero or more direct ones: the device
@@ -266,6 +265,8 @@ impl<'a, 'm> SplitRing<'a, 'm> {
                 index = 0;
                 continue;
             }
+            // The limit counts buffers (an indirect descriptor is not one), as DPDK's does.
+            budget = budget.checked_sub(1).ok_or(BrokenChain)?;
             out.push(Buffer {
                 addr: GuestAddress(d.addr),
                 len: d.len,

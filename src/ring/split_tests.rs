@@ -443,8 +443,8 @@ fn direct_descriptors_may_lead_into_an_indirect_table_longer_than_the_ring() {
 
 #[test]
 fn a_walk_limit_breaks_longer_chains_and_keeps_shorter_ones() {
-    // The same chain (a header, the indirect descriptor, then a table of 20: 22 descriptors
-    // read) walked under a limit of 22 and of 21: whole, then broken, read no further.
+    // The same chain (a header, then a table of 20: 21 buffers) walked under a limit of 21
+    // and of 20: whole, then broken, read no further.
     let mem = memory();
     let mock = MockSplitQueue::new(&mem, 8);
     header_and_table(&mem, &mock);
@@ -453,7 +453,7 @@ fn a_walk_limit_breaks_longer_chains_and_keeps_shorter_ones() {
     let map = MemMap::new(&mem);
     let mut out = Buffers::new();
     {
-        let mut burst = Burst::new(&mut queue, &map).unwrap().limit_walk(22);
+        let mut burst = Burst::new(&mut queue, &map).unwrap().limit_walk(21);
         let (head, walked) = burst.pop(&mut out).unwrap().unwrap();
         assert_eq!(
             (head, walked, out.len()),
@@ -462,7 +462,7 @@ fn a_walk_limit_breaks_longer_chains_and_keeps_shorter_ones() {
         );
         let _ = burst.finish();
     }
-    let mut burst = Burst::new(&mut queue, &map).unwrap().limit_walk(21);
+    let mut burst = Burst::new(&mut queue, &map).unwrap().limit_walk(20);
     let (head, walked) = burst.pop(&mut out).unwrap().unwrap();
     assert_eq!(
         (head, walked),

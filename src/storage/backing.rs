@@ -113,10 +113,18 @@ pub fn open_backing(request: &OpenRequest<'_>) -> Result<BackingFile, BackingErr
         path: path.to_path_buf(),
         source,
     };
-    // O_NONBLOCK: a control client may name a FIFO, whose open would wait for a writer (the
-    // control thread, holding the registry, with it). Cleared below once the file is known
-    // to be a regular file or a block device.
-    let mut flags = libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NONBLOCK;
+    // A control client may name a FIFO, whose open would wait for a writer (the control
+    // thread, holding the registry, with it), or a character device: refused before any open.
+    // (Not by opening O_NONBLOCK: that breaks a lease instead of waiting for it, and skips a
+    // removable block device's media checks. A path swapped for a FIFO between this look and
+    // the open still blocks that open: narrowed, not closed.)
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) if !meta.file_type().is_file() && !meta.file_type().is_block_device() => {
+            return Err(BackingError::NotAFileOrBlockDevice(path.to_path_buf()));
+        }
+        _ => {}
+    }
+    let mut flags = libc::O_NOFOLLOW | libc::O_CLOEXEC;
     if request.direct {
         flags |= libc::O_DIRECT;
     }
@@ -141,14 +149,6 @@ pub fn open_backing(request: &OpenRequest<'_>) -> Result<BackingFile, BackingErr
     }
     if opened.is_block_device() && !ALLOW_BLOCK_DEVICES.load(std::sync::atomic::Ordering::Acquire) {
         return Err(BackingError::BlockDeviceNotAllowed(path.to_path_buf()));
-    }
-    // SAFETY: F_GETFL/F_SETFL on the fd we just opened and own.
-    let cleared = unsafe {
-        let status = libc::fcntl(file.as_raw_fd(), libc::F_GETFL);
-        status >= 0 && libc::fcntl(file.as_raw_fd(), libc::F_SETFL, status & !libc::O_NONBLOCK) == 0
-    };
-    if !cleared {
-        return Err(with_path(std::io::Error::last_os_error()));
     }
     if request.lock {
         lock(&file, request.readonly).map_err(|e| match e.raw_os_error() {

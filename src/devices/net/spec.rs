@@ -26,17 +26,17 @@ use crate::sys::tap::offload;
 /// Length of the config space we expose: mac, status, max_virtqueue_pairs, mtu.
 pub const CONFIG_LEN: usize = 12;
 
-/// Most descriptors in one chain of a NIC's rings (direct and indirect together; DPDK's vhost
-/// takes at most as many, `BUF_VECTOR_MAX`): Linux sends at most `MAX_SKB_FRAGS` + 2 (19 by
-/// default, 47 at most), and its rx chains are one buffer (mergeable) or at most 19 ("big
-/// packets"). Longer chains are broken (dropped and counted). A walk of a ring is then at most
-/// a ring times this, not a ring times an indirect table of 1026.
+/// Most buffers in one chain of a NIC's rings (direct descriptors and indirect table entries;
+/// DPDK's vhost takes as many, `BUF_VECTOR_MAX`; Windows' NetKVM fills a 256-entry table):
+/// Linux sends at most `MAX_SKB_FRAGS` + 2 (19 by default, 47 at most), and its rx chains are
+/// one buffer (mergeable) or at most 19 ("big packets"). Longer chains are broken (dropped and
+/// counted). A walk of a ring is then at most a ring times this, not a ring times 1026.
 pub const MAX_CHAIN_DESCRIPTORS: u32 = 256;
 
 /// Most rx chains one frame may take (mergeable buffers): a 64 KiB frame in Linux's smallest
-/// mergeable buffers (1518 bytes) takes 44. A receiver whose chains are smaller gets the frame
-/// dropped (`no-rx-buffers`), and a sender never walks more than this many of its chains for
-/// one frame.
+/// mergeable buffers (1518 bytes) takes 44. On a switch port whose chains are smaller the
+/// frame is dropped (`no-rx-buffers`), and a sender never walks more than this many of its
+/// chains for one frame; on a tap port the frame waits in the tap as for a full ring.
 pub const MAX_FRAME_CHAINS: usize = 128;
 
 /// The virtio feature bits offered for every net device.

@@ -515,9 +515,10 @@ fn kick_queue(kicker: Option<&mut Kicker>, kick: &File) {
 pub enum Sent {
     /// All of it went.
     Whole,
-    /// None of it went (the front-end's socket buffer is full): the channel is still framed.
+    /// None of it went (the front-end's socket buffer is full, or memory is short): the
+    /// channel is still framed.
     Nothing(std::io::Error),
-    /// Part of it went, or the channel failed: its framing is lost, drop it.
+    /// Part of it went, or the connection is gone: drop the channel.
     Broken(std::io::Error),
 }
 
@@ -553,10 +554,13 @@ pub fn send_config_change(channel: &UnixStream) -> Sent {
         ))),
         Err(_) => {
             let e = std::io::Error::last_os_error();
-            if e.kind() == std::io::ErrorKind::WouldBlock {
-                Sent::Nothing(e)
-            } else {
-                Sent::Broken(e)
+            // Only a dead connection loses the channel; nothing was sent otherwise (a full
+            // buffer, ENOBUFS/ENOMEM under memory pressure), and its framing is intact.
+            match e.raw_os_error() {
+                Some(
+                    libc::EPIPE | libc::ECONNRESET | libc::ENOTCONN | libc::EBADF | libc::ENOTSOCK,
+                ) => Sent::Broken(e),
+                _ => Sent::Nothing(e),
             }
         }
     }
