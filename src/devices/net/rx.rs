@@ -530,11 +530,12 @@ mod tests {
     use virtio_queue::Queue;
     use vm_memory::{Bytes, GuestAddress};
 
-    /// A 256-entry rx ring of `chains` one-buffer chains of 512 bytes, all published.
-    fn ring(mem: &GuestMemory, chains: u16) -> Queue {
+    /// A 256-entry rx ring of `chains` one-buffer chains of 512 bytes, all published,
+    /// device-writable (`flags` 2) or, with `flags` 0, readable (refused as rx buffers).
+    fn ring(mem: &GuestMemory, chains: u16, flags: u16) -> Queue {
         let mock = MockSplitQueue::new(mem, 256);
         for i in 0..chains {
-            let d = SplitDescriptor::new(0x10_0000 + u64::from(i) * 512, 512, 2, 0);
+            let d = SplitDescriptor::new(0x10_0000 + u64::from(i) * 512, 512, flags, 0);
             mock.desc_table().store(i, RawDescriptor::from(d)).unwrap();
             let slot = mock.avail_addr().0 + 4 + 2 * u64::from(i);
             mem.write_obj(i, GuestAddress(slot)).unwrap();
@@ -547,7 +548,7 @@ mod tests {
     #[test]
     fn a_frame_takes_at_most_max_frame_chains_then_the_ring_counts_as_full() {
         let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap();
-        let mut queue = ring(&mem, 200);
+        let mut queue = ring(&mem, 200, 2);
         let map = MemMap::new(&mem);
         let mut burst = Burst::new(&mut queue, &map).unwrap();
         let mut batch = RxBatch::default();
@@ -562,6 +563,23 @@ mod tests {
         let got = batch.gather(&mut burst, &mem, need + 1, true, |_| {});
         assert_eq!(got, Ok(Gathered::Empty));
         assert_eq!(burst.next_avail(), 0, "every chain put back");
+        let _ = burst.finish();
+    }
+
+    #[test]
+    fn refused_chains_count_toward_the_cap_too() {
+        // A ring of chains no frame can use: one frame's walk stops after MAX_FRAME_CHAINS of
+        // them (each returned empty), not at the end of the ring.
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap();
+        let mut queue = ring(&mem, 200, 0);
+        let map = MemMap::new(&mem);
+        let mut burst = Burst::new(&mut queue, &map).unwrap();
+        let mut batch = RxBatch::default();
+        let mut refused = 0usize;
+        let got = batch.gather(&mut burst, &mem, 64, true, |_| refused += 1);
+        assert_eq!(got, Ok(Gathered::Empty));
+        assert_eq!(refused, MAX_FRAME_CHAINS, "walked no further than the cap");
+        assert_eq!(usize::from(burst.next_avail()), MAX_FRAME_CHAINS);
         let _ = burst.finish();
     }
 }
