@@ -17,7 +17,7 @@ flock 9
 for tool in busybox cpio gzip apt-get dpkg; do
     command -v "$tool" >/dev/null || { echo "build-guest: missing $tool (run scripts/install-deps.sh)" >&2; exit 1; }
 done
-if ! busybox --list | grep -qx mke2fs; then
+if ! busybox --list | grep -x mke2fs >/dev/null; then
     echo "build-guest: busybox lacks mke2fs; install busybox-static" >&2
     exit 1
 fi

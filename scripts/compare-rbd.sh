@@ -40,7 +40,7 @@ stop_daemon() {
         # The next run must not wait for this one's exclusive lock: a killed client's watch
         # lingers until the OSD times it out (30 s).
         for _ in $(seq 90); do
-            rbd -c "$conf" --id novacron status rbd/bench 2>/dev/null | grep -q "Watchers: none" && return 0
+            rbd -c "$conf" --id novacron status rbd/bench 2>/dev/null | grep "Watchers: none" >/dev/null && return 0
             sleep 0.5
         done
         echo "  the image still has watchers" >&2

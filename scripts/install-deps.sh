@@ -12,7 +12,7 @@ have() { command -v "$1" >/dev/null 2>&1; }
 have qemu-system-x86_64 || need_apt+=(qemu-system-x86)
 have qemu-storage-daemon || need_apt+=(qemu-system-x86)
 have busybox || need_apt+=(busybox-static)
-busybox --list 2>/dev/null | grep -qx mke2fs || need_apt+=(busybox-static)
+busybox --list 2>/dev/null | grep -x mke2fs >/dev/null || need_apt+=(busybox-static)
 have cpio || need_apt+=(cpio)
 have losetup || need_apt+=(util-linux)
 have flock || need_apt+=(util-linux)

@@ -16,12 +16,12 @@ set -euo pipefail
 dir="${1:-target/qemu-migration}"
 want="10."
 bin="$dir/usr/bin/qemu-system-x86_64"
-if [ -x "$bin" ] && "$bin" --version | grep -q "version $want"; then
+if [ -x "$bin" ] && "$bin" --version | grep "version $want" >/dev/null; then
     exit 0
 fi
 rm -rf "$dir"
 mkdir -p "$dir/usr/bin"
-if qemu-system-x86_64 --version 2>/dev/null | grep -Eq 'version (1[0-9]|[2-9][0-9])\.'; then
+if qemu-system-x86_64 --version 2>/dev/null | grep -E 'version (1[0-9]|[2-9][0-9])\.' >/dev/null; then
     ln -s "$(command -v qemu-system-x86_64)" "$bin"
     exit 0
 fi
@@ -50,7 +50,7 @@ chmod 755 "$debs"
 for deb in "$debs"/*.deb; do
     dpkg-deb -x "$deb" "$dir"
 done
-"$bin" --version | grep -q "version $want" || {
+"$bin" --version | grep "version $want" >/dev/null || {
     echo "migration-qemu: $bin is not QEMU $want*" >&2
     exit 1
 }
