@@ -169,9 +169,11 @@ pub fn net_frame(data: &[u8]) {
     let mut buffers = crate::devices::desc::Buffers::new();
     let head = {
         let map = crate::ring::map::MemMap::new(&mem);
-        let Ok(mut burst) = crate::ring::burst::Burst::new(&mut queue, &map) else {
+        let Ok(burst) = crate::ring::burst::Burst::new(&mut queue, &map) else {
             return;
         };
+        // The walk limit the NIC's queues run with.
+        let mut burst = burst.limit_walk(crate::devices::net::spec::MAX_CHAIN_DESCRIPTORS);
         let popped = burst.pop(&mut buffers);
         let _ = burst.finish();
         let Ok(Some((head, Ok(())))) = popped else {
@@ -210,9 +212,10 @@ pub fn net_frame(data: &[u8]) {
     // The same ring as an rx queue: gather, then commit what a frame of `need` bytes uses.
     queue.set_next_avail(0);
     let map = crate::ring::map::MemMap::new(&mem);
-    let Ok(mut burst) = crate::ring::burst::Burst::new(&mut queue, &map) else {
+    let Ok(burst) = crate::ring::burst::Burst::new(&mut queue, &map) else {
         return;
     };
+    let mut burst = burst.limit_walk(crate::devices::net::spec::MAX_CHAIN_DESCRIPTORS);
     let mut batch = rx::RxBatch::default();
     if let Ok(rx::Gathered::Ready) =
         batch.gather(&mut burst, &mem, need % 0x20000, mergeable, |_| {})
@@ -250,6 +253,11 @@ pub fn ring_split(data: &[u8]) {
         queue.set_desc_table_address(Some(at as u32), Some(0));
     }
     queue.set_event_idx(input.u8() & 1 == 1);
+    // Half the inputs walk with a limit (a NIC's queues do): 1..=128 buffers per chain.
+    let walk_limit = match input.u8() {
+        b if b & 1 == 1 => Some(u32::from(b >> 1) + 1),
+        _ => None,
+    };
     let Ok(mut reference) = Queue::new(queue_size) else {
         return;
     };
@@ -266,8 +274,12 @@ pub fn ring_split(data: &[u8]) {
     let mut added = 0u16;
     let start_used: u16 = mem.read_obj(GuestAddress(USED_RING + 2)).unwrap_or(0);
     for _ in 0..8 {
-        let Ok(mut burst) = Burst::new(&mut queue, &map) else {
+        let Ok(burst) = Burst::new(&mut queue, &map) else {
             return;
+        };
+        let mut burst = match walk_limit {
+            Some(max) => burst.limit_walk(max),
+            None => burst,
         };
         let mut popped = 0u16;
         for _ in 0..8 {
@@ -276,6 +288,9 @@ pub fn ring_split(data: &[u8]) {
                     if let Ok(Some((head, walked))) = burst.pop(&mut ours) {
                         popped += 1;
                         assert!(ours.len() <= 65536);
+                        if let (Some(max), Ok(())) = (walk_limit, &walked) {
+                            assert!(ours.len() <= max as usize, "{} > {max}", ours.len());
+                        }
                         let theirs = reference.pop_descriptor_chain(&mem);
                         match (theirs.map(collect_buffers), walked) {
                             (Some(Ok(theirs)), Ok(())) => assert_eq!(&theirs[..], &ours[..]),
@@ -321,15 +336,16 @@ pub fn relay_messages(data: &[u8]) {
     let relay = std::thread::spawn(move || {
         // A blk-like device's slot: the inflight messages are answered by the relay too.
         let slot = crate::devices::shell::inflight::InflightSlot::new(4, 256);
-        let _ = crate::devices::shell::relay::relay(
-            front,
-            back,
-            |_| {},
-            Some(&slot),
-            &crate::ring::dirty::DirtyLog::default(),
-            &|_| {},
-            crate::sys::kick::Kicker::new().ok(),
-        );
+        use crate::devices::shell::memory_cap::{MemoryCap, Pool};
+        let pool = Pool::new(1 << 40);
+        let hooks = crate::devices::shell::relay::Hooks {
+            inflight: Some(&slot),
+            log: &crate::ring::dirty::DirtyLog::default(),
+            announce: &|_| {},
+            kicker: crate::sys::kick::Kicker::new().ok(),
+            memory: MemoryCap::new(&pool, 1 << 30),
+        };
+        let _ = crate::devices::shell::relay::relay(front, back, |_| {}, hooks);
     });
     let echo = std::thread::spawn(move || {
         let mut buf = [0u8; 4096];

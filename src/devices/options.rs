@@ -1,6 +1,7 @@
 //! The options every device kind takes, parsed once: `socket`, `id` (derived from the socket
 //! when absent), `queues`, `queue-size`, `poll` (`adaptive`, `busy`, `off`), `poll-us` (the
-//! largest adaptive window), `poll-budget` (percent of a core) and `qos-group`. Each kind's config parser
+//! largest adaptive window), `poll-budget` (percent of a core), `mem-max` (most guest memory a
+//! front-end may have the daemon map, 4 TiB by default) and `qos-group`. Each kind's config parser
 //! takes these first, then its own keys, then finishes the list (unknown keys refused).
 
 use std::path::PathBuf;
@@ -55,6 +56,8 @@ pub struct CommonOptions {
     pub poll_budget: u8,
     /// The QoS group the device joins, if any.
     pub qos_group: Option<String>,
+    /// Most guest memory a front-end may have mapped, in bytes (`mem-max`).
+    pub memory_max: u64,
 }
 
 impl CommonOptions {
@@ -90,6 +93,9 @@ impl CommonOptions {
             ));
         }
         let qos_group = options.take_str(GROUP_KEY);
+        let memory_max = options
+            .take_size("mem-max")?
+            .unwrap_or(crate::devices::shell::memory_cap::DEFAULT_CONNECTION_LIMIT);
         let max_queues = limits.max_queues;
         if queues == 0 || queues > max_queues {
             return Err(CommonError::Invalid(format!(
@@ -115,6 +121,7 @@ impl CommonOptions {
             poll_mode,
             poll_budget,
             qos_group,
+            memory_max,
         })
     }
 

@@ -67,12 +67,12 @@ fn control_lines_corpus_replays_without_panicking() {
     );
 }
 
-#[test]
-fn blk_request_survives_structured_noise() {
-    // A cheap stand-in for the fuzzer in CI: deterministic pseudo-random inputs of many sizes.
+/// A cheap stand-in for the fuzzer in CI: `count` deterministic pseudo-random inputs of
+/// sizes up to `max_len` through `run`.
+fn noise(run: fn(&[u8]), count: usize, max_len: usize) {
     let mut x: u64 = 0x2545_F491_4F6C_DD1D;
-    for len in 0..4000usize {
-        let data: Vec<u8> = (0..len % 700)
+    for len in 0..count {
+        let data: Vec<u8> = (0..len % max_len)
             .map(|_| {
                 x ^= x << 13;
                 x ^= x >> 7;
@@ -80,8 +80,19 @@ fn blk_request_survives_structured_noise() {
                 x as u8
             })
             .collect();
-        novacron::fuzz_support::blk_request(&data);
+        run(&data);
     }
+}
+
+#[test]
+fn blk_request_survives_structured_noise() {
+    noise(novacron::fuzz_support::blk_request, 4000, 700);
+}
+
+#[test]
+fn the_ring_engine_survives_noise_with_and_without_a_walk_limit() {
+    noise(novacron::fuzz_support::ring_split, 4000, 400);
+    noise(novacron::fuzz_support::net_frame, 1000, 400);
 }
 
 /// Valid tier inputs (a record, a journal) as the fuzz entry point sees them: two selector

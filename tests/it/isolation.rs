@@ -122,6 +122,61 @@ fn a_memory_region_past_the_end_of_its_file_drops_that_front_end_only() {
     crate::common::blk::BlkClient::connect(&daemon.path("bad.sock")).read(0, 0, 512);
 }
 
+/// A sparse memfd of `size` bytes and its region at guest address `gpa` (the test process
+/// never maps it: only the daemon would).
+fn sparse_region(gpa: u64, size: u64) -> (std::fs::File, vhost::VhostUserMemoryRegionInfo) {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    // SAFETY: memfd_create takes a NUL-terminated name and flags; we own the new fd below.
+    let fd = unsafe { libc::memfd_create(c"novacron-sparse".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create failed");
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    let file = unsafe { std::fs::File::from_raw_fd(fd) };
+    file.set_len(size).expect("size the memfd");
+    let region = vhost::VhostUserMemoryRegionInfo {
+        guest_phys_addr: gpa,
+        memory_size: size,
+        userspace_addr: 0x7000_0000_0000 + gpa,
+        mmap_offset: 0,
+        mmap_handle: file.as_raw_fd(),
+    };
+    (file, region)
+}
+
+#[test]
+fn a_front_end_cannot_map_more_guest_memory_than_its_device_allows() {
+    use vhost::vhost_user::VhostUserFrontend;
+    use vhost::VhostBackend;
+    // By default (4 TiB per connection): 5 TiB of holes, which cost the front-end nothing and
+    // would take 5 TiB of the daemon's address space, are refused before anything is mapped.
+    let mut daemon = bad_and_good_disks();
+    let frontend = bare_frontend(&daemon.path("bad.sock"));
+    let (_file, region) = sparse_region(0, 5 << 40);
+    let _ = frontend.set_mem_table(&[region]);
+    daemon.wait_for_log("this device allows 4398046511104 (mem-max)");
+    daemon.wait_for_log("bad: front-end disconnected");
+    crate::common::blk::BlkClient::connect(&daemon.path("good.sock")).read(0, 0, 512);
+    crate::common::blk::BlkClient::connect(&daemon.path("bad.sock")).read(0, 0, 512);
+    drop(daemon);
+
+    // With `mem-max`: regions added one by one count together.
+    let mut daemon = Daemon::start(&[
+        "--blk",
+        "socket={dir}/bad.sock,path=null,size=1M,mem-max=48M",
+        "--blk",
+        "socket={dir}/good.sock,path=null,size=1M",
+    ]);
+    let mut frontend = bare_frontend(&daemon.path("bad.sock"));
+    let (_a, first) = sparse_region(0, 32 << 20);
+    frontend.add_mem_region(&first).expect("32 MiB of 48 fits");
+    let (_b, second) = sparse_region(1 << 30, 32 << 20);
+    let _ = frontend.add_mem_region(&second);
+    daemon.wait_for_log("this device allows 50331648 (mem-max)");
+    daemon.wait_for_log("bad: front-end disconnected");
+    crate::common::blk::BlkClient::connect(&daemon.path("good.sock")).read(0, 0, 512);
+    // What the dropped connection held is given back: a new front-end (32 MiB) fits again.
+    crate::common::blk::BlkClient::connect(&daemon.path("bad.sock")).read(0, 0, 512);
+}
+
 #[test]
 fn a_call_fd_that_is_not_an_eventfd_drops_that_front_end_only() {
     use std::os::fd::{FromRawFd, IntoRawFd};

@@ -86,6 +86,10 @@ impl Device for DeviceShared {
         self.queue_size
     }
 
+    fn memory_max(&self) -> u64 {
+        self.memory_max
+    }
+
     fn features(&self) -> u64 {
         spec::device_features(self.readonly)
     }

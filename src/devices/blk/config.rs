@@ -113,6 +113,8 @@ pub struct BlkConfig {
     pub logical_block_size: u32,
     /// How the queues poll (`poll=`, `poll-us=`, `poll-budget=`).
     pub poll: crate::devices::poll::PollConfig,
+    /// Most guest memory a front-end may have mapped (`mem-max=`).
+    pub memory_max: u64,
     /// Rate limits (none by default).
     pub qos: QosConfig,
     /// The QoS group whose limits also apply (`qos-group=NAME`).
@@ -161,6 +163,7 @@ impl BlkConfig {
             queues,
             queue_size,
             qos_group,
+            memory_max,
             ..
         } = common;
         let tier_hot = options.take_str("tier-hot");
@@ -313,6 +316,7 @@ impl BlkConfig {
             engine,
             logical_block_size,
             poll,
+            memory_max,
             qos,
             qos_group,
             tier,

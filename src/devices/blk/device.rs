@@ -214,6 +214,7 @@ impl BlkDevice {
             serial: config.serial.clone(),
             logical_block_size: config.logical_block_size,
             poll: config.poll,
+            memory_max: config.memory_max,
             image,
             ..DeviceShared::new(&config.id, config.queues, config.queue_size, limits, source)
         });

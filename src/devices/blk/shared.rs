@@ -40,6 +40,8 @@ pub struct DeviceShared {
     pub flush_failed: AtomicBool,
     /// How long workers poll for more work after the ring runs dry.
     pub poll: PollConfig,
+    /// Most guest memory a front-end may have mapped (`mem-max`).
+    pub memory_max: u64,
     /// Whether a front-end is connected now.
     pub connected: Arc<AtomicBool>,
     /// The device's rate limits (own and group), shared by its queues.
@@ -85,6 +87,7 @@ impl DeviceShared {
                 mode: crate::devices::poll::PollMode::Off,
                 ..PollConfig::default()
             },
+            memory_max: crate::devices::shell::memory_cap::DEFAULT_CONNECTION_LIMIT,
             connected: Arc::new(AtomicBool::new(false)),
             qos: QosHandle::default(),
             engine,

@@ -41,6 +41,10 @@ impl Device for NetShared {
         self.config.queue_size
     }
 
+    fn memory_max(&self) -> u64 {
+        self.config.memory_max
+    }
+
     fn features(&self) -> u64 {
         spec::device_features()
     }

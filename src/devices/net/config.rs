@@ -76,6 +76,8 @@ pub struct NetConfig {
     pub qos_group: Option<String>,
     /// How the queues poll (`poll=`, `poll-us=`, `poll-budget=`).
     pub poll: crate::devices::poll::PollConfig,
+    /// Most guest memory a front-end may have mapped (`mem-max=`).
+    pub memory_max: u64,
 }
 
 impl NetConfig {
@@ -99,6 +101,7 @@ impl NetConfig {
             queues: queue_pairs,
             queue_size,
             qos_group,
+            memory_max,
             ..
         } = common;
         let backend = match (options.take_str("tap"), options.take_str("switch")) {
@@ -151,6 +154,7 @@ impl NetConfig {
             qos,
             qos_group,
             poll,
+            memory_max,
         })
     }
 }

@@ -129,6 +129,9 @@ pub trait Device: Send + Sync + 'static {
     /// Largest queue size a front-end may set.
     fn max_queue_size(&self) -> u16;
 
+    /// Most guest memory, in bytes, a front-end may have mapped for this device (`mem-max`).
+    fn memory_max(&self) -> u64;
+
     /// Virtio feature bits offered (VHOST_USER_F_PROTOCOL_FEATURES included).
     fn features(&self) -> u64;
 

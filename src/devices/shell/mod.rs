@@ -22,6 +22,7 @@ pub mod checks;
 pub mod device;
 pub mod group;
 pub mod inflight;
+pub mod memory_cap;
 pub mod relay;
 pub mod runner;
 

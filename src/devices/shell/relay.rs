@@ -45,6 +45,7 @@ use std::os::unix::net::UnixStream;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use super::inflight::{InflightSlot, GET_INFLIGHT_FD, SET_INFLIGHT_FD};
+use super::memory_cap::{region_bytes, table_bytes, MemoryCap};
 use crate::ring::dirty::{DirtyLog, LogMap};
 use crate::sys::kick::{Kicker, KICK_TIMEOUT};
 
@@ -103,6 +104,10 @@ pub enum RelayError {
     /// A dirty-log message was refused; the connection is dropped.
     #[error(transparent)]
     Log(#[from] crate::ring::dirty::DirtyError),
+    /// A memory table maps more than the device or the daemon allows; the connection is
+    /// dropped.
+    #[error(transparent)]
+    Memory(#[from] super::memory_cap::MemoryCapError),
 }
 
 /// One message with the descriptors that came with it (closed when dropped).
@@ -233,22 +238,41 @@ fn ack(front: &mut UnixStream, message: &Message) -> Result<(), RelayError> {
     write_message(front, &reply)
 }
 
+/// What the relay needs from the device behind it.
+pub struct Hooks<'a> {
+    /// The device's inflight slot (disks): the inflight messages are answered here.
+    pub inflight: Option<&'a InflightSlot>,
+    /// Where the dirty-page log the front-end hands over (`SET_LOG_BASE`) goes.
+    pub log: &'a DirtyLog,
+    /// Hears `SEND_RARP`'s MAC.
+    pub announce: &'a dyn Fn([u8; 6]),
+    /// The ring inflight devices' queues are kicked through (none: plain writes).
+    pub kicker: Option<Kicker>,
+    /// How much guest memory this connection may have mapped (`shell::memory_cap`).
+    pub memory: MemoryCap<'a>,
+}
+
 /// Relays between `front` (the front-end) and `back` (our handler) until either side closes.
 /// When the front-end sets up the backend-request channel (SET_BACKEND_REQ_FD), a duplicate of
 /// that socket is handed to `on_backend_channel` (for device-initiated messages such as a
 /// config-change notification, which `vhost-user-backend`'s `Backend` cannot send). A device
 /// with `inflight` gets the inflight messages answered (its slot is cleared first: the new
 /// front-end brings its own region, or none). The dirty-page log the front-end hands over
-/// (`SET_LOG_BASE`) goes into `log`; `announce` hears `SEND_RARP`'s MAC.
+/// (`SET_LOG_BASE`) goes into `log`; `announce` hears `SEND_RARP`'s MAC. A memory table that
+/// would map more than `memory` allows ends the connection before the handler maps it.
 pub fn relay(
     mut front: UnixStream,
     mut back: UnixStream,
     mut on_backend_channel: impl FnMut(UnixStream),
-    inflight: Option<&InflightSlot>,
-    log: &DirtyLog,
-    announce: &dyn Fn([u8; 6]),
-    mut kicker: Option<Kicker>,
+    hooks: Hooks<'_>,
 ) -> Result<(), RelayError> {
+    let Hooks {
+        inflight,
+        log,
+        announce,
+        mut kicker,
+        mut memory,
+    } = hooks;
     if let Some(slot) = inflight {
         slot.clear();
     }
@@ -327,16 +351,30 @@ pub fn relay(
                     write_message(&mut back, &message)?;
                 }
                 SET_MEM_TABLE => {
+                    // A table replaces every region mapped before (slot messages included).
+                    let total = table_bytes(&message.payload).ok_or(RelayError::Malformed(
+                        u32::try_from(message.payload.len()).unwrap_or(u32::MAX),
+                    ));
+                    if let Err(e) = total.and_then(|total| Ok(memory.set(total)?)) {
+                        break Err(e);
+                    }
+                    regions.clear();
                     crate::sys::sigbus::memory_update_coming();
                     write_message(&mut back, &message)?;
                 }
                 ADD_MEM_REG => {
-                    crate::sys::sigbus::memory_update_coming();
                     let new =
                         region_key(&message.payload).is_some_and(|k| !regions.contains_key(&k));
                     if new && regions.len() >= MAX_REGIONS {
                         break Err(RelayError::Excess("memory regions"));
                     }
+                    if new {
+                        let bytes = message.payload.get(8..).and_then(region_bytes).unwrap_or(0);
+                        if let Err(e) = memory.add(bytes) {
+                            break Err(e.into());
+                        }
+                    }
+                    crate::sys::sigbus::memory_update_coming();
                     let count = region_key(&message.payload)
                         .map(|key| regions.entry(key).or_insert(0))
                         .map(|count| {
@@ -356,6 +394,10 @@ pub fn relay(
                         let left = *count;
                         if left == 0 {
                             regions.remove(&key);
+                            // Its last user: the handler unmaps it.
+                            memory.remove(
+                                message.payload.get(8..).and_then(region_bytes).unwrap_or(0),
+                            );
                         }
                         Some(left)
                     });

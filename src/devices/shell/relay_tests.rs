@@ -1,6 +1,7 @@
 //! The relay against a scripted front-end and handler on socket pairs.
 
 use super::*;
+use crate::devices::shell::memory_cap::{MemoryCapError, Pool};
 
 fn raw(request: u32, flags: u32, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
@@ -25,10 +26,13 @@ fn plain_relay() -> (
             front,
             back,
             |_| {},
-            None,
-            &DirtyLog::default(),
-            &|_| {},
-            None,
+            Hooks {
+                inflight: None,
+                log: &DirtyLog::default(),
+                announce: &|_| {},
+                kicker: None,
+                memory: MemoryCap::new(Pool::daemon(), u64::MAX),
+            },
         )
     });
     (qemu, handler, relay)
@@ -122,10 +126,13 @@ fn send_rarp_announces_the_mac_here_and_is_acknowledged() {
             front,
             back,
             |_| {},
-            None,
-            &DirtyLog::default(),
-            &announce,
-            None,
+            Hooks {
+                inflight: None,
+                log: &DirtyLog::default(),
+                announce: &announce,
+                kicker: None,
+                memory: MemoryCap::new(Pool::daemon(), u64::MAX),
+            },
         )
     });
     let mac = [0x52, 0x54, 0, 0, 2, 0x0b];
@@ -208,6 +215,69 @@ fn identical_memory_regions_reach_the_handler_once() {
 }
 
 #[test]
+fn memory_tables_count_against_the_cap_and_replace_the_regions_added_before() {
+    let (qemu, front) = UnixStream::pair().unwrap();
+    let (back, mut handler) = UnixStream::pair().unwrap();
+    let pool = std::sync::Arc::new(Pool::new(1 << 40));
+    let relay = {
+        let pool = std::sync::Arc::clone(&pool);
+        std::thread::spawn(move || {
+            let hooks = Hooks {
+                inflight: None,
+                log: &DirtyLog::default(),
+                announce: &|_| {},
+                kicker: None,
+                memory: MemoryCap::new(&pool, 0x3000),
+            };
+            relay(front, back, |_| {}, hooks)
+        })
+    };
+    let memory = tempfile::tempfile().unwrap();
+    memory.set_len(0x2000).unwrap();
+    let fd = memory.as_raw_fd();
+    // Region A, 0x2000 bytes, added twice (QEMU's multi-queue NIC): counted once.
+    let mut add = vec![0u8; 40];
+    add[16..24].copy_from_slice(&0x2000u64.to_le_bytes());
+    for _ in 0..2 {
+        qemu.send_with_fds(&[raw(ADD_MEM_REG, VERSION_1, &add).as_slice()], &[fd])
+            .unwrap();
+    }
+    // A table of two 0x1000-byte regions replaces it: 0x2000 in all.
+    let mut table = vec![0u8; 8 + 64];
+    table[0] = 2;
+    for (i, gpa) in [0x10_0000u64, 0x20_0000].iter().enumerate() {
+        let at = 8 + i * 32;
+        table[at..at + 8].copy_from_slice(&gpa.to_le_bytes());
+        table[at + 8..at + 16].copy_from_slice(&0x1000u64.to_le_bytes());
+    }
+    qemu.send_with_fds(
+        &[raw(SET_MEM_TABLE, VERSION_1, &table).as_slice()],
+        &[fd, fd],
+    )
+    .unwrap();
+    let mut seen = vec![0u8; 52 + 84];
+    handler.read_exact(&mut seen).unwrap();
+    assert_eq!(&seen[52..], &raw(SET_MEM_TABLE, VERSION_1, &table)[..]);
+    assert_eq!(pool.mapped(), 0x2000);
+    // Region A again is new after the table (the handler forgot it): 0x4000 > 0x3000.
+    qemu.send_with_fds(&[raw(ADD_MEM_REG, VERSION_1, &add).as_slice()], &[fd])
+        .unwrap();
+    assert!(matches!(
+        relay.join().unwrap(),
+        Err(RelayError::Memory(MemoryCapError::Connection {
+            asked: 0x4000,
+            limit: 0x3000
+        }))
+    ));
+    // The handler never saw it, and the connection's share went back to the pool.
+    drop(qemu);
+    let mut rest = Vec::new();
+    handler.read_to_end(&mut rest).unwrap();
+    assert!(rest.is_empty());
+    assert_eq!(pool.mapped(), 0);
+}
+
+#[test]
 fn inflight_messages_are_answered_by_the_relay() {
     let (mut qemu, front) = UnixStream::pair().unwrap();
     let (back, mut handler) = UnixStream::pair().unwrap();
@@ -219,10 +289,13 @@ fn inflight_messages_are_answered_by_the_relay() {
                 front,
                 back,
                 |_| {},
-                Some(&slot),
-                &DirtyLog::default(),
-                &|_| {},
-                crate::sys::kick::Kicker::new().ok(),
+                Hooks {
+                    inflight: Some(&slot),
+                    log: &DirtyLog::default(),
+                    announce: &|_| {},
+                    kicker: crate::sys::kick::Kicker::new().ok(),
+                    memory: MemoryCap::new(Pool::daemon(), u64::MAX),
+                },
             )
         })
     };

@@ -309,8 +309,18 @@ fn serve_connection<D: Device>(
                 let inflight = backend.device().inflight_slot();
                 let log = backend.dirty_log();
                 let announce = |mac| backend.device().announce(mac);
-                let relayed =
-                    super::relay::relay(front, back, channel, inflight, log, &announce, kicker);
+                let memory = super::memory_cap::MemoryCap::new(
+                    super::memory_cap::Pool::daemon(),
+                    backend.device().memory_max(),
+                );
+                let hooks = super::relay::Hooks {
+                    inflight,
+                    log,
+                    announce: &announce,
+                    kicker,
+                    memory,
+                };
+                let relayed = super::relay::relay(front, back, channel, hooks);
                 if let Err(e) = relayed {
                     log::warn!("{id}: vhost-user relay: {e}");
                 }

@@ -1,0 +1,243 @@
+//! How much guest memory a front-end may have the daemon map: at most `mem-max` per
+//! connection (a device option, 4 TiB by default) and [`DAEMON_LIMIT`] for all connections
+//! together.
+//!
+//! Why: a region of a sparse memfd costs its front-end nothing, but each one the daemon maps
+//! takes its size in the daemon's address space (47 bits, 128 TiB, on x86-64 with 4-level
+//! page tables). Without a cap one front-end could map terabytes of holes until every later
+//! `mmap` in the process failed: other tenants' memory tables, thread stacks, the heap (an
+//! allocation failure aborts the daemon). The relay counts what each connection's memory
+//! table maps (`SET_MEM_TABLE` replaces the total, `ADD_MEM_REG`/`REM_MEM_REG` of a distinct
+//! region add and subtract) and drops a connection that asks for more, before
+//! `vhost-user-backend` maps anything.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Default cap per connection (`mem-max`): larger than any guest such a host runs.
+pub const DEFAULT_CONNECTION_LIMIT: u64 = 4 << 40;
+/// Cap for all connections of the daemon together: half of x86-64's 128 TiB user address
+/// space, the rest left to the daemon's own mappings.
+pub const DAEMON_LIMIT: u64 = 64 << 40;
+
+/// Why a memory table was refused.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum MemoryCapError {
+    /// The connection's own cap (`mem-max`).
+    #[error("the memory table maps {asked} bytes; this device allows {limit} (mem-max)")]
+    Connection {
+        /// Bytes the table would map.
+        asked: u64,
+        /// The device's cap.
+        limit: u64,
+    },
+    /// The daemon's cap for all connections.
+    #[error(
+        "the memory table maps {asked} bytes; {free} of the daemon's guest-memory budget are left"
+    )]
+    Daemon {
+        /// Bytes the table would map.
+        asked: u64,
+        /// What other connections leave.
+        free: u64,
+    },
+    /// The regions' sizes add up past 2^64.
+    #[error("memory region sizes overflow")]
+    Overflow,
+}
+
+/// Guest memory mapped by all connections together.
+#[derive(Debug)]
+pub struct Pool {
+    mapped: AtomicU64,
+    limit: u64,
+}
+
+impl Pool {
+    /// A pool of `limit` bytes.
+    pub const fn new(limit: u64) -> Self {
+        Self {
+            mapped: AtomicU64::new(0),
+            limit,
+        }
+    }
+
+    /// The daemon's pool.
+    pub fn daemon() -> &'static Pool {
+        static POOL: Pool = Pool::new(DAEMON_LIMIT);
+        &POOL
+    }
+
+    /// Bytes held by all connections.
+    pub fn mapped(&self) -> u64 {
+        self.mapped.load(Ordering::Relaxed)
+    }
+}
+
+/// One connection's share: what its memory table maps now.
+#[derive(Debug)]
+pub struct MemoryCap<'a> {
+    pool: &'a Pool,
+    limit: u64,
+    held: u64,
+}
+
+impl<'a> MemoryCap<'a> {
+    /// A connection allowed `limit` bytes from `pool`; it holds nothing yet.
+    pub fn new(pool: &'a Pool, limit: u64) -> Self {
+        Self {
+            pool,
+            limit,
+            held: 0,
+        }
+    }
+
+    /// Bytes this connection holds.
+    pub fn held(&self) -> u64 {
+        self.held
+    }
+
+    /// Makes this connection's total `total` bytes, or refuses and keeps the old total.
+    pub fn set(&mut self, total: u64) -> Result<(), MemoryCapError> {
+        if total > self.limit {
+            return Err(MemoryCapError::Connection {
+                asked: total,
+                limit: self.limit,
+            });
+        }
+        let held = self.held;
+        let limit = self.pool.limit;
+        self.pool
+            .mapped
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |mapped| {
+                let others = mapped.saturating_sub(held);
+                let after = others.checked_add(total)?;
+                (after <= limit).then_some(after)
+            })
+            .map_err(|mapped| MemoryCapError::Daemon {
+                asked: total,
+                free: limit.saturating_sub(mapped.saturating_sub(held)),
+            })?;
+        self.held = total;
+        Ok(())
+    }
+
+    /// Adds `bytes` to this connection's total.
+    pub fn add(&mut self, bytes: u64) -> Result<(), MemoryCapError> {
+        let total = self
+            .held
+            .checked_add(bytes)
+            .ok_or(MemoryCapError::Overflow)?;
+        self.set(total)
+    }
+
+    /// Takes `bytes` off this connection's total (never below zero).
+    pub fn remove(&mut self, bytes: u64) {
+        // Lowering cannot fail: both caps only bound growth.
+        let _ = self.set(self.held.saturating_sub(bytes));
+    }
+}
+
+impl Drop for MemoryCap<'_> {
+    fn drop(&mut self) {
+        self.remove(self.held);
+    }
+}
+
+/// The bytes a `SET_MEM_TABLE` payload maps: the sum of its regions' sizes (a region is
+/// guest address, size, front-end address, mmap offset, each a u64, after a u32 count and
+/// 4 bytes of padding). `None` when the payload is shorter than its count says or the sum
+/// overflows.
+pub fn table_bytes(payload: &[u8]) -> Option<u64> {
+    let count = usize::try_from(u32::from_le_bytes(payload.get(0..4)?.try_into().ok()?)).ok()?;
+    let mut total = 0u64;
+    for index in 0..count {
+        let start = index.checked_mul(REGION_LEN)?.checked_add(8)?;
+        let region = payload.get(start..start.checked_add(REGION_LEN)?)?;
+        total = total.checked_add(region_bytes(region)?)?;
+    }
+    Some(total)
+}
+
+/// The size field of one region description (`ADD_MEM_REG`'s payload after 8 bytes of
+/// padding, or one entry of a table).
+pub fn region_bytes(region: &[u8]) -> Option<u64> {
+    Some(u64::from_le_bytes(region.get(8..16)?.try_into().ok()?))
+}
+
+/// Bytes of one region description.
+pub const REGION_LEN: usize = 32;
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::indexing_slicing)] // tests fail loudly by design
+mod tests {
+    use super::*;
+
+    fn table(sizes: &[u64]) -> Vec<u8> {
+        let mut payload = (sizes.len() as u32).to_le_bytes().to_vec();
+        payload.extend_from_slice(&[0; 4]);
+        for (i, size) in sizes.iter().enumerate() {
+            payload.extend_from_slice(&((i as u64) << 40).to_le_bytes());
+            payload.extend_from_slice(&size.to_le_bytes());
+            payload.extend_from_slice(&[0; 16]);
+        }
+        payload
+    }
+
+    #[test]
+    fn a_table_maps_the_sum_of_its_regions() {
+        assert_eq!(table_bytes(&table(&[1 << 30, 3 << 30])), Some(4 << 30));
+        assert_eq!(table_bytes(&table(&[])), Some(0));
+        // A count larger than the payload, and sizes that overflow, are refused.
+        let mut short = table(&[1 << 30]);
+        short[0] = 2;
+        assert_eq!(table_bytes(&short), None);
+        assert_eq!(table_bytes(&table(&[u64::MAX, 1])), None);
+        assert_eq!(table_bytes(&[1, 0]), None);
+    }
+
+    #[test]
+    fn a_connection_is_held_to_its_own_limit() {
+        let pool = Pool::new(1 << 40);
+        let mut cap = MemoryCap::new(&pool, 8 << 30);
+        cap.set(8 << 30).unwrap();
+        assert_eq!(
+            cap.add(1),
+            Err(MemoryCapError::Connection {
+                asked: (8 << 30) + 1,
+                limit: 8 << 30
+            })
+        );
+        // A refused change keeps the old total.
+        assert_eq!(cap.held(), 8 << 30);
+        assert_eq!(pool.mapped(), 8 << 30);
+        // A new table replaces the total, it does not add to it.
+        cap.set(2 << 30).unwrap();
+        assert_eq!(pool.mapped(), 2 << 30);
+        assert_eq!(cap.add(u64::MAX), Err(MemoryCapError::Overflow));
+    }
+
+    #[test]
+    fn connections_share_the_pool_and_give_back_what_they_held() {
+        let pool = Pool::new(10 << 30);
+        let mut a = MemoryCap::new(&pool, 8 << 30);
+        let mut b = MemoryCap::new(&pool, 8 << 30);
+        a.set(6 << 30).unwrap();
+        assert_eq!(
+            b.set(6 << 30),
+            Err(MemoryCapError::Daemon {
+                asked: 6 << 30,
+                free: 4 << 30
+            })
+        );
+        b.set(4 << 30).unwrap();
+        // Moving within one's own share needs only what the others leave.
+        a.remove(2 << 30);
+        a.set(6 << 30).unwrap();
+        assert_eq!(pool.mapped(), 10 << 30);
+        drop(a);
+        assert_eq!(pool.mapped(), 4 << 30);
+        b.set(8 << 30).unwrap();
+        drop(b);
+        assert_eq!(pool.mapped(), 0);
+    }
+}
