@@ -337,13 +337,14 @@ pub fn relay_messages(data: &[u8]) {
         // A blk-like device's slot: the inflight messages are answered by the relay too.
         let slot = crate::devices::shell::inflight::InflightSlot::new(4, 256);
         use crate::devices::shell::memory_cap::{MemoryCap, Pool};
-        let pool = Pool::new(1 << 40);
+        let mut memory = MemoryCap::new(Pool::daemon(), 1 << 30);
         let hooks = crate::devices::shell::relay::Hooks {
             inflight: Some(&slot),
             log: &crate::ring::dirty::DirtyLog::default(),
             announce: &|_| {},
             kicker: crate::sys::kick::Kicker::new().ok(),
-            memory: MemoryCap::new(&pool, 1 << 30),
+            memory: &mut memory,
+            mapped: &std::sync::atomic::AtomicU64::new(0),
         };
         let _ = crate::devices::shell::relay::relay(front, back, |_| {}, hooks);
     });

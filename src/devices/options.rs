@@ -1,7 +1,7 @@
 //! The options every device kind takes, parsed once: `socket`, `id` (derived from the socket
 //! when absent), `queues`, `queue-size`, `poll` (`adaptive`, `busy`, `off`), `poll-us` (the
 //! largest adaptive window), `poll-budget` (percent of a core), `mem-max` (most guest memory a
-//! front-end may have the daemon map, 4 TiB by default) and `qos-group`. Each kind's config parser
+//! front-end may have the daemon map, 1 TiB by default) and `qos-group`. Each kind's config parser
 //! takes these first, then its own keys, then finishes the list (unknown keys refused).
 
 use std::path::PathBuf;
@@ -96,6 +96,12 @@ impl CommonOptions {
         let memory_max = options
             .take_size("mem-max")?
             .unwrap_or(crate::devices::shell::memory_cap::DEFAULT_CONNECTION_LIMIT);
+        let pool = crate::devices::shell::memory_cap::DAEMON_LIMIT;
+        if !(1 << 20..=pool).contains(&memory_max) {
+            return Err(CommonError::Invalid(format!(
+                "mem-max must be 1M..={pool} bytes (the daemon's guest-memory budget)"
+            )));
+        }
         let max_queues = limits.max_queues;
         if queues == 0 || queues > max_queues {
             return Err(CommonError::Invalid(format!(
@@ -170,6 +176,8 @@ mod tests {
             ("socket=/s,poll=always", "poll"),
             ("socket=/s,poll-budget=0", "poll-budget"),
             ("socket=/s,poll-budget=101", "poll-budget"),
+            ("socket=/s,mem-max=0", "mem-max"),
+            ("socket=/s,mem-max=97T", "mem-max"),
             ("socket=/s,id=a/b", "id"),
         ] {
             let e = take(spec).unwrap_err().to_string();

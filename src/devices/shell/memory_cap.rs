@@ -1,23 +1,32 @@
 //! How much guest memory a front-end may have the daemon map: at most `mem-max` per
-//! connection (a device option, 4 TiB by default) and [`DAEMON_LIMIT`] for all connections
+//! connection (a device option, 1 TiB by default) and [`DAEMON_LIMIT`] for all connections
 //! together.
 //!
 //! Why: a region of a sparse memfd costs its front-end nothing, but each one the daemon maps
 //! takes its size in the daemon's address space (47 bits, 128 TiB, on x86-64 with 4-level
 //! page tables). Without a cap one front-end could map terabytes of holes until every later
 //! `mmap` in the process failed: other tenants' memory tables, thread stacks, the heap (an
-//! allocation failure aborts the daemon). The relay counts what each connection's memory
-//! table maps (`SET_MEM_TABLE` replaces the total, `ADD_MEM_REG`/`REM_MEM_REG` of a distinct
-//! region add and subtract) and drops a connection that asks for more, before
-//! `vhost-user-backend` maps anything.
+//! allocation failure aborts the daemon).
+//!
+//! How (`shell::relay`): before a memory message (`SET_MEM_TABLE`, a distinct `ADD_MEM_REG`)
+//! reaches `vhost-user-backend`, the relay [reserves](MemoryCap::reserve) what it would map:
+//! the new total against the connection's cap, and, in the daemon's pool, the old mapping
+//! and the new one together (the handler maps a new table before it drops the old). Once
+//! the handler has dealt with the message, the share is [settled](MemoryCap::settle) at what
+//! the handler really has mapped (it may have refused the message and kept the old table).
+//! The share goes back to the pool when the connection's mappings are gone.
+
+// Front-end-controlled sizes flow through here: no indexing or arithmetic that can panic or
+// wrap silently.
+#![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Default cap per connection (`mem-max`): larger than any guest such a host runs.
-pub const DEFAULT_CONNECTION_LIMIT: u64 = 4 << 40;
-/// Cap for all connections of the daemon together: half of x86-64's 128 TiB user address
-/// space, the rest left to the daemon's own mappings.
-pub const DAEMON_LIMIT: u64 = 64 << 40;
+pub const DEFAULT_CONNECTION_LIMIT: u64 = 1 << 40;
+/// Cap for all connections of the daemon together: three quarters of x86-64's 128 TiB user
+/// address space, the rest left to the daemon's own mappings.
+pub const DAEMON_LIMIT: u64 = 96 << 40;
 
 /// Why a memory table was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -43,6 +52,9 @@ pub enum MemoryCapError {
     /// The regions' sizes add up past 2^64.
     #[error("memory region sizes overflow")]
     Overflow,
+    /// The memory message is malformed (shorter than its region count says).
+    #[error("malformed memory table")]
+    Malformed,
 }
 
 /// Guest memory mapped by all connections together.
@@ -75,15 +87,15 @@ impl Pool {
 
 /// One connection's share: what its memory table maps now.
 #[derive(Debug)]
-pub struct MemoryCap<'a> {
-    pool: &'a Pool,
+pub struct MemoryCap {
+    pool: &'static Pool,
     limit: u64,
     held: u64,
 }
 
-impl<'a> MemoryCap<'a> {
+impl MemoryCap {
     /// A connection allowed `limit` bytes from `pool`; it holds nothing yet.
-    pub fn new(pool: &'a Pool, limit: u64) -> Self {
+    pub fn new(pool: &'static Pool, limit: u64) -> Self {
         Self {
             pool,
             limit,
@@ -96,11 +108,13 @@ impl<'a> MemoryCap<'a> {
         self.held
     }
 
-    /// Makes this connection's total `total` bytes, or refuses and keeps the old total.
-    pub fn set(&mut self, total: u64) -> Result<(), MemoryCapError> {
-        if total > self.limit {
+    /// Before a memory message: the connection would keep `kept` bytes mapped once it is
+    /// dealt with, and have `peak` mapped meanwhile. `kept` is checked against the
+    /// connection's cap, `peak` taken from the pool; refused, nothing changes.
+    pub fn reserve(&mut self, kept: u64, peak: u64) -> Result<(), MemoryCapError> {
+        if kept > self.limit {
             return Err(MemoryCapError::Connection {
-                asked: total,
+                asked: kept,
                 limit: self.limit,
             });
         }
@@ -110,36 +124,35 @@ impl<'a> MemoryCap<'a> {
             .mapped
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |mapped| {
                 let others = mapped.saturating_sub(held);
-                let after = others.checked_add(total)?;
+                let after = others.checked_add(peak)?;
                 (after <= limit).then_some(after)
             })
             .map_err(|mapped| MemoryCapError::Daemon {
-                asked: total,
+                asked: peak,
                 free: limit.saturating_sub(mapped.saturating_sub(held)),
             })?;
-        self.held = total;
+        self.held = peak;
         Ok(())
     }
 
-    /// Adds `bytes` to this connection's total.
-    pub fn add(&mut self, bytes: u64) -> Result<(), MemoryCapError> {
-        let total = self
-            .held
-            .checked_add(bytes)
-            .ok_or(MemoryCapError::Overflow)?;
-        self.set(total)
-    }
-
-    /// Takes `bytes` off this connection's total (never below zero).
-    pub fn remove(&mut self, bytes: u64) {
-        // Lowering cannot fail: both caps only bound growth.
-        let _ = self.set(self.held.saturating_sub(bytes));
+    /// After a memory message: the connection's share becomes what the handler has mapped,
+    /// `mapped` (never more than reserved: the handler maps only what a message asks).
+    pub fn settle(&mut self, mapped: u64) {
+        let held = self.held;
+        // The closure never refuses.
+        let _ = self
+            .pool
+            .mapped
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |total| {
+                Some(total.saturating_sub(held).saturating_add(mapped))
+            });
+        self.held = mapped;
     }
 }
 
-impl Drop for MemoryCap<'_> {
+impl Drop for MemoryCap {
     fn drop(&mut self) {
-        self.remove(self.held);
+        self.settle(0);
     }
 }
 
@@ -168,9 +181,17 @@ pub fn region_bytes(region: &[u8]) -> Option<u64> {
 pub const REGION_LEN: usize = 32;
 
 #[cfg(test)]
-#[allow(clippy::unwrap_used, clippy::indexing_slicing)] // tests fail loudly by design
+#[allow(
+    clippy::unwrap_used,
+    clippy::indexing_slicing,
+    clippy::arithmetic_side_effects
+)] // tests fail loudly by design
 mod tests {
     use super::*;
+
+    fn pool(limit: u64) -> &'static Pool {
+        Box::leak(Box::new(Pool::new(limit)))
+    }
 
     fn table(sizes: &[u64]) -> Vec<u8> {
         let mut payload = (sizes.len() as u32).to_le_bytes().to_vec();
@@ -197,46 +218,60 @@ mod tests {
 
     #[test]
     fn a_connection_is_held_to_its_own_limit() {
-        let pool = Pool::new(1 << 40);
-        let mut cap = MemoryCap::new(&pool, 8 << 30);
-        cap.set(8 << 30).unwrap();
+        let pool = pool(1 << 40);
+        let mut cap = MemoryCap::new(pool, 8 << 30);
+        cap.reserve(8 << 30, 8 << 30).unwrap();
         assert_eq!(
-            cap.add(1),
+            cap.reserve((8 << 30) + 1, (8 << 30) + 1),
             Err(MemoryCapError::Connection {
                 asked: (8 << 30) + 1,
                 limit: 8 << 30
             })
         );
-        // A refused change keeps the old total.
+        // A refused reservation keeps the old share.
         assert_eq!(cap.held(), 8 << 30);
         assert_eq!(pool.mapped(), 8 << 30);
-        // A new table replaces the total, it does not add to it.
-        cap.set(2 << 30).unwrap();
-        assert_eq!(pool.mapped(), 2 << 30);
-        assert_eq!(cap.add(u64::MAX), Err(MemoryCapError::Overflow));
+        // Replacing 8 GiB by 6: both are mapped for a moment (the pool sees 14), then the
+        // handler's answer settles it.
+        cap.reserve(6 << 30, 14 << 30).unwrap();
+        assert_eq!(pool.mapped(), 14 << 30);
+        cap.settle(6 << 30);
+        assert_eq!(pool.mapped(), 6 << 30);
+    }
+
+    #[test]
+    fn a_refused_message_settles_at_what_stayed_mapped() {
+        let pool = pool(1 << 40);
+        let mut cap = MemoryCap::new(pool, 8 << 30);
+        cap.reserve(4 << 30, 4 << 30).unwrap();
+        cap.settle(4 << 30);
+        // A table of 2 GiB the handler then refuses: the 4 GiB stay mapped, and counted.
+        cap.reserve(2 << 30, 6 << 30).unwrap();
+        cap.settle(4 << 30);
+        assert_eq!((cap.held(), pool.mapped()), (4 << 30, 4 << 30));
     }
 
     #[test]
     fn connections_share_the_pool_and_give_back_what_they_held() {
-        let pool = Pool::new(10 << 30);
-        let mut a = MemoryCap::new(&pool, 8 << 30);
-        let mut b = MemoryCap::new(&pool, 8 << 30);
-        a.set(6 << 30).unwrap();
+        let pool = pool(10 << 30);
+        let mut a = MemoryCap::new(pool, 8 << 30);
+        let mut b = MemoryCap::new(pool, 8 << 30);
+        a.reserve(6 << 30, 6 << 30).unwrap();
         assert_eq!(
-            b.set(6 << 30),
+            b.reserve(6 << 30, 6 << 30),
             Err(MemoryCapError::Daemon {
                 asked: 6 << 30,
                 free: 4 << 30
             })
         );
-        b.set(4 << 30).unwrap();
+        b.reserve(4 << 30, 4 << 30).unwrap();
         // Moving within one's own share needs only what the others leave.
-        a.remove(2 << 30);
-        a.set(6 << 30).unwrap();
+        a.settle(2 << 30);
+        a.reserve(6 << 30, 6 << 30).unwrap();
         assert_eq!(pool.mapped(), 10 << 30);
         drop(a);
         assert_eq!(pool.mapped(), 4 << 30);
-        b.set(8 << 30).unwrap();
+        b.reserve(8 << 30, 8 << 30).unwrap();
         drop(b);
         assert_eq!(pool.mapped(), 0);
     }

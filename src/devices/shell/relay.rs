@@ -29,6 +29,14 @@
 //! restricted io_uring with a timeout (`sys::kick`), never a plain write: the front-end owns
 //! the eventfd and could make a write block this thread for good.
 //!
+//! Fifth, guest memory is capped (`shell::memory_cap`): a memory message that would map more
+//! than the connection's `mem-max`, or than the daemon's budget leaves, ends the connection
+//! before the handler sees it. The relay takes one memory message at a time: it follows each
+//! with a `GET_FEATURES` of its own (no side effects in the handler, always answered, and in
+//! order), reads nothing more from the front-end until that reply comes back, and then
+//! settles the connection's share at what the handler really mapped (it may have refused the
+//! message and kept the old table). The probe's reply is not passed on.
+//!
 //! Everything else, file descriptors included, passes through unchanged.
 //!
 //! Only control messages take this path; the data path is shared memory and eventfds.
@@ -41,11 +49,12 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use super::inflight::{InflightSlot, GET_INFLIGHT_FD, SET_INFLIGHT_FD};
-use super::memory_cap::{region_bytes, table_bytes, MemoryCap};
+use super::memory_cap::{region_bytes, table_bytes, MemoryCap, MemoryCapError};
 use crate::ring::dirty::{DirtyLog, LogMap};
 use crate::sys::kick::{Kicker, KICK_TIMEOUT};
 
@@ -55,6 +64,7 @@ const HEADER_LEN: usize = 12;
 const MAX_PAYLOAD: usize = 0x1000;
 /// Most file descriptors one message carries.
 const MAX_FDS: usize = 32;
+const GET_FEATURES: u32 = 1;
 const SET_FEATURES: u32 = 2;
 const SET_MEM_TABLE: u32 = 5;
 const SET_LOG_BASE: u32 = 6;
@@ -226,6 +236,12 @@ fn region_key(payload: &[u8]) -> Option<[u8; 24]> {
     payload.get(8..32)?.try_into().ok()
 }
 
+/// Sends the handler a GET_FEATURES of our own after a memory message: its reply, which the
+/// handler sends once it is done with everything before, is not passed on.
+fn probe(back: &mut UnixStream) -> Result<(), RelayError> {
+    write_message(back, &Message::new(GET_FEATURES, VERSION_1, Vec::new()))
+}
+
 fn ack(front: &mut UnixStream, message: &Message) -> Result<(), RelayError> {
     if message.flags() & FLAG_NEED_REPLY == 0 {
         return Ok(());
@@ -249,7 +265,10 @@ pub struct Hooks<'a> {
     /// The ring inflight devices' queues are kicked through (none: plain writes).
     pub kicker: Option<Kicker>,
     /// How much guest memory this connection may have mapped (`shell::memory_cap`).
-    pub memory: MemoryCap<'a>,
+    pub memory: &'a mut MemoryCap,
+    /// What the handler has mapped for this connection now, in bytes (kept by the backend's
+    /// `update_memory`).
+    pub mapped: &'a AtomicU64,
 }
 
 /// Relays between `front` (the front-end) and `back` (our handler) until either side closes.
@@ -271,7 +290,8 @@ pub fn relay(
         log,
         announce,
         mut kicker,
-        mut memory,
+        memory,
+        mapped,
     } = hooks;
     if let Some(slot) = inflight {
         slot.clear();
@@ -283,10 +303,18 @@ pub fn relay(
     let mut regions: std::collections::HashMap<[u8; 24], u32> = std::collections::HashMap::new();
     // Each running ring's addresses (SET_VRING_ADDR, until its GET_VRING_BASE).
     let mut ring_addrs: std::collections::HashMap<u32, [u8; 24]> = std::collections::HashMap::new();
+    // One memory message at a time: a GET_FEATURES probe follows each to the handler, which
+    // answers in order, and the front-end is not read until the probe's reply (`probing`)
+    // says the handler is done with it; then the connection's share is settled at what the
+    // handler has mapped. Replies to the front-end's own GET_FEATURES, still on their way,
+    // come first (`front_get_features` of them).
+    let mut probing = false;
+    let mut front_get_features: u32 = 0;
     let result = loop {
         let mut fds = [
             libc::pollfd {
-                fd: front.as_raw_fd(),
+                // A negative fd is left out of the poll.
+                fd: if probing { -1 } else { front.as_raw_fd() },
                 events: libc::POLLIN,
                 revents: 0,
             },
@@ -350,17 +378,27 @@ pub fn relay(
                     }
                     write_message(&mut back, &message)?;
                 }
+                GET_FEATURES if message.payload.is_empty() => {
+                    front_get_features = front_get_features.saturating_add(1);
+                    write_message(&mut back, &message)?;
+                }
                 SET_MEM_TABLE => {
-                    // A table replaces every region mapped before (slot messages included).
-                    let total = table_bytes(&message.payload).ok_or(RelayError::Malformed(
-                        u32::try_from(message.payload.len()).unwrap_or(u32::MAX),
-                    ));
-                    if let Err(e) = total.and_then(|total| Ok(memory.set(total)?)) {
-                        break Err(e);
+                    // A table replaces every region mapped before (slot messages included);
+                    // the handler maps it before it drops the old one.
+                    let reserved = table_bytes(&message.payload)
+                        .ok_or(MemoryCapError::Malformed)
+                        .and_then(|kept| {
+                            memory
+                                .reserve(kept, mapped.load(Ordering::Acquire).saturating_add(kept))
+                        });
+                    if let Err(e) = reserved {
+                        break Err(e.into());
                     }
                     regions.clear();
                     crate::sys::sigbus::memory_update_coming();
                     write_message(&mut back, &message)?;
+                    probe(&mut back)?;
+                    probing = true;
                 }
                 ADD_MEM_REG => {
                     let new =
@@ -369,8 +407,14 @@ pub fn relay(
                         break Err(RelayError::Excess("memory regions"));
                     }
                     if new {
-                        let bytes = message.payload.get(8..).and_then(region_bytes).unwrap_or(0);
-                        if let Err(e) = memory.add(bytes) {
+                        let reserved = message
+                            .payload
+                            .get(8..)
+                            .and_then(region_bytes)
+                            .and_then(|bytes| mapped.load(Ordering::Acquire).checked_add(bytes))
+                            .ok_or(MemoryCapError::Overflow)
+                            .and_then(|kept| memory.reserve(kept, kept));
+                        if let Err(e) = reserved {
                             break Err(e.into());
                         }
                     }
@@ -385,6 +429,8 @@ pub fn relay(
                         ack(&mut front, &message)?;
                     } else {
                         write_message(&mut back, &message)?;
+                        probe(&mut back)?;
+                        probing = true;
                     }
                 }
                 REM_MEM_REG => {
@@ -394,10 +440,6 @@ pub fn relay(
                         let left = *count;
                         if left == 0 {
                             regions.remove(&key);
-                            // Its last user: the handler unmaps it.
-                            memory.remove(
-                                message.payload.get(8..).and_then(region_bytes).unwrap_or(0),
-                            );
                         }
                         Some(left)
                     });
@@ -405,6 +447,8 @@ pub fn relay(
                         ack(&mut front, &message)?;
                     } else {
                         write_message(&mut back, &message)?;
+                        probe(&mut back)?;
+                        probing = true;
                     }
                 }
                 SET_LOG_BASE => {
@@ -530,6 +574,15 @@ pub fn relay(
                 break Ok(());
             };
             log::trace!("vhost-user reply {}", message.request());
+            if message.request() == GET_FEATURES {
+                if front_get_features == 0 && probing {
+                    // The probe's reply: the handler is done with the memory message.
+                    probing = false;
+                    memory.settle(mapped.load(Ordering::Acquire));
+                    continue;
+                }
+                front_get_features = front_get_features.saturating_sub(1);
+            }
             write_message(&mut front, &message)?;
         }
     };

@@ -2,6 +2,7 @@
 
 use super::*;
 use crate::devices::shell::memory_cap::{MemoryCapError, Pool};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 fn raw(request: u32, flags: u32, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
@@ -31,7 +32,8 @@ fn plain_relay() -> (
                 log: &DirtyLog::default(),
                 announce: &|_| {},
                 kicker: None,
-                memory: MemoryCap::new(Pool::daemon(), u64::MAX),
+                memory: &mut MemoryCap::new(Pool::daemon(), u64::MAX),
+                mapped: &AtomicU64::new(0),
             },
         )
     });
@@ -131,7 +133,8 @@ fn send_rarp_announces_the_mac_here_and_is_acknowledged() {
                 log: &DirtyLog::default(),
                 announce: &announce,
                 kicker: None,
-                memory: MemoryCap::new(Pool::daemon(), u64::MAX),
+                memory: &mut MemoryCap::new(Pool::daemon(), u64::MAX),
+                mapped: &AtomicU64::new(0),
             },
         )
     });
@@ -178,6 +181,17 @@ fn a_front_end_cannot_grow_the_relays_state() {
     assert!(matches!(relay.join().unwrap(), Err(RelayError::Excess(_))));
 }
 
+/// Plays the handler's part after a memory message: reads the relay's GET_FEATURES probe and
+/// answers it.
+fn answer_probe(handler: &mut UnixStream) {
+    let mut probe = [0u8; 12];
+    handler.read_exact(&mut probe).unwrap();
+    assert_eq!(&probe[..], &raw(GET_FEATURES, VERSION_1, &[])[..]);
+    handler
+        .write_all(&raw(GET_FEATURES, VERSION_1 | FLAG_REPLY, &[0; 8]))
+        .unwrap();
+}
+
 #[test]
 fn identical_memory_regions_reach_the_handler_once() {
     let (mut qemu, mut handler, relay) = plain_relay();
@@ -195,6 +209,10 @@ fn identical_memory_regions_reach_the_handler_once() {
         )
         .unwrap();
     }
+    let mut seen = vec![0u8; 52];
+    handler.read_exact(&mut seen).unwrap();
+    assert_eq!(&seen[..], &raw(ADD_MEM_REG, flags, &region)[..]);
+    answer_probe(&mut handler);
     let mut ack = [0u8; 20];
     qemu.read_exact(&mut ack).unwrap(); // the duplicate is answered by the relay
     assert_eq!(
@@ -204,30 +222,35 @@ fn identical_memory_regions_reach_the_handler_once() {
     qemu.write_all(&raw(REM_MEM_REG, flags, &region)).unwrap();
     qemu.read_exact(&mut ack).unwrap(); // one user left: answered by the relay
     qemu.write_all(&raw(REM_MEM_REG, flags, &region)).unwrap();
-    qemu.write_all(&raw(1, VERSION_1, &[])).unwrap();
-    let mut seen = vec![0u8; 52 + 52 + 12];
     handler.read_exact(&mut seen).unwrap();
-    assert_eq!(&seen[..52], &raw(ADD_MEM_REG, flags, &region)[..]);
-    assert_eq!(&seen[52..104], &raw(REM_MEM_REG, flags, &region)[..]);
-    assert_eq!(&seen[104..], &raw(1, VERSION_1, &[])[..]);
+    assert_eq!(&seen[..], &raw(REM_MEM_REG, flags, &region)[..]);
+    answer_probe(&mut handler);
+    qemu.write_all(&raw(24, VERSION_1, &[])).unwrap();
+    let mut next = [0u8; 12];
+    handler.read_exact(&mut next).unwrap();
+    assert_eq!(&next[..], &raw(24, VERSION_1, &[])[..]);
     drop(qemu);
     relay.join().unwrap().unwrap();
 }
 
 #[test]
-fn memory_tables_count_against_the_cap_and_replace_the_regions_added_before() {
+fn memory_messages_count_what_the_handler_really_maps() {
     let (qemu, front) = UnixStream::pair().unwrap();
     let (back, mut handler) = UnixStream::pair().unwrap();
-    let pool = std::sync::Arc::new(Pool::new(1 << 40));
+    let pool: &'static Pool = Box::leak(Box::new(Pool::new(1 << 40)));
+    // What the handler has mapped (the backend's `update_memory` keeps it in the daemon).
+    let mapped = std::sync::Arc::new(AtomicU64::new(0));
     let relay = {
-        let pool = std::sync::Arc::clone(&pool);
+        let mapped = std::sync::Arc::clone(&mapped);
         std::thread::spawn(move || {
+            let mut memory = MemoryCap::new(pool, 0x3000);
             let hooks = Hooks {
                 inflight: None,
                 log: &DirtyLog::default(),
                 announce: &|_| {},
                 kicker: None,
-                memory: MemoryCap::new(&pool, 0x3000),
+                memory: &mut memory,
+                mapped: &mapped,
             };
             relay(front, back, |_| {}, hooks)
         })
@@ -235,29 +258,59 @@ fn memory_tables_count_against_the_cap_and_replace_the_regions_added_before() {
     let memory = tempfile::tempfile().unwrap();
     memory.set_len(0x2000).unwrap();
     let fd = memory.as_raw_fd();
-    // Region A, 0x2000 bytes, added twice (QEMU's multi-queue NIC): counted once.
+    // The relay reads the front-end's next message only once the handler is done with a
+    // memory message; a message reaching the handler after one says the relay settled.
+    let marker = raw(24, VERSION_1, &[]);
+    let settled = |handler: &mut UnixStream, qemu: &UnixStream| {
+        (&*qemu).write_all(&marker).unwrap();
+        let mut next = [0u8; 12];
+        handler.read_exact(&mut next).unwrap();
+        assert_eq!(&next[..], &marker[..]);
+    };
+    let table = |sizes: &[u64]| {
+        let mut table = vec![0u8; 8 + 32 * sizes.len()];
+        table[0] = sizes.len() as u8;
+        for (i, size) in sizes.iter().enumerate() {
+            let at = 8 + i * 32;
+            table[at..at + 8].copy_from_slice(&((i as u64 + 1) << 20).to_le_bytes());
+            table[at + 8..at + 16].copy_from_slice(&size.to_le_bytes());
+        }
+        table
+    };
+    // Region A, 0x2000 bytes, added twice (QEMU's multi-queue NIC): passed on once.
     let mut add = vec![0u8; 40];
     add[16..24].copy_from_slice(&0x2000u64.to_le_bytes());
     for _ in 0..2 {
         qemu.send_with_fds(&[raw(ADD_MEM_REG, VERSION_1, &add).as_slice()], &[fd])
             .unwrap();
     }
-    // A table of two 0x1000-byte regions replaces it: 0x2000 in all.
-    let mut table = vec![0u8; 8 + 64];
-    table[0] = 2;
-    for (i, gpa) in [0x10_0000u64, 0x20_0000].iter().enumerate() {
-        let at = 8 + i * 32;
-        table[at..at + 8].copy_from_slice(&gpa.to_le_bytes());
-        table[at + 8..at + 16].copy_from_slice(&0x1000u64.to_le_bytes());
-    }
-    qemu.send_with_fds(
-        &[raw(SET_MEM_TABLE, VERSION_1, &table).as_slice()],
-        &[fd, fd],
-    )
-    .unwrap();
-    let mut seen = vec![0u8; 52 + 84];
+    let mut seen = vec![0u8; 52];
     handler.read_exact(&mut seen).unwrap();
-    assert_eq!(&seen[52..], &raw(SET_MEM_TABLE, VERSION_1, &table)[..]);
+    mapped.store(0x2000, Ordering::Release);
+    answer_probe(&mut handler);
+    settled(&mut handler, &qemu);
+    assert_eq!(pool.mapped(), 0x2000);
+    // A table the handler refuses (it keeps the old mapping): the count stays at 0x2000.
+    let small = table(&[0x1000]);
+    qemu.send_with_fds(&[raw(SET_MEM_TABLE, VERSION_1, &small).as_slice()], &[fd])
+        .unwrap();
+    let mut seen = vec![0u8; 12 + small.len()];
+    handler.read_exact(&mut seen).unwrap();
+    answer_probe(&mut handler);
+    settled(&mut handler, &qemu);
+    assert_eq!(pool.mapped(), 0x2000);
+    // A table the handler maps: 0x1000 + 0x1000 replace region A.
+    let two = table(&[0x1000, 0x1000]);
+    qemu.send_with_fds(&[raw(SET_MEM_TABLE, VERSION_1, &two).as_slice()], &[fd, fd])
+        .unwrap();
+    let mut seen = vec![0u8; 12 + two.len()];
+    handler.read_exact(&mut seen).unwrap();
+    assert_eq!(&seen[..], &raw(SET_MEM_TABLE, VERSION_1, &two)[..]);
+    // Meanwhile the old and the new table are both mapped, and counted in the pool.
+    assert_eq!(pool.mapped(), 0x4000);
+    mapped.store(0x2000, Ordering::Release);
+    answer_probe(&mut handler);
+    settled(&mut handler, &qemu);
     assert_eq!(pool.mapped(), 0x2000);
     // Region A again is new after the table (the handler forgot it): 0x4000 > 0x3000.
     qemu.send_with_fds(&[raw(ADD_MEM_REG, VERSION_1, &add).as_slice()], &[fd])
@@ -269,12 +322,11 @@ fn memory_tables_count_against_the_cap_and_replace_the_regions_added_before() {
             limit: 0x3000
         }))
     ));
-    // The handler never saw it, and the connection's share went back to the pool.
+    // The handler never saw it.
     drop(qemu);
     let mut rest = Vec::new();
     handler.read_to_end(&mut rest).unwrap();
     assert!(rest.is_empty());
-    assert_eq!(pool.mapped(), 0);
 }
 
 #[test]
@@ -294,7 +346,8 @@ fn inflight_messages_are_answered_by_the_relay() {
                     log: &DirtyLog::default(),
                     announce: &|_| {},
                     kicker: crate::sys::kick::Kicker::new().ok(),
-                    memory: MemoryCap::new(Pool::daemon(), u64::MAX),
+                    memory: &mut MemoryCap::new(Pool::daemon(), u64::MAX),
+                    mapped: &AtomicU64::new(0),
                 },
             )
         })

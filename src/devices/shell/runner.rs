@@ -295,6 +295,11 @@ fn serve_connection<D: Device>(
             .ok(),
         None => None,
     };
+    // This connection's share of the daemon's guest-memory budget.
+    let mut memory = super::memory_cap::MemoryCap::new(
+        super::memory_cap::Pool::daemon(),
+        backend.device().memory_max(),
+    );
     let relay = {
         let id = id.to_string();
         let backend = Arc::clone(&backend);
@@ -309,21 +314,21 @@ fn serve_connection<D: Device>(
                 let inflight = backend.device().inflight_slot();
                 let log = backend.dirty_log();
                 let announce = |mac| backend.device().announce(mac);
-                let memory = super::memory_cap::MemoryCap::new(
-                    super::memory_cap::Pool::daemon(),
-                    backend.device().memory_max(),
-                );
                 let hooks = super::relay::Hooks {
                     inflight,
                     log,
                     announce: &announce,
                     kicker,
-                    memory,
+                    memory: &mut memory,
+                    mapped: backend.mapped(),
                 };
                 let relayed = super::relay::relay(front, back, channel, hooks);
                 if let Err(e) = relayed {
                     log::warn!("{id}: vhost-user relay: {e}");
                 }
+                // Given back to the pool when the mappings are gone (below, after the
+                // backend is dropped).
+                memory
             })?
     };
     *lock(&stop.connection) = daemon
@@ -341,9 +346,11 @@ fn serve_connection<D: Device>(
     backend.signal_exit();
     // The handler is gone; make sure the relay is too, even if the front-end is mid-message.
     let _ = front_handle.shutdown(std::net::Shutdown::Both);
-    if relay.join().is_err() {
-        log::error!("{id}: relay thread panicked");
-    }
+    // (A relay that panicked gave its share back as it unwound.)
+    let memory = relay
+        .join()
+        .map_err(|_| log::error!("{id}: relay thread panicked"))
+        .ok();
     drop(front_handle);
     // Dropping the daemon joins its worker threads; closing the backend then lets the
     // workers release what they hold (engines drain, taps go back to the device), here and
@@ -352,6 +359,8 @@ fn serve_connection<D: Device>(
     drop(daemon);
     backend.close();
     drop(backend);
+    // The connection's mappings are gone with the handler and the backend.
+    drop(memory);
     log::info!("{id}: front-end disconnected");
     match result {
         // A front-end going away (guest shutdown, QEMU killed) is the normal end of a session.

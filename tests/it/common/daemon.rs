@@ -245,6 +245,23 @@ impl Daemon {
     }
 
     /// Path inside the daemon's temp dir.
+    /// The daemon's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("daemon running").id()
+    }
+
+    /// The most virtual memory the daemon has had mapped at once, in bytes (`VmPeak`).
+    pub fn peak_virtual_memory(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("read the daemon's status");
+        let kib: u64 = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmPeak:"))
+            .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+            .expect("VmPeak in /proc/PID/status");
+        kib * 1024
+    }
+
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
