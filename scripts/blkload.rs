@@ -5,6 +5,12 @@
 //! and latency percentiles. `--poll on` makes the client
 //! busy-poll completions (no interrupts), so the backend's own cost decides the result.
 //!
+//! `--alternate SOCKET_B` compares two devices (one queue each) under the same conditions:
+//! the load moves between `--socket` (A) and B every `--slice-ms` (default 50), and each B
+//! slice is compared with the mean of the A slices before and after it, so the speed of a
+//! VM that shifts for seconds at a time cancels out. Prints the median and quartiles of
+//! those B/A ratios.
+//!
 //! `cargo run --release --example blkload -- --socket S --rw randread --bs 4096 --qd 32 --seconds 5`
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a benchmark tool: fail loudly
 
@@ -23,6 +29,10 @@ struct Args {
     poll: bool,
     /// Queues, each driven by its own thread with `qd` requests in flight.
     queues: usize,
+    /// A second device to alternate with (`--alternate`).
+    alternate: Option<String>,
+    /// Length of one alternation slice.
+    slice: Duration,
 }
 
 fn parse_args() -> Args {
@@ -34,6 +44,8 @@ fn parse_args() -> Args {
         seconds: 5.0,
         poll: false,
         queues: 1,
+        alternate: None,
+        slice: Duration::from_millis(50),
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -46,6 +58,8 @@ fn parse_args() -> Args {
             "--seconds" => args.seconds = value.parse().unwrap(),
             "--poll" => args.poll = value == "on",
             "--queues" => args.queues = value.parse().unwrap(),
+            "--alternate" => args.alternate = Some(value),
+            "--slice-ms" => args.slice = Duration::from_millis(value.parse().unwrap()),
             other => panic!("unknown flag {other}"),
         }
     }
@@ -62,6 +76,10 @@ struct Measured {
 
 fn main() {
     let args = parse_args();
+    if let Some(b) = args.alternate.clone() {
+        alternate(&args, &b);
+        return;
+    }
     let mut blkio = Blkio::new("virtio-blk-vhost-user").unwrap();
     blkio.set_str("path", &args.socket).unwrap();
     blkio.connect().unwrap();
@@ -187,4 +205,121 @@ fn drive(args: &Args, mut q: blkio::Blkioq, buffers: usize, capacity: u64, seed:
         counted,
         measured: measure_start.map_or(Duration::ZERO, |s| s.elapsed()),
     }
+}
+
+/// One device with one queue, started, with `qd * bs` bytes of buffers.
+struct Device {
+    _blkio: Blkio,
+    q: blkio::Blkioq,
+    base: usize,
+    capacity: u64,
+}
+
+fn open(args: &Args, socket: &str) -> Device {
+    let mut blkio = Blkio::new("virtio-blk-vhost-user").unwrap();
+    blkio.set_str("path", socket).unwrap();
+    blkio.connect().unwrap();
+    let capacity = blkio.get_u64("capacity").unwrap();
+    if args.poll {
+        blkio.set_i32("num-queues", 0).unwrap();
+        blkio.set_i32("num-poll-queues", 1).unwrap();
+    } else {
+        blkio.set_i32("num-queues", 1).unwrap();
+    }
+    let mut started = blkio.start().unwrap();
+    let region = blkio.alloc_mem_region(args.qd * args.bs).unwrap();
+    blkio.map_mem_region(&region).unwrap();
+    let q = if args.poll {
+        started.poll_queues.pop().unwrap()
+    } else {
+        started.queues.pop().unwrap()
+    };
+    Device {
+        _blkio: blkio,
+        q,
+        base: region.addr,
+        capacity,
+    }
+}
+
+/// Keeps `qd` requests in flight on `device` for `slice`, then lets the last ones complete;
+/// returns requests per second over the whole slice.
+fn run_slice(args: &Args, device: &mut Device, rng: &mut u64, slice: Duration) -> f64 {
+    let blocks = device.capacity / args.bs as u64;
+    let base = device.base as *mut u8;
+    let q = &mut device.q;
+    let mut submit = |q: &mut blkio::Blkioq, slot: usize| {
+        *rng ^= *rng << 13;
+        *rng ^= *rng >> 7;
+        *rng ^= *rng << 17;
+        let offset = (*rng % blocks) * args.bs as u64;
+        // SAFETY: slot < qd: the buffer lies in the device's region; one request per slot.
+        let buf = unsafe { base.add(slot * args.bs) };
+        if args.write {
+            q.write(offset, buf, args.bs, slot, ReqFlags::empty());
+        } else {
+            q.read(offset, buf, args.bs, slot, ReqFlags::empty());
+        }
+    };
+    let mut completions: Vec<MaybeUninit<Completion>> =
+        (0..args.qd).map(|_| MaybeUninit::uninit()).collect();
+    let begin = Instant::now();
+    for slot in 0..args.qd {
+        submit(q, slot);
+    }
+    let (mut done, mut in_flight) = (0u64, args.qd);
+    while in_flight > 0 {
+        let n = q.do_io(&mut completions, 1, None, None).unwrap();
+        let more = begin.elapsed() < slice;
+        for c in &completions[..n] {
+            // SAFETY: do_io initialised the first n entries.
+            let c = unsafe { c.assume_init_ref() };
+            assert_eq!(c.ret, 0, "I/O error");
+            done += 1;
+            if more {
+                submit(q, c.user_data);
+            } else {
+                in_flight -= 1;
+            }
+        }
+    }
+    done as f64 / begin.elapsed().as_secs_f64()
+}
+
+/// `--alternate`: A, B, A, B, ..., A slices; each B against the mean of its neighbours.
+fn alternate(args: &Args, b_socket: &str) {
+    assert_eq!(args.queues, 1, "--alternate drives one queue per device");
+    let mut a = open(args, &args.socket);
+    let mut b = open(args, b_socket);
+    let mut rng: u64 = 0x9E37_79B9_7F4A_7C15;
+    // Warm both up.
+    run_slice(args, &mut a, &mut rng, Duration::from_millis(300));
+    run_slice(args, &mut b, &mut rng, Duration::from_millis(300));
+    let pairs = ((args.seconds / 2.0) / args.slice.as_secs_f64()).max(1.0) as usize;
+    let mut a_rates = vec![run_slice(args, &mut a, &mut rng, args.slice)];
+    let mut b_rates = Vec::with_capacity(pairs);
+    for _ in 0..pairs {
+        b_rates.push(run_slice(args, &mut b, &mut rng, args.slice));
+        a_rates.push(run_slice(args, &mut a, &mut rng, args.slice));
+    }
+    let mut ratios: Vec<f64> = b_rates
+        .iter()
+        .enumerate()
+        .map(|(i, b)| b / ((a_rates[i] + a_rates[i + 1]) / 2.0))
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    let q = |v: &[f64], p: f64| v[((v.len() as f64 * p) as usize).min(v.len() - 1)];
+    let mut a_sorted = a_rates.clone();
+    a_sorted.sort_by(f64::total_cmp);
+    let mut b_sorted = b_rates.clone();
+    b_sorted.sort_by(f64::total_cmp);
+    println!(
+        "{{\"pairs\":{},\"ratio_p25\":{:.4},\"ratio_median\":{:.4},\"ratio_p75\":{:.4},\"a_iops\":{:.0},\"b_iops\":{:.0}}}",
+        ratios.len(),
+        q(&ratios, 0.25),
+        q(&ratios, 0.5),
+        q(&ratios, 0.75),
+        q(&a_sorted, 0.5),
+        q(&b_sorted, 0.5)
+    );
 }
