@@ -4,6 +4,7 @@
 
 pub mod bucket;
 pub mod config;
+pub mod credit;
 pub mod device;
 pub mod gate;
 pub mod group;

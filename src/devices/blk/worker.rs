@@ -348,6 +348,9 @@ impl QueueWorker {
         // One clock read for the requests this pass starts (their latency counts from it).
         let available = burst.available().unwrap_or(0);
         self.clock = (available > 0).then(Instant::now);
+        // Limits that do not bind: tokens for a chunk taken ahead, so requests start as they
+        // are parsed (`qos::credit`); else they are charged in chunks (`admit_pass`).
+        let mut credit = self.take_credit();
         // The driver's core just wrote the ring entries and headers: ask for all of them at
         // once so the cross-core misses overlap (a chunk's descriptors and used lines, then
         // each request's header a few chains ahead).
@@ -384,9 +387,12 @@ impl QueueWorker {
                 .map(|()| descs.as_slice())
                 .map_err(|_| request::Reason::BrokenChain);
             if let Some(request) = self.parse_or_refuse(head, buffers, &memory, &map) {
-                if self.pass.is_empty() && !self.shared.qos.is_enabled() {
-                    // No limits: nothing to charge as a batch, start it now (in ring order:
-                    // nothing of this pass waits before it).
+                // Start it now (in ring order: nothing of this pass waits before it) without
+                // limits, or paid from the credit; else it waits for its chunk's charge.
+                if self.pass.is_empty()
+                    && (!self.shared.qos.is_enabled()
+                        || self.spend_credit(&mut credit, request.cost()))
+                {
                     self.execute(head, request, &memory);
                 } else {
                     self.pass.push((head, request));
@@ -402,6 +408,9 @@ impl QueueWorker {
         let _ = burst.finish();
         drop(state);
         self.descs = descs;
+        if let Some(credit) = credit {
+            credit.give_back(&self.shared.qos);
+        }
         self.admit_pass(&memory);
         self.clock = None;
         popped

@@ -9,6 +9,7 @@
 
 // The parent's imports and private types: this is part of the worker, in its own file.
 use super::*;
+use crate::qos::credit::Credit;
 
 /// A parsed request waiting for QoS tokens.
 pub(super) struct Deferred {
@@ -50,6 +51,25 @@ impl QueueWorker {
             request,
             memory: Arc::clone(memory),
         });
+    }
+
+    /// A credit for a pass of a limited device whose gate holds nothing (`qos::credit`).
+    pub(super) fn take_credit(&self) -> Option<Credit> {
+        if !self.shared.qos.is_enabled() || self.gate.is_holding() {
+            return None;
+        }
+        Some(Credit::new(crate::sys::clock::ns_at(self.clock?)))
+    }
+
+    /// Pays `cost` from `credit`. False: the request waits for its chunk's charge, and so
+    /// does the rest of the pass.
+    pub(super) fn spend_credit(&self, credit: &mut Option<Credit>, cost: Option<Cost>) -> bool {
+        match (credit, cost) {
+            (Some(credit), Some(cost)) => credit.spend(&self.shared.qos, cost),
+            // Costs nothing (a request refused and answered at once).
+            (Some(_), None) => true,
+            (None, _) => false,
+        }
     }
 
     /// Admits the requests the pass parsed: with QoS, in one charge per kind (reads, writes)
