@@ -344,7 +344,7 @@ pub fn relay_messages(data: &[u8]) {
             announce: &|_| {},
             kicker: crate::sys::kick::Kicker::new().ok(),
             memory: &mut memory,
-            mapped: &std::sync::atomic::AtomicU64::new(0),
+            mapped: &crate::devices::shell::memory_cap::Tables::default(),
         };
         let _ = crate::devices::shell::relay::relay(front, back, |_| {}, hooks);
     });

@@ -73,7 +73,10 @@ impl Credit {
             *left = after;
             return true;
         }
-        if *left == Left::Refused {
+        if *left == Left::Refused || cost.bytes > CREDIT_BYTES {
+            // (A request larger than a whole credit: charged the usual way.)
+            give_back_one(qos, cost.kind, *left);
+            *left = Left::Refused;
             return false;
         }
         give_back_one(qos, cost.kind, *left);
@@ -93,12 +96,7 @@ impl Credit {
                 *left = after;
                 true
             }
-            None => {
-                // (A request larger than a whole credit.)
-                give_back_one(qos, cost.kind, *left);
-                *left = Left::Refused;
-                false
-            }
+            None => false,
         }
     }
 

@@ -116,9 +116,9 @@ pub struct DeviceBackend<D: Device> {
     exit_events: ExitEvents,
     /// This connection's guest memory in the SIGBUS table (`sys::sigbus`).
     memory_owner: u64,
-    /// Bytes of guest memory the handler has mapped for this connection (its last
-    /// `update_memory`), which the relay settles its memory cap at (`shell::memory_cap`).
-    mapped: std::sync::atomic::AtomicU64,
+    /// The memory tables the handler installed for this connection, for the relay's memory
+    /// cap (`shell::memory_cap`).
+    tables: super::memory_cap::Tables,
     /// This connection's dirty-page log (live migration): mapped by the relay, switched on
     /// and off by the acked features, marked by the workers.
     log: Arc<DirtyLog>,
@@ -153,7 +153,7 @@ impl<D: Device> DeviceBackend<D> {
             workers,
             exit_events,
             memory_owner: crate::sys::sigbus::new_owner(),
-            mapped: std::sync::atomic::AtomicU64::new(0),
+            tables: super::memory_cap::Tables::default(),
             log,
             vrings: std::sync::RwLock::new(Vec::new()),
             this: std::sync::OnceLock::new(),
@@ -266,9 +266,9 @@ impl<D: Device> DeviceBackend<D> {
         self.device.vrings_created(vrings);
     }
 
-    /// Bytes of guest memory the handler has mapped for this connection now.
-    pub fn mapped(&self) -> &std::sync::atomic::AtomicU64 {
-        &self.mapped
+    /// The memory tables the handler installed for this connection.
+    pub fn tables(&self) -> &super::memory_cap::Tables {
+        &self.tables
     }
 
     /// The connection's dirty-page log.
@@ -373,15 +373,13 @@ impl<D: Device> VhostUserBackend for DeviceBackend<D> {
         // only tell the SIGBUS handler where this front-end's memory now lies, so a file it
         // shrinks later cannot end the daemon.
         use vm_memory::{GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
-        let mut mapped = 0u64;
-        for region in memory.memory().iter() {
+        let table = memory.memory().into_inner();
+        self.tables.installed(&table);
+        for region in table.iter() {
             let len = usize::try_from(region.len()).unwrap_or(usize::MAX);
-            mapped = mapped.saturating_add(region.len());
             crate::sys::sigbus::register(self.memory_owner, region.as_ptr() as usize, len)
                 .map_err(std::io::Error::other)?;
         }
-        self.mapped
-            .store(mapped, std::sync::atomic::Ordering::Release);
         log::debug!("{}: guest memory table updated", self.device.id());
         Ok(())
     }

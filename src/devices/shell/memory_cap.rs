@@ -13,14 +13,27 @@
 //! the new total against the connection's cap, and, in the daemon's pool, the old mapping
 //! and the new one together (the handler maps a new table before it drops the old). Once
 //! the handler has dealt with the message, the share is [settled](MemoryCap::settle) at what
-//! the handler really has mapped (it may have refused the message and kept the old table).
-//! The share goes back to the pool when the connection's mappings are gone.
+//! is really mapped ([`Tables`]): the current table, and older tables that requests in flight
+//! or held back by QoS still hold (a table stays mapped while anything holds it; without
+//! counting those, a front-end replacing its table under pinned requests again and again
+//! kept many tables mapped for the price of one). The share goes back to the pool when the
+//! connection's mappings are gone.
+//!
+//! Bound: a table replacement is checked as if the table it replaces were let go; if
+//! requests still hold that one, it is counted from then on, and the next memory message is
+//! refused until it is gone. So one connection maps at most its cap plus the one table it
+//! replaced, and the pool counts both.
 
 // Front-end-controlled sizes flow through here: no indexing or arithmetic that can panic or
 // wrap silently.
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+
+use crate::vring::GuestMemory;
 
 /// Default cap per connection (`mem-max`): larger than any guest such a host runs.
 pub const DEFAULT_CONNECTION_LIMIT: u64 = 1 << 40;
@@ -156,6 +169,74 @@ impl Drop for MemoryCap {
     }
 }
 
+/// Guest memory a connection has mapped now.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Mapped {
+    /// The handler's current memory table.
+    pub current: u64,
+    /// Older tables something still holds (their regions not in the current table).
+    pub older: u64,
+}
+
+impl Mapped {
+    /// All of it.
+    pub fn total(&self) -> u64 {
+        self.current.saturating_add(self.older)
+    }
+}
+
+/// Most tables remembered: each one still held counts against the cap, so a front-end that
+/// reaches this has mapped its cap in tables of a few pages; past it the oldest is
+/// forgotten (counted no more) rather than memory grown.
+const MAX_TABLES: usize = 256;
+
+/// The memory tables a connection's handler installed, for counting what is still mapped.
+#[derive(Debug, Default)]
+pub struct Tables {
+    tables: Mutex<Vec<Weak<GuestMemory>>>,
+}
+
+impl Tables {
+    /// The handler installed `table` (it is the current one from now on).
+    pub fn installed(&self, table: &Arc<GuestMemory>) {
+        let mut tables = crate::lock::lock(&self.tables);
+        tables.retain(|t| t.strong_count() > 0);
+        if tables.len() >= MAX_TABLES {
+            tables.remove(0);
+        }
+        tables.push(Arc::downgrade(table));
+    }
+
+    /// What is mapped now: the current table, and the regions of older tables still held
+    /// that the current one does not share (a region is counted once, by its mapping).
+    pub fn mapped(&self) -> Mapped {
+        let mut tables = crate::lock::lock(&self.tables);
+        tables.retain(|t| t.strong_count() > 0);
+        let live: Vec<Arc<GuestMemory>> = tables.iter().filter_map(Weak::upgrade).collect();
+        drop(tables);
+        let Some((current, older)) = live.split_last() else {
+            return Mapped::default();
+        };
+        let mut seen: Vec<usize> = Vec::new();
+        let mut count = |table: &GuestMemory| {
+            let mut bytes = 0u64;
+            for region in table.iter() {
+                let at = region.as_ptr() as usize;
+                if !seen.contains(&at) {
+                    seen.push(at);
+                    bytes = bytes.saturating_add(region.len());
+                }
+            }
+            bytes
+        };
+        let current = count(current);
+        let older = older
+            .iter()
+            .fold(0u64, |sum, table| sum.saturating_add(count(table)));
+        Mapped { current, older }
+    }
+}
+
 /// The bytes a `SET_MEM_TABLE` payload maps: the sum of its regions' sizes (a region is
 /// guest address, size, front-end address, mmap offset, each a u64, after a u32 count and
 /// 4 bytes of padding). `None` when the payload is shorter than its count says or the sum
@@ -249,6 +330,47 @@ mod tests {
         cap.reserve(2 << 30, 6 << 30).unwrap();
         cap.settle(4 << 30);
         assert_eq!((cap.held(), pool.mapped()), (4 << 30, 4 << 30));
+    }
+
+    #[test]
+    fn older_tables_count_while_something_holds_them() {
+        use vm_memory::GuestAddress;
+        let tables = Tables::default();
+        assert_eq!(tables.mapped(), Mapped::default());
+        let first = Arc::new(GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap());
+        tables.installed(&first);
+        // A region added: the new table shares the first one's region.
+        let second = Arc::new(
+            first
+                .insert_region(Arc::new(
+                    vm_memory::GuestRegionMmap::from_range(GuestAddress(1 << 30), 2 << 20, None)
+                        .unwrap(),
+                ))
+                .unwrap(),
+        );
+        tables.installed(&second);
+        // A request still holds the first table: its region is the current table's too.
+        assert_eq!(
+            tables.mapped(),
+            Mapped {
+                current: 3 << 20,
+                older: 0
+            }
+        );
+        // A new table of its own, while a request holds the second.
+        let third = Arc::new(GuestMemory::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap());
+        tables.installed(&third);
+        drop(first);
+        assert_eq!(
+            tables.mapped(),
+            Mapped {
+                current: 4 << 20,
+                older: 3 << 20
+            }
+        );
+        // Let go: counted no more.
+        drop(second);
+        assert_eq!(tables.mapped().total(), 4 << 20);
     }
 
     #[test]

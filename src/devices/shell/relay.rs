@@ -32,8 +32,9 @@
 //! Fifth, guest memory is capped (`shell::memory_cap`): a memory message that would map more
 //! than the connection's `mem-max`, or than the daemon's budget leaves, ends the connection
 //! before the handler sees it. The relay takes one memory message at a time: it follows each
-//! with a `GET_FEATURES` of its own (no side effects in the handler, always answered, and in
-//! order), reads nothing more from the front-end until that reply comes back, and then
+//! with a `GET_FEATURES` of its own (always answered, in order; the handler only records the
+//! features it offers, which every front-end asked for first), reads nothing more from the
+//! front-end until that reply comes back, and then
 //! settles the connection's share at what the handler really mapped (it may have refused the
 //! message and kept the old table). The probe's reply is not passed on.
 //!
@@ -49,12 +50,11 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
 use super::inflight::{InflightSlot, GET_INFLIGHT_FD, SET_INFLIGHT_FD};
-use super::memory_cap::{region_bytes, table_bytes, MemoryCap, MemoryCapError};
+use super::memory_cap::{region_bytes, table_bytes, MemoryCap, MemoryCapError, Tables};
 use crate::ring::dirty::{DirtyLog, LogMap};
 use crate::sys::kick::{Kicker, KICK_TIMEOUT};
 
@@ -266,9 +266,8 @@ pub struct Hooks<'a> {
     pub kicker: Option<Kicker>,
     /// How much guest memory this connection may have mapped (`shell::memory_cap`).
     pub memory: &'a mut MemoryCap,
-    /// What the handler has mapped for this connection now, in bytes (kept by the backend's
-    /// `update_memory`).
-    pub mapped: &'a AtomicU64,
+    /// The memory tables the handler installed (kept by the backend's `update_memory`).
+    pub mapped: &'a Tables,
 }
 
 /// Relays between `front` (the front-end) and `back` (our handler) until either side closes.
@@ -378,18 +377,33 @@ pub fn relay(
                     }
                     write_message(&mut back, &message)?;
                 }
-                GET_FEATURES if message.payload.is_empty() => {
+                GET_FEATURES => {
+                    // Counted only as the handler answers it (anything else ends the
+                    // connection there too): the probe's reply is told apart by this count.
+                    if !message.payload.is_empty()
+                        || !message.files.is_empty()
+                        || message.flags() & !FLAG_NEED_REPLY != VERSION_1
+                    {
+                        break Err(RelayError::Malformed(
+                            u32::try_from(message.payload.len()).unwrap_or(u32::MAX),
+                        ));
+                    }
                     front_get_features = front_get_features.saturating_add(1);
                     write_message(&mut back, &message)?;
                 }
                 SET_MEM_TABLE => {
                     // A table replaces every region mapped before (slot messages included);
-                    // the handler maps it before it drops the old one.
+                    // the handler maps it before it drops the old one. Checked as if the
+                    // current table were let go (it is, unless requests hold it: then it
+                    // counts from the settlement on); the pool takes both meanwhile.
+                    let now = mapped.mapped();
                     let reserved = table_bytes(&message.payload)
                         .ok_or(MemoryCapError::Malformed)
-                        .and_then(|kept| {
-                            memory
-                                .reserve(kept, mapped.load(Ordering::Acquire).saturating_add(kept))
+                        .and_then(|new| {
+                            memory.reserve(
+                                now.older.saturating_add(new),
+                                now.total().saturating_add(new),
+                            )
                         });
                     if let Err(e) = reserved {
                         break Err(e.into());
@@ -411,7 +425,7 @@ pub fn relay(
                             .payload
                             .get(8..)
                             .and_then(region_bytes)
-                            .and_then(|bytes| mapped.load(Ordering::Acquire).checked_add(bytes))
+                            .and_then(|bytes| mapped.mapped().total().checked_add(bytes))
                             .ok_or(MemoryCapError::Overflow)
                             .and_then(|kept| memory.reserve(kept, kept));
                         if let Err(e) = reserved {
@@ -578,7 +592,7 @@ pub fn relay(
                 if front_get_features == 0 && probing {
                     // The probe's reply: the handler is done with the memory message.
                     probing = false;
-                    memory.settle(mapped.load(Ordering::Acquire));
+                    memory.settle(mapped.mapped().total());
                     continue;
                 }
                 front_get_features = front_get_features.saturating_sub(1);

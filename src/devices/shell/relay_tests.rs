@@ -1,8 +1,7 @@
 //! The relay against a scripted front-end and handler on socket pairs.
 
 use super::*;
-use crate::devices::shell::memory_cap::{MemoryCapError, Pool};
-use std::sync::atomic::{AtomicU64, Ordering};
+use crate::devices::shell::memory_cap::{MemoryCapError, Pool, Tables};
 
 fn raw(request: u32, flags: u32, payload: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
@@ -33,7 +32,7 @@ fn plain_relay() -> (
                 announce: &|_| {},
                 kicker: None,
                 memory: &mut MemoryCap::new(Pool::daemon(), u64::MAX),
-                mapped: &AtomicU64::new(0),
+                mapped: &Tables::default(),
             },
         )
     });
@@ -134,7 +133,7 @@ fn send_rarp_announces_the_mac_here_and_is_acknowledged() {
                 announce: &announce,
                 kicker: None,
                 memory: &mut MemoryCap::new(Pool::daemon(), u64::MAX),
-                mapped: &AtomicU64::new(0),
+                mapped: &Tables::default(),
             },
         )
     });
@@ -238,10 +237,10 @@ fn memory_messages_count_what_the_handler_really_maps() {
     let (qemu, front) = UnixStream::pair().unwrap();
     let (back, mut handler) = UnixStream::pair().unwrap();
     let pool: &'static Pool = Box::leak(Box::new(Pool::new(1 << 40)));
-    // What the handler has mapped (the backend's `update_memory` keeps it in the daemon).
-    let mapped = std::sync::Arc::new(AtomicU64::new(0));
+    // The tables the handler installs (the backend's `update_memory` in the daemon).
+    let tables = std::sync::Arc::new(Tables::default());
     let relay = {
-        let mapped = std::sync::Arc::clone(&mapped);
+        let tables = std::sync::Arc::clone(&tables);
         std::thread::spawn(move || {
             let mut memory = MemoryCap::new(pool, 0x3000);
             let hooks = Hooks {
@@ -250,10 +249,20 @@ fn memory_messages_count_what_the_handler_really_maps() {
                 announce: &|_| {},
                 kicker: None,
                 memory: &mut memory,
-                mapped: &mapped,
+                mapped: &tables,
             };
             relay(front, back, |_| {}, hooks)
         })
+    };
+    let install = |sizes: &[usize]| {
+        let ranges: Vec<_> = sizes
+            .iter()
+            .enumerate()
+            .map(|(i, &size)| (vm_memory::GuestAddress((i as u64) << 20), size))
+            .collect();
+        let table = std::sync::Arc::new(crate::vring::GuestMemory::from_ranges(&ranges).unwrap());
+        tables.installed(&table);
+        table
     };
     let memory = tempfile::tempfile().unwrap();
     memory.set_len(0x2000).unwrap();
@@ -286,7 +295,7 @@ fn memory_messages_count_what_the_handler_really_maps() {
     }
     let mut seen = vec![0u8; 52];
     handler.read_exact(&mut seen).unwrap();
-    mapped.store(0x2000, Ordering::Release);
+    let current = install(&[0x2000]);
     answer_probe(&mut handler);
     settled(&mut handler, &qemu);
     assert_eq!(pool.mapped(), 0x2000);
@@ -308,7 +317,11 @@ fn memory_messages_count_what_the_handler_really_maps() {
     assert_eq!(&seen[..], &raw(SET_MEM_TABLE, VERSION_1, &two)[..]);
     // Meanwhile the old and the new table are both mapped, and counted in the pool.
     assert_eq!(pool.mapped(), 0x4000);
-    mapped.store(0x2000, Ordering::Release);
+    let current = {
+        let new = install(&[0x1000, 0x1000]);
+        drop(current);
+        new
+    };
     answer_probe(&mut handler);
     settled(&mut handler, &qemu);
     assert_eq!(pool.mapped(), 0x2000);
@@ -327,6 +340,7 @@ fn memory_messages_count_what_the_handler_really_maps() {
     let mut rest = Vec::new();
     handler.read_to_end(&mut rest).unwrap();
     assert!(rest.is_empty());
+    drop(current);
 }
 
 #[test]
@@ -347,7 +361,7 @@ fn inflight_messages_are_answered_by_the_relay() {
                     announce: &|_| {},
                     kicker: crate::sys::kick::Kicker::new().ok(),
                     memory: &mut MemoryCap::new(Pool::daemon(), u64::MAX),
-                    mapped: &AtomicU64::new(0),
+                    mapped: &Tables::default(),
                 },
             )
         })
@@ -461,4 +475,21 @@ fn descriptors_pass_through_and_oversized_messages_end_the_relay() {
         relay.join().unwrap(),
         Err(RelayError::Malformed(0x2000))
     ));
+}
+
+#[test]
+fn a_get_features_the_handler_would_not_answer_ends_the_relay() {
+    // The relay tells its probe's reply apart by counting the front-end's GET_FEATURES: one
+    // the handler would refuse (and so never answer) must not be counted.
+    for (flags, payload) in [
+        (VERSION_1, &[0u8; 8][..]),
+        (VERSION_1 | FLAG_REPLY, &[][..]),
+    ] {
+        let (mut qemu, _handler, relay) = plain_relay();
+        qemu.write_all(&raw(GET_FEATURES, flags, payload)).unwrap();
+        assert!(matches!(
+            relay.join().unwrap(),
+            Err(RelayError::Malformed(_))
+        ));
+    }
 }

@@ -320,7 +320,7 @@ fn serve_connection<D: Device>(
                     announce: &announce,
                     kicker,
                     memory: &mut memory,
-                    mapped: backend.mapped(),
+                    mapped: backend.tables(),
                 };
                 let relayed = super::relay::relay(front, back, channel, hooks);
                 if let Err(e) = relayed {
