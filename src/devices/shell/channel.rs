@@ -69,7 +69,12 @@ mod tests {
         let (ours, theirs) = UnixStream::pair().unwrap();
         let channel = Arc::new(BackendChannel::default());
         channel.set("t", Some(ours.try_clone().unwrap()));
-        // The front-end shares the open file: it clears O_NONBLOCK and fills the buffer.
+        // The front-end shares the open file: it fills the buffer, then clears O_NONBLOCK.
+        let mut sent = 0usize;
+        ours.set_nonblocking(true).unwrap();
+        while let Ok(n) = std::io::Write::write(&mut &ours, &[0u8; 4096]) {
+            sent += n;
+        }
         ours.set_nonblocking(false).unwrap();
         // SAFETY: F_GETFL on an open fd.
         let flags = unsafe { libc::fcntl(ours.as_raw_fd(), libc::F_GETFL) };
@@ -78,12 +83,6 @@ mod tests {
             0,
             "the front-end made it blocking"
         );
-        let mut sent = 0usize;
-        ours.set_nonblocking(true).unwrap();
-        while let Ok(n) = std::io::Write::write(&mut &ours, &[0u8; 4096]) {
-            sent += n;
-        }
-        ours.set_nonblocking(false).unwrap();
         assert!(sent > 0);
         let sender = Arc::clone(&channel);
         assert!(
