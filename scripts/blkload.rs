@@ -9,7 +9,8 @@
 //! the load moves between `--socket` (A) and B every `--slice-ms` (default 50), and each B
 //! slice is compared with the mean of the A slices before and after it, so the speed of a
 //! VM that shifts for seconds at a time cancels out. Prints the median and quartiles of
-//! those B/A ratios.
+//! those B/A ratios. One position may favour its device by a few percent in a run (it
+//! varies between runs): compare two configurations both ways round (`feature-cost.sh`).
 //!
 //! `cargo run --release --example blkload -- --socket S --rw randread --bs 4096 --qd 32 --seconds 5`
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)] // a benchmark tool: fail loudly

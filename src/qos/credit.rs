@@ -3,9 +3,10 @@
 //!
 //! Why: without a credit, a limited device parses a chunk of requests, charges them in one
 //! go and only then starts them (`blk::worker_admit`). Holding parsed requests back and
-//! moving them through the chunk cost 12-14% of the request path with a polling client on an
-//! AMD EPYC host (`blkload --alternate`, null device, QD 32), against a 2% target for limits
-//! that never bind. With a credit, the first request of a kind (read, write) in a pass takes
+//! moving them through the chunk cost 12% of the request path with a polling client and 8%
+//! with an interrupt-driven one on an AMD EPYC host (`scripts/feature-cost.sh`'s paired
+//! `blk-qos` rows, null device, QD 32), against a 2% target for limits that never bind; with
+//! the credit, 1-2%. With a credit, the first request of a kind (read, write) in a pass takes
 //! [`CREDIT_OPS`] operations and [`CREDIT_BYTES`] bytes of that kind from the device's and its
 //! group's buckets in one all-or-nothing charge; requests that fit what is left start at
 //! once, a spent credit is given back and a new one taken, and what the pass did not use is
