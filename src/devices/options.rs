@@ -18,6 +18,12 @@ pub const MAX_QUEUE_SIZE: u16 = 32768;
 pub const DEFAULT_POLL_US: u32 = 32;
 /// Longest busy-poll window one may configure (a poll spell is capped anyway).
 pub const MAX_POLL_US: u32 = 1000;
+/// Default `mem-max`, the most guest memory one front-end may have mapped
+/// (`shell::memory_cap`): larger than any guest such a host runs.
+pub const DEFAULT_MEMORY_MAX: u64 = 1 << 40;
+/// Guest memory all front-ends together may have mapped: three quarters of x86-64's 128 TiB
+/// user address space, the rest left to the daemon's own mappings.
+pub const MEMORY_BUDGET: u64 = 96 << 40;
 
 /// Errors in the common options.
 #[derive(Debug, thiserror::Error)]
@@ -93,10 +99,8 @@ impl CommonOptions {
             ));
         }
         let qos_group = options.take_str(GROUP_KEY);
-        let memory_max = options
-            .take_size("mem-max")?
-            .unwrap_or(crate::devices::shell::memory_cap::DEFAULT_CONNECTION_LIMIT);
-        let pool = crate::devices::shell::memory_cap::DAEMON_LIMIT;
+        let memory_max = options.take_size("mem-max")?.unwrap_or(DEFAULT_MEMORY_MAX);
+        let pool = MEMORY_BUDGET;
         if !(1 << 20..=pool).contains(&memory_max) {
             return Err(CommonError::Invalid(format!(
                 "mem-max must be 1M..={pool} bytes (the daemon's guest-memory budget)"

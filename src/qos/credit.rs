@@ -15,8 +15,11 @@
 //! by default) refuses it, and the pass falls back to charging its requests in chunks:
 //! accuracy at the limit is unchanged, and a credit never takes more than a bucket holds.
 //!
-//! What a credit changes: while a pass holds one (microseconds), the tokens it has not used
-//! yet are not available to the device's group partners.
+//! What a credit changes: while a pass holds one, the tokens it has not used yet are not
+//! available to the device's group partners. A pass lasts microseconds with io_uring; with
+//! `engine=sync` it lasts as long as its blocking I/O, and a partner refused meanwhile waits
+//! for its own refill timer: a group near its limit may then run a little under it (never
+//! over).
 
 // Guest-controlled sizes flow through here: no arithmetic that can wrap silently.
 #![deny(clippy::indexing_slicing, clippy::arithmetic_side_effects)]

@@ -87,7 +87,7 @@ impl DeviceShared {
                 mode: crate::devices::poll::PollMode::Off,
                 ..PollConfig::default()
             },
-            memory_max: crate::devices::shell::memory_cap::DEFAULT_CONNECTION_LIMIT,
+            memory_max: crate::devices::options::DEFAULT_MEMORY_MAX,
             connected: Arc::new(AtomicBool::new(false)),
             qos: QosHandle::default(),
             engine,

@@ -374,7 +374,9 @@ impl<D: Device> VhostUserBackend for DeviceBackend<D> {
         // shrinks later cannot end the daemon.
         use vm_memory::{GuestAddressSpace, GuestMemoryBackend, GuestMemoryRegion};
         let table = memory.memory().into_inner();
-        self.tables.installed(&table);
+        self.tables
+            .installed(&table)
+            .map_err(std::io::Error::other)?;
         for region in table.iter() {
             let len = usize::try_from(region.len()).unwrap_or(usize::MAX);
             crate::sys::sigbus::register(self.memory_owner, region.as_ptr() as usize, len)

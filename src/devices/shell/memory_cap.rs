@@ -35,11 +35,9 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use crate::vring::GuestMemory;
 
-/// Default cap per connection (`mem-max`): larger than any guest such a host runs.
-pub const DEFAULT_CONNECTION_LIMIT: u64 = 1 << 40;
-/// Cap for all connections of the daemon together: three quarters of x86-64's 128 TiB user
-/// address space, the rest left to the daemon's own mappings.
-pub const DAEMON_LIMIT: u64 = 96 << 40;
+pub use crate::devices::options::{
+    DEFAULT_MEMORY_MAX as DEFAULT_CONNECTION_LIMIT, MEMORY_BUDGET as DAEMON_LIMIT,
+};
 
 /// Why a memory table was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -65,6 +63,9 @@ pub enum MemoryCapError {
     /// The regions' sizes add up past 2^64.
     #[error("memory region sizes overflow")]
     Overflow,
+    /// More older tables are still held than are remembered.
+    #[error("more than {MAX_TABLES} memory tables still mapped")]
+    TooManyTables,
     /// The memory message is malformed (shorter than its region count says).
     #[error("malformed memory table")]
     Malformed,
@@ -185,10 +186,10 @@ impl Mapped {
     }
 }
 
-/// Most tables remembered: each one still held counts against the cap, so a front-end that
-/// reaches this has mapped its cap in tables of a few pages; past it the oldest is
-/// forgotten (counted no more) rather than memory grown.
-const MAX_TABLES: usize = 256;
+/// Most tables remembered at once (the current one and older ones still held). A front-end
+/// that keeps more of its tables mapped (each pinned by a request) is refused: forgetting one
+/// would stop counting memory that is still mapped.
+pub const MAX_TABLES: usize = 256;
 
 /// The memory tables a connection's handler installed, for counting what is still mapped.
 #[derive(Debug, Default)]
@@ -197,14 +198,16 @@ pub struct Tables {
 }
 
 impl Tables {
-    /// The handler installed `table` (it is the current one from now on).
-    pub fn installed(&self, table: &Arc<GuestMemory>) {
+    /// The handler installed `table` (it is the current one from now on); refused when
+    /// [`MAX_TABLES`] are still mapped (the caller then ends the connection).
+    pub fn installed(&self, table: &Arc<GuestMemory>) -> Result<(), MemoryCapError> {
         let mut tables = crate::lock::lock(&self.tables);
         tables.retain(|t| t.strong_count() > 0);
         if tables.len() >= MAX_TABLES {
-            tables.remove(0);
+            return Err(MemoryCapError::TooManyTables);
         }
         tables.push(Arc::downgrade(table));
+        Ok(())
     }
 
     /// What is mapped now: the current table, and the regions of older tables still held
@@ -217,13 +220,11 @@ impl Tables {
         let Some((current, older)) = live.split_last() else {
             return Mapped::default();
         };
-        let mut seen: Vec<usize> = Vec::new();
+        let mut seen = std::collections::HashSet::new();
         let mut count = |table: &GuestMemory| {
             let mut bytes = 0u64;
             for region in table.iter() {
-                let at = region.as_ptr() as usize;
-                if !seen.contains(&at) {
-                    seen.push(at);
+                if seen.insert(region.as_ptr() as usize) {
                     bytes = bytes.saturating_add(region.len());
                 }
             }
@@ -338,7 +339,7 @@ mod tests {
         let tables = Tables::default();
         assert_eq!(tables.mapped(), Mapped::default());
         let first = Arc::new(GuestMemory::from_ranges(&[(GuestAddress(0), 1 << 20)]).unwrap());
-        tables.installed(&first);
+        tables.installed(&first).unwrap();
         // A region added: the new table shares the first one's region.
         let second = Arc::new(
             first
@@ -348,7 +349,7 @@ mod tests {
                 ))
                 .unwrap(),
         );
-        tables.installed(&second);
+        tables.installed(&second).unwrap();
         // A request still holds the first table: its region is the current table's too.
         assert_eq!(
             tables.mapped(),
@@ -359,7 +360,7 @@ mod tests {
         );
         // A new table of its own, while a request holds the second.
         let third = Arc::new(GuestMemory::from_ranges(&[(GuestAddress(0), 4 << 20)]).unwrap());
-        tables.installed(&third);
+        tables.installed(&third).unwrap();
         drop(first);
         assert_eq!(
             tables.mapped(),
@@ -371,6 +372,28 @@ mod tests {
         // Let go: counted no more.
         drop(second);
         assert_eq!(tables.mapped().total(), 4 << 20);
+    }
+
+    #[test]
+    fn tables_still_held_past_the_limit_are_refused_not_forgotten() {
+        use vm_memory::GuestAddress;
+        let tables = Tables::default();
+        let held: Vec<_> = (0..MAX_TABLES)
+            .map(|_| {
+                let t = Arc::new(GuestMemory::from_ranges(&[(GuestAddress(0), 4096)]).unwrap());
+                tables.installed(&t).unwrap();
+                t
+            })
+            .collect();
+        let one_more = Arc::new(GuestMemory::from_ranges(&[(GuestAddress(0), 4096)]).unwrap());
+        assert_eq!(
+            tables.installed(&one_more),
+            Err(MemoryCapError::TooManyTables)
+        );
+        assert_eq!(tables.mapped().total(), MAX_TABLES as u64 * 4096);
+        // Once they are let go there is room again.
+        drop(held);
+        tables.installed(&one_more).unwrap();
     }
 
     #[test]

@@ -244,7 +244,6 @@ impl Daemon {
         std::time::Duration::from_millis(ticks * 1000 / hz)
     }
 
-    /// Path inside the daemon's temp dir.
     /// The daemon's process id.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("daemon running").id()
@@ -262,6 +261,7 @@ impl Daemon {
         kib * 1024
     }
 
+    /// Path inside the daemon's temp dir.
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
