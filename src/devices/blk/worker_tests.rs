@@ -331,3 +331,41 @@ fn requests_allocate_nothing_once_the_queue_is_warm() {
         );
     }
 }
+
+/// Tokens of `name` left in the device's own buckets.
+fn tokens(rig: &Rig, name: &str) -> i64 {
+    rig.shared
+        .qos
+        .tokens()
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, t)| t)
+        .unwrap()
+}
+
+#[test]
+fn limits_that_do_not_bind_charge_exactly_what_the_pass_started() {
+    // Buckets of 100 ms: 1000 operations, 40 MiB; refills of 10 operations a millisecond.
+    // The pass starts its requests from credits (`qos::credit`), renewed past 32 requests
+    // of a kind; what it did not use goes back.
+    let mut rig = Rig::with_queue("iops=10000,bps=400M", 128);
+    let mut statuses = Vec::new();
+    for i in 0..40 {
+        statuses.push(rig.post(T_IN, i * 8, Some((4096, true))).1);
+    }
+    statuses.push(rig.post(T_OUT, 0, Some((512, false))).1);
+    statuses.push(rig.post(T_FLUSH, 0, None).1);
+    rig.kick_and_complete(&statuses);
+    assert!(statuses.iter().all(|&s| rig.status(s) == 0));
+    let ops = tokens(&rig, "iops");
+    assert!(
+        (1000 - 42..=1000 - 42 + 50).contains(&ops),
+        "iops tokens {ops}"
+    );
+    let bytes = tokens(&rig, "bps");
+    let expected = (400i64 << 20) / 10 - 40 * 4096 - 512;
+    assert!(
+        (expected..=expected + (2 << 20)).contains(&bytes),
+        "bps tokens {bytes}, expected {expected}"
+    );
+}
