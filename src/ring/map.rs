@@ -94,6 +94,18 @@ impl<'m> MemMap<'m> {
         true
     }
 
+    /// The `N` guest bytes at `gpa`, if they lie in one mapped region: a copy of a size known
+    /// when compiling (a few register moves), where [`MemMap::read`] calls `memmove`.
+    #[inline]
+    pub fn read_array<const N: usize>(&self, gpa: u64) -> Option<[u8; N]> {
+        let src = self.host(gpa, N as u64)?;
+        // SAFETY: `host` checked that `N` bytes from `src` lie inside one region mapped for
+        // as long as the memory snapshot this map borrows; a byte array has no alignment
+        // requirement. The guest may change the bytes meanwhile: the caller gets some value
+        // of each byte and checks what it got (as in `read`).
+        Some(unsafe { std::ptr::read_unaligned(src.as_ptr().cast::<[u8; N]>()) })
+    }
+
     /// Writes `src` into guest bytes `gpa..gpa+src.len()`; false (nothing written) unless
     /// they lie in one mapped region.
     #[inline]
@@ -191,6 +203,9 @@ mod tests {
         let mut got = [0u8; 5];
         assert!(map.read(0x10, &mut got));
         assert_eq!(&got, b"hello");
+        assert_eq!(map.read_array::<5>(0x10), Some(*b"hello"));
+        assert_eq!(map.read_array::<3>(0xffe), None, "crosses two regions");
+        assert_eq!(map.read_array::<3>(0x1ffe), None, "past the end");
         assert!(!map.write(0xffe, b"xyz"), "crosses two regions");
         assert!(!map.read(0x1ffe, &mut got), "past the end");
         let mut back = [0u8; 3];

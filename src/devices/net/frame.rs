@@ -194,15 +194,27 @@ pub fn tx_frame_into(
     // The virtio header and the Ethernet header in one read (both are in the first buffer
     // of most drivers' chains; otherwise the read walks the spans); zeros stay past the end of
     // a frame shorter than 14 bytes.
-    let mut raw = [0u8; HEADER_LEN + 14];
-    let want = usize::try_from(total).map_or(raw.len(), |total| total.min(raw.len()));
-    read_stream_in(
-        mem,
-        map,
-        &out.spans,
-        0,
-        raw.get_mut(..want).unwrap_or_default(),
-    )?;
+    const HEADERS: usize = HEADER_LEN + 14;
+    let whole = out
+        .spans
+        .first()
+        .filter(|first| first.len as usize >= HEADERS)
+        .and_then(|first| map.read_array::<HEADERS>(first.addr.0));
+    let raw = match whole {
+        Some(raw) => raw,
+        None => {
+            let mut raw = [0u8; HEADERS];
+            let want = usize::try_from(total).map_or(raw.len(), |total| total.min(raw.len()));
+            read_stream_in(
+                mem,
+                map,
+                &out.spans,
+                0,
+                raw.get_mut(..want).unwrap_or_default(),
+            )?;
+            raw
+        }
+    };
     let (virtio, eth) = raw.split_at(HEADER_LEN);
     let header = NetHeader::parse(virtio).map_err(|_| Drop::ShortHeader)?;
     out.eth = eth.try_into().map_err(|_| Drop::ShortHeader)?;
