@@ -81,29 +81,13 @@ fn main() {
         alternate(&args, &b);
         return;
     }
-    let mut blkio = Blkio::new("virtio-blk-vhost-user").unwrap();
-    blkio.set_str("path", &args.socket).unwrap();
-    blkio.connect().unwrap();
-    let capacity = blkio.get_u64("capacity").unwrap();
-    let queues = i32::try_from(args.queues).unwrap();
-    if args.poll {
-        blkio.set_i32("num-queues", 0).unwrap();
-        blkio.set_i32("num-poll-queues", queues).unwrap();
-    } else {
-        blkio.set_i32("num-queues", queues).unwrap();
-    }
-    let mut started = blkio.start().unwrap();
+    let Device {
+        blkio,
+        queues: qs,
+        base,
+        capacity,
+    } = open(&args, &args.socket, args.queues);
     let per_queue = args.qd * args.bs;
-    let region = blkio.alloc_mem_region(per_queue * args.queues).unwrap();
-    blkio.map_mem_region(&region).unwrap();
-    let base = region.addr as *mut u8;
-    // SAFETY: the region is queues*qd*bs bytes, mapped, and only used as I/O buffers here.
-    unsafe { std::ptr::write_bytes(base, 0xA5, per_queue * args.queues) };
-    let qs = if args.poll {
-        std::mem::take(&mut started.poll_queues)
-    } else {
-        std::mem::take(&mut started.queues)
-    };
     let args = &args;
     let results: Vec<Measured> = std::thread::scope(|scope| {
         let threads: Vec<_> = qs
@@ -111,7 +95,7 @@ fn main() {
             .enumerate()
             .map(|(i, q)| {
                 // Each queue's buffers: its own qd*bs slice of the region.
-                let buffers = base as usize + i * per_queue;
+                let buffers = base + i * per_queue;
                 scope.spawn(move || drive(args, q, buffers, capacity, i as u64))
             })
             .collect();
@@ -136,31 +120,13 @@ fn main() {
         pct(0.99),
         counted
     );
-    drop(started);
+    drop(blkio);
 }
 
 /// Keeps `qd` requests in flight on `q` (buffers at address `buffers`) for the run.
 fn drive(args: &Args, mut q: blkio::Blkioq, buffers: usize, capacity: u64, seed: u64) -> Measured {
     let q = &mut q;
-    let base = buffers as *mut u8;
-    let blocks = capacity / args.bs as u64;
     let mut rng: u64 = 0x9E37_79B9_7F4A_7C15 ^ (seed.wrapping_mul(0x2545_F491_4F6C_DD1D));
-    let mut next_offset = || {
-        rng ^= rng << 13;
-        rng ^= rng >> 7;
-        rng ^= rng << 17;
-        (rng % blocks) * args.bs as u64
-    };
-    let submit = |q: &mut blkio::Blkioq, slot: usize, offset: u64| {
-        // SAFETY: slot < qd, so the buffer lies in this queue's slice of the region; one
-        // request per slot at a time.
-        let buf = unsafe { base.add(slot * args.bs) };
-        if args.write {
-            q.write(offset, buf, args.bs, slot, ReqFlags::empty());
-        } else {
-            q.read(offset, buf, args.bs, slot, ReqFlags::empty());
-        }
-    };
 
     let mut started_at = vec![Instant::now(); args.qd];
     let mut latencies: Vec<u32> = Vec::with_capacity(1 << 22);
@@ -169,7 +135,7 @@ fn drive(args: &Args, mut q: blkio::Blkioq, buffers: usize, capacity: u64, seed:
     let begin = Instant::now();
     for (slot, started) in started_at.iter_mut().enumerate() {
         *started = Instant::now();
-        submit(q, slot, next_offset());
+        submit(args, q, buffers, capacity, slot, &mut rng);
     }
     let mut completions: Vec<MaybeUninit<Completion>> =
         (0..args.qd).map(|_| MaybeUninit::uninit()).collect();
@@ -194,7 +160,7 @@ fn drive(args: &Args, mut q: blkio::Blkioq, buffers: usize, capacity: u64, seed:
             }
             if elapsed < warmup + run {
                 started_at[slot] = Instant::now();
-                submit(q, slot, next_offset());
+                submit(args, q, buffers, capacity, slot, &mut rng);
             }
         }
         if elapsed >= warmup + run {
@@ -208,65 +174,80 @@ fn drive(args: &Args, mut q: blkio::Blkioq, buffers: usize, capacity: u64, seed:
     }
 }
 
-/// One device with one queue, started, with `qd * bs` bytes of buffers.
+/// A started device: `queues` queues (poll queues with `--poll on`) and a region of
+/// `queues * qd * bs` bytes of buffers at `base`, filled with 0xA5.
 struct Device {
-    _blkio: Blkio,
-    q: blkio::Blkioq,
+    blkio: Blkio,
+    queues: Vec<blkio::Blkioq>,
     base: usize,
     capacity: u64,
 }
 
-fn open(args: &Args, socket: &str) -> Device {
+fn open(args: &Args, socket: &str, queues: usize) -> Device {
     let mut blkio = Blkio::new("virtio-blk-vhost-user").unwrap();
     blkio.set_str("path", socket).unwrap();
     blkio.connect().unwrap();
     let capacity = blkio.get_u64("capacity").unwrap();
+    let count = i32::try_from(queues).unwrap();
     if args.poll {
         blkio.set_i32("num-queues", 0).unwrap();
-        blkio.set_i32("num-poll-queues", 1).unwrap();
+        blkio.set_i32("num-poll-queues", count).unwrap();
     } else {
-        blkio.set_i32("num-queues", 1).unwrap();
+        blkio.set_i32("num-queues", count).unwrap();
     }
     let mut started = blkio.start().unwrap();
-    let region = blkio.alloc_mem_region(args.qd * args.bs).unwrap();
+    let len = queues * args.qd * args.bs;
+    let region = blkio.alloc_mem_region(len).unwrap();
     blkio.map_mem_region(&region).unwrap();
-    let q = if args.poll {
-        started.poll_queues.pop().unwrap()
+    // SAFETY: the region is `len` bytes, mapped, and only used as I/O buffers here.
+    unsafe { std::ptr::write_bytes(region.addr as *mut u8, 0xA5, len) };
+    let queues = if args.poll {
+        std::mem::take(&mut started.poll_queues)
     } else {
-        started.queues.pop().unwrap()
+        std::mem::take(&mut started.queues)
     };
     Device {
-        _blkio: blkio,
-        q,
+        blkio,
+        queues,
         base: region.addr,
         capacity,
     }
 }
 
-/// Keeps `qd` requests in flight on `device` for `slice`, then lets the last ones complete;
-/// returns requests per second over the whole slice.
+/// Submits one request of slot `slot` (its buffer at `base + slot * bs`) at a random
+/// offset drawn from `rng`.
+fn submit(
+    args: &Args,
+    q: &mut blkio::Blkioq,
+    base: usize,
+    capacity: u64,
+    slot: usize,
+    rng: &mut u64,
+) {
+    *rng ^= *rng << 13;
+    *rng ^= *rng >> 7;
+    *rng ^= *rng << 17;
+    let offset = (*rng % (capacity / args.bs as u64)) * args.bs as u64;
+    // SAFETY: slot < qd, so the buffer lies in this queue's slice of the region; one request
+    // per slot at a time.
+    let buf = unsafe { (base as *mut u8).add(slot * args.bs) };
+    if args.write {
+        q.write(offset, buf, args.bs, slot, ReqFlags::empty());
+    } else {
+        q.read(offset, buf, args.bs, slot, ReqFlags::empty());
+    }
+}
+
+/// Keeps `qd` requests in flight on `device`'s queue for `slice`, then lets the last ones
+/// complete; returns requests per second over the whole slice.
 fn run_slice(args: &Args, device: &mut Device, rng: &mut u64, slice: Duration) -> f64 {
-    let blocks = device.capacity / args.bs as u64;
-    let base = device.base as *mut u8;
-    let q = &mut device.q;
-    let mut submit = |q: &mut blkio::Blkioq, slot: usize| {
-        *rng ^= *rng << 13;
-        *rng ^= *rng >> 7;
-        *rng ^= *rng << 17;
-        let offset = (*rng % blocks) * args.bs as u64;
-        // SAFETY: slot < qd: the buffer lies in the device's region; one request per slot.
-        let buf = unsafe { base.add(slot * args.bs) };
-        if args.write {
-            q.write(offset, buf, args.bs, slot, ReqFlags::empty());
-        } else {
-            q.read(offset, buf, args.bs, slot, ReqFlags::empty());
-        }
-    };
+    let (base, capacity) = (device.base, device.capacity);
+    let q = device.queues.first_mut().unwrap();
     let mut completions: Vec<MaybeUninit<Completion>> =
         (0..args.qd).map(|_| MaybeUninit::uninit()).collect();
     let begin = Instant::now();
     for slot in 0..args.qd {
-        submit(q, slot);
+        submit(args, q, base, capacity, slot, rng);
     }
     let (mut done, mut in_flight) = (0u64, args.qd);
     while in_flight > 0 {
@@ -278,7 +259,7 @@ fn run_slice(args: &Args, device: &mut Device, rng: &mut u64, slice: Duration) -
             assert_eq!(c.ret, 0, "I/O error");
             done += 1;
             if more {
-                submit(q, c.user_data);
+                submit(args, q, base, capacity, c.user_data, rng);
             } else {
                 in_flight -= 1;
             }
@@ -290,8 +271,8 @@ fn run_slice(args: &Args, device: &mut Device, rng: &mut u64, slice: Duration) -
 /// `--alternate`: A, B, A, B, ..., A slices; each B against the mean of its neighbours.
 fn alternate(args: &Args, b_socket: &str) {
     assert_eq!(args.queues, 1, "--alternate drives one queue per device");
-    let mut a = open(args, &args.socket);
-    let mut b = open(args, b_socket);
+    let mut a = open(args, &args.socket, 1);
+    let mut b = open(args, b_socket, 1);
     let mut rng: u64 = 0x9E37_79B9_7F4A_7C15;
     // Warm both up.
     run_slice(args, &mut a, &mut rng, Duration::from_millis(300));

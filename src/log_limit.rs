@@ -37,10 +37,7 @@ pub struct SharedLogLimiter(std::sync::Mutex<LogLimiter>);
 impl SharedLogLimiter {
     /// As [`LogLimiter::allow`].
     pub fn allow(&self) -> Option<u64> {
-        self.0
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .allow()
+        crate::lock::lock(&self.0).allow()
     }
 }
 

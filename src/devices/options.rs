@@ -100,10 +100,9 @@ impl CommonOptions {
         }
         let qos_group = options.take_str(GROUP_KEY);
         let memory_max = options.take_size("mem-max")?.unwrap_or(DEFAULT_MEMORY_MAX);
-        let pool = MEMORY_BUDGET;
-        if !(1 << 20..=pool).contains(&memory_max) {
+        if !(1 << 20..=MEMORY_BUDGET).contains(&memory_max) {
             return Err(CommonError::Invalid(format!(
-                "mem-max must be 1M..={pool} bytes (the daemon's guest-memory budget)"
+                "mem-max must be 1M..={MEMORY_BUDGET} bytes (the daemon's guest-memory budget)"
             )));
         }
         let max_queues = limits.max_queues;

@@ -77,16 +77,14 @@ impl Credit {
             *left = after;
             return true;
         }
-        if *left == Left::Refused || cost.bytes > CREDIT_BYTES {
-            // (A request larger than a whole credit: charged the usual way.)
-            give_back_one(qos, cost.kind, *left);
-            *left = Left::Refused;
-            return false;
-        }
+        // Spent, or none yet: what is left goes back and a whole credit is asked for, unless
+        // the limits refused one this pass or the request is larger than a whole credit.
+        let renew = *left != Left::Refused && cost.bytes <= CREDIT_BYTES;
         give_back_one(qos, cost.kind, *left);
-        *left = if qos
-            .try_start_many_at(whole(cost.kind), CREDIT_OPS, now_ns)
-            .is_ok()
+        *left = if renew
+            && qos
+                .try_start_many_at(whole(cost.kind), CREDIT_OPS, now_ns)
+                .is_ok()
         {
             Left::Holds {
                 ops: CREDIT_OPS,

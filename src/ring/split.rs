@@ -150,9 +150,10 @@ impl<'a, 'm> SplitRing<'a, 'm> {
     }
 
     /// Chains of more than `max` buffers (direct descriptors and indirect table entries; the
-    /// indirect descriptor itself is not counted) are broken: the walk stops reading there. For devices whose chains are short by nature (a NIC's: Linux
-    /// sends at most `MAX_SKB_FRAGS` + 2), so that a guest's ring of table-long chains cannot
-    /// make every walk of it, on a sender's thread, read a ring times a table of descriptors.
+    /// indirect descriptor itself is not counted) are broken: the walk stops reading there.
+    /// For devices whose chains are short by nature (a NIC's: Linux sends at most
+    /// `MAX_SKB_FRAGS` + 2), so that a guest's ring of table-long chains cannot make every
+    /// walk of it, on a sender's thread, read a ring times a table of descriptors.
     pub fn limit_walk(&mut self, max: u32) {
         self.max_walk = max.max(1);
     }

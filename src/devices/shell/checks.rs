@@ -27,7 +27,20 @@ const SET_VRING_CALL: u32 = 13;
 const SET_VRING_ERR: u32 = 14;
 const ADD_MEM_REG: u32 = 37;
 /// Bytes of one region description: guest address, size, front-end address, mmap offset.
-const REGION_LEN: usize = 32;
+pub const REGION_LEN: usize = 32;
+
+/// The region count a `SET_MEM_TABLE` payload gives (its first u32), if it has one.
+pub fn table_count(payload: &[u8]) -> Option<usize> {
+    let count = u32::from_le_bytes(payload.get(0..4)?.try_into().ok()?);
+    usize::try_from(count).ok()
+}
+
+/// Region `index` of a `SET_MEM_TABLE` payload (after the count and 4 bytes of padding), if
+/// the payload holds it.
+pub fn table_region(payload: &[u8], index: usize) -> Option<&[u8]> {
+    let start = index.checked_mul(REGION_LEN)?.checked_add(8)?;
+    payload.get(start..start.checked_add(REGION_LEN)?)
+}
 
 /// Why a message was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -58,17 +71,10 @@ pub enum CheckError {
 pub fn check(request: u32, payload: &[u8], files: &[File]) -> Result<(), CheckError> {
     match request {
         SET_MEM_TABLE => {
-            let count = payload
-                .get(0..4)
-                .and_then(|b| <[u8; 4]>::try_from(b).ok())
-                .map(u32::from_le_bytes)
-                .ok_or(CheckError::Malformed { request })?;
-            let count = usize::try_from(count).map_err(|_| CheckError::Malformed { request })?;
+            let count = table_count(payload).ok_or(CheckError::Malformed { request })?;
             for (index, file) in files.iter().enumerate().take(count) {
-                let start = index.saturating_mul(REGION_LEN).saturating_add(8);
-                let region = payload
-                    .get(start..start.saturating_add(REGION_LEN))
-                    .ok_or(CheckError::Malformed { request })?;
+                let region =
+                    table_region(payload, index).ok_or(CheckError::Malformed { request })?;
                 check_region(index, region, file)?;
             }
             Ok(())

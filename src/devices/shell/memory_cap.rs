@@ -33,6 +33,7 @@ use std::sync::{Arc, Mutex, Weak};
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
+use super::checks::{table_count, table_region};
 use crate::vring::GuestMemory;
 
 pub use crate::devices::options::{
@@ -243,14 +244,9 @@ impl Tables {
 /// 4 bytes of padding). `None` when the payload is shorter than its count says or the sum
 /// overflows.
 pub fn table_bytes(payload: &[u8]) -> Option<u64> {
-    let count = usize::try_from(u32::from_le_bytes(payload.get(0..4)?.try_into().ok()?)).ok()?;
-    let mut total = 0u64;
-    for index in 0..count {
-        let start = index.checked_mul(REGION_LEN)?.checked_add(8)?;
-        let region = payload.get(start..start.checked_add(REGION_LEN)?)?;
-        total = total.checked_add(region_bytes(region)?)?;
-    }
-    Some(total)
+    (0..table_count(payload)?).try_fold(0u64, |total, index| {
+        total.checked_add(region_bytes(table_region(payload, index)?)?)
+    })
 }
 
 /// The size field of one region description (`ADD_MEM_REG`'s payload after 8 bytes of
@@ -258,9 +254,6 @@ pub fn table_bytes(payload: &[u8]) -> Option<u64> {
 pub fn region_bytes(region: &[u8]) -> Option<u64> {
     Some(u64::from_le_bytes(region.get(8..16)?.try_into().ok()?))
 }
-
-/// Bytes of one region description.
-pub const REGION_LEN: usize = 32;
 
 #[cfg(test)]
 #[allow(

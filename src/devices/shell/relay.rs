@@ -34,9 +34,8 @@
 //! before the handler sees it. The relay takes one memory message at a time: it follows each
 //! with a `GET_FEATURES` of its own (always answered, in order; the handler only records the
 //! features it offers, which every front-end asked for first), reads nothing more from the
-//! front-end until that reply comes back, and then
-//! settles the connection's share at what the handler really mapped (it may have refused the
-//! message and kept the old table). The probe's reply is not passed on.
+//! front-end until that reply comes back, and then settles the connection's share at what is
+//! really mapped (`memory_cap::Tables`). The probe's reply is not passed on.
 //!
 //! Everything else, file descriptors included, passes through unchanged.
 //!
@@ -236,9 +235,10 @@ fn region_key(payload: &[u8]) -> Option<[u8; 24]> {
     payload.get(8..32)?.try_into().ok()
 }
 
-/// Sends the handler a GET_FEATURES of our own after a memory message: its reply, which the
-/// handler sends once it is done with everything before, is not passed on.
-fn probe(back: &mut UnixStream) -> Result<(), RelayError> {
+/// Passes a memory message to the handler and follows it with a GET_FEATURES of our own: its
+/// reply, which the handler sends once it is done with everything before, is not passed on.
+fn pass_and_probe(back: &mut UnixStream, message: &Message) -> Result<(), RelayError> {
+    write_message(back, message)?;
     write_message(back, &Message::new(GET_FEATURES, VERSION_1, Vec::new()))
 }
 
@@ -410,8 +410,7 @@ pub fn relay(
                     }
                     regions.clear();
                     crate::sys::sigbus::memory_update_coming();
-                    write_message(&mut back, &message)?;
-                    probe(&mut back)?;
+                    pass_and_probe(&mut back, &message)?;
                     probing = true;
                 }
                 ADD_MEM_REG => {
@@ -442,8 +441,7 @@ pub fn relay(
                     if count.is_some_and(|c| c > 1) {
                         ack(&mut front, &message)?;
                     } else {
-                        write_message(&mut back, &message)?;
-                        probe(&mut back)?;
+                        pass_and_probe(&mut back, &message)?;
                         probing = true;
                     }
                 }
@@ -460,8 +458,7 @@ pub fn relay(
                     if remaining.is_some_and(|left| left > 0) {
                         ack(&mut front, &message)?;
                     } else {
-                        write_message(&mut back, &message)?;
-                        probe(&mut back)?;
+                        pass_and_probe(&mut back, &message)?;
                         probing = true;
                     }
                 }
