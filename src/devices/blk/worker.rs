@@ -118,6 +118,9 @@ pub struct QueueWorker {
     descs: Buffers,
     /// The requests a pop pass parsed, admitted by QoS together (`admit_pass`).
     pass: Vec<(u16, Request)>,
+    /// Requests of a limited device started as they were parsed, paid from a credit (tests).
+    #[cfg(test)]
+    paid_from_credit: usize,
     /// When the current pop pass started: the start time of the requests it starts (one
     /// clock read per pass, not one per request).
     clock: Option<Instant>,
@@ -176,6 +179,8 @@ impl QueueWorker {
             finished: Vec::with_capacity(depth),
             descs: Buffers::new(),
             pass: Vec::with_capacity(depth),
+            #[cfg(test)]
+            paid_from_credit: 0,
             vring: None,
             poller,
             repoll: EventFd::new(EFD_NONBLOCK).map_err(WorkerSetupError::Repoll)?,
@@ -393,6 +398,10 @@ impl QueueWorker {
                     && (!self.shared.qos.is_enabled()
                         || self.spend_credit(&mut credit, request.cost()))
                 {
+                    #[cfg(test)]
+                    if self.shared.qos.is_enabled() {
+                        self.paid_from_credit = self.paid_from_credit.saturating_add(1);
+                    }
                     self.execute(head, request, &memory);
                 } else {
                     // The rest of the pass is charged in chunks: what the credit holds goes

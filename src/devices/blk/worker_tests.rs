@@ -344,6 +344,19 @@ fn tokens(rig: &Rig, name: &str) -> i64 {
 }
 
 #[test]
+fn limits_that_bind_take_no_credit() {
+    // 100 ms of 200 operations a second: a bucket of 20, smaller than a credit.
+    let mut rig = Rig::with_queue("iops=200", 128);
+    let statuses: Vec<u64> = (0..4)
+        .map(|i| rig.post(T_IN, i * 8, Some((512, true))).1)
+        .collect();
+    rig.kick_and_complete(&statuses);
+    assert_eq!(rig.worker.paid_from_credit, 0);
+    let ops = tokens(&rig, "iops");
+    assert!((16..=17).contains(&ops), "iops tokens {ops}");
+}
+
+#[test]
 fn limits_that_do_not_bind_charge_exactly_what_the_pass_started() {
     // Buckets of 100 ms: 1000 operations, 40 MiB; refills of 10 operations a millisecond.
     // The pass starts its requests from credits (`qos::credit`), renewed past 32 requests
@@ -357,6 +370,10 @@ fn limits_that_do_not_bind_charge_exactly_what_the_pass_started() {
     statuses.push(rig.post(T_FLUSH, 0, None).1);
     rig.kick_and_complete(&statuses);
     assert!(statuses.iter().all(|&s| rig.status(s) == 0));
+    assert_eq!(
+        rig.worker.paid_from_credit, 42,
+        "every request started as it was parsed"
+    );
     let ops = tokens(&rig, "iops");
     assert!(
         (1000 - 42..=1000 - 42 + 50).contains(&ops),
