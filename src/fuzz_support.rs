@@ -220,7 +220,12 @@ pub fn net_frame(data: &[u8]) {
     if let Ok(rx::Gathered::Ready) =
         batch.gather(&mut burst, &mem, need % 0x20000, mergeable, |_| {})
     {
-        batch.commit(&mut burst, &mem, need % 0x20000);
+        batch.commit(
+            &mut burst,
+            &mem,
+            need % 0x20000,
+            crate::devices::net::rx::Header::NumBuffersUnset,
+        );
     }
     let _ = burst.finish();
 }

@@ -144,7 +144,13 @@ impl RxBatch {
     /// puts the rest back. Writes `num_buffers` into the header first. The used entries
     /// become visible with the burst's other entries, in one index store (Linux reads a
     /// mergeable frame's buffers at once and drops it if some are missing).
-    pub fn commit(&mut self, burst: &mut Burst<'_, '_, '_>, memory: &GuestMemory, len: u64) {
+    pub fn commit(
+        &mut self,
+        burst: &mut Burst<'_, '_, '_>,
+        memory: &GuestMemory,
+        len: u64,
+        header: Header,
+    ) {
         let mut count = 0u16;
         let mut left = len;
         for buffer in self.buffers() {
@@ -157,7 +163,11 @@ impl RxBatch {
             left = left.saturating_sub(take);
             count = count.saturating_add(1);
         }
-        if let Some(first) = self.buffers().first() {
+        // A frame in one buffer whose header the caller wrote with `num_buffers` 1 has it
+        // already (a call and a copy per frame saved on the switch's usual path); a tap
+        // writes the header without it.
+        let written = header == Header::WrittenForOneBuffer && count == 1;
+        if let Some(first) = self.buffers().first().filter(|_| !written) {
             // `num_buffers` is the last field of the 12-byte header; the chain was checked
             // to hold the header, so this cannot fail on a valid map.
             let offset = (HEADER_LEN as u64).saturating_sub(2);
@@ -180,6 +190,15 @@ impl RxBatch {
         burst.unpop(u16::try_from(unused).unwrap_or(u16::MAX));
         self.reset();
     }
+}
+
+/// What the first buffer's virtio header holds when a frame is committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Header {
+    /// Written with `num_buffers` 1 (the switch's copies).
+    WrittenForOneBuffer,
+    /// Anything else in `num_buffers` (a tap leaves the field as it was).
+    NumBuffersUnset,
 }
 
 /// Marks the first `len` bytes of `spans` dirty (they were written).
@@ -392,7 +411,7 @@ fn deliver_one(
         batch.put_back(burst);
         return Err(Drop::BadAddress);
     }
-    batch.commit(burst, memory, need);
+    batch.commit(burst, memory, need, Header::WrittenForOneBuffer);
     Ok(())
 }
 
@@ -563,6 +582,45 @@ mod tests {
         let got = batch.gather(&mut burst, &mem, need + 1, true, |_| {});
         assert_eq!(got, Ok(Gathered::Empty));
         assert_eq!(burst.next_avail(), 0, "every chain put back");
+        let _ = burst.finish();
+    }
+
+    #[test]
+    fn commit_writes_num_buffers_unless_the_header_was_written_with_one() {
+        let mem = GuestMemory::from_ranges(&[(GuestAddress(0), 0x20_0000)]).unwrap();
+        let mut queue = ring(&mem, 8, 2);
+        let map = MemMap::new(&mem);
+        let mut burst = Burst::new(&mut queue, &map).unwrap();
+        let mut batch = RxBatch::default();
+        let num_buffers = |i: u64| {
+            mem.read_obj::<u16>(GuestAddress(0x10_0000 + i * 512 + 10))
+                .unwrap()
+        };
+        for i in 0..3u64 {
+            mem.write_obj(0xffffu16, GuestAddress(0x10_0000 + i * 512 + 10))
+                .unwrap();
+        }
+        // A tap's frame in one buffer: the field is written.
+        assert_eq!(
+            batch.gather(&mut burst, &mem, 100, true, |_| {}),
+            Ok(Gathered::Ready)
+        );
+        batch.commit(&mut burst, &mem, 100, Header::NumBuffersUnset);
+        assert_eq!(num_buffers(0), 1);
+        // A switch copy in one buffer: the field is left as `fill` wrote it.
+        assert_eq!(
+            batch.gather(&mut burst, &mem, 100, true, |_| {}),
+            Ok(Gathered::Ready)
+        );
+        batch.commit(&mut burst, &mem, 100, Header::WrittenForOneBuffer);
+        assert_eq!(num_buffers(1), 0xffff, "not written twice");
+        // Two buffers: written whatever the caller wrote.
+        assert_eq!(
+            batch.gather(&mut burst, &mem, 600, true, |_| {}),
+            Ok(Gathered::Ready)
+        );
+        batch.commit(&mut burst, &mem, 600, Header::WrittenForOneBuffer);
+        assert_eq!(num_buffers(2), 2);
         let _ = burst.finish();
     }
 

@@ -25,7 +25,7 @@ use super::fabric::{Port, SwitchHub, MAX_BURST};
 use super::frame::{tx_frame_into, FrameRef, Frames, TxFrame};
 use super::header::{HEADER_LEN, MAX_GSO_FRAME};
 use super::rx::RxTarget;
-use super::rx::{Gathered, RxBatch};
+use super::rx::{Gathered, Header, RxBatch};
 use super::shared::NetShared;
 use super::slots::Slots;
 use super::spec::{Negotiated, MAX_CHAIN_DESCRIPTORS};
@@ -402,7 +402,8 @@ impl PairWorker {
                 } else {
                     (n, Some(n.saturating_sub(HEADER_LEN as u64)))
                 };
-                self.batch.commit(&mut burst, &memory, used);
+                self.batch
+                    .commit(&mut burst, &memory, used, Header::NumBuffersUnset);
                 if let Some(bytes) = delivered {
                     stats.received(bytes);
                     if limited {
