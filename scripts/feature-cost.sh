@@ -16,8 +16,10 @@
 #              switch ports (as in compare-dpdk.sh), --rxq/--txq 2, 64-byte frames; element on
 #              CPU 1, testpmd on CPU 0 (tests/it/dpdk_frontend.rs checks both directions of
 #              both pairs keep flowing).
-#  net-qos     a tx-pps limit that never binds (100M) vs none: a testpmd `txonly` front-end
-#              into one switch port, 64-byte frames, novacrond's own rx counters.
+#  net-qos     tx limits that never bind (100M pps, 1T bytes/s) vs none: a testpmd `txonly`
+#              front-end into two ports of one daemon, 64-byte frames, novacrond's own tx
+#              counters over the same seconds; the limit on one port, then on the other, and
+#              the geometric mean of the two ratios (as blk-qos).
 #
 # A tiered disk's hot extents against a plain disk: scripts/tier-bench.sh.
 #
@@ -135,21 +137,34 @@ for poll in adaptive busy; do
 done
 
 # --- net: a QoS limit that never binds ------------------------------------------------------
-net_qos() { # limit -> frames/s the port took from its tx ring
-    local opt=""; [ -n "$1" ] && opt=",$1"
-    start 1 --net "socket=$work/a.sock,switch=fq,mac=02:00:00:00:00:01$opt"
-    wait_socket "$work/a.sock"
-    timeout $((secs + 6)) dpdk-testpmd --lcores '0@0,1@0' --no-pci --single-file-segments --file-prefix=nc-fc-fe \
+# Paired, like blk-qos: two ports of one daemon on CPU 1 (each alone on its own switch, so the
+# frames go nowhere), one testpmd `txonly` front-end on CPU 0 filling both tx rings. Each
+# port's worker is a thread of its own in the default (adaptive) mode, always busy, and the
+# scheduler gives both the same share of the CPU: each port's frames/s is that share over its
+# cost per frame, and B/A over one window compares the two costs in the same seconds. (In
+# busy mode one thread serves both ports a pass each in turn, which would equalise the
+# counts: not this row.) The limit goes on each port in turn; the cost is the geometric mean.
+net_qos_pair() { # A-options B-options -> frames/s of B over A
+    start 1 --net "socket=$work/a.sock,switch=fqa,mac=02:00:00:00:00:01$1" \
+        --net "socket=$work/b.sock,switch=fqb,mac=02:00:00:00:00:02$2"
+    wait_socket "$work/a.sock"; wait_socket "$work/b.sock"
+    timeout $((rounds * secs + 6)) dpdk-testpmd --lcores '0@0,1@0' --no-pci --single-file-segments --file-prefix=nc-fc-fe \
         --vdev "net_virtio_user0,path=$work/a.sock,queues=1,mac=02:00:00:00:00:01" \
+        --vdev "net_virtio_user1,path=$work/b.sock,queues=1,mac=02:00:00:00:00:02" \
         -- --forward-mode=txonly --txpkts=64 --auto-start --nb-cores=1 --stats-period=3600 >/dev/null 2>&1 &
     local load=$!
     sleep 2 # warm-up (a rate, not a synchronization: the counters are read over a window)
-    local f0 f1
-    f0=$(stats a | total tx_frames)
-    sleep "$secs"
-    f1=$(stats a | total tx_frames)
+    local a0 b0 a1 b1
+    a0=$(stats a | total tx_frames); b0=$(stats b | total tx_frames)
+    sleep $((rounds * secs))
+    a1=$(stats a | total tx_frames); b1=$(stats b | total tx_frames)
     kill "$load" 2>/dev/null || true; wait "$load" 2>/dev/null || true
     stop
-    echo $(((f1 - f0) / secs))
+    ratio $((b1 - b0)) $((a1 - a0))
 }
-interleave net-qos "no limit" "tx-pps=100M" "net_qos ''" "net_qos tx-pps=100000000"
+limit=",tx-pps=100000000,tx-bps=1000000000000"
+on_b=$(net_qos_pair "" "$limit")
+on_a=$(net_qos_pair "$limit" "")
+same=$(net_qos_pair "" "")
+printf "%-34s %14s %14s %8s  (no limit -> tx-pps=100M,tx-bps=1T; B/A with the limit on B, on A; no limit on either: %s)\n" \
+    "net-qos" "$on_b" "$on_a" "$(awk -v b="$on_b" -v a="$on_a" 'BEGIN { printf "%.3f", sqrt(b / a) }')" "$same"
