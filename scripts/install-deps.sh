@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what building, the demo and the tests need on a Debian machine (run as root):
 # QEMU (TCG guests, qemu-storage-daemon), busybox-static and cpio (guest initramfs),
-# util-linux (losetup/mount for the durability test), python3 (the import-circle check),
+# util-linux (losetup/mount for the durability test), python3 (the import-circle check; the
+# system's, at /usr/bin/python3, for a test that runs it as an unprivileged uid),
 # prometheus/promtool (the metrics test), dpdk-testpmd (the DPDK front-end test), dpkg-deb (the package test), libvirt (the libvirt
 # test), Ceph (a single-node cluster for the rbd: tests: scripts/ceph-cluster.sh; librbd1 for
 # the daemon's rbd engine; qemu-block-extra for qemu-storage-daemon's rbd driver);
@@ -19,7 +20,7 @@ have flock || need_apt+=(util-linux)
 have cc || need_apt+=(gcc)
 have taskset || need_apt+=(util-linux)
 have ip || need_apt+=(iproute2)
-have python3 || need_apt+=(python3)
+[ -x /usr/bin/python3 ] || need_apt+=(python3)
 # Prometheus and promtool: the metrics test runs a real Prometheus and checks our rules.
 have prometheus || need_apt+=(prometheus)
 have promtool || need_apt+=(prometheus)

@@ -5,7 +5,9 @@
 //! existing directory must be ours, not a symlink, and not group/world-writable); every peer's
 //! uid (`SO_PEERCRED`) must be on the allow-list; a request line may be at most
 //! [`MAX_LINE`] bytes; idle connections are closed (default [`IDLE_TIMEOUT`]); at most
-//! [`MAX_CONNECTIONS`] are served at once (more are told `busy` and closed).
+//! [`MAX_CONNECTIONS`] are served at once (more are told `busy` and closed). Refused peers
+//! (uid not allowed, or busy) do not count toward that limit: at most [`MAX_CONNECTIONS`] more
+//! of them wait for their answer, each for at most [`REFUSED_TIMEOUT`].
 
 // Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
 // panic or wrap silently (checked, saturating or `get` instead).
@@ -34,6 +36,8 @@ pub const MAX_LINE: usize = 1 << 20;
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Most simultaneous control connections.
 pub const MAX_CONNECTIONS: usize = 16;
+/// How long a refused peer has to send its request and read the refusal.
+pub const REFUSED_TIMEOUT: Duration = Duration::from_secs(2);
 /// Replies queued for a client that does not read them, beyond which it is not served.
 pub const MAX_OUTPUT: usize = 4 << 20;
 
@@ -327,11 +331,20 @@ impl Server {
                     format!("no peer credentials: {e}"),
                 )),
             };
+            // Only served connections count toward the limit: peers that are refused (a uid
+            // not allowed, or too many already) wait for their answer apart, and cannot keep
+            // an allowed client out by holding connections open.
+            let refused = self
+                .connections
+                .values()
+                .filter(|c| c.refused.is_some())
+                .count();
+            let served = self.connections.len().saturating_sub(refused);
             let refusal = refusal.or_else(|| {
-                (self.connections.len() >= MAX_CONNECTIONS)
+                (served >= MAX_CONNECTIONS)
                     .then(|| RpcError::new(SERVER_ERROR, "busy", "too many control connections"))
             });
-            if refusal.is_some() && self.connections.len() >= MAX_CONNECTIONS * 2 {
+            if refusal.is_some() && refused >= MAX_CONNECTIONS {
                 // Under a flood of refused peers, do not even queue an answer.
                 continue;
             }
@@ -465,7 +478,13 @@ impl Server {
         let idle: Vec<Token> = self
             .connections
             .iter()
-            .filter(|(_, c)| c.waiting.is_none() && c.last_active.elapsed() > self.idle_timeout)
+            .filter(|(_, c)| {
+                let limit = match c.refused {
+                    Some(_) => self.idle_timeout.min(REFUSED_TIMEOUT),
+                    None => self.idle_timeout,
+                };
+                c.waiting.is_none() && c.last_active.elapsed() > limit
+            })
             .map(|(t, _)| *t)
             .collect();
         for token in idle {

@@ -244,6 +244,66 @@ fn novactl_drives_the_daemon() {
     assert!(status.success());
 }
 
+/// The limit on served connections holds (the next allowed client is told `busy` until one
+/// closes), and a stranger's connections (refused: uid not allowed) do not count toward it:
+/// however many it holds open, an allowed client is served.
+#[test]
+fn refused_peers_do_not_count_toward_the_connection_limit() {
+    use novacron::control::server::MAX_CONNECTIONS;
+    use std::io::BufRead;
+    use std::os::unix::fs::PermissionsExt;
+    let daemon = Daemon::start(&[]);
+    let socket = daemon.path("control.sock");
+    // Allowed clients holding every served connection: the next one is told busy.
+    let held: Vec<_> = (0..MAX_CONNECTIONS)
+        .map(|_| std::os::unix::net::UnixStream::connect(&socket).unwrap())
+        .collect();
+    let (ok, _, err) = novactl(&daemon, &["info"]);
+    assert!(!ok && err.contains("busy"), "{err}");
+    // They close: served again (once the server has seen the closes).
+    drop(held);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (ok, _, err) = novactl(&daemon, &["info"]);
+        if ok {
+            break;
+        }
+        assert!(err.contains("busy"), "{err}");
+        assert!(std::time::Instant::now() < deadline, "still busy: {err}");
+    }
+    // Reachable by a stranger (as if an admin had loosened it); the uid check refuses it.
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o777)).unwrap();
+    std::fs::set_permissions(daemon.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    // The stranger opens twice the limit and holds them, sending nothing, until its stdin
+    // closes.
+    const HOLD: &str = "import socket, sys\n\
+        held = []\n\
+        for _ in range(int(sys.argv[2])):\n\
+        \x20   s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); held.append(s)\n\
+        print('ready', flush=True)\n\
+        sys.stdin.read()\n";
+    let mut stranger = Command::new("setpriv")
+        // The system's python3 (a user's, e.g. under /root, is not the stranger's to run).
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+        .args(["/usr/bin/python3", "-c", HOLD])
+        .arg(&socket)
+        .arg((2 * MAX_CONNECTIONS).to_string())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("setpriv (util-linux) and /usr/bin/python3 are required");
+    let mut ready = String::new();
+    std::io::BufReader::new(stranger.stdout.take().unwrap())
+        .read_line(&mut ready)
+        .unwrap();
+    assert_eq!(ready.trim(), "ready");
+    // Queued behind the stranger's connections, an allowed client is served.
+    let (ok, _, err) = novactl(&daemon, &["info"]);
+    assert!(ok, "an allowed client was kept out by refused peers: {err}");
+    drop(stranger.stdin.take());
+    stranger.wait().unwrap();
+}
+
 #[test]
 fn control_socket_is_private_and_checks_peer_uid() {
     let daemon = Daemon::start(&[]);
