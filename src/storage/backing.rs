@@ -106,6 +106,20 @@ pub fn allow_block_devices(allowed: bool) {
     ALLOW_BLOCK_DEVICES.store(allowed, std::sync::atomic::Ordering::Release);
 }
 
+/// The file at `path` (not a symlink's target), opened O_PATH: no wait, no read, no lock.
+fn pin(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC)
+        .open(path)
+}
+
+/// Opens the file `pinned` holds with `options` (which must not say O_NOFOLLOW: the magic
+/// link is a symlink; `pin` already refused to follow one).
+fn reopen(pinned: &File, options: &OpenOptions) -> std::io::Result<File> {
+    options.open(format!("/proc/self/fd/{}", pinned.as_raw_fd()))
+}
+
 /// Opens (or creates) and locks a backing file (a block device only when allowed).
 pub fn open_backing(request: &OpenRequest<'_>) -> Result<BackingFile, BackingError> {
     let path = request.path;
@@ -114,17 +128,13 @@ pub fn open_backing(request: &OpenRequest<'_>) -> Result<BackingFile, BackingErr
         source,
     };
     // A control client may name a FIFO, whose open would wait for a writer (the control
-    // thread, holding the registry, with it), or a character device: refused before any open.
-    // (Not by opening O_NONBLOCK: that breaks a lease instead of waiting for it, and skips a
-    // removable block device's media checks. A path swapped for a FIFO between this look and
-    // the open still blocks that open: narrowed, not closed.)
-    match std::fs::symlink_metadata(path) {
-        Ok(meta) if !meta.file_type().is_file() && !meta.file_type().is_block_device() => {
-            return Err(BackingError::NotAFileOrBlockDevice(path.to_path_buf()));
-        }
-        _ => {}
-    }
-    let mut flags = libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    // thread, holding the registry, with it), or a character device. An existing path is
+    // opened first with O_PATH, which never waits and reads or locks nothing, its type
+    // checked on that fd, and only then reopened, through the fd (/proc/self/fd/N: the same
+    // file, whatever the path has become since). Not by opening O_NONBLOCK: that breaks a
+    // lease instead of waiting for it, and skips a removable block device's media checks.
+    // A path that does not exist yet is created with O_EXCL: never a FIFO.
+    let mut flags = libc::O_CLOEXEC;
     if request.direct {
         flags |= libc::O_DIRECT;
     }
@@ -132,12 +142,26 @@ pub fn open_backing(request: &OpenRequest<'_>) -> Result<BackingFile, BackingErr
     options
         .read(true)
         .write(!request.readonly)
-        .custom_flags(flags);
+        .custom_flags(flags | libc::O_NOFOLLOW);
     let created = !path.exists() && request.size.is_some() && !request.readonly;
     if created {
         options.create_new(true).mode(0o600);
     }
-    let mut file = options.open(path).map_err(|source| BackingError::Open {
+    let opened = if created {
+        options.open(path)
+    } else {
+        let pinned = pin(path).map_err(|source| BackingError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let kind = pinned.metadata().map_err(with_path)?.file_type();
+        if !kind.is_file() && !kind.is_block_device() {
+            return Err(BackingError::NotAFileOrBlockDevice(path.to_path_buf()));
+        }
+        options.custom_flags(flags);
+        reopen(&pinned, &options)
+    };
+    let mut file = opened.map_err(|source| BackingError::Open {
         path: path.to_path_buf(),
         source,
     })?;
@@ -275,6 +299,35 @@ mod tests {
             result.recv_timeout(std::time::Duration::from_secs(10)),
             Ok(true),
             "refused at once, no writer needed"
+        );
+    }
+
+    #[test]
+    fn a_path_swapped_for_a_fifo_after_the_check_still_opens_the_file_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img");
+        std::fs::write(&path, [7u8; 4096]).unwrap();
+        let pinned = pin(&path).unwrap();
+        assert!(pinned.metadata().unwrap().file_type().is_file());
+        // The path becomes a FIFO between the check and the open.
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        std::fs::rename(&fifo, &path).unwrap();
+        let (done, result) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut options = OpenOptions::new();
+            options.read(true);
+            let _ = done.send(reopen(&pinned, &options).map(|f| f.metadata().unwrap().len()));
+        });
+        assert_eq!(
+            result
+                .recv_timeout(std::time::Duration::from_secs(10))
+                .expect("the open waited for a FIFO's writer")
+                .unwrap(),
+            4096,
+            "the file that was checked"
         );
     }
 

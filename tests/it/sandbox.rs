@@ -194,6 +194,41 @@ fn with_fs_roots_nothing_outside_them_is_reachable() {
         let refused = add(&mut control, &root.join("x.sock"), path);
         assert!(refused.is_err(), "{path} was reachable: {refused:?}");
     }
+    // Read-only too: an existing file is opened O_PATH, checked, then reopened through
+    // /proc/self/fd (read-only inside the roots), and the roots still judge the file itself.
+    let refused = control.call(
+        "device.add",
+        serde_json::json!({
+            "type": "blk",
+            "socket": root.join("x.sock").display().to_string(),
+            "path": victim.display().to_string(),
+            "readonly": true,
+        }),
+    );
+    let refused = format!("{refused:?}");
+    assert!(
+        refused.contains("Permission denied"),
+        "read-only outside the roots: {refused}"
+    );
+    // An existing file inside the roots opens that way.
+    std::fs::write(root.join("e.img"), pattern(4, 1 << 20)).unwrap();
+    let socket = root.join("e.sock");
+    let e = socket.display().to_string();
+    control
+        .call(
+            "device.add",
+            serde_json::json!({"type": "blk", "socket": e, "path": format!("{root_arg}/e.img")}),
+        )
+        .unwrap();
+    let mut c = BlkClient::connect(&socket);
+    assert!(c.read(0, 0, 4096) == pattern(4, 1 << 20)[..4096], "served");
+    drop(c);
+    control
+        .call(
+            "device.remove",
+            serde_json::json!({"id": "e", "force": true}),
+        )
+        .unwrap();
     // A socket outside the roots cannot be made either.
     let refused = add(
         &mut control,
