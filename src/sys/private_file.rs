@@ -1,5 +1,7 @@
 //! Opening the daemon's own data files (tier journals, cold tiers): created mode 0600 if
-//! missing, never truncated, never through a symlink, close-on-exec.
+//! missing, never truncated, never through a symlink, close-on-exec. And reading or copying
+//! small files at client-influenced paths only when they are regular files: a FIFO planted
+//! there must not make the reading thread wait for a writer.
 //!
 //! Their paths derive from client-given ones, so following a link placed there would let a
 //! control client make the daemon write wherever it points.
@@ -18,6 +20,44 @@ pub fn open_private(path: &Path) -> std::io::Result<File> {
         .mode(0o600)
         .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(path)
+}
+
+/// Reads a regular file at `path`, never through a symlink, without waiting for a FIFO's
+/// writer (`O_NONBLOCK`, which changes nothing for a regular file); `None` if there is none.
+pub fn open_regular(path: &Path) -> std::io::Result<Option<File>> {
+    let file = match OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .open(path)
+    {
+        Ok(file) => file,
+        Err(e)
+            if e.kind() == std::io::ErrorKind::NotFound
+                || e.raw_os_error() == Some(libc::ELOOP) =>
+        {
+            return Ok(None)
+        }
+        Err(e) => return Err(e),
+    };
+    Ok(file.metadata()?.is_file().then_some(file))
+}
+
+/// Copies the regular file at `from` ([`open_regular`]) into a new file `to` (mode 0600,
+/// `O_EXCL`: never through a link, never over anything) and syncs it; false when there is no
+/// regular file at `from`.
+pub fn copy_into_new(from: &Path, to: &Path) -> std::io::Result<bool> {
+    let Some(mut source) = open_regular(from)? else {
+        return Ok(false);
+    };
+    let mut copy = OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .custom_flags(libc::O_CLOEXEC)
+        .open(to)?;
+    std::io::copy(&mut source, &mut copy)?;
+    copy.sync_all()?;
+    Ok(true)
 }
 
 #[cfg(test)]
@@ -42,5 +82,36 @@ mod tests {
         std::os::unix::fs::symlink(&path, &link).unwrap();
         let err = open_private(&link).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::ELOOP));
+    }
+
+    #[test]
+    fn copies_only_a_regular_file_into_a_new_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let from = dir.path().join("from");
+        std::fs::write(&from, b"journal").unwrap();
+        let to = dir.path().join("to");
+        assert!(copy_into_new(&from, &to).unwrap());
+        assert_eq!(std::fs::read(&to).unwrap(), b"journal");
+        let mode = std::fs::metadata(&to).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        // Never over anything: a file, or a link (dangling or not), stays as it is.
+        assert!(copy_into_new(&from, &to).is_err());
+        let target = dir.path().join("target");
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        assert!(copy_into_new(&from, &link).is_err());
+        assert!(!target.exists(), "written through a link");
+        // No regular file to copy: a link, a FIFO (no wait for a writer), nothing.
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let from_link = dir.path().join("from-link");
+        std::os::unix::fs::symlink(&from, &from_link).unwrap();
+        for source in [&fifo, &from_link, &dir.path().join("missing")] {
+            let to = dir.path().join("new");
+            assert!(!copy_into_new(source, &to).unwrap(), "{}", source.display());
+            assert!(!to.exists());
+        }
     }
 }

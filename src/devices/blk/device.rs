@@ -423,14 +423,14 @@ fn adopt_legacy_journal(hot: &std::path::Path, journal: &std::path::Path) {
     let mut legacy = hot.as_os_str().to_os_string();
     legacy.push(".tiermap");
     let legacy = PathBuf::from(legacy);
-    if legacy == journal || journal.exists() || !legacy.exists() {
+    // Anything at the journal's place, a link included, stays; only a regular file moves,
+    // read without following a link or waiting on a FIFO.
+    if legacy == journal || journal.symlink_metadata().is_ok() {
         return;
     }
-    let copied = std::fs::copy(&legacy, journal)
-        .and_then(|_| std::fs::File::open(journal))
-        .and_then(|f| f.sync_all());
-    match copied {
-        Ok(()) => {
+    match crate::sys::private_file::copy_into_new(&legacy, journal) {
+        Ok(false) => {}
+        Ok(true) => {
             let _ = std::fs::remove_file(&legacy);
             log::info!(
                 "tier journal moved from {} to {}",

@@ -241,17 +241,16 @@ fn tap_marker(socket: &std::path::Path) -> std::path::PathBuf {
     std::path::PathBuf::from(name)
 }
 
-/// Reads the note, never through a symlink (the socket's directory may be writable by others).
+/// Reads the note, never through a symlink or a FIFO (the socket's directory may be writable
+/// by others).
 fn read_marker(marker: &std::path::Path) -> Option<String> {
     use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
     let mut text = String::new();
-    std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(marker)
-        .and_then(|f| f.take(64).read_to_string(&mut text))
+    // Nor through a FIFO planted there, whose open would wait for a writer.
+    crate::sys::private_file::open_regular(marker)
         .ok()
+        .flatten()
+        .and_then(|f| f.take(64).read_to_string(&mut text).ok())
         .map(|_| text)
 }
 
