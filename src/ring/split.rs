@@ -214,6 +214,28 @@ impl<'a, 'm> SplitRing<'a, 'm> {
     fn read_desc(table: NonNull<u8>, index: u16) -> Desc {
         debug_assert!(u64::from(index) * DESC_SIZE < 16 * 65536);
         let p = Self::at(table, u64::from(index).saturating_mul(DESC_SIZE));
+        if p.align_offset(8) == 0 {
+            // Two 8-byte loads (the descriptor table is 16-aligned, checked in `new`; an
+            // indirect table usually is): the byte-array read below compiled to 16 byte
+            // loads and 30 shifts and ors, twice per chain on the hot path.
+            // SAFETY: as below, and `p` is 8-aligned, as is `p + 8`, both inside the table.
+            let (low, high) = unsafe {
+                (
+                    std::ptr::read_volatile(p.cast::<u64>()),
+                    std::ptr::read_volatile(p.add(8).cast::<u64>()),
+                )
+            };
+            // Little-endian fields: len, flags and next are the low 32, next 16 and top 16
+            // bits of the second word's value (the truncations are the field boundaries).
+            let high = u64::from_le(high);
+            #[allow(clippy::cast_possible_truncation)]
+            return Desc {
+                addr: u64::from_le(low),
+                len: high as u32,
+                flags: (high >> 32) as u16,
+                next: (high >> 48) as u16,
+            };
+        }
         // SAFETY: `index` is below the table's descriptor count (checked by the caller), so
         // the 16 bytes are inside the mapped table; an unaligned byte-array read has no
         // alignment requirement; volatile because the guest may change it at any time.

@@ -476,3 +476,54 @@ fn a_walk_limit_breaks_longer_chains_and_keeps_shorter_ones() {
     );
     let _ = burst.finish();
 }
+
+#[test]
+fn an_indirect_table_at_an_odd_address_reads_as_an_aligned_one() {
+    // The descriptor table is 16-aligned (refused otherwise) and read as two 8-byte words; an
+    // indirect table may sit anywhere and is read byte by byte when it is not 8-aligned.
+    let mem = memory();
+    let mock = MockSplitQueue::new(&mem, 4);
+    let entries = [
+        desc(0xa_0000, 12, F_NEXT, 1),
+        desc(0xa_1008, 0x0102_0304, F_NEXT, 2),
+        desc(0xffff_0000_a000, 7, F_WRITE, 0),
+    ];
+    let (aligned, odd) = (0x9_0000u64, 0x9_1003u64);
+    for table in [aligned, odd] {
+        for (i, d) in entries.iter().enumerate() {
+            mem.write_obj(*d, GuestAddress(table + 16 * i as u64))
+                .unwrap();
+        }
+    }
+    mock.desc_table()
+        .store(0, desc(aligned, 48, F_INDIRECT, 0))
+        .unwrap();
+    mock.desc_table()
+        .store(1, desc(odd, 48, F_INDIRECT, 0))
+        .unwrap();
+    publish(&mem, &mock, &[0, 1]);
+    let mut queue: Queue = mock.create_queue().unwrap();
+    let map = MemMap::new(&mem);
+    let mut burst = Burst::new(&mut queue, &map).unwrap();
+    let mut walks = Vec::new();
+    for _ in 0..2 {
+        let mut out = Buffers::new();
+        let (_, walked) = burst.pop(&mut out).unwrap().unwrap();
+        assert_eq!(walked, Ok(()));
+        walks.push(
+            out.iter()
+                .map(|b| (b.addr.0, b.len, b.writable))
+                .collect::<Vec<_>>(),
+        );
+    }
+    assert_eq!(
+        walks[0],
+        [
+            (0xa_0000, 12, false),
+            (0xa_1008, 0x0102_0304, false),
+            (0xffff_0000_a000, 7, true)
+        ]
+    );
+    assert_eq!(walks[0], walks[1]);
+    let _ = burst.finish();
+}
