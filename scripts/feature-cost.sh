@@ -116,7 +116,7 @@ for client in poll irq; do
     on_b=$(alternate "$client" "" "$limit")
     on_a=$(alternate "$client" "$limit" "")
     printf "%-34s %14s %14s %8s  (no limit -> iops=100M,bps=1T; B/A with the limit on B, on A)\n" \
-        "blk-qos-$client" "$on_b" "$on_a" "$(awk -v b="$on_b" -v a="$on_a" 'BEGIN { printf "%.3f", sqrt(b / a) }')"
+        "blk-qos-$client" "$on_b" "$on_a" "$(awk -v b="$on_b" -v a="$on_a" 'BEGIN { if (a > 0 && b > 0) printf "%.3f", sqrt(b / a); else print "-" }')"
 done
 
 # --- net: 2 queue pairs vs 1 ----------------------------------------------------------------
@@ -167,4 +167,4 @@ on_b=$(net_qos_pair "" "$limit")
 on_a=$(net_qos_pair "$limit" "")
 same=$(net_qos_pair "" "")
 printf "%-34s %14s %14s %8s  (no limit -> tx-pps=100M,tx-bps=1T; B/A with the limit on B, on A; no limit on either: %s)\n" \
-    "net-qos" "$on_b" "$on_a" "$(awk -v b="$on_b" -v a="$on_a" 'BEGIN { printf "%.3f", sqrt(b / a) }')" "$same"
+    "net-qos" "$on_b" "$on_a" "$(awk -v b="$on_b" -v a="$on_a" 'BEGIN { if (a > 0 && b > 0) printf "%.3f", sqrt(b / a); else print "-" }')" "$same"

@@ -7,7 +7,8 @@
 //! [`MAX_LINE`] bytes; idle connections are closed (default [`IDLE_TIMEOUT`]); at most
 //! [`MAX_CONNECTIONS`] are served at once (more are told `busy` and closed). Refused peers
 //! (uid not allowed, or busy) do not count toward that limit: at most [`MAX_CONNECTIONS`] more
-//! of them wait for their answer, each for at most [`REFUSED_TIMEOUT`].
+//! of them wait for their answer, each for at most [`REFUSED_TIMEOUT`] (an allowed client
+//! refused as busy while that many wait is closed without an answer).
 
 // Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
 // panic or wrap silently (checked, saturating or `get` instead).
@@ -36,8 +37,8 @@ pub const MAX_LINE: usize = 1 << 20;
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// Most simultaneous control connections.
 pub const MAX_CONNECTIONS: usize = 16;
-/// How long a refused peer has to send its request and read the refusal.
-pub const REFUSED_TIMEOUT: Duration = Duration::from_secs(2);
+/// How long a refused peer has, from its connection, to send a request and read the refusal.
+pub const REFUSED_TIMEOUT: Duration = Duration::from_secs(5);
 /// Replies queued for a client that does not read them, beyond which it is not served.
 pub const MAX_OUTPUT: usize = 4 << 20;
 
@@ -247,6 +248,9 @@ struct Connection {
     closing: bool,
     /// Set for peers we will not serve: their first request gets this error, then we close.
     refused: Option<RpcError>,
+    /// When it was accepted (a refused peer is closed [`REFUSED_TIMEOUT`] after, whatever
+    /// it sends meanwhile).
+    accepted: Instant,
     /// A request answered later (its id and where the answer comes from): the connection's
     /// next requests wait for it, so answers keep their order.
     waiting: Option<(serde_json::Value, methods::Pending)>,
@@ -369,6 +373,7 @@ impl Server {
                     last_active: Instant::now(),
                     closing: false,
                     refused: refusal,
+                    accepted: Instant::now(),
                     waiting: None,
                     fds_out: Vec::new(),
                     trusted,
@@ -478,12 +483,9 @@ impl Server {
         let idle: Vec<Token> = self
             .connections
             .iter()
-            .filter(|(_, c)| {
-                let limit = match c.refused {
-                    Some(_) => self.idle_timeout.min(REFUSED_TIMEOUT),
-                    None => self.idle_timeout,
-                };
-                c.waiting.is_none() && c.last_active.elapsed() > limit
+            .filter(|(_, c)| match c.refused {
+                Some(_) => c.accepted.elapsed() > self.idle_timeout.min(REFUSED_TIMEOUT),
+                None => c.waiting.is_none() && c.last_active.elapsed() > self.idle_timeout,
             })
             .map(|(t, _)| *t)
             .collect();

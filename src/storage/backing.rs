@@ -3,7 +3,10 @@
 //! A missing file is created sparse when a size is given; an existing file keeps its size (a
 //! different `size=` is refused rather than silently growing or truncating a disk). The file is
 //! locked with `flock` (shared when read-only, exclusive otherwise) so two devices, or two
-//! daemons, never write one image. The final path component is opened with `O_NOFOLLOW`.
+//! daemons, never write one image. The final path component is never followed if it is a
+//! symlink; an existing one is opened `O_PATH` first, its type checked on that fd (only a
+//! regular file, or a block device where allowed, is opened for I/O), then reopened through
+//! it: a path changed in between cannot make the daemon open something else.
 
 // Guest- or client-controlled numbers flow through here: no indexing or arithmetic that can
 // panic or wrap silently (checked, saturating or `get` instead).
@@ -154,9 +157,15 @@ pub fn open_backing(request: &OpenRequest<'_>) -> Result<BackingFile, BackingErr
             path: path.to_path_buf(),
             source,
         })?;
+        // Judged before any open for I/O (a block device's open alone may spin up or load
+        // media): what kind of file, and whether block devices may back disks.
         let kind = pinned.metadata().map_err(with_path)?.file_type();
         if !kind.is_file() && !kind.is_block_device() {
             return Err(BackingError::NotAFileOrBlockDevice(path.to_path_buf()));
+        }
+        if kind.is_block_device() && !ALLOW_BLOCK_DEVICES.load(std::sync::atomic::Ordering::Acquire)
+        {
+            return Err(BackingError::BlockDeviceNotAllowed(path.to_path_buf()));
         }
         options.custom_flags(flags);
         reopen(&pinned, &options)
@@ -165,15 +174,6 @@ pub fn open_backing(request: &OpenRequest<'_>) -> Result<BackingFile, BackingErr
         path: path.to_path_buf(),
         source,
     })?;
-    // Checked on what was opened (no race with the path changing): nothing has been read,
-    // written or locked yet.
-    let opened = file.metadata().map_err(with_path)?.file_type();
-    if !opened.is_file() && !opened.is_block_device() {
-        return Err(BackingError::NotAFileOrBlockDevice(path.to_path_buf()));
-    }
-    if opened.is_block_device() && !ALLOW_BLOCK_DEVICES.load(std::sync::atomic::Ordering::Acquire) {
-        return Err(BackingError::BlockDeviceNotAllowed(path.to_path_buf()));
-    }
     if request.lock {
         lock(&file, request.readonly).map_err(|e| match e.raw_os_error() {
             Some(libc::EWOULDBLOCK) => BackingError::Locked(path.to_path_buf()),

@@ -43,8 +43,10 @@ pub fn open_regular(path: &Path) -> std::io::Result<Option<File>> {
 }
 
 /// Copies the regular file at `from` ([`open_regular`]) into a new file `to` (mode 0600,
-/// `O_EXCL`: never through a link, never over anything) and syncs it; false when there is no
-/// regular file at `from`.
+/// `O_EXCL`: never through a link, never over anything), durably: the copy and its directory
+/// entry are synced before this returns true, so the caller may then remove `from`. False
+/// when there is no regular file at `from`. On an error nothing is left at `to` (a partial
+/// copy there would later be taken for the whole file).
 pub fn copy_into_new(from: &Path, to: &Path) -> std::io::Result<bool> {
     let Some(mut source) = open_regular(from)? else {
         return Ok(false);
@@ -55,8 +57,16 @@ pub fn copy_into_new(from: &Path, to: &Path) -> std::io::Result<bool> {
         .mode(0o600)
         .custom_flags(libc::O_CLOEXEC)
         .open(to)?;
-    std::io::copy(&mut source, &mut copy)?;
-    copy.sync_all()?;
+    let copied = std::io::copy(&mut source, &mut copy)
+        .and_then(|_| copy.sync_all())
+        .and_then(|()| {
+            let dir = to.parent().filter(|d| !d.as_os_str().is_empty());
+            File::open(dir.unwrap_or(Path::new(".")))?.sync_all()
+        });
+    if let Err(e) = copied {
+        let _ = std::fs::remove_file(to);
+        return Err(e);
+    }
     Ok(true)
 }
 
@@ -108,6 +118,11 @@ mod tests {
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
         let from_link = dir.path().join("from-link");
         std::os::unix::fs::symlink(&from, &from_link).unwrap();
+        // A copy that fails part-way leaves nothing behind (this file fails its first read:
+        // address 0 of our own memory is not mapped).
+        let failed = dir.path().join("failed");
+        assert!(copy_into_new(Path::new("/proc/self/mem"), &failed).is_err());
+        assert!(!failed.exists(), "a partial copy was left");
         for source in [&fifo, &from_link, &dir.path().join("missing")] {
             let to = dir.path().join("new");
             assert!(!copy_into_new(source, &to).unwrap(), "{}", source.display());

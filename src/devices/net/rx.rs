@@ -141,7 +141,8 @@ impl RxBatch {
     }
 
     /// Returns the chains holding the first `len` bytes (header included) to the guest and
-    /// puts the rest back. Writes `num_buffers` into the header first. The used entries
+    /// puts the rest back. Writes `num_buffers` into the header first, unless `header` says
+    /// it holds the right value already (one buffer, written with 1). The used entries
     /// become visible with the burst's other entries, in one index store (Linux reads a
     /// mergeable frame's buffers at once and drops it if some are missing).
     pub fn commit(
@@ -176,7 +177,7 @@ impl RxBatch {
                 log::debug!("rx header write failed");
             }
         }
-        // Every byte is in now (num_buffers last): mark what was written.
+        // Every byte is in now (num_buffers last, or already): mark what was written.
         if let Some(log) = burst.log() {
             let mut left = len;
             for buffer in self.buffers().iter().take(usize::from(count)) {
