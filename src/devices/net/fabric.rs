@@ -368,6 +368,38 @@ impl SwitchHub {
                 previous = Some(key);
             }
         }
+        self.stats.sent_tally(sent);
+        // Delivered under the ports' read lock (only attach/detach write it): no reference
+        // counting per frame.
+        let ports = self
+            .ports
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut picks: SmallVec<[u16; MAX_BURST]> = SmallVec::new();
+        // One decision for every frame (a flow's burst, the usual case): the frames go in
+        // order, with no (port, frame) pairs to build and sort.
+        if let [only] = decisions.as_slice() {
+            if chosen.iter().all(|&c| c == 0) {
+                picks.extend((0..count).filter_map(|i| u16::try_from(i).ok()));
+                let receivers: &[u32] = match only {
+                    Forward::Unicast(port) => std::slice::from_ref(port),
+                    Forward::Flood(list) => list,
+                    Forward::Drop(reason) => {
+                        for &i in &picks {
+                            self.stats.dropped(Direction::Tx, Drop::Switch(*reason));
+                            refused(i, Drop::Switch(*reason));
+                        }
+                        return;
+                    }
+                };
+                for number in receivers {
+                    if let Some(port) = ports.get(number) {
+                        self.deliver_to(port, frames, &picks);
+                    }
+                }
+                return;
+            }
+        }
         // (port, frame) pairs, sorted by port; the sort is stable, so each port gets its
         // frames in the order they were sent.
         let mut pairs: SmallVec<[(u32, u16); MAX_BURST]> = SmallVec::new();
@@ -389,29 +421,26 @@ impl SwitchHub {
                 }
             }
         }
-        self.stats.sent_tally(sent);
         pairs.sort_by_key(|&(port, _)| port);
-        // Delivered under the ports' read lock (only attach/detach write it): no reference
-        // counting per frame.
-        let ports = self
-            .ports
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let mut picks: SmallVec<[u16; MAX_BURST]> = SmallVec::new();
         for run in pairs.chunk_by(|a, b| a.0 == b.0) {
             let Some(port) = run.first().and_then(|(n, _)| ports.get(n)) else {
                 continue;
             };
             picks.clear();
             picks.extend(run.iter().map(|&(_, i)| i));
-            // The rx queue: by the first frame's source MAC (its last byte).
-            let hash = picks
-                .first()
-                .and_then(|&i| frames.frame(usize::from(i)))
-                .and_then(|f| f.ethernet_header().get(11).copied())
-                .map_or(0, usize::from);
-            port.deliver_burst(frames, &picks, hash, &self.stats);
+            self.deliver_to(port, frames, &picks);
         }
+    }
+
+    /// Delivers `frames[i]` for each `i` in `picks` to `port`, in one delivery.
+    fn deliver_to<F: Frames + ?Sized>(&self, port: &Port, frames: &F, picks: &[u16]) {
+        // The rx queue: by the first frame's source MAC (its last byte).
+        let hash = picks
+            .first()
+            .and_then(|&i| frames.frame(usize::from(i)))
+            .and_then(|f| f.ethernet_header().get(11).copied())
+            .map_or(0, usize::from);
+        port.deliver_burst(frames, picks, hash, &self.stats);
     }
 }
 
