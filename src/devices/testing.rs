@@ -9,7 +9,7 @@ use vhost_user_backend::VringT;
 use virtio_queue::desc::split::Descriptor as SplitDescriptor;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryAtomic};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryAtomic};
 
 use crate::vring::{AtomicGuestMemory, CheckedVring, GuestMemory};
 
@@ -26,8 +26,14 @@ pub fn memory(size: usize) -> (&'static GuestMemory, AtomicGuestMemory) {
 }
 
 /// A split ring in test memory and the vring a worker serves it through.
+///
+/// The used ring is placed here, not where `MockSplitQueue::create` puts it: virtio-queue
+/// 0.18's mock ends the avail ring 4 + `size` bytes after its start (entries counted as
+/// bytes), so its used ring overlaps the avail ring from entry `size / 2` on, and a device's
+/// used entries overwrite heads the driver has not had taken yet.
 pub struct TestQueue {
     mock: MockSplitQueue<'static, GuestMemory>,
+    used_addr: GuestAddress,
     mem: &'static GuestMemory,
     /// The vring, as `vhost-user-backend` would hand it to a worker.
     pub vring: CheckedVring,
@@ -39,19 +45,20 @@ impl TestQueue {
     /// A ring of `size` entries at guest address `at`, ready and enabled.
     pub fn new(mem: &'static GuestMemory, atomic: &AtomicGuestMemory, at: u64, size: u16) -> Self {
         let mock = MockSplitQueue::create(mem, GuestAddress(at), size);
+        // After the whole avail ring (flags, idx, ring, used_event), 4-aligned.
+        let used_addr = GuestAddress((mock.avail_addr().0 + 6 + 2 * u64::from(size) + 3) & !3);
+        mem.write_slice(&vec![0u8; 6 + 8 * usize::from(size)], used_addr)
+            .expect("used ring");
         let vring = CheckedVring::new(atomic.clone(), size).expect("vring");
         vring.set_queue_size(size);
         vring
-            .set_queue_info(
-                mock.desc_table_addr().0,
-                mock.avail_addr().0,
-                mock.used_addr().0,
-            )
+            .set_queue_info(mock.desc_table_addr().0, mock.avail_addr().0, used_addr.0)
             .expect("queue info");
         vring.set_queue_ready(true);
         vring.set_enabled(true);
         Self {
             mock,
+            used_addr,
             mem,
             vring,
             next_desc: 0,
@@ -81,30 +88,30 @@ impl TestQueue {
 
     /// The used ring's flags (`VRING_USED_F_NO_NOTIFY`: the device asks for no kicks).
     pub fn used_flags(&self) -> u16 {
-        self.mem
-            .read_obj(self.mock.used_addr())
-            .expect("used flags")
+        self.mem.read_obj(self.used_addr).expect("used flags")
     }
 
     /// Sets the used ring's flags (as a device that asked for no kicks left them).
     pub fn set_used_flags(&self, flags: u16) {
         self.mem
-            .write_obj(flags, self.mock.used_addr())
+            .write_obj(flags, self.used_addr)
             .expect("used flags");
     }
 
     /// Every used entry so far, as `(head, length)`.
     pub fn used(&self) -> Vec<(u16, u32)> {
-        let used = self.mock.used();
-        let idx = used.idx().load();
+        let idx: u16 = self
+            .mem
+            .read_obj(self.used_addr.unchecked_add(2))
+            .expect("used idx");
         (0..idx)
             .map(|i| {
-                let elem = used
-                    .ring()
-                    .ref_at(usize::from(i % self.size))
-                    .expect("used slot")
-                    .load();
-                (u16::try_from(elem.id()).expect("head"), elem.len())
+                let at = self
+                    .used_addr
+                    .unchecked_add(4 + 8 * u64::from(i % self.size));
+                let id: u32 = self.mem.read_obj(at).expect("used id");
+                let len: u32 = self.mem.read_obj(at.unchecked_add(4)).expect("used len");
+                (u16::try_from(id).expect("head"), len)
             })
             .collect()
     }

@@ -527,3 +527,23 @@ fn an_indirect_table_at_an_odd_address_reads_as_an_aligned_one() {
     assert_eq!(walks[0], walks[1]);
     let _ = burst.finish();
 }
+
+#[test]
+fn a_descriptor_reads_the_same_at_every_alignment() {
+    // Bytes 0x10..=0x1f at host offsets 0..8 of a buffer: the 8-aligned one takes the
+    // two-word path, the others the byte path; every field's every byte is distinct.
+    let mut buffer = [0u64; 4];
+    let base = buffer.as_mut_ptr().cast::<u8>();
+    for offset in 0..8usize {
+        for (i, b) in (0x10u8..=0x1f).enumerate() {
+            // SAFETY: offset + i < 8 + 16 <= 32, inside `buffer`.
+            unsafe { base.add(offset + i).write(b) };
+        }
+        let table = std::ptr::NonNull::new(base.wrapping_add(offset)).unwrap();
+        let d = SplitRing::read_desc(table, 0);
+        assert_eq!(d.addr, 0x1716_1514_1312_1110, "offset {offset}");
+        assert_eq!(d.len, 0x1b1a_1918, "offset {offset}");
+        assert_eq!(d.flags, 0x1d1c, "offset {offset}");
+        assert_eq!(d.next, 0x1f1e, "offset {offset}");
+    }
+}

@@ -307,7 +307,8 @@ impl SwitchHub {
     /// Forwards a burst of frames (at most [`MAX_BURST`]; the rest are refused) that entered
     /// on port `ingress`, in order: the forwarding table is locked once, and each receiver
     /// gets its frames in one delivery (one rx queue lock, one used-index store, at most one
-    /// interrupt). `refused(i, reason)` hears about each frame the switch itself dropped.
+    /// interrupt). `refused(i, reason)` hears about each frame the switch itself dropped,
+    /// under the ports' read lock: it must not attach or detach ports, nor read them.
     /// Each frame's Ethernet header was read once, with its virtio header, when its chain was
     /// checked; the decision is made on that copy and the frame leaves with it.
     pub fn transmit_burst<F: Frames + ?Sized>(
@@ -383,7 +384,12 @@ impl SwitchHub {
                 picks.extend((0..count).filter_map(|i| u16::try_from(i).ok()));
                 let receivers: &[u32] = match only {
                     Forward::Unicast(port) => std::slice::from_ref(port),
-                    Forward::Flood(list) => list,
+                    // Sorted and without repeats (the switch builds it from its port map):
+                    // the order and deliveries the general path's sort would give.
+                    Forward::Flood(list) => {
+                        debug_assert!(list.windows(2).all(|w| w.first() < w.get(1)));
+                        list
+                    }
                     Forward::Drop(reason) => {
                         for &i in &picks {
                             self.stats.dropped(Direction::Tx, Drop::Switch(*reason));

@@ -222,6 +222,46 @@ fn a_burst_decides_each_frame_on_its_own_header_though_repeats_reuse_the_decisio
 }
 
 #[test]
+fn a_burst_with_one_decision_reaches_every_receiver_in_order_or_is_all_refused() {
+    let hub = Arc::new(SwitchHub::new("t"));
+    let mut a = Guest::attach(&hub, "a", 0x0a, 1, "");
+    let mut b = Guest::attach(&hub, "b", 0x0b, 1, "");
+    let mut c = Guest::attach(&hub, "c", 0x0c, 1, "");
+    let rx_b = b.post_rx(0, 8);
+    let rx_c = c.post_rx(0, 8);
+    // Five broadcasts in one burst: one flood decision for all of them.
+    for fill in 1..=5u8 {
+        a.post_tx(0, &frame([0xff; 6], a.mac, fill));
+    }
+    a.kick(0, Event::Queue(1));
+    for (guest, rx) in [(&b, &rx_b), (&c, &rx_c)] {
+        let used = guest.queues[0].0.used();
+        assert_eq!(used.len(), 5);
+        for (k, (head, _)) in used.iter().enumerate() {
+            let at = rx.iter().find(|(h, _)| h == head).unwrap().1;
+            let mut fill = [0u8];
+            guest
+                .mem
+                .read_slice(&mut fill, GuestAddress(at + 12 + 14))
+                .unwrap();
+            assert_eq!(fill[0], k as u8 + 1, "frame {k} out of order");
+        }
+    }
+    assert_eq!(hub.stats.snapshot().tx_frames, 5);
+    // Four spoofed frames in one burst: one drop decision, each refused once, every chain
+    // returned, nothing sent.
+    let sent = a.shared.stats.snapshot().tx_frames;
+    for _ in 0..4 {
+        a.post_tx(0, &frame(b.mac, [0x52, 0x54, 0, 0, 0, 0x0d], 9));
+    }
+    a.kick(0, Event::Queue(1));
+    assert_eq!(a.queues[0].1.used().len(), 9, "every chain returned");
+    assert_eq!(hub.stats.snapshot().tx_drops["spoofed"], 4);
+    assert_eq!(a.shared.stats.snapshot().tx_frames, sent);
+    assert_eq!(b.queues[0].0.used().len(), 5, "no spoofed frame delivered");
+}
+
+#[test]
 fn runs_of_flood_and_unicast_decisions_in_one_burst_each_reach_their_own_ports() {
     let hub = Arc::new(SwitchHub::new("t"));
     let mut a = Guest::attach(&hub, "a", 0x0a, 1, "");
