@@ -288,7 +288,28 @@ pub fn ring_split(data: &[u8]) {
         };
         let mut popped = 0u16;
         for _ in 0..8 {
-            match input.u8() % 4 {
+            let op = input.u8() % 4;
+            if op == 0 {
+                // The one-buffer rx take: what it takes is exactly what the reference pops
+                // (one writable buffer with room); what it leaves, `pop` takes below.
+                let min = u32::from(input.u16());
+                if let Ok(Some((head, addr, len))) = burst.pop_writable(min) {
+                    popped += 1;
+                    assert!(len >= min, "head {head}");
+                    if let Some(Ok(theirs)) =
+                        reference.pop_descriptor_chain(&mem).map(collect_buffers)
+                    {
+                        assert_eq!(theirs.len(), 1, "head {head}");
+                        let b = &theirs[0];
+                        assert!(
+                            b.writable && b.addr.0 == addr && b.len == len,
+                            "head {head}"
+                        );
+                    }
+                    continue;
+                }
+            }
+            match op {
                 0 | 1 => {
                     if let Ok(Some((head, walked))) = burst.pop(&mut ours) {
                         popped += 1;

@@ -188,6 +188,24 @@ impl<'q, 'a, 'm> Burst<'q, 'a, 'm> {
         Ok(Some((head, self.ring.chain(head, out))))
     }
 
+    /// Takes the next chain if it is one direct device-writable buffer of at least `min`
+    /// bytes (a NIC's usual rx chain), without a walk into a [`Buffers`]: its head, guest
+    /// address and length. Anything else (the ring empty, a longer or indirect chain, a
+    /// read-only or shorter buffer) is left where it is, for [`Burst::pop`].
+    pub fn pop_writable(&mut self, min: u32) -> Result<Option<(u16, u64, u32)>, RingError> {
+        if self.next_avail == self.avail_end && self.available()? == 0 {
+            return Ok(None);
+        }
+        let head = self.ring.head(self.next_avail.0);
+        match self.ring.single_writable(head) {
+            Some((addr, len)) if len >= min => {
+                self.next_avail += Wrapping(1);
+                Ok(Some((head, addr, len)))
+            }
+            _ => Ok(None),
+        }
+    }
+
     /// At the start of a burst of up to `count` chains: hints the CPU to fetch their
     /// descriptors and the used-ring lines their entries will go to (one overlapped wait for
     /// the burst's ring lines instead of one miss per descriptor line in turn), and the first

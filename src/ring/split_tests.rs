@@ -547,3 +547,40 @@ fn a_descriptor_reads_the_same_at_every_alignment() {
         assert_eq!(d.next, 0x1f1e, "offset {offset}");
     }
 }
+
+#[test]
+fn pop_writable_takes_only_one_writable_buffer_with_room_and_leaves_the_rest_for_pop() {
+    let mem = memory();
+    let mock = MockSplitQueue::new(&mem, 8);
+    let table = 0x9_0000u64;
+    mem.write_obj(desc(0xa_0000, 64, F_WRITE, 0), GuestAddress(table))
+        .unwrap();
+    let chains = [
+        desc(0xb_0000, 100, F_WRITE, 0),          // 0: taken
+        desc(0xb_1000, 99, F_WRITE, 0),           // 1: too short
+        desc(0xb_2000, 100, 0, 0),                // 2: read-only
+        desc(0xb_3000, 100, F_WRITE | F_NEXT, 7), // 3: a chain of two
+        desc(table, 16, F_INDIRECT, 0),           // 4: indirect
+        desc(0xb_5000, 100, F_WRITE | 0x80, 0),   // 5: an unknown flag
+    ];
+    for (i, d) in chains.iter().enumerate() {
+        mock.desc_table().store(i as u16, *d).unwrap();
+    }
+    mock.desc_table()
+        .store(7, desc(0xb_7000, 100, F_WRITE, 0))
+        .unwrap();
+    publish(&mem, &mock, &[0, 1, 2, 3, 4, 5, 9]);
+    let mut queue: Queue = mock.create_queue().unwrap();
+    let map = MemMap::new(&mem);
+    let mut burst = Burst::new(&mut queue, &map).unwrap();
+    assert_eq!(burst.pop_writable(100), Ok(Some((0, 0xb_0000, 100))));
+    let mut out = Buffers::new();
+    for (position, head) in [(1u16, 1u16), (2, 2), (3, 3), (4, 4), (5, 5), (6, 9)] {
+        assert_eq!(burst.pop_writable(100), Ok(None), "head {head}");
+        assert_eq!(burst.next_avail(), position, "head {head} left in the ring");
+        let (popped, _) = burst.pop(&mut out).unwrap().unwrap();
+        assert_eq!(popped, head);
+    }
+    assert_eq!(burst.pop_writable(1), Ok(None), "the ring is empty");
+    let _ = burst.finish();
+}

@@ -392,6 +392,9 @@ fn deliver_one(
     };
     let frame_len = u64::from(frame.len());
     let need = frame_len.saturating_add(HEADER_LEN as u64);
+    if let Some(delivered) = deliver_single(burst, frame, need) {
+        return delivered;
+    }
     let gathered = batch.gather(burst, memory, need, negotiated.mergeable_rx, |reason| {
         stats.dropped(Direction::Rx, reason)
     });
@@ -414,6 +417,46 @@ fn deliver_one(
     }
     batch.commit(burst, memory, need, Header::WrittenForOneBuffer);
     Ok(())
+}
+
+/// [`deliver_one`] for the usual case, without gathering: a guest frame in one buffer of
+/// its sender, into the next rx chain if that is one writable buffer with room for all of it
+/// (read with one descriptor load, no walk, no spans), copied by [`fill_mapped_at`]. `None`:
+/// not that case, and the chain (if one was taken) is back in the ring for the general way.
+fn deliver_single(
+    burst: &mut Burst<'_, '_, '_>,
+    frame: &FrameRef<'_>,
+    need: u64,
+) -> Option<Result<(), Drop>> {
+    let FrameRef::Guest {
+        map: Some(_),
+        frame: sent,
+        ..
+    } = frame
+    else {
+        return None;
+    };
+    if !matches!(sent.spans.as_slice(), [src] if u64::from(src.len) >= need) {
+        return None;
+    }
+    let min = u32::try_from(need).ok()?;
+    let Ok(Some((head, addr, len))) = burst.pop_writable(min) else {
+        return None;
+    };
+    let header = NetHeader {
+        num_buffers: 1,
+        ..frame.header()
+    };
+    if fill_mapped_at(burst.map(), addr, u64::from(len), &header, frame).is_none() {
+        // Not inside one region of the map: the general way takes it again and says why.
+        burst.unpop(1);
+        return None;
+    }
+    burst.used(head, min);
+    if let Some(log) = burst.log() {
+        log.mark(addr, need);
+    }
+    Some(Ok(()))
 }
 
 /// Writes header and frame into the batch's chains; returns the frame bytes copied.
@@ -458,6 +501,20 @@ fn fill_mapped(
     header: &NetHeader,
     frame: &FrameRef<'_>,
 ) -> Option<u64> {
+    let [dst] = first.spans.as_slice() else {
+        return None;
+    };
+    fill_mapped_at(map, dst.addr.raw_value(), u64::from(dst.len), header, frame)
+}
+
+/// [`fill_mapped`] into the `room` guest bytes at `dst`.
+fn fill_mapped_at(
+    map: &MemMap<'_>,
+    dst: u64,
+    room: u64,
+    header: &NetHeader,
+    frame: &FrameRef<'_>,
+) -> Option<u64> {
     let FrameRef::Guest {
         map: Some(from),
         frame: sent,
@@ -466,15 +523,15 @@ fn fill_mapped(
     else {
         return None;
     };
-    let ([src], [dst]) = (sent.spans.as_slice(), first.spans.as_slice()) else {
+    let [src] = sent.spans.as_slice() else {
         return None;
     };
     let len = u64::from(sent.frame_len);
     let need = len.checked_add(HEADER_LEN as u64)?;
-    if u64::from(src.len) < need || u64::from(dst.len) < need {
+    if u64::from(src.len) < need || room < need {
         return None;
     }
-    let (src, dst) = (src.addr.raw_value(), dst.addr.raw_value());
+    let src = src.addr.raw_value();
     let (src_frame, dst_frame) = (
         src.checked_add(HEADER_LEN as u64)?,
         dst.checked_add(HEADER_LEN as u64)?,

@@ -262,6 +262,33 @@ fn a_burst_with_one_decision_reaches_every_receiver_in_order_or_is_all_refused()
 }
 
 #[test]
+fn an_rx_buffer_the_one_step_copy_cannot_use_goes_the_general_way() {
+    // A receiver's chain outside its memory, then a good one: the one-step copy takes the
+    // first, cannot write it, puts it back; the general way refuses it (back empty, one
+    // drop) and the frame lands in the good one.
+    let hub = Arc::new(SwitchHub::new("t"));
+    let mut a = Guest::attach(&hub, "a", 0x0a, 1, "");
+    let mut b = Guest::attach(&hub, "b", 0x0b, 1, "");
+    let outside = b.queues[0].0.post(&[(0x4000_0000, 2048, true)]);
+    let good = b.post_rx(0, 1)[0];
+    let sent = frame(b.mac, a.mac, 0x77);
+    a.send(0, &sent);
+    let used = b.queues[0].0.used();
+    assert_eq!(
+        used,
+        vec![(outside, 0), (good.0, 12 + sent.len() as u32)],
+        "the bad chain back empty, the frame in the good one"
+    );
+    let mut got = vec![0u8; sent.len()];
+    b.mem
+        .read_slice(&mut got, GuestAddress(good.1 + 12))
+        .unwrap();
+    assert_eq!(got, sent);
+    let drops = b.shared.stats.snapshot().rx_drops;
+    assert_eq!(drops.values().sum::<u64>(), 1, "{drops:?}");
+}
+
+#[test]
 fn runs_of_flood_and_unicast_decisions_in_one_burst_each_reach_their_own_ports() {
     let hub = Arc::new(SwitchHub::new("t"));
     let mut a = Guest::attach(&hub, "a", 0x0a, 1, "");
