@@ -293,7 +293,7 @@ pub fn ring_split(data: &[u8]) {
                 // The one-buffer rx take: what it takes is exactly what the reference pops
                 // (one writable buffer with room); what it leaves, `pop` takes below.
                 let min = u32::from(input.u16());
-                if let Ok(Some((head, addr, len))) = burst.pop_writable(min) {
+                if let Ok(Some((head, addr, len))) = burst.pop_single(true, min) {
                     popped += 1;
                     assert!(len >= min, "head {head}");
                     if let Some(Ok(theirs)) =

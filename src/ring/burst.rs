@@ -188,16 +188,21 @@ impl<'q, 'a, 'm> Burst<'q, 'a, 'm> {
         Ok(Some((head, self.ring.chain(head, out))))
     }
 
-    /// Takes the next chain if it is one direct device-writable buffer of at least `min`
-    /// bytes (a NIC's usual rx chain), without a walk into a [`Buffers`]: its head, guest
-    /// address and length. Anything else (the ring empty, a longer or indirect chain, a
-    /// read-only or shorter buffer) is left where it is, for [`Burst::pop`].
-    pub fn pop_writable(&mut self, min: u32) -> Result<Option<(u16, u64, u32)>, RingError> {
+    /// Takes the next chain if it is one direct buffer, device-writable or (`writable`
+    /// false) device-readable, of at least `min` bytes (a NIC's usual rx or tx chain),
+    /// without a walk into a [`Buffers`]: its head, guest address and length. Anything else
+    /// (the ring empty, a longer or indirect chain, the other direction, a shorter buffer) is
+    /// left where it is, for [`Burst::pop`].
+    pub fn pop_single(
+        &mut self,
+        writable: bool,
+        min: u32,
+    ) -> Result<Option<(u16, u64, u32)>, RingError> {
         if self.next_avail == self.avail_end && self.available()? == 0 {
             return Ok(None);
         }
         let head = self.ring.head(self.next_avail.0);
-        match self.ring.single_writable(head) {
+        match self.ring.single(head, writable) {
             Some((addr, len)) if len >= min => {
                 self.next_avail += Wrapping(1);
                 Ok(Some((head, addr, len)))

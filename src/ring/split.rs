@@ -249,15 +249,17 @@ impl<'a, 'm> SplitRing<'a, 'm> {
         }
     }
 
-    /// The chain at `head` if it is one direct device-writable buffer (flags exactly
-    /// WRITE: no NEXT, no INDIRECT), as `(address, length)`; `None` for anything else, or a
-    /// head outside the ring. A NIC's usual rx chain, read with one descriptor load.
-    pub fn single_writable(&self, head: u16) -> Option<(u64, u32)> {
+    /// The chain at `head` if it is one direct buffer, device-writable or (`writable`
+    /// false) device-readable (flags exactly WRITE or nothing: no NEXT, no INDIRECT), as
+    /// `(address, length)`; `None` for anything else, or a head outside the ring. A NIC's
+    /// usual rx or tx chain, read with one descriptor load.
+    pub fn single(&self, head: u16, writable: bool) -> Option<(u64, u32)> {
         if head >= self.size {
             return None;
         }
         let d = Self::read_desc(self.desc, head);
-        (d.flags == F_WRITE).then_some((d.addr, d.len))
+        let want = if writable { F_WRITE } else { 0 };
+        (d.flags == want).then_some((d.addr, d.len))
     }
 
     /// Walks the chain starting at `head` into `out` (cleared first).

@@ -549,7 +549,7 @@ fn a_descriptor_reads_the_same_at_every_alignment() {
 }
 
 #[test]
-fn pop_writable_takes_only_one_writable_buffer_with_room_and_leaves_the_rest_for_pop() {
+fn pop_single_takes_only_one_writable_buffer_with_room_and_leaves_the_rest_for_pop() {
     let mem = memory();
     let mock = MockSplitQueue::new(&mem, 8);
     let table = 0x9_0000u64;
@@ -573,14 +573,14 @@ fn pop_writable_takes_only_one_writable_buffer_with_room_and_leaves_the_rest_for
     let mut queue: Queue = mock.create_queue().unwrap();
     let map = MemMap::new(&mem);
     let mut burst = Burst::new(&mut queue, &map).unwrap();
-    assert_eq!(burst.pop_writable(100), Ok(Some((0, 0xb_0000, 100))));
+    assert_eq!(burst.pop_single(true, 100), Ok(Some((0, 0xb_0000, 100))));
     let mut out = Buffers::new();
     for (position, head) in [(1u16, 1u16), (2, 2), (3, 3), (4, 4), (5, 5), (6, 9)] {
-        assert_eq!(burst.pop_writable(100), Ok(None), "head {head}");
+        assert_eq!(burst.pop_single(true, 100), Ok(None), "head {head}");
         assert_eq!(burst.next_avail(), position, "head {head} left in the ring");
         let (popped, _) = burst.pop(&mut out).unwrap().unwrap();
         assert_eq!(popped, head);
     }
-    assert_eq!(burst.pop_writable(1), Ok(None), "the ring is empty");
+    assert_eq!(burst.pop_single(true, 1), Ok(None), "the ring is empty");
     let _ = burst.finish();
 }

@@ -440,7 +440,7 @@ fn deliver_single(
         return None;
     }
     let min = u32::try_from(need).ok()?;
-    let Ok(Some((head, addr, len))) = burst.pop_writable(min) else {
+    let Ok(Some((head, addr, len))) = burst.pop_single(true, min) else {
         return None;
     };
     let header = NetHeader {

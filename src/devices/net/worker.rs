@@ -19,7 +19,7 @@ use std::sync::Arc;
 
 use vhost_user_backend::VringT;
 use virtio_queue::QueueT;
-use vm_memory::GuestAddressSpace;
+use vm_memory::{GuestAddress, GuestAddressSpace};
 
 use super::fabric::{Port, SwitchHub, MAX_BURST};
 use super::frame::{tx_frame_into, FrameRef, Frames, TxFrame};
@@ -31,7 +31,7 @@ use super::slots::Slots;
 use super::spec::{Negotiated, MAX_CHAIN_DESCRIPTORS};
 use super::stats::{Direction, Drop, Tally};
 use super::tap_queue::TapQueue;
-use crate::devices::desc::Buffers;
+use crate::devices::desc::{Buffer, Buffers};
 use crate::devices::sg::host_iovecs;
 use crate::qos::gate::{admit_batch, Gate};
 use crate::qos::limiter::{Cost, CostKind};
@@ -682,21 +682,34 @@ impl PairWorker {
         burst.prefetch_start(TX_BURST as u16, false);
         while taken < TX_BURST {
             burst.prefetch(PREFETCH_AHEAD, false);
-            let (head, walked) = match burst.pop(&mut self.descs) {
-                Ok(Some(popped)) => popped,
-                Ok(None) => break,
-                Err(e) => {
-                    stats.ring_error();
-                    log::debug!("{} pair {}: tx ring: {e}", self.shared.config.id, self.pair);
-                    break;
+            let slot = self.tx_frames.next_free();
+            // The usual chain first, one readable buffer: one descriptor load, no walk.
+            let (head, checked) = match burst.pop_single(false, 0) {
+                Ok(Some((head, addr, len))) => {
+                    let one = [Buffer {
+                        addr: GuestAddress(addr),
+                        len,
+                        writable: false,
+                    }];
+                    (head, tx_frame_into(memory, map, &one, mtu, &mut slot.frame))
                 }
+                _ => match burst.pop(&mut self.descs) {
+                    Ok(Some((head, walked))) => (
+                        head,
+                        walked.map_err(|_| Drop::BrokenChain).and_then(|()| {
+                            tx_frame_into(memory, map, &self.descs, mtu, &mut slot.frame)
+                        }),
+                    ),
+                    Ok(None) => break,
+                    Err(e) => {
+                        stats.ring_error();
+                        log::debug!("{} pair {}: tx ring: {e}", self.shared.config.id, self.pair);
+                        break;
+                    }
+                },
             };
             // TX_BURST fits a u16.
             let position = u16::try_from(taken).unwrap_or(u16::MAX);
-            let slot = self.tx_frames.next_free();
-            let checked = walked
-                .map_err(|_| Drop::BrokenChain)
-                .and_then(|()| tx_frame_into(memory, map, &self.descs, mtu, &mut slot.frame));
             match checked {
                 Err(reason) => self.tx_bad.push((position, head, reason)),
                 Ok(()) => {

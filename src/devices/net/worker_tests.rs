@@ -289,6 +289,41 @@ fn an_rx_buffer_the_one_step_copy_cannot_use_goes_the_general_way() {
 }
 
 #[test]
+fn tx_chains_of_one_buffer_and_of_several_are_sent_alike_in_one_burst() {
+    // One readable buffer takes the one-load path; a header and frame in two buffers, a
+    // writable buffer (refused: bad layout) and one buffer again go the general way or back
+    // to it, in ring order.
+    let hub = Arc::new(SwitchHub::new("t"));
+    let mut a = Guest::attach(&hub, "a", 0x0a, 1, "");
+    let mut b = Guest::attach(&hub, "b", 0x0b, 1, "");
+    let rx = b.post_rx(0, 4);
+    let frames: Vec<Vec<u8>> = (1..=3u8).map(|fill| frame(b.mac, a.mac, fill)).collect();
+    a.post_tx(0, &frames[0]);
+    let header = a.alloc(12);
+    let body = a.alloc(frames[1].len() as u64);
+    a.mem.write_slice(&[0u8; 12], GuestAddress(header)).unwrap();
+    a.mem.write_slice(&frames[1], GuestAddress(body)).unwrap();
+    a.queues[0]
+        .1
+        .post(&[(header, 12, false), (body, frames[1].len() as u32, false)]);
+    let bad = a.alloc(128);
+    a.queues[0].1.post(&[(bad, 128, true)]);
+    a.post_tx(0, &frames[2]);
+    a.kick(0, Event::Queue(1));
+    assert_eq!(a.queues[0].1.used().len(), 4, "every chain returned");
+    let used = b.queues[0].0.used();
+    assert_eq!(used.len(), 3);
+    for (k, (head, len)) in used.iter().enumerate() {
+        assert_eq!(*len, 12 + frames[k].len() as u32);
+        let at = rx.iter().find(|(h, _)| h == head).unwrap().1;
+        let mut got = vec![0u8; frames[k].len()];
+        b.mem.read_slice(&mut got, GuestAddress(at + 12)).unwrap();
+        assert_eq!(got, frames[k], "frame {k}");
+    }
+    assert_eq!(a.shared.stats.snapshot().tx_drops["bad-layout"], 1);
+}
+
+#[test]
 fn runs_of_flood_and_unicast_decisions_in_one_burst_each_reach_their_own_ports() {
     let hub = Arc::new(SwitchHub::new("t"));
     let mut a = Guest::attach(&hub, "a", 0x0a, 1, "");
