@@ -296,9 +296,12 @@ pub fn ring_split(data: &[u8]) {
                 if let Ok(Some((head, addr, len))) = burst.pop_single(true, min) {
                     popped += 1;
                     assert!(len >= min, "head {head}");
-                    if let Some(Ok(theirs)) =
-                        reference.pop_descriptor_chain(&mem).map(collect_buffers)
-                    {
+                    let theirs = reference.pop_descriptor_chain(&mem);
+                    assert!(
+                        theirs.is_some(),
+                        "head {head}: taken here, not by the reference"
+                    );
+                    if let Some(Ok(theirs)) = theirs.map(collect_buffers) {
                         assert_eq!(theirs.len(), 1, "head {head}");
                         let b = &theirs[0];
                         assert!(

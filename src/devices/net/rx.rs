@@ -443,6 +443,13 @@ fn deliver_single(
     let Ok(Some((head, addr, len))) = burst.pop_single(true, min) else {
         return None;
     };
+    // The whole buffer must be guest memory, as the general way checks it, not just the
+    // bytes this frame fills: a buffer running past the guest's memory is refused the same
+    // whatever the frame.
+    if burst.map().host(addr, u64::from(len)).is_none() {
+        burst.unpop(1);
+        return None;
+    }
     let header = NetHeader {
         num_buffers: 1,
         ..frame.header()
@@ -536,6 +543,10 @@ fn fill_mapped_at(
         src.checked_add(HEADER_LEN as u64)?,
         dst.checked_add(HEADER_LEN as u64)?,
     );
+    // Both ranges whole in one region each before anything is written: a refusal leaves the
+    // receiver's memory as it was (nothing written that the dirty log would not know of).
+    from.host(src_frame, len)?;
+    map.host(dst, need)?;
     if !map.write(dst, &header.to_bytes()) || !copy(from, src_frame, map, dst_frame, len) {
         return None;
     }

@@ -263,21 +263,24 @@ fn a_burst_with_one_decision_reaches_every_receiver_in_order_or_is_all_refused()
 
 #[test]
 fn an_rx_buffer_the_one_step_copy_cannot_use_goes_the_general_way() {
-    // A receiver's chain outside its memory, then a good one: the one-step copy takes the
-    // first, cannot write it, puts it back; the general way refuses it (back empty, one
-    // drop) and the frame lands in the good one.
+    // A receiver's chains outside its memory, then a good one: the one-step copy takes each
+    // bad one, finds it not all guest memory, puts it back; the general way refuses it (back
+    // empty, a drop) and the frame lands in the good one.
     let hub = Arc::new(SwitchHub::new("t"));
     let mut a = Guest::attach(&hub, "a", 0x0a, 1, "");
     let mut b = Guest::attach(&hub, "b", 0x0b, 1, "");
     let outside = b.queues[0].0.post(&[(0x4000_0000, 2048, true)]);
+    // Starts inside the guest's 4 MiB, runs 1 MiB past their end: refused as a whole,
+    // though the frame's bytes would fit in the part that exists.
+    let past_end = b.queues[0].0.post(&[(0x3f_f000, 0x10_0000, true)]);
     let good = b.post_rx(0, 1)[0];
     let sent = frame(b.mac, a.mac, 0x77);
     a.send(0, &sent);
     let used = b.queues[0].0.used();
     assert_eq!(
         used,
-        vec![(outside, 0), (good.0, 12 + sent.len() as u32)],
-        "the bad chain back empty, the frame in the good one"
+        vec![(outside, 0), (past_end, 0), (good.0, 12 + sent.len() as u32)],
+        "the bad chains back empty, the frame in the good one"
     );
     let mut got = vec![0u8; sent.len()];
     b.mem
@@ -285,7 +288,7 @@ fn an_rx_buffer_the_one_step_copy_cannot_use_goes_the_general_way() {
         .unwrap();
     assert_eq!(got, sent);
     let drops = b.shared.stats.snapshot().rx_drops;
-    assert_eq!(drops.values().sum::<u64>(), 1, "{drops:?}");
+    assert_eq!(drops.values().sum::<u64>(), 2, "{drops:?}");
 }
 
 #[test]
