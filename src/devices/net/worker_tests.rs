@@ -279,7 +279,11 @@ fn an_rx_buffer_the_one_step_copy_cannot_use_goes_the_general_way() {
     let used = b.queues[0].0.used();
     assert_eq!(
         used,
-        vec![(outside, 0), (past_end, 0), (good.0, 12 + sent.len() as u32)],
+        vec![
+            (outside, 0),
+            (past_end, 0),
+            (good.0, 12 + sent.len() as u32)
+        ],
         "the bad chains back empty, the frame in the good one"
     );
     let mut got = vec![0u8; sent.len()];
