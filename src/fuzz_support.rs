@@ -239,7 +239,14 @@ pub fn net_frame(data: &[u8]) {
 pub fn ring_split(data: &[u8]) {
     use crate::devices::desc::{collect_buffers, Buffers};
     use crate::ring::{burst::Burst, map::MemMap};
-    let mut input = Input(data);
+    // The last quarter of the input drives the run (relocation, EVENT_IDX, walk limit, each
+    // step's operation and operands); the rest builds the ring and the memory behind it
+    // (`fuzz_queue` takes all of what it is given). One stream for both left the run's bytes
+    // to the memory image: every selector read 0, and the run only ever popped.
+    let cut = data.len().saturating_sub(data.len() / 4);
+    let (ring_bytes, step_bytes) = data.split_at(cut);
+    let mut input = Input(ring_bytes);
+    let mut steps = Input(step_bytes);
     // Two regions, so rings and tables can straddle a boundary.
     let Ok(mem) = GuestMemoryMmap::<()>::from_ranges(&[
         (GuestAddress(0), MEMORY_SIZE),
@@ -252,14 +259,14 @@ pub fn ring_split(data: &[u8]) {
     let Some(mut queue) = fuzz_queue(&mut input, &mem, queue_size, entries) else {
         return;
     };
-    if input.u8() & 1 == 1 {
+    if steps.u8() & 1 == 1 {
         // Somewhere else entirely (the input decides; virtio-queue drops misaligned ones).
-        let at = u64::from(input.u32()) % (2 * MEMORY_SIZE as u64 + 0x100);
+        let at = u64::from(steps.u32()) % (2 * MEMORY_SIZE as u64 + 0x100);
         queue.set_desc_table_address(Some(at as u32), Some(0));
     }
-    queue.set_event_idx(input.u8() & 1 == 1);
+    queue.set_event_idx(steps.u8() & 1 == 1);
     // Half the inputs walk with a limit (a NIC's queues do): 1..=128 buffers per chain.
-    let walk_limit = match input.u8() {
+    let walk_limit = match steps.u8() {
         b if b & 1 == 1 => Some(u32::from(b >> 1) + 1),
         _ => None,
     };
@@ -288,11 +295,11 @@ pub fn ring_split(data: &[u8]) {
         };
         let mut popped = 0u16;
         for _ in 0..8 {
-            let op = input.u8() % 4;
+            let op = steps.u8() % 4;
             if op == 0 {
                 // The one-buffer rx take: what it takes is exactly what the reference pops
                 // (one writable buffer with room); what it leaves, `pop` takes below.
-                let min = u32::from(input.u16());
+                let min = u32::from(steps.u16());
                 if let Ok(Some((head, addr, len))) = burst.pop_single(true, min) {
                     popped += 1;
                     assert!(len >= min, "head {head}");
@@ -329,12 +336,15 @@ pub fn ring_split(data: &[u8]) {
                     }
                 }
                 2 => {
-                    let head = input.u16();
-                    burst.used(head, input.u32());
-                    added = added.wrapping_add(1);
+                    let head = steps.u16();
+                    burst.used(head, steps.u32());
+                    // A head outside the ring is not returned (no such descriptor).
+                    if head < burst.size() {
+                        added = added.wrapping_add(1);
+                    }
                 }
                 _ => {
-                    let n = u16::from(input.u8()) % (popped + 1);
+                    let n = u16::from(steps.u8()) % (popped + 1);
                     burst.unpop(n);
                     popped -= n;
                     for _ in 0..n {
