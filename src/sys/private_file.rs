@@ -59,10 +59,7 @@ pub fn copy_into_new(from: &Path, to: &Path) -> std::io::Result<bool> {
         .open(to)?;
     let copied = std::io::copy(&mut source, &mut copy)
         .and_then(|_| copy.sync_all())
-        .and_then(|()| {
-            let dir = to.parent().filter(|d| !d.as_os_str().is_empty());
-            File::open(dir.unwrap_or(Path::new(".")))?.sync_all()
-        });
+        .and_then(|()| super::replace::sync_parent(to));
     if let Err(e) = copied {
         let _ = std::fs::remove_file(to);
         return Err(e);

@@ -63,13 +63,17 @@ pub fn replace_file(path: &Path, bytes: &[u8]) -> Result<(), ReplaceError> {
     file.sync_all().map_err(failed("cannot fsync", &temp))?;
     drop(file);
     std::fs::rename(&temp, path).map_err(failed("cannot rename over", path))?;
+    sync_parent(path).map_err(failed("cannot fsync the directory of", path))
+}
+
+/// Syncs the directory holding `path`, making a file created, renamed or removed there
+/// durable as a name (its contents need their own `sync_all`).
+pub fn sync_parent(path: &Path) -> std::io::Result<()> {
     let dir = match path.parent() {
         Some(dir) if !dir.as_os_str().is_empty() => dir,
         _ => Path::new("."),
     };
-    File::open(dir)
-        .and_then(|dir| dir.sync_all())
-        .map_err(failed("cannot fsync directory", dir))
+    File::open(dir)?.sync_all()
 }
 
 #[cfg(test)]

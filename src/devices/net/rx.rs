@@ -25,7 +25,7 @@ use vhost_user_backend::VringT;
 use virtio_queue::QueueT;
 use vm_memory::{Address, GuestAddressSpace};
 
-use super::frame::{rx_buffer_into, FrameRef, Frames, RxBuffer};
+use super::frame::{rx_buffer_into, FrameRef, Frames, RxBuffer, TxFrame};
 use super::header::{complete_checksum, NetHeader, F_NEEDS_CSUM, HEADER_LEN};
 use super::slots::Slots;
 use super::spec::{Negotiated, MAX_CHAIN_DESCRIPTORS, MAX_FRAME_CHAINS};
@@ -392,8 +392,8 @@ fn deliver_one(
     };
     let frame_len = u64::from(frame.len());
     let need = frame_len.saturating_add(HEADER_LEN as u64);
-    if let Some(delivered) = deliver_single(burst, frame, need) {
-        return delivered;
+    if deliver_single(burst, frame, need) {
+        return Ok(());
     }
     let gathered = batch.gather(burst, memory, need, negotiated.mergeable_rx, |reason| {
         stats.dropped(Direction::Rx, reason)
@@ -420,50 +420,58 @@ fn deliver_one(
 }
 
 /// [`deliver_one`] for the usual case, without gathering: a guest frame in one buffer of
-/// its sender, into the next rx chain if that is one writable buffer with room for all of it
-/// (read with one descriptor load, no walk, no spans), copied by [`fill_mapped_at`]. `None`:
-/// not that case, and the chain (if one was taken) is back in the ring for the general way.
-fn deliver_single(
-    burst: &mut Burst<'_, '_, '_>,
-    frame: &FrameRef<'_>,
-    need: u64,
-) -> Option<Result<(), Drop>> {
-    let FrameRef::Guest {
-        map: Some(_),
-        frame: sent,
-        ..
-    } = frame
-    else {
-        return None;
-    };
-    if !matches!(sent.spans.as_slice(), [src] if u64::from(src.len) >= need) {
-        return None;
+/// its sender, into the next rx chain if that is one writable buffer, all guest memory, with
+/// room for all of it (read with one descriptor load, no walk, no spans), copied by
+/// [`fill_mapped_at`]. False: not that case, and the chain (if one was taken) is back in the
+/// ring for the general way, which takes it again and says why.
+fn deliver_single(burst: &mut Burst<'_, '_, '_>, frame: &FrameRef<'_>, need: u64) -> bool {
+    // Nothing taken for a frame `fill_mapped_at` would refuse whatever the buffer.
+    if one_buffer_source(frame, need).is_none() {
+        return false;
     }
-    let min = u32::try_from(need).ok()?;
+    let Ok(min) = u32::try_from(need) else {
+        return false;
+    };
     let Ok(Some((head, addr, len))) = burst.pop_single(true, min) else {
-        return None;
+        return false;
     };
-    // The whole buffer must be guest memory, as the general way checks it, not just the
-    // bytes this frame fills: a buffer running past the guest's memory is refused the same
-    // whatever the frame.
-    if burst.map().host(addr, u64::from(len)).is_none() {
-        burst.unpop(1);
-        return None;
-    }
     let header = NetHeader {
         num_buffers: 1,
         ..frame.header()
     };
-    if fill_mapped_at(burst.map(), addr, u64::from(len), &header, frame).is_none() {
-        // Not inside one region of the map: the general way takes it again and says why.
+    // The whole buffer must be guest memory, as the general way checks it, not just the
+    // bytes this frame fills.
+    let written = burst.map().host(addr, u64::from(len)).is_some()
+        && fill_mapped_at(burst.map(), addr, u64::from(len), &header, frame).is_some();
+    if !written {
         burst.unpop(1);
-        return None;
+        return false;
     }
     burst.used(head, min);
     if let Some(log) = burst.log() {
         log.mark(addr, need);
     }
-    Some(Ok(()))
+    true
+}
+
+/// A guest frame whose sender put header and frame (`need` bytes) in one buffer mapped by
+/// its burst: the sender's map, the checked frame and that buffer's guest address.
+fn one_buffer_source<'a>(
+    frame: &FrameRef<'a>,
+    need: u64,
+) -> Option<(&'a MemMap<'a>, &'a TxFrame, u64)> {
+    let FrameRef::Guest {
+        map: Some(from),
+        frame: sent,
+        ..
+    } = *frame
+    else {
+        return None;
+    };
+    match sent.spans.as_slice() {
+        [src] if u64::from(src.len) >= need => Some((from, sent, src.addr.raw_value())),
+        _ => None,
+    }
 }
 
 /// Writes header and frame into the batch's chains; returns the frame bytes copied.
@@ -522,23 +530,12 @@ fn fill_mapped_at(
     header: &NetHeader,
     frame: &FrameRef<'_>,
 ) -> Option<u64> {
-    let FrameRef::Guest {
-        map: Some(from),
-        frame: sent,
-        ..
-    } = frame
-    else {
-        return None;
-    };
-    let [src] = sent.spans.as_slice() else {
-        return None;
-    };
-    let len = u64::from(sent.frame_len);
+    let len = u64::from(frame.len());
     let need = len.checked_add(HEADER_LEN as u64)?;
-    if u64::from(src.len) < need || room < need {
+    let (from, sent, src) = one_buffer_source(frame, need)?;
+    if room < need {
         return None;
     }
-    let src = src.addr.raw_value();
     let (src_frame, dst_frame) = (
         src.checked_add(HEADER_LEN as u64)?,
         dst.checked_add(HEADER_LEN as u64)?,
