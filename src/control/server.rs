@@ -247,10 +247,9 @@ struct Connection {
     /// Close once the output is flushed.
     closing: bool,
     /// Set for peers we will not serve: their first request gets this error, then we close.
-    refused: Option<RpcError>,
-    /// When it was accepted (a refused peer is closed [`REFUSED_TIMEOUT`] after, whatever
-    /// it sends meanwhile).
-    accepted: Instant,
+    /// With it, when the connection is closed whatever the peer sends meanwhile
+    /// ([`REFUSED_TIMEOUT`] after it was accepted).
+    refused: Option<(RpcError, Instant)>,
     /// A request answered later (its id and where the answer comes from): the connection's
     /// next requests wait for it, so answers keep their order.
     waiting: Option<(serde_json::Value, methods::Pending)>,
@@ -372,8 +371,13 @@ impl Server {
                     output: Vec::new(),
                     last_active: Instant::now(),
                     closing: false,
-                    refused: refusal,
-                    accepted: Instant::now(),
+                    refused: refusal.map(|error| {
+                        (error, {
+                            let now = Instant::now();
+                            now.checked_add(self.idle_timeout.min(REFUSED_TIMEOUT))
+                                .unwrap_or(now)
+                        })
+                    }),
                     waiting: None,
                     fds_out: Vec::new(),
                     trusted,
@@ -417,7 +421,7 @@ impl Server {
                     continue;
                 }
                 let response = match &conn.refused {
-                    Some(error) => {
+                    Some((error, _)) => {
                         conn.closing = true;
                         Response::err(serde_json::Value::Null, error.clone())
                     }
@@ -484,7 +488,7 @@ impl Server {
             .connections
             .iter()
             .filter(|(_, c)| match c.refused {
-                Some(_) => c.accepted.elapsed() > self.idle_timeout.min(REFUSED_TIMEOUT),
+                Some((_, deadline)) => Instant::now() > deadline,
                 None => c.waiting.is_none() && c.last_active.elapsed() > self.idle_timeout,
             })
             .map(|(t, _)| *t)

@@ -1,5 +1,5 @@
 //! How much guest memory a front-end may have the daemon map: at most `mem-max` per
-//! connection (a device option, 1 TiB by default) and [`DAEMON_LIMIT`] for all connections
+//! connection (a device option, 1 TiB by default) and [`MEMORY_BUDGET`](crate::devices::options::MEMORY_BUDGET) for all connections
 //! together.
 //!
 //! Why: a region of a sparse memfd costs its front-end nothing, but each one the daemon maps
@@ -35,10 +35,6 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 
 use super::checks::{table_count, table_region};
 use crate::vring::GuestMemory;
-
-pub use crate::devices::options::{
-    DEFAULT_MEMORY_MAX as DEFAULT_CONNECTION_LIMIT, MEMORY_BUDGET as DAEMON_LIMIT,
-};
 
 /// Why a memory table was refused.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -90,7 +86,7 @@ impl Pool {
 
     /// The daemon's pool.
     pub fn daemon() -> &'static Pool {
-        static POOL: Pool = Pool::new(DAEMON_LIMIT);
+        static POOL: Pool = Pool::new(crate::devices::options::MEMORY_BUDGET);
         &POOL
     }
 
