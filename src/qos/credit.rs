@@ -32,15 +32,11 @@ pub const CREDIT_OPS: u64 = 32;
 /// Bytes of a kind one credit holds (32 requests of 64 KiB).
 pub const CREDIT_BYTES: u64 = 2 << 20;
 
-/// What is left of one kind's credit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Left {
-    /// None taken yet in this pass.
-    Untaken,
-    /// Taken; this much left.
-    Holds { ops: u64, bytes: u64 },
-    /// The limits could not spare one: the rest of the pass is charged in chunks.
-    Refused,
+/// What is left of one kind's credit (nothing before one is taken).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+struct Left {
+    ops: u64,
+    bytes: u64,
 }
 
 /// The tokens a pass took ahead, per kind: spent by the requests it starts, the rest given
@@ -57,15 +53,17 @@ impl Credit {
     /// A pass's credit, nothing taken yet; `now_ns` is the pass's clock.
     pub fn new(now_ns: u64) -> Self {
         Self {
-            reads: Left::Untaken,
-            writes: Left::Untaken,
+            reads: Left::default(),
+            writes: Left::default(),
             now_ns,
         }
     }
 
     /// Pays `cost` (one operation) from the credit, taking one (again) from `qos` when
-    /// there is none or too little left. False: the request must be charged the usual way,
-    /// and so must everything behind it in the pass.
+    /// there is none or too little left. False (the limits cannot spare a whole credit, or
+    /// the request is larger than one): the request must be charged the usual way, and so
+    /// must everything behind it in the pass; the caller ends the credit first
+    /// ([`Credit::give_back`]), or the tokens it holds could refuse that charge.
     pub fn spend(&mut self, qos: &QosHandle, cost: Cost) -> bool {
         let now_ns = self.now_ns;
         let left = match cost.kind {
@@ -77,28 +75,30 @@ impl Credit {
             *left = after;
             return true;
         }
-        // Spent, or none yet: what is left goes back and a whole credit is asked for, unless
-        // the limits refused one this pass or the request is larger than a whole credit.
-        let renew = *left != Left::Refused && cost.bytes <= CREDIT_BYTES;
-        give_back_one(qos, cost.kind, *left);
-        *left = if renew
-            && qos
-                .try_start_many_at(whole(cost.kind), CREDIT_OPS, now_ns)
-                .is_ok()
+        if cost.bytes > CREDIT_BYTES {
+            return false;
+        }
+        // Spent, or none yet: what is left goes back and a whole credit is asked for.
+        give_back_one(qos, cost.kind, std::mem::take(left));
+        if qos
+            .try_start_many_at(whole(cost.kind), CREDIT_OPS, now_ns)
+            .is_err()
         {
-            Left::Holds {
-                ops: CREDIT_OPS,
-                bytes: CREDIT_BYTES,
-            }
-        } else {
-            Left::Refused
+            return false;
+        }
+        let whole = Left {
+            ops: CREDIT_OPS,
+            bytes: CREDIT_BYTES,
         };
-        match pay(*left, cost) {
+        match pay(whole, cost) {
             Some(after) => {
                 *left = after;
                 true
             }
-            None => false,
+            None => {
+                *left = whole;
+                false
+            }
         }
     }
 
@@ -111,20 +111,21 @@ impl Credit {
 
 /// `left` after paying `cost`, if it holds enough.
 fn pay(left: Left, cost: Cost) -> Option<Left> {
-    let Left::Holds { ops, bytes } = left else {
-        return None;
-    };
-    Some(Left::Holds {
-        ops: ops.checked_sub(1)?,
-        bytes: bytes.checked_sub(cost.bytes)?,
+    Some(Left {
+        ops: left.ops.checked_sub(1)?,
+        bytes: left.bytes.checked_sub(cost.bytes)?,
     })
 }
 
 fn give_back_one(qos: &QosHandle, kind: CostKind, left: Left) {
-    if let Left::Holds { ops, bytes } = left {
-        if ops > 0 || bytes > 0 {
-            qos.refund_many(Cost { kind, bytes }, ops);
-        }
+    if left.ops > 0 || left.bytes > 0 {
+        qos.refund_many(
+            Cost {
+                kind,
+                bytes: left.bytes,
+            },
+            left.ops,
+        );
     }
 }
 
@@ -220,8 +221,7 @@ mod tests {
             !credit.spend(&qos, read(CREDIT_BYTES + 1)),
             "more bytes than a credit"
         );
-        // Refused for the rest of the pass.
-        assert!(!credit.spend(&qos, read(0)));
+        // A refusal ends the credit (the caller's part): everything unspent comes back.
         credit.give_back(&qos);
         assert_tokens(
             &qos,
@@ -237,10 +237,6 @@ mod tests {
         let qos = limited("iops=200");
         let mut credit = Credit::new(now_ns());
         assert!(!credit.spend(&qos, read(0)));
-        assert!(
-            !credit.spend(&qos, read(0)),
-            "refused for the rest of the pass"
-        );
         credit.give_back(&qos);
         assert_tokens(&qos, "iops", 20, 1);
         // Writes have a credit of their own: a read-only pass never takes one.

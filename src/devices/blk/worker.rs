@@ -404,12 +404,7 @@ impl QueueWorker {
                     }
                     self.execute(head, request, &memory);
                 } else {
-                    // The rest of the pass is charged in chunks: what the credit holds goes
-                    // back first, or the chunk's charge could be refused for tokens the pass
-                    // itself holds unused.
-                    if let Some(credit) = credit.take() {
-                        credit.give_back(&self.shared.qos);
-                    }
+                    // Charged with its chunk (the credit has ended: `spend_credit`).
                     self.pass.push((head, request));
                 }
             }

@@ -62,14 +62,21 @@ impl QueueWorker {
     }
 
     /// Pays `cost` from `credit`. False: the request waits for its chunk's charge, and so
-    /// does the rest of the pass.
+    /// does the rest of the pass; the credit has ended (what it held is back in the buckets,
+    /// where the chunk's charge may need it).
     pub(super) fn spend_credit(&self, credit: &mut Option<Credit>, cost: Option<Cost>) -> bool {
-        match (credit, cost) {
+        let paid = match (credit.as_mut(), cost) {
             (Some(credit), Some(cost)) => credit.spend(&self.shared.qos, cost),
             // Costs nothing (a request refused and answered at once).
             (Some(_), None) => true,
             (None, _) => false,
+        };
+        if !paid {
+            if let Some(credit) = credit.take() {
+                credit.give_back(&self.shared.qos);
+            }
         }
+        paid
     }
 
     /// Admits the requests the pass parsed: with QoS, in one charge per kind (reads, writes)

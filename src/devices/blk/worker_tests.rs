@@ -386,3 +386,27 @@ fn limits_that_do_not_bind_charge_exactly_what_the_pass_started() {
         "bps tokens {bytes}, expected {expected}"
     );
 }
+
+#[test]
+fn a_refused_credit_gives_its_tokens_back_before_the_chunk_is_charged() {
+    // An iops bucket of 40 (100 ms of 400/s): the first read takes a read credit of 32 and
+    // uses one; the writes behind it cannot get a write credit (8 left), so they are charged
+    // as a chunk, in the middle of the pass once it holds ADMIT_CHUNK (32) of them, which
+    // fits only if the read credit's 31 unused tokens went back first. Were they kept, 24
+    // writes would be held for the refill timer (and this test's wait for their completions
+    // would time out).
+    let mut rig = Rig::with_queue("iops=400", 128);
+    let mut statuses = vec![rig.post(T_IN, 0, Some((512, true))).1];
+    for i in 0..super::ADMIT_CHUNK as u64 {
+        statuses.push(rig.post(T_OUT, i, Some((512, false))).1);
+    }
+    rig.kick_and_complete(&statuses);
+    assert!(statuses.iter().all(|&s| rig.status(s) == 0));
+    assert_eq!(rig.worker.paid_from_credit, 1, "the read from the credit");
+    assert_eq!(rig.shared.stats()[0].throttled, 0, "nothing held");
+    let ops = tokens(&rig, "iops");
+    assert!(
+        (7..=9).contains(&ops),
+        "iops tokens {ops}: 40 less the 33 requests"
+    );
+}
