@@ -59,6 +59,13 @@ start() { # cpus, then novacrond arguments
 }
 median() { sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 ratio() { awk -v n="$1" -v d="$2" 'BEGIN { if (d > 0) printf "%.3f", n / d; else print "-" }'; }
+# paired_row NAME ON_B ON_A NOTE: a paired cost row: B/A with the limit on B, B/A with it on A,
+# and their geometric mean sqrt(on_b / on_a) (the cost, the devices' own difference cancelled).
+paired_row() {
+    local cost
+    cost=$(awk -v b="$2" -v a="$3" 'BEGIN { if (a > 0 && b > 0) printf "%.3f", sqrt(b / a); else print "-" }')
+    printf "%-34s %14s %14s %8s  (%s)\n" "$1" "$2" "$3" "$cost" "$4"
+}
 field() { python3 -c "import json, sys; print(json.load(sys.stdin)[sys.argv[1]])" "$1"; }
 total() { python3 -c "import json, sys; print(json.load(sys.stdin)['total'][sys.argv[1]])" "$1"; }
 stats() { ./target/release/novactl --control "$work/c.sock" --json device stats "$1"; }
@@ -111,12 +118,12 @@ alternate() { # client A-options B-options -> median B/A
         --rw randread --bs 4096 --qd 32 --poll "$poll" --seconds $((rounds * secs)) | field ratio_median
     stop
 }
+printf "%-34s %14s %14s %8s\n" "paired row" "B/A limit on B" "on A" "cost"
 limit=",iops=100000000,bps=1000000000000"
 for client in poll irq; do
     on_b=$(alternate "$client" "" "$limit")
     on_a=$(alternate "$client" "$limit" "")
-    printf "%-34s %14s %14s %8s  (no limit -> iops=100M,bps=1T; B/A with the limit on B, on A)\n" \
-        "blk-qos-$client" "$on_b" "$on_a" "$(awk -v b="$on_b" -v a="$on_a" 'BEGIN { if (a > 0 && b > 0) printf "%.3f", sqrt(b / a); else print "-" }')"
+    paired_row "blk-qos-$client" "$on_b" "$on_a" "no limit -> iops=100M,bps=1T"
 done
 
 # --- net: 2 queue pairs vs 1 ----------------------------------------------------------------
@@ -162,9 +169,9 @@ net_qos_pair() { # A-options B-options -> frames/s of B over A
     stop
     ratio $((b1 - b0)) $((a1 - a0))
 }
+printf "%-34s %14s %14s %8s\n" "paired row" "B/A limit on B" "on A" "cost"
 limit=",tx-pps=100000000,tx-bps=1000000000000"
 on_b=$(net_qos_pair "" "$limit")
 on_a=$(net_qos_pair "$limit" "")
 same=$(net_qos_pair "" "")
-printf "%-34s %14s %14s %8s  (no limit -> tx-pps=100M,tx-bps=1T; B/A with the limit on B, on A; no limit on either: %s)\n" \
-    "net-qos" "$on_b" "$on_a" "$(awk -v b="$on_b" -v a="$on_a" 'BEGIN { if (a > 0 && b > 0) printf "%.3f", sqrt(b / a); else print "-" }')" "$same"
+paired_row net-qos "$on_b" "$on_a" "no limit -> tx-pps=100M,tx-bps=1T; no limit on either: $same"
