@@ -130,8 +130,10 @@ pub struct PairWorker {
     repoll: EventFd,
     /// The busy-poll group polls the tx ring (`shell::group`): no spinning of our own.
     in_group: bool,
-    /// When the group last looked at the tx ring (fruitless looks count against the budget).
-    last_look: Instant,
+    /// When the group last looked at the tx ring and found nothing (fruitless looks count
+    /// against the budget); `None` after a look that worked: its own work is no fruitless
+    /// polling, and the clock is read only by idle looks (a worked pass reads none).
+    last_look: Option<Instant>,
     /// QoS: the directions waiting for tokens (tx: a frame was put back in the ring; rx:
     /// frames wait in the tap) and the timer that wakes the worker for them.
     gate: Gate<Direction>,
@@ -167,7 +169,7 @@ impl PairWorker {
             poller,
             repoll,
             in_group: false,
-            last_look: Instant::now(),
+            last_look: None,
         })
     }
 
@@ -525,7 +527,7 @@ impl PairWorker {
     /// The busy-poll group polls the tx ring from now on.
     pub fn joined_group(&mut self) {
         self.in_group = true;
-        self.last_look = Instant::now();
+        self.last_look = None;
     }
 
     /// The front-end stops queue `position` (GET_VRING_BASE): the group touches the tx ring
@@ -552,11 +554,9 @@ impl PairWorker {
             self.in_group = false;
             return Pass::Leave;
         }
-        let now = Instant::now();
-        let since = now.saturating_duration_since(self.last_look);
         let worked = if has_available(tx, &self.memory.memory()) {
             match self.tx_pass(tx) {
-                Ok(TxPass::Sent(sent)) => sent > 0,
+                Ok(TxPass::Sent(sent)) => sent,
                 // QoS holds the ring (its timer resumes it on the worker's own thread), or it
                 // stopped meanwhile (not ours to touch) or was refused (kicks already on).
                 Ok(TxPass::Held | TxPass::Stopped) => {
@@ -569,15 +569,23 @@ impl PairWorker {
                 }
             }
         } else {
-            false
+            0
         };
-        if worked {
-            // Looks after this one count from its end: a pass's own work is no fruitless
-            // polling. (An idle look reads the clock once.)
-            self.last_look = Instant::now();
+        if worked > 0 {
+            self.last_look = None;
+            // A part burst: the driver is likely still filling its next one, and a look at
+            // once would take the avail ring's line from its core while it writes there
+            // (measured: the drain row ran 4% slower without this pause).
+            if worked < TX_BURST {
+                std::hint::spin_loop();
+            }
             return Pass::Worked;
         }
-        self.last_look = now;
+        let now = Instant::now();
+        let since = self
+            .last_look
+            .map_or(Duration::ZERO, |last| now.saturating_duration_since(last));
+        self.last_look = Some(now);
         self.poller.missed(since);
         if self.poller.window(now).is_zero() {
             return self.leave_group(tx);
