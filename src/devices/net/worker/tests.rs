@@ -7,6 +7,8 @@ use std::sync::{Arc, RwLock};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
+use crate::devices::net::frame::{FrameRef, TxFrame};
+use crate::vring::GuestMemory;
 use crate::config::options::OptionList;
 use crate::devices::net::config::NetConfig;
 use crate::devices::net::fabric::{PortSink, SwitchHub};
