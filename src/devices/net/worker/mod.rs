@@ -37,7 +37,7 @@ use crate::qos::gate::Gate;
 use crate::qos::timer::TimerError;
 use crate::ring::dirty::DirtyLog;
 use crate::storage::GuestIovecs;
-use crate::vring::{has_available, AtomicGuestMemory, CheckedVring, EmptyPasses};
+use crate::vring::{AtomicGuestMemory, CheckedVring, EmptyPasses};
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
 
@@ -348,22 +348,20 @@ impl PairWorker {
             self.in_group = false;
             return Pass::Leave;
         }
-        let worked = if has_available(tx, &self.memory.memory()) {
-            match self.tx_pass(tx) {
-                Ok(TxPass::Sent(sent)) => sent,
-                // QoS holds the ring (its timer resumes it on the worker's own thread), or it
-                // stopped meanwhile (not ours to touch) or was refused (kicks already on).
-                Ok(TxPass::Held | TxPass::Stopped) => {
-                    self.in_group = false;
-                    return Pass::Leave;
-                }
-                Err(e) => {
-                    log::debug!("{} pair {}: tx: {e}", self.shared.config.id, self.pair);
-                    return self.leave_group(tx);
-                }
+        // One lock of the ring and one avail-index read per look, idle or not (a pass that
+        // finds nothing new returns at once).
+        let worked = match self.tx_pass(tx) {
+            Ok(TxPass::Sent(sent)) => sent,
+            // QoS holds the ring (its timer resumes it on the worker's own thread), or it
+            // stopped meanwhile (not ours to touch) or was refused (kicks already on).
+            Ok(TxPass::Held | TxPass::Stopped) => {
+                self.in_group = false;
+                return Pass::Leave;
             }
-        } else {
-            0
+            Err(e) => {
+                log::debug!("{} pair {}: tx: {e}", self.shared.config.id, self.pair);
+                return self.leave_group(tx);
+            }
         };
         if worked > 0 {
             self.last_look = None;

@@ -7,11 +7,10 @@ use std::sync::{Arc, RwLock};
 use vm_memory::{Bytes, GuestAddress};
 
 use super::*;
-use crate::devices::net::frame::{FrameRef, TxFrame};
-use crate::vring::GuestMemory;
 use crate::config::options::OptionList;
 use crate::devices::net::config::NetConfig;
 use crate::devices::net::fabric::{PortSink, SwitchHub};
+use crate::devices::net::frame::{FrameRef, TxFrame};
 use crate::devices::net::shared::NetShared;
 use crate::devices::net::stats::NetStats;
 use crate::devices::net::switch::PortConfig;
@@ -19,6 +18,7 @@ use crate::devices::shell::{Device, Event, Pass, Worker};
 use crate::devices::testing::{memory, TestQueue};
 use crate::qos::config::{Family, QosConfig};
 use crate::qos::handle::QosHandle;
+use crate::vring::GuestMemory;
 
 const DATA: u64 = 0x10_0000;
 

@@ -56,6 +56,10 @@ impl PairWorker {
         }
         // The avail index before the memory snapshot (see `Burst::up_to`).
         let end = avail_index(state.get_queue(), &self.memory);
+        if end == Some(state.get_queue().next_avail()) {
+            // Nothing new: no snapshot, no ring view (the busy-poll group's idle look).
+            return Ok(TxPass::Sent(0));
+        }
         let memory = self.memory.memory();
         let map = MemMap::new(&memory);
         let dirty = Arc::clone(&self.log);
