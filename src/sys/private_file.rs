@@ -1,12 +1,15 @@
 //! Opening the daemon's own data files (tier journals, cold tiers): created mode 0600 if
 //! missing, never truncated, never through a symlink, close-on-exec. And reading or copying
 //! small files at client-influenced paths only when they are regular files: a FIFO planted
-//! there must not make the reading thread wait for a writer.
+//! there must not make the reading thread wait for a writer. Any file at such a path is
+//! opened in two steps, [`pin`] (`O_PATH`: judge the type on the fd) then [`reopen`]
+//! (through that fd), so a path swapped in between changes nothing.
 //!
 //! Their paths derive from client-given ones, so following a link placed there would let a
 //! control client make the daemon write wherever it points.
 
 use std::fs::{File, OpenOptions};
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
@@ -22,24 +25,39 @@ pub fn open_private(path: &Path) -> std::io::Result<File> {
         .open(path)
 }
 
-/// Reads a regular file at `path`, never through a symlink, without waiting for a FIFO's
-/// writer (`O_NONBLOCK`, which changes nothing for a regular file); `None` if there is none.
-pub fn open_regular(path: &Path) -> std::io::Result<Option<File>> {
-    let file = match OpenOptions::new()
+/// The file at `path` itself (a symlink there is not followed: the fd is the link's), opened
+/// `O_PATH`: no wait (a FIFO's open waits for a writer), no read, no lease or lock taken.
+/// Judge its type on this fd, then [`reopen`] it for I/O: a path changed in between cannot
+/// make the caller open something else.
+pub fn pin(path: &Path) -> std::io::Result<File> {
+    OpenOptions::new()
         .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_CLOEXEC)
+        .custom_flags(libc::O_PATH | libc::O_NOFOLLOW | libc::O_CLOEXEC)
         .open(path)
-    {
-        Ok(file) => file,
-        Err(e)
-            if e.kind() == std::io::ErrorKind::NotFound
-                || e.raw_os_error() == Some(libc::ELOOP) =>
-        {
-            return Ok(None)
-        }
+}
+
+/// Opens the file `pinned` ([`pin`]) holds with `options`, through `/proc/self/fd/N`: the
+/// same file, whatever its path has become. `options` must not say `O_NOFOLLOW` (the magic
+/// link is a symlink; `pin` already refused to follow one). Not by opening `O_NONBLOCK`
+/// instead, which would break a lease rather than wait for it.
+pub fn reopen(pinned: &File, options: &OpenOptions) -> std::io::Result<File> {
+    options.open(format!("/proc/self/fd/{}", pinned.as_raw_fd()))
+}
+
+/// Reads a regular file at `path`, never through a symlink, never waiting for a FIFO's
+/// writer ([`pin`], its type checked, then [`reopen`]); `None` if there is no regular file.
+pub fn open_regular(path: &Path) -> std::io::Result<Option<File>> {
+    let pinned = match pin(path) {
+        Ok(pinned) => pinned,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
-    Ok(file.metadata()?.is_file().then_some(file))
+    if !pinned.metadata()?.is_file() {
+        return Ok(None);
+    }
+    let mut options = OpenOptions::new();
+    options.read(true).custom_flags(libc::O_CLOEXEC);
+    reopen(&pinned, &options).map(Some)
 }
 
 /// Copies the regular file at `from` ([`open_regular`]) into a new file `to` (mode 0600,
@@ -125,5 +143,34 @@ mod tests {
             assert!(!copy_into_new(source, &to).unwrap(), "{}", source.display());
             assert!(!to.exists());
         }
+    }
+
+    #[test]
+    fn a_path_swapped_for_a_fifo_after_the_check_still_opens_the_file_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("disk.img");
+        std::fs::write(&path, [7u8; 4096]).unwrap();
+        let pinned = pin(&path).unwrap();
+        assert!(pinned.metadata().unwrap().file_type().is_file());
+        // The path becomes a FIFO between the check and the open.
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        std::fs::rename(&fifo, &path).unwrap();
+        let (done, result) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut options = OpenOptions::new();
+            options.read(true);
+            let _ = done.send(reopen(&pinned, &options).map(|f| f.metadata().unwrap().len()));
+        });
+        assert_eq!(
+            result
+                .recv_timeout(std::time::Duration::from_secs(10))
+                .expect("the open waited for a FIFO's writer")
+                .unwrap(),
+            4096,
+            "the file that was checked"
+        );
     }
 }
