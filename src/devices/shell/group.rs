@@ -4,7 +4,7 @@
 //!
 //! ```text
 //!  worker event (kick) ─▶ worker serves ─▶ wants the group? ─▶ join(member)
-//!  group thread: loop { for each member: one pass ─▶ Worked | Idle | Leave (dropped) }
+//!  group thread: loop { for each member: one pass ─▶ Worked | Drained | Idle | Leave (dropped) }
 //! ```
 //!
 //! Why: with a thread per queue, busy queues that share a core hand it to each other at every
@@ -27,8 +27,12 @@ use crate::lock::lock;
 /// What one pass of a member did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pass {
-    /// Served something.
+    /// Served something, and there may be more at once (a full burst).
     Worked,
+    /// Served all there was (a part burst): its producer is likely still writing the next
+    /// one, and a look at once would take the ring's lines from the producer's core while it
+    /// writes them.
+    Drained,
     /// Found nothing (or its worker was busy elsewhere): look again next round.
     Idle,
     /// Done: drop the member.
@@ -110,17 +114,21 @@ fn run(joining: &'static Joining, inherited: bool) {
                 log::info!("busy-poll: {joined} queue(s) joined the group ({most} polled)");
             }
         }
-        let mut worked = false;
+        // Whether a member may have more at once: if none has, the round ends with a pause,
+        // which spaces the next looks (a look steals the ring's lines from a producer still
+        // writing them: measured, the 64-byte drain ran 4% slower without this pause after
+        // part bursts).
+        let mut more = false;
         members.retain_mut(|member| {
             // One tenant's bug must not end every tenant's polling: a member that panics
             // leaves (its worker's lock is poisoned, so its queue is served no more).
             let pass = std::panic::catch_unwind(std::panic::AssertUnwindSafe(&mut *member));
             match pass {
                 Ok(Pass::Worked) => {
-                    worked = true;
+                    more = true;
                     true
                 }
-                Ok(Pass::Idle) => true,
+                Ok(Pass::Drained | Pass::Idle) => true,
                 Ok(Pass::Leave) => false,
                 Err(_) => {
                     log::error!("busy-poll: a member panicked; it leaves the group");
@@ -128,7 +136,7 @@ fn run(joining: &'static Joining, inherited: bool) {
                 }
             }
         });
-        if !worked {
+        if !more {
             std::hint::spin_loop();
         }
     }

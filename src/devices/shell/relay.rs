@@ -97,6 +97,10 @@ pub enum RelayError {
     /// A message was malformed (size over the protocol limit).
     #[error("malformed vhost-user message (payload of {0} bytes)")]
     Malformed(u32),
+    /// A `GET_FEATURES` with a payload, descriptors or flags the handler would not answer
+    /// (the relay counts the replies it expects, so it may not pass one on).
+    #[error("GET_FEATURES the handler would not answer")]
+    UnanswerableGetFeatures,
     /// A request that must carry a file descriptor came without one.
     #[error("vhost-user request {0} without its file descriptor")]
     MissingFd(u32),
@@ -384,9 +388,7 @@ pub fn relay(
                         || !message.files.is_empty()
                         || message.flags() & !FLAG_NEED_REPLY != VERSION_1
                     {
-                        break Err(RelayError::Malformed(
-                            u32::try_from(message.payload.len()).unwrap_or(u32::MAX),
-                        ));
+                        break Err(RelayError::UnanswerableGetFeatures);
                     }
                     front_get_features = front_get_features.saturating_add(1);
                     write_message(&mut back, &message)?;

@@ -491,7 +491,7 @@ fn a_get_features_the_handler_would_not_answer_ends_the_relay() {
         qemu.write_all(&raw(GET_FEATURES, flags, payload)).unwrap();
         assert!(matches!(
             relay.join().unwrap(),
-            Err(RelayError::Malformed(_))
+            Err(RelayError::UnanswerableGetFeatures)
         ));
     }
 }

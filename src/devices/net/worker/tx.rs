@@ -44,7 +44,9 @@ pub(super) enum TxPass {
 }
 
 impl PairWorker {
-    /// One burst from the tx ring (notifications off).
+    /// One burst from the tx ring; kicks off while it serves (`Burst::suppress_kicks`). A
+    /// pass that finds the avail index where it was returns `Sent(0)` after that one read,
+    /// leaving the ring as it was (the group's idle look, the kick path's last look).
     pub(super) fn tx_pass(&mut self, tx: &CheckedVring) -> Result<TxPass, WorkerError> {
         // One lock of the ring per pass.
         let mut state = tx.get_mut();
@@ -57,7 +59,7 @@ impl PairWorker {
         // The avail index before the memory snapshot (see `Burst::up_to`).
         let end = avail_index(state.get_queue(), &self.memory);
         if end == Some(state.get_queue().next_avail()) {
-            // Nothing new: no snapshot, no ring view (the busy-poll group's idle look).
+            // Nothing new: no ring view, no kick flag written.
             return Ok(TxPass::Sent(0));
         }
         let memory = self.memory.memory();
