@@ -38,26 +38,38 @@ pub fn pin(path: &Path) -> std::io::Result<File> {
 
 /// Opens the file `pinned` ([`pin`]) holds with `options`, through `/proc/self/fd/N`: the
 /// same file, whatever its path has become. `options` must not say `O_NOFOLLOW` (the magic
-/// link is a symlink; `pin` already refused to follow one). Not by opening `O_NONBLOCK`
-/// instead, which would break a lease rather than wait for it.
+/// link is a symlink; `pin` already refused to follow one).
 pub fn reopen(pinned: &File, options: &OpenOptions) -> std::io::Result<File> {
     options.open(format!("/proc/self/fd/{}", pinned.as_raw_fd()))
 }
 
-/// Reads a regular file at `path`, never through a symlink, never waiting for a FIFO's
-/// writer ([`pin`], its type checked, then [`reopen`]); `None` if there is no regular file.
+/// Reads a small file of the daemon's own at `path` (a note it wrote there earlier), never
+/// through a symlink and never waiting: `None` unless it is a regular file ([`pin`], its
+/// type checked on the fd), owned by the daemon's user and with no other hard link (a file
+/// planted by whoever else can write the directory, or a link to another of our files, is
+/// not ours), and not held by someone else's lease. The reopen is `O_NONBLOCK`: a lease
+/// holder (who must own the file) gets its break, and we get `EWOULDBLOCK` at once instead
+/// of waiting up to `lease-break-time` (45 s) with the caller's locks held.
 pub fn open_regular(path: &Path) -> std::io::Result<Option<File>> {
+    use std::os::unix::fs::MetadataExt;
     let pinned = match pin(path) {
         Ok(pinned) => pinned,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
-    if !pinned.metadata()?.is_file() {
+    let meta = pinned.metadata()?;
+    if !meta.is_file() || meta.uid() != super::peer::effective_uid() || meta.nlink() != 1 {
         return Ok(None);
     }
     let mut options = OpenOptions::new();
-    options.read(true).custom_flags(libc::O_CLOEXEC);
-    reopen(&pinned, &options).map(Some)
+    options
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC);
+    match reopen(&pinned, &options) {
+        Ok(file) => Ok(Some(file)),
+        Err(e) if e.raw_os_error() == Some(libc::EWOULDBLOCK) => Ok(None),
+        Err(e) => Err(e),
+    }
 }
 
 /// Copies the regular file at `from` ([`open_regular`]) into a new file `to` (mode 0600,
@@ -172,5 +184,71 @@ mod tests {
             4096,
             "the file that was checked"
         );
+    }
+
+    /// Runs `f` on another thread; panics if it takes 10 s (a wait, not an answer).
+    fn within_10s<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+        let (done, result) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = done.send(f());
+        });
+        result
+            .recv_timeout(std::time::Duration::from_secs(10))
+            .expect("waited")
+    }
+
+    #[test]
+    fn only_a_lone_regular_file_of_our_own_is_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let ours = dir.path().join("ours");
+        std::fs::write(&ours, b"tap0").unwrap();
+        assert!(open_regular(&ours).unwrap().is_some());
+        // Planted by another user (the tests run as root, who may give it away).
+        let planted = dir.path().join("planted");
+        std::fs::write(&planted, b"tap0").unwrap();
+        std::os::unix::fs::chown(&planted, Some(65534), None).unwrap();
+        assert!(open_regular(&planted).unwrap().is_none(), "another user's");
+        // A second hard link to a file of ours.
+        let linked = dir.path().join("linked");
+        std::fs::hard_link(&ours, &linked).unwrap();
+        assert!(open_regular(&linked).unwrap().is_none(), "a hard link");
+        assert!(
+            open_regular(&ours).unwrap().is_none(),
+            "linked elsewhere too"
+        );
+    }
+
+    #[test]
+    fn a_leased_file_is_refused_at_once() {
+        // A write lease (taken by its owner, with no other open of the file) makes a plain
+        // open wait up to lease-break-time (45 s); ours must answer at once. The lease is
+        // taken on a tmpfs (/dev/shm), where leases work whatever /tmp is.
+        let dir = tempfile::tempdir_in("/dev/shm").unwrap();
+        let path = dir.path().join("marker");
+        std::fs::write(&path, b"tap0").unwrap();
+        let holder = File::open(&path).unwrap();
+        // Linux's F_SETSIG (<bits/fcntl-linux.h>), which the libc crate does not export.
+        const F_SETSIG: libc::c_int = 10;
+        // The break is signalled to the holder, this process: SIGURG (ignored by default)
+        // instead of SIGIO (which would end the test run).
+        // SAFETY: a valid fd; F_SETSIG takes an int argument.
+        let set = unsafe { libc::fcntl(holder.as_raw_fd(), F_SETSIG, libc::SIGURG) };
+        assert_eq!(set, 0);
+        // SAFETY: a valid fd; F_SETLEASE takes an int argument.
+        let rc = unsafe { libc::fcntl(holder.as_raw_fd(), libc::F_SETLEASE, libc::F_WRLCK) };
+        assert_eq!(rc, 0, "lease: {}", std::io::Error::last_os_error());
+        let opened = within_10s(move || open_regular(&path).unwrap().is_some());
+        assert!(!opened, "a leased file is not read");
+        drop(holder);
+    }
+
+    #[test]
+    fn a_fifo_is_refused_without_waiting_for_a_writer() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("marker");
+        let c = std::ffi::CString::new(fifo.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        assert!(within_10s(move || open_regular(&fifo).unwrap().is_none()));
     }
 }

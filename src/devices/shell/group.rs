@@ -14,7 +14,8 @@
 //!
 //! A member is a closure doing one pass over its queues that never waits for work or for its
 //! worker (it skips a worker whose own event thread holds it; it does take the short ring and
-//! switch locks any delivery takes), and says whether it did work, found none, or leaves (its
+//! switch locks any delivery takes), and says whether it did work (`Worked`: maybe more at
+//! once; `Drained`: took all there was), found none, or leaves (its
 //! connection ended, its queue stopped, or its poll budget ran out and it went back to kicks;
 //! its next event joins it again). A member that panics is dropped, and the others go on. The
 //! group thread is started by the first join and sleeps while it has no member.

@@ -336,8 +336,8 @@ impl PairWorker {
 
     /// One look at the tx ring for the busy-poll group: a burst if the guest queued frames;
     /// else the time since the last fruitless look (see `last_look`) counts against the poll
-    /// budget, and once the budget is spent the ring goes back to kicks. A ring that is stopped or disabled is left
-    /// (kicks back on: `tx_pass`); a refused one is left untouched.
+    /// budget, and once the budget is spent the ring goes back to kicks. The group lets go of
+    /// a ring that is disabled (with kicks back on: `tx_pass`), stopped or refused (untouched).
     pub fn group_pass(&mut self, tx: &CheckedVring) -> crate::devices::shell::Pass {
         use crate::devices::shell::Pass;
         if !self.in_group || tx.size_rejected() {

@@ -39,7 +39,7 @@ pub(super) enum TxPass {
     Sent(usize),
     /// QoS holds the ring (the timer resumes it).
     Held,
-    /// The ring is stopped or broken (kicks are on for a broken one).
+    /// The ring is stopped, disabled or broken (kicks back on for a disabled or broken one).
     Stopped,
 }
 
