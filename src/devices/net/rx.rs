@@ -439,11 +439,7 @@ fn deliver_single(burst: &mut Burst<'_, '_, '_>, frame: &FrameRef<'_>, need: u64
         num_buffers: 1,
         ..frame.header()
     };
-    // The whole buffer must be guest memory, as the general way checks it, not just the
-    // bytes this frame fills.
-    let written = burst.map().host(addr, u64::from(len)).is_some()
-        && fill_mapped_at(burst.map(), addr, u64::from(len), &header, frame).is_some();
-    if !written {
+    if fill_mapped_at(burst.map(), addr, u64::from(len), &header, frame).is_none() {
         burst.unpop(1);
         return false;
     }
@@ -542,8 +538,10 @@ fn fill_mapped_at(
     );
     // Both ranges whole in one region each before anything is written: a refusal leaves the
     // receiver's memory as it was (nothing written that the dirty log would not know of).
+    // The receiver's whole buffer, not just the bytes this frame fills, as the general way
+    // checks it (one lookup for both).
     from.host(src_frame, len)?;
-    map.host(dst, need)?;
+    map.host(dst, room)?;
     if !map.write(dst, &header.to_bytes()) || !copy(from, src_frame, map, dst_frame, len) {
         return None;
     }
