@@ -484,11 +484,12 @@ impl Server {
 
     fn expire_idle(&mut self) {
         // A client waiting for a deferred answer is not idle.
+        let now = Instant::now();
         let idle: Vec<Token> = self
             .connections
             .iter()
             .filter(|(_, c)| match c.refused {
-                Some((_, deadline)) => Instant::now() > deadline,
+                Some((_, deadline)) => now > deadline,
                 None => c.waiting.is_none() && c.last_active.elapsed() > self.idle_timeout,
             })
             .map(|(t, _)| *t)

@@ -86,20 +86,12 @@ impl Credit {
         {
             return false;
         }
-        let whole = Left {
-            ops: CREDIT_OPS,
-            bytes: CREDIT_BYTES,
+        // A whole credit pays any request of at most CREDIT_BYTES (checked above).
+        *left = Left {
+            ops: CREDIT_OPS.saturating_sub(1),
+            bytes: CREDIT_BYTES.saturating_sub(cost.bytes),
         };
-        match pay(whole, cost) {
-            Some(after) => {
-                *left = after;
-                true
-            }
-            None => {
-                *left = whole;
-                false
-            }
-        }
+        true
     }
 
     /// Gives what was not spent back to `qos`.
