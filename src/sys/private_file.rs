@@ -101,6 +101,7 @@ pub fn copy_into_new(from: &Path, to: &Path) -> std::io::Result<bool> {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+    use crate::sys::kick::testing::within_10s;
     use std::os::unix::fs::PermissionsExt;
 
     #[test]
@@ -170,31 +171,12 @@ mod tests {
         // SAFETY: a NUL-terminated path.
         assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
         std::fs::rename(&fifo, &path).unwrap();
-        let (done, result) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
+        let len = within_10s(move || {
             let mut options = OpenOptions::new();
             options.read(true);
-            let _ = done.send(reopen(&pinned, &options).map(|f| f.metadata().unwrap().len()));
+            reopen(&pinned, &options).unwrap().metadata().unwrap().len()
         });
-        assert_eq!(
-            result
-                .recv_timeout(std::time::Duration::from_secs(10))
-                .expect("the open waited for a FIFO's writer")
-                .unwrap(),
-            4096,
-            "the file that was checked"
-        );
-    }
-
-    /// Runs `f` on another thread; panics if it takes 10 s (a wait, not an answer).
-    fn within_10s<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
-        let (done, result) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let _ = done.send(f());
-        });
-        result
-            .recv_timeout(std::time::Duration::from_secs(10))
-            .expect("waited")
+        assert_eq!(len, 4096, "the file that was checked");
     }
 
     #[test]
