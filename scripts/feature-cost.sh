@@ -61,6 +61,7 @@ median() { sort -n | awk '{ v[NR] = $1 } END { print v[int((NR + 1) / 2)] }'; }
 ratio() { awk -v n="$1" -v d="$2" 'BEGIN { if (d > 0) printf "%.3f", n / d; else print "-" }'; }
 # paired_row NAME ON_B ON_A NOTE: a paired cost row: B/A with the limit on B, B/A with it on A,
 # and their geometric mean sqrt(on_b / on_a) (the cost, the devices' own difference cancelled).
+paired_header() { printf "%-34s %14s %14s %8s\n" "paired row" "B/A limit on B" "on A" "cost"; }
 paired_row() {
     local cost
     cost=$(awk -v b="$2" -v a="$3" 'BEGIN { if (a > 0 && b > 0) printf "%.3f", sqrt(b / a); else print "-" }')
@@ -118,7 +119,7 @@ alternate() { # client A-options B-options -> median B/A
         --rw randread --bs 4096 --qd 32 --poll "$poll" --seconds $((rounds * secs)) | field ratio_median
     stop
 }
-printf "%-34s %14s %14s %8s\n" "paired row" "B/A limit on B" "on A" "cost"
+paired_header
 limit=",iops=100000000,bps=1000000000000"
 for client in poll irq; do
     on_b=$(alternate "$client" "" "$limit")
@@ -169,7 +170,7 @@ net_qos_pair() { # A-options B-options -> frames/s of B over A
     stop
     ratio $((b1 - b0)) $((a1 - a0))
 }
-printf "%-34s %14s %14s %8s\n" "paired row" "B/A limit on B" "on A" "cost"
+paired_header
 limit=",tx-pps=100000000,tx-bps=1000000000000"
 on_b=$(net_qos_pair "" "$limit")
 on_a=$(net_qos_pair "$limit" "")
